@@ -1,0 +1,47 @@
+# fleetserve: every target that runs project code depends on `protos`, which depends on `install`,
+# so each works on a fresh clone with nothing but Python 3.11+.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto' | sort)
+ENGINES ?= 2
+
+.DEFAULT_GOAL := help
+
+.PHONY: help install protos cluster test lint bench loadtest clean
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed ## Create .venv and install fleetserve with its dev tools.
+
+gen/.stamp: $(VENV)/.installed $(PROTOS)
+	@rm -rf gen && mkdir -p gen
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	@# The generated package `fleetserve.*` lives in gen/; a .pth file puts it on the venv's path.
+	@echo "$(CURDIR)/gen" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fleetserve_gen.pth"
+	@touch $@
+
+protos: gen/.stamp ## Generate Python code from protos/ into gen/.
+
+cluster: protos ## Start a local fleet on the simulated engine (ENGINES=2); Ctrl-C stops it.
+	$(BIN)/fleetserve up --engines $(ENGINES) --backend sim
+
+test: protos ## Run the tests (GPU tests are skipped without a GPU).
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: protos ## Ruff lint and format check.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: protos ## Start a 1-engine fleet, load it directly and through the mesh, print JSON with ratios.
+	$(BIN)/fleetserve bench --spawn --engines 1 --compare --concurrency 32 --requests 256
+
+clean: ## Remove the venv, generated code and local cluster state.
+	rm -rf $(VENV) gen .fleetserve .pytest_cache .ruff_cache

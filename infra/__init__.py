@@ -1,0 +1,1 @@
+"""Tooling for running a fleet."""

@@ -1,0 +1,1 @@
+"""Services of the fleetserve mesh, one package each."""

@@ -1,0 +1,1 @@
+"""The common code library of fleetserve: settings, errors, deadlines, telemetry, servers, channels."""

@@ -1,0 +1,53 @@
+"""Client channels: one reused channel per peer, and raw-bytes streaming stubs for relaying hops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+# Keepalive notices a dead peer within seconds instead of waiting on TCP timeouts.
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Let our own failover decide; gRPC's transparent retries would hide replica faults.
+    ("grpc.enable_retries", 0),
+)
+
+
+class ChannelPool:
+    """One channel per address, created on first use and reused for every call."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        """The channel to address (created if new)."""
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = ch
+        return ch
+
+    async def discard(self, address: str) -> None:
+        """Close and forget the channel to address (a replica that left)."""
+        ch = self._channels.pop(address, None)
+        if ch is not None:
+            await ch.close(grace=None)
+
+    async def close(self) -> None:
+        """Close every channel."""
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close(grace=None)
+
+
+def raw_stream(
+    channel: grpc.aio.Channel, method: str, request_serializer: Callable[[object], bytes]
+) -> grpc.aio.UnaryStreamMultiCallable:
+    """A unary-stream stub whose responses come back as undecoded bytes, for hops that relay them."""
+    return channel.unary_stream(method, request_serializer=request_serializer, response_deserializer=None)

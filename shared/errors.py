@@ -1,0 +1,229 @@
+"""Typed errors with stable reasons, turned into gRPC status + google.rpc.Status details at one boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = structlog.get_logger("fleetserve.errors")
+
+DOMAIN = "fleetserve.dev"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class FleetError(Exception):
+    """An error a caller should understand: a gRPC code, a stable reason and optional retry advice."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        retry_after_s: float | None = None,
+        field_violations: list[tuple[str, str]] | None = None,
+        quota_violations: list[tuple[str, str]] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason:
+            self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.field_violations = field_violations or []
+        self.quota_violations = quota_violations or []
+        self.metadata = metadata or {}
+
+    def to_status(self) -> grpc.Status:
+        """The grpc.Status (code, message, trailing details) for this error."""
+        details = []
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+        details.append(info)
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        if self.field_violations:
+            details.append(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                        for f, d in self.field_violations
+                    ]
+                )
+            )
+        if self.quota_violations:
+            details.append(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject=s, description=d)
+                        for s, d in self.quota_violations
+                    ]
+                )
+            )
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        for d in details:
+            status.details.add().Pack(d)
+        return rpc_status.to_status(status)
+
+
+class InvalidArgument(FleetError):
+    """The request is malformed; retrying it unchanged will fail again."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(FleetError):
+    """No valid API key."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "INVALID_API_KEY"
+
+
+class NotFound(FleetError):
+    """The named thing (a model, a replica) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class Unavailable(FleetError):
+    """Transient: retry after the advised delay."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+class NoHealthyReplica(Unavailable):
+    """No replica can take the request now."""
+
+    reason = "NO_HEALTHY_REPLICA"
+
+
+class ShuttingDown(Unavailable):
+    """This process is draining; another replica or a retry will serve the request."""
+
+    reason = "SHUTTING_DOWN"
+
+
+class DeadlineExceeded(FleetError):
+    """The request's deadline passed before it finished."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhausted(FleetError):
+    """A limit was hit; retry after the advised delay."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+
+async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> NoReturn:
+    """End the RPC with err's status and details."""
+    status = err.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+async def relay(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> NoReturn:
+    """End the RPC with a downstream hop's status, details included, so every hop reports the same."""
+    trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == _DETAILS_KEY)
+    await context.abort(err.code(), err.details() or "", trailing)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+@dataclass(frozen=True)
+class ErrorDetails:
+    """What a client needs from a failed call: whose fault, whether and when to retry."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    retry_after_s: float | None = None
+    field_violations: tuple[tuple[str, str], ...] = ()
+    quota_violations: tuple[tuple[str, str], ...] = ()
+
+
+def details_of(err: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
+    """Parse the google.rpc.Status details a fleetserve service attached to an error."""
+    out: dict[str, Any] = {"code": err.code(), "message": err.details() or ""}
+    raw = next((v for k, v in (err.trailing_metadata() or ()) if k == _DETAILS_KEY), None)
+    if raw:
+        status = status_pb2.Status.FromString(raw)
+        fv: list[tuple[str, str]] = []
+        qv: list[tuple[str, str]] = []
+        for any_ in status.details:
+            if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                any_.Unpack(info)
+                out["reason"] = info.reason
+            elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                ri = error_details_pb2.RetryInfo()
+                any_.Unpack(ri)
+                out["retry_after_s"] = ri.retry_delay.ToNanoseconds() / 1e9
+            elif any_.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                br = error_details_pb2.BadRequest()
+                any_.Unpack(br)
+                fv += [(v.field, v.description) for v in br.field_violations]
+            elif any_.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                qf = error_details_pb2.QuotaFailure()
+                any_.Unpack(qf)
+                qv += [(v.subject, v.description) for v in qf.violations]
+        out["field_violations"] = tuple(fv)
+        out["quota_violations"] = tuple(qv)
+    return ErrorDetails(**out)
+
+
+async def _handle(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> NoReturn:
+    if isinstance(exc, FleetError):
+        await abort(context, exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        await relay(context, exc)
+    log.exception("rpc.internal_error", method=method)
+    await abort(context, FleetError("internal error; it has been logged", retry_after_s=1.0))
+
+
+def rpc_boundary(fn):
+    """Turn exceptions escaping a servicer method into statuses: FleetError -> its status, a downstream
+    AioRpcError -> relayed unchanged, anything else -> INTERNAL (logged once). Cancellation passes through."""
+    passthrough = (asyncio.CancelledError, grpc.aio.AbortError)
+    name = fn.__qualname__
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def gen_wrapper(self, request, context):
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except passthrough:
+                raise
+            except Exception as exc:  # the one boundary where unknown errors become INTERNAL
+                await _handle(context, exc, name)
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except passthrough:
+            raise
+        except Exception as exc:  # the one boundary where unknown errors become INTERNAL
+            await _handle(context, exc, name)
+
+    return wrapper
+

@@ -1,0 +1,186 @@
+"""Server helpers: create a gRPC server with health and reflection on port 0, run it until SIGTERM, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import grpc
+import structlog
+from google.protobuf import message_factory
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = structlog.get_logger("fleetserve.server")
+
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A servicer to mount: its pb2 module, the service's short name, and methods whose responses it
+    yields as already-serialized bytes (relaying hops), so they are not parsed and re-encoded."""
+
+    pb2: ModuleType
+    name: str
+    servicer: object
+    relay_bytes: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def full_name(self) -> str:
+        return self.pb2.DESCRIPTOR.services_by_name[self.name].full_name
+
+
+def _handlers(svc: Service) -> grpc.GenericRpcHandler:
+    # Built from the descriptor rather than the generated add_*_to_server so that relaying methods can
+    # skip response serialization (grpc passes bytes through when the serializer is None).
+    desc = svc.pb2.DESCRIPTOR.services_by_name[svc.name]
+    handlers = {}
+    for m in desc.methods:
+        req = message_factory.GetMessageClass(m.input_type)
+        resp = message_factory.GetMessageClass(m.output_type)
+        serializer = None if m.name in svc.relay_bytes else resp.SerializeToString
+        fn = getattr(svc.servicer, m.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = kind(fn, request_deserializer=req.FromString, response_serializer=serializer)
+    return grpc.method_handlers_generic_handler(desc.full_name, handlers)
+
+
+@dataclass
+class RunningServer:
+    """A started server: the server, its bound port, and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    host: str
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for the server and each of its services."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+
+async def create_server(services: Iterable[Service], host: str = "127.0.0.1", port: int = 0,
+                        extra: Iterable[Callable[[grpc.aio.Server], None]] = ()) -> RunningServer:
+    """Start a server with the given services, grpc.health.v1 and reflection; port 0 picks a free port.
+    `extra` adds servicers registered the generated way (e.g. OTLP collectors)."""
+    services = list(services)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers(tuple(_handlers(s) for s in services))
+    for add in extra:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(s.full_name for s in services)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    running = RunningServer(server, bound, host, health_servicer, names)
+    await running.set_serving(True)
+    return running
+
+
+def write_ready_file(path: str, **info) -> None:
+    """Atomically write {info..., pid} as JSON, so a launcher polling for it never reads half a file."""
+    if not path:
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({**info, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+async def wait_for_signal(signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
+    """Block until one of the signals arrives; returns it."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in signals:
+        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s))
+    try:
+        return await got
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def drain_and_stop(
+    running: RunningServer,
+    grace_s: float,
+    before_stop: Callable[[], Awaitable[None]] | None = None,
+    after_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Graceful shutdown: NOT_SERVING, `before_stop` (e.g. deregister), refuse new RPCs, let in-flight
+    streams finish within grace_s (then cancel them), `after_stop` (e.g. shut the engine down)."""
+    log.info("server.draining", grace_period_s=grace_s)
+    await running.set_serving(False)
+    if before_stop is not None:
+        await before_stop()
+    await running.server.stop(grace_s)
+    if after_stop is not None:
+        await after_stop()
+    log.info("server.stopped")
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a service's async main on uvloop (where available) and exit 0 after a clean shutdown."""
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # Windows: plain asyncio
+        asyncio.run(main())
+
+
+class App:
+    """What a service's `start()` returns: its address and how to stop it gracefully."""
+
+    address: str
+
+    async def stop(self, grace_s: float) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+async def serve_main(
+    service: str,
+    settings,
+    start: Callable[..., Awaitable[App]],
+) -> None:
+    """The whole life of a service process: logging, telemetry, start, ready file, wait for SIGTERM or
+    SIGINT, graceful stop, flush telemetry. `start(settings, telemetry)` builds and starts the service."""
+    from shared.telemetry import configure_logging, setup_telemetry
+
+    configure_logging(service, settings.log_level, settings.log_json)
+    telemetry = setup_telemetry(service, settings.otlp_endpoint, settings.metrics_export_interval_s)
+    app = await start(settings, telemetry)
+    write_ready_file(settings.ready_file, address=app.address, service=service)
+    log.info(f"{service}.started", address=app.address)
+    sig = await wait_for_signal()
+    log.info(f"{service}.signal", signal=sig.name)
+    await app.stop(settings.grace_period_s)
+    telemetry.shutdown()
+    log.info(f"{service}.exited")

@@ -1,0 +1,53 @@
+"""Service configuration: one frozen pydantic-settings model per service, from CLI flags and FLEETSERVE_* env vars."""
+
+from __future__ import annotations
+
+import sys
+from typing import TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+S = TypeVar("S", bound="ServiceSettings")
+
+
+def service_config(service: str) -> SettingsConfigDict:
+    """The settings config every service uses: env prefix FLEETSERVE_<SERVICE>_, kebab-case flags, frozen."""
+    return SettingsConfigDict(
+        env_prefix=f"FLEETSERVE_{service.upper()}_",
+        frozen=True,
+        extra="forbid",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name=f"python -m services.{service}",
+    )
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service has."""
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(0, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
+    ready_file: str = Field(
+        "", description="Once serving, write {address, pid} as JSON to this file (how launchers learn port 0)."
+    )
+    otlp_endpoint: str = Field(
+        "", description="host:port of an OTLP/gRPC collector (the metrics service) for spans and metrics."
+    )
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="Lowest log level.")
+    log_json: bool | None = Field(None, description="JSON logs; default: JSON unless stderr is a TTY.")
+    grace_period_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight streams may take to finish."
+    )
+    metrics_export_interval_s: float = Field(
+        5.0, gt=0, description="How often OTLP metrics are pushed to the collector."
+    )
+
+
+def load_settings(cls: type[S], argv: list[str] | None = None) -> S:
+    """Parse flags (argv, default sys.argv[1:]) over env vars over defaults; exit 2 with a clear message on bad values."""
+    try:
+        return CliApp.run(cls, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as e:
+        print(f"invalid configuration for {cls.__name__}:\n{e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,111 @@
+"""Telemetry: structlog JSON logs with trace and request ids, OpenTelemetry tracing and metrics over OTLP,
+and W3C trace context carried in gRPC metadata."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_propagator = TraceContextTextMapPropagator()
+
+
+def configure_logging(service: str, level: str = "info", json_logs: bool | None = None) -> None:
+    """structlog to stderr: JSON off a TTY, with service, trace_id and request_id (bound in contextvars)."""
+    if json_logs is None:
+        json_logs = not sys.stderr.isatty()
+    renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+@dataclass
+class Telemetry:
+    """The tracer and meter of one service process, and how to flush them at exit."""
+
+    tracer: trace.Tracer
+    meter: metrics.Meter
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters (spans of the last requests included)."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def setup_telemetry(service: str, otlp_endpoint: str = "", metrics_interval_s: float = 5.0) -> Telemetry:
+    """Tracer and meter providers for a service; with an endpoint, both export over OTLP/gRPC to it."""
+    resource = Resource.create({"service.name": f"fleetserve-{service}"})
+    tracer_provider = TracerProvider(resource=resource)
+    readers = []
+    if otlp_endpoint:
+        # A short schedule delay so traces reach the collector within a fraction of a second.
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True), schedule_delay_millis=200
+            )
+        )
+        readers.append(
+            PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=otlp_endpoint, insecure=True),
+                export_interval_millis=int(metrics_interval_s * 1000),
+            )
+        )
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    return Telemetry(
+        tracer=tracer_provider.get_tracer("fleetserve"),
+        meter=meter_provider.get_meter("fleetserve"),
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+    )
+
+
+def context_from_metadata(context) -> otel_context.Context:
+    """The trace context a caller sent in its gRPC metadata (W3C traceparent)."""
+    carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    return _propagator.extract(carrier)
+
+
+def metadata_for_downstream(extra: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying the current span's trace context to the next hop."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return tuple(carrier.items()) + extra
+
+
+def trace_id_hex(span: trace.Span) -> str:
+    """The span's trace id as 32 hex digits (what logs and the metrics service use)."""
+    return format(span.get_span_context().trace_id, "032x")
+
+
+def bind_request(request_id: str, span: trace.Span | None = None) -> None:
+    """Bind request_id (and the span's trace_id) to every log line of the current task."""
+    ids = {"request_id": request_id}
+    if span is not None:
+        ids["trace_id"] = trace_id_hex(span)
+    structlog.contextvars.bind_contextvars(**ids)
