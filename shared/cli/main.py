@@ -1,0 +1,66 @@
+"""`fleetserve`: start a local fleet, stream generations, show status, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local fleet and show its status until Ctrl-C")
+    up.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
+    up.add_argument("--backend", choices=["sim"], default="sim", help="engine backend (default sim)")
+    up.add_argument("--model", default="sim-1b", help="model the engines serve (default sim-1b)")
+    up.add_argument("--speed-factor", type=float, default=1.0, help="sim engine speed-up (default 1 = real time)")
+    up.add_argument("--data-dir", help="where databases, logs and the state file go (default $FLEETSERVE_HOME "
+                    "or ~/.local/state/fleetserve)")
+    up.add_argument("--no-live", action="store_true", help="print status lines instead of a live table")
+
+    gen = sub.add_parser("generate", help="stream a generation through the gateway")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--model", default="sim-1b")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per chunk; the last has usage and ttft_ms")
+    gen.add_argument("--gateway", help="gateway host:port (default: the running cluster's)")
+    gen.add_argument("--api-key", help="API key (default: $FLEETSERVE_API_KEY or the running cluster's dev key)")
+
+    st = sub.add_parser("status", help="replicas with health and load")
+    st.add_argument("--registry", help="registry host:port (default: the running cluster's)")
+    st.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="load the fleet (or one engine) and print a JSON summary")
+    from loadtest import bench as bench_mod
+
+    bench_mod.add_arguments(bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        from shared.cli.up import run_up
+
+        return run_up(args)
+    if args.command == "generate":
+        from shared.cli.generate import run_generate
+
+        return run_generate(args)
+    if args.command == "status":
+        from shared.cli.status import run_status
+
+        return run_status(args)
+    if args.command == "bench":
+        from loadtest import bench as bench_mod
+
+        return bench_mod.main(sys.argv[2:] if argv is None else argv[1:])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`fleetserve up`: start a local fleet, show its live status, stop it cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from shared.cli.status import fetch_replicas, table
+from shared.cluster import Cluster, ClusterConfig, default_state_dir, state_file, write_state
+
+
+async def _up(args) -> int:
+    console = Console(stderr=False)
+    data_dir = Path(args.data_dir) if args.data_dir else default_state_dir()
+    cluster = Cluster(ClusterConfig(
+        data_dir=data_dir, engines=args.engines, backend=args.backend, model=args.model,
+        speed_factor=args.speed_factor,
+    ))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    console.print(f"starting a fleet of {args.engines} {args.backend} engine(s) in {data_dir} ...")
+    try:
+        await cluster.start()
+    except Exception as e:  # show the cause, not a traceback, then exit non-zero
+        console.print(f"[red]failed to start the fleet:[/] {e}")
+        return 1
+    write_state(cluster.state(), data_dir)
+    header = Text.assemble(
+        ("fleetserve is up\n", "bold green"),
+        ("  gateway   ", "bold"), f"{cluster.gateway}\n",
+        ("  api key   ", "bold"), f"{cluster.api_key}\n",
+        ("  metrics   ", "bold"), f"{cluster.metrics}\n",
+        ("  logs      ", "bold"), f"{data_dir / 'logs'}\n",
+        ("  try       ", "bold"), 'fleetserve generate "hello"   (in another terminal)\n',
+        ("  stop      ", "bold"), "Ctrl-C\n",
+    )
+    console.print(header)
+    try:
+        if args.no_live or not sys.stdout.isatty():
+            await _status_lines(cluster, stop, console)
+        else:
+            with Live(console=console, refresh_per_second=2) as live:
+                while not stop.is_set():
+                    live.update(Group(await _status_table(cluster)))
+                    await _wait(stop, 1.0)
+    finally:
+        console.print("stopping the fleet (draining in-flight requests) ...")
+        codes = await cluster.stop()
+        state_file(data_dir).unlink(missing_ok=True)
+        bad = {n: c for n, c in codes.items() if c not in (0, None)}
+        console.print("stopped" + (f"; non-zero exits: {bad}" if bad else " cleanly"))
+    return 0
+
+
+async def _status_table(cluster: Cluster):
+    dead = [n for n, p in cluster.procs.items() if not p.alive]
+    try:
+        rows = await fetch_replicas(cluster.registry)
+        t = table(rows, title=f"replicas ({len(rows)})")
+    except Exception as e:  # the registry may be restarting; keep the display alive
+        t = Text(f"registry unreachable: {e}", style="red")
+    if dead:
+        return Group(t, Text(f"exited: {', '.join(dead)}", style="red"))
+    return t
+
+
+async def _status_lines(cluster: Cluster, stop: asyncio.Event, console: Console) -> None:
+    # Without a TTY (e.g. output piped to a file), a compact line every few seconds.
+    while not stop.is_set():
+        try:
+            rows = await fetch_replicas(cluster.registry)
+            summary = " ".join(
+                f"{r['replica_id']}:{'up' if r['healthy'] else 'down'}/run={r['running']}/wait={r['waiting']}"
+                for r in rows
+            )
+            console.print(f"status replicas={len(rows)} {summary}")
+        except Exception as e:  # keep reporting while the registry restarts
+            console.print(f"status registry unreachable: {e}")
+        await _wait(stop, 5.0)
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        pass
+
+
+def run_up(args) -> int:
+    return asyncio.run(_up(args))

@@ -1,0 +1,262 @@
+"""A local fleet as separate processes: start registry, metrics, engines, router and gateway in order,
+learn their port-0 addresses from ready files, wait until healthy, and stop them in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from shared.health import wait_healthy
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Proc:
+    """One service process of the fleet."""
+
+    name: str
+    service: str
+    process: asyncio.subprocess.Process
+    ready_file: Path
+    log_file: Path
+    address: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+
+@dataclass
+class ClusterConfig:
+    """What fleet to start."""
+
+    data_dir: Path
+    engines: int = 2
+    backend: str = "sim"
+    model: str = "sim-1b"
+    speed_factor: float = 1.0
+    grace_period_s: float = 10.0
+    lease_ttl_s: float = 3.0
+    heartbeat_interval_s: float = 1.0
+    metrics_export_interval_s: float = 5.0
+    start_timeout_s: float = 60.0
+    # Extra flags per service name ("registry", "engine", ...), appended last so they win.
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
+
+
+class Cluster:
+    """Starts and stops a local fleet; `addresses` and `api_key` tell clients where and how to call it."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.procs: dict[str, Proc] = {}
+        self.api_key = ""
+        self._engine_seq = 0
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    @property
+    def gateway(self) -> str:
+        return self.procs["gateway"].address
+
+    @property
+    def router(self) -> str:
+        return self.procs["router"].address
+
+    @property
+    def registry(self) -> str:
+        return self.procs["registry"].address
+
+    @property
+    def metrics(self) -> str:
+        return self.procs["metrics"].address
+
+    def engine_names(self) -> list[str]:
+        return sorted(n for n in self.procs if n.startswith("engine-"))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every service and return once all report SERVING; on failure, stop what started."""
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.data_dir / "run").mkdir(exist_ok=True)
+        (cfg.data_dir / "logs").mkdir(exist_ok=True)
+        self.api_key = self._dev_key()
+        try:
+            await asyncio.gather(
+                self._spawn("registry", "registry", [
+                    "--db-path", str(cfg.data_dir / "registry.db"),
+                    "--lease-ttl-s", str(cfg.lease_ttl_s),
+                    "--heartbeat-interval-s", str(cfg.heartbeat_interval_s),
+                ]),
+                self._spawn("metrics", "metrics", []),
+            )
+            await asyncio.gather(
+                *(self.add_engine() for _ in range(cfg.engines)),
+                self._spawn("router", "router", ["--registry-address", self.registry]),
+            )
+            await self._spawn("gateway", "gateway", [
+                "--router-address", self.router,
+                "--db-path", str(cfg.data_dir / "gateway.db"),
+                "--bootstrap-api-key", self.api_key,
+            ])
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def add_engine(self) -> str:
+        """Start one more engine replica; returns its process name."""
+        cfg = self.config
+        self._engine_seq += 1
+        name = f"engine-{self._engine_seq}"
+        await self._spawn(name, "engine", [
+            "--registry-address", self.registry,
+            "--replica-id", name,
+            "--model", cfg.model,
+            "--backend", cfg.backend,
+            "--speed-factor", str(cfg.speed_factor),
+        ])
+        return name
+
+    async def _spawn(self, name: str, service: str, args: list[str]) -> Proc:
+        cfg = self.config
+        ready = cfg.data_dir / "run" / f"{name}.json"
+        ready.unlink(missing_ok=True)
+        log_file = cfg.data_dir / "logs" / f"{name}.log"
+        common = [
+            "--ready-file", str(ready),
+            "--grace-period-s", str(cfg.grace_period_s),
+            "--metrics-export-interval-s", str(cfg.metrics_export_interval_s),
+            "--log-json",
+        ]
+        if service != "metrics" and "metrics" in self.procs:
+            common += ["--otlp-endpoint", self.metrics]
+        argv = [sys.executable, "-m", f"services.{service}", *common, *args, *cfg.extra_args.get(service, [])]
+        with open(log_file, "ab") as out:
+            # A session of its own: Ctrl-C in the terminal reaches only the launcher, which then stops the
+            # fleet in order (gateway first, registry last) instead of every process dying at once.
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        proc = Proc(name, service, process, ready, log_file)
+        self.procs[name] = proc
+        proc.address = await self._await_ready(proc)
+        await wait_healthy(proc.address, timeout_s=cfg.start_timeout_s)
+        log.info("cluster.service_ready", name=name, address=proc.address, pid=process.pid)
+        return proc
+
+    async def _await_ready(self, proc: Proc) -> str:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.ready_file.exists():
+                return json.loads(proc.ready_file.read_text())["address"]
+            if not proc.alive:
+                raise RuntimeError(
+                    f"{proc.name} exited with {proc.process.returncode} before it was ready; "
+                    f"last log lines:\n{tail(proc.log_file)}"
+                )
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{proc.name} not ready within {self.config.start_timeout_s}s:\n{tail(proc.log_file)}")
+
+    def _dev_key(self) -> str:
+        # The gateway stores keys hashed only, so the launcher keeps the dev key it bootstrapped with
+        # (mode 0600) to show it again on every start with the same data dir.
+        path = self.config.data_dir / "dev_api_key"
+        if path.exists():
+            return path.read_text().strip()
+        key = "fsk-dev-" + secrets.token_urlsafe(18)
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        return key
+
+    def signal(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Send sig to one service (SIGKILL to simulate a crash)."""
+        proc = self.procs[name]
+        if proc.alive:
+            proc.process.send_signal(sig)
+
+    async def wait_exit(self, name: str, timeout_s: float) -> int:
+        """Wait for one service to exit; its exit code."""
+        return await asyncio.wait_for(self.procs[name].process.wait(), timeout_s)
+
+    async def stop(self) -> dict[str, int | None]:
+        """SIGTERM in reverse dependency order (gateway, router, engines, then registry and metrics), each
+        tier allowed its grace period plus a margin, SIGKILL after that. Returns exit codes."""
+        tiers = [["gateway"], ["router"], self.engine_names(), ["registry", "metrics"]]
+        for tier in tiers:
+            procs = [self.procs[n] for n in tier if n in self.procs]
+            for p in procs:
+                if p.alive:
+                    p.process.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    await asyncio.wait_for(p.process.wait(), self.config.grace_period_s + 5)
+                except TimeoutError:
+                    log.warning("cluster.kill", name=p.name)
+                    p.process.kill()
+                    await p.process.wait()
+        return {n: p.process.returncode for n, p in self.procs.items()}
+
+    def state(self) -> dict:
+        """What other commands need to find this fleet."""
+        return {
+            "gateway": self.gateway,
+            "router": self.router,
+            "registry": self.registry,
+            "metrics": self.metrics,
+            "engines": {n: self.procs[n].address for n in self.engine_names()},
+            "api_key": self.api_key,
+            "data_dir": str(self.config.data_dir),
+            "pid": os.getpid(),
+        }
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file (for error messages)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def default_state_dir() -> Path:
+    """Where `fleetserve up` keeps data and its state file: $FLEETSERVE_HOME, else ~/.local/state/fleetserve."""
+    env = os.environ.get("FLEETSERVE_HOME")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fleetserve"
+
+
+def state_file(data_dir: Path | None = None) -> Path:
+    return (data_dir or default_state_dir()) / "cluster.json"
+
+
+def read_state(data_dir: Path | None = None) -> dict:
+    """The running cluster's state, or a clear error telling the user to start one."""
+    path = state_file(data_dir)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"no running cluster found ({path} missing): start one with `fleetserve up`") from None
+
+
+def write_state(state: dict, data_dir: Path | None = None) -> Path:
+    path = state_file(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+    return path
