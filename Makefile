@@ -43,5 +43,11 @@ lint: protos ## Ruff lint and format check.
 bench: protos ## Start a 1-engine fleet, load it directly and through the mesh, print JSON with ratios.
 	$(BIN)/fleetserve bench --spawn --engines 1 --compare --concurrency 32 --requests 256
 
+USERS ?= 32
+DURATION ?= 60s
+loadtest: protos ## Locust gRPC users against the running cluster (USERS=32 DURATION=60s; installs locust).
+	$(BIN)/python -m pip install -q -e '.[loadtest]'
+	$(BIN)/locust -f loadtest/locustfile.py --headless --users $(USERS) --spawn-rate $(USERS) --run-time $(DURATION)
+
 clean: ## Remove the venv, generated code and local cluster state.
 	rm -rf $(VENV) gen .fleetserve .pytest_cache .ruff_cache

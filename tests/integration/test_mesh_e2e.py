@@ -155,7 +155,7 @@ async def test_one_trace_spans_gateway_router_engine(fleet):
     parent chain under the client's span."""
     trace_id = os.urandom(16).hex()
     client_span = os.urandom(8).hex()
-    await generate(fleet, max_tokens=4, metadata=(("traceparent", f"00-{trace_id}-{client_span}-01"),))
+    await generate(fleet, max_tokens=4, timeout=20, metadata=(("traceparent", f"00-{trace_id}-{client_span}-01"),))
 
     async def spans():
         async with grpc.aio.insecure_channel(fleet.metrics) as ch:
@@ -173,6 +173,9 @@ async def test_one_trace_spans_gateway_router_engine(fleet):
     assert rt.parent_span_id == gw.span_id
     assert en.parent_span_id == rt.span_id
     assert gw.service_name.endswith("gateway") and en.service_name.endswith("engine")
+    # The deadline travels with the request and shrinks hop by hop.
+    left = [float(s.attributes["fleetserve.deadline_left_ms"]) for s in (gw, rt, en)]
+    assert 20_000 >= left[0] > left[1] > left[2] > 0, left
 
 
 async def test_metrics_service_reports_latency_percentiles(fleet):

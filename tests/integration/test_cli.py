@@ -1,0 +1,82 @@
+"""The newcomer's path: `fleetserve up` in one process, `fleetserve generate` / `status` in others, found through
+the state file, then a clean stop on SIGTERM with every service process gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "shared.cli.main"]
+
+
+def _run(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_generate_status_and_clean_stop(tmp_path: Path):
+    """up prints the gateway and key and writes cluster.json; generate streams text; --json ends with usage and
+    ttft_ms; status lists healthy replicas; a wrong key exits 1 with the reason; SIGTERM stops every process."""
+    env = {**os.environ, "FLEETSERVE_HOME": str(tmp_path)}
+    up = subprocess.Popen(
+        CLI + ["up", "--engines", "2", "--no-live", "--speed-factor", "5"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    state_path = tmp_path / "cluster.json"
+    try:
+        deadline = time.monotonic() + 90
+        while not state_path.exists():
+            assert up.poll() is None, f"fleetserve up exited early: {up.stdout.read()}"
+            assert time.monotonic() < deadline, "cluster did not come up in 90 s"
+            time.sleep(0.1)
+        state = json.loads(state_path.read_text())
+        assert set(state["engines"]) == {"engine-1", "engine-2"}
+
+        plain = _run(["generate", "--max-tokens", "12", "hello"], env)
+        assert plain.returncode == 0, plain.stderr
+        assert len(plain.stdout.split()) == 12  # the sim emits one word per token
+
+        js = _run(["generate", "--json", "--max-tokens", "5", "hello"], env)
+        assert js.returncode == 0, js.stderr
+        lines = [json.loads(x) for x in js.stdout.splitlines()]
+        assert lines[0]["served_by"]["model"] == "sim-1b"
+        assert lines[-1]["usage"]["completion_tokens"] == 5
+        assert lines[-1]["finish_reason"] == "length"
+        assert lines[-1]["ttft_ms"] > 0
+
+        bad = _run(["generate", "--api-key", "nope", "hello"], env)
+        assert bad.returncode == 1
+        assert "UNAUTHENTICATED" in bad.stderr and "INVALID_API_KEY" in bad.stderr
+
+        status = _run(["status", "--json"], env)
+        assert status.returncode == 0, status.stderr
+        rows = json.loads(status.stdout)
+        assert {r["replica_id"] for r in rows} == {"engine-1", "engine-2"}
+        assert all(r["healthy"] and r["state"] == "serving" for r in rows)
+
+        pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.json")]
+        assert len(pids) == 6
+    finally:
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, out
+    assert "stopped cleanly" in out
+    assert "fleetserve is up" in out and state["api_key"] in out and state["gateway"] in out
+    assert not any(_pid_alive(p) for p in pids)
+    assert not state_path.exists()
