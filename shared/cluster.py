@@ -94,14 +94,13 @@ class Cluster:
         (cfg.data_dir / "logs").mkdir(exist_ok=True)
         self.api_key = self._dev_key()
         try:
-            await asyncio.gather(
-                self._spawn("registry", "registry", [
-                    "--db-path", str(cfg.data_dir / "registry.db"),
-                    "--lease-ttl-s", str(cfg.lease_ttl_s),
-                    "--heartbeat-interval-s", str(cfg.heartbeat_interval_s),
-                ]),
-                self._spawn("metrics", "metrics", []),
-            )
+            # Metrics first so every other service can export its spans and metrics to it.
+            await self._spawn("metrics", "metrics", [])
+            await self._spawn("registry", "registry", [
+                "--db-path", str(cfg.data_dir / "registry.db"),
+                "--lease-ttl-s", str(cfg.lease_ttl_s),
+                "--heartbeat-interval-s", str(cfg.heartbeat_interval_s),
+            ])
             await asyncio.gather(
                 *(self.add_engine() for _ in range(cfg.engines)),
                 self._spawn("router", "router", ["--registry-address", self.registry]),

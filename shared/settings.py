@@ -35,7 +35,10 @@ class ServiceSettings(BaseSettings):
         "", description="host:port of an OTLP/gRPC collector (the metrics service) for spans and metrics."
     )
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="Lowest log level.")
-    log_json: bool | None = Field(None, description="JSON logs; default: JSON unless stderr is a TTY.")
+    log_json: bool = Field(
+        default_factory=lambda: not sys.stderr.isatty(),
+        description="JSON logs (--no-log-json for console); default: JSON unless stderr is a TTY.",
+    )
     grace_period_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight streams may take to finish."
     )

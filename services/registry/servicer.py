@@ -1,0 +1,159 @@
+"""fleetserve.registry.v1.RegistryService: registration with leases, heartbeats, drain, list and watch."""
+
+from __future__ import annotations
+
+import structlog
+from fleetserve.registry.v1 import registry_service_pb2 as pb
+from opentelemetry import metrics, trace
+
+from services.registry.membership import Membership
+from services.registry.store import ReplicaStore
+from shared.errors import InvalidArgument, NotFound, rpc_boundary
+from shared.telemetry import context_from_metadata
+
+log = structlog.get_logger(__name__)
+
+LEASE_NOT_FOUND = "LEASE_NOT_FOUND"
+MAX_ID_LEN = 256
+
+
+def validate_replica(replica: pb.Replica | None) -> None:
+    """Raise InvalidArgument naming every bad field of a replica to register."""
+    if replica is None:
+        raise InvalidArgument("replica is required", field_violations=[("replica", "required")])
+    bad: list[tuple[str, str]] = []
+    if not replica.replica_id:
+        bad.append(("replica.replica_id", "must not be empty"))
+    elif len(replica.replica_id) > MAX_ID_LEN:
+        bad.append(("replica.replica_id", f"at most {MAX_ID_LEN} characters"))
+    if not replica.address:
+        bad.append(("replica.address", "must not be empty"))
+    else:
+        host, sep, port = replica.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            bad.append(("replica.address", "must be host:port"))
+    if bad:
+        raise InvalidArgument(
+            "invalid replica: " + "; ".join(f"{f} {d}" for f, d in bad), field_violations=bad
+        )
+
+
+class RegistryServicer:
+    """Membership changes go to the store at once; heartbeats only to memory (app.py persists them in batches)."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        store: ReplicaStore,
+        tracer: trace.Tracer,
+        meter: metrics.Meter,
+        *,
+        lease_ttl_s: float,
+        heartbeat_interval_s: float,
+    ) -> None:
+        self.membership = membership
+        self.store = store
+        self.tracer = tracer
+        self.lease_ttl_s = lease_ttl_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._heartbeats = meter.create_counter(
+            "fleetserve.registry.heartbeats", unit="{heartbeat}", description="Heartbeats received."
+        )
+        self._changes = meter.create_counter(
+            "fleetserve.registry.membership_changes",
+            unit="{change}",
+            description="Registrations, drains, deregistrations and expiries.",
+        )
+
+    def count_change(self, kind: str, n: int = 1) -> None:
+        self._changes.add(n, {"change": kind})
+
+    @rpc_boundary
+    async def RegisterReplica(
+        self, request: pb.RegisterReplicaRequest, context
+    ) -> pb.RegisterReplicaResponse:
+        with self.tracer.start_as_current_span(
+            "registry.RegisterReplica", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
+        ) as span:
+            validate_replica(request.replica if request.HasField("replica") else None)
+            span.set_attribute("fleetserve.replica_id", request.replica.replica_id)
+            replaced = self.membership.get(request.replica.replica_id) is not None
+            lease = self.membership.register(request.replica)
+            self.store.upsert(lease.replica, lease.registered_at)
+            self.count_change("registered")
+            r = lease.replica
+            log.info(
+                "registry.replica_registered",
+                replica_id=r.replica_id,
+                address=r.address,
+                model=r.model,
+                backend=r.backend,
+                replaced=replaced,
+            )
+            return pb.RegisterReplicaResponse(
+                lease_ttl_s=self.lease_ttl_s, heartbeat_interval_s=self.heartbeat_interval_s
+            )
+
+    @rpc_boundary
+    async def Heartbeat(self, request_iterator, context) -> pb.HeartbeatResponse:
+        # The hot path of the registry: one message per replica per interval. No span, no log, no db write.
+        received = 0
+        async for hb in request_iterator:
+            load = hb.load if hb.HasField("load") else None
+            if self.membership.heartbeat(hb.replica_id, load) is None:
+                log.info("registry.lease_not_found", replica_id=hb.replica_id, received=received)
+                raise NotFound(
+                    f"replica {hb.replica_id!r} holds no lease; register again",
+                    reason=LEASE_NOT_FOUND,
+                    metadata={"replica_id": hb.replica_id},
+                )
+            received += 1
+            self._heartbeats.add(1)
+        return pb.HeartbeatResponse(received=received)
+
+    @rpc_boundary
+    async def DeregisterReplica(
+        self, request: pb.DeregisterReplicaRequest, context
+    ) -> pb.DeregisterReplicaResponse:
+        with self.tracer.start_as_current_span(
+            "registry.DeregisterReplica", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
+        ) as span:
+            rid = request.replica_id
+            span.set_attribute("fleetserve.replica_id", rid)
+            if request.drain:
+                rep = self.membership.drain(rid)
+                if rep is not None:
+                    self.store.set_state(rid, rep.state)
+                    self.count_change("drained")
+            else:
+                rep = self.membership.remove(rid)
+                if rep is not None:
+                    self.store.delete([rid])
+                    self.count_change("deregistered")
+            log.info(
+                "registry.replica_deregistered", replica_id=rid, drain=request.drain, found=rep is not None
+            )
+            return pb.DeregisterReplicaResponse(found=rep is not None)
+
+    @rpc_boundary
+    async def ListReplicas(self, request: pb.ListReplicasRequest, context) -> pb.ListReplicasResponse:
+        return pb.ListReplicasResponse(replicas=self.membership.list(request.model))
+
+    @rpc_boundary
+    async def WatchReplicas(self, request: pb.WatchReplicasRequest, context):
+        # Yields serialized WatchReplicasResponse bytes (relay_bytes): each event is encoded once for all
+        # watchers instead of once per watcher.
+        watcher = self.membership.watch(request.model)
+        log.info("registry.watch_started", model=request.model, watchers=self.membership.watcher_count)
+        sent = 0
+        try:
+            while True:
+                data = await self.membership.next_event(watcher)
+                if data is None:
+                    return
+                yield data
+                sent += 1
+        finally:
+            # Runs when the caller leaves too (CancelledError at the await), which is how most watches end.
+            self.membership.unwatch(watcher)
+            log.info("registry.watch_ended", model=request.model, events=sent, resyncs=watcher.resyncs)

@@ -1,0 +1,190 @@
+"""The metrics collector over real channels: spans and counters sent by the standard OTLP exporters come back
+as traces, latency percentiles, error rates and counter totals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import pytest_asyncio
+from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
+from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
+from opentelemetry import trace
+
+from services.metrics.app import start
+from services.metrics.config import MetricsSettings
+from shared.errors import details_of
+from shared.telemetry import Telemetry, setup_telemetry, trace_id_hex
+
+
+@pytest_asyncio.fixture
+async def collector():
+    """A started collector and a stub to it."""
+    app = await start(MetricsSettings(), setup_telemetry("metrics-test"))
+    try:
+        async with grpc.aio.insecure_channel(app.address) as ch:
+            yield app, mpb_grpc.MetricsServiceStub(ch)
+    finally:
+        await app.stop(0.2)
+
+
+@pytest_asyncio.fixture
+async def exporter(collector):
+    """Telemetry of a service "x" exporting over OTLP to the collector (metrics only when flushed)."""
+    app, _ = collector
+    tel = setup_telemetry("x", otlp_endpoint=app.address, metrics_interval_s=3600)
+    try:
+        yield tel
+    finally:
+        # The SDK's exporters are synchronous gRPC clients: run them off the loop the collector serves on.
+        await asyncio.to_thread(tel.shutdown)
+
+
+async def flush_spans(tel: Telemetry) -> None:
+    assert await asyncio.to_thread(tel.tracer_provider.force_flush, 10_000)
+
+
+async def flush_metrics(tel: Telemetry) -> None:
+    assert await asyncio.to_thread(tel.meter_provider.force_flush, 10_000)
+
+
+def gateway_span(
+    tel: Telemetry, model: str, e2e_ms: float, *, ttft_ms=None, tokens=0, code=0, ended_ago_s=0.0
+):
+    """A synthetic gateway.Generate root span with exact start and end times."""
+    end = time.time_ns() - int(ended_ago_s * 1e9)
+    start_ns = end - int(round(e2e_ms * 1e6))
+    attrs = {"fleetserve.model": model, "fleetserve.output_tokens": tokens, "rpc.grpc.status_code": code}
+    if ttft_ms is not None:
+        attrs["fleetserve.ttft_ms"] = float(ttft_ms)
+    span = tel.tracer.start_span(
+        "gateway.Generate", kind=trace.SpanKind.SERVER, start_time=start_ns, attributes=attrs
+    )
+    span.end(end_time=end)
+
+
+async def query(stub, model: str = "", window_s: float = 0.0) -> mpb.QueryResponse:
+    return await stub.Query(mpb.QueryRequest(model=model, window_s=window_s), timeout=5)
+
+
+async def test_exported_trace_comes_back_with_parents_and_services(collector, exporter):
+    """A parent and a child span sent by the OTLP exporter come back from GetTrace with ids, parent link,
+    service name, status and string attributes."""
+    _, stub = collector
+    with exporter.tracer.start_as_current_span("parent") as parent:
+        with exporter.tracer.start_as_current_span(
+            "child", attributes={"fleetserve.n": 3, "fleetserve.ok": True, "fleetserve.ms": 1.5, "s": "v"}
+        ) as child:
+            child.set_status(trace.StatusCode.ERROR)
+    await flush_spans(exporter)
+
+    resp = await stub.GetTrace(mpb.GetTraceRequest(trace_id=trace_id_hex(parent)), timeout=5)
+    assert [s.name for s in resp.spans] == ["parent", "child"], "in order of start time"
+    p, c = resp.spans
+    assert {p.trace_id, c.trace_id} == {trace_id_hex(parent)}
+    assert p.span_id == format(parent.get_span_context().span_id, "016x")
+    assert c.span_id == format(child.get_span_context().span_id, "016x")
+    assert p.parent_span_id == "" and c.parent_span_id == p.span_id
+    assert p.service_name == c.service_name == "fleetserve-x"
+    assert p.start_unix_nano <= c.start_unix_nano <= c.end_unix_nano <= p.end_unix_nano
+    assert c.status_code == 2
+    assert dict(c.attributes) == {
+        "fleetserve.n": "3",
+        "fleetserve.ok": "true",
+        "fleetserve.ms": "1.5",
+        "s": "v",
+    }
+
+
+async def test_get_trace_unknown_is_empty_and_bad_id_is_invalid_argument(collector):
+    """An unknown trace id gives no spans; a malformed one is INVALID_ARGUMENT naming trace_id."""
+    _, stub = collector
+    resp = await stub.GetTrace(mpb.GetTraceRequest(trace_id="ab" * 16), timeout=5)
+    assert list(resp.spans) == []
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.GetTrace(mpb.GetTraceRequest(trace_id="xyz"), timeout=5)
+    d = details_of(exc.value)
+    assert d.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in d.field_violations] == ["trace_id"]
+
+
+async def test_query_percentiles_from_gateway_spans(collector, exporter):
+    """TTFT, TPOT and E2E percentiles per model come from the gateway's root spans, exactly as numpy computes."""
+    _, stub = collector
+    # TTFT 10..50 ms; every request streams 11 tokens at a TPOT of i ms after the first.
+    for i in range(1, 6):
+        ttft = 10.0 * i
+        gateway_span(exporter, "m1", e2e_ms=ttft + 10 * i, ttft_ms=ttft, tokens=11)
+    gateway_span(exporter, "m2", e2e_ms=5.0, ttft_ms=4.0, tokens=1)
+    await flush_spans(exporter)
+
+    resp = await query(stub, model="m1")
+    assert [m.model for m in resp.models] == ["m1"]
+    m = resp.models[0]
+    assert (m.requests, m.errors, m.error_rate, m.output_tokens) == (5, 0, 0.0, 55)
+    assert m.ttft_ms.count == 5
+    assert m.ttft_ms.p50 == pytest.approx(30.0)
+    assert m.ttft_ms.p95 == pytest.approx(48.0)  # linear interpolation between 40 and 50
+    assert m.ttft_ms.p99 == pytest.approx(49.6)
+    assert m.tpot_ms.p50 == pytest.approx(3.0, abs=1e-3)
+    assert m.e2e_ms.p50 == pytest.approx(60.0, abs=1e-3)
+
+    both = await query(stub)
+    assert [x.model for x in both.models] == ["m1", "m2"]
+    m2 = both.models[1]
+    assert m2.tpot_ms.count == 0, "one token has no time per output token"
+    assert m2.ttft_ms.p50 == pytest.approx(4.0)
+
+
+async def test_errors_count_only_fleet_faults(collector, exporter):
+    """Client faults, cancellations and rate limiting are requests but not errors; UNAVAILABLE, INTERNAL and
+    DEADLINE_EXCEEDED are errors."""
+    _, stub = collector
+    not_fleet = [0, 0, 3, 5, 7, 16, 1, 8]
+    fleet = [14, 13, 4]
+    for code in not_fleet + fleet:
+        gateway_span(exporter, "m", e2e_ms=20.0, code=code)
+    await flush_spans(exporter)
+    (m,) = (await query(stub, model="m")).models
+    assert m.requests == len(not_fleet) + len(fleet)
+    assert m.errors == len(fleet)
+    assert m.error_rate == pytest.approx(3 / 11)
+    assert m.e2e_ms.count == 2, "E2E counts requests that finished OK"
+    assert m.ttft_ms.count == 0
+
+
+async def test_window_leaves_out_older_requests(collector, exporter):
+    """window_s counts only requests that ended within it; 0 counts every request kept."""
+    _, stub = collector
+    gateway_span(exporter, "m", e2e_ms=10.0, ttft_ms=1.0, tokens=2, ended_ago_s=120)
+    gateway_span(exporter, "m", e2e_ms=10.0, ttft_ms=2.0, tokens=2)
+    await flush_spans(exporter)
+    (recent,) = (await query(stub, model="m", window_s=60)).models
+    assert (recent.requests, recent.ttft_ms.p50) == (1, pytest.approx(2.0))
+    assert (await query(stub, model="m")).models[0].requests == 2
+    assert list((await query(stub, model="other")).models) == []
+
+
+async def test_counters_from_otel_counter_sum_latest_cumulative_values(collector, exporter):
+    """A counter exported over OTLP is summed over its attribute sets, and re-exported cumulative totals
+    replace (not add to) what was received before."""
+    _, stub = collector
+    counter = exporter.meter.create_counter("fleetserve.test.requests")
+    counter.add(2, {"model": "a"})
+    counter.add(3, {"model": "b"})
+    await flush_metrics(exporter)
+    assert (await query(stub)).counters["fleetserve.test.requests"] == 5
+    counter.add(1, {"model": "a"})
+    await flush_metrics(exporter)
+    await flush_metrics(exporter)
+    assert (await query(stub)).counters["fleetserve.test.requests"] == 6
+
+
+async def test_negative_window_is_invalid_argument(collector):
+    """A negative window is refused naming window_s."""
+    _, stub = collector
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await query(stub, window_s=-1)
+    assert [f for f, _ in details_of(exc.value).field_violations] == ["window_s"]
