@@ -191,9 +191,11 @@ class Cluster:
         return await asyncio.wait_for(self.procs[name].process.wait(), timeout_s)
 
     async def stop(self) -> dict[str, int | None]:
-        """SIGTERM in reverse dependency order (gateway, router, engines, then registry and metrics), each
+        """SIGTERM in reverse dependency order (gateway, router, engines, registry, then metrics), each
         tier allowed its grace period plus a margin, SIGKILL after that. Returns exit codes."""
-        tiers = [["gateway"], ["router"], self.engine_names(), ["registry", "metrics"]]
+        # Metrics goes last: every other service flushes its spans and metrics to it on exit, and an OTLP
+        # exporter whose collector is gone retries for seconds (the registry was being SIGKILLed).
+        tiers = [["gateway"], ["router"], self.engine_names(), ["registry"], ["metrics"]]
         for tier in tiers:
             procs = [self.procs[n] for n in tier if n in self.procs]
             for p in procs:

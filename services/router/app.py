@@ -1,0 +1,100 @@
+"""Router process wiring: membership watch on the registry, the policy, the engine channels and the server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from fleetserve.router.v1 import router_service_pb2 as pb
+
+from services.router import policies
+from services.router.config import RouterSettings
+from services.router.membership import Membership
+from services.router.servicer import RouterServicer
+from shared.channels import CHANNEL_OPTIONS, ChannelPool
+from shared.server import RunningServer, Service, create_server, drain_and_stop
+from shared.telemetry import Telemetry
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RouterApp:
+    """A started router."""
+
+    running: RunningServer
+    servicer: RouterServicer
+    membership: Membership
+    pool: ChannelPool
+    registry_channel: grpc.aio.Channel
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    async def stop(self, grace_s: float) -> None:
+        """NOT_SERVING, let in-flight streams finish within grace_s, then stop watching and close channels."""
+
+        async def after_stop() -> None:
+            for t in self.tasks:
+                t.cancel()
+            for t in self.tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await self.servicer.close()
+            await self.registry_channel.close(grace=None)
+            await self.pool.close()
+
+        await drain_and_stop(self.running, grace_s, after_stop=after_stop)
+
+
+async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
+    """Start the router: serve at once, report SERVING once the first registry snapshot has arrived."""
+    membership = Membership(cooldown_s=settings.unroutable_cooldown_s)
+    pool = ChannelPool()
+    servicer = RouterServicer(
+        membership,
+        policies.create(settings.policy),
+        pool,
+        telemetry.tracer,
+        max_attempts=settings.max_attempts,
+        default_timeout_s=settings.default_timeout_s,
+        ready_wait_s=settings.ready_wait_s,
+    )
+    running = await create_server(
+        [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}))],
+        settings.host,
+        settings.port,
+    )
+    # Until the registry has told us who serves what, every request would fail: say so to health probes.
+    await running.set_serving(False)
+
+    registry_channel = grpc.aio.insecure_channel(settings.registry_address, options=CHANNEL_OPTIONS)
+    registry = reg_grpc.RegistryServiceStub(registry_channel)
+
+    def open_watch():
+        # A long but finite watch: every RPC has a deadline, and a periodic resubscribe (fresh snapshot)
+        # bounds how long a missed event could leave the view wrong.
+        return registry.WatchReplicas(reg_pb.WatchReplicasRequest(), timeout=settings.watch_resubscribe_s)
+
+    async def serving_once_ready() -> None:
+        await membership.ready.wait()
+        await running.set_serving(True)
+        log.info("router.membership_ready", replicas=len(membership.replicas()), models=membership.models())
+
+    app = RouterApp(running, servicer, membership, pool, registry_channel)
+    app.tasks.append(
+        asyncio.create_task(
+            membership.watch(open_watch, settings.watch_backoff_base_s, settings.watch_backoff_max_s),
+            name="router.watch",
+        )
+    )
+    app.tasks.append(asyncio.create_task(serving_once_ready(), name="router.ready"))
+    log.info("router.configured", registry=settings.registry_address, policy=settings.policy)
+    return app

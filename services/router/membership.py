@@ -1,0 +1,247 @@
+"""The router's view of the fleet: replicas from the registry's WatchReplicas stream, and which are routable."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import grpc
+import structlog
+from fleetserve.common.v1 import common_pb2
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+
+from services.router.backoff import full_jitter
+
+log = structlog.get_logger(__name__)
+
+SERVING = reg_pb.REPLICA_STATE_SERVING
+DRAINING = reg_pb.REPLICA_STATE_DRAINING
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """One replica as last reported by the registry (replaced, never mutated, on every update)."""
+
+    replica_id: str
+    address: str
+    model: str
+    backend: str = ""
+    state: int = SERVING
+    load: common_pb2.ReplicaLoad = field(default_factory=common_pb2.ReplicaLoad)
+    last_heartbeat_unix: float = 0.0
+
+    @property
+    def serving(self) -> bool:
+        """Takes new requests (DRAINING replicas finish what they have but get nothing new)."""
+        return self.state == SERVING
+
+    @property
+    def reported_queue(self) -> int:
+        """Requests the replica itself reported running or waiting."""
+        return self.load.running + self.load.waiting
+
+    @classmethod
+    def from_pb(cls, r: reg_pb.Replica) -> ReplicaInfo:
+        load = common_pb2.ReplicaLoad()
+        load.CopyFrom(r.load)
+        return cls(r.replica_id, r.address, r.model, r.backend, r.state, load, r.last_heartbeat_unix)
+
+
+class Change(Enum):
+    """What happened to a replica, for listeners (policies, channel pool)."""
+
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+
+
+Listener = Callable[[Change, ReplicaInfo], None]
+
+
+class Membership:
+    """Replicas by id, kept current from registry watch events; knows which are routable now.
+
+    A replica is routable when the registry says SERVING and the router has not put it in a cooldown
+    after a failure. The last known membership is kept while the registry is unreachable."""
+
+    def __init__(self, cooldown_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._replicas: dict[str, ReplicaInfo] = {}
+        # Per-model index: choosing a replica looks at one model's replicas, not the whole fleet.
+        self._by_model: dict[str, dict[str, ReplicaInfo]] = {}
+        self._unroutable_until: dict[str, float] = {}
+        # Models ever served since start: a request for one of these with no replica now is "try again
+        # later", not "no such model".
+        self._seen_models: set[str] = set()
+        self._listeners: list[Listener] = []
+        self.ready = asyncio.Event()
+        self.connected = False
+
+    # -- events --------------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call listener(change, replica) on every change applied from now on."""
+        self._listeners.append(listener)
+
+    def apply(self, event: reg_pb.WatchReplicasResponse) -> list[tuple[Change, ReplicaInfo]]:
+        """Apply one watch event; returns (and tells listeners) what changed."""
+        kind = event.type
+        changes: list[tuple[Change, ReplicaInfo]] = []
+        if kind == reg_pb.WATCH_EVENT_TYPE_SNAPSHOT:
+            fresh = {r.replica_id: ReplicaInfo.from_pb(r) for r in event.replicas}
+            for rid, old in list(self._replicas.items()):
+                if rid not in fresh:
+                    self._remove(rid)
+                    changes.append((Change.REMOVED, old))
+            for rep in fresh.values():
+                changes.append(self._upsert(rep))
+            self.ready.set()
+        elif kind in (reg_pb.WATCH_EVENT_TYPE_ADDED, reg_pb.WATCH_EVENT_TYPE_UPDATED):
+            for r in event.replicas:
+                rep = ReplicaInfo.from_pb(r)
+                if kind == reg_pb.WATCH_EVENT_TYPE_ADDED:
+                    # Re-added by the registry (re-registered): give it a fresh chance at once.
+                    self._unroutable_until.pop(rep.replica_id, None)
+                changes.append(self._upsert(rep))
+        elif kind == reg_pb.WATCH_EVENT_TYPE_REMOVED:
+            for r in event.replicas:
+                old = self._replicas.get(r.replica_id)
+                if old is not None:
+                    self._remove(r.replica_id)
+                    changes.append((Change.REMOVED, old))
+        else:
+            log.warning("router.watch_event_unknown", type=int(kind))
+        for change, rep in changes:
+            for listener in self._listeners:
+                listener(change, rep)
+        return changes
+
+    def _upsert(self, rep: ReplicaInfo) -> tuple[Change, ReplicaInfo]:
+        old = self._replicas.get(rep.replica_id)
+        change = Change.ADDED if old is None else Change.UPDATED
+        if old is not None and old.model != rep.model:
+            self._unindex(old)
+        self._replicas[rep.replica_id] = rep
+        self._by_model.setdefault(rep.model, {})[rep.replica_id] = rep
+        if rep.model:
+            self._seen_models.add(rep.model)
+        return change, rep
+
+    def _remove(self, replica_id: str) -> None:
+        old = self._replicas.pop(replica_id, None)
+        if old is not None:
+            self._unindex(old)
+        self._unroutable_until.pop(replica_id, None)
+
+    def _unindex(self, rep: ReplicaInfo) -> None:
+        same_model = self._by_model.get(rep.model)
+        if same_model is not None:
+            same_model.pop(rep.replica_id, None)
+            if not same_model:
+                del self._by_model[rep.model]
+
+    # -- failures ------------------------------------------------------------------------------------
+
+    def mark_unroutable(self, replica_id: str, cooldown_s: float | None = None) -> None:
+        """Keep a replica out of rotation for a cooldown (it failed before streaming anything)."""
+        if replica_id in self._replicas:
+            self._unroutable_until[replica_id] = self._clock() + (
+                self.cooldown_s if cooldown_s is None else cooldown_s
+            )
+
+    def is_routable(self, replica: ReplicaInfo) -> bool:
+        """SERVING and not cooling down after a failure."""
+        if not replica.serving:
+            return False
+        until = self._unroutable_until.get(replica.replica_id)
+        if until is None:
+            return True
+        if self._clock() >= until:
+            del self._unroutable_until[replica.replica_id]
+            return True
+        return False
+
+    # -- queries -------------------------------------------------------------------------------------
+
+    def get(self, replica_id: str) -> ReplicaInfo | None:
+        return self._replicas.get(replica_id)
+
+    def replicas(self, model: str | None = None) -> list[ReplicaInfo]:
+        """Every known replica (DRAINING and cooling-down ones included), of one model or all, by id."""
+        pool = self._replicas if model is None else self._by_model.get(model, {})
+        return [pool[k] for k in sorted(pool)]
+
+    def routable(self, model: str, exclude: frozenset[str] | set[str] = frozenset()) -> list[ReplicaInfo]:
+        """Replicas of model that may take a new request now, minus those in exclude."""
+        same_model = self._by_model.get(model)
+        if not same_model:
+            return []
+        return [r for r in same_model.values() if r.replica_id not in exclude and self.is_routable(r)]
+
+    def knows_model(self, model: str) -> bool:
+        """Whether any replica has served model since the router started."""
+        return model in self._seen_models
+
+    def models(self) -> dict[str, int]:
+        """Model -> number of SERVING replicas, for models with at least one."""
+        counts: dict[str, int] = {}
+        for r in self._replicas.values():
+            if r.serving:
+                counts[r.model] = counts.get(r.model, 0) + 1
+        return dict(sorted(counts.items()))
+
+    # -- the watch loop ------------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        open_stream: Callable[[], AsyncIterable[reg_pb.WatchReplicasResponse]],
+        backoff_base_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """Apply events from open_stream() until cancelled; when the stream breaks or ends, reconnect after
+        a full-jitter exponential backoff (reset once events flow again), keeping the last membership."""
+        attempt = 0
+        while True:
+            stream = open_stream()
+            try:
+                async for event in stream:
+                    if not self.connected:
+                        self.connected = True
+                        log.info("router.watch_connected", attempt=attempt)
+                    attempt = 0
+                    self.apply(event)
+                reason = "stream ended"
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.connected:
+                    # The watch's own (long) timeout: resubscribe at once for a fresh snapshot.
+                    log.info("router.watch_resubscribe")
+                    self.connected = False
+                    continue
+                reason = f"{e.code().name}: {e.details()}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bad event must not stop the router from following the registry
+                log.exception("router.watch_error")
+                reason = repr(e)
+            finally:
+                cancel = getattr(stream, "cancel", None)
+                if cancel is not None:
+                    cancel()
+            self.connected = False
+            delay = full_jitter(attempt, backoff_base_s, backoff_max_s, rng)
+            log.warning(
+                "router.watch_broken",
+                reason=reason,
+                attempt=attempt,
+                retry_in_s=round(delay, 3),
+                replicas_kept=len(self._replicas),
+            )
+            attempt += 1
+            await sleep(delay)

@@ -1,0 +1,376 @@
+"""The router over real servers in-process: registry + engines + router on port 0. Routing, failover before the
+first token, unknown models, draining replicas, and riding out a registry outage."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from fleetserve.router.v1 import router_service_pb2 as router_pb
+from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shared.errors import details_of
+from shared.telemetry import Telemetry
+from tests.support import assert_eventually
+
+# Skip (not fail) collection while the services these tests need are not in the tree.
+registry_app = pytest.importorskip("services.registry.app")
+registry_config = pytest.importorskip("services.registry.config")
+engine_app = pytest.importorskip("services.engine.app")
+engine_config = pytest.importorskip("services.engine.config")
+
+from services.gateway.app import start as start_gateway  # noqa: E402
+from services.gateway.config import GatewaySettings  # noqa: E402
+from services.router.app import start as start_router  # noqa: E402
+from services.router.config import RouterSettings  # noqa: E402
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MODEL = "sim-1b"
+API_KEY = "fsk-integration-test"
+
+
+def recording_telemetry() -> tuple[Telemetry, InMemorySpanExporter]:
+    """Telemetry whose finished spans are kept in memory for assertions."""
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meter_provider = MeterProvider()
+    return (
+        Telemetry(
+            tracer=tracer_provider.get_tracer("test"),
+            meter=meter_provider.get_meter("test"),
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        ),
+        exporter,
+    )
+
+
+def closed_port_address() -> str:
+    """host:port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+@dataclass
+class Fleet:
+    """Services started in this process, and how to reach them."""
+
+    tmp: Path
+    telemetry: Telemetry
+    spans: InMemorySpanExporter
+    registry: object
+    engines: dict[str, object]
+    router: object
+    gateway: object | None = None
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = grpc.aio.insecure_channel(address)
+        self.channels.append(ch)
+        return ch
+
+    def router_stub(self) -> router_grpc.RouterServiceStub:
+        return router_grpc.RouterServiceStub(self.channel(self.router.address))
+
+    def registry_stub(self) -> reg_grpc.RegistryServiceStub:
+        return reg_grpc.RegistryServiceStub(self.channel(self.registry.address))
+
+    async def engine_load(self, name: str) -> engine_pb.GetLoadResponse:
+        stub = engine_grpc.EngineServiceStub(self.channel(self.engines[name].address))
+        return await stub.GetLoad(engine_pb.GetLoadRequest(), timeout=2)
+
+    async def aborted_total(self) -> int:
+        return sum([(await self.engine_load(n)).requests_aborted for n in self.engines])
+
+    async def busy_total(self) -> int:
+        loads = [(await self.engine_load(n)).load for n in self.engines]
+        return sum(x.running + x.waiting for x in loads)
+
+    async def register_dead_replica(self, replica_id: str, model: str = MODEL) -> str:
+        """Register a replica whose address refuses connections; returns the address."""
+        address = closed_port_address()
+        await self.registry_stub().RegisterReplica(
+            reg_pb.RegisterReplicaRequest(
+                replica=reg_pb.Replica(replica_id=replica_id, address=address, model=model, backend="sim")
+            ),
+            timeout=2,
+        )
+        await assert_eventually(lambda: self.router.membership.get(replica_id) is not None, timeout_s=5)
+        return address
+
+    async def deregister(self, replica_id: str) -> None:
+        await self.registry_stub().DeregisterReplica(
+            reg_pb.DeregisterReplicaRequest(replica_id=replica_id, drain=False), timeout=2
+        )
+        await assert_eventually(lambda: self.router.membership.get(replica_id) is None, timeout_s=5)
+
+
+@contextlib.asynccontextmanager
+async def in_process_fleet(
+    tmp: Path, engines: int = 2, gateway: bool = False, **router_overrides
+) -> AsyncIterator[Fleet]:
+    """Registry, `engines` sim engines (fast), a router (and a gateway) in this process on port 0; every
+    server stopped and every channel closed when the block ends."""
+    telemetry, spans = recording_telemetry()
+    started: list[object] = []
+    fleet: Fleet | None = None
+    try:
+        registry = await registry_app.start(
+            registry_config.RegistrySettings(
+                db_path=str(tmp / "registry.db"),
+                lease_ttl_s=30.0,
+                heartbeat_interval_s=0.2,
+            ),
+            telemetry,
+        )
+        started.append(registry)
+        engine_apps = {}
+        for i in range(1, engines + 1):
+            name = f"engine-{i}"
+            engine_apps[name] = await engine_app.start(
+                engine_config.EngineSettings(
+                    registry_address=registry.address,
+                    replica_id=name,
+                    model=MODEL,
+                    backend="sim",
+                    speed_factor=20.0,
+                ),
+                telemetry,
+            )
+            started.append(engine_apps[name])
+        router = await start_router(
+            RouterSettings(
+                registry_address=registry.address,
+                **{"watch_backoff_base_s": 0.05, "watch_backoff_max_s": 0.2, **router_overrides},
+            ),
+            telemetry,
+        )
+        started.append(router)
+        fleet = Fleet(tmp, telemetry, spans, registry, engine_apps, router)
+        await assert_eventually(
+            lambda: len(router.membership.routable(MODEL)) == engines,
+            timeout_s=10,
+            message="engines not routable",
+        )
+        if gateway:
+            fleet.gateway = await start_gateway(
+                GatewaySettings(
+                    router_address=router.address,
+                    db_path=str(tmp / "gateway.db"),
+                    bootstrap_api_key=API_KEY,
+                    auth_cache_ttl_s=0.0,
+                ),
+                telemetry,
+            )
+            started.append(fleet.gateway)
+        yield fleet
+    finally:
+        if fleet is not None:
+            for ch in fleet.channels:
+                await ch.close()
+            # The fleet's own fields: a test may have replaced a service (a restarted registry).
+            started = [fleet.registry, *fleet.engines.values(), fleet.router]
+            started += [fleet.gateway] if fleet.gateway is not None else []
+        for app in reversed(started):
+            await app.stop(0.5)
+        telemetry.shutdown()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory):
+    async with in_process_fleet(tmp_path_factory.mktemp("router")) as f:
+        yield f
+
+
+def request(
+    max_tokens: int = 8, model: str = MODEL, request_id: str = "r-1", **sampling
+) -> router_pb.GenerateRequest:
+    return router_pb.GenerateRequest(
+        request_id=request_id,
+        spec=common_pb2.GenerationSpec(
+            model=model,
+            prompt="route me",
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, **sampling),
+        ),
+        routing=router_pb.RoutingContext(tenant_id="t1", priority=common_pb2.PRIORITY_STANDARD),
+    )
+
+
+async def generate(
+    fleet: Fleet, req: router_pb.GenerateRequest, rpc_timeout_s: float = 10
+) -> list[common_pb2.GenerateChunk]:
+    return [r.chunk async for r in fleet.router_stub().Generate(req, timeout=rpc_timeout_s)]
+
+
+async def generate_error(fleet: Fleet, req: router_pb.GenerateRequest, rpc_timeout_s: float = 10):
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await generate(fleet, req, rpc_timeout_s)
+    return details_of(exc.value)
+
+
+def router_spans(fleet: Fleet, request_id: str):
+    return [
+        s
+        for s in fleet.spans.get_finished_spans()
+        if s.name == "router.Generate" and s.attributes.get("fleetserve.request_id") == request_id
+    ]
+
+
+async def test_streams_a_generation_from_a_replica(fleet):
+    """Router.Generate streams the engine's chunks: served_by first, usage and finish reason last; the span
+    records request, model, replica and one attempt; nothing stays in flight."""
+    chunks = await generate(fleet, request(max_tokens=12, ignore_eos=True, request_id="stream-1"))
+    assert chunks[0].served_by.replica_id in fleet.engines
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert chunks[-1].usage.completion_tokens == 12
+    assert sum(len(c.token_ids) for c in chunks) == 12
+    (span,) = router_spans(fleet, "stream-1")
+    assert span.attributes["fleetserve.model"] == MODEL
+    assert span.attributes["fleetserve.replica_id"] == chunks[0].served_by.replica_id
+    assert span.attributes["fleetserve.attempts"] == 1
+    status = await fleet.router_stub().GetStatus(router_pb.GetStatusRequest(), timeout=2)
+    assert {r.replica_id for r in status.replicas} == set(fleet.engines)
+    assert all(r.routable and r.in_flight == 0 for r in status.replicas)
+
+
+async def test_concurrent_requests_spread_over_replicas(fleet):
+    """Least-load sends concurrent requests to both replicas, not all to one."""
+    import asyncio
+
+    results = await asyncio.gather(
+        *(
+            generate(fleet, request(max_tokens=30, ignore_eos=True, request_id=f"spread-{i}"))
+            for i in range(6)
+        )
+    )
+    served = [chunks[0].served_by.replica_id for chunks in results]
+    assert set(served) == set(fleet.engines), served
+
+
+async def test_list_models_counts_serving_replicas(fleet):
+    """ListModels reports each model with its number of SERVING replicas."""
+    resp = await fleet.router_stub().ListModels(router_pb.ListModelsRequest(), timeout=2)
+    assert [(m.model, m.replicas) for m in resp.models] == [(MODEL, 2)]
+
+
+async def test_unknown_model_is_not_found_listing_available_models(fleet):
+    """A model no replica ever served is NOT_FOUND, reason MODEL_NOT_FOUND, naming the models there are."""
+    d = await generate_error(fleet, request(model="no-such-model"))
+    assert d.code == grpc.StatusCode.NOT_FOUND
+    assert d.reason == "MODEL_NOT_FOUND"
+    assert MODEL in d.message and d.retry_after_s is None
+
+
+async def test_fails_over_when_a_replica_is_dead_before_the_first_token(fleet):
+    """A registered replica whose address refuses connections is tried, taken out of rotation, and the
+    request is served by another replica: every request succeeds."""
+    await fleet.register_dead_replica("dead-1")
+    try:
+        for i in range(40):  # the dead replica ties with the idle engines: it is picked at random
+            chunks = await generate(fleet, request(max_tokens=4, request_id=f"failover-{i}"))
+            assert chunks[0].served_by.replica_id in fleet.engines
+            assert chunks[-1].usage.completion_tokens == 4
+            if any(s.attributes["fleetserve.attempts"] == 2 for s in router_spans(fleet, f"failover-{i}")):
+                break
+        else:
+            pytest.fail("the dead replica was never chosen in 40 requests")
+        status = await fleet.router_stub().GetStatus(router_pb.GetStatusRequest(), timeout=2)
+        dead = next(r for r in status.replicas if r.replica_id == "dead-1")
+        assert not dead.routable
+    finally:
+        await fleet.deregister("dead-1")
+
+
+async def test_known_model_with_no_reachable_replica_is_unavailable_with_retry_advice(fleet):
+    """When every replica of a model fails before streaming, the caller gets UNAVAILABLE NO_HEALTHY_REPLICA
+    with a retry delay; while the replica cools down, the next request gets the same at once."""
+    await fleet.register_dead_replica("ghost-1", model="ghost")
+    try:
+        for _ in range(2):
+            d = await generate_error(fleet, request(model="ghost"))
+            assert d.code == grpc.StatusCode.UNAVAILABLE
+            assert d.reason == "NO_HEALTHY_REPLICA"
+            assert d.retry_after_s and d.retry_after_s > 0
+    finally:
+        await fleet.deregister("ghost-1")
+
+
+async def test_cancelling_at_the_router_aborts_in_the_engine(fleet):
+    """A caller that goes away mid-stream cancels the engine call: the engine counts an abort and idles."""
+    before = await fleet.aborted_total()
+    call = fleet.router_stub().Generate(
+        request(max_tokens=5000, ignore_eos=True, request_id="cancel-1"), timeout=30
+    )
+    got = 0
+    async for resp in call:
+        got += len(resp.chunk.token_ids)
+        if got >= 3:
+            break
+    call.cancel()
+    await assert_eventually(lambda: _aborted_and_idle(fleet, before + 1), timeout_s=10)
+
+
+async def _aborted_and_idle(fleet: Fleet, at_least: int) -> bool:
+    return await fleet.aborted_total() >= at_least and await fleet.busy_total() == 0
+
+
+async def test_deadline_is_passed_to_the_engine(fleet):
+    """A caller's deadline shorter than the generation ends it with DEADLINE_EXCEEDED and frees the engine."""
+    before = await fleet.aborted_total()
+    d = await generate_error(fleet, request(max_tokens=5000, ignore_eos=True), rpc_timeout_s=0.3)
+    assert d.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await assert_eventually(lambda: _aborted_and_idle(fleet, before + 1), timeout_s=10)
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_draining_replica_gets_no_new_requests(tmp_path):
+    """Once the registry marks a replica DRAINING, new requests all go to the others."""
+    async with in_process_fleet(tmp_path) as f:
+        await f.registry_stub().DeregisterReplica(
+            reg_pb.DeregisterReplicaRequest(replica_id="engine-1", drain=True), timeout=2
+        )
+        await assert_eventually(
+            lambda: [r.replica_id for r in f.router.membership.routable(MODEL)] == ["engine-2"]
+        )
+        for i in range(6):
+            chunks = await generate(f, request(max_tokens=2, request_id=f"drain-{i}"))
+            assert chunks[0].served_by.replica_id == "engine-2"
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_keeps_routing_while_the_registry_is_down_and_reconnects(tmp_path):
+    """With the registry gone the router keeps its last membership and still serves; when a registry is
+    back on the same address the watch reconnects."""
+    async with in_process_fleet(tmp_path) as f:
+        port = int(f.registry.address.rsplit(":", 1)[1])
+        await f.registry.stop(0)
+        await assert_eventually(lambda: not f.router.membership.connected, timeout_s=5)
+        chunks = await generate(f, request(max_tokens=3, request_id="no-registry"))
+        assert chunks[-1].usage.completion_tokens == 3
+        f.registry = await registry_app.start(
+            registry_config.RegistrySettings(
+                port=port, db_path=str(tmp_path / "registry.db"), lease_ttl_s=30.0, heartbeat_interval_s=0.2
+            ),
+            f.telemetry,
+        )
+        await assert_eventually(lambda: f.router.membership.connected, timeout_s=5)
+        assert {r.replica_id for r in f.router.membership.routable(MODEL)} == {"engine-1", "engine-2"}

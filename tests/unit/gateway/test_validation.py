@@ -1,0 +1,121 @@
+"""Validation of public GenerateRequests into GenerationSpecs, with field violations for bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from fleetserve.common.v1 import common_pb2
+from fleetserve.inference.v1 import inference_service_pb2 as pb
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.gateway.validation import to_spec
+from shared.errors import InvalidArgument
+
+LIMITS = dict(default_max_tokens=256, max_tokens_limit=8192)
+
+
+def violations(req: pb.GenerateRequest) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as exc:
+        to_spec(req, **LIMITS)
+    return dict(exc.value.field_violations)
+
+
+def test_valid_prompt_request_becomes_a_spec():
+    """Every field a client sets reaches the spec; max_tokens 0 becomes the default."""
+    spec = to_spec(
+        pb.GenerateRequest(
+            model="m", prompt="hi", temperature=0.7, top_p=0.9, stop=["\n"], seed=5, ignore_eos=True
+        ),
+        **LIMITS,
+    )
+    assert spec.model == "m" and spec.prompt == "hi"
+    assert spec.sampling.max_tokens == 256
+    assert spec.sampling.seed == 5 and spec.sampling.HasField("seed")
+    assert list(spec.sampling.stop) == ["\n"] and spec.sampling.ignore_eos
+    assert math.isclose(spec.sampling.temperature, 0.7, rel_tol=1e-6)
+
+
+def test_unset_seed_stays_unset():
+    """A request without a seed leaves the engine to pick one."""
+    assert not to_spec(pb.GenerateRequest(model="m", prompt="x"), **LIMITS).sampling.HasField("seed")
+
+
+def test_chat_messages_pass_through():
+    """Chat messages with known roles are accepted as they are."""
+    msgs = [
+        common_pb2.ChatMessage(role="system", content="be brief"),
+        common_pb2.ChatMessage(role="user", content="hi"),
+    ]
+    spec = to_spec(pb.GenerateRequest(model="m", messages=msgs, max_tokens=3), **LIMITS)
+    assert [m.role for m in spec.messages] == ["system", "user"] and spec.sampling.max_tokens == 3
+
+
+def test_missing_model_and_prompt_are_both_reported():
+    """All problems come back at once, each naming its field."""
+    v = violations(pb.GenerateRequest())
+    assert set(v) == {"model", "prompt"}
+
+
+def test_prompt_and_messages_together_are_rejected():
+    """Exactly one of prompt and messages."""
+    v = violations(
+        pb.GenerateRequest(model="m", prompt="a", messages=[common_pb2.ChatMessage(role="user", content="b")])
+    )
+    assert set(v) == {"messages"}
+
+
+def test_bad_messages_name_the_index():
+    """An unknown role or an empty content points at the message."""
+    v = violations(
+        pb.GenerateRequest(
+            model="m",
+            messages=[
+                common_pb2.ChatMessage(role="user", content="ok"),
+                common_pb2.ChatMessage(role="robot", content=""),
+            ],
+        )
+    )
+    assert set(v) == {"messages[1].role", "messages[1].content"}
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("max_tokens", dict(max_tokens=8193)),
+        ("temperature", dict(temperature=2.5)),
+        ("temperature", dict(temperature=-0.1)),
+        ("temperature", dict(temperature=float("nan"))),
+        ("top_p", dict(top_p=1.5)),
+        ("top_p", dict(top_p=-1)),
+        ("stop", dict(stop=[str(i) for i in range(9)])),
+        ("priority", dict(priority=42)),
+    ],
+)
+def test_out_of_range_sampling_is_rejected(field, kwargs):
+    """Sampling values outside their ranges are field violations."""
+    assert set(violations(pb.GenerateRequest(model="m", prompt="p", **kwargs))) == {field}
+
+
+@given(
+    max_tokens=st.integers(min_value=0, max_value=8192),
+    temperature=st.floats(min_value=0, max_value=2, width=32),
+    top_p=st.floats(min_value=0, max_value=1, width=32),
+    stop=st.lists(st.text(max_size=5), max_size=8),
+)
+def test_any_in_range_request_is_accepted(max_tokens, temperature, top_p, stop):
+    """Values within the documented ranges always validate, and max_tokens ends up in [1, limit]."""
+    spec = to_spec(
+        pb.GenerateRequest(
+            model="m", prompt="p", max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop
+        ),
+        **LIMITS,
+    )
+    assert 1 <= spec.sampling.max_tokens <= 8192
+
+
+@given(temperature=st.floats(width=32).filter(lambda t: not 0 <= t <= 2))
+def test_any_out_of_range_temperature_is_rejected(temperature):
+    """Any temperature outside [0, 2] (NaN and infinities included) is rejected."""
+    assert "temperature" in violations(pb.GenerateRequest(model="m", prompt="p", temperature=temperature))
