@@ -1,0 +1,113 @@
+"""Engine process wiring: the backend, the gRPC server, and the registration that keeps it in the fleet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from fleetserve.engine.v1 import engine_service_pb2 as pb
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+
+from services.engine.backend import EngineBackend
+from services.engine.config import EngineSettings
+from services.engine.registration import Registration
+from services.engine.servicer import EngineServicer
+from services.engine.sim import SimEngine
+from shared.server import RunningServer, Service, create_server, drain_and_stop
+from shared.telemetry import Telemetry
+
+log = structlog.get_logger(__name__)
+
+
+def create_backend(settings: EngineSettings) -> EngineBackend:
+    """The backend named by settings.backend."""
+    if settings.backend == "sim":
+        return SimEngine(
+            seed=settings.seed,
+            speed_factor=settings.speed_factor,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            num_kv_blocks=settings.num_kv_blocks,
+            cost=settings.cost_model,
+        )
+    raise ValueError(f"unknown backend {settings.backend!r}")
+
+
+@dataclass
+class EngineApp:
+    """A started engine replica."""
+
+    running: RunningServer
+    backend: EngineBackend
+    servicer: EngineServicer
+    registration: Registration | None
+    replica_id: str
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain in the registry (routers stop sending), let in-flight streams finish within grace_s, then
+        shut the backend down (aborting what is left) and leave the registry. Later calls do nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+
+        async def before_stop() -> None:
+            if self.registration is not None:
+                await self.registration.drain()
+
+        async def after_stop() -> None:
+            await self.backend.shutdown()
+            if self.registration is not None:
+                await self.registration.close()
+
+        await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
+
+
+async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
+    """Start the backend and serve; register with the registry in the background (if one is configured)."""
+    backend = create_backend(settings)
+    await backend.start()
+    try:
+        servicer = EngineServicer(
+            backend,
+            replica_id=settings.replica_id,
+            model=settings.model,
+            tracer=telemetry.tracer,
+            meter=telemetry.meter,
+        )
+        running = await create_server([Service(pb, "EngineService", servicer)], settings.host, settings.port)
+    except BaseException:
+        await backend.shutdown()
+        raise
+    registration = None
+    if settings.registry_address:
+        registration = Registration(
+            settings.registry_address,
+            reg_pb.Replica(
+                replica_id=settings.replica_id,
+                address=settings.advertised_address(running.port),
+                model=settings.model,
+                backend=settings.backend,
+            ),
+            backend.load,
+            retry_base_s=settings.register_retry_base_s,
+            retry_max_s=settings.register_retry_max_s,
+            rpc_timeout_s=settings.registry_timeout_s,
+        )
+        registration.start()
+    log.info(
+        "engine.configured",
+        replica_id=settings.replica_id,
+        model=settings.model,
+        backend=settings.backend,
+        speed_factor=settings.speed_factor,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        num_kv_blocks=settings.num_kv_blocks,
+        registry=settings.registry_address or None,
+    )
+    return EngineApp(running, backend, servicer, registration, settings.replica_id)

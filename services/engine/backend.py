@@ -1,0 +1,88 @@
+"""The interface every engine backend implements (the simulated engine now, vLLM's AsyncLLM later)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import grpc
+from fleetserve.common.v1 import common_pb2
+
+from shared.errors import FleetError
+
+# Request defaults every backend applies the same way.
+DEFAULT_MAX_TOKENS = 256
+
+
+class RequestIdInUse(FleetError):
+    """A request with this id is already waiting or running on this replica."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "REQUEST_ID_IN_USE"
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one request got since its previous StepOutput (one step, or several when its reader lagged)."""
+
+    token_ids: list[int]
+    text: str
+    # A common_pb2.FinishReason value on the last output of the request, None before.
+    finish_reason: int | None
+    prompt_tokens: int
+    cached_tokens: int
+    # Completion tokens so far, tokens resumed from an earlier attempt included.
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Counters:
+    """Lifetime counters of a backend."""
+
+    finished: int = 0
+    aborted: int = 0
+    output_tokens: int = 0
+
+
+@runtime_checkable
+class EngineBackend(Protocol):
+    """One engine replica's generator of tokens.
+
+    generate() admits the request at once (raising a shared.errors.FleetError when it cannot: shutting down,
+    an id in use, a prompt that can never fit) and returns the request's stream of StepOutputs; the last one
+    carries finish_reason. Resuming (spec.resume_token_ids) continues the same generation: the stream carries
+    only new tokens, max_tokens bounds the whole generation and completion_tokens counts the resumed ones too.
+    Closing the stream early aborts the request. abort() is idempotent: True the first time for a live
+    request, whose KV blocks and queue slot are freed at once and whose stream ends with FINISH_REASON_ABORT.
+    """
+
+    name: str
+    counters: Counters
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once shutdown() began: generate() refuses new requests."""
+        ...
+
+    async def start(self) -> None:
+        """Start the step loop (or the real engine)."""
+        ...
+
+    def generate(
+        self, request_id: str, spec: common_pb2.GenerationSpec, *, cache_salt: str, priority: int
+    ) -> AsyncIterator[StepOutput]:
+        """Admit a request; its outputs as they are generated."""
+        ...
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request if it is waiting or running; False when unknown or already finished."""
+        ...
+
+    def load(self) -> common_pb2.ReplicaLoad:
+        """Current load, as heartbeats report it."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Refuse new requests, abort the ones left, stop."""
+        ...

@@ -1,0 +1,90 @@
+"""Engine settings: the replica's identity, where it registers, its backend and the sim's scheduler and timing."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from services.engine.cost_model import CostModel
+from shared.settings import ServiceSettings, service_config
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+_COST = CostModel()
+
+
+class EngineSettings(ServiceSettings):
+    """Settings of an engine replica (flags --kebab-case, env FLEETSERVE_ENGINE_<FIELD>)."""
+
+    model_config = service_config("engine")
+
+    registry_address: str = Field(
+        "", description="host:port of the registry to register with; empty: do not register (tests)."
+    )
+    model: str = Field("sim-1b", min_length=1, description="Name of the model this replica serves.")
+    replica_id: str = Field(
+        default_factory=lambda: f"engine-{secrets.token_hex(3)}",
+        min_length=1,
+        max_length=256,
+        description="Unique id of this replica in the fleet; default: engine-<6 random hex digits>.",
+    )
+    backend: Literal["sim"] = Field("sim", description="Engine backend: sim (simulated, CPU).")
+    speed_factor: float = Field(
+        1.0, gt=0, le=100_000, description="Sim: run the modelled GPU this many times faster than real time."
+    )
+    seed: int = Field(0, ge=0, lt=2**64, description="Sim: sampling seed for requests that carry none.")
+    max_num_seqs: int = Field(
+        256, ge=1, le=65_536, description="Most sequences in a batch (running requests)."
+    )
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="Token budget of one step (decode tokens plus prefill chunks)."
+    )
+    num_kv_blocks: int = Field(32768, ge=1, description="KV-cache blocks of 16 tokens each.")
+    step_base_ms: float = Field(
+        _COST.base_ms, ge=0, description="Sim cost model: fixed GPU time of a step, in ms (H100-calibrated)."
+    )
+    step_per_decode_seq_ms: float = Field(
+        _COST.per_decode_seq_ms, ge=0, description="Sim cost model: GPU time per decoding sequence, in ms."
+    )
+    step_per_prefill_token_ms: float = Field(
+        _COST.per_prefill_token_ms, ge=0, description="Sim cost model: GPU time per prefill token, in ms."
+    )
+    advertise_host: str = Field(
+        "",
+        description="Host other services reach this replica at (registered as advertise-host:port); default: "
+        "--host, or this machine's hostname when --host is a wildcard.",
+    )
+    register_retry_base_s: float = Field(
+        0.1, gt=0, description="First delay before retrying registration (full jitter, doubling)."
+    )
+    register_retry_max_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest delay between registration attempts while the registry is unreachable.",
+    )
+    registry_timeout_s: float = Field(2.0, gt=0, description="Timeout of each unary call to the registry.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineSettings:
+        # As in vLLM: every running sequence must be able to get its one decode token in a step.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}), or a full batch could not decode in one step"
+            )
+        if self.register_retry_base_s > self.register_retry_max_s:
+            raise ValueError("register_retry_base_s must not exceed register_retry_max_s")
+        return self
+
+    @property
+    def cost_model(self) -> CostModel:
+        return CostModel(self.step_base_ms, self.step_per_decode_seq_ms, self.step_per_prefill_token_ms)
+
+    def advertised_address(self, port: int) -> str:
+        """The host:port to register for a server bound on port."""
+        host = self.advertise_host or (socket.gethostname() if self.host in _WILDCARDS else self.host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # IPv6 literal
+        return f"{host}:{port}"

@@ -1,0 +1,174 @@
+"""fleetserve.engine.v1.EngineService: streams a backend's generations as chunks; abort, load and identity."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import structlog
+from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as pb
+from opentelemetry import metrics, trace
+
+from services.engine.backend import EngineBackend
+from shared.deadlines import caller_time_left, deadline_passed
+from shared.errors import InvalidArgument, NotFound, rpc_boundary
+from shared.telemetry import bind_request, context_from_metadata
+
+log = structlog.get_logger(__name__)
+
+MAX_STOP_STRINGS = 16
+_FINISH_NAMES = {v.number: v.name for v in common_pb2.FinishReason.DESCRIPTOR.values}
+
+
+def validate(request: pb.GenerateRequest, model: str) -> None:
+    """Raise InvalidArgument listing every bad field (NotFound for another model's request)."""
+    spec = request.spec
+    if spec.model and spec.model != model:
+        raise NotFound(
+            f"model {spec.model!r} is not served by this replica (it serves {model!r})",
+            reason="MODEL_NOT_FOUND",
+            metadata={"model": spec.model, "available_models": model},
+        )
+    bad: list[tuple[str, str]] = []
+    if not spec.prompt and not spec.messages:
+        bad.append(("spec.prompt", "required: set spec.prompt or spec.messages"))
+    elif spec.prompt and spec.messages:
+        bad.append(("spec.messages", "set spec.prompt or spec.messages, not both"))
+    for i, m in enumerate(spec.messages):
+        if not m.role:
+            bad.append((f"spec.messages[{i}].role", "must not be empty"))
+    sampling = spec.sampling
+    if len(sampling.stop) > MAX_STOP_STRINGS:
+        bad.append(("spec.sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+    for i, s in enumerate(sampling.stop):
+        if not s:
+            bad.append((f"spec.sampling.stop[{i}]", "must not be empty"))
+    # "not within" so that NaN is rejected too.
+    if not sampling.temperature >= 0.0:
+        bad.append(("spec.sampling.temperature", f"must be >= 0; got {sampling.temperature}"))
+    if not 0.0 <= sampling.top_p <= 1.0:
+        bad.append(("spec.sampling.top_p", f"must be in [0, 1] (0 means 1); got {sampling.top_p}"))
+    if request.priority not in common_pb2.Priority.values():
+        bad.append(("priority", f"unknown priority {request.priority}"))
+    if bad:
+        raise InvalidArgument("invalid request: " + ", ".join(f for f, _ in bad), field_violations=bad)
+
+
+class EngineServicer:
+    """Generate relays a backend's StepOutputs one chunk each: served_by on the first, finish reason and usage
+    on the last. When the caller goes away or its deadline passes, the request is aborted in the backend."""
+
+    def __init__(
+        self,
+        backend: EngineBackend,
+        *,
+        replica_id: str,
+        model: str,
+        tracer: trace.Tracer,
+        meter: metrics.Meter,
+    ) -> None:
+        self.backend = backend
+        self.replica_id = replica_id
+        self.model = model
+        self.tracer = tracer
+        self._attrs = {"fleetserve.model": model, "fleetserve.replica_id": replica_id}
+        self._output_tokens = meter.create_counter(
+            "fleetserve.engine.output_tokens",
+            unit="{token}",
+            description="Output tokens generated, added when each request ends.",
+        )
+
+    @rpc_boundary
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
+        request_id = request.request_id or f"engine-{uuid.uuid4().hex}"
+        status = "CANCELLED"  # unless the stream ends or fails otherwise
+        finish: int | None = None
+        first_token_ms: float | None = None
+        prompt_tokens = completion = 0
+        resumed = len(request.spec.resume_token_ids)
+        with self.tracer.start_as_current_span(
+            "engine.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
+        ) as span:
+            bind_request(request_id, span)
+            span.set_attribute("fleetserve.request_id", request_id)
+            span.set_attributes(self._attrs)
+            left = caller_time_left(context)
+            if left is not None:
+                span.set_attribute("fleetserve.deadline_left_ms", left * 1000.0)
+            try:
+                validate(request, self.model)
+                outputs = self.backend.generate(
+                    request_id, request.spec, cache_salt=request.cache_salt, priority=request.priority
+                )
+                async for out in outputs:
+                    resp = pb.GenerateResponse()
+                    chunk = resp.chunk
+                    chunk.text = out.text
+                    chunk.token_ids.extend(out.token_ids)
+                    if first_token_ms is None:
+                        first_token_ms = (time.perf_counter() - started) * 1000.0
+                        chunk.served_by.model = self.model
+                        chunk.served_by.replica_id = self.replica_id
+                    if out.finish_reason is not None:
+                        finish = out.finish_reason
+                        prompt_tokens, completion = out.prompt_tokens, out.completion_tokens
+                        chunk.finish_reason = finish
+                        usage = chunk.usage
+                        usage.prompt_tokens = prompt_tokens
+                        usage.completion_tokens = completion
+                        usage.cached_tokens = out.cached_tokens
+                    else:
+                        completion = out.completion_tokens
+                    yield resp
+                status = "OK"
+            except Exception as e:
+                status = getattr(getattr(e, "code", None), "name", "INTERNAL")
+                raise
+            finally:
+                if finish is None:
+                    # Caller gone, deadline passed, or an error: free the request's blocks and slot now.
+                    self.backend.abort(request_id)
+                    if status == "CANCELLED" and deadline_passed(context):
+                        status = "DEADLINE_EXCEEDED"
+                generated = max(0, completion - resumed)
+                reason = _FINISH_NAMES.get(finish, "") if finish is not None else ""
+                span.set_attribute("fleetserve.output_tokens", generated)
+                span.set_attribute("fleetserve.finish_reason", reason)
+                code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if generated:
+                    self._output_tokens.add(generated, self._attrs)
+                log.info(
+                    "engine.request",
+                    status=status,
+                    finish_reason=reason,
+                    prompt_tokens=prompt_tokens,
+                    output_tokens=generated,
+                    resumed_tokens=resumed,
+                    priority=request.priority,
+                    ttft_ms=None if first_token_ms is None else round(first_token_ms, 3),
+                    duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
+                )
+
+    @rpc_boundary
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        aborted = self.backend.abort(request.request_id)
+        log.info("engine.abort", request_id=request.request_id, aborted=aborted)
+        return pb.AbortResponse(aborted=aborted)
+
+    @rpc_boundary
+    async def GetLoad(self, request: pb.GetLoadRequest, context) -> pb.GetLoadResponse:
+        c = self.backend.counters
+        return pb.GetLoadResponse(
+            load=self.backend.load(),
+            requests_finished=c.finished,
+            requests_aborted=c.aborted,
+            output_tokens=c.output_tokens,
+        )
+
+    @rpc_boundary
+    async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:
+        return pb.GetInfoResponse(replica_id=self.replica_id, model=self.model, backend=self.backend.name)

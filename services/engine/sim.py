@@ -1,0 +1,284 @@
+"""SimEngine: the simulated backend. An asyncio step loop runs the scheduler and sleeps each step's modelled
+GPU time, so routing and scaling see vLLM-like batching, queueing and timing on a CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+from fleetserve.common.v1 import common_pb2
+
+from services.engine.backend import DEFAULT_MAX_TOKENS, Counters, RequestIdInUse, StepOutput
+from services.engine.cost_model import CostModel
+from services.engine.scheduler import Scheduler
+from services.engine.sim_request import ABORT, PRIORITY_RANK, SimRequest
+from services.engine.sim_tokens import VOCAB_SIZE, prompt_digest, prompt_token_ids
+from shared.errors import InvalidArgument, ShuttingDown, Unavailable
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class StepTiming:
+    """How the step loop kept up with the cost model (real seconds; modelled time is already divided by the
+    speed factor)."""
+
+    steps: int = 0
+    modelled_s: float = 0.0
+    # Steps that started after their scheduled time, and time given up when the loop fell too far behind.
+    late_steps: int = 0
+    dropped_s: float = 0.0
+
+
+class SimEngine:
+    """EngineBackend on the cost model. Output token i of a request depends only on (seed, prompt tokens, i)."""
+
+    name = "sim"
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        speed_factor: float = 1.0,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        num_kv_blocks: int = 32768,
+        cost: CostModel | None = None,
+        throughput_window_s: float = 5.0,
+        max_lag_s: float = 0.02,
+    ) -> None:
+        if speed_factor <= 0:
+            raise ValueError(f"speed_factor must be > 0; got {speed_factor}")
+        self.seed = seed
+        self.speed_factor = speed_factor
+        self.cost = cost or CostModel()
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, num_kv_blocks)
+        self.counters = Counters()
+        self.timing = StepTiming()
+        self.throughput_window_s = throughput_window_s
+        # Lateness up to this is caught up (timer granularity, a slow step); beyond it the debt is dropped,
+        # since running steps back to back would model a GPU faster than the real one.
+        self.max_lag_s = max_lag_s
+        self._requests: dict[str, SimRequest] = {}
+        self._arrivals = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._failed = False
+        # (time, tokens) per step within the throughput window, and their sum.
+        self._window: deque[tuple[float, int]] = deque()
+        self._window_tokens = 0
+        self._started_at = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._closing
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._started_at = loop.time()
+        self._task = loop.create_task(self._run(), name="sim-engine.step-loop")
+
+    async def shutdown(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for req in list(self._requests.values()):
+            self._abort(req)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+            self._task = None
+        t = self.timing
+        log.info(
+            "engine.step_loop_stats",
+            steps=t.steps,
+            modelled_s=round(t.modelled_s, 3),
+            late_steps=t.late_steps,
+            dropped_s=round(t.dropped_s, 3),
+            preemptions=self.scheduler.preemptions,
+            requests_finished=self.counters.finished,
+            requests_aborted=self.counters.aborted,
+            output_tokens=self.counters.output_tokens,
+        )
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request_id: str,
+        spec: common_pb2.GenerationSpec,
+        *,
+        cache_salt: str = "",
+        priority: int = common_pb2.PRIORITY_UNSPECIFIED,
+    ) -> AsyncIterator[StepOutput]:
+        if self._closing:
+            raise ShuttingDown("this engine replica is shutting down", retry_after_s=1.0)
+        if self._failed or self._task is None:
+            raise Unavailable("this engine replica is not running", retry_after_s=1.0)
+        if request_id in self._requests:
+            raise RequestIdInUse(f"request {request_id!r} is already in this engine")
+        sampling = spec.sampling
+        max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS
+        resumed = list(spec.resume_token_ids)
+        if any(t >= VOCAB_SIZE for t in resumed):
+            raise InvalidArgument(
+                "resume_token_ids holds ids outside the vocabulary",
+                field_violations=[("spec.resume_token_ids", f"ids must be < {VOCAB_SIZE}")],
+            )
+        prompt_ids = prompt_token_ids(spec)
+        if not self.scheduler.fits(len(prompt_ids) + max_tokens):
+            raise InvalidArgument(
+                "prompt plus max_tokens exceed this replica's KV cache",
+                field_violations=[
+                    (
+                        "spec.sampling.max_tokens",
+                        f"prompt ({len(prompt_ids)} tokens) + max_tokens is too long",
+                    )
+                ],
+            )
+        seed = sampling.seed if sampling.HasField("seed") else self.seed
+        req = SimRequest(
+            request_id,
+            prompt_tokens=len(prompt_ids),
+            resumed_ids=resumed,
+            digest=prompt_digest(seed, prompt_ids),
+            max_tokens=max_tokens,
+            stops=tuple(s for s in sampling.stop if s),
+            rank=PRIORITY_RANK.get(priority, 1),
+            arrival=next(self._arrivals),
+        )
+        if req.finish_reason is None:
+            self._requests[request_id] = req
+            self.scheduler.add(req)
+            self._wake.set()
+        else:
+            self.counters.finished += 1
+        return self._stream(req)
+
+    async def _stream(self, req: SimRequest) -> AsyncIterator[StepOutput]:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not req.pending_ids and req.finish_reason is None:
+                    req.waiter = loop.create_future()
+                    await req.waiter
+                    continue
+                out = req.take_output()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            # The reader went away (cancelled, closed): free the request's blocks and slot now.
+            self._abort(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.get(request_id)
+        return req is not None and self._abort(req)
+
+    def _abort(self, req: SimRequest) -> bool:
+        if req.finish_reason is not None:
+            return False
+        self.scheduler.remove(req)
+        self._requests.pop(req.request_id, None)
+        req.finish(ABORT)
+        self.counters.aborted += 1
+        self._wake.set()  # blocks were freed: a waiting request may fit now
+        return True
+
+    # -- load ---------------------------------------------------------------------------------------
+
+    def load(self) -> common_pb2.ReplicaLoad:
+        s = self.scheduler
+        return common_pb2.ReplicaLoad(
+            running=len(s.running),
+            waiting=s.num_waiting,
+            kv_blocks_used=s.blocks_used,
+            kv_blocks_total=s.num_kv_blocks,
+            prefix_cache_hit_rate=0.0,
+            output_tokens_per_s=self.output_tokens_per_s(),
+        )
+
+    def output_tokens_per_s(self) -> float:
+        """Output tokens per second (real time) over the last throughput window."""
+        if self._task is None:
+            return 0.0
+        now = asyncio.get_running_loop().time()
+        self._trim(now)
+        span = min(self.throughput_window_s, now - self._started_at)
+        return self._window_tokens / span if span > 0 else 0.0
+
+    def _trim(self, now: float) -> None:
+        window, horizon = self._window, now - self.throughput_window_s
+        while window and window[0][0] < horizon:
+            self._window_tokens -= window.popleft()[1]
+
+    # -- the step loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._steps()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug in the loop must not leave streams hanging: end them all and refuse new requests.
+            log.exception("engine.step_loop_failed")
+            self._failed = True
+            for req in list(self._requests.values()):
+                self._abort(req)
+
+    async def _steps(self) -> None:
+        loop = asyncio.get_running_loop()
+        sched, cost, timing = self.scheduler, self.cost, self.timing
+        scale = 1.0 / (1000.0 * self.speed_factor)
+        next_at = loop.time()
+        while True:
+            if not sched.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                next_at = loop.time()
+                continue
+            step = sched.schedule()
+            if not step.items:
+                # Nothing can run until a request arrives or leaves (only if blocks are short): wait for that.
+                self._wake.clear()
+                await self._wake.wait()
+                next_at = loop.time()
+                continue
+            # Steps are timed against the loop clock: the time spent scheduling and streaming comes out of the
+            # step's sleep instead of adding to it.
+            dt = cost.step_ms(step.decode_seqs, step.prefill_tokens) * scale
+            next_at += dt
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                timing.late_steps += 1
+                if -delay > self.max_lag_s:
+                    timing.dropped_s += -delay
+                    next_at = loop.time()
+                await asyncio.sleep(0)  # let the streams and RPCs run even when behind
+            emitted, finished = sched.complete(step)
+            timing.steps += 1
+            timing.modelled_s += dt
+            if emitted:
+                self.counters.output_tokens += emitted
+                now = loop.time()
+                self._window.append((now, emitted))
+                self._window_tokens += emitted
+                self._trim(now)
+            if finished:
+                self.counters.finished += len(finished)
+                requests = self._requests
+                for req in finished:
+                    requests.pop(req.request_id, None)

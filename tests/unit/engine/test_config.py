@@ -1,0 +1,58 @@
+"""Engine settings: flags and env vars, defaults, and loud failure on bad values."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from services.engine.config import EngineSettings
+from shared.settings import load_settings
+
+
+def test_defaults_match_the_design():
+    """Defaults: sim backend, model sim-1b, 256 seqs, 2048-token steps, 32768 KV blocks, real-time speed."""
+    s = EngineSettings()
+    assert (s.backend, s.model, s.speed_factor, s.seed) == ("sim", "sim-1b", 1.0, 0)
+    assert (s.max_num_seqs, s.max_num_batched_tokens, s.num_kv_blocks) == (256, 2048, 32768)
+    assert re.fullmatch(r"engine-[0-9a-f]{6}", s.replica_id)
+    assert s.registry_address == ""
+    assert s.cost_model.step_ms(1, 0) == pytest.approx(2.343)
+
+
+def test_flags_override_env_vars(monkeypatch):
+    """--kebab-case flags win over FLEETSERVE_ENGINE_* env vars, which win over defaults."""
+    monkeypatch.setenv("FLEETSERVE_ENGINE_SPEED_FACTOR", "5")
+    monkeypatch.setenv("FLEETSERVE_ENGINE_MODEL", "env-model")
+    s = load_settings(
+        EngineSettings, ["--model", "flag-model", "--replica-id", "engine-7", "--max-num-seqs", "8"]
+    )
+    assert (s.model, s.speed_factor, s.replica_id, s.max_num_seqs) == ("flag-model", 5.0, "engine-7", 8)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--speed-factor", "0"],
+        ["--backend", "vllm"],
+        ["--max-num-seqs", "512", "--max-num-batched-tokens", "256"],
+        ["--num-kv-blocks", "0"],
+    ],
+)
+def test_bad_values_exit_with_a_message(argv, capsys):
+    """Invalid settings stop the process with exit code 2 and say what is wrong."""
+    with pytest.raises(SystemExit) as exc:
+        load_settings(EngineSettings, argv)
+    assert exc.value.code == 2
+    assert "EngineSettings" in capsys.readouterr().err
+
+
+def test_advertised_address():
+    """The registered address is advertise-host (else host, else the hostname for a wildcard) plus the port."""
+    assert EngineSettings(host="127.0.0.1").advertised_address(5) == "127.0.0.1:5"
+    assert (
+        EngineSettings(host="0.0.0.0", advertise_host="engine-3.local").advertised_address(5)
+        == "engine-3.local:5"
+    )
+    assert not EngineSettings(host="0.0.0.0").advertised_address(5).startswith("0.0.0.0")
+    assert EngineSettings(host="::1").advertised_address(5) == "[::1]:5"
