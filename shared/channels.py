@@ -16,6 +16,11 @@ CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     # Let our own failover decide; gRPC's transparent retries would hide replica faults.
     ("grpc.enable_retries", 0),
+    # gRPC's own reconnect backoff grows to 120 s by default: a registry or replica back after an outage
+    # would stay unreachable for minutes. Cap it near our retry cap.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
 

@@ -96,20 +96,34 @@ class Cluster:
         try:
             # Metrics first so every other service can export its spans and metrics to it.
             await self._spawn("metrics", "metrics", [])
-            await self._spawn("registry", "registry", [
-                "--db-path", str(cfg.data_dir / "registry.db"),
-                "--lease-ttl-s", str(cfg.lease_ttl_s),
-                "--heartbeat-interval-s", str(cfg.heartbeat_interval_s),
-            ])
+            await self._spawn(
+                "registry",
+                "registry",
+                [
+                    "--db-path",
+                    str(cfg.data_dir / "registry.db"),
+                    "--lease-ttl-s",
+                    str(cfg.lease_ttl_s),
+                    "--heartbeat-interval-s",
+                    str(cfg.heartbeat_interval_s),
+                ],
+            )
             await asyncio.gather(
                 *(self.add_engine() for _ in range(cfg.engines)),
                 self._spawn("router", "router", ["--registry-address", self.registry]),
             )
-            await self._spawn("gateway", "gateway", [
-                "--router-address", self.router,
-                "--db-path", str(cfg.data_dir / "gateway.db"),
-                "--bootstrap-api-key", self.api_key,
-            ])
+            await self._spawn(
+                "gateway",
+                "gateway",
+                [
+                    "--router-address",
+                    self.router,
+                    "--db-path",
+                    str(cfg.data_dir / "gateway.db"),
+                    "--bootstrap-api-key",
+                    self.api_key,
+                ],
+            )
         except BaseException:
             await self.stop()
             raise
@@ -119,13 +133,22 @@ class Cluster:
         cfg = self.config
         self._engine_seq += 1
         name = f"engine-{self._engine_seq}"
-        await self._spawn(name, "engine", [
-            "--registry-address", self.registry,
-            "--replica-id", name,
-            "--model", cfg.model,
-            "--backend", cfg.backend,
-            "--speed-factor", str(cfg.speed_factor),
-        ])
+        await self._spawn(
+            name,
+            "engine",
+            [
+                "--registry-address",
+                self.registry,
+                "--replica-id",
+                name,
+                "--model",
+                cfg.model,
+                "--backend",
+                cfg.backend,
+                "--speed-factor",
+                str(cfg.speed_factor),
+            ],
+        )
         return name
 
     async def _spawn(self, name: str, service: str, args: list[str]) -> Proc:
@@ -134,19 +157,26 @@ class Cluster:
         ready.unlink(missing_ok=True)
         log_file = cfg.data_dir / "logs" / f"{name}.log"
         common = [
-            "--ready-file", str(ready),
-            "--grace-period-s", str(cfg.grace_period_s),
-            "--metrics-export-interval-s", str(cfg.metrics_export_interval_s),
+            "--ready-file",
+            str(ready),
+            "--grace-period-s",
+            str(cfg.grace_period_s),
+            "--metrics-export-interval-s",
+            str(cfg.metrics_export_interval_s),
             "--log-json",
         ]
         if service != "metrics" and "metrics" in self.procs:
             common += ["--otlp-endpoint", self.metrics]
         argv = [sys.executable, "-m", f"services.{service}", *common, *args, *cfg.extra_args.get(service, [])]
-        with open(log_file, "ab") as out:
+        with open(log_file, "ab") as out:  # noqa: ASYNC230 - once per process start, not on a hot path
             # A session of its own: Ctrl-C in the terminal reaches only the launcher, which then stops the
             # fleet in order (gateway first, registry last) instead of every process dying at once.
             process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         proc = Proc(name, service, process, ready, log_file)
@@ -167,7 +197,9 @@ class Cluster:
                     f"last log lines:\n{tail(proc.log_file)}"
                 )
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"{proc.name} not ready within {self.config.start_timeout_s}s:\n{tail(proc.log_file)}")
+        raise TimeoutError(
+            f"{proc.name} not ready within {self.config.start_timeout_s}s:\n{tail(proc.log_file)}"
+        )
 
     def _dev_key(self) -> str:
         # The gateway stores keys hashed only, so the launcher keeps the dev key it bootstrapped with
@@ -251,7 +283,9 @@ def read_state(data_dir: Path | None = None) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"no running cluster found ({path} missing): start one with `fleetserve up`") from None
+        raise SystemExit(
+            f"no running cluster found ({path} missing): start one with `fleetserve up`"
+        ) from None
 
 
 def write_state(state: dict, data_dir: Path | None = None) -> Path:

@@ -226,4 +226,3 @@ def rpc_boundary(fn):
             await _handle(context, exc, name)
 
     return wrapper
-

@@ -78,13 +78,19 @@ class RunningServer:
 
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for the server and each of its services."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
 
-async def create_server(services: Iterable[Service], host: str = "127.0.0.1", port: int = 0,
-                        extra: Iterable[Callable[[grpc.aio.Server], None]] = ()) -> RunningServer:
+async def create_server(
+    services: Iterable[Service],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    extra: Iterable[Callable[[grpc.aio.Server], None]] = (),
+) -> RunningServer:
     """Start a server with the given services, grpc.health.v1 and reflection; port 0 picks a free port.
     `extra` adds servicers registered the generated way (e.g. OTLP collectors)."""
     services = list(services)
@@ -115,7 +121,9 @@ def write_ready_file(path: str, **info) -> None:
     os.replace(tmp, path)
 
 
-async def wait_for_signal(signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> signal.Signals:
+async def wait_for_signal(
+    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> signal.Signals:
     """Block until one of the signals arrives; returns it."""
     loop = asyncio.get_running_loop()
     got: asyncio.Future[signal.Signals] = loop.create_future()

@@ -29,7 +29,8 @@ class ServiceSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(0, ge=0, le=65535, description="Port to listen on; 0 picks a free one.")
     ready_file: str = Field(
-        "", description="Once serving, write {address, pid} as JSON to this file (how launchers learn port 0)."
+        "",
+        description="Once serving, write {address, pid} as JSON to this file (how launchers learn port 0).",
     )
     otlp_endpoint: str = Field(
         "", description="host:port of an OTLP/gRPC collector (the metrics service) for spans and metrics."

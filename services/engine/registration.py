@@ -15,17 +15,12 @@ from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
 from shared.channels import CHANNEL_OPTIONS
+from shared.resilience import full_jitter
 
 log = structlog.get_logger(__name__)
 
 # A heartbeat stream is reopened after this long (every RPC carries a deadline, streams included).
 HEARTBEAT_STREAM_S = 300.0
-
-
-def full_jitter(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
-    """Delay before retry number `attempt` (0-based): uniform in [0, min(cap, base * 2**attempt)], so a fleet
-    restarted together does not hit the registry in lockstep."""
-    return (rng or random).uniform(0.0, min(cap_s, base_s * 2 ** min(attempt, 32)))
 
 
 class Registration:
@@ -66,14 +61,7 @@ class Registration:
 
     def start(self) -> None:
         """Begin registering and heartbeating in the background."""
-        # gRPC's own reconnect backoff grows to 120 s by default: a registry back after a long outage would
-        # not hear from this replica for minutes. Cap it like our retries.
-        options = (
-            *CHANNEL_OPTIONS,
-            ("grpc.initial_reconnect_backoff_ms", max(1, int(self.retry_base_s * 1000))),
-            ("grpc.max_reconnect_backoff_ms", max(1, int(self.retry_max_s * 1000))),
-        )
-        self._channel = grpc.aio.insecure_channel(self.registry_address, options=options)
+        self._channel = grpc.aio.insecure_channel(self.registry_address, options=CHANNEL_OPTIONS)
         self._stub = reg_grpc.RegistryServiceStub(self._channel)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine.registration")
 

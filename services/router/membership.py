@@ -14,7 +14,7 @@ import structlog
 from fleetserve.common.v1 import common_pb2
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 
-from services.router.backoff import full_jitter
+from shared.resilience import full_jitter
 
 log = structlog.get_logger(__name__)
 

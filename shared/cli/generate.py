@@ -16,7 +16,9 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from shared.cluster import read_state
 from shared.errors import details_of
 
-_FINISH = {v.number: v.name.removeprefix("FINISH_REASON_").lower() for v in common_pb2.FinishReason.DESCRIPTOR.values}
+_FINISH = {
+    v.number: v.name.removeprefix("FINISH_REASON_").lower() for v in common_pb2.FinishReason.DESCRIPTOR.values
+}
 
 
 def _target(args) -> tuple[str, str]:
@@ -74,7 +76,11 @@ async def _generate(args) -> int:
             if args.json:
                 out.write(json.dumps(msg) + "\n")
             else:
-                hint = f"; retry after {d.retry_after_s:g}s" if d.retry_after_s is not None else "; do not retry unchanged"
+                hint = (
+                    f"; retry after {d.retry_after_s:g}s"
+                    if d.retry_after_s is not None
+                    else "; do not retry unchanged"
+                )
                 fields = "".join(f"\n  {f}: {s}" for f, s in d.field_violations)
                 print(f"error: {d.code.name} {d.reason or ''}: {d.message}{hint}{fields}", file=sys.stderr)
             return 1

@@ -14,9 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
     up.add_argument("--backend", choices=["sim"], default="sim", help="engine backend (default sim)")
     up.add_argument("--model", default="sim-1b", help="model the engines serve (default sim-1b)")
-    up.add_argument("--speed-factor", type=float, default=1.0, help="sim engine speed-up (default 1 = real time)")
-    up.add_argument("--data-dir", help="where databases, logs and the state file go (default $FLEETSERVE_HOME "
-                    "or ~/.local/state/fleetserve)")
+    up.add_argument(
+        "--speed-factor", type=float, default=1.0, help="sim engine speed-up (default 1 = real time)"
+    )
+    up.add_argument(
+        "--data-dir",
+        help="where databases, logs and the state file go (default $FLEETSERVE_HOME "
+        "or ~/.local/state/fleetserve)",
+    )
     up.add_argument("--no-live", action="store_true", help="print status lines instead of a live table")
 
     gen = sub.add_parser("generate", help="stream a generation through the gateway")
@@ -26,9 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
-    gen.add_argument("--json", action="store_true", help="one JSON object per chunk; the last has usage and ttft_ms")
+    gen.add_argument(
+        "--json", action="store_true", help="one JSON object per chunk; the last has usage and ttft_ms"
+    )
     gen.add_argument("--gateway", help="gateway host:port (default: the running cluster's)")
-    gen.add_argument("--api-key", help="API key (default: $FLEETSERVE_API_KEY or the running cluster's dev key)")
+    gen.add_argument(
+        "--api-key", help="API key (default: $FLEETSERVE_API_KEY or the running cluster's dev key)"
+    )
 
     st = sub.add_parser("status", help="replicas with health and load")
     st.add_argument("--registry", help="registry host:port (default: the running cluster's)")

@@ -25,31 +25,50 @@ async def fetch_replicas(registry: str) -> list[dict]:
     rows = []
     for r, ok in zip(resp.replicas, healthy, strict=True):
         load = r.load
-        rows.append({
-            "replica_id": r.replica_id,
-            "address": r.address,
-            "model": r.model,
-            "backend": r.backend,
-            "state": pb.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower(),
-            "healthy": ok,
-            "running": load.running,
-            "waiting": load.waiting,
-            "kv_usage": (load.kv_blocks_used / load.kv_blocks_total) if load.kv_blocks_total else 0.0,
-            "output_tokens_per_s": round(load.output_tokens_per_s, 1),
-            "heartbeat_age_s": round(max(0.0, now - r.last_heartbeat_unix), 2),
-        })
+        rows.append(
+            {
+                "replica_id": r.replica_id,
+                "address": r.address,
+                "model": r.model,
+                "backend": r.backend,
+                "state": pb.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower(),
+                "healthy": ok,
+                "running": load.running,
+                "waiting": load.waiting,
+                "kv_usage": (load.kv_blocks_used / load.kv_blocks_total) if load.kv_blocks_total else 0.0,
+                "output_tokens_per_s": round(load.output_tokens_per_s, 1),
+                "heartbeat_age_s": round(max(0.0, now - r.last_heartbeat_unix), 2),
+            }
+        )
     return sorted(rows, key=lambda r: r["replica_id"])
 
 
 def table(rows: list[dict], title: str = "replicas") -> Table:
     t = Table(title=title)
-    for col in ("replica", "model", "address", "state", "health", "running", "waiting", "kv", "tok/s", "heartbeat"):
+    for col in (
+        "replica",
+        "model",
+        "address",
+        "state",
+        "health",
+        "running",
+        "waiting",
+        "kv",
+        "tok/s",
+        "heartbeat",
+    ):
         t.add_column(col)
     for r in rows:
         t.add_row(
-            r["replica_id"], r["model"], r["address"], r["state"],
+            r["replica_id"],
+            r["model"],
+            r["address"],
+            r["state"],
             "[green]serving[/]" if r["healthy"] else "[red]down[/]",
-            str(r["running"]), str(r["waiting"]), f"{r['kv_usage']:.0%}", f"{r['output_tokens_per_s']:.0f}",
+            str(r["running"]),
+            str(r["waiting"]),
+            f"{r['kv_usage']:.0%}",
+            f"{r['output_tokens_per_s']:.0f}",
             f"{r['heartbeat_age_s']:.1f}s ago",
         )
     return t

@@ -18,10 +18,15 @@ from shared.cluster import Cluster, ClusterConfig, default_state_dir, state_file
 async def _up(args) -> int:
     console = Console(stderr=False)
     data_dir = Path(args.data_dir) if args.data_dir else default_state_dir()
-    cluster = Cluster(ClusterConfig(
-        data_dir=data_dir, engines=args.engines, backend=args.backend, model=args.model,
-        speed_factor=args.speed_factor,
-    ))
+    cluster = Cluster(
+        ClusterConfig(
+            data_dir=data_dir,
+            engines=args.engines,
+            backend=args.backend,
+            model=args.model,
+            speed_factor=args.speed_factor,
+        )
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -35,12 +40,18 @@ async def _up(args) -> int:
     write_state(cluster.state(), data_dir)
     header = Text.assemble(
         ("fleetserve is up\n", "bold green"),
-        ("  gateway   ", "bold"), f"{cluster.gateway}\n",
-        ("  api key   ", "bold"), f"{cluster.api_key}\n",
-        ("  metrics   ", "bold"), f"{cluster.metrics}\n",
-        ("  logs      ", "bold"), f"{data_dir / 'logs'}\n",
-        ("  try       ", "bold"), 'fleetserve generate "hello"   (in another terminal)\n',
-        ("  stop      ", "bold"), "Ctrl-C\n",
+        ("  gateway   ", "bold"),
+        f"{cluster.gateway}\n",
+        ("  api key   ", "bold"),
+        f"{cluster.api_key}\n",
+        ("  metrics   ", "bold"),
+        f"{cluster.metrics}\n",
+        ("  logs      ", "bold"),
+        f"{data_dir / 'logs'}\n",
+        ("  try       ", "bold"),
+        'fleetserve generate "hello"   (in another terminal)\n',
+        ("  stop      ", "bold"),
+        "Ctrl-C\n",
     )
     console.print(header)
     try:

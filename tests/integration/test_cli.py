@@ -36,7 +36,10 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path):
     env = {**os.environ, "FLEETSERVE_HOME": str(tmp_path)}
     up = subprocess.Popen(
         CLI + ["up", "--engines", "2", "--no-live", "--speed-factor", "5"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     state_path = tmp_path / "cluster.json"
     try:

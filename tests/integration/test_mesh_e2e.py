@@ -46,7 +46,9 @@ async def engine_counters(address: str) -> engine_pb.GetLoadResponse:
 async def total_counters(cluster) -> tuple[int, int, int]:
     """(running, aborted, finished) summed over the live engines."""
     loads = [
-        await engine_counters(cluster.procs[n].address) for n in cluster.engine_names() if cluster.procs[n].alive
+        await engine_counters(cluster.procs[n].address)
+        for n in cluster.engine_names()
+        if cluster.procs[n].alive
     ]
     return (
         sum(x.load.running + x.load.waiting for x in loads),
@@ -61,11 +63,13 @@ async def registered(cluster) -> set[str]:
     return {r.replica_id for r in resp.replicas}
 
 
-async def generate(cluster, max_tokens=16, timeout=30.0, metadata=(), **fields) -> list[common_pb2.GenerateChunk]:
+async def generate(
+    cluster, max_tokens=16, deadline_s=30.0, metadata=(), **fields
+) -> list[common_pb2.GenerateChunk]:
     async with grpc.aio.insecure_channel(cluster.gateway) as ch:
         stub = inf_grpc.InferenceServiceStub(ch)
         req = inf_pb.GenerateRequest(model="sim-1b", prompt="hello fleet", max_tokens=max_tokens, **fields)
-        call = stub.Generate(req, metadata=auth(cluster.api_key) + tuple(metadata), timeout=timeout)
+        call = stub.Generate(req, metadata=auth(cluster.api_key) + tuple(metadata), timeout=deadline_s)
         return [r.chunk async for r in call]
 
 
@@ -125,7 +129,8 @@ async def test_client_cancel_reaches_the_engine(fleet):
     async with grpc.aio.insecure_channel(fleet.gateway) as ch:
         call = inf_grpc.InferenceServiceStub(ch).Generate(
             inf_pb.GenerateRequest(model="sim-1b", prompt="a long one", max_tokens=5000, ignore_eos=True),
-            metadata=auth(fleet.api_key), timeout=60,
+            metadata=auth(fleet.api_key),
+            timeout=60,
         )
         got = 0
         async for resp in call:
@@ -145,7 +150,7 @@ async def test_expired_deadline_is_deadline_exceeded_and_frees_the_engine(fleet)
     """A deadline shorter than the generation ends it with DEADLINE_EXCEEDED and the engine aborts it."""
     _, aborted_before, _ = await total_counters(fleet)
     with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await generate(fleet, max_tokens=5000, ignore_eos=True, timeout=0.5)
+        await generate(fleet, max_tokens=5000, ignore_eos=True, deadline_s=0.5)
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await assert_eventually(lambda: _aborted_and_idle(fleet, aborted_before + 1), timeout_s=10)
 
@@ -155,7 +160,9 @@ async def test_one_trace_spans_gateway_router_engine(fleet):
     parent chain under the client's span."""
     trace_id = os.urandom(16).hex()
     client_span = os.urandom(8).hex()
-    await generate(fleet, max_tokens=4, timeout=20, metadata=(("traceparent", f"00-{trace_id}-{client_span}-01"),))
+    await generate(
+        fleet, max_tokens=4, deadline_s=20, metadata=(("traceparent", f"00-{trace_id}-{client_span}-01"),)
+    )
 
     async def spans():
         async with grpc.aio.insecure_channel(fleet.metrics) as ch:
@@ -185,7 +192,9 @@ async def test_metrics_service_reports_latency_percentiles(fleet):
 
     async def stats():
         async with grpc.aio.insecure_channel(fleet.metrics) as ch:
-            resp = await metrics_grpc.MetricsServiceStub(ch).Query(metrics_pb.QueryRequest(model="sim-1b"), timeout=2)
+            resp = await metrics_grpc.MetricsServiceStub(ch).Query(
+                metrics_pb.QueryRequest(model="sim-1b"), timeout=2
+            )
         m = next((m for m in resp.models if m.model == "sim-1b"), None)
         return m if m is not None and m.requests >= 3 and m.tpot_ms.count >= 3 else None
 
@@ -208,7 +217,7 @@ async def test_killed_engine_under_load_new_requests_go_elsewhere(tmp_path):
         async def one() -> None:
             started = time.monotonic()
             try:
-                await generate(cluster, max_tokens=100, ignore_eos=True, timeout=20)
+                await generate(cluster, max_tokens=100, ignore_eos=True, deadline_s=20)
                 results.append((started, None))
             except grpc.aio.AioRpcError as e:
                 results.append((started, e.code().name))
@@ -247,7 +256,8 @@ async def test_sigterm_during_a_stream_lets_it_finish(tmp_path, target):
         async with grpc.aio.insecure_channel(cluster.gateway) as ch:
             call = inf_grpc.InferenceServiceStub(ch).Generate(
                 inf_pb.GenerateRequest(model="sim-1b", prompt="drain me", max_tokens=1000, ignore_eos=True),
-                metadata=auth(cluster.api_key), timeout=30,
+                metadata=auth(cluster.api_key),
+                timeout=30,
             )
             chunks = []
             async for resp in call:

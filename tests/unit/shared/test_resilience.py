@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.router.backoff import full_jitter
+from shared.resilience import full_jitter
 
 
 @given(
