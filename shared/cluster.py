@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from shared.health import wait_healthy
+from shared.server import PARENT_PID_ENV
 
 log = structlog.get_logger(__name__)
 
@@ -177,7 +178,7 @@ class Cluster:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
             )
         proc = Proc(name, service, process, ready, log_file)
         self.procs[name] = proc

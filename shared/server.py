@@ -121,16 +121,29 @@ def write_ready_file(path: str, **info) -> None:
     os.replace(tmp, path)
 
 
+# Set by launchers (shared/cluster.py): the pid whose death should stop this service too.
+PARENT_PID_ENV = "FLEETSERVE_PARENT_PID"
+
+
 async def wait_for_signal(
-    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
-) -> signal.Signals:
-    """Block until one of the signals arrives; returns it."""
+    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT), poll_s: float = 1.0
+) -> str:
+    """Block until one of the signals arrives, or until the launcher named in $FLEETSERVE_PARENT_PID is gone
+    (so a fleet never outlives a launcher killed with SIGKILL); returns the signal's name or "parent_exited"."""
     loop = asyncio.get_running_loop()
-    got: asyncio.Future[signal.Signals] = loop.create_future()
+    got: asyncio.Future[str] = loop.create_future()
     for sig in signals:
-        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s))
+        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s.name))
+    parent = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
     try:
-        return await got
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(got), poll_s if parent else None)
+            except TimeoutError:
+                # Launched children live in sessions of their own, so they are re-parented, not killed,
+                # when the launcher dies; noticing that is up to them.
+                if os.getppid() != parent:
+                    return "parent_exited"
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -187,8 +200,8 @@ async def serve_main(
     app = await start(settings, telemetry)
     write_ready_file(settings.ready_file, address=app.address, service=service)
     log.info(f"{service}.started", address=app.address)
-    sig = await wait_for_signal()
-    log.info(f"{service}.signal", signal=sig.name)
+    reason = await wait_for_signal()
+    log.info(f"{service}.stopping", reason=reason)
     await app.stop(settings.grace_period_s)
     telemetry.shutdown()
     log.info(f"{service}.exited")

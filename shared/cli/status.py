@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import grpc
@@ -84,5 +85,6 @@ def run_status(args) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        Console().print(table(rows))
+        # Off a TTY rich assumes 80 columns; a wider console keeps ids and addresses whole.
+        Console(width=None if sys.stdout.isatty() else 160).print(table(rows))
     return 0

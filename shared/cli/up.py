@@ -63,12 +63,20 @@ async def _up(args) -> int:
                     live.update(Group(await _status_table(cluster)))
                     await _wait(stop, 1.0)
     finally:
-        console.print("stopping the fleet (draining in-flight requests) ...")
+        # Stop the fleet even when stdout is gone (e.g. `make cluster | tee` after Ctrl-C killed tee).
+        _say(console, "stopping the fleet (draining in-flight requests) ...")
         codes = await cluster.stop()
         state_file(data_dir).unlink(missing_ok=True)
         bad = {n: c for n, c in codes.items() if c not in (0, None)}
-        console.print("stopped" + (f"; non-zero exits: {bad}" if bad else " cleanly"))
+        _say(console, "stopped" + (f"; non-zero exits: {bad}" if bad else " cleanly"))
     return 0
+
+
+def _say(console: Console, text: str) -> None:
+    try:
+        console.print(text)
+    except OSError:  # a closed pipe must not keep the fleet from stopping
+        pass
 
 
 async def _status_table(cluster: Cluster):

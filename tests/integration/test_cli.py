@@ -83,3 +83,29 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path):
     assert "fleetserve is up" in out and state["api_key"] in out and state["gateway"] in out
     assert not any(_pid_alive(p) for p in pids)
     assert not state_path.exists()
+
+
+def test_fleet_does_not_outlive_a_killed_launcher(tmp_path: Path):
+    """If `fleetserve up` dies without cleaning up (SIGKILL, a closed terminal), every service notices within
+    seconds and shuts itself down gracefully."""
+    env = {**os.environ, "FLEETSERVE_HOME": str(tmp_path)}
+    up = subprocess.Popen(
+        CLI + ["up", "--engines", "1", "--no-live"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "cluster.json").exists():
+            assert up.poll() is None and time.monotonic() < deadline, "cluster did not come up"
+            time.sleep(0.1)
+        pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.json")]
+        assert len(pids) == 5 and all(_pid_alive(p) for p in pids)
+    finally:
+        up.kill()
+        up.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_pid_alive(p) for p in pids), "services outlived their launcher"
