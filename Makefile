@@ -41,7 +41,7 @@ lint: protos ## Ruff lint and format check.
 	$(BIN)/ruff format --check .
 
 bench: protos ## Start a 1-engine fleet, load it directly and through the mesh, print JSON with ratios.
-	$(BIN)/fleetserve bench --spawn --engines 1 --compare --concurrency 32 --requests 256
+	@$(BIN)/fleetserve bench --spawn --engines 1 --compare --concurrency 32 --requests 256
 
 USERS ?= 32
 DURATION ?= 60s
