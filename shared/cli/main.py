@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--registry", help="registry host:port (default: the running cluster's)")
     st.add_argument("--json", action="store_true")
 
+    met = sub.add_parser("metrics", help="latency percentiles and error rate per model")
+    met.add_argument("--model", help="only this model")
+    met.add_argument("--window", type=float, default=300.0, help="look back this many seconds (0 = all kept)")
+    met.add_argument("--metrics", help="metrics service host:port (default: the running cluster's)")
+    met.add_argument("--json", action="store_true")
+
     bench = sub.add_parser("bench", help="load the fleet (or one engine) and print a JSON summary")
     from loadtest import bench as bench_mod
 
@@ -64,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.status import run_status
 
         return run_status(args)
+    if args.command == "metrics":
+        from shared.cli.metrics import run_metrics
+
+        return run_metrics(args)
     if args.command == "bench":
         from loadtest import bench as bench_mod
 

@@ -73,6 +73,18 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path):
         assert {r["replica_id"] for r in rows} == {"engine-1", "engine-2"}
         assert all(r["healthy"] and r["state"] == "serving" for r in rows)
 
+        # The two successful generations reach the metrics service as spans within a second or so.
+        deadline = time.monotonic() + 20
+        while True:
+            met = _run(["metrics", "--json"], env)
+            assert met.returncode == 0, met.stderr
+            models = {m["model"]: m for m in json.loads(met.stdout).get("models", [])}
+            if int(models.get("sim-1b", {}).get("requests", 0)) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        m = models["sim-1b"]
+        assert int(m["requests"]) >= 2 and m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0
+
         pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.json")]
         assert len(pids) == 6
     finally:

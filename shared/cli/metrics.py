@@ -1,0 +1,56 @@
+"""`fleetserve metrics`: TTFT / TPOT / end-to-end percentiles and error rate per model, from the metrics service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import grpc
+from fleetserve.metrics.v1 import metrics_service_pb2 as pb
+from fleetserve.metrics.v1 import metrics_service_pb2_grpc as pb_grpc
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from shared.cluster import read_state
+
+
+async def query(address: str, model: str, window_s: float) -> pb.QueryResponse:
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await pb_grpc.MetricsServiceStub(ch).Query(
+            pb.QueryRequest(model=model, window_s=window_s), timeout=5
+        )
+
+
+def run_metrics(args) -> int:
+    address = args.metrics or read_state()["metrics"]
+    try:
+        resp = asyncio.run(query(address, args.model or "", args.window))
+    except grpc.aio.AioRpcError as e:
+        print(f"error: metrics service at {address}: {e.code().name} {e.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True)))
+        return 0
+    t = Table(title=f"requests in the last {args.window:g}s" if args.window else "requests")
+    for col in (
+        "model",
+        "requests",
+        "errors",
+        "TTFT p50/p95/p99 ms",
+        "TPOT p50/p95/p99 ms",
+        "E2E p50/p99 ms",
+    ):
+        t.add_column(col)
+    for m in resp.models:
+        t.add_row(
+            m.model,
+            str(m.requests),
+            f"{m.errors} ({m.error_rate:.1%})",
+            f"{m.ttft_ms.p50:.1f} / {m.ttft_ms.p95:.1f} / {m.ttft_ms.p99:.1f}",
+            f"{m.tpot_ms.p50:.2f} / {m.tpot_ms.p95:.2f} / {m.tpot_ms.p99:.2f}",
+            f"{m.e2e_ms.p50:.0f} / {m.e2e_ms.p99:.0f}",
+        )
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    return 0
