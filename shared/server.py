@@ -167,6 +167,14 @@ async def drain_and_stop(
     log.info("server.stopped")
 
 
+async def cancel_and_wait(tasks: Iterable[asyncio.Task]) -> None:
+    """Cancel background tasks and wait until each has finished (so nothing runs after a service stops)."""
+    tasks = list(tasks)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def run(main: Callable[[], Awaitable[None]]) -> None:
     """Run a service's async main on uvloop (where available) and exit 0 after a clean shutdown."""
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 import structlog
@@ -14,7 +13,7 @@ from services.registry.config import RegistrySettings
 from services.registry.membership import Membership
 from services.registry.servicer import RegistryServicer
 from services.registry.store import ReplicaStore
-from shared.server import RunningServer, Service, create_server, drain_and_stop
+from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
@@ -70,11 +69,7 @@ class RegistryApp:
             self.membership.close_watchers()
 
         async def after_stop() -> None:
-            for t in self.tasks:
-                t.cancel()
-            for t in self.tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_and_wait(self.tasks)
             persist_once(self.membership, self.store)
             self.store.close()
 

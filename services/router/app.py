@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,7 +16,7 @@ from services.router.config import RouterSettings
 from services.router.membership import Membership
 from services.router.servicer import RouterServicer
 from shared.channels import CHANNEL_OPTIONS, ChannelPool
-from shared.server import RunningServer, Service, create_server, drain_and_stop
+from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
@@ -42,11 +41,7 @@ class RouterApp:
         """NOT_SERVING, let in-flight streams finish within grace_s, then stop watching and close channels."""
 
         async def after_stop() -> None:
-            for t in self.tasks:
-                t.cancel()
-            for t in self.tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            await cancel_and_wait(self.tasks)
             await self.servicer.close()
             await self.registry_channel.close(grace=None)
             await self.pool.close()
