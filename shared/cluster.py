@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,14 +28,23 @@ class Proc:
 
     name: str
     service: str
-    process: asyncio.subprocess.Process
+    process: subprocess.Popen
     ready_file: Path
     log_file: Path
     address: str = ""
 
     @property
     def alive(self) -> bool:
-        return self.process.returncode is None
+        return self.process.poll() is None
+
+    async def wait(self, timeout_s: float) -> int:
+        """Wait (without blocking the loop) for the process to exit; its exit code. TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while self.process.poll() is None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.name} still running after {timeout_s}s")
+            await asyncio.sleep(0.02)
+        return self.process.returncode
 
 
 @dataclass
@@ -170,11 +180,14 @@ class Cluster:
             common += ["--otlp-endpoint", self.metrics]
         argv = [sys.executable, "-m", f"services.{service}", *common, *args, *cfg.extra_args.get(service, [])]
         with open(log_file, "ab") as out:  # noqa: ASYNC230 - once per process start, not on a hot path
+            # subprocess.Popen rather than the event loop's subprocess support: Popen forks with vfork and runs
+            # no fork handlers, while uvloop's fork() runs gRPC's, which can crash the child when gRPC threads
+            # are busy in this process (health probes of the services already started).
             # A session of its own: Ctrl-C in the terminal reaches only the launcher, which then stops the
             # fleet in order (gateway first, registry last) instead of every process dying at once.
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+            process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; exits are polled without blocking
+                argv,
+                stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
@@ -221,7 +234,7 @@ class Cluster:
 
     async def wait_exit(self, name: str, timeout_s: float) -> int:
         """Wait for one service to exit; its exit code."""
-        return await asyncio.wait_for(self.procs[name].process.wait(), timeout_s)
+        return await self.procs[name].wait(timeout_s)
 
     async def stop(self) -> dict[str, int | None]:
         """SIGTERM in reverse dependency order (gateway, router, engines, registry, then metrics), each
@@ -236,11 +249,11 @@ class Cluster:
                     p.process.send_signal(signal.SIGTERM)
             for p in procs:
                 try:
-                    await asyncio.wait_for(p.process.wait(), self.config.grace_period_s + 5)
+                    await p.wait(self.config.grace_period_s + 5)
                 except TimeoutError:
                     log.warning("cluster.kill", name=p.name)
                     p.process.kill()
-                    await p.process.wait()
+                    await p.wait(5)
         return {n: p.process.returncode for n, p in self.procs.items()}
 
     def state(self) -> dict:
