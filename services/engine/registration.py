@@ -4,7 +4,6 @@ stream, register again when the lease is lost or the registry restarts, drain an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Callable
 
@@ -16,6 +15,7 @@ from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
 from shared.channels import CHANNEL_OPTIONS
 from shared.resilience import full_jitter
+from shared.server import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -88,9 +88,7 @@ class Registration:
     async def _stop_task(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         self.registered.clear()
 
     async def _deregister(self, drain: bool) -> None:
