@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,10 +14,11 @@ from rich.text import Text
 
 from shared.cli.status import fetch_replicas, table
 from shared.cluster import Cluster, ClusterConfig, default_state_dir, state_file, write_state
+from shared.telemetry import configure_logging
 
 
 async def _up(args) -> int:
-    console = Console(stderr=False)
+    console = _Console()
     data_dir = Path(args.data_dir) if args.data_dir else default_state_dir()
     cluster = Cluster(
         ClusterConfig(
@@ -35,8 +37,21 @@ async def _up(args) -> int:
     try:
         await cluster.start()
     except Exception as e:  # show the cause, not a traceback, then exit non-zero
-        console.print(f"[red]failed to start the fleet:[/] {e}")
+        Console(stderr=True).print(f"[red]failed to start the fleet:[/] {e}")
         return 1
+    try:
+        await _serve(cluster, data_dir, args, stop, console)
+    finally:
+        console.print("stopping the fleet (draining in-flight requests) ...")
+        codes = await cluster.stop()
+        state_file(data_dir).unlink(missing_ok=True)
+        bad = {n: c for n, c in codes.items() if c not in (0, None)}
+        console.print("stopped" + (f"; non-zero exits: {bad}" if bad else " cleanly"))
+    return 0
+
+
+async def _serve(cluster: Cluster, data_dir: Path, args, stop: asyncio.Event, console: Console) -> None:
+    """Announce the running fleet and show its status until stop is set."""
     write_state(cluster.state(), data_dir)
     header = Text.assemble(
         ("fleetserve is up\n", "bold green"),
@@ -54,29 +69,24 @@ async def _up(args) -> int:
         "Ctrl-C\n",
     )
     console.print(header)
-    try:
-        if args.no_live or not sys.stdout.isatty():
-            await _status_lines(cluster, stop, console)
-        else:
-            with Live(console=console, refresh_per_second=2) as live:
-                while not stop.is_set():
-                    live.update(Group(await _status_table(cluster)))
-                    await _wait(stop, 1.0)
-    finally:
-        # Stop the fleet even when stdout is gone (e.g. `make cluster | tee` after Ctrl-C killed tee).
-        _say(console, "stopping the fleet (draining in-flight requests) ...")
-        codes = await cluster.stop()
-        state_file(data_dir).unlink(missing_ok=True)
-        bad = {n: c for n, c in codes.items() if c not in (0, None)}
-        _say(console, "stopped" + (f"; non-zero exits: {bad}" if bad else " cleanly"))
-    return 0
+    if args.no_live or not sys.stdout.isatty():
+        await _status_lines(cluster, stop, console)
+    else:
+        with Live(console=console, refresh_per_second=2) as live:
+            while not stop.is_set():
+                live.update(Group(await _status_table(cluster)))
+                await _wait(stop, 1.0)
 
 
-def _say(console: Console, text: str) -> None:
-    try:
-        console.print(text)
-    except OSError:  # a closed pipe must not keep the fleet from stopping
-        pass
+class _Console(Console):
+    """A console that falls silent when its reader goes away (`fleetserve up | head`, or `make cluster | tee`
+    after Ctrl-C killed tee): the fleet then runs on until a signal and still stops in order. Rich's own
+    reaction to a broken pipe is SystemExit, which would leave the fleet to its services' watchdogs."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        # Python's recipe (signal docs): stdout to /dev/null, so later writes and the exit flush do not fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 async def _status_table(cluster: Cluster):
@@ -114,4 +124,6 @@ async def _wait(event: asyncio.Event, timeout_s: float) -> None:
 
 
 def run_up(args) -> int:
+    # The launcher's own log lines go to stderr like every service's; stdout is the status display.
+    configure_logging("cli")
     return asyncio.run(_up(args))

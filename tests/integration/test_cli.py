@@ -121,3 +121,28 @@ def test_fleet_does_not_outlive_a_killed_launcher(tmp_path: Path):
     while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_pid_alive(p) for p in pids), "services outlived their launcher"
+
+
+def test_up_with_its_output_pipe_closed_still_stops_the_fleet_in_order(tmp_path: Path):
+    """`fleetserve up | head` (the reader gone before the fleet is up): the fleet keeps running, and SIGTERM
+    still stops every service in order (each logs the SIGTERM, not its launcher's death) with exit 0."""
+    env = {**os.environ, "FLEETSERVE_HOME": str(tmp_path)}
+    up = subprocess.Popen(CLI + ["up", "--engines", "1", "--no-live"], env=env, stdout=subprocess.PIPE)
+    up.stdout.close()  # the reader is gone
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "cluster.json").exists():
+            assert up.poll() is None, "fleetserve up died when its output pipe closed"
+            assert time.monotonic() < deadline, "cluster did not come up"
+            time.sleep(0.1)
+        time.sleep(1.5)  # a status line or two is written into the closed pipe meanwhile
+        assert up.poll() is None, "fleetserve up died when its output pipe closed"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=60)
+    assert up.returncode == 0
+    logs = list((tmp_path / "logs").glob("*.log"))
+    assert len(logs) == 5
+    for log in logs:
+        stops = [json.loads(x) for x in log.read_text().splitlines() if '"stopping"' in x or ".stopping" in x]
+        assert stops and stops[-1]["reason"] == "SIGTERM", (log.name, stops)
