@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import grpc
 from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
 from shared.errors import FleetError
 
@@ -45,6 +46,16 @@ class Counters:
     output_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What a backend tells GetInfo about its KV cache (the router's kv_aware index needs block_size)."""
+
+    block_size: int
+    kv_blocks_total: int
+    # Longest prompt plus output, in tokens.
+    max_model_len: int
+
+
 @runtime_checkable
 class EngineBackend(Protocol):
     """One engine replica's generator of tokens.
@@ -80,7 +91,19 @@ class EngineBackend(Protocol):
         ...
 
     def load(self) -> common_pb2.ReplicaLoad:
-        """Current load, as heartbeats report it."""
+        """Current load, as heartbeats report it: running, waiting, kv_blocks_used/total, prefix-cache
+        counters (queried/hit tokens since start and their ratio), output_tokens_per_s, in_flight_tokens."""
+        ...
+
+    def info(self) -> BackendInfo:
+        """KV-cache geometry for GetInfo."""
+        ...
+
+    def subscribe_kv_events(self, include_snapshot: bool) -> AsyncIterator[engine_pb.KvEventBatch]:
+        """This replica's KV events, one batch per engine step that stored or removed blocks, seq numbered
+        from 1 per subscription (services/engine/kv_events.KvEventHub does the fan-out and bounding). With
+        include_snapshot the first batch (snapshot=True) lists every block cached now. The stream ends when the
+        backend shuts down; a subscriber too slow for its bounded queue sees a gap in seq."""
         ...
 
     async def shutdown(self) -> None:
