@@ -132,6 +132,13 @@ class ResourceExhausted(FleetError):
     reason = "RATE_LIMITED"
 
 
+class Unimplemented(FleetError):
+    """This server does not offer the operation (for example, a backend without KV events)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
 async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> NoReturn:
     """End the RPC with err's status and details."""
     status = err.to_status()
