@@ -8,6 +8,7 @@ import structlog
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 
 from services.gateway.config import GatewaySettings
+from services.gateway.pipeline import GatewayPipeline
 from services.gateway.servicer import GatewayServicer
 from services.gateway.tenants import TenantStore
 from shared.channels import ChannelPool
@@ -46,7 +47,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
     try:
         tenants.bootstrap(settings.bootstrap_api_key)
         pool = ChannelPool()
-        servicer = GatewayServicer(
+        pipeline = GatewayPipeline(
             tenants,
             pool.get(settings.router_address),
             telemetry.tracer,
@@ -56,6 +57,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             max_tokens_limit=settings.max_tokens_limit,
             list_models_timeout_s=settings.list_models_timeout_s,
         )
+        servicer = GatewayServicer(pipeline)
         running = await create_server(
             [Service(pb, "InferenceService", servicer, relay_bytes=frozenset({"Generate"}))],
             settings.host,
