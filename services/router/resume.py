@@ -1,0 +1,73 @@
+"""Mid-stream failover: which generations may be resumed on another replica, and the relay that keeps track of
+the tokens already sent so a resumed attempt continues exactly where the client's stream stopped."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+
+ResumeMode = Literal["reproducible", "always", "off"]
+
+ABORT = common_pb2.FINISH_REASON_ABORT
+_parse = engine_pb.GenerateResponse.FromString
+
+
+def resumable(sampling: common_pb2.SamplingParams, mode: ResumeMode) -> bool:
+    """Whether a generation with these sampling parameters may be resumed after tokens were streamed.
+
+    "reproducible": only greedy (temperature 0) or seeded generations, whose continuation is the text the first
+    replica would have produced (exact on the sim; on vLLM exact for greedy, and for a seed a valid sample but
+    not the same draw, since the seed's generator restarts at the resumed position). "always": also unseeded
+    sampling, where the continuation is a fresh sample conditioned on the tokens already sent (no token is
+    lost or repeated either way). "off": a replica dying mid-stream ends the stream with its error."""
+    if mode == "off":
+        return False
+    if mode == "always":
+        return True
+    return sampling.temperature == 0.0 or sampling.HasField("seed")
+
+
+class ReplicaAborted(Exception):
+    """A replica ended a stream with FINISH_REASON_ABORT that nobody on this side asked for (it shut down)."""
+
+
+class ChunkTracker:
+    """Parses each relayed chunk just enough to remember its token ids (the only per-token work: a list extend).
+
+    On a resumed attempt the first chunk's served_by is cleared (the client saw the first replica's), and an
+    ABORT finish the router did not cause is withheld (its tokens still go out) and raised as ReplicaAborted so
+    the generation resumes elsewhere."""
+
+    __slots__ = ("sent_ids", "_resumed", "_first")
+
+    def __init__(self) -> None:
+        self.sent_ids: list[int] = []
+        self._resumed = False
+        self._first = True
+
+    def next_attempt(self) -> None:
+        """A new attempt starts; it is a resume when tokens were sent already."""
+        self._resumed = bool(self.sent_ids)
+        self._first = True
+
+    def relay(self, data: bytes) -> bytes | None:
+        """The bytes to send on for one engine chunk (None: nothing to send). Raises ReplicaAborted."""
+        msg = _parse(data)
+        chunk = msg.chunk
+        dirty = False
+        if self._first:
+            self._first = False
+            if self._resumed and chunk.HasField("served_by"):
+                chunk.ClearField("served_by")
+                dirty = True
+        if chunk.finish_reason == ABORT:
+            self.sent_ids.extend(chunk.token_ids)
+            if not chunk.token_ids and not chunk.text:
+                raise ReplicaAborted()
+            chunk.ClearField("finish_reason")
+            chunk.ClearField("usage")
+            raise ReplicaAborted(msg.SerializeToString())
+        self.sent_ids.extend(chunk.token_ids)
+        return msg.SerializeToString() if dirty else data
