@@ -111,10 +111,12 @@ class GatewayPipeline:
         timeout_s: float | None,
         parent: otel_context.Context | None = None,
         span_name: str = "gateway.Generate",
+        tenant: Tenant | None = None,
     ) -> AsyncIterator[bytes]:
         """The router's GenerateResponse bytes for request. Raises FleetError (or the router's AioRpcError,
         relayed as is) before or during the stream; outcome says how it ended once the generator is closed.
-        timeout_s is what the client gave (None: the default deadline)."""
+        timeout_s is what the client gave (None: the default deadline). tenant, when given, is already
+        authenticated (batch jobs, which run after their submitter's key is gone) and authorization is not read."""
         arrived = time.perf_counter()
         timeout = self.default_deadline_s if timeout_s is None else timeout_s
         deadline = arrived + timeout
@@ -125,7 +127,7 @@ class GatewayPipeline:
             span.set_attribute("fleetserve.request_id", outcome.request_id)
             span.set_attribute("fleetserve.model", request.model)
             try:
-                tenant = self.authenticate(authorization)
+                tenant = tenant or self.authenticate(authorization)
                 outcome.tenant_id = tenant.id
                 span.set_attribute("fleetserve.tenant_id", tenant.id)
                 spec = to_spec(
