@@ -1,0 +1,205 @@
+"""cache_aware (approximate prefix index from what was routed) and kv_aware (precise index from KV events)."""
+
+from __future__ import annotations
+
+import random
+
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.router.kv_index import KvIndex
+from services.router.policies import RouteRequest
+from services.router.policies.cache_aware import CacheAwarePolicy
+from services.router.policies.kv_aware import KvAwarePolicy
+from services.router.prefix_index import PrefixIndex
+from tests.unit.router.policy_helpers import chat, fleet, rep
+
+
+def _converse(p, cands, conv: str, turns: int, tenant: str = "t1"):
+    """Route the turns of one conversation (each request holds the whole history); the replicas used."""
+    history: list[str] = []
+    used = []
+    for i in range(turns):
+        history.append(f"{conv} question {i}: how do I rotate the keys of service {conv}-{i}?")
+        d = p.decide(cands, chat(*history, tenant=tenant))
+        used.append(d.replica.replica_id)
+        p.on_complete(d.replica.replica_id)
+        history.append(f"answer {i} for {conv}: use the rotation runbook, step {i}.")
+    return used
+
+
+def test_cache_aware_keeps_a_conversation_on_its_replica():
+    """Every later turn of a conversation goes where the earlier turns went (its history is cached there)."""
+    p = CacheAwarePolicy(rng=random.Random(0))
+    used = _converse(p, fleet(4), "conv-a", 6)
+    assert len(set(used)) == 1
+
+
+def test_cache_aware_spreads_conversations_at_low_load():
+    """New conversations that share only a system prompt spread over replicas instead of piling onto one,
+    even while earlier conversations still stream (the guard is relative to the fleet's load)."""
+    p = CacheAwarePolicy(rng=random.Random(0))
+    cands = fleet(4)
+    chosen = []
+    for c in range(4):
+        d = p.decide(cands, chat(f"conversation {c}: first question about topic {c} " * 2))
+        chosen.append(d.replica.replica_id)  # left in flight
+    assert len(set(chosen)) == 4
+
+
+def test_cache_aware_poor_match_goes_least_loaded_not_first_replica():
+    """A prompt that matches nothing goes to the least-loaded replica, ties at random: every replica gets some."""
+    p = CacheAwarePolicy(rng=random.Random(1))
+    cands = fleet(3)
+    seen = set()
+    for i in range(30):
+        d = p.decide(cands, chat(f"unrelated {i}", system=f"system prompt number {i} " * 20))
+        assert d.reason == "poor_match"
+        seen.add(d.replica.replica_id)
+        p.on_complete(d.replica.replica_id)
+    assert seen == {"r0", "r1", "r2"}
+
+
+def test_cache_aware_imbalance_overrides_the_match():
+    """When the replica holding the prefix is far busier than the rest, the request goes least-loaded."""
+    p = CacheAwarePolicy(rng=random.Random(0))
+    cands = fleet(2)
+    first = p.decide(cands, chat("q1")).replica.replica_id
+    p.on_complete(first)
+    busy = rep(first, running=40)
+    idle = next(r for r in cands if r.replica_id != first)
+    p.on_load_update(busy)
+    p.on_load_update(idle)
+    d = p.decide([busy, idle], chat("q1", "a1", "q2"))
+    assert d.replica.replica_id == idle.replica_id
+    assert d.reason == "imbalanced"
+
+
+def test_cache_aware_explains_the_match():
+    """A matched decision scores each replica by the share of prompt blocks it holds."""
+    p = CacheAwarePolicy(rng=random.Random(0))
+    cands = fleet(3)
+    first = p.decide(cands, chat("q1")).replica.replica_id
+    p.on_complete(first)
+    d = p.decide(cands, chat("q1", "a1", "q2"))
+    assert d.reason == "prefix_match" and d.replica.replica_id == first
+    assert d.scores[first] > 0.5 and all(s == 0 for r, s in d.scores.items() if r != first)
+    assert d.details["matched_blocks"] > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    tenant_a=st.text(min_size=1, max_size=8),
+    tenant_b=st.text(min_size=1, max_size=8),
+    question=st.text(min_size=0, max_size=60),
+)
+def test_cache_aware_index_never_matches_across_tenants(tenant_a, tenant_b, question):
+    """The same prompt sent by another tenant finds none of the first tenant's blocks in the index."""
+    if tenant_a == tenant_b:
+        return
+    p = CacheAwarePolicy(rng=random.Random(0))
+    cands = fleet(2)
+    ra = RouteRequest.of(chat(question, tenant=tenant_a))
+    chosen = p.decide(cands, ra).replica.replica_id
+    rb = RouteRequest.of(chat(question, tenant=tenant_b))
+    matched = p.index.match("m", rb.cache_salt, rb.block_hashes, [chosen])
+    assert matched[chosen] == 0
+    # Even looking the first tenant's hashes up under the second tenant's key finds nothing.
+    assert p.index.match("m", rb.cache_salt, ra.block_hashes, [chosen])[chosen] == 0
+    assert p.index.match("m", ra.cache_salt, ra.block_hashes, [chosen])[chosen] == len(ra.block_hashes)
+
+
+def test_prefix_index_evicts_a_replica_lru_at_its_capacity():
+    """A replica's oldest blocks leave the index once it holds more than its KV cache can."""
+    idx = PrefixIndex()
+    idx.set_capacity("a", 4)
+    idx.insert("m", "s", [1, 2, 3], "a")
+    idx.insert("m", "s", [7, 8, 9], "a")
+    assert idx.blocks("a") == 4
+    assert idx.match("m", "s", [1, 2, 3], ["a"])["a"] == 0  # block 1 (oldest) was evicted
+    assert idx.match("m", "s", [7, 8, 9], ["a"])["a"] == 3
+    idx.remove("a")
+    assert idx.match("m", "s", [7, 8, 9], ["a"])["a"] == 0
+
+
+def _stored(seq: int, hashes, snapshot: bool = False) -> engine_pb.KvEventBatch:
+    ev = engine_pb.KvEvent(block_stored=engine_pb.BlockStored(block_hashes=hashes, block_size=16))
+    return engine_pb.KvEventBatch(seq=seq, events=[ev], snapshot=snapshot)
+
+
+def _removed(seq: int, hashes) -> engine_pb.KvEventBatch:
+    ev = engine_pb.KvEvent(block_removed=engine_pb.BlockRemoved(block_hashes=hashes))
+    return engine_pb.KvEventBatch(seq=seq, events=[ev])
+
+
+def test_kv_index_follows_stored_removed_and_cleared():
+    """Stored blocks are found, removed ones are not; a clear empties the replica; runs stop at a hole."""
+    idx = KvIndex()
+    assert idx.apply("a", _stored(0, [10, 11, 12], snapshot=True))
+    assert idx.match([10, 11, 12, 13], ["a", "b"]) == {"a": 3, "b": 0}
+    assert idx.apply("a", _removed(1, [11]))
+    assert idx.match([10, 11, 12], ["a"]) == {"a": 1}
+    clear = engine_pb.KvEventBatch(seq=2, events=[engine_pb.KvEvent(all_blocks_cleared={})])
+    assert idx.apply("a", clear)
+    assert idx.blocks("a") == 0
+
+
+def test_kv_index_snapshot_replaces_and_gap_asks_for_resync():
+    """A snapshot replaces what was known; a seq gap clears the replica and asks for a new snapshot."""
+    idx = KvIndex()
+    idx.apply("a", _stored(0, [1, 2], snapshot=True))
+    idx.apply("a", _stored(0, [5], snapshot=True))  # a new stream (router or engine restarted)
+    assert idx.match([1, 2], ["a"])["a"] == 0 and idx.match([5], ["a"])["a"] == 1
+    assert idx.apply("a", _stored(1, [6]))
+    assert not idx.apply("a", _stored(3, [7]))  # seq 2 was dropped
+    assert idx.blocks("a") == 0 and not idx.synced("a")
+    assert not idx.apply("a", _stored(4, [8]))  # still no snapshot: nothing is trusted
+    assert idx.apply("a", _stored(0, [8], snapshot=True)) and idx.synced("a")
+
+
+def _engine_caches(idx: KvIndex, replica: str, request) -> None:
+    idx.apply(replica, _stored(0, RouteRequest.of(request).block_hashes, snapshot=True))
+
+
+def test_kv_aware_routes_to_the_replica_holding_the_prefix():
+    """With equal load, the replica whose engine reported the prompt's blocks wins, and the decision says so."""
+    p = KvAwarePolicy(subscribe=False, rng=random.Random(0))
+    cands = fleet(3)
+    _engine_caches(p.index, "r2", chat("q1", "a1"))
+    d = p.decide(cands, chat("q1", "a1", "q2"))
+    assert d.replica.replica_id == "r2" and d.reason == "cached_prefix"
+    assert d.scores["r2"] < d.scores["r0"] == d.scores["r1"]
+
+
+def test_kv_aware_trades_cache_against_load():
+    """A cached replica under much more load loses to an idle one; the weights set the trade."""
+    cands = [rep("r0", running=30, tokens=30_000), rep("r1")]
+    req = chat("q1", "a1", "q2")
+    p = KvAwarePolicy(subscribe=False, rng=random.Random(0))
+    for r in cands:
+        p.on_load_update(r)
+    _engine_caches(p.index, "r0", chat("q1", "a1"))
+    assert p.decide(cands, req).replica.replica_id == "r1"
+    heavy_cache = KvAwarePolicy(prefill_weight=1000.0, subscribe=False, rng=random.Random(0))
+    for r in cands:
+        heavy_cache.on_load_update(r)
+    _engine_caches(heavy_cache.index, "r0", chat("q1", "a1"))
+    assert heavy_cache.decide(cands, req).replica.replica_id == "r0"
+
+
+def test_kv_aware_never_hits_another_tenants_blocks():
+    """Blocks cached for one tenant do not attract the same prompt from another tenant."""
+    p = KvAwarePolicy(subscribe=False, rng=random.Random(0))
+    cands = fleet(2)
+    _engine_caches(p.index, "r1", chat("q1", "a1", tenant="acme"))
+    d = p.decide(cands, chat("q1", "a1", "q2", tenant="globex"))
+    assert d.details["matched_blocks"] == 0 and d.reason == "least_cost_no_cache"
+
+
+def test_kv_aware_forgets_a_removed_replica():
+    """A replica that leaves takes its index entries with it."""
+    p = KvAwarePolicy(subscribe=False)
+    _engine_caches(p.index, "r1", chat("q1"))
+    p.remove("r1")
+    assert p.index.blocks("r1") == 0
