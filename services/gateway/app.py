@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sqlite3
 from dataclasses import dataclass
 
 import structlog
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 
 from services.gateway.config import GatewaySettings
+from services.gateway.feedback import FeedbackStore
+from services.gateway.http.server import OpenAIServer
+from services.gateway.jobs import JobRunner, JobStore, open_db
 from services.gateway.pipeline import GatewayPipeline
 from services.gateway.servicer import GatewayServicer
 from services.gateway.tenants import TenantStore
@@ -26,6 +32,19 @@ class GatewayApp:
     servicer: GatewayServicer
     tenants: TenantStore
     pool: ChannelPool
+    jobs: JobRunner | None = None
+    http: OpenAIServer | None = None
+    jobs_db: sqlite3.Connection | None = None
+
+    @property
+    def http_address(self) -> str:
+        """host:port of the OpenAI-compatible HTTP server ("" when it is off)."""
+        return self.http.address if self.http is not None else ""
+
+    @property
+    def ready_info(self) -> dict[str, str]:
+        """Extra fields of the ready file: where launchers find the HTTP port."""
+        return {"http_address": self.http_address}
 
     @property
     def address(self) -> str:
@@ -34,11 +53,32 @@ class GatewayApp:
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING, let in-flight streams finish within grace_s, then close the router channel and the db."""
 
+        http_stopped: asyncio.Task | None = None
+
+        async def before_stop() -> None:
+            nonlocal http_stopped
+            # HTTP drains beside gRPC, within the same grace period.
+            if self.http is not None:
+                http_stopped = asyncio.create_task(self.http.stop(grace_s))
+            # Jobs pause at once: their unfinished items stay in the database and resume on the next start.
+            if self.jobs is not None:
+                await self.jobs.stop()
+
         async def after_stop() -> None:
+            if http_stopped is not None:
+                await http_stopped
             await self.pool.close()
             self.tenants.close()
+            if self.jobs_db is not None:
+                self.jobs_db.close()
 
-        await drain_and_stop(self.running, grace_s, after_stop=after_stop)
+        await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
+
+
+def _jobs_db_path(settings: GatewaySettings) -> str:
+    return settings.jobs_db_path or os.path.join(
+        os.path.dirname(os.path.abspath(settings.db_path)), "gateway-jobs.db"
+    )
 
 
 async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
@@ -57,14 +97,37 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             max_tokens_limit=settings.max_tokens_limit,
             list_models_timeout_s=settings.list_models_timeout_s,
         )
-        servicer = GatewayServicer(pipeline)
+        jobs_db = open_db(_jobs_db_path(settings))
+        feedback = FeedbackStore(jobs_db, telemetry.tracer, telemetry.meter)
+        jobs = JobRunner(
+            JobStore(jobs_db),
+            pipeline,
+            tenants,
+            job_concurrency=settings.job_concurrency,
+            tenant_concurrency=settings.job_tenant_concurrency,
+            max_items=settings.job_max_items,
+            attempts=settings.job_item_attempts,
+        )
+        servicer = GatewayServicer(pipeline, jobs, feedback)
         running = await create_server(
-            [Service(pb, "InferenceService", servicer, relay_bytes=frozenset({"Generate"}))],
+            [Service(pb, "InferenceService", servicer, relay_bytes=frozenset({"Generate", "Chat"}))],
             settings.host,
             settings.port,
         )
+        app = GatewayApp(running, servicer, tenants, pool, jobs, None, jobs_db)
+        if settings.http_port >= 0:
+            app.http = OpenAIServer(
+                pipeline, max_body_bytes=settings.http_max_body_bytes, recent=feedback.recent
+            )
+            await app.http.start(settings.host, settings.http_port)
     except BaseException:
         tenants.close()
         raise
-    log.info("gateway.configured", router=settings.router_address, db_path=settings.db_path)
-    return GatewayApp(running, servicer, tenants, pool)
+    jobs.resume()
+    log.info(
+        "gateway.configured",
+        router=settings.router_address,
+        db_path=settings.db_path,
+        http=app.http_address,
+    )
+    return app

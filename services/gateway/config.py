@@ -36,6 +36,31 @@ class GatewaySettings(ServiceSettings):
     list_models_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of the router call behind ListModels."
     )
+    # -- protocols: OpenAI-compatible HTTP, batch jobs ---------------------------------------------------
+    http_port: int = Field(
+        0,
+        ge=-1,
+        le=65535,
+        description="Port of the OpenAI-compatible HTTP server (on --host); 0 picks a free one, -1 turns it off.",
+    )
+    http_max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest HTTP request body; bigger ones get 413 unread."
+    )
+    jobs_db_path: str = Field(
+        "",
+        description="SQLite file of batch jobs and feedback; empty: gateway-jobs.db beside --db-path.",
+    )
+    job_concurrency: int = Field(4, ge=1, le=1024, description="Items of one batch job generated at once.")
+    job_tenant_concurrency: int = Field(
+        8, ge=1, le=4096, description="Batch items of one tenant generated at once, over all its jobs."
+    )
+    job_max_items: int = Field(10_000, ge=1, description="Most items one SubmitBatch may carry.")
+    job_item_attempts: int = Field(
+        5,
+        ge=1,
+        le=100,
+        description="Tries per batch item on retryable errors (rate limits, UNAVAILABLE) before it fails.",
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> GatewaySettings:

@@ -1,4 +1,4 @@
-"""InferenceService over gRPC: a thin adapter from gRPC calls to the gateway pipeline."""
+"""InferenceService over gRPC: a thin adapter from gRPC calls to the gateway pipeline, jobs and feedback."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import uuid
 import grpc
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 
+from services.gateway.feedback import FeedbackStore
+from services.gateway.jobs import JobRunner
 from services.gateway.pipeline import GatewayPipeline, Outcome
 from shared.deadlines import downstream_timeout
-from shared.errors import rpc_boundary
+from shared.errors import InvalidArgument, rpc_boundary
 from shared.telemetry import context_from_metadata
 
 
@@ -19,13 +21,30 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class GatewayServicer:
-    """fleetserve.inference.v1.InferenceService. Generate yields the pipeline's bytes unchanged."""
+    """fleetserve.inference.v1.InferenceService. Generate and Chat yield the pipeline's bytes unchanged."""
 
-    def __init__(self, pipeline: GatewayPipeline) -> None:
+    def __init__(self, pipeline: GatewayPipeline, jobs: JobRunner, feedback: FeedbackStore) -> None:
         self.pipeline = pipeline
+        self.jobs = jobs
+        self.feedback = feedback
 
     @rpc_boundary
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        async for data in self._generate(request, context, "gateway.Generate"):
+            yield data
+
+    @rpc_boundary
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
+        if not request.messages:
+            raise InvalidArgument(
+                "invalid request: messages", field_violations=[("messages", "required: at least one message")]
+            )
+        # ChatRequest has GenerateRequest's field numbers, and ChatResponse GenerateResponse's: the same bytes.
+        generate = pb.GenerateRequest.FromString(request.SerializeToString())
+        async for data in self._generate(generate, context, "gateway.Chat"):
+            yield data
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span_name: str):
         outcome = Outcome(request_id=uuid.uuid4().hex)
         await context.send_initial_metadata((("x-request-id", outcome.request_id),))
         # Conservative: the router must give up before our client does, so errors reach the client.
@@ -36,6 +55,7 @@ class GatewayServicer:
             outcome=outcome,
             timeout_s=timeout,
             parent=context_from_metadata(context),
+            span_name=span_name,
         )
         try:
             async for data in stream:
@@ -43,6 +63,7 @@ class GatewayServicer:
         finally:
             # Closing runs the pipeline's accounting now, while the client's cancellation is being handled.
             await stream.aclose()
+            self.feedback.recent.remember(outcome.request_id, outcome.tenant_id, request.model)
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
@@ -50,3 +71,21 @@ class GatewayServicer:
             context, default_s=self.pipeline.list_models_timeout_s, conservative=True
         )
         return await self.pipeline.list_models(_authorization(context), timeout)
+
+    @rpc_boundary
+    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext):
+        tenant = self.pipeline.authenticate(_authorization(context))
+        with self.pipeline.tracer.start_as_current_span(
+            "gateway.Feedback", context=context_from_metadata(context)
+        ):
+            return pb.FeedbackResponse(feedback_id=self.feedback.record(tenant, request))
+
+    @rpc_boundary
+    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: grpc.aio.ServicerContext):
+        tenant = self.pipeline.authenticate(_authorization(context))
+        return pb.SubmitBatchResponse(job=self.jobs.submit(tenant, request))
+
+    @rpc_boundary
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext):
+        tenant = self.pipeline.authenticate(_authorization(context))
+        return self.jobs.get(tenant, request.job_id, request.include_results)

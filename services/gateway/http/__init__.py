@@ -1,0 +1,1 @@
+"""The gateway's OpenAI-compatible HTTP front end (aiohttp, on the gateway's event loop and pipeline)."""

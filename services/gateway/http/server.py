@@ -1,0 +1,234 @@
+"""The OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (SSE or whole), /v1/models."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from fleetserve.inference.v1 import inference_service_pb2 as pb
+from opentelemetry.propagate import extract
+
+from services.gateway.feedback import RecentRequests
+from services.gateway.http.errors import details_of_exception, http_error
+from services.gateway.http.openai_api import (
+    CHAT,
+    COMPLETION,
+    Shaper,
+    model_dict,
+    models_body,
+    parse_request,
+)
+from services.gateway.pipeline import GatewayPipeline, Outcome
+from shared.errors import ErrorDetails, FleetError, InvalidArgument, NotFound
+
+log = structlog.get_logger(__name__)
+
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    # Tells nginx-style proxies in front of us not to buffer the stream either.
+    "X-Accel-Buffering": "no",
+}
+
+
+def _json(status: int, body: dict, headers: dict[str, str]) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
+    )
+
+
+def error_response(exc: BaseException | ErrorDetails, headers: dict[str, str]) -> web.Response:
+    """The OpenAI-shaped error response for an exception (or parsed details)."""
+    d = exc if isinstance(exc, ErrorDetails) else details_of_exception(exc)
+    if not isinstance(exc, FleetError | ErrorDetails) and d.reason == "INTERNAL":
+        log.error("gateway.http_internal_error", exc_info=exc)
+    status, body, extra = http_error(d)
+    return _json(status, body, {**headers, **extra})
+
+
+class OpenAIServer:
+    """The aiohttp application over a GatewayPipeline, and its listening site."""
+
+    def __init__(
+        self,
+        pipeline: GatewayPipeline,
+        *,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        recent: RecentRequests | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.recent = recent
+        # aiohttp refuses bigger bodies (413) before reading them in full.
+        self.app = web.Application(client_max_size=max_body_bytes)
+        self.app.router.add_post("/v1/chat/completions", self.chat_completions)
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_get("/v1/models", self.list_models)
+        self.app.router.add_get("/v1/models/{model}", self.get_model)
+        self.app.router.add_route("*", "/{tail:.*}", self.not_found)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.host = ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port (0: a free port). handler_cancellation: a client that disconnects cancels its
+        handler, which cancels the router call and so the engine's work, also before the first token."""
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        self.host, self.port = host, self.runner.addresses[0][1]
+        log.info("gateway.http_started", address=self.address)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, give in-flight requests grace_s to finish, then close them."""
+        if self.runner is None:
+            return
+        # aiohttp takes the grace period at construction; ours is known only now.
+        self.runner._shutdown_timeout = grace_s
+        await self.runner.cleanup()
+        self.runner = None
+
+    # -- handlers ------------------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, CHAT)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, COMPLETION)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        headers = {"x-request-id": uuid.uuid4().hex}
+        try:
+            models = await self.pipeline.list_models(request.headers.get("Authorization"), None)
+        except Exception as e:  # noqa: BLE001 - turned into an HTTP error in one place
+            return error_response(e, headers)
+        return _json(200, models_body(models), headers)
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        headers = {"x-request-id": uuid.uuid4().hex}
+        name = request.match_info["model"]
+        try:
+            models = await self.pipeline.list_models(request.headers.get("Authorization"), None)
+            if not any(m.name == name for m in models.models):
+                raise NotFound(f"model {name!r} is not served now", reason="MODEL_NOT_FOUND")
+        except Exception as e:  # noqa: BLE001 - turned into an HTTP error in one place
+            return error_response(e, headers)
+        return _json(200, model_dict(name), headers)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error_response(
+            NotFound(f"no route {request.method} {request.path}", reason="ROUTE_NOT_FOUND"), {}
+        )
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        request_id = uuid.uuid4().hex
+        headers = {"x-request-id": request_id}
+        try:
+            try:
+                body = await request.json(loads=json.loads)
+            except ValueError as e:
+                raise InvalidArgument(
+                    f"the request body is not valid JSON: {e}", reason="INVALID_JSON"
+                ) from e
+            greq, opts = parse_request(body, kind)
+        except web.HTTPRequestEntityTooLarge as e:
+            return _json(
+                413,
+                {
+                    "error": {
+                        "message": e.text,
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "request_too_large",
+                    }
+                },
+                headers,
+            )
+        except FleetError as e:
+            return error_response(e, headers)
+
+        outcome = Outcome(request_id=request_id)
+        stream = self.pipeline.generate(
+            greq,
+            authorization=request.headers.get("Authorization"),
+            outcome=outcome,
+            timeout_s=None,
+            parent=extract(request.headers),
+            span_name="gateway.http.ChatCompletions" if kind == CHAT else "gateway.http.Completions",
+        )
+        try:
+            # Nothing is sent before the first chunk: errors before it (auth, limits, validation, routing) get
+            # their own HTTP status rather than a 200 with an error event.
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                first = b""
+            except Exception as e:  # noqa: BLE001 - turned into an HTTP error in one place
+                return error_response(e, headers)
+            shaper = Shaper(kind, request_id, greq.model, opts.include_usage)
+            if opts.stream:
+                return await self._stream(request, shaper, first, stream, headers)
+            return await self._whole(shaper, first, stream, headers)
+        finally:
+            await stream.aclose()
+            if self.recent is not None:
+                self.recent.remember(request_id, outcome.tenant_id, greq.model)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        shaper: Shaper,
+        first: bytes,
+        stream: AsyncIterator[bytes],
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        # Each event goes to the socket with its own write (aiohttp writes to the transport at once, and sets
+        # TCP_NODELAY), so no token waits for the next one or for Nagle's algorithm.
+        resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **headers})
+        await resp.prepare(request)
+        write = resp.write
+        try:
+            chunk = pb.GenerateResponse.FromString(first).chunk
+            await write(shaper.delta(chunk.text, first=True))
+            try:
+                while not chunk.finish_reason:
+                    chunk = pb.GenerateResponse.FromString(await anext(stream)).chunk
+                    if chunk.text:
+                        await write(shaper.delta(chunk.text))
+            except StopAsyncIteration:
+                pass
+            except ConnectionResetError:
+                raise
+            except Exception as e:  # noqa: BLE001 - after the headers, an error can only be an event
+                await write(shaper.error_event(http_error(details_of_exception(e))[1]))
+                await resp.write_eof()
+                return resp
+            await write(shaper.final(chunk.finish_reason, chunk.usage if chunk.HasField("usage") else None))
+            await resp.write_eof()
+        except ConnectionResetError:
+            # The client went away mid-stream: _generate's finally closes the pipeline's stream, which cancels
+            # the router call and so the engine's work.
+            pass
+        return resp
+
+    async def _whole(
+        self, shaper: Shaper, first: bytes, stream: AsyncIterator[bytes], headers: dict[str, str]
+    ) -> web.Response:
+        chunk = pb.GenerateResponse.FromString(first).chunk
+        served_by = chunk.served_by.model_version
+        texts = [chunk.text]
+        try:
+            async for data in stream:
+                chunk = pb.GenerateResponse.FromString(data).chunk
+                texts.append(chunk.text)
+        except Exception as e:  # noqa: BLE001 - turned into an HTTP error in one place
+            return error_response(e, headers)
+        usage = chunk.usage if chunk.HasField("usage") else None
+        return _json(200, shaper.body("".join(texts), chunk.finish_reason, usage, served_by), headers)
