@@ -11,10 +11,11 @@ from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.router.v1 import router_service_pb2 as pb
 
-from services.router import policies
+from services.router import policy_set
+from services.router.breakers import BreakerSettings
 from services.router.config import RouterSettings
 from services.router.membership import Membership
-from services.router.servicer import RouterServicer
+from services.router.servicer import RetrySettings, RouterServicer
 from shared.channels import CHANNEL_OPTIONS, ChannelPool
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
@@ -43,6 +44,7 @@ class RouterApp:
         async def after_stop() -> None:
             await cancel_and_wait(self.tasks)
             await self.servicer.close()
+            await self.servicer.policy.close()  # KV-event subscriptions of kv_aware
             await self.registry_channel.close(grace=None)
             await self.pool.close()
 
@@ -55,12 +57,25 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
     pool = ChannelPool()
     servicer = RouterServicer(
         membership,
-        policies.create(settings.policy),
+        policy_set.from_settings(settings),
         pool,
         telemetry.tracer,
-        max_attempts=settings.max_attempts,
+        meter=telemetry.meter,
         default_timeout_s=settings.default_timeout_s,
         ready_wait_s=settings.ready_wait_s,
+        retry=RetrySettings(
+            max_attempts=settings.max_attempts,
+            backoff_base_s=settings.retry_backoff_base_s,
+            backoff_max_s=settings.retry_backoff_max_s,
+            resume=settings.resume,
+        ),
+        breakers=BreakerSettings(
+            failure_threshold=settings.breaker_failure_threshold,
+            open_s=settings.breaker_open_s,
+            max_open_s=max(settings.breaker_open_s, settings.breaker_max_open_s),
+        ),
+        retry_budget_max_tokens=settings.retry_budget_max_tokens,
+        retry_budget_token_ratio=settings.retry_budget_token_ratio,
     )
     running = await create_server(
         [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}))],

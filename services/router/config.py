@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from services.router import policies
+from services.router.model_routing import DEFAULT_KEYWORDS
 from shared.settings import ServiceSettings, service_config
 
 
@@ -18,7 +21,34 @@ class RouterSettings(ServiceSettings):
         min_length=1,
         description="host:port of the registry whose replicas the router watches.",
     )
-    policy: str = Field("least_load", description="Routing policy by name (see services/router/policies).")
+    policy: str = Field(
+        "least_load", description="Default routing policy by name (see services/router/policies)."
+    )
+    model_policies: str = Field(
+        "", description="Policy per model, overriding --policy: 'model=policy,...' (e.g. 'sim-1b=kv_aware')."
+    )
+    policy_options: str = Field(
+        "",
+        description="Weights and thresholds: 'policy.param=number,...', e.g. 'cache_aware.min_match=0.6,"
+        "kv_aware.prefill_weight=2,load.kv_usage=4' (load.* weighs every policy's load score).",
+    )
+    model_aliases: str = Field(
+        "", description="Model aliases resolved per request: 'alias=small-model|large-model,...'."
+    )
+    model_route_max_prompt_tokens: int = Field(
+        1024, ge=0, description="Model routing: prompts longer than this go to the alias's large model."
+    )
+    model_route_max_output_tokens: int = Field(
+        512, ge=0, description="Model routing: max_tokens above this goes to the alias's large model."
+    )
+    model_route_keywords: str = Field(
+        ",".join(DEFAULT_KEYWORDS),
+        description="Model routing: comma-separated words that mark a prompt as hard (the large model).",
+    )
+    model_route_classifier: str = Field(
+        "",
+        description="Model routing: 'module:function' deciding (hard, why) per request, instead of the rule.",
+    )
     max_attempts: int = Field(
         3,
         ge=1,
@@ -47,6 +77,34 @@ class RouterSettings(ServiceSettings):
         ge=0,
         description="How long a request waits for the first registry snapshot after the router starts.",
     )
+    # -- resilience (retries, resume, breakers, hedging, outliers, admission) --
+    retry_backoff_base_s: float = Field(
+        0.01, ge=0, description="Backoff before retry n: full jitter in [0, min(max, base * 2**n)]."
+    )
+    retry_backoff_max_s: float = Field(0.5, ge=0, description="Longest backoff between two attempts.")
+    retry_budget_max_tokens: float = Field(
+        50.0,
+        gt=0,
+        description="Retry budget per model (gRPC retry throttling): bucket size; each failed attempt takes "
+        "1, retries only while more than half is left.",
+    )
+    retry_budget_token_ratio: float = Field(
+        0.1, gt=0, description="Retry budget: tokens a successful request gives back."
+    )
+    resume: Literal["reproducible", "always", "off"] = Field(
+        "reproducible",
+        description="Mid-stream failover: resume on another replica for greedy or seeded generations "
+        "(reproducible), for every generation (always), or never (off).",
+    )
+    breaker_failure_threshold: int = Field(
+        3, ge=1, description="Consecutive replica faults that open a replica's circuit breaker."
+    )
+    breaker_open_s: float = Field(
+        5.0, ge=0, description="How long an opened breaker stays open before a half-open probe."
+    )
+    breaker_max_open_s: float = Field(
+        60.0, ge=0, description="Cap of the open period, which doubles each time a probe fails."
+    )
 
     @field_validator("policy")
     @classmethod
@@ -54,3 +112,17 @@ class RouterSettings(ServiceSettings):
         if v not in policies.available():
             raise ValueError(f"unknown policy {v!r}; available: {', '.join(policies.available())}")
         return v
+
+    @model_validator(mode="after")
+    def _routing_tables(self) -> RouterSettings:
+        # Parsed here so that a typo fails at start with the field's name, not on the first request.
+        from services.router import model_routing, policy_set
+
+        for model, name in policy_set.parse_mapping(self.model_policies).items():
+            if name not in policies.available():
+                raise ValueError(f"model_policies: unknown policy {name!r} for model {model!r}")
+        policy_set.validate_options(policy_set.parse_policy_options(self.policy_options))
+        model_routing.parse_aliases(self.model_aliases)
+        if self.model_route_classifier:
+            model_routing.load_classifier(self.model_route_classifier)
+        return self

@@ -1,33 +1,74 @@
-"""RouterService: picks a replica per request, relays the engine's bytes, fails over before the first token."""
+"""RouterService: picks a replica per request, relays the engine's bytes, retries before the first token and
+resumes mid-stream on another replica; circuit breakers and a retry budget keep a failing fleet from being stormed."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 import structlog
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.router.v1 import router_service_pb2 as pb
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
+from services.router.breakers import BreakerSettings, ReplicaBreakers
 from services.router.membership import Change, Membership, ReplicaInfo
-from services.router.policies import Policy
+from services.router.policies import Policy, cache_salt_for
+from services.router.policies import record as record_decision
+from services.router.resume import ChunkTracker, ReplicaAborted, ResumeMode, resumable
 from shared.channels import ChannelPool, raw_stream
 from shared.deadlines import HOP_MARGIN_S, deadline_passed, downstream_timeout, wire_timeout
-from shared.errors import DeadlineExceeded, InvalidArgument, NoHealthyReplica, NotFound, rpc_boundary
+from shared.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NoHealthyReplica,
+    NotFound,
+    Unavailable,
+    rpc_boundary,
+)
+from shared.resilience import BACKPRESSURE, BreakerState, full_jitter, is_retryable
 from shared.telemetry import bind_request, context_from_metadata, metadata_for_downstream
 
 log = structlog.get_logger(__name__)
 
 ENGINE_GENERATE = "/fleetserve.engine.v1.EngineService/Generate"
 _serialize_engine_request = engine_pb.GenerateRequest.SerializeToString
+_BREAKER_PB = {
+    BreakerState.CLOSED: pb.BREAKER_STATE_CLOSED,
+    BreakerState.OPEN: pb.BREAKER_STATE_OPEN,
+    BreakerState.HALF_OPEN: pb.BREAKER_STATE_HALF_OPEN,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    """How failed attempts are retried (before the first token) and resumed (after it)."""
+
+    max_attempts: int = 3
+    backoff_base_s: float = 0.01
+    backoff_max_s: float = 0.5
+    resume: ResumeMode = "reproducible"
+
+
+class _Fault(Exception):
+    """An attempt failed in a way another replica may fix (carries the code for the caller's error)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, cause: BaseException) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.cause = cause
 
 
 class RouterServicer:
-    """fleetserve.router.v1.RouterService. Generate yields the engine's response bytes unchanged (the
-    three hops' GenerateResponse messages are wire-identical), so no chunk is parsed here."""
+    """fleetserve.router.v1.RouterService. Generate yields the engine's response bytes (the three hops'
+    GenerateResponse messages are wire-identical); chunks are parsed only when the generation may be resumed
+    after a mid-stream failure, to remember which token ids the caller has (resume.ChunkTracker)."""
 
     def __init__(
         self,
@@ -36,17 +77,51 @@ class RouterServicer:
         pool: ChannelPool,
         tracer: trace.Tracer,
         *,
+        meter: metrics.Meter | None = None,
         max_attempts: int = 3,
         default_timeout_s: float = 120.0,
         ready_wait_s: float = 2.0,
+        retry: RetrySettings | None = None,
+        breakers: BreakerSettings | None = None,
+        retry_budget_max_tokens: float = 50.0,
+        retry_budget_token_ratio: float = 0.1,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.membership = membership
         self.policy = policy
         self.pool = pool
         self.tracer = tracer
-        self.max_attempts = max_attempts
+        self.retry = retry or RetrySettings(max_attempts=max_attempts)
+        self.max_attempts = self.retry.max_attempts
         self.default_timeout_s = default_timeout_s
         self.ready_wait_s = ready_wait_s
+        meter = meter or metrics.get_meter("fleetserve.router")
+        self.breakers = ReplicaBreakers(
+            breakers or BreakerSettings(),
+            meter,
+            retry_budget_max_tokens,
+            retry_budget_token_ratio,
+            clock=clock,
+        )
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._attempts_counter = meter.create_counter(
+            "fleetserve.router.attempts",
+            unit="{attempt}",
+            description="Attempts sent to replicas, by outcome (ok, fault, backpressure, client).",
+        )
+        self._retries_counter = meter.create_counter(
+            "fleetserve.router.retries",
+            unit="{retry}",
+            description="Further attempts after a failed one, by kind (retry before the first token, resume).",
+        )
+        self._throttled_counter = meter.create_counter(
+            "fleetserve.router.retries_throttled",
+            unit="{retry}",
+            description="Retries refused by the model's retry budget.",
+        )
         self.in_flight: Counter[str] = Counter()
         self._stubs: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         # Channels of replicas that left while requests still streamed from them: closed once idle.
@@ -59,6 +134,7 @@ class RouterServicer:
     def _on_change(self, change: Change, replica: ReplicaInfo) -> None:
         if change is Change.REMOVED:
             self.policy.remove(replica.replica_id)
+            self.breakers.remove(replica.replica_id)
             if self.in_flight[replica.replica_id] > 0:
                 self._discard_when_idle[replica.replica_id] = replica.address
             else:
@@ -109,9 +185,21 @@ class RouterServicer:
 
     def _choose(self, request: pb.GenerateRequest, exclude: set[str]) -> ReplicaInfo:
         model = request.spec.model
-        candidates = self.membership.routable(model, exclude)
+        routable = self.membership.routable(model, exclude)
+        breakers = self.breakers
+        candidates = [r for r in routable if breakers.allows(r.replica_id)]
         if candidates:
-            return self.policy.select(candidates, request)
+            decision = self.policy.decide(candidates, request)
+            record_decision(decision)  # span attributes + debug log: every candidate's score and the reason
+            return decision.replica
+        if routable:
+            # Every replica that could take it has an open breaker: fail fast rather than pile on.
+            wait = breakers.min_open_left(r.replica_id for r in routable)
+            raise NoHealthyReplica(
+                f"every replica of model {model!r} has an open circuit breaker",
+                retry_after_s=round(max(0.1, wait or 1.0), 3),
+                metadata={"model": model, "breakers": "open"},
+            )
         if not self.membership.knows_model(model):
             available = sorted(self.membership.models())
             listed = ", ".join(available) if available else "none"
@@ -150,37 +238,83 @@ class RouterServicer:
                 span.set_attribute("fleetserve.deadline_left_ms", timeout * 1000.0)
                 deadline = time.monotonic() + timeout
                 await self._await_membership(timeout)
+                # Resolves a model alias (sets spec.model); the prompt is tokenized at most once, if a policy asks.
+                routed = self.policy.prepare(request)
+                model = routed.model
                 engine_request = engine_pb.GenerateRequest(
                     request_id=request.request_id,
                     spec=request.spec,
                     tenant_id=request.routing.tenant_id,
-                    cache_salt=request.routing.tenant_id,
+                    cache_salt=cache_salt_for(request.routing.tenant_id),
                     priority=request.routing.priority,
                 )
                 metadata = metadata_for_downstream()
-                tried: set[str] = set()
+                retry = self.retry
+                tracker = ChunkTracker() if resumable(request.spec.sampling, retry.resume) else None
+                budget = self.breakers.budget(model)
+                streamed = False  # anything sent to our caller, over all attempts
+                failed: set[str] = set()
                 while True:
-                    replica = self._choose(request, tried)
+                    replica = self._choose(routed, failed)
                     replica_id = replica.replica_id
-                    tried.add(replica_id)
                     attempts += 1
+                    if tracker is not None:
+                        tracker.next_attempt()
+                        if tracker.sent_ids:
+                            del engine_request.spec.resume_token_ids[:]
+                            engine_request.spec.resume_token_ids.extend(tracker.sent_ids)
+                    breaker = self.breakers.get(replica_id, model)
+                    breaker.on_call()
                     self.in_flight[replica_id] += 1
-                    streamed = False
+                    verdict = False  # the breaker heard this attempt's outcome
                     call = None
                     try:
                         # Rounded so that the engine never sees more time than this hop has left.
                         left = wire_timeout(deadline - time.monotonic())
                         call = self._stub(replica.address)(engine_request, timeout=left, metadata=metadata)
-                        async for data in call:
-                            streamed = True
-                            yield data
+                        try:
+                            while True:
+                                data = await call.read()
+                                if data is grpc.aio.EOF:
+                                    break
+                                if not verdict:
+                                    verdict = True
+                                    breaker.on_success()  # the replica answers: a half-open probe closes
+                                if tracker is not None:
+                                    data = tracker.relay(data)
+                                streamed = True
+                                yield data
+                        except ReplicaAborted as e:
+                            if e.args:
+                                yield e.args[0]
+                            raise _Fault(
+                                grpc.StatusCode.UNAVAILABLE, "the replica aborted the generation", e
+                            ) from None
+                        except grpc.aio.AioRpcError as e:
+                            code = e.code()
+                            caller_deadline = time.monotonic() + HOP_MARGIN_S >= deadline
+                            if not is_retryable(code, caller_deadline):
+                                self._attempts_counter.add(
+                                    1, {"fleetserve.model": model, "outcome": "client"}
+                                )
+                                raise
+                            raise _Fault(code, e.details() or "", e) from None
                         status = "OK"
+                        budget.on_success()
+                        self._attempts_counter.add(1, {"fleetserve.model": model, "outcome": "ok"})
                         return
-                    except grpc.aio.AioRpcError as e:
-                        if streamed or e.code() != grpc.StatusCode.UNAVAILABLE:
-                            raise  # mid-stream (resume is not built yet) or not the replica's fault
-                        self._failed_before_first_chunk(replica, e, attempts, deadline)
+                    except _Fault as fault:
+                        verdict = True
+                        self._attempt_failed(replica, breaker, fault)
+                        failed.add(replica_id)
+                        kind = "resume" if streamed else "retry"
+                        if streamed and tracker is None:
+                            # Tokens went out and this generation may not be resumed: the stream ends here.
+                            raise fault.cause from None
+                        await self._before_next_attempt(model, kind, fault, attempts, deadline)
                     finally:
+                        if not verdict:
+                            breaker.on_neutral()  # cancelled or a client error: says nothing of the replica
                         if call is not None:
                             call.cancel()  # reaches the engine when our caller went away; no-op once done
                         self._release(replica_id)
@@ -206,28 +340,57 @@ class RouterServicer:
                     duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
                 )
 
-    def _failed_before_first_chunk(
-        self, replica: ReplicaInfo, err: grpc.aio.AioRpcError, attempts: int, deadline: float
-    ) -> None:
-        """Take the replica out of rotation; raise if no further attempt is allowed, else return to retry."""
-        self.membership.mark_unroutable(replica.replica_id)
+    def _attempt_failed(self, replica: ReplicaInfo, breaker, fault: _Fault) -> None:
+        """Account an attempt that failed in a way another replica may fix."""
+        model = replica.model
+        if fault.code in BACKPRESSURE:
+            outcome = "backpressure"
+            breaker.on_neutral()
+        else:
+            outcome = "fault"
+            breaker.on_fault()
+            # Out of rotation at once for a short cooldown; the breaker decides about longer.
+            self.membership.mark_unroutable(replica.replica_id)
+        self.breakers.budget(model).on_failure()
+        self._attempts_counter.add(1, {"fleetserve.model": model, "outcome": outcome})
         log.warning(
             "router.replica_failed",
             replica=replica.replica_id,
             address=replica.address,
-            attempt=attempts,
-            code=err.code().name,
-            error=err.details(),
+            code=fault.code.name,
+            error=fault.details,
         )
-        if time.monotonic() + HOP_MARGIN_S >= deadline:
-            raise DeadlineExceeded("deadline exceeded while failing over between replicas") from err
-        if attempts >= self.max_attempts:
+
+    async def _before_next_attempt(
+        self, model: str, kind: str, fault: _Fault, attempts: int, deadline: float
+    ) -> None:
+        """Raise when no further attempt is allowed (attempts, deadline, retry budget); else back off (full
+        jitter, within the deadline) and return."""
+        cause = fault.cause
+        if attempts >= self.retry.max_attempts:
             raise NoHealthyReplica(
-                f"{attempts} replicas of model {replica.model!r} failed before streaming; last: "
-                f"{err.code().name} {err.details()}",
+                f"{attempts} attempts on replicas of model {model!r} failed; last: "
+                f"{fault.code.name} {fault.details}",
                 retry_after_s=1.0,
-                metadata={"model": replica.model, "attempts": str(attempts)},
-            ) from err
+                metadata={"model": model, "attempts": str(attempts)},
+            ) from cause
+        budget = self.breakers.budget(model)
+        if not budget.can_retry():
+            self._throttled_counter.add(1, {"fleetserve.model": model})
+            raise Unavailable(
+                f"replicas of model {model!r} are failing and the router's retry budget is spent; last: "
+                f"{fault.code.name} {fault.details}",
+                reason="RETRY_BUDGET_EXHAUSTED",
+                retry_after_s=1.0,
+                metadata={"model": model, "attempts": str(attempts)},
+            ) from cause
+        delay = full_jitter(attempts - 1, self.retry.backoff_base_s, self.retry.backoff_max_s, self._rng)
+        if time.monotonic() + delay + HOP_MARGIN_S >= deadline:
+            raise DeadlineExceeded("deadline exceeded while failing over between replicas") from cause
+        self._retries_counter.add(1, {"fleetserve.model": model, "kind": kind})
+        log.info("router.retrying", kind=kind, attempt=attempts + 1, backoff_ms=round(delay * 1000, 3))
+        if delay > 0:
+            await self._sleep(delay)
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
@@ -237,19 +400,31 @@ class RouterServicer:
 
     @rpc_boundary
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext):
-        return pb.GetStatusResponse(
-            replicas=[
-                pb.ReplicaStatus(
-                    replica_id=r.replica_id,
-                    address=r.address,
-                    model=r.model,
-                    in_flight=self.in_flight.get(r.replica_id, 0),
-                    load=r.load,
-                    routable=self.membership.is_routable(r),
-                )
-                for r in self.membership.replicas()
-            ]
-        )
+        resp = pb.GetStatusResponse()
+        for r in self.membership.replicas():
+            st = resp.replicas.add(
+                replica_id=r.replica_id,
+                address=r.address,
+                model=r.model,
+                in_flight=self.in_flight.get(r.replica_id, 0),
+                load=r.load,
+                breaker_state=pb.BREAKER_STATE_CLOSED,
+            )
+            b = self.breakers.peek(r.replica_id)
+            if b is not None:
+                st.breaker_state = _BREAKER_PB[b.current()]
+                st.consecutive_failures = b.failures
+                st.breaker_open_seconds_left = b.open_seconds_left()
+                st.breaker_opened_total = b.opened
+            st.routable = self.membership.is_routable(r) and (b is None or b.allows())
+        for model, budget in self.breakers.budgets():
+            resp.retry_budgets.add(
+                model=model,
+                tokens=budget.tokens,
+                max_tokens=budget.max_tokens,
+                throttled_total=budget.throttled,
+            )
+        return resp
 
     async def close(self) -> None:
         """Wait for channel closes still under way."""

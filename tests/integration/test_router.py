@@ -374,3 +374,147 @@ async def test_keeps_routing_while_the_registry_is_down_and_reconnects(tmp_path)
         )
         await assert_eventually(lambda: f.router.membership.connected, timeout_s=5)
         assert {r.replica_id for r in f.router.membership.routable(MODEL)} == {"engine-1", "engine-2"}
+
+
+# -- resilience: mid-stream resume, circuit breakers, retry budget ------------------------------------
+
+
+def collect_ids(chunks: list[common_pb2.GenerateChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+async def crash(fleet: Fleet, name: str) -> None:
+    """Stop an engine's gRPC server at once, cancelling its streams, without leaving the registry (a crash as
+    the router sees it: the registry still lists the replica until its lease runs out)."""
+    await fleet.engines[name].running.server.stop(0)
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_replica_dying_mid_stream_is_resumed_elsewhere_without_losing_or_repeating_tokens(tmp_path):
+    """A seeded stream whose replica dies after some tokens continues on another replica: the client sees one
+    stream whose token ids equal an uninterrupted run's, served_by once, and the full usage."""
+    async with in_process_fleet(tmp_path, engines=3) as f:
+        req = request(max_tokens=3000, ignore_eos=True, request_id="resume-1", seed=7, temperature=0.8)
+        call = f.router_stub().Generate(req, timeout=30)
+        chunks: list[common_pb2.GenerateChunk] = []
+        victim = ""
+        async for resp in call:
+            chunks.append(resp.chunk)
+            if not victim and sum(len(c.token_ids) for c in chunks) >= 20:
+                victim = chunks[0].served_by.replica_id
+                await crash(f, victim)
+        ids = collect_ids(chunks)
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert chunks[-1].usage.completion_tokens == 3000 == len(ids)
+        assert [c.served_by.replica_id for c in chunks if c.HasField("served_by")] == [victim]
+        (span,) = router_spans(f, "resume-1")
+        assert span.attributes["fleetserve.attempts"] == 2
+        assert span.attributes["fleetserve.replica_id"] != victim
+        # The same request again, uninterrupted, on a healthy replica: the very same tokens.
+        again = request(max_tokens=3000, ignore_eos=True, request_id="ref-1", seed=7, temperature=0.8)
+        reference = await generate(f, again)
+        assert reference[0].served_by.replica_id != victim
+        assert ids == collect_ids(reference)
+        assert chunks[-1].usage.prompt_tokens == reference[-1].usage.prompt_tokens
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_unseeded_sampled_stream_is_not_resumed_by_default(tmp_path):
+    """With resume=reproducible, a sampled generation without a seed whose replica dies mid-stream ends with
+    the replica's error (resuming it would not continue the same sample)."""
+    async with in_process_fleet(tmp_path, engines=2) as f:
+        req = request(max_tokens=3000, ignore_eos=True, request_id="noresume-1", temperature=0.8)
+        got = 0
+        crashed = False
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for resp in f.router_stub().Generate(req, timeout=30):
+                got += len(resp.chunk.token_ids)
+                if got >= 20 and not crashed:
+                    crashed = True
+                    await crash(f, _serving_replica(f))
+        assert exc.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert 20 <= got < 3000
+
+
+def _serving_replica(f: Fleet) -> str:
+    (rid,) = [rid for rid, n in f.router.servicer.in_flight.items() if n > 0]
+    return rid
+
+
+async def status_of(f: Fleet, replica_id: str) -> router_pb.ReplicaStatus:
+    status = await f.router_stub().GetStatus(router_pb.GetStatusRequest(), timeout=2)
+    return next(r for r in status.replicas if r.replica_id == replica_id)
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_breaker_opens_on_unavailable_replica_and_a_half_open_probe_closes_it(tmp_path):
+    """A replica that answers UNAVAILABLE opens its breaker after the threshold (visible in GetStatus) and the
+    next request fails fast; once a working engine is back at its address, the first request after the open
+    period is the half-open probe, and its success closes the breaker."""
+    async with in_process_fleet(
+        tmp_path, engines=1, breaker_failure_threshold=2, breaker_open_s=0.5, unroutable_cooldown_s=0.0
+    ) as f:
+        address = await f.register_dead_replica("flaky-1", model="flaky")
+        for i in range(2):
+            d = await generate_error(f, request(model="flaky", request_id=f"flaky-{i}"))
+            assert d.code == grpc.StatusCode.UNAVAILABLE and d.reason == "NO_HEALTHY_REPLICA"
+        st = await status_of(f, "flaky-1")
+        assert st.breaker_state == router_pb.BREAKER_STATE_OPEN and not st.routable
+        assert st.breaker_opened_total == 1 and 0 < st.breaker_open_seconds_left <= 0.5
+        d = await generate_error(f, request(model="flaky", request_id="flaky-fast"))
+        assert "open circuit breaker" in d.message and 0 < d.retry_after_s <= 0.5
+        assert all(s.attributes["fleetserve.attempts"] == 0 for s in router_spans(f, "flaky-fast"))
+        # A working engine comes back at the same address under the same id.
+        f.engines["flaky-1"] = await engine_app.start(
+            engine_config.EngineSettings(
+                registry_address=f.registry.address,
+                replica_id="flaky-1",
+                model="flaky",
+                backend="sim",
+                speed_factor=20.0,
+                port=int(address.rsplit(":", 1)[1]),
+            ),
+            f.telemetry,
+        )
+
+        async def served() -> bool:
+            try:
+                chunks = await generate(f, request(model="flaky", max_tokens=2, request_id="flaky-probe"))
+            except grpc.aio.AioRpcError:
+                return False
+            return chunks[-1].usage.completion_tokens == 2
+
+        await assert_eventually(served, timeout_s=5, interval_s=0.1)
+        st = await status_of(f, "flaky-1")
+        assert st.breaker_state == router_pb.BREAKER_STATE_CLOSED and st.routable
+        assert st.breaker_opened_total == 1 and st.consecutive_failures == 0
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_retry_budget_stops_retries_when_a_pool_keeps_failing(tmp_path):
+    """With every replica of a model failing, retries stop once the model's retry budget is half spent: the
+    caller gets UNAVAILABLE RETRY_BUDGET_EXHAUSTED after a single attempt, and other models still work."""
+    async with in_process_fleet(
+        tmp_path,
+        engines=1,
+        retry_budget_max_tokens=4,
+        breaker_failure_threshold=100,
+        unroutable_cooldown_s=0.0,
+        max_attempts=5,
+    ) as f:
+        for i in range(3):
+            await f.register_dead_replica(f"doomed-{i}", model="doomed")
+        first = await generate_error(f, request(model="doomed", request_id="doomed-1"))
+        # 4 tokens: the first failure leaves 3 (> 2, retry), the second leaves 2: no more retries.
+        assert first.reason == "RETRY_BUDGET_EXHAUSTED" and first.retry_after_s
+        (span,) = router_spans(f, "doomed-1")
+        assert span.attributes["fleetserve.attempts"] == 2
+        second = await generate_error(f, request(model="doomed", request_id="doomed-2"))
+        assert second.reason == "RETRY_BUDGET_EXHAUSTED"
+        (span,) = router_spans(f, "doomed-2")
+        assert span.attributes["fleetserve.attempts"] == 1
+        status = await f.router_stub().GetStatus(router_pb.GetStatusRequest(), timeout=2)
+        (budget,) = [b for b in status.retry_budgets if b.model == "doomed"]
+        assert budget.tokens == 1 and budget.max_tokens == 4 and budget.throttled_total == 2
+        chunks = await generate(f, request(max_tokens=3, request_id="healthy-1"))
+        assert chunks[-1].usage.completion_tokens == 3
