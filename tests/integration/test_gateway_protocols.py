@@ -1,0 +1,174 @@
+"""The gateway's gRPC API beyond Generate, over real servers: Chat streams the same chunks, Feedback is stored
+and counted per model, and server reflection describes the versioned v1 service (what grpcurl uses)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import openai
+import pytest
+import pytest_asyncio
+from fleetserve.common.v1 import common_pb2
+from fleetserve.inference.v1 import inference_service_pb2 as pb
+from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from shared.errors import details_of
+from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
+from tests.support import assert_eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+CHAT = [
+    common_pb2.ChatMessage(role="system", content="be brief"),
+    common_pb2.ChatMessage(role="user", content="hello fleet"),
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory):
+    async with in_process_fleet(tmp_path_factory.mktemp("protocols"), gateway=True) as f:
+        yield f
+
+
+def auth(key: str = API_KEY):
+    return (("authorization", f"Bearer {key}"),)
+
+
+def stub(fleet) -> pb_grpc.InferenceServiceStub:
+    return pb_grpc.InferenceServiceStub(fleet.channel(fleet.gateway.address))
+
+
+async def test_chat_streams_the_same_chunks_as_generate_with_messages(fleet):
+    """Chat(messages) streams what Generate with the same messages streams (greedy), served_by first and usage
+    last, with an x-request-id; the gateway span is gateway.Chat."""
+    s = stub(fleet)
+    chat = s.Chat(
+        pb.ChatRequest(model=MODEL, messages=CHAT, max_tokens=10, seed=3), metadata=auth(), timeout=10
+    )
+    chunks = [r.chunk async for r in chat]
+    gen = [
+        r.chunk
+        async for r in s.Generate(
+            pb.GenerateRequest(model=MODEL, messages=CHAT, max_tokens=10, seed=3), metadata=auth(), timeout=10
+        )
+    ]
+    assert chunks[0].served_by.replica_id in fleet.engines
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in gen) != ""
+    assert chunks[-1].finish_reason and chunks[-1].usage.completion_tokens == gen[-1].usage.completion_tokens
+    request_id = dict(await chat.initial_metadata())["x-request-id"]
+    span = await assert_eventually(
+        lambda: [
+            x
+            for x in fleet.spans.get_finished_spans()
+            if x.name == "gateway.Chat" and x.attributes.get("fleetserve.request_id") == request_id
+        ],
+        timeout_s=5,
+    )
+    assert span[0].attributes["fleetserve.output_tokens"] == chunks[-1].usage.completion_tokens
+
+
+async def test_chat_without_messages_is_invalid_argument(fleet):
+    """Chat with no messages is INVALID_ARGUMENT naming the messages field."""
+    call = stub(fleet).Chat(pb.ChatRequest(model=MODEL), metadata=auth(), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in call:
+            pass
+    d = details_of(exc.value)
+    assert d.code == grpc.StatusCode.INVALID_ARGUMENT and [f for f, _ in d.field_violations] == ["messages"]
+
+
+async def test_feedback_is_stored_counted_and_checked(fleet):
+    """Feedback on a response (gRPC or HTTP) is stored with the response's model, emitted as a span event; a bad
+    rating is INVALID_ARGUMENT; another tenant cannot rate it (NOT_FOUND)."""
+    s = stub(fleet)
+    call = s.Generate(
+        pb.GenerateRequest(model=MODEL, prompt="rate me", max_tokens=3), metadata=auth(), timeout=10
+    )
+    async for _ in call:
+        pass
+    request_id = dict(await call.initial_metadata())["x-request-id"]
+    resp = await s.Feedback(
+        pb.FeedbackRequest(request_id=request_id, rating=5, tags=["helpful", "fast"]),
+        metadata=auth(),
+        timeout=5,
+    )
+    assert len(resp.feedback_id) == 32
+    assert fleet.gateway.servicer.feedback.ratings(request_id) == [("dev", 5, "helpful,fast")]
+    row = fleet.gateway.jobs_db.execute(
+        "SELECT model FROM feedback WHERE id = ?", (resp.feedback_id,)
+    ).fetchone()
+    assert row == (MODEL,)
+    events = [
+        e
+        for x in fleet.spans.get_finished_spans()
+        if x.name == "gateway.Feedback"
+        for e in x.events
+        if e.name == "fleetserve.feedback"
+    ]
+    assert any(
+        e.attributes["fleetserve.request_id"] == request_id
+        and e.attributes["fleetserve.feedback.rating"] == 5
+        for e in events
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await s.Feedback(pb.FeedbackRequest(request_id=request_id, rating=9), metadata=auth(), timeout=5)
+    assert [f for f, _ in details_of(exc.value).field_violations] == ["rating"]
+
+    other = fleet.gateway.tenants.create_tenant("rival", tenant_id="rival")
+    rival_key = fleet.gateway.tenants.add_key(other.id)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await s.Feedback(
+            pb.FeedbackRequest(request_id=request_id, rating=1), metadata=auth(rival_key), timeout=5
+        )
+    assert details_of(exc.value).reason == "REQUEST_NOT_FOUND"
+
+    # The x-request-id of an OpenAI-compatible HTTP response can be rated the same way.
+    async with openai.AsyncOpenAI(
+        base_url=f"http://{fleet.gateway.http_address}/v1", api_key=API_KEY, max_retries=0
+    ) as c:
+        raw = await c.completions.with_raw_response.create(model=MODEL, prompt="hi", max_tokens=2)
+    http_id = raw.headers["x-request-id"]
+    await s.Feedback(pb.FeedbackRequest(request_id=http_id, rating=2), metadata=auth(), timeout=5)
+    assert fleet.gateway.servicer.feedback.ratings(http_id) == [("dev", 2, "")]
+
+
+async def test_reflection_lists_and_describes_the_v1_service(fleet):
+    """Server reflection (what grpcurl uses) lists fleetserve.inference.v1.InferenceService with every RPC and
+    resolves its message types, so a client needs no .proto files."""
+
+    def describe():
+        with grpc.insecure_channel(fleet.gateway.address) as ch:
+            db = ProtoReflectionDescriptorDatabase(ch)
+            services = set(db.get_services())
+            pool = descriptor_pool.DescriptorPool(db)
+            svc = pool.FindServiceByName("fleetserve.inference.v1.InferenceService")
+            fields = [
+                f.name for f in pool.FindMessageTypeByName("fleetserve.inference.v1.ChatRequest").fields
+            ]
+            return services, [m.name for m in svc.methods], fields
+
+    services, methods, fields = await asyncio.to_thread(describe)
+    assert {"fleetserve.inference.v1.InferenceService", "grpc.health.v1.Health"} <= services
+    assert methods == ["Generate", "Chat", "ListModels", "Feedback", "SubmitBatch", "GetJob"]
+    assert "messages" in fields and "prompt" not in fields
+
+
+async def test_chat_request_is_wire_compatible_with_generate_request():
+    """Every ChatRequest field has the same number, name, type, repetition and presence in GenerateRequest (the gateway re-reads a
+    ChatRequest's bytes as a GenerateRequest), and Chat/Generate responses have the same shape."""
+    gen = pb.GenerateRequest.DESCRIPTOR.fields_by_number
+    for f in pb.ChatRequest.DESCRIPTOR.fields:
+        g = gen[f.number]
+        assert (g.name, g.type, g.is_repeated, g.has_presence) == (
+            f.name,
+            f.type,
+            f.is_repeated,
+            f.has_presence,
+        )
+    chat_resp = [(f.number, f.name, f.message_type) for f in pb.ChatResponse.DESCRIPTOR.fields]
+    gen_resp = [(f.number, f.name, f.message_type) for f in pb.GenerateResponse.DESCRIPTOR.fields]
+    assert chat_resp == gen_resp
