@@ -76,6 +76,9 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         ),
         retry_budget_max_tokens=settings.retry_budget_max_tokens,
         retry_budget_token_ratio=settings.retry_budget_token_ratio,
+        max_in_flight_per_replica=settings.max_in_flight_per_replica,
+        queue_max_waiting=settings.queue_max_waiting,
+        queue_retry_after_s=settings.queue_retry_after_s,
     )
     running = await create_server(
         [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}))],

@@ -105,6 +105,18 @@ class RouterSettings(ServiceSettings):
     breaker_max_open_s: float = Field(
         60.0, ge=0, description="Cap of the open period, which doubles each time a probe fails."
     )
+    max_in_flight_per_replica: int = Field(
+        0,
+        ge=0,
+        description="Admission: most attempts this router keeps in flight per replica; more wait in the "
+        "router's queue (interactive first, fair across tenants). 0: no cap, engines queue.",
+    )
+    queue_max_waiting: int = Field(
+        1000, ge=0, description="Admission: most requests waiting per model; more get RESOURCE_EXHAUSTED."
+    )
+    queue_retry_after_s: float = Field(
+        1.0, ge=0, description="Admission: retry delay advised (RetryInfo) when the queue is full."
+    )
 
     @field_validator("policy")
     @classmethod

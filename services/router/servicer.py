@@ -16,6 +16,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.router.v1 import router_service_pb2 as pb
 from opentelemetry import metrics, trace
 
+from services.router.admission import AdmissionQueue
 from services.router.breakers import BreakerSettings, ReplicaBreakers
 from services.router.membership import Change, Membership, ReplicaInfo
 from services.router.policies import Policy, cache_salt_for
@@ -28,6 +29,7 @@ from shared.errors import (
     InvalidArgument,
     NoHealthyReplica,
     NotFound,
+    ResourceExhausted,
     Unavailable,
     rpc_boundary,
 )
@@ -85,6 +87,9 @@ class RouterServicer:
         breakers: BreakerSettings | None = None,
         retry_budget_max_tokens: float = 50.0,
         retry_budget_token_ratio: float = 0.1,
+        max_in_flight_per_replica: int = 0,
+        queue_max_waiting: int = 1000,
+        queue_retry_after_s: float = 1.0,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -123,6 +128,15 @@ class RouterServicer:
             description="Retries refused by the model's retry budget.",
         )
         self.in_flight: Counter[str] = Counter()
+        # 0: no cap, requests go straight to replicas (engines queue themselves); else the admission queue
+        # holds requests while every replica of the model has this many attempts in flight.
+        self.max_in_flight_per_replica = max_in_flight_per_replica
+        self.admission = AdmissionQueue(self._free_slots, queue_max_waiting, queue_retry_after_s)
+        meter.create_observable_gauge(
+            "fleetserve.router.queue_depth",
+            callbacks=[self._observe_queue],
+            description="Requests waiting in the router's admission queue, by model and tier.",
+        )
         self._stubs: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         # Channels of replicas that left while requests still streamed from them: closed once idle.
         self._discard_when_idle: dict[str, str] = {}
@@ -142,6 +156,8 @@ class RouterServicer:
         else:
             self._discard_when_idle.pop(replica.replica_id, None)
             self.policy.on_load_update(replica)
+        if self.max_in_flight_per_replica:
+            self.admission.pump(replica.model)
 
     def _discard_channel(self, address: str) -> None:
         # Another replica may have taken over the address (a restarted engine on the same port).
@@ -159,16 +175,37 @@ class RouterServicer:
             self._stubs[address] = stub
         return stub
 
-    def _release(self, replica_id: str) -> None:
+    def _release(self, replica_id: str, model: str = "") -> None:
         self.policy.on_complete(replica_id)
         n = self.in_flight[replica_id] - 1
         if n > 0:
             self.in_flight[replica_id] = n
-            return
-        del self.in_flight[replica_id]
-        address = self._discard_when_idle.pop(replica_id, None)
-        if address is not None:
-            self._discard_channel(address)
+        else:
+            del self.in_flight[replica_id]
+            address = self._discard_when_idle.pop(replica_id, None)
+            if address is not None:
+                self._discard_channel(address)
+        if self.max_in_flight_per_replica and model:
+            self.admission.pump(model)
+
+    # -- admission ----------------------------------------------------------------------------------
+
+    def _has_room(self, replica_id: str) -> bool:
+        cap = self.max_in_flight_per_replica
+        return not cap or self.in_flight.get(replica_id, 0) < cap
+
+    def _free_slots(self, model: str) -> int | None:
+        """Attempts the model's routable replicas take before their cap (None: no routable replica)."""
+        cap = self.max_in_flight_per_replica
+        routable = [r for r in self.membership.routable(model) if self.breakers.allows(r.replica_id)]
+        if not routable:
+            return None
+        return sum(max(0, cap - self.in_flight.get(r.replica_id, 0)) for r in routable)
+
+    def _observe_queue(self, options):
+        for model, counts in self.admission.waiting().items():
+            for tier, n in zip(("interactive", "standard", "batch"), counts, strict=True):
+                yield metrics.Observation(n, {"fleetserve.model": model, "fleetserve.tier": tier})
 
     # -- choosing -----------------------------------------------------------------------------------
 
@@ -187,7 +224,15 @@ class RouterServicer:
         model = request.spec.model
         routable = self.membership.routable(model, exclude)
         breakers = self.breakers
-        candidates = [r for r in routable if breakers.allows(r.replica_id)]
+        allowed = [r for r in routable if breakers.allows(r.replica_id)]
+        candidates = [r for r in allowed if self._has_room(r.replica_id)] if allowed else allowed
+        if not candidates and allowed:
+            raise ResourceExhausted(
+                f"every replica of model {model!r} is at its in-flight cap",
+                reason="ROUTER_QUEUE_FULL",
+                retry_after_s=self.admission.retry_after_s,
+                metadata={"model": model},
+            )
         if candidates:
             decision = self.policy.decide(candidates, request)
             record_decision(decision)  # span attributes + debug log: every candidate's score and the reason
@@ -255,6 +300,14 @@ class RouterServicer:
                 streamed = False  # anything sent to our caller, over all attempts
                 failed: set[str] = set()
                 while True:
+                    if self.max_in_flight_per_replica:
+                        await self.admission.acquire(
+                            model,
+                            request.routing.priority,
+                            request.routing.tenant_id,
+                            deadline - time.monotonic(),
+                            urgent=attempts > 0,  # a retry or resume of an admitted request goes first
+                        )
                     replica = self._choose(routed, failed)
                     replica_id = replica.replica_id
                     attempts += 1
@@ -317,7 +370,7 @@ class RouterServicer:
                             breaker.on_neutral()  # cancelled or a client error: says nothing of the replica
                         if call is not None:
                             call.cancel()  # reaches the engine when our caller went away; no-op once done
-                        self._release(replica_id)
+                        self._release(replica_id, model)
             except grpc.aio.AioRpcError as e:
                 status = e.code().name
                 raise
@@ -424,6 +477,8 @@ class RouterServicer:
                 max_tokens=budget.max_tokens,
                 throttled_total=budget.throttled,
             )
+        for model, (interactive, standard, batch) in self.admission.waiting().items():
+            resp.queues.add(model=model, interactive=interactive, standard=standard, batch=batch)
         return resp
 
     async def close(self) -> None:

@@ -3,6 +3,7 @@ first token, unknown models, draining replicas, and riding out a registry outage
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
@@ -517,4 +518,86 @@ async def test_retry_budget_stops_retries_when_a_pool_keeps_failing(tmp_path):
         (budget,) = [b for b in status.retry_budgets if b.model == "doomed"]
         assert budget.tokens == 1 and budget.max_tokens == 4 and budget.throttled_total == 2
         chunks = await generate(f, request(max_tokens=3, request_id="healthy-1"))
+        assert chunks[-1].usage.completion_tokens == 3
+
+
+# -- admission: priority tiers and fair share ----------------------------------------------------------
+
+
+def tiered(request_id: str, priority: int, tenant: str, max_tokens: int = 3) -> router_pb.GenerateRequest:
+    req = request(max_tokens=max_tokens, ignore_eos=True, request_id=request_id)
+    req.routing.priority = priority
+    req.routing.tenant_id = tenant
+    return req
+
+
+async def queued(f: Fleet) -> int:
+    status = await f.router_stub().GetStatus(router_pb.GetStatusRequest(), timeout=2)
+    return sum(q.interactive + q.standard + q.batch for q in status.queues if q.model == MODEL)
+
+
+async def served_order(f: Fleet, entries: list[tuple[str, int, str]]) -> list[str]:
+    """Hold the only slot with a long stream, queue entries (name, priority, tenant) one by one in this order,
+    then free the slot: the order in which they completed (one at a time, so the order they were admitted)."""
+    blocker = f.router_stub().Generate(tiered("blocker", common_pb2.PRIORITY_STANDARD, "x", 5000), timeout=30)
+    await blocker.read()  # streaming: the slot is taken
+    order: list[str] = []
+
+    async def one(name: str, priority: int, tenant: str) -> None:
+        chunks = await generate(f, tiered(name, priority, tenant))
+        assert chunks[-1].usage.completion_tokens == 3
+        order.append(name)
+
+    tasks = []
+    for n, entry in enumerate(entries, start=1):
+        tasks.append(asyncio.create_task(one(*entry)))
+        await assert_eventually(lambda n=n: _queued_is(f, n), timeout_s=5)
+    blocker.cancel()
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    return order
+
+
+async def _queued_is(f: Fleet, n: int) -> bool:
+    return await queued(f) == n
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_interactive_requests_overtake_queued_batch_ones(tmp_path):
+    """With the replica at its in-flight cap, queued requests are admitted interactive first, then standard,
+    then batch, whatever order they arrived in; GetStatus counts them per tier while they wait."""
+    async with in_process_fleet(tmp_path, engines=1, max_in_flight_per_replica=1) as f:
+        b, s, i = common_pb2.PRIORITY_BATCH, common_pb2.PRIORITY_STANDARD, common_pb2.PRIORITY_INTERACTIVE
+        order = await served_order(f, [("b1", b, "t"), ("b2", b, "t"), ("s1", s, "t"), ("i1", i, "t")])
+        assert order == ["i1", "s1", "b1", "b2"]
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_one_tenants_burst_does_not_starve_another_tenant(tmp_path):
+    """Six requests of tenant A queued before two of tenant B: B's are admitted 2nd and 4th (fair share), not
+    after all of A's."""
+    async with in_process_fleet(tmp_path, engines=1, max_in_flight_per_replica=1) as f:
+        s = common_pb2.PRIORITY_STANDARD
+        entries = [(f"a{k}", s, "A") for k in range(6)] + [("b0", s, "B"), ("b1", s, "B")]
+        order = await served_order(f, entries)
+        assert order == ["a0", "b0", "a1", "b1", "a2", "a3", "a4", "a5"]
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_full_admission_queue_is_resource_exhausted_with_retry_info(tmp_path):
+    """Beyond queue_max_waiting, a request is refused at once: RESOURCE_EXHAUSTED ROUTER_QUEUE_FULL with a
+    retry delay."""
+    async with in_process_fleet(
+        tmp_path, engines=1, max_in_flight_per_replica=1, queue_max_waiting=1, queue_retry_after_s=0.25
+    ) as f:
+        blocker = f.router_stub().Generate(
+            tiered("blocker", common_pb2.PRIORITY_BATCH, "x", 5000), timeout=30
+        )
+        await blocker.read()
+        waiting = asyncio.create_task(generate(f, tiered("w1", common_pb2.PRIORITY_BATCH, "x")))
+        await assert_eventually(lambda: _queued_is(f, 1), timeout_s=5)
+        d = await generate_error(f, tiered("w2", common_pb2.PRIORITY_BATCH, "y"))
+        assert d.code == grpc.StatusCode.RESOURCE_EXHAUSTED and d.reason == "ROUTER_QUEUE_FULL"
+        assert d.retry_after_s == 0.25
+        blocker.cancel()
+        chunks = await asyncio.wait_for(waiting, 10)
         assert chunks[-1].usage.completion_tokens == 3
