@@ -74,6 +74,10 @@ def load_vllm_api() -> VllmApi:
     """The real vLLM 0.25 API (imported here, so the rest of the engine runs without vLLM installed)."""
     import dataclasses
 
+    # vLLM forks its engine-core process by default; this process already runs gRPC threads (the OTLP
+    # exporter's channel), which a forked child can deadlock on. Spawn starts it clean.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
     import vllm
     from vllm.config.kv_events import KVEventsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
