@@ -92,6 +92,13 @@ class Unauthenticated(FleetError):
     reason = "INVALID_API_KEY"
 
 
+class PermissionDenied(FleetError):
+    """The caller is known but may not do this (for example, a key without access to a model)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
 class NotFound(FleetError):
     """The named thing (a model, a replica) does not exist."""
 

@@ -67,6 +67,7 @@ class GatewayApp:
         async def after_stop() -> None:
             if http_stopped is not None:
                 await http_stopped
+            await self.servicer.pipeline.close()
             await self.pool.close()
             self.tenants.close()
             if self.jobs_db is not None:
@@ -83,20 +84,16 @@ def _jobs_db_path(settings: GatewaySettings) -> str:
 
 async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
     """Open (and on first start, bootstrap) the tenants database, then serve."""
-    tenants = TenantStore(settings.db_path, cache_ttl_s=settings.auth_cache_ttl_s)
+    tenants = TenantStore(
+        settings.db_path, cache_ttl_s=settings.auth_cache_ttl_s, version_poll_s=settings.config_poll_s
+    )
     try:
         tenants.bootstrap(settings.bootstrap_api_key)
         pool = ChannelPool()
-        pipeline = GatewayPipeline(
-            tenants,
-            pool.get(settings.router_address),
-            telemetry.tracer,
-            telemetry.meter,
-            default_deadline_s=settings.default_deadline_s,
-            default_max_tokens=settings.default_max_tokens,
-            max_tokens_limit=settings.max_tokens_limit,
-            list_models_timeout_s=settings.list_models_timeout_s,
+        pipeline = GatewayPipeline.from_settings(
+            settings, tenants, pool.get(settings.router_address), telemetry.tracer, telemetry.meter
         )
+        pipeline.start()
         jobs_db = open_db(_jobs_db_path(settings))
         feedback = FeedbackStore(jobs_db, telemetry.tracer, telemetry.meter)
         jobs = JobRunner(
@@ -113,6 +110,8 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             [Service(pb, "InferenceService", servicer, relay_bytes=frozenset({"Generate", "Chat"}))],
             settings.host,
             settings.port,
+            # Refused by gRPC before the message is parsed: RESOURCE_EXHAUSTED, "received message larger than max".
+            options=(("grpc.max_receive_message_length", settings.max_request_bytes),),
         )
         app = GatewayApp(running, servicer, tenants, pool, jobs, None, jobs_db)
         if settings.http_port >= 0:

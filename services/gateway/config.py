@@ -1,4 +1,5 @@
-"""Gateway settings: where the router is, the tenants database, deadlines and input limits."""
+"""Gateway settings: where the router is, the tenants database, deadlines, input limits, rate-limit backend,
+prices, safety rules and load shedding."""
 
 from __future__ import annotations
 
@@ -35,6 +36,81 @@ class GatewaySettings(ServiceSettings):
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask for.")
     list_models_timeout_s: float = Field(
         5.0, gt=0, description="Timeout of the router call behind ListModels."
+    )
+    config_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=300,
+        description="How often the tenants database's config version is checked; a change made with "
+        "`fleetserve admin` (limits, keys, models) applies within this time, whatever auth_cache_ttl_s is.",
+    )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request message accepted; bigger ones are refused (RESOURCE_EXHAUSTED) before "
+        "they are parsed.",
+    )
+    redis_url: str = Field(
+        "",
+        description="redis://host:port/db shared by every gateway for rate limits and stream caps; empty: "
+        "limits are kept in this process (one gateway).",
+    )
+    model_prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description='USD per 1M prompt and completion tokens per model, JSON: {"sim-1b": [0.1, 0.4]}; '
+        "unpriced models cost 0 (cost budgets).",
+    )
+    context_lengths: dict[str, int] = Field(
+        default_factory=dict,
+        description='Context length (prompt + max_tokens) per model, JSON: {"sim-1b": 4096}.',
+    )
+    default_context_length: int = Field(
+        4096, ge=16, description="Context length of models not in context_lengths."
+    )
+    models_cache_ttl_s: float = Field(
+        2.0, ge=0, description="How long the router's model list is cached for the unknown-model check."
+    )
+    extra_models: list[str] = Field(
+        default_factory=list,
+        description="Model names the router resolves without listing them (aliases); not refused as unknown.",
+    )
+    ledger_flush_interval_s: float = Field(
+        0.5, gt=0, description="How often usage rows are written to the ledger (one transaction each time)."
+    )
+    budget_refresh_s: float = Field(
+        2.0,
+        ge=0,
+        description="How often a tenant's period usage is re-read from the ledger (other gateways' rows).",
+    )
+    safety_input_patterns: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions (case-insensitive); a prompt matching one is refused "
+        "(SAFETY_INPUT_BLOCKED).",
+    )
+    safety_output_patterns: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions checked on the generated text (sliding window); a match ends the "
+        "stream (SAFETY_OUTPUT_BLOCKED). Empty: output is relayed as bytes, unchecked.",
+    )
+    safety_window_chars: int = Field(
+        256, ge=1, description="Output check window: how much earlier text a match may span."
+    )
+    shed_batch_queue_depth: float = Field(
+        0.0,
+        ge=0,
+        description="Shed batch requests while a model has this many queued requests per routable replica "
+        "(router queue + engines waiting); 0: never.",
+    )
+    shed_standard_queue_depth: float = Field(
+        0.0, ge=0, description="The same for standard requests (set it above the batch one); 0: never."
+    )
+    shed_poll_s: float = Field(0.5, gt=0, description="How often the router's load is read for shedding.")
+    degrade_models: dict[str, str] = Field(
+        default_factory=dict,
+        description='Instead of shedding, serve with a smaller model, JSON: {"big": "small"}.',
+    )
+    degrade_max_tokens: int = Field(
+        0, ge=0, description="Instead of shedding, cap max_tokens at this; 0: no cap."
     )
     # -- protocols: OpenAI-compatible HTTP, batch jobs ---------------------------------------------------
     http_port: int = Field(

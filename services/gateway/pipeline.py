@@ -1,31 +1,62 @@
-"""The gateway's request path, independent of the protocol it arrived on: authenticate, validate, route and
-relay the router's stream, and account for the request once. The gRPC servicer, the OpenAI-compatible HTTP
-front end and batch jobs all call it, so every protocol gets the same rules."""
+"""The gateway's request path, independent of the protocol it arrived on: authenticate, validate, check the
+safety filter, shed or degrade under load, admit against the tenant's limits, route and relay the router's
+stream, and account for the request once (limits, ledger). The gRPC servicer, the OpenAI-compatible HTTP front
+end and batch jobs all call it, so every protocol gets the same rules."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 import structlog
+from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 
+from services.gateway.admission import Admission, Ticket
+from services.gateway.config import GatewaySettings
+from services.gateway.ledger import Ledger
+from services.gateway.limits import LimitBackend, LocalLimits
+from services.gateway.redis_limits import RedisLimits
+from services.gateway.safety import (
+    INPUT_BLOCKED,
+    OUTPUT_BLOCKED,
+    DenyPatterns,
+    SafetyFilter,
+    SafetyRefusal,
+    input_texts,
+)
+from services.gateway.shedding import LoadShedder
 from services.gateway.tenants import Tenant, TenantStore, bearer_key
-from services.gateway.validation import to_spec
+from services.gateway.validation import validate
 from shared.deadlines import wire_timeout
-from shared.errors import FleetError, Unauthenticated, Unavailable
+from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from shared.telemetry import bind_request, metadata_for_downstream
 
 log = structlog.get_logger(__name__)
 
 ROUTER_GENERATE = "/fleetserve.router.v1.RouterService/Generate"
 ROUTER_LIST_MODELS = "/fleetserve.router.v1.RouterService/ListModels"
+ROUTER_GET_STATUS = "/fleetserve.router.v1.RouterService/GetStatus"
 _DETAILS_KEY = "grpc-status-details-bin"
+_TIER_PRIORITY = {
+    "interactive": common_pb2.PRIORITY_INTERACTIVE,
+    "standard": common_pb2.PRIORITY_STANDARD,
+    "batch": common_pb2.PRIORITY_BATCH,
+}
+# A stream slot outlives its deadline by this much before Redis frees it (a gateway died holding it).
+_STREAM_LEASE_SLACK_S = 30.0
+
+
+def effective_priority(requested: int, tier: str) -> int:
+    """The tier a request runs at: what it asked for (unspecified: its tenant's tier), never above the tenant's
+    tier (higher tiers have lower numbers)."""
+    cap = _TIER_PRIORITY.get(tier, common_pb2.PRIORITY_STANDARD)
+    return max(requested or cap, cap)
 
 
 def router_unreachable(err: grpc.aio.AioRpcError) -> bool:
@@ -48,6 +79,10 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    # How the request was degraded under load ("" when it was not); also on the first chunk's served_by.
+    degraded: str = ""
+    # The tier it ran at (common.v1.Priority), after the tenant's tier capped it.
+    priority: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -67,8 +102,23 @@ class GatewayPipeline:
         default_max_tokens: int = 256,
         max_tokens_limit: int = 8192,
         list_models_timeout_s: float = 5.0,
+        admission: Admission | None = None,
+        safety: SafetyFilter | None = None,
+        shedder: LoadShedder | None = None,
+        context_lengths: Mapping[str, int] | None = None,
+        default_context_length: int | None = None,
+        models_cache_ttl_s: float = 2.0,
+        extra_models: Iterable[str] = (),
     ) -> None:
         self.tenants = tenants
+        self.admission = admission
+        self.safety = safety
+        self.shedder = shedder
+        self.context_lengths = dict(context_lengths or {})
+        self.default_context_length = default_context_length
+        self.models_cache_ttl_s = models_cache_ttl_s
+        self.extra_models = frozenset(extra_models)
+        self._models: tuple[frozenset[str], float] | None = None
         self.tracer = tracer
         self.default_deadline_s = default_deadline_s
         self.default_max_tokens = default_max_tokens
@@ -84,11 +134,86 @@ class GatewayPipeline:
             request_serializer=router_pb.ListModelsRequest.SerializeToString,
             response_deserializer=router_pb.ListModelsResponse.FromString,
         )
+        self.get_status = router_channel.unary_unary(
+            ROUTER_GET_STATUS,
+            request_serializer=router_pb.GetStatusRequest.SerializeToString,
+            response_deserializer=router_pb.GetStatusResponse.FromString,
+        )
         self._requests = meter.create_counter(
             "fleetserve.gateway.requests",
             unit="{request}",
             description="Generate requests by model and status code.",
         )
+        self._refusals = meter.create_counter(
+            "fleetserve.gateway.refusals",
+            unit="{request}",
+            description="Requests refused by the safety filter, by reason (input or output) and model.",
+        )
+        self._degraded = meter.create_counter(
+            "fleetserve.gateway.degraded",
+            unit="{request}",
+            description="Requests served degraded under load (smaller model or capped max_tokens), by model.",
+        )
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: GatewaySettings,
+        tenants: TenantStore,
+        router_channel: grpc.aio.Channel,
+        tracer: trace.Tracer,
+        meter: metrics.Meter,
+    ) -> GatewayPipeline:
+        """The pipeline with everything the settings turn on: limits (in process, or Redis), the ledger and
+        budgets, the safety filter, load shedding. start() starts its background tasks, close() ends them."""
+        backend: LimitBackend = RedisLimits(settings.redis_url) if settings.redis_url else LocalLimits()
+        ledger = Ledger(
+            settings.db_path,
+            flush_interval_s=settings.ledger_flush_interval_s,
+            refresh_s=settings.budget_refresh_s,
+        )
+        pipeline = cls(
+            tenants,
+            router_channel,
+            tracer,
+            meter,
+            default_deadline_s=settings.default_deadline_s,
+            default_max_tokens=settings.default_max_tokens,
+            max_tokens_limit=settings.max_tokens_limit,
+            list_models_timeout_s=settings.list_models_timeout_s,
+            admission=Admission(backend, ledger, meter, prices=settings.model_prices),
+            safety=DenyPatterns(
+                settings.safety_input_patterns, settings.safety_output_patterns, settings.safety_window_chars
+            ),
+            context_lengths=settings.context_lengths,
+            default_context_length=settings.default_context_length,
+            models_cache_ttl_s=settings.models_cache_ttl_s,
+            extra_models=settings.extra_models,
+        )
+        pipeline.shedder = LoadShedder(
+            lambda: pipeline.get_status(router_pb.GetStatusRequest(), timeout=1.0),
+            batch_depth=settings.shed_batch_queue_depth,
+            standard_depth=settings.shed_standard_queue_depth,
+            poll_s=settings.shed_poll_s,
+            degrade_models=settings.degrade_models,
+            degrade_max_tokens=settings.degrade_max_tokens,
+        )
+        return pipeline
+
+    def start(self) -> None:
+        """Start the background work: ledger flushes, load polling."""
+        if self.admission is not None:
+            self.admission.ledger.start()
+        if self.shedder is not None:
+            self.shedder.start()
+
+    async def close(self) -> None:
+        """Stop the background work, write the ledger's last rows, close the limits backend."""
+        if self.shedder is not None:
+            await self.shedder.stop()
+        if self.admission is not None:
+            await self.admission.ledger.close()
+            await self.admission.backend.close()
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of an "authorization: Bearer <key>" value, or Unauthenticated."""
@@ -126,15 +251,39 @@ class GatewayPipeline:
             bind_request(outcome.request_id, span)
             span.set_attribute("fleetserve.request_id", outcome.request_id)
             span.set_attribute("fleetserve.model", request.model)
+            ticket: Ticket | None = None
+            chunks = 0
             try:
                 tenant = tenant or self.authenticate(authorization)
                 outcome.tenant_id = tenant.id
                 span.set_attribute("fleetserve.tenant_id", tenant.id)
-                spec = to_spec(
+                spec, prompt_tokens = validate(
                     request,
                     default_max_tokens=self.default_max_tokens,
                     max_tokens_limit=self.max_tokens_limit,
+                    context_length=self.context_length(request.model),
                 )
+                await self._check_model(request.model)
+                if not tenant.may_use(request.model):
+                    raise PermissionDenied(
+                        f"tenant {tenant.id!r} may not use model {request.model!r}",
+                        reason="MODEL_NOT_ALLOWED",
+                        metadata={
+                            "model": request.model,
+                            "allowed_models": ",".join(sorted(tenant.models or ())),
+                        },
+                    )
+                outcome.priority = effective_priority(request.priority, tenant.tier)
+                if self.safety is not None:
+                    verdict = self.safety.check_input(input_texts(spec))
+                    if verdict is not None:
+                        raise self._refused(INPUT_BLOCKED, verdict.rule, request.model)
+                if self.shedder is not None:
+                    self._degrade(spec, outcome, span)
+                if self.admission is not None:
+                    ticket = await self.admission.admit(
+                        tenant, spec.model, outcome.request_id, prompt_tokens, timeout + _STREAM_LEASE_SLACK_S
+                    )
                 span.set_attribute("fleetserve.deadline_left_ms", timeout * 1000.0)
                 call = self._generate(
                     router_pb.GenerateRequest(
@@ -142,7 +291,7 @@ class GatewayPipeline:
                         spec=spec,
                         routing=router_pb.RoutingContext(
                             tenant_id=tenant.id,
-                            priority=request.priority,
+                            priority=outcome.priority,
                             session_id=request.session_id,
                             user_id=request.user_id,
                         ),
@@ -151,11 +300,30 @@ class GatewayPipeline:
                     timeout=wire_timeout(timeout),
                     metadata=metadata_for_downstream(),
                 )
+                checker = self.safety.output_checker() if self.safety is not None else None
+                note = (
+                    pb.GenerateResponse(
+                        chunk=common_pb2.GenerateChunk(
+                            served_by=common_pb2.ServedBy(degraded=outcome.degraded)
+                        )
+                    ).SerializeToString()
+                    if outcome.degraded
+                    else b""
+                )
                 try:
                     async for data in call:
+                        chunks += 1
+                        if checker is not None:
+                            verdict = checker.feed(pb.GenerateResponse.FromString(data).chunk.text)
+                            if verdict is not None:
+                                raise self._refused(OUTPUT_BLOCKED, verdict.rule, request.model)
                         if first is None:
-                            first = data
                             outcome.ttft_ms = (time.perf_counter() - arrived) * 1000.0
+                            if note:
+                                # Protobuf merges a message appended to another: served_by gains the note
+                                # without decoding and re-encoding the chunk.
+                                data += note
+                            first = data
                         last = data
                         yield data
                 finally:
@@ -181,6 +349,84 @@ class GatewayPipeline:
                 if outcome.code == grpc.StatusCode.CANCELLED and time.perf_counter() >= deadline:
                     outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
                 self._finish(span, arrived, request.model, outcome, first, last)
+                if ticket is not None:
+                    await self._settle(ticket, outcome, chunks)
+
+    def context_length(self, model: str) -> int | None:
+        """The model's context length (None: not checked)."""
+        return self.context_lengths.get(model, self.default_context_length)
+
+    def _refused(self, reason: str, rule: str, model: str) -> SafetyRefusal:
+        self._refusals.add(1, {"reason": reason, "model": model})
+        where = "prompt" if reason == INPUT_BLOCKED else "generated text"
+        return SafetyRefusal(
+            f"the {where} was refused by the safety filter (rule {rule})",
+            reason=reason,
+            metadata={"rule": rule},
+        )
+
+    def _degrade(self, spec, outcome: Outcome, span: trace.Span) -> None:
+        """Shed the request (ResourceExhausted) or degrade spec in place, per the load shedder."""
+        decision = self.shedder.decide(spec.model, outcome.priority, spec.sampling.max_tokens)  # type: ignore[union-attr]
+        if not decision.note:
+            return
+        self._degraded.add(1, {"model": spec.model})
+        if decision.model:
+            spec.model = decision.model
+        if decision.max_tokens:
+            spec.sampling.max_tokens = decision.max_tokens
+        outcome.degraded = decision.note
+        span.set_attribute("fleetserve.degraded", decision.note)
+
+    async def _settle(self, ticket: Ticket, outcome: Outcome, chunks: int) -> None:
+        """Limits and ledger, after the stream; a failure here (Redis gone) is logged, never raised over the
+        request's own outcome."""
+        try:
+            await self.admission.finish(  # type: ignore[union-attr]
+                ticket,
+                status=outcome.code.name,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+                cached_tokens=outcome.cached_tokens,
+                relayed_chunks=chunks,
+            )
+        except Exception:  # noqa: BLE001 - accounting must not turn a served request into an error
+            log.exception("gateway.settle_failed", request_id=ticket.request_id)
+
+    async def _model_names(self, max_age_s: float) -> frozenset[str] | None:
+        """The router's model names, cached up to max_age_s; None when the router cannot say (then the router
+        itself answers for the model)."""
+        now = time.monotonic()
+        if self._models is not None and now - self._models[1] < max_age_s:
+            return self._models[0]
+        try:
+            resp = await self._list_models(
+                router_pb.ListModelsRequest(),
+                timeout=min(1.0, self.list_models_timeout_s),
+                metadata=metadata_for_downstream(),
+            )
+        except grpc.aio.AioRpcError as e:
+            log.debug("gateway.model_list_failed", code=e.code().name)
+            return None
+        self._models = (frozenset(m.model for m in resp.models), time.monotonic())
+        return self._models[0]
+
+    async def _check_model(self, model: str) -> None:
+        """NotFound (with the available models) for a model the router does not serve."""
+        if model in self.extra_models:
+            return
+        names = await self._model_names(self.models_cache_ttl_s)
+        if names is not None and model not in names:
+            # It may have come up since the list was read: look once more, unless the list is fresh.
+            names = await self._model_names(min(0.25, self.models_cache_ttl_s))
+        if names is None or model in names:
+            return
+        available = sorted(names)
+        raise NotFound(
+            f"model {model!r} is not served by this fleet; available models: {', '.join(available) or 'none'}",
+            reason="MODEL_NOT_FOUND",
+            metadata={"model": model, "available_models": ",".join(available)},
+        )
 
     def _finish(
         self,
@@ -245,6 +491,7 @@ class GatewayPipeline:
                     retry_after_s=1.0,
                 ) from e
             raise
+        self._models = (frozenset(m.model for m in resp.models), time.monotonic())
         return pb.ListModelsResponse(
             models=[pb.Model(name=m.model, replicas=m.replicas) for m in resp.models]
         )

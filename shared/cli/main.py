@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--metrics", help="metrics service host:port (default: the running cluster's)")
     met.add_argument("--json", action="store_true")
 
+    admin = sub.add_parser("admin", help="tenants, API keys, limits and usage in the gateway's database")
+    from shared.cli import admin as admin_mod
+
+    admin_mod.add_arguments(admin)
+
     bench = sub.add_parser("bench", help="load the fleet (or one engine) and print a JSON summary")
     from loadtest import bench as bench_mod
 
@@ -74,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.metrics import run_metrics
 
         return run_metrics(args)
+    if args.command == "admin":
+        from shared.cli.admin import run_admin
+
+        return run_admin(args)
     if args.command == "bench":
         from loadtest import bench as bench_mod
 

@@ -102,7 +102,7 @@ def test_out_of_range_sampling_is_rejected(field, kwargs):
     max_tokens=st.integers(min_value=0, max_value=8192),
     temperature=st.floats(min_value=0, max_value=2, width=32),
     top_p=st.floats(min_value=0, max_value=1, width=32),
-    stop=st.lists(st.text(max_size=5), max_size=8),
+    stop=st.lists(st.text(min_size=1, max_size=5), max_size=8),
 )
 def test_any_in_range_request_is_accepted(max_tokens, temperature, top_p, stop):
     """Values within the documented ranges always validate, and max_tokens ends up in [1, limit]."""

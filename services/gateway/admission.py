@@ -1,0 +1,200 @@
+"""Admission of one request against its tenant's and key's limits (requests/s, tokens/min, concurrent streams,
+token and cost budgets per period), and the accounting once it ends (completion tokens, the ledger)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from opentelemetry import metrics
+
+from services.gateway.ledger import Entry, Ledger, cost_usd, period_end
+from services.gateway.limits import LimitBackend, Rate
+from services.gateway.tenants import Limits, Tenant
+from shared.errors import ResourceExhausted
+
+# Before a tenant has finished any stream, the wait advised when its streams are all taken.
+_DEFAULT_STREAM_S = 1.0
+_EWMA = 0.2
+
+
+@dataclass
+class Ticket:
+    """What admission took for one request, given back or reconciled by finish()."""
+
+    tenant: Tenant
+    model: str
+    request_id: str
+    prompt_tokens: int
+    token_rates: list[Rate] = field(default_factory=list)
+    stream_key: str = ""
+    opened: float = 0.0
+
+
+def _rates(owner: str, subject: str, limits: Limits) -> tuple[Rate | None, Rate | None]:
+    rps = Rate(f"{owner}:rps", limits.rps, 1.0, subject, "requests per second") if limits.rps else None
+    tpm = (
+        Rate(f"{owner}:tpm", float(limits.tokens_per_min), 60.0, subject, "tokens per minute")
+        if limits.tokens_per_min
+        else None
+    )
+    return rps, tpm
+
+
+class Admission:
+    """Checks limits in a fixed order (cheapest refusal first, nothing taken unless everything passes) and
+    raises ResourceExhausted with QuotaFailure (which limit) and RetryInfo (when it would pass)."""
+
+    def __init__(
+        self,
+        backend: LimitBackend,
+        ledger: Ledger,
+        meter: metrics.Meter,
+        *,
+        prices: Mapping[str, tuple[float, float]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.ledger = ledger
+        self.prices = dict(prices or {})
+        self._clock = clock
+        self._stream_s: dict[str, float] = {}
+        self._limited = meter.create_counter(
+            "fleetserve.gateway.limited",
+            unit="{request}",
+            description="Requests refused by a tenant or key limit, by limit.",
+        )
+
+    def _refuse(self, tenant: Tenant, limit: str, message: str, subject: str, retry_s: float | None):
+        self._limited.add(1, {"limit": limit, "tenant": tenant.id})
+        return ResourceExhausted(
+            message,
+            reason=limit,
+            retry_after_s=None if retry_s is None else retry_hint(max(retry_s, 0.001)),
+            quota_violations=[(subject, message)],
+            metadata={"tenant": tenant.id, "limit": limit},
+        )
+
+    async def admit(
+        self, tenant: Tenant, model: str, request_id: str, prompt_tokens: int, lease_s: float
+    ) -> Ticket:
+        """Take what the request needs or raise ResourceExhausted; the ticket must reach finish()."""
+        ticket = Ticket(tenant, model, request_id, prompt_tokens, opened=time.monotonic())
+        self._check_budgets(tenant, prompt_tokens)
+        t_rps, t_tpm = _rates(f"t:{tenant.id}", f"tenant:{tenant.id}", tenant.limits)
+        k_rps, k_tpm = _rates(f"k:{tenant.key_id}", f"key:{tenant.key_id}", tenant.key_limits)
+        wants: list[tuple[Rate, float]] = [(r, 1.0) for r in (t_rps, k_rps) if r is not None]
+        for r in (t_tpm, k_tpm):
+            if r is None:
+                continue
+            if prompt_tokens > r.capacity:
+                raise self._refuse(
+                    tenant,
+                    "PROMPT_EXCEEDS_TOKEN_RATE",
+                    f"the prompt's {prompt_tokens} tokens exceed the limit of {int(r.capacity)} {r.what}; "
+                    "it can never be admitted",
+                    r.subject,
+                    None,
+                )
+            wants.append((r, float(prompt_tokens)))
+            ticket.token_rates.append(r)
+        refused = await self.backend.take(wants)
+        if refused:
+            rate, wait = max(refused, key=lambda rw: rw[1])
+            limit = "RATE_LIMITED" if rate.what == "requests per second" else "TOKEN_RATE_LIMITED"
+            raise self._refuse(
+                tenant,
+                limit,
+                f"{rate.subject} is over its limit of {rate.capacity:g} {rate.what}; retry in {wait:.3f} s",
+                rate.subject,
+                wait,
+            )
+        cap = tenant.limits.max_streams
+        if cap:
+            key = f"s:{tenant.id}"
+            if not await self.backend.open_stream(key, cap, request_id, lease_s):
+                # Expected time until one of `cap` streams of typical length ends, if their ages are spread.
+                wait = self._stream_s.get(tenant.id, _DEFAULT_STREAM_S) / cap
+                raise self._refuse(
+                    tenant,
+                    "CONCURRENT_STREAMS_LIMIT",
+                    f"tenant:{tenant.id} already has its limit of {cap} concurrent streams open",
+                    f"tenant:{tenant.id}",
+                    wait,
+                )
+            ticket.stream_key = key
+        return ticket
+
+    def _check_budgets(self, tenant: Tenant, prompt_tokens: int) -> None:
+        lim = tenant.limits
+        if not lim.token_budget and not lim.cost_budget_usd:
+            return
+        tokens, cost = self.ledger.used(tenant.id, lim.budget_period)
+        now = self._clock()
+        if lim.token_budget and tokens + prompt_tokens > lim.token_budget:
+            raise self._refuse(
+                tenant,
+                "TOKEN_BUDGET_EXHAUSTED",
+                f"tenant:{tenant.id} used {tokens} of its {lim.token_budget} tokens this {lim.budget_period} "
+                f"(this prompt needs {prompt_tokens})",
+                f"tenant:{tenant.id}",
+                period_end(lim.budget_period, now) - now,
+            )
+        if lim.cost_budget_usd and cost >= lim.cost_budget_usd:
+            raise self._refuse(
+                tenant,
+                "COST_BUDGET_EXHAUSTED",
+                f"tenant:{tenant.id} spent ${cost:.6f} of its ${lim.cost_budget_usd:g} budget "
+                f"this {lim.budget_period}",
+                f"tenant:{tenant.id}",
+                period_end(lim.budget_period, now) - now,
+            )
+
+    async def finish(
+        self,
+        ticket: Ticket,
+        *,
+        status: str,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        cached_tokens: int | None,
+        relayed_chunks: int,
+    ) -> Entry:
+        """Give the stream slot back, charge tokens the admission could not know, and write the ledger row.
+        Without a final usage chunk (cancelled, failed) the gateway's own counts stand in: the prompt as
+        tokenized on admission and one token per relayed chunk (an estimate: the engine sends about one
+        token per chunk). Such rows are marked partial."""
+        tenant = ticket.tenant
+        if ticket.stream_key:
+            await self.backend.close_stream(ticket.stream_key, ticket.request_id)
+            elapsed = time.monotonic() - ticket.opened
+            prev = self._stream_s.get(tenant.id)
+            self._stream_s[tenant.id] = elapsed if prev is None else prev + _EWMA * (elapsed - prev)
+        partial = completion_tokens is None
+        prompt = ticket.prompt_tokens if prompt_tokens is None else prompt_tokens
+        completion = relayed_chunks if completion_tokens is None else completion_tokens
+        extra = completion + max(0, prompt - ticket.prompt_tokens)
+        if extra and ticket.token_rates:
+            await self.backend.charge([(r, float(extra)) for r in ticket.token_rates])
+        entry = Entry(
+            request_id=ticket.request_id,
+            tenant_id=tenant.id,
+            key_id=tenant.key_id,
+            model=ticket.model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached_tokens or 0,
+            cost_usd=cost_usd(self.prices, ticket.model, prompt, completion),
+            status=status,
+            partial=partial,
+            at=self._clock(),
+        )
+        self.ledger.record(entry)
+        return entry
+
+
+def retry_hint(seconds: float) -> float:
+    """Seconds rounded up to the millisecond (a client that waits this long is not refused for rounding)."""
+    return math.ceil(seconds * 1000) / 1000

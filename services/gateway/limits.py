@@ -1,0 +1,107 @@
+"""Rate limits and concurrent-stream caps kept in this process (one gateway): aiolimiter leaky buckets keyed by
+tenant and key, checked and taken all-or-nothing, with the wait a refused request should honour."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiolimiter import AsyncLimiter
+
+_MAX_BUCKETS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """One rate limit: the bucket `key` holds `capacity` units that drain completely in `period_s` seconds."""
+
+    key: str
+    capacity: float
+    period_s: float
+    # Who is limited and by what, for QuotaFailure ("tenant:acme", "requests per second").
+    subject: str
+    what: str
+
+
+class LimitBackend(Protocol):
+    """Where limit state lives: this process (LocalLimits) or Redis, shared by every gateway (RedisLimits)."""
+
+    async def take(self, wants: Sequence[tuple[Rate, float]]) -> list[tuple[Rate, float]]:
+        """Take every amount if all fit; else take nothing and return each refused (rate, seconds to wait)."""
+        ...
+
+    async def charge(self, wants: Sequence[tuple[Rate, float]]) -> None:
+        """Add usage measured after admission (completion tokens), even past capacity: a later request waits."""
+        ...
+
+    async def open_stream(self, key: str, cap: int, stream_id: str, lease_s: float) -> bool:
+        """Hold one of cap stream slots under key for stream_id (at most lease_s); False when all are held."""
+        ...
+
+    async def close_stream(self, key: str, stream_id: str) -> None:
+        """Give back stream_id's slot."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Bucket(AsyncLimiter):
+    """aiolimiter's leaky bucket plus what admission needs and it lacks: the wait until an amount fits, and
+    charging after the fact past capacity. Both read the bucket's level (aiolimiter keeps it in _level, drained
+    by _leak()); the library's acquire() would block, and the gateway must refuse instead of queueing."""
+
+    def wait_s(self, amount: float) -> float:
+        self._leak()
+        return max(0.0, self._level + amount - self.max_rate) / self._rate_per_sec
+
+    def charge(self, amount: float) -> None:
+        self._leak()
+        self._level += amount
+
+
+class LocalLimits:
+    """LimitBackend in this process. Single-threaded asyncio: check-then-take cannot interleave."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, Bucket] = {}
+        self._streams: dict[str, set[str]] = {}
+
+    def _bucket(self, rate: Rate) -> Bucket:
+        b = self._buckets.get(rate.key)
+        if b is None or b.max_rate != rate.capacity or b.time_period != rate.period_s:
+            # A limit changed by the admin starts a fresh bucket (an old level means nothing against it).
+            if len(self._buckets) >= _MAX_BUCKETS:
+                self._buckets.clear()
+            b = self._buckets[rate.key] = Bucket(rate.capacity, rate.period_s)
+        return b
+
+    async def take(self, wants: Sequence[tuple[Rate, float]]) -> list[tuple[Rate, float]]:
+        buckets = [(rate, self._bucket(rate), amount) for rate, amount in wants]
+        refused = [(rate, b.wait_s(amount)) for rate, b, amount in buckets if not b.has_capacity(amount)]
+        if not refused:
+            for _, b, amount in buckets:
+                b.charge(amount)
+        return refused
+
+    async def charge(self, wants: Sequence[tuple[Rate, float]]) -> None:
+        for rate, amount in wants:
+            if amount > 0:
+                self._bucket(rate).charge(amount)
+
+    async def open_stream(self, key: str, cap: int, stream_id: str, lease_s: float) -> bool:
+        held = self._streams.setdefault(key, set())
+        if len(held) >= cap:
+            return False
+        held.add(stream_id)
+        return True
+
+    async def close_stream(self, key: str, stream_id: str) -> None:
+        held = self._streams.get(key)
+        if held is not None:
+            held.discard(stream_id)
+            if not held:
+                del self._streams[key]
+
+    async def close(self) -> None:
+        return None
