@@ -226,6 +226,13 @@ class Cluster:
         path.chmod(0o600)
         return key
 
+    def ready_info(self, name: str) -> dict:
+        """What a running service wrote to its ready file (address, pid, and e.g. the gateway's http_address)."""
+        try:
+            return json.loads(self.procs[name].ready_file.read_text())
+        except (KeyError, OSError, ValueError):
+            return {}
+
     def signal(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Send sig to one service (SIGKILL to simulate a crash)."""
         proc = self.procs[name]
@@ -260,6 +267,7 @@ class Cluster:
         """What other commands need to find this fleet."""
         return {
             "gateway": self.gateway,
+            "gateway_http": self.ready_info("gateway").get("http_address", ""),
             "router": self.router,
             "registry": self.registry,
             "metrics": self.metrics,
