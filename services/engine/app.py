@@ -22,13 +22,17 @@ log = structlog.get_logger(__name__)
 def create_backend(settings: EngineSettings) -> EngineBackend:
     """The backend named by settings.backend."""
     if settings.backend == "sim":
+        profile = settings.gpu_profile
         return SimEngine(
             seed=settings.seed,
             speed_factor=settings.speed_factor,
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
-            num_kv_blocks=settings.num_kv_blocks,
+            num_kv_blocks=settings.num_kv_blocks or profile.num_kv_blocks,
+            max_model_len=settings.max_model_len or profile.max_model_len,
+            enable_prefix_caching=settings.enable_prefix_caching,
             cost=settings.cost_model,
+            kv_events_max_pending=settings.kv_events_max_pending,
         )
     raise ValueError(f"unknown backend {settings.backend!r}")
 
@@ -107,7 +111,8 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
         speed_factor=settings.speed_factor,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
-        num_kv_blocks=settings.num_kv_blocks,
+        num_kv_blocks=backend.info().kv_blocks_total,
+        profile=settings.profile if settings.backend == "sim" else None,
         registry=settings.registry_address or None,
     )
     return EngineApp(running, backend, servicer, registration, settings.replica_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import socket
 from typing import Literal
@@ -9,10 +10,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from services.engine.cost_model import CostModel
+from services.engine.profile import DEFAULT_PROFILE, GpuProfile, load_profile
 from shared.settings import ServiceSettings, service_config
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
-_COST = CostModel()
 
 
 class EngineSettings(ServiceSettings):
@@ -41,15 +42,34 @@ class EngineSettings(ServiceSettings):
     max_num_batched_tokens: int = Field(
         2048, ge=1, description="Token budget of one step (decode tokens plus prefill chunks)."
     )
-    num_kv_blocks: int = Field(32768, ge=1, description="KV-cache blocks of 16 tokens each.")
-    step_base_ms: float = Field(
-        _COST.base_ms, ge=0, description="Sim cost model: fixed GPU time of a step, in ms (H100-calibrated)."
+    profile: str = Field(
+        DEFAULT_PROFILE,
+        min_length=1,
+        description="Sim: GPU profile, a name in infra/profiles/ (h100-llama-1b, h100-llama-8b, l4-llama-1b) "
+        "or a path to a .toml file of that shape: KV blocks, context length and cost-model terms.",
     )
-    step_per_decode_seq_ms: float = Field(
-        _COST.per_decode_seq_ms, ge=0, description="Sim cost model: GPU time per decoding sequence, in ms."
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="Sim: KV-cache blocks of 16 tokens each; default: the profile's."
     )
-    step_per_prefill_token_ms: float = Field(
-        _COST.per_prefill_token_ms, ge=0, description="Sim cost model: GPU time per prefill token, in ms."
+    max_model_len: int | None = Field(
+        None, ge=1, description="Sim: longest prompt plus max_tokens accepted; default: the profile's."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Sim: reuse cached KV blocks of a shared prompt prefix (per tenant cache salt)."
+    )
+    step_base_ms: float | None = Field(
+        None, ge=0, description="Sim cost model: fixed GPU time of a step, in ms; default: the profile's."
+    )
+    step_per_decode_seq_ms: float | None = Field(
+        None,
+        ge=0,
+        description="Sim cost model: GPU time per decoding sequence, in ms; default: the profile's.",
+    )
+    step_per_prefill_token_ms: float | None = Field(
+        None, ge=0, description="Sim cost model: GPU time per prefill token, in ms; default: the profile's."
+    )
+    kv_events_max_pending: int = Field(
+        1024, ge=1, description="KV-event batches queued per subscriber before the oldest are dropped."
     )
     advertise_host: str = Field(
         "",
@@ -74,13 +94,26 @@ class EngineSettings(ServiceSettings):
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
                 f"({self.max_num_seqs}), or a full batch could not decode in one step"
             )
+        if self.backend == "sim":
+            self.gpu_profile  # noqa: B018 - a missing or malformed profile fails here, at start
         if self.register_retry_base_s > self.register_retry_max_s:
             raise ValueError("register_retry_base_s must not exceed register_retry_max_s")
         return self
 
     @property
+    def gpu_profile(self) -> GpuProfile:
+        return load_profile(self.profile)
+
+    @property
     def cost_model(self) -> CostModel:
-        return CostModel(self.step_base_ms, self.step_per_decode_seq_ms, self.step_per_prefill_token_ms)
+        """The profile's cost model with the step_* flags that are set replacing its terms."""
+        cost = self.gpu_profile.cost
+        overrides = {
+            "base_ms": self.step_base_ms,
+            "per_decode_seq_ms": self.step_per_decode_seq_ms,
+            "per_prefill_token_ms": self.step_per_prefill_token_ms,
+        }
+        return dataclasses.replace(cost, **{k: v for k, v in overrides.items() if v is not None})
 
     def advertised_address(self, port: int) -> str:
         """The host:port to register for a server bound on port."""

@@ -1,15 +1,16 @@
 """The sim engine's scheduler, after vLLM v1's: continuous batching, chunked prefill under a per-step token
-budget, paged KV-cache blocks, and recompute preemption when blocks run out. No clocks and no asyncio here:
-the step loop (sim.py) asks for a step, waits the step's modelled time, then completes it."""
+budget, paged KV blocks with prefix caching (services/engine/block_pool.py), and recompute preemption when
+blocks run out. No clocks and no asyncio here: the step loop (sim.py) asks for a step, waits the step's
+modelled time, then completes it."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.engine.block_pool import BlockPool, KVBlock
 from services.engine.sim_request import SimRequest
-
-BLOCK_SIZE = 16
+from shared.prefix_hash import BLOCK_SIZE
 
 
 def blocks_for(tokens: int) -> int:
@@ -30,23 +31,39 @@ class Step:
 class Scheduler:
     """Running requests go first (a decode step each, or the next chunk of their prefill), then waiting ones
     are admitted, interactive before standard before batch and first come first served within a tier, while
-    the step has token budget, a sequence slot and KV blocks for them. Blocks are counted, not addressed:
-    without prefix caching nothing needs a block's identity yet."""
+    the step has token budget, a sequence slot and KV blocks for them (vLLM's priority policy).
+
+    A waiting request first takes the longest chain of its full blocks already cached (never its last token:
+    one token must be computed to sample from), so only the rest is prefilled. When a running request needs a
+    block and none is free, the lowest-priority, latest-arrived running request is preempted: its blocks are
+    freed (they stay cached, so its recompute mostly hits) and it rejoins the front of its tier's queue."""
 
     def __init__(
-        self, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, num_kv_blocks: int = 32768
+        self,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        num_kv_blocks: int = 32768,
+        *,
+        enable_prefix_caching: bool = True,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.num_kv_blocks = num_kv_blocks
-        self.blocks_used = 0
+        self.pool = BlockPool(num_kv_blocks, BLOCK_SIZE, enable_caching=enable_prefix_caching)
         # One FIFO per priority rank (preempted requests rejoin at the front of theirs).
         self.waiting: tuple[deque[SimRequest], ...] = (deque(), deque(), deque())
-        # In admission order (preemption takes from the back); a dict so aborts remove in O(1).
+        # In admission order; a dict so aborts remove in O(1).
         self.running: dict[str, SimRequest] = {}
         self.preemptions = 0
 
     # -- membership ---------------------------------------------------------------------------------
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def blocks_used(self) -> int:
+        return self.pool.num_used
 
     @property
     def num_waiting(self) -> int:
@@ -57,7 +74,7 @@ class Scheduler:
 
     def fits(self, total_tokens: int) -> bool:
         """Whether a request needing KV for total_tokens could ever run (alone, with every block free)."""
-        return blocks_for(total_tokens) <= self.num_kv_blocks
+        return blocks_for(total_tokens) <= self.pool.num_blocks
 
     def add(self, req: SimRequest) -> None:
         """Queue a new request."""
@@ -74,26 +91,56 @@ class Scheduler:
             return False
         return True
 
-    def _free(self, req: SimRequest) -> None:
-        self.blocks_used -= req.num_blocks
-        req.num_blocks = 0
+    # -- KV blocks (vLLM's KVCacheManager) ----------------------------------------------------------
 
-    def _grow(self, req: SimRequest, tokens: int) -> bool:
-        need = blocks_for(tokens) - req.num_blocks
-        if need <= 0:
-            return True
-        if self.blocks_used + need > self.num_kv_blocks:
+    def _free(self, req: SimRequest) -> None:
+        self.pool.free_blocks(req.blocks)
+        req.blocks = []
+        req.num_cached_blocks = 0
+
+    def _cache_hits(self, req: SimRequest) -> list[KVBlock]:
+        """The longest run of req's leading full blocks that is cached, leaving at least one token to compute."""
+        pool = self.pool
+        if not pool.enable_caching:
+            return []
+        cached = pool.cached
+        hits: list[KVBlock] = []
+        for h in req.block_hashes[: (req.num_tokens - 1) // BLOCK_SIZE]:
+            b = cached.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _allocate(self, req: SimRequest, num_new: int, hits: list[KVBlock] = ()) -> bool:
+        """Give req the blocks for num_new more tokens (after taking the cached hits); False, changing nothing,
+        when there are not enough free blocks. Blocks that become full get their hashes cached now, as vLLM does
+        at allocation (the step computes them before any later step can read them)."""
+        pool = self.pool
+        total = req.num_computed + len(hits) * BLOCK_SIZE + num_new
+        need = blocks_for(total) - len(req.blocks) - len(hits)
+        # Hits with no reference sit in the free queue; taking them leaves fewer blocks to allocate from.
+        if need > pool.num_free - sum(1 for b in hits if b.ref_cnt == 0):
             return False
-        self.blocks_used += need
-        req.num_blocks += need
+        if hits:
+            pool.touch(hits)
+            req.blocks.extend(hits)
+            req.num_cached_blocks = len(req.blocks)
+        if need > 0:
+            req.blocks.extend(pool.get_new_blocks(need))
+        full = min(total // BLOCK_SIZE, len(req.block_hashes))
+        if full > req.num_cached_blocks:
+            pool.cache_full_blocks(req.blocks, req.block_hashes, req.num_cached_blocks, full, req.token_ids)
+            req.num_cached_blocks = full
         return True
 
     def _preempt(self, req: SimRequest) -> None:
-        # Recompute preemption: drop its KV; it prefills prompt and outputs again when readmitted, first in
-        # its tier. Its outputs depend only on position, so its text does not change.
+        # Recompute preemption: drop its KV references; it prefills prompt and outputs again when readmitted,
+        # first in its tier. Its outputs depend only on position, so its text does not change.
         del self.running[req.request_id]
         self._free(req)
         req.num_computed = 0
+        req.num_preemptions += 1
         self.waiting[req.rank].appendleft(req)
         self.preemptions += 1
 
@@ -103,35 +150,48 @@ class Scheduler:
         """Choose what the next step computes, allocating the KV blocks it needs."""
         step = Step()
         budget = self.max_num_batched_tokens
-        running = list(self.running.values())
-        end = len(running)
-        i = 0
-        while i < end and budget > 0:
-            req = running[i]
+        # Not yet scheduled this step, in admission order: the only ones preemption may take.
+        rest = list(self.running.values())
+        rest.reverse()
+        while rest and budget > 0:
+            req = rest.pop()
             n = min(req.num_tokens - req.num_computed, budget)
-            # Out of blocks: preempt from the back (the latest admitted) until this one fits, or preempt it.
-            while not self._grow(req, req.num_computed + n):
-                end -= 1
-                self._preempt(running[end])
+            scheduled = True
+            while not self._allocate(req, n):
+                # Out of blocks: preempt the lowest priority, latest arrival (this request itself, maybe).
+                victim = max(rest, key=_victim_key, default=req)
+                if _victim_key(req) > _victim_key(victim):
+                    victim = req
+                self._preempt(victim)
                 step.preempted += 1
-                if end == i:
+                if victim is req:
+                    scheduled = False
                     break
-            if end == i:
+                rest.remove(victim)
+            if not scheduled:
                 break
             self._account(step, req, n)
             budget -= n
-            i += 1
         # vLLM admits nothing in a step that had to preempt: the blocks are needed by those already running.
         if step.preempted:
             return step
+        pool = self.pool
         while budget > 0 and len(self.running) < self.max_num_seqs:
             queue = next((q for q in self.waiting if q), None)
             if queue is None:
                 break
             req = queue[0]
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not self._grow(req, req.num_computed + n):
+            hits = self._cache_hits(req) if req.num_computed == 0 else []
+            hit_tokens = len(hits) * BLOCK_SIZE
+            n = min(req.num_tokens - req.num_computed - hit_tokens, budget)
+            if not self._allocate(req, n, hits):
                 break  # the head waits for blocks; no overtaking, so big requests are not starved
+            if req.cached_tokens is None:
+                # First admission: what vLLM reports as cached tokens and counts in its prefix-cache stats.
+                req.cached_tokens = hit_tokens
+                pool.stats.queries += req.num_tokens
+                pool.stats.hits += hit_tokens
+            req.num_computed += hit_tokens
             queue.popleft()
             self.running[req.request_id] = req
             self._account(step, req, n)
@@ -164,3 +224,8 @@ class Scheduler:
                     self._free(req)
                     finished.append(req)
         return emitted, finished
+
+
+def _victim_key(req: SimRequest) -> tuple[int, int]:
+    """Preemption order: the largest key goes first (batch before standard before interactive, then latest)."""
+    return (req.rank, req.arrival)

@@ -13,7 +13,7 @@ from opentelemetry import metrics, trace
 
 from services.engine.backend import EngineBackend
 from shared.deadlines import caller_time_left, deadline_passed
-from shared.errors import InvalidArgument, NotFound, Unimplemented, rpc_boundary
+from shared.errors import InvalidArgument, NotFound, rpc_boundary
 from shared.telemetry import bind_request, context_from_metadata
 
 log = structlog.get_logger(__name__)
@@ -171,10 +171,25 @@ class EngineServicer:
 
     @rpc_boundary
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:
-        return pb.GetInfoResponse(replica_id=self.replica_id, model=self.model, backend=self.backend.name)
+        info = self.backend.info()
+        return pb.GetInfoResponse(
+            replica_id=self.replica_id,
+            model=self.model,
+            backend=self.backend.name,
+            block_size=info.block_size,
+            kv_blocks_total=info.kv_blocks_total,
+            max_model_len=info.max_model_len,
+        )
 
     @rpc_boundary
     async def SubscribeKvEvents(self, request: pb.SubscribeKvEventsRequest, context):
-        # Until the backends publish KV events, say so plainly rather than stream nothing.
-        raise Unimplemented("this engine does not publish KV events yet")
-        yield  # pragma: no cover - makes this a server-streaming handler
+        batches = 0
+        log.info("engine.kv_events_subscribed", include_snapshot=request.include_snapshot)
+        stream = self.backend.subscribe_kv_events(request.include_snapshot)
+        try:
+            async for batch in stream:
+                batches += 1
+                yield pb.SubscribeKvEventsResponse(batch=batch)
+        finally:
+            await stream.aclose()
+            log.info("engine.kv_events_ended", batches=batches)

@@ -11,13 +11,22 @@ from dataclasses import dataclass
 
 import structlog
 from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
-from services.engine.backend import DEFAULT_MAX_TOKENS, Counters, RequestIdInUse, StepOutput
+from services.engine.backend import (
+    DEFAULT_MAX_TOKENS,
+    BackendInfo,
+    Counters,
+    RequestIdInUse,
+    StepOutput,
+)
 from services.engine.cost_model import CostModel
+from services.engine.kv_events import DEFAULT_MAX_PENDING, KvEventHub, block_removed, block_stored
 from services.engine.scheduler import Scheduler
 from services.engine.sim_request import ABORT, PRIORITY_RANK, SimRequest
 from services.engine.sim_tokens import VOCAB_SIZE, prompt_digest, prompt_token_ids
 from shared.errors import InvalidArgument, ShuttingDown, Unavailable
+from shared.prefix_hash import BLOCK_SIZE
 
 log = structlog.get_logger(__name__)
 
@@ -47,16 +56,26 @@ class SimEngine:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         num_kv_blocks: int = 32768,
+        max_model_len: int = 4096,
+        enable_prefix_caching: bool = True,
         cost: CostModel | None = None,
         throughput_window_s: float = 5.0,
         max_lag_s: float = 0.02,
+        kv_events_max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         if speed_factor <= 0:
             raise ValueError(f"speed_factor must be > 0; got {speed_factor}")
         self.seed = seed
         self.speed_factor = speed_factor
         self.cost = cost or CostModel()
-        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, num_kv_blocks)
+        self.max_model_len = max_model_len
+        self.scheduler = Scheduler(
+            max_num_seqs,
+            max_num_batched_tokens,
+            num_kv_blocks,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        self.kv_events = KvEventHub(max_pending=kv_events_max_pending)
         self.counters = Counters()
         self.timing = StepTiming()
         self.throughput_window_s = throughput_window_s
@@ -91,6 +110,7 @@ class SimEngine:
         self._closing = True
         for req in list(self._requests.values()):
             self._abort(req)
+        self.kv_events.close()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -137,6 +157,19 @@ class SimEngine:
                 field_violations=[("spec.resume_token_ids", f"ids must be < {VOCAB_SIZE}")],
             )
         prompt_ids = prompt_token_ids(spec)
+        context = len(prompt_ids) + len(resumed)
+        if context >= self.max_model_len:
+            raise InvalidArgument(
+                f"the prompt is {context} tokens; this model's context is {self.max_model_len} tokens",
+                field_violations=[
+                    (
+                        "spec.prompt",
+                        f"{context} tokens; at most {self.max_model_len - 1} with room for output",
+                    )
+                ],
+            )
+        # As vLLM: generation also ends (finish reason length) when the sequence reaches max_model_len.
+        max_tokens = min(max_tokens, self.max_model_len - len(prompt_ids))
         if not self.scheduler.fits(len(prompt_ids) + max_tokens):
             raise InvalidArgument(
                 "prompt plus max_tokens exceed this replica's KV cache",
@@ -150,18 +183,20 @@ class SimEngine:
         seed = sampling.seed if sampling.HasField("seed") else self.seed
         req = SimRequest(
             request_id,
-            prompt_tokens=len(prompt_ids),
+            prompt_ids=prompt_ids,
             resumed_ids=resumed,
             digest=prompt_digest(seed, prompt_ids),
             max_tokens=max_tokens,
             stops=tuple(s for s in sampling.stop if s),
             rank=PRIORITY_RANK.get(priority, 1),
             arrival=next(self._arrivals),
+            cache_salt=cache_salt,
         )
         if req.finish_reason is None:
             self._requests[request_id] = req
-            self.scheduler.add(req)
-            self._wake.set()
+            # The front end (tokenizing, hashing, IPC to the engine core) delays the request's admission.
+            delay = self.cost.frontend_ms(len(prompt_ids)) / (1000.0 * self.speed_factor)
+            asyncio.get_running_loop().call_later(delay, self._admit, req)
         else:
             self.counters.finished += 1
         return self._stream(req)
@@ -182,6 +217,11 @@ class SimEngine:
             # The reader went away (cancelled, closed): free the request's blocks and slot now.
             self._abort(req)
 
+    def _admit(self, req: SimRequest) -> None:
+        if req.finish_reason is None:
+            self.scheduler.add(req)
+            self._wake.set()
+
     def abort(self, request_id: str) -> bool:
         req = self._requests.get(request_id)
         return req is not None and self._abort(req)
@@ -200,14 +240,60 @@ class SimEngine:
 
     def load(self) -> common_pb2.ReplicaLoad:
         s = self.scheduler
+        stats = s.pool.stats
+        running = len(s.running)
         return common_pb2.ReplicaLoad(
-            running=len(s.running),
-            waiting=s.num_waiting,
+            running=running,
+            # Requests still in the front end count as waiting: they are queued work the router should see.
+            waiting=len(self._requests) - running,
             kv_blocks_used=s.blocks_used,
             kv_blocks_total=s.num_kv_blocks,
-            prefix_cache_hit_rate=0.0,
+            prefix_cache_hit_rate=stats.hit_rate,
             output_tokens_per_s=self.output_tokens_per_s(),
+            in_flight_tokens=sum(r.tokens_left() for r in self._requests.values()),
+            prefix_cache_queried_tokens=stats.queries,
+            prefix_cache_hit_tokens=stats.hits,
         )
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(BLOCK_SIZE, self.scheduler.num_kv_blocks, self.max_model_len)
+
+    # -- KV events ----------------------------------------------------------------------------------
+
+    def subscribe_kv_events(self, include_snapshot: bool) -> AsyncIterator[engine_pb.KvEventBatch]:
+        return self.kv_events.subscribe(include_snapshot, self._snapshot)
+
+    def _snapshot(self) -> list[engine_pb.KvEvent]:
+        """Every cached block, as BlockStored events; consecutive links of one chain share an event."""
+        events: list[engine_pb.KvEvent] = []
+        hashes: list[int] = []
+        tokens: list[int] = []
+        parent: int | None = None
+        for h, b in self.scheduler.pool.cached.items():
+            if hashes and b.parent_hash != hashes[-1]:
+                events.append(block_stored(hashes, parent, tokens, BLOCK_SIZE))
+                hashes, tokens = [], []
+            if not hashes:
+                parent = b.parent_hash
+            hashes.append(h)
+            tokens.extend(b.token_ids)
+        if hashes:
+            events.append(block_stored(hashes, parent, tokens, BLOCK_SIZE))
+        return events
+
+    def _publish_kv_events(self) -> None:
+        items = self.scheduler.pool.take_events()
+        if not items or not self.kv_events.active:
+            return
+        events = []
+        for item in items:
+            if item[0] == "stored":
+                events.append(block_stored(item[1], item[2], item[3], BLOCK_SIZE))
+            elif item[0] == "removed":
+                events.append(block_removed(item[1]))
+            else:
+                events.append(engine_pb.KvEvent(all_blocks_cleared=engine_pb.AllBlocksCleared()))
+        self.kv_events.publish(events)
 
     def output_tokens_per_s(self) -> float:
         """Output tokens per second (real time) over the last throughput window."""
@@ -269,6 +355,7 @@ class SimEngine:
                     next_at = loop.time()
                 await asyncio.sleep(0)  # let the streams and RPCs run even when behind
             emitted, finished = sched.complete(step)
+            self._publish_kv_events()
             timing.steps += 1
             timing.modelled_s += dt
             if emitted:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from fleetserve.common.v1 import common_pb2
 
 from services.engine.backend import StepOutput
-from services.engine.sim_tokens import TOKEN_TEXT, token_at
+from services.engine.sim_tokens import TOKEN_TEXT, detokenize, token_at
+from shared.prefix_hash import BLOCK_SIZE, hash_block
 
 STOP = common_pb2.FINISH_REASON_STOP
 LENGTH = common_pb2.FINISH_REASON_LENGTH
@@ -28,7 +30,8 @@ class SimRequest:
 
     __slots__ = (
         "request_id", "rank", "arrival", "digest", "prompt_tokens", "max_tokens", "completion",
-        "num_tokens", "num_computed", "num_blocks", "outputs", "stops", "_hold", "_tail", "_unsent",
+        "token_ids", "num_tokens", "num_computed", "blocks", "block_hashes", "num_cached_blocks",
+        "cache_salt", "cached_tokens", "num_preemptions", "outputs", "stops", "_hold", "_tail", "_unsent",
         "pending_ids", "pending_text", "finish_reason", "waiter",
     )  # fmt: skip
 
@@ -36,35 +39,45 @@ class SimRequest:
         self,
         request_id: str,
         *,
-        prompt_tokens: int,
+        prompt_ids: Sequence[int],
         resumed_ids: list[int],
         digest: int,
         max_tokens: int,
         stops: tuple[str, ...] = (),
         rank: int = 1,
         arrival: int = 0,
+        cache_salt: str = "",
     ) -> None:
         self.request_id = request_id
         self.rank = rank
         self.arrival = arrival
         self.digest = digest
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = len(prompt_ids)
         self.max_tokens = max_tokens
         # Position of the next output token; resumed tokens came first.
         self.completion = len(resumed_ids)
         # Tokens whose KV the request needs (prompt, resumed tokens, outputs) and how many are computed.
-        self.num_tokens = prompt_tokens + len(resumed_ids)
+        self.token_ids = list(prompt_ids)
+        self.token_ids.extend(resumed_ids)
+        self.num_tokens = len(self.token_ids)
         self.num_computed = 0
-        self.num_blocks = 0
+        # KV blocks held (in chain order), the hashes of the full blocks of token_ids, how many of the held
+        # blocks are in the prefix cache, and the salt that keeps tenants' hashes apart.
+        self.blocks: list = []
+        self.cache_salt = cache_salt
+        self.block_hashes: list[int] = []
+        self.num_cached_blocks = 0
+        self.hash_full_blocks()
+        # Prompt tokens served from the prefix cache at first admission (None before it), and preemptions.
+        self.cached_tokens: int | None = None
+        self.num_preemptions = 0
         # Tokens generated here (not resumed): a step with outputs > 0 and one token to compute is a decode.
         self.outputs = 0
         self.stops = stops
         # Stop strings may span tokens: the last (longest stop - 1) characters are held back until no stop can
         # start in them (vLLM does the same), and searched again together with the next token's text.
         self._hold = max((len(s) for s in stops), default=1) - 1
-        tail = (
-            "".join(TOKEN_TEXT[i] for i in resumed_ids[-self._hold :]) if self._hold and resumed_ids else ""
-        )
+        tail = detokenize(resumed_ids[-self._hold :]) if self._hold and resumed_ids else ""
         self._tail = tail[-self._hold :] if self._hold else ""
         self._unsent = 0  # characters at the end of _tail not yet delivered
         self.pending_ids: list[int] = []
@@ -74,12 +87,23 @@ class SimRequest:
         if self.completion >= max_tokens:
             self.finish_reason = LENGTH  # an attempt resumed after its last token: nothing left to do
 
+    def hash_full_blocks(self) -> None:
+        """Extend block_hashes over the full blocks of token_ids (vLLM hashes as blocks fill)."""
+        hashes, ids = self.block_hashes, self.token_ids
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), len(ids) // BLOCK_SIZE):
+            parent = hash_block(parent, ids[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE], self.cache_salt)
+            hashes.append(parent)
+
     def append_token(self) -> None:
         """Generate the next output token (called by the step that computed it) and check for the end."""
         tid = token_at(self.digest, self.completion)
         self.completion += 1
         self.outputs += 1
+        self.token_ids.append(tid)
         self.num_tokens += 1
+        if self.num_tokens % BLOCK_SIZE == 0:
+            self.hash_full_blocks()
         self.pending_ids.append(tid)
         piece = TOKEN_TEXT[tid]
         if self.stops:
@@ -133,4 +157,10 @@ class SimRequest:
         ids, self.pending_ids = self.pending_ids, []
         text = "".join(self.pending_text) if self.pending_text else ""
         self.pending_text = []
-        return StepOutput(ids, text, self.finish_reason, self.prompt_tokens, 0, self.completion)
+        return StepOutput(
+            ids, text, self.finish_reason, self.prompt_tokens, self.cached_tokens or 0, self.completion
+        )
+
+    def tokens_left(self) -> int:
+        """Tokens still to compute (prompt not yet prefilled, recompute after preemption) plus outputs to go."""
+        return self.num_tokens - self.num_computed + self.max_tokens - self.completion

@@ -23,7 +23,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.engine.app import EngineApp, start
 from services.engine.config import EngineSettings
+from services.engine.profile import load_profile
+from shared import tokenizer
 from shared.errors import details_of
+from shared.prefix_hash import block_hashes
 from shared.telemetry import Telemetry
 from tests.support import assert_eventually
 
@@ -60,7 +63,14 @@ async def engine(
 ) -> AsyncIterator[tuple[EngineApp, engine_grpc.EngineServiceStub]]:
     """A started engine (fast sim, no registry unless given) and a stub on a real channel; both closed after."""
     rec = rec or Recorded()
-    settings = {"replica_id": "engine-test", "model": MODEL, "speed_factor": 50.0, **overrides}
+    # A context long enough for LONG generations (the profile's 4,096 would end them early).
+    settings = {
+        "replica_id": "engine-test",
+        "model": MODEL,
+        "speed_factor": 50.0,
+        "max_model_len": 2 * LONG,
+        **overrides,
+    }
     app = await start(EngineSettings(**settings), rec.telemetry)
     channel = grpc.aio.insecure_channel(app.address)
     try:
@@ -207,10 +217,104 @@ async def test_abort_rpc_ends_the_stream_with_abort():
 
 
 async def test_get_info_names_the_replica():
-    """GetInfo returns the replica id, model and backend."""
-    async with engine() as (_, stub):
+    """GetInfo returns the replica id, model, backend and the KV-cache geometry."""
+    async with engine(num_kv_blocks=1000) as (_, stub):
         info = await stub.GetInfo(pb.GetInfoRequest(), timeout=2)
         assert (info.replica_id, info.model, info.backend) == ("engine-test", MODEL, "sim")
+        assert (info.block_size, info.kv_blocks_total, info.max_model_len) == (16, 1000, 2 * LONG)
+
+
+async def first_chunk_ms(stub, req: pb.GenerateRequest) -> tuple[float, common_pb2.GenerateChunk]:
+    """Time to the first chunk, and the last chunk (with usage)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    first = None
+    async for r in stub.Generate(req, timeout=30):
+        if first is None:
+            first = (loop.time() - t0) * 1000.0
+        last = r.chunk
+    return first, last
+
+
+PREFIX = "The quick brown fox jumps over the lazy dog near the river bank. " * 60  # 1,082 tokens
+
+
+async def test_a_cached_prefix_gives_cached_tokens_and_a_faster_first_token():
+    """The second request sharing a long prefix reports cached tokens and gets its first token much sooner (a
+    prefill-heavy cost model at real speed, so the difference is ~10x the noise)."""
+    async with engine(speed_factor=1.0, step_per_prefill_token_ms=0.3) as (_, stub):
+        cold_ms, cold = await first_chunk_ms(
+            stub, request(prompt=PREFIX + "one", max_tokens=2, request_id="c")
+        )
+        warm_ms, warm = await first_chunk_ms(
+            stub, request(prompt=PREFIX + "two", max_tokens=2, request_id="w")
+        )
+        assert cold.usage.cached_tokens == 0
+        assert (
+            warm.usage.cached_tokens >= warm.usage.prompt_tokens - 32 and warm.usage.cached_tokens % 16 == 0
+        )
+        assert warm_ms < cold_ms / 2, (cold_ms, warm_ms)
+        load = (await stub.GetLoad(pb.GetLoadRequest(), timeout=2)).load
+        assert load.prefix_cache_hit_tokens == warm.usage.cached_tokens
+        assert load.prefix_cache_queried_tokens == cold.usage.prompt_tokens + warm.usage.prompt_tokens
+
+
+async def test_another_tenants_cache_salt_gets_no_hit():
+    """The same prompt with a different cache_salt is not served from the first tenant's cache."""
+    async with engine() as (_, stub):
+
+        async def cached(rid: str, salt: str) -> int:
+            req = request(prompt=PREFIX, max_tokens=1, request_id=rid)
+            req.cache_salt = salt
+            return [r.chunk async for r in stub.Generate(req, timeout=10)][-1].usage.cached_tokens
+
+        assert await cached("a1", "tenant-a") == 0
+        assert await cached("b1", "tenant-b") == 0
+        assert await cached("a2", "tenant-a") > 0
+
+
+async def test_kv_events_stream_stored_then_removed_and_a_snapshot_first():
+    """SubscribeKvEvents over gRPC: a snapshot batch first (seq 1), BlockStored with the fleet's salted block
+    hashes of the prompt, then BlockRemoved for them when another prompt needs every block; a later
+    subscriber's snapshot lists what is cached then."""
+    async with engine(num_kv_blocks=80) as (_, stub):
+        call = stub.SubscribeKvEvents(pb.SubscribeKvEventsRequest(include_snapshot=True), timeout=30)
+        events = aiter(call)
+        snap = (await anext(events)).batch
+        assert snap.snapshot and snap.seq == 1 and not snap.events
+        req = request(prompt=PREFIX, max_tokens=1, request_id="a")
+        req.cache_salt = "tenant-a"
+        [r async for r in stub.Generate(req, timeout=10)]
+        want = block_hashes(tokenizer.load().encode(PREFIX), "tenant-a")
+        stored: list[int] = []
+        seqs = [1]
+        while len(stored) < len(want):
+            batch = (await asyncio.wait_for(anext(events), 5)).batch
+            seqs.append(batch.seq)
+            stored += [
+                h for e in batch.events if e.HasField("block_stored") for h in e.block_stored.block_hashes
+            ]
+        assert stored == want
+        # 80 blocks hold 1,280 tokens: a different 1,082-token prompt evicts most of the first one's blocks.
+        other = request(prompt=PREFIX.replace("fox", "cat"), max_tokens=1, request_id="b")
+        [r async for r in stub.Generate(other, timeout=10)]
+        removed: set[int] = set()
+        for _ in range(20):
+            batch = (await asyncio.wait_for(anext(events), 5)).batch
+            seqs.append(batch.seq)
+            removed |= {
+                h for e in batch.events if e.HasField("block_removed") for h in e.block_removed.block_hashes
+            }
+            if removed:
+                break
+        assert removed and removed <= set(want)
+        assert seqs == list(range(1, len(seqs) + 1))
+        call.cancel()
+        late = stub.SubscribeKvEvents(pb.SubscribeKvEventsRequest(include_snapshot=True), timeout=5)
+        snap2 = (await anext(aiter(late))).batch
+        listed = {h for e in snap2.events for h in e.block_stored.block_hashes}
+        assert snap2.snapshot and listed and not listed & removed
+        late.cancel()
 
 
 async def test_stop_lets_an_in_flight_stream_finish_and_refuses_new_ones():
@@ -282,7 +386,9 @@ async def test_registers_and_heartbeats_its_load():
 
             r = await assert_eventually(busy_replica, timeout_s=5)
             assert (r.address, r.model, r.backend) == (app.address, MODEL, "sim")
-            assert r.state == reg_pb.REPLICA_STATE_SERVING and r.load.kv_blocks_total == 32768
+            assert r.state == reg_pb.REPLICA_STATE_SERVING
+            assert r.load.kv_blocks_total == load_profile("h100-llama-1b").num_kv_blocks
+            assert r.load.in_flight_tokens > 0 and r.load.prefix_cache_queried_tokens > 0
             call.cancel()
     finally:
         await registry.stop(0)

@@ -7,17 +7,28 @@ import re
 import pytest
 
 from services.engine.config import EngineSettings
+from services.engine.cost_model import CostModel
+from services.engine.profile import load_profile
 from shared.settings import load_settings
 
 
 def test_defaults_match_the_design():
-    """Defaults: sim backend, model sim-1b, 256 seqs, 2048-token steps, 32768 KV blocks, real-time speed."""
+    """Defaults: sim backend, model sim-1b, 256 seqs, 2048-token steps, the H100 1B profile, real-time speed."""
     s = EngineSettings()
     assert (s.backend, s.model, s.speed_factor, s.seed) == ("sim", "sim-1b", 1.0, 0)
-    assert (s.max_num_seqs, s.max_num_batched_tokens, s.num_kv_blocks) == (256, 2048, 32768)
+    assert (s.max_num_seqs, s.max_num_batched_tokens) == (256, 2048)
+    assert s.profile == "h100-llama-1b" and s.num_kv_blocks is None and s.enable_prefix_caching
     assert re.fullmatch(r"engine-[0-9a-f]{6}", s.replica_id)
     assert s.registry_address == ""
-    assert s.cost_model.step_ms(1, 0) == pytest.approx(2.343)
+    assert s.cost_model == load_profile("h100-llama-1b").cost
+
+
+def test_step_flags_override_the_profile_terms():
+    """--step-* flags replace single terms of the profile's cost model and leave the others."""
+    s = load_settings(EngineSettings, ["--profile", "l4-llama-1b", "--step-base-ms", "1.5"])
+    profile = load_profile("l4-llama-1b").cost
+    assert s.cost_model.base_ms == 1.5
+    assert s.cost_model.per_decode_seq_ms == profile.per_decode_seq_ms != CostModel().per_decode_seq_ms
 
 
 def test_flags_override_env_vars(monkeypatch):
@@ -37,6 +48,7 @@ def test_flags_override_env_vars(monkeypatch):
         ["--backend", "vllm"],
         ["--max-num-seqs", "512", "--max-num-batched-tokens", "256"],
         ["--num-kv-blocks", "0"],
+        ["--profile", "no-such-gpu"],
     ],
 )
 def test_bad_values_exit_with_a_message(argv, capsys):

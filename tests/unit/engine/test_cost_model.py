@@ -1,34 +1,48 @@
-"""The step cost model reproduces the H100 calibration table."""
+"""The step cost model: its linear terms, the front-end delay, and the profile files that set them."""
 
 from __future__ import annotations
 
 import pytest
 
 from services.engine.cost_model import CostModel
-
-# DESIGN.md, AsyncLLM in one process: output tokens/s with c requests in flight.
-MEASURED = {1: 430, 32: 8_896, 128: 17_174, 256: 19_225}
+from services.engine.profile import available_profiles, load_profile
 
 
-@pytest.mark.parametrize("batch", [1, 256])
-def test_decode_throughput_matches_the_calibration_ends(batch):
-    """At batch 1 and 256 the default model's decode throughput is within 5% of the measured tokens/s."""
-    got = CostModel().decode_tokens_per_s(batch)
-    assert got == pytest.approx(MEASURED[batch], rel=0.05)
+def test_step_time_is_base_plus_decode_and_prefill_terms():
+    """A step costs base + per decoding sequence + per prefill token."""
+    m = CostModel(base_ms=2.0, per_decode_seq_ms=0.1, per_prefill_token_ms=0.01)
+    assert m.step_ms(0, 0) == 2.0
+    assert m.step_ms(10, 100) == pytest.approx(2.0 + 1.0 + 1.0)
+    assert m.decode_tokens_per_s(10) == pytest.approx(10 * 1000 / 3.0)
 
 
-@pytest.mark.parametrize("batch", [32, 128])
-def test_decode_throughput_in_between_is_close(batch):
-    """The two-point linear fit lands within 5% of the measurements in between as well."""
-    assert CostModel().decode_tokens_per_s(batch) == pytest.approx(MEASURED[batch], rel=0.05)
+def test_frontend_delay_grows_with_the_prompt():
+    """The front end costs a fixed part plus a part per prompt token."""
+    m = CostModel(request_overhead_ms=5.0, per_prompt_token_overhead_ms=0.01)
+    assert m.frontend_ms(0) == 5.0 and m.frontend_ms(1000) == pytest.approx(15.0)
 
 
-def test_single_stream_step_is_the_measured_tpot():
-    """One decoding sequence takes about the measured 2.4 ms TPOT per step."""
-    assert CostModel().step_ms(1, 0) == pytest.approx(2.4, rel=0.05)
+def test_the_default_cost_model_is_the_h100_profile():
+    """CostModel() and infra/profiles/h100-llama-1b.toml hold the same calibrated terms."""
+    p = load_profile("h100-llama-1b")
+    assert p.cost == CostModel() and p.calibrated and p.max_model_len == 4096
 
 
-def test_prefill_tokens_cost_time():
-    """Prefill tokens add their per-token cost: a 1,700-token prefill costs ~16 ms over the base."""
-    m = CostModel()
-    assert m.step_ms(0, 1700) - m.step_ms(0, 0) == pytest.approx(16.0, rel=0.05)
+@pytest.mark.parametrize("name", available_profiles())
+def test_every_profile_loads(name):
+    """Each bundled profile parses, with positive block count and context length."""
+    p = load_profile(name)
+    assert p.name == name and p.num_kv_blocks > 0 and p.max_model_len > 0 and p.cost.base_ms > 0
+
+
+def test_a_bad_profile_fails_loudly(tmp_path):
+    """A missing file, a missing section or an unknown cost key is a ValueError naming the file."""
+    with pytest.raises(ValueError, match="not found"):
+        load_profile("no-such-profile")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\nnum_kv_blocks = 10\nmax_model_len = 10\n[cost]\nstep_bsae_ms = 1\n")
+    with pytest.raises(ValueError, match="step_bsae_ms"):
+        load_profile(str(bad))
+    bad.write_text("[cost]\n")
+    with pytest.raises(ValueError, match="bad.toml"):
+        load_profile(str(bad))

@@ -10,16 +10,25 @@ from services.engine.sim_request import LENGTH, SimRequest
 _ids = itertools.count()
 
 
-def req(prompt: int = 10, max_tokens: int = 4, rank: int = 1, rid: str | None = None) -> SimRequest:
+def req(
+    prompt: int = 10,
+    max_tokens: int = 4,
+    rank: int = 1,
+    rid: str | None = None,
+    ids: list[int] | None = None,
+    salt: str = "",
+) -> SimRequest:
+    """A request; its prompt ids are its own (no prefix shared with another request) unless ids are given."""
     n = next(_ids)
     return SimRequest(
         rid or f"r{n}",
-        prompt_tokens=prompt,
+        prompt_ids=ids if ids is not None else [n * 10_000 + i for i in range(prompt)],
         resumed_ids=[],
         digest=7,
         max_tokens=max_tokens,
         rank=rank,
         arrival=n,
+        cache_salt=salt,
     )
 
 
@@ -170,3 +179,84 @@ def test_preemption_when_blocks_run_out_keeps_outputs_identical():
     assert run_until_idle(s) == [a, b]
     assert s.preemptions >= 1 and s.blocks_used == 0
     assert a.pending_ids == b.pending_ids == alone(prompt=30, max_tokens=40)
+
+
+def test_a_shared_prefix_hits_the_cache_and_skips_its_prefill():
+    """A second request with the same first 40 tokens takes 2 cached blocks (32 tokens) and prefills only the
+    rest; cached_tokens and the hit stats say so."""
+    s = Scheduler()
+    prefix = list(range(1000, 1040))
+    a = req(ids=prefix + [1, 2, 3])
+    s.add(a)
+    run_until_idle(s)
+    b = req(ids=prefix + [4, 5, 6, 7])
+    s.add(b)
+    step = s.schedule()
+    assert step.items == [(b, 44 - 32)] and step.prefill_tokens == 12
+    assert (a.cached_tokens, b.cached_tokens) == (0, 32)
+    assert (s.pool.stats.queries, s.pool.stats.hits) == (43 + 44, 32)
+
+
+def test_a_full_hit_still_computes_the_last_token():
+    """An identical 32-token prompt hits only its first block: the last token must be computed to sample."""
+    s = Scheduler()
+    ids = list(range(500, 532))
+    s.add(req(ids=ids))
+    run_until_idle(s)
+    b = req(ids=ids)
+    s.add(b)
+    assert s.schedule().items == [(b, 16)] and b.cached_tokens == 16
+
+
+def test_the_cache_salt_isolates_tenants():
+    """The same prompt under another tenant's salt gets no hit; under the same salt it does."""
+    s = Scheduler()
+    ids = list(range(64))
+    s.add(req(ids=ids, salt="tenant-a"))
+    run_until_idle(s)
+    other, same = req(ids=ids, salt="tenant-b"), req(ids=ids, salt="tenant-a")
+    s.add(other)
+    run_until_idle(s)
+    s.add(same)
+    run_until_idle(s)
+    assert (other.cached_tokens, same.cached_tokens) == (0, 48)
+
+
+def test_decoded_blocks_are_cached_too():
+    """Blocks filled by generated tokens get hashes (as vLLM caches full blocks of outputs)."""
+    s = Scheduler()
+    r = req(prompt=10, max_tokens=30)
+    s.add(r)
+    run_until_idle(s)
+    # 10 prompt + 30 outputs: the last output's KV is never computed, so 39 tokens -> 2 full blocks.
+    assert len(s.pool.cached) == 2 and list(s.pool.cached) == r.block_hashes[:2]
+
+
+def test_eviction_under_pressure_takes_unreferenced_cached_blocks():
+    """With the pool full of a finished request's cached blocks, a new request evicts them (oldest first)."""
+    s = Scheduler(num_kv_blocks=4)
+    a = req(prompt=64, max_tokens=1)
+    s.add(a)
+    run_until_idle(s)
+    assert len(s.pool.cached) == 4 and s.blocks_used == 0  # all 64 prompt tokens computed: 4 full blocks
+    s.pool.take_events()
+    b = req(prompt=40, max_tokens=1)
+    s.add(b)
+    run_until_idle(s)
+    removed = [h for kind, *rest in s.pool.take_events() if kind == "removed" for h in rest[0]]
+    assert removed and all(h in a.block_hashes for h in removed)
+
+
+def test_preemption_takes_the_lowest_priority_first():
+    """Out of blocks, the batch-tier request is preempted though the interactive one arrived later: the
+    victim is the lowest tier first, then the latest arrival."""
+    s = Scheduler(num_kv_blocks=7)
+    inter, batch = req(prompt=30, max_tokens=40, rank=0), req(prompt=30, max_tokens=40, rank=2)
+    s.add(batch)
+    s.add(inter)
+    for _ in range(200):
+        s.complete(s.schedule())
+        if s.preemptions:
+            break
+    assert s.preemptions == 1 and batch.num_preemptions == 1 and inter.num_preemptions == 0
+    assert run_until_idle(s)[0] is inter

@@ -10,8 +10,9 @@ from fleetserve.common.v1 import common_pb2
 
 from services.engine.backend import EngineBackend, RequestIdInUse
 from services.engine.sim import SimEngine
-from services.engine.sim_tokens import TOKEN_TEXT, detokenize
+from services.engine.sim_tokens import TOKEN_TEXT, TOKENIZER, detokenize
 from shared.errors import InvalidArgument, ShuttingDown
+from shared.prefix_hash import block_hashes
 from tests.support import assert_eventually
 
 FAST = 100.0
@@ -47,11 +48,13 @@ def test_sim_engine_implements_the_backend_interface():
 
 
 async def test_streams_tokens_and_finishes_at_max_tokens(engine):
-    """A generation streams max_tokens word tokens and ends with LENGTH and usage counts."""
+    """A generation streams max_tokens tokens whose text is what the tokenizer decodes, and ends with LENGTH and
+    usage counts (prompt tokens as the fleet tokenizer counts them, BOS included)."""
     ids, text, last = await collect(engine, "a", spec(max_tokens=12))
     assert len(ids) == 12 and text == detokenize(ids)
     assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
-    assert last.completion_tokens == 12 and last.prompt_tokens == 5 and last.cached_tokens == 0
+    prompt_tokens = len(TOKENIZER.encode("tell me a story"))
+    assert last.completion_tokens == 12 and last.prompt_tokens == prompt_tokens and last.cached_tokens == 0
     assert engine.counters.finished == 1 and engine.counters.output_tokens == 12
 
 
@@ -215,13 +218,14 @@ async def test_load_reports_running_kv_and_throughput(engine):
         await anext(stream)
     load = engine.load()
     assert load.running == 1 and load.kv_blocks_used >= 1 and load.kv_blocks_total == 32768
+    assert load.in_flight_tokens > 0 and load.prefix_cache_queried_tokens > 0
     assert load.output_tokens_per_s > 0 and load.prefix_cache_hit_rate == 0.0
     await stream.aclose()
 
 
 async def test_steps_take_the_modelled_time():
-    """Tokens come no faster than the cost model allows: 60 single-stream tokens at speed 10 take >= 60 steps
-    of 2.343 ms / 10."""
+    """Tokens come no faster than the cost model allows: 60 single-stream tokens at speed 10 take a prefill
+    step and 59 decode steps of the model's time / 10."""
     e = SimEngine(speed_factor=10.0)
     await e.start()
     try:
@@ -230,7 +234,9 @@ async def test_steps_take_the_modelled_time():
         ids, _, _ = await collect(e, "timed", spec(max_tokens=60))
         elapsed = loop.time() - t0
         modelled = e.timing.modelled_s
-        assert modelled == pytest.approx(59 * 0.0002343 + e.cost.step_ms(0, 5) / 10_000, rel=0.01)
+        prompt = len(TOKENIZER.encode("tell me a story"))
+        expected = (59 * e.cost.step_ms(1, 0) + e.cost.step_ms(0, prompt)) / 10_000
+        assert modelled == pytest.approx(expected, rel=0.01)
         assert elapsed >= modelled * 0.95
     finally:
         await e.shutdown()
@@ -255,3 +261,122 @@ async def test_shutdown_aborts_streams_and_refuses_new_requests():
     assert e.counters.aborted == 1
     with pytest.raises(ShuttingDown):
         e.generate("late", spec(), cache_salt="", priority=0)
+
+
+async def test_a_cached_prefix_is_reported_and_skips_prefill(engine):
+    """The second request with a long shared prefix reports cached tokens and its prefill is cheaper; the load
+    report counts queried and hit tokens."""
+    prefix = "You are a careful assistant who answers briefly. " * 20
+    _, _, first = await collect(engine, "p1", spec(prompt=prefix + "First question?", max_tokens=2))
+    steps_before = engine.timing.modelled_s
+    _, _, second = await collect(engine, "p2", spec(prompt=prefix + "Second one?", max_tokens=2))
+    assert first.cached_tokens == 0 and second.cached_tokens >= 16 * 10
+    assert second.cached_tokens % 16 == 0 and second.cached_tokens < second.prompt_tokens
+    load = engine.load()
+    assert load.prefix_cache_hit_tokens == second.cached_tokens
+    assert load.prefix_cache_queried_tokens == first.prompt_tokens + second.prompt_tokens
+    assert load.prefix_cache_hit_rate == pytest.approx(
+        second.cached_tokens / load.prefix_cache_queried_tokens
+    )
+    assert engine.timing.modelled_s - steps_before < steps_before  # less GPU time than the cold request
+
+
+async def test_another_tenants_salt_gets_no_hit(engine):
+    """The same prompt under a different cache salt is not served from the cache."""
+    prompt = "shared system prompt for every tenant " * 10
+    for rid, salt in (("a1", "tenant-a"), ("b1", "tenant-b"), ("a2", "tenant-a")):
+        outs = [o async for o in engine.generate(rid, spec(prompt=prompt, max_tokens=1), cache_salt=salt)]
+        cached = outs[-1].cached_tokens
+        assert (cached > 0) == (rid == "a2"), rid
+
+
+async def test_in_flight_tokens_count_prompt_left_and_outputs_to_go():
+    """in_flight_tokens is the prompt not yet prefilled plus the outputs still to generate, over all requests."""
+    e = SimEngine(speed_factor=0.001)  # so slow that nothing is computed during the test
+    await e.start()
+    try:
+        streams = [e.generate(f"f{i}", spec(max_tokens=50), cache_salt="") for i in range(3)]
+        prompt = len(TOKENIZER.encode("tell me a story"))
+        load = e.load()
+        assert load.waiting == 3 and load.running == 0
+        assert load.in_flight_tokens == 3 * (prompt + 50)
+        for s in streams:
+            await s.aclose()
+    finally:
+        await e.shutdown()
+
+
+async def test_max_model_len_bounds_prompts_and_generations():
+    """A prompt as long as the context is refused; a generation stops at the context length (LENGTH)."""
+    e = SimEngine(speed_factor=FAST, max_model_len=64)
+    await e.start()
+    try:
+        with pytest.raises(InvalidArgument):
+            e.generate("long", spec(prompt="word " * 100), cache_salt="")
+        ids, _, last = await collect(e, "capped", spec(max_tokens=1000))
+        assert last.prompt_tokens + len(ids) == 64
+        assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert e.info().max_model_len == 64 and e.info().block_size == 16
+    finally:
+        await e.shutdown()
+
+
+async def test_kv_events_report_stored_then_removed_blocks_with_fleet_hashes():
+    """A subscriber gets BlockStored with the request's salted chain hashes, then BlockRemoved when another
+    request's blocks evict them; seq numbers run 1, 2, 3... and a snapshot comes first when asked."""
+    e = SimEngine(speed_factor=FAST, num_kv_blocks=12)
+    await e.start()
+    try:
+        stream = e.subscribe_kv_events(include_snapshot=True)
+        snap = await anext(stream)
+        assert snap.snapshot and snap.seq == 1 and not snap.events
+        prompt_a = "alpha beta gamma delta " * 12
+        await collect_salted(e, "a", spec(prompt=prompt_a, max_tokens=1), "t1")
+        ids_a = TOKENIZER.encode(prompt_a)
+        want = block_hashes(ids_a, "t1")
+        stored = await anext(stream)
+        assert stored.seq == 2 and not stored.snapshot
+        ev = stored.events[0].block_stored
+        assert list(ev.block_hashes) == want and not ev.HasField("parent_block_hash")
+        assert list(ev.token_ids) == ids_a[: 16 * len(want)] and ev.block_size == 16
+        # A different prompt (177 tokens: 12 blocks with its output) needs every block: it evicts a's.
+        await collect_salted(e, "b", spec(prompt="zeta eta theta iota " * 25, max_tokens=1), "t1")
+        removed: set[int] = set()
+        for _ in range(10):
+            batch = await asyncio.wait_for(anext(stream), 5)
+            removed |= {
+                h
+                for ev in batch.events
+                if ev.HasField("block_removed")
+                for h in ev.block_removed.block_hashes
+            }
+            if removed >= set(want):
+                break
+        assert removed >= set(want)
+        # A new subscriber's snapshot lists exactly what is cached now.
+        snap2 = await anext(e.subscribe_kv_events(include_snapshot=True))
+        listed = {h for ev in snap2.events for h in ev.block_stored.block_hashes}
+        assert snap2.snapshot and listed == set(e.scheduler.pool.cached)
+    finally:
+        await e.shutdown()
+
+
+async def collect_salted(engine: SimEngine, rid: str, s: common_pb2.GenerationSpec, salt: str):
+    return [o async for o in engine.generate(rid, s, cache_salt=salt)]
+
+
+async def test_a_slow_kv_subscriber_sees_a_gap_not_unbounded_memory():
+    """A subscriber that does not read keeps at most max_pending batches; the oldest are dropped (a seq gap)."""
+    e = SimEngine(speed_factor=FAST, kv_events_max_pending=2)
+    await e.start()
+    try:
+        stream = e.subscribe_kv_events(include_snapshot=False)
+        reader = asyncio.ensure_future(anext(stream))  # registered, then not read while requests run
+        await asyncio.sleep(0)
+        for i in range(5):
+            await collect_salted(e, f"g{i}", spec(prompt=f"{i} " * 40 + "distinct", max_tokens=1), "")
+        first = await reader
+        rest = [await anext(stream) for _ in range(2)]
+        assert first.seq == 1 and [b.seq for b in rest] == [4, 5]
+    finally:
+        await e.shutdown()
