@@ -90,11 +90,13 @@ async def create_server(
     host: str = "127.0.0.1",
     port: int = 0,
     extra: Iterable[Callable[[grpc.aio.Server], None]] = (),
+    options: Iterable[tuple[str, int | str]] = (),
 ) -> RunningServer:
     """Start a server with the given services, grpc.health.v1 and reflection; port 0 picks a free port.
     `extra` adds servicers registered the generated way (e.g. OTLP collectors)."""
     services = list(services)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    # `options` override the defaults (e.g. the gateway's smaller max_receive_message_length).
+    server = grpc.aio.server(options=tuple({**dict(SERVER_OPTIONS), **dict(options)}.items()))
     server.add_generic_rpc_handlers(tuple(_handlers(s) for s in services))
     for add in extra:
         add(server)
