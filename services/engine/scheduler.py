@@ -116,8 +116,15 @@ class Scheduler:
         """Give req the blocks for num_new more tokens (after taking the cached hits); False, changing nothing,
         when there are not enough free blocks. Blocks that become full get their hashes cached now, as vLLM does
         at allocation (the step computes them before any later step can read them)."""
-        pool = self.pool
         total = req.num_computed + len(hits) * BLOCK_SIZE + num_new
+        # Fast path (most decode steps): the held blocks have room and no block becomes full.
+        if (
+            not hits
+            and total <= len(req.blocks) * BLOCK_SIZE
+            and min(total // BLOCK_SIZE, len(req.block_hashes)) <= req.num_cached_blocks
+        ):
+            return True
+        pool = self.pool
         need = blocks_for(total) - len(req.blocks) - len(hits)
         # Hits with no reference sit in the free queue; taking them leaves fewer blocks to allocate from.
         if need > pool.num_free - sum(1 for b in hits if b.ref_cnt == 0):
