@@ -167,6 +167,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_positive_float,
         help="sim engine speed-up of the spawned fleet (default 1 = real H100 timings)",
     )
+
+    gateway = parser.add_argument_group("gateway overhead (loadtest/gateway_bench.py)")
+    gateway.add_argument(
+        "--gateway-overhead",
+        action="store_true",
+        help="interleave the same requests straight to the router, through the gateway over gRPC and over its "
+        "OpenAI HTTP, and print what the gateway adds (TTFT/TPOT/E2E, per request pair and per percentile)",
+    )
+    gateway.add_argument(
+        "--warmup", type=int, default=5, help="with --gateway-overhead: unrecorded rounds first (default 5)"
+    )
+    gateway.add_argument("--out", help="with --gateway-overhead: also write the JSON to this file")
     return parser
 
 
@@ -412,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: 2 on bad flags, 0 for --help
         return e.code if isinstance(e.code, int) else 2
+    if args.gateway_overhead:
+        from loadtest import gateway_bench
+
+        return gateway_bench.main(args)
     try:
         with structlog_to_stderr() if args.spawn else contextlib.nullcontext():
             record = _run_async(run(args))

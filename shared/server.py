@@ -208,7 +208,10 @@ async def serve_main(
     configure_logging(service, settings.log_level, settings.log_json)
     telemetry = setup_telemetry(service, settings.otlp_endpoint, settings.metrics_export_interval_s)
     app = await start(settings, telemetry)
-    write_ready_file(settings.ready_file, address=app.address, service=service)
+    # ready_info: extra addresses a launcher needs (the gateway's HTTP port).
+    write_ready_file(
+        settings.ready_file, address=app.address, service=service, **getattr(app, "ready_info", {})
+    )
     log.info(f"{service}.started", address=app.address)
     reason = await wait_for_signal()
     log.info(f"{service}.stopping", reason=reason)

@@ -29,11 +29,34 @@ def _target(args) -> tuple[str, str]:
     return gateway, key
 
 
+def parse_messages(values: list[str]) -> list[common_pb2.ChatMessage]:
+    """ChatMessages from "role:content" strings; ValueError naming the first without a role."""
+    out = []
+    for v in values:
+        role, sep, content = v.partition(":")
+        if not sep or not role.strip():
+            raise ValueError(f"--message {v!r}: expected ROLE:CONTENT, e.g. 'user:hello'")
+        out.append(common_pb2.ChatMessage(role=role.strip(), content=content))
+    return out
+
+
 async def _generate(args) -> int:
+    messages = getattr(args, "message", None) or []
+    if bool(args.prompt) == bool(messages):
+        print("error: give a prompt or --message ROLE:CONTENT (not both)", file=sys.stderr)
+        return 2
+    try:
+        chat = parse_messages(messages)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     gateway, key = _target(args)
-    req = pb.GenerateRequest(
-        model=args.model, prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature
-    )
+    kind = pb.ChatRequest if chat else pb.GenerateRequest
+    req = kind(model=args.model, max_tokens=args.max_tokens, temperature=args.temperature)
+    if chat:
+        req.messages.extend(chat)
+    else:
+        req.prompt = args.prompt
     if args.seed is not None:
         req.seed = args.seed
     out = sys.stdout
@@ -41,7 +64,8 @@ async def _generate(args) -> int:
         stub = pb_grpc.InferenceServiceStub(channel)
         start = time.perf_counter()
         ttft_ms = None
-        call = stub.Generate(req, metadata=(("authorization", f"Bearer {key}"),), timeout=args.timeout)
+        rpc = stub.Chat if chat else stub.Generate
+        call = rpc(req, metadata=(("authorization", f"Bearer {key}"),), timeout=args.timeout)
         try:
             async for resp in call:
                 c = resp.chunk

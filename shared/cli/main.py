@@ -25,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-live", action="store_true", help="print status lines instead of a live table")
 
     gen = sub.add_parser("generate", help="stream a generation through the gateway")
-    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("prompt", nargs="?", help="the prompt text (or give --message instead)")
+    gen.add_argument(
+        "--message",
+        "-m",
+        action="append",
+        metavar="ROLE:CONTENT",
+        help="a chat message, e.g. -m 'system:be brief' -m 'user:hi' (repeatable; uses the Chat RPC)",
+    )
     gen.add_argument("--model", default="sim-1b")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)

@@ -4,6 +4,8 @@ and counted per model, and server reflection describes the versioned v1 service 
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 
 import grpc
 import openai
@@ -172,3 +174,28 @@ async def test_chat_request_is_wire_compatible_with_generate_request():
     chat_resp = [(f.number, f.name, f.message_type) for f in pb.ChatResponse.DESCRIPTOR.fields]
     gen_resp = [(f.number, f.name, f.message_type) for f in pb.GenerateResponse.DESCRIPTOR.fields]
     assert chat_resp == gen_resp
+
+
+async def test_cli_generate_chat_messages(fleet):
+    """`fleetserve generate -m role:content ...` streams a chat reply through the Chat RPC; a message without
+    a role is a usage error (exit 2)."""
+    base = [
+        sys.executable, "-m", "shared.cli.main", "generate", "--gateway", fleet.gateway.address,
+        "--api-key", API_KEY, "--max-tokens", "5",
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *base, "-m", "system:be brief", "-m", "user:hello", "--json", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    last = json.loads(out.decode().splitlines()[-1])
+    assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 5
+    chat_spans = [
+        x
+        for x in fleet.spans.get_finished_spans()
+        if x.name == "gateway.Chat" and x.attributes.get("fleetserve.request_id") == last["request_id"]
+    ]
+    assert len(chat_spans) == 1
+    proc = await asyncio.create_subprocess_exec(*base, "-m", "no role", stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2 and b"ROLE:CONTENT" in err
