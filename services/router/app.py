@@ -15,6 +15,7 @@ from services.router import policy_set
 from services.router.breakers import BreakerSettings
 from services.router.config import RouterSettings
 from services.router.membership import Membership
+from services.router.outliers import OutlierSettings
 from services.router.servicer import RetrySettings, RouterServicer
 from shared.channels import CHANNEL_OPTIONS, ChannelPool
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
@@ -68,6 +69,18 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
             backoff_base_s=settings.retry_backoff_base_s,
             backoff_max_s=settings.retry_backoff_max_s,
             resume=settings.resume,
+            hedge_delay_s=settings.hedge_delay_s,
+            hedge_delay_by_model=settings.hedge_delay_by_model(),
+        ),
+        outliers=OutlierSettings(
+            enabled=settings.outlier_detection,
+            min_samples=settings.outlier_min_samples,
+            min_peers=settings.outlier_min_peers,
+            ttft_factor=settings.outlier_ttft_factor,
+            ttft_min_gap_ms=settings.outlier_ttft_min_gap_ms,
+            error_rate_gap=settings.outlier_error_rate_gap,
+            eject_s=settings.outlier_eject_s,
+            max_ejected_fraction=settings.outlier_max_ejected_fraction,
         ),
         breakers=BreakerSettings(
             failure_threshold=settings.breaker_failure_threshold,

@@ -117,6 +117,43 @@ class RouterSettings(ServiceSettings):
     queue_retry_after_s: float = Field(
         1.0, ge=0, description="Admission: retry delay advised (RetryInfo) when the queue is full."
     )
+    hedge_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="Hedging: when a replica has sent no token after this long, send the request to a second "
+        "replica too and keep whichever answers first (0: off).",
+    )
+    hedge_delays: str = Field(
+        "", description="Hedging per model, overriding --hedge-delay-s: 'model=seconds,...' (0 turns it off)."
+    )
+    outlier_detection: bool = Field(
+        False,
+        description="Eject replicas whose TTFT or error rate is far worse than their peers' for a while.",
+    )
+    outlier_min_samples: int = Field(
+        10, ge=1, description="Outliers: samples a replica and its peers need before it is judged."
+    )
+    outlier_min_peers: int = Field(
+        2, ge=1, description="Outliers: other replicas of the model needed for a comparison."
+    )
+    outlier_ttft_factor: float = Field(
+        3.0, gt=1, description="Outliers: ejected when its TTFT average exceeds this times the peers' median."
+    )
+    outlier_ttft_min_gap_ms: float = Field(
+        50.0, ge=0, description="Outliers: ... and exceeds the median by at least this many ms."
+    )
+    outlier_error_rate_gap: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Outliers: ejected when its error rate exceeds the peers' median by this.",
+    )
+    outlier_eject_s: float = Field(
+        30.0, gt=0, description="Outliers: first ejection time; each further one lasts this much longer."
+    )
+    outlier_max_ejected_fraction: float = Field(
+        0.5, ge=0, le=1, description="Outliers: most of a model's replicas ejected at once (rounded down)."
+    )
 
     @field_validator("policy")
     @classmethod
@@ -124,6 +161,19 @@ class RouterSettings(ServiceSettings):
         if v not in policies.available():
             raise ValueError(f"unknown policy {v!r}; available: {', '.join(policies.available())}")
         return v
+
+    def hedge_delay_by_model(self) -> tuple[tuple[str, float], ...]:
+        """--hedge-delays parsed: (model, seconds) pairs."""
+        out = []
+        for item in filter(None, (p.strip() for p in self.hedge_delays.split(","))):
+            model, sep, secs = item.partition("=")
+            if not sep or not model.strip():
+                raise ValueError(f"hedge_delays: expected 'model=seconds', got {item!r}")
+            delay = float(secs)
+            if not delay >= 0:
+                raise ValueError(f"hedge_delays: delay of {model!r} must be >= 0")
+            out.append((model.strip(), delay))
+        return tuple(out)
 
     @model_validator(mode="after")
     def _routing_tables(self) -> RouterSettings:
@@ -134,6 +184,7 @@ class RouterSettings(ServiceSettings):
             if name not in policies.available():
                 raise ValueError(f"model_policies: unknown policy {name!r} for model {model!r}")
         policy_set.validate_options(policy_set.parse_policy_options(self.policy_options))
+        self.hedge_delay_by_model()
         model_routing.parse_aliases(self.model_aliases)
         if self.model_route_classifier:
             model_routing.load_classifier(self.model_route_classifier)

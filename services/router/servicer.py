@@ -19,6 +19,7 @@ from opentelemetry import metrics, trace
 from services.router.admission import AdmissionQueue
 from services.router.breakers import BreakerSettings, ReplicaBreakers
 from services.router.membership import Change, Membership, ReplicaInfo
+from services.router.outliers import OutlierDetector, OutlierSettings
 from services.router.policies import Policy, cache_salt_for
 from services.router.policies import record as record_decision
 from services.router.resume import ChunkTracker, ReplicaAborted, ResumeMode, resumable
@@ -26,6 +27,7 @@ from shared.channels import ChannelPool, raw_stream
 from shared.deadlines import HOP_MARGIN_S, deadline_passed, downstream_timeout, wire_timeout
 from shared.errors import (
     DeadlineExceeded,
+    FleetError,
     InvalidArgument,
     NoHealthyReplica,
     NotFound,
@@ -55,6 +57,15 @@ class RetrySettings:
     backoff_base_s: float = 0.01
     backoff_max_s: float = 0.5
     resume: ResumeMode = "reproducible"
+    # Hedging: a second replica gets the request when the first has sent nothing after this long (0: off).
+    hedge_delay_s: float = 0.0
+    hedge_delay_by_model: tuple[tuple[str, float], ...] = ()
+
+    def hedge_delay(self, model: str) -> float:
+        for m, d in self.hedge_delay_by_model:
+            if m == model:
+                return d
+        return self.hedge_delay_s
 
 
 class _Fault(Exception):
@@ -87,6 +98,7 @@ class RouterServicer:
         breakers: BreakerSettings | None = None,
         retry_budget_max_tokens: float = 50.0,
         retry_budget_token_ratio: float = 0.1,
+        outliers: OutlierSettings | None = None,
         max_in_flight_per_replica: int = 0,
         queue_max_waiting: int = 1000,
         queue_retry_after_s: float = 1.0,
@@ -110,6 +122,7 @@ class RouterServicer:
             retry_budget_token_ratio,
             clock=clock,
         )
+        self.outliers = OutlierDetector(outliers or OutlierSettings(enabled=False), clock=clock)
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._attempts_counter = meter.create_counter(
@@ -121,6 +134,11 @@ class RouterServicer:
             "fleetserve.router.retries",
             unit="{retry}",
             description="Further attempts after a failed one, by kind (retry before the first token, resume).",
+        )
+        self._hedges_counter = meter.create_counter(
+            "fleetserve.router.hedges",
+            unit="{hedge}",
+            description="Hedged attempts sent, and by result (won: the hedge's first token came first).",
         )
         self._throttled_counter = meter.create_counter(
             "fleetserve.router.retries_throttled",
@@ -149,6 +167,7 @@ class RouterServicer:
         if change is Change.REMOVED:
             self.policy.remove(replica.replica_id)
             self.breakers.remove(replica.replica_id)
+            self.outliers.remove(replica.replica_id)
             if self.in_flight[replica.replica_id] > 0:
                 self._discard_when_idle[replica.replica_id] = replica.address
             else:
@@ -197,7 +216,11 @@ class RouterServicer:
     def _free_slots(self, model: str) -> int | None:
         """Attempts the model's routable replicas take before their cap (None: no routable replica)."""
         cap = self.max_in_flight_per_replica
-        routable = [r for r in self.membership.routable(model) if self.breakers.allows(r.replica_id)]
+        routable = [
+            r
+            for r in self.membership.routable(model)
+            if self.breakers.allows(r.replica_id) and not self.outliers.ejected(r.replica_id)
+        ]
         if not routable:
             return None
         return sum(max(0, cap - self.in_flight.get(r.replica_id, 0)) for r in routable)
@@ -224,7 +247,10 @@ class RouterServicer:
         model = request.spec.model
         routable = self.membership.routable(model, exclude)
         breakers = self.breakers
-        allowed = [r for r in routable if breakers.allows(r.replica_id)]
+        outliers = self.outliers
+        allowed = [
+            r for r in routable if breakers.allows(r.replica_id) and not outliers.ejected(r.replica_id)
+        ]
         candidates = [r for r in allowed if self._has_room(r.replica_id)] if allowed else allowed
         if not candidates and allowed:
             raise ResourceExhausted(
@@ -324,15 +350,38 @@ class RouterServicer:
                     try:
                         # Rounded so that the engine never sees more time than this hop has left.
                         left = wire_timeout(deadline - time.monotonic())
+                        sent_at = time.monotonic()
                         call = self._stub(replica.address)(engine_request, timeout=left, metadata=metadata)
+                        first: asyncio.Future | None = None
+                        hedge_delay = retry.hedge_delay(model) if not streamed else 0.0
+                        if hedge_delay > 0:
+                            # Hedge the first token (never a resume): the winner's call, replica and breaker.
+                            call, replica, breaker, first = await self._race_hedge(
+                                call,
+                                replica,
+                                breaker,
+                                routed,
+                                failed,
+                                engine_request,
+                                deadline,
+                                metadata,
+                                hedge_delay,
+                            )
+                            replica_id = replica.replica_id
                         try:
                             while True:
-                                data = await call.read()
+                                if first is not None:
+                                    data, first = first.result(), None
+                                else:
+                                    data = await call.read()
                                 if data is grpc.aio.EOF:
                                     break
                                 if not verdict:
                                     verdict = True
                                     breaker.on_success()  # the replica answers: a half-open probe closes
+                                    self.outliers.record_ttft(
+                                        replica_id, model, (time.monotonic() - sent_at) * 1000.0
+                                    )
                                 if tracker is not None:
                                     data = tracker.relay(data)
                                 streamed = True
@@ -354,6 +403,7 @@ class RouterServicer:
                             raise _Fault(code, e.details() or "", e) from None
                         status = "OK"
                         budget.on_success()
+                        self.outliers.record_result(replica_id, model, fault=False)
                         self._attempts_counter.add(1, {"fleetserve.model": model, "outcome": "ok"})
                         return
                     except _Fault as fault:
@@ -393,6 +443,78 @@ class RouterServicer:
                     duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
                 )
 
+    def _choose_hedge(self, routed, exclude: set[str]) -> ReplicaInfo | None:
+        """Another replica for a hedge, or None when there is none to spare."""
+        try:
+            return self._choose(routed, exclude)
+        except FleetError:
+            return None
+
+    async def _race_hedge(
+        self, call, replica, breaker, routed, failed, engine_request, deadline, metadata, delay
+    ):
+        """Wait up to delay for call's first chunk; then send the same request to a second replica and keep
+        whichever answers first, cancelling the other. Returns (call, replica, breaker, done future of the first
+        read: its result is the first chunk or EOF, or it raises the winner's error)."""
+        model = replica.model
+        first = asyncio.ensure_future(call.read())
+        racers: dict[asyncio.Future, tuple] = {first: (call, replica, breaker)}
+        dropped: dict[asyncio.Future, tuple] = {}
+        winner: asyncio.Future | None = None
+        try:
+            done, _ = await asyncio.wait({first}, timeout=delay)
+            if done:
+                winner = first
+                return call, replica, breaker, first
+            other = self._choose_hedge(routed, failed | {replica.replica_id})
+            if other is None:
+                await asyncio.wait({first})
+                winner = first
+                return call, replica, breaker, first
+            hb = self.breakers.get(other.replica_id, model)
+            hb.on_call()
+            self.in_flight[other.replica_id] += 1
+            left = wire_timeout(deadline - time.monotonic())
+            hcall = self._stub(other.address)(engine_request, timeout=left, metadata=metadata)
+            racers[asyncio.ensure_future(hcall.read())] = (hcall, other, hb)
+            self._hedges_counter.add(1, {"fleetserve.model": model, "result": "sent"})
+            log.info(
+                "router.hedged", replica=replica.replica_id, hedge=other.replica_id, delay_ms=delay * 1000
+            )
+            while True:
+                done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    err = task.exception()
+                    retryable = isinstance(err, grpc.aio.AioRpcError) and is_retryable(
+                        err.code(), time.monotonic() + HOP_MARGIN_S >= deadline
+                    )
+                    if err is None or not retryable or len(racers) == 1:
+                        winner = task
+                        c, r, b = racers[task]
+                        if r is other and err is None:
+                            self._hedges_counter.add(1, {"fleetserve.model": model, "result": "won"})
+                        return c, r, b, task
+                    # This racer failed but the other may still answer: account it and keep waiting.
+                    c, r, b = racers.pop(task)
+                    dropped[task] = (c, r, b)
+                    self._attempt_failed(r, b, _Fault(err.code(), err.details() or "", err))
+                    failed.add(r.replica_id)
+                    c.cancel()
+        finally:
+            # Every racer but the winner is cancelled and released, except that while no winner exists (our
+            # caller went away) the attempt that started the race releases its own replica.
+            for task, (c, r, b) in [*racers.items(), *dropped.items()]:
+                if task is winner:
+                    continue
+                mine = r is replica and winner is None
+                if task in racers:
+                    task.cancel()
+                    c.cancel()
+                    if not mine:
+                        b.on_neutral()
+                if not mine:
+                    self._release(r.replica_id, model)
+
     def _attempt_failed(self, replica: ReplicaInfo, breaker, fault: _Fault) -> None:
         """Account an attempt that failed in a way another replica may fix."""
         model = replica.model
@@ -402,6 +524,7 @@ class RouterServicer:
         else:
             outcome = "fault"
             breaker.on_fault()
+            self.outliers.record_result(replica.replica_id, model, fault=True)
             # Out of rotation at once for a short cooldown; the breaker decides about longer.
             self.membership.mark_unroutable(replica.replica_id)
         self.breakers.budget(model).on_failure()
@@ -469,7 +592,10 @@ class RouterServicer:
                 st.consecutive_failures = b.failures
                 st.breaker_open_seconds_left = b.open_seconds_left()
                 st.breaker_opened_total = b.opened
-            st.routable = self.membership.is_routable(r) and (b is None or b.allows())
+            ejected, left, reason, ttft_ms, err = self.outliers.status(r.replica_id)
+            st.ejected, st.ejected_seconds_left, st.ejection_reason = ejected, left, reason
+            st.ttft_ewma_ms, st.error_rate_ewma = ttft_ms, err
+            st.routable = self.membership.is_routable(r) and (b is None or b.allows()) and not ejected
         for model, budget in self.breakers.budgets():
             resp.retry_budgets.add(
                 model=model,

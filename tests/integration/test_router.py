@@ -447,6 +447,22 @@ async def status_of(f: Fleet, replica_id: str) -> router_pb.ReplicaStatus:
     return next(r for r in status.replicas if r.replica_id == replica_id)
 
 
+async def add_engine(f: Fleet, name: str, model: str = MODEL, speed: float = 20.0, port: int = 0) -> None:
+    """Start one more sim engine in the fleet (a slow one with a small speed factor)."""
+    f.engines[name] = await engine_app.start(
+        engine_config.EngineSettings(
+            registry_address=f.registry.address,
+            replica_id=name,
+            model=model,
+            backend="sim",
+            speed_factor=speed,
+            port=port,
+        ),
+        f.telemetry,
+    )
+    await assert_eventually(lambda: f.router.membership.get(name) is not None, timeout_s=5)
+
+
 @pytest.mark.asyncio(loop_scope="function")
 async def test_breaker_opens_on_unavailable_replica_and_a_half_open_probe_closes_it(tmp_path):
     """A replica that answers UNAVAILABLE opens its breaker after the threshold (visible in GetStatus) and the
@@ -466,17 +482,7 @@ async def test_breaker_opens_on_unavailable_replica_and_a_half_open_probe_closes
         assert "open circuit breaker" in d.message and 0 < d.retry_after_s <= 0.5
         assert all(s.attributes["fleetserve.attempts"] == 0 for s in router_spans(f, "flaky-fast"))
         # A working engine comes back at the same address under the same id.
-        f.engines["flaky-1"] = await engine_app.start(
-            engine_config.EngineSettings(
-                registry_address=f.registry.address,
-                replica_id="flaky-1",
-                model="flaky",
-                backend="sim",
-                speed_factor=20.0,
-                port=int(address.rsplit(":", 1)[1]),
-            ),
-            f.telemetry,
-        )
+        await add_engine(f, "flaky-1", model="flaky", port=int(address.rsplit(":", 1)[1]))
 
         async def served() -> bool:
             try:
@@ -601,3 +607,50 @@ async def test_full_admission_queue_is_resource_exhausted_with_retry_info(tmp_pa
         blocker.cancel()
         chunks = await asyncio.wait_for(waiting, 10)
         assert chunks[-1].usage.completion_tokens == 3
+
+
+# -- hedging and outlier ejection ------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_hedged_request_is_served_by_the_faster_replica(tmp_path):
+    """With hedging on, a request whose replica has sent nothing after the hedge delay also goes to another
+    replica: the faster one serves it and the slow one's attempt is cancelled (aborted in the engine)."""
+    async with in_process_fleet(tmp_path, engines=1, hedge_delay_s=0.05) as f:
+        await add_engine(f, "slow-1", speed=0.02)
+        slow_stub = engine_grpc.EngineServiceStub(f.channel(f.engines["slow-1"].address))
+
+        async def slow_aborted() -> int:
+            return (await slow_stub.GetLoad(engine_pb.GetLoadRequest(), timeout=2)).requests_aborted
+
+        for i in range(30):  # the policy picks the slow replica first about every other time
+            chunks = await generate(f, request(max_tokens=2, request_id=f"hedge-{i}"))
+            assert chunks[0].served_by.replica_id == "engine-1"
+            assert chunks[-1].usage.completion_tokens == 2
+            if await slow_aborted() >= 2:
+                break
+        else:
+            pytest.fail("the slow replica was never tried first in 30 requests")
+        assert not f.router.servicer.in_flight
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_replica_with_far_worse_ttft_is_ejected_for_a_while(tmp_path):
+    """Outlier detection ejects a replica whose TTFT is far above its peers': GetStatus shows it ejected (reason
+    ttft, not routable) and no request goes there while it is out."""
+    async with in_process_fleet(
+        tmp_path, engines=3, outlier_detection=True, outlier_min_samples=3, outlier_eject_s=30
+    ) as f:
+        await add_engine(f, "slow-1", speed=0.05)
+
+        async def ejected() -> bool:
+            await generate(f, request(max_tokens=1, request_id="warm"))
+            return (await status_of(f, "slow-1")).ejected
+
+        await assert_eventually(ejected, timeout_s=30, interval_s=0)
+        st = await status_of(f, "slow-1")
+        assert st.ejection_reason == "ttft" and not st.routable and 0 < st.ejected_seconds_left <= 30
+        assert st.ttft_ewma_ms > 3 * (await status_of(f, "engine-1")).ttft_ewma_ms
+        for i in range(10):
+            chunks = await generate(f, request(max_tokens=1, request_id=f"after-{i}"))
+            assert chunks[0].served_by.replica_id != "slow-1"
