@@ -197,3 +197,26 @@ async def test_unreachable_router_is_503_with_retry_after(tmp_path):
     finally:
         await gw.stop(0)
         telemetry.shutdown()
+
+
+async def test_rate_limited_tenant_gets_429_with_retry_after_and_denied_model_403(fleet):
+    """Over its requests-per-second limit a tenant gets 429 -> RateLimitError with Retry-After; a model the
+    tenant may not use is 403 -> PermissionDeniedError (the pipeline's admission, mapped once to HTTP)."""
+    tenants = fleet.gateway.tenants
+    tenants.create_tenant("http-limited", tenant_id="http-limited")
+    tenants.set_tenant("http-limited", rps=0.5)
+    limited = tenants.add_key("http-limited")
+    tenants.create_tenant("http-other-models", tenant_id="http-other-models")
+    tenants.set_tenant("http-other-models", models=["some-other-model"])
+    denied = tenants.add_key("http-other-models")
+    async with client(fleet, key=limited) as c:
+        with pytest.raises(openai.RateLimitError) as exc:
+            for _ in range(5):
+                await c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert exc.value.status_code == 429
+    assert int(exc.value.response.headers["Retry-After"]) >= 1
+    assert exc.value.body["type"] == "rate_limit_error" and exc.value.body["code"]
+    async with client(fleet, key=denied) as c:
+        with pytest.raises(openai.PermissionDeniedError) as exc:
+            await c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert exc.value.status_code == 403 and exc.value.body["type"] == "permission_error"
