@@ -156,6 +156,22 @@ async def test_item_errors_are_results_not_job_failures(fleet):
     assert {(r.error.code, r.error.reason) for r in resp.results} == {("NOT_FOUND", "MODEL_NOT_FOUND")}
 
 
+async def test_items_count_against_the_tenants_rate_limit(fleet):
+    """A tenant limited to 2 requests/s runs a 5-item job through the same limiter as its other requests: items
+    over the limit wait out the advised delay and are retried, so the job completes, and takes the time the
+    limit allows, not less."""
+    tenants = fleet.gateway.tenants
+    tenants.create_tenant("batch-limited", tenant_id="batch-limited")
+    tenants.set_tenant("batch-limited", rps=2)
+    key = tenants.add_key("batch-limited")
+    s = stub(fleet)
+    job = (await s.SubmitBatch(batch(5, max_tokens=2), metadata=auth(key), timeout=5)).job
+    resp = await wait_completed(s, job.job_id, key=key, timeout_s=30)
+    assert (resp.job.succeeded, resp.job.failed) == (5, 0)
+    # 5 admissions at 2/s: at least ~1.5 s between the first and the last, whatever the burst allowance.
+    assert resp.job.completed_at - resp.job.created_at >= 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="function")
 async def test_job_survives_a_gateway_crash_and_resumes(tmp_path):
