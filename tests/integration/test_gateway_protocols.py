@@ -14,10 +14,13 @@ import pytest_asyncio
 from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from fleetserve.metrics.v1 import metrics_service_pb2 as metrics_pb
+from fleetserve.metrics.v1 import metrics_service_pb2_grpc as metrics_grpc
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from shared.errors import details_of
+from tests.integration.conftest import running_cluster
 from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
 from tests.support import assert_eventually
 
@@ -199,3 +202,35 @@ async def test_cli_generate_chat_messages(fleet):
     proc = await asyncio.create_subprocess_exec(*base, "-m", "no role", stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2 and b"ROLE:CONTENT" in err
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="function")
+async def test_feedback_reaches_the_metrics_service_as_a_counter(tmp_path):
+    """In a fleet of processes, a rating sent to the gateway shows up in the metrics service's counters
+    (fleetserve.gateway.feedback), where quality signals are read."""
+    async with running_cluster(tmp_path, engines=1) as cluster:
+        async with grpc.aio.insecure_channel(cluster.gateway) as ch:
+            s = pb_grpc.InferenceServiceStub(ch)
+            call = s.Generate(
+                pb.GenerateRequest(model=MODEL, prompt="rate me", max_tokens=2),
+                metadata=auth(cluster.api_key),
+                timeout=10,
+            )
+            async for _ in call:
+                pass
+            request_id = dict(await call.initial_metadata())["x-request-id"]
+            for rating in (1, 5):
+                await s.Feedback(
+                    pb.FeedbackRequest(request_id=request_id, rating=rating),
+                    metadata=auth(cluster.api_key),
+                    timeout=5,
+                )
+        async with grpc.aio.insecure_channel(cluster.metrics) as ch:
+            metrics = metrics_grpc.MetricsServiceStub(ch)
+
+            async def counted():
+                resp = await metrics.Query(metrics_pb.QueryRequest(), timeout=5)
+                return resp.counters.get("fleetserve.gateway.feedback", 0) >= 2
+
+            await assert_eventually(counted, timeout_s=20, interval_s=0.2)
