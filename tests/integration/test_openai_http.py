@@ -4,6 +4,7 @@ and by raw HTTP: chat and completions, streamed (SSE) and whole, usage, models, 
 from __future__ import annotations
 
 import json
+import socket
 
 import aiohttp
 import openai
@@ -220,3 +221,21 @@ async def test_rate_limited_tenant_gets_429_with_retry_after_and_denied_model_40
         with pytest.raises(openai.PermissionDeniedError) as exc:
             await c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     assert exc.value.status_code == 403 and exc.value.body["type"] == "permission_error"
+
+
+async def test_kept_alive_streaming_connections_have_nagle_off(fleet):
+    """The server side of a kept-alive HTTP connection has TCP_NODELAY set, so a small SSE event is sent at
+    once instead of waiting for the previous one's ACK (Nagle)."""
+    url = f"http://{fleet.gateway.http_address}/v1/completions"
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+        for _ in range(2):
+            async with s.post(url, json=body, headers=headers) as r:
+                assert r.status == 200
+                await r.read()
+        conns = [c for c in fleet.gateway.http.runner.server.connections if c.transport is not None]
+        assert conns  # ours is kept alive after both requests
+        for c in conns:
+            sock = c.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
