@@ -103,13 +103,20 @@ def closed_loop(
     output_tokens: int = 256,
     seed: int = 0,
     num_kv_blocks: int = 32768,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 2048,
 ) -> LoadResult:
     """c clients, each sending its next request when the last one finished, random-token prompts (no prefix
     hits, as `vllm bench serve --dataset-name random`), ignore_eos. Measured after the ramp-up: output tokens
     of the requests that finished divided by the time from the first request's end to the last's end."""
     requests = requests or max(4 * concurrency, 16)
     rng = random.Random(seed)
-    eng = VirtualEngine(cost, num_kv_blocks=num_kv_blocks)
+    eng = VirtualEngine(
+        cost,
+        num_kv_blocks=num_kv_blocks,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+    )
     sent = 0
 
     def send() -> None:

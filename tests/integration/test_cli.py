@@ -53,7 +53,8 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path):
 
         plain = _run(["generate", "--max-tokens", "12", "hello"], env)
         assert plain.returncode == 0, plain.stderr
-        assert len(plain.stdout.split()) == 12  # the sim emits one word per token
+        # Text from the real tokenizer's vocabulary (not one word per token); the --json run counts tokens.
+        assert plain.stdout.strip()
 
         js = _run(["generate", "--json", "--max-tokens", "5", "hello"], env)
         assert js.returncode == 0, js.stderr
