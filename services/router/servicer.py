@@ -394,7 +394,9 @@ class RouterServicer:
                             ) from None
                         except grpc.aio.AioRpcError as e:
                             code = e.code()
-                            caller_deadline = time.monotonic() + HOP_MARGIN_S >= deadline
+                            # The replica got our time left rounded down to the grpc-timeout unit (up to
+                            # ~0.1 s less), so a timeout near the end of what it got is the caller's deadline.
+                            caller_deadline = time.monotonic() + HOP_MARGIN_S >= sent_at + left
                             if not is_retryable(code, caller_deadline):
                                 self._attempts_counter.add(
                                     1, {"fleetserve.model": model, "outcome": "client"}
@@ -485,9 +487,8 @@ class RouterServicer:
                 done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     err = task.exception()
-                    retryable = isinstance(err, grpc.aio.AioRpcError) and is_retryable(
-                        err.code(), time.monotonic() + HOP_MARGIN_S >= deadline
-                    )
+                    # A timeout is left to the attempt that goes on, which knows the deadline it gave.
+                    retryable = isinstance(err, grpc.aio.AioRpcError) and is_retryable(err.code(), True)
                     if err is None or not retryable or len(racers) == 1:
                         winner = task
                         c, r, b = racers[task]

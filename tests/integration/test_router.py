@@ -343,6 +343,25 @@ async def test_deadline_is_passed_to_the_engine(fleet):
 
 
 @pytest.mark.asyncio(loop_scope="function")
+async def test_callers_deadline_is_not_counted_against_the_replica(tmp_path):
+    """Streams cut by the caller's deadline (over 1 s, where grpc-timeout rounds to 10 ms) end with
+    DEADLINE_EXCEEDED, are not retried, and leave every breaker without a counted failure."""
+    async with in_process_fleet(tmp_path, engines=0) as f:
+        for name in ("real-time-1", "real-time-2"):
+            await add_engine(f, name, speed=1.0)  # 3000 tokens take seconds
+        reqs = [request(max_tokens=3000, ignore_eos=True, request_id=f"dl-{i}") for i in range(2)]
+        for d in await asyncio.gather(*(generate_error(f, r, rpc_timeout_s=1.5) for r in reqs)):
+            assert d.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        for i in range(2):
+            # The client's own deadline ends its call; the router's handler may finish a moment later.
+            (span,) = await assert_eventually(lambda i=i: router_spans(f, f"dl-{i}"), timeout_s=5)
+            assert span.attributes["fleetserve.attempts"] == 1
+        status = await f.router_stub().GetStatus(router_pb.GetStatusRequest(), timeout=2)
+        assert len(status.replicas) == 2
+        assert all(r.consecutive_failures == 0 and r.routable for r in status.replicas)
+
+
+@pytest.mark.asyncio(loop_scope="function")
 async def test_draining_replica_gets_no_new_requests(tmp_path):
     """Once the registry marks a replica DRAINING, new requests all go to the others."""
     async with in_process_fleet(tmp_path) as f:
