@@ -298,16 +298,11 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     """Run with the bench's parsed flags; print the JSON on stdout (and write it to --out when given)."""
-    from loadtest.bench import UsageError
+    from loadtest.bench import UsageError, _run_async
 
     try:
         with structlog_to_stderr() if args.spawn else contextlib.nullcontext():
-            try:
-                import uvloop
-
-                record = uvloop.run(run(args))
-            except ImportError:  # Windows: plain asyncio
-                record = asyncio.run(run(args))
+            record = _run_async(run(args))
     except KeyboardInterrupt:
         return 130
     except UsageError as e:

@@ -234,3 +234,24 @@ async def test_feedback_reaches_the_metrics_service_as_a_counter(tmp_path):
                 return resp.counters.get("fleetserve.gateway.feedback", 0) >= 2
 
             await assert_eventually(counted, timeout_s=20, interval_s=0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="function")
+async def test_gateway_overhead_bench_measures_all_three_paths(tmp_path):
+    """`fleetserve bench --gateway-overhead --spawn` runs every round on the router, gateway gRPC and gateway
+    HTTP paths without errors, and reports paired differences over every round (no speed is asserted)."""
+    from loadtest import bench
+
+    out = tmp_path / "overhead.json"
+    argv = ["--gateway-overhead", "--spawn", "--speed-factor", "5", "--requests", "6", "--warmup", "1"]
+    argv += ["--max-tokens", "8", "--prompt-tokens", "16", "--quiet", "--out", str(out)]
+    assert await asyncio.to_thread(bench.main, argv) == 0
+    record = json.loads(out.read_text())
+    assert set(record["records"]) == {"router", "gateway_grpc", "gateway_http"}
+    for r in record["records"].values():
+        assert (r["requests"], r["errors"]) == (6, 0)
+        assert r["output_tokens"] == 6 * 8 and r["ttft_ms"]["p50"] > 0
+    assert record["gateway_grpc_minus_router"]["paired_ttft_ms"]["pairs"] == 6
+    assert record["gateway_http_minus_gateway_grpc"]["paired_ttft_ms"]["pairs"] == 6
+    assert isinstance(record["target"]["met"], bool)
