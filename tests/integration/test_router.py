@@ -530,7 +530,15 @@ async def test_retry_budget_stops_retries_when_a_pool_keeps_failing(tmp_path):
     ) as f:
         for i in range(3):
             await f.register_dead_replica(f"doomed-{i}", model="doomed")
+        slept: list[float] = []
+
+        async def recording_sleep(s: float) -> None:
+            slept.append(s)
+
+        f.router.servicer._sleep = recording_sleep  # injected backoff: the test does not wait
         first = await generate_error(f, request(model="doomed", request_id="doomed-1"))
+        # One retry, after a full-jitter backoff within [0, base] (base 0.01 s for the first retry).
+        assert len(slept) == 1 and 0 <= slept[0] <= 0.01
         # 4 tokens: the first failure leaves 3 (> 2, retry), the second leaves 2: no more retries.
         assert first.reason == "RETRY_BUDGET_EXHAUSTED" and first.retry_after_s
         (span,) = router_spans(f, "doomed-1")
