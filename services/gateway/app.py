@@ -104,6 +104,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             tenant_concurrency=settings.job_tenant_concurrency,
             max_items=settings.job_max_items,
             attempts=settings.job_item_attempts,
+            max_wait_s=settings.job_item_max_wait_s,
         )
         servicer = GatewayServicer(pipeline, jobs, feedback)
         running = await create_server(

@@ -135,7 +135,12 @@ class GatewaySettings(ServiceSettings):
         5,
         ge=1,
         le=100,
-        description="Tries per batch item on retryable errors (rate limits, UNAVAILABLE) before it fails.",
+        description="Tries per batch item on UNAVAILABLE (and limits that advise no short wait) before it fails.",
+    )
+    job_item_max_wait_s: float = Field(
+        3600.0,
+        ge=0,
+        description="How long in all a batch item may sit out rate limits and load shedding before it fails.",
     )
 
     @model_validator(mode="after")

@@ -239,6 +239,7 @@ class JobRunner:
         tenant_concurrency: int = 8,
         max_items: int = 10_000,
         attempts: int = 5,
+        max_wait_s: float = 3600.0,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         sleep: Callable[[float], object] = asyncio.sleep,
@@ -250,6 +251,7 @@ class JobRunner:
         self.tenant_concurrency = tenant_concurrency
         self.max_items = max_items
         self.attempts = attempts
+        self.max_wait_s = max_wait_s
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._sleep = sleep
@@ -389,9 +391,31 @@ class JobRunner:
         job = self.store.job(job_id)
         log.info("gateway.job_completed", job_id=job_id, succeeded=job.succeeded, failed=job.failed)
 
+    def _retry_delay(self, d: ErrorDetails, failures: int, waited_s: float) -> tuple[float, bool] | None:
+        """(delay, counts as a failure) before retrying an item after error d, or None to give up. A short
+        advised wait on RESOURCE_EXHAUSTED (a rate limit, or batch shed under load) is what a batch job should sit
+        out: it costs no attempt, only time, up to max_wait_s in all. UNAVAILABLE, and limits that advise a long
+        wait or none (a spent budget), count against `attempts`."""
+        if d.code not in RETRYABLE:
+            return None
+        short_limit = (
+            d.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and d.retry_after_s is not None
+            and d.retry_after_s <= self.backoff_max_s
+        )
+        if short_limit:
+            delay = d.retry_after_s or 0.0
+            return (delay, False) if waited_s + delay <= self.max_wait_s else None
+        if failures + 1 >= self.attempts:
+            return None
+        delay = d.retry_after_s
+        if delay is None:
+            delay = full_jitter(failures, self.backoff_base_s, self.backoff_max_s)
+        return min(delay, self.backoff_max_s), True
+
     async def _run_item(self, tenant: Tenant | None, item: PendingItem) -> pb.BatchItemResult:
-        """Generate one item, retrying rate limits and UNAVAILABLE (after the advised delay, else a jittered
-        backoff) up to `attempts` times; the result, an error included."""
+        """Generate one item, retrying rate limits and UNAVAILABLE as _retry_delay says; the result, an error
+        included."""
         result = pb.BatchItemResult(index=item.index, custom_id=item.custom_id)
         if tenant is None:
             result.error.CopyFrom(
@@ -400,7 +424,8 @@ class JobRunner:
                 )
             )
             return result
-        for attempt in range(self.attempts):
+        failures, waited_s = 0, 0.0
+        while True:
             outcome = Outcome(request_id=uuid.uuid4().hex)
             result.request_id = outcome.request_id
             texts: list[str] = []
@@ -419,14 +444,15 @@ class JobRunner:
                     texts.append(chunk.text)
             except (FleetError, grpc.aio.AioRpcError) as e:
                 d = _error_details(e)
-                if d.code in RETRYABLE and attempt + 1 < self.attempts:
-                    delay = d.retry_after_s
-                    if delay is None:
-                        delay = full_jitter(attempt, self.backoff_base_s, self.backoff_max_s)
-                    await self._sleep(min(delay, self.backoff_max_s))
-                    continue
-                result.error.CopyFrom(pb.ItemError(code=d.code.name, reason=d.reason, message=d.message))
-                return result
+                retry = self._retry_delay(d, failures, waited_s)
+                if retry is None:
+                    result.error.CopyFrom(pb.ItemError(code=d.code.name, reason=d.reason, message=d.message))
+                    return result
+                delay, failed = retry
+                failures += failed
+                waited_s += delay
+                await self._sleep(delay)
+                continue
             except Exception:
                 log.exception("gateway.job_item_internal_error", request_id=outcome.request_id)
                 result.error.CopyFrom(
@@ -440,4 +466,3 @@ class JobRunner:
                 result.finish_reason = chunk.finish_reason
                 result.usage.CopyFrom(chunk.usage)
             return result
-        raise AssertionError("unreachable: the last attempt returns")

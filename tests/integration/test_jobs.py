@@ -15,7 +15,8 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.gateway.app import start as start_gateway
 from services.gateway.config import GatewaySettings
-from shared.errors import details_of
+from services.gateway.jobs import JobRunner
+from shared.errors import ErrorDetails, details_of
 from tests.integration.conftest import running_cluster
 from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
 from tests.support import assert_eventually
@@ -170,6 +171,23 @@ async def test_items_count_against_the_tenants_rate_limit(fleet):
     assert (resp.job.succeeded, resp.job.failed) == (5, 0)
     # 5 admissions at 2/s: at least ~1.5 s between the first and the last, whatever the burst allowance.
     assert resp.job.completed_at - resp.job.created_at >= 1.0
+
+
+async def test_retry_policy_sits_out_short_limits_and_counts_failures():
+    """A short advised wait on RESOURCE_EXHAUSTED costs no attempt (only time, up to max_wait_s); UNAVAILABLE
+    and limits advising a long wait count against attempts; other errors are final."""
+    runner = JobRunner(None, None, None, attempts=3, max_wait_s=10.0, backoff_max_s=30.0)  # type: ignore[arg-type]
+    limited = ErrorDetails(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", "RATE_LIMITED", 2.0)
+    assert runner._retry_delay(limited, failures=2, waited_s=0.0) == (2.0, False)
+    assert runner._retry_delay(limited, failures=0, waited_s=9.0) is None  # 11 s would pass max_wait_s
+    budget = ErrorDetails(grpc.StatusCode.RESOURCE_EXHAUSTED, "spent", "BUDGET_EXHAUSTED", 86_400.0)
+    assert runner._retry_delay(budget, failures=0, waited_s=0.0) == (30.0, True)
+    assert runner._retry_delay(budget, failures=2, waited_s=0.0) is None
+    down = ErrorDetails(grpc.StatusCode.UNAVAILABLE, "down", "NO_HEALTHY_REPLICA", 1.0)
+    assert runner._retry_delay(down, failures=1, waited_s=0.0) == (1.0, True)
+    assert runner._retry_delay(down, failures=2, waited_s=0.0) is None
+    bad = ErrorDetails(grpc.StatusCode.NOT_FOUND, "no model", "MODEL_NOT_FOUND")
+    assert runner._retry_delay(bad, failures=0, waited_s=0.0) is None
 
 
 @pytest.mark.slow
