@@ -34,12 +34,19 @@ class Ticket:
 
 
 def _rates(owner: str, subject: str, limits: Limits) -> tuple[Rate | None, Rate | None]:
-    rps = Rate(f"{owner}:rps", limits.rps, 1.0, subject, "requests per second") if limits.rps else None
-    tpm = (
-        Rate(f"{owner}:tpm", float(limits.tokens_per_min), 60.0, subject, "tokens per minute")
-        if limits.tokens_per_min
-        else None
-    )
+    rps = tpm = None
+    if limits.rps:
+        # A bucket holds at least one request, so a rate below 1/s (0.1: one per 10 s) admits anything at all.
+        burst = max(1.0, limits.rps)
+        rps = Rate(f"{owner}:rps", burst, burst / limits.rps, subject, f"{limits.rps:g} requests per second")
+    if limits.tokens_per_min:
+        tpm = Rate(
+            f"{owner}:tpm",
+            float(limits.tokens_per_min),
+            60.0,
+            subject,
+            f"{limits.tokens_per_min} tokens per minute",
+        )
     return rps, tpm
 
 
@@ -93,7 +100,7 @@ class Admission:
                 raise self._refuse(
                     tenant,
                     "PROMPT_EXCEEDS_TOKEN_RATE",
-                    f"the prompt's {prompt_tokens} tokens exceed the limit of {int(r.capacity)} {r.what}; "
+                    f"the prompt's {prompt_tokens} tokens exceed the limit of {r.what}; "
                     "it can never be admitted",
                     r.subject,
                     None,
@@ -103,11 +110,11 @@ class Admission:
         refused = await self.backend.take(wants)
         if refused:
             rate, wait = max(refused, key=lambda rw: rw[1])
-            limit = "RATE_LIMITED" if rate.what == "requests per second" else "TOKEN_RATE_LIMITED"
+            limit = "RATE_LIMITED" if rate.key.endswith(":rps") else "TOKEN_RATE_LIMITED"
             raise self._refuse(
                 tenant,
                 limit,
-                f"{rate.subject} is over its limit of {rate.capacity:g} {rate.what}; retry in {wait:.3f} s",
+                f"{rate.subject} is over its limit of {rate.what}; retry in {wait:.3f} s",
                 rate.subject,
                 wait,
             )

@@ -19,7 +19,7 @@ class Rate:
     key: str
     capacity: float
     period_s: float
-    # Who is limited and by what, for QuotaFailure ("tenant:acme", "requests per second").
+    # Who is limited and by what, for QuotaFailure ("tenant:acme", "5 requests per second").
     subject: str
     what: str
 

@@ -24,8 +24,10 @@ BATCH = common_pb2.PRIORITY_BATCH
 STANDARD = common_pb2.PRIORITY_STANDARD
 INTERACTIVE = common_pb2.PRIORITY_INTERACTIVE
 _TIER_NAMES = {INTERACTIVE: "interactive", STANDARD: "standard", BATCH: "batch"}
-# Depth readings older than this are not acted on (a router we cannot reach must not shed everything).
+# Depth readings older than this many polls (and at least _STALE_MIN_S) are not acted on: a router we cannot
+# reach must not make us shed everything, while a busy event loop that polls late must not stop shedding.
 _STALE_AFTER_POLLS = 5
+_STALE_MIN_S = 3.0
 
 
 def queue_depths(status: router_pb.GetStatusResponse) -> dict[str, float]:
@@ -113,7 +115,8 @@ class LoadShedder:
     def decide(self, model: str, priority: int, max_tokens: int) -> Decision:
         """The decision for a request of this (effective) priority; raises ResourceExhausted to shed."""
         threshold = self.thresholds.get(priority, 0.0)
-        if threshold <= 0 or self._clock() - self._read_at > _STALE_AFTER_POLLS * self.poll_s:
+        stale_s = max(_STALE_AFTER_POLLS * self.poll_s, _STALE_MIN_S)
+        if threshold <= 0 or self._clock() - self._read_at > stale_s:
             return Decision()
         depth = self.depths.get(model, 0.0)
         if depth < threshold:
