@@ -87,6 +87,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
     tenants = TenantStore(
         settings.db_path, cache_ttl_s=settings.auth_cache_ttl_s, version_poll_s=settings.config_poll_s
     )
+    app: GatewayApp | None = None
     try:
         tenants.bootstrap(settings.bootstrap_api_key)
         pool = ChannelPool()
@@ -116,11 +117,15 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
         )
         app = GatewayApp(running, servicer, tenants, pool, jobs, None, jobs_db)
         if settings.http_port >= 0:
+            # The same size limit as gRPC's (over HTTP: 413 before the body is read in full).
             app.http = OpenAIServer(
-                pipeline, max_body_bytes=settings.http_max_body_bytes, recent=feedback.recent
+                pipeline, max_body_bytes=settings.max_request_bytes, recent=feedback.recent
             )
             await app.http.start(settings.host, settings.http_port)
     except BaseException:
+        if app is not None:  # the HTTP port could not be bound: the gRPC server is up already
+            await app.running.server.stop(0)
+            jobs_db.close()
         tenants.close()
         raise
     jobs.resume()

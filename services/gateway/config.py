@@ -119,9 +119,6 @@ class GatewaySettings(ServiceSettings):
         le=65535,
         description="Port of the OpenAI-compatible HTTP server (on --host); 0 picks a free one, -1 turns it off.",
     )
-    http_max_body_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="Largest HTTP request body; bigger ones get 413 unread."
-    )
     jobs_db_path: str = Field(
         "",
         description="SQLite file of batch jobs and feedback; empty: gateway-jobs.db beside --db-path.",

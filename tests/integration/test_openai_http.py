@@ -239,3 +239,12 @@ async def test_kept_alive_streaming_connections_have_nagle_off(fleet):
         for c in conns:
             sock = c.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_oversized_body_is_413_before_it_is_read(fleet):
+    """A body over max_request_bytes is refused with 413 and an OpenAI-shaped error (openai APIStatusError)."""
+    huge = "x" * (4 * 1024 * 1024 + 1)
+    async with client(fleet) as c:
+        with pytest.raises(openai.APIStatusError) as exc:
+            await c.completions.create(model=MODEL, prompt=huge, max_tokens=1)
+    assert exc.value.status_code == 413 and exc.value.body["code"] == "request_too_large"
