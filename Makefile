@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test lint bench loadtest clean
+.PHONY: help install protos cluster test lint bench bench-gateway loadtest clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,10 @@ lint: protos ## Ruff lint and format check.
 
 bench: protos ## Start a 1-engine fleet, load it directly and through the mesh, print JSON with ratios.
 	@$(BIN)/fleetserve bench --spawn --engines 1 --compare --concurrency 32 --requests 256
+
+bench-gateway: protos ## The gateway's own overhead: router vs gateway gRPC vs gateway HTTP, interleaved (JSON).
+	@$(BIN)/fleetserve bench --gateway-overhead --spawn --engines 1 --concurrency 1 --requests 300 \
+		--prompt-tokens 128 --max-tokens 64 --seed 1 --out docs/benchmarks/gateway_overhead.json
 
 USERS ?= 32
 DURATION ?= 60s
