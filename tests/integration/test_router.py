@@ -644,7 +644,7 @@ async def test_hedged_request_is_served_by_the_faster_replica(tmp_path):
     """With hedging on, a request whose replica has sent nothing after the hedge delay also goes to another
     replica: the faster one serves it and the slow one's attempt is cancelled (aborted in the engine)."""
     async with in_process_fleet(tmp_path, engines=1, hedge_delay_s=0.05) as f:
-        await add_engine(f, "slow-1", speed=0.02)
+        await add_engine(f, "slow-1", speed=0.005)
         slow_stub = engine_grpc.EngineServiceStub(f.channel(f.engines["slow-1"].address))
 
         async def slow_aborted() -> int:
@@ -668,7 +668,7 @@ async def test_replica_with_far_worse_ttft_is_ejected_for_a_while(tmp_path):
     async with in_process_fleet(
         tmp_path, engines=3, outlier_detection=True, outlier_min_samples=3, outlier_eject_s=30
     ) as f:
-        await add_engine(f, "slow-1", speed=0.05)
+        await add_engine(f, "slow-1", speed=0.02)
 
         async def ejected() -> bool:
             await generate(f, request(max_tokens=1, request_id="warm"))
