@@ -1,13 +1,22 @@
 """Rate limits and stream caps shared by every gateway through Redis: the same leaky buckets as limits.py, each
-check-and-take one atomic Lua script on Redis's clock, so N gateways enforce a limit once, not N times."""
+check-and-take one atomic Lua script on Redis's clock, so N gateways enforce a limit once, not N times. While
+Redis cannot be reached, each gateway enforces the limits on its own (in process) rather than failing requests."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import redis.asyncio as redis
+import structlog
+from redis.exceptions import RedisError
 
-from services.gateway.limits import Rate
+from services.gateway.limits import LocalLimits, Rate
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+_WARN_EVERY_S = 10.0
 
 # KEYS: bucket keys. ARGV[1]: "1" to charge without checking; then per key capacity, rate per second, amount.
 # Returns one wait (seconds, as a string: Lua numbers become integers in replies) per key; all "0": taken.
@@ -51,7 +60,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 local expires = now + tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], expires, ARGV[2])
-redis.call('PEXPIREAT', KEYS[1], math.ceil(math.max(expires, tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2])) * 1000))
+local latest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(latest[2]) * 1000))
 return 1
 """
 
@@ -59,11 +69,25 @@ return 1
 class RedisLimits:
     """LimitBackend in Redis (redis.asyncio), keys under prefix."""
 
-    def __init__(self, url: str, prefix: str = "fleetserve:gw:") -> None:
-        self.client = redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    def __init__(self, url: str, prefix: str = "fleetserve:gw:", timeout_s: float = 0.5) -> None:
+        self.client = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.prefix = prefix
         self._take = self.client.register_script(_TAKE)
         self._open = self.client.register_script(_OPEN_STREAM)
+        self.fallback = LocalLimits()
+        self._warned = -_WARN_EVERY_S
+        # Streams opened on the fallback are closed there too, even if Redis is back by then.
+        self._local_streams: set[tuple[str, str]] = set()
+
+    async def _or_local(self, shared: Callable[[], Awaitable[T]], local: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await shared()
+        except (RedisError, OSError) as e:
+            now = time.monotonic()
+            if now - self._warned >= _WARN_EVERY_S:
+                self._warned = now
+                log.warning("gateway.redis_unavailable", error=str(e), fallback="in-process limits")
+            return await local()
 
     async def _run(self, wants: Sequence[tuple[Rate, float]], force: bool) -> list[float]:
         keys = [self.prefix + rate.key for rate, _ in wants]
@@ -75,19 +99,43 @@ class RedisLimits:
     async def take(self, wants: Sequence[tuple[Rate, float]]) -> list[tuple[Rate, float]]:
         if not wants:
             return []
-        waits = await self._run(wants, force=False)
-        return [(rate, w) for (rate, _), w in zip(wants, waits, strict=True) if w > 0]
+
+        async def shared() -> list[tuple[Rate, float]]:
+            waits = await self._run(wants, force=False)
+            return [(rate, w) for (rate, _), w in zip(wants, waits, strict=True) if w > 0]
+
+        return await self._or_local(shared, lambda: self.fallback.take(wants))
 
     async def charge(self, wants: Sequence[tuple[Rate, float]]) -> None:
         wants = [(rate, amount) for rate, amount in wants if amount > 0]
         if wants:
-            await self._run(wants, force=True)
+            await self._or_local(lambda: self._run(wants, force=True), lambda: self.fallback.charge(wants))
 
     async def open_stream(self, key: str, cap: int, stream_id: str, lease_s: float) -> bool:
-        return bool(await self._open(keys=[self.prefix + key], args=[cap, stream_id, lease_s]))
+        async def shared() -> bool:
+            return bool(await self._open(keys=[self.prefix + key], args=[cap, stream_id, lease_s]))
+
+        async def local() -> bool:
+            opened = await self.fallback.open_stream(key, cap, stream_id, lease_s)
+            if opened:
+                self._local_streams.add((key, stream_id))
+            return opened
+
+        return await self._or_local(shared, local)
 
     async def close_stream(self, key: str, stream_id: str) -> None:
-        await self.client.zrem(self.prefix + key, stream_id)
+        if (key, stream_id) in self._local_streams:
+            self._local_streams.discard((key, stream_id))
+            await self.fallback.close_stream(key, stream_id)
+            return
+
+        async def shared() -> None:
+            await self.client.zrem(self.prefix + key, stream_id)
+
+        async def local() -> None:
+            return None  # the lease frees the slot in Redis
+
+        await self._or_local(shared, local)
 
     async def close(self) -> None:
         await self.client.aclose()

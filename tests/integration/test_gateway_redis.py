@@ -1,0 +1,216 @@
+"""Limits shared through a real redis-server on loopback: buckets and stream caps seen alike by two clients,
+stream leases, the in-process fallback while Redis is down, and two gateway processes enforcing one tenant's
+limit once between them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+import redis.asyncio as redis
+from fleetserve.inference.v1 import inference_service_pb2 as pb
+from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+from services.gateway.limits import Rate
+from services.gateway.redis_limits import RedisLimits
+from services.gateway.tenants import TenantStore
+from shared.errors import details_of
+from tests.integration.test_router import API_KEY, MODEL, closed_port_address, in_process_fleet
+from tests.support import assert_eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROOT = Path(__file__).resolve().parents[2]
+RPS = Rate("t:a:rps", 2.0, 1.0, "tenant:a", "2 requests per second")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (redis-server cannot bind port 0 and report it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def redis_url(tmp_path_factory):
+    """A redis-server of its own on loopback, without persistence; stopped at the end."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip(
+            "redis-server is not installed and could not be: `make test` installs it (apt-get install "
+            "redis-server); the Redis-backed limits are untested here"
+        )
+    port = free_port()
+    # Popen, as the launcher spawns (vfork, safe under uvloop); it returns at once.
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path_factory.mktemp("redis"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.from_url(url)
+    try:
+        await assert_eventually(lambda: _pings(client), timeout_s=10, message="redis-server did not start")
+        yield url
+    finally:
+        await client.aclose()
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _pings(client) -> bool:
+    try:
+        return await client.ping()
+    except (redis.ConnectionError, OSError):
+        return False
+
+
+@contextlib.asynccontextmanager
+async def limits(url: str, prefix: str):
+    lim = RedisLimits(url, prefix=prefix)
+    try:
+        yield lim
+    finally:
+        await lim.close()
+
+
+async def test_two_clients_share_one_bucket(redis_url):
+    """What one gateway takes, another sees: two fit a 2/s bucket across both, the third is refused with the
+    time until one drains; a refusal takes nothing from the other buckets."""
+    async with limits(redis_url, "t1:") as a, limits(redis_url, "t1:") as b:
+        tpm = Rate("t:a:tpm", 100.0, 60.0, "tenant:a", "100 tokens per minute")
+        assert await a.take([(RPS, 1), (tpm, 10)]) == []
+        assert await b.take([(RPS, 1), (tpm, 10)]) == []
+        refused = await a.take([(RPS, 1), (tpm, 10)])
+        assert [r.key for r, _ in refused] == [RPS.key] and 0.3 < refused[0][1] <= 0.5
+        # tpm was not charged by the refusal: 80 tokens are left, not 70.
+        assert await b.take([(tpm, 80)]) == []
+
+
+async def test_charges_overdraw_and_delay_the_next_take(redis_url):
+    """Completion tokens charged past capacity make the next request wait for the excess to drain."""
+    async with limits(redis_url, "t2:") as a, limits(redis_url, "t2:") as b:
+        tpm = Rate("t:a:tpm", 600.0, 60.0, "tenant:a", "600 tokens per minute")
+        await a.charge([(tpm, 1000)])
+        ((rate, wait),) = await b.take([(tpm, 10)])
+        assert rate == tpm and 40 < wait <= 41
+
+
+async def test_stream_slots_are_shared_and_leased(redis_url):
+    """A stream cap holds across clients; closing frees a slot, and so does a lease that runs out (a gateway
+    that died holding it)."""
+    async with limits(redis_url, "t3:") as a, limits(redis_url, "t3:") as b:
+        assert await a.open_stream("s:a", 1, "r1", 60)
+        assert not await b.open_stream("s:a", 1, "r2", 60)
+        await a.close_stream("s:a", "r1")
+        assert await b.open_stream("s:a", 1, "r2", 0.2)
+        assert not await a.open_stream("s:a", 1, "r3", 60)
+        await assert_eventually(lambda: a.open_stream("s:a", 1, "r3", 60), timeout_s=5)
+
+
+async def test_limits_fall_back_to_the_process_while_redis_is_down():
+    """With Redis unreachable, requests are limited in process instead of failing."""
+    async with limits(f"redis://{closed_port_address()}/0", "t4:") as lim:
+        assert await lim.take([(RPS, 2)]) == []
+        assert [r for r, _ in await lim.take([(RPS, 1)])] == [RPS]
+        assert await lim.open_stream("s:a", 1, "r1", 60)
+        await lim.close_stream("s:a", "r1")
+        assert await lim.open_stream("s:a", 1, "r2", 60)
+
+
+@contextlib.contextmanager
+def gateway_process(tmp: Path, name: str, router: str, db: str, redis_url: str):
+    """A gateway as its own process (`python -m services.gateway`), its address from the ready file."""
+    ready = tmp / f"{name}.json"
+    log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.gateway",
+            f"--router-address={router}",
+            f"--db-path={db}",
+            f"--bootstrap-api-key={API_KEY}",
+            f"--redis-url={redis_url}",
+            f"--ready-file={ready}",
+            "--http-port=-1",
+            "--auth-cache-ttl-s=0",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "FLEETSERVE_GATEWAY_LOG_JSON": "true"},
+    )
+    try:
+        yield proc, ready
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+def _address(ready: Path) -> str | None:
+    try:
+        return json.loads(ready.read_text())["address"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_path):
+    """Two gateway processes sharing one Redis: 10 simultaneous requests of a tenant limited to 4 per second,
+    5 through each, admit 4 (5 if a unit drains meanwhile), not the 8 two separate limiters would."""
+    async with in_process_fleet(tmp_path, engines=1) as fleet:
+        db = str(tmp_path / "gateway.db")
+        store = TenantStore(db)
+        store.bootstrap(API_KEY)
+        store.create_tenant("shared", tenant_id="shared")
+        store.set_tenant("shared", rps=4)
+        key = store.add_key("shared")
+        store.close()
+        with (
+            gateway_process(tmp_path, "gw1", fleet.router.address, db, redis_url) as (p1, r1),
+            gateway_process(tmp_path, "gw2", fleet.router.address, db, redis_url) as (p2, r2),
+        ):
+            addresses = [await assert_eventually(lambda r=r: _address(r), timeout_s=60) for r in (r1, r2)]
+            stubs = [pb_grpc.InferenceServiceStub(fleet.channel(a)) for a in addresses]
+            for stub in stubs:  # connected and serving before the burst, so the burst is simultaneous
+                await stub.ListModels(
+                    pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {key}"),), timeout=10
+                )
+
+            async def one(stub) -> str:
+                call = stub.Generate(
+                    pb.GenerateRequest(model=MODEL, prompt="hi", max_tokens=1),
+                    metadata=(("authorization", f"Bearer {key}"),),
+                    timeout=20,
+                )
+                try:
+                    async for _ in call:
+                        pass
+                except grpc.aio.AioRpcError as e:
+                    d = details_of(e)
+                    assert d.retry_after_s and d.retry_after_s > 0
+                    return d.reason
+                return "OK"
+
+            results = await asyncio.gather(*(one(stubs[i % 2]) for i in range(10)))
+            assert p1.poll() is None and p2.poll() is None
+        admitted = results.count("OK")
+        assert 4 <= admitted <= 5, results
+        assert set(results) <= {"OK", "RATE_LIMITED"}
