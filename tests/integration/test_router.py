@@ -439,6 +439,29 @@ async def test_replica_dying_mid_stream_is_resumed_elsewhere_without_losing_or_r
 
 
 @pytest.mark.asyncio(loop_scope="function")
+async def test_stream_the_engine_aborts_is_resumed_elsewhere(tmp_path):
+    """An engine that ends a stream with FINISH_REASON_ABORT the router did not ask for (here through the
+    engine's Abort RPC) does not end the client's stream: it resumes on another replica, tokens intact."""
+    async with in_process_fleet(tmp_path, engines=2) as f:
+        req = request(max_tokens=3000, ignore_eos=True, request_id="abort-1", seed=11)
+        chunks: list[common_pb2.GenerateChunk] = []
+        async for resp in f.router_stub().Generate(req, timeout=30):
+            chunks.append(resp.chunk)
+            if len(chunks) == 3:
+                stub = engine_grpc.EngineServiceStub(f.channel(f.engines[_serving_replica(f)].address))
+                assert (await stub.Abort(engine_pb.AbortRequest(request_id="abort-1"), timeout=2)).aborted
+        assert all(c.finish_reason != common_pb2.FINISH_REASON_ABORT for c in chunks)
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert chunks[-1].usage.completion_tokens == 3000
+        (span,) = router_spans(f, "abort-1")
+        assert span.attributes["fleetserve.attempts"] == 2
+        reference = await generate(
+            f, request(max_tokens=3000, ignore_eos=True, request_id="abort-ref", seed=11)
+        )
+        assert collect_ids(chunks) == collect_ids(reference)
+
+
+@pytest.mark.asyncio(loop_scope="function")
 async def test_unseeded_sampled_stream_is_not_resumed_by_default(tmp_path):
     """With resume=reproducible, a sampled generation without a seed whose replica dies mid-stream ends with
     the replica's error (resuming it would not continue the same sample)."""
