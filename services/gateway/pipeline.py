@@ -5,6 +5,7 @@ end and batch jobs all call it, so every protocol gets the same rules."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class GatewayPipeline:
         self.models_cache_ttl_s = models_cache_ttl_s
         self.extra_models = frozenset(extra_models)
         self._models: tuple[frozenset[str], float] | None = None
+        self._models_fetch: asyncio.Future[frozenset[str] | None] | None = None
         self.tracer = tracer
         self.default_deadline_s = default_deadline_s
         self.default_max_tokens = default_max_tokens
@@ -395,10 +397,15 @@ class GatewayPipeline:
 
     async def _model_names(self, max_age_s: float) -> frozenset[str] | None:
         """The router's model names, cached up to max_age_s; None when the router cannot say (then the router
-        itself answers for the model)."""
-        now = time.monotonic()
-        if self._models is not None and now - self._models[1] < max_age_s:
+        itself answers for the model). Concurrent requests share one ListModels call."""
+        if self._models is not None and time.monotonic() - self._models[1] < max_age_s:
             return self._models[0]
+        if self._models_fetch is None or self._models_fetch.done():
+            self._models_fetch = asyncio.ensure_future(self._fetch_model_names())
+        # Shielded: a request that goes away must not cancel the call others wait on.
+        return await asyncio.shield(self._models_fetch)
+
+    async def _fetch_model_names(self) -> frozenset[str] | None:
         try:
             resp = await self._list_models(
                 router_pb.ListModelsRequest(),

@@ -149,3 +149,12 @@ async def test_a_stream_without_final_usage_is_recorded_partial_from_the_gateway
         relayed_chunks=7,
     )
     assert (entry.prompt_tokens, entry.completion_tokens, entry.partial) == (12, 7, True)
+
+
+@pytest.mark.asyncio
+async def test_a_rate_below_one_per_second_admits_one_request_per_interval(admission):
+    """rps 0.5 admits one request, then advises waiting about 2 s (a bucket holds at least one request)."""
+    t = tenant(rps=0.5)
+    await admission.admit(t, "m", "r", 1, 60)
+    err = await refused(admission, t)
+    assert 1.5 < err.retry_after_s <= 2.0
