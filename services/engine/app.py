@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import structlog
@@ -13,7 +14,7 @@ from services.engine.config import EngineSettings
 from services.engine.registration import Registration
 from services.engine.servicer import EngineServicer
 from services.engine.sim import SimEngine
-from shared.server import RunningServer, Service, create_server, drain_and_stop
+from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
@@ -34,6 +35,18 @@ def create_backend(settings: EngineSettings) -> EngineBackend:
             cost=settings.cost_model,
             kv_events_max_pending=settings.kv_events_max_pending,
         )
+    if settings.backend == "vllm":
+        from services.engine.vllm_backend import VllmBackend, engine_argv
+
+        return VllmBackend(
+            engine_argv(
+                settings.vllm_args,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+            ),
+            detokenize=settings.vllm_detokenize,
+            replica_id=settings.replica_id,
+        )
     raise ValueError(f"unknown backend {settings.backend!r}")
 
 
@@ -47,6 +60,23 @@ class EngineApp:
     registration: Registration | None
     replica_id: str
     _stopped: bool = False
+    _death_watch: asyncio.Task | None = None
+
+    def watch_backend_death(self) -> None:
+        """A backend whose engine can die (vLLM's engine-core process) sets its `dead` event: the replica then
+        reports NOT_SERVING and leaves the registry, so routers stop sending to it."""
+        dead = getattr(self.backend, "dead", None)
+        if isinstance(dead, asyncio.Event):
+            self._death_watch = asyncio.get_running_loop().create_task(
+                self._on_death(dead), name="engine.death_watch"
+            )
+
+    async def _on_death(self, dead: asyncio.Event) -> None:
+        await dead.wait()
+        log.error("engine.backend_dead", replica_id=self.replica_id, will="NOT_SERVING and deregister")
+        await self.running.set_serving(False)
+        if self.registration is not None:
+            await self.registration.close()
 
     @property
     def address(self) -> str:
@@ -58,6 +88,8 @@ class EngineApp:
         if self._stopped:
             return
         self._stopped = True
+        if self._death_watch is not None:
+            await cancel_and_wait([self._death_watch])
 
         async def before_stop() -> None:
             if self.registration is not None:
@@ -115,4 +147,6 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
         profile=settings.profile if settings.backend == "sim" else None,
         registry=settings.registry_address or None,
     )
-    return EngineApp(running, backend, servicer, registration, settings.replica_id)
+    app = EngineApp(running, backend, servicer, registration, settings.replica_id)
+    app.watch_backend_death()
+    return app

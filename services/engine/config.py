@@ -31,7 +31,20 @@ class EngineSettings(ServiceSettings):
         max_length=256,
         description="Unique id of this replica in the fleet; default: engine-<6 random hex digits>.",
     )
-    backend: Literal["sim"] = Field("sim", description="Engine backend: sim (simulated, CPU).")
+    backend: Literal["sim", "vllm"] = Field(
+        "sim", description="Engine backend: sim (simulated, CPU) or vllm (vLLM's AsyncLLM on a GPU)."
+    )
+    vllm_args: str = Field(
+        "",
+        description="vllm backend: vLLM engine flags (AsyncEngineArgs, shell-quoted), e.g. "
+        "'--model DIR --load-format dummy'; --max-num-seqs/--max-num-batched-tokens default to this replica's; "
+        "prefix caching and KV events are always on.",
+    )
+    vllm_detokenize: bool = Field(
+        True,
+        description="vllm backend: vLLM detokenizes outputs into chunk text (--no-vllm-detokenize streams token "
+        "ids only, less per-token work in the worker; requests with stop strings are detokenized anyway).",
+    )
     speed_factor: float = Field(
         1.0, gt=0, le=100_000, description="Sim: run the modelled GPU this many times faster than real time."
     )
@@ -94,6 +107,8 @@ class EngineSettings(ServiceSettings):
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
                 f"({self.max_num_seqs}), or a full batch could not decode in one step"
             )
+        if self.backend == "vllm" and "--model" not in self.vllm_args:
+            raise ValueError("backend vllm needs --vllm-args with --model DIR (a local model directory)")
         if self.backend == "sim":
             self.gpu_profile  # noqa: B018 - a missing or malformed profile fails here, at start
         if self.register_retry_base_s > self.register_retry_max_s:

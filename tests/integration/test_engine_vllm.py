@@ -1,0 +1,164 @@
+"""The engine worker with the vllm backend (on a fake AsyncLLM) behind a real gRPC server and a real registry:
+streaming, Abort, load, KV events, and engine death -> NOT_SERVING and out of the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as pb
+from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
+
+from services.engine import vllm_backend
+from services.engine.app import start
+from services.engine.config import EngineSettings
+from shared.health import check
+from shared.prefix_hash import block_hashes
+from shared.tokenizer import load as load_tokenizer
+from tests.integration.test_engine import FAST_RETRY, Recorded, listed, start_registry
+from tests.support import assert_eventually
+
+pytest.importorskip("zmq", reason="the vllm backend reads KV events with pyzmq")
+from tests.fake_vllm import FakeAsyncLLM, fake_api  # noqa: E402 - after the skip: it imports zmq
+
+MODEL = "llama-tiny"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from infra.models.generate import main as generate
+
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    generate([str(out), "--size", "tiny"])
+    return str(out)
+
+
+@contextlib.asynccontextmanager
+async def vllm_engine(model_dir: str, monkeypatch, registry_address: str = ""):
+    engines: list[FakeAsyncLLM] = []
+    monkeypatch.setattr(vllm_backend, "load_vllm_api", lambda: fake_api(model_dir, engines, step_s=0.003))
+    rec = Recorded()
+    settings = EngineSettings(
+        replica_id="engine-vllm",
+        model=MODEL,
+        backend="vllm",
+        vllm_args=f"--model {model_dir}",
+        registry_address=registry_address,
+        **FAST_RETRY,
+    )
+    app = await start(settings, rec.telemetry)
+    app.backend.health_poll_s = 0.02
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        yield app, engine_grpc.EngineServiceStub(channel), engines[0]
+    finally:
+        await channel.close()
+        await app.stop(0)
+
+
+def request(prompt: str, max_tokens: int, request_id: str, salt: str = "tenant") -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id,
+        spec=common_pb2.GenerationSpec(
+            model=MODEL,
+            prompt=prompt,
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        ),
+        tenant_id="t",
+        cache_salt=salt,
+    )
+
+
+async def test_streams_over_grpc_with_usage_and_info(model_dir, monkeypatch):
+    """Generate streams the fake vLLM's tokens as chunks; GetInfo reports vLLM's KV geometry and backend."""
+    async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):
+        chunks = [r.chunk async for r in stub.Generate(request("hello vllm worker", 20, "g1"), timeout=10)]
+        assert chunks[0].served_by.replica_id == "engine-vllm"
+        assert sum(len(c.token_ids) for c in chunks) == 20
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert chunks[-1].usage.completion_tokens == 20
+        info = await stub.GetInfo(pb.GetInfoRequest(), timeout=5)
+        assert (info.backend, info.block_size, info.kv_blocks_total) == ("vllm", 16, 1000)
+
+
+async def test_abort_rpc_and_client_cancel_abort_in_vllm(model_dir, monkeypatch):
+    """The Abort RPC ends a stream with ABORT; a cancelled call aborts in vLLM too."""
+    async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):
+        call = stub.Generate(request("abort me", 3000, "a1"), timeout=30)
+        it = call.__aiter__()
+        await anext(it)
+        assert (await stub.Abort(pb.AbortRequest(request_id="a1"), timeout=5)).aborted
+        rest = [r.chunk async for r in it]
+        assert rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+
+        call = stub.Generate(request("cancel me", 3000, "c1"), timeout=30)
+        await anext(call.__aiter__())
+        call.cancel()
+        await assert_eventually(lambda: "c1" in llm.aborted, timeout_s=5)
+        load = await stub.GetLoad(pb.GetLoadRequest(), timeout=5)
+        assert load.requests_aborted == 2
+        await assert_eventually(lambda: app.backend.load().running == 0, timeout_s=5)
+
+
+async def test_kv_events_stream_fleet_hashes_over_grpc(model_dir, monkeypatch):
+    """SubscribeKvEvents streams a snapshot, then the fleet hashes of a request's prompt blocks."""
+    tok = load_tokenizer(model_dir)
+    prompt = " ".join(f"w{i}" for i in range(60))
+    want = block_hashes(tok.encode(prompt), "tenant")
+    assert want
+    async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):
+        events = stub.SubscribeKvEvents(pb.SubscribeKvEventsRequest(include_snapshot=True), timeout=30)
+        it = events.__aiter__()
+        assert (await asyncio.wait_for(anext(it), 5)).batch.snapshot
+
+        stored: list[int] = []
+
+        async def until_stored():
+            # The first publishes may predate ZMQ's subscription: resend until the blocks come through.
+            for i in range(100):
+                [r async for r in stub.Generate(request(prompt, 1, f"k{i}"), timeout=10)]
+                llm.cache.clear()
+                try:
+                    batch = (await asyncio.wait_for(anext(it), 0.2)).batch
+                except TimeoutError:
+                    continue
+                stored.extend(h for e in batch.events for h in e.block_stored.block_hashes)
+                if stored:
+                    return
+
+        await asyncio.wait_for(until_stored(), 10)
+        events.cancel()
+        assert stored[: len(want)] == want
+
+
+async def test_engine_death_is_not_serving_and_leaves_the_registry(model_dir, monkeypatch):
+    """When vLLM's engine core dies the worker reports NOT_SERVING and deregisters; new requests are refused."""
+    rec = Recorded()
+    registry = await start_registry(rec)
+    try:
+        async with vllm_engine(model_dir, monkeypatch, registry.address) as (app, stub, llm):
+            await assert_eventually(lambda: _listed(registry.address), timeout_s=5)
+            assert await check(app.address)
+            llm.kill()
+            await assert_eventually(lambda: _not_serving(app.address), timeout_s=5)
+            await assert_eventually(lambda: _gone(registry.address), timeout_s=5)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                [r async for r in stub.Generate(request("anyone?", 2, "d1"), timeout=5)]
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await registry.stop(0)
+
+
+async def _listed(address: str) -> bool:
+    return "engine-vllm" in await listed(address)
+
+
+async def _gone(address: str) -> bool:
+    return "engine-vllm" not in await listed(address)
+
+
+async def _not_serving(address: str) -> bool:
+    return not await check(address, timeout_s=1)
