@@ -84,6 +84,13 @@ class Admission:
             metadata={"tenant": tenant.id, "limit": limit},
         )
 
+    @staticmethod
+    def counts_tokens(tenant: Tenant) -> bool:
+        """Whether admitting the tenant needs the prompt's token count (a token rate or a token budget)."""
+        return bool(
+            tenant.limits.tokens_per_min or tenant.key_limits.tokens_per_min or tenant.limits.token_budget
+        )
+
     async def admit(
         self, tenant: Tenant, model: str, request_id: str, prompt_tokens: int, lease_s: float
     ) -> Ticket:

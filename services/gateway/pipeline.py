@@ -33,7 +33,7 @@ from services.gateway.safety import (
 )
 from services.gateway.shedding import LoadShedder
 from services.gateway.tenants import Tenant, TenantStore, bearer_key
-from services.gateway.validation import validate
+from services.gateway.validation import check_prompt_tokens, count_prompt_tokens, to_spec
 from shared.deadlines import wire_timeout
 from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from shared.telemetry import bind_request, metadata_for_downstream
@@ -259,11 +259,15 @@ class GatewayPipeline:
                 tenant = tenant or self.authenticate(authorization)
                 outcome.tenant_id = tenant.id
                 span.set_attribute("fleetserve.tenant_id", tenant.id)
-                spec, prompt_tokens = validate(
+                spec = to_spec(
                     request,
                     default_max_tokens=self.default_max_tokens,
                     max_tokens_limit=self.max_tokens_limit,
-                    context_length=self.context_length(request.model),
+                )
+                prompt_tokens = await check_prompt_tokens(
+                    spec,
+                    self.context_length(request.model),
+                    count=self.admission is not None and self.admission.counts_tokens(tenant),
                 )
                 await self._check_model(request.model)
                 if not tenant.may_use(request.model):
@@ -352,6 +356,9 @@ class GatewayPipeline:
                     outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
                 self._finish(span, arrived, request.model, outcome, first, last)
                 if ticket is not None:
+                    if not ticket.prompt_tokens and outcome.prompt_tokens is None:
+                        # Not counted on admission (no token limit) and no usage came back: count for the ledger.
+                        ticket.prompt_tokens = count_prompt_tokens(spec)
                     await self._settle(ticket, outcome, chunks)
 
     def context_length(self, model: str) -> int | None:

@@ -1,7 +1,10 @@
-"""Checks a public GenerateRequest and turns it into the GenerationSpec every hop passes on, counting the
-prompt's tokens with the fleet's tokenizer so that the context length (and token limits) can be enforced."""
+"""Checks a public GenerateRequest and turns it into the GenerationSpec every hop passes on, and counts the
+prompt's tokens with the fleet's tokenizer where the context length or a token limit needs them."""
 
 from __future__ import annotations
+
+import asyncio
+import functools
 
 from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
@@ -12,6 +15,8 @@ from shared.errors import InvalidArgument
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_STOP_STRINGS = 8
 _PRIORITIES = frozenset(v.number for v in common_pb2.Priority.DESCRIPTOR.values)
+# Prompts longer than this are tokenized in a thread (milliseconds of work must not stall other streams).
+_COUNT_INLINE_BYTES = 2 * 1024
 
 
 def count_prompt_tokens(spec: common_pb2.GenerationSpec) -> int:
@@ -24,19 +29,7 @@ def to_spec(
     req: pb.GenerateRequest, *, default_max_tokens: int = 256, max_tokens_limit: int = 8192
 ) -> common_pb2.GenerationSpec:
     """The GenerationSpec for req, or InvalidArgument listing every field violation at once (so a client
-    fixes its request in one round trip)."""
-    return validate(req, default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit)[0]
-
-
-def validate(
-    req: pb.GenerateRequest,
-    *,
-    default_max_tokens: int = 256,
-    max_tokens_limit: int = 8192,
-    context_length: int | None = None,
-) -> tuple[common_pb2.GenerationSpec, int]:
-    """(spec, prompt tokens) for req, or InvalidArgument with every field violation. With context_length,
-    the prompt is tokenized and must leave room for output in it; otherwise the token count is 0."""
+    fixes its request in one round trip). The prompt's length in tokens is checked by check_prompt_tokens."""
     violations: list[tuple[str, str]] = []
     if not req.model:
         violations.append(("model", "required: the name of a model (see ListModels)"))
@@ -79,22 +72,59 @@ def validate(
     spec = common_pb2.GenerationSpec(
         model=req.model, prompt=req.prompt, messages=req.messages, sampling=sampling
     )
-    prompt_tokens = 0
-    has_prompt = bool(req.prompt) != bool(req.messages)
-    if context_length is not None and has_prompt:
-        prompt_tokens = count_prompt_tokens(spec)
-        where = "messages" if req.messages else "prompt"
-        # As the engines do (vLLM and the sim), max_tokens past the context is not an error: generation
-        # stops at the context's end (finish reason length). A prompt that leaves no room for output is.
-        if prompt_tokens >= context_length:
-            violations.append(
-                (
-                    where,
-                    f"{prompt_tokens} tokens; the model's context is {context_length} tokens "
-                    f"(at most {context_length - 1}, leaving room for output)",
-                )
-            )
     if violations:
         fields = ", ".join(f for f, _ in violations)
         raise InvalidArgument(f"invalid request: {fields}", field_violations=violations)
-    return spec, prompt_tokens
+    return spec
+
+
+def prompt_text(spec: common_pb2.GenerationSpec) -> str:
+    """The text the engine tokenizes: the prompt, or the chat rendered with the template."""
+    return tokenizer.FleetTokenizer.render_chat(spec.messages) if spec.messages else spec.prompt
+
+
+@functools.cache
+def max_token_bytes() -> int:
+    """Bytes in the longest token of the vocabulary (special tokens included): a prompt of n bytes has at
+    least n / max_token_bytes() tokens."""
+    return max(len(t.encode()) for t in tokenizer.load().raw.get_vocab(with_added_tokens=True))
+
+
+async def check_prompt_tokens(
+    spec: common_pb2.GenerationSpec, context_length: int | None, *, count: bool
+) -> int:
+    """The prompt's token count when count is set or the context needs it (else 0), or InvalidArgument when
+    the prompt leaves no room for output in context_length. Tokenizing costs about 3 us per token, so a prompt
+    whose byte length alone decides is not tokenized (a token is at least one byte, and at most
+    max_token_bytes()), and a long one is tokenized off the event loop."""
+    text = prompt_text(spec)
+    n_bytes = len(text.encode())
+    where = "messages" if spec.messages else "prompt"
+    if context_length is not None and n_bytes // max_token_bytes() >= context_length:
+        raise _too_long(where, f"at least {n_bytes // max_token_bytes()}", context_length)
+    # +1: the BOS token a plain prompt gets (a rendered chat already starts with it).
+    must_check = context_length is not None and n_bytes + 1 >= context_length
+    if not (count or must_check):
+        return 0
+    if n_bytes > _COUNT_INLINE_BYTES:
+        tokens = await asyncio.to_thread(count_prompt_tokens, spec)
+    else:
+        tokens = count_prompt_tokens(spec)
+    if must_check and tokens >= context_length:  # type: ignore[operator]
+        raise _too_long(where, str(tokens), context_length)  # type: ignore[arg-type]
+    return tokens
+
+
+def _too_long(where: str, tokens: str, context_length: int) -> InvalidArgument:
+    # As the engines do (vLLM and the sim), max_tokens past the context is not an error: generation stops at
+    # the context's end (finish reason length). A prompt that leaves no room for output is.
+    return InvalidArgument(
+        f"invalid request: {where}",
+        field_violations=[
+            (
+                where,
+                f"{tokens} tokens; the model's context is {context_length} tokens "
+                f"(at most {context_length - 1}, leaving room for output)",
+            )
+        ],
+    )

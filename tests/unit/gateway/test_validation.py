@@ -10,7 +10,8 @@ from fleetserve.inference.v1 import inference_service_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.gateway.validation import to_spec
+from services.gateway import validation
+from services.gateway.validation import check_prompt_tokens, to_spec
 from shared.errors import InvalidArgument
 
 LIMITS = dict(default_max_tokens=256, max_tokens_limit=8192)
@@ -119,3 +120,56 @@ def test_any_in_range_request_is_accepted(max_tokens, temperature, top_p, stop):
 def test_any_out_of_range_temperature_is_rejected(temperature):
     """Any temperature outside [0, 2] (NaN and infinities included) is rejected."""
     assert "temperature" in violations(pb.GenerateRequest(model="m", prompt="p", temperature=temperature))
+
+
+def _spec(prompt: str = "", messages=()) -> common_pb2.GenerationSpec:
+    return common_pb2.GenerationSpec(model="m", prompt=prompt, messages=messages)
+
+
+@pytest.mark.asyncio
+async def test_prompt_tokens_are_counted_like_the_engine_when_asked():
+    """With count set, the prompt's tokens are the fleet tokenizer's (BOS included); chats use the template."""
+    from shared import tokenizer
+
+    tok = tokenizer.load()
+    assert await check_prompt_tokens(_spec("hello there"), None, count=True) == len(tok.encode("hello there"))
+    chat = [common_pb2.ChatMessage(role="user", content="hi")]
+    assert await check_prompt_tokens(_spec(messages=chat), 4096, count=True) == len(tok.encode_chat(chat))
+
+
+@pytest.mark.asyncio
+async def test_short_prompts_are_not_tokenized_unless_a_limit_needs_it(monkeypatch):
+    """A prompt whose bytes cannot reach the context is passed without tokenizing (count 0)."""
+    monkeypatch.setattr(validation, "count_prompt_tokens", _fail)
+    assert await check_prompt_tokens(_spec("short prompt"), 4096, count=False) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_prompt_over_the_context_is_a_prompt_field_violation():
+    """A prompt of at least the context's tokens is INVALID_ARGUMENT on prompt, with the numbers."""
+    with pytest.raises(InvalidArgument) as exc:
+        await check_prompt_tokens(_spec("word " * 100), 32, count=False)
+    ((field, text),) = exc.value.field_violations
+    assert field == "prompt" and "context is 32 tokens" in text
+
+
+@pytest.mark.asyncio
+async def test_a_huge_prompt_is_refused_by_its_size_without_tokenizing(monkeypatch):
+    """Bytes / the longest token's bytes is a lower bound on tokens: a huge prompt is refused untokenized."""
+    monkeypatch.setattr(validation, "count_prompt_tokens", _fail)
+    with pytest.raises(InvalidArgument) as exc:
+        await check_prompt_tokens(_spec("x" * (64 * validation.max_token_bytes())), 64, count=True)
+    assert "at least" in exc.value.field_violations[0][1]
+
+
+@pytest.mark.asyncio
+async def test_long_prompts_are_counted_in_a_thread_with_the_same_result():
+    """Prompts over the inline size are tokenized off the event loop, with the same count."""
+    from shared import tokenizer
+
+    text = "many words here " * 1000
+    assert await check_prompt_tokens(_spec(text), None, count=True) == len(tokenizer.load().encode(text))
+
+
+def _fail(*_):
+    raise AssertionError("tokenized")
