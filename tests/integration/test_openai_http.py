@@ -248,3 +248,44 @@ async def test_oversized_body_is_413_before_it_is_read(fleet):
         with pytest.raises(openai.APIStatusError) as exc:
             await c.completions.create(model=MODEL, prompt=huge, max_tokens=1)
     assert exc.value.status_code == 413 and exc.value.body["code"] == "request_too_large"
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_error_after_the_stream_started_is_an_sse_error_event(tmp_path):
+    """An error after the first chunk (here the output safety filter ending the stream) arrives as a last SSE
+    event {"error": ...}, which the openai client raises as APIError after the text it already got; without
+    stream the same refusal is a 400 BadRequestError."""
+    async with in_process_fleet(tmp_path, engines=1) as f:
+        gw = await start_gateway(
+            GatewaySettings(
+                router_address=f.router.address,
+                db_path=str(tmp_path / "gw.db"),
+                bootstrap_api_key=API_KEY,
+                # Matches once 40 characters have been generated: after the first chunks, before the end.
+                safety_output_patterns=[r"(?s).{40}"],
+            ),
+            f.telemetry,
+        )
+        try:
+            c = openai.AsyncOpenAI(base_url=f"http://{gw.http_address}/v1", api_key=API_KEY, max_retries=0)
+            async with c:
+                got = []
+                stream = await c.chat.completions.create(
+                    model=MODEL,
+                    messages=MESSAGES,
+                    max_tokens=200,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                with pytest.raises(openai.APIError) as exc:
+                    async for chunk in stream:
+                        got.append(chunk.choices[0].delta.content or "")
+                assert got and 0 < len("".join(got)) < 200 * 3
+                assert "safety_output_blocked" in str(exc.value.body).lower()
+                with pytest.raises(openai.BadRequestError) as exc:
+                    await c.completions.create(
+                        model=MODEL, prompt="hi", max_tokens=200, extra_body={"ignore_eos": True}
+                    )
+                assert exc.value.body["code"] == "safety_output_blocked"
+        finally:
+            await gw.stop(0)
