@@ -179,6 +179,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--warmup", type=int, default=5, help="with --gateway-overhead: unrecorded rounds first (default 5)"
     )
     gateway.add_argument("--out", help="with --gateway-overhead: also write the JSON to this file")
+
+    routing = parser.add_argument_group("routing policies (each on a fleet of its own)")
+    routing.add_argument(
+        "--compare-policies",
+        metavar="A,B,C",
+        help="start a sim fleet per routing policy, send each the same --workload straight to its router, and "
+        "print one JSON record per policy",
+    )
+    routing.add_argument(
+        "--workload",
+        choices=("multiturn", "mixed", "bursty"),
+        default="multiturn",
+        help="with --compare-policies: multi-turn chats sharing system prompts (closed loop), mixed short/long "
+        "requests (Poisson arrivals) or bursty arrivals (default multiturn)",
+    )
+    routing.add_argument(
+        "--replicas", type=_positive_int, default=4, help="with --compare-policies: sim engines per fleet (4)"
+    )
+    routing.add_argument(
+        "--sim-profile",
+        default="h100-llama-8b",
+        help="with --compare-policies: the sim engines' GPU profile (infra/profiles; default h100-llama-8b)",
+    )
     return parser
 
 
@@ -191,6 +214,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the flags; argparse's SystemExit(2) on bad ones."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compare_policies:
+        from services.router import policies
+
+        names = [p.strip() for p in args.compare_policies.split(",") if p.strip()]
+        unknown = [p for p in names if p not in policies.available()]
+        if not names or unknown:
+            parser.error(f"--compare-policies: unknown {unknown}; available: {', '.join(policies.available())}")
+        args.compare_policies = names
+        return args
     if not args.spawn and (args.engines is not None or args.speed_factor is not None):
         parser.error("--engines and --speed-factor apply only with --spawn")
     if args.spawn and (args.gateway or args.api_key or args.engine or args.data_dir):
@@ -424,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: 2 on bad flags, 0 for --help
         return e.code if isinstance(e.code, int) else 2
+    if args.compare_policies:
+        from loadtest import policy_bench
+
+        return policy_bench.main(args)
     if args.gateway_overhead:
         from loadtest import gateway_bench
 

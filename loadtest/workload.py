@@ -70,3 +70,111 @@ class Workload:
             tenant_id="bench",
             cache_salt="bench",
         )
+
+
+# -- routing-policy workloads (loadtest/policy_bench.py) ---------------------------------------------------
+
+WORKLOADS = ("multiturn", "mixed", "bursty")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One user's session with the fleet: a system prompt, user turns sent one after another (each request
+    carries the whole history, the model's earlier replies included), starting `start_s` into the run (open
+    loop) or when a conversation slot frees up (closed loop, start_s None)."""
+
+    tenant: str
+    session: str
+    system: str
+    turns: tuple[str, ...]
+    max_tokens: int
+    start_s: float | None = None
+
+
+@dataclass(frozen=True)
+class PolicyWorkload:
+    """The conversations of one benchmark run, and how they arrive: `concurrency` conversations at a time
+    (closed loop, multiturn) or at their start times (open loop, mixed and bursty)."""
+
+    name: str
+    conversations: tuple[Conversation, ...]
+    concurrency: int | None = None
+
+    @property
+    def requests(self) -> int:
+        return sum(len(c.turns) for c in self.conversations)
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choices(_WORDS, k=n))
+
+
+def multiturn(
+    requests: int,
+    seed: int,
+    *,
+    tenants: int = 4,
+    system_words: int = 400,
+    turns: tuple[int, int] = (6, 12),
+    user_words: tuple[int, int] = (120, 240),
+    max_tokens: int = 32,
+    concurrency: int = 16,
+) -> PolicyWorkload:
+    """Multi-turn chats: each tenant has one system prompt that all its conversations share; every turn adds
+    a user message (and the previous reply) to a history that grows to a few thousand tokens."""
+    rng = random.Random(f"multiturn:{seed}")
+    systems = [f"tenant {t} policy: " + _words(rng, system_words) for t in range(tenants)]
+    convs: list[Conversation] = []
+    left = requests
+    while left > 0:
+        n = min(left, rng.randint(*turns))
+        t = rng.randrange(tenants)
+        msgs = tuple(_words(rng, rng.randint(*user_words)) for _ in range(n))
+        convs.append(Conversation(f"tenant-{t}", f"conv-{seed}-{len(convs)}", systems[t], msgs, max_tokens))
+        left -= n
+    return PolicyWorkload("multiturn", tuple(convs), concurrency=concurrency)
+
+
+def mixed(
+    requests: int,
+    seed: int,
+    *,
+    rate_per_s: float = 2.0,
+    long_share: float = 0.15,
+    short_words: tuple[int, int] = (60, 250),
+    long_words: tuple[int, int] = (800, 1600),
+    short_out: tuple[int, int] = (8, 32),
+    long_out: tuple[int, int] = (64, 128),
+    tenants: int = 4,
+    bursts: bool = False,
+) -> PolicyWorkload:
+    """Independent requests, mostly short with some long ones, arriving as a Poisson process; with bursts,
+    the rate alternates between 4x for 1 s and 0.4x for 3 s (same mean), so queues build and drain."""
+    rng = random.Random(f"{'bursty' if bursts else 'mixed'}:{seed}")
+    convs: list[Conversation] = []
+    t = 0.0
+    for i in range(requests):
+        rate = rate_per_s
+        if bursts:
+            rate = rate_per_s * (4.0 if (t % 4.0) < 1.0 else 0.4)
+        t += rng.expovariate(rate)
+        long = rng.random() < long_share
+        words = rng.randint(*(long_words if long else short_words))
+        out = rng.randint(*(long_out if long else short_out))
+        tenant = f"tenant-{rng.randrange(tenants)}"
+        convs.append(Conversation(tenant, f"req-{seed}-{i}", "", (_words(rng, words),), out, start_s=t))
+    return PolicyWorkload("bursty" if bursts else "mixed", tuple(convs))
+
+
+def policy_workload(name: str, requests: int, seed: int, speed_factor: float = 0.05) -> PolicyWorkload:
+    """The named workload (multiturn, mixed, bursty) of `requests` requests. Open-loop arrival rates are set
+    for engines at speed factor 0.05 (40 requests/s of modelled GPU time) and scale with the speed factor, so
+    the offered load is the same fraction of the fleet's capacity at any speed."""
+    rate = 40.0 * speed_factor
+    if name == "multiturn":
+        return multiturn(requests, seed)
+    if name == "mixed":
+        return mixed(requests, seed, rate_per_s=rate)
+    if name == "bursty":
+        return mixed(requests, seed, rate_per_s=rate, bursts=True)
+    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")

@@ -100,11 +100,12 @@ class LoadTracker:
 
     def tokens(self, replica_id: str) -> int:
         """Tokens of work queued or running there: the last report plus what this router sent there since, less
-        what ended since, never less than this router's own outstanding tokens."""
+        what ended since. (Not floored at this router's own outstanding tokens, as requests() is: those count a
+        request's whole work until it ends, while the report counts only what is left.)"""
         r = self._r.get(replica_id)
         if r is None:
             return 0
-        return max(r.in_flight_tokens, r.reported_tokens + r.tokens_since - r.ended_tokens_since)
+        return max(0, r.reported_tokens + r.tokens_since - r.ended_tokens_since)
 
     def kv_usage(self, replica_id: str) -> float:
         r = self._r.get(replica_id)

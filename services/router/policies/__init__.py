@@ -176,7 +176,10 @@ class Policy(ABC):
             raise ValueError("select() needs at least one candidate")
         routed = RouteRequest.of(request)
         decision = self._decide(candidates, routed)
-        self.load.started(decision.replica.replica_id, routed.work_tokens)
+        # Policies that know how much of the prompt is cached say how much work is left (details["work_tokens"]).
+        self.load.started(
+            decision.replica.replica_id, decision.details.get("work_tokens", routed.work_tokens)
+        )
         self._chosen(decision.replica, routed)
         return Decision(decision.replica, decision.reason, decision.scores, decision.details, self.name)
 

@@ -9,58 +9,69 @@ from collections.abc import Sequence
 from services.router.membership import ReplicaInfo
 from services.router.policies import Decision, Policy, RouteRequest, least_loaded, register
 from services.router.prefix_index import PrefixIndex
+from shared.prefix_hash import BLOCK_SIZE
 
 
 @register("cache_aware")
 class CacheAwarePolicy(Policy):
-    """After SGLang's cache-aware router, with load guards relative to the fleet's load:
+    """After SGLang's cache-aware router, with its guards relative to the fleet's load (loads in requests
+    running or waiting, as replica_load.LoadTracker estimates them):
 
-    1. imbalanced: the heaviest replica's load score exceeds the lightest's by more than `imbalance_abs` and by
-       a factor over `imbalance_rel` -> least-loaded;
-    2. only replicas within `slack` of the lightest compete on the match, slack = max(`balance_abs`,
-       `balance_rel` x the mean load), so at low load a busy replica does not keep taking new conversations
-       because it holds a shared system prompt, and conversations spread;
-    3. among those, the longest prefix match wins if it covers at least `min_match` of the prompt's blocks,
-       else (a poor match) least-loaded with random ties, never "the first replica".
+    1. imbalanced: the busiest replica holds more than `imbalance_abs` requests over the lightest and more
+       than `imbalance_rel` times it -> least-loaded;
+    2. each replica scores the prompt tokens it would not recompute (the longest run of the prompt's blocks it
+       was sent before) less `tokens_per_request` for every request it holds over the lightest replica, so a
+       match wins only when it saves more than the extra queue costs: at low load a replica that holds a
+       shared system prompt and one conversation already does not take the next conversation too
+       (conversations spread), while a long history still pulls its next turn home;
+    3. a poor match (the winner holds less than `min_match` of the prompt) -> least-loaded, ties at random,
+       never "the first replica".
     """
 
     def __init__(
         self,
-        imbalance_abs: float = 8.0,
+        imbalance_abs: float = 4.0,
         imbalance_rel: float = 1.5,
-        balance_abs: float = 1.0,
-        balance_rel: float = 0.5,
-        min_match: float = 0.5,
+        tokens_per_request: float = 256.0,
+        min_match: float = 0.3,
         index: PrefixIndex | None = None,
         rng: random.Random | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.imbalance_abs, self.imbalance_rel = imbalance_abs, imbalance_rel
-        self.balance_abs, self.balance_rel = balance_abs, balance_rel
+        self.tokens_per_request = tokens_per_request
         self.min_match = min_match
         self.index = index or PrefixIndex()
         self._rng = rng or random.Random()
 
     def _decide(self, candidates: Sequence[ReplicaInfo], request: RouteRequest) -> Decision:
-        loads = {r.replica_id: round(self.load.score(r.replica_id), 4) for r in candidates}
+        loads = {r.replica_id: self.load.requests(r.replica_id) for r in candidates}
         low, high = min(loads.values()), max(loads.values())
         if high - low > self.imbalance_abs and high > self.imbalance_rel * low:
-            return least_loaded(self, candidates, self._rng, "imbalanced")
+            return least_loaded(self, candidates, self._rng, "imbalanced", loads=loads)
         hashes = request.block_hashes
         if not hashes:
             return least_loaded(self, candidates, self._rng, "no_full_block")
         matched = self.index.match(request.model, request.cache_salt, hashes, loads)
-        slack = max(self.balance_abs, self.balance_rel * sum(loads.values()) / len(loads))
-        eligible = [r for r in candidates if loads[r.replica_id] <= low + slack]
-        # Longest match first, then the lighter replica, then chance.
-        best = max(eligible, key=lambda r: (matched[r.replica_id], -loads[r.replica_id], self._rng.random()))
-        ratio = matched[best.replica_id] / len(hashes)
-        details = {"matched_blocks": matched[best.replica_id], "prompt_blocks": len(hashes), "loads": loads}
-        if ratio < self.min_match:
-            return least_loaded(self, candidates, self._rng, "poor_match", **details)
-        scores = {rid: round(n / len(hashes), 4) for rid, n in matched.items()}
-        return Decision(best, "prefix_match", scores, details)
+        scores = {
+            rid: round(n * BLOCK_SIZE - self.tokens_per_request * (loads[rid] - low), 1)
+            for rid, n in matched.items()
+        }
+        # Highest score, then the lighter replica, then chance.
+        best = max(candidates, key=lambda r: (scores[r.replica_id], -loads[r.replica_id], self._rng.random()))
+        n = matched[best.replica_id]
+        details = {"matched_blocks": n, "prompt_blocks": len(hashes), "loads": loads}
+        if n / len(hashes) < self.min_match:
+            return least_loaded(
+                self, candidates, self._rng, "poor_match", **details, work_tokens=request.work_tokens
+            )
+        return Decision(
+            best,
+            "prefix_match",
+            scores,
+            {**details, "work_tokens": max(0, request.work_tokens - n * BLOCK_SIZE)},
+        )
 
     def _chosen(self, replica: ReplicaInfo, request: RouteRequest) -> None:
         if request.pb is not None:

@@ -23,7 +23,7 @@ class KvAwarePolicy(Policy):
 
     def __init__(
         self,
-        prefill_weight: float = 1.0,
+        prefill_weight: float = 4.0,
         load_weight: float = 1.0,
         subscribe: bool = True,
         channel_factory: ChannelFactory = _insecure_channel,
@@ -52,12 +52,13 @@ class KvAwarePolicy(Policy):
         chosen = best[0] if len(best) == 1 else self._rng.choice(best)
         n = matched[chosen.replica_id]
         reason = "cached_prefix" if n else "least_cost_no_cache"
-        return Decision(
-            chosen,
-            reason,
-            costs,
-            {"matched_blocks": n, "prompt_blocks": len(hashes), "prompt_tokens": prompt},
-        )
+        details = {
+            "matched_blocks": n,
+            "prompt_blocks": len(hashes),
+            "prompt_tokens": prompt,
+            "work_tokens": max(0, prompt - n * BLOCK_SIZE) + request.max_tokens,
+        }
+        return Decision(chosen, reason, costs, details)
 
     def on_load_update(self, replica: ReplicaInfo) -> None:
         super().on_load_update(replica)

@@ -153,19 +153,24 @@ def test_power_of_two_takes_the_lighter_of_its_pair():
         assert chosen != "z"
 
 
-def test_load_tracker_token_estimate_never_below_own_outstanding():
-    """Tokens routed since the report add to it; ending a request takes back its share."""
+def test_load_tracker_tokens_are_the_report_plus_changes_since():
+    """Tokens routed since the last report add to it, ended requests take back their share, and a new report
+    replaces the estimate; requests never read below this router's own in-flight count."""
     t = LoadTracker()
     t.started("a", 1000)
     t.started("a", 3000)
     assert t.tokens("a") == 4000
     t.ended("a")
     assert t.tokens("a") == 2000  # 4000 routed since the (empty) report, one mean share ended
-    t.report(rep("a", running=1, tokens=1500))
-    assert t.tokens("a") == 2000  # own outstanding (mean share taken back) beats the report
+    t.report(rep("a", running=0, tokens=1500))
+    assert t.tokens("a") == 1500
+    assert t.requests("a") == 1  # the report says 0 running, but one of ours is still in flight
+    t.started("a", 500)
+    assert t.tokens("a") == 2000 and t.requests("a") == 2
+    t.ended("a")
     t.ended("a")
     t.ended("a")  # one too many: ignored
-    assert t.in_flight("a") == 0
+    assert t.in_flight("a") == 0 and t.tokens("a") >= 0
 
 
 def test_cache_salt_is_per_tenant_and_stable():
