@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     request_hash    TEXT NOT NULL,
     total           INTEGER NOT NULL,
     created_at      REAL NOT NULL,
-    completed_at    REAL
+    completed_at    REAL,
+    cancelled_at    REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(tenant_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -110,6 +111,9 @@ class JobStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "cancelled_at" not in columns:  # a database from before CancelJob
+            self._db.execute("ALTER TABLE jobs ADD COLUMN cancelled_at REAL")
 
     def find_by_key(self, tenant_id: str, key: str) -> tuple[str, str] | None:
         """(job id, request hash) of the tenant's job with this idempotency key."""
@@ -153,8 +157,8 @@ class JobStore:
 
     def job(self, job_id: str) -> pb.Job:
         """The job's progress, computed from its items."""
-        model, total, created_at, completed_at = self._db.execute(
-            "SELECT model, total, created_at, completed_at FROM jobs WHERE id = ?", (job_id,)
+        model, total, created_at, completed_at, cancelled_at = self._db.execute(
+            "SELECT model, total, created_at, completed_at, cancelled_at FROM jobs WHERE id = ?", (job_id,)
         ).fetchone()
         finished, succeeded, prompt, completion, cached = self._db.execute(
             "SELECT COUNT(result), COALESCE(SUM(ok), 0), COALESCE(SUM(prompt_tokens), 0), "
@@ -162,7 +166,9 @@ class JobStore:
             "FROM job_items WHERE job_id = ?",
             (job_id,),
         ).fetchone()
-        if completed_at is not None:
+        if cancelled_at is not None:
+            state = pb.JOB_STATE_CANCELLED
+        elif completed_at is not None:
             state = pb.JOB_STATE_COMPLETED
         else:
             state = pb.JOB_STATE_RUNNING if finished else pb.JOB_STATE_QUEUED
@@ -211,6 +217,15 @@ class JobStore:
         self._db.execute(
             "UPDATE jobs SET completed_at = ? WHERE id = ? AND completed_at IS NULL", (time.time(), job_id)
         )
+
+    def cancel(self, job_id: str) -> bool:
+        """Mark a job cancelled (and so finished); False when it had completed already."""
+        now = time.time()
+        cur = self._db.execute(
+            "UPDATE jobs SET completed_at = ?, cancelled_at = ? WHERE id = ? AND completed_at IS NULL",
+            (now, now, job_id),
+        )
+        return cur.rowcount > 0
 
     def unfinished(self) -> list[tuple[str, str]]:
         """(job id, tenant id) of every job not completed, oldest first."""
@@ -289,6 +304,19 @@ class JobRunner:
         if include_results:
             resp.results.extend(self.store.results(job_id))
         return resp
+
+    async def cancel(self, tenant: Tenant, job_id: str) -> pb.Job:
+        """Cancel a job of tenant's: stored as cancelled first (so a restart does not resume it), then its task
+        is cancelled, which aborts the items in flight down to the engine. NotFound for another tenant's job."""
+        if self.store.tenant_of(job_id) != tenant.id:
+            raise NotFound(f"no job {job_id!r}", reason="JOB_NOT_FOUND")
+        if self.store.cancel(job_id):
+            task = self._tasks.get(job_id)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            log.info("gateway.job_cancelled", job_id=job_id, tenant=tenant.id)
+        return self.store.job(job_id)
 
     def resume(self) -> int:
         """Start every unfinished job (after a restart); how many."""

@@ -89,3 +89,8 @@ class GatewayServicer:
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext):
         tenant = self.pipeline.authenticate(_authorization(context))
         return self.jobs.get(tenant, request.job_id, request.include_results)
+
+    @rpc_boundary
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext):
+        tenant = self.pipeline.authenticate(_authorization(context))
+        return pb.CancelJobResponse(job=await self.jobs.cancel(tenant, request.job_id))

@@ -158,7 +158,7 @@ async def test_reflection_lists_and_describes_the_v1_service(fleet):
 
     services, methods, fields = await asyncio.to_thread(describe)
     assert {"fleetserve.inference.v1.InferenceService", "grpc.health.v1.Health"} <= services
-    assert methods == ["Generate", "Chat", "ListModels", "Feedback", "SubmitBatch", "GetJob"]
+    assert methods == ["Generate", "Chat", "ListModels", "Feedback", "SubmitBatch", "GetJob", "CancelJob"]
     assert "messages" in fields and "prompt" not in fields
 
 

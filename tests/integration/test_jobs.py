@@ -173,6 +173,37 @@ async def test_items_count_against_the_tenants_rate_limit(fleet):
     assert resp.job.completed_at - resp.job.created_at >= 1.0
 
 
+async def test_cancel_stops_a_running_job_and_aborts_its_items(fleet):
+    """CancelJob marks the job CANCELLED, aborts its items in flight in the engine, never starts the rest, keeps
+    finished results, and is not undone by a later GetJob or a second cancel; another tenant cannot cancel it."""
+    s = stub(fleet)
+    aborted_before = await fleet.aborted_total()
+    job = (await s.SubmitBatch(batch(6, max_tokens=3000), metadata=auth(), timeout=5)).job
+    await assert_eventually(lambda: fleet.busy_total(), timeout_s=10)  # items are generating
+    other = fleet.gateway.tenants.create_tenant("cancel-rival", tenant_id="cancel-rival")
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await s.CancelJob(
+            pb.CancelJobRequest(job_id=job.job_id),
+            metadata=auth(fleet.gateway.tenants.add_key(other.id)),
+            timeout=5,
+        )
+    assert details_of(exc.value).reason == "JOB_NOT_FOUND"
+    cancelled = (await s.CancelJob(pb.CancelJobRequest(job_id=job.job_id), metadata=auth(), timeout=5)).job
+    assert cancelled.state == pb.JOB_STATE_CANCELLED and cancelled.completed_at > 0
+    assert cancelled.succeeded + cancelled.failed < cancelled.total
+
+    async def aborted_and_idle() -> bool:
+        return await fleet.aborted_total() >= aborted_before + 1 and await fleet.busy_total() == 0
+
+    await assert_eventually(aborted_and_idle, timeout_s=10)
+    again = (await s.CancelJob(pb.CancelJobRequest(job_id=job.job_id), metadata=auth(), timeout=5)).job
+    later = (await s.GetJob(pb.GetJobRequest(job_id=job.job_id), metadata=auth(), timeout=5)).job
+    assert again == cancelled and later == cancelled
+    assert job.job_id not in {
+        j for j, _ in fleet.gateway.jobs.store.unfinished()
+    }  # a restart will not resume it
+
+
 async def test_retry_policy_sits_out_short_limits_and_counts_failures():
     """A short advised wait on RESOURCE_EXHAUSTED costs no attempt (only time, up to max_wait_s); UNAVAILABLE
     and limits advising a long wait count against attempts; other errors are final."""
