@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from fleetserve.common.v1 import common_pb2
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 
@@ -46,7 +48,7 @@ def chat(
     for i, text in enumerate(turns):
         messages.append(common_pb2.ChatMessage(role="user" if i % 2 == 0 else "assistant", content=text))
     return router_pb.GenerateRequest(
-        request_id=f"req-{abs(hash((turns, tenant, session))) % 10**9}",
+        request_id=f"req-{uuid.uuid4().hex[:12]}",
         spec=common_pb2.GenerationSpec(
             model=model, messages=messages, sampling=common_pb2.SamplingParams(max_tokens=max_tokens)
         ),
