@@ -1,0 +1,200 @@
+"""Routing policies over real servers (registry, sim engines and router in this process, port 0): kv_aware follows
+the engines' KV events and rebuilds after a router restart, cache_aware sends a conversation's next turn home,
+and a model alias resolves to a small or a large model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
+from fleetserve.router.v1 import router_service_pb2 as router_pb
+
+from services.router.config import RouterSettings
+from services.router.policies import RouteRequest, cache_salt_for
+from tests.integration.test_router import MODEL, engine_app, engine_config, in_process_fleet, start_router
+from tests.support import assert_eventually
+from tests.unit.router.policy_helpers import chat
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+SYSTEM = (
+    "You are the on-call assistant. Follow the runbook to the letter and say which section you used. " * 8
+)
+
+
+def chat_request(turns: list[str], tenant: str, model: str = MODEL, max_tokens: int = 32):
+    """A chat with the shared system prompt and the turns so far (user and assistant alternating)."""
+    return chat(*turns, tenant=tenant, model=model, system=SYSTEM, max_tokens=max_tokens)
+
+
+async def generate(fleet, request) -> tuple[str, str, str]:
+    """(replica, model, text) of one streamed generation through the router."""
+    chunks = [r.chunk async for r in fleet.router_stub().Generate(request, timeout=30)]
+    text = "".join(c.text for c in chunks)
+    return chunks[0].served_by.replica_id, chunks[0].served_by.model, text
+
+
+def route_spans(fleet, request_id: str) -> dict:
+    """Attributes of the router span of request_id."""
+    for s in fleet.spans.get_finished_spans():
+        if s.name == "router.Generate" and s.attributes.get("fleetserve.request_id") == request_id:
+            return dict(s.attributes)
+    raise AssertionError(f"no router span for {request_id}")
+
+
+def kv_policy(router):
+    return router.servicer.policy.policy_for(MODEL)
+
+
+async def _converse(fleet, tenant: str, questions: list[str]) -> list[tuple[str, dict]]:
+    """Send the turns of a conversation, each with the history; (replica, route attributes) per turn."""
+    turns: list[str] = []
+    out = []
+    for q in questions:
+        turns.append(q)
+        req = chat_request(turns, tenant)
+        replica, _, text = await generate(fleet, req)
+        out.append((replica, route_spans(fleet, req.request_id)))
+        turns.append(text)
+    return out
+
+
+async def test_kv_aware_follows_kv_events_and_rebuilds_after_a_router_restart(tmp_path):
+    """The router's kv_aware index learns each engine's blocks from its KV events: the next turn of a
+    conversation goes where its prefix is cached (scored, with the reason on the span); another tenant's
+    identical conversation matches nothing; a restarted router rebuilds the index from the engines' snapshots
+    and still sends the conversation home."""
+    async with in_process_fleet(tmp_path, engines=3, policy="kv_aware") as fleet:
+        engines = sorted(fleet.engines)
+        await assert_eventually(
+            lambda: all(kv_policy(fleet.router).index.synced(e) for e in engines),
+            timeout_s=10,
+            message="kv_aware did not sync with every engine",
+        )
+        history = await _converse(
+            fleet, "acme", ["How do I rotate the API keys?", "And the database password?"]
+        )
+        home = history[0][0]
+        second = history[1][1]
+        assert history[1][0] == home
+        assert second["fleetserve.route.policy"] == "kv_aware"
+        assert second["fleetserve.route.reason"] == "cached_prefix"
+        assert second["fleetserve.route.matched_blocks"] > 0
+        assert all(f"{e}=" in second["fleetserve.route.scores"] for e in engines)
+
+        # The same words from another tenant: salted differently, nothing of acme's cache matches.
+        other = chat_request(["How do I rotate the API keys?"], "globex")
+        await generate(fleet, other)
+        assert route_spans(fleet, other.request_id)["fleetserve.route.matched_blocks"] == 0
+
+        # A new router process state: the index is rebuilt from each engine's snapshot.
+        turns = ["How do I rotate the API keys?", "(reply)", "And the database password?"]
+        hashes = RouteRequest.of(chat_request(turns[:1], "acme")).block_hashes
+        await fleet.router.stop(0.5)
+        fleet.router = await start_router(
+            RouterSettings(registry_address=fleet.registry.address, policy="kv_aware"), fleet.telemetry
+        )
+        await assert_eventually(
+            lambda: kv_policy(fleet.router).index.match(hashes, [home])[home] == len(hashes),
+            timeout_s=10,
+            message="restarted router did not rebuild the index from the snapshot",
+        )
+        again = await _converse(
+            fleet, "acme", ["How do I rotate the API keys?", "And the database password?"]
+        )
+        assert [r for r, _ in again] == [home, home]
+        assert again[0][1]["fleetserve.route.reason"] == "cached_prefix"
+
+
+async def test_kv_aware_index_drops_blocks_the_engine_evicts(tmp_path):
+    """Blocks an engine evicts (BlockRemoved events) leave the router's index, whoever sent the requests."""
+    async with in_process_fleet(tmp_path, engines=1, policy="kv_aware") as fleet:
+        fleet.engines["engine-small"] = await engine_app.start(
+            engine_config.EngineSettings(
+                registry_address=fleet.registry.address,
+                replica_id="engine-small",
+                model=MODEL,
+                backend="sim",
+                speed_factor=20.0,
+                num_kv_blocks=64,
+            ),
+            fleet.telemetry,
+        )
+        index = kv_policy(fleet.router).index
+        await assert_eventually(lambda: index.synced("engine-small"), timeout_s=10)
+        engine = engine_grpc.EngineServiceStub(fleet.channel(fleet.engines["engine-small"].address))
+
+        async def direct(req: router_pb.GenerateRequest) -> None:
+            salted = engine_pb.GenerateRequest(
+                request_id=req.request_id, spec=req.spec, cache_salt=cache_salt_for(req.routing.tenant_id)
+            )
+            async for _ in engine.Generate(salted, timeout=30):
+                pass
+
+        first = chat_request(["the first conversation"], "acme")
+        hashes = RouteRequest.of(first).block_hashes
+        await direct(first)
+        await assert_eventually(lambda: index.match(hashes, ["engine-small"])["engine-small"] == len(hashes))
+        # Other prompts fill the 64-block cache: the first one's blocks are evicted, and the index follows.
+        for i in range(6):
+            await direct(chat_request([f"filler {i} " * 60], f"tenant-{i}"))
+        await assert_eventually(lambda: index.match(hashes, ["engine-small"])["engine-small"] < len(hashes))
+
+
+async def test_cache_aware_sends_each_conversations_next_turn_home(tmp_path):
+    """With cache_aware, every turn of a conversation goes to the replica that served its first turn, and
+    conversations running at the same time spread over replicas although they share a system prompt."""
+    async with in_process_fleet(tmp_path, engines=3, policy="cache_aware") as fleet:
+        conversations = await asyncio.gather(
+            *(
+                _converse(
+                    fleet,
+                    "acme",
+                    [f"conversation {c} question {i} about service {c} " * 25 for i in range(4)],
+                )
+                for c in range(3)
+            )
+        )
+        homes = []
+        for turns in conversations:
+            replicas = [r for r, _ in turns]
+            assert len(set(replicas)) == 1, replicas
+            assert [a["fleetserve.route.reason"] for _, a in turns[1:]] == ["prefix_match"] * 3
+            homes.append(replicas[0])
+        assert len(set(homes)) > 1, homes
+
+
+async def test_model_alias_resolves_to_the_small_or_the_large_model(tmp_path):
+    """`auto` goes to the small model for a short easy prompt and to the large one for a hard one; the span
+    records the alias, the pool and why."""
+    async with in_process_fleet(tmp_path, engines=1, model_aliases=f"auto={MODEL}|sim-8b") as fleet:
+        fleet.engines["engine-8b"] = await engine_app.start(
+            engine_config.EngineSettings(
+                registry_address=fleet.registry.address,
+                replica_id="engine-8b",
+                model="sim-8b",
+                backend="sim",
+                speed_factor=20.0,
+            ),
+            fleet.telemetry,
+        )
+        await assert_eventually(lambda: fleet.router.membership.routable("sim-8b"), timeout_s=10)
+        easy = chat_request(["What time is it in Paris?"], "acme", model="auto")
+        replica, model, _ = await generate(fleet, easy)
+        assert (replica, model) == ("engine-1", MODEL)
+        attrs = route_spans(fleet, easy.request_id)
+        assert attrs["fleetserve.model_alias"] == "auto" and attrs["fleetserve.model_pool"] == "small"
+        hard = chat_request(
+            ["Prove that the retry budget bounds the load step by step."], "acme", model="auto"
+        )
+        replica, model, _ = await generate(fleet, hard)
+        assert (replica, model) == ("engine-8b", "sim-8b")
+        attrs = route_spans(fleet, hard.request_id)
+        assert attrs["fleetserve.model_pool"] == "large" and "prove" in attrs["fleetserve.model_route_reason"]
+        # Unknown names are still an error, not an alias.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(fleet, chat_request(["hi"], "acme", model="nope"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
