@@ -5,9 +5,10 @@ client is not what saturates; one JSON object on stdout.
     python -m loadtest.capacity --streams 64,128,256 --client-procs 2 --out docs/benchmarks/engine_cpu_capacity.json
 
 For each level c it runs c closed-loop streams straight at one engine (gRPC, long generations) and compares the
-engine's output tokens/s over a measurement window (from its GetLoad counter, independent of the clients) with
-what the cost model gives for the same load on a virtual clock (services/engine/calibration.py). ratio >= 0.95
-means the process keeps up with the modelled GPU.
+output tokens/s the clients receive in a measurement window with what the cost model gives for the same load on
+a virtual clock (services/engine/calibration.py): ratio >= 0.95 means the process keeps up with the modelled
+GPU. It also reports the engine process's CPU use (from /proc), its CPU time per streamed token, how long a
+GetLoad took at the window's edges, and the engine's own step-loop account (late steps, time dropped).
 """
 
 from __future__ import annotations
@@ -107,12 +108,14 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _engine_tokens(address: str) -> int:
-    async with grpc.aio.insecure_channel(address) as ch:
-        return (await engine_grpc.EngineServiceStub(ch).GetLoad(pb.GetLoadRequest(), timeout=5)).output_tokens
+def _engine_tokens(stub: engine_grpc.EngineServiceStub) -> tuple[int, float]:
+    """The engine's output-token counter, and how long GetLoad took (the event loop's responsiveness)."""
+    t0 = time.perf_counter()
+    load = stub.GetLoad(pb.GetLoadRequest(), timeout=60)
+    return load.output_tokens, (time.perf_counter() - t0) * 1000.0
 
 
-def _level(address: str, pid: int, c: int, args, pool: ProcessPoolExecutor) -> dict:
+def _level(address: str, pid: int, c: int, args, pool: ProcessPoolExecutor, stub) -> dict:
     procs = min(args.client_procs, c)
     share = [c // procs + (1 if i < c % procs else 0) for i in range(procs)]
     t0 = time.time() + 0.5
@@ -122,21 +125,33 @@ def _level(address: str, pid: int, c: int, args, pool: ProcessPoolExecutor) -> d
         for i, n in enumerate(share)
     ]
     time.sleep(max(0.0, start_at - time.time()))
-    tok0, cpu0, w0 = asyncio.run(_engine_tokens(address)), _cpu_s(pid), time.time()
+    # CPU at the window's edges first: a GetLoad can lag on a busy engine and must not move the window.
+    cpu0, w0 = _cpu_s(pid), time.time()
+    tok0, rpc0 = _engine_tokens(stub)
     time.sleep(max(0.0, end_at - time.time()))
-    tok1, cpu1, w1 = asyncio.run(_engine_tokens(address)), _cpu_s(pid), time.time()
+    cpu1, w1 = _cpu_s(pid), time.time()
+    tok1, rpc1 = _engine_tokens(stub)
+    t1 = time.time()
     clients = [f.result() for f in futures]
-    engine_tps = (tok1 - tok0) / (w1 - w0)
+    time.sleep(2.0)  # the cancelled streams drain before the next level
+    engine_tps = (tok1 - tok0) / (t1 - w0 - rpc0 / 1000.0)
+    client_tps = sum(x["tokens"] for x in clients) / args.duration_s
     gaps50 = [x["gap_p50_ms"] for x in clients if x["gap_p50_ms"] is not None]
     return {
         "streams": c,
         "client_procs": procs,
         "engine_output_tokens_per_s": round(engine_tps, 1),
-        "client_tokens_per_s": round(sum(x["tokens"] for x in clients) / args.duration_s, 1),
+        # Tokens the clients received inside the window: the measure (the GetLoad pair can lag when busy).
+        "client_tokens_per_s": round(client_tps, 1),
         "engine_cpu_util": round((cpu1 - cpu0) / (w1 - w0), 3),
+        # CPU cost of a streamed token in the engine process: less sensitive to a busy machine than the ratio.
+        "engine_cpu_us_per_token": round((cpu1 - cpu0) / (w1 - w0) * 1e6 / client_tps, 2)
+        if client_tps
+        else None,
         "chunk_gap_p50_ms": round(statistics.median(gaps50), 3) if gaps50 else None,
         "chunk_gap_p99_ms": max((x["gap_p99_ms"] or 0) for x in clients),
         "errors": sum(x["errors"] for x in clients),
+        "get_load_ms": round(max(rpc0, rpc1), 1),
     }
 
 
@@ -186,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         engine = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         rows = []
+        channel = None
         try:
             for _ in range(600):
                 if ready.exists() or engine.poll() is not None:
@@ -194,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
             if not ready.exists():
                 raise SystemExit(f"engine did not start: {(Path(tmp) / 'engine.log').read_text()[-2000:]}")
             address = json.loads(ready.read_text())["address"]
+            channel = grpc.insecure_channel(address)  # sync, outside any event loop, reused
+            stub = engine_grpc.EngineServiceStub(channel)
             with ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
                 pids = set(pool.map(_warm, range(args.client_procs)))
                 if len(pids) < args.client_procs:
                     raise SystemExit(f"only {len(pids)} of {args.client_procs} client processes started")
                 for c in levels:
-                    row = _level(address, engine.pid, c, args, pool)
+                    row = _level(address, engine.pid, c, args, pool, stub)
                     # What the cost model gives for the same closed loop on a virtual clock.
                     model = closed_loop(
                         cost,
@@ -211,11 +229,13 @@ def main(argv: list[str] | None = None) -> int:
                         max_num_batched_tokens=budget,
                     )
                     row["modelled_tokens_per_s"] = model.output_tokens_per_s
-                    row["ratio"] = round(row["engine_output_tokens_per_s"] / model.output_tokens_per_s, 3)
+                    row["ratio"] = round(row["client_tokens_per_s"] / model.output_tokens_per_s, 3)
                     row["keeps_up"] = row["ratio"] >= KEEP_UP
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
         finally:
+            if channel is not None:
+                channel.close()
             engine.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 engine.wait(10)
