@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="replicas with health and load")
     st.add_argument("--registry", help="registry host:port (default: the running cluster's)")
+    st.add_argument("--router", help="router host:port for breaker state (default: the running cluster's)")
     st.add_argument("--json", action="store_true")
 
     met = sub.add_parser("metrics", help="latency percentiles and error rate per model")

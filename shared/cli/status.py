@@ -1,4 +1,5 @@
-"""`fleetserve status`: the fleet's replicas with health and load, from the registry."""
+"""`fleetserve status`: the fleet's replicas with health and load from the registry, and the router's view of
+each (circuit breaker, ejection, its own in-flight count)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 import grpc
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from fleetserve.router.v1 import router_service_pb2 as router_pb
+from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from rich.console import Console
 from rich.table import Table
 
@@ -17,11 +20,27 @@ from shared.cluster import read_state
 from shared.health import check
 
 
-async def fetch_replicas(registry: str) -> list[dict]:
-    """Replicas from the registry, each with a live grpc.health.v1 probe of the engine itself."""
+async def _router_view(router: str | None) -> dict[str, router_pb.ReplicaStatus]:
+    """The router's status per replica id; empty when there is no router or it does not answer (the
+    registry's view is still worth showing then)."""
+    if not router:
+        return {}
+    try:
+        async with grpc.aio.insecure_channel(router) as ch:
+            resp = await router_grpc.RouterServiceStub(ch).GetStatus(router_pb.GetStatusRequest(), timeout=2)
+    except grpc.aio.AioRpcError:
+        return {}
+    return {r.replica_id: r for r in resp.replicas}
+
+
+async def fetch_replicas(registry: str, router: str | None = None) -> list[dict]:
+    """Replicas from the registry, each with a live grpc.health.v1 probe of the engine itself and, when a
+    router is given, the router's breaker state, ejection and in-flight count."""
     async with grpc.aio.insecure_channel(registry) as ch:
         resp = await pb_grpc.RegistryServiceStub(ch).ListReplicas(pb.ListReplicasRequest(), timeout=3)
-    healthy = await asyncio.gather(*(check(r.address, timeout_s=1.0) for r in resp.replicas))
+    healthy, routed = await asyncio.gather(
+        asyncio.gather(*(check(r.address, timeout_s=1.0) for r in resp.replicas)), _router_view(router)
+    )
     now = time.time()
     rows = []
     for r, ok in zip(resp.replicas, healthy, strict=True):
@@ -39,9 +58,32 @@ async def fetch_replicas(registry: str) -> list[dict]:
                 "kv_usage": (load.kv_blocks_used / load.kv_blocks_total) if load.kv_blocks_total else 0.0,
                 "output_tokens_per_s": round(load.output_tokens_per_s, 1),
                 "heartbeat_age_s": round(max(0.0, now - r.last_heartbeat_unix), 2),
+                "prefix_cache_hit_rate": round(load.prefix_cache_hit_rate, 4),
+                **_routing(routed.get(r.replica_id)),
             }
         )
     return sorted(rows, key=lambda r: r["replica_id"])
+
+
+def _routing(st: router_pb.ReplicaStatus | None) -> dict:
+    """The router's columns of one row; None where the router does not know the replica (yet)."""
+    if st is None:
+        return {"breaker": None, "ejected": None, "router_in_flight": None}
+    return {
+        "breaker": router_pb.BreakerState.Name(st.breaker_state).removeprefix("BREAKER_STATE_").lower(),
+        "ejected": st.ejected,
+        "router_in_flight": st.in_flight,
+    }
+
+
+def _breaker_cell(r: dict) -> str:
+    if r["breaker"] is None:
+        return "-"
+    if r["ejected"]:
+        return "[red]ejected[/]"
+    return {"closed": "[green]closed[/]", "open": "[red]open[/]"}.get(
+        r["breaker"], f"[yellow]{r['breaker']}[/]"
+    )
 
 
 def table(rows: list[dict], title: str = "replicas") -> Table:
@@ -55,7 +97,9 @@ def table(rows: list[dict], title: str = "replicas") -> Table:
         "running",
         "waiting",
         "kv",
+        "prefix hit",
         "tok/s",
+        "breaker",
         "heartbeat",
     ):
         t.add_column(col)
@@ -69,16 +113,20 @@ def table(rows: list[dict], title: str = "replicas") -> Table:
             str(r["running"]),
             str(r["waiting"]),
             f"{r['kv_usage']:.0%}",
+            f"{r['prefix_cache_hit_rate']:.0%}",
             f"{r['output_tokens_per_s']:.0f}",
+            _breaker_cell(r),
             f"{r['heartbeat_age_s']:.1f}s ago",
         )
     return t
 
 
 def run_status(args) -> int:
-    registry = args.registry or read_state()["registry"]
+    # With --registry alone, the router's columns stay empty rather than mixing in another fleet's router.
+    state = {} if args.registry else read_state()
+    registry = args.registry or state["registry"]
     try:
-        rows = asyncio.run(fetch_replicas(registry))
+        rows = asyncio.run(fetch_replicas(registry, args.router or state.get("router")))
     except grpc.aio.AioRpcError as e:
         print(f"error: registry at {registry} did not answer: {e.code().name} {e.details()}")
         return 1

@@ -92,7 +92,7 @@ class _Console(Console):
 async def _status_table(cluster: Cluster):
     dead = [n for n, p in cluster.procs.items() if not p.alive]
     try:
-        rows = await fetch_replicas(cluster.registry)
+        rows = await fetch_replicas(cluster.registry, cluster.router)
         t = table(rows, title=f"replicas ({len(rows)})")
     except Exception as e:  # the registry may be restarting; keep the display alive
         t = Text(f"registry unreachable: {e}", style="red")
@@ -105,7 +105,7 @@ async def _status_lines(cluster: Cluster, stop: asyncio.Event, console: Console)
     # Without a TTY (e.g. output piped to a file), a compact line every few seconds.
     while not stop.is_set():
         try:
-            rows = await fetch_replicas(cluster.registry)
+            rows = await fetch_replicas(cluster.registry, cluster.router)
             summary = " ".join(
                 f"{r['replica_id']}:{'up' if r['healthy'] else 'down'}/run={r['running']}/wait={r['waiting']}"
                 for r in rows

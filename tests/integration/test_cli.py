@@ -73,6 +73,8 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path):
         rows = json.loads(status.stdout)
         assert {r["replica_id"] for r in rows} == {"engine-1", "engine-2"}
         assert all(r["healthy"] and r["state"] == "serving" for r in rows)
+        # The router's view joins the registry's: both replicas known to it, breakers closed.
+        assert all(r["breaker"] == "closed" and r["ejected"] is False for r in rows)
 
         # The two successful generations reach the metrics service as spans within a second or so.
         deadline = time.monotonic() + 20
