@@ -79,7 +79,10 @@ class SimRequest:
         self._hold = max((len(s) for s in stops), default=1) - 1
         tail = detokenize(resumed_ids[-self._hold :]) if self._hold and resumed_ids else ""
         self._tail = tail[-self._hold :] if self._hold else ""
-        self._unsent = 0  # characters at the end of _tail not yet delivered
+        # Characters at the end of _tail not yet delivered. An attempt that streamed resumed_ids had delivered
+        # all their text but the held-back tail (min(text length, hold) characters: the hold never drains while
+        # no stop matches), so the resumed attempt owes the client exactly that tail.
+        self._unsent = len(self._tail)
         self.pending_ids: list[int] = []
         self.pending_text: list[str] = []
         self.finish_reason: int | None = None

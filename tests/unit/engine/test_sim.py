@@ -191,6 +191,25 @@ async def test_resume_continues_with_identical_tokens(engine):
     assert last.completion_tokens == 20 and last.finish_reason == common_pb2.FINISH_REASON_LENGTH
 
 
+async def test_resume_with_stop_strings_delivers_the_held_back_text(engine):
+    """Text held back for stop-string matching when an attempt dies is delivered by the resumed attempt: what
+    the client got before the cut plus the resumed stream is the whole text, nothing lost or repeated."""
+    never = "\x00no such stop"  # held back: len - 1 characters, never matched
+    whole_ids, whole_text, _ = await collect(engine, "whole", spec(max_tokens=24, stop=[never]))
+    got_ids, got_text = [], []
+    async for out in engine.generate("first", spec(max_tokens=24, stop=[never]), cache_salt="", priority=0):
+        got_ids += out.token_ids
+        got_text.append(out.text)
+        if len(got_ids) >= 8:
+            break  # the replica "dies" here: the router has these ids and this text
+    s = spec(max_tokens=24, stop=[never])
+    s.resume_token_ids.extend(got_ids)
+    rest_ids, rest_text, last = await collect(engine, "resumed", s)
+    assert got_ids + rest_ids == whole_ids
+    assert "".join(got_text) + rest_text == whole_text
+    assert last.completion_tokens == 24
+
+
 async def test_a_request_id_in_use_is_refused(engine):
     """A second live request with the same id is refused."""
     stream = engine.generate("dup", spec(max_tokens=100_000), cache_salt="", priority=0)
