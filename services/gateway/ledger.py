@@ -103,13 +103,19 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=2000")
         self._db.executescript(_SCHEMA)
+        # Flushes write on their own connection (from a thread): reads on self._db never see half a batch.
+        self._writer = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        self._writer.execute("PRAGMA busy_timeout=2000")
         self.flush_interval_s = flush_interval_s
         self.refresh_s = refresh_s
         self._clock = clock
         self._pending: list[Entry] = []
+        # The batch being written (by a flush in a thread): counted in totals until it is in the database.
+        self._flushing: list[Entry] = []
         # (tenant, period start) -> [tokens, cost, read at]
         self._totals: dict[tuple[str, float], list[float]] = {}
         self._task: asyncio.Task | None = None
+        self._inflight: asyncio.Future[int] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._flush_loop(), name="ledger-flush")
@@ -118,7 +124,10 @@ class Ledger:
         while True:
             await asyncio.sleep(self.flush_interval_s)
             try:
-                self.flush()
+                # In a thread: a big batch is milliseconds of SQLite work that must not stall the streams.
+                # Shielded: close() waits for a write in progress instead of closing the database under it.
+                self._inflight = asyncio.ensure_future(asyncio.to_thread(self.flush))
+                await asyncio.shield(self._inflight)
             except sqlite3.Error:
                 # Kept in memory and retried next time: a busy database must not lose usage.
                 log.exception("gateway.ledger_flush_failed", pending=len(self._pending))
@@ -131,17 +140,24 @@ class Ledger:
                 total[1] += entry.cost_usd
 
     def flush(self) -> int:
-        """Write pending entries in one transaction; returns how many."""
+        """Write pending entries in one transaction; returns how many. Safe in a thread while record() runs:
+        the batch is swapped out first, and put back if the write fails."""
         if not self._pending:
             return 0
-        batch = self._pending
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                f"INSERT INTO usage_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [astuple(e) for e in batch],
-            )
-        self._pending = self._pending[len(batch) :]
+        batch, self._pending = self._pending, []
+        self._flushing = batch
+        try:
+            with self._writer:
+                self._writer.execute("BEGIN")
+                self._writer.executemany(
+                    f"INSERT INTO usage_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [astuple(e) for e in batch],
+                )
+        except BaseException:
+            self._pending[:0] = batch
+            raise
+        finally:
+            self._flushing = []
         return len(batch)
 
     def used(self, tenant_id: str, period: str) -> tuple[int, float]:
@@ -155,7 +171,7 @@ class Ledger:
                 "FROM usage_ledger WHERE tenant_id = ? AND at >= ?",
                 (tenant_id, start),
             ).fetchone()
-            for e in self._pending:
+            for e in (*self._flushing, *self._pending):
                 if e.tenant_id == tenant_id and e.at >= start:
                     tokens += e.prompt_tokens + e.completion_tokens
                     cost += e.cost_usd
@@ -179,9 +195,13 @@ class Ledger:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._inflight is not None:
+            with contextlib.suppress(Exception):
+                await self._inflight
         self.close_now()
 
     def close_now(self) -> None:
         """Write what is pending and close, without the event loop (the admin CLI)."""
         self.flush()
+        self._writer.close()
         self._db.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
+import sqlite3
 
 import pytest
 
@@ -65,3 +67,23 @@ def test_rows_written_by_another_process_count_after_the_refresh_interval(tmp_pa
     assert mine.summary("a") == [("a", "m", 1, 7, 3, 0.0)]  # its own row is still pending
     mine.close_now()
     other.close_now()
+
+
+@pytest.mark.asyncio
+async def test_background_flushes_and_close_write_every_row_exactly_once(tmp_path):
+    """Rows recorded while flushes run in a thread, and a close that lands mid-flush, end up in the database
+    once each (close waits for the write in progress)."""
+    db = str(tmp_path / "l.db")
+    total = 0
+    for _ in range(10):
+        ledger = Ledger(db, flush_interval_s=0.001)
+        ledger.start()
+        for i in range(300):
+            ledger.record(entry(prompt=1, completion=0))
+            total += 1
+            if i % 50 == 0:
+                await asyncio.sleep(0.002)
+        await ledger.close()
+    raw = sqlite3.connect(db)
+    assert raw.execute("SELECT COUNT(*), SUM(prompt_tokens) FROM usage_ledger").fetchone() == (total, total)
+    raw.close()
