@@ -3,6 +3,8 @@ prices, safety rules and load shedding."""
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, model_validator
 
 from shared.settings import ServiceSettings, service_config
@@ -146,4 +148,18 @@ class GatewaySettings(ServiceSettings):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
             )
+        if 0 < self.shed_standard_queue_depth < self.shed_batch_queue_depth:
+            raise ValueError(
+                f"shed_standard_queue_depth ({self.shed_standard_queue_depth}) is below shed_batch_queue_depth "
+                f"({self.shed_batch_queue_depth}): batch must be shed first"
+            )
+        for name in ("safety_input_patterns", "safety_output_patterns"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{name}: {pattern!r} is not a regular expression: {e}") from None
+        for model, prices in self.model_prices.items():
+            if any(not p >= 0 for p in prices):
+                raise ValueError(f"model_prices[{model!r}]: prices must be >= 0; got {prices}")
         return self
