@@ -114,17 +114,7 @@ class Admission:
                 )
             wants.append((r, float(prompt_tokens)))
             ticket.token_rates.append(r)
-        refused = await self.backend.take(wants)
-        if refused:
-            rate, wait = max(refused, key=lambda rw: rw[1])
-            limit = "RATE_LIMITED" if rate.key.endswith(":rps") else "TOKEN_RATE_LIMITED"
-            raise self._refuse(
-                tenant,
-                limit,
-                f"{rate.subject} is over its limit of {rate.what}; retry in {wait:.3f} s",
-                rate.subject,
-                wait,
-            )
+        # The stream slot first, then the rates, so that a request refused by either takes nothing.
         cap = tenant.limits.max_streams
         if cap:
             key = f"s:{tenant.id}"
@@ -139,7 +129,27 @@ class Admission:
                     wait,
                 )
             ticket.stream_key = key
+        try:
+            refused = await self.backend.take(wants)
+        except BaseException:
+            await self._close_stream(ticket)
+            raise
+        if refused:
+            await self._close_stream(ticket)
+            rate, wait = max(refused, key=lambda rw: rw[1])
+            limit = "RATE_LIMITED" if rate.key.endswith(":rps") else "TOKEN_RATE_LIMITED"
+            raise self._refuse(
+                tenant,
+                limit,
+                f"{rate.subject} is over its limit of {rate.what}; retry in {wait:.3f} s",
+                rate.subject,
+                wait,
+            )
         return ticket
+
+    async def _close_stream(self, ticket: Ticket) -> None:
+        if ticket.stream_key:
+            await self.backend.close_stream(ticket.stream_key, ticket.request_id)
 
     def _check_budgets(self, tenant: Tenant, prompt_tokens: int) -> None:
         lim = tenant.limits
@@ -182,7 +192,7 @@ class Admission:
         token per chunk). Such rows are marked partial."""
         tenant = ticket.tenant
         if ticket.stream_key:
-            await self.backend.close_stream(ticket.stream_key, ticket.request_id)
+            await self._close_stream(ticket)
             elapsed = time.monotonic() - ticket.opened
             prev = self._stream_s.get(tenant.id)
             self._stream_s[tenant.id] = elapsed if prev is None else prev + _EWMA * (elapsed - prev)

@@ -158,3 +158,13 @@ async def test_a_rate_below_one_per_second_admits_one_request_per_interval(admis
     await admission.admit(t, "m", "r", 1, 60)
     err = await refused(admission, t)
     assert 1.5 < err.retry_after_s <= 2.0
+
+
+@pytest.mark.asyncio
+async def test_a_request_refused_by_a_rate_keeps_no_stream_slot(admission):
+    """A stream cap and an rps limit together: the rate refusal gives the stream slot back at once."""
+    t = tenant(max_streams=1, rps=1)
+    first = await admission.admit(t, "m", "a", 1, 60)
+    await finish(admission, first, completion=1)
+    assert (await refused(admission, t)).reason == "RATE_LIMITED"
+    assert await admission.backend.open_stream("s:acme", 1, "probe", 60)
