@@ -33,7 +33,7 @@ from services.gateway.safety import (
 )
 from services.gateway.shedding import LoadShedder
 from services.gateway.tenants import Tenant, TenantStore, bearer_key
-from services.gateway.validation import check_prompt_tokens, count_prompt_tokens, to_spec
+from services.gateway.validation import check_prompt_tokens, to_spec
 from shared.deadlines import wire_timeout
 from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from shared.telemetry import bind_request, metadata_for_downstream
@@ -356,9 +356,10 @@ class GatewayPipeline:
                     outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
                 self._finish(span, arrived, request.model, outcome, first, last)
                 if ticket is not None:
-                    if not ticket.prompt_tokens and outcome.prompt_tokens is None:
-                        # Not counted on admission (no token limit) and no usage came back: count for the ledger.
-                        ticket.prompt_tokens = count_prompt_tokens(spec)
+                    if chunks and not ticket.prompt_tokens and outcome.prompt_tokens is None:
+                        # Generation started but no usage came back (cancelled, failed mid-stream), and the
+                        # prompt was not counted on admission (no token limit): count it for the ledger.
+                        ticket.prompt_tokens = await check_prompt_tokens(spec, None, count=True)
                     await self._settle(ticket, outcome, chunks)
 
     def context_length(self, model: str) -> int | None:

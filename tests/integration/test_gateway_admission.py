@@ -404,3 +404,28 @@ async def test_saturated_fleet_sheds_batch_first_keeps_standard_and_degrades_whe
             chunks, _ = await asyncio.wait_for(degraded, 120)
             assert "max_tokens capped at 8" in chunks[0].served_by.degraded
             assert chunks[-1].usage.completion_tokens == 8
+
+
+async def test_a_cancelled_stream_is_recorded_partial_with_the_gateways_counts(fleet, tmp_path):
+    """A stream cancelled mid-way has no usage chunk: its ledger row is marked partial, with the prompt as the
+    fleet tokenizer counts it and at least the chunks the client received."""
+    from shared import tokenizer
+
+    async with gateway(fleet, tmp_path) as gw:
+        key = gw.tenant_key("cancels")
+        call = gw.stub.Generate(
+            pb.GenerateRequest(model=MODEL, prompt="a long story", max_tokens=4000, ignore_eos=True),
+            metadata=auth(key),
+            timeout=30,
+        )
+        for _ in range(5):
+            await call.read()
+        call.cancel()
+        await assert_eventually(lambda: _ledger_rows(gw, "cancels") == 1, timeout_s=5)
+        db = sqlite3.connect(gw.app.tenants.db_path)
+        row = db.execute(
+            "SELECT status, partial, prompt_tokens, completion_tokens FROM usage_ledger WHERE tenant_id = 'cancels'"
+        ).fetchone()
+        db.close()
+        assert row[:3] == ("CANCELLED", 1, len(tokenizer.load().encode("a long story")))
+        assert 5 <= row[3] < 4000
