@@ -80,7 +80,10 @@ async def inproc_runs(args, workload: Workload, out: list[dict], save) -> str:
         try:
             # Tokenized here as the worker does (the fleet tokenizer, token ids into vLLM).
             params = api.sampling_params(
-                max_tokens=max_tokens, ignore_eos=True, output_kind=api.output_kind_delta, detokenize=True
+                max_tokens=max_tokens,
+                ignore_eos=True,
+                output_kind=api.output_kind_delta,
+                detokenize=args.detokenize,
             )
             async for o in llm.generate(api.tokens_input(tok.encode(prompt)), params, uuid.uuid4().hex):
                 k = len(o.outputs[0].token_ids)
@@ -191,6 +194,8 @@ async def fleet(args, backend: str):
     engine_args += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if backend == "vllm":
         engine_args.append(f"--vllm-args=--model {args.model_dir} {args.vllm_flags}")
+        if not args.detokenize:
+            engine_args.append("--no-vllm-detokenize")
     else:
         engine_args += ["--profile", args.sim_profile]
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
@@ -311,6 +316,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-detokenize",
+        dest="detokenize",
+        action="store_false",
+        help="token ids only: vLLM does not detokenize (in-process and the worker's --no-vllm-detokenize)",
+    )
     p.add_argument("--client-procs", type=int, default=4, help="client processes for gRPC modes (default 4)")
     p.add_argument("--fidelity", action="store_true", help="also run the fidelity workloads on vLLM (direct)")
     p.add_argument("--fidelity-sim", action="store_true", help="and on a sim engine (--sim-profile)")
@@ -342,6 +353,7 @@ async def main_async(args) -> None:
         },
         "engine": f"--max-num-seqs {args.max_num_seqs} --max-num-batched-tokens {args.max_num_batched_tokens} "
         f"{args.vllm_flags} (prefix caching and KV events on)",
+        "detokenize": args.detokenize,
         "client_procs_for_grpc_modes": args.client_procs,
     }
     out: list[dict] = []
