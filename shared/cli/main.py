@@ -12,7 +12,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local fleet and show its status until Ctrl-C")
     up.add_argument("--engines", type=int, default=2, help="engine replicas (default 2)")
-    up.add_argument("--backend", choices=["sim"], default="sim", help="engine backend (default sim)")
+    up.add_argument(
+        "--backend",
+        choices=["sim", "vllm"],
+        default="sim",
+        help="engine backend (default sim; vllm needs a GPU)",
+    )
+    up.add_argument(
+        "--vllm-args",
+        default="",
+        help="with --backend vllm: vLLM engine flags for every engine, e.g. --vllm-args='--model DIR "
+        "--load-format dummy'",
+    )
     up.add_argument("--model", default="sim-1b", help="model the engines serve (default sim-1b)")
     up.add_argument(
         "--speed-factor", type=float, default=1.0, help="sim engine speed-up (default 1 = real time)"

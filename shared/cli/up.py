@@ -27,6 +27,12 @@ async def _up(args) -> int:
             backend=args.backend,
             model=args.model,
             speed_factor=args.speed_factor,
+            # vLLM engines compile for a minute before they serve.
+            **(
+                {"extra_args": {"engine": [f"--vllm-args={args.vllm_args}"]}, "start_timeout_s": 300.0}
+                if args.backend == "vllm"
+                else {}
+            ),
         )
     )
     loop = asyncio.get_running_loop()
