@@ -31,6 +31,8 @@ class _Waiter:
     seq: int
     tenant: str = field(compare=False)
     future: asyncio.Future = field(compare=False)
+    # False once pump() has taken it off the heap (woken, or dropped because its caller was cancelled).
+    queued: bool = field(default=True, compare=False)
 
 
 class _Tier:
@@ -115,10 +117,11 @@ class AdmissionQueue:
                 # Woken, but going away (deadline, cancellation): hand the slot to the next one.
                 q.reserved -= 1
                 self.pump(model)
-            else:
+            elif waiter.queued:
                 q.heap.remove(waiter)
                 heapq.heapify(q.heap)
                 q.counts[tier_index] -= 1
+            # else: pump() already dropped it (its future was cancelled before this task ran again).
             if isinstance(e, TimeoutError):
                 raise DeadlineExceeded(
                     f"deadline exceeded while queued for a replica of model {model!r}"
@@ -136,8 +139,14 @@ class AdmissionQueue:
             free = len(q.heap)  # no replica left: let them all go and fail fast in choosing
         while q.heap and free - q.reserved > 0:
             w = heapq.heappop(q.heap)
+            w.queued = False
             tier_index = max(w.rank, 0)
             q.counts[tier_index] -= 1
+            if w.future.done():
+                # Its caller was cancelled and has not run its clean-up yet: it takes no slot and no turn.
+                if not q.counts[tier_index] and w.rank >= 0:
+                    q.tiers[w.rank].finish.clear()
+                continue
             if w.rank >= 0:
                 tier = q.tiers[w.rank]
                 tier.served(w.start_tag)

@@ -142,3 +142,26 @@ async def test_woken_waiter_that_goes_away_hands_its_slot_on():
     with pytest.raises(asyncio.CancelledError):
         await first
     await asyncio.wait_for(second, 1)
+
+
+async def test_waiter_cancelled_just_before_a_pump_takes_no_slot_and_breaks_nothing():
+    """A queued request cancelled just before pump() runs (its clean-up not yet run) is skipped: the slot goes
+    to the next waiter, and the cancelled one leaves without error, so the queue keeps flowing."""
+    slots = Slots(0)
+    q = AdmissionQueue(slots)
+    gone = asyncio.create_task(q.acquire("m", INTERACTIVE, "a", timeout_s=5))
+    await asyncio.sleep(0)
+    nxt = asyncio.create_task(q.acquire("m", BATCH, "b", timeout_s=5))
+    await asyncio.sleep(0)
+    gone.cancel()  # cancels the awaited future now; the task's except block runs only on its next step
+    slots.free = 1
+    q.pump("m")
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await asyncio.wait_for(nxt, 1)
+    assert q.waiting() == {}
+    third = asyncio.create_task(q.acquire("m", STANDARD, "c", timeout_s=5))
+    await asyncio.sleep(0)
+    slots.free = 2  # `nxt` holds one, one is free: admitted at once or by the next pump
+    q.pump("m")
+    await asyncio.wait_for(third, 1)
