@@ -31,6 +31,9 @@ class _Servicer:
     async def GetLoad(self, request, context):
         return pb.GetLoadResponse()
 
+    async def SubscribeKvEvents(self, request, context):
+        yield pb.SubscribeKvEventsResponse()
+
 
 async def _call(exc: BaseException, streaming: bool) -> errors.ErrorDetails:
     running = await create_server([Service(pb, "EngineService", _Servicer(exc))])
