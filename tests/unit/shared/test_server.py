@@ -25,6 +25,9 @@ class _Engine:
     async def GetInfo(self, request, context):
         return pb.GetInfoResponse(replica_id="r1")
 
+    async def SubscribeKvEvents(self, request, context):
+        yield pb.SubscribeKvEventsResponse()
+
 
 async def test_reflection_lists_services_and_resolves_methods():
     """Reflection lists our service, health and reflection, and describes Generate's message types."""
