@@ -105,11 +105,12 @@ async def drive(
         if workload.concurrency:
             pending = iter(workload.conversations)
 
-            async def slot() -> None:
+            async def slot(i: int) -> None:
+                await asyncio.sleep(i * workload.ramp_s)
                 for conv in pending:
                     await _converse(call, conv, model, timeout_s, out)
 
-            await asyncio.gather(*(slot() for _ in range(workload.concurrency)))
+            await asyncio.gather(*(slot(i) for i in range(workload.concurrency)))
         else:
 
             async def at(conv: Conversation) -> None:

@@ -99,6 +99,9 @@ class PolicyWorkload:
     name: str
     conversations: tuple[Conversation, ...]
     concurrency: int | None = None
+    # Closed loop: slot i starts i * ramp_s into the run, so the conversations do not all open in one instant
+    # (a cold burst of first turns that would measure the warm-up, not the policy).
+    ramp_s: float = 0.0
 
     @property
     def requests(self) -> int:
@@ -119,6 +122,7 @@ def multiturn(
     user_words: tuple[int, int] = (120, 240),
     max_tokens: int = 32,
     concurrency: int = 16,
+    ramp_s: float = 0.0,
 ) -> PolicyWorkload:
     """Multi-turn chats: each tenant has one system prompt that all its conversations share; every turn adds
     a user message (and the previous reply) to a history that grows to a few thousand tokens."""
@@ -132,7 +136,7 @@ def multiturn(
         msgs = tuple(_words(rng, rng.randint(*user_words)) for _ in range(n))
         convs.append(Conversation(f"tenant-{t}", f"conv-{seed}-{len(convs)}", systems[t], msgs, max_tokens))
         left -= n
-    return PolicyWorkload("multiturn", tuple(convs), concurrency=concurrency)
+    return PolicyWorkload("multiturn", tuple(convs), concurrency=concurrency, ramp_s=ramp_s)
 
 
 def mixed(
@@ -172,7 +176,8 @@ def policy_workload(name: str, requests: int, seed: int, speed_factor: float = 0
     the offered load is the same fraction of the fleet's capacity at any speed."""
     rate = 40.0 * speed_factor
     if name == "multiturn":
-        return multiturn(requests, seed)
+        # Conversations open over ~5 s at speed factor 0.05 (0.25 s of modelled GPU time).
+        return multiturn(requests, seed, ramp_s=0.02 / speed_factor)
     if name == "mixed":
         return mixed(requests, seed, rate_per_s=rate)
     if name == "bursty":
