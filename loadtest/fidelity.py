@@ -42,6 +42,24 @@ def workload(name: str, *, model: str, max_tokens: int = 256, seed: int = 0) -> 
     return cls(model=model, prompt_tokens=0, max_tokens=max_tokens, seed=seed)
 
 
+def rescale(rec: dict, speed_factor: float) -> dict:
+    """A sim record measured at speed_factor, in modelled time (what the sim claims for the GPU): times x factor,
+    tok/s / factor; the wall-clock values kept under `wall` with the factor."""
+    if speed_factor == 1.0:
+        return rec
+    out = dict(rec)
+    out["speed_factor"] = speed_factor
+    out["wall"] = {k: rec[k] for k in (*_TIMES, "output_tokens_per_s", "duration_s")}
+    for k in (*_TIMES, "duration_s"):
+        if rec[k] is not None:
+            out[k] = round(rec[k] * speed_factor, 3)
+    out["output_tokens_per_s"] = round(rec["output_tokens_per_s"] / speed_factor, 1)
+    return out
+
+
+_TIMES = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+
+
 def _rel(sim: float | None, real: float | None) -> float | None:
     return None if sim is None or not real else round((sim - real) / real, 4)
 
@@ -95,3 +113,42 @@ def markdown(records: list[dict], rows: list[dict]) -> str:
             f"| {num(v['tpot_p50_ms'])} | {num(s['tpot_p50_ms'])} | {pct(row['tpot_p50_rel_err'], row['tpot_p50_ok'])} |"
         )
     return "\n".join(out) + "\n"
+
+
+def merge(vllm_doc: dict, sim_doc: dict, *, previous_key: str = "previous_profile") -> dict:
+    """The published fidelity document: vLLM's records as measured (vllm_doc), the sim's from a later run
+    (sim_doc, another machine), the comparison; vllm_doc's own sim records kept under previous_key."""
+    vllm = [r for r in vllm_doc["records"] if r["mode"] == "vllm"]
+    sim = [r for r in sim_doc["records"] if r["mode"] == "sim"]
+    records = vllm + sim
+    doc = {k: v for k, v in vllm_doc.items() if k not in ("records", "comparison", previous_key)}
+    doc["sim_run"] = {k: v for k, v in sim_doc.items() if k not in ("records", "comparison")}
+    doc["records"] = records
+    doc["comparison"] = compare(records)
+    old = [r for r in vllm_doc["records"] if r["mode"] == "sim"]
+    doc[previous_key] = vllm_doc.get(previous_key) or {
+        "records": old,
+        "comparison": compare(vllm + old),
+    }
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loadtest.fidelity --vllm A.json --sim B.json --out C.json`: merge and print the table."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--vllm", required=True, help="fidelity JSON holding the vLLM records (gpu_bench)")
+    ap.add_argument("--sim", required=True, help="fidelity JSON of a sim-only gpu_bench run")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    doc = merge(json.loads(Path(args.vllm).read_text()), json.loads(Path(args.sim).read_text()))
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(markdown(doc["records"], doc["comparison"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -205,6 +205,7 @@ async def fleet(args, backend: str):
                 engines=1,
                 backend=backend,
                 model=MODEL,
+                speed_factor=args.sim_speed_factor if backend == "sim" else 1.0,
                 start_timeout_s=300.0,
                 extra_args={"engine": engine_args},
             )
@@ -257,7 +258,10 @@ async def fleet_runs(args, workload: Workload, out: list[dict], fid: list[dict],
                     for c in cs:
                         total = requests_for(c, args.waves, args.min_requests)
                         s = await loop.run_in_executor(None, run, direct, wl, c, total, f"fid-{name}-{c}")
-                        fid.append(record(s, workload=name) | {"mode": backend})
+                        rec = record(s, workload=name) | {"mode": backend}
+                        if backend == "sim":
+                            rec = fidelity.rescale(rec, args.sim_speed_factor)
+                        fid.append(rec)
                         save()
                         print(f"gpu_bench: {json.dumps(fid[-1])}", file=sys.stderr, flush=True)
 
@@ -326,6 +330,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fidelity", action="store_true", help="also run the fidelity workloads on vLLM (direct)")
     p.add_argument("--fidelity-sim", action="store_true", help="and on a sim engine (--sim-profile)")
     p.add_argument("--sim-profile", default="h100-llama-1b")
+    p.add_argument(
+        "--sim-speed-factor",
+        type=float,
+        default=1.0,
+        help="run the sim engine at this speed (below 1 where the CPU cannot keep up in real time); its "
+        "records are rescaled to modelled time (times x factor, tok/s / factor), the raw values kept",
+    )
     p.add_argument("--shared-prefix-concurrency", default="1,32", help="fidelity's shared-prefix case (1,32)")
     p.add_argument("--out", required=True, help="JSON file for the (a)/(b)/(c) records")
     p.add_argument("--fidelity-out", help="JSON file for the fidelity records")

@@ -14,9 +14,13 @@ DEFAULT_PROFILE = "h100-llama-1b"
 _COST_KEYS = {
     "step_base_ms": "base_ms",
     "per_decode_seq_ms": "per_decode_seq_ms",
+    "per_context_token_ms": "per_context_token_ms",
+    "per_max_context_token_ms": "per_max_context_token_ms",
     "per_prefill_token_ms": "per_prefill_token_ms",
     "request_overhead_ms": "request_overhead_ms",
+    "frontend_request_ms": "frontend_request_ms",
     "per_prompt_token_overhead_ms": "per_prompt_token_overhead_ms",
+    "per_output_token_overhead_ms": "per_output_token_overhead_ms",
 }
 
 

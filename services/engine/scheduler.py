@@ -25,6 +25,9 @@ class Step:
     items: list[tuple[SimRequest, int]] = field(default_factory=list)
     decode_seqs: int = 0
     prefill_tokens: int = 0
+    # Tokens the decoding sequences attend over (their KV, read by the step), in all and the longest one's.
+    context_tokens: int = 0
+    max_context: int = 0
     preempted: int = 0
 
 
@@ -210,6 +213,9 @@ class Scheduler:
         step.items.append((req, n))
         if n == 1 and req.outputs and req.num_computed + 1 == req.num_tokens:
             step.decode_seqs += 1
+            step.context_tokens += req.num_computed
+            if req.num_computed > step.max_context:
+                step.max_context = req.num_computed
         else:
             step.prefill_tokens += n
 

@@ -20,7 +20,7 @@ from services.engine.backend import (
     RequestIdInUse,
     StepOutput,
 )
-from services.engine.cost_model import CostModel
+from services.engine.cost_model import CostModel, FrontEnd
 from services.engine.kv_events import DEFAULT_MAX_PENDING, KvEventHub, block_removed, block_stored
 from services.engine.scheduler import Scheduler
 from services.engine.sim_request import ABORT, PRIORITY_RANK, SimRequest
@@ -68,6 +68,8 @@ class SimEngine:
         self.seed = seed
         self.speed_factor = speed_factor
         self.cost = cost or CostModel()
+        # The front end's queue, in modelled milliseconds since start() (_model_ms).
+        self.frontend = FrontEnd(self.cost)
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(
             max_num_seqs,
@@ -194,9 +196,11 @@ class SimEngine:
         )
         if req.finish_reason is None:
             self._requests[request_id] = req
-            # The front end (tokenizing, hashing, IPC to the engine core) delays the request's admission.
-            delay = self.cost.frontend_ms(len(prompt_ids)) / (1000.0 * self.speed_factor)
-            asyncio.get_running_loop().call_later(delay, self._admit, req)
+            # The front end (tokenizing, hashing, IPC to the engine core) delays the request's admission, behind
+            # the work already queued there (other requests, the running ones' output tokens).
+            now = self._model_ms()
+            at = self.frontend.admit(now, len(prompt_ids))
+            asyncio.get_running_loop().call_later((at - now) / (1000.0 * self.speed_factor), self._admit, req)
         else:
             self.counters.finished += 1
         return self._stream(req)
@@ -216,6 +220,10 @@ class SimEngine:
         finally:
             # The reader went away (cancelled, closed): free the request's blocks and slot now.
             self._abort(req)
+
+    def _model_ms(self) -> float:
+        """Modelled milliseconds since start()."""
+        return (asyncio.get_running_loop().time() - self._started_at) * 1000.0 * self.speed_factor
 
     def _admit(self, req: SimRequest) -> None:
         if req.finish_reason is None:
@@ -343,7 +351,10 @@ class SimEngine:
                 continue
             # Steps are timed against the loop clock: the time spent scheduling and streaming comes out of the
             # step's sleep instead of adding to it.
-            dt = cost.step_ms(step.decode_seqs, step.prefill_tokens) * scale
+            dt = (
+                cost.step_ms(step.decode_seqs, step.prefill_tokens, step.context_tokens, step.max_context)
+                * scale
+            )
             next_at += dt
             delay = next_at - loop.time()
             if delay > 0:
@@ -361,6 +372,7 @@ class SimEngine:
             if emitted:
                 self.counters.output_tokens += emitted
                 now = loop.time()
+                self.frontend.outputs((now - self._started_at) * 1000.0 * self.speed_factor, emitted)
                 self._window.append((now, emitted))
                 self._window_tokens += emitted
                 self._trim(now)
