@@ -571,9 +571,16 @@ class RouterServicer:
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
-        return pb.ListModelsResponse(
-            models=[pb.ModelReplicas(model=m, replicas=n) for m, n in self.membership.models().items()]
-        )
+        counts = self.membership.models()
+        models = [pb.ModelReplicas(model=m, replicas=n) for m, n in counts.items()]
+        # Aliases are models to callers (the gateway checks names against this list): each is listed with the
+        # replicas of its pools, while any of them has one.
+        model_router = getattr(self.policy, "model_router", None)
+        for alias, route in (model_router.aliases if model_router is not None else {}).items():
+            n = counts.get(route.small, 0) + (counts.get(route.large, 0) if route.large != route.small else 0)
+            if n and alias not in counts:
+                models.append(pb.ModelReplicas(model=alias, replicas=n))
+        return pb.ListModelsResponse(models=models)
 
     @rpc_boundary
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext):

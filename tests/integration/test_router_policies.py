@@ -182,6 +182,10 @@ async def test_model_alias_resolves_to_the_small_or_the_large_model(tmp_path):
             fleet.telemetry,
         )
         await assert_eventually(lambda: fleet.router.membership.routable("sim-8b"), timeout_s=10)
+        # The alias is a model to callers: ListModels lists it with its pools' replicas (the gateway checks
+        # request models against this list).
+        listed = await fleet.router_stub().ListModels(router_pb.ListModelsRequest(), timeout=2)
+        assert {m.model: m.replicas for m in listed.models} == {MODEL: 1, "sim-8b": 1, "auto": 2}
         easy = chat_request(["What time is it in Paris?"], "acme", model="auto")
         replica, model, _ = await generate(fleet, easy)
         assert (replica, model) == ("engine-1", MODEL)
