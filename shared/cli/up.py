@@ -59,10 +59,12 @@ async def _up(args) -> int:
 async def _serve(cluster: Cluster, data_dir: Path, args, stop: asyncio.Event, console: Console) -> None:
     """Announce the running fleet and show its status until stop is set."""
     write_state(cluster.state(), data_dir)
+    http = cluster.ready_info("gateway").get("http_address", "")  # empty when the gateway's HTTP is off
     header = Text.assemble(
         ("fleetserve is up\n", "bold green"),
         ("  gateway   ", "bold"),
-        f"{cluster.gateway}\n",
+        f"{cluster.gateway}   (gRPC)\n",
+        *((("  http      ", "bold"), f"http://{http}/v1   (OpenAI-compatible)\n") if http else ()),
         ("  api key   ", "bold"),
         f"{cluster.api_key}\n",
         ("  metrics   ", "bold"),
