@@ -220,7 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         names = [p.strip() for p in args.compare_policies.split(",") if p.strip()]
         unknown = [p for p in names if p not in policies.available()]
         if not names or unknown:
-            parser.error(f"--compare-policies: unknown {unknown}; available: {', '.join(policies.available())}")
+            parser.error(
+                f"--compare-policies: unknown {unknown}; available: {', '.join(policies.available())}"
+            )
         args.compare_policies = names
         return args
     if not args.spawn and (args.engines is not None or args.speed_factor is not None):
