@@ -108,8 +108,6 @@ async def real_time_fleet(tmp_path):
     from services.router.app import start as start_router
     from services.router.config import RouterSettings
 
-    if "max_in_flight_per_replica" not in RouterSettings.model_fields:
-        pytest.skip("this router has no admission queue (max_in_flight_per_replica)")
     telemetry, spans = recording_telemetry()
     started = []
     try:
