@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 
 import aiohttp
 import openai
@@ -158,6 +159,43 @@ async def test_raw_sse_framing_headers_and_done(fleet):
     assert all(e.startswith("data: ") for e in events[:-1])
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
     assert sum(1 for p in payloads if p["choices"][0]["delta"].get("content")) >= 2
+
+
+async def test_a_completed_stream_is_recorded_ok_in_the_ledger(fleet):
+    """A streamed completion that reached its finish reason is accounted as OK (not CANCELLED) and not partial,
+    whole or streamed: the front end's stopping after the last event is not the client going away."""
+    url = f"http://{fleet.gateway.http_address}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    ids = []
+    async with aiohttp.ClientSession() as s:
+        for stream in (True, False):
+            body = {
+                "model": MODEL,
+                "messages": MESSAGES,
+                "max_tokens": 4,
+                "stream": stream,
+                "ignore_eos": True,
+            }
+            async with s.post(url, json=body, headers=headers) as r:
+                assert r.status == 200
+                await r.read()
+                ids.append(r.headers["x-request-id"])
+    ledger = fleet.gateway.servicer.pipeline.admission.ledger
+
+    def rows() -> list[tuple]:
+        ledger.flush()
+        db = sqlite3.connect(fleet.gateway.tenants.db_path)
+        try:
+            marks = ",".join("?" * len(ids))
+            query = (
+                f"SELECT status, partial, completion_tokens FROM usage_ledger WHERE request_id IN ({marks})"
+            )
+            return db.execute(query, ids).fetchall()
+        finally:
+            db.close()
+
+    await assert_eventually(lambda: len(rows()) == 2, timeout_s=10)
+    assert rows() == [("OK", 0, 4), ("OK", 0, 4)]
 
 
 async def test_client_disconnect_mid_stream_aborts_in_the_engine(fleet):

@@ -198,12 +198,12 @@ class OpenAIServer:
             chunk = pb.GenerateResponse.FromString(first).chunk
             await write(shaper.delta(chunk.text, first=True))
             try:
-                while not chunk.finish_reason:
-                    chunk = pb.GenerateResponse.FromString(await anext(stream)).chunk
+                # To the stream's end, not just its finish reason: a stream closed before it ends counts as
+                # cancelled (limits, ledger, metrics), as _whole's does not.
+                async for data in stream:
+                    chunk = pb.GenerateResponse.FromString(data).chunk
                     if chunk.text:
                         await write(shaper.delta(chunk.text))
-            except StopAsyncIteration:
-                pass
             except ConnectionResetError:
                 raise
             except Exception as e:  # noqa: BLE001 - after the headers, an error can only be an event
