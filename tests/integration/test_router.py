@@ -25,20 +25,17 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.engine import app as engine_app
+from services.engine import config as engine_config
+from services.gateway.app import start as start_gateway
+from services.gateway.config import GatewaySettings
+from services.registry import app as registry_app
+from services.registry import config as registry_config
+from services.router.app import start as start_router
+from services.router.config import RouterSettings
 from shared.errors import details_of
 from shared.telemetry import Telemetry
 from tests.support import assert_eventually
-
-# Skip (not fail) collection while the services these tests need are not in the tree.
-registry_app = pytest.importorskip("services.registry.app")
-registry_config = pytest.importorskip("services.registry.config")
-engine_app = pytest.importorskip("services.engine.app")
-engine_config = pytest.importorskip("services.engine.config")
-
-from services.gateway.app import start as start_gateway  # noqa: E402
-from services.gateway.config import GatewaySettings  # noqa: E402
-from services.router.app import start as start_router  # noqa: E402
-from services.router.config import RouterSettings  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
