@@ -168,9 +168,12 @@ def test_load_tracker_tokens_are_the_report_plus_changes_since():
     t.started("a", 500)
     assert t.tokens("a") == 2000 and t.requests("a") == 2
     t.ended("a")
+    # 1500 reported + 500 since, less a mean share (2500 // 2) of what is in flight there.
+    assert t.tokens("a") == 750
     t.ended("a")
+    assert t.tokens("a") == 0  # floored: the report already counted part of what ended since
     t.ended("a")  # one too many: ignored
-    assert t.in_flight("a") == 0 and t.tokens("a") >= 0
+    assert t.in_flight("a") == 0 and t.tokens("a") == 0 and t.requests("a") == 0
 
 
 def test_cache_salt_is_per_tenant_and_stable():
