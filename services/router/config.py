@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from services.router import policies
 from services.router.model_routing import DEFAULT_KEYWORDS
+from services.router.policy_set import parse_mapping
 from shared.settings import ServiceSettings, service_config
 
 
@@ -164,15 +165,19 @@ class RouterSettings(ServiceSettings):
 
     def hedge_delay_by_model(self) -> tuple[tuple[str, float], ...]:
         """--hedge-delays parsed: (model, seconds) pairs."""
+        try:
+            pairs = parse_mapping(self.hedge_delays)
+        except ValueError as e:
+            raise ValueError(f"hedge_delays: {e}") from None
         out = []
-        for item in filter(None, (p.strip() for p in self.hedge_delays.split(","))):
-            model, sep, secs = item.partition("=")
-            if not sep or not model.strip():
-                raise ValueError(f"hedge_delays: expected 'model=seconds', got {item!r}")
-            delay = float(secs)
+        for model, secs in pairs.items():
+            try:
+                delay = float(secs)
+            except ValueError:
+                raise ValueError(f"hedge_delays: delay of {model!r} must be a number, got {secs!r}") from None
             if not delay >= 0:
                 raise ValueError(f"hedge_delays: delay of {model!r} must be >= 0")
-            out.append((model.strip(), delay))
+            out.append((model, delay))
         return tuple(out)
 
     @model_validator(mode="after")
