@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -10,7 +11,7 @@ import grpc
 from fleetserve.common.v1 import common_pb2
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
-from shared.errors import FleetError
+from shared.errors import FleetError, InvalidArgument, ShuttingDown, Unavailable
 
 # Request defaults every backend applies the same way.
 DEFAULT_MAX_TOKENS = 256
@@ -54,6 +55,55 @@ class BackendInfo:
     kv_blocks_total: int
     # Longest prompt plus output, in tokens.
     max_model_len: int
+
+
+def check_admissible(*, closing: bool, running: bool, request_id: str, live: Container[str]) -> None:
+    """The checks every backend's generate() makes before it looks at the spec (same status from each)."""
+    if closing:
+        raise ShuttingDown("this engine replica is shutting down", retry_after_s=1.0)
+    if not running:
+        raise Unavailable("this engine replica is not running", retry_after_s=1.0)
+    if request_id in live:
+        raise RequestIdInUse(f"request {request_id!r} is already in this engine")
+
+
+def check_resume_ids(resumed: list[int], vocab_size: int) -> None:
+    """Reject resume_token_ids outside the backend's vocabulary."""
+    if resumed and max(resumed) >= vocab_size:
+        raise InvalidArgument(
+            "resume_token_ids holds ids outside the vocabulary",
+            field_violations=[("spec.resume_token_ids", f"ids must be < {vocab_size}")],
+        )
+
+
+class TokenRate:
+    """Output tokens per second over a sliding window of `window_s` seconds (per-step records, trimmed as they
+    age out); both backends report ReplicaLoad.output_tokens_per_s from one."""
+
+    __slots__ = ("window_s", "_started", "_window", "_tokens")
+
+    def __init__(self, window_s: float, started: float) -> None:
+        self.window_s = window_s
+        self._started = started
+        self._window: deque[tuple[float, int]] = deque()
+        self._tokens = 0
+
+    def add(self, now: float, tokens: int) -> None:
+        """Record `tokens` output at `now` (once per engine step)."""
+        self._window.append((now, tokens))
+        self._tokens += tokens
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        """Tokens per second over the window (or since start, when that is shorter)."""
+        self._trim(now)
+        span = min(self.window_s, now - self._started)
+        return self._tokens / span if span > 0 else 0.0
+
+    def _trim(self, now: float) -> None:
+        window, horizon = self._window, now - self.window_s
+        while window and window[0][0] < horizon:
+            self._tokens -= window.popleft()[1]
 
 
 @runtime_checkable

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,15 +16,17 @@ from services.engine.backend import (
     DEFAULT_MAX_TOKENS,
     BackendInfo,
     Counters,
-    RequestIdInUse,
     StepOutput,
+    TokenRate,
+    check_admissible,
+    check_resume_ids,
 )
 from services.engine.cost_model import CostModel, FrontEnd
 from services.engine.kv_events import DEFAULT_MAX_PENDING, KvEventHub, block_removed, block_stored
 from services.engine.scheduler import Scheduler
 from services.engine.sim_request import ABORT, PRIORITY_RANK, SimRequest
 from services.engine.sim_tokens import VOCAB_SIZE, prompt_digest, prompt_token_ids
-from shared.errors import InvalidArgument, ShuttingDown, Unavailable
+from shared.errors import InvalidArgument
 from shared.prefix_hash import BLOCK_SIZE
 
 log = structlog.get_logger(__name__)
@@ -90,9 +91,7 @@ class SimEngine:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._failed = False
-        # (time, tokens) per step within the throughput window, and their sum.
-        self._window: deque[tuple[float, int]] = deque()
-        self._window_tokens = 0
+        self._rate = TokenRate(throughput_window_s, 0.0)
         self._started_at = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -104,6 +103,7 @@ class SimEngine:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._started_at = loop.time()
+        self._rate = TokenRate(self.throughput_window_s, self._started_at)
         self._task = loop.create_task(self._run(), name="sim-engine.step-loop")
 
     async def shutdown(self) -> None:
@@ -144,20 +144,16 @@ class SimEngine:
         cache_salt: str = "",
         priority: int = common_pb2.PRIORITY_UNSPECIFIED,
     ) -> AsyncIterator[StepOutput]:
-        if self._closing:
-            raise ShuttingDown("this engine replica is shutting down", retry_after_s=1.0)
-        if self._failed or self._task is None:
-            raise Unavailable("this engine replica is not running", retry_after_s=1.0)
-        if request_id in self._requests:
-            raise RequestIdInUse(f"request {request_id!r} is already in this engine")
+        check_admissible(
+            closing=self._closing,
+            running=not self._failed and self._task is not None,
+            request_id=request_id,
+            live=self._requests,
+        )
         sampling = spec.sampling
         max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS
         resumed = list(spec.resume_token_ids)
-        if any(t >= VOCAB_SIZE for t in resumed):
-            raise InvalidArgument(
-                "resume_token_ids holds ids outside the vocabulary",
-                field_violations=[("spec.resume_token_ids", f"ids must be < {VOCAB_SIZE}")],
-            )
+        check_resume_ids(resumed, VOCAB_SIZE)
         prompt_ids = prompt_token_ids(spec)
         context = len(prompt_ids) + len(resumed)
         if context >= self.max_model_len:
@@ -307,15 +303,7 @@ class SimEngine:
         """Output tokens per second (real time) over the last throughput window."""
         if self._task is None:
             return 0.0
-        now = asyncio.get_running_loop().time()
-        self._trim(now)
-        span = min(self.throughput_window_s, now - self._started_at)
-        return self._window_tokens / span if span > 0 else 0.0
-
-    def _trim(self, now: float) -> None:
-        window, horizon = self._window, now - self.throughput_window_s
-        while window and window[0][0] < horizon:
-            self._window_tokens -= window.popleft()[1]
+        return self._rate.rate(asyncio.get_running_loop().time())
 
     # -- the step loop ------------------------------------------------------------------------------
 
@@ -373,9 +361,7 @@ class SimEngine:
                 self.counters.output_tokens += emitted
                 now = loop.time()
                 self.frontend.outputs((now - self._started_at) * 1000.0 * self.speed_factor, emitted)
-                self._window.append((now, emitted))
-                self._window_tokens += emitted
-                self._trim(now)
+                self._rate.add(now, emitted)
             if finished:
                 self.counters.finished += len(finished)
                 requests = self._requests

@@ -10,7 +10,6 @@ import os
 import shlex
 import tempfile
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,19 @@ import structlog
 from fleetserve.common.v1 import common_pb2
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
-from services.engine.backend import DEFAULT_MAX_TOKENS, BackendInfo, Counters, RequestIdInUse, StepOutput
+from services.engine.backend import (
+    DEFAULT_MAX_TOKENS,
+    BackendInfo,
+    Counters,
+    StepOutput,
+    TokenRate,
+    check_admissible,
+    check_resume_ids,
+)
 from services.engine.kv_events import KvEventHub
 from services.engine.vllm_kv_events import KvEventTranslator, ZmqKvEventReader
 from shared import tokenizer as fleet_tokenizer
-from shared.errors import InvalidArgument, ShuttingDown, Unavailable
+from shared.errors import InvalidArgument, Unavailable
 from shared.prefix_hash import BLOCK_SIZE
 
 log = structlog.get_logger(__name__)
@@ -130,9 +137,7 @@ class LoadStats:
         self.queried_tokens = 0
         self.hit_tokens = 0
         self.records = 0
-        self._window: deque[tuple[float, int]] = deque()
-        self._window_tokens = 0
-        self._started = clock()
+        self._rate = TokenRate(window_s, clock())
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         self.records += 1
@@ -146,21 +151,10 @@ class LoadStats:
                 self.queried_tokens += pc.queries
                 self.hit_tokens += pc.hits
         if iteration_stats is not None and iteration_stats.num_generation_tokens:
-            now = self.clock()
-            self._window.append((now, iteration_stats.num_generation_tokens))
-            self._window_tokens += iteration_stats.num_generation_tokens
-            self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        window, horizon = self._window, now - self.window_s
-        while window and window[0][0] < horizon:
-            self._window_tokens -= window.popleft()[1]
+            self._rate.add(self.clock(), iteration_stats.num_generation_tokens)
 
     def output_tokens_per_s(self) -> float:
-        now = self.clock()
-        self._trim(now)
-        span = min(self.window_s, now - self._started)
-        return self._window_tokens / span if span > 0 else 0.0
+        return self._rate.rate(self.clock())
 
 
 def stat_logger_factory(base: type, stats: LoadStats) -> type:
@@ -338,21 +332,17 @@ class VllmBackend:
         cache_salt: str = "",
         priority: int = common_pb2.PRIORITY_UNSPECIFIED,
     ) -> AsyncIterator[StepOutput]:
-        if self._closing:
-            raise ShuttingDown("this engine replica is shutting down", retry_after_s=1.0)
-        if self.dead.is_set() or self.llm is None or self.tokenizer is None:
-            raise Unavailable("this engine replica's vLLM engine is not running", retry_after_s=1.0)
-        if request_id in self._requests:
-            raise RequestIdInUse(f"request {request_id!r} is already in this engine")
+        check_admissible(
+            closing=self._closing,
+            running=not self.dead.is_set() and self.llm is not None and self.tokenizer is not None,
+            request_id=request_id,
+            live=self._requests,
+        )
         tok = self.tokenizer
         sampling = spec.sampling
         max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS
         resumed = list(spec.resume_token_ids)
-        if resumed and max(resumed) >= tok.vocab_size:
-            raise InvalidArgument(
-                "resume_token_ids holds ids outside the vocabulary",
-                field_violations=[("spec.resume_token_ids", f"ids must be < {tok.vocab_size}")],
-            )
+        check_resume_ids(resumed, tok.vocab_size)
         prompt_ids = tok.encode(spec.prompt) if spec.prompt else tok.encode_chat(spec.messages)
         prompt_ids += resumed
         left = max_tokens - len(resumed)
