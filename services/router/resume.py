@@ -52,8 +52,9 @@ class ChunkTracker:
         self._resumed = bool(self.sent_ids)
         self._first = True
 
-    def relay(self, data: bytes) -> bytes | None:
-        """The bytes to send on for one engine chunk (None: nothing to send). Raises ReplicaAborted."""
+    def relay(self, data: bytes) -> bytes:
+        """The bytes to send on for one engine chunk (data itself unless served_by had to be cleared). Raises
+        ReplicaAborted, carrying the chunk's bytes without its ABORT when it has tokens or text to send."""
         msg = _parse(data)
         chunk = msg.chunk
         dirty = False
