@@ -4,6 +4,9 @@ auth, validation, cancellation and deadlines reaching the engine, the root span'
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -198,9 +201,9 @@ async def test_list_models(fleet):
     assert [(m.name, m.replicas) for m in resp.models] == [(MODEL, 2)]
 
 
-@pytest.mark.asyncio(loop_scope="function")
-async def test_unreachable_router_is_unavailable_with_retry_advice(tmp_path):
-    """With no router listening, Generate is UNAVAILABLE, reason ROUTER_UNAVAILABLE, with a retry delay."""
+@asynccontextmanager
+async def gateway_without_router(tmp_path: Path) -> AsyncIterator:
+    """A started gateway whose router address has nothing listening; stopped at the end."""
     telemetry, _ = recording_telemetry()
     gw = await start_gateway(
         GatewaySettings(
@@ -209,16 +212,22 @@ async def test_unreachable_router_is_unavailable_with_retry_advice(tmp_path):
         telemetry,
     )
     try:
-        async with grpc.aio.insecure_channel(gw.address) as ch:
-            call = pb_grpc.InferenceServiceStub(ch).Generate(
-                pb.GenerateRequest(model=MODEL, prompt="hi"), metadata=auth(), timeout=5
-            )
-            with pytest.raises(grpc.aio.AioRpcError) as exc:
-                async for _ in call:
-                    pass
-        d = details_of(exc.value)
-        assert (d.code, d.reason) == (grpc.StatusCode.UNAVAILABLE, "ROUTER_UNAVAILABLE")
-        assert d.retry_after_s and d.retry_after_s > 0
+        yield gw
     finally:
         await gw.stop(0)
         telemetry.shutdown()
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_unreachable_router_is_unavailable_with_retry_advice(tmp_path):
+    """With no router listening, Generate is UNAVAILABLE, reason ROUTER_UNAVAILABLE, with a retry delay."""
+    async with gateway_without_router(tmp_path) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        call = pb_grpc.InferenceServiceStub(ch).Generate(
+            pb.GenerateRequest(model=MODEL, prompt="hi"), metadata=auth(), timeout=5
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for _ in call:
+                pass
+    d = details_of(exc.value)
+    assert (d.code, d.reason) == (grpc.StatusCode.UNAVAILABLE, "ROUTER_UNAVAILABLE")
+    assert d.retry_after_s and d.retry_after_s > 0

@@ -14,12 +14,11 @@ import pytest_asyncio
 
 from services.gateway.app import start as start_gateway
 from services.gateway.config import GatewaySettings
+from tests.integration.test_gateway import gateway_without_router
 from tests.integration.test_router import (
     API_KEY,
     MODEL,
-    closed_port_address,
     in_process_fleet,
-    recording_telemetry,
 )
 from tests.support import assert_eventually
 
@@ -218,24 +217,14 @@ async def test_client_disconnect_mid_stream_aborts_in_the_engine(fleet):
 @pytest.mark.asyncio(loop_scope="function")
 async def test_unreachable_router_is_503_with_retry_after(tmp_path):
     """With no router, the openai client gets InternalServerError with status 503 and a Retry-After header."""
-    telemetry, _ = recording_telemetry()
-    gw = await start_gateway(
-        GatewaySettings(
-            router_address=closed_port_address(), db_path=str(tmp_path / "gw.db"), bootstrap_api_key=API_KEY
-        ),
-        telemetry,
-    )
-    try:
+    async with gateway_without_router(tmp_path) as gw:
         c = openai.AsyncOpenAI(base_url=f"http://{gw.http_address}/v1", api_key=API_KEY, max_retries=0)
         async with c:
             with pytest.raises(openai.InternalServerError) as exc:
                 await c.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
-        assert exc.value.status_code == 503
-        assert int(exc.value.response.headers["Retry-After"]) >= 1
-        assert exc.value.body["code"] == "router_unavailable"
-    finally:
-        await gw.stop(0)
-        telemetry.shutdown()
+    assert exc.value.status_code == 503
+    assert int(exc.value.response.headers["Retry-After"]) >= 1
+    assert exc.value.body["code"] == "router_unavailable"
 
 
 async def test_rate_limited_tenant_gets_429_with_retry_after_and_denied_model_403(fleet):
