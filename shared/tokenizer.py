@@ -59,6 +59,10 @@ class FleetTokenizer:
         """Token ids of a chat prompt (the rendered text already starts with BOS)."""
         return self.encode(self.render_chat(messages), add_bos=False)
 
+    def encode_spec(self, spec: Any) -> list[int]:
+        """Token ids of a GenerationSpec's prompt: spec.prompt (BOS first), else spec.messages rendered."""
+        return self.encode(spec.prompt) if spec.prompt else self.encode_chat(spec.messages)
+
 
 @functools.cache
 def load(model_dir: str | None = None) -> FleetTokenizer:

@@ -28,9 +28,7 @@ _M64 = (1 << 64) - 1
 
 def prompt_token_ids(spec: common_pb2.GenerationSpec) -> list[int]:
     """Token ids of a spec's prompt (BOS first), or of its chat messages rendered with the chat template."""
-    if spec.prompt:
-        return TOKENIZER.encode(spec.prompt)
-    return TOKENIZER.encode_chat(spec.messages)
+    return TOKENIZER.encode_spec(spec)
 
 
 def prompt_digest(seed: int, prompt_ids: Sequence[int]) -> int:

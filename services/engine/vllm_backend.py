@@ -343,7 +343,7 @@ class VllmBackend:
         max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS
         resumed = list(spec.resume_token_ids)
         check_resume_ids(resumed, tok.vocab_size)
-        prompt_ids = tok.encode(spec.prompt) if spec.prompt else tok.encode_chat(spec.messages)
+        prompt_ids = tok.encode_spec(spec)
         prompt_ids += resumed
         left = max_tokens - len(resumed)
         max_len = self._info.max_model_len

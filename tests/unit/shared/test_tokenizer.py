@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jinja2
+from fleetserve.common.v1 import common_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,3 +60,12 @@ def test_streaming_decode_concatenates_to_the_full_text():
     stream = tok.decode_stream()
     pieces = [stream.step(tok.raw, i) for i in ids]
     assert "".join(p for p in pieces if p) == text
+
+
+def test_encode_spec_takes_the_prompt_else_the_chat():
+    """A spec's prompt is encoded with BOS; a spec with messages only gets the chat template's ids."""
+    tok = tokenizer.load()
+    msgs = [common_pb2.ChatMessage(role="user", content="hi there")]
+    assert tok.encode_spec(common_pb2.GenerationSpec(prompt="hi there")) == tok.encode("hi there")
+    assert tok.encode_spec(common_pb2.GenerationSpec(messages=msgs)) == tok.encode_chat(msgs)
+    assert tok.encode("hi there") != tok.encode_chat(msgs)
