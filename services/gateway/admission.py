@@ -191,17 +191,9 @@ class Admission:
         tokenized on admission and one token per relayed chunk (an estimate: the engine sends about one
         token per chunk). Such rows are marked partial."""
         tenant = ticket.tenant
-        if ticket.stream_key:
-            await self._close_stream(ticket)
-            elapsed = time.monotonic() - ticket.opened
-            prev = self._stream_s.get(tenant.id)
-            self._stream_s[tenant.id] = elapsed if prev is None else prev + _EWMA * (elapsed - prev)
         partial = completion_tokens is None
         prompt = ticket.prompt_tokens if prompt_tokens is None else prompt_tokens
         completion = relayed_chunks if completion_tokens is None else completion_tokens
-        extra = completion + max(0, prompt - ticket.prompt_tokens)
-        if extra and ticket.token_rates:
-            await self.backend.charge([(r, float(extra)) for r in ticket.token_rates])
         entry = Entry(
             request_id=ticket.request_id,
             tenant_id=tenant.id,
@@ -215,7 +207,18 @@ class Admission:
             partial=partial,
             at=self._clock(),
         )
+        # The row first: a limits backend that fails below must not lose what the request was billed.
         self.ledger.record(entry)
+        try:
+            if ticket.stream_key:
+                await self._close_stream(ticket)
+                elapsed = time.monotonic() - ticket.opened
+                prev = self._stream_s.get(tenant.id)
+                self._stream_s[tenant.id] = elapsed if prev is None else prev + _EWMA * (elapsed - prev)
+        finally:
+            extra = completion + max(0, prompt - ticket.prompt_tokens)
+            if extra and ticket.token_rates:
+                await self.backend.charge([(r, float(extra)) for r in ticket.token_rates])
         return entry
 
 

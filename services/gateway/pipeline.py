@@ -354,13 +354,12 @@ class GatewayPipeline:
             finally:
                 if outcome.code == grpc.StatusCode.CANCELLED and time.perf_counter() >= deadline:
                     outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
-                self._finish(span, arrived, request.model, outcome, first, last)
-                if ticket is not None:
-                    if chunks and not ticket.prompt_tokens and outcome.prompt_tokens is None:
-                        # Generation started but no usage came back (cancelled, failed mid-stream), and the
-                        # prompt was not counted on admission (no token limit): count it for the ledger.
-                        ticket.prompt_tokens = await check_prompt_tokens(spec, None, count=True)
-                    await self._settle(ticket, outcome, chunks)
+                try:
+                    self._finish(span, arrived, request.model, outcome, first, last)
+                finally:
+                    # Whatever _finish did: an unsettled ticket holds a stream slot until its lease ends.
+                    if ticket is not None:
+                        await self._settle(ticket, spec, outcome, chunks)
 
     def context_length(self, model: str) -> int | None:
         """The model's context length (None: not checked)."""
@@ -388,9 +387,18 @@ class GatewayPipeline:
         outcome.degraded = decision.note
         span.set_attribute("fleetserve.degraded", decision.note)
 
-    async def _settle(self, ticket: Ticket, outcome: Outcome, chunks: int) -> None:
+    async def _settle(
+        self, ticket: Ticket, spec: common_pb2.GenerationSpec, outcome: Outcome, chunks: int
+    ) -> None:
         """Limits and ledger, after the stream; a failure here (Redis gone) is logged, never raised over the
         request's own outcome."""
+        try:
+            if chunks and not ticket.prompt_tokens and outcome.prompt_tokens is None:
+                # Generation started but no usage came back (cancelled, failed mid-stream), and the prompt was
+                # not counted on admission (no token limit): count it for the ledger.
+                ticket.prompt_tokens = await check_prompt_tokens(spec, None, count=True)
+        except Exception:  # noqa: BLE001 - the slot and the row below matter more than this count
+            log.exception("gateway.prompt_count_failed", request_id=ticket.request_id)
         try:
             await self.admission.finish(  # type: ignore[union-attr]
                 ticket,

@@ -168,3 +168,32 @@ async def test_a_request_refused_by_a_rate_keeps_no_stream_slot(admission):
     await finish(admission, first, completion=1)
     assert (await refused(admission, t)).reason == "RATE_LIMITED"
     assert await admission.backend.open_stream("s:acme", 1, "probe", 60)
+
+
+class _FailingClose(LocalLimits):
+    """In-process limits whose stream release reports a failure after releasing (a store that failed to answer,
+    as one can outside the Redis fallback's errors)."""
+
+    async def close_stream(self, key: str, stream_id: str) -> None:
+        await super().close_stream(key, stream_id)
+        raise RuntimeError("limits store failed")
+
+
+@pytest.mark.asyncio
+async def test_a_failing_stream_release_still_writes_the_ledger_row_and_charges(tmp_path):
+    """When giving the stream slot back fails, the request's ledger row is written and its tokens charged
+    anyway; the failure still reaches the caller."""
+    ledger = Ledger(str(tmp_path / "gw.db"), refresh_s=0, clock=lambda: NOW)
+    admission = Admission(_FailingClose(), ledger, MeterProvider().get_meter("t"), clock=lambda: NOW)
+    try:
+        t = tenant(max_streams=1, tokens_per_min=100)
+        ticket = await admission.admit(t, "m", "r", 10, 60)
+        with pytest.raises(RuntimeError):
+            await finish(admission, ticket, completion=90)
+        ledger.flush()
+        assert [row[:5] for row in ledger.summary("acme")] == [("acme", "m", 1, 10, 90)]
+        # The 90 completion tokens were charged: the minute's 100 tokens are spent (asked without the stream
+        # cap, whose release on refusal would fail again).
+        assert (await refused(admission, tenant(tokens_per_min=100))).reason == "TOKEN_RATE_LIMITED"
+    finally:
+        ledger.close_now()
