@@ -76,6 +76,21 @@ def check_resume_ids(resumed: list[int], vocab_size: int) -> None:
         )
 
 
+def cap_max_tokens(prompt_tokens: int, resumed_tokens: int, max_tokens: int, max_model_len: int) -> int:
+    """max_tokens of the whole generation (resumed tokens included), capped where the sequence reaches
+    max_model_len: AsyncLLM ends a generation there with finish reason length, so a default or generous
+    max_tokens is not an error. InvalidArgument when the prompt and resumed tokens leave no room for output."""
+    context = prompt_tokens + resumed_tokens
+    if context >= max_model_len:
+        raise InvalidArgument(
+            f"the prompt is {context} tokens; this model's context is {max_model_len} tokens",
+            field_violations=[
+                ("spec.prompt", f"{context} tokens; at most {max_model_len - 1} with room for output")
+            ],
+        )
+    return min(max_tokens, max_model_len - prompt_tokens)
+
+
 class TokenRate:
     """Output tokens per second over a sliding window of `window_s` seconds (per-step records, trimmed as they
     age out); both backends report ReplicaLoad.output_tokens_per_s from one."""

@@ -18,6 +18,7 @@ from services.engine.backend import (
     Counters,
     StepOutput,
     TokenRate,
+    cap_max_tokens,
     check_admissible,
     check_resume_ids,
 )
@@ -155,19 +156,7 @@ class SimEngine:
         resumed = list(spec.resume_token_ids)
         check_resume_ids(resumed, VOCAB_SIZE)
         prompt_ids = prompt_token_ids(spec)
-        context = len(prompt_ids) + len(resumed)
-        if context >= self.max_model_len:
-            raise InvalidArgument(
-                f"the prompt is {context} tokens; this model's context is {self.max_model_len} tokens",
-                field_violations=[
-                    (
-                        "spec.prompt",
-                        f"{context} tokens; at most {self.max_model_len - 1} with room for output",
-                    )
-                ],
-            )
-        # As vLLM: generation also ends (finish reason length) when the sequence reaches max_model_len.
-        max_tokens = min(max_tokens, self.max_model_len - len(prompt_ids))
+        max_tokens = cap_max_tokens(len(prompt_ids), len(resumed), max_tokens, self.max_model_len)
         if not self.scheduler.fits(len(prompt_ids) + max_tokens):
             raise InvalidArgument(
                 "prompt plus max_tokens exceed this replica's KV cache",

@@ -25,6 +25,7 @@ from services.engine.backend import (
     Counters,
     StepOutput,
     TokenRate,
+    cap_max_tokens,
     check_admissible,
     check_resume_ids,
 )
@@ -344,22 +345,11 @@ class VllmBackend:
         resumed = list(spec.resume_token_ids)
         check_resume_ids(resumed, tok.vocab_size)
         prompt_ids = tok.encode_spec(spec)
+        if self._info.max_model_len:
+            max_tokens = cap_max_tokens(len(prompt_ids), len(resumed), max_tokens, self._info.max_model_len)
+        req = _Request(request_id, len(prompt_ids), len(resumed), len(prompt_ids) + max_tokens)
         prompt_ids += resumed
         left = max_tokens - len(resumed)
-        max_len = self._info.max_model_len
-        if max_len and len(prompt_ids) + max(left, 0) > max_len:
-            raise InvalidArgument(
-                "prompt plus max_tokens exceed this replica's context length",
-                field_violations=[
-                    (
-                        "spec.sampling.max_tokens",
-                        f"prompt ({len(prompt_ids) - len(resumed)} tokens) + max_tokens is longer than {max_len}",
-                    )
-                ],
-            )
-        req = _Request(
-            request_id, len(prompt_ids) - len(resumed), len(resumed), len(prompt_ids) + max(left, 0)
-        )
         if left <= 0:
             # An attempt resumed after its last token: nothing left to generate.
             self.counters.finished += 1

@@ -165,6 +165,20 @@ async def test_bad_requests_are_refused_up_front(model_dir):
         b.generate("b4", spec())
 
 
+async def test_max_tokens_is_capped_at_the_context_length_as_in_the_sim(model_dir):
+    """A prompt that fits but leaves less room than max_tokens (the default included) is generated up to
+    max_model_len with finish reason LENGTH, not refused: the sim and vLLM backends answer alike."""
+    tok = fleet_tokenizer.load(model_dir)
+    async with backend(model_dir, max_model_len=64) as (b, llm):
+        prompt = "word " * 40
+        n = len(tok.encode(prompt))
+        assert 16 < n < 64 - 8
+        outs = await collect(b.generate("cap", spec(prompt, 0, ignore_eos=True)))
+        assert llm.seen[0].params.max_tokens == 64 - n
+        assert outs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert outs[-1].completion_tokens == 64 - n
+
+
 async def test_abort_ends_the_stream_with_abort_once(model_dir):
     """abort() is True once for a live request, vLLM aborts it, and the stream ends with ABORT."""
     async with backend(model_dir, step_s=0.005) as (b, llm):
