@@ -426,10 +426,11 @@ class JobRunner:
         wait or none (a spent budget), count against `attempts`."""
         if d.code not in RETRYABLE:
             return None
+        # A zero advice (retry at once) is not a short wait: sat out for free, it would retry without bound.
         short_limit = (
             d.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             and d.retry_after_s is not None
-            and d.retry_after_s <= self.backoff_max_s
+            and 0 < d.retry_after_s <= self.backoff_max_s
         )
         if short_limit:
             delay = d.retry_after_s or 0.0
@@ -437,7 +438,7 @@ class JobRunner:
         if failures + 1 >= self.attempts:
             return None
         delay = d.retry_after_s
-        if delay is None:
+        if not delay:
             delay = full_jitter(failures, self.backoff_base_s, self.backoff_max_s)
         return min(delay, self.backoff_max_s), True
 

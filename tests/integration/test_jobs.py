@@ -206,7 +206,7 @@ async def test_cancel_stops_a_running_job_and_aborts_its_items(fleet):
 
 async def test_retry_policy_sits_out_short_limits_and_counts_failures():
     """A short advised wait on RESOURCE_EXHAUSTED costs no attempt (only time, up to max_wait_s); UNAVAILABLE
-    and limits advising a long wait count against attempts; other errors are final."""
+    and limits advising a long wait, or none, or a zero wait, count against attempts; other errors are final."""
     runner = JobRunner(None, None, None, attempts=3, max_wait_s=10.0, backoff_max_s=30.0)  # type: ignore[arg-type]
     limited = ErrorDetails(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", "RATE_LIMITED", 2.0)
     assert runner._retry_delay(limited, failures=2, waited_s=0.0) == (2.0, False)
@@ -217,6 +217,10 @@ async def test_retry_policy_sits_out_short_limits_and_counts_failures():
     down = ErrorDetails(grpc.StatusCode.UNAVAILABLE, "down", "NO_HEALTHY_REPLICA", 1.0)
     assert runner._retry_delay(down, failures=1, waited_s=0.0) == (1.0, True)
     assert runner._retry_delay(down, failures=2, waited_s=0.0) is None
+    at_once = ErrorDetails(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", "QUEUE_FULL", 0.0)
+    delay, counted = runner._retry_delay(at_once, failures=0, waited_s=0.0)  # type: ignore[misc]
+    assert counted and 0 <= delay <= 30.0  # a zero advice costs an attempt (no free retries without end)
+    assert runner._retry_delay(at_once, failures=2, waited_s=0.0) is None
     bad = ErrorDetails(grpc.StatusCode.NOT_FOUND, "no model", "MODEL_NOT_FOUND")
     assert runner._retry_delay(bad, failures=0, waited_s=0.0) is None
 
