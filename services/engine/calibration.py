@@ -348,6 +348,11 @@ def loss(rows: list[dict]) -> float:
     return float(np.sum(2.0 * (np.sqrt(1.0 + e * e) - 1.0)))
 
 
+# Passes over FIT_TERMS per step size: a guard (a converging search stops far sooner), so that a flat, noisy loss
+# cannot keep the search creeping on in 1e-9 steps forever.
+MAX_PASSES_PER_ROUND = 200
+
+
 def fit(start: CostModel, points: list[dict], *, rounds: int = 6, log=None) -> CostModel:
     """Coordinate search on `loss` over FIT_TERMS (hand-written: no scipy in the venv, and each evaluation is a
     full set of virtual closed loops, so a few hundred evaluations is the budget): each term is tried a step up
@@ -356,7 +361,9 @@ def fit(start: CostModel, points: list[dict], *, rounds: int = 6, log=None) -> C
     step = 0.3
     for _ in range(rounds):
         improved = True
-        while improved:
+        for _ in range(MAX_PASSES_PER_ROUND):
+            if not improved:
+                break
             improved = False
             for name, (lo, hi) in FIT_TERMS.items():
                 v = getattr(best, name)
