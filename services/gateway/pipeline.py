@@ -68,6 +68,13 @@ def router_unreachable(err: grpc.aio.AioRpcError) -> bool:
     )
 
 
+def _unreachable(err: grpc.aio.AioRpcError) -> Unavailable:
+    """What a client gets when the router cannot be reached: UNAVAILABLE, ROUTER_UNAVAILABLE, retry in 1 s."""
+    return Unavailable(
+        f"the router is unreachable: {err.details()}", reason="ROUTER_UNAVAILABLE", retry_after_s=1.0
+    )
+
+
 @dataclass
 class Outcome:
     """What one request came to; filled in while it streams, read by the caller after the stream ends."""
@@ -339,11 +346,7 @@ class GatewayPipeline:
                 outcome.code = e.code()
                 if first is None and router_unreachable(e):
                     outcome.code = grpc.StatusCode.UNAVAILABLE
-                    raise Unavailable(
-                        f"the router is unreachable: {e.details()}",
-                        reason="ROUTER_UNAVAILABLE",
-                        retry_after_s=1.0,
-                    ) from e
+                    raise _unreachable(e) from e
                 raise
             except FleetError as e:
                 outcome.code = e.code
@@ -508,11 +511,7 @@ class GatewayPipeline:
             )
         except grpc.aio.AioRpcError as e:
             if router_unreachable(e):
-                raise Unavailable(
-                    f"the router is unreachable: {e.details()}",
-                    reason="ROUTER_UNAVAILABLE",
-                    retry_after_s=1.0,
-                ) from e
+                raise _unreachable(e) from e
             raise
         self._models = (frozenset(m.model for m in resp.models), time.monotonic())
         return pb.ListModelsResponse(
