@@ -21,8 +21,7 @@ _COUNT_INLINE_BYTES = 2 * 1024
 
 def count_prompt_tokens(spec: common_pb2.GenerationSpec) -> int:
     """Prompt tokens of spec as the engine counts them (BOS included; chats rendered with the template)."""
-    tok = tokenizer.load()
-    return len(tok.encode_chat(spec.messages) if spec.messages else tok.encode(spec.prompt))
+    return len(tokenizer.load().encode_spec(spec))
 
 
 def to_spec(
