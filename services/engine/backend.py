@@ -15,6 +15,13 @@ from shared.errors import FleetError, InvalidArgument, ShuttingDown, Unavailable
 
 # Request defaults every backend applies the same way.
 DEFAULT_MAX_TOKENS = 256
+# Scheduling rank of each Priority, lower served first (vLLM's priority policy); unspecified counts as standard.
+PRIORITY_RANK = {
+    common_pb2.PRIORITY_INTERACTIVE: 0,
+    common_pb2.PRIORITY_UNSPECIFIED: 1,
+    common_pb2.PRIORITY_STANDARD: 1,
+    common_pb2.PRIORITY_BATCH: 2,
+}
 
 
 class RequestIdInUse(FleetError):

@@ -14,6 +14,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
 from services.engine.backend import (
     DEFAULT_MAX_TOKENS,
+    PRIORITY_RANK,
     BackendInfo,
     Counters,
     StepOutput,
@@ -25,7 +26,7 @@ from services.engine.backend import (
 from services.engine.cost_model import CostModel, FrontEnd
 from services.engine.kv_events import DEFAULT_MAX_PENDING, KvEventHub, block_removed, block_stored
 from services.engine.scheduler import Scheduler
-from services.engine.sim_request import ABORT, PRIORITY_RANK, SimRequest
+from services.engine.sim_request import ABORT, SimRequest
 from services.engine.sim_tokens import VOCAB_SIZE, prompt_digest, prompt_token_ids
 from shared.errors import InvalidArgument
 from shared.prefix_hash import BLOCK_SIZE

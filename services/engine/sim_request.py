@@ -15,14 +15,6 @@ STOP = common_pb2.FINISH_REASON_STOP
 LENGTH = common_pb2.FINISH_REASON_LENGTH
 ABORT = common_pb2.FINISH_REASON_ABORT
 
-# Scheduling rank of each Priority (lower is served first); unspecified counts as standard.
-PRIORITY_RANK = {
-    common_pb2.PRIORITY_INTERACTIVE: 0,
-    common_pb2.PRIORITY_UNSPECIFIED: 1,
-    common_pb2.PRIORITY_STANDARD: 1,
-    common_pb2.PRIORITY_BATCH: 2,
-}
-
 
 class SimRequest:
     """A request's state. The step loop appends tokens to a pending buffer and wakes the reader, which takes

@@ -21,6 +21,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
 from services.engine.backend import (
     DEFAULT_MAX_TOKENS,
+    PRIORITY_RANK,
     BackendInfo,
     Counters,
     StepOutput,
@@ -42,13 +43,6 @@ LENGTH = common_pb2.FINISH_REASON_LENGTH
 ABORT = common_pb2.FINISH_REASON_ABORT
 # vLLM's finish reasons; "error" is not here: it is a failed request, not a finished one.
 _FINISH = {"stop": STOP, "length": LENGTH, "abort": ABORT, "repetition": STOP}
-# vLLM's priority scheduler serves lower values first.
-_PRIORITY = {
-    common_pb2.PRIORITY_INTERACTIVE: 0,
-    common_pb2.PRIORITY_UNSPECIFIED: 1,
-    common_pb2.PRIORITY_STANDARD: 1,
-    common_pb2.PRIORITY_BATCH: 2,
-}
 KV_TOPIC = "kv"
 
 
@@ -371,7 +365,7 @@ class VllmBackend:
         except ValueError as e:
             raise InvalidArgument(f"invalid sampling parameters: {e}") from None
         prompt = api.tokens_input(prompt_ids, cache_salt=cache_salt or None)
-        prio = _PRIORITY.get(priority, 1) if self._priority_policy else 0
+        prio = PRIORITY_RANK.get(priority, 1) if self._priority_policy else 0
         self._requests[request_id] = req
         self._in_flight += req.owed
         return self._stream(req, prompt, params, prio)
