@@ -80,9 +80,7 @@ class RouteRequest:
             return []
         from shared.tokenizer import load  # the tokenizer loads once per process, on first use
 
-        spec = self.pb.spec
-        tok = load()
-        return tok.encode(spec.prompt) if spec.prompt else tok.encode_chat(spec.messages)
+        return load().encode_spec(self.pb.spec)
 
     @functools.cached_property
     def block_hashes(self) -> list[int]:
