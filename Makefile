@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test redis-server lint bench bench-gateway loadtest clean
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway loadtest clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,15 +33,20 @@ protos: gen/.stamp ## Generate Python code from protos/ into gen/.
 cluster: protos ## Start a local fleet on the simulated engine (ENGINES=2); Ctrl-C stops it.
 	$(BIN)/fleetserve up --engines $(ENGINES) --backend sim
 
-test: protos redis-server ## Run the tests (GPU tests are skipped without a GPU).
+test: protos system-deps ## Run the tests (GPU tests are skipped without a GPU).
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-redis-server: ## Install redis-server where missing (the Redis-backed limit tests); quiet, never fatal.
-	@command -v redis-server >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  { $$SUDO apt-get install -y -qq redis-server || { $$SUDO apt-get update -qq && \
-	    $$SUDO apt-get install -y -qq redis-server; }; } >/dev/null 2>&1 || \
-	  echo "note: redis-server could not be installed; the Redis-backed limit tests will be skipped"; }
+# The real servers the tests run against (never mocks): each is Debian's package, installed where missing.
+SYSTEM_PACKAGES ?= redis-server postgresql etcd-server prometheus chromium
+
+system-deps: ## Install the servers the tests use (redis, postgresql, etcd, prometheus, chromium) where missing; never fatal.
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | \
+	    grep -q '^install ok installed' || echo $$p; done); \
+	[ -z "$$missing" ] || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+	  export DEBIAN_FRONTEND=noninteractive; echo "installing $$missing (apt)"; \
+	  { $$SUDO apt-get install -y -qq --no-install-recommends $$missing || { $$SUDO apt-get update -qq && \
+	    $$SUDO apt-get install -y -qq --no-install-recommends $$missing; }; } >/dev/null 2>&1 || \
+	  echo "note: could not install $$missing; the tests that need them will be skipped with the reason"; }
 
 lint: protos ## Ruff lint and format check.
 	$(BIN)/ruff check .
