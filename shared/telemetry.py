@@ -3,8 +3,11 @@ and W3C trace context carried in gRPC metadata."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -17,28 +20,45 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _propagator = TraceContextTextMapPropagator()
 
 
 def configure_logging(service: str, level: str = "info", json_logs: bool | None = None) -> None:
-    """structlog to stderr: JSON off a TTY, with service, trace_id and request_id (bound in contextvars)."""
+    """structlog to stderr: JSON off a TTY, with service, trace_id and request_id (bound in contextvars). The
+    standard library's loggers (grpc, OpenTelemetry, aiohttp, asyncio) go through the same renderer, so every
+    line of a service's log is one JSON object, tracebacks included (as an "exception" field)."""
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
     renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    shared_processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared_processors, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared_processors, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Libraries log at their own levels; below WARNING they are noise next to our events.
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service)
 
@@ -83,6 +103,37 @@ def setup_telemetry(service: str, otlp_endpoint: str = "", metrics_interval_s: f
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
     )
+
+
+@contextlib.contextmanager
+def stream_span(
+    tracer: trace.Tracer,
+    name: str,
+    *,
+    context: otel_context.Context | None = None,
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+) -> Iterator[trace.Span]:
+    """tracer.start_as_current_span for the body of an async generator (a streaming servicer). gRPC drops a
+    cancelled stream's generator where it stands, and Python closes it later from another task, where the
+    context this span was attached in does not exist: OpenTelemetry's own detach then logs an 18-line
+    "Failed to detach context" traceback per cancelled stream. Here that case is expected and quiet (there
+    is nothing to restore in a task that is not ours); the span still ends and records errors."""
+    span = tracer.start_span(name, context=context, kind=kind)
+    token = otel_context.attach(trace.set_span_in_context(span, context))
+    try:
+        yield span
+    except Exception as exc:  # as use_span does: errors, not GeneratorExit or cancellation
+        if span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()
+        if isinstance(token, contextvars.Token):
+            with contextlib.suppress(ValueError):  # "created in a different Context": see above
+                token.var.reset(token)
+        else:  # a runtime context other than contextvars (configured through OTEL_PYTHON_CONTEXT)
+            otel_context.detach(token)
 
 
 def context_from_metadata(context) -> otel_context.Context:

@@ -14,7 +14,7 @@ from opentelemetry import metrics, trace
 from services.engine.backend import EngineBackend
 from shared.deadlines import caller_time_left, deadline_passed
 from shared.errors import InvalidArgument, NotFound, rpc_boundary
-from shared.telemetry import bind_request, context_from_metadata
+from shared.telemetry import bind_request, context_from_metadata, stream_span
 
 log = structlog.get_logger(__name__)
 
@@ -89,8 +89,8 @@ class EngineServicer:
         first_token_ms: float | None = None
         prompt_tokens = completion = 0
         resumed = len(request.spec.resume_token_ids)
-        with self.tracer.start_as_current_span(
-            "engine.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
+        with stream_span(
+            self.tracer, "engine.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
         ) as span:
             bind_request(request_id, span)
             span.set_attribute("fleetserve.request_id", request_id)

@@ -36,7 +36,7 @@ from services.gateway.tenants import Tenant, TenantStore, bearer_key
 from services.gateway.validation import check_prompt_tokens, to_spec
 from shared.deadlines import wire_timeout
 from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated, Unavailable
-from shared.telemetry import bind_request, metadata_for_downstream
+from shared.telemetry import bind_request, metadata_for_downstream, stream_span
 
 log = structlog.get_logger(__name__)
 
@@ -256,7 +256,7 @@ class GatewayPipeline:
         deadline = arrived + timeout
         first: bytes | None = None
         last: bytes | None = None
-        with self.tracer.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER) as span:
+        with stream_span(self.tracer, span_name, context=parent, kind=trace.SpanKind.SERVER) as span:
             bind_request(outcome.request_id, span)
             span.set_attribute("fleetserve.request_id", outcome.request_id)
             span.set_attribute("fleetserve.model", request.model)

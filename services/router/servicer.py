@@ -36,7 +36,7 @@ from shared.errors import (
     rpc_boundary,
 )
 from shared.resilience import BACKPRESSURE, BreakerState, full_jitter, is_retryable
-from shared.telemetry import bind_request, context_from_metadata, metadata_for_downstream
+from shared.telemetry import bind_request, context_from_metadata, metadata_for_downstream, stream_span
 
 log = structlog.get_logger(__name__)
 
@@ -294,8 +294,8 @@ class RouterServicer:
         attempts = 0
         replica_id = ""
         status = "CANCELLED"  # unless the stream completes or fails with a known code
-        with self.tracer.start_as_current_span(
-            "router.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
+        with stream_span(
+            self.tracer, "router.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
         ) as span:
             bind_request(request.request_id, span)
             span.set_attribute("fleetserve.request_id", request.request_id)
