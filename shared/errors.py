@@ -202,6 +202,30 @@ def details_of(err: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
     return ErrorDetails(**out)
 
 
+class Undecodable:
+    """What a server's request deserializer returns for bytes that are not a valid message of the method's
+    type (corrupt bytes, invalid UTF-8 in a string field): the servicer answers INVALID_ARGUMENT instead of
+    gRPC's UNKNOWN "Unexpected DecodeError" (see shared/request_decoding.py)."""
+
+    __slots__ = ("type_name", "error")
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def to_error(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request is not a valid {self.type_name} message: {self.error}",
+            reason="MALFORMED_REQUEST",
+            metadata={"message_type": self.type_name},
+        )
+
+
+# Set on servicer methods that answer an Undecodable request themselves (rpc_boundary), so the server needs no
+# wrapper around them (a wrapper around a stream would cost a generator hop per message).
+CHECKS_UNDECODABLE = "__fleetserve_checks_undecodable__"
+
+
 async def _handle(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> NoReturn:
     if isinstance(exc, FleetError):
         await abort(context, exc)
@@ -221,6 +245,8 @@ def rpc_boundary(fn):
         @functools.wraps(fn)
         async def gen_wrapper(self, request, context):
             try:
+                if type(request) is Undecodable:
+                    raise request.to_error()
                 async for item in fn(self, request, context):
                     yield item
             except passthrough:
@@ -228,15 +254,19 @@ def rpc_boundary(fn):
             except Exception as exc:  # the one boundary where unknown errors become INTERNAL
                 await _handle(context, exc, name)
 
+        setattr(gen_wrapper, CHECKS_UNDECODABLE, True)
         return gen_wrapper
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
         try:
+            if type(request) is Undecodable:
+                raise request.to_error()
             return await fn(self, request, context)
         except passthrough:
             raise
         except Exception as exc:  # the one boundary where unknown errors become INTERNAL
             await _handle(context, exc, name)
 
+    setattr(wrapper, CHECKS_UNDECODABLE, True)
     return wrapper

@@ -16,6 +16,8 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.request_decoding import RequestDecodingGuard
+
 log = structlog.get_logger("fleetserve.server")
 
 SERVER_OPTIONS = (
@@ -96,7 +98,10 @@ async def create_server(
     `extra` adds servicers registered the generated way (e.g. OTLP collectors)."""
     services = list(services)
     # `options` override the defaults (e.g. the gateway's smaller max_receive_message_length).
-    server = grpc.aio.server(options=tuple({**dict(SERVER_OPTIONS), **dict(options)}.items()))
+    server = grpc.aio.server(
+        options=tuple({**dict(SERVER_OPTIONS), **dict(options)}.items()),
+        interceptors=(RequestDecodingGuard(),),
+    )
     server.add_generic_rpc_handlers(tuple(_handlers(s) for s in services))
     for add in extra:
         add(server)
