@@ -106,8 +106,9 @@ class KeyInfo:
 
 
 def hash_key(key: str) -> str:
-    """SHA-256 hex of an API key: the only form in which keys are stored."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    """SHA-256 hex of an API key: the only form in which keys are stored. surrogatepass: a header whose bytes
+    are not UTF-8 (aiohttp hands them over as surrogate escapes) hashes to no stored key, rather than raising."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def key_id_of(key_hash: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -82,15 +83,53 @@ def _number(body: dict, name: str, v: _Violations, integer: bool = False) -> Any
         return None
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     if not ok or isinstance(value, bool):
-        v.add(name, f"must be {'an integer' if integer else 'a number'}; got {json.dumps(value)[:40]}")
+        v.add(name, f"must be {'an integer' if integer else 'a number'}; got {_shown(value)}")
         return None
+    if not integer:
+        try:
+            finite = math.isfinite(float(value))  # an integer past 1e308 overflows; JSON may say NaN, 1e999
+        except OverflowError:
+            finite = False
+        if not finite:
+            v.add(name, f"must be a finite number; got {_shown(value)}")
+            return None
     return value
+
+
+def _shown(value: Any) -> str:
+    """A short, safe rendering of a client's value for an error message."""
+    try:
+        return json.dumps(value)[:40]
+    except (ValueError, TypeError, RecursionError):
+        return type(value).__name__
+
+
+def _is_text(value: Any) -> bool:
+    """A str that can be encoded as UTF-8 (JSON's \\ud800 escape decodes to a lone surrogate, which cannot)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: Any, field: str, v: _Violations, what: str = "a string") -> str | None:
+    """value when it is text; else a violation (wrong type, or a lone surrogate) and None."""
+    if _is_text(value):
+        return value
+    if isinstance(value, str):
+        v.add(field, "must be valid Unicode text (it holds a lone surrogate such as \\ud800)")
+    else:
+        v.add(field, f"must be {what}")
+    return None
 
 
 def _text_content(content: Any, field: str, v: _Violations) -> str:
     """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
     if isinstance(content, str):
-        return content
+        return _text(content, field, v) or ""
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
@@ -101,7 +140,7 @@ def _text_content(content: Any, field: str, v: _Violations) -> str:
             ):
                 v.add(f"{field}[{j}]", 'only {"type": "text", "text": ...} parts are supported')
                 continue
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{field}[{j}].text", v) or "")
         return "".join(texts)
     v.add(field, "must be a string or a list of text parts")
     return ""
@@ -118,7 +157,7 @@ def parse_request(body: Any, kind: str) -> tuple[pb.GenerateRequest, Options]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         v.add("model", "required: the name of a model (see GET /v1/models)")
-    else:
+    elif _text(model, "model", v) is not None:
         req.model = model
 
     if kind == CHAT:
@@ -133,15 +172,16 @@ def parse_request(body: Any, kind: str) -> tuple[pb.GenerateRequest, Options]:
                 role = m.get("role")
                 # "developer" is OpenAI's newer name for the system role.
                 role = "system" if role == "developer" else role
+                if isinstance(role, str):
+                    role = _text(role, f"messages[{i}].role", v) or ""
                 content = _text_content(m.get("content"), f"messages[{i}].content", v)
                 req.messages.add(role=role if isinstance(role, str) else "", content=content)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        if not isinstance(prompt, str):
-            v.add("prompt", "must be a string (or a list of one string)")
-        else:
+        prompt = _text(prompt, "prompt", v, "a string (or a list of one string)")
+        if prompt is not None:
             req.prompt = prompt
 
     max_tokens = _number(body, "max_completion_tokens", v, integer=True)
@@ -165,19 +205,21 @@ def parse_request(body: Any, kind: str) -> tuple[pb.GenerateRequest, Options]:
             req.seed = seed % 2**64
 
     stop = body.get("stop")
-    if isinstance(stop, str):
-        req.stop.append(stop)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        req.stop.extend(stop)
+    stops = [stop] if isinstance(stop, str) else stop
+    if isinstance(stops, list) and all(isinstance(s, str) for s in stops):
+        if all(_is_text(s) for s in stops):
+            req.stop.extend(stops)
+        else:
+            v.add("stop", "must be valid Unicode text (it holds a lone surrogate such as \\ud800)")
     elif stop is not None:
         v.add("stop", "must be a string or a list of strings")
 
     user = body.get("user")
-    if isinstance(user, str):
+    if isinstance(user, str) and _text(user, "user", v) is not None:
         req.user_id = user
     tier = body.get("service_tier")
     if tier is not None:
-        if tier not in SERVICE_TIERS:
+        if not isinstance(tier, str) or tier not in SERVICE_TIERS:
             v.add("service_tier", f"must be one of {', '.join(SERVICE_TIERS)}")
         else:
             req.priority = SERVICE_TIERS[tier]

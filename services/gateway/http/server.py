@@ -49,6 +49,22 @@ def error_response(exc: BaseException | ErrorDetails, headers: dict[str, str]) -
     return _json(status, body, {**headers, **extra})
 
 
+async def _json_body(request: web.Request) -> object:
+    """The parsed JSON body; InvalidArgument for anything that is not JSON text we can read."""
+    try:
+        return await request.json(loads=json.loads)
+    except LookupError as e:  # charset=bogus-42: Python has no such codec
+        raise InvalidArgument(
+            f"unknown charset {request.charset!r} in Content-Type",
+            reason="INVALID_CONTENT_TYPE",
+            field_violations=[("Content-Type", "charset must be one Python knows, e.g. utf-8")],
+        ) from e
+    except RecursionError as e:
+        raise InvalidArgument("the request body is JSON nested too deeply", reason="INVALID_JSON") from e
+    except ValueError as e:  # not JSON, or bytes that are not text in the charset
+        raise InvalidArgument(f"the request body is not valid JSON: {e}", reason="INVALID_JSON") from e
+
+
 class OpenAIServer:
     """The aiohttp application over a GatewayPipeline, and its listening site."""
 
@@ -131,12 +147,7 @@ class OpenAIServer:
         request_id = uuid.uuid4().hex
         headers = {"x-request-id": request_id}
         try:
-            try:
-                body = await request.json(loads=json.loads)
-            except ValueError as e:
-                raise InvalidArgument(
-                    f"the request body is not valid JSON: {e}", reason="INVALID_JSON"
-                ) from e
+            body = await _json_body(request)
             greq, opts = parse_request(body, kind)
         except web.HTTPRequestEntityTooLarge as e:
             return _json(
