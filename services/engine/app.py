@@ -34,6 +34,7 @@ def create_backend(settings: EngineSettings) -> EngineBackend:
             enable_prefix_caching=settings.enable_prefix_caching,
             cost=settings.cost_model,
             kv_events_max_pending=settings.kv_events_max_pending,
+            behaviour=settings.behaviour,
         )
     if settings.backend == "vllm":
         from services.engine.vllm_backend import VllmBackend, engine_argv
@@ -112,6 +113,7 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
             backend,
             replica_id=settings.replica_id,
             model=settings.model,
+            model_version=settings.model_version,
             tracer=telemetry.tracer,
             meter=telemetry.meter,
         )
@@ -128,6 +130,7 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
                 address=settings.advertised_address(running.port),
                 model=settings.model,
                 backend=settings.backend,
+                model_version=settings.model_version,
             ),
             backend.load,
             retry_base_s=settings.register_retry_base_s,
@@ -139,8 +142,10 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
         "engine.configured",
         replica_id=settings.replica_id,
         model=settings.model,
+        model_version=settings.model_version,
         backend=settings.backend,
         speed_factor=settings.speed_factor,
+        sim_behaviour=settings.sim_behaviour or None,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         num_kv_blocks=backend.info().kv_blocks_total,

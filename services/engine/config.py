@@ -9,8 +9,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from services.engine import sim_behaviour
 from services.engine.cost_model import CostModel
 from services.engine.profile import DEFAULT_PROFILE, GpuProfile, load_profile
+from services.engine.sim_behaviour import Behaviour
 from shared.settings import ServiceSettings, service_config
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -25,6 +27,14 @@ class EngineSettings(ServiceSettings):
         "", description="host:port of the registry to register with; empty: do not register (tests)."
     )
     model: str = Field("sim-1b", min_length=1, description="Name of the model this replica serves.")
+    model_version: str = Field(
+        "v1",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        description="Version of the model this replica serves (rollouts and experiments move traffic between "
+        "versions; clients may pin one).",
+    )
     replica_id: str = Field(
         default_factory=lambda: f"engine-{secrets.token_hex(3)}",
         min_length=1,
@@ -81,6 +91,12 @@ class EngineSettings(ServiceSettings):
     step_per_prefill_token_ms: float | None = Field(
         None, ge=0, description="Sim cost model: GPU time per prefill token, in ms; default: the profile's."
     )
+    sim_behaviour: str = Field(
+        "",
+        description="Sim: planted behaviour per model version, 'VERSION:key=value,...;...' with keys slowdown "
+        "(step time factor), error_rate, length_factor (answers cut to this fraction of max_tokens), "
+        "refusal_rate; VERSION '*' for any version (tests plant regressions in a rollout's candidate).",
+    )
     kv_events_max_pending: int = Field(
         1024, ge=1, description="KV-event batches queued per subscriber before the oldest are dropped."
     )
@@ -111,9 +127,18 @@ class EngineSettings(ServiceSettings):
             raise ValueError("backend vllm needs --vllm-args with --model DIR (a local model directory)")
         if self.backend == "sim":
             self.gpu_profile  # noqa: B018 - a missing or malformed profile fails here, at start
+            self.behaviour  # noqa: B018 - so does a malformed --sim-behaviour
         if self.register_retry_base_s > self.register_retry_max_s:
             raise ValueError("register_retry_base_s must not exceed register_retry_max_s")
         return self
+
+    @property
+    def behaviour(self) -> Behaviour:
+        """This replica's planted sim behaviour (its version's entry of --sim-behaviour)."""
+        try:
+            return sim_behaviour.for_version(sim_behaviour.parse(self.sim_behaviour), self.model_version)
+        except ValueError as e:
+            raise ValueError(f"sim_behaviour: {e}") from None
 
     @property
     def gpu_profile(self) -> GpuProfile:

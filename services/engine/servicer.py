@@ -22,14 +22,25 @@ MAX_STOP_STRINGS = 16
 _FINISH_NAMES = {v.number: v.name for v in common_pb2.FinishReason.DESCRIPTOR.values}
 
 
-def validate(request: pb.GenerateRequest, model: str) -> None:
-    """Raise InvalidArgument listing every bad field (NotFound for another model's request)."""
+def validate(request: pb.GenerateRequest, model: str, model_version: str = "") -> None:
+    """Raise InvalidArgument listing every bad field (NotFound for another model's or version's request)."""
     spec = request.spec
     if spec.model and spec.model != model:
         raise NotFound(
             f"model {spec.model!r} is not served by this replica (it serves {model!r})",
             reason="MODEL_NOT_FOUND",
             metadata={"model": spec.model, "available_models": model},
+        )
+    if spec.model_version and spec.model_version != model_version:
+        raise NotFound(
+            f"version {spec.model_version!r} of model {model!r} is not served by this replica (it serves "
+            f"{model_version!r})",
+            reason="MODEL_VERSION_NOT_FOUND",
+            metadata={
+                "model": model,
+                "model_version": spec.model_version,
+                "available_versions": model_version,
+            },
         )
     bad: list[tuple[str, str]] = []
     if not spec.prompt and not spec.messages:
@@ -68,12 +79,18 @@ class EngineServicer:
         model: str,
         tracer: trace.Tracer,
         meter: metrics.Meter,
+        model_version: str = "",
     ) -> None:
         self.backend = backend
         self.replica_id = replica_id
         self.model = model
+        self.model_version = model_version
         self.tracer = tracer
-        self._attrs = {"fleetserve.model": model, "fleetserve.replica_id": replica_id}
+        self._attrs = {
+            "fleetserve.model": model,
+            "fleetserve.model_version": model_version,
+            "fleetserve.replica_id": replica_id,
+        }
         self._output_tokens = meter.create_counter(
             "fleetserve.engine.output_tokens",
             unit="{token}",
@@ -99,7 +116,7 @@ class EngineServicer:
             if left is not None:
                 span.set_attribute("fleetserve.deadline_left_ms", left * 1000.0)
             try:
-                validate(request, self.model)
+                validate(request, self.model, self.model_version)
                 outputs = self.backend.generate(
                     request_id, request.spec, cache_salt=request.cache_salt, priority=request.priority
                 )
@@ -110,8 +127,10 @@ class EngineServicer:
                     chunk.token_ids.extend(out.token_ids)
                     if first_token_ms is None:
                         first_token_ms = (time.perf_counter() - started) * 1000.0
-                        chunk.served_by.model = self.model
-                        chunk.served_by.replica_id = self.replica_id
+                        served_by = chunk.served_by
+                        served_by.model = self.model
+                        served_by.model_version = self.model_version
+                        served_by.replica_id = self.replica_id
                     if out.finish_reason is not None:
                         finish = out.finish_reason
                         prompt_tokens, completion = out.prompt_tokens, out.completion_tokens
@@ -143,6 +162,7 @@ class EngineServicer:
                     self._output_tokens.add(generated, self._attrs)
                 log.info(
                     "engine.request",
+                    model_version=self.model_version,
                     status=status,
                     finish_reason=reason,
                     prompt_tokens=prompt_tokens,
@@ -175,6 +195,7 @@ class EngineServicer:
         return pb.GetInfoResponse(
             replica_id=self.replica_id,
             model=self.model,
+            model_version=self.model_version,
             backend=self.backend.name,
             block_size=info.block_size,
             kv_blocks_total=info.kv_blocks_total,

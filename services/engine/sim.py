@@ -8,6 +8,7 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import structlog
 from fleetserve.common.v1 import common_pb2
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
@@ -26,12 +27,20 @@ from services.engine.backend import (
 from services.engine.cost_model import CostModel, FrontEnd
 from services.engine.kv_events import DEFAULT_MAX_PENDING, KvEventHub, block_removed, block_stored
 from services.engine.scheduler import Scheduler
+from services.engine.sim_behaviour import Behaviour
 from services.engine.sim_request import ABORT, SimRequest
-from services.engine.sim_tokens import VOCAB_SIZE, prompt_digest, prompt_token_ids
-from shared.errors import InvalidArgument
+from services.engine.sim_tokens import REFUSAL_IDS, VOCAB_SIZE, prompt_digest, prompt_token_ids
+from shared.errors import FleetError, InvalidArgument
 from shared.prefix_hash import BLOCK_SIZE
 
 log = structlog.get_logger(__name__)
+
+
+class PlantedFault(FleetError):
+    """A request failed by a version planted to fail (sim_behaviour.Behaviour.error_rate)."""
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "PLANTED_FAULT"
 
 
 @dataclass(slots=True)
@@ -65,12 +74,14 @@ class SimEngine:
         throughput_window_s: float = 5.0,
         max_lag_s: float = 0.02,
         kv_events_max_pending: int = DEFAULT_MAX_PENDING,
+        behaviour: Behaviour | None = None,
     ) -> None:
         if speed_factor <= 0:
             raise ValueError(f"speed_factor must be > 0; got {speed_factor}")
         self.seed = seed
         self.speed_factor = speed_factor
-        self.cost = cost or CostModel()
+        self.behaviour = behaviour or Behaviour()
+        self.cost = self.behaviour.slowed(cost or CostModel())
         # The front end's queue, in modelled milliseconds since start() (_model_ms).
         self.frontend = FrontEnd(self.cost)
         self.max_model_len = max_model_len
@@ -169,6 +180,10 @@ class SimEngine:
                 ],
             )
         seed = sampling.seed if sampling.HasField("seed") else self.seed
+        behaviour = self.behaviour
+        if behaviour.fails(self.seed, request_id):
+            raise PlantedFault(f"request {request_id} failed: this version is planted to fail some requests")
+        refused = behaviour.refuses(self.seed, request_id)
         req = SimRequest(
             request_id,
             prompt_ids=prompt_ids,
@@ -179,6 +194,8 @@ class SimEngine:
             rank=PRIORITY_RANK.get(priority, 1),
             arrival=next(self._arrivals),
             cache_salt=cache_salt,
+            script=REFUSAL_IDS if refused else None,
+            end_at=behaviour.output_cap(max_tokens),
         )
         if req.finish_reason is None:
             self._requests[request_id] = req

@@ -24,7 +24,7 @@ class SimRequest:
         "request_id", "rank", "arrival", "digest", "prompt_tokens", "max_tokens", "completion",
         "token_ids", "num_tokens", "num_computed", "blocks", "block_hashes", "num_cached_blocks",
         "cache_salt", "cached_tokens", "num_preemptions", "outputs", "stops", "_hold", "_tail", "_unsent",
-        "pending_ids", "pending_text", "finish_reason", "waiter",
+        "pending_ids", "pending_text", "finish_reason", "waiter", "script", "end_at",
     )  # fmt: skip
 
     def __init__(
@@ -39,6 +39,8 @@ class SimRequest:
         rank: int = 1,
         arrival: int = 0,
         cache_salt: str = "",
+        script: tuple[int, ...] | None = None,
+        end_at: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.rank = rank
@@ -79,8 +81,16 @@ class SimRequest:
         self.pending_text: list[str] = []
         self.finish_reason: int | None = None
         self.waiter: asyncio.Future | None = None
+        # Planted behaviour (sim_behaviour.py): output these token ids instead of the drawn ones, and end the
+        # answer (finish reason stop) after end_at tokens.
+        self.script = script
+        if script is not None:
+            end_at = len(script) if end_at is None else min(end_at, len(script))
+        self.end_at = end_at
         if self.completion >= max_tokens:
             self.finish_reason = LENGTH  # an attempt resumed after its last token: nothing left to do
+        elif end_at is not None and self.completion >= end_at:
+            self.finish_reason = STOP
 
     def hash_full_blocks(self) -> None:
         """Extend block_hashes over the full blocks of token_ids (vLLM hashes as blocks fill)."""
@@ -92,7 +102,8 @@ class SimRequest:
 
     def append_token(self) -> None:
         """Generate the next output token (called by the step that computed it) and check for the end."""
-        tid = token_at(self.digest, self.completion)
+        script = self.script
+        tid = script[self.completion] if script is not None else token_at(self.digest, self.completion)
         self.completion += 1
         self.outputs += 1
         self.token_ids.append(tid)
@@ -108,11 +119,12 @@ class SimRequest:
                 return
         else:
             self.pending_text.append(piece)
-        if self.completion >= self.max_tokens:
+        end_at = self.end_at
+        if self.completion >= self.max_tokens or (end_at is not None and self.completion >= end_at):
             if self._unsent:
                 self.pending_text.append(self._tail[-self._unsent :])
                 self._unsent = 0
-            self.finish_reason = LENGTH
+            self.finish_reason = LENGTH if self.completion >= self.max_tokens else STOP
         self.wake()
 
     def _push_text(self, piece: str) -> bool:

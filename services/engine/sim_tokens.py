@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from fleetserve.common.v1 import common_pb2
 
+from services.engine.sim_behaviour import REFUSAL_TEXT
 from shared import tokenizer
 
 TOKENIZER = tokenizer.load()
@@ -23,6 +24,8 @@ TOKEN_TEXT: tuple[str, ...] = tuple(
 # table lookup per token instead of a DecodeStream step: the same text at a fraction of the cost.
 OUTPUT_IDS: tuple[int, ...] = tuple(i for i, s in enumerate(TOKEN_TEXT) if s and "\ufffd" not in s)
 _NUM_OUTPUT = len(OUTPUT_IDS)
+# What a version planted to refuse answers (sim_behaviour.py).
+REFUSAL_IDS: tuple[int, ...] = tuple(TOKENIZER.encode(REFUSAL_TEXT, add_bos=False))
 _M64 = (1 << 64) - 1
 
 

@@ -92,19 +92,22 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
         )
 
         def observe_replicas(_options: CallbackOptions):
-            counts: dict[tuple[str, int], int] = {}
+            counts: dict[tuple[str, str, int], int] = {}
             for r in membership.list():
-                counts[(r.model, r.state)] = counts.get((r.model, r.state), 0) + 1
+                key = (r.model, r.model_version, r.state)
+                counts[key] = counts.get(key, 0) + 1
             return [
-                Observation(n, {"model": model, "state": pb.ReplicaState.Name(state)})
-                for (model, state), n in counts.items()
+                Observation(
+                    n, {"model": model, "model_version": version, "state": pb.ReplicaState.Name(state)}
+                )
+                for (model, version, state), n in counts.items()
             ]
 
         telemetry.meter.create_observable_gauge(
             "fleetserve.registry.replicas",
             callbacks=[observe_replicas],
             unit="{replica}",
-            description="Registered replicas by model and state.",
+            description="Registered replicas by model, version and state.",
         )
         running = await create_server(
             [Service(pb, "RegistryService", servicer, relay_bytes=frozenset({"WatchReplicas"}))],

@@ -87,6 +87,7 @@ class RegistryServicer:
                 replica_id=r.replica_id,
                 address=r.address,
                 model=r.model,
+                model_version=r.model_version,
                 backend=r.backend,
                 replaced=replaced,
             )

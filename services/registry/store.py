@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS replicas (
     state               INTEGER NOT NULL,
     load                BLOB NOT NULL,   -- serialized fleetserve.common.v1.ReplicaLoad
     last_heartbeat_unix REAL NOT NULL,
-    registered_at       REAL NOT NULL    -- Unix seconds
+    registered_at       REAL NOT NULL,   -- Unix seconds
+    model_version       TEXT NOT NULL DEFAULT ''
 )
 """
 
@@ -35,19 +36,23 @@ class ReplicaStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(replicas)")}
+        if "model_version" not in columns:  # a database written before versions existed
+            self._db.execute("ALTER TABLE replicas ADD COLUMN model_version TEXT NOT NULL DEFAULT ''")
 
     def load_all(self) -> list[tuple[pb.Replica, float]]:
         """Every stored replica with its registration time (Unix seconds)."""
         rows = self._db.execute(
-            "SELECT id, address, model, backend, state, load, last_heartbeat_unix, registered_at "
+            "SELECT id, address, model, backend, state, load, last_heartbeat_unix, registered_at, model_version "
             "FROM replicas ORDER BY id"
         ).fetchall()
         out = []
-        for rid, address, model, backend, state, load, last_hb, registered_at in rows:
+        for rid, address, model, backend, state, load, last_hb, registered_at, version in rows:
             rep = pb.Replica(
                 replica_id=rid,
                 address=address,
                 model=model,
+                model_version=version,
                 backend=backend,
                 state=state,
                 load=common_pb2.ReplicaLoad.FromString(load),
@@ -60,8 +65,8 @@ class ReplicaStore:
         """Insert or replace one replica (registration)."""
         self._db.execute(
             "INSERT OR REPLACE INTO replicas "
-            "(id, address, model, backend, state, load, last_heartbeat_unix, registered_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "(id, address, model, backend, state, load, last_heartbeat_unix, registered_at, model_version) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 replica.replica_id,
                 replica.address,
@@ -71,6 +76,7 @@ class ReplicaStore:
                 replica.load.SerializeToString(),
                 replica.last_heartbeat_unix,
                 registered_at,
+                replica.model_version,
             ),
         )
 

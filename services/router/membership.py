@@ -33,6 +33,7 @@ class ReplicaInfo:
     state: int = SERVING
     load: common_pb2.ReplicaLoad = field(default_factory=common_pb2.ReplicaLoad)
     last_heartbeat_unix: float = 0.0
+    model_version: str = ""
 
     @property
     def serving(self) -> bool:
@@ -48,7 +49,9 @@ class ReplicaInfo:
     def from_pb(cls, r: reg_pb.Replica) -> ReplicaInfo:
         load = common_pb2.ReplicaLoad()
         load.CopyFrom(r.load)
-        return cls(r.replica_id, r.address, r.model, r.backend, r.state, load, r.last_heartbeat_unix)
+        return cls(
+            r.replica_id, r.address, r.model, r.backend, r.state, load, r.last_heartbeat_unix, r.model_version
+        )
 
 
 class Change(Enum):

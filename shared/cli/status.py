@@ -50,6 +50,7 @@ async def fetch_replicas(registry: str, router: str | None = None) -> list[dict]
                 "replica_id": r.replica_id,
                 "address": r.address,
                 "model": r.model,
+                "model_version": r.model_version,
                 "backend": r.backend,
                 "state": pb.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_").lower(),
                 "healthy": ok,
@@ -91,6 +92,7 @@ def table(rows: list[dict], title: str = "replicas") -> Table:
     for col in (
         "replica",
         "model",
+        "version",
         "address",
         "state",
         "health",
@@ -107,6 +109,7 @@ def table(rows: list[dict], title: str = "replicas") -> Table:
         t.add_row(
             r["replica_id"],
             r["model"],
+            r["model_version"] or "-",
             r["address"],
             r["state"],
             "[green]serving[/]" if r["healthy"] else "[red]down[/]",

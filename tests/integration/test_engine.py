@@ -217,11 +217,31 @@ async def test_abort_rpc_ends_the_stream_with_abort():
 
 
 async def test_get_info_names_the_replica():
-    """GetInfo returns the replica id, model, backend and the KV-cache geometry."""
-    async with engine(num_kv_blocks=1000) as (_, stub):
+    """GetInfo returns the replica id, model, version, backend and the KV-cache geometry."""
+    async with engine(num_kv_blocks=1000, model_version="2024-06-b") as (_, stub):
         info = await stub.GetInfo(pb.GetInfoRequest(), timeout=2)
         assert (info.replica_id, info.model, info.backend) == ("engine-test", MODEL, "sim")
+        assert info.model_version == "2024-06-b"
         assert (info.block_size, info.kv_blocks_total, info.max_model_len) == (16, 1000, 2 * LONG)
+
+
+async def test_served_by_names_the_version_and_a_pin_to_another_is_not_found():
+    """served_by carries the replica's model version (span and counter too); a request pinned to another version
+    is NOT_FOUND with reason MODEL_VERSION_NOT_FOUND and the version served."""
+    rec = Recorded()
+    async with engine(rec, model_version="v7") as (_, stub):
+        req = request(max_tokens=4)
+        req.spec.model_version = "v7"
+        chunks = [r.chunk async for r in stub.Generate(req, timeout=10)]
+        assert chunks[0].served_by.model_version == "v7"
+        (span,) = [s for s in rec.spans.get_finished_spans() if s.name == "engine.Generate"]
+        assert span.attributes["fleetserve.model_version"] == "v7"
+        req.spec.model_version = "v8"
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            [r async for r in stub.Generate(req, timeout=10)]
+        d = details_of(exc.value)
+        assert (d.code, d.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_VERSION_NOT_FOUND")
+        assert "'v7'" in d.message
 
 
 async def first_chunk_ms(stub, req: pb.GenerateRequest) -> tuple[float, common_pb2.GenerateChunk]:
@@ -386,6 +406,7 @@ async def test_registers_and_heartbeats_its_load():
 
             r = await assert_eventually(busy_replica, timeout_s=5)
             assert (r.address, r.model, r.backend) == (app.address, MODEL, "sim")
+            assert r.model_version == "v1"  # the default
             assert r.state == reg_pb.REPLICA_STATE_SERVING
             assert r.load.kv_blocks_total == load_profile("h100-llama-1b").num_kv_blocks
             assert r.load.in_flight_tokens > 0 and r.load.prefix_cache_queried_tokens > 0

@@ -14,6 +14,7 @@ def replica(rid: str, running: int = 0) -> pb.Replica:
         address="10.0.0.1:7000",
         model="m",
         backend="vllm",
+        model_version="v2",
         state=pb.REPLICA_STATE_SERVING,
         load=common_pb2.ReplicaLoad(running=running, kv_blocks_total=100, prefix_cache_hit_rate=0.25),
         last_heartbeat_unix=1.7e9,
@@ -67,3 +68,24 @@ def test_upsert_replaces_same_id():
     other.address = "10.0.0.2:7000"
     s.upsert(other, 2.0)
     assert [(r.address, at) for r, at in s.load_all()] == [("10.0.0.2:7000", 2.0)]
+
+
+def test_a_database_from_before_model_versions_is_upgraded(tmp_path):
+    """A replicas table without the model_version column gets it (empty for the stored rows) on open."""
+    import sqlite3
+
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE replicas (id TEXT PRIMARY KEY, address TEXT NOT NULL, model TEXT NOT NULL, backend TEXT "
+        "NOT NULL, state INTEGER NOT NULL, load BLOB NOT NULL, last_heartbeat_unix REAL NOT NULL, registered_at "
+        "REAL NOT NULL)"
+    )
+    db.execute("INSERT INTO replicas VALUES ('old', 'h:1', 'm', 'sim', 1, x'', 1.0, 2.0)")
+    db.commit()
+    db.close()
+    s = ReplicaStore(path)
+    s.upsert(replica("new"), registered_at=3.0)
+    got = {r.replica_id: r.model_version for r, _ in s.load_all()}
+    s.close()
+    assert got == {"old": "", "new": "v2"}
