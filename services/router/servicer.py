@@ -16,27 +16,26 @@ from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.router.v1 import router_service_pb2 as pb
 from opentelemetry import metrics, trace
 
+from services.router import hedge
 from services.router.admission import AdmissionQueue
+from services.router.attempt import AttemptCounters, Fault, RequestAttempts
 from services.router.breakers import BreakerSettings, ReplicaBreakers
 from services.router.membership import Change, Membership, ReplicaInfo
 from services.router.outliers import OutlierDetector, OutlierSettings
-from services.router.policies import Policy, cache_salt_for
+from services.router.policies import Policy
 from services.router.policies import record as record_decision
-from services.router.resume import ChunkTracker, ReplicaAborted, ResumeMode, resumable
+from services.router.resume import ReplicaAborted, ResumeMode
 from shared.channels import ChannelPool, raw_stream
-from shared.deadlines import HOP_MARGIN_S, deadline_passed, downstream_timeout, wire_timeout
+from shared.deadlines import deadline_passed, downstream_timeout
 from shared.errors import (
-    DeadlineExceeded,
-    FleetError,
     InvalidArgument,
     NoHealthyReplica,
     NotFound,
     ResourceExhausted,
-    Unavailable,
     rpc_boundary,
 )
-from shared.resilience import BACKPRESSURE, BreakerState, full_jitter, is_retryable
-from shared.telemetry import bind_request, context_from_metadata, metadata_for_downstream, stream_span
+from shared.resilience import BreakerState
+from shared.telemetry import bind_request, context_from_metadata, stream_span
 
 log = structlog.get_logger(__name__)
 
@@ -66,16 +65,6 @@ class RetrySettings:
             if m == model:
                 return d
         return self.hedge_delay_s
-
-
-class _Fault(Exception):
-    """An attempt failed in a way another replica may fix (carries the code for the caller's error)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, cause: BaseException) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-        self.cause = cause
 
 
 class RouterServicer:
@@ -123,28 +112,9 @@ class RouterServicer:
             clock=clock,
         )
         self.outliers = OutlierDetector(outliers or OutlierSettings(enabled=False), clock=clock)
-        self._rng = rng or random.Random()
-        self._sleep = sleep
-        self._attempts_counter = meter.create_counter(
-            "fleetserve.router.attempts",
-            unit="{attempt}",
-            description="Attempts sent to replicas, by outcome (ok, fault, backpressure, client).",
-        )
-        self._retries_counter = meter.create_counter(
-            "fleetserve.router.retries",
-            unit="{retry}",
-            description="Further attempts after a failed one, by kind (retry before the first token, resume).",
-        )
-        self._hedges_counter = meter.create_counter(
-            "fleetserve.router.hedges",
-            unit="{hedge}",
-            description="Hedged attempts sent, and by result (won: the hedge's first token came first).",
-        )
-        self._throttled_counter = meter.create_counter(
-            "fleetserve.router.retries_throttled",
-            unit="{retry}",
-            description="Retries refused by the model's retry budget.",
-        )
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+        self.counters = AttemptCounters(meter)
         self.in_flight: Counter[str] = Counter()
         # 0: no cap, requests go straight to replicas (engines queue themselves); else the admission queue
         # holds requests while every replica of the model has this many attempts in flight.
@@ -187,14 +157,14 @@ class RouterServicer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _stub(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
+    def stub(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
         stub = self._stubs.get(address)
         if stub is None:
             stub = raw_stream(self.pool.get(address), ENGINE_GENERATE, _serialize_engine_request)
             self._stubs[address] = stub
         return stub
 
-    def _release(self, replica_id: str, model: str = "") -> None:
+    def release(self, replica_id: str, model: str = "") -> None:
         self.policy.on_complete(replica_id)
         n = self.in_flight[replica_id] - 1
         if n > 0:
@@ -243,7 +213,7 @@ class RouterServicer:
                 "the router has no membership from the registry yet", retry_after_s=1.0
             ) from None
 
-    def _choose(self, request: pb.GenerateRequest, exclude: set[str]) -> ReplicaInfo:
+    def choose(self, request: pb.GenerateRequest, exclude: set[str]) -> ReplicaInfo:
         model = request.spec.model
         routable = self.membership.routable(model, exclude)
         breakers = self.breakers
@@ -290,139 +260,54 @@ class RouterServicer:
     @rpc_boundary
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         started = time.perf_counter()
-        model = request.spec.model
-        attempts = 0
-        replica_id = ""
+        run: RequestAttempts | None = None
         status = "CANCELLED"  # unless the stream completes or fails with a known code
         with stream_span(
             self.tracer, "router.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
         ) as span:
             bind_request(request.request_id, span)
             span.set_attribute("fleetserve.request_id", request.request_id)
-            span.set_attribute("fleetserve.model", model)
+            span.set_attribute("fleetserve.model", request.spec.model)
             try:
-                if not model:
-                    raise InvalidArgument(
-                        "spec.model is required", field_violations=[("spec.model", "required")]
-                    )
-                timeout = downstream_timeout(context, default_s=self.default_timeout_s, conservative=True)
-                span.set_attribute("fleetserve.deadline_left_ms", timeout * 1000.0)
-                deadline = time.monotonic() + timeout
-                await self._await_membership(timeout)
-                # Resolves a model alias (sets spec.model); the prompt is tokenized at most once, if a policy asks.
-                routed = self.policy.prepare(request)
-                model = routed.model
-                engine_request = engine_pb.GenerateRequest(
-                    request_id=request.request_id,
-                    spec=request.spec,
-                    tenant_id=request.routing.tenant_id,
-                    cache_salt=cache_salt_for(request.routing.tenant_id),
-                    priority=request.routing.priority,
-                )
-                metadata = metadata_for_downstream()
-                retry = self.retry
-                tracker = ChunkTracker() if resumable(request.spec.sampling, retry.resume) else None
-                budget = self.breakers.budget(model)
-                streamed = False  # anything sent to our caller, over all attempts
-                failed: set[str] = set()
+                run = await self._admit(request, context, span)
                 while True:
-                    if self.max_in_flight_per_replica:
-                        await self.admission.acquire(
-                            model,
-                            request.routing.priority,
-                            request.routing.tenant_id,
-                            deadline - time.monotonic(),
-                            urgent=attempts > 0,  # a retry or resume of an admitted request goes first
-                        )
-                    replica = self._choose(routed, failed)
-                    replica_id = replica.replica_id
-                    attempts += 1
-                    if tracker is not None:
-                        tracker.next_attempt()
-                        if tracker.sent_ids:
-                            del engine_request.spec.resume_token_ids[:]
-                            engine_request.spec.resume_token_ids.extend(tracker.sent_ids)
-                    breaker = self.breakers.get(replica_id, model)
-                    breaker.on_call()
-                    self.in_flight[replica_id] += 1
-                    verdict = False  # the breaker heard this attempt's outcome
-                    call = None
+                    attempt = await run.next()
                     try:
-                        # Rounded so that the engine never sees more time than this hop has left.
-                        left = wire_timeout(deadline - time.monotonic())
-                        sent_at = time.monotonic()
-                        call = self._stub(replica.address)(engine_request, timeout=left, metadata=metadata)
-                        first: asyncio.Future | None = None
-                        hedge_delay = retry.hedge_delay(model) if not streamed else 0.0
-                        if hedge_delay > 0:
-                            # Hedge the first token (never a resume): the winner's call, replica and breaker.
-                            call, replica, breaker, first = await self._race_hedge(
-                                call,
-                                replica,
-                                breaker,
-                                routed,
-                                failed,
-                                engine_request,
-                                deadline,
-                                metadata,
-                                hedge_delay,
-                            )
-                            replica_id = replica.replica_id
+                        if (delay := run.hedge_delay()) > 0:
+                            attempt = await hedge.race(run, attempt, delay)
+                            run.replica_id = attempt.replica.replica_id
                         try:
-                            while True:
-                                if first is not None:
-                                    data, first = first.result(), None
-                                else:
-                                    data = await call.read()
-                                if data is grpc.aio.EOF:
-                                    break
-                                if not verdict:
-                                    verdict = True
-                                    breaker.on_success()  # the replica answers: a half-open probe closes
-                                    self.outliers.record_ttft(
-                                        replica_id, model, (time.monotonic() - sent_at) * 1000.0
-                                    )
-                                if tracker is not None:
-                                    data = tracker.relay(data)
-                                streamed = True
-                                yield data
+                            data = await attempt.first_chunk()
+                            if data is not grpc.aio.EOF:
+                                attempt.answered()
+                                # The hot path: per chunk one read, the tracker's parse when resumable, a yield.
+                                relay = run.tracker.relay if run.tracker is not None else None
+                                read = attempt.call.read
+                                while data is not grpc.aio.EOF:
+                                    if relay is not None:
+                                        data = relay(data)
+                                    run.streamed = True
+                                    yield data
+                                    data = await read()
                         except ReplicaAborted as e:
                             if e.args:
+                                run.streamed = True
                                 yield e.args[0]
-                            raise _Fault(
+                            raise Fault(
                                 grpc.StatusCode.UNAVAILABLE, "the replica aborted the generation", e
                             ) from None
                         except grpc.aio.AioRpcError as e:
-                            code = e.code()
-                            # The replica got our time left rounded down to the grpc-timeout unit (up to
-                            # ~0.1 s less), so a timeout near the end of what it got is the caller's deadline.
-                            caller_deadline = time.monotonic() + HOP_MARGIN_S >= sent_at + left
-                            if not is_retryable(code, caller_deadline):
-                                self._attempts_counter.add(
-                                    1, {"fleetserve.model": model, "outcome": "client"}
-                                )
+                            if not attempt.retryable(e):
                                 raise
-                            raise _Fault(code, e.details() or "", e) from None
+                            raise Fault(e.code(), e.details() or "", e) from None
+                        attempt.finished()
                         status = "OK"
-                        budget.on_success()
-                        self.outliers.record_result(replica_id, model, fault=False)
-                        self._attempts_counter.add(1, {"fleetserve.model": model, "outcome": "ok"})
                         return
-                    except _Fault as fault:
-                        verdict = True
-                        self._attempt_failed(replica, breaker, fault)
-                        failed.add(replica_id)
-                        kind = "resume" if streamed else "retry"
-                        if streamed and tracker is None:
-                            # Tokens went out and this generation may not be resumed: the stream ends here.
-                            raise fault.cause from None
-                        await self._before_next_attempt(model, kind, fault, attempts, deadline)
+                    except Fault as fault:
+                        run.lost(attempt, fault)
+                        await run.after_fault(fault)
                     finally:
-                        if not verdict:
-                            breaker.on_neutral()  # cancelled or a client error: says nothing of the replica
-                        if call is not None:
-                            call.cancel()  # reaches the engine when our caller went away; no-op once done
-                        self._release(replica_id, model)
+                        attempt.close()
             except grpc.aio.AioRpcError as e:
                 status = e.code().name
                 raise
@@ -432,142 +317,34 @@ class RouterServicer:
             finally:
                 if status == "CANCELLED" and deadline_passed(context):
                     status = "DEADLINE_EXCEEDED"
+                replica_id = run.replica_id if run is not None else ""
+                attempts = run.attempts if run is not None else 0
                 span.set_attribute("fleetserve.replica_id", replica_id)
                 span.set_attribute("fleetserve.attempts", attempts)
                 code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 log.info(
                     "router.request",
-                    model=model,
+                    model=run.model if run is not None else request.spec.model,
                     replica=replica_id,
                     attempts=attempts,
                     status=status,
                     duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
                 )
 
-    def _choose_hedge(self, routed, exclude: set[str]) -> ReplicaInfo | None:
-        """Another replica for a hedge, or None when there is none to spare."""
-        try:
-            return self._choose(routed, exclude)
-        except FleetError:
-            return None
-
-    async def _race_hedge(
-        self, call, replica, breaker, routed, failed, engine_request, deadline, metadata, delay
-    ):
-        """Wait up to delay for call's first chunk; then send the same request to a second replica and keep
-        whichever answers first, cancelling the other. Returns (call, replica, breaker, done future of the first
-        read: its result is the first chunk or EOF, or it raises the winner's error)."""
-        model = replica.model
-        first = asyncio.ensure_future(call.read())
-        racers: dict[asyncio.Future, tuple] = {first: (call, replica, breaker)}
-        dropped: dict[asyncio.Future, tuple] = {}
-        winner: asyncio.Future | None = None
-        try:
-            done, _ = await asyncio.wait({first}, timeout=delay)
-            if done:
-                winner = first
-                return call, replica, breaker, first
-            other = self._choose_hedge(routed, failed | {replica.replica_id})
-            if other is None:
-                await asyncio.wait({first})
-                winner = first
-                return call, replica, breaker, first
-            hb = self.breakers.get(other.replica_id, model)
-            hb.on_call()
-            self.in_flight[other.replica_id] += 1
-            left = wire_timeout(deadline - time.monotonic())
-            hcall = self._stub(other.address)(engine_request, timeout=left, metadata=metadata)
-            racers[asyncio.ensure_future(hcall.read())] = (hcall, other, hb)
-            self._hedges_counter.add(1, {"fleetserve.model": model, "result": "sent"})
-            log.info(
-                "router.hedged", replica=replica.replica_id, hedge=other.replica_id, delay_ms=delay * 1000
-            )
-            while True:
-                done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    err = task.exception()
-                    # A timeout is left to the attempt that goes on, which knows the deadline it gave.
-                    retryable = isinstance(err, grpc.aio.AioRpcError) and is_retryable(err.code(), True)
-                    if err is None or not retryable or len(racers) == 1:
-                        winner = task
-                        c, r, b = racers[task]
-                        if r is other and err is None:
-                            self._hedges_counter.add(1, {"fleetserve.model": model, "result": "won"})
-                        return c, r, b, task
-                    # This racer failed but the other may still answer: account it and keep waiting.
-                    c, r, b = racers.pop(task)
-                    dropped[task] = (c, r, b)
-                    self._attempt_failed(r, b, _Fault(err.code(), err.details() or "", err))
-                    failed.add(r.replica_id)
-                    c.cancel()
-        finally:
-            # Every racer but the winner is cancelled and released, except that while no winner exists (our
-            # caller went away) the attempt that started the race releases its own replica.
-            for task, (c, r, b) in [*racers.items(), *dropped.items()]:
-                if task is winner:
-                    continue
-                mine = r is replica and winner is None
-                if task in racers:
-                    task.cancel()
-                    c.cancel()
-                    if not mine:
-                        b.on_neutral()
-                if not mine:
-                    self._release(r.replica_id, model)
-
-    def _attempt_failed(self, replica: ReplicaInfo, breaker, fault: _Fault) -> None:
-        """Account an attempt that failed in a way another replica may fix."""
-        model = replica.model
-        if fault.code in BACKPRESSURE:
-            outcome = "backpressure"
-            breaker.on_neutral()
-        else:
-            outcome = "fault"
-            breaker.on_fault()
-            self.outliers.record_result(replica.replica_id, model, fault=True)
-            # Out of rotation at once for a short cooldown; the breaker decides about longer.
-            self.membership.mark_unroutable(replica.replica_id)
-        self.breakers.budget(model).on_failure()
-        self._attempts_counter.add(1, {"fleetserve.model": model, "outcome": outcome})
-        log.warning(
-            "router.replica_failed",
-            replica=replica.replica_id,
-            address=replica.address,
-            code=fault.code.name,
-            error=fault.details,
-        )
-
-    async def _before_next_attempt(
-        self, model: str, kind: str, fault: _Fault, attempts: int, deadline: float
-    ) -> None:
-        """Raise when no further attempt is allowed (attempts, deadline, retry budget); else back off (full
-        jitter, within the deadline) and return."""
-        cause = fault.cause
-        if attempts >= self.retry.max_attempts:
-            raise NoHealthyReplica(
-                f"{attempts} attempts on replicas of model {model!r} failed; last: "
-                f"{fault.code.name} {fault.details}",
-                retry_after_s=1.0,
-                metadata={"model": model, "attempts": str(attempts)},
-            ) from cause
-        budget = self.breakers.budget(model)
-        if not budget.can_retry():
-            self._throttled_counter.add(1, {"fleetserve.model": model})
-            raise Unavailable(
-                f"replicas of model {model!r} are failing and the router's retry budget is spent; last: "
-                f"{fault.code.name} {fault.details}",
-                reason="RETRY_BUDGET_EXHAUSTED",
-                retry_after_s=1.0,
-                metadata={"model": model, "attempts": str(attempts)},
-            ) from cause
-        delay = full_jitter(attempts - 1, self.retry.backoff_base_s, self.retry.backoff_max_s, self._rng)
-        if time.monotonic() + delay + HOP_MARGIN_S >= deadline:
-            raise DeadlineExceeded("deadline exceeded while failing over between replicas") from cause
-        self._retries_counter.add(1, {"fleetserve.model": model, "kind": kind})
-        log.info("router.retrying", kind=kind, attempt=attempts + 1, backoff_ms=round(delay * 1000, 3))
-        if delay > 0:
-            await self._sleep(delay)
+    async def _admit(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span
+    ) -> RequestAttempts:
+        """Validate the request, fix its deadline, wait for membership and let the policy prepare it."""
+        if not request.spec.model:
+            raise InvalidArgument("spec.model is required", field_violations=[("spec.model", "required")])
+        timeout = downstream_timeout(context, default_s=self.default_timeout_s, conservative=True)
+        span.set_attribute("fleetserve.deadline_left_ms", timeout * 1000.0)
+        deadline = time.monotonic() + timeout
+        await self._await_membership(timeout)
+        # Resolves a model alias (sets spec.model); the prompt is tokenized at most once, if a policy asks.
+        routed = self.policy.prepare(request)
+        return RequestAttempts(self, request, routed, deadline)
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):

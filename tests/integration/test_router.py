@@ -555,7 +555,7 @@ async def test_retry_budget_stops_retries_when_a_pool_keeps_failing(tmp_path):
         async def recording_sleep(s: float) -> None:
             slept.append(s)
 
-        f.router.servicer._sleep = recording_sleep  # injected backoff: the test does not wait
+        f.router.servicer.sleep = recording_sleep  # injected backoff: the test does not wait
         first = await generate_error(f, request(model="doomed", request_id="doomed-1"))
         # One retry, after a full-jitter backoff within [0, base] (base 0.01 s for the first retry).
         assert len(slept) == 1 and 0 <= slept[0] <= 0.01
@@ -679,6 +679,30 @@ async def test_hedged_request_is_served_by_the_faster_replica(tmp_path):
         else:
             pytest.fail("the slow replica was never tried first in 30 requests")
         assert not f.router.servicer.in_flight
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_caller_leaving_during_a_hedge_race_aborts_both_attempts_and_releases_both_replicas(tmp_path):
+    """A caller that goes away while the first attempt and its hedge both wait for a first token: both engine
+    calls are aborted, neither replica stays counted in flight, and neither breaker is left holding a probe."""
+    async with in_process_fleet(tmp_path, engines=0, hedge_delay_s=0.05) as f:
+        await add_engine(f, "slow-1", speed=0.002)
+        await add_engine(f, "slow-2", speed=0.002)
+        call = f.router_stub().Generate(request(max_tokens=4, request_id="hedge-leaves"), timeout=30)
+        reading = asyncio.ensure_future(call.read())
+        await assert_eventually(lambda: sum(f.router.servicer.in_flight.values()) == 2, timeout_s=10)
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await assert_eventually(lambda: not f.router.servicer.in_flight, timeout_s=10)
+        await assert_eventually(lambda: _aborted_is(f, 2), timeout_s=10)
+        for name in ("slow-1", "slow-2"):
+            st = await status_of(f, name)
+            assert st.breaker_state == router_pb.BREAKER_STATE_CLOSED and st.routable and st.in_flight == 0
+
+
+async def _aborted_is(f: Fleet, n: int) -> bool:
+    return await f.aborted_total() == n
 
 
 @pytest.mark.asyncio(loop_scope="function")
