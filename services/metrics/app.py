@@ -1,8 +1,9 @@
-"""Metrics collector wiring: the stores, the OTLP receivers and the query service on one server."""
+"""Metrics collector wiring: the stores, the OTLP receivers, the query service and the SLO evaluation loop."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
@@ -11,11 +12,12 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otl
 
 from services.metrics.config import MetricsSettings
 from services.metrics.counters import CounterStore
-from services.metrics.ingest import MetricsReceiver, TraceReceiver
+from services.metrics.ingest import MetricsReceiver, SpanIntake, TraceReceiver
+from services.metrics.latency import RequestStats
 from services.metrics.servicer import MetricsServicer
-from services.metrics.slo import SloStats
+from services.metrics.slo import SloEngine, load_slo_config
 from services.metrics.spans import SpanStore
-from shared.server import RunningServer, Service, create_server, drain_and_stop
+from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
@@ -29,14 +31,20 @@ class MetricsApp:
     servicer: MetricsServicer
     traces: TraceReceiver
     metrics: MetricsReceiver
+    tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return self.running.address
 
     async def stop(self, grace_s: float) -> None:
-        """NOT_SERVING, let in-flight exports and queries finish within grace_s, then stop."""
-        await drain_and_stop(self.running, grace_s)
+        """NOT_SERVING, end alert watches, let in-flight exports and queries finish within grace_s, then stop."""
+
+        async def before_stop() -> None:
+            await cancel_and_wait(self.tasks)
+            self.servicer.close_watches()
+
+        await drain_and_stop(self.running, grace_s, before_stop=before_stop)
         log.info(
             "metrics.summary",
             spans_received=self.traces.received,
@@ -46,13 +54,27 @@ class MetricsApp:
         )
 
 
+async def evaluate_slos(slo: SloEngine, interval_s: float) -> None:
+    """Evaluate the alert rules every interval_s until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            slo.evaluate()
+        except Exception:  # noqa: BLE001 - one bad evaluation must not stop alerting for good
+            log.exception("metrics.slo_evaluation_failed")
+
+
 async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     """Serve OTLP ingestion (TraceService, MetricsService) and MetricsService queries on one port."""
+    slo_config = load_slo_config(settings.slo_file, settings.slo_time_scale, settings.slo_min_events)
     spans = SpanStore(settings.max_spans)
-    slo = SloStats(settings.max_records_per_model)
+    stats = RequestStats()
+    slo = SloEngine(slo_config)
     counters = CounterStore()
-    servicer = MetricsServicer(spans, slo, counters)
-    traces = TraceReceiver(spans, slo)
+    servicer = MetricsServicer(spans, stats, counters, slo)
+    intake = SpanIntake(spans)
+    intake.record_sinks += [stats.add, slo.add]
+    traces = TraceReceiver(intake)
     metrics = MetricsReceiver(counters)
     running = await create_server(
         [Service(mpb, "MetricsService", servicer)],
@@ -63,9 +85,15 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
             lambda s: otlp_metrics_grpc.add_MetricsServiceServicer_to_server(metrics, s),
         ),
     )
+    shortest = min(slo_config.scaled(r.short_window_s) for r in slo_config.rules)
+    interval = min(settings.slo_eval_interval_s, shortest / 10)
+    tasks = [asyncio.create_task(evaluate_slos(slo, interval), name="slo-evaluation")]
     log.info(
         "metrics.configured",
         max_spans=settings.max_spans,
-        max_records_per_model=settings.max_records_per_model,
+        slos=[s.name for s in slo_config.slos],
+        alert_rules=[r.name for r in slo_config.rules],
+        slo_time_scale=slo_config.time_scale,
+        slo_eval_interval_s=interval,
     )
-    return MetricsApp(running, servicer, traces, metrics)
+    return MetricsApp(running, servicer, traces, metrics, tasks)

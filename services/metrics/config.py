@@ -1,4 +1,4 @@
-"""Metrics collector settings: how many spans and per-model request records are kept."""
+"""Metrics collector settings: how many spans are kept, the SLO file and its time compression, cost prices."""
 
 from __future__ import annotations
 
@@ -15,9 +15,27 @@ class MetricsSettings(ServiceSettings):
     max_spans: int = Field(
         200_000, ge=1, le=50_000_000, description="Spans kept for GetTrace; the oldest are evicted first."
     )
-    max_records_per_model: int = Field(
-        100_000,
-        ge=1,
-        le=10_000_000,
-        description="Finished requests kept per model for latency percentiles; the oldest are dropped first.",
+    slo_file: str = Field(
+        "",
+        description="TOML file of SLOs ([[slo]]: name, kind availability|ttft|tpot, objective, model ('*' = "
+        "each model), tier, threshold_ms, period_days) and optional alert rules ([[rule]]: name, burn_rate, "
+        "long_window_s, short_window_s, severity page|ticket); default: availability 99.9%, TTFT p99 < 2 s, "
+        "TPOT p99 < 100 ms for every model, with the SRE workbook's four burn-rate rules.",
+    )
+    slo_time_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1_000_000,
+        description="Divide every SLO period and alert window by this (tests and demos: 3600 makes an hour "
+        "of the alert table last a second).",
+    )
+    slo_min_events: int = Field(
+        10, ge=0, description="Fewest requests in an alert rule's short window for the rule to fire."
+    )
+    slo_eval_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often the alert rules are evaluated (at most a tenth of the shortest short window "
+        "after time compression).",
     )

@@ -1,36 +1,51 @@
-"""fleetserve.metrics.v1.MetricsService: latency and error summaries per model, and traces by id."""
+"""fleetserve.metrics.v1.MetricsService: latency and error summaries, traces, SLOs and their alerts."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 
 from services.metrics.counters import CounterStore
-from services.metrics.slo import SloStats
+from services.metrics.latency import RequestStats
+from services.metrics.slo import SloEngine, SloObject
 from services.metrics.spans import SpanStore
-from shared.errors import InvalidArgument, rpc_boundary
+from shared.errors import InvalidArgument, ResourceExhausted, rpc_boundary
+
+log = structlog.get_logger(__name__)
 
 _TRACE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
+# Alert batches queued per WatchAlerts stream; a watcher that falls this far behind is ended (it resubscribes
+# and gets a fresh snapshot) rather than holding memory without bound.
+WATCH_QUEUE = 256
+_END = None
+_OVERFLOW = object()
+
+
+def check_window(window_s: float, field: str = "window_s") -> None:
+    if not window_s >= 0:  # "not >=" also refuses NaN
+        raise InvalidArgument(
+            f"{field} must not be negative", field_violations=[(field, "must be >= 0 (0: everything kept)")]
+        )
 
 
 class MetricsServicer:
     """Answers from what the OTLP receivers have stored."""
 
-    def __init__(self, spans: SpanStore, slo: SloStats, counters: CounterStore) -> None:
+    def __init__(self, spans: SpanStore, stats: RequestStats, counters: CounterStore, slo: SloEngine) -> None:
         self.spans = spans
-        self.slo = slo
+        self.stats = stats
         self.counters = counters
+        self.slo = slo
+        self._watchers: set[asyncio.Queue] = set()
 
     @rpc_boundary
     async def Query(self, request: mpb.QueryRequest, context) -> mpb.QueryResponse:
-        if request.window_s < 0:
-            raise InvalidArgument(
-                "window_s must not be negative",
-                field_violations=[("window_s", "must be >= 0 (0: everything kept)")],
-            )
+        check_window(request.window_s)
         return mpb.QueryResponse(
-            models=self.slo.query(request.model, request.window_s), counters=self.counters.totals()
+            models=self.stats.query(request.model, request.window_s), counters=self.counters.totals()
         )
 
     @rpc_boundary
@@ -41,3 +56,59 @@ class MetricsServicer:
             )
         # An unknown trace is an empty answer, not NOT_FOUND: its spans may simply not have arrived yet.
         return mpb.GetTraceResponse(spans=self.spans.trace(request.trace_id))
+
+    def measured_ms(self, obj: SloObject, window_s: float, now: float) -> float:
+        """A latency SLO's percentile (its objective, e.g. p99) over window_s, from the merged sketches."""
+        b = self.stats.window(
+            window_s, now, lambda k: k[0] == obj.model and (not obj.spec.tier or k[2] == obj.spec.tier)
+        )
+        sketch = b.ttft if obj.spec.kind == "ttft" else b.tpot
+        if sketch is None or not sketch.count:
+            return 0.0
+        return float(sketch.get_quantile_value(obj.spec.objective))
+
+    @rpc_boundary
+    async def GetSlos(self, request: mpb.GetSlosRequest, context) -> mpb.GetSlosResponse:
+        return mpb.GetSlosResponse(slos=self.slo.status(request.model, measured=self.measured_ms))
+
+    @rpc_boundary
+    async def WatchAlerts(self, request: mpb.WatchAlertsRequest, context):
+        queue: asyncio.Queue = asyncio.Queue(WATCH_QUEUE)
+
+        def listener(alerts: list[mpb.Alert]) -> None:
+            chosen = [a for a in alerts if not request.model or a.model == request.model]
+            if not chosen:
+                return
+            try:
+                queue.put_nowait(chosen)
+            except asyncio.QueueFull:
+                self.slo.listeners.remove(listener)
+                queue.get_nowait()
+                queue.put_nowait(_OVERFLOW)
+
+        self.slo.listeners.append(listener)
+        self._watchers.add(queue)
+        try:
+            yield mpb.WatchAlertsResponse(snapshot=True, alerts=self.slo.firing(request.model))
+            while True:
+                alerts = await queue.get()
+                if alerts is _END:
+                    return
+                if alerts is _OVERFLOW:
+                    raise ResourceExhausted(
+                        "alert watcher fell behind; watch again for a fresh snapshot",
+                        reason="WATCHER_TOO_SLOW",
+                        retry_after_s=0.0,
+                    )
+                yield mpb.WatchAlertsResponse(alerts=alerts)
+        finally:
+            self._watchers.discard(queue)
+            if listener in self.slo.listeners:
+                self.slo.listeners.remove(listener)
+
+    def close_watches(self) -> None:
+        """End every WatchAlerts stream (shutdown: they would otherwise hold the drain for its whole grace)."""
+        for q in self._watchers:
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait(_END)

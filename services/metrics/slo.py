@@ -1,161 +1,444 @@
-"""Service-level math: per-model request records from the gateway's root spans, and their percentiles."""
+"""SLO objects and multi-window, multi-burn-rate alerts (Google SRE workbook, "Alerting on SLOs"): every SLO
+counts good and bad events in ring buffers of time buckets, and each alert rule fires while the burn rate over
+both its long and its short window is at least its threshold."""
 
 from __future__ import annotations
 
+import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 
+from services.metrics.records import RequestRecord
+
 log = structlog.get_logger(__name__)
 
-ROOT_SPAN = "gateway.Generate"
-ATTR_MODEL = "fleetserve.model"
-ATTR_TTFT_MS = "fleetserve.ttft_ms"
-ATTR_OUTPUT_TOKENS = "fleetserve.output_tokens"
-ATTR_STATUS = "rpc.grpc.status_code"
-
-# gRPC codes that are not the fleet's fault: OK, the client's own mistakes (INVALID_ARGUMENT, NOT_FOUND,
-# PERMISSION_DENIED, UNAUTHENTICATED), the client leaving (CANCELLED), and backpressure the client was asked
-# to honour (RESOURCE_EXHAUSTED: rate limits and quotas).
-NOT_FLEET_ERRORS = frozenset({0, 1, 3, 5, 7, 8, 16})
-OTLP_STATUS_ERROR = 2
-GRPC_UNKNOWN = 2
-# Model names come from clients; a bound keeps a flood of made-up names from growing memory without limit.
-MAX_MODELS = 1024
+HOUR = 3600.0
+DAY = 24 * HOUR
+KINDS = {
+    "availability": mpb.SLO_KIND_AVAILABILITY,
+    "ttft": mpb.SLO_KIND_TTFT,
+    "tpot": mpb.SLO_KIND_TPOT,
+}
+SEVERITIES = {"page": mpb.ALERT_SEVERITY_PAGE, "ticket": mpb.ALERT_SEVERITY_TICKET}
+# Every SLO model pattern matches at most this many models (a bound on objects made from client-chosen names).
+MAX_OBJECTS = 4096
+ANY_MODEL = "*"
 
 
-def is_fleet_error(status_code: int) -> bool:
-    """Whether a request that ended with this gRPC status code counts against the fleet."""
-    return status_code not in NOT_FLEET_ERRORS
+@dataclass(frozen=True)
+class AlertRule:
+    """Fire while the burn rate is >= burn_rate over both windows (seconds of real time, before compression)."""
+
+    name: str
+    burn_rate: float
+    long_window_s: float
+    short_window_s: float
+    severity: str = "page"
 
 
-def tpot_ms(e2e_ms: float, ttft_ms: float | None, output_tokens: int) -> float | None:
-    """Mean time per output token after the first: (e2e - ttft) / (tokens - 1); None with fewer than 2."""
-    if ttft_ms is None or output_tokens < 2:
-        return None
-    return (e2e_ms - ttft_ms) / (output_tokens - 1)
+# The SRE workbook's table for a 30-day SLO: 2% of the budget in 1 h or 5% in 6 h pages; 10% in 1 d or 10% in
+# 3 d opens a ticket. The short window (1/12 of the long one) makes an alert stop soon after the burn stops.
+DEFAULT_RULES = (
+    AlertRule("fast-1h", 14.4, 1 * HOUR, 5 * 60.0, "page"),
+    AlertRule("fast-6h", 6.0, 6 * HOUR, 30 * 60.0, "page"),
+    AlertRule("slow-1d", 3.0, 1 * DAY, 2 * HOUR, "ticket"),
+    AlertRule("slow-3d", 1.0, 3 * DAY, 6 * HOUR, "ticket"),
+)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """One finished request as the gateway saw it."""
+@dataclass(frozen=True)
+class SloSpec:
+    """An objective as configured: model may be "*" (one SLO object per model seen)."""
 
-    end_unix_s: float
-    e2e_ms: float
-    ttft_ms: float | None
-    output_tokens: int
-    status_code: int
+    name: str
+    kind: str
+    objective: float
+    model: str = ANY_MODEL
+    tier: str = ""
+    threshold_ms: float = 0.0
+    period_s: float = 30 * DAY
 
-    @property
-    def tpot_ms(self) -> float | None:
-        return tpot_ms(self.e2e_ms, self.ttft_ms, self.output_tokens)
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"SLO {self.name!r}: kind must be one of {sorted(KINDS)}, got {self.kind!r}")
+        if not 0.0 < self.objective < 1.0:
+            raise ValueError(f"SLO {self.name!r}: objective must be in (0, 1), got {self.objective}")
+        if self.kind != "availability" and self.threshold_ms <= 0:
+            raise ValueError(f"SLO {self.name!r}: a latency SLO needs threshold_ms > 0")
+        if self.period_s <= 0:
+            raise ValueError(f"SLO {self.name!r}: period_s must be > 0")
 
-    @property
-    def fleet_error(self) -> bool:
-        return is_fleet_error(self.status_code)
-
-
-def record_from_span(
-    start_unix_nano: int, end_unix_nano: int, attrs: Mapping[str, Any], otlp_status_code: int = 0
-) -> tuple[str, RequestRecord] | None:
-    """(model, record) from a gateway.Generate span's times and attributes; None without a model."""
-    model = attrs.get(ATTR_MODEL)
-    if not model or not isinstance(model, str):
-        return None
-    status = attrs.get(ATTR_STATUS)
-    if not isinstance(status, int) or isinstance(status, bool):
-        # No gRPC code recorded: trust the span's own status.
-        status = GRPC_UNKNOWN if otlp_status_code == OTLP_STATUS_ERROR else 0
-    ttft = attrs.get(ATTR_TTFT_MS)
-    ttft = float(ttft) if isinstance(ttft, int | float) and not isinstance(ttft, bool) else None
-    tokens = attrs.get(ATTR_OUTPUT_TOKENS)
-    tokens = int(tokens) if isinstance(tokens, int | float) and not isinstance(tokens, bool) else 0
-    e2e_ms = max(0, end_unix_nano - start_unix_nano) / 1e6
-    return model, RequestRecord(end_unix_nano / 1e9, e2e_ms, ttft, max(0, tokens), status)
+    def object_name(self, model: str) -> str:
+        """The name of this spec's object for one model ("{model}" in the name is replaced by it)."""
+        if "{model}" in self.name:
+            return self.name.replace("{model}", model)
+        return self.name if self.model != ANY_MODEL else f"{model}-{self.name}"
 
 
-def summarize(values: Iterable[float]) -> mpb.LatencySummary:
-    """Count and p50/p95/p99 (numpy's linear interpolation) of values; all zero when there are none."""
-    arr = np.fromiter(values, dtype=np.float64)
-    if arr.size == 0:
-        return mpb.LatencySummary()
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return mpb.LatencySummary(count=int(arr.size), p50=float(p50), p95=float(p95), p99=float(p99))
+# Out of the box, every model gets the objectives of an interactive LLM service.
+DEFAULT_SLOS = (
+    SloSpec("availability", "availability", 0.999),
+    SloSpec("ttft-p99", "ttft", 0.99, threshold_ms=2000.0),
+    SloSpec("tpot-p99", "tpot", 0.99, threshold_ms=100.0),
+)
 
 
-def model_stats(model: str, records: list[RequestRecord]) -> mpb.ModelStats:
-    """One model's summary over records. E2E counts requests that finished OK (a rejected or cancelled
-    request's duration says nothing about serving latency); TTFT and TPOT count every request that got
-    that far."""
-    requests = len(records)
-    errors = sum(1 for r in records if r.fleet_error)
-    return mpb.ModelStats(
-        model=model,
-        requests=requests,
-        errors=errors,
-        error_rate=errors / requests if requests else 0.0,
-        ttft_ms=summarize(r.ttft_ms for r in records if r.ttft_ms is not None),
-        tpot_ms=summarize(t for r in records if (t := r.tpot_ms) is not None),
-        e2e_ms=summarize(r.e2e_ms for r in records if r.status_code == 0),
-        output_tokens=sum(r.output_tokens for r in records),
-    )
+@dataclass(frozen=True)
+class SloConfig:
+    """SLO specs, alert rules, and the time compression that shrinks every window and period alike (tests and
+    demos: with time_scale 3600 an hour of the SRE table lasts a second)."""
+
+    slos: tuple[SloSpec, ...] = DEFAULT_SLOS
+    rules: tuple[AlertRule, ...] = DEFAULT_RULES
+    time_scale: float = 1.0
+    # Fewest events in a rule's short window for it to fire: a handful of requests says little about a rate.
+    min_events: int = 10
+
+    def scaled(self, seconds: float) -> float:
+        return seconds / self.time_scale
 
 
-class SloStats:
-    """Recent request records per model, at most max_records_per_model each (the oldest are dropped)."""
+def load_slo_config(path: str = "", time_scale: float = 1.0, min_events: int = 10) -> SloConfig:
+    """The config of an SLO file (TOML: [[slo]] tables with name, kind, objective, model, tier, threshold_ms,
+    period_days; optional [[rule]] tables with name, burn_rate, long_window_s, short_window_s, severity), or the
+    defaults without a path. ValueError naming the file and the problem."""
+    if time_scale <= 0:
+        raise ValueError("time_scale must be > 0")
+    if not path:
+        return SloConfig(time_scale=time_scale, min_events=min_events)
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"SLO file {path}: {e}") from None
+    try:
+        slos = (
+            tuple(
+                SloSpec(
+                    name=str(s["name"]),
+                    kind=str(s["kind"]),
+                    objective=float(s["objective"]),
+                    model=str(s.get("model", ANY_MODEL)),
+                    tier=str(s.get("tier", "")),
+                    threshold_ms=float(s.get("threshold_ms", 0.0)),
+                    period_s=float(s.get("period_days", 30)) * DAY,
+                )
+                for s in data.get("slo", [])
+            )
+            or DEFAULT_SLOS
+        )
+        rules = (
+            tuple(
+                AlertRule(
+                    name=str(r["name"]),
+                    burn_rate=float(r["burn_rate"]),
+                    long_window_s=float(r["long_window_s"]),
+                    short_window_s=float(r["short_window_s"]),
+                    severity=str(r.get("severity", "page")),
+                )
+                for r in data.get("rule", [])
+            )
+            or DEFAULT_RULES
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"SLO file {path}: {e!r}") from None
+    config = SloConfig(slos, rules, time_scale, min_events)
+    check_config(config)
+    return config
 
-    def __init__(
-        self, max_records_per_model: int, clock: Callable[[], float] = time.time, max_models: int = MAX_MODELS
-    ) -> None:
-        self.max_records_per_model = max_records_per_model
-        self.max_models = max_models
+
+def check_config(config: SloConfig) -> None:
+    """ValueError for duplicate names, bad objectives, or rules whose windows make no sense."""
+    names = [s.name for s in config.slos]
+    if len(set(names)) != len(names):
+        raise ValueError(f"SLO names must be unique: {names}")
+    for s in config.slos:
+        s.check()
+    for r in config.rules:
+        if r.severity not in SEVERITIES:
+            raise ValueError(f"rule {r.name!r}: severity must be page or ticket")
+        if not 0 < r.short_window_s <= r.long_window_s or r.burn_rate <= 0:
+            raise ValueError(f"rule {r.name!r}: needs 0 < short_window_s <= long_window_s and burn_rate > 0")
+
+
+class EventRing:
+    """Event and bad-event counts in `width_s` buckets covering at least `span_s`, in fixed numpy arrays: a
+    window's sums are one masked sum, and memory does not grow with traffic. Adds go to a small dict first and
+    reach the arrays when a sum is asked for (a numpy scalar update per request would cost more than the rest
+    of a request's bookkeeping)."""
+
+    def __init__(self, width_s: float, span_s: float) -> None:
+        self.width_s = width_s
+        self.n = int(math.ceil(span_s / width_s)) + 2
+        self._index = np.full(self.n, -1, dtype=np.int64)
+        self._events = np.zeros(self.n, dtype=np.int64)
+        self._bad = np.zeros(self.n, dtype=np.int64)
+        self._pending: dict[int, list[int]] = {}
+
+    def add(self, t: float, bad: bool) -> None:
+        i = int(t // self.width_s)
+        counts = self._pending.get(i)
+        if counts is None:
+            counts = self._pending[i] = [0, 0]
+        counts[0] += 1
+        counts[1] += bad
+
+    def _flush(self) -> None:
+        for i in sorted(self._pending):
+            events, bad = self._pending[i]
+            slot = i % self.n
+            if self._index[slot] != i:
+                if self._index[slot] > i:
+                    continue  # older than the ring reaches
+                self._index[slot] = i
+                self._events[slot] = 0
+                self._bad[slot] = 0
+            self._events[slot] += events
+            self._bad[slot] += bad
+        self._pending.clear()
+
+    def sums(self, window_s: float, now: float) -> tuple[int, int]:
+        """(events, bad events) in the buckets that overlap the last window_s seconds."""
+        if self._pending:
+            self._flush()
+        last = int(now // self.width_s)
+        first = int((now - window_s) // self.width_s) + 1
+        mask = (self._index >= first) & (self._index <= last)
+        return int(self._events[mask].sum()), int(self._bad[mask].sum())
+
+
+def burn_rate(events: int, bad: int, objective: float) -> float:
+    """How many times faster than the budget allows the window spent it: (bad / events) / (1 - objective)."""
+    return (bad / events) / (1.0 - objective) if events else 0.0
+
+
+def is_bad(kind: str, r: RequestRecord, threshold_ms: float) -> bool | None:
+    """Whether a request is a bad event of an SLO kind; None when it is no event of that kind (a latency SLO
+    counts only requests that got that far)."""
+    if kind == "availability":
+        return r.fleet_error
+    if kind == "ttft":
+        return None if r.ttft_ms is None else r.ttft_ms > threshold_ms
+    tpot = r.tpot_ms
+    return None if tpot is None else tpot > threshold_ms
+
+
+@dataclass
+class AlertState:
+    """One rule of one SLO object: firing or not, and since when."""
+
+    rule: AlertRule
+    firing: bool = False
+    fired_unix: float = 0.0
+    resolved_unix: float = 0.0
+    long_burn: float = 0.0
+    short_burn: float = 0.0
+
+
+@dataclass
+class SloObject:
+    """A spec bound to one model: its rings and the state of each of its alert rules."""
+
+    spec: SloSpec
+    model: str
+    name: str
+    config: SloConfig
+    alert_ring: EventRing = field(init=False)
+    budget_ring: EventRing = field(init=False)
+    alerts: list[AlertState] = field(init=False)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        shortest = min(cfg.scaled(r.short_window_s) for r in cfg.rules)
+        longest = max(cfg.scaled(r.long_window_s) for r in cfg.rules)
+        # 30 buckets in the shortest window keep its edge error near 3%; the budget period needs less.
+        self.alert_ring = EventRing(shortest / 30, longest)
+        period = cfg.scaled(self.spec.period_s)
+        self.budget_ring = EventRing(period / 1440, period)
+        self.alerts = [AlertState(r) for r in cfg.rules]
+
+    def matches(self, r: RequestRecord) -> bool:
+        return r.model == self.model and (not self.spec.tier or r.tier == self.spec.tier)
+
+    def add(self, r: RequestRecord) -> None:
+        bad = is_bad(self.spec.kind, r, self.spec.threshold_ms)
+        if bad is None:
+            return
+        self.alert_ring.add(r.end_unix_s, bad)
+        self.budget_ring.add(r.end_unix_s, bad)
+
+    def burn(self, window_s: float, now: float) -> tuple[float, int, int]:
+        events, bad = self.alert_ring.sums(window_s, now)
+        return burn_rate(events, bad, self.spec.objective), events, bad
+
+    def proto(self) -> mpb.Slo:
+        s = self.spec
+        return mpb.Slo(
+            name=self.name,
+            model=self.model,
+            tier=s.tier,
+            kind=KINDS[s.kind],
+            objective=s.objective,
+            threshold_ms=s.threshold_ms,
+            period_s=self.config.scaled(s.period_s),
+        )
+
+    def alert_proto(self, a: AlertState) -> mpb.Alert:
+        cfg, r = self.config, a.rule
+        state = mpb.ALERT_STATE_FIRING if a.firing else mpb.ALERT_STATE_RESOLVED
+        long_s, short_s = cfg.scaled(r.long_window_s), cfg.scaled(r.short_window_s)
+        verb = "burning" if a.firing else "recovered from"
+        return mpb.Alert(
+            alert_id=f"{self.name}/{r.name}",
+            slo=self.name,
+            model=self.model,
+            tier=self.spec.tier,
+            rule=r.name,
+            severity=SEVERITIES[r.severity],
+            state=state,
+            burn_rate_threshold=r.burn_rate,
+            long_window_s=long_s,
+            short_window_s=short_s,
+            long_burn_rate=a.long_burn,
+            short_burn_rate=a.short_burn,
+            fired_unix=a.fired_unix,
+            resolved_unix=a.resolved_unix,
+            summary=(
+                f"{self.name} {verb} error budget at >= {r.burn_rate:g}x "
+                f"({_dur(long_s)}: {a.long_burn:.1f}x, {_dur(short_s)}: {a.short_burn:.1f}x)"
+            ),
+        )
+
+
+def _dur(seconds: float) -> str:
+    for unit, n in (("d", DAY), ("h", HOUR), ("m", 60.0)):
+        if seconds >= n and (seconds / n).is_integer():
+            return f"{int(seconds / n)}{unit}"
+    return f"{seconds:g}s"
+
+
+class SloEngine:
+    """Feeds request records to the SLO objects they match, evaluates the alert rules, and reports each alert
+    that fires or resolves to the listeners (WatchAlerts streams) and to the log."""
+
+    def __init__(self, config: SloConfig, clock: Callable[[], float] = time.time) -> None:
+        check_config(config)
+        self.config = config
         self._clock = clock
-        self._records: dict[str, deque[RequestRecord]] = {}
-        self.dropped_models = 0
+        self.objects: dict[str, SloObject] = {}
+        self._by_model: dict[str, list[SloObject]] = {}
+        self.listeners: list[Callable[[list[mpb.Alert]], None]] = []
+        self.dropped_objects = 0
 
-    def add(self, model: str, record: RequestRecord) -> None:
-        records = self._records.get(model)
-        if records is None:
-            if len(self._records) >= self.max_models:
-                self.dropped_models += 1
-                if self.dropped_models == 1:
-                    log.warning("metrics.too_many_models", max_models=self.max_models, model=model)
-                return
-            records = self._records[model] = deque(maxlen=self.max_records_per_model)
-        records.append(record)
+    def add(self, r: RequestRecord) -> None:
+        objs = self._by_model.get(r.model)
+        if objs is None:
+            objs = self._by_model[r.model] = self._objects_for(r.model)
+        for o in objs:
+            if o.matches(r):
+                o.add(r)
 
-    def add_span(
-        self, start_unix_nano: int, end_unix_nano: int, attrs: Mapping[str, Any], otlp_status_code: int = 0
-    ) -> bool:
-        """Record a gateway.Generate span; False if it names no model."""
-        got = record_from_span(start_unix_nano, end_unix_nano, attrs, otlp_status_code)
-        if got is None:
-            return False
-        self.add(*got)
-        return True
-
-    def models(self) -> list[str]:
-        return sorted(self._records)
-
-    def query(self, model: str = "", window_s: float = 0.0, now: float | None = None) -> list[mpb.ModelStats]:
-        """Per-model stats of requests that ended in the last window_s seconds (0: all kept), for model or
-        every model; models with no request in the window are left out."""
-        cutoff = None
-        if window_s > 0:
-            cutoff = (self._clock() if now is None else now) - window_s
-        names = [model] if model else sorted(self._records)
+    def _objects_for(self, model: str) -> list[SloObject]:
         out = []
-        for name in names:
-            records = self._records.get(name)
-            if not records:
+        for spec in self.config.slos:
+            if spec.model not in (ANY_MODEL, model):
                 continue
-            chosen = list(records) if cutoff is None else [r for r in records if r.end_unix_s >= cutoff]
-            if chosen:
-                out.append(model_stats(name, chosen))
+            name = spec.object_name(model)
+            if name not in self.objects:
+                if len(self.objects) >= MAX_OBJECTS:
+                    self.dropped_objects += 1
+                    continue
+                self.objects[name] = SloObject(spec, model, name, self.config)
+            out.append(self.objects[name])
+        return out
+
+    def evaluate(self, now: float | None = None) -> list[mpb.Alert]:
+        """Re-check every rule of every SLO object; the alerts that changed (fired or resolved)."""
+        now = self._clock() if now is None else now
+        changed = []
+        for obj in self.objects.values():
+            for a in obj.alerts:
+                r = a.rule
+                long_burn, _, _ = obj.burn(self.config.scaled(r.long_window_s), now)
+                short_burn, short_events, _ = obj.burn(self.config.scaled(r.short_window_s), now)
+                firing = (
+                    long_burn >= r.burn_rate
+                    and short_burn >= r.burn_rate
+                    and short_events >= self.config.min_events
+                )
+                if firing == a.firing:
+                    continue
+                a.firing, a.long_burn, a.short_burn = firing, long_burn, short_burn
+                if firing:
+                    a.fired_unix, a.resolved_unix = now, 0.0
+                else:
+                    a.resolved_unix = now
+                alert = obj.alert_proto(a)
+                changed.append(alert)
+                self._log(alert)
+        if changed:
+            for listener in list(self.listeners):
+                listener(changed)
+        return changed
+
+    @staticmethod
+    def _log(alert: mpb.Alert) -> None:
+        event = "metrics.alert_firing" if alert.state == mpb.ALERT_STATE_FIRING else "metrics.alert_resolved"
+        (log.warning if alert.state == mpb.ALERT_STATE_FIRING else log.info)(
+            event,
+            alert_id=alert.alert_id,
+            slo=alert.slo,
+            model=alert.model,
+            tier=alert.tier,
+            rule=alert.rule,
+            severity=mpb.AlertSeverity.Name(alert.severity),
+            burn_rate_threshold=alert.burn_rate_threshold,
+            long_burn_rate=round(alert.long_burn_rate, 3),
+            short_burn_rate=round(alert.short_burn_rate, 3),
+            summary=alert.summary,
+        )
+
+    def firing(self, model: str = "") -> list[mpb.Alert]:
+        """Every alert firing now (of model, or all)."""
+        return [
+            obj.alert_proto(a)
+            for obj in self.objects.values()
+            if not model or obj.model == model
+            for a in obj.alerts
+            if a.firing
+        ]
+
+    def status(self, model: str = "", now: float | None = None, measured=None) -> list[mpb.SloStatus]:
+        """Each SLO object's state; measured(obj, window_s, now) gives a latency SLO's measured percentile."""
+        now = self._clock() if now is None else now
+        windows = sorted(
+            {self.config.scaled(w) for r in self.config.rules for w in (r.short_window_s, r.long_window_s)}
+        )
+        out = []
+        for name in sorted(self.objects):
+            obj = self.objects[name]
+            if model and obj.model != model:
+                continue
+            events, bad = obj.budget_ring.sums(self.config.scaled(obj.spec.period_s), now)
+            allowed = (1.0 - obj.spec.objective) * events
+            status = mpb.SloStatus(
+                slo=obj.proto(),
+                events=events,
+                bad_events=bad,
+                sli=1.0 - bad / events if events else 1.0,
+                error_budget_remaining=1.0 - bad / allowed if allowed else 1.0,
+                firing=[obj.alert_proto(a) for a in obj.alerts if a.firing],
+            )
+            for w in windows:
+                rate, n, b = obj.burn(w, now)
+                status.burn_rates.add(window_s=w, burn_rate=rate, events=n, bad_events=b)
+            if measured is not None and obj.spec.kind != "availability":
+                status.measured_ms = measured(obj, windows[0], now)
+            out.append(status)
         return out

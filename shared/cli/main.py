@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", help="API key (default: $FLEETSERVE_API_KEY or the running cluster's dev key)"
     )
 
-    st = sub.add_parser("status", help="replicas with health and load")
+    st = sub.add_parser("status", help="replicas with health and load, and the SLO alerts firing")
     st.add_argument("--registry", help="registry host:port (default: the running cluster's)")
     st.add_argument("--router", help="router host:port for breaker state (default: the running cluster's)")
+    st.add_argument(
+        "--metrics", help="metrics service host:port for SLO alerts (default: the running cluster's)"
+    )
     st.add_argument("--json", action="store_true")
 
     met = sub.add_parser("metrics", help="latency percentiles and error rate per model")

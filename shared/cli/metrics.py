@@ -38,8 +38,8 @@ def run_metrics(args) -> int:
         "model",
         "requests",
         "errors",
-        "TTFT p50/p95/p99 ms",
-        "TPOT p50/p95/p99 ms",
+        "TTFT p50/p95/p99 (mean) ms",
+        "TPOT p50/p95/p99 (mean) ms",
         "E2E p50/p99 ms",
     ):
         t.add_column(col)
@@ -48,8 +48,8 @@ def run_metrics(args) -> int:
             m.model,
             str(m.requests),
             f"{m.errors} ({m.error_rate:.1%})",
-            f"{m.ttft_ms.p50:.1f} / {m.ttft_ms.p95:.1f} / {m.ttft_ms.p99:.1f}",
-            f"{m.tpot_ms.p50:.2f} / {m.tpot_ms.p95:.2f} / {m.tpot_ms.p99:.2f}",
+            f"{m.ttft_ms.p50:.1f} / {m.ttft_ms.p95:.1f} / {m.ttft_ms.p99:.1f} ({m.ttft_ms.mean:.1f})",
+            f"{m.tpot_ms.p50:.2f} / {m.tpot_ms.p95:.2f} / {m.tpot_ms.p99:.2f} ({m.tpot_ms.mean:.2f})",
             f"{m.e2e_ms.p50:.0f} / {m.e2e_ms.p99:.0f}",
         )
     Console(width=None if sys.stdout.isatty() else 160).print(t)

@@ -1,5 +1,5 @@
-"""`fleetserve status`: the fleet's replicas with health and load from the registry, and the router's view of
-each (circuit breaker, ejection, its own in-flight count)."""
+"""`fleetserve status`: the fleet's replicas with health and load from the registry, the router's view of
+each (circuit breaker, ejection, its own in-flight count), and the SLO alerts firing now."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 import time
 
 import grpc
+from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
+from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
@@ -64,6 +66,45 @@ async def fetch_replicas(registry: str, router: str | None = None) -> list[dict]
             }
         )
     return sorted(rows, key=lambda r: r["replica_id"])
+
+
+async def fetch_alerts(metrics: str | None) -> list[dict] | None:
+    """The alerts firing now: the snapshot WatchAlerts opens with. None when there is no metrics service or it
+    does not answer (the replicas are still worth showing then)."""
+    if not metrics:
+        return None
+    try:
+        async with grpc.aio.insecure_channel(metrics) as ch:
+            call = mpb_grpc.MetricsServiceStub(ch).WatchAlerts(mpb.WatchAlertsRequest(), timeout=2)
+            first = await call.read()
+            call.cancel()
+    except grpc.aio.AioRpcError:
+        return None
+    if first == grpc.aio.EOF:
+        return None
+    return [
+        {
+            "alert_id": a.alert_id,
+            "severity": mpb.AlertSeverity.Name(a.severity).removeprefix("ALERT_SEVERITY_").lower(),
+            "model": a.model,
+            "since_unix": a.fired_unix,
+            "summary": a.summary,
+        }
+        for a in first.alerts
+    ]
+
+
+def alerts_table(alerts: list[dict]) -> Table:
+    t = Table(title=f"SLO alerts firing: {len(alerts)}")
+    for col in ("severity", "alert", "since", "summary"):
+        t.add_column(col)
+    now = time.time()
+    for a in sorted(alerts, key=lambda a: (a["severity"], a["alert_id"])):
+        color = "red" if a["severity"] == "page" else "yellow"
+        t.add_row(
+            f"[{color}]{a['severity']}[/]", a["alert_id"], f"{now - a['since_unix']:.0f}s ago", a["summary"]
+        )
+    return t
 
 
 def _routing(st: router_pb.ReplicaStatus | None) -> dict:
@@ -128,14 +169,25 @@ def run_status(args) -> int:
     # With --registry alone, the router's columns stay empty rather than mixing in another fleet's router.
     state = {} if args.registry else read_state()
     registry = args.registry or state["registry"]
+    metrics = args.metrics or state.get("metrics")
+
+    async def fetch():
+        return await asyncio.gather(
+            fetch_replicas(registry, args.router or state.get("router")), fetch_alerts(metrics)
+        )
+
     try:
-        rows = asyncio.run(fetch_replicas(registry, args.router or state.get("router")))
+        rows, alerts = asyncio.run(fetch())
     except grpc.aio.AioRpcError as e:
         print(f"error: registry at {registry} did not answer: {e.code().name} {e.details()}")
         return 1
     if args.json:
-        print(json.dumps(rows))
+        # alerts is null when no metrics service answered (unknown, not "none firing").
+        print(json.dumps({"replicas": rows, "alerts": alerts}))
     else:
         # Off a TTY rich assumes 80 columns; a wider console keeps ids and addresses whole.
-        Console(width=None if sys.stdout.isatty() else 160).print(table(rows))
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        console.print(table(rows))
+        if alerts is not None:
+            console.print(alerts_table(alerts))
     return 0

@@ -70,7 +70,9 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path):
 
         status = _run(["status", "--json"], env)
         assert status.returncode == 0, status.stderr
-        rows = json.loads(status.stdout)
+        status = json.loads(status.stdout)
+        rows = status["replicas"]
+        assert status["alerts"] == [], "the metrics service answers: no SLO alert fires on a healthy fleet"
         assert {r["replica_id"] for r in rows} == {"engine-1", "engine-2"}
         assert all(r["healthy"] and r["state"] == "serving" for r in rows)
         # The router's view joins the registry's: both replicas known to it, breakers closed.

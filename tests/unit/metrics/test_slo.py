@@ -1,121 +1,208 @@
-"""SLO math: TPOT, percentiles, which status codes are the fleet's errors, records from spans, windows."""
+"""SLO objects and multi-window, multi-burn-rate alerts on a virtual clock: a 2% error rate against a 99.9%
+SLO pages within the 5-minute short window and stops after recovery; 0.05% never fires."""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 
-from services.metrics.slo import RequestRecord, SloStats, is_fleet_error, record_from_span, summarize, tpot_ms
+from services.metrics.records import RequestRecord
+from services.metrics.slo import (
+    DEFAULT_RULES,
+    EventRing,
+    SloConfig,
+    SloEngine,
+    SloSpec,
+    burn_rate,
+    load_slo_config,
+)
 
-
-def test_tpot_is_time_after_first_token_over_remaining_tokens():
-    """TPOT = (e2e - ttft) / (tokens - 1), undefined below two tokens or without a first token."""
-    assert tpot_ms(110.0, 10.0, 11) == 10.0
-    assert tpot_ms(110.0, 10.0, 2) == 100.0
-    assert tpot_ms(110.0, 10.0, 1) is None
-    assert tpot_ms(110.0, 10.0, 0) is None
-    assert tpot_ms(110.0, None, 5) is None
-
-
-def test_summarize_matches_numpy_percentiles():
-    """p50/p95/p99 are numpy's (linear interpolation) and count is the number of samples."""
-    s = summarize([10.0, 20.0, 30.0, 40.0, 50.0])
-    assert (s.count, s.p50, s.p95, s.p99) == (5, 30.0, 48.0, pytest.approx(49.6))
-    assert summarize([]).count == 0 and summarize([]).p99 == 0.0
-    assert summarize([7.0]).p50 == 7.0
+AVAILABILITY = SloSpec("availability", "availability", 0.999)
 
 
-@given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=200))
-def test_summarize_is_ordered_and_within_range(values):
-    """For any samples, min <= p50 <= p95 <= p99 <= max."""
-    s = summarize(values)
-    eps = 1e-9 * max(1.0, max(values))
-    assert min(values) - eps <= s.p50 <= s.p95 + eps <= s.p99 + 2 * eps <= max(values) + 3 * eps
-    assert s.count == len(values)
+class Traffic:
+    """Requests at a steady rate on a virtual clock, every Nth one failing (UNAVAILABLE)."""
+
+    def __init__(self, engine: SloEngine, clock: list[float], rate_per_s: float = 10.0) -> None:
+        self.engine, self.clock, self.rate = engine, clock, rate_per_s
+        self.sent = 0
+        self.changes: list[tuple[float, mpb.Alert]] = []
+
+    def run(self, seconds: float, fail_every: int = 0, eval_every_s: float = 10.0, ttft_ms: float = 50.0):
+        """Send for `seconds`, evaluating the rules every eval_every_s; the alerts that changed on the way."""
+        end = self.clock[0] + seconds
+        next_eval = self.clock[0] + eval_every_s
+        while self.clock[0] < end:
+            self.clock[0] += 1.0 / self.rate
+            self.sent += 1
+            failed = bool(fail_every) and self.sent % fail_every == 0
+            self.engine.add(
+                RequestRecord(
+                    self.clock[0], 100.0, ttft_ms, 10, 14 if failed else 0, model="m", tier="standard"
+                )
+            )
+            if self.clock[0] >= next_eval:
+                next_eval += eval_every_s
+                self.changes += [(self.clock[0], a) for a in self.engine.evaluate()]
+        return self.changes
 
 
-@pytest.mark.parametrize("code", [0, 1, 3, 5, 7, 8, 16])
-def test_client_faults_cancellations_and_backpressure_are_not_fleet_errors(code):
-    """OK, CANCELLED, INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAUTHENTICATED."""
-    assert not is_fleet_error(code)
+def engine_with(clock, slos=(AVAILABILITY,), **kw) -> SloEngine:
+    return SloEngine(SloConfig(slos=slos, **kw), clock=lambda: clock[0])
 
 
-@pytest.mark.parametrize("code", [2, 4, 6, 9, 10, 11, 12, 13, 14, 15])
-def test_other_codes_are_fleet_errors(code):
-    """UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE and the rest count against the fleet."""
-    assert is_fleet_error(code)
+def firing_ids(engine: SloEngine) -> set[str]:
+    return {a.alert_id for a in engine.firing()}
 
 
-def test_record_from_span_reads_gateway_attributes():
-    """Model, TTFT, output tokens and status come from the attributes; E2E from the span's times."""
-    attrs = {
-        "fleetserve.model": "m",
-        "fleetserve.ttft_ms": 12.5,
-        "fleetserve.output_tokens": 5,
-        "rpc.grpc.status_code": 14,
-    }
-    model, rec = record_from_span(1_000_000_000, 1_100_000_000, attrs)
-    assert model == "m"
-    assert rec == RequestRecord(end_unix_s=1.1, e2e_ms=100.0, ttft_ms=12.5, output_tokens=5, status_code=14)
-    assert rec.fleet_error
-    assert rec.tpot_ms == pytest.approx((100.0 - 12.5) / 4)
+def test_two_percent_errors_page_within_five_minutes_and_clear_after_recovery():
+    """2% errors (burn rate 20) fire the 14.4x 1h/5m page within 5 minutes; after recovery the short window
+    drops under 14.4x within minutes and the page resolves, while the slower rules may still burn."""
+    clock = [1_000_000.0]
+    engine = engine_with(clock)
+    traffic = Traffic(engine, clock)
+    start = clock[0]
+    traffic.run(300, fail_every=50)
+    fired = [(t, a) for t, a in traffic.changes if a.rule == "fast-1h" and a.state == mpb.ALERT_STATE_FIRING]
+    assert fired, "fast burn must page within the 5-minute short window"
+    t_fired, alert = fired[0]
+    assert t_fired - start <= 300
+    assert alert.alert_id == "m-availability/fast-1h"
+    assert alert.severity == mpb.ALERT_SEVERITY_PAGE
+    assert alert.long_burn_rate >= 14.4 and alert.short_burn_rate >= 14.4
+    assert alert.long_window_s == 3600 and alert.short_window_s == 300
+    assert "m-availability/fast-1h" in firing_ids(engine)
+
+    recovered_at = clock[0]
+    traffic.run(600)
+    resolved = [t for t, a in traffic.changes if a.rule == "fast-1h" and a.state == mpb.ALERT_STATE_RESOLVED]
+    assert resolved and resolved[0] - recovered_at <= 300, "the 5-minute short window ends the page"
+    assert "m-availability/fast-1h" not in firing_ids(engine)
 
 
-def test_record_without_model_is_ignored_and_missing_code_uses_span_status():
-    """No model: no record. No gRPC code: an ERROR span status counts as a fleet error, else OK."""
-    assert record_from_span(0, 1, {"fleetserve.ttft_ms": 1.0}) is None
-    _, rec = record_from_span(0, 1_000_000, {"fleetserve.model": "m"}, otlp_status_code=2)
-    assert rec.fleet_error and rec.ttft_ms is None and rec.output_tokens == 0
-    _, rec = record_from_span(0, 1_000_000, {"fleetserve.model": "m"}, otlp_status_code=0)
-    assert not rec.fleet_error
+def test_half_a_budget_rate_never_fires():
+    """0.05% errors burn at 0.5x: no rule fires, over hours of traffic."""
+    clock = [1_000_000.0]
+    engine = engine_with(clock)
+    changes = Traffic(engine, clock, rate_per_s=4.0).run(3 * 3600, fail_every=2000, eval_every_s=60)
+    assert changes == []
+    (status,) = engine.status()
+    assert status.sli == pytest.approx(0.9995, abs=5e-5)
+    assert status.error_budget_remaining == pytest.approx(0.5, abs=0.05)
 
 
-def rec(
-    end: float, ttft: float | None = 5.0, tokens: int = 3, code: int = 0, e2e: float = 25.0
-) -> RequestRecord:
-    return RequestRecord(end_unix_s=end, e2e_ms=e2e, ttft_ms=ttft, output_tokens=tokens, status_code=code)
+def test_clean_history_delays_the_long_window_as_the_workbook_says():
+    """After an hour of clean traffic, burn 20 needs 14.4/20 of the 1 h window (~43 min) to page: the long
+    window guards against short blips."""
+    clock = [1_000_000.0]
+    engine = engine_with(clock)
+    traffic = Traffic(engine, clock, rate_per_s=4.0)
+    traffic.run(3600)
+    start = clock[0]
+    traffic.run(3600, fail_every=50, eval_every_s=30)
+    t_fired = next(t for t, a in traffic.changes if a.rule == "fast-1h" and a.state == mpb.ALERT_STATE_FIRING)
+    assert 0.6 * 3600 <= t_fired - start <= 0.8 * 3600
 
 
-def test_query_window_and_model_filter():
-    """Only records that ended inside the window count; a model with none is left out."""
-    stats = SloStats(100, clock=lambda: 1000.0)
-    stats.add("a", rec(900.0, ttft=1.0))
-    stats.add("a", rec(995.0, ttft=2.0))
-    stats.add("b", rec(950.0))
-    (a,) = stats.query("a", window_s=10)
-    assert (a.requests, a.ttft_ms.p50) == (1, 2.0)
-    assert [m.model for m in stats.query(window_s=10)] == ["a"]
-    assert [m.model for m in stats.query()] == ["a", "b"]
-    assert stats.query("nope") == []
+def test_time_compression_shrinks_every_window():
+    """With time_scale 60 the 1 h / 5 min rule becomes 60 s / 5 s, and fires within 5 compressed seconds."""
+    clock = [1_000_000.0]
+    engine = engine_with(clock, time_scale=60.0)
+    traffic = Traffic(engine, clock, rate_per_s=100.0)
+    start = clock[0]
+    traffic.run(5, fail_every=50, eval_every_s=0.25)
+    fired = [t for t, a in traffic.changes if a.rule == "fast-1h" and a.state == mpb.ALERT_STATE_FIRING]
+    assert fired and fired[0] - start <= 5
+    assert engine.firing()[0].short_window_s == 5.0
 
 
-def test_error_rate_and_token_totals():
-    """errors / requests, and output tokens summed over every request in the window."""
-    stats = SloStats(100, clock=lambda: 0.0)
-    for code in (0, 0, 3, 14):
-        stats.add("m", rec(0.0, code=code, tokens=4))
-    (m,) = stats.query("m")
-    assert (m.requests, m.errors, m.error_rate, m.output_tokens) == (4, 1, 0.25, 16)
-    assert m.e2e_ms.count == 2
+def test_latency_slo_counts_slow_requests_as_bad():
+    """TTFT p99 < 100 ms: every request over 100 ms is a bad event; requests without a first token are none."""
+    clock = [0.0]
+    spec = SloSpec("ttft", "ttft", 0.99, threshold_ms=100.0)
+    engine = engine_with(clock, slos=(spec,))
+    for i in range(100):
+        clock[0] += 1
+        engine.add(RequestRecord(clock[0], 500.0, 150.0 if i % 10 == 0 else 50.0, 10, 0, model="m"))
+    engine.add(RequestRecord(clock[0], 5.0, None, 0, 14, model="m"))
+    (status,) = engine.status()
+    assert (status.events, status.bad_events) == (100, 10)
+    assert status.burn_rates[0].burn_rate == pytest.approx(10.0)  # 10% slow against 1% allowed
+    assert status.slo.kind == mpb.SLO_KIND_TTFT
 
 
-def test_records_per_model_are_bounded_oldest_dropped():
-    """At most max_records_per_model records are kept per model; the newest survive."""
-    stats = SloStats(3, clock=lambda: 0.0)
-    for i in range(10):
-        stats.add("m", rec(0.0, ttft=float(i)))
-    (m,) = stats.query("m")
-    assert m.requests == 3
-    assert m.ttft_ms.p50 == 8.0
+def test_tier_and_model_patterns():
+    """ "*" makes one SLO object per model; a tier SLO counts only that tier's requests."""
+    clock = [0.0]
+    specs = (
+        SloSpec("avail", "availability", 0.99),
+        SloSpec("{model}-batch", "availability", 0.9, tier="batch"),
+    )
+    engine = engine_with(clock, slos=specs)
+    engine.add(RequestRecord(0.0, 1.0, None, 0, 14, model="a", tier="batch"))
+    engine.add(RequestRecord(0.0, 1.0, None, 0, 0, model="a", tier="interactive"))
+    engine.add(RequestRecord(0.0, 1.0, None, 0, 0, model="b", tier="interactive"))
+    by_name = {s.slo.name: s for s in engine.status()}
+    assert set(by_name) == {"a-avail", "a-batch", "b-avail", "b-batch"}
+    assert (by_name["a-avail"].events, by_name["a-batch"].events) == (2, 1)
+    assert by_name["b-batch"].events == 0
 
 
-def test_models_are_bounded():
-    """Past max_models, records for new model names are dropped; known models still count."""
-    stats = SloStats(10, clock=lambda: 0.0, max_models=2)
-    for name in ("a", "b", "c"):
-        stats.add(name, rec(0.0))
-    stats.add("a", rec(0.0))
-    assert stats.models() == ["a", "b"]
-    assert stats.dropped_models == 1
-    assert stats.query("a")[0].requests == 2
+def test_min_events_keeps_a_trickle_from_paging():
+    """Two failures out of three requests burn at 667x but are too few events to page on."""
+    clock = [0.0]
+    engine = engine_with(clock, min_events=10)
+    for code in (14, 14, 0):
+        clock[0] += 1
+        engine.add(RequestRecord(clock[0], 1.0, None, 0, code, model="m"))
+    assert engine.evaluate() == []
+
+
+def test_listeners_get_changes():
+    """WatchAlerts listeners receive exactly the alerts that changed."""
+    clock = [0.0]
+    engine = engine_with(clock, min_events=0)
+    got: list[list[mpb.Alert]] = []
+    engine.listeners.append(got.append)
+    engine.add(RequestRecord(1.0, 1.0, None, 0, 14, model="m"))
+    engine.evaluate()
+    assert [a.rule for a in got[0]] == [r.name for r in DEFAULT_RULES]
+    assert engine.evaluate() == [] and len(got) == 1
+
+
+def test_event_ring_windows_and_wraparound():
+    """Sums cover the buckets overlapping the window; slots reused after wrap-around start from zero."""
+    ring = EventRing(1.0, 10.0)
+    for t in range(30):
+        ring.add(t + 0.5, bad=t % 2 == 0)
+    assert ring.sums(5.0, 29.9) == (5, 2)
+    assert ring.sums(100.0, 29.9)[0] <= ring.n
+    ring.add(0.5, bad=True)  # older than the ring reaches: ignored
+    assert ring.sums(5.0, 29.9) == (5, 2)
+
+
+def test_burn_rate():
+    """(bad / events) / (1 - objective); 0 without events."""
+    assert burn_rate(1000, 20, 0.999) == pytest.approx(20.0)
+    assert burn_rate(0, 0, 0.999) == 0.0
+
+
+def test_slo_file(tmp_path):
+    """An SLO file sets objectives and rules; bad values fail loudly naming the file."""
+    path = tmp_path / "slos.toml"
+    path.write_text(
+        '[[slo]]\nname = "chat-ttft"\nkind = "ttft"\nobjective = 0.99\nthreshold_ms = 300\nmodel = "m"\n'
+        'tier = "interactive"\nperiod_days = 7\n'
+        '[[rule]]\nname = "fast"\nburn_rate = 10\nlong_window_s = 600\nshort_window_s = 60\n'
+    )
+    cfg = load_slo_config(str(path), time_scale=2.0)
+    assert cfg.slos == (SloSpec("chat-ttft", "ttft", 0.99, "m", "interactive", 300.0, 7 * 86400.0),)
+    assert [r.name for r in cfg.rules] == ["fast"] and cfg.scaled(600) == 300
+    path.write_text('[[slo]]\nname = "x"\nkind = "ttft"\nobjective = 0.99\n')
+    with pytest.raises(ValueError, match="threshold_ms"):
+        load_slo_config(str(path))
+    path.write_text('[[slo]]\nname = "x"\nkind = "availability"\nobjective = 99.9\n')
+    with pytest.raises(ValueError, match="objective"):
+        load_slo_config(str(path))
+    with pytest.raises(ValueError, match="nope.toml"):
+        load_slo_config(str(tmp_path / "nope.toml"))
