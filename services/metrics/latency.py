@@ -192,12 +192,17 @@ class RequestStats:
             for _, _, b in series.select(start, float("inf"), now)
         )
 
-    def query(self, model: str = "", window_s: float = 0.0, now: float | None = None) -> list[mpb.ModelStats]:
+    def query(
+        self, model: str = "", window_s: float = 0.0, now: float | None = None, version: str = ""
+    ) -> list[mpb.ModelStats]:
         """Per-model stats of requests that ended in the last window_s seconds (0: all kept), for model or
-        every model, merged over versions and tiers; models with no request in the window are left out."""
+        every model, merged over tiers and (unless one is given) versions; models with no request in the
+        window are left out."""
         out = []
         for name in [model] if model else self.models():
-            b = self.window(window_s, now, lambda k, name=name: k[0] == name)
+            b = self.window(
+                window_s, now, lambda k, name=name: k[0] == name and (not version or k[1] == version)
+            )
             if b.requests:
                 out.append(model_stats(name, b))
         return out

@@ -45,7 +45,8 @@ class MetricsServicer:
     async def Query(self, request: mpb.QueryRequest, context) -> mpb.QueryResponse:
         check_window(request.window_s)
         return mpb.QueryResponse(
-            models=self.stats.query(request.model, request.window_s), counters=self.counters.totals()
+            models=self.stats.query(request.model, request.window_s, version=request.model_version),
+            counters=self.counters.totals(),
         )
 
     @rpc_boundary

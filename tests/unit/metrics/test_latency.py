@@ -103,6 +103,8 @@ def test_versions_and_tiers_merge_into_the_model():
     (m,) = stats.query("m")
     assert m.requests == 2 and m.ttft_ms.mean == 20.0
     assert stats.keys() == [("m", "v1", "batch"), ("m", "v2", "interactive")]
+    (v2,) = stats.query("m", version="v2")
+    assert v2.requests == 1 and v2.ttft_ms.mean == 30.0
 
 
 def test_old_buckets_roll_into_coarse_ones_and_expire():
