@@ -37,7 +37,7 @@ test: protos system-deps ## Run the tests (GPU tests are skipped without a GPU).
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The real servers the tests run against (never mocks): each is Debian's package, installed where missing.
-SYSTEM_PACKAGES ?= redis-server postgresql etcd-server prometheus chromium
+SYSTEM_PACKAGES ?= redis-server postgresql etcd-server prometheus chromium jq
 
 system-deps: ## Install the servers the tests use (redis, postgresql, etcd, prometheus, chromium) where missing; never fatal.
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | \

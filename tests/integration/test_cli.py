@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.docs_commands import ROOT, code_blocks, logical_lines
+
 pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "shared.cli.main"]
@@ -30,9 +32,48 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# What the docs show against a running fleet; `make`, `fleetserve up` (the fleet is up already) and grpcurl (not
+# packaged for Debian; the same calls are made over gRPC by the integration tests) are left out.
+_LIVE_PROGRAMS = ("fleetserve", ".venv/bin/fleetserve", "curl", "STATE=", "export ", "HTTP=")
+
+
+def _run_documented_commands(page: str, env: dict) -> None:
+    """Run every command line of the page's shell blocks that calls a live fleet, in order, in one bash (so the
+    variables they set carry over): each must exit 0 and print something that is not an error."""
+    lines = []
+    for lang, body in code_blocks((ROOT / page).read_text()):
+        if lang not in ("sh", "bash"):
+            continue
+        for line in logical_lines(body):
+            if line.startswith(_LIVE_PROGRAMS) and not line.startswith(("fleetserve up", "make ")):
+                lines.append(line)
+    assert lines, f"{page}: no command to run"
+    script = ["set -eo pipefail"]
+    for n, line in enumerate(lines):
+        script += [f"echo '@@ {n}'", line]
+    # The venv's scripts (fleetserve) on PATH, as after `source .venv/bin/activate`.
+    path = f"{Path(sys.executable).parent}:{env['PATH']}"
+    done = subprocess.run(
+        ["bash", "-c", "\n".join(script)],
+        cwd=ROOT,
+        env={**env, "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"{page}: {done.stderr}\n{done.stdout}"
+    outputs = done.stdout.split("@@ ")[1:]
+    assert len(outputs) == len(lines)
+    for line, out in zip(lines, outputs, strict=True):
+        body = out.partition("\n")[2]
+        if line.startswith(("fleetserve", ".venv/bin/fleetserve", "curl")):
+            assert body.strip() and '"error"' not in body, f"{page}: {line}\n{body}"
+
+
 def test_up_generate_status_and_clean_stop(tmp_path: Path):
     """up prints the gateway and key and writes cluster.json; generate streams text; --json ends with usage and
-    ttft_ms; status lists healthy replicas; a wrong key exits 1 with the reason; SIGTERM stops every process."""
+    ttft_ms; status lists healthy replicas; a wrong key exits 1 with the reason; the commands README.md and
+    docs/protocols.md show work against it; SIGTERM stops every process."""
     env = {**os.environ, "FLEETSERVE_HOME": str(tmp_path)}
     up = subprocess.Popen(
         CLI + ["up", "--engines", "2", "--no-live", "--speed-factor", "5"],
@@ -89,6 +130,9 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path):
             time.sleep(0.2)
         m = models["sim-1b"]
         assert int(m["requests"]) >= 2 and m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0
+
+        for page in ("README.md", "docs/protocols.md"):
+            _run_documented_commands(page, env)
 
         pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.json")]
         assert len(pids) == 6
