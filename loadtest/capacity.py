@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             args.profile,
             "--replica-id",
             "capacity",
+            "--startup-s",
+            "0",  # measuring streams, not the modelled cold start
             *extra,
         ]
         engine = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

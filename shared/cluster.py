@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from shared.etcd_process import EtcdProcess
 from shared.health import wait_healthy
 from shared.server import PARENT_PID_ENV
 
@@ -61,6 +62,14 @@ class ClusterConfig:
     heartbeat_interval_s: float = 1.0
     metrics_export_interval_s: float = 5.0
     start_timeout_s: float = 60.0
+    # The registry's store: "sqlite" (one registry, a file in data_dir) or "etcd" (etcd_endpoint, or an etcd
+    # this launcher starts in data_dir when empty); with etcd, `registries` registry processes share it.
+    registry_store: str = "sqlite"
+    etcd_endpoint: str = ""
+    registries: int = 1
+    # Sim engines' modelled start-up (weights, compilation) before they serve, in modelled seconds (divided
+    # by speed_factor); None: the GPU profile's. 0 keeps `fleetserve up` and the tests quick.
+    engine_startup_s: float | None = 0.0
     # Extra flags per service name ("registry", "engine", ...), appended last so they win.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
 
@@ -73,6 +82,7 @@ class Cluster:
         self.procs: dict[str, Proc] = {}
         self.api_key = ""
         self._engine_seq = 0
+        self.etcd: EtcdProcess | None = None
 
     # -- addresses -------------------------------------------------------------------------------
 
@@ -86,7 +96,15 @@ class Cluster:
 
     @property
     def registry(self) -> str:
-        return self.procs["registry"].address
+        """The registry address clients use: with several registries a gRPC target listing all of them
+        (pick_first: the next one is used when one dies)."""
+        names = self.registry_names()
+        if len(names) == 1:
+            return self.procs[names[0]].address
+        return "ipv4:" + ",".join(self.procs[n].address for n in names)
+
+    def registry_names(self) -> list[str]:
+        return sorted((n for n in self.procs if n == "registry" or n.startswith("registry-")), key=len)
 
     @property
     def metrics(self) -> str:
@@ -107,18 +125,7 @@ class Cluster:
         try:
             # Metrics first so every other service can export its spans and metrics to it.
             await self._spawn("metrics", "metrics", [])
-            await self._spawn(
-                "registry",
-                "registry",
-                [
-                    "--db-path",
-                    str(cfg.data_dir / "registry.db"),
-                    "--lease-ttl-s",
-                    str(cfg.lease_ttl_s),
-                    "--heartbeat-interval-s",
-                    str(cfg.heartbeat_interval_s),
-                ],
-            )
+            await self._start_registries()
             await asyncio.gather(
                 *(self.add_engine() for _ in range(cfg.engines)),
                 self._spawn("router", "router", ["--registry-address", self.registry]),
@@ -139,27 +146,53 @@ class Cluster:
             await self.stop()
             raise
 
+    async def _start_registries(self) -> None:
+        cfg = self.config
+        args = [
+            "--lease-ttl-s",
+            str(cfg.lease_ttl_s),
+            "--heartbeat-interval-s",
+            str(cfg.heartbeat_interval_s),
+        ]
+        if cfg.registry_store == "etcd":
+            endpoint = cfg.etcd_endpoint
+            if not endpoint:
+                self.etcd = EtcdProcess(cfg.data_dir / "etcd")
+                await asyncio.to_thread(self.etcd.start)
+                endpoint = self.etcd.endpoint
+                log.info("cluster.etcd_started", endpoint=endpoint, data_dir=str(self.etcd.data_dir))
+            args += ["--store", "etcd", "--etcd-endpoint", endpoint]
+        elif cfg.registries != 1:
+            raise ValueError("several registries need a shared store: registry_store='etcd'")
+        else:
+            args += ["--db-path", str(cfg.data_dir / "registry.db")]
+        for i in range(cfg.registries):
+            await self._spawn("registry" if i == 0 else f"registry-{i + 1}", "registry", args)
+
+    def engine_args(self, name: str) -> list[str]:
+        """The flags of engine `name` (also used by the autoscaler's local provisioner)."""
+        cfg = self.config
+        args = [
+            "--registry-address",
+            self.registry,
+            "--replica-id",
+            name,
+            "--model",
+            cfg.model,
+            "--backend",
+            cfg.backend,
+            "--speed-factor",
+            str(cfg.speed_factor),
+        ]
+        if cfg.engine_startup_s is not None and cfg.backend == "sim":
+            args += ["--startup-s", str(cfg.engine_startup_s)]
+        return args
+
     async def add_engine(self) -> str:
         """Start one more engine replica; returns its process name."""
-        cfg = self.config
         self._engine_seq += 1
         name = f"engine-{self._engine_seq}"
-        await self._spawn(
-            name,
-            "engine",
-            [
-                "--registry-address",
-                self.registry,
-                "--replica-id",
-                name,
-                "--model",
-                cfg.model,
-                "--backend",
-                cfg.backend,
-                "--speed-factor",
-                str(cfg.speed_factor),
-            ],
-        )
+        await self._spawn(name, "engine", self.engine_args(name))
         return name
 
     async def _spawn(self, name: str, service: str, args: list[str]) -> Proc:
@@ -248,7 +281,7 @@ class Cluster:
         tier allowed its grace period plus a margin, SIGKILL after that. Returns exit codes."""
         # Metrics goes last: every other service flushes its spans and metrics to it on exit, and an OTLP
         # exporter whose collector is gone retries for seconds (the registry was being SIGKILLed).
-        tiers = [["gateway"], ["router"], self.engine_names(), ["registry"], ["metrics"]]
+        tiers = [["gateway"], ["router"], self.engine_names(), self.registry_names(), ["metrics"]]
         for tier in tiers:
             procs = [self.procs[n] for n in tier if n in self.procs]
             for p in procs:
@@ -261,7 +294,10 @@ class Cluster:
                     log.warning("cluster.kill", name=p.name)
                     p.process.kill()
                     await p.wait(5)
-        return {n: p.process.returncode for n, p in self.procs.items()}
+        codes: dict[str, int | None] = {n: p.process.returncode for n, p in self.procs.items()}
+        if self.etcd is not None:
+            codes["etcd"] = await asyncio.to_thread(self.etcd.stop)
+        return codes
 
     def state(self) -> dict:
         """What other commands need to find this fleet."""

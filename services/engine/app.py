@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -104,8 +105,24 @@ class EngineApp:
         await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
 
 
+async def model_cold_start(delay_s: float, replica_id: str, progress_every_s: float = 5.0) -> None:
+    """Wait delay_s as a loading engine would (the sim's stand-in for weights onto the GPU and compilation),
+    logging progress; the replica is neither serving nor registered meanwhile."""
+    if delay_s <= 0:
+        return
+    log.info("engine.loading", replica_id=replica_id, startup_s=round(delay_s, 3))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + delay_s
+    while (left := end - loop.time()) > 0:
+        await asyncio.sleep(min(progress_every_s, left))
+        done = min(1.0, 1.0 - (end - loop.time()) / delay_s)
+        log.info("engine.loading_progress", replica_id=replica_id, done=round(done, 2))
+
+
 async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
     """Start the backend and serve; register with the registry in the background (if one is configured)."""
+    started_unix = time.time()
+    await model_cold_start(settings.startup_delay_s, settings.replica_id)
     backend = create_backend(settings)
     await backend.start()
     try:
@@ -131,6 +148,7 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
                 model=settings.model,
                 backend=settings.backend,
                 model_version=settings.model_version,
+                started_unix=started_unix,
             ),
             backend.load,
             retry_base_s=settings.register_retry_base_s,

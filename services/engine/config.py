@@ -71,6 +71,14 @@ class EngineSettings(ServiceSettings):
         description="Sim: GPU profile, a name in infra/profiles/ (h100-llama-1b, h100-llama-8b, l4-llama-1b) "
         "or a path to a .toml file of that shape: KV blocks, context length and cost-model terms.",
     )
+    startup_s: float | None = Field(
+        None,
+        ge=0,
+        le=86_400,
+        description="Sim: modelled cold start (weights onto the GPU, compilation) before the replica serves and "
+        "registers, in seconds at speed factor 1 (it waits startup_s / speed_factor); default: the GPU "
+        "profile's startup_s.",
+    )
     num_kv_blocks: int | None = Field(
         None, ge=1, description="Sim: KV-cache blocks of 16 tokens each; default: the profile's."
     )
@@ -143,6 +151,14 @@ class EngineSettings(ServiceSettings):
     @property
     def gpu_profile(self) -> GpuProfile:
         return load_profile(self.profile)
+
+    @property
+    def startup_delay_s(self) -> float:
+        """How long this replica waits before serving, in real seconds (0 for vLLM: its start is real)."""
+        if self.backend != "sim":
+            return 0.0
+        modelled = self.gpu_profile.startup_s if self.startup_s is None else self.startup_s
+        return modelled / self.speed_factor
 
     @property
     def cost_model(self) -> CostModel:

@@ -34,6 +34,8 @@ class GpuProfile:
     num_kv_blocks: int
     max_model_len: int
     cost: CostModel
+    # Cold start of a replica (process start to serving), in seconds at real speed.
+    startup_s: float = 0.0
 
 
 def profile_path(name_or_path: str) -> Path:
@@ -74,9 +76,12 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> GpuProfile:
             num_kv_blocks=int(engine["num_kv_blocks"]),
             max_model_len=int(engine["max_model_len"]),
             cost=CostModel(**terms),
+            startup_s=float(engine.get("startup_s", 0.0)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"GPU profile {path}: {e!s}") from None
     if profile.num_kv_blocks < 1 or profile.max_model_len < 1:
         raise ValueError(f"GPU profile {path}: num_kv_blocks and max_model_len must be >= 1")
+    if profile.startup_s < 0:
+        raise ValueError(f"GPU profile {path}: startup_s must be >= 0")
     return profile

@@ -12,36 +12,99 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from services.registry.config import RegistrySettings
 from services.registry.membership import Membership
 from services.registry.servicer import RegistryServicer
-from services.registry.store import ReplicaStore
+from services.registry.store import RegistryStore, ReplicaEvent, StoredReplica, StoreError, open_store
+from shared.resilience import full_jitter
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
 
 
-def reap_once(servicer: RegistryServicer) -> list[str]:
+async def reap_once(servicer: RegistryServicer) -> list[str]:
     """Remove replicas whose lease ended, from memory (watchers see REMOVED) and from the database."""
     membership = servicer.membership
     expired = membership.expire()
     if expired:
-        servicer.store.delete(expired)
+        await servicer.store.delete_replicas(expired)
         servicer.count_change("expired", len(expired))
         for rid in expired:
             log.warning("registry.replica_expired", replica_id=rid, lease_ttl_s=membership.lease_ttl_s)
     return expired
 
 
-def persist_once(membership: Membership, store: ReplicaStore) -> int:
-    """Write the load of every replica heartbeated since the last call, in one transaction."""
-    return store.save_heartbeats(membership.take_dirty())
+async def persist_once(membership: Membership, store: RegistryStore) -> int:
+    """Write the load of every replica heartbeated since the last call, in one batch; how many were written."""
+    written = await store.save_heartbeats(
+        [
+            StoredReplica(lease.replica, lease.registered_at, lease.store_lease, lease.revision)
+            for lease in membership.take_dirty()
+        ]
+    )
+    for rid, revision in written.items():
+        membership.attach(rid, 0, revision)  # so the store's echo of our own write is not applied again
+    return len(written)
+
+
+async def keepalive_once(membership: Membership, store: RegistryStore) -> int:
+    """Renew the store's leases of the replicas that heartbeated here (etcd); a lease the store no longer
+    knows means etcd expired the replica, whose removal the watch delivers. How many were renewed."""
+    beaten = membership.take_beaten()
+    gone = await store.keepalive(lease.store_lease for lease in beaten)
+    for lease in beaten:
+        if lease.store_lease in gone:
+            log.warning("registry.store_lease_lost", replica_id=lease.replica.replica_id)
+    return len(beaten) - len(gone)
+
+
+async def follow_store(membership: Membership, servicer: RegistryServicer, after_revision: int) -> None:
+    """Apply membership changes made through a shared store by other registries (and etcd's expiries), from
+    after_revision on; on a broken watch, reload everything and watch again (with backoff)."""
+    attempt = 0
+    store = servicer.store
+    while True:
+        try:
+            async for event in store.watch_replicas(after_revision):
+                attempt = 0
+                after_revision = max(after_revision, event.revision)
+                change = membership.apply_store_event(event)
+                if change == "removed":
+                    servicer.count_change("removed_by_store")
+                    log.info("registry.replica_removed_by_store", replica_id=event.replica_id)
+                elif change == "added":
+                    log.info("registry.replica_added_by_store", replica_id=event.replica_id)
+            reason = "watch ended"
+        except StoreError as e:
+            reason = str(e)
+        delay = full_jitter(attempt, 0.1, 5.0)
+        log.warning("registry.store_watch_broken", reason=reason, retry_in_s=round(delay, 3))
+        attempt += 1
+        await asyncio.sleep(delay)
+        try:
+            stored, after_revision = await store.load_replicas()
+        except StoreError as e:
+            log.warning("registry.store_reload_failed", error=str(e))
+            continue
+        _resync(membership, stored)
+
+
+def _resync(membership: Membership, stored: list[StoredReplica]) -> None:
+    """Make memory match a fresh read of the store (after a watch gap): add, update and remove."""
+    fresh = {s.replica.replica_id: s for s in stored}
+    for rep in list(membership.list()):
+        if rep.replica_id not in fresh:
+            membership.apply_store_event(ReplicaEvent(rep.replica_id, None, 0))
+    for rid, s in fresh.items():
+        membership.apply_store_event(ReplicaEvent(rid, s, s.revision))
 
 
 async def _every(interval_s: float, name: str, fn) -> None:
-    """Call fn every interval_s until cancelled; an error is logged and the loop goes on."""
+    """Await fn() every interval_s until cancelled; an error is logged and the loop goes on."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            fn()
+            await fn()
+        except StoreError as e:  # etcd away for a while: the next tick tries again
+            log.warning("registry.store_unavailable", task=name, error=str(e))
         except Exception:  # a failing tick (disk full, say) must not stop leases from expiring later
             log.exception("registry.background_error", task=name)
 
@@ -53,7 +116,7 @@ class RegistryApp:
     running: RunningServer
     servicer: RegistryServicer
     membership: Membership
-    store: ReplicaStore
+    store: RegistryStore
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -70,18 +133,29 @@ class RegistryApp:
 
         async def after_stop() -> None:
             await cancel_and_wait(self.tasks)
-            persist_once(self.membership, self.store)
-            self.store.close()
+            try:
+                await persist_once(self.membership, self.store)
+            except StoreError as e:
+                log.warning("registry.final_persist_failed", error=str(e))
+            await self.store.close()
 
         await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
 
 
 async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp:
-    """Open the database, restore its replicas with fresh leases, then serve and start reaping."""
-    store = ReplicaStore(settings.db_path)
+    """Open the store, restore its replicas with fresh leases, then serve; reap expired leases (SQLite) or
+    follow the shared store's changes and renew its leases (etcd)."""
+    store = open_store(
+        settings.store,
+        db_path=settings.db_path,
+        etcd_endpoint=settings.etcd_endpoint,
+        etcd_prefix=settings.etcd_prefix,
+    )
     try:
+        await store.open(settings.lease_ttl_s)
         membership = Membership(settings.lease_ttl_s, watch_queue_size=settings.watch_queue_size)
-        restored = membership.restore(store.load_all())
+        stored, revision = await store.load_replicas()
+        restored = membership.restore(stored)
         servicer = RegistryServicer(
             membership,
             store,
@@ -115,14 +189,28 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
             settings.port,
         )
     except BaseException:
-        store.close()
+        await store.close()
         raise
     app = RegistryApp(running, servicer, membership, store)
-    app.tasks.append(
-        asyncio.create_task(
-            _every(settings.reaper_interval_s, "reaper", lambda: reap_once(servicer)), name="registry.reaper"
+    if store.external_leases:
+        # The store expires silent replicas (etcd leases): renew the leases of those that heartbeat here,
+        # and follow what other registries and etcd change.
+        app.tasks.append(
+            asyncio.create_task(
+                _every(settings.reaper_interval_s, "keepalive", lambda: keepalive_once(membership, store)),
+                name="registry.keepalive",
+            )
         )
-    )
+        app.tasks.append(
+            asyncio.create_task(follow_store(membership, servicer, revision), name="registry.follow_store")
+        )
+    else:
+        app.tasks.append(
+            asyncio.create_task(
+                _every(settings.reaper_interval_s, "reaper", lambda: reap_once(servicer)),
+                name="registry.reaper",
+            )
+        )
     app.tasks.append(
         asyncio.create_task(
             _every(settings.persist_interval_s, "persister", lambda: persist_once(membership, store)),
@@ -131,7 +219,7 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
     )
     log.info(
         "registry.configured",
-        db_path=settings.db_path,
+        store=store.where,
         restored=restored,
         lease_ttl_s=settings.lease_ttl_s,
         heartbeat_interval_s=settings.heartbeat_interval_s,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from shared.settings import ServiceSettings, service_config
@@ -12,6 +14,19 @@ class RegistrySettings(ServiceSettings):
 
     model_config = service_config("registry")
 
+    store: Literal["sqlite", "etcd"] = Field(
+        "sqlite",
+        description="Where membership and control-plane documents live: sqlite (embedded, one registry) or "
+        "etcd (--etcd-endpoint; several registries share it and either can die).",
+    )
+    etcd_endpoint: str = Field(
+        "127.0.0.1:2379", description="With --store etcd: host:port of etcd's client (gRPC) endpoint."
+    )
+    etcd_prefix: str = Field(
+        "/fleetserve/",
+        min_length=1,
+        description="With --store etcd: key prefix of this fleet (fleets sharing an etcd use different ones).",
+    )
     db_path: str = Field(
         "registry.db",
         min_length=1,

@@ -11,6 +11,8 @@ import structlog
 from fleetserve.common.v1 import common_pb2
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 
+from services.registry.store import ReplicaEvent, StoredReplica
+
 log = structlog.get_logger(__name__)
 
 SNAPSHOT = pb.WATCH_EVENT_TYPE_SNAPSHOT
@@ -27,11 +29,14 @@ _CLOSED = object()
 
 @dataclass(slots=True)
 class Lease:
-    """One registered replica: its current record, when its lease ends (monotonic clock) and when it joined."""
+    """One registered replica: its current record, when its lease ends (monotonic clock), when it joined, and
+    the store's handle on it (etcd: its lease id and the revision of the last write we know of)."""
 
     replica: pb.Replica
     expires_at: float
     registered_at: float
+    store_lease: int = 0
+    revision: int = 0
 
 
 class Watcher:
@@ -87,6 +92,8 @@ class Membership:
         self._watchers: set[Watcher] = set()
         # Replicas heartbeated since the last take_dirty(): persisted in batches, not per heartbeat.
         self._dirty: set[str] = set()
+        # Replicas heartbeated here since the last take_beaten(): their store leases are renewed (etcd).
+        self._beaten: set[str] = set()
 
     # -- changes -------------------------------------------------------------------------------------
 
@@ -98,7 +105,13 @@ class Membership:
             rep.state = pb.REPLICA_STATE_SERVING
         rep.last_heartbeat_unix = self._wall()
         old = self._leases.get(rep.replica_id)
-        lease = Lease(rep, self._clock() + self.lease_ttl_s, self._wall())
+        registered_at = self._wall()
+        if old is not None and rep.started_unix and old.replica.started_unix == rep.started_unix:
+            # The same process registering again (lease lost, registry restarted): it joined back then, which
+            # is what cold-start measurements need.
+            registered_at = old.registered_at
+        rep.registered_unix = registered_at
+        lease = Lease(rep, self._clock() + self.lease_ttl_s, registered_at)
         self._leases[rep.replica_id] = lease
         self._dirty.discard(rep.replica_id)
         if old is not None and old.replica.model != rep.model:
@@ -107,16 +120,66 @@ class Membership:
         self._publish(ADDED, rep)
         return lease
 
-    def restore(self, entries: Iterable[tuple[pb.Replica, float]]) -> int:
-        """Load (replica, registered_at) pairs from storage, each with a fresh lease: after a registry
-        restart a fleet that keeps heartbeating keeps its membership. Returns how many were loaded."""
+    def restore(self, entries: Iterable[StoredReplica]) -> int:
+        """Load replicas from storage, each with a fresh lease: after a registry restart a fleet that keeps
+        heartbeating keeps its membership. Returns how many were loaded."""
         n = 0
         expires_at = self._clock() + self.lease_ttl_s
-        for replica, registered_at in entries:
-            self._leases[replica.replica_id] = Lease(replica, expires_at, registered_at)
+        for s in entries:
+            replica = s.replica
+            replica.registered_unix = s.registered_at
+            self._leases[replica.replica_id] = Lease(
+                replica, expires_at, s.registered_at, s.lease, s.revision
+            )
             self._publish(ADDED, replica)
             n += 1
         return n
+
+    def attach(self, replica_id: str, store_lease: int, revision: int) -> None:
+        """Record the store's handle on a replica after writing it (its etcd lease and the write's revision)."""
+        lease = self._leases.get(replica_id)
+        if lease is not None:
+            lease.store_lease = store_lease or lease.store_lease
+            lease.revision = max(lease.revision, revision)
+
+    def apply_store_event(self, event: ReplicaEvent) -> str | None:
+        """Apply a membership change another writer made in a shared store (another registry registered,
+        drained or reported load; the store expired a lease). Echoes of changes this registry already
+        applied (revision not newer than the one it knows) are skipped. Returns what changed: "added",
+        "updated", "removed" or None."""
+        old = self._leases.get(event.replica_id)
+        if event.stored is None:
+            if old is None:
+                return None
+            self.remove(event.replica_id)
+            return "removed"
+        if old is not None and event.revision <= old.revision:
+            return None
+        s = event.stored
+        rep = pb.Replica()
+        rep.CopyFrom(s.replica)
+        if old is None:
+            self._leases[rep.replica_id] = Lease(
+                rep, self._clock() + self.lease_ttl_s, s.registered_at, s.lease, event.revision
+            )
+            self._publish(ADDED, rep)
+            return "added"
+        moved = old.replica.model != rep.model
+        if moved:
+            self._publish(REMOVED, old.replica)
+        old.replica = rep
+        old.registered_at = s.registered_at
+        old.store_lease = s.lease or old.store_lease
+        old.revision = event.revision
+        # Alive as far as the store is concerned: the store owns expiry, our own reaper must not race it.
+        old.expires_at = self._clock() + self.lease_ttl_s
+        self._publish(ADDED if moved else UPDATED, rep)
+        return "updated"
+
+    def take_beaten(self) -> list[Lease]:
+        """Replicas heartbeated here since the last call (whose store leases to renew)."""
+        beaten, self._beaten = self._beaten, set()
+        return [self._leases[rid] for rid in beaten if rid in self._leases]
 
     def heartbeat(self, replica_id: str, load: common_pb2.ReplicaLoad | None) -> pb.Replica | None:
         """Renew replica_id's lease and record its load; None if it is not registered (it must register)."""
@@ -129,6 +192,7 @@ class Membership:
             rep.load.CopyFrom(load)
         rep.last_heartbeat_unix = self._wall()
         self._dirty.add(replica_id)
+        self._beaten.add(replica_id)
         self._publish(UPDATED, rep)
         return rep
 
@@ -148,6 +212,7 @@ class Membership:
         if lease is None:
             return None
         self._dirty.discard(replica_id)
+        self._beaten.discard(replica_id)
         self._publish(REMOVED, lease.replica)
         return lease.replica
 
@@ -159,10 +224,10 @@ class Membership:
             self.remove(rid)
         return gone
 
-    def take_dirty(self) -> list[pb.Replica]:
+    def take_dirty(self) -> list[Lease]:
         """Replicas heartbeated since the last call (for the batched write of load to storage)."""
         dirty, self._dirty = self._dirty, set()
-        return [self._leases[rid].replica for rid in dirty if rid in self._leases]
+        return [self._leases[rid] for rid in dirty if rid in self._leases]
 
     # -- queries -------------------------------------------------------------------------------------
 

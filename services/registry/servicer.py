@@ -7,8 +7,8 @@ from fleetserve.registry.v1 import registry_service_pb2 as pb
 from opentelemetry import metrics, trace
 
 from services.registry.membership import Membership
-from services.registry.store import ReplicaStore
-from shared.errors import InvalidArgument, NotFound, rpc_boundary
+from services.registry.store import RegistryStore, StoredReplica, StoreError
+from shared.errors import InvalidArgument, NotFound, Unavailable, rpc_boundary
 from shared.telemetry import context_from_metadata
 
 log = structlog.get_logger(__name__)
@@ -44,7 +44,7 @@ class RegistryServicer:
     def __init__(
         self,
         membership: Membership,
-        store: ReplicaStore,
+        store: RegistryStore,
         tracer: trace.Tracer,
         meter: metrics.Meter,
         *,
@@ -64,6 +64,11 @@ class RegistryServicer:
             unit="{change}",
             description="Registrations, drains, deregistrations and expiries.",
         )
+        self._cold_starts = meter.create_histogram(
+            "fleetserve.registry.cold_start",
+            unit="s",
+            description="Replica cold starts: from its process start to its first registration as SERVING.",
+        )
 
     def count_change(self, kind: str, n: int = 1) -> None:
         self._changes.add(n, {"change": kind})
@@ -77,11 +82,28 @@ class RegistryServicer:
         ) as span:
             validate_replica(request.replica if request.HasField("replica") else None)
             span.set_attribute("fleetserve.replica_id", request.replica.replica_id)
-            replaced = self.membership.get(request.replica.replica_id) is not None
+            previous = self.membership.get(request.replica.replica_id)
+            replaced = previous is not None
+            old_store_lease = previous.store_lease if previous is not None else 0
             lease = self.membership.register(request.replica)
-            self.store.upsert(lease.replica, lease.registered_at)
-            self.count_change("registered")
             r = lease.replica
+            try:
+                stored = await self.store.put_replica(r, lease.registered_at)
+            except StoreError as e:
+                # Not durable means not registered: the replica retries, and no registry serves a member the
+                # others cannot see.
+                self.membership.remove(r.replica_id)
+                raise Unavailable(
+                    f"the registry's store is unavailable: {e}", reason="STORE_UNAVAILABLE", retry_after_s=1.0
+                ) from None
+            self.membership.attach(r.replica_id, stored.lease, stored.revision)
+            if old_store_lease and old_store_lease != stored.lease:
+                await self._revoke(old_store_lease)
+            self.count_change("registered")
+            first = not replaced or previous.registered_at != lease.registered_at
+            cold_start_s = r.registered_unix - r.started_unix if r.started_unix and first else None
+            if cold_start_s is not None and cold_start_s >= 0:
+                self._cold_starts.record(cold_start_s, {"fleetserve.model": r.model})
             log.info(
                 "registry.replica_registered",
                 replica_id=r.replica_id,
@@ -90,6 +112,7 @@ class RegistryServicer:
                 model_version=r.model_version,
                 backend=r.backend,
                 replaced=replaced,
+                cold_start_s=None if cold_start_s is None else round(cold_start_s, 3),
             )
             return pb.RegisterReplicaResponse(
                 lease_ttl_s=self.lease_ttl_s, heartbeat_interval_s=self.heartbeat_interval_s
@@ -121,20 +144,43 @@ class RegistryServicer:
         ) as span:
             rid = request.replica_id
             span.set_attribute("fleetserve.replica_id", rid)
-            if request.drain:
-                rep = self.membership.drain(rid)
-                if rep is not None:
-                    self.store.set_state(rid, rep.state)
-                    self.count_change("drained")
-            else:
-                rep = self.membership.remove(rid)
-                if rep is not None:
-                    self.store.delete([rid])
-                    self.count_change("deregistered")
+            try:
+                if request.drain:
+                    rep = self.membership.drain(rid)
+                    if rep is not None:
+                        lease = self.membership.get(rid)
+                        revision = await self.store.set_state(self._stored(lease), rep.state)
+                        self.membership.attach(rid, 0, revision)
+                        self.count_change("drained")
+                else:
+                    lease = self.membership.get(rid)
+                    rep = self.membership.remove(rid)
+                    if rep is not None:
+                        await self.store.delete_replicas([rid])
+                        if lease is not None and lease.store_lease:
+                            await self._revoke(lease.store_lease)
+                        self.count_change("deregistered")
+            except StoreError as e:
+                raise Unavailable(
+                    f"the registry's store is unavailable: {e}", reason="STORE_UNAVAILABLE", retry_after_s=1.0
+                ) from None
             log.info(
                 "registry.replica_deregistered", replica_id=rid, drain=request.drain, found=rep is not None
             )
             return pb.DeregisterReplicaResponse(found=rep is not None)
+
+    @staticmethod
+    def _stored(lease) -> StoredReplica:
+        return StoredReplica(lease.replica, lease.registered_at, lease.store_lease, lease.revision)
+
+    async def _revoke(self, store_lease: int) -> None:
+        revoke = getattr(self.store, "revoke", None)
+        if revoke is None:
+            return
+        try:
+            await revoke(store_lease)
+        except StoreError as e:  # an unused lease runs out on its own
+            log.info("registry.lease_revoke_failed", error=str(e))
 
     @rpc_boundary
     async def ListReplicas(self, request: pb.ListReplicasRequest, context) -> pb.ListReplicasResponse:

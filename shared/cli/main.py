@@ -34,6 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
         "or ~/.local/state/fleetserve)",
     )
     up.add_argument("--no-live", action="store_true", help="print status lines instead of a live table")
+    up.add_argument(
+        "--registry-store",
+        choices=["sqlite", "etcd"],
+        default="sqlite",
+        help="where the registry keeps membership: sqlite (default, one registry) or etcd (shared, "
+        "redundant registries)",
+    )
+    up.add_argument(
+        "--etcd-endpoint",
+        default="",
+        help="with --registry-store etcd: host:port of an etcd to use (default: start one in the data dir)",
+    )
+    up.add_argument(
+        "--registries",
+        type=int,
+        default=1,
+        help="registry processes (more than 1 needs --registry-store etcd)",
+    )
 
     gen = sub.add_parser("generate", help="stream a generation through the gateway")
     gen.add_argument("prompt", nargs="?", help="the prompt text (or give --message instead)")

@@ -27,6 +27,9 @@ async def _up(args) -> int:
             backend=args.backend,
             model=args.model,
             speed_factor=args.speed_factor,
+            registry_store=args.registry_store,
+            etcd_endpoint=args.etcd_endpoint,
+            registries=args.registries,
             # vLLM engines compile for a minute before they serve.
             **(
                 {"extra_args": {"engine": [f"--vllm-args={args.vllm_args}"]}, "start_timeout_s": 300.0}
@@ -39,6 +42,9 @@ async def _up(args) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if args.registries > 1 and args.registry_store != "etcd":
+        Console(stderr=True).print("[red]--registries > 1 needs --registry-store etcd[/] (a shared store)")
+        return 2
     console.print(f"starting a fleet of {args.engines} {args.backend} engine(s) in {data_dir} ...")
     try:
         await cluster.start()

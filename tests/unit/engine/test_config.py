@@ -68,3 +68,16 @@ def test_advertised_address():
     )
     assert not EngineSettings(host="0.0.0.0").advertised_address(5).startswith("0.0.0.0")
     assert EngineSettings(host="::1").advertised_address(5) == "[::1]:5"
+
+
+def test_startup_defaults_to_the_profile_and_scales_with_speed(monkeypatch):
+    """The sim's cold start is the GPU profile's startup_s unless --startup-s is given, divided by the speed
+    factor."""
+    monkeypatch.delenv("FLEETSERVE_ENGINE_STARTUP_S", raising=False)
+    assert load_profile("h100-llama-1b").startup_s == 48.0
+    assert load_profile("h100-llama-8b").startup_s >= 120.0
+    s = load_settings(EngineSettings, ["--speed-factor", "4"])
+    assert s.startup_delay_s == 12.0
+    assert load_settings(EngineSettings, ["--startup-s", "2"]).startup_delay_s == 2.0
+    with pytest.raises(SystemExit):
+        load_settings(EngineSettings, ["--startup-s", "-1"])

@@ -8,6 +8,7 @@ from fleetserve.common.v1 import common_pb2
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 
 from services.registry.membership import Membership
+from services.registry.store import StoredReplica
 
 TTL = 3.0
 
@@ -98,7 +99,7 @@ def test_restore_grants_a_fresh_lease():
     m = membership(clock)
     old = replica("r1")
     old.last_heartbeat_unix = 1.0
-    assert m.restore([(old, 5.0)]) == 1
+    assert m.restore([StoredReplica(old, 5.0)]) == 1
     clock.now += TTL - 0.01
     assert m.expire() == []
     assert m.get("r1").registered_at == 5.0
@@ -115,7 +116,7 @@ def test_take_dirty_returns_each_heartbeated_replica_once():
         m.heartbeat("r1", common_pb2.ReplicaLoad(running=1))
     m.heartbeat("r2", None)
     m.remove("r2")
-    assert [r.replica_id for r in m.take_dirty()] == ["r1"]
+    assert [lease.replica.replica_id for lease in m.take_dirty()] == ["r1"]
     assert m.take_dirty() == []
 
 

@@ -1,0 +1,279 @@
+"""The registry's store in etcd: a replica is a key attached to an etcd lease (etcd expires it when its
+heartbeats stop), membership changes reach every registry through an etcd watch, and documents are keys
+versioned by their mod revision. Several registry processes over one etcd serve the same membership.
+
+The client is aetcd (https://github.com/martyanov/aetcd): asyncio-native on grpc.aio (the same grpcio the
+services use), released in 2026, generated from etcd's v3 protos so it speaks to etcd 3.4 (Debian's) and
+later. The alternatives were unmaintained (python-etcd3 and its forks: last release 2020-2023, synchronous,
+pinned to protobuf 3), HTTP-gateway clients (etcd3-py, etcd3gw: synchronous, JSON over HTTP) or young
+single-author packages. Where aetcd has no call for what we need (put with ignore_lease, a long-lived
+keepalive stream) we use its generated stubs directly."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Iterable
+
+import aetcd
+import aetcd.exceptions
+import grpc
+import structlog
+from aetcd import rpc
+from aetcd.rtypes import EventKind
+from fleetserve.registry.v1 import registry_service_pb2 as pb
+
+from services.registry.store import (
+    Doc,
+    DocChange,
+    DocEvent,
+    RegistryStore,
+    ReplicaEvent,
+    StoreConflict,
+    StoredReplica,
+    StoreError,
+    validate_doc_key,
+)
+
+log = structlog.get_logger(__name__)
+
+# etcd refuses transactions with more operations than --max-txn-ops (default 128).
+_MAX_TXN_OPS = 128
+_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, OSError, TimeoutError)
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key starting with prefix (etcd's range_end for a prefix)."""
+    return aetcd.utils.prefix_range_end(prefix)
+
+
+class EtcdStore(RegistryStore):
+    """Keys under the prefix: `replicas/<id>` (a serialized Replica whose registered_unix is the registration
+    time, attached to the replica's lease) and `docs/<kind>/<name>`."""
+
+    external_leases = True
+
+    def __init__(self, endpoint: str, prefix: str = "/fleetserve/", *, timeout_s: float = 5.0) -> None:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"etcd endpoint {endpoint!r} must be host:port")
+        self.endpoint = endpoint
+        self.prefix = (prefix if prefix.endswith("/") else prefix + "/").encode()
+        self.where = f"etcd:{endpoint}{self.prefix.decode()}"
+        self._client = aetcd.Client(host=host.strip("[]"), port=int(port), timeout=timeout_s)
+        self._ttl = 3
+
+    # -- keys ----------------------------------------------------------------------------------------
+
+    def _replica_key(self, replica_id: str) -> bytes:
+        return self.prefix + b"replicas/" + replica_id.encode()
+
+    def _doc_key(self, kind: str, name: str = "") -> bytes:
+        return self.prefix + b"docs/" + kind.encode() + b"/" + name.encode()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def open(self, lease_ttl_s: float) -> None:
+        # etcd leases have whole seconds (and etcd may grant more than asked: its minimum TTL).
+        self._ttl = max(1, math.ceil(lease_ttl_s))
+        try:
+            await self._client.connect()
+            await self._client.status()  # fail at start, naming the endpoint, rather than at the first call
+        except _ERRORS as e:
+            raise StoreError(f"etcd at {self.endpoint} is unreachable: {e}") from e
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _call(self, what: str, coro):
+        try:
+            return await coro
+        except _ERRORS as e:
+            raise StoreError(f"etcd {what} failed: {e}") from e
+
+    # -- membership ----------------------------------------------------------------------------------
+
+    def _decode(self, kv) -> StoredReplica:
+        rep = pb.Replica.FromString(kv.value)
+        return StoredReplica(rep, rep.registered_unix, kv.lease, kv.mod_revision)
+
+    async def load_replicas(self) -> tuple[list[StoredReplica], int]:
+        resp = await self._call("load", self._client.get_prefix(self.prefix + b"replicas/"))
+        return [self._decode(kv) for kv in resp], resp.header.revision
+
+    async def put_replica(self, replica: pb.Replica, registered_at: float) -> StoredReplica:
+        rep = pb.Replica()
+        rep.CopyFrom(replica)
+        rep.registered_unix = registered_at
+        lease = await self._call("lease grant", self._client.lease(self._ttl))
+        resp = await self._call(
+            "put", self._client.put(self._replica_key(rep.replica_id), rep.SerializeToString(), lease=lease)
+        )
+        return StoredReplica(rep, registered_at, lease.id, resp.header.revision)
+
+    async def set_state(self, stored: StoredReplica, state: int) -> int:
+        rep = pb.Replica()
+        rep.CopyFrom(stored.replica)
+        rep.state = state
+        rep.registered_unix = stored.registered_at
+        return (await self._put_keeping_lease([(rep, stored.lease)])).get(rep.replica_id, 0)
+
+    async def delete_replicas(self, replica_ids: Iterable[str]) -> None:
+        ops = [self._client.transactions.delete(self._replica_key(rid)) for rid in replica_ids]
+        for i in range(0, len(ops), _MAX_TXN_OPS):
+            await self._call(
+                "delete", self._client.transaction(compare=[], success=ops[i : i + _MAX_TXN_OPS], failure=[])
+            )
+
+    async def save_heartbeats(self, replicas: Iterable[StoredReplica]) -> dict[str, int]:
+        items = []
+        for s in replicas:
+            rep = pb.Replica()
+            rep.CopyFrom(s.replica)
+            rep.registered_unix = s.registered_at
+            items.append((rep, s.lease))
+        return await self._put_keeping_lease(items)
+
+    async def _put_keeping_lease(self, items: list[tuple[pb.Replica, int]]) -> dict[str, int]:
+        """Overwrite replicas that still exist, attached to their lease; a replica whose key is gone (expired
+        or deregistered meanwhile) is not resurrected. Replica id -> its write's revision, for those written.
+        One small transaction per replica ("if it still exists, overwrite it"): one transaction for many keys
+        would fail as a whole when any one of them has gone."""
+
+        async def put(rep: pb.Replica, lease: int) -> tuple[str, int]:
+            key = self._replica_key(rep.replica_id)
+            req = rpc.TxnRequest(
+                compare=[
+                    rpc.Compare(
+                        key=key,
+                        result=rpc.Compare.CompareResult.GREATER,
+                        target=rpc.Compare.CompareTarget.VERSION,
+                        version=0,
+                    )
+                ],
+                success=[
+                    rpc.RequestOp(
+                        request_put=rpc.PutRequest(key=key, value=rep.SerializeToString(), lease=lease)
+                    )
+                ],
+            )
+            resp = await self._call("put", self._client.kvstub.Txn(req, timeout=self._client._timeout))
+            return rep.replica_id, resp.header.revision if resp.succeeded else 0
+
+        revisions: dict[str, int] = {}
+        for i in range(0, len(items), _MAX_TXN_OPS):  # bounded concurrency: at most this many in flight
+            for rid, revision in await asyncio.gather(
+                *(put(r, lease) for r, lease in items[i : i + _MAX_TXN_OPS])
+            ):
+                if revision:
+                    revisions[rid] = revision
+        return revisions
+
+    async def keepalive(self, leases: Iterable[int]) -> set[int]:
+        ids = [lid for lid in leases if lid]
+        if not ids:
+            return set()
+
+        async def requests():
+            for lid in ids:
+                yield rpc.LeaseKeepAliveRequest(ID=lid)
+
+        gone: set[int] = set()
+        call = self._client.leasestub.LeaseKeepAlive(requests(), timeout=self._client._timeout)
+        try:
+            n = 0
+            async for resp in call:
+                if resp.TTL <= 0:
+                    gone.add(resp.ID)
+                n += 1
+                if n == len(ids):
+                    break
+        except _ERRORS as e:
+            raise StoreError(f"etcd keepalive failed: {e}") from e
+        finally:
+            call.cancel()
+        return gone
+
+    async def revoke(self, lease: int) -> None:
+        """Drop a lease no key uses any more (a replica registered again gets a new one)."""
+        if lease:
+            await self._call("lease revoke", self._client.revoke_lease(lease))
+
+    async def watch_replicas(self, after_revision: int) -> AsyncIterator[ReplicaEvent]:
+        start = self.prefix + b"replicas/"
+        try:
+            watch = await self._client.watch(
+                start, range_end=_prefix_end(start), start_revision=after_revision + 1
+            )
+        except _ERRORS as e:
+            raise StoreError(f"etcd watch failed: {e}") from e
+        try:
+            async for ev in watch:
+                rid = ev.kv.key[len(start) :].decode()
+                if ev.kind == EventKind.PUT:
+                    yield ReplicaEvent(rid, self._decode(ev.kv), ev.kv.mod_revision)
+                else:
+                    yield ReplicaEvent(rid, None, ev.kv.mod_revision)
+        except _ERRORS as e:
+            raise StoreError(f"etcd watch broke: {e}") from e
+        finally:
+            await watch.cancel()
+
+    # -- documents -----------------------------------------------------------------------------------
+
+    async def get_doc(self, kind: str, name: str) -> Doc | None:
+        kv = await self._call("get", self._client.get(self._doc_key(kind, name)))
+        return None if kv is None else Doc(name, kv.value, kv.mod_revision)
+
+    async def list_docs(self, kind: str) -> list[Doc]:
+        base = self._doc_key(kind)
+        resp = await self._call("list", self._client.get_prefix(base))
+        return sorted(
+            (Doc(kv.key[len(base) :].decode(), kv.value, kv.mod_revision) for kv in resp),
+            key=lambda d: d.name,
+        )
+
+    async def put_doc(self, kind: str, name: str, value: bytes, *, if_version: int | None = None) -> int:
+        validate_doc_key(kind, name)
+        key = self._doc_key(kind, name)
+        if if_version is None:
+            resp = await self._call("put", self._client.put(key, bytes(value)))
+            return resp.header.revision
+        req = rpc.TxnRequest(
+            compare=[
+                rpc.Compare(
+                    key=key,
+                    result=rpc.Compare.CompareResult.EQUAL,
+                    target=rpc.Compare.CompareTarget.MOD,
+                    mod_revision=if_version,
+                )
+            ],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=bytes(value)))],
+        )
+        resp = await self._call("put", self._client.kvstub.Txn(req, timeout=self._client._timeout))
+        if not resp.succeeded:
+            current = await self.get_doc(kind, name)
+            raise StoreConflict(kind, name, if_version, current.version if current else 0)
+        return resp.header.revision
+
+    async def delete_doc(self, kind: str, name: str) -> bool:
+        resp = await self._call("delete", self._client.delete(self._doc_key(kind, name)))
+        return bool(resp and resp.deleted)
+
+    async def watch_docs(self, kind: str) -> AsyncIterator[DocEvent]:
+        base = self._doc_key(kind)
+        try:
+            watch = await self._client.watch(base, range_end=_prefix_end(base))
+        except _ERRORS as e:
+            raise StoreError(f"etcd watch failed: {e}") from e
+        try:
+            async for ev in watch:
+                name = ev.kv.key[len(base) :].decode()
+                if ev.kind == EventKind.PUT:
+                    yield DocEvent(DocChange.PUT, Doc(name, ev.kv.value, ev.kv.mod_revision))
+                else:
+                    yield DocEvent(DocChange.DELETED, Doc(name, b"", 0))
+        except _ERRORS as e:
+            raise StoreError(f"etcd watch broke: {e}") from e
+        finally:
+            await watch.cancel()

@@ -1,0 +1,159 @@
+"""The registry store contract, run against both backends (SQLite file, a real etcd): replicas round-trip,
+heartbeat batches, drain state, deletion, and versioned documents with compare-and-set and a change feed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fleetserve.common.v1 import common_pb2
+from fleetserve.registry.v1 import registry_service_pb2 as pb
+
+from services.registry.store import DocChange, SqliteStore, StoreConflict, StoreError
+from services.registry.store_etcd import EtcdStore
+
+
+def replica(rid: str, running: int = 0) -> pb.Replica:
+    return pb.Replica(
+        replica_id=rid,
+        address="10.0.0.1:7000",
+        model="m",
+        backend="vllm",
+        model_version="v2",
+        state=pb.REPLICA_STATE_SERVING,
+        load=common_pb2.ReplicaLoad(running=running, kv_blocks_total=100, prefix_cache_hit_rate=0.25),
+        last_heartbeat_unix=1.7e9,
+        started_unix=1.6e9,
+    )
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = SqliteStore(str(tmp_path / "r.db"))
+    else:
+        e = request.getfixturevalue("etcd")
+        s = EtcdStore(e.endpoint, e.prefix)
+    await s.open(lease_ttl_s=30)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_replicas_round_trip_with_registration_time(store):
+    """What is written is read back field for field, with its registration time."""
+    await store.put_replica(replica("r1", running=2), registered_at=123.0)
+    await store.put_replica(replica("r2"), registered_at=124.0)
+    got, _ = await store.load_replicas()
+    assert [(s.replica.replica_id, s.registered_at) for s in got] == [("r1", 123.0), ("r2", 124.0)]
+    want = replica("r1", running=2)
+    want.registered_unix = 123.0
+    assert got[0].replica == want
+
+
+async def test_heartbeat_batch_updates_load_and_never_resurrects(store):
+    """save_heartbeats writes many replicas' load at once and skips a replica deleted meanwhile."""
+    a = await store.put_replica(replica("r1"), 1.0)
+    b = await store.put_replica(replica("r2"), 1.0)
+    a.replica.load.running, b.replica.load.running = 9, 4
+    await store.delete_replicas(["r2"])
+    written = await store.save_heartbeats([a, b])
+    got = {s.replica.replica_id: s.replica for s in (await store.load_replicas())[0]}
+    assert got["r1"].load.running == 9
+    assert "r2" not in got
+    if store.external_leases:
+        assert set(written) == {"r1"}  # etcd checks existence per key
+    assert await store.save_heartbeats([]) == {}
+
+
+async def test_set_state_and_delete(store):
+    """Drain state is stored; deleted replicas are gone."""
+    stored = {rid: await store.put_replica(replica(rid), 1.0) for rid in ("r1", "r2", "r3")}
+    await store.set_state(stored["r1"], pb.REPLICA_STATE_DRAINING)
+    await store.delete_replicas(["r2", "r3"])
+    got, _ = await store.load_replicas()
+    assert [(s.replica.replica_id, s.replica.state) for s in got] == [("r1", pb.REPLICA_STATE_DRAINING)]
+
+
+async def test_documents_are_versioned_with_compare_and_set(store):
+    """put_doc returns a new version each write; if_version guards against lost updates; 0 means create."""
+    assert await store.get_doc("autoscaler", "sim-1b") is None
+    v1 = await store.put_doc("autoscaler", "sim-1b", b"one", if_version=0)
+    with pytest.raises(StoreConflict):
+        await store.put_doc("autoscaler", "sim-1b", b"again", if_version=0)
+    v2 = await store.put_doc("autoscaler", "sim-1b", b"two", if_version=v1)
+    assert v2 > v1
+    with pytest.raises(StoreConflict) as exc:
+        await store.put_doc("autoscaler", "sim-1b", b"stale", if_version=v1)
+    assert exc.value.actual == v2
+    await store.put_doc("autoscaler", "llama", b"x")
+    await store.put_doc("rollout", "p1", b"y")
+    assert [(d.name, d.value) for d in await store.list_docs("autoscaler")] == [
+        ("llama", b"x"),
+        ("sim-1b", b"two"),
+    ]
+    assert await store.delete_doc("autoscaler", "llama")
+    assert not await store.delete_doc("autoscaler", "llama")
+    with pytest.raises(ValueError):
+        await store.put_doc("autoscaler", "a/b", b"")
+
+
+async def test_document_watch_sees_puts_and_deletes(store):
+    """watch_docs delivers later writes and deletions of its kind only."""
+    events = []
+
+    async def follow():
+        async for ev in store.watch_docs("rollout"):
+            events.append((ev.change, ev.doc.name, ev.doc.value))
+            if len(events) == 2:
+                return
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.2)  # let the watch start (etcd: the watch request must reach the server first)
+    await store.put_doc("autoscaler", "ignored", b"z")
+    await store.put_doc("rollout", "plan", b"v1")
+    await store.delete_doc("rollout", "plan")
+    await asyncio.wait_for(task, 10)
+    assert events == [(DocChange.PUT, "plan", b"v1"), (DocChange.DELETED, "plan", b"")]
+
+
+async def test_etcd_expires_a_replica_whose_lease_is_not_renewed(etcd):
+    """With etcd, a replica's key goes away on its own when its lease is not kept alive, and the watch
+    reports the deletion; a renewed lease keeps its replica."""
+    s = EtcdStore(etcd.endpoint, etcd.prefix)
+    await s.open(lease_ttl_s=1)
+    try:
+        kept = await s.put_replica(replica("kept"), 1.0)
+        await s.put_replica(replica("silent"), 1.0)
+        _, rev = await s.load_replicas()
+        deleted: list[str] = []
+
+        async def follow():
+            async for ev in s.watch_replicas(rev):
+                if ev.stored is None:
+                    deleted.append(ev.replica_id)
+                    return
+
+        task = asyncio.create_task(follow())
+        async with asyncio.timeout(20):
+            while not task.done():
+                assert await s.keepalive([kept.lease]) == set()
+                await asyncio.sleep(0.3)
+        assert deleted == ["silent"]
+        assert [x.replica.replica_id for x in (await s.load_replicas())[0]] == ["kept"]
+        await s.revoke(kept.lease)
+        assert (await s.load_replicas())[0] == []
+        assert await s.keepalive([kept.lease]) == {kept.lease}
+    finally:
+        await s.close()
+
+
+async def test_etcd_unreachable_is_a_store_error_naming_the_endpoint():
+    """An etcd that is not there fails open() with StoreError naming the endpoint (the registry exits)."""
+    from tests.servers import free_port
+
+    s = EtcdStore(f"127.0.0.1:{free_port()}", "/x/", timeout_s=1)
+    with pytest.raises(StoreError, match="127.0.0.1"):
+        await s.open(lease_ttl_s=3)
+    await s.close()
