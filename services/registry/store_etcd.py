@@ -142,22 +142,15 @@ class EtcdStore(RegistryStore):
 
         async def put(rep: pb.Replica, lease: int) -> tuple[str, int]:
             key = self._replica_key(rep.replica_id)
-            req = rpc.TxnRequest(
-                compare=[
-                    rpc.Compare(
-                        key=key,
-                        result=rpc.Compare.CompareResult.GREATER,
-                        target=rpc.Compare.CompareTarget.VERSION,
-                        version=0,
-                    )
-                ],
-                success=[
-                    rpc.RequestOp(
-                        request_put=rpc.PutRequest(key=key, value=rep.SerializeToString(), lease=lease)
-                    )
-                ],
+            exists = rpc.Compare(
+                key=key,
+                result=rpc.Compare.CompareResult.GREATER,
+                target=rpc.Compare.CompareTarget.VERSION,
+                version=0,
             )
-            resp = await self._call("put", self._client.kvstub.Txn(req, timeout=self._client._timeout))
+            resp = await self._put_if(
+                exists, rpc.PutRequest(key=key, value=rep.SerializeToString(), lease=lease)
+            )
             return rep.replica_id, resp.header.revision if resp.succeeded else 0
 
         revisions: dict[str, int] = {}
@@ -168,6 +161,11 @@ class EtcdStore(RegistryStore):
                 if revision:
                     revisions[rid] = revision
         return revisions
+
+    async def _put_if(self, compare: rpc.Compare, put: rpc.PutRequest) -> rpc.TxnResponse:
+        """One transaction: put if compare holds (resp.succeeded says whether it did)."""
+        req = rpc.TxnRequest(compare=[compare], success=[rpc.RequestOp(request_put=put)])
+        return await self._call("put", self._client.kvstub.Txn(req, timeout=self._client._timeout))
 
     async def keepalive(self, leases: Iterable[int]) -> set[int]:
         ids = [lid for lid in leases if lid]
@@ -239,18 +237,13 @@ class EtcdStore(RegistryStore):
         if if_version is None:
             resp = await self._call("put", self._client.put(key, bytes(value)))
             return resp.header.revision
-        req = rpc.TxnRequest(
-            compare=[
-                rpc.Compare(
-                    key=key,
-                    result=rpc.Compare.CompareResult.EQUAL,
-                    target=rpc.Compare.CompareTarget.MOD,
-                    mod_revision=if_version,
-                )
-            ],
-            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=bytes(value)))],
+        unchanged = rpc.Compare(
+            key=key,
+            result=rpc.Compare.CompareResult.EQUAL,
+            target=rpc.Compare.CompareTarget.MOD,
+            mod_revision=if_version,
         )
-        resp = await self._call("put", self._client.kvstub.Txn(req, timeout=self._client._timeout))
+        resp = await self._put_if(unchanged, rpc.PutRequest(key=key, value=bytes(value)))
         if not resp.succeeded:
             current = await self.get_doc(kind, name)
             raise StoreConflict(kind, name, if_version, current.version if current else 0)
