@@ -153,6 +153,8 @@ class Cluster:
             str(cfg.lease_ttl_s),
             "--heartbeat-interval-s",
             str(cfg.heartbeat_interval_s),
+            "--metrics-address",
+            self.metrics,
         ]
         if cfg.registry_store == "etcd":
             endpoint = cfg.etcd_endpoint

@@ -106,6 +106,21 @@ class NotFound(FleetError):
     reason = "NOT_FOUND"
 
 
+class FailedPrecondition(FleetError):
+    """The system is not in the state the operation needs (e.g. promoting a rollout that already ended); retrying
+    unchanged fails until that state changes."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Aborted(FleetError):
+    """A concurrent change won (a compare-and-set lost): read the current state again and retry."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "ABORTED"
+
+
 class Unavailable(FleetError):
     """Transient: retry after the advised delay."""
 

@@ -12,6 +12,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otl
 
 from services.metrics.config import MetricsSettings
 from services.metrics.counters import CounterStore
+from services.metrics.experiments import ArmStore
 from services.metrics.ingest import MetricsReceiver, SpanIntake, TraceReceiver
 from services.metrics.latency import RequestStats
 from services.metrics.servicer import MetricsServicer
@@ -71,9 +72,11 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     stats = RequestStats()
     slo = SloEngine(slo_config)
     counters = CounterStore()
-    servicer = MetricsServicer(spans, stats, counters, slo)
+    arms = ArmStore()
+    servicer = MetricsServicer(spans, stats, counters, slo, arms)
     intake = SpanIntake(spans)
     intake.record_sinks += [stats.add, slo.add]
+    arms.attach(intake)
     traces = TraceReceiver(intake)
     metrics = MetricsReceiver(counters)
     running = await create_server(

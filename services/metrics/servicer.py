@@ -9,6 +9,7 @@ import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 
 from services.metrics.counters import CounterStore
+from services.metrics.experiments import ArmStore
 from services.metrics.latency import RequestStats
 from services.metrics.slo import SloEngine, SloObject
 from services.metrics.spans import SpanStore
@@ -34,7 +35,15 @@ def check_window(window_s: float, field: str = "window_s") -> None:
 class MetricsServicer:
     """Answers from what the OTLP receivers have stored."""
 
-    def __init__(self, spans: SpanStore, stats: RequestStats, counters: CounterStore, slo: SloEngine) -> None:
+    def __init__(
+        self,
+        spans: SpanStore,
+        stats: RequestStats,
+        counters: CounterStore,
+        slo: SloEngine,
+        arms: ArmStore | None = None,
+    ) -> None:
+        self.arms = arms or ArmStore()
         self.spans = spans
         self.stats = stats
         self.counters = counters
@@ -106,6 +115,12 @@ class MetricsServicer:
             self._watchers.discard(queue)
             if listener in self.slo.listeners:
                 self.slo.listeners.remove(listener)
+
+    @rpc_boundary
+    async def QueryArms(self, request: mpb.QueryArmsRequest, context) -> mpb.QueryArmsResponse:
+        if not request.experiment:
+            raise InvalidArgument("experiment is required", field_violations=[("experiment", "required")])
+        return mpb.QueryArmsResponse(arms=self.arms.query(request.experiment, request.limit))
 
     def close_watches(self) -> None:
         """End every WatchAlerts stream (shutdown: they would otherwise hold the drain for its whole grace)."""

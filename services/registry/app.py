@@ -7,12 +7,18 @@ from dataclasses import dataclass, field
 
 import structlog
 from fleetserve.registry.v1 import registry_service_pb2 as pb
+from fleetserve.registry.v1 import rollout_service_pb2 as rollout_pb
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.registry.config import RegistrySettings
 from services.registry.membership import Membership
+from services.registry.rollouts.controller import RolloutController
+from services.registry.rollouts.metrics_source import MetricsServiceSource
+from services.registry.rollouts.servicer import RolloutServicer
+from services.registry.rollouts.traffic import TrafficState
 from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore, ReplicaEvent, StoredReplica, StoreError, open_store
+from services.router import policies
 from shared.resilience import full_jitter
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
@@ -117,6 +123,7 @@ class RegistryApp:
     servicer: RegistryServicer
     membership: Membership
     store: RegistryStore
+    rollouts: RolloutServicer
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -130,9 +137,12 @@ class RegistryApp:
         async def before_stop() -> None:
             # Watches never end by themselves; ending them now lets watchers reconnect elsewhere at once.
             self.membership.close_watchers()
+            self.rollouts.traffic.close_watchers()
 
         async def after_stop() -> None:
             await cancel_and_wait(self.tasks)
+            if self.rollouts.metrics is not None:
+                await self.rollouts.metrics.close()
             try:
                 await persist_once(self.membership, self.store)
             except StoreError as e:
@@ -156,6 +166,10 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
         membership = Membership(settings.lease_ttl_s, watch_queue_size=settings.watch_queue_size)
         stored, revision = await store.load_replicas()
         restored = membership.restore(stored)
+        traffic = TrafficState(store)
+        await traffic.load()
+        for r in membership.list():
+            await traffic.saw_version(r.model, r.model_version)
         servicer = RegistryServicer(
             membership,
             store,
@@ -163,7 +177,11 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
             telemetry.meter,
             lease_ttl_s=settings.lease_ttl_s,
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            on_register=lambda r: traffic.saw_version(r.model, r.model_version),
         )
+        source = MetricsServiceSource(settings.metrics_address) if settings.metrics_address else None
+        controller = RolloutController(traffic, membership, source, telemetry.meter)
+        rollouts = RolloutServicer(traffic, controller, source, policies.available())
 
         def observe_replicas(_options: CallbackOptions):
             counts: dict[tuple[str, str, int], int] = {}
@@ -184,14 +202,21 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
             description="Registered replicas by model, version and state.",
         )
         running = await create_server(
-            [Service(pb, "RegistryService", servicer, relay_bytes=frozenset({"WatchReplicas"}))],
+            [
+                Service(pb, "RegistryService", servicer, relay_bytes=frozenset({"WatchReplicas"})),
+                Service(rollout_pb, "RolloutService", rollouts, relay_bytes=frozenset({"WatchTraffic"})),
+            ],
             settings.host,
             settings.port,
         )
     except BaseException:
         await store.close()
         raise
-    app = RegistryApp(running, servicer, membership, store)
+    app = RegistryApp(running, servicer, membership, store, rollouts)
+    app.tasks.append(asyncio.create_task(traffic.follow(), name="registry.follow_traffic"))
+    app.tasks.append(
+        asyncio.create_task(controller.run(settings.rollout_interval_s), name="registry.rollout_controller")
+    )
     if store.external_leases:
         # The store expires silent replicas (etcd leases): renew the leases of those that heartbeat here,
         # and follow what other registries and etcd change.
@@ -223,5 +248,8 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
         restored=restored,
         lease_ttl_s=settings.lease_ttl_s,
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        metrics_address=settings.metrics_address or None,
+        rollouts=len(traffic.rollouts),
+        experiments=len(traffic.experiments),
     )
     return app

@@ -51,6 +51,18 @@ class RegistrySettings(ServiceSettings):
         description="Events buffered per watcher; a watcher that falls further behind gets a fresh snapshot.",
     )
 
+    metrics_address: str = Field(
+        "",
+        description="host:port of the metrics service whose numbers rollout guardrails and A/B analyses read; "
+        "empty: rollouts never advance on guardrails they cannot judge, and experiments cannot be analysed.",
+    )
+    rollout_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often the rollout controller judges guardrails and moves plans along.",
+    )
+
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> RegistrySettings:
         # One late heartbeat must not cost a healthy replica its lease.

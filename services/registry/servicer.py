@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import structlog
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 from opentelemetry import metrics, trace
@@ -50,8 +52,11 @@ class RegistryServicer:
         *,
         lease_ttl_s: float,
         heartbeat_interval_s: float,
+        on_register: Callable[[pb.Replica], Awaitable[None]] | None = None,
     ) -> None:
         self.membership = membership
+        # Told of every registration (the rollouts' record of the versions each model ever had).
+        self.on_register = on_register
         self.store = store
         self.tracer = tracer
         self.lease_ttl_s = lease_ttl_s
@@ -97,6 +102,8 @@ class RegistryServicer:
                     f"the registry's store is unavailable: {e}", reason="STORE_UNAVAILABLE", retry_after_s=1.0
                 ) from None
             self.membership.attach(r.replica_id, stored.lease, stored.revision)
+            if self.on_register is not None:
+                await self.on_register(r)
             if old_store_lease and old_store_lease != stored.lease:
                 await self._revoke(old_store_lease)
             self.count_change("registered")

@@ -94,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin_mod.add_arguments(admin)
 
+    from shared.cli import rollout as rollout_mod
+
+    rollout_mod.add_rollout_arguments(
+        sub.add_parser("rollout", help="move a model's traffic to a new version under guardrails")
+    )
+    rollout_mod.add_experiment_arguments(
+        sub.add_parser(
+            "experiment", help="A/B experiments: create, status, analyze (with statistics), list, stop"
+        )
+    )
+    rollout_mod.add_flag_arguments(
+        sub.add_parser("flag", help="feature flags: a version or policy for a cohort")
+    )
+
     bench = sub.add_parser("bench", help="load the fleet (or one engine) and print a JSON summary")
     from loadtest import bench as bench_mod
 
@@ -123,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.admin import run_admin
 
         return run_admin(args)
+    if args.command in ("rollout", "experiment", "flag"):
+        from shared.cli.rollout import run
+
+        return run(args, args.command)
     if args.command == "bench":
         from loadtest import bench as bench_mod
 

@@ -1,0 +1,160 @@
+"""The rollout controller: on every tick, judges each running rollout's guardrails over its current step, rolls
+back on a breach, holds while the candidate has no replica, advances a step once its bake time passed with every
+guardrail judged ok, and promotes after the last step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import grpc
+import structlog
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+from fleetserve.registry.v1 import rollout_service_pb2 as pb
+from opentelemetry import metrics
+
+from services.registry.membership import Membership
+from services.registry.rollouts import guardrails, plans
+from services.registry.rollouts.guardrails import VersionStats
+from services.registry.rollouts.metrics_source import StatsSource
+from services.registry.rollouts.traffic import TrafficState
+from shared.errors import Aborted
+
+log = structlog.get_logger(__name__)
+
+# The shortest window judged (a step that just began has too little to say).
+MIN_WINDOW_S = 1.0
+
+
+class RolloutController:
+    """Moves rollouts along. tick() is the whole decision (tests call it with an injected clock and source)."""
+
+    def __init__(
+        self,
+        traffic: TrafficState,
+        membership: Membership,
+        source: StatsSource | None,
+        meter: metrics.Meter,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.traffic = traffic
+        self.membership = membership
+        self.source = source
+        self._clock = clock
+        self._events = meter.create_counter(
+            "fleetserve.registry.rollout_events",
+            unit="{event}",
+            description="Rollout transitions (advanced, promoted, rolled_back, ...), by model and version.",
+        )
+
+    def candidate_replicas(self, r: pb.Rollout) -> int:
+        """SERVING replicas of the rollout's candidate now."""
+        return sum(
+            1
+            for rep in self.membership.list(r.plan.model)
+            if rep.model_version == r.plan.candidate_version and rep.state == reg_pb.REPLICA_STATE_SERVING
+        )
+
+    async def tick(self) -> None:
+        """One decision for every running or paused rollout."""
+        for stored in self.traffic.active_rollouts():
+            # Decided on a copy: the stored rollout changes only once the write succeeded.
+            r = pb.Rollout()
+            r.CopyFrom(stored)
+            await self._step(r)
+            if r == stored:
+                continue  # nothing to write: no store write per tick while nothing changes
+            traffic_changed = (r.state, r.step, r.candidate_percent) != (
+                stored.state,
+                stored.step,
+                stored.candidate_percent,
+            )
+            event = r.updated_at_unix != stored.updated_at_unix
+            try:
+                # Checks and replica counts change often; routers only care about the split.
+                await self.traffic.save_rollout(r, publish=traffic_changed)
+            except Aborted:
+                continue  # another registry decided first; its decision is reloaded
+            if event:
+                self.announce(r)
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.tick()
+            except Exception:  # a failing tick (metrics down) must not stop later ones
+                log.exception("registry.rollout_tick_failed")
+
+    async def _step(self, r: pb.Rollout) -> None:
+        now = self._clock()
+        had_replicas = r.candidate_replicas
+        r.candidate_replicas = self.candidate_replicas(r)
+        plan = r.plan
+        if plan.strategy == plans.SHADOW:
+            if r.state == plans.RUNNING and now - r.step_started_at_unix >= plan.bake_s:
+                plans.complete(r, now, f"shadowed {plan.shadow_percent:g}% for {plan.bake_s:g} s")
+            return
+        checks = await self._judge(r, now)
+        del r.checks[:]
+        r.checks.extend(checks)
+        breaches = [c for c in checks if c.verdict == guardrails.BREACH]
+        if breaches:
+            detail = "guardrail breached: " + "; ".join(guardrails.describe(c) for c in breaches)
+            plans.rollback(r, now, detail)
+            return
+        if r.candidate_replicas and not had_replicas:
+            r.step_started_at_unix = now  # the bake starts over: time without replicas proved nothing
+        if r.candidate_replicas == 0:
+            if r.events[-1].kind != "waiting":
+                plans.record(r, "waiting", now, f"no SERVING replica of {plan.candidate_version}: "
+                             f"traffic stays on {plan.baseline_version}")  # fmt: skip
+            return
+        if r.state != plans.RUNNING or now - r.step_started_at_unix < plan.bake_s:
+            return
+        if all(c.verdict == guardrails.OK for c in checks):
+            judged = "; ".join(guardrails.describe(c) for c in checks) or "no guardrails"
+            plans.advance(
+                r, now, f"{now - r.step_started_at_unix:.0f} s at {r.candidate_percent:g}% ({judged})"
+            )
+
+    async def _judge(self, r: pb.Rollout, now: float) -> list[pb.GuardrailCheck]:
+        plan = r.plan
+        if not plan.guardrails:
+            return []
+        start = r.step_started_at_unix
+        if plan.window_s:
+            start = max(start, now - plan.window_s)
+        window = max(MIN_WINDOW_S, now - start)
+        if self.source is None:
+            cand = base = VersionStats()  # no metrics service: never judged, so never advanced
+        else:
+            try:
+                cand = await self.source.fetch(plan.model, plan.candidate_version, window)
+                base = await self.source.fetch(plan.model, plan.baseline_version, window)
+            except grpc.aio.AioRpcError as e:
+                log.warning(
+                    "registry.rollout_metrics_unavailable", code=e.code().name, rollout_id=r.rollout_id
+                )
+                cand = base = VersionStats()
+        return [guardrails.judge(g, cand, base) for g in plan.guardrails]
+
+    def announce(self, r: pb.Rollout) -> None:
+        """Count (a metric the metrics service receives) and log the rollout's last event."""
+        e = r.events[-1]
+        self._events.add(
+            1, {"model": r.plan.model, "model_version": r.plan.candidate_version, "event": e.kind}
+        )
+        level = log.warning if e.kind == "rolled_back" else log.info
+        level(
+            f"registry.rollout_{e.kind}",
+            rollout_id=r.rollout_id,
+            model=r.plan.model,
+            baseline_version=r.plan.baseline_version,
+            candidate_version=r.plan.candidate_version,
+            candidate_percent=r.candidate_percent,
+            step=r.step,
+            detail=e.detail,
+        )

@@ -1,0 +1,121 @@
+"""Guardrails of a rollout: the metrics that exist, and how a candidate's numbers over a window are judged against
+an absolute limit or against the baseline's numbers over the same window."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fleetserve.registry.v1 import rollout_service_pb2 as pb
+
+DEFAULT_MIN_SAMPLES = 20
+OK, BREACH, INSUFFICIENT = "ok", "breach", "insufficient_data"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStats:
+    """One version's requests in a window, as the metrics service reports them."""
+
+    requests: int = 0
+    errors: int = 0
+    ttft_p99_ms: float = 0.0
+    ttft_count: int = 0
+    tpot_p99_ms: float = 0.0
+    tpot_count: int = 0
+    refusals: int = 0
+    # Requests whose refusal was checked (the denominator of the refusal rate).
+    refusal_checked: int = 0
+    feedback_count: int = 0
+    feedback_mean: float = 0.0
+    cost_usd: float = 0.0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """A guardrail metric: its value and sample count in a VersionStats, and which direction is worse."""
+
+    name: str
+    value: Callable[[VersionStats], float]
+    samples: Callable[[VersionStats], int]
+    higher_is_better: bool = False
+    unit: str = ""
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("error_rate", lambda s: _ratio(s.errors, s.requests), lambda s: s.requests),
+        Metric("ttft_p99_ms", lambda s: s.ttft_p99_ms, lambda s: s.ttft_count, unit=" ms"),
+        Metric("tpot_p99_ms", lambda s: s.tpot_p99_ms, lambda s: s.tpot_count, unit=" ms"),
+        Metric("refusal_rate", lambda s: _ratio(s.refusals, s.refusal_checked), lambda s: s.refusal_checked),
+        Metric(
+            "feedback_rating", lambda s: s.feedback_mean, lambda s: s.feedback_count, higher_is_better=True
+        ),
+        Metric(
+            "cost_per_1k_tokens",
+            lambda s: _ratio(s.cost_usd * 1000.0, s.output_tokens),
+            lambda s: s.requests,
+            unit=" USD",
+        ),
+    )
+}
+
+
+def min_samples(g: pb.Guardrail) -> int:
+    return g.min_samples or DEFAULT_MIN_SAMPLES
+
+
+def relative(g: pb.Guardrail) -> bool:
+    return g.mode == pb.GUARDRAIL_MODE_RELATIVE
+
+
+def judge(g: pb.Guardrail, candidate: VersionStats, baseline: VersionStats | None) -> pb.GuardrailCheck:
+    """The verdict on one guardrail: insufficient_data until the candidate (and, relative, the baseline) has
+    min_samples in the window; then breach or ok on the point values."""
+    metric = METRICS[g.metric]
+    value = metric.value(candidate)
+    samples = metric.samples(candidate)
+    check = pb.GuardrailCheck(guardrail=g, candidate_value=value, samples=samples, verdict=INSUFFICIENT)
+    need = min_samples(g)
+    if samples < need:
+        return check
+    if relative(g):
+        if baseline is None or metric.samples(baseline) < need:
+            return check
+        base = metric.value(baseline)
+        check.baseline_value = base
+        bound = g.limit * base
+        worse_by = (base - value) if metric.higher_is_better else (value - base)
+        beyond = value < bound if metric.higher_is_better else value > bound
+        check.verdict = BREACH if beyond and worse_by > g.min_gap else OK
+    else:
+        beyond = value < g.limit if metric.higher_is_better else value > g.limit
+        check.verdict = BREACH if beyond else OK
+    return check
+
+
+def describe(check: pb.GuardrailCheck) -> str:
+    """A check in words with its numbers, e.g. 'tpot_p99_ms 41.2 ms > 1.5 x baseline 19.9 ms = 29.8 ms (57
+    samples)'."""
+    g = check.guardrail
+    metric = METRICS.get(g.metric)
+    unit = metric.unit if metric else ""
+    worse = "<" if metric is not None and metric.higher_is_better else ">"
+    better = ">=" if worse == "<" else "<="
+    op = worse if check.verdict == BREACH else better
+    value = f"{g.metric} {check.candidate_value:.4g}{unit}"
+    if check.verdict == INSUFFICIENT:
+        return f"{g.metric}: {check.samples}/{min_samples(g)} samples, not judged yet"
+    if relative(g):
+        bound = g.limit * check.baseline_value
+        limit = f"{g.limit:g} x baseline {check.baseline_value:.4g}{unit} = {bound:.4g}{unit}"
+        if g.min_gap:
+            limit += f" (gap {g.min_gap:g})"
+    else:
+        limit = f"limit {g.limit:.4g}{unit}"
+    return f"{value} {op} {limit} ({check.samples} samples)"

@@ -1,0 +1,218 @@
+"""The traffic configuration: rollouts, experiments, feature flags and the versions ever registered per model, as
+documents in the registry's store (SQLite or etcd). Writes are compare-and-set on the version last read, so
+several registries over one etcd never overwrite each other's decisions; each follows the store's change feed and
+publishes whole snapshots to its watchers (routers), coalesced so that a slow watcher only gets the latest."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import quote, unquote
+
+import structlog
+from fleetserve.registry.v1 import rollout_service_pb2 as pb
+from google.protobuf.message import Message
+
+from services.registry.rollouts import plans
+from services.registry.store import DocChange, RegistryStore, StoreConflict
+from shared.errors import Aborted
+
+log = structlog.get_logger(__name__)
+
+ROLLOUT, EXPERIMENT, FLAG, VERSION = "rollout", "experiment", "flag", "model_version"
+_TYPES: dict[str, type[Message]] = {ROLLOUT: pb.Rollout, EXPERIMENT: pb.Experiment, FLAG: pb.FeatureFlag}
+
+
+def version_key(model: str, version: str) -> str:
+    """The document name of a (model, version) pair: both quoted, since model names may hold '/'."""
+    return f"{quote(model, safe='')}@{quote(version, safe='')}"
+
+
+class TrafficWatcher:
+    """One WatchTraffic caller: woken on every change; reads the configuration as it is then."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self.changed.set()  # the first thing every watcher gets is the configuration now
+        self.closed = False
+
+
+class TrafficState:
+    """Everything routers need to split traffic, cached from the store with each document's version."""
+
+    def __init__(self, store: RegistryStore) -> None:
+        self.store = store
+        self.rollouts: dict[str, pb.Rollout] = {}
+        self.experiments: dict[str, pb.Experiment] = {}
+        self.flags: dict[str, pb.FeatureFlag] = {}
+        # model -> versions any replica of it ever registered with.
+        self.versions: dict[str, set[str]] = {}
+        self._doc_versions: dict[tuple[str, str], int] = {}
+        self._watchers: set[TrafficWatcher] = set()
+
+    def _table(self, kind: str) -> dict:
+        return {ROLLOUT: self.rollouts, EXPERIMENT: self.experiments, FLAG: self.flags}[kind]
+
+    async def load(self) -> None:
+        """Read every document (at start)."""
+        for kind, cls in _TYPES.items():
+            for doc in await self.store.list_docs(kind):
+                self._table(kind)[doc.name] = cls.FromString(doc.value)
+                self._doc_versions[(kind, doc.name)] = doc.version
+        for doc in await self.store.list_docs(VERSION):
+            self._add_version(doc.name)
+
+    async def follow(self) -> None:
+        """Apply the store's changes (another registry's writes, with etcd) until cancelled."""
+        await asyncio.gather(*(self._follow(kind) for kind in (*_TYPES, VERSION)))
+
+    async def _follow(self, kind: str) -> None:
+        async for ev in self.store.watch_docs(kind):
+            name = ev.doc.name
+            if kind == VERSION:
+                self._add_version(name)
+                continue
+            known = self._doc_versions.get((kind, name), 0)
+            if ev.change is DocChange.DELETED:
+                self._table(kind).pop(name, None)
+                self._doc_versions.pop((kind, name), None)
+            elif ev.doc.version > known:  # our own writes come back too, already applied
+                self._table(kind)[name] = _TYPES[kind].FromString(ev.doc.value)
+                self._doc_versions[(kind, name)] = ev.doc.version
+            else:
+                continue
+            self.publish()
+
+    def _add_version(self, name: str) -> None:
+        model, _, version = name.partition("@")
+        self.versions.setdefault(unquote(model), set()).add(unquote(version))
+
+    # -- writes ---------------------------------------------------------------------------------------------
+
+    async def saw_version(self, model: str, version: str) -> None:
+        """Remember that a replica of model registered with version (durably, once)."""
+        if not model or version in self.versions.get(model, ()):
+            return
+        await self.store.put_doc(VERSION, version_key(model, version), b"")
+        self.versions.setdefault(model, set()).add(version)
+
+    async def _put(self, kind: str, name: str, message: Message, publish: bool = True) -> None:
+        """Write if nobody else wrote since we read (Aborted, with the stored one reloaded, if someone did)."""
+        try:
+            version = await self.store.put_doc(
+                kind, name, message.SerializeToString(), if_version=self._doc_versions.get((kind, name), 0)
+            )
+        except StoreConflict:
+            await self.reload(kind, name)
+            raise Aborted(
+                f"{kind} {name} was changed concurrently (another registry?); read it again and retry",
+                reason="CONCURRENT_CHANGE",
+                metadata={"kind": kind, "name": name},
+            ) from None
+        self._table(kind)[name] = message
+        self._doc_versions[(kind, name)] = version
+        if publish:
+            self.publish()
+
+    async def reload(self, kind: str, name: str) -> None:
+        doc = await self.store.get_doc(kind, name)
+        if doc is None:
+            self._table(kind).pop(name, None)
+            self._doc_versions.pop((kind, name), None)
+        else:
+            self._table(kind)[name] = _TYPES[kind].FromString(doc.value)
+            self._doc_versions[(kind, name)] = doc.version
+        self.publish()
+
+    async def save_rollout(self, r: pb.Rollout, publish: bool = True) -> None:
+        """Store r (durably first), then tell the watchers when routers' view changes."""
+        await self._put(ROLLOUT, r.rollout_id, r, publish)
+
+    async def save_experiment(self, e: pb.Experiment) -> None:
+        await self._put(EXPERIMENT, e.experiment_id, e)
+
+    async def save_flag(self, f: pb.FeatureFlag) -> None:
+        await self._put(FLAG, f.name, f)
+
+    async def delete_flag(self, name: str) -> bool:
+        found = await self.store.delete_doc(FLAG, name)
+        self.flags.pop(name, None)
+        self._doc_versions.pop((FLAG, name), None)
+        if found:
+            self.publish()
+        return found
+
+    # -- queries --------------------------------------------------------------------------------------------
+
+    def rollouts_newest_first(self, model: str = "") -> list[pb.Rollout]:
+        rs = [r for r in self.rollouts.values() if not model or r.plan.model == model]
+        return sorted(rs, key=lambda r: (r.started_at_unix, r.rollout_id), reverse=True)
+
+    def latest_rollout(self, model: str) -> pb.Rollout | None:
+        rs = self.rollouts_newest_first(model)
+        return rs[0] if rs else None
+
+    def active_rollouts(self) -> list[pb.Rollout]:
+        return [r for r in self.rollouts.values() if r.state in plans.ACTIVE]
+
+    def running_experiments(self, model: str = "") -> list[pb.Experiment]:
+        return [
+            e
+            for e in self.experiments.values()
+            if e.state == pb.EXPERIMENT_STATE_RUNNING and (not model or e.spec.model == model)
+        ]
+
+    def experiments_newest_first(self, model: str = "") -> list[pb.Experiment]:
+        es = [e for e in self.experiments.values() if not model or e.spec.model == model]
+        return sorted(es, key=lambda e: (e.created_at_unix, e.experiment_id), reverse=True)
+
+    def find_experiment(self, id_or_name: str) -> pb.Experiment | None:
+        """By id, else the running experiment of that name, else the newest of that name."""
+        e = self.experiments.get(id_or_name)
+        if e is not None:
+            return e
+        named = [x for x in self.experiments_newest_first() if x.spec.name == id_or_name]
+        running = [x for x in named if x.state == pb.EXPERIMENT_STATE_RUNNING]
+        return (running or named or [None])[0]
+
+    def snapshot(self) -> pb.WatchTrafficResponse:
+        """What routers apply: each model's latest rollout, running experiments, enabled flags."""
+        latest: dict[str, pb.Rollout] = {}
+        for r in self.rollouts_newest_first():
+            latest.setdefault(r.plan.model, r)
+        return pb.WatchTrafficResponse(
+            rollouts=[latest[m] for m in sorted(latest)],
+            experiments=sorted(self.running_experiments(), key=lambda e: e.experiment_id),
+            flags=[self.flags[n] for n in sorted(self.flags) if not self.flags[n].disabled],
+        )
+
+    # -- watchers -------------------------------------------------------------------------------------------
+
+    def watch(self) -> TrafficWatcher:
+        w = TrafficWatcher()
+        self._watchers.add(w)
+        return w
+
+    def unwatch(self, w: TrafficWatcher) -> None:
+        self._watchers.discard(w)
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    def publish(self) -> None:
+        for w in self._watchers:
+            w.changed.set()
+
+    def close_watchers(self) -> None:
+        for w in self._watchers:
+            w.closed = True
+            w.changed.set()
+        self._watchers.clear()
+
+    async def next_snapshot(self, w: TrafficWatcher) -> bytes | None:
+        """The configuration once it changed since the watcher's last read (serialized); None once closed."""
+        await w.changed.wait()
+        w.changed.clear()
+        if w.closed:
+            return None
+        return self.snapshot().SerializeToString()

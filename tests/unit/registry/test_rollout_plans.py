@@ -1,0 +1,158 @@
+"""Rollout plans: every bad field named, transitions and their events, and guardrail verdicts with their numbers."""
+
+from __future__ import annotations
+
+import pytest
+from fleetserve.registry.v1 import rollout_service_pb2 as pb
+
+from services.registry.rollouts import guardrails, plans
+from services.registry.rollouts.guardrails import VersionStats
+from shared.errors import FailedPrecondition, InvalidArgument
+
+VERSIONS = {"m": {"v1", "v2", "v3"}}
+
+
+def plan(**kw) -> pb.RolloutPlan:
+    base = dict(
+        model="m",
+        baseline_version="v1",
+        candidate_version="v2",
+        strategy=pb.ROLLOUT_STRATEGY_GRADUAL,
+        steps=[10, 50, 100],
+        bake_s=5,
+    )
+    return pb.RolloutPlan(**{**base, **kw})
+
+
+def violations(p: pb.RolloutPlan) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as exc:
+        plans.validate(p, VERSIONS)
+    return dict(exc.value.field_violations)
+
+
+def test_a_good_plan_of_each_strategy_passes():
+    """Canary with one step, gradual ramp, blue-green without steps, shadow with a percent: all valid."""
+    plans.validate(plan(strategy=pb.ROLLOUT_STRATEGY_CANARY, steps=[5]), VERSIONS)
+    plans.validate(plan(), VERSIONS)
+    plans.validate(plan(strategy=pb.ROLLOUT_STRATEGY_BLUE_GREEN, steps=[]), VERSIONS)
+    plans.validate(plan(strategy=pb.ROLLOUT_STRATEGY_SHADOW, steps=[], shadow_percent=100), VERSIONS)
+
+
+@pytest.mark.parametrize(
+    "fields, field, needle",
+    [
+        (dict(steps=[10, 5, 100]), "plan.steps[1]", "must increase"),
+        (dict(steps=[10, 150]), "plan.steps[1]", "(0, 100]"),
+        (dict(strategy=pb.ROLLOUT_STRATEGY_CANARY, steps=[5, 10]), "plan.steps", "exactly one step"),
+        (dict(strategy=pb.ROLLOUT_STRATEGY_BLUE_GREEN, steps=[50]), "plan.steps", "at once"),
+        (dict(strategy=pb.ROLLOUT_STRATEGY_SHADOW, steps=[]), "plan.shadow_percent", "(0, 100]"),
+        (dict(shadow_percent=10), "plan.shadow_percent", "only for the shadow"),
+        (dict(candidate_version="v9"), "plan.candidate_version", "unknown version 'v9'"),
+        (dict(baseline_version=""), "plan.baseline_version", "required"),
+        (dict(candidate_version="v1"), "plan.candidate_version", "must differ"),
+        (dict(model="nope"), "plan.model", "no replica"),
+        (dict(strategy=pb.ROLLOUT_STRATEGY_UNSPECIFIED), "plan.strategy", "required"),
+        (dict(bake_s=-1), "plan.bake_s", "seconds"),
+        (
+            dict(guardrails=[pb.Guardrail(metric="latency", limit=1)]),
+            "plan.guardrails[0].metric",
+            "unknown metric",
+        ),
+        (
+            dict(guardrails=[pb.Guardrail(metric="error_rate", mode=pb.GUARDRAIL_MODE_RELATIVE)]),
+            "plan.guardrails[0].limit",
+            "factor",
+        ),
+        (
+            dict(
+                strategy=pb.ROLLOUT_STRATEGY_BLUE_GREEN,
+                steps=[],
+                guardrails=[pb.Guardrail(metric="error_rate", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=2)],
+            ),
+            "plan.guardrails[0].mode",
+            "absolute",
+        ),
+    ],
+)
+def test_bad_plans_name_the_field(fields, field, needle):
+    """Each mistake is INVALID_ARGUMENT with a violation on the field at fault that says what is wrong."""
+    got = violations(plan(**fields))
+    assert field in got, got
+    assert needle in got[field]
+
+
+def test_transitions_record_events_and_percents():
+    """start -> advance -> pause -> resume -> advance (promote after the last) -> rollback of a promoted one."""
+    r = plans.start(plan(), "ro-1", now=100.0)
+    assert (r.state, r.step, r.candidate_percent) == (plans.RUNNING, 0, 10.0)
+    plans.advance(r, 110.0, "ok")
+    assert (r.step, r.candidate_percent, r.step_started_at_unix) == (1, 50.0, 110.0)
+    plans.pause(r, 111.0)
+    with pytest.raises(FailedPrecondition):
+        plans.pause(r, 112.0)
+    plans.resume(r, 113.0)
+    plans.advance(r, 120.0, "ok")
+    plans.advance(r, 130.0, "ok")
+    assert (r.state, r.candidate_percent) == (plans.PROMOTED, 100.0)
+    plans.rollback(r, 140.0, "switch back")
+    assert (r.state, r.candidate_percent) == (plans.ROLLED_BACK, 0.0)
+    assert [e.kind for e in r.events] == [
+        "started", "advanced", "paused", "resumed", "advanced", "promoted", "rolled_back"
+    ]  # fmt: skip
+    with pytest.raises(FailedPrecondition):
+        plans.promote(r, 150.0, "again")
+
+
+def test_manual_promote_holds_at_the_last_step():
+    """A plan with manual_promote waits at its last step once passed, once (no event per tick)."""
+    r = plans.start(plan(steps=[20], manual_promote=True), "ro-1", now=0.0)
+    plans.advance(r, 10.0, "ok")
+    plans.advance(r, 11.0, "ok")
+    assert r.state == plans.RUNNING and r.candidate_percent == 20.0
+    assert [e.kind for e in r.events] == ["started", "waiting"]
+
+
+def test_blue_green_starts_switched_and_shadow_moves_nothing():
+    """Blue-green sends 100% at start; a shadow plan 0% and cannot be promoted."""
+    assert (
+        plans.start(plan(strategy=pb.ROLLOUT_STRATEGY_BLUE_GREEN, steps=[]), "a", 0).candidate_percent == 100
+    )
+    s = plans.start(plan(strategy=pb.ROLLOUT_STRATEGY_SHADOW, steps=[], shadow_percent=50), "b", 0)
+    assert s.candidate_percent == 0 and s.plan.shadow_max_in_flight == plans.DEFAULT_SHADOW_IN_FLIGHT
+    with pytest.raises(FailedPrecondition):
+        plans.promote(s, 1, "no")
+
+
+def g(metric: str, limit: float, relative: bool = False, **kw) -> pb.Guardrail:
+    mode = pb.GUARDRAIL_MODE_RELATIVE if relative else pb.GUARDRAIL_MODE_ABSOLUTE
+    return pb.Guardrail(metric=metric, limit=limit, mode=mode, **kw)
+
+
+def test_absolute_guardrails_breach_above_the_limit_and_wait_for_samples():
+    """error_rate 5/100 > 0.02 breaches; with fewer than min_samples it is not judged."""
+    cand = VersionStats(requests=100, errors=5)
+    check = guardrails.judge(g("error_rate", 0.02), cand, None)
+    assert check.verdict == guardrails.BREACH and check.candidate_value == pytest.approx(0.05)
+    assert "error_rate 0.05 > limit 0.02 (100 samples)" == guardrails.describe(check)
+    few = guardrails.judge(g("error_rate", 0.02, min_samples=200), cand, None)
+    assert few.verdict == guardrails.INSUFFICIENT
+    assert guardrails.judge(g("error_rate", 0.1), cand, None).verdict == guardrails.OK
+
+
+def test_relative_guardrails_compare_with_the_baseline_and_respect_the_gap():
+    """tpot p99 2x the baseline breaches a 1.5x limit; feedback (higher is better) breaches below; a gap
+    keeps tiny differences from counting."""
+    base = VersionStats(tpot_p99_ms=10.0, tpot_count=50, feedback_count=30, feedback_mean=4.5)
+    slow = VersionStats(tpot_p99_ms=20.0, tpot_count=50, feedback_count=30, feedback_mean=3.0)
+    check = guardrails.judge(g("tpot_p99_ms", 1.5, relative=True), slow, base)
+    assert check.verdict == guardrails.BREACH and check.baseline_value == 10.0
+    assert "= 15 ms" in guardrails.describe(check)
+    assert guardrails.judge(g("feedback_rating", 0.9, relative=True), slow, base).verdict == guardrails.BREACH
+    assert (
+        guardrails.judge(g("tpot_p99_ms", 1.5, relative=True, min_gap=15), slow, base).verdict
+        == guardrails.OK
+    )
+    thin = VersionStats(tpot_p99_ms=10.0, tpot_count=5)
+    assert (
+        guardrails.judge(g("tpot_p99_ms", 1.5, relative=True), slow, thin).verdict == guardrails.INSUFFICIENT
+    )
