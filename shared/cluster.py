@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,8 +172,9 @@ class Cluster:
         for i in range(cfg.registries):
             await self._spawn("registry" if i == 0 else f"registry-{i + 1}", "registry", args)
 
-    def engine_args(self, name: str) -> list[str]:
-        """The flags of engine `name` (also used by the autoscaler's local provisioner)."""
+    def engine_args(self, name: str, model: str = "") -> list[str]:
+        """The flags of engine `name` (also used by the autoscaler's local provisioner); model: default the
+        fleet's."""
         cfg = self.config
         args = [
             "--registry-address",
@@ -180,7 +182,7 @@ class Cluster:
             "--replica-id",
             name,
             "--model",
-            cfg.model,
+            model or cfg.model,
             "--backend",
             cfg.backend,
             "--speed-factor",
@@ -190,11 +192,12 @@ class Cluster:
             args += ["--startup-s", str(cfg.engine_startup_s)]
         return args
 
-    async def add_engine(self) -> str:
-        """Start one more engine replica; returns its process name."""
+    async def add_engine(self, model: str = "", args: Sequence[str] = ()) -> str:
+        """Start one more engine replica (of `model`, default the fleet's, with extra flags `args`, e.g. another
+        --profile); returns its process name."""
         self._engine_seq += 1
         name = f"engine-{self._engine_seq}"
-        await self._spawn(name, "engine", self.engine_args(name))
+        await self._spawn(name, "engine", [*self.engine_args(name, model), *args])
         return name
 
     async def _spawn(self, name: str, service: str, args: list[str]) -> Proc:

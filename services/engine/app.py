@@ -12,6 +12,7 @@ from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 
 from services.engine.backend import EngineBackend
 from services.engine.config import EngineSettings
+from services.engine.gauges import EngineGauges
 from services.engine.registration import Registration
 from services.engine.servicer import EngineServicer
 from services.engine.sim import SimEngine
@@ -138,6 +139,14 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
     except BaseException:
         await backend.shutdown()
         raise
+    gauges = EngineGauges(
+        telemetry.meter,
+        backend.load,
+        replica_id=settings.replica_id,
+        model=settings.model,
+        model_version=settings.model_version,
+        replica_type=settings.profile,
+    )
     registration = None
     if settings.registry_address:
         registration = Registration(
@@ -150,7 +159,7 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
                 model_version=settings.model_version,
                 started_unix=started_unix,
             ),
-            backend.load,
+            gauges.sample,
             retry_base_s=settings.register_retry_base_s,
             retry_max_s=settings.register_retry_max_s,
             rpc_timeout_s=settings.registry_timeout_s,

@@ -36,6 +36,17 @@ class GpuProfile:
     cost: CostModel
     # Cold start of a replica (process start to serving), in seconds at real speed.
     startup_s: float = 0.0
+    # [pricing]: what one GPU of this kind costs per hour (0: not priced), and the batch size at which an output
+    # token's share of a step's fixed time is reckoned (cost attribution weights, services/metrics/cost.py).
+    gpu_hour_usd: float = 0.0
+    reference_batch: int = 32
+
+    def token_weights_ms(self) -> tuple[float, float, float]:
+        """GPU milliseconds the cost model charges an uncached prompt token, a cached prompt token and an
+        output token: the weights a replica's time is split over its requests by."""
+        c = self.cost
+        output = c.base_ms / self.reference_batch + c.per_decode_seq_ms + c.per_context_token_ms
+        return c.per_prefill_token_ms, c.per_context_token_ms, output
 
 
 def profile_path(name_or_path: str) -> Path:
@@ -69,7 +80,10 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> GpuProfile:
         terms = {field: float(cost.get(key, defaults[field])) for key, field in _COST_KEYS.items()}
         if any(v < 0 for v in terms.values()):
             raise ValueError("cost terms must be >= 0")
+        pricing = data.get("pricing", {})
         profile = GpuProfile(
+            gpu_hour_usd=float(pricing.get("gpu_hour_usd", 0.0)),
+            reference_batch=int(pricing.get("reference_batch", 32)),
             name=path.stem,
             description=str(data.get("description", "")),
             calibrated=bool(data.get("calibrated", False)),
@@ -80,6 +94,8 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> GpuProfile:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"GPU profile {path}: {e!s}") from None
+    if profile.gpu_hour_usd < 0 or profile.reference_batch < 1:
+        raise ValueError(f"GPU profile {path}: [pricing] needs gpu_hour_usd >= 0 and reference_batch >= 1")
     if profile.num_kv_blocks < 1 or profile.max_model_len < 1:
         raise ValueError(f"GPU profile {path}: num_kv_blocks and max_model_len must be >= 1")
     if profile.startup_s < 0:

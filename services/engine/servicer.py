@@ -12,6 +12,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as pb
 from opentelemetry import metrics, trace
 
 from services.engine.backend import EngineBackend
+from services.engine.output_quality import OutputSample
 from shared.deadlines import caller_time_left, deadline_passed
 from shared.errors import InvalidArgument, NotFound, rpc_boundary
 from shared.telemetry import bind_request, context_from_metadata, stream_span
@@ -106,6 +107,7 @@ class EngineServicer:
         first_token_ms: float | None = None
         prompt_tokens = completion = 0
         resumed = len(request.spec.resume_token_ids)
+        sample = OutputSample()
         with stream_span(
             self.tracer, "engine.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
         ) as span:
@@ -125,6 +127,7 @@ class EngineServicer:
                     chunk = resp.chunk
                     chunk.text = out.text
                     chunk.token_ids.extend(out.token_ids)
+                    sample.feed(out.token_ids, out.text)
                     if first_token_ms is None:
                         first_token_ms = (time.perf_counter() - started) * 1000.0
                         served_by = chunk.served_by
@@ -156,6 +159,8 @@ class EngineServicer:
                 reason = _FINISH_NAMES.get(finish, "") if finish is not None else ""
                 span.set_attribute("fleetserve.output_tokens", generated)
                 span.set_attribute("fleetserve.finish_reason", reason)
+                if finish is not None:
+                    span.set_attributes(sample.attributes(generated))
                 code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 if generated:

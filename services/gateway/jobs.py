@@ -89,6 +89,7 @@ def item_requests(req: pb.SubmitBatchRequest) -> list[pb.GenerateRequest]:
             top_p=req.top_p,
             stop=req.stop,
             priority=common_pb2.PRIORITY_BATCH,
+            feature=req.feature,
         )
         if req.HasField("seed"):
             g.seed = req.seed

@@ -266,6 +266,9 @@ class GatewayPipeline:
                 tenant = tenant or self.authenticate(authorization)
                 outcome.tenant_id = tenant.id
                 span.set_attribute("fleetserve.tenant_id", tenant.id)
+                span.set_attribute("fleetserve.tenant_tier", tenant.tier)
+                if request.feature:
+                    span.set_attribute("fleetserve.feature", request.feature)
                 spec = to_spec(
                     request,
                     default_max_tokens=self.default_max_tokens,
@@ -290,7 +293,7 @@ class GatewayPipeline:
                 if self.safety is not None:
                     verdict = self.safety.check_input(input_texts(spec))
                     if verdict is not None:
-                        raise self._refused(INPUT_BLOCKED, verdict.rule, request.model)
+                        raise self._refused(INPUT_BLOCKED, verdict.rule, request.model, span)
                 if self.shedder is not None:
                     self._degrade(spec, outcome, span)
                 if self.admission is not None:
@@ -329,7 +332,7 @@ class GatewayPipeline:
                         if checker is not None:
                             verdict = checker.feed(pb.GenerateResponse.FromString(data).chunk.text)
                             if verdict is not None:
-                                raise self._refused(OUTPUT_BLOCKED, verdict.rule, request.model)
+                                raise self._refused(OUTPUT_BLOCKED, verdict.rule, request.model, span)
                         if first is None:
                             outcome.ttft_ms = (time.perf_counter() - arrived) * 1000.0
                             if note:
@@ -368,8 +371,9 @@ class GatewayPipeline:
         """The model's context length (None: not checked)."""
         return self.context_lengths.get(model, self.default_context_length)
 
-    def _refused(self, reason: str, rule: str, model: str) -> SafetyRefusal:
+    def _refused(self, reason: str, rule: str, model: str, span: trace.Span) -> SafetyRefusal:
         self._refusals.add(1, {"reason": reason, "model": model})
+        span.set_attribute("fleetserve.safety_blocked", reason)
         where = "prompt" if reason == INPUT_BLOCKED else "generated text"
         return SafetyRefusal(
             f"the {where} was refused by the safety filter (rule {rule})",
@@ -467,6 +471,11 @@ class GatewayPipeline:
         if first is not None:
             chunk = pb.GenerateResponse.FromString(first).chunk
             outcome.replica_id = chunk.served_by.replica_id
+            # The model behind an alias (or a degraded request's smaller model) and its version: what cost and
+            # quality are reported by.
+            span.set_attribute("fleetserve.served_model", chunk.served_by.model)
+            if chunk.served_by.model_version:
+                span.set_attribute("fleetserve.model_version", chunk.served_by.model_version)
             if last is not first:
                 chunk = pb.GenerateResponse.FromString(last).chunk
             if chunk.HasField("usage"):
@@ -475,6 +484,7 @@ class GatewayPipeline:
                 outcome.cached_tokens = chunk.usage.cached_tokens
                 span.set_attribute("fleetserve.output_tokens", outcome.completion_tokens)
                 span.set_attribute("fleetserve.prompt_tokens", outcome.prompt_tokens)
+                span.set_attribute("fleetserve.cached_tokens", outcome.cached_tokens)
         if outcome.ttft_ms is not None:
             span.set_attribute("fleetserve.ttft_ms", outcome.ttft_ms)
         if outcome.replica_id:

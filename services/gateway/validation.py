@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 
 from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
@@ -15,6 +16,8 @@ from shared.errors import InvalidArgument
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_STOP_STRINGS = 8
 _PRIORITIES = frozenset(v.number for v in common_pb2.Priority.DESCRIPTOR.values)
+# The request-type tag becomes a label of cost and quality reports: short, and safe in any log or URL.
+FEATURE = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")
 # Prompts longer than this are tokenized in a thread (milliseconds of work must not stall other streams).
 _COUNT_INLINE_BYTES = 2 * 1024
 
@@ -57,6 +60,8 @@ def to_spec(
             violations.append((f"stop[{i}]", "must not be empty"))
     if req.priority not in _PRIORITIES:
         violations.append(("priority", f"unknown priority {req.priority}"))
+    if req.feature and not FEATURE.match(req.feature):
+        violations.append(("feature", "at most 64 characters of letters, digits and ._:/-"))
 
     max_tokens = req.max_tokens or default_max_tokens
     sampling = common_pb2.SamplingParams(

@@ -11,13 +11,16 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_trace_grpc
 
 from services.metrics.config import MetricsSettings
+from services.metrics.cost import CostLedger, PriceBook, parse_prices
 from services.metrics.counters import CounterStore
 from services.metrics.experiments import ArmStore
+from services.metrics.gauges import UPTIME, GaugeStore, ReplicaClock
 from services.metrics.ingest import MetricsReceiver, SpanIntake, TraceReceiver
 from services.metrics.latency import RequestStats
 from services.metrics.servicer import MetricsServicer
 from services.metrics.slo import SloEngine, load_slo_config
 from services.metrics.spans import SpanStore
+from services.router.model_routing import parse_aliases
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 
@@ -73,12 +76,17 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     slo = SloEngine(slo_config)
     counters = CounterStore()
     arms = ArmStore()
-    servicer = MetricsServicer(spans, stats, counters, slo, arms)
+    gauges = GaugeStore()
+    replicas = ReplicaClock()
+    gauges.listeners[UPTIME] = [replicas.on_uptime]
+    aliases = {a: (r.small, r.large) for a, r in parse_aliases(settings.model_aliases).items()}
+    cost = CostLedger(PriceBook(parse_prices(settings.gpu_prices)), replicas, aliases)
+    servicer = MetricsServicer(spans, stats, counters, slo, cost, arms)
     intake = SpanIntake(spans)
-    intake.record_sinks += [stats.add, slo.add]
+    intake.record_sinks += [stats.add, slo.add, cost.add]
     arms.attach(intake)
     traces = TraceReceiver(intake)
-    metrics = MetricsReceiver(counters)
+    metrics = MetricsReceiver(counters, gauges)
     running = await create_server(
         [Service(mpb, "MetricsService", servicer)],
         settings.host,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from services.metrics.cost import parse_prices
+from services.router.model_routing import parse_aliases
 from shared.settings import ServiceSettings, service_config
 
 
@@ -39,3 +41,25 @@ class MetricsSettings(ServiceSettings):
         description="How often the alert rules are evaluated (at most a tenth of the shortest short window "
         "after time compression).",
     )
+    gpu_prices: str = Field(
+        "",
+        description="Price per GPU-hour in USD by replica type (GPU profile name), overriding the profiles' "
+        "[pricing]: 'h100-llama-1b=2.5,l4-llama-1b=0.7'.",
+    )
+    model_aliases: str = Field(
+        "",
+        description="The router's model aliases ('alias=small-model|large-model,...'), so cost reports know "
+        "which model is the large one when pricing what model routing saved.",
+    )
+
+    @field_validator("gpu_prices")
+    @classmethod
+    def _prices(cls, v: str) -> str:
+        parse_prices(v)
+        return v
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _aliases(cls, v: str) -> str:
+        parse_aliases(v)
+        return v

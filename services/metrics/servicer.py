@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 
+from services.metrics.cost import CostLedger
 from services.metrics.counters import CounterStore
 from services.metrics.experiments import ArmStore
 from services.metrics.latency import RequestStats
@@ -41,13 +43,17 @@ class MetricsServicer:
         stats: RequestStats,
         counters: CounterStore,
         slo: SloEngine,
+        cost: CostLedger,
         arms: ArmStore | None = None,
+        clock=time.time,
     ) -> None:
         self.arms = arms or ArmStore()
         self.spans = spans
         self.stats = stats
         self.counters = counters
         self.slo = slo
+        self.cost = cost
+        self._clock = clock
         self._watchers: set[asyncio.Queue] = set()
 
     @rpc_boundary
@@ -121,6 +127,38 @@ class MetricsServicer:
         if not request.experiment:
             raise InvalidArgument("experiment is required", field_violations=[("experiment", "required")])
         return mpb.QueryArmsResponse(arms=self.arms.query(request.experiment, request.limit))
+
+    @rpc_boundary
+    async def GetCost(self, request: mpb.GetCostRequest, context) -> mpb.GetCostResponse:
+        start, end = self.window_of(request.window_s, request.start_unix, request.end_unix)
+        unknown = [d for d in request.group_by if d not in mpb.CostDimension.values() or d == 0]
+        if unknown:
+            raise InvalidArgument(
+                f"unknown cost dimensions {unknown}",
+                field_violations=[("group_by", f"unknown values {unknown}")],
+            )
+        return self.cost.report(start, end, request.group_by)
+
+    def window_of(self, window_s: float, start_unix: float, end_unix: float) -> tuple[float, float]:
+        """[start, end] of a request's window: explicit times, else the last window_s seconds, else all kept."""
+        check_window(window_s)
+        bad = [
+            (f, "must be >= 0") for f, v in (("start_unix", start_unix), ("end_unix", end_unix)) if not v >= 0
+        ]
+        if bad:
+            raise InvalidArgument("window times must not be negative", field_violations=bad)
+        end = end_unix or self._clock()
+        if start_unix:
+            start = start_unix
+        elif window_s:
+            start = end - window_s
+        else:
+            start = end - self.cost.retention_s
+        if start >= end:
+            raise InvalidArgument(
+                "the window is empty", field_violations=[("start_unix", "must be before end_unix (or now)")]
+            )
+        return start, end
 
     def close_watches(self) -> None:
         """End every WatchAlerts stream (shutdown: they would otherwise hold the drain for its whole grace)."""

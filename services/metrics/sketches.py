@@ -106,14 +106,18 @@ class TieredBuckets(Generic[B]):
                     else:
                         target.merge(b)
 
-    def select(self, start: float, end: float, now: float) -> list[tuple[float, float, B]]:
+    def select(
+        self, start: float, end: float, now: float, overlap: bool = False
+    ) -> list[tuple[float, float, B]]:
         """(bucket start, width, bucket) of every bucket whose midpoint lies in [start, end) (the bucket that
-        is filling now counts when end >= now), oldest first."""
+        is filling now counts when end >= now), or with overlap every bucket that overlaps [start, end];
+        oldest first."""
         self.roll(now)
         out = []
         for (width, _), buckets in zip(self.tiers, self._buckets, strict=True):
+            lo = start - width if overlap else start - width / 2
             for s, b in buckets.items():
-                if s + width / 2 >= start and s < end:
+                if s > lo and s < end:
                     out.append((s, width, b))
         out.sort(key=lambda x: x[0])
         return out

@@ -420,6 +420,9 @@ class SloEngine:
         windows = sorted(
             {self.config.scaled(w) for r in self.config.rules for w in (r.short_window_s, r.long_window_s)}
         )
+        # The percentile is shown over the fastest rule's long window (1 h by default): long enough to hold a
+        # tail, short enough to be "now".
+        measure_s = min(self.config.scaled(r.long_window_s) for r in self.config.rules)
         out = []
         for name in sorted(self.objects):
             obj = self.objects[name]
@@ -439,6 +442,6 @@ class SloEngine:
                 rate, n, b = obj.burn(w, now)
                 status.burn_rates.add(window_s=w, burn_rate=rate, events=n, bad_events=b)
             if measured is not None and obj.spec.kind != "availability":
-                status.measured_ms = measured(obj, windows[0], now)
+                status.measured_ms = measured(obj, measure_s, now)
             out.append(status)
         return out

@@ -52,7 +52,12 @@ async def _generate(args) -> int:
         return 2
     gateway, key = _target(args)
     kind = pb.ChatRequest if chat else pb.GenerateRequest
-    req = kind(model=args.model, max_tokens=args.max_tokens, temperature=args.temperature)
+    req = kind(
+        model=args.model,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        feature=args.feature or "",
+    )
     if chat:
         req.messages.extend(chat)
     else:

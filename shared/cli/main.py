@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--feature", help="request-type tag for cost and quality reports, e.g. summarize")
     gen.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default 60)")
     gen.add_argument(
         "--json", action="store_true", help="one JSON object per chunk; the last has usage and ttft_ms"
@@ -88,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--window", type=float, default=300.0, help="look back this many seconds (0 = all kept)")
     met.add_argument("--metrics", help="metrics service host:port (default: the running cluster's)")
     met.add_argument("--json", action="store_true")
+
+    cost = sub.add_parser(
+        "cost", help="what the fleet cost, by tenant, model, request type, ...; the biggest driver"
+    )
+    cost.add_argument(
+        "--window", type=float, default=3600.0, help="look back this many seconds (default 3600)"
+    )
+    cost.add_argument("--since", type=float, help="window start, Unix seconds (instead of --window)")
+    cost.add_argument("--until", type=float, help="window end, Unix seconds (default now)")
+    cost.add_argument(
+        "--by",
+        default="",
+        help="dimensions, comma-separated: tenant, model, version, feature, prompt_class, output_class, "
+        "replica_type, tier (default all)",
+    )
+    cost.add_argument("--top", type=int, default=10, help="lines per dimension (default 10)")
+    cost.add_argument("--metrics", help="metrics service host:port (default: the running cluster's)")
+    cost.add_argument("--json", action="store_true")
 
     admin = sub.add_parser("admin", help="tenants, API keys, limits and usage in the gateway's database")
     from shared.cli import admin as admin_mod
@@ -133,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.metrics import run_metrics
 
         return run_metrics(args)
+    if args.command == "cost":
+        from shared.cli.cost import run_cost
+
+        return run_cost(args)
     if args.command == "admin":
         from shared.cli.admin import run_admin
 

@@ -69,7 +69,9 @@ async def test_streams_through_gateway_router_and_engine(fleet):
     client's trace, and the deadline each hop sees shrinks hop by hop."""
     trace_id, client_span = os.urandom(16).hex(), os.urandom(8).hex()
     call = stub(fleet).Generate(
-        pb.GenerateRequest(model=MODEL, prompt="hello fleet", max_tokens=16, ignore_eos=True),
+        pb.GenerateRequest(
+            model=MODEL, prompt="hello fleet", max_tokens=16, ignore_eos=True, feature="smoke-test"
+        ),
         metadata=auth() + (("traceparent", f"00-{trace_id}-{client_span}-01"),),
         timeout=7.003,  # not a multiple of the header unit: gRPC rounds it up to 7.01 s on the wire
     )
@@ -89,7 +91,12 @@ async def test_streams_through_gateway_router_and_engine(fleet):
     assert a["fleetserve.tenant_id"] == "dev" and a["fleetserve.model"] == MODEL
     assert isinstance(a["fleetserve.ttft_ms"], float) and 0 < a["fleetserve.ttft_ms"] < 10_000
     assert a["fleetserve.output_tokens"] == 16 and a["fleetserve.prompt_tokens"] > 0
+    assert a["fleetserve.cached_tokens"] >= 0
     assert a["rpc.grpc.status_code"] == 0
+    # What cost and quality reports group by: the client's request type, the tenant's tier, the served model.
+    assert a["fleetserve.feature"] == "smoke-test"
+    assert a["fleetserve.tenant_tier"] in ("interactive", "standard", "batch")
+    assert a["fleetserve.served_model"] == MODEL
     router = [
         s
         for s in fleet.spans.get_finished_spans()

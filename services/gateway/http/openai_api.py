@@ -217,6 +217,13 @@ def parse_request(body: Any, kind: str) -> tuple[pb.GenerateRequest, Options]:
     user = body.get("user")
     if isinstance(user, str) and _text(user, "user", v) is not None:
         req.user_id = user
+    metadata = body.get("metadata")
+    if metadata is not None:
+        # OpenAI's metadata: string keys and values; "feature" is the fleet's request-type tag.
+        if not isinstance(metadata, dict) or not all(isinstance(x, str) for x in metadata.values()):
+            v.add("metadata", "must be an object of string values")
+        elif "feature" in metadata and _text(metadata["feature"], "metadata.feature", v) is not None:
+            req.feature = metadata["feature"]
     tier = body.get("service_tier")
     if tier is not None:
         if not isinstance(tier, str) or tier not in SERVICE_TIERS:

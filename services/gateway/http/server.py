@@ -26,6 +26,10 @@ from shared.errors import ErrorDetails, FleetError, InvalidArgument, NotFound
 
 log = structlog.get_logger(__name__)
 
+# The request-type tag (GenerateRequest.feature) as a header, for clients and proxies that cannot add to the
+# body; it wins over the body's metadata.feature.
+FEATURE_HEADER = "X-Fleetserve-Feature"
+
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -149,6 +153,8 @@ class OpenAIServer:
         try:
             body = await _json_body(request)
             greq, opts = parse_request(body, kind)
+            if FEATURE_HEADER in request.headers:
+                greq.feature = request.headers[FEATURE_HEADER]
         except web.HTTPRequestEntityTooLarge as e:
             return _json(
                 413,

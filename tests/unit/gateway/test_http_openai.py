@@ -128,3 +128,15 @@ def test_retry_after_is_whole_seconds_rounded_up_and_param_names_the_field():
         details_of_exception(InvalidArgument("bad", field_violations=[("top_p", "too big")]))
     )
     assert body["error"]["param"] == "top_p" and body["error"]["message"] == "bad: too big"
+
+
+def test_metadata_feature_becomes_the_request_type_tag():
+    """OpenAI's metadata object carries the fleet's request-type tag as metadata.feature; other keys are
+    accepted and ignored, non-string values refused naming metadata."""
+    req, _ = parse_request(
+        {"model": "m", "prompt": "hi", "metadata": {"feature": "summarize", "team": "search"}}, COMPLETION
+    )
+    assert req.feature == "summarize"
+    with pytest.raises(InvalidArgument) as exc:
+        parse_request({"model": "m", "prompt": "hi", "metadata": {"feature": 3}}, COMPLETION)
+    assert [f for f, _ in exc.value.field_violations] == ["metadata"]

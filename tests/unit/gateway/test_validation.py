@@ -173,3 +173,11 @@ async def test_long_prompts_are_counted_in_a_thread_with_the_same_result():
 
 def _fail(*_):
     raise AssertionError("tokenized")
+
+
+def test_feature_tag_is_a_short_safe_label():
+    """The request-type tag is optional; when set, at most 64 letters, digits and ._:/- (it becomes a label)."""
+    ok = pb.GenerateRequest(model="m", prompt="hi", feature="code-review/v2:fast_path.1")
+    to_spec(ok, **LIMITS)
+    for bad in ("x" * 65, "has space", "émoji", "a\nb"):
+        assert "feature" in violations(pb.GenerateRequest(model="m", prompt="hi", feature=bad)), bad
