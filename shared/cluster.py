@@ -34,6 +34,8 @@ class Proc:
     ready_file: Path
     log_file: Path
     address: str = ""
+    # Its Prometheus /metrics endpoint ("" when off).
+    metrics_address: str = ""
 
     @property
     def alive(self) -> bool:
@@ -62,6 +64,8 @@ class ClusterConfig:
     lease_ttl_s: float = 3.0
     heartbeat_interval_s: float = 1.0
     metrics_export_interval_s: float = 5.0
+    # Every service's Prometheus /metrics port: 0 a free one each, -1 none.
+    metrics_port: int = 0
     start_timeout_s: float = 60.0
     # The registry's store: "sqlite" (one registry, a file in data_dir) or "etcd" (etcd_endpoint, or an etcd
     # this launcher starts in data_dir when empty); with etcd, `registries` registry processes share it.
@@ -212,6 +216,8 @@ class Cluster:
             str(cfg.grace_period_s),
             "--metrics-export-interval-s",
             str(cfg.metrics_export_interval_s),
+            "--metrics-port",
+            str(cfg.metrics_port),
             "--log-json",
         ]
         if service != "metrics" and "metrics" in self.procs:
@@ -233,16 +239,18 @@ class Cluster:
             )
         proc = Proc(name, service, process, ready, log_file)
         self.procs[name] = proc
-        proc.address = await self._await_ready(proc)
+        ready_info = await self._await_ready(proc)
+        proc.address = ready_info["address"]
+        proc.metrics_address = ready_info.get("metrics_address", "")
         await wait_healthy(proc.address, timeout_s=cfg.start_timeout_s)
         log.info("cluster.service_ready", name=name, address=proc.address, pid=process.pid)
         return proc
 
-    async def _await_ready(self, proc: Proc) -> str:
+    async def _await_ready(self, proc: Proc) -> dict:
         deadline = time.monotonic() + self.config.start_timeout_s
         while time.monotonic() < deadline:
             if proc.ready_file.exists():
-                return json.loads(proc.ready_file.read_text())["address"]
+                return json.loads(proc.ready_file.read_text())
             if not proc.alive:
                 raise RuntimeError(
                     f"{proc.name} exited with {proc.process.returncode} before it was ready; "
@@ -313,6 +321,8 @@ class Cluster:
             "registry": self.registry,
             "metrics": self.metrics,
             "engines": {n: self.procs[n].address for n in self.engine_names()},
+            # Prometheus /metrics of every process, by process name (what `fleetserve prometheus-config` reads).
+            "metrics_addresses": {n: p.metrics_address for n, p in self.procs.items() if p.metrics_address},
             "api_key": self.api_key,
             "data_dir": str(self.config.data_dir),
             "pid": os.getpid(),

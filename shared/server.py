@@ -208,18 +208,34 @@ async def serve_main(
 ) -> None:
     """The whole life of a service process: logging, telemetry, start, ready file, wait for SIGTERM or
     SIGINT, graceful stop, flush telemetry. `start(settings, telemetry)` builds and starts the service."""
+    from shared import prom
     from shared.telemetry import configure_logging, setup_telemetry
 
     configure_logging(service, settings.log_level, settings.log_json)
     telemetry = setup_telemetry(service, settings.otlp_endpoint, settings.metrics_export_interval_s)
     app = await start(settings, telemetry)
+    # The app's own instruments (`metrics_registry`) are served beside the process-wide default registry.
+    metrics = prom.start_metrics_server(
+        settings.host,
+        settings.metrics_port,
+        [getattr(app, "metrics_registry", None)],
+        prom.multiprocess_dir(),
+    )
+    metrics_address = metrics.address if metrics is not None else ""
     # ready_info: extra addresses a launcher needs (the gateway's HTTP port).
     write_ready_file(
-        settings.ready_file, address=app.address, service=service, **getattr(app, "ready_info", {})
+        settings.ready_file,
+        address=app.address,
+        service=service,
+        metrics_address=metrics_address,
+        **getattr(app, "ready_info", {}),
     )
-    log.info(f"{service}.started", address=app.address)
+    log.info(f"{service}.started", address=app.address, metrics_address=metrics_address or None)
     reason = await wait_for_signal()
     log.info(f"{service}.stopping", reason=reason)
     await app.stop(settings.grace_period_s)
+    if metrics is not None:
+        # After the drain, so that a scrape during it still sees the last requests counted.
+        metrics.stop()
     telemetry.shutdown()
     log.info(f"{service}.exited")

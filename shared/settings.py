@@ -46,6 +46,13 @@ class ServiceSettings(BaseSettings):
     metrics_export_interval_s: float = Field(
         5.0, gt=0, description="How often OTLP metrics are pushed to the collector."
     )
+    metrics_port: int = Field(
+        0,
+        ge=-1,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint on --host; 0 picks a free one (in the ready "
+        "file as metrics_address), -1 turns it off.",
+    )
 
 
 def load_settings(cls: type[S], argv: list[str] | None = None) -> S:
