@@ -9,14 +9,17 @@ from dataclasses import dataclass
 
 import structlog
 from fleetserve.inference.v1 import inference_service_pb2 as pb
+from prometheus_client.registry import CollectorRegistry
 
 from services.gateway.config import GatewaySettings
 from services.gateway.feedback import FeedbackStore
 from services.gateway.http.server import OpenAIServer
 from services.gateway.jobs import JobRunner, JobStore, open_db
 from services.gateway.pipeline import GatewayPipeline
+from services.gateway.request_metrics import GatewayMetrics
 from services.gateway.servicer import GatewayServicer
 from services.gateway.tenants import TenantStore
+from shared import prom
 from shared.channels import ChannelPool
 from shared.server import RunningServer, Service, create_server, drain_and_stop
 from shared.telemetry import Telemetry
@@ -35,6 +38,8 @@ class GatewayApp:
     jobs: JobRunner | None = None
     http: OpenAIServer | None = None
     jobs_db: sqlite3.Connection | None = None
+    # This gateway's Prometheus instruments (served on its /metrics).
+    metrics_registry: CollectorRegistry | None = None
 
     @property
     def http_address(self) -> str:
@@ -91,8 +96,14 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
     try:
         tenants.bootstrap(settings.bootstrap_api_key)
         pool = ChannelPool()
+        registry = prom.new_registry()
         pipeline = GatewayPipeline.from_settings(
-            settings, tenants, pool.get(settings.router_address), telemetry.tracer, telemetry.meter
+            settings,
+            tenants,
+            pool.get(settings.router_address),
+            telemetry.tracer,
+            telemetry.meter,
+            GatewayMetrics(registry, tenant_label=settings.metrics_tenant_label),
         )
         pipeline.start()
         jobs_db = open_db(_jobs_db_path(settings))
@@ -115,7 +126,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             # Refused by gRPC before the message is parsed: RESOURCE_EXHAUSTED, "received message larger than max".
             options=(("grpc.max_receive_message_length", settings.max_request_bytes),),
         )
-        app = GatewayApp(running, servicer, tenants, pool, jobs, None, jobs_db)
+        app = GatewayApp(running, servicer, tenants, pool, jobs, None, jobs_db, registry)
         if settings.http_port >= 0:
             # The same size limit as gRPC's (over HTTP: 413 before the body is read in full).
             app.http = OpenAIServer(

@@ -114,6 +114,11 @@ class GatewaySettings(ServiceSettings):
     degrade_max_tokens: int = Field(
         0, ge=0, description="Instead of shedding, cap max_tokens at this; 0: no cap."
     )
+    metrics_tenant_label: bool = Field(
+        False,
+        description="Label the Prometheus request series with the tenant id as well (one series set per "
+        "tenant: turn on only where the tenants are few enough).",
+    )
     # -- protocols: OpenAI-compatible HTTP, batch jobs ---------------------------------------------------
     http_port: int = Field(
         0,

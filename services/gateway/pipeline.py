@@ -23,6 +23,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.ledger import Ledger
 from services.gateway.limits import LimitBackend, LocalLimits
 from services.gateway.redis_limits import RedisLimits
+from services.gateway.request_metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.safety import (
     INPUT_BLOCKED,
     OUTPUT_BLOCKED,
@@ -91,6 +92,8 @@ class Outcome:
     degraded: str = ""
     # The tier it ran at (common.v1.Priority), after the tenant's tier capped it.
     priority: int = 0
+    # The ErrorInfo reason when the gateway refused it (RATE_LIMITED, LOAD_SHED, ...); "" otherwise.
+    reason: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -117,6 +120,7 @@ class GatewayPipeline:
         default_context_length: int | None = None,
         models_cache_ttl_s: float = 2.0,
         extra_models: Iterable[str] = (),
+        prom: GatewayMetrics | None = None,
     ) -> None:
         self.tenants = tenants
         self.admission = admission
@@ -126,6 +130,7 @@ class GatewayPipeline:
         self.default_context_length = default_context_length
         self.models_cache_ttl_s = models_cache_ttl_s
         self.extra_models = frozenset(extra_models)
+        self.prom = prom
         self._models: tuple[frozenset[str], float] | None = None
         self._models_fetch: asyncio.Future[frozenset[str] | None] | None = None
         self.tracer = tracer
@@ -172,6 +177,7 @@ class GatewayPipeline:
         router_channel: grpc.aio.Channel,
         tracer: trace.Tracer,
         meter: metrics.Meter,
+        prom: GatewayMetrics | None = None,
     ) -> GatewayPipeline:
         """The pipeline with everything the settings turn on: limits (in process, or Redis), the ledger and
         budgets, the safety filter, load shedding. start() starts its background tasks, close() ends them."""
@@ -198,6 +204,7 @@ class GatewayPipeline:
             default_context_length=settings.default_context_length,
             models_cache_ttl_s=settings.models_cache_ttl_s,
             extra_models=settings.extra_models,
+            prom=prom,
         )
         pipeline.shedder = LoadShedder(
             lambda: pipeline.get_status(router_pb.GetStatusRequest(), timeout=1.0),
@@ -262,6 +269,7 @@ class GatewayPipeline:
             span.set_attribute("fleetserve.model", request.model)
             ticket: Ticket | None = None
             chunks = 0
+            running_label: str | None = None  # the model label of the running gauge, once counted there
             try:
                 tenant = tenant or self.authenticate(authorization)
                 outcome.tenant_id = tenant.id
@@ -280,6 +288,9 @@ class GatewayPipeline:
                     count=self.admission is not None and self.admission.counts_tokens(tenant),
                 )
                 await self._check_model(request.model)
+                if self.prom is not None:
+                    running_label = self._model_label(request.model)
+                    self.prom.started(running_label)
                 if not tenant.may_use(request.model):
                     raise PermissionDenied(
                         f"tenant {tenant.id!r} may not use model {request.model!r}",
@@ -353,6 +364,7 @@ class GatewayPipeline:
                 raise
             except FleetError as e:
                 outcome.code = e.code
+                outcome.reason = e.reason
                 raise
             except Exception:
                 outcome.code = grpc.StatusCode.INTERNAL
@@ -363,6 +375,8 @@ class GatewayPipeline:
                 try:
                     self._finish(span, arrived, request.model, outcome, first, last)
                 finally:
+                    if running_label is not None:
+                        self.prom.stopped(running_label)  # type: ignore[union-attr]
                     # Whatever _finish did: an unsettled ticket holds a stream slot until its lease ends.
                     if ticket is not None:
                         await self._settle(ticket, spec, outcome, chunks)
@@ -371,9 +385,18 @@ class GatewayPipeline:
         """The model's context length (None: not checked)."""
         return self.context_lengths.get(model, self.default_context_length)
 
+    def _model_label(self, model: str) -> str:
+        """model as a metric label: itself when the fleet serves it, else UNKNOWN_MODEL (names come from
+        clients; a label per made-up name would grow the series without bound)."""
+        if model in self.extra_models or (self._models is not None and model in self._models[0]):
+            return model
+        return UNKNOWN_MODEL
+
     def _refused(self, reason: str, rule: str, model: str, span: trace.Span) -> SafetyRefusal:
         self._refusals.add(1, {"reason": reason, "model": model})
         span.set_attribute("fleetserve.safety_blocked", reason)
+        if self.prom is not None:
+            self.prom.refused(self._model_label(model), reason)
         where = "prompt" if reason == INPUT_BLOCKED else "generated text"
         return SafetyRefusal(
             f"the {where} was refused by the safety filter (rule {rule})",
@@ -467,7 +490,7 @@ class GatewayPipeline:
         first: bytes | None,
         last: bytes | None,
     ) -> None:
-        """Span attributes, the request counter and the canonical log line, once per request."""
+        """Span attributes, the request counters and the canonical log line, once per request."""
         if first is not None:
             chunk = pb.GenerateResponse.FromString(first).chunk
             outcome.replica_id = chunk.served_by.replica_id
@@ -494,6 +517,21 @@ class GatewayPipeline:
         if code != grpc.StatusCode.OK:
             span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
         self._requests.add(1, {"model": model, "code": code.name})
+        duration_s = time.perf_counter() - arrived
+        if self.prom is not None:
+            self.prom.finished(
+                model_label=self._model_label(model),
+                tenant=outcome.tenant_id,
+                code=code,
+                reason=outcome.reason,
+                priority=outcome.priority,
+                e2e_s=duration_s,
+                ttft_s=None if outcome.ttft_ms is None else outcome.ttft_ms / 1000.0,
+                prompt_tokens=outcome.prompt_tokens,
+                cached_tokens=outcome.cached_tokens,
+                completion_tokens=outcome.completion_tokens,
+                degraded=bool(outcome.degraded),
+            )
         log.info(
             "gateway.request",
             tenant=outcome.tenant_id,
@@ -503,7 +541,7 @@ class GatewayPipeline:
             ttft_ms=round(outcome.ttft_ms, 3) if outcome.ttft_ms is not None else None,
             output_tokens=outcome.completion_tokens,
             prompt_tokens=outcome.prompt_tokens,
-            duration_ms=round((time.perf_counter() - arrived) * 1000.0, 3),
+            duration_ms=round(duration_s * 1000.0, 3),
             **outcome.extra,
         )
 
