@@ -6,16 +6,20 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import prometheus_client
 import structlog
 from fleetserve.engine.v1 import engine_service_pb2 as pb
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+from prometheus_client.registry import CollectorRegistry
 
 from services.engine.backend import EngineBackend
 from services.engine.config import EngineSettings
+from services.engine.engine_metrics import EngineMetrics, vllm_metrics_registered
 from services.engine.gauges import EngineGauges
 from services.engine.registration import Registration
 from services.engine.servicer import EngineServicer
 from services.engine.sim import SimEngine
+from shared import prom
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 
@@ -62,6 +66,8 @@ class EngineApp:
     servicer: EngineServicer
     registration: Registration | None
     replica_id: str
+    # This replica's Prometheus series (served on its /metrics).
+    metrics_registry: CollectorRegistry | None = None
     _stopped: bool = False
     _death_watch: asyncio.Task | None = None
 
@@ -126,7 +132,11 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
     await model_cold_start(settings.startup_delay_s, settings.replica_id)
     backend = create_backend(settings)
     await backend.start()
+    registry = prom.new_registry()
     try:
+        # vLLM's own Prometheus series, when AsyncLLM registered them in this process, are served as they
+        # are; otherwise (the sim) the worker keeps the same series itself.
+        native = settings.backend == "vllm" and vllm_metrics_registered(prometheus_client.REGISTRY)
         servicer = EngineServicer(
             backend,
             replica_id=settings.replica_id,
@@ -134,6 +144,7 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
             model_version=settings.model_version,
             tracer=telemetry.tracer,
             meter=telemetry.meter,
+            prom_metrics=None if native else EngineMetrics(registry, backend, settings.model),
         )
         running = await create_server([Service(pb, "EngineService", servicer)], settings.host, settings.port)
     except BaseException:
@@ -178,7 +189,8 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
         num_kv_blocks=backend.info().kv_blocks_total,
         profile=settings.profile if settings.backend == "sim" else None,
         registry=settings.registry_address or None,
+        vllm_native_metrics=native,
     )
-    app = EngineApp(running, backend, servicer, registration, settings.replica_id)
+    app = EngineApp(running, backend, servicer, registration, settings.replica_id, registry)
     app.watch_backend_death()
     return app

@@ -12,6 +12,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as pb
 from opentelemetry import metrics, trace
 
 from services.engine.backend import EngineBackend
+from services.engine.engine_metrics import EngineMetrics
 from services.engine.output_quality import OutputSample
 from shared.deadlines import caller_time_left, deadline_passed
 from shared.errors import InvalidArgument, NotFound, rpc_boundary
@@ -81,8 +82,10 @@ class EngineServicer:
         tracer: trace.Tracer,
         meter: metrics.Meter,
         model_version: str = "",
+        prom_metrics: EngineMetrics | None = None,
     ) -> None:
         self.backend = backend
+        self.metrics = prom_metrics
         self.replica_id = replica_id
         self.model = model
         self.model_version = model_version
@@ -156,6 +159,16 @@ class EngineServicer:
                     if status == "CANCELLED" and deadline_passed(context):
                         status = "DEADLINE_EXCEEDED"
                 generated = max(0, completion - resumed)
+                duration_s = time.perf_counter() - started
+                if self.metrics is not None:
+                    self.metrics.finished(
+                        finish_reason=finish,
+                        aborted=status in ("CANCELLED", "DEADLINE_EXCEEDED"),
+                        e2e_s=duration_s,
+                        ttft_s=None if first_token_ms is None else first_token_ms / 1000.0,
+                        prompt_tokens=prompt_tokens,
+                        output_tokens=generated,
+                    )
                 reason = _FINISH_NAMES.get(finish, "") if finish is not None else ""
                 span.set_attribute("fleetserve.output_tokens", generated)
                 span.set_attribute("fleetserve.finish_reason", reason)
@@ -175,7 +188,7 @@ class EngineServicer:
                     resumed_tokens=resumed,
                     priority=request.priority,
                     ttft_ms=None if first_token_ms is None else round(first_token_ms, 3),
-                    duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
+                    duration_ms=round(duration_s * 1000.0, 3),
                 )
 
     @rpc_boundary

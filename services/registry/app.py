@@ -9,6 +9,8 @@ import structlog
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 from fleetserve.registry.v1 import rollout_service_pb2 as rollout_pb
 from opentelemetry.metrics import CallbackOptions, Observation
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
 
 from services.registry.config import RegistrySettings
 from services.registry.membership import Membership
@@ -19,6 +21,7 @@ from services.registry.rollouts.traffic import TrafficState
 from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore, ReplicaEvent, StoredReplica, StoreError, open_store
 from services.router import policies
+from shared import prom
 from shared.resilience import full_jitter
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
@@ -103,6 +106,36 @@ def _resync(membership: Membership, stored: list[StoredReplica]) -> None:
         membership.apply_store_event(ReplicaEvent(rid, s, s.revision))
 
 
+def replica_counts(membership: Membership) -> dict[tuple[str, int], int]:
+    """Registered replicas per (model, state)."""
+    counts: dict[tuple[str, int], int] = {}
+    for r in membership.list():
+        counts[(r.model, r.state)] = counts.get((r.model, r.state), 0) + 1
+    return counts
+
+
+_STATES = (pb.REPLICA_STATE_SERVING, pb.REPLICA_STATE_DRAINING)
+
+
+def replica_families(membership: Membership, seen: set[str]) -> list[GaugeMetricFamily]:
+    """`fleetserve:registry_replicas{model_name, state}`: the replicas that actually exist (what an autoscaler's
+    desired count is compared with), state serving or draining. A model seen once stays, at 0 when its last
+    replica is gone (a series that vanished would read as "no data", not as zero replicas); `seen` remembers
+    them."""
+    counts = replica_counts(membership)
+    seen.update(model for model, _ in counts)
+    family = GaugeMetricFamily(
+        "fleetserve:registry_replicas",
+        "Replicas registered, by model and state (serving, draining).",
+        labels=("model_name", "state"),
+    )
+    for model in sorted(seen):
+        for state in _STATES:
+            name = pb.ReplicaState.Name(state).removeprefix("REPLICA_STATE_").lower()
+            family.add_metric([model, name], counts.get((model, state), 0))
+    return [family]
+
+
 async def _every(interval_s: float, name: str, fn) -> None:
     """Await fn() every interval_s until cancelled; an error is logged and the loop goes on."""
     while True:
@@ -125,6 +158,8 @@ class RegistryApp:
     store: RegistryStore
     rollouts: RolloutServicer
     tasks: list[asyncio.Task] = field(default_factory=list)
+    # The registry's Prometheus series (served on its /metrics).
+    metrics_registry: CollectorRegistry | None = None
 
     @property
     def address(self) -> str:
@@ -212,7 +247,9 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
     except BaseException:
         await store.close()
         raise
-    app = RegistryApp(running, servicer, membership, store, rollouts)
+    app = RegistryApp(running, servicer, membership, store, rollouts, metrics_registry=prom.new_registry())
+    seen: set[str] = set()
+    app.metrics_registry.register(prom.LoopCollector(lambda: replica_families(membership, seen)))
     app.tasks.append(asyncio.create_task(traffic.follow(), name="registry.follow_traffic"))
     app.tasks.append(
         asyncio.create_task(controller.run(settings.rollout_interval_s), name="registry.rollout_controller")

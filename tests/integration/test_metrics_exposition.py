@@ -1,0 +1,125 @@
+"""Prometheus series over real servers in this process (registry, 2 sim engines, router, a gateway per test):
+each request counted once where it ended, with its status, latencies and tokens; engines under vLLM's names;
+the registry's replica counts; bounded labels."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from services.engine.engine_metrics import ENGINE_INDEX
+from tests.integration.test_gateway_admission import gateway
+from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
+from tests.support import assert_eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory):
+    async with in_process_fleet(tmp_path_factory.mktemp("exposition")) as f:
+        yield f
+
+
+def value(registry, name: str, **labels) -> float:
+    """A sample's value (0 when the series does not exist)."""
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def engines_total(fleet, name: str, **labels) -> float:
+    return sum(
+        value(app.metrics_registry, name, model_name=MODEL, engine=ENGINE_INDEX, **labels)
+        for app in fleet.engines.values()
+    )
+
+
+async def test_gateway_counts_each_request_once_with_status_latency_and_tokens(fleet, tmp_path):
+    """Served requests: OK count, one TTFT/TPOT/E2E observation each, token totals equal to the usage the
+    clients got. Refusals: by code (a made-up model under model_name="unknown"), limits by reason. Nothing
+    is left running."""
+    async with gateway(fleet, tmp_path) as gw:
+        reg = gw.app.metrics_registry
+        usages = []
+        for _ in range(5):
+            chunks, _ = await gw.generate(API_KEY, max_tokens=6, ignore_eos=True)
+            usages.append(chunks[-1].usage)
+        assert (await gw.error("fsk-wrong")).code == grpc.StatusCode.UNAUTHENTICATED
+        assert (await gw.error(API_KEY, model="no-such-model")).code == grpc.StatusCode.NOT_FOUND
+        assert (await gw.error(API_KEY, temperature=9.0)).code == grpc.StatusCode.INVALID_ARGUMENT
+        limited = gw.tenant_key("limited", rps=0.01)
+        chunks, _ = await gw.generate(limited, max_tokens=6, ignore_eos=True)
+        usages.append(chunks[-1].usage)
+        d = await gw.error(limited)
+        assert (d.code, d.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+
+        def requests(code: str, model: str = MODEL) -> float:
+            return value(reg, "fleetserve:requests_total", model_name=model, code=code)
+
+        assert requests("OK") == 6
+        assert requests("UNAUTHENTICATED") == 1
+        assert requests("NOT_FOUND", "unknown") == 1 and requests("NOT_FOUND") == 0
+        assert requests("INVALID_ARGUMENT") == 1
+        assert requests("RESOURCE_EXHAUSTED") == 1
+        assert value(reg, "fleetserve:limited_requests_total", model_name=MODEL, limit="RATE_LIMITED") == 1
+        for name in (
+            "fleetserve:time_to_first_token_seconds_count",
+            "fleetserve:request_time_per_output_token_seconds_count",
+            "fleetserve:e2e_request_latency_seconds_count",
+        ):
+            assert value(reg, name, model_name=MODEL) == 6, name
+        ttft_sum = value(reg, "fleetserve:time_to_first_token_seconds_sum", model_name=MODEL)
+        e2e_sum = value(reg, "fleetserve:e2e_request_latency_seconds_sum", model_name=MODEL)
+        assert 0 < ttft_sum < e2e_sum
+        assert value(reg, "fleetserve:generation_tokens_total", model_name=MODEL) == sum(
+            u.completion_tokens for u in usages
+        )
+        assert value(reg, "fleetserve:prompt_tokens_total", model_name=MODEL) == sum(
+            u.prompt_tokens for u in usages
+        )
+        assert value(reg, "fleetserve:num_requests_running", model_name=MODEL) == 0
+        # Bounded labels: no request ids, no tenants (off by default).
+        labels = {k for m in reg.collect() for s in m.samples for k in s.labels}
+        assert labels <= {"model_name", "code", "le", "limit", "tier", "reason"}
+
+
+async def test_tenant_label_only_where_configured(fleet, tmp_path):
+    """--metrics-tenant-label adds the tenant id to the request series."""
+    async with gateway(fleet, tmp_path, metrics_tenant_label=True) as gw:
+        await gw.generate(API_KEY)
+        reg = gw.app.metrics_registry
+        assert value(reg, "fleetserve:requests_total", model_name=MODEL, tenant="dev", code="OK") == 1
+        assert value(reg, "fleetserve:time_to_first_token_seconds_count", model_name=MODEL, tenant="dev") == 1
+
+
+async def test_engines_report_under_vllm_names(fleet, tmp_path):
+    """Each engine counts its finished requests by vLLM's finished_reason, observes TTFT/TPOT/E2E once per
+    request, and reports load gauges and token/prefix-cache totals read from the backend at scrape time."""
+    before = engines_total(fleet, "vllm:request_success_total", finished_reason="length")
+    ttft_before = engines_total(fleet, "vllm:time_to_first_token_seconds_count")
+    async with gateway(fleet, tmp_path) as gw:
+        for _ in range(4):
+            await gw.generate(API_KEY, max_tokens=5, ignore_eos=True, prompt="the same prompt each time " * 8)
+    # The engine records a request when its stream has ended there, a moment after the client saw the end.
+    await assert_eventually(
+        lambda: engines_total(fleet, "vllm:request_success_total", finished_reason="length") == before + 4
+    )
+    assert engines_total(fleet, "vllm:time_to_first_token_seconds_count") == ttft_before + 4
+    assert engines_total(fleet, "vllm:generation_tokens_total") == sum(
+        app.backend.counters.output_tokens for app in fleet.engines.values()
+    )
+    assert engines_total(fleet, "vllm:prefix_cache_hits_total") > 0  # the same prompt four times
+    assert engines_total(fleet, "vllm:prefix_cache_queries_total") >= engines_total(
+        fleet, "vllm:prefix_cache_hits_total"
+    )
+    for app in fleet.engines.values():
+        reg = app.metrics_registry
+        assert value(reg, "vllm:num_requests_running", model_name=MODEL, engine=ENGINE_INDEX) == 0
+        assert 0 <= value(reg, "vllm:kv_cache_usage_perc", model_name=MODEL, engine=ENGINE_INDEX) <= 1
+
+
+async def test_registry_reports_replicas_per_model_and_state(fleet):
+    """fleetserve:registry_replicas counts the serving and draining replicas of each model."""
+    reg = fleet.registry.metrics_registry
+    assert value(reg, "fleetserve:registry_replicas", model_name=MODEL, state="serving") == 2
+    assert value(reg, "fleetserve:registry_replicas", model_name=MODEL, state="draining") == 0
