@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--metrics", help="metrics service host:port (default: the running cluster's)")
     cost.add_argument("--json", action="store_true")
 
+    pc = sub.add_parser(
+        "prometheus-config",
+        help="a Prometheus scrape configuration for the running fleet's /metrics endpoints",
+    )
+    from shared.cli import prometheus_config
+
+    prometheus_config.add_arguments(pc)
+
     admin = sub.add_parser("admin", help="tenants, API keys, limits and usage in the gateway's database")
     from shared.cli import admin as admin_mod
 
@@ -156,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.cost import run_cost
 
         return run_cost(args)
+
+    if args.command == "prometheus-config":
+        from shared.cli.prometheus_config import run_prometheus_config
+
+        return run_prometheus_config(args)
     if args.command == "admin":
         from shared.cli.admin import run_admin
 

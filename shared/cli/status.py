@@ -165,6 +165,23 @@ def table(rows: list[dict], title: str = "replicas") -> Table:
     return t
 
 
+def endpoints_table(state: dict) -> Table:
+    """Every process of the local fleet: its gRPC address and its Prometheus /metrics endpoint."""
+    t = Table(title="endpoints")
+    for col in ("process", "address", "/metrics"):
+        t.add_column(col)
+    addresses = {n: state.get(n, "") for n in ("gateway", "router", "registry", "metrics")}
+    addresses.update(state.get("engines", {}))
+    metrics = state.get("metrics_addresses", {})
+    for name in sorted(set(addresses) | set(metrics)):
+        t.add_row(
+            name,
+            addresses.get(name, "") or "-",
+            f"http://{metrics[name]}/metrics" if name in metrics else "-",
+        )
+    return t
+
+
 def run_status(args) -> int:
     # With --registry alone, the router's columns stay empty rather than mixing in another fleet's router.
     state = {} if args.registry else read_state()
@@ -181,6 +198,10 @@ def run_status(args) -> int:
     except grpc.aio.AioRpcError as e:
         print(f"error: registry at {registry} did not answer: {e.code().name} {e.details()}")
         return 1
+    metrics = state.get("metrics_addresses", {})
+    for r in rows:
+        # The launcher names each engine process by its replica id.
+        r["metrics_address"] = metrics.get(r["replica_id"], "")
     if args.json:
         # alerts is null when no metrics service answered (unknown, not "none firing").
         print(json.dumps({"replicas": rows, "alerts": alerts}))
@@ -190,4 +211,6 @@ def run_status(args) -> int:
         console.print(table(rows))
         if alerts is not None:
             console.print(alerts_table(alerts))
+        if state:
+            console.print(endpoints_table(state))
     return 0

@@ -75,6 +75,11 @@ async def _serve(cluster: Cluster, data_dir: Path, args, stop: asyncio.Event, co
         f"{cluster.api_key}\n",
         ("  metrics   ", "bold"),
         f"{cluster.metrics}\n",
+        *(
+            (("  /metrics  ", "bold"), f"{n} Prometheus endpoints: fleetserve prometheus-config\n")
+            if (n := len(cluster.state()["metrics_addresses"]))
+            else ()
+        ),
         ("  logs      ", "bold"),
         f"{data_dir / 'logs'}\n",
         ("  try       ", "bold"),
