@@ -1,0 +1,1 @@
+"""Prometheus rules for the fleet: SLO recording rules and burn-rate alerts."""

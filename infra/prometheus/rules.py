@@ -1,0 +1,243 @@
+"""Writes infra/prometheus/fleetserve-alerts.yml: recording rules for the fleet's SLIs over every window and
+multi-window, multi-burn-rate alerts on them (Google SRE workbook, "Alerting on SLOs"), from the objectives
+given on the command line:
+
+    python -m infra.prometheus.rules --availability 0.999 --ttft-seconds 0.5 --ttft-objective 0.99 \\
+        --tpot-seconds 0.05 --tpot-objective 0.99 --out infra/prometheus/fleetserve-alerts.yml
+
+Generated rather than hand-written: 3 SLIs x 7 windows of recording rules and 4 alert pairs each differ only in
+numbers, and an operator changing an objective should not have to edit 40 expressions consistently."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prometheus_client.utils import floatToGoString
+
+from shared import prom
+
+DEFAULT_OUT = Path(__file__).with_name("fleetserve-alerts.yml")
+
+# gRPC codes that are not the fleet's fault (as the metrics service counts them, services/metrics/slo.py
+# NOT_FLEET_ERRORS): success, the client's own mistakes, the client leaving, backpressure it was asked to honour.
+NOT_FLEET_ERRORS = (
+    "OK",
+    "CANCELLED",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "UNAUTHENTICATED",
+)
+
+
+@dataclass(frozen=True)
+class BurnWindow:
+    """Alert when the budget burns `factor` times too fast over both the long and the short window (the short
+    one makes the alert clear soon after the burn stops)."""
+
+    long: str
+    short: str
+    factor: float
+    severity: str
+
+
+# The SRE workbook's recommendation: 2% of a 30-day budget in 1 h or 5% in 6 h pages; 10% in 3 d opens a ticket.
+WINDOWS = (
+    BurnWindow("1h", "5m", 14.4, "page"),
+    BurnWindow("6h", "30m", 6.0, "page"),
+    BurnWindow("1d", "2h", 3.0, "ticket"),
+    BurnWindow("3d", "6h", 1.0, "ticket"),
+)
+
+
+@dataclass(frozen=True)
+class Slo:
+    """One objective: the fraction of requests that must be good, and how a window's bad fraction is computed."""
+
+    name: str  # availability, ttft, tpot
+    alert: str
+    objective: float
+    description: str
+    # PromQL of the bad-event ratio with {w} for the range.
+    ratio: str
+
+    @property
+    def budget(self) -> float:
+        return round(1.0 - self.objective, 10)
+
+    def record(self, window: str) -> str:
+        return f"model_name:fleetserve_slo_{self.name}_bad:ratio_rate{window}"
+
+
+def availability(objective: float) -> Slo:
+    # Valid events are the requests the fleet had to serve: OK or a fleet error. A flood of bad API keys or
+    # rate-limited retries must not dilute the error ratio.
+    not_errors = "|".join(NOT_FLEET_ERRORS)
+    not_valid = "|".join(c for c in NOT_FLEET_ERRORS if c != "OK")
+    return Slo(
+        "availability",
+        "FleetserveAvailabilityBudgetBurn",
+        objective,
+        f"{objective * 100:g}% of the requests the fleet had to serve (OK or a fleet error) end without a fleet "
+        "error (UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED, ...)",
+        # "or ... * 0": a model without a single failed request has no error series; its ratio is 0, not absent.
+        f'(\n  sum by (model_name) (rate(fleetserve:requests_total{{code!~"{not_errors}"}}[{{w}}]))\n'
+        f'  or\n  sum by (model_name) (rate(fleetserve:requests_total{{code="OK"}}[{{w}}])) * 0\n)\n'
+        f'/\nsum by (model_name) (rate(fleetserve:requests_total{{code!~"{not_valid}"}}[{{w}}]))',
+    )
+
+
+def _latency(name: str, alert: str, metric: str, seconds: float, objective: float, what: str) -> Slo:
+    le = floatToGoString(seconds)  # how prometheus-client writes the bucket's le label
+    return Slo(
+        name,
+        alert,
+        objective,
+        f"{objective * 100:g}% of requests have {what} under {seconds * 1000:g} ms",
+        f'1 - (\n  sum by (model_name) (rate({metric}_bucket{{le="{le}"}}[{{w}}]))\n'
+        f"  /\n  sum by (model_name) (rate({metric}_count[{{w}}]))\n)",
+    )
+
+
+def ttft(seconds: float, objective: float) -> Slo:
+    return _latency(
+        "ttft",
+        "FleetserveTTFTBudgetBurn",
+        "fleetserve:time_to_first_token_seconds",
+        seconds,
+        objective,
+        "their first token",
+    )
+
+
+def tpot(seconds: float, objective: float) -> Slo:
+    return _latency(
+        "tpot",
+        "FleetserveTPOTBudgetBurn",
+        "fleetserve:request_time_per_output_token_seconds",
+        seconds,
+        objective,
+        "a time per output token",
+    )
+
+
+def _windows() -> list[str]:
+    seen: list[str] = []
+    for w in WINDOWS:
+        for x in (w.short, w.long):
+            if x not in seen:
+                seen.append(x)
+    return sorted(seen, key=_seconds)
+
+
+def _seconds(window: str) -> int:
+    return int(window[:-1]) * {"m": 60, "h": 3600, "d": 86400}[window[-1]]
+
+
+def rules(slos: list[Slo]) -> dict:
+    """The rules file as a dict: a group of recording rules per SLI, then one of alerts."""
+    groups = []
+    for slo in slos:
+        groups.append(
+            {
+                "name": f"fleetserve-slo-{slo.name}-sli",
+                "rules": [{"record": slo.record(w), "expr": slo.ratio.replace("{w}", w)} for w in _windows()],
+            }
+        )
+    alerts = []
+    for slo in slos:
+        for w in WINDOWS:
+            threshold = round(w.factor * slo.budget, 10)
+            alerts.append(
+                {
+                    "alert": slo.alert,
+                    "expr": f"{slo.record(w.long)} > {threshold:g}\nand\n{slo.record(w.short)} > {threshold:g}",
+                    "labels": {
+                        "severity": w.severity,
+                        "slo": slo.name,
+                        "long_window": w.long,
+                        "short_window": w.short,
+                    },
+                    "annotations": {
+                        # No $value: the bad ratio is on the SLI's recording rule, and static text keeps the
+                        # rules' unit tests exact.
+                        "summary": f"{{{{ $labels.model_name }}}}: {slo.name} error budget burning over "
+                        f"{w.factor:g}x too fast in the last {w.long} and {w.short} "
+                        f"(more than {threshold * 100:g}% bad, {slo.budget * 100:g}% allowed)",
+                        "description": f"SLO: {slo.description}. At {w.factor:g}x the budget of a 30-day window "
+                        f"is gone in {30 / w.factor:.1f} days.",
+                    },
+                }
+            )
+    groups.append({"name": "fleetserve-slo-alerts", "rules": alerts})
+    return {"groups": groups}
+
+
+class _Literal(str):
+    """A multi-line string dumped as a YAML block (readable PromQL)."""
+
+
+def _literal(dumper: yaml.Dumper, data: _Literal):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+
+
+def render(slos: list[Slo]) -> str:
+    doc = rules(slos)
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            rule["expr"] = _Literal(rule["expr"]) if "\n" in rule["expr"] else rule["expr"]
+    dumper = type("_Dumper", (yaml.SafeDumper,), {})
+    dumper.add_representer(_Literal, _literal)
+    header = (
+        "# Generated by `python -m infra.prometheus.rules` (edit the objectives there, not here).\n"
+        "# Check: promtool check rules infra/prometheus/fleetserve-alerts.yml\n"
+        "#        promtool test rules infra/prometheus/fleetserve-alerts.test.yml\n"
+    )
+    return header + yaml.dump(doc, Dumper=dumper, sort_keys=False, width=120)
+
+
+def slos_from(args) -> list[Slo]:
+    for seconds, buckets, flag in (
+        (args.ttft_seconds, prom.TTFT_BUCKETS, "--ttft-seconds"),
+        (args.tpot_seconds, prom.TPOT_BUCKETS, "--tpot-seconds"),
+    ):
+        if seconds not in buckets:
+            raise SystemExit(f"{flag} must be a histogram bucket boundary: one of {list(buckets)}")
+    for value in (args.availability, args.ttft_objective, args.tpot_objective):
+        if not 0 < value < 1:
+            raise SystemExit("objectives are fractions between 0 and 1, e.g. 0.999")
+    return [
+        availability(args.availability),
+        ttft(args.ttft_seconds, args.ttft_objective),
+        tpot(args.tpot_seconds, args.tpot_objective),
+    ]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infra.prometheus.rules", description=__doc__.split("\n")[0])
+    p.add_argument("--availability", type=float, default=0.999, help="availability objective (0.999)")
+    p.add_argument("--ttft-seconds", type=float, default=0.5, help="TTFT threshold, a bucket bound (0.5)")
+    p.add_argument("--ttft-objective", type=float, default=0.99, help="fraction under it (0.99)")
+    p.add_argument("--tpot-seconds", type=float, default=0.05, help="TPOT threshold, a bucket bound (0.05)")
+    p.add_argument("--tpot-objective", type=float, default=0.99, help="fraction under it (0.99)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="where to write ('-': stdout)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    text = render(slos_from(args))
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
