@@ -10,6 +10,7 @@ import structlog
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.router.v1 import router_service_pb2 as pb
+from prometheus_client.registry import CollectorRegistry
 
 from services.router import policy_set
 from services.router.breakers import BreakerSettings
@@ -38,6 +39,11 @@ class RouterApp:
     @property
     def address(self) -> str:
         return self.running.address
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """The router's Prometheus series (served on its /metrics)."""
+        return self.servicer.prom.registry
 
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING, let in-flight streams finish within grace_s, then stop watching and close channels."""

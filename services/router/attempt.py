@@ -17,6 +17,7 @@ from opentelemetry import metrics
 from services.router.membership import ReplicaInfo
 from services.router.policies import cache_salt_for
 from services.router.resume import ChunkTracker, resumable
+from services.router.router_metrics import RouterMetrics, tier_name
 from shared.deadlines import HOP_MARGIN_S, wire_timeout
 from shared.errors import DeadlineExceeded, FleetError, NoHealthyReplica, Unavailable
 from shared.resilience import BACKPRESSURE, full_jitter, is_retryable
@@ -39,9 +40,11 @@ class Fault(Exception):
 
 
 class AttemptCounters:
-    """The router's attempt metrics (one set per servicer, shared by every request)."""
+    """The router's attempt metrics (one set per servicer, shared by every request): OTel counters exported to
+    the metrics service, and the same counts as Prometheus series."""
 
-    def __init__(self, meter: metrics.Meter) -> None:
+    def __init__(self, meter: metrics.Meter, prom: RouterMetrics) -> None:
+        self.prom = prom
         self.attempts = meter.create_counter(
             "fleetserve.router.attempts",
             unit="{attempt}",
@@ -62,6 +65,22 @@ class AttemptCounters:
             unit="{retry}",
             description="Retries refused by the model's retry budget.",
         )
+
+    def attempt(self, model: str, outcome: str) -> None:
+        self.attempts.add(1, {"fleetserve.model": model, "outcome": outcome})
+        self.prom.attempts.labels(model, outcome).inc()
+
+    def retry(self, model: str, kind: str) -> None:
+        self.retries.add(1, {"fleetserve.model": model, "kind": kind})
+        self.prom.retries.labels(model, kind).inc()
+
+    def hedge(self, model: str, result: str) -> None:
+        self.hedges.add(1, {"fleetserve.model": model, "result": result})
+        self.prom.hedges.labels(model, result).inc()
+
+    def throttle(self, model: str) -> None:
+        self.throttled.add(1, {"fleetserve.model": model})
+        self.prom.throttled.labels(model).inc()
 
 
 class Attempt:
@@ -131,7 +150,7 @@ class Attempt:
         router, model = self.router, self.replica.model
         router.breakers.budget(model).on_success()
         router.outliers.record_result(self.replica.replica_id, model, fault=False)
-        router.counters.attempts.add(1, {"fleetserve.model": model, "outcome": "ok"})
+        router.counters.attempt(model, "ok")
 
     def retryable(self, error: grpc.aio.AioRpcError) -> bool:
         """Whether another replica may fix this call's error; a non-retryable one is counted as the client's."""
@@ -140,7 +159,7 @@ class Attempt:
         caller_deadline = time.monotonic() + HOP_MARGIN_S >= self.sent_at + self.timeout
         if is_retryable(error.code(), caller_deadline):
             return True
-        self.router.counters.attempts.add(1, {"fleetserve.model": self.replica.model, "outcome": "client"})
+        self.router.counters.attempt(self.replica.model, "client")
         return False
 
     def failed(self, fault: Fault) -> None:
@@ -159,7 +178,7 @@ class Attempt:
             # Out of rotation at once for a short cooldown; the breaker decides about longer.
             router.membership.mark_unroutable(replica.replica_id)
         router.breakers.budget(model).on_failure()
-        router.counters.attempts.add(1, {"fleetserve.model": model, "outcome": outcome})
+        router.counters.attempt(model, outcome)
         log.warning(
             "router.replica_failed",
             replica=replica.replica_id,
@@ -237,13 +256,21 @@ class RequestAttempts:
         router = self.router
         if router.max_in_flight_per_replica:
             routing = self.request.routing
-            await router.admission.acquire(
-                self.model,
-                routing.priority,
-                routing.tenant_id,
-                self.deadline - time.monotonic(),
-                urgent=self.attempts > 0,  # a retry or resume of an admitted request goes first
-            )
+            prom, tier = router.counters.prom, tier_name(routing.priority)
+            waiting = prom.queue_waiting.labels(self.model, tier)
+            waiting.inc()
+            queued = time.monotonic()
+            try:
+                await router.admission.acquire(
+                    self.model,
+                    routing.priority,
+                    routing.tenant_id,
+                    self.deadline - time.monotonic(),
+                    urgent=self.attempts > 0,  # a retry or resume of an admitted request goes first
+                )
+            finally:
+                waiting.dec()
+                prom.queue_time.labels(self.model, tier).observe(time.monotonic() - queued)
         replica = self.choose(self.failed)
         self.replica_id = replica.replica_id
         self.attempts += 1
@@ -291,7 +318,7 @@ class RequestAttempts:
                 metadata={"model": model, "attempts": str(attempts)},
             ) from cause
         if not router.breakers.budget(model).can_retry():
-            router.counters.throttled.add(1, {"fleetserve.model": model})
+            router.counters.throttle(model)
             raise Unavailable(
                 f"replicas of model {model!r} are failing and the router's retry budget is spent; last: "
                 f"{fault.code.name} {fault.details}",
@@ -303,7 +330,7 @@ class RequestAttempts:
         if time.monotonic() + delay + HOP_MARGIN_S >= self.deadline:
             raise DeadlineExceeded("deadline exceeded while failing over between replicas") from cause
         kind = "resume" if self.streamed else "retry"
-        router.counters.retries.add(1, {"fleetserve.model": model, "kind": kind})
+        router.counters.retry(model, kind)
         log.info("router.retrying", kind=kind, attempt=attempts + 1, backoff_ms=round(delay * 1000, 3))
         if delay > 0:
             await router.sleep(delay)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import structlog
 from opentelemetry import metrics
 
+from services.router.router_metrics import RouterMetrics
 from shared.resilience import BreakerState, CircuitBreaker, RetryBudget
 
 log = structlog.get_logger(__name__)
@@ -34,8 +35,10 @@ class ReplicaBreakers:
         budget_max_tokens: float = 50.0,
         budget_token_ratio: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        prom: RouterMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.prom = prom
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
         self._models: dict[str, str] = {}
@@ -59,6 +62,9 @@ class ReplicaBreakers:
 
             def on_change(old: BreakerState, new: BreakerState, rid: str = replica_id) -> None:
                 self._transitions.add(1, {"fleetserve.replica_id": rid, "fleetserve.breaker_state": new.name})
+                if self.prom is not None:
+                    self.prom.breaker(rid, model, new)
+                    self.prom.breaker_changed(rid, new)
                 log.warning("router.breaker_changed", replica=rid, old=old.name, new=new.name)
 
             b = CircuitBreaker(
@@ -66,6 +72,8 @@ class ReplicaBreakers:
             )
             self._breakers[replica_id] = b
             self._models[replica_id] = model
+            if self.prom is not None:
+                self.prom.breaker(replica_id, model, b.state)
         return b
 
     def allows(self, replica_id: str) -> bool:
@@ -78,7 +86,9 @@ class ReplicaBreakers:
 
     def remove(self, replica_id: str) -> None:
         self._breakers.pop(replica_id, None)
-        self._models.pop(replica_id, None)
+        model = self._models.pop(replica_id, None)
+        if self.prom is not None and model is not None:
+            self.prom.replica_left(replica_id, model)
 
     def budget(self, model: str) -> RetryBudget:
         """The retry budget of model (one bucket per model: a failing pool does not throttle another's retries)."""

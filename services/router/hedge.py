@@ -34,7 +34,7 @@ async def race(run: RequestAttempts, attempt: Attempt, delay: float) -> Attempt:
                 started.append(hedge)
                 hedge.first = asyncio.ensure_future(hedge.call.read())
                 racers[hedge.first] = hedge
-                counters.hedges.add(1, {"fleetserve.model": model, "result": "sent"})
+                counters.hedge(model, "sent")
                 log.info(
                     "router.hedged",
                     replica=attempt.replica.replica_id,
@@ -50,7 +50,7 @@ async def race(run: RequestAttempts, attempt: Attempt, delay: float) -> Attempt:
                 if err is None or not retryable or len(racers) == 1:
                     winner = racers[task]
                     if winner is not attempt and err is None:
-                        counters.hedges.add(1, {"fleetserve.model": model, "result": "won"})
+                        counters.hedge(model, "won")
                     return winner
                 # This racer failed but the other may still answer: account it and keep waiting.
                 loser = racers.pop(task)

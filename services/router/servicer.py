@@ -25,6 +25,8 @@ from services.router.outliers import OutlierDetector, OutlierSettings
 from services.router.policies import Policy
 from services.router.policies import record as record_decision
 from services.router.resume import ReplicaAborted, ResumeMode
+from services.router.router_metrics import RouterMetrics
+from shared import prom
 from shared.channels import ChannelPool, raw_stream
 from shared.deadlines import deadline_passed, downstream_timeout
 from shared.errors import (
@@ -94,6 +96,7 @@ class RouterServicer:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        prom_metrics: RouterMetrics | None = None,
     ) -> None:
         self.membership = membership
         self.policy = policy
@@ -104,17 +107,20 @@ class RouterServicer:
         self.default_timeout_s = default_timeout_s
         self.ready_wait_s = ready_wait_s
         meter = meter or metrics.get_meter("fleetserve.router")
+        # Prometheus series (the app serves this registry; a servicer built without one keeps them unserved).
+        self.prom = prom_metrics or RouterMetrics(prom.new_registry())
         self.breakers = ReplicaBreakers(
             breakers or BreakerSettings(),
             meter,
             retry_budget_max_tokens,
             retry_budget_token_ratio,
             clock=clock,
+            prom=self.prom,
         )
         self.outliers = OutlierDetector(outliers or OutlierSettings(enabled=False), clock=clock)
         self.rng = rng or random.Random()
         self.sleep = sleep
-        self.counters = AttemptCounters(meter)
+        self.counters = AttemptCounters(meter, self.prom)
         self.in_flight: Counter[str] = Counter()
         # 0: no cap, requests go straight to replicas (engines queue themselves); else the admission queue
         # holds requests while every replica of the model has this many attempts in flight.
@@ -199,6 +205,12 @@ class RouterServicer:
         for model, counts in self.admission.waiting().items():
             for tier, n in zip(("interactive", "standard", "batch"), counts, strict=True):
                 yield metrics.Observation(n, {"fleetserve.model": model, "fleetserve.tier": tier})
+
+    def _model_label(self, request: pb.GenerateRequest, run: RequestAttempts | None) -> str:
+        """The model as a metric label: after alias resolution when routing got that far; a name this fleet
+        does not know is "unknown" (names come from callers: a label each would grow without bound)."""
+        model = run.model if run is not None else request.spec.model
+        return model if self.membership.knows_model(model) else "unknown"
 
     # -- choosing -----------------------------------------------------------------------------------
 
@@ -323,6 +335,7 @@ class RouterServicer:
                 span.set_attribute("fleetserve.attempts", attempts)
                 code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
+                self.prom.requests.labels(self._model_label(request, run), code.name).inc()
                 log.info(
                     "router.request",
                     model=run.model if run is not None else request.spec.model,

@@ -389,6 +389,8 @@ async def test_saturated_fleet_sheds_batch_first_keeps_standard_and_degrades_whe
             d = await gw.error(API_KEY, priority=3)
             assert (d.code, d.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "LOAD_SHED")
             assert d.retry_after_s >= 1.0 and "batch" in d.quota_violations[0][1]
+            shed_total = {"model_name": MODEL, "tier": "batch"}
+            assert gw.app.metrics_registry.get_sample_value("fleetserve:shed_requests_total", shed_total) == 1
             standard = asyncio.ensure_future(gw.generate(API_KEY, timeout_s=120, priority=2))
             await assert_eventually(lambda: degrading.app.servicer.pipeline.shedder.depths.get(MODEL, 0) >= 3)
             degraded = asyncio.ensure_future(
@@ -402,6 +404,13 @@ async def test_saturated_fleet_sheds_batch_first_keeps_standard_and_degrades_whe
             chunks, _ = await asyncio.wait_for(degraded, 120)
             assert "max_tokens capped at 8" in chunks[0].served_by.degraded
             assert chunks[-1].usage.completion_tokens == 8
+            degraded_total = {"model_name": MODEL}
+            assert (
+                degrading.app.metrics_registry.get_sample_value(
+                    "fleetserve:degraded_requests_total", degraded_total
+                )
+                == 1
+            )
 
 
 async def test_a_cancelled_stream_is_recorded_partial_with_the_gateways_counts(fleet, tmp_path):

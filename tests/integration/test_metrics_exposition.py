@@ -10,7 +10,7 @@ import pytest_asyncio
 
 from services.engine.engine_metrics import ENGINE_INDEX
 from tests.integration.test_gateway_admission import gateway
-from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
+from tests.integration.test_router import API_KEY, MODEL, generate, generate_error, in_process_fleet, request
 from tests.support import assert_eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -123,3 +123,39 @@ async def test_registry_reports_replicas_per_model_and_state(fleet):
     reg = fleet.registry.metrics_registry
     assert value(reg, "fleetserve:registry_replicas", model_name=MODEL, state="serving") == 2
     assert value(reg, "fleetserve:registry_replicas", model_name=MODEL, state="draining") == 0
+
+
+async def test_router_counts_requests_attempts_retries_and_breakers(fleet):
+    """A dead replica among live ones: every request still succeeds, each counted once by code; the dead
+    replica's failed attempt is a fault and the next one a retry; its breaker has a series while it is in
+    the fleet and none after it left."""
+    reg = fleet.router.metrics_registry
+    ok_before = value(reg, "fleetserve:router_requests_total", model_name=MODEL, code="OK")
+    await fleet.register_dead_replica("dead-metrics")
+    sent = 0
+    try:
+        for i in range(40):  # the dead replica ties with the idle engines: it is picked at random
+            await generate(fleet, request(max_tokens=3, request_id=f"prom-{i}"))
+            sent += 1
+            if value(reg, "fleetserve:router_retries_total", model_name=MODEL, kind="retry") >= 1:
+                break
+        else:
+            pytest.fail("the dead replica was never chosen in 40 requests")
+        assert value(reg, "fleetserve:router_requests_total", model_name=MODEL, code="OK") == ok_before + sent
+        assert value(reg, "fleetserve:router_attempts_total", model_name=MODEL, outcome="fault") >= 1
+        assert value(reg, "fleetserve:router_attempts_total", model_name=MODEL, outcome="ok") >= sent
+        state = reg.get_sample_value(
+            "fleetserve:router_breaker_state", {"replica": "dead-metrics", "model_name": MODEL}
+        )
+        assert state in (0, 1, 2)
+        d = await generate_error(fleet, request(model="no-such-model"))
+        assert d.code == grpc.StatusCode.NOT_FOUND
+        assert value(reg, "fleetserve:router_requests_total", model_name="unknown", code="NOT_FOUND") == 1
+    finally:
+        await fleet.deregister("dead-metrics")
+    assert (
+        reg.get_sample_value(
+            "fleetserve:router_breaker_state", {"replica": "dead-metrics", "model_name": MODEL}
+        )
+        is None
+    )
