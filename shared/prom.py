@@ -7,15 +7,17 @@ import asyncio
 import concurrent.futures
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client as pc
 import structlog
 from prometheus_client import multiprocess
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -156,10 +158,38 @@ def start_metrics_server(
     event loop is busy); port 0 picks a free port, a negative port serves nothing (None)."""
     if port < 0:
         return None
-    # Served from a thread rather than the event loop: prometheus-client's own server, with content
-    # negotiation (OpenMetrics) and gzip, and no await point on the services' loops.
-    server, thread = pc.start_http_server(port, addr=host, registry=exposed(registries, multiprocess_dir))
+    app = _text_format_only(pc.make_wsgi_app(exposed(registries, multiprocess_dir)))
+    server_cls = _ThreadingWSGIServer6 if ":" in host else ThreadingWSGIServer
+    server = make_server(host, port, app, server_cls, handler_class=_QuietHandler)
+    # A thread rather than the event loop: scrapes are answered while the loop is busy, and rendering never
+    # adds an await point to the services' loops.
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     return MetricsServer(server, thread, host)
+
+
+def _text_format_only(app):
+    """The WSGI app answering in Prometheus's text format whatever the scraper accepts. prometheus-client's
+    OpenMetrics encoder writes a name with a colon (vllm:num_requests_running) as vllm_num_requests_running
+    in the samples but not in # HELP / # TYPE (prometheus/client_python#1177), and Prometheus asks for
+    OpenMetrics first; the text format keeps vLLM's names as they are."""
+
+    def text_only(environ, start_response):
+        environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+
+    return text_only
+
+
+class _ThreadingWSGIServer6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape on stderr (the services' logs are JSON lines)."""
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
 
 
 # -- several worker processes per service ----------------------------------------------------------------

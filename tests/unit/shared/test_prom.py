@@ -47,6 +47,25 @@ def test_server_serves_default_and_own_registries_on_a_free_port():
         _scrape(server.address)
 
 
+def test_colon_names_survive_a_scraper_that_prefers_openmetrics():
+    """Prometheus asks for OpenMetrics first; the answer is the text format, with vLLM-style names intact
+    (prometheus-client's OpenMetrics encoder would write vllm_x in samples, vllm:x in # TYPE)."""
+    registry = prom.new_registry()
+    prom.gauge("vllm:test_colon_gauge", "doc", (), registry).set(2)
+    server = prom.start_metrics_server("127.0.0.1", 0, [registry])
+    try:
+        req = urllib.request.Request(
+            f"http://{server.address}/metrics",
+            headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"},
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            body = r.read().decode()
+            assert r.headers["Content-Type"].startswith("text/plain")
+        assert "\nvllm:test_colon_gauge 2.0\n" in body
+    finally:
+        server.stop()
+
+
 def test_negative_port_serves_nothing():
     """--metrics-port -1 turns the endpoint off."""
     assert prom.start_metrics_server("127.0.0.1", -1, []) is None
