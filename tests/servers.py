@@ -3,14 +3,23 @@ stopped and reaped afterwards; a server that is not installed skips its tests wi
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import subprocess
+import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+import pytest_asyncio
+import yaml
 
 from shared.etcd_process import EtcdMissing, EtcdProcess, free_port
 
-__all__ = ["free_port", "etcd_server", "etcd", "EtcdPrefix"]
+__all__ = ["free_port", "etcd_server", "etcd", "EtcdPrefix", "prometheus", "PrometheusServer"]
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +47,118 @@ class EtcdPrefix:
 @pytest.fixture
 def etcd(etcd_server) -> EtcdPrefix:
     return EtcdPrefix(etcd_server.endpoint, f"/test-{uuid.uuid4().hex[:12]}/")
+
+
+class PrometheusServer:
+    """A Prometheus server of a test's own: its config file, TSDB and log in a tmp dir, on loopback."""
+
+    def __init__(self, exe: str, workdir: Path) -> None:
+        self.exe = exe
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def log(self) -> str:
+        try:
+            return (self.workdir / "prometheus.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    async def start(self, config: dict[str, Any], timeout_s: float = 30.0, attempts: int = 3) -> None:
+        """Write config (a prometheus.yml as a dict) and start serving it; returns once /-/ready answers."""
+        config_file = self.workdir / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        for _ in range(attempts):  # the free port may be taken before Prometheus binds it
+            port = free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            with open(self.workdir / "prometheus.log", "ab") as log:  # noqa: ASYNC230 - once per start
+                # Popen as the fleet's launcher spawns (vfork, safe under uvloop); it returns at once.
+                self.proc = subprocess.Popen(  # noqa: ASYNC220
+                    [
+                        self.exe,
+                        f"--config.file={config_file}",
+                        f"--storage.tsdb.path={self.workdir / 'data'}",
+                        f"--web.listen-address=127.0.0.1:{port}",
+                        "--web.enable-lifecycle",
+                        "--storage.tsdb.retention.time=1h",
+                        "--log.level=info",
+                    ],
+                    cwd=self.workdir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                )
+            if await self._ready(timeout_s):
+                return
+            self.stop()
+        raise RuntimeError(f"prometheus did not become ready; log:\n{self.log}")
+
+    async def _ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                async with self._session.get(f"{self.url}/-/ready") as r:
+                    if r.status == 200:
+                        return True
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        return False
+
+    async def api(self, path: str, **params: str) -> Any:
+        """GET /api/v1/<path> with params; the `data` of a successful answer (AssertionError otherwise)."""
+        async with self._session.get(f"{self.url}/api/v1/{path}", params=params) as r:
+            body = await r.json()
+        assert body.get("status") == "success", f"{path} {params}: {body}"
+        return body["data"]
+
+    async def query(self, promql: str) -> list[dict]:
+        """An instant query's result vector (or matrix) as Prometheus returns it."""
+        return (await self.api("query", query=promql))["result"]
+
+    async def scalar(self, promql: str) -> float | None:
+        """The value of a query that yields one sample (None when it yields none)."""
+        result = await self.query(promql)
+        if not result:
+            return None
+        assert len(result) == 1, f"{promql} gave {len(result)} series: {result}"
+        return float(result[0]["value"][1])
+
+    async def targets_up(self) -> dict[str, str]:
+        """scrape url -> health of every active target."""
+        data = await self.api("targets", state="active")
+        return {t["scrapeUrl"]: t["health"] for t in data["activeTargets"]}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    async def close(self) -> None:
+        self.stop()
+        if self._session is not None:
+            await self._session.close()
+
+
+@pytest_asyncio.fixture
+async def prometheus(tmp_path_factory):
+    """A Prometheus server, not yet started: `await prometheus.start(config)`; stopped after the test. Skips
+    where Debian's prometheus package is not installed."""
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.skip(
+            "prometheus is not installed and could not be: `make test` installs it (apt-get install "
+            "prometheus); the Prometheus scrape test does not run here"
+        )
+    server = PrometheusServer(exe, tmp_path_factory.mktemp("prometheus"))
+    try:
+        yield server
+    finally:
+        await server.close()
