@@ -17,6 +17,7 @@ from services.metrics.experiments import ArmStore
 from services.metrics.gauges import UPTIME, GaugeStore, ReplicaClock
 from services.metrics.ingest import MetricsReceiver, SpanIntake, TraceReceiver
 from services.metrics.latency import RequestStats
+from services.metrics.quality import ENGINE_SPAN, FEEDBACK_SPAN, QualityStore
 from services.metrics.servicer import MetricsServicer
 from services.metrics.slo import SloEngine, load_slo_config
 from services.metrics.spans import SpanStore
@@ -81,9 +82,12 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     gauges.listeners[UPTIME] = [replicas.on_uptime]
     aliases = {a: (r.small, r.large) for a, r in parse_aliases(settings.model_aliases).items()}
     cost = CostLedger(PriceBook(parse_prices(settings.gpu_prices)), replicas, aliases)
-    servicer = MetricsServicer(spans, stats, counters, slo, cost, arms)
+    quality = QualityStore()
+    servicer = MetricsServicer(spans, stats, counters, slo, cost, arms, quality)
     intake = SpanIntake(spans)
-    intake.record_sinks += [stats.add, slo.add, cost.add]
+    intake.record_sinks += [stats.add, slo.add, cost.add, quality.add_record]
+    intake.on_span(ENGINE_SPAN, quality.add_engine_span)
+    intake.on_span(FEEDBACK_SPAN, quality.add_feedback_span)
     arms.attach(intake)
     traces = TraceReceiver(intake)
     metrics = MetricsReceiver(counters, gauges)

@@ -13,6 +13,8 @@ from services.metrics.cost import CostLedger
 from services.metrics.counters import CounterStore
 from services.metrics.experiments import ArmStore
 from services.metrics.latency import RequestStats
+from services.metrics.quality import DEFAULT_ALPHA, DEFAULT_MIN_SAMPLES, QualityStore, shift_tests, signals
+from services.metrics.sketches import summarize
 from services.metrics.slo import SloEngine, SloObject
 from services.metrics.spans import SpanStore
 from shared.errors import InvalidArgument, ResourceExhausted, rpc_boundary
@@ -25,6 +27,11 @@ _TRACE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
 WATCH_QUEUE = 256
 _END = None
 _OVERFLOW = object()
+
+
+def require_model(model: str) -> None:
+    if not model:
+        raise InvalidArgument("model is required", field_violations=[("model", "required: a model name")])
 
 
 def check_window(window_s: float, field: str = "window_s") -> None:
@@ -45,8 +52,10 @@ class MetricsServicer:
         slo: SloEngine,
         cost: CostLedger,
         arms: ArmStore | None = None,
+        quality: QualityStore | None = None,
         clock=time.time,
     ) -> None:
+        self.quality = quality or QualityStore(clock)
         self.arms = arms or ArmStore()
         self.spans = spans
         self.stats = stats
@@ -159,6 +168,57 @@ class MetricsServicer:
                 "the window is empty", field_violations=[("start_unix", "must be before end_unix (or now)")]
             )
         return start, end
+
+    @rpc_boundary
+    async def GetQuality(self, request: mpb.GetQualityRequest, context) -> mpb.GetQualityResponse:
+        require_model(request.model)
+        start, end = self.window_of(request.window_s, request.start_unix, request.end_unix)
+        costs = self._version_costs(start, end)
+        return mpb.GetQualityResponse(
+            versions=[
+                self._signals(request.model, v, start, end, costs)[0]
+                for v in self.quality.versions(request.model)
+            ]
+        )
+
+    @rpc_boundary
+    async def CompareVersions(
+        self, request: mpb.CompareVersionsRequest, context
+    ) -> mpb.CompareVersionsResponse:
+        require_model(request.model)
+        if not 0.0 <= request.alpha < 1.0:
+            raise InvalidArgument(
+                "alpha must be in [0, 1)", field_violations=[("alpha", "in [0, 1); 0 = 0.01")]
+            )
+        start, end = self.window_of(request.window_s, request.start_unix, request.end_unix)
+        costs = self._version_costs(start, end)
+        base, (b0, l0) = self._signals(request.model, request.baseline_version, start, end, costs)
+        cand, (b1, l1) = self._signals(request.model, request.candidate_version, start, end, costs)
+        tests = shift_tests(
+            b0, l0, b1, l1, request.alpha or DEFAULT_ALPHA, request.min_samples or DEFAULT_MIN_SAMPLES
+        )
+        return mpb.CompareVersionsResponse(
+            baseline=base, candidate=cand, tests=tests, shifted=any(t.shifted for t in tests)
+        )
+
+    def _version_costs(self, start: float, end: float) -> dict[str, mpb.CostLine]:
+        report = self.cost.report(start, end, [mpb.COST_DIMENSION_VERSION])
+        return {line.key: line for line in report.breakdowns[0].lines}
+
+    def _signals(self, model: str, version: str, start: float, end: float, costs: dict[str, mpb.CostLine]):
+        """A version's QualitySignals with latency (sketches) and cost, and the raw window for the tests."""
+        b, lengths = self.quality.window(model, version, start, end)
+        sig = signals(model, version, b, lengths)
+        lat = self.stats.window(end - start, end, lambda k: k[0] == model and k[1] == version)
+        sig.ttft_ms.CopyFrom(summarize(lat.ttft))
+        sig.tpot_ms.CopyFrom(summarize(lat.tpot))
+        line = costs.get(f"{model}@{version}" if version else model)
+        if line is not None:
+            sig.cost_usd = line.cost_usd
+            sig.cost_per_1k_output_tokens = (
+                line.cost_usd / line.output_tokens * 1000 if line.output_tokens else 0.0
+            )
+        return sig, (b, lengths)
 
     def close_watches(self) -> None:
         """End every WatchAlerts stream (shutdown: they would otherwise hold the drain for its whole grace)."""

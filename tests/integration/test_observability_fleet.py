@@ -261,6 +261,70 @@ async def test_planted_two_percent_errors_page_and_clear_on_compressed_windows(f
         await traffic
 
 
+async def test_quality_shift_of_a_candidate_version_is_detected(fleet):
+    """A v2 replica planted to refuse 30% of requests and cut answers to half length, rated worse by its users
+    (Feedback RPC): CompareVersions(v1 -> v2) flags refusals, output length and ratings as shifted, not errors;
+    GetQuality lists both versions."""
+    await fleet.add_engine(
+        SMALL, ["--model-version", "v2", "--sim-behaviour", "v2:refusal_rate=0.3,length_factor=0.5"]
+    )
+    await assert_eventually(lambda: _serves_both_versions(fleet), timeout_s=30)
+    t0 = time.time()
+
+    async def one(i: int) -> None:
+        call = fleet.gw.Generate(
+            inf_pb.GenerateRequest(model=SMALL, prompt=f"question {i}", max_tokens=24, ignore_eos=True),
+            metadata=auth(fleet.api_key),
+            timeout=30,
+        )
+        chunks = [r.chunk async for r in call]
+        request_id = dict(await call.initial_metadata())["x-request-id"]
+        rating = 2 if chunks[0].served_by.model_version == "v2" else 4
+        await fleet.gw.Feedback(
+            inf_pb.FeedbackRequest(request_id=request_id, rating=rating),
+            metadata=auth(fleet.api_key),
+            timeout=10,
+        )
+
+    for batch in range(0, 240, 12):
+        await asyncio.gather(*(one(i) for i in range(batch, batch + 12)))
+    request = mpb.CompareVersionsRequest(
+        model=SMALL, baseline_version="v1", candidate_version="v2", start_unix=t0
+    )
+
+    async def compared() -> mpb.CompareVersionsResponse | None:
+        resp = await fleet.m.CompareVersions(request, timeout=10)
+        fed = resp.baseline.feedback_count + resp.candidate.feedback_count
+        return resp if resp.baseline.generations + resp.candidate.generations >= 240 and fed >= 240 else None
+
+    resp = await assert_eventually(compared, timeout_s=30)
+    tests = {t.signal: t for t in resp.tests}
+    assert resp.shifted
+    assert tests["refusal_rate"].shifted and tests["refusal_rate"].candidate > tests["refusal_rate"].baseline
+    assert (
+        tests["output_tokens"].shifted
+        and resp.candidate.output_tokens_median < resp.baseline.output_tokens_median
+    )
+    assert tests["feedback_rating"].shifted and resp.candidate.feedback_mean < resp.baseline.feedback_mean
+    assert not tests["error_rate"].shifted
+    assert resp.baseline.refusal_rate == 0.0 and resp.candidate.ttft_ms.count > 0
+    quality = await fleet.m.GetQuality(mpb.GetQualityRequest(model=SMALL, start_unix=t0), timeout=10)
+    assert {v.version for v in quality.versions} >= {"v1", "v2"}
+
+
+async def _serves_both_versions(fleet) -> bool:
+    seen = set()
+    for i in range(8):
+        call = fleet.gw.Generate(
+            inf_pb.GenerateRequest(model=SMALL, prompt=f"warm {i}", max_tokens=2),
+            metadata=auth(fleet.api_key),
+            timeout=10,
+        )
+        chunks = [r.chunk async for r in call]
+        seen.add(chunks[0].served_by.model_version)
+    return seen == {"v1", "v2"}
+
+
 @pytest.mark.skipif(not LONG, reason="slow variant: set FLEETSERVE_OBS_LONG=1")
 async def test_half_a_budget_error_rate_never_pages(fleet):
     """0.05% errors (one in 2,000 requests) over 4,000 requests: no alert of the availability SLO fires."""
