@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway loadtest clean
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway loadtest check-wheel clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ system-deps: ## Install the servers the tests use (redis, postgresql, etcd, prom
 	  { $$SUDO apt-get install -y -qq --no-install-recommends $$missing || { $$SUDO apt-get update -qq && \
 	    $$SUDO apt-get install -y -qq --no-install-recommends $$missing; }; } >/dev/null 2>&1 || \
 	  echo "note: could not install $$missing; the tests that need them will be skipped with the reason"; }
+
+check-wheel: protos ## pip install of a fresh clone as a user does it: isolated wheel builds, deps from the index, fleetserve up (minutes).
+	FLEETSERVE_WHEEL_FULL=1 $(BIN)/python -m pytest -q tests/integration/test_wheel.py \
+		tests/integration/test_cli.py::test_up_generate_status_and_clean_stop
 
 lint: protos ## Ruff lint and format check.
 	$(BIN)/ruff check .

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import grpc
 import structlog
@@ -14,10 +13,12 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from fleetserve.client.errors import DETAILS_KEY as _DETAILS_KEY
+from fleetserve.client.errors import ErrorDetails, details_of  # noqa: F401  (the one parser; clients share it)
+
 log = structlog.get_logger("fleetserve.errors")
 
 DOMAIN = "fleetserve.dev"
-_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class FleetError(Exception):
@@ -173,48 +174,6 @@ async def relay(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) ->
     trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == _DETAILS_KEY)
     await context.abort(err.code(), err.details() or "", trailing)
     raise AssertionError("unreachable: context.abort raises")
-
-
-@dataclass(frozen=True)
-class ErrorDetails:
-    """What a client needs from a failed call: whose fault, whether and when to retry."""
-
-    code: grpc.StatusCode
-    message: str
-    reason: str = ""
-    retry_after_s: float | None = None
-    field_violations: tuple[tuple[str, str], ...] = ()
-    quota_violations: tuple[tuple[str, str], ...] = ()
-
-
-def details_of(err: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
-    """Parse the google.rpc.Status details a fleetserve service attached to an error."""
-    out: dict[str, Any] = {"code": err.code(), "message": err.details() or ""}
-    raw = next((v for k, v in (err.trailing_metadata() or ()) if k == _DETAILS_KEY), None)
-    if raw:
-        status = status_pb2.Status.FromString(raw)
-        fv: list[tuple[str, str]] = []
-        qv: list[tuple[str, str]] = []
-        for any_ in status.details:
-            if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                any_.Unpack(info)
-                out["reason"] = info.reason
-            elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                ri = error_details_pb2.RetryInfo()
-                any_.Unpack(ri)
-                out["retry_after_s"] = ri.retry_delay.ToNanoseconds() / 1e9
-            elif any_.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                br = error_details_pb2.BadRequest()
-                any_.Unpack(br)
-                fv += [(v.field, v.description) for v in br.field_violations]
-            elif any_.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
-                qf = error_details_pb2.QuotaFailure()
-                any_.Unpack(qf)
-                qv += [(v.subject, v.description) for v in qf.violations]
-        out["field_violations"] = tuple(fv)
-        out["quota_violations"] = tuple(qv)
-    return ErrorDetails(**out)
 
 
 class Undecodable:

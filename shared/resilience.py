@@ -4,20 +4,12 @@ which gRPC failures are the server's fault."""
 from __future__ import annotations
 
 import enum
-import random
 import time
 from collections.abc import Callable
 
 import grpc
 
-
-def full_jitter(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
-    """Delay before retry number `attempt` (0-based): uniform in [0, min(cap, base * 2**attempt)], so many
-    clients retrying together (a fleet restarted at once, routers reconnecting) do not retry in lockstep."""
-    # Bound the exponent: 2**attempt overflows a float long before anyone retries that often.
-    ceiling = min(cap_s, base_s * 2 ** min(attempt, 32))
-    return (rng or random).uniform(0.0, ceiling)
-
+from fleetserve.client.retry import full_jitter  # noqa: F401  (one backoff for servers and clients)
 
 # -- classifying failures -----------------------------------------------------------------------------
 

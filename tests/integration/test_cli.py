@@ -70,13 +70,35 @@ def _run_documented_commands(page: str, env: dict) -> None:
             assert body.strip() and '"error"' not in body, f"{page}: {line}\n{body}"
 
 
-def test_up_generate_status_and_clean_stop(tmp_path: Path):
-    """up prints the gateway and key and writes cluster.json; generate streams text; --json ends with usage and
-    ttft_ms; status lists healthy replicas; a wrong key exits 1 with the reason; the commands README.md and
-    docs/protocols.md show work against it; SIGTERM stops every process."""
-    env = {**os.environ, "FLEETSERVE_HOME": str(tmp_path)}
+_CLIENT_SCRIPT = """
+import asyncio, json, sys, fleetserve.client as fc
+assert "site-packages" in fc.__file__, fc.__file__
+async def main():
+    async with fc.AsyncClient(sys.argv[1], sys.argv[2], model="sim-1b") as c:
+        done = await c.complete("hello", max_tokens=4)
+        print(json.dumps({"tokens": done.usage.completion_tokens, "models": len(await c.models())}))
+asyncio.run(main())
+"""
+
+
+def test_up_generate_status_and_clean_stop(tmp_path: Path, installed):
+    """From the wheel installed in a fresh venv (`pip install .` of a fresh clone, no protoc step), run outside
+    the repository: up prints the gateway and key and writes cluster.json; generate streams text; --json ends with
+    usage and ttft_ms; status lists healthy replicas; a wrong key exits 1 with the reason; the client-only wheel's
+    AsyncClient streams from the fleet; the commands README.md and docs/protocols.md show work against it;
+    SIGTERM stops every process."""
+    server = installed["server"]
+    env = {**server.env, "FLEETSERVE_HOME": str(tmp_path)}
+    cli = [server.script("fleetserve")]
+
+    def _run(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            cli + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+        )
+
     up = subprocess.Popen(
-        CLI + ["up", "--engines", "2", "--no-live", "--speed-factor", "5"],
+        cli + ["up", "--engines", "2", "--no-live", "--speed-factor", "5"],
+        cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -131,8 +153,20 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path):
         m = models["sim-1b"]
         assert int(m["requests"]) >= 2 and m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0
 
+        client = installed["client"]
+        called = subprocess.run(
+            [str(client.python), "-c", _CLIENT_SCRIPT, state["gateway"], state["api_key"]],
+            cwd=tmp_path,
+            env=client.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert called.returncode == 0, called.stderr
+        assert json.loads(called.stdout) == {"tokens": 4, "models": 1}
+
         for page in ("README.md", "docs/protocols.md"):
-            _run_documented_commands(page, env)
+            _run_documented_commands(page, {**os.environ, "FLEETSERVE_HOME": str(tmp_path)})
 
         pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.json")]
         assert len(pids) == 6

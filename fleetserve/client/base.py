@@ -1,0 +1,75 @@
+"""What the blocking and the asyncio client share: their settings and how they turn arguments into requests (no
+I/O here), and the view a stream gives of what it has received."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Iterable
+
+from fleetserve.inference.v1 import inference_service_pb2 as pb
+
+from fleetserve.client.messages import Message, StreamState, batch_item, generation_request
+from fleetserve.client.retry import RetryPolicy
+
+
+class ClientBase:
+    """A client's settings. `api_key` defaults to $FLEETSERVE_API_KEY; `model` is the default for calls that name
+    none; `timeout_s` is each call's deadline, retries included; `retry` says what is retried and how
+    (fleetserve.client.NO_RETRY: nothing)."""
+
+    def __init__(
+        self,
+        api_key: str | None,
+        model: str | None,
+        timeout_s: float,
+        retry: RetryPolicy | None,
+        rng: random.Random | None,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get("FLEETSERVE_API_KEY", "")
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        self.model = model
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self._rng = rng or random.Random()
+
+    def _model(self, model: str | None) -> str:
+        model = model or self.model
+        if not model:
+            raise ValueError("no model: pass model=... to the call or to the client")
+        return model
+
+    def _generation(
+        self, prompt: str | None, messages: Iterable[Message] | None, model: str | None, fields: dict
+    ) -> tuple[bool, pb.GenerateRequest | pb.ChatRequest]:
+        """(is a chat, the request)."""
+        return messages is not None, generation_request(self._model(model), prompt, messages, fields)
+
+    def _batch(
+        self,
+        items: Iterable[pb.BatchItem | dict],
+        model: str | None,
+        idempotency_key: str | None,
+        fields: dict,
+    ) -> pb.SubmitBatchRequest:
+        # A made-up idempotency key makes the submit safe to retry: a repeat returns the same job.
+        return pb.SubmitBatchRequest(
+            model=self._model(model),
+            items=[batch_item(i) for i in items],
+            idempotency_key=idempotency_key or f"client-{uuid.uuid4()}",
+            **fields,
+        )
+
+
+class StreamView:
+    """What a stream has received so far (its StreamState), as attributes of the stream."""
+
+    state: StreamState
+
+    request_id = property(lambda self: self.state.request_id)
+    served_by = property(lambda self: self.state.served_by)
+    usage = property(lambda self: self.state.usage)
+    finish_reason = property(lambda self: self.state.finish_reason)
+    ttft_s = property(lambda self: self.state.ttft_s)
+    text = property(lambda self: self.state.text)
