@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway loadtest check-wheel clean
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway loadtest check-wheel fuzz clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -68,6 +68,15 @@ DURATION ?= 60s
 loadtest: protos ## Locust gRPC users against the running cluster (USERS=32 DURATION=60s; installs locust).
 	$(BIN)/python -m pip install -q -e '.[loadtest]'
 	$(BIN)/locust -f loadtest/locustfile.py --headless --users $(USERS) --spawn-rate $(USERS) --run-time $(DURATION)
+
+FUZZ_GRPC_EXAMPLES ?= 1430
+FUZZ_HTTP_EXAMPLES ?= 10000
+fuzz: protos ## Long property-based fuzz of the public edge: ~10k requests per protocol (gRPC's 7 RPCs, OpenAI HTTP).
+	@rm -f docs/benchmarks/fuzz.json
+	FLEETSERVE_FUZZ_REPORT=docs/benchmarks/fuzz.json FLEETSERVE_FUZZ_EXAMPLES=$(FUZZ_GRPC_EXAMPLES) \
+		$(BIN)/python -m pytest -q tests/integration/test_hostile_input.py -k grpc --timeout 3600
+	FLEETSERVE_FUZZ_REPORT=docs/benchmarks/fuzz.json FLEETSERVE_FUZZ_EXAMPLES=$(FUZZ_HTTP_EXAMPLES) \
+		$(BIN)/python -m pytest -q tests/integration/test_hostile_input.py -k http --timeout 3600
 
 clean: ## Remove the venv, generated code and local cluster state.
 	rm -rf $(VENV) gen .fleetserve .pytest_cache .ruff_cache
