@@ -4,10 +4,14 @@ stopped and reaped afterwards; a server that is not installed skips its tests wi
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,16 @@ import yaml
 
 from shared.etcd_process import EtcdMissing, EtcdProcess, free_port
 
-__all__ = ["free_port", "etcd_server", "etcd", "EtcdPrefix", "prometheus", "PrometheusServer"]
+__all__ = [
+    "free_port",
+    "etcd_server",
+    "etcd",
+    "EtcdPrefix",
+    "prometheus",
+    "PrometheusServer",
+    "redis_server",
+    "RedisServer",
+]
 
 
 @pytest.fixture(scope="session")
@@ -162,3 +175,85 @@ async def prometheus(tmp_path_factory):
         yield server
     finally:
         await server.close()
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process of a test's own: its URL, and faults to inject (hang, resume, kill, restart)."""
+
+    url: str
+    port: int
+    workdir: Path
+    process: subprocess.Popen
+
+    def hang(self) -> None:
+        """SIGSTOP: the port stays open and accepts connections, nothing answers (a hung Redis)."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL and reap: connections are refused (a Redis that is down)."""
+        self.resume()
+        self.process.kill()
+        self.process.wait(10)
+
+    def restart(self) -> None:
+        """A fresh redis-server on the same port (empty: no persistence), answering when this returns."""
+        if self.process.poll() is None:
+            self.kill()
+        self.process = _spawn_redis(self.port, self.workdir)
+        _wait_answering(self.port)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.resume()
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def _spawn_redis(port: int, workdir: Path) -> subprocess.Popen:
+    exe = shutil.which("redis-server")
+    return subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_answering(port: int, timeout_s: float = 20.0) -> None:
+    """Block until redis-server answers PING on port (a plain socket: fixtures run outside the event loop)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"redis-server on port {port} did not answer within {timeout_s}s")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own on loopback, without persistence (the test may hang or kill it)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed and could not be (`make system-deps` installs it)")
+    port = free_port()
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, workdir, _spawn_redis(port, workdir))
+    try:
+        _wait_answering(port)
+        yield server
+    finally:
+        server.stop()

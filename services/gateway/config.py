@@ -57,6 +57,12 @@ class GatewaySettings(ServiceSettings):
         description="redis://host:port/db shared by every gateway for rate limits and stream caps; empty: "
         "limits are kept in this process (one gateway).",
     )
+    limits_fallback_gateways: int = Field(
+        0,
+        ge=0,
+        description="While Redis is unreachable each gateway enforces 1/N of every limit; N is this, or with "
+        "0 the number of gateways last seen in Redis (each keeps a presence entry there while it is up).",
+    )
     model_prices: dict[str, tuple[float, float]] = Field(
         default_factory=dict,
         description='USD per 1M prompt and completion tokens per model, JSON: {"sim-1b": [0.1, 0.4]}; '

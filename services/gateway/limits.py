@@ -43,6 +43,10 @@ class LimitBackend(Protocol):
         """Give back stream_id's slot."""
         ...
 
+    def start(self) -> None:
+        """Start background work, if any (called once the event loop runs)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -102,6 +106,9 @@ class LocalLimits:
             held.discard(stream_id)
             if not held:
                 del self._streams[key]
+
+    def start(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None

@@ -181,7 +181,11 @@ class GatewayPipeline:
     ) -> GatewayPipeline:
         """The pipeline with everything the settings turn on: limits (in process, or Redis), the ledger and
         budgets, the safety filter, load shedding. start() starts its background tasks, close() ends them."""
-        backend: LimitBackend = RedisLimits(settings.redis_url) if settings.redis_url else LocalLimits()
+        backend: LimitBackend = (
+            RedisLimits(settings.redis_url, fallback_gateways=settings.limits_fallback_gateways)
+            if settings.redis_url
+            else LocalLimits()
+        )
         ledger = Ledger(
             settings.db_path,
             flush_interval_s=settings.ledger_flush_interval_s,
@@ -220,6 +224,7 @@ class GatewayPipeline:
         """Start the background work: ledger flushes, load polling."""
         if self.admission is not None:
             self.admission.ledger.start()
+            self.admission.backend.start()
         if self.shedder is not None:
             self.shedder.start()
 

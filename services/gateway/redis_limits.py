@@ -1,10 +1,17 @@
 """Rate limits and stream caps shared by every gateway through Redis: the same leaky buckets as limits.py, each
-check-and-take one atomic Lua script on Redis's clock, so N gateways enforce a limit once, not N times. While
-Redis cannot be reached, each gateway enforces the limits on its own (in process) rather than failing requests."""
+check-and-take one atomic Lua script on Redis's clock, so N gateways enforce a limit once, not N times.
+
+While Redis cannot be reached (down, or hung: each call then waits for the socket timeout), a circuit breaker
+sends every request to an in-process fallback at once, and a background probe closes it when Redis answers
+again. During the fallback each gateway enforces its share of each limit (1/N of it, N the number of gateways),
+so the fleet as a whole stays near the limit rather than at N times it. N is learned: every gateway keeps a
+presence entry in Redis while Redis is up, and the fallback uses the count last seen (or a configured N)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -13,6 +20,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from services.gateway.limits import LocalLimits, Rate
+from shared.resilience import BreakerState, CircuitBreaker
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -65,29 +73,161 @@ redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(latest[2]) * 1000))
 return 1
 """
 
+# KEYS[1]: sorted set of gateway ids scored by presence expiry. ARGV: this gateway's id, ttl seconds.
+# Returns how many gateways are present (this one included).
+_PRESENT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 2000))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class FleetShareLimits(LocalLimits):
+    """The in-process fallback: each limit divided by the number of gateways. A request bigger than this
+    gateway's share of a bucket is admitted when the bucket has room for the share (and charged in full, so
+    the bucket's debt delays later requests): the long-run rate stays at the share without refusing forever
+    a prompt larger than it."""
+
+    def __init__(self, gateways: Callable[[], int]) -> None:
+        super().__init__()
+        self._gateways = gateways
+
+    def share(self, rate: Rate) -> Rate:
+        n = max(1, self._gateways())
+        if n == 1:
+            return rate
+        return Rate(rate.key, rate.capacity / n, rate.period_s, rate.subject, rate.what)
+
+    async def take(self, wants: Sequence[tuple[Rate, float]]) -> list[tuple[Rate, float]]:
+        buckets = [(rate, self._bucket(self.share(rate)), amount) for rate, amount in wants]
+        refused = []
+        for rate, b, amount in buckets:
+            fits = min(amount, b.max_rate)
+            if not b.has_capacity(fits):
+                refused.append((rate, b.wait_s(fits)))
+        if not refused:
+            for _, b, amount in buckets:
+                b.charge(amount)
+        return refused
+
+    async def charge(self, wants: Sequence[tuple[Rate, float]]) -> None:
+        await super().charge([(self.share(rate), amount) for rate, amount in wants])
+
+    async def open_stream(self, key: str, cap: int, stream_id: str, lease_s: float) -> bool:
+        share = max(1, round(cap / max(1, self._gateways())))
+        return await super().open_stream(key, share, stream_id, lease_s)
+
 
 class RedisLimits:
-    """LimitBackend in Redis (redis.asyncio), keys under prefix."""
+    """LimitBackend in Redis (redis.asyncio), keys under prefix, behind a circuit breaker."""
 
-    def __init__(self, url: str, prefix: str = "fleetserve:gw:", timeout_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "fleetserve:gw:",
+        timeout_s: float = 0.5,
+        *,
+        fallback_gateways: int = 0,
+        presence_interval_s: float = 1.0,
+        breaker: CircuitBreaker | None = None,
+        gateway_id: str = "",
+    ) -> None:
         self.client = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.prefix = prefix
         self._take = self.client.register_script(_TAKE)
         self._open = self.client.register_script(_OPEN_STREAM)
-        self.fallback = LocalLimits()
+        self._present = self.client.register_script(_PRESENT)
+        # Configured number of gateways for the fallback's shares (0: the count last seen in Redis).
+        self.fallback_gateways = fallback_gateways
+        self.gateways_seen = 1
+        self.presence_interval_s = presence_interval_s
+        self.gateway_id = gateway_id or uuid.uuid4().hex
+        self.fallback = FleetShareLimits(self.gateways)
+        self.breaker = breaker or CircuitBreaker(
+            failure_threshold=3, open_s=1.0, max_open_s=10.0, on_change=self._breaker_changed
+        )
         self._warned = -_WARN_EVERY_S
         # Streams opened on the fallback are closed there too, even if Redis is back by then.
         self._local_streams: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._probing = False
+
+    def gateways(self) -> int:
+        """The number of gateways sharing the limits: configured, else the count last seen in Redis."""
+        return self.fallback_gateways or self.gateways_seen
+
+    def start(self) -> None:
+        """Start keeping this gateway's presence in Redis (how every gateway learns the fleet's size)."""
+        self._spawn(self._presence_loop())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _presence_loop(self) -> None:
+        ttl = self.presence_interval_s * 3
+        while True:
+            if self.breaker.current() is BreakerState.CLOSED:
+                try:
+                    n = await self._present(keys=[self.prefix + "gateways"], args=[self.gateway_id, ttl])
+                    self.gateways_seen = max(1, int(n))
+                except (RedisError, OSError) as e:
+                    self._fault(e)
+            await asyncio.sleep(self.presence_interval_s)
+
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        if new is BreakerState.OPEN and old is BreakerState.CLOSED:
+            log.warning(
+                "gateway.redis_breaker_opened",
+                fallback="in-process limits, this gateway's share",
+                gateways=self.gateways(),
+            )
+        elif new is BreakerState.CLOSED:
+            log.info("gateway.redis_breaker_closed")
+
+    def _fault(self, e: BaseException) -> None:
+        self.breaker.on_fault()
+        now = time.monotonic()
+        if now - self._warned >= _WARN_EVERY_S:
+            self._warned = now
+            log.warning(
+                "gateway.redis_unavailable", error=str(e) or type(e).__name__, fallback="in-process limits"
+            )
+        if self.breaker.state is not BreakerState.CLOSED and not self._probing:
+            self._probing = True
+            self._spawn(self._probe())
+
+    async def _probe(self) -> None:
+        """While the breaker is open, PING Redis each time its open period ends: an answer closes it (requests go
+        back to Redis), silence opens it again for longer. Requests never wait on a probe."""
+        try:
+            while self.breaker.current() is not BreakerState.CLOSED:
+                await asyncio.sleep(max(0.05, self.breaker.open_seconds_left()))
+                if self.breaker.current() is not BreakerState.HALF_OPEN:
+                    continue
+                try:
+                    await self.client.ping()
+                except (RedisError, OSError):
+                    self.breaker.on_fault()  # half-open: open again, for twice as long
+                else:
+                    self.breaker.on_success()
+        finally:
+            self._probing = False
 
     async def _or_local(self, shared: Callable[[], Awaitable[T]], local: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await shared()
-        except (RedisError, OSError) as e:
-            now = time.monotonic()
-            if now - self._warned >= _WARN_EVERY_S:
-                self._warned = now
-                log.warning("gateway.redis_unavailable", error=str(e), fallback="in-process limits")
+        if self.breaker.current() is not BreakerState.CLOSED:
             return await local()
+        try:
+            result = await shared()
+        except (RedisError, OSError) as e:
+            self._fault(e)
+            return await local()
+        self.breaker.on_success()
+        return result
 
     async def _run(self, wants: Sequence[tuple[Rate, float]], force: bool) -> list[float]:
         keys = [self.prefix + rate.key for rate, _ in wants]
@@ -138,4 +278,12 @@ class RedisLimits:
         await self._or_local(shared, local)
 
     async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.breaker.current() is BreakerState.CLOSED:
+            try:  # leave the count at once rather than when the presence entry expires
+                await self.client.zrem(self.prefix + "gateways", self.gateway_id)
+            except (RedisError, OSError):
+                pass
         await self.client.aclose()

@@ -1,0 +1,101 @@
+"""The limits backend when Redis fails: a hung Redis (SIGSTOP: connections open, nothing answers) or a dead one
+opens the breaker after a few timeouts, requests then go to the in-process fallback without waiting on Redis,
+a probe closes the breaker once Redis answers; during the fallback each gateway enforces its share of a limit
+(1/N, N the gateways last seen in Redis), so the fleet stays near the limit instead of N times it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from services.gateway.limits import Rate
+from services.gateway.redis_limits import RedisLimits
+from shared.resilience import BreakerState
+from tests.support import assert_eventually
+
+# 30 requests per 10 s across the fleet: a burst of 30, then 3 per second.
+FLEET_RATE = Rate("t:x:rps", 30.0, 10.0, "tenant:x", "30 requests per 10 seconds")
+
+
+@contextlib.asynccontextmanager
+async def gateways(url: str, n: int, prefix: str):
+    """n limits backends as n gateways would hold them, presence started, each seeing all n."""
+    backends = [RedisLimits(url, prefix=prefix, timeout_s=0.3, presence_interval_s=0.1) for _ in range(n)]
+    try:
+        for b in backends:
+            b.start()
+        await assert_eventually(lambda: all(b.gateways() == n for b in backends), timeout_s=10)
+        yield backends
+    finally:
+        for b in backends:
+            await b.close()
+
+
+async def _admitted(backend: RedisLimits, attempts: int) -> int:
+    return sum([not await backend.take([(FLEET_RATE, 1.0)]) for _ in range(attempts)])
+
+
+async def test_hung_redis_opens_the_breaker_and_requests_stop_waiting(redis_server):
+    """Redis SIGSTOPped: a few calls time out and open the breaker; the next 200 complete without Redis (bounded
+    at 10 s in all: each would wait 0.3 s on the socket if they went to Redis); after SIGCONT the probe closes
+    the breaker and takes are shared through Redis again."""
+    async with gateways(redis_server.url, 1, "b1:") as (gw,):
+        assert await gw.take([(FLEET_RATE, 1.0)]) == []
+        redis_server.hang()
+        try:
+            await asyncio.gather(*(gw.take([(FLEET_RATE, 1.0)]) for _ in range(3)))
+            assert gw.breaker.state is BreakerState.OPEN
+            await asyncio.wait_for(_admitted(gw, 200), 10)
+            assert gw.breaker.state is not BreakerState.CLOSED
+        finally:
+            redis_server.resume()
+        await assert_eventually(lambda: gw.breaker.current() is BreakerState.CLOSED, timeout_s=30)
+        # Back on Redis: the bucket there is what a second gateway sees.
+        await gw.take([(Rate("t:y:rps", 1.0, 60.0, "tenant:y", "1 per minute"), 1.0)])
+        async with gateways(redis_server.url, 1, "b1:") as (other,):
+            assert await other.take([(Rate("t:y:rps", 1.0, 60.0, "tenant:y", "1 per minute"), 1.0)])
+
+
+async def test_each_gateway_enforces_its_share_while_redis_is_down(redis_server):
+    """Three gateways learned from Redis that there are three; with Redis killed, together they admit about the
+    fleet's 30 (10 each), not 90; with Redis back, one bucket is shared again."""
+    async with gateways(redis_server.url, 3, "b2:") as gws:
+        redis_server.kill()
+        admitted = 0
+        for gw in gws:  # a refused connection is a fault at once: 3 open the breaker (and go to the fallback)
+            refusals = await asyncio.gather(*(gw.take([(FLEET_RATE, 1.0)]) for _ in range(3)))
+            admitted += refusals.count([])
+            assert gw.breaker.state is BreakerState.OPEN
+        admitted += sum([await _admitted(gw, 40) for gw in gws])
+        # 10 each from the burst; a request or two more each as the share drains (0.1/s per gateway).
+        assert 30 <= admitted <= 36, admitted
+        redis_server.restart()
+        await assert_eventually(
+            lambda: all(gw.breaker.current() is BreakerState.CLOSED for gw in gws), timeout_s=30
+        )
+        assert sum([await _admitted(gw, 20) for gw in gws]) == 30  # fresh Redis: 30 across all three
+
+
+async def test_stream_caps_are_shared_too_while_redis_is_down(redis_server):
+    """A cap of 6 concurrent streams: with Redis down, each of 3 gateways holds at most 2."""
+    async with gateways(redis_server.url, 3, "b3:") as gws:
+        redis_server.kill()
+        for gw in gws:
+            await asyncio.gather(*(gw.take([(FLEET_RATE, 1.0)]) for _ in range(3)))
+        opened = [sum([await gw.open_stream("s:x", 6, f"r{i}", 60) for i in range(5)]) for gw in gws]
+        assert opened == [2, 2, 2]
+
+
+@pytest.mark.parametrize("configured", [5])
+async def test_a_configured_gateway_count_wins(redis_server, configured):
+    """--limits-fallback-gateways N overrides the count seen in Redis."""
+    gw = RedisLimits(redis_server.url, prefix="b4:", fallback_gateways=configured)
+    try:
+        gw.start()
+        await assert_eventually(lambda: gw.gateways_seen == 1, timeout_s=5)
+        assert gw.gateways() == configured
+        assert gw.fallback.share(FLEET_RATE).capacity == 6.0
+    finally:
+        await gw.close()
