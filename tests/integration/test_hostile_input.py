@@ -315,3 +315,13 @@ async def test_http_fuzz_left_the_gateway_serving(http):
     """After the fuzz (which runs before this test), a good request is served."""
     status, body = await post(http, "/v1/completions", raw_json(COMPLETION))
     assert status == 200, body
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/\n", 404), ("PUT", "/v1/models", 405)])
+async def test_routing_refusals_are_openai_shaped(fleet, method, path, status):
+    """A path no route matches (a newline in it) and a method a route does not take: JSON error bodies."""
+    got, rest = await _http_request(
+        fleet.gateway.http_address, f"{method} {path}", b"", "", f"Bearer {API_KEY}"
+    )
+    assert got in (status, 404), rest
+    assert b'"error"' in rest.partition(b"\r\n\r\n")[2], rest

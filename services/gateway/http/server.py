@@ -53,6 +53,24 @@ def error_response(exc: BaseException | ErrorDetails, headers: dict[str, str]) -
     return _json(status, body, {**headers, **extra})
 
 
+@web.middleware
+async def _openai_shaped_http_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own refusals (a path no route matches, a method not allowed, ...) as OpenAI-shaped JSON errors
+    rather than its plain-text pages, so that every error a client gets parses the same way."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        error = {
+            "message": e.text or e.reason,
+            "type": "invalid_request_error" if e.status < 500 else "server_error",
+            "param": None,
+            "code": e.reason.lower().replace(" ", "_"),
+        }
+        return _json(e.status, {"error": error}, {})
+
+
 async def _json_body(request: web.Request) -> object:
     """The parsed JSON body; InvalidArgument for anything that is not JSON text we can read."""
     try:
@@ -82,7 +100,7 @@ class OpenAIServer:
         self.pipeline = pipeline
         self.recent = recent
         # aiohttp refuses bigger bodies (413) before reading them in full.
-        self.app = web.Application(client_max_size=max_body_bytes)
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_openai_shaped_http_errors])
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_get("/v1/models", self.list_models)
