@@ -154,6 +154,7 @@ class RedisLimits:
         self._local_streams: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task] = set()
         self._probing = False
+        self._closing = False
 
     def gateways(self) -> int:
         """The number of gateways sharing the limits: configured, else the count last seen in Redis."""
@@ -170,7 +171,9 @@ class RedisLimits:
 
     async def _presence_loop(self) -> None:
         ttl = self.presence_interval_s * 3
-        while True:
+        # Not `while True`: redis-py may turn a cancellation that lands mid-command into a ConnectionError,
+        # which this loop would otherwise take for Redis being down and carry on.
+        while not self._closing:
             if self.breaker.current() is BreakerState.CLOSED:
                 try:
                     n = await self._present(keys=[self.prefix + "gateways"], args=[self.gateway_id, ttl])
@@ -205,7 +208,7 @@ class RedisLimits:
         """While the breaker is open, PING Redis each time its open period ends: an answer closes it (requests go
         back to Redis), silence opens it again for longer. Requests never wait on a probe."""
         try:
-            while self.breaker.current() is not BreakerState.CLOSED:
+            while not self._closing and self.breaker.current() is not BreakerState.CLOSED:
                 await asyncio.sleep(max(0.05, self.breaker.open_seconds_left()))
                 if self.breaker.current() is not BreakerState.HALF_OPEN:
                     continue
@@ -278,6 +281,7 @@ class RedisLimits:
         await self._or_local(shared, local)
 
     async def close(self) -> None:
+        self._closing = True
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
