@@ -1,0 +1,138 @@
+"""One model's scaling decisions: the largest count its policies ask for, within min/max, held back by
+cooldowns and a scale-down stabilisation window (so it never flaps), with scale to zero after an idle period and
+an immediate wake when a request waits for a model at zero. Every decision says which policy, which signal and
+the numbers behind it."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.autoscaler.policies import Desire, Policy
+from services.autoscaler.signals import ModelSignals
+from services.autoscaler.spec import ModelSpec
+
+UP, DOWN, HOLD = "up", "down", "hold"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A decision for one model at `at`: from `previous` desired replicas to `desired`."""
+
+    model: str
+    at: float
+    previous: int
+    desired: int
+    actual: int
+    direction: str
+    policy: str
+    signal: str
+    reason: str
+    numbers: dict[str, float] = field(default_factory=dict)
+    # Every policy's ask (policy -> replicas or None), for the log line and `fleetserve status`.
+    asks: dict[str, int | None] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "at": round(self.at, 3),
+            "previous": self.previous,
+            "desired": self.desired,
+            "actual": self.actual,
+            "direction": self.direction,
+            "policy": self.policy,
+            "signal": self.signal,
+            "reason": self.reason,
+            "numbers": self.numbers,
+            "asks": self.asks,
+        }
+
+
+class Decider:
+    """Holds one model's desired count between decisions."""
+
+    def __init__(
+        self, spec: ModelSpec, policies: list[Policy] | None = None, *, initial: int | None = None
+    ) -> None:
+        self.spec = spec
+        self.policies = policies if policies is not None else spec.build_policies()
+        self.desired = spec.min_replicas if initial is None else initial
+        self._last_up = float("-inf")
+        self._last_change = float("-inf")
+        self._idle_since: float | None = None
+        # (time, recommendation) over the scale-down window: a scale-down goes only as low as the highest.
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def observe(self, now: float, arrival_rate: float) -> None:
+        """Feed an arrival-rate sample to the policies that keep history (the predictive one)."""
+        for p in self.policies:
+            p.observe(now, arrival_rate)
+
+    def decide(self, s: ModelSignals) -> Decision:
+        spec = self.spec
+        asks = [p.desire(s) for p in self.policies]
+        opinions = [d for d in asks if d.replicas is not None]
+        winner = (
+            max(opinions, key=lambda d: d.replicas)
+            if opinions
+            else Desire("none", None, "", "no policy asked")
+        )
+        raw = winner.replicas if winner.replicas is not None else self.desired
+        policy, signal, reason = winner.policy, winner.signal, winner.reason
+
+        # Scale to zero only after idle_s without demand (min_replicas 0 needs scale_to_zero): until then, and
+        # whenever there is demand, at least one replica.
+        if s.demand:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = s.now
+        idle_for = 0.0 if self._idle_since is None else s.now - self._idle_since
+        if spec.scale_to_zero and not s.demand and idle_for >= spec.idle_s:
+            target, policy, signal = 0, "scale_to_zero", "idle"
+            reason = f"no request for {idle_for:.0f}s (idle_s {spec.idle_s:.0f})"
+        else:
+            target = min(spec.max_replicas, max(spec.min_replicas, 1, raw))
+
+        now = s.now
+        self._recent.append((now, target))
+        while self._recent and self._recent[0][0] < now - spec.scale_down_cooldown_s:
+            self._recent.popleft()
+        previous = self.desired
+        new = previous
+        if self.desired == 0 and s.demand:
+            # Wake on demand: a request is waiting for a model with no replica; no cooldown applies.
+            new = max(1, target)
+            policy, signal = "wake", "queued" if s.queued else "arrivals"
+            reason = f"request waiting for a model at zero ({s.in_flight} in flight): {new}"
+        elif target > previous:
+            if now - self._last_up >= spec.scale_up_cooldown_s:
+                new = target if not spec.max_step_up else min(target, previous + spec.max_step_up)
+            else:
+                reason += f" (held: scale-up cooldown {spec.scale_up_cooldown_s:.0f}s)"
+        elif target < previous:
+            stable = max(r for _, r in self._recent)
+            if now - self._last_change >= spec.scale_down_cooldown_s and stable < previous:
+                new = stable
+                if stable > target:
+                    reason += f" (to {stable}: highest ask over the last {spec.scale_down_cooldown_s:.0f}s)"
+            else:
+                reason += f" (held: scale-down cooldown {spec.scale_down_cooldown_s:.0f}s)"
+        direction = UP if new > previous else DOWN if new < previous else HOLD
+        if direction != HOLD:
+            self._last_change = now
+            if direction == UP:
+                self._last_up = now
+        self.desired = new
+        return Decision(
+            model=spec.model,
+            at=now,
+            previous=previous,
+            desired=new,
+            actual=s.actual,
+            direction=direction,
+            policy=policy,
+            signal=signal,
+            reason=reason,
+            numbers=dict(winner.numbers),
+            asks={d.policy: d.replicas for d in asks},
+        )
