@@ -94,7 +94,9 @@ def parse_model(model: str, raw: Any) -> ModelSpec:
     if scale_to_zero and lo != 0:
         raise ValueError(f"{where}.scale_to_zero: needs min_replicas 0 (it is {lo})")
     if lo == 0 and not scale_to_zero:
-        raise ValueError(f"{where}.min_replicas: 0 needs scale_to_zero true (stop the last replica when idle)")
+        raise ValueError(
+            f"{where}.min_replicas: 0 needs scale_to_zero true (stop the last replica when idle)"
+        )
     spec = ModelSpec(
         model=model,
         min_replicas=lo,
