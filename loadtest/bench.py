@@ -454,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its JSON on stdout. 0 when the run completed (request errors are in the JSON),
     2 on bad flags or no cluster to run against, 1 when a spawned fleet failed to start, 130 on Ctrl-C."""
     _no_running_loop()
+    raw = sys.argv[1:] if argv is None else argv
+    if "--autoscale" in raw:  # scaling decisions in virtual time: its own flags (loadtest/autoscale_bench.py)
+        from loadtest import autoscale_bench
+
+        return autoscale_bench.main([a for a in raw if a != "--autoscale"])
     try:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: 2 on bad flags, 0 for --help

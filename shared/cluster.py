@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -75,6 +76,10 @@ class ClusterConfig:
     # Sim engines' modelled start-up (weights, compilation) before they serve, in modelled seconds (divided
     # by speed_factor); None: the GPU profile's. 0 keeps `fleetserve up` and the tests quick.
     engine_startup_s: float | None = 0.0
+    # Autoscaling (services/autoscaler): per-model JSON spec as `--models` takes it; empty: no autoscaler. The
+    # autoscaler then starts and drains its own engines (on top of `engines`, usually 0).
+    autoscale_models: str = ""
+    autoscale_interval_s: float = 10.0
     # Extra flags per service name ("registry", "engine", ...), appended last so they win.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
 
@@ -135,6 +140,8 @@ class Cluster:
                 *(self.add_engine() for _ in range(cfg.engines)),
                 self._spawn("router", "router", ["--registry-address", self.registry]),
             )
+            if cfg.autoscale_models:
+                await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
             await self._spawn(
                 "gateway",
                 "gateway",
@@ -195,6 +202,30 @@ class Cluster:
         if cfg.engine_startup_s is not None and cfg.backend == "sim":
             args += ["--startup-s", str(cfg.engine_startup_s)]
         return args
+
+    def autoscaler_args(self) -> list[str]:
+        """The autoscaler's flags: the fleet's addresses, the models, and the flags of the engines it starts."""
+        cfg = self.config
+        engine = ["--backend", cfg.backend, "--speed-factor", str(cfg.speed_factor)]
+        if cfg.engine_startup_s is not None and cfg.backend == "sim":
+            engine += ["--startup-s", str(cfg.engine_startup_s)]
+        engine += cfg.extra_args.get("engine", [])
+        return [
+            "--registry-address",
+            self.registry,
+            "--router-addresses",
+            self.router,
+            "--metrics-address",
+            self.metrics,
+            "--models",
+            cfg.autoscale_models,
+            "--interval-s",
+            str(cfg.autoscale_interval_s),
+            "--data-dir",
+            str(cfg.data_dir),
+            "--engine-args",
+            shlex.join(engine),
+        ]
 
     async def add_engine(self, model: str = "", args: Sequence[str] = ()) -> str:
         """Start one more engine replica (of `model`, default the fleet's, with extra flags `args`, e.g. another
@@ -294,7 +325,15 @@ class Cluster:
         tier allowed its grace period plus a margin, SIGKILL after that. Returns exit codes."""
         # Metrics goes last: every other service flushes its spans and metrics to it on exit, and an OTLP
         # exporter whose collector is gone retries for seconds (the registry was being SIGKILLed).
-        tiers = [["gateway"], ["router"], self.engine_names(), self.registry_names(), ["metrics"]]
+        # The autoscaler drains and stops the engines it started before the registry goes.
+        tiers = [
+            ["gateway"],
+            ["router"],
+            ["autoscaler"],
+            self.engine_names(),
+            self.registry_names(),
+            ["metrics"],
+        ]
         for tier in tiers:
             procs = [self.procs[n] for n in tier if n in self.procs]
             for p in procs:

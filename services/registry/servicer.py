@@ -16,6 +16,8 @@ from shared.telemetry import context_from_metadata
 log = structlog.get_logger(__name__)
 
 LEASE_NOT_FOUND = "LEASE_NOT_FOUND"
+# Store document kind of the autoscaler's per-model state (ReportScaling / GetScaling).
+SCALING_DOCS = "autoscaler"
 MAX_ID_LEN = 256
 
 
@@ -188,6 +190,35 @@ class RegistryServicer:
             await revoke(store_lease)
         except StoreError as e:  # an unused lease runs out on its own
             log.info("registry.lease_revoke_failed", error=str(e))
+
+    @rpc_boundary
+    async def ReportScaling(self, request: pb.ReportScalingRequest, context) -> pb.ReportScalingResponse:
+        for m in request.models:
+            if not m.model:
+                raise InvalidArgument(
+                    "models[].model is required", field_violations=[("models.model", "required")]
+                )
+        try:
+            for m in request.models:
+                await self.store.put_doc(SCALING_DOCS, m.model, m.SerializeToString())
+        except StoreError as e:
+            raise Unavailable(
+                f"the registry's store is unavailable: {e}", reason="STORE_UNAVAILABLE", retry_after_s=1.0
+            ) from None
+        return pb.ReportScalingResponse()
+
+    @rpc_boundary
+    async def GetScaling(self, request: pb.GetScalingRequest, context) -> pb.GetScalingResponse:
+        try:
+            docs = await self.store.list_docs(SCALING_DOCS)
+        except StoreError as e:
+            raise Unavailable(
+                f"the registry's store is unavailable: {e}", reason="STORE_UNAVAILABLE", retry_after_s=1.0
+            ) from None
+        models = [
+            pb.ModelScaling.FromString(d.value) for d in docs if not request.model or d.name == request.model
+        ]
+        return pb.GetScalingResponse(models=models)
 
     @rpc_boundary
     async def ListReplicas(self, request: pb.ListReplicasRequest, context) -> pb.ListReplicasResponse:

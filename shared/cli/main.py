@@ -52,6 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="registry processes (more than 1 needs --registry-store etcd)",
     )
+    up.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="run the autoscaler: it starts and drains the engines (from min_replicas; --engines is ignored)",
+    )
+    up.add_argument(
+        "--autoscale-models",
+        default="",
+        help="with --autoscale: per-model scaling as JSON or a .json file (docs/autoscaling.md); default: the "
+        "--model between 1 and 4 replicas on the reactive policy",
+    )
+    up.add_argument(
+        "--startup-s",
+        type=float,
+        default=None,
+        help="sim engines' modelled cold start in seconds (default: 0, or the GPU profile's with --autoscale)",
+    )
 
     gen = sub.add_parser("generate", help="stream a generation through the gateway")
     gen.add_argument("prompt", nargs="?", help="the prompt text (or give --message instead)")

@@ -107,6 +107,79 @@ def alerts_table(alerts: list[dict]) -> Table:
     return t
 
 
+async def fetch_scaling(registry: str) -> list[dict]:
+    """The autoscaler's desired vs actual replicas and latest decisions per model, as it last reported them to
+    the registry; empty when no autoscaler runs (or an older registry does not know the RPC)."""
+    try:
+        async with grpc.aio.insecure_channel(registry) as ch:
+            resp = await pb_grpc.RegistryServiceStub(ch).GetScaling(pb.GetScalingRequest(), timeout=3)
+    except grpc.aio.AioRpcError:
+        return []
+    return [
+        {
+            "model": m.model,
+            "desired": m.desired,
+            "serving": m.serving,
+            "starting": m.starting,
+            "draining": m.draining,
+            "min_replicas": m.min_replicas,
+            "max_replicas": m.max_replicas,
+            "policies": list(m.policies),
+            "provisioner": m.provisioner,
+            "updated_unix": m.updated_unix,
+            "cold_starts_s": [round(c, 2) for c in m.cold_starts_s],
+            "decisions": [
+                {
+                    "at_unix": d.at_unix,
+                    "previous": d.previous,
+                    "desired": d.desired,
+                    "actual": d.actual,
+                    "direction": d.direction,
+                    "policy": d.policy,
+                    "signal": d.signal,
+                    "reason": d.reason,
+                }
+                for d in m.decisions
+            ],
+        }
+        for m in resp.models
+    ]
+
+
+def scaling_table(models: list[dict], last: int = 3) -> Table:
+    """Desired vs actual per model, and its last decisions with their reasons."""
+    t = Table(title="autoscaling: desired vs actual")
+    for col in (
+        "model",
+        "desired",
+        "serving",
+        "starting",
+        "draining",
+        "bounds",
+        "policies",
+        "last decisions",
+    ):
+        t.add_column(col)
+    now = time.time()
+    for m in models:
+        lines = [
+            f"{now - d['at_unix']:.0f}s ago {d['previous']}->{d['desired']} [{d['policy']}] {d['reason']}"
+            for d in m["decisions"][-last:]
+        ]
+        color = "green" if m["desired"] == m["serving"] else "yellow"
+        t.add_row(
+            m["model"],
+            f"[{color}]{m['desired']}[/]",
+            str(m["serving"]),
+            str(m["starting"]),
+            str(m["draining"]),
+            f"{m['min_replicas']}-{m['max_replicas']}",
+            ",".join(m["policies"]),
+            "\n".join(lines) or "-",
+        )
+    return t
+
+
 def _routing(st: router_pb.ReplicaStatus | None) -> dict:
     """The router's columns of one row; None where the router does not know the replica (yet)."""
     if st is None:
@@ -190,11 +263,13 @@ def run_status(args) -> int:
 
     async def fetch():
         return await asyncio.gather(
-            fetch_replicas(registry, args.router or state.get("router")), fetch_alerts(metrics)
+            fetch_replicas(registry, args.router or state.get("router")),
+            fetch_alerts(metrics),
+            fetch_scaling(registry),
         )
 
     try:
-        rows, alerts = asyncio.run(fetch())
+        rows, alerts, scaling = asyncio.run(fetch())
     except grpc.aio.AioRpcError as e:
         print(f"error: registry at {registry} did not answer: {e.code().name} {e.details()}")
         return 1
@@ -204,7 +279,7 @@ def run_status(args) -> int:
         r["metrics_address"] = metrics.get(r["replica_id"], "")
     if args.json:
         # alerts is null when no metrics service answered (unknown, not "none firing").
-        print(json.dumps({"replicas": rows, "alerts": alerts}))
+        print(json.dumps({"replicas": rows, "alerts": alerts, "scaling": scaling}))
     else:
         # Off a TTY rich assumes 80 columns; a wider console keeps ids and addresses whole.
         console = Console(width=None if sys.stdout.isatty() else 160)
@@ -213,4 +288,6 @@ def run_status(args) -> int:
             console.print(alerts_table(alerts))
         if state:
             console.print(endpoints_table(state))
+        if scaling:
+            console.print(scaling_table(scaling))
     return 0

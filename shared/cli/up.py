@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -19,17 +20,23 @@ from shared.telemetry import configure_logging
 
 async def _up(args) -> int:
     console = _Console()
+    try:
+        autoscale = _autoscale(args)
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]bad --autoscale-models:[/] {e}")
+        return 2
     data_dir = Path(args.data_dir) if args.data_dir else default_state_dir()
     cluster = Cluster(
         ClusterConfig(
             data_dir=data_dir,
-            engines=args.engines,
+            engines=0 if args.autoscale else args.engines,
             backend=args.backend,
             model=args.model,
             speed_factor=args.speed_factor,
             registry_store=args.registry_store,
             etcd_endpoint=args.etcd_endpoint,
             registries=args.registries,
+            **autoscale,
             # vLLM engines compile for a minute before they serve.
             **(
                 {"extra_args": {"engine": [f"--vllm-args={args.vllm_args}"]}, "start_timeout_s": 300.0}
@@ -140,6 +147,25 @@ async def _wait(event: asyncio.Event, timeout_s: float) -> None:
         await asyncio.wait_for(event.wait(), timeout_s)
     except TimeoutError:
         pass
+
+
+def _autoscale(args) -> dict:
+    """ClusterConfig fields for --autoscale (and --startup-s): the autoscaler starts the engines, each with the
+    GPU profile's cold start unless --startup-s says otherwise."""
+    out: dict = {}
+    if args.startup_s is not None:
+        out["engine_startup_s"] = args.startup_s
+    if not args.autoscale:
+        return out
+    models = args.autoscale_models or json.dumps(
+        {args.model: {"min_replicas": 1, "max_replicas": 4, "policies": {"reactive": {}}}}
+    )
+    from services.autoscaler.spec import parse_models
+
+    parse_models(models)  # refused here, naming the field, rather than by the autoscaler process
+    out["autoscale_models"] = models
+    out.setdefault("engine_startup_s", None)  # the profile's cold start: what autoscaling has to hide
+    return out
 
 
 def run_up(args) -> int:

@@ -19,6 +19,8 @@ DEFAULTS: dict[str, Any] = {
     "replica_concurrency": 0.0,
     # Spare capacity kept above the arrival rate (0.1 = 10%).
     "headroom": 0.1,
+    # Hysteresis: fewer replicas only once the need is this fraction below the smaller count's capacity.
+    "tolerance": 0.1,
     # A queued backlog is to be drained within this many seconds.
     "drain_s": 30.0,
 }
@@ -32,6 +34,15 @@ def replica_rate(o: dict[str, Any], s: ModelSignals, fallback_rps: float) -> flo
     if o["replica_concurrency"] and s.mean_e2e_s > 0:
         return o["replica_concurrency"] / s.mean_e2e_s
     return fallback_rps
+
+
+def fewer_only_past_tolerance(need: float, current: int, tolerance: float) -> int:
+    """ceil(need), except that going below `current` asks for room to spare: ceil(need x (1 + tolerance)), so a
+    need wandering around a boundary does not move the count back and forth."""
+    want = math.ceil(need - 1e-9)
+    if want < current:
+        want = min(current, math.ceil(need * (1 + tolerance) - 1e-9))
+    return want
 
 
 class Capacity(Policy):
@@ -54,7 +65,7 @@ class Capacity(Policy):
             return Desire(self.name, None, "", "replica capacity unknown", {})
         backlog = s.waiting + s.queued
         need = s.arrival_rate * (1 + self.o["headroom"]) / mu + backlog / (mu * self.o["drain_s"])
-        want = math.ceil(need - 1e-9)
+        want = fewer_only_past_tolerance(need, s.actual, self.o["tolerance"])
         numbers = {
             "arrival_rate": round(s.arrival_rate, 3),
             "replica_rps": round(mu, 3),

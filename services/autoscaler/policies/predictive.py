@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from services.autoscaler.policies import Desire, Policy, take
-from services.autoscaler.policies.capacity import replica_rate
+from services.autoscaler.policies.capacity import fewer_only_past_tolerance, replica_rate
 from services.autoscaler.signals import ModelSignals
 
 DEFAULTS: dict[str, Any] = {
@@ -24,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "max_trend": 2.0,  # the level ratio is clipped to [1/max_trend, max_trend]
     "lead_margin_s": 30.0,  # added to the measured cold start: decision interval, registration, routing
     "headroom": 0.1,
+    # Hysteresis: fewer replicas only once the need is this fraction below the smaller count's capacity.
+    "tolerance": 0.1,
     "replica_rps": 0.0,
     "replica_concurrency": 0.0,
 }
@@ -114,7 +116,11 @@ class Predictive(Policy):
         lead = s.cold_start_s(self.default_cold_start_s) + self.o["lead_margin_s"]
         peak, how, ratio = self.model.forecast_peak(s.now, lead)
         peak = max(peak, s.arrival_rate)  # now is inside the horizon too
-        want = math.ceil(peak * (1 + self.o["headroom"]) / mu - 1e-9) if mu > 0 else None
+        want = (
+            fewer_only_past_tolerance(peak * (1 + self.o["headroom"]) / mu, s.actual, self.o["tolerance"])
+            if mu > 0
+            else None
+        )
         numbers = {
             "forecast_peak_rps": round(peak, 3),
             "lead_s": round(lead, 1),

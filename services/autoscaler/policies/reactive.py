@@ -1,6 +1,6 @@
 """Reactive scaling on what the engines report now: replicas in proportion to how far the worst signal is from
 its target (Kubernetes HPA's rule, desired = ceil(current x metric / target)), with a tolerance band so that
-small deviations change nothing. Utilisation (running requests per replica) can move the count both ways; queue
+small deviations change nothing. Utilisation (running requests or output tokens/s per replica) can move the count both ways; queue
 depth, KV-cache use and TTFT p99 only ever add replicas (an empty queue says nothing about how many are
 needed)."""
 
@@ -15,6 +15,9 @@ from services.autoscaler.signals import ModelSignals
 DEFAULTS: dict[str, Any] = {
     # Requests running per replica that the replica sustains within the SLO (0: signal off).
     "target_running_per_replica": 64.0,
+    # Output tokens/s per replica at the wanted utilisation (0: off). Unlike running requests, which grow
+    # faster than the load near saturation (Little's law with a rising latency), this grows with the load.
+    "target_output_tokens_per_s": 0.0,
     # Requests waiting (engines' queues + router admission queue) per replica before adding replicas.
     "target_waiting_per_replica": 4.0,
     # KV-cache use of the fullest replica before adding replicas (0: off).
@@ -49,6 +52,8 @@ class Reactive(Policy):
         up_only: dict[str, float] = {}
         if o["target_running_per_replica"]:
             both["running_per_replica"] = s.running / n / o["target_running_per_replica"]
+        if o["target_output_tokens_per_s"]:
+            both["output_tokens_per_s"] = s.output_tokens_per_s / n / o["target_output_tokens_per_s"]
         if o["target_waiting_per_replica"]:
             up_only["waiting_per_replica"] = (s.waiting + s.queued) / n / o["target_waiting_per_replica"]
         if o["target_kv_usage"]:

@@ -1,0 +1,100 @@
+"""Autoscaler process wiring: channels to the registry, routers and metrics service, the provisioner, the
+control loop on its interval, and a gRPC server for health (grpc.health.v1) and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from services.autoscaler.config import AutoscalerSettings
+from services.autoscaler.loop import Autoscaler
+from services.autoscaler.provisioner import Provisioner, make_provisioner
+from shared.channels import CHANNEL_OPTIONS
+from shared.server import RunningServer, cancel_and_wait, create_server, drain_and_stop
+from shared.telemetry import Telemetry
+
+log = structlog.get_logger(__name__)
+
+
+async def run_every(interval_s: float, autoscaler: Autoscaler) -> None:
+    """Decide every interval_s until cancelled; a failing round is logged and the next one runs."""
+    while True:
+        try:
+            await autoscaler.tick()
+        except Exception:  # one bad round (a registry hiccup, say) must not stop scaling for good
+            log.exception("autoscaler.tick_failed")
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class AutoscalerApp:
+    """A started autoscaler."""
+
+    running: RunningServer
+    autoscaler: Autoscaler
+    provisioner: Provisioner
+    channels: list[grpc.aio.Channel]
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop deciding, then drain and stop the replicas this autoscaler started (local provisioner)."""
+
+        async def before_stop() -> None:
+            await cancel_and_wait(self.tasks)
+            await self.provisioner.close(self.autoscaler.drain)
+
+        async def after_stop() -> None:
+            for ch in self.channels:
+                await ch.close(grace=None)
+
+        await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
+
+
+async def start(settings: AutoscalerSettings, telemetry: Telemetry) -> AutoscalerApp:
+    registry = grpc.aio.insecure_channel(settings.registry_address, options=CHANNEL_OPTIONS)
+    routers = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in settings.routers]
+    metrics_ch = (
+        grpc.aio.insecure_channel(settings.metrics_address, options=CHANNEL_OPTIONS)
+        if settings.metrics_address
+        else None
+    )
+    provisioner = make_provisioner(
+        settings.provisioner,
+        registry_address=settings.registry_address,
+        data_dir=settings.data_dir,
+        engine_args=settings.engine_args,
+        grace_s=settings.grace_period_s,
+    )
+    autoscaler = Autoscaler(
+        settings.specs,
+        provisioner,
+        registry,
+        routers,
+        metrics_ch,
+        telemetry.meter,
+        window_s=settings.window_s,
+        drain_timeout_s=settings.drain_timeout_s,
+        decisions_kept=settings.decisions_kept,
+    )
+    await autoscaler.restore()
+    running = await create_server([], settings.host, settings.port)
+    channels = [registry, *routers, *([metrics_ch] if metrics_ch else [])]
+    app = AutoscalerApp(running, autoscaler, provisioner, channels)
+    app.tasks.append(asyncio.create_task(run_every(settings.interval_s, autoscaler), name="autoscaler.loop"))
+    log.info(
+        "autoscaler.configured",
+        models={
+            s.model: {"min": s.min_replicas, "max": s.max_replicas, "policies": list(s.policies)}
+            for s in settings.specs
+        },
+        provisioner=settings.provisioner,
+        interval_s=settings.interval_s,
+    )
+    return app
