@@ -18,12 +18,12 @@ from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from opentelemetry import metrics
-from prometheus_client import Counter, Gauge, Histogram
 
 from services.autoscaler.decider import Decider, Decision
 from services.autoscaler.provisioner import DRAIN_QUIET_POLLS, Provisioner
 from services.autoscaler.signals import ModelSignals
 from services.autoscaler.spec import ModelSpec
+from shared import prom
 
 log = structlog.get_logger(__name__)
 
@@ -31,19 +31,23 @@ SERVING = reg_pb.REPLICA_STATE_SERVING
 DRAINING = reg_pb.REPLICA_STATE_DRAINING
 
 # Prometheus names agreed with the observability work (NOTES.md): KEDA and the dashboard read the first two.
-DESIRED = Gauge("fleetserve:autoscaler_desired_replicas", "Replicas the autoscaler wants.", ["model_name"])
-ACTUAL = Gauge("fleetserve:autoscaler_actual_replicas", "Replicas registered and SERVING.", ["model_name"])
-STARTING = Gauge("fleetserve:autoscaler_starting_replicas", "Replicas cold starting.", ["model_name"])
-DECISIONS = Counter(
+DESIRED = prom.gauge(
+    "fleetserve:autoscaler_desired_replicas", "Replicas the autoscaler wants.", ["model_name"]
+)
+ACTUAL = prom.gauge(
+    "fleetserve:autoscaler_actual_replicas", "Replicas registered and SERVING.", ["model_name"]
+)
+STARTING = prom.gauge("fleetserve:autoscaler_starting_replicas", "Replicas cold starting.", ["model_name"])
+DECISIONS = prom.counter(
     "fleetserve:autoscaler_decisions",
     "Decisions that changed the desired count, by policy, signal and direction.",
     ["model_name", "policy", "signal", "direction"],
 )
-COLD_STARTS = Histogram(
+COLD_STARTS = prom.histogram(
     "fleetserve:autoscaler_cold_start_seconds",
     "Measured cold starts: replica process start to first SERVING registration.",
     ["model_name"],
-    buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
+    buckets=(1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
 )
 
 
