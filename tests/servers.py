@@ -4,11 +4,15 @@ stopped and reaped afterwards; a server that is not installed skips its tests wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +36,10 @@ __all__ = [
     "PrometheusServer",
     "redis_server",
     "RedisServer",
+    "postgres_server",
+    "postgres_url",
+    "db_url",
+    "PostgresServer",
 ]
 
 
@@ -257,3 +265,131 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------------------
+
+
+def _postgres_bindir() -> str | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return os.path.dirname(os.path.realpath(found))
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    return os.path.dirname(candidates[-1]) if candidates else None
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running postgres: trust authentication for `user` on 127.0.0.1:port."""
+
+    port: int
+    user: str
+    bindir: str
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
+
+    def _tool(self, name: str, *args: str) -> None:
+        subprocess.run(
+            [
+                os.path.join(self.bindir, name),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                *args,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def create_database(self) -> str:
+        """A new empty database; its URL."""
+        name = "t_" + uuid.uuid4().hex[:12]
+        self._tool("createdb", name)
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        self._tool("dropdb", "--if-exists", "--force", url.rsplit("/", 1)[1])
+
+
+def _run_as() -> tuple[list[str], pwd.struct_passwd | None]:
+    """postgres refuses to run as root: as root, run it as the `postgres` user (Debian's package creates it).
+    Through runuser rather than Popen(user=...): that makes Python fork() instead of vfork(), and a fork of a
+    process with gRPC's threads runs gRPC's fork handlers, which can crash the child before it execs."""
+    if os.geteuid() != 0:
+        return [], None
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        pw = pwd.getpwnam("nobody")
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    return [runuser, "-u", pw.pw_name, "--"], pw
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server for the test session (fsync off: test data needs no durability)."""
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip(
+            "postgresql is not installed and could not be: `make test` installs it (apt-get install "
+            "postgresql); the PostgreSQL-backed gateway state is untested here"
+        )
+    run_as, pw = _run_as()
+    # Not under pytest's tmp dir: that is mode 0700 for root, and the server runs as another user.
+    base = tempfile.mkdtemp(prefix="fleetserve-pg-")
+    if pw is not None:
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+    data, log_file = os.path.join(base, "data"), os.path.join(base, "server.log")
+    pg_ctl = os.path.join(bindir, "pg_ctl")
+    user = "fleetserve"
+    try:
+        initdb = [os.path.join(bindir, "initdb"), "-D", data, "-U", user, "--auth=trust", "-E", "UTF8"]
+        subprocess.run([*run_as, *initdb, "--no-sync"], check=True, capture_output=True, timeout=120)
+        port = free_port()
+        options = (
+            f"-p {port} -c listen_addresses=127.0.0.1 -k {base} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        started = subprocess.run(
+            [*run_as, pg_ctl, "-D", data, "-o", options, "-l", log_file, "-w", "-t", "60", "start"],
+            capture_output=True,
+            timeout=90,
+        )
+        if started.returncode != 0:
+            tail = ""
+            with contextlib.suppress(OSError), open(log_file) as f:
+                tail = f.read()[-2000:]
+            raise RuntimeError(
+                f"postgres did not start: {started.stdout.decode()} {started.stderr.decode()}\n{tail}"
+            )
+        yield PostgresServer(port, user, bindir)
+    finally:
+        # Stopped whatever happened above (a no-op when it never started), and its files removed.
+        subprocess.run(
+            [*run_as, pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh database of its own on the session's server; dropped afterwards."""
+    url = postgres_server.create_database()
+    try:
+        yield url
+    finally:
+        postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """The gateway's database URL, once per backend: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    yield request.getfixturevalue("postgres_url")

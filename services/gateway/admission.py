@@ -96,7 +96,7 @@ class Admission:
     ) -> Ticket:
         """Take what the request needs or raise ResourceExhausted; the ticket must reach finish()."""
         ticket = Ticket(tenant, model, request_id, prompt_tokens, opened=time.monotonic())
-        self._check_budgets(tenant, prompt_tokens)
+        await self._check_budgets(tenant, prompt_tokens)
         t_rps, t_tpm = _rates(f"t:{tenant.id}", f"tenant:{tenant.id}", tenant.limits)
         k_rps, k_tpm = _rates(f"k:{tenant.key_id}", f"key:{tenant.key_id}", tenant.key_limits)
         wants: list[tuple[Rate, float]] = [(r, 1.0) for r in (t_rps, k_rps) if r is not None]
@@ -151,11 +151,11 @@ class Admission:
         if ticket.stream_key:
             await self.backend.close_stream(ticket.stream_key, ticket.request_id)
 
-    def _check_budgets(self, tenant: Tenant, prompt_tokens: int) -> None:
+    async def _check_budgets(self, tenant: Tenant, prompt_tokens: int) -> None:
         lim = tenant.limits
         if not lim.token_budget and not lim.cost_budget_usd:
             return
-        tokens, cost = self.ledger.used(tenant.id, lim.budget_period)
+        tokens, cost = await self.ledger.used(tenant.id, lim.budget_period)
         now = self._clock()
         if lim.token_budget and tokens + prompt_tokens > lim.token_budget:
             raise self._refuse(

@@ -1,10 +1,8 @@
-"""Gateway process wiring: the tenants database, the router channel and the server."""
+"""Gateway process wiring: the databases (SQLite files or PostgreSQL), the router channel and the server."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import sqlite3
 from dataclasses import dataclass
 
 import structlog
@@ -12,11 +10,13 @@ from fleetserve.inference.v1 import inference_service_pb2 as pb
 from prometheus_client.registry import CollectorRegistry
 
 from services.gateway.config import GatewaySettings
+from services.gateway.db import redact
 from services.gateway.feedback import FeedbackStore
 from services.gateway.http.server import OpenAIServer
-from services.gateway.jobs import JobRunner, JobStore, open_db
+from services.gateway.jobs import JobRunner, JobStore
 from services.gateway.pipeline import GatewayPipeline
 from services.gateway.request_metrics import GatewayMetrics
+from services.gateway.schema import Databases, open_databases
 from services.gateway.servicer import GatewayServicer
 from services.gateway.tenants import TenantStore
 from shared import prom
@@ -35,9 +35,9 @@ class GatewayApp:
     servicer: GatewayServicer
     tenants: TenantStore
     pool: ChannelPool
+    databases: Databases
     jobs: JobRunner | None = None
     http: OpenAIServer | None = None
-    jobs_db: sqlite3.Connection | None = None
     # This gateway's Prometheus instruments (served on its /metrics).
     metrics_registry: CollectorRegistry | None = None
 
@@ -74,27 +74,23 @@ class GatewayApp:
                 await http_stopped
             await self.servicer.pipeline.close()
             await self.pool.close()
-            self.tenants.close()
-            if self.jobs_db is not None:
-                self.jobs_db.close()
+            await self.databases.close()
 
         await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
 
 
-def _jobs_db_path(settings: GatewaySettings) -> str:
-    return settings.jobs_db_path or os.path.join(
-        os.path.dirname(os.path.abspath(settings.db_path)), "gateway-jobs.db"
-    )
-
-
 async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
-    """Open (and on first start, bootstrap) the tenants database, then serve."""
+    """Open (and migrate, and on first start bootstrap) the databases, then serve."""
+    dbs = await open_databases(
+        settings.db_url, settings.db_path, settings.jobs_db_path, pool_size=settings.db_pool_size
+    )
     tenants = TenantStore(
-        settings.db_path, cache_ttl_s=settings.auth_cache_ttl_s, version_poll_s=settings.config_poll_s
+        dbs.accounts, cache_ttl_s=settings.auth_cache_ttl_s, version_poll_s=settings.config_poll_s
     )
     app: GatewayApp | None = None
+    pipeline: GatewayPipeline | None = None
     try:
-        tenants.bootstrap(settings.bootstrap_api_key)
+        await tenants.bootstrap(settings.bootstrap_api_key)
         pool = ChannelPool()
         registry = prom.new_registry()
         pipeline = GatewayPipeline.from_settings(
@@ -106,10 +102,9 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             GatewayMetrics(registry, tenant_label=settings.metrics_tenant_label),
         )
         pipeline.start()
-        jobs_db = open_db(_jobs_db_path(settings))
-        feedback = FeedbackStore(jobs_db, telemetry.tracer, telemetry.meter)
+        feedback = FeedbackStore(dbs.jobs, telemetry.tracer, telemetry.meter)
         jobs = JobRunner(
-            JobStore(jobs_db),
+            JobStore(dbs.jobs),
             pipeline,
             tenants,
             job_concurrency=settings.job_concurrency,
@@ -117,6 +112,8 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             max_items=settings.job_max_items,
             attempts=settings.job_item_attempts,
             max_wait_s=settings.job_item_max_wait_s,
+            lease_s=settings.job_lease_s,
+            poll_s=settings.job_poll_s,
         )
         servicer = GatewayServicer(pipeline, jobs, feedback)
         running = await create_server(
@@ -126,7 +123,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             # Refused by gRPC before the message is parsed: RESOURCE_EXHAUSTED, "received message larger than max".
             options=(("grpc.max_receive_message_length", settings.max_request_bytes),),
         )
-        app = GatewayApp(running, servicer, tenants, pool, jobs, None, jobs_db, registry)
+        app = GatewayApp(running, servicer, tenants, pool, dbs, jobs, None, registry)
         if settings.http_port >= 0:
             # The same size limit as gRPC's (over HTTP: 413 before the body is read in full).
             app.http = OpenAIServer(
@@ -136,14 +133,17 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
     except BaseException:
         if app is not None:  # the HTTP port could not be bound: the gRPC server is up already
             await app.running.server.stop(0)
-            jobs_db.close()
-        tenants.close()
+        if pipeline is not None:
+            await pipeline.close()
+        await dbs.close()
         raise
-    jobs.resume()
+    jobs.start()
     log.info(
         "gateway.configured",
         router=settings.router_address,
-        db_path=settings.db_path,
+        database=redact(settings.db_url) if settings.db_url else settings.db_path,
+        shared_state=dbs.shared,
+        job_runner=jobs.owner,
         http=app.http_address,
     )
     return app

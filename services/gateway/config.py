@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from services.gateway.db import check_url
 from shared.settings import ServiceSettings, service_config
 
 
@@ -19,7 +20,17 @@ class GatewaySettings(ServiceSettings):
     db_path: str = Field(
         "gateway.db",
         min_length=1,
-        description="SQLite file with tenants and (hashed) API keys; created if missing.",
+        description="SQLite file with tenants, (hashed) API keys and the usage ledger; created if missing "
+        "(unused with --db-url).",
+    )
+    db_url: str = Field(
+        "",
+        description="Database of tenants, keys, limits, budgets, the usage ledger, batch jobs and feedback: "
+        "postgresql://user:password@host:port/dbname is shared by every gateway pointed at it; "
+        "sqlite:///path is a local file. Empty: the SQLite files --db-path and --jobs-db-path.",
+    )
+    db_pool_size: int = Field(
+        10, ge=1, le=200, description="Most connections to a PostgreSQL --db-url this gateway opens."
     )
     bootstrap_api_key: str = Field(
         "",
@@ -147,11 +158,30 @@ class GatewaySettings(ServiceSettings):
         le=100,
         description="Tries per batch item on UNAVAILABLE (and limits that advise no short wait) before it fails.",
     )
+    job_lease_s: float = Field(
+        15.0,
+        ge=1.0,
+        le=3600,
+        description="How long a gateway's claim on a batch item lasts without renewal (renewed every third of "
+        "it): after a gateway dies, its items run elsewhere within this time.",
+    )
+    job_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=300,
+        description="How often a gateway looks for batch items to run (jobs submitted to other gateways, items "
+        "left by a gateway that died).",
+    )
     job_item_max_wait_s: float = Field(
         3600.0,
         ge=0,
         description="How long in all a batch item may sit out rate limits and load shedding before it fails.",
     )
+
+    @field_validator("db_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        return check_url(value)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> GatewaySettings:

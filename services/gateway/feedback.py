@@ -1,9 +1,8 @@
-"""Feedback on responses: checked, stored in SQLite, and counted (OTel counter + span event) as a quality signal."""
+"""Feedback on responses: checked, stored in the gateway's database, and counted (OTel counter + span event) as a quality signal."""
 
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 import uuid
 from collections import OrderedDict
@@ -12,6 +11,7 @@ import structlog
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from opentelemetry import metrics, trace
 
+from services.gateway.db import Database
 from services.gateway.tenants import Tenant
 from shared.errors import InvalidArgument, NotFound
 
@@ -21,20 +21,6 @@ MAX_TAGS = 16
 MAX_TAG_LEN = 64
 MAX_COMMENT_LEN = 2000
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS feedback (
-    id          TEXT PRIMARY KEY,
-    request_id  TEXT NOT NULL,
-    tenant_id   TEXT NOT NULL,
-    model       TEXT NOT NULL,
-    rating      INTEGER NOT NULL,
-    tags        TEXT NOT NULL,
-    comment     TEXT NOT NULL,
-    created_at  REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id);
-"""
 
 
 class RecentRequests:
@@ -57,11 +43,10 @@ class RecentRequests:
 
 
 class FeedbackStore:
-    """Records ratings. db is shared with the job store (one file of the gateway's own data)."""
+    """Records ratings. db is shared with the job store."""
 
-    def __init__(self, db: sqlite3.Connection, tracer: trace.Tracer, meter: metrics.Meter) -> None:
+    def __init__(self, db: Database, tracer: trace.Tracer, meter: metrics.Meter) -> None:
         self._db = db
-        self._db.executescript(SCHEMA)
         self.recent = RecentRequests()
         self._tracer = tracer
         self._counter = meter.create_counter(
@@ -70,7 +55,7 @@ class FeedbackStore:
             description="Feedback ratings (1 bad .. 5 good) by model and rating.",
         )
 
-    def record(self, tenant: Tenant, req: pb.FeedbackRequest) -> str:
+    async def record(self, tenant: Tenant, req: pb.FeedbackRequest) -> str:
         """Store a rating by tenant; its feedback id. InvalidArgument for bad fields, NotFound for a request id
         known to belong to another tenant (not told apart from one that never existed)."""
         violations = []
@@ -94,19 +79,17 @@ class FeedbackStore:
             raise NotFound(f"no request {req.request_id} of yours", reason="REQUEST_NOT_FOUND")
         model = known[1] if known else ""
         feedback_id = uuid.uuid4().hex
-        self._db.execute(
+        await self._db.execute(
             "INSERT INTO feedback (id, request_id, tenant_id, model, rating, tags, comment, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                feedback_id,
-                req.request_id,
-                tenant.id,
-                model,
-                req.rating,
-                ",".join(req.tags),
-                req.comment,
-                time.time(),
-            ),
+            feedback_id,
+            req.request_id,
+            tenant.id,
+            model,
+            req.rating,
+            ",".join(req.tags),
+            req.comment,
+            time.time(),
         )
         attrs = {"model": model or "unknown", "rating": req.rating}
         self._counter.add(1, attrs)
@@ -126,9 +109,9 @@ class FeedbackStore:
         )
         return feedback_id
 
-    def ratings(self, request_id: str) -> list[tuple[str, int, str]]:
+    async def ratings(self, request_id: str) -> list[tuple[str, int, str]]:
         """(tenant, rating, tags) stored for a request id (tests, admin)."""
-        return self._db.execute(
+        return await self._db.fetch(
             "SELECT tenant_id, rating, tags FROM feedback WHERE request_id = ? ORDER BY created_at",
-            (request_id,),
-        ).fetchall()
+            request_id,
+        )

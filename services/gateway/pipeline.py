@@ -187,7 +187,7 @@ class GatewayPipeline:
             else LocalLimits()
         )
         ledger = Ledger(
-            settings.db_path,
+            tenants.db,
             flush_interval_s=settings.ledger_flush_interval_s,
             refresh_s=settings.budget_refresh_s,
         )
@@ -236,14 +236,14 @@ class GatewayPipeline:
             await self.admission.ledger.close()
             await self.admission.backend.close()
 
-    def authenticate(self, authorization: str | None) -> Tenant:
+    async def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of an "authorization: Bearer <key>" value, or Unauthenticated."""
         key = bearer_key(authorization)
         if key is None:
             raise Unauthenticated(
                 'missing API key: send "authorization: Bearer <key>"', reason="MISSING_API_KEY"
             )
-        tenant = self.tenants.authenticate(key)
+        tenant = await self.tenants.authenticate(key)
         if tenant is None:
             raise Unauthenticated("invalid or revoked API key", reason="INVALID_API_KEY")
         return tenant
@@ -276,7 +276,7 @@ class GatewayPipeline:
             chunks = 0
             running_label: str | None = None  # the model label of the running gauge, once counted there
             try:
-                tenant = tenant or self.authenticate(authorization)
+                tenant = tenant or await self.authenticate(authorization)
                 outcome.tenant_id = tenant.id
                 span.set_attribute("fleetserve.tenant_id", tenant.id)
                 span.set_attribute("fleetserve.tenant_tier", tenant.tier)
@@ -552,7 +552,7 @@ class GatewayPipeline:
 
     async def list_models(self, authorization: str | None, timeout_s: float | None) -> pb.ListModelsResponse:
         """The models with healthy replicas, for an authenticated caller."""
-        self.authenticate(authorization)
+        await self.authenticate(authorization)
         timeout = (
             self.list_models_timeout_s if timeout_s is None else min(timeout_s, self.list_models_timeout_s)
         )

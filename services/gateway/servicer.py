@@ -74,23 +74,23 @@ class GatewayServicer:
 
     @rpc_boundary
     async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext):
-        tenant = self.pipeline.authenticate(_authorization(context))
+        tenant = await self.pipeline.authenticate(_authorization(context))
         with self.pipeline.tracer.start_as_current_span(
             "gateway.Feedback", context=context_from_metadata(context)
         ):
-            return pb.FeedbackResponse(feedback_id=self.feedback.record(tenant, request))
+            return pb.FeedbackResponse(feedback_id=await self.feedback.record(tenant, request))
 
     @rpc_boundary
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: grpc.aio.ServicerContext):
-        tenant = self.pipeline.authenticate(_authorization(context))
-        return pb.SubmitBatchResponse(job=self.jobs.submit(tenant, request))
+        tenant = await self.pipeline.authenticate(_authorization(context))
+        return pb.SubmitBatchResponse(job=await self.jobs.submit(tenant, request))
 
     @rpc_boundary
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext):
-        tenant = self.pipeline.authenticate(_authorization(context))
-        return self.jobs.get(tenant, request.job_id, request.include_results)
+        tenant = await self.pipeline.authenticate(_authorization(context))
+        return await self.jobs.get(tenant, request.job_id, request.include_results)
 
     @rpc_boundary
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext):
-        tenant = self.pipeline.authenticate(_authorization(context))
+        tenant = await self.pipeline.authenticate(_authorization(context))
         return pb.CancelJobResponse(job=await self.jobs.cancel(tenant, request.job_id))

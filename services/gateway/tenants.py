@@ -1,5 +1,6 @@
-"""Tenants, their API keys (stored as SHA-256 hashes only), tiers, limits and allowed models in SQLite, with
-a short lookup cache whose staleness is bounded by a TTL and by a version counter that every admin change bumps."""
+"""Tenants, their API keys (stored as SHA-256 hashes only), tiers, limits and allowed models in the gateway's
+database (SQLite or PostgreSQL), with a short lookup cache whose staleness is bounded by a TTL and by a version
+counter that every admin change bumps."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import dataclasses
 import hashlib
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
+
+from services.gateway.db import Database, IntegrityError
 
 log = structlog.get_logger(__name__)
 
@@ -22,44 +24,6 @@ TIERS = ("interactive", "standard", "batch")
 PERIODS = ("hour", "day", "month")
 _MAX_CACHED = 10_000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-    id         TEXT PRIMARY KEY,
-    name       TEXT NOT NULL UNIQUE,
-    tier       TEXT NOT NULL DEFAULT 'standard',
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_hash   TEXT PRIMARY KEY,
-    key_prefix TEXT NOT NULL,
-    tenant_id  TEXT NOT NULL REFERENCES tenants(id),
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys(tenant_id);
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO meta (name, value) VALUES ('config_version', 0);
-"""
-
-# Columns added after the first release: ALTER TABLE on open, so older databases keep working.
-_TENANT_COLUMNS = {
-    "rps": "REAL",
-    "tokens_per_min": "INTEGER",
-    "max_streams": "INTEGER",
-    "token_budget": "INTEGER",
-    "budget_period": "TEXT NOT NULL DEFAULT 'month'",
-    "cost_budget_usd": "REAL",
-    "models": "TEXT",
-}
-_KEY_COLUMNS = {
-    "key_id": "TEXT",
-    "name": "TEXT NOT NULL DEFAULT ''",
-    "rps": "REAL",
-    "tokens_per_min": "INTEGER",
-}
 _LIMIT_FIELDS = ("rps", "tokens_per_min", "max_streams", "token_budget", "budget_period", "cost_budget_usd")
 
 
@@ -137,82 +101,88 @@ def _models_from_db(value: str | None) -> frozenset[str] | None:
 
 
 class TenantStore:
-    """Tenants and API keys. authenticate() caches each lookup (hits and misses) for cache_ttl_s, so SQLite
-    is not read on every request. A change made elsewhere (`fleetserve admin`, another gateway) applies within
-    cache_ttl_s, and within version_poll_s when that is set: every admin change bumps meta.config_version,
-    and a changed version empties the cache."""
+    """Tenants and API keys. authenticate() caches each lookup (hits and misses) for cache_ttl_s, so the
+    database is not read on every request. A change made elsewhere (`fleetserve admin`, another gateway)
+    applies within cache_ttl_s, and within version_poll_s when that is set: every admin change bumps
+    meta.config_version, and a changed version empties the cache."""
 
     def __init__(
         self,
-        db_path: str,
+        db: Database,
         cache_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         version_poll_s: float | None = None,
     ) -> None:
-        self.db_path = db_path
+        self.db = db
         self.cache_ttl_s = cache_ttl_s
         self.version_poll_s = version_poll_s
         self._clock = clock
-        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=2000")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
         self._cache: dict[str, tuple[Tenant | None, float]] = {}
-        self._version = self.config_version()
+        self._version: int | None = None
         self._version_checked = clock()
 
-    def _migrate(self) -> None:
-        for table, columns in (("tenants", _TENANT_COLUMNS), ("api_keys", _KEY_COLUMNS)):
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            for name, decl in columns.items():
-                if name not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
-        self._db.execute(
-            "UPDATE api_keys SET key_id = 'key_' || substr(key_hash, 1, 12) WHERE key_id IS NULL"
-        )
-        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS api_keys_key_id ON api_keys(key_id)")
-
-    def close(self) -> None:
-        self._db.close()
-
     @property
-    def db(self) -> sqlite3.Connection:
-        """The connection (the ledger shares it: one writer per process)."""
-        return self._db
+    def db_path(self) -> str:
+        """The SQLite file (empty for PostgreSQL)."""
+        return getattr(self.db, "path", "")
 
-    def config_version(self) -> int:
-        return self._db.execute("SELECT value FROM meta WHERE name = 'config_version'").fetchone()[0]
+    async def close(self) -> None:
+        await self.db.close()
 
-    def _changed(self) -> None:
-        self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'config_version'")
+    async def config_version(self) -> int:
+        return await self.db.fetchval("SELECT value FROM meta WHERE name = 'config_version'")
+
+    async def _changed(self, tx: Database | None = None) -> None:
+        await (tx or self.db).execute("UPDATE meta SET value = value + 1 WHERE name = 'config_version'")
         self._cache.clear()
 
     # -- admin ------------------------------------------------------------------------------------------
 
-    def create_tenant(self, name: str, tier: str = "standard", tenant_id: str | None = None) -> Tenant:
+    async def create_tenant(self, name: str, tier: str = "standard", tenant_id: str | None = None) -> Tenant:
         """A new tenant; its id defaults to a slug of its name."""
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {', '.join(TIERS)}; got {tier!r}")
         tid = tenant_id or re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-") or secrets.token_hex(6)
-        self._db.execute(
-            "INSERT INTO tenants (id, name, tier, created_at) VALUES (?, ?, ?, ?)",
-            (tid, name, tier, time.time()),
-        )
-        self._changed()
+        async with self.db.transaction() as tx:
+            await self._insert_tenant(tx, tid, name, tier)
+            await self._changed(tx)
         return Tenant(tid, name, tier)
 
-    def get_tenant(self, tenant_id: str) -> Tenant | None:
-        row = self._db.execute(
+    @staticmethod
+    async def _insert_tenant(tx: Database, tid: str, name: str, tier: str) -> None:
+        await tx.execute(
+            "INSERT INTO tenants (id, name, tier, created_at) VALUES (?, ?, ?, ?)",
+            tid,
+            name,
+            tier,
+            time.time(),
+        )
+
+    @staticmethod
+    async def _insert_key(tx: Database, tenant_id: str, key: str, name: str) -> None:
+        h = hash_key(key)
+        await tx.execute(
+            "INSERT INTO api_keys (key_hash, key_prefix, tenant_id, created_at, key_id, name) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            h,
+            key[:KEY_PREFIX_LEN],
+            tenant_id,
+            time.time(),
+            key_id_of(h),
+            name,
+        )
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        row = await self.db.fetchrow(
             f"SELECT id, name, tier, models, {', '.join(_LIMIT_FIELDS)} FROM tenants WHERE id = ?",
-            (tenant_id,),
-        ).fetchone()
+            tenant_id,
+        )
         return self._tenant(row) if row else None
 
-    def list_tenants(self) -> list[Tenant]:
-        rows = self._db.execute(
+    async def list_tenants(self) -> list[Tenant]:
+        rows = await self.db.fetch(
             f"SELECT id, name, tier, models, {', '.join(_LIMIT_FIELDS)} FROM tenants ORDER BY id"
-        ).fetchall()
+        )
         return [self._tenant(r) for r in rows]
 
     @staticmethod
@@ -220,10 +190,10 @@ class TenantStore:
         tid, name, tier, models, *limits = row
         return Tenant(tid, name, tier, Limits(*limits), _models_from_db(models))
 
-    def tenant_count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM tenants").fetchone()[0]
+    async def tenant_count(self) -> int:
+        return await self.db.fetchval("SELECT COUNT(*) FROM tenants")
 
-    def set_tenant(
+    async def set_tenant(
         self,
         tenant_id: str,
         *,
@@ -234,7 +204,7 @@ class TenantStore:
     ) -> Tenant:
         """Change a tenant's tier, allowed models (all_models=True: every model) or limits (a limit set to
         None or 0 is removed). Applies to running gateways within their cache staleness bound."""
-        if self.get_tenant(tenant_id) is None:
+        if await self.get_tenant(tenant_id) is None:
             raise KeyError(f"no tenant {tenant_id!r}")
         updates: dict[str, object] = {}
         if tier is not None:
@@ -256,25 +226,22 @@ class TenantStore:
                 updates[name] = _limit_value(name, value)
         if updates:
             sets = ", ".join(f"{k} = ?" for k in updates)
-            self._db.execute(f"UPDATE tenants SET {sets} WHERE id = ?", (*updates.values(), tenant_id))
-            self._changed()
-        return self.get_tenant(tenant_id)  # type: ignore[return-value]
+            async with self.db.transaction() as tx:
+                await tx.execute(f"UPDATE tenants SET {sets} WHERE id = ?", *updates.values(), tenant_id)
+                await self._changed(tx)
+        return await self.get_tenant(tenant_id)  # type: ignore[return-value]
 
-    def add_key(self, tenant_id: str, key: str | None = None, name: str = "") -> str:
+    async def add_key(self, tenant_id: str, key: str | None = None, name: str = "") -> str:
         """Store a key (a new random one by default) for tenant_id; returns the key, which is not kept."""
-        if self.get_tenant(tenant_id) is None:
+        if await self.get_tenant(tenant_id) is None:
             raise KeyError(f"no tenant {tenant_id!r}")
         key = key or generate_key()
-        h = hash_key(key)
-        self._db.execute(
-            "INSERT INTO api_keys (key_hash, key_prefix, tenant_id, created_at, key_id, name) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (h, key[:KEY_PREFIX_LEN], tenant_id, time.time(), key_id_of(h), name),
-        )
-        self._changed()
+        async with self.db.transaction() as tx:
+            await self._insert_key(tx, tenant_id, key, name)
+            await self._changed(tx)
         return key
 
-    def list_keys(self, tenant_id: str | None = None) -> list[KeyInfo]:
+    async def list_keys(self, tenant_id: str | None = None) -> list[KeyInfo]:
         """Keys (of one tenant, or all), oldest first; revoked ones included."""
         sql = (
             "SELECT key_id, tenant_id, key_prefix, name, created_at, revoked_at, rps, tokens_per_min "
@@ -284,88 +251,99 @@ class TenantStore:
         if tenant_id is not None:
             sql += " WHERE tenant_id = ?"
             args = (tenant_id,)
-        rows = self._db.execute(sql + " ORDER BY created_at, key_id", args).fetchall()
+        rows = await self.db.fetch(sql + " ORDER BY created_at, key_id", *args)
         return [KeyInfo(*r[:6], Limits(rps=r[6], tokens_per_min=r[7])) for r in rows]
 
-    def set_key_limits(self, key_id: str, **limits: object) -> bool:
+    async def set_key_limits(self, key_id: str, **limits: object) -> bool:
         """Set a key's own rps / tokens_per_min (None or 0 removes one); False for an unknown key id."""
         bad = set(limits) - {"rps", "tokens_per_min"}
         if bad:
             raise ValueError(f"a key has only rps and tokens_per_min limits; got {', '.join(sorted(bad))}")
         if not limits:
-            return (
-                self._db.execute("SELECT 1 FROM api_keys WHERE key_id = ?", (key_id,)).fetchone() is not None
-            )
+            return await self.db.fetchrow("SELECT 1 FROM api_keys WHERE key_id = ?", key_id) is not None
         sets = ", ".join(f"{k} = ?" for k in limits)
         values = tuple(_limit_value(k, v) for k, v in limits.items())
-        cur = self._db.execute(f"UPDATE api_keys SET {sets} WHERE key_id = ?", (*values, key_id))
-        self._changed()
-        return cur.rowcount > 0
+        async with self.db.transaction() as tx:
+            changed = await tx.execute(f"UPDATE api_keys SET {sets} WHERE key_id = ?", *values, key_id)
+            await self._changed(tx)
+        return changed > 0
 
-    def key_known(self, key: str) -> bool:
+    async def key_known(self, key: str) -> bool:
         """Whether key was ever stored (revoked or not)."""
-        return (
-            self._db.execute("SELECT 1 FROM api_keys WHERE key_hash = ?", (hash_key(key),)).fetchone()
-            is not None
-        )
+        return await self.db.fetchrow("SELECT 1 FROM api_keys WHERE key_hash = ?", hash_key(key)) is not None
 
-    def revoke_key(self, key: str) -> bool:
+    async def revoke_key(self, key: str) -> bool:
         """Revoke key; False if it was unknown or already revoked."""
-        return self._revoke("key_hash = ?", hash_key(key))
+        return await self._revoke("key_hash = ?", hash_key(key))
 
-    def revoke_key_id(self, key_id: str) -> bool:
+    async def revoke_key_id(self, key_id: str) -> bool:
         """Revoke the key with this public id; False if it was unknown or already revoked."""
-        return self._revoke("key_id = ?", key_id)
+        return await self._revoke("key_id = ?", key_id)
 
-    def _revoke(self, where: str, value: str) -> bool:
-        cur = self._db.execute(
-            f"UPDATE api_keys SET revoked_at = ? WHERE {where} AND revoked_at IS NULL", (time.time(), value)
-        )
-        if cur.rowcount:
-            self._changed()
-        return cur.rowcount > 0
+    async def _revoke(self, where: str, value: str) -> bool:
+        async with self.db.transaction() as tx:
+            changed = await tx.execute(
+                f"UPDATE api_keys SET revoked_at = ? WHERE {where} AND revoked_at IS NULL", time.time(), value
+            )
+            if changed:
+                await self._changed(tx)
+        return changed > 0
 
-    def bootstrap(self, key: str = "") -> str | None:
+    async def bootstrap(self, key: str = "") -> str | None:
         """On first start (no tenants), create tenant "dev" (tier interactive: it may use every tier) with
         key, or a generated one that is logged once (gateway.dev_key_created) and returned. A bootstrap key
         that was never stored is added to "dev" on later starts too (the launcher keeps its key across data
-        dirs); a revoked one stays revoked."""
-        if self.tenant_count() == 0:
-            self.create_tenant(DEV_TENANT, tier="interactive", tenant_id=DEV_TENANT)
-            created = self.add_key(DEV_TENANT, key or None, name="bootstrap")
-            if key:
-                log.info("gateway.dev_tenant_created", tenant=DEV_TENANT, key_prefix=key[:KEY_PREFIX_LEN])
-                return None
-            # Only the hash is stored: this line is the one time the generated key can be seen.
-            log.warning("gateway.dev_key_created", tenant=DEV_TENANT, api_key=created)
-            return created
-        if key and not self.key_known(key) and self.get_tenant(DEV_TENANT) is not None:
-            self.add_key(DEV_TENANT, key, name="bootstrap")
+        dirs); a revoked one stays revoked. Gateways starting together on one shared database create "dev"
+        once: the loser of the race finds the winner's tenant."""
+        if await self.tenant_count() == 0:
+            created = key or generate_key()
+            try:
+                # One transaction: a gateway that loses the race sees the tenant and its key together.
+                async with self.db.transaction() as tx:
+                    await self._insert_tenant(tx, DEV_TENANT, DEV_TENANT, "interactive")
+                    await self._insert_key(tx, DEV_TENANT, created, "bootstrap")
+                    await self._changed(tx)
+            except IntegrityError:
+                pass  # another gateway created it between the count and the insert
+            else:
+                if key:
+                    log.info("gateway.dev_tenant_created", tenant=DEV_TENANT, key_prefix=key[:KEY_PREFIX_LEN])
+                    return None
+                # Only the hash is stored: this line is the one time the generated key can be seen.
+                log.warning("gateway.dev_key_created", tenant=DEV_TENANT, api_key=created)
+                return created
+        if key and not await self.key_known(key) and await self.get_tenant(DEV_TENANT) is not None:
+            try:
+                await self.add_key(DEV_TENANT, key, name="bootstrap")
+            except IntegrityError:
+                return None  # another gateway added the same key just now
             log.info("gateway.bootstrap_key_added", tenant=DEV_TENANT, key_prefix=key[:KEY_PREFIX_LEN])
         return None
 
     # -- the request path ---------------------------------------------------------------------------------
 
-    def authenticate(self, key: str) -> Tenant | None:
+    async def authenticate(self, key: str) -> Tenant | None:
         """The tenant owning key (with its limits and the key's), or None for an unknown or revoked key."""
         h = hash_key(key)
         now = self._clock()
-        if self.version_poll_s is not None and now - self._version_checked >= self.version_poll_s:
+        if self._version is None or (
+            self.version_poll_s is not None and now - self._version_checked >= self.version_poll_s
+        ):
             self._version_checked = now
-            version = self.config_version()
+            version = await self.config_version()
             if version != self._version:
                 self._version = version
                 self._cache.clear()
         hit = self._cache.get(h)
         if hit is not None and hit[1] > now:
             return hit[0]
-        row = self._db.execute(
+        row = await self.db.fetchrow(
             "SELECT t.id, t.name, t.tier, t.models, "
             + ", ".join(f"t.{f}" for f in _LIMIT_FIELDS)
             + ", k.key_id, k.rps, k.tokens_per_min FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
             "WHERE k.key_hash = ? AND k.revoked_at IS NULL",
-            (h,),
-        ).fetchone()
+            h,
+        )
         tenant = None
         if row:
             base = self._tenant(row[: 4 + len(_LIMIT_FIELDS)])

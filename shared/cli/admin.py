@@ -4,15 +4,17 @@ apply to running gateways without a restart (within their config_poll_s)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
-import sqlite3
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from services.gateway.db import DatabaseError, IntegrityError
 from services.gateway.ledger import Ledger, period_start
+from services.gateway.schema import open_accounts
 from services.gateway.tenants import PERIODS, TIERS, KeyInfo, Limits, Tenant, TenantStore
 from shared.cluster import read_state
 
@@ -32,7 +34,8 @@ _LIMIT_FLAGS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--db",
-        help="the gateway's database (default: $FLEETSERVE_GATEWAY_DB_PATH, else the running cluster's)",
+        help="the gateway's database: a SQLite file or a postgresql:// URL (default: "
+        "$FLEETSERVE_GATEWAY_DB_URL, $FLEETSERVE_GATEWAY_DB_PATH, else the running cluster's)",
     )
     p.add_argument("--json", action="store_true", help="JSON output")
     sub = p.add_subparsers(dest="admin_command", required=True)
@@ -85,10 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _db_path(args) -> str:
     if args.db:
         return args.db
-    env = os.environ.get("FLEETSERVE_GATEWAY_DB_PATH")
-    if env:
-        return env
-    return str(Path(read_state()["data_dir"]) / "gateway.db")
+    for env in ("FLEETSERVE_GATEWAY_DB_URL", "FLEETSERVE_GATEWAY_DB_PATH"):
+        if os.environ.get(env):
+            return os.environ[env]
+    state = read_state()
+    return state.get("db_url") or str(Path(state["data_dir"]) / "gateway.db")
 
 
 def _limits_dict(limits: Limits) -> dict:
@@ -127,13 +131,13 @@ def _fmt_limits(d: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items()) or "unlimited"
 
 
-def _run(args, store: TenantStore) -> int:
+async def _run(args, store: TenantStore) -> int:
     cmd, action = args.admin_command, getattr(args, "action", None)
     if cmd == "tenant" and action == "create":
-        t = store.create_tenant(args.name, tier=args.tier, tenant_id=args.id)
+        t = await store.create_tenant(args.name, tier=args.tier, tenant_id=args.id)
         _out(args, _tenant_dict(t), f"created tenant {t.id} (tier {t.tier})")
     elif cmd == "tenant" and action == "list":
-        ts = [_tenant_dict(t) for t in store.list_tenants()]
+        ts = [_tenant_dict(t) for t in await store.list_tenants()]
         lines = [
             f"{t['id']:<20} {t['tier']:<12} models={','.join(t['models']) if t['models'] is not None else '*'} "
             f"{_fmt_limits(t['limits'])}"
@@ -141,16 +145,12 @@ def _run(args, store: TenantStore) -> int:
         ]
         _out(args, ts, "\n".join(lines) or "no tenants")
     elif cmd == "tenant" and action == "show":
-        t = store.get_tenant(args.tenant)
+        t = await store.get_tenant(args.tenant)
         if t is None:
             return _fail(f"no tenant {args.tenant!r}")
         obj = _tenant_dict(t)
-        obj["keys"] = [_key_dict(k) for k in store.list_keys(t.id)]
-        ledger = Ledger(store.db_path)
-        try:
-            tokens, cost = ledger.used(t.id, t.limits.budget_period)
-        finally:
-            ledger.close_now()
+        obj["keys"] = [_key_dict(k) for k in await store.list_keys(t.id)]
+        tokens, cost = await Ledger(store.db).used(t.id, t.limits.budget_period)
         obj["usage"] = {"period": t.limits.budget_period, "tokens": tokens, "cost_usd": cost}
         text = (
             f"{t.id} ({t.name}) tier={t.tier} models={','.join(obj['models']) if obj['models'] is not None else '*'}\n"
@@ -164,15 +164,15 @@ def _run(args, store: TenantStore) -> int:
         )
         _out(args, obj, text)
     elif cmd == "key" and action == "create":
-        key = store.add_key(args.tenant, name=args.name)
-        info = store.list_keys(args.tenant)[-1]
+        key = await store.add_key(args.tenant, name=args.name)
+        info = (await store.list_keys(args.tenant))[-1]
         limits = {"rps": args.rps, "tokens_per_min": args.tokens_per_min}
         if any(v is not None for v in limits.values()):
-            store.set_key_limits(info.key_id, **{k: v for k, v in limits.items() if v is not None})
+            await store.set_key_limits(info.key_id, **{k: v for k, v in limits.items() if v is not None})
         obj = {"key_id": info.key_id, "tenant": args.tenant, "api_key": key}
         _out(args, obj, f"{key}\n(key id {info.key_id}; shown once, stored hashed only)")
     elif cmd == "key" and action == "list":
-        ks = [_key_dict(k) for k in store.list_keys(args.tenant)]
+        ks = [_key_dict(k) for k in await store.list_keys(args.tenant)]
         lines = [
             f"{k['key_id']:<18} {k['tenant']:<16} {k['prefix']}… {'REVOKED' if k['revoked'] else 'active':<8} "
             f"{k['name']} {_fmt_limits(k['limits'])}"
@@ -180,14 +180,14 @@ def _run(args, store: TenantStore) -> int:
         ]
         _out(args, ks, "\n".join(lines) or "no keys")
     elif cmd == "key" and action == "revoke":
-        if not store.revoke_key_id(args.key_id):
+        if not await store.revoke_key_id(args.key_id):
             return _fail(f"no active key {args.key_id!r}")
         _out(args, {"key_id": args.key_id, "revoked": True}, f"revoked {args.key_id}")
     elif cmd == "key" and action == "limits":
         limits = {
             k: v for k, v in (("rps", args.rps), ("tokens_per_min", args.tokens_per_min)) if v is not None
         }
-        if not store.set_key_limits(args.key_id, **limits):
+        if not await store.set_key_limits(args.key_id, **limits):
             return _fail(f"no key {args.key_id!r}")
         _out(args, {"key_id": args.key_id, "limits": limits}, f"{args.key_id}: {_fmt_limits(limits)}")
     elif cmd == "limits":
@@ -195,18 +195,14 @@ def _run(args, store: TenantStore) -> int:
         if args.budget_period:
             changes["budget_period"] = args.budget_period
         models = [m for m in args.models.split(",")] if args.models is not None else None
-        t = store.set_tenant(
+        t = await store.set_tenant(
             args.tenant, tier=args.tier, models=models, all_models=args.all_models, **changes
         )
         obj = _tenant_dict(t)
         _out(args, obj, f"{t.id} tier={t.tier} {_fmt_limits(obj['limits'])}")
     elif cmd == "usage":
-        ledger = Ledger(store.db_path)
-        try:
-            since = period_start(args.period, time.time())
-            rows = ledger.summary(args.tenant, since)
-        finally:
-            ledger.close_now()
+        since = period_start(args.period, time.time())
+        rows = await Ledger(store.db).summary(args.tenant, since)
         objs = [
             {
                 "tenant": r[0],
@@ -233,10 +229,19 @@ def _fail(message: str) -> int:
 
 
 def run_admin(args) -> int:
-    store = TenantStore(_db_path(args))
+    return asyncio.run(_admin(args))
+
+
+async def _admin(args) -> int:
     try:
-        return _run(args, store)
-    except (KeyError, ValueError, sqlite3.IntegrityError) as e:
+        store = TenantStore(await open_accounts(_db_path(args)))
+    except DatabaseError as e:
+        return _fail(f"cannot open the gateway's database: {e}")
+    try:
+        return await _run(args, store)
+    except (KeyError, ValueError, IntegrityError) as e:
         return _fail(str(e).strip("'\""))
+    except DatabaseError as e:
+        return _fail(str(e))
     finally:
-        store.close()
+        await store.close()

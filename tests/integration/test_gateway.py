@@ -134,10 +134,10 @@ async def test_missing_key_is_unauthenticated_missing_api_key(fleet):
 
 async def test_revoked_key_stops_working(fleet):
     """A key revoked in the database is refused (the test gateway caches lookups for 0 s)."""
-    key = fleet.gateway.tenants.add_key("dev")
+    key = await fleet.gateway.tenants.add_key("dev")
     call = stub(fleet).ListModels(pb.ListModelsRequest(), metadata=auth(key), timeout=5)
     assert [m.name for m in (await call).models] == [MODEL]
-    assert fleet.gateway.tenants.revoke_key(key)
+    assert await fleet.gateway.tenants.revoke_key(key)
     d = await generate_error(fleet, pb.GenerateRequest(model=MODEL, prompt="hi"), metadata=auth(key))
     assert d.reason == "INVALID_API_KEY"
 

@@ -81,7 +81,7 @@ async def test_admin_cli_manages_tenants_keys_and_limits_of_a_running_gateway(fl
         await assert_eventually(lambda: _is(gw, key, "UNAUTHENTICATED"), timeout_s=5)
         assert "no active key" in await admin(db, "key", "revoke", key_id, ok=False)
 
-        gw.ledger.flush()
+        await gw.ledger.flush()
         usage = await admin(db, "usage", "--tenant", "beta-co")
         assert [(u["model"], u["requests"]) for u in usage] == [(MODEL, 2)]
         assert usage[0]["completion_tokens"] >= chunks[-1].usage.completion_tokens

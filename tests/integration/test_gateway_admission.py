@@ -60,12 +60,12 @@ class Gateway:
     def ledger(self):
         return self.app.servicer.pipeline.admission.ledger
 
-    def tenant_key(self, name: str, **limits) -> str:
+    async def tenant_key(self, name: str, **limits) -> str:
         """A new tenant with these limits and a key for it."""
-        self.tenants.create_tenant(name, tenant_id=name)
+        await self.tenants.create_tenant(name, tenant_id=name)
         if limits:
-            self.tenants.set_tenant(name, **limits)
-        return self.tenants.add_key(name)
+            await self.tenants.set_tenant(name, **limits)
+        return await self.tenants.add_key(name)
 
     def counter(self, name: str) -> list[tuple[dict, int]]:
         data = self.reader.get_metrics_data()
@@ -181,10 +181,10 @@ async def test_a_key_without_access_to_the_model_is_permission_denied_until_the_
     """A tenant limited to other models gets PERMISSION_DENIED (MODEL_NOT_ALLOWED); allowing the model applies
     to the running gateway within config_poll_s although lookups are cached for 30 s."""
     async with gateway(fleet, tmp_path) as gw:
-        key = gw.tenant_key("acme", models=["other-model"])
+        key = await gw.tenant_key("acme", models=["other-model"])
         d = await gw.error(key)
         assert (d.code, d.reason) == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED")
-        gw.tenants.set_tenant("acme", models=["other-model", MODEL])
+        await gw.tenants.set_tenant("acme", models=["other-model", MODEL])
         # The change is made on another connection, as `fleetserve admin` would.
         await assert_eventually(lambda: _succeeds(gw, key), timeout_s=5)
 
@@ -201,7 +201,7 @@ async def test_requests_per_second_limit_gives_quota_failure_and_a_retry_delay_t
     """Past its rps, a tenant gets RESOURCE_EXHAUSTED (RATE_LIMITED) with QuotaFailure naming it and a
     RetryInfo; after waiting that long the next request passes."""
     async with gateway(fleet, tmp_path) as gw:
-        key = gw.tenant_key("rps", rps=2)
+        key = await gw.tenant_key("rps", rps=2)
         await gw.generate(key)
         await gw.generate(key)
         d = await gw.error(key)
@@ -219,7 +219,7 @@ async def test_completion_tokens_count_against_tokens_per_minute_after_the_strea
     """A long completion is charged when it ends, so the tenant's next request is refused (TOKEN_RATE_LIMITED)
     although its prompt alone would fit."""
     async with gateway(fleet, tmp_path) as gw:
-        key = gw.tenant_key("tpm", tokens_per_min=200)
+        key = await gw.tenant_key("tpm", tokens_per_min=200)
         chunks, _ = await gw.generate(key, max_tokens=250, ignore_eos=True)
         assert chunks[-1].usage.completion_tokens == 250
         d = await gw.error(key, max_tokens=1)
@@ -229,7 +229,7 @@ async def test_completion_tokens_count_against_tokens_per_minute_after_the_strea
 async def test_ledger_sums_exactly_to_the_usage_in_responses(fleet, tmp_path):
     """N requests of different sizes: the ledger's rows (one per request id) sum to the final chunks' usage."""
     async with gateway(fleet, tmp_path, model_prices={MODEL: (100.0, 300.0)}) as gw:
-        key = gw.tenant_key("ledger")
+        key = await gw.tenant_key("ledger")
         usages = {}
         for i in range(6):
             chunks, rid = await gw.generate(
@@ -263,7 +263,7 @@ def _ledger_rows(gw: Gateway, tenant: str) -> int:
 async def test_token_budget_per_period_is_enforced_with_the_period_end_as_retry(fleet, tmp_path):
     """Once a tenant's daily token budget is used, it gets TOKEN_BUDGET_EXHAUSTED until the UTC day ends."""
     async with gateway(fleet, tmp_path) as gw:
-        key = gw.tenant_key("budget", token_budget=60, budget_period="day")
+        key = await gw.tenant_key("budget", token_budget=60, budget_period="day")
         await gw.generate(key, max_tokens=60, ignore_eos=True)
         d = await gw.error(key)
         assert d.reason == "TOKEN_BUDGET_EXHAUSTED" and d.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -275,7 +275,7 @@ async def test_token_budget_per_period_is_enforced_with_the_period_end_as_retry(
 async def test_cost_budget_from_model_prices(fleet, tmp_path):
     """With a model priced, a tenant whose spend reaches its cost budget is refused (COST_BUDGET_EXHAUSTED)."""
     async with gateway(fleet, tmp_path, model_prices={MODEL: (0.0, 10_000.0)}) as gw:
-        key = gw.tenant_key("cost", cost_budget_usd=0.1)
+        key = await gw.tenant_key("cost", cost_budget_usd=0.1)
         await gw.generate(key, max_tokens=10, ignore_eos=True)  # 10 tokens at $0.01 each
         d = await gw.error(key)
         assert d.reason == "COST_BUDGET_EXHAUSTED"
@@ -285,7 +285,7 @@ async def test_concurrent_streams_are_capped_per_tenant(fleet, tmp_path):
     """With max_streams 1, a second stream is refused (CONCURRENT_STREAMS_LIMIT, with a retry delay) while the
     first runs; once it is cancelled a new one is admitted."""
     async with gateway(fleet, tmp_path) as gw:
-        key = gw.tenant_key("streams", max_streams=1)
+        key = await gw.tenant_key("streams", max_streams=1)
         long = gw.stub.Generate(
             pb.GenerateRequest(model=MODEL, prompt="long", max_tokens=5000, ignore_eos=True),
             metadata=auth(key),
@@ -302,7 +302,7 @@ async def test_prompt_too_long_for_the_context_and_unknown_model(fleet, tmp_path
     """A prompt longer than the model's configured context is INVALID_ARGUMENT on the prompt field; an unknown
     model is NOT_FOUND naming the available models, from the gateway (no limit is used up)."""
     async with gateway(fleet, tmp_path, context_lengths={MODEL: 32}) as gw:
-        key = gw.tenant_key("valid", rps=1)
+        key = await gw.tenant_key("valid", rps=1)
         d = await gw.error(key, prompt="word " * 100)
         assert d.code == grpc.StatusCode.INVALID_ARGUMENT
         assert [f for f, _ in d.field_violations] == [
@@ -419,7 +419,7 @@ async def test_a_cancelled_stream_is_recorded_partial_with_the_gateways_counts(f
     from shared import tokenizer
 
     async with gateway(fleet, tmp_path) as gw:
-        key = gw.tenant_key("cancels")
+        key = await gw.tenant_key("cancels")
         call = gw.stub.Generate(
             pb.GenerateRequest(model=MODEL, prompt="a long story", max_tokens=4000, ignore_eos=True),
             metadata=auth(key),

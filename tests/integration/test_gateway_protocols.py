@@ -101,10 +101,10 @@ async def test_feedback_is_stored_counted_and_checked(fleet):
         timeout=5,
     )
     assert len(resp.feedback_id) == 32
-    assert fleet.gateway.servicer.feedback.ratings(request_id) == [("dev", 5, "helpful,fast")]
-    row = fleet.gateway.jobs_db.execute(
-        "SELECT model FROM feedback WHERE id = ?", (resp.feedback_id,)
-    ).fetchone()
+    assert await fleet.gateway.servicer.feedback.ratings(request_id) == [("dev", 5, "helpful,fast")]
+    row = await fleet.gateway.databases.jobs.fetchrow(
+        "SELECT model FROM feedback WHERE id = ?", resp.feedback_id
+    )
     assert row == (MODEL,)
     events = [
         e
@@ -123,8 +123,8 @@ async def test_feedback_is_stored_counted_and_checked(fleet):
         await s.Feedback(pb.FeedbackRequest(request_id=request_id, rating=9), metadata=auth(), timeout=5)
     assert [f for f, _ in details_of(exc.value).field_violations] == ["rating"]
 
-    other = fleet.gateway.tenants.create_tenant("rival", tenant_id="rival")
-    rival_key = fleet.gateway.tenants.add_key(other.id)
+    other = await fleet.gateway.tenants.create_tenant("rival", tenant_id="rival")
+    rival_key = await fleet.gateway.tenants.add_key(other.id)
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await s.Feedback(
             pb.FeedbackRequest(request_id=request_id, rating=1), metadata=auth(rival_key), timeout=5
@@ -138,7 +138,7 @@ async def test_feedback_is_stored_counted_and_checked(fleet):
         raw = await c.completions.with_raw_response.create(model=MODEL, prompt="hi", max_tokens=2)
     http_id = raw.headers["x-request-id"]
     await s.Feedback(pb.FeedbackRequest(request_id=http_id, rating=2), metadata=auth(), timeout=5)
-    assert fleet.gateway.servicer.feedback.ratings(http_id) == [("dev", 2, "")]
+    assert await fleet.gateway.servicer.feedback.ratings(http_id) == [("dev", 2, "")]
 
 
 async def test_reflection_lists_and_describes_the_v1_service(fleet):

@@ -24,6 +24,7 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.gateway.limits import Rate
 from services.gateway.redis_limits import RedisLimits
+from services.gateway.schema import open_accounts
 from services.gateway.tenants import TenantStore
 from shared.errors import details_of
 from tests.integration.test_router import API_KEY, MODEL, closed_port_address, in_process_fleet
@@ -131,8 +132,9 @@ async def test_limits_fall_back_to_the_process_while_redis_is_down():
 
 
 @contextlib.contextmanager
-def gateway_process(tmp: Path, name: str, router: str, db: str, redis_url: str):
-    """A gateway as its own process (`python -m services.gateway`), its address from the ready file."""
+def gateway_process(tmp: Path, name: str, router: str, *flags: str):
+    """A gateway as its own process (`python -m services.gateway`) with these flags, its address in the ready
+    file; stopped with SIGTERM (killed if it lingers) when the block ends, unless it died already."""
     ready = tmp / f"{name}.json"
     log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -141,12 +143,10 @@ def gateway_process(tmp: Path, name: str, router: str, db: str, redis_url: str):
             "-m",
             "services.gateway",
             f"--router-address={router}",
-            f"--db-path={db}",
             f"--bootstrap-api-key={API_KEY}",
-            f"--redis-url={redis_url}",
             f"--ready-file={ready}",
             "--http-port=-1",
-            "--auth-cache-ttl-s=0",
+            *flags,
         ],
         cwd=ROOT,
         stdout=log,
@@ -156,7 +156,8 @@ def gateway_process(tmp: Path, name: str, router: str, db: str, redis_url: str):
     try:
         yield proc, ready
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -177,15 +178,16 @@ async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_
     5 through each, admit 4 (5 if a unit drains meanwhile), not the 8 two separate limiters would."""
     async with in_process_fleet(tmp_path, engines=1) as fleet:
         db = str(tmp_path / "gateway.db")
-        store = TenantStore(db)
-        store.bootstrap(API_KEY)
-        store.create_tenant("shared", tenant_id="shared")
-        store.set_tenant("shared", rps=4)
-        key = store.add_key("shared")
-        store.close()
+        store = TenantStore(await open_accounts(db))
+        await store.bootstrap(API_KEY)
+        await store.create_tenant("shared", tenant_id="shared")
+        await store.set_tenant("shared", rps=4)
+        key = await store.add_key("shared")
+        await store.close()
+        flags = (f"--db-path={db}", f"--redis-url={redis_url}", "--auth-cache-ttl-s=0")
         with (
-            gateway_process(tmp_path, "gw1", fleet.router.address, db, redis_url) as (p1, r1),
-            gateway_process(tmp_path, "gw2", fleet.router.address, db, redis_url) as (p2, r2),
+            gateway_process(tmp_path, "gw1", fleet.router.address, *flags) as (p1, r1),
+            gateway_process(tmp_path, "gw2", fleet.router.address, *flags) as (p2, r2),
         ):
             addresses = [await assert_eventually(lambda r=r: _address(r), timeout_s=60) for r in (r1, r2)]
             stubs = [pb_grpc.InferenceServiceStub(fleet.channel(a)) for a in addresses]

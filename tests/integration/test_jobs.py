@@ -95,13 +95,13 @@ async def test_items_run_at_batch_priority_with_bounded_concurrency(fleet):
     s = stub(fleet)
     job = (await s.SubmitBatch(batch(8, max_tokens=40), metadata=auth(), timeout=5)).job
     store = fleet.gateway.jobs.store
-    assert {r.request.priority for r in store.pending(job.job_id)} <= {common_pb2.PRIORITY_BATCH}
+    assert {r.request.priority for r in await store.pending(job.job_id)} <= {common_pb2.PRIORITY_BATCH}
     peak = 0
 
     async def sample_until_done():
         nonlocal peak
         peak = max(peak, await fleet.busy_total())
-        return fleet.gateway.jobs.store.job(job.job_id).state == pb.JOB_STATE_COMPLETED
+        return (await fleet.gateway.jobs.store.job(job.job_id)).state == pb.JOB_STATE_COMPLETED
 
     await assert_eventually(sample_until_done, timeout_s=60, interval_s=0.01)
     assert 1 <= peak <= JOB_CONCURRENCY
@@ -118,8 +118,8 @@ async def test_idempotency_key_returns_the_same_job(fleet):
         await s.SubmitBatch(batch(3, key="nightly-1"), metadata=auth(), timeout=5)
     d = details_of(exc.value)
     assert (d.code, d.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "IDEMPOTENCY_KEY_REUSED")
-    other = fleet.gateway.tenants.create_tenant("other-co", tenant_id="other-co")
-    other_key = fleet.gateway.tenants.add_key(other.id)
+    other = await fleet.gateway.tenants.create_tenant("other-co", tenant_id="other-co")
+    other_key = await fleet.gateway.tenants.add_key(other.id)
     theirs = (await s.SubmitBatch(batch(2, key="nightly-1"), metadata=auth(other_key), timeout=5)).job
     assert theirs.job_id != first.job_id
     # Tenants see only their own jobs.
@@ -162,9 +162,9 @@ async def test_items_count_against_the_tenants_rate_limit(fleet):
     over the limit wait out the advised delay and are retried, so the job completes, and takes the time the
     limit allows, not less."""
     tenants = fleet.gateway.tenants
-    tenants.create_tenant("batch-limited", tenant_id="batch-limited")
-    tenants.set_tenant("batch-limited", rps=2)
-    key = tenants.add_key("batch-limited")
+    await tenants.create_tenant("batch-limited", tenant_id="batch-limited")
+    await tenants.set_tenant("batch-limited", rps=2)
+    key = await tenants.add_key("batch-limited")
     s = stub(fleet)
     job = (await s.SubmitBatch(batch(5, max_tokens=2), metadata=auth(key), timeout=5)).job
     resp = await wait_completed(s, job.job_id, key=key, timeout_s=30)
@@ -180,11 +180,11 @@ async def test_cancel_stops_a_running_job_and_aborts_its_items(fleet):
     aborted_before = await fleet.aborted_total()
     job = (await s.SubmitBatch(batch(6, max_tokens=3000), metadata=auth(), timeout=5)).job
     await assert_eventually(lambda: fleet.busy_total(), timeout_s=10)  # items are generating
-    other = fleet.gateway.tenants.create_tenant("cancel-rival", tenant_id="cancel-rival")
+    other = await fleet.gateway.tenants.create_tenant("cancel-rival", tenant_id="cancel-rival")
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await s.CancelJob(
             pb.CancelJobRequest(job_id=job.job_id),
-            metadata=auth(fleet.gateway.tenants.add_key(other.id)),
+            metadata=auth(await fleet.gateway.tenants.add_key(other.id)),
             timeout=5,
         )
     assert details_of(exc.value).reason == "JOB_NOT_FOUND"
@@ -199,9 +199,9 @@ async def test_cancel_stops_a_running_job_and_aborts_its_items(fleet):
     again = (await s.CancelJob(pb.CancelJobRequest(job_id=job.job_id), metadata=auth(), timeout=5)).job
     later = (await s.GetJob(pb.GetJobRequest(job_id=job.job_id), metadata=auth(), timeout=5)).job
     assert again == cancelled and later == cancelled
-    assert job.job_id not in {
-        j for j, _ in fleet.gateway.jobs.store.unfinished()
-    }  # a restart will not resume it
+    # No gateway will run it again: it is finished, and no item of it is claimable.
+    assert await fleet.gateway.jobs.store.finished([job.job_id]) == {job.job_id}
+    assert job.job_id not in {j for j, _ in await fleet.gateway.jobs.store.claimable()}
 
 
 async def test_retry_policy_sits_out_short_limits_and_counts_failures():
@@ -230,7 +230,8 @@ async def test_retry_policy_sits_out_short_limits_and_counts_failures():
 async def test_job_survives_a_gateway_crash_and_resumes(tmp_path):
     """SIGKILL the gateway process mid-job and start it again on the same data: items finished before the crash
     keep their results (same request ids), the rest run, and the job completes with every item once."""
-    extra = {"gateway": ["--job-concurrency", "1"]}
+    # Short leases: the killed gateway's item is free to run again within 2 s.
+    extra = {"gateway": ["--job-concurrency", "1", "--job-lease-s", "2"]}
     async with running_cluster(tmp_path, engines=1, speed_factor=1.0, extra_args=extra) as cluster:
         items = 6
         async with grpc.aio.insecure_channel(cluster.gateway) as ch:

@@ -181,8 +181,8 @@ async def test_a_completed_stream_is_recorded_ok_in_the_ledger(fleet):
                 ids.append(r.headers["x-request-id"])
     ledger = fleet.gateway.servicer.pipeline.admission.ledger
 
-    def rows() -> list[tuple]:
-        ledger.flush()
+    async def rows() -> list[tuple]:
+        await ledger.flush()
         db = sqlite3.connect(fleet.gateway.tenants.db_path)
         try:
             marks = ",".join("?" * len(ids))
@@ -193,8 +193,11 @@ async def test_a_completed_stream_is_recorded_ok_in_the_ledger(fleet):
         finally:
             db.close()
 
-    await assert_eventually(lambda: len(rows()) == 2, timeout_s=10)
-    assert rows() == [("OK", 0, 4), ("OK", 0, 4)]
+    async def two_rows() -> bool:
+        return len(await rows()) == 2
+
+    await assert_eventually(two_rows, timeout_s=10)
+    assert await rows() == [("OK", 0, 4), ("OK", 0, 4)]
 
 
 async def test_client_disconnect_mid_stream_aborts_in_the_engine(fleet):
@@ -231,12 +234,12 @@ async def test_rate_limited_tenant_gets_429_with_retry_after_and_denied_model_40
     """Over its requests-per-second limit a tenant gets 429 -> RateLimitError with Retry-After; a model the
     tenant may not use is 403 -> PermissionDeniedError (the pipeline's admission, mapped once to HTTP)."""
     tenants = fleet.gateway.tenants
-    tenants.create_tenant("http-limited", tenant_id="http-limited")
-    tenants.set_tenant("http-limited", rps=0.5)
-    limited = tenants.add_key("http-limited")
-    tenants.create_tenant("http-other-models", tenant_id="http-other-models")
-    tenants.set_tenant("http-other-models", models=["some-other-model"])
-    denied = tenants.add_key("http-other-models")
+    await tenants.create_tenant("http-limited", tenant_id="http-limited")
+    await tenants.set_tenant("http-limited", rps=0.5)
+    limited = await tenants.add_key("http-limited")
+    await tenants.create_tenant("http-other-models", tenant_id="http-other-models")
+    await tenants.set_tenant("http-other-models", models=["some-other-model"])
+    denied = await tenants.add_key("http-other-models")
     async with client(fleet, key=limited) as c:
         with pytest.raises(openai.RateLimitError) as exc:
             for _ in range(5):

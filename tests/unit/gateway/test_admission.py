@@ -8,20 +8,23 @@ import dataclasses
 
 import grpc
 import pytest
+import pytest_asyncio
 from opentelemetry.sdk.metrics import MeterProvider
 
 from services.gateway.admission import Admission
 from services.gateway.ledger import Ledger
 from services.gateway.limits import LocalLimits
+from services.gateway.schema import open_accounts
 from services.gateway.tenants import Limits, Tenant
 from shared.errors import ResourceExhausted
 
 NOW = calendar.timegm((2026, 11, 23, 12, 0, 0))
 
 
-@pytest.fixture
-def admission(tmp_path):
-    ledger = Ledger(str(tmp_path / "gw.db"), refresh_s=0, clock=lambda: NOW)
+@pytest_asyncio.fixture
+async def admission(tmp_path):
+    db = await open_accounts(str(tmp_path / "gw.db"))
+    ledger = Ledger(db, refresh_s=0, clock=lambda: NOW)
     yield Admission(
         LocalLimits(),
         ledger,
@@ -29,7 +32,8 @@ def admission(tmp_path):
         prices={"m": (1000.0, 2000.0)},
         clock=lambda: NOW,
     )
-    ledger.close_now()
+    await ledger.close()
+    await db.close()
 
 
 def tenant(**limits) -> Tenant:
@@ -183,17 +187,19 @@ class _FailingClose(LocalLimits):
 async def test_a_failing_stream_release_still_writes_the_ledger_row_and_charges(tmp_path):
     """When giving the stream slot back fails, the request's ledger row is written and its tokens charged
     anyway; the failure still reaches the caller."""
-    ledger = Ledger(str(tmp_path / "gw.db"), refresh_s=0, clock=lambda: NOW)
+    db = await open_accounts(str(tmp_path / "gw.db"))
+    ledger = Ledger(db, refresh_s=0, clock=lambda: NOW)
     admission = Admission(_FailingClose(), ledger, MeterProvider().get_meter("t"), clock=lambda: NOW)
     try:
         t = tenant(max_streams=1, tokens_per_min=100)
         ticket = await admission.admit(t, "m", "r", 10, 60)
         with pytest.raises(RuntimeError):
             await finish(admission, ticket, completion=90)
-        ledger.flush()
-        assert [row[:5] for row in ledger.summary("acme")] == [("acme", "m", 1, 10, 90)]
+        await ledger.flush()
+        assert [row[:5] for row in await ledger.summary("acme")] == [("acme", "m", 1, 10, 90)]
         # The 90 completion tokens were charged: the minute's 100 tokens are spent (asked without the stream
         # cap, whose release on refusal would fail again).
         assert (await refused(admission, tenant(tokens_per_min=100))).reason == "TOKEN_RATE_LIMITED"
     finally:
-        ledger.close_now()
+        await ledger.close()
+        await db.close()

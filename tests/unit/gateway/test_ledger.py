@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import sqlite3
 
 import pytest
 
 from services.gateway.ledger import Entry, Ledger, cost_usd, period_end, period_start
+from services.gateway.schema import open_accounts
+from tests.support import assert_eventually
 
 T = calendar.timegm((2026, 12, 31, 22, 30, 15))
 
@@ -37,43 +38,46 @@ def test_cost_from_prices_per_million():
     assert cost_usd(prices, "other", 10, 10) == 0.0
 
 
-def test_used_counts_pending_and_flushed_rows_of_the_period_only(tmp_path):
+async def test_used_counts_pending_and_flushed_rows_of_the_period_only(db_url):
     """A tenant's usage is this period's rows, written or still pending; other tenants and periods do not count."""
     clock = [T]
-    ledger = Ledger(str(tmp_path / "l.db"), refresh_s=0, clock=lambda: clock[0])
+    db = await open_accounts(db_url)
+    ledger = Ledger(db, refresh_s=0, clock=lambda: clock[0])
     ledger.record(entry(prompt=10, completion=5, cost=0.5))
     ledger.record(entry(tenant="b", prompt=100))
     ledger.record(entry(prompt=1, completion=1, at=T - 40 * 86400))  # last month
-    assert ledger.used("a", "month") == (15, 0.5)
-    assert ledger.flush() == 3
+    assert await ledger.used("a", "month") == (15, 0.5)
+    assert await ledger.flush() == 3
     ledger.record(entry(prompt=2, completion=3))
-    assert ledger.used("a", "month") == (20, 0.5)
-    ledger.close_now()
+    assert await ledger.used("a", "month") == (20, 0.5)
+    await ledger.close()
+    await db.close()
 
 
-def test_rows_written_by_another_process_count_after_the_refresh_interval(tmp_path):
+async def test_rows_written_by_another_process_count_after_the_refresh_interval(db_url):
     """Usage another gateway wrote to the shared database is seen once refresh_s has passed."""
     clock = [T]
-    db = str(tmp_path / "l.db")
-    mine = Ledger(db, refresh_s=2.0, clock=lambda: clock[0])
-    other = Ledger(db, clock=lambda: clock[0])
-    assert mine.used("a", "day") == (0, 0.0)
+    mine_db, other_db = await open_accounts(db_url), await open_accounts(db_url)
+    mine = Ledger(mine_db, refresh_s=2.0, clock=lambda: clock[0])
+    other = Ledger(other_db, clock=lambda: clock[0])
+    assert await mine.used("a", "day") == (0, 0.0)
     other.record(entry(prompt=7, completion=3))
-    other.flush()
+    await other.flush()
     mine.record(entry(prompt=1, completion=1))
-    assert mine.used("a", "day") == (2, 0.0)  # cached total plus its own row
+    assert await mine.used("a", "day") == (2, 0.0)  # cached total plus its own row
     clock[0] += 2.0
-    assert mine.used("a", "day") == (12, 0.0)
-    assert mine.summary("a") == [("a", "m", 1, 7, 3, 0.0)]  # its own row is still pending
-    mine.close_now()
-    other.close_now()
+    assert await mine.used("a", "day") == (12, 0.0)
+    assert await mine.summary("a") == [("a", "m", 1, 7, 3, 0.0)]  # its own row is still pending
+    await mine.close()
+    await other.close()
+    await mine_db.close()
+    await other_db.close()
 
 
-@pytest.mark.asyncio
-async def test_background_flushes_and_close_write_every_row_exactly_once(tmp_path):
-    """Rows recorded while flushes run in a thread, and a close that lands mid-flush, end up in the database
+async def test_background_flushes_and_close_write_every_row_exactly_once(db_url):
+    """Rows recorded while background flushes run, and a close that lands mid-flush, end up in the database
     once each (close waits for the write in progress)."""
-    db = str(tmp_path / "l.db")
+    db = await open_accounts(db_url)
     total = 0
     for _ in range(10):
         ledger = Ledger(db, flush_interval_s=0.001)
@@ -84,6 +88,19 @@ async def test_background_flushes_and_close_write_every_row_exactly_once(tmp_pat
             if i % 50 == 0:
                 await asyncio.sleep(0.002)
         await ledger.close()
-    raw = sqlite3.connect(db)
-    assert raw.execute("SELECT COUNT(*), SUM(prompt_tokens) FROM usage_ledger").fetchone() == (total, total)
-    raw.close()
+    assert await db.fetchrow("SELECT COUNT(*), SUM(prompt_tokens) FROM usage_ledger") == (total, total)
+    await db.close()
+
+
+async def test_a_row_is_written_without_waiting_for_the_flush_interval(db_url):
+    """Group commit: on a quiet ledger the first row goes to the database at once, not after flush_interval_s
+    (a gateway killed right after a request loses at most the rows of one interval)."""
+    db = await open_accounts(db_url)
+    ledger = Ledger(db, flush_interval_s=3600)
+    ledger.start()
+    ledger.record(entry())
+    await assert_eventually(
+        lambda: db.fetchval("SELECT COUNT(*) FROM usage_ledger"), timeout_s=10, message="row not written"
+    )
+    await ledger.close()
+    await db.close()

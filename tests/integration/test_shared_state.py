@@ -1,0 +1,201 @@
+"""Gateways sharing one database (a SQLite file on one host, PostgreSQL across hosts; every test runs on both):
+keys, limits and budgets made on one apply on the others, the usage ledger adds up exactly, a batch job's items
+are run by every gateway but each by one, and the items of a gateway that is killed are taken over."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from fleetserve.inference.v1 import inference_service_pb2 as pb
+from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+
+from services.gateway.app import start as start_gateway
+from services.gateway.config import GatewaySettings
+from services.gateway.db import connect, sqlite_path
+from services.gateway.schema import jobs_path_beside
+from shared.errors import details_of
+from tests.integration.test_gateway_redis import _address, gateway_process
+from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
+from tests.support import assert_eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory):
+    async with in_process_fleet(tmp_path_factory.mktemp("shared"), engines=2) as f:
+        yield f
+
+
+@contextlib.asynccontextmanager
+async def gateways(fleet, db_url: str, n: int = 2, **overrides):
+    """n gateways in this process on one database (fast config polling, no auth cache, quick job scans)."""
+    apps = []
+    try:
+        for _ in range(n):
+            settings = {
+                "router_address": fleet.router.address,
+                "db_url": db_url,
+                "bootstrap_api_key": API_KEY,
+                "auth_cache_ttl_s": 0.0,
+                "config_poll_s": 0.05,
+                "budget_refresh_s": 0.0,
+                "ledger_flush_interval_s": 0.05,
+                "http_port": -1,
+                "job_poll_s": 0.1,
+                **overrides,
+            }
+            apps.append(await start_gateway(GatewaySettings(**settings), fleet.telemetry))
+        yield apps
+    finally:
+        for app in apps:
+            await app.stop(0.5)
+
+
+def auth(key: str = API_KEY):
+    return (("authorization", f"Bearer {key}"),)
+
+
+def stub(fleet, app) -> pb_grpc.InferenceServiceStub:
+    return pb_grpc.InferenceServiceStub(fleet.channel(app.address))
+
+
+async def generate(fleet, app, key: str, max_tokens: int = 12) -> pb.GenerateResponse:
+    """One generation; its last chunk."""
+    last = None
+    call = stub(fleet, app).Generate(
+        pb.GenerateRequest(model=MODEL, prompt="a shared budget", max_tokens=max_tokens, temperature=0),
+        metadata=auth(key),
+        timeout=20,
+    )
+    async for resp in call:
+        last = resp
+    return last
+
+
+async def test_keys_limits_and_budgets_made_on_one_gateway_apply_on_every_other(fleet, db_url):
+    """A tenant and key created through one gateway authenticate on the other; a token budget is spent by both
+    together (refused on both once used; over by at most one request per gateway, whose usage the other could
+    not see yet) and the ledger holds every served token exactly once; a key revoked through one is refused by
+    the other."""
+    async with gateways(fleet, db_url) as (a, b):
+        await a.tenants.create_tenant("shared-co", tenant_id="shared-co")
+        await a.tenants.set_tenant("shared-co", token_budget=400, budget_period="day")
+        key = await a.tenants.add_key("shared-co")
+        served, refused, size = 0, set(), 0
+        for i in range(60):
+            app = (a, b)[i % 2]
+            try:
+                last = await generate(fleet, app, key)
+            except grpc.aio.AioRpcError as e:
+                assert details_of(e).reason == "TOKEN_BUDGET_EXHAUSTED"
+                refused.add(app.address)
+                if len(refused) == 2:
+                    break
+                continue
+            size = last.chunk.usage.prompt_tokens + last.chunk.usage.completion_tokens
+            served += size
+        assert refused == {a.address, b.address}, "the budget was never exhausted on both gateways"
+        # Each gateway sees the other's usage once its ledger row is written, just after the stream ends: a
+        # request admitted meanwhile (by either) may pass the budget; a few of them at most, never more.
+        assert 400 - size < served <= 400 + 4 * size
+        await a.servicer.pipeline.admission.ledger.flush()
+        await b.servicer.pipeline.admission.ledger.flush()
+        ledger = await a.databases.accounts.fetchval(
+            "SELECT SUM(prompt_tokens + completion_tokens) FROM usage_ledger WHERE tenant_id = 'shared-co'"
+        )
+        assert ledger == served
+        (info,) = await b.tenants.list_keys("shared-co")
+        assert await b.tenants.revoke_key_id(info.key_id)
+
+        async def refused_on_a() -> bool:
+            try:
+                await generate(fleet, a, key, max_tokens=1)
+            except grpc.aio.AioRpcError as e:
+                return e.code() == grpc.StatusCode.UNAUTHENTICATED
+            return False
+
+        await assert_eventually(refused_on_a, timeout_s=10)
+
+
+async def test_a_job_is_run_by_every_gateway_and_each_item_once(fleet, db_url):
+    """A job submitted to one gateway is picked up by the other too (each runs at most 2 of the tenant's items
+    at once, so the first cannot take them all); every item ends with one result and was started exactly once."""
+    async with gateways(fleet, db_url, job_concurrency=8, job_tenant_concurrency=2) as (a, b):
+        items = [pb.BatchItem(custom_id=f"i{i}", prompt=f"item {i} of a shared job") for i in range(16)]
+        req = pb.SubmitBatchRequest(model=MODEL, items=items, max_tokens=200, temperature=0)
+        job = (await stub(fleet, a).SubmitBatch(req, metadata=auth(), timeout=5)).job
+
+        async def completed():
+            r = await stub(fleet, b).GetJob(
+                pb.GetJobRequest(job_id=job.job_id, include_results=True), metadata=auth(), timeout=5
+            )
+            return r if r.job.state == pb.JOB_STATE_COMPLETED else None
+
+        resp = await assert_eventually(completed, timeout_s=60, interval_s=0.05)
+        assert (resp.job.succeeded, resp.job.failed) == (16, 0)
+        assert [r.index for r in resp.results] == list(range(16))
+        assert await a.jobs.store.runs(job.job_id) == [1] * 16
+        assert a.jobs.finished_items + b.jobs.finished_items == 16
+        assert a.jobs.finished_items > 0 and b.jobs.finished_items > 0, "one gateway ran the whole job"
+
+
+def jobs_url(db_url: str) -> str:
+    """Where the jobs table is: the PostgreSQL database itself, or the SQLite file beside the accounts one."""
+    path = sqlite_path(db_url)
+    return db_url if path is None else f"sqlite:///{jobs_path_beside(path)}"
+
+
+async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, tmp_path):
+    """SIGKILL a gateway process while it runs a job's items: another gateway on the same database takes them
+    over once their leases end and completes the job; each item has one result, and only items the dead gateway
+    held were started twice (their first run died with it)."""
+    lease = "1.5"
+    flags = (f"--db-url={db_url}", f"--job-lease-s={lease}", "--job-concurrency=2")
+    with gateway_process(tmp_path, "doomed", fleet.router.address, *flags) as (proc, ready):
+        address = await assert_eventually(lambda: _address(ready), timeout_s=60, message="gateway not ready")
+        s = pb_grpc.InferenceServiceStub(fleet.channel(address))
+        items = [pb.BatchItem(custom_id=f"k{i}", prompt=f"takeover item {i}") for i in range(8)]
+        req = pb.SubmitBatchRequest(model=MODEL, items=items, max_tokens=400, temperature=0)
+        job = (await s.SubmitBatch(req, metadata=auth(), timeout=10)).job
+        db = await connect(jobs_url(db_url))
+        try:
+
+            async def held_by_it() -> set[int]:
+                rows = await db.fetch(
+                    "SELECT idx FROM job_items WHERE job_id = ? AND result IS NULL AND lease_owner IS NOT NULL",
+                    job.job_id,
+                )
+                done = await db.fetchval(
+                    "SELECT COUNT(*) FROM job_items WHERE job_id = ? AND result IS NOT NULL", job.job_id
+                )
+                return {r[0] for r in rows} if rows and done >= 1 else set()
+
+            await assert_eventually(held_by_it, timeout_s=60, interval_s=0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            held = await held_by_it()  # the dead gateway's leases stay until they end and are taken over
+            async with gateways(fleet, db_url, n=1, job_lease_s=float(lease)) as (b,):
+                bs = stub(fleet, b)
+
+                async def completed():
+                    r = await bs.GetJob(
+                        pb.GetJobRequest(job_id=job.job_id, include_results=True), metadata=auth(), timeout=5
+                    )
+                    return r if r.job.state == pb.JOB_STATE_COMPLETED else None
+
+                resp = await assert_eventually(completed, timeout_s=60, interval_s=0.05)
+            runs = await db.fetch("SELECT idx, runs FROM job_items WHERE job_id = ? ORDER BY idx", job.job_id)
+        finally:
+            await db.close()
+    assert (resp.job.succeeded, resp.job.failed) == (8, 0)
+    assert [r.index for r in resp.results] == list(range(8))
+    twice = {i for i, n in runs if n == 2}
+    assert all(n in (1, 2) for _, n in runs) and twice <= held and twice, runs
