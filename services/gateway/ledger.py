@@ -99,6 +99,7 @@ class Ledger:
         # Batches committed so far: a total read while one committed is read again (it may be in neither the
         # sum nor the in-memory lists).
         self._committed = 0
+        self._flush_lock = asyncio.Lock()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._flush_loop(), name="ledger-flush")
@@ -130,8 +131,13 @@ class Ledger:
 
     async def flush(self) -> int:
         """Write pending entries in one transaction; returns how many. record() may run meanwhile: the batch
-        is swapped out first, and put back if the write fails."""
-        if not self._pending or self._flushing:
+        is swapped out first, and put back if the write fails. A flush already under way is waited for (so
+        that, when this returns, every row recorded before the call is in the database)."""
+        async with self._flush_lock:
+            return await self._flush_batch()
+
+    async def _flush_batch(self) -> int:
+        if not self._pending:
             return 0
         batch, self._pending = self._pending, []
         self._flushing = batch
