@@ -138,7 +138,7 @@ class Cluster:
             await self._start_registries()
             await asyncio.gather(
                 *(self.add_engine() for _ in range(cfg.engines)),
-                self._spawn("router", "router", ["--registry-address", self.registry]),
+                self._spawn("router", "router", ["--registry-address", self.registry, *self._wake_args()]),
             )
             if cfg.autoscale_models:
                 await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
@@ -202,6 +202,15 @@ class Cluster:
         if cfg.engine_startup_s is not None and cfg.backend == "sim":
             args += ["--startup-s", str(cfg.engine_startup_s)]
         return args
+
+    def _wake_args(self) -> list[str]:
+        """Autoscaled models wake on demand: a request waits in the router while the autoscaler starts a replica
+        (from zero, or while the first ones cold start) instead of failing."""
+        if not self.config.autoscale_models:
+            return []
+        from services.autoscaler.spec import parse_models
+
+        return ["--wake-models", ",".join(s.model for s in parse_models(self.config.autoscale_models))]
 
     def autoscaler_args(self) -> list[str]:
         """The autoscaler's flags: the fleet's addresses, the models, and the flags of the engines it starts."""

@@ -71,9 +71,16 @@ class AdmissionQueue:
     (None: the model has no routable replica, so waiting is pointless and the caller fails at once)."""
 
     def __init__(
-        self, free_slots: Callable[[str], int | None], max_waiting: int = 1000, retry_after_s: float = 1.0
+        self,
+        free_slots: Callable[[str], int | None],
+        max_waiting: int = 1000,
+        retry_after_s: float = 1.0,
+        wakes: Callable[[str], bool] = lambda model: False,
     ) -> None:
         self._free_slots = free_slots
+        # Models whose requests wait for a replica to start when there is none (scale to zero, cold starts)
+        # instead of failing at once.
+        self._wakes = wakes
         self.max_waiting = max_waiting
         self.retry_after_s = retry_after_s
         self._queues: dict[str, _ModelQueue] = {}
@@ -87,11 +94,15 @@ class AdmissionQueue:
         self, model: str, priority: int, tenant: str, timeout_s: float, urgent: bool = False
     ) -> None:
         """Return when an attempt may start: at once while slots are free and nobody waits, else in queue
-        order. Raises ResourceExhausted when the queue is full and DeadlineExceeded after timeout_s."""
+        order. A model with no routable replica fails at once in choosing, unless it wakes: then the request
+        waits here (counted in waiting(), which the autoscaler reads) until a replica is routable. Raises
+        ResourceExhausted when the queue is full and DeadlineExceeded after timeout_s."""
         q = self._queues.get(model)
         free = self._free_slots(model)
         if free is None:
-            return  # no routable replica: choosing will say why
+            if not self._wakes(model):
+                return  # no routable replica: choosing will say why
+            free = 0
         if q is None:
             q = self._queues[model] = _ModelQueue()
         if not q.heap and free - q.reserved > 0:
@@ -136,6 +147,8 @@ class AdmissionQueue:
             return
         free = self._free_slots(model)
         if free is None:
+            if self._wakes(model):
+                return  # they wait for a replica to start
             free = len(q.heap)  # no replica left: let them all go and fail fast in choosing
         while q.heap and free - q.reserved > 0:
             w = heapq.heappop(q.heap)

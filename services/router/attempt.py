@@ -254,7 +254,7 @@ class RequestAttempts:
         """Wait for admission (when in-flight attempts are capped), choose a replica that has not failed this
         request and send it the request, resuming after the tokens already sent."""
         router = self.router
-        if router.max_in_flight_per_replica:
+        if router.max_in_flight_per_replica or router.wakes(self.model):
             routing = self.request.routing
             prom, tier = router.counters.prom, tier_name(routing.priority)
             waiting = prom.queue_waiting.labels(self.model, tier)

@@ -118,6 +118,12 @@ class RouterSettings(ServiceSettings):
     queue_retry_after_s: float = Field(
         1.0, ge=0, description="Admission: retry delay advised (RetryInfo) when the queue is full."
     )
+    wake_models: str = Field(
+        "",
+        description="Comma-separated models that may have no replica for a while (the autoscaler scales them to "
+        "zero or is starting them): a request for one waits in the admission queue, within its deadline, until "
+        "a replica serves, instead of failing; the autoscaler sees it waiting and starts one.",
+    )
     hedge_delay_s: float = Field(
         0.0,
         ge=0,
@@ -162,6 +168,10 @@ class RouterSettings(ServiceSettings):
         if v not in policies.available():
             raise ValueError(f"unknown policy {v!r}; available: {', '.join(policies.available())}")
         return v
+
+    @property
+    def wake_model_set(self) -> frozenset[str]:
+        return frozenset(m.strip() for m in self.wake_models.split(",") if m.strip())
 
     def hedge_delay_by_model(self) -> tuple[tuple[str, float], ...]:
         """--hedge-delays parsed: (model, seconds) pairs."""

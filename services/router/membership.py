@@ -186,6 +186,10 @@ class Membership:
             return []
         return [r for r in same_model.values() if r.replica_id not in exclude and self.is_routable(r)]
 
+    def expect(self, models) -> None:
+        """Know these models before any replica serves them (models that scale from zero)."""
+        self._seen_models.update(models)
+
     def knows_model(self, model: str) -> bool:
         """Whether any replica has served model since the router started."""
         return model in self._seen_models

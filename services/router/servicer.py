@@ -41,6 +41,8 @@ from shared.telemetry import bind_request, context_from_metadata, stream_span
 
 log = structlog.get_logger(__name__)
 
+# Free admission slots of a model whose replicas have no in-flight cap.
+UNCAPPED = 1 << 30
 ENGINE_GENERATE = "/fleetserve.engine.v1.EngineService/Generate"
 _serialize_engine_request = engine_pb.GenerateRequest.SerializeToString
 _BREAKER_PB = {
@@ -97,6 +99,7 @@ class RouterServicer:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         prom_metrics: RouterMetrics | None = None,
+        wake_models: frozenset[str] = frozenset(),
     ) -> None:
         self.membership = membership
         self.policy = policy
@@ -125,7 +128,11 @@ class RouterServicer:
         # 0: no cap, requests go straight to replicas (engines queue themselves); else the admission queue
         # holds requests while every replica of the model has this many attempts in flight.
         self.max_in_flight_per_replica = max_in_flight_per_replica
-        self.admission = AdmissionQueue(self._free_slots, queue_max_waiting, queue_retry_after_s)
+        # Models that may have no replica for a while (scaled to zero, cold starting): their requests wait in the
+        # admission queue, within their deadline, instead of failing.
+        self.wake_models = wake_models
+        membership.expect(wake_models)
+        self.admission = AdmissionQueue(self._free_slots, queue_max_waiting, queue_retry_after_s, self.wakes)
         meter.create_observable_gauge(
             "fleetserve.router.queue_depth",
             callbacks=[self._observe_queue],
@@ -151,7 +158,7 @@ class RouterServicer:
         else:
             self._discard_when_idle.pop(replica.replica_id, None)
             self.policy.on_load_update(replica)
-        if self.max_in_flight_per_replica:
+        if self.max_in_flight_per_replica or self.wakes(replica.model):
             self.admission.pump(replica.model)
 
     def _discard_channel(self, address: str) -> None:
@@ -189,8 +196,13 @@ class RouterServicer:
         cap = self.max_in_flight_per_replica
         return not cap or self.in_flight.get(replica_id, 0) < cap
 
+    def wakes(self, model: str) -> bool:
+        """Whether a request for model waits for a replica to start rather than failing when none is routable."""
+        return model in self.wake_models
+
     def _free_slots(self, model: str) -> int | None:
-        """Attempts the model's routable replicas take before their cap (None: no routable replica)."""
+        """Attempts the model's routable replicas take before their cap (None: no routable replica; without a
+        cap, as many as anyone asks)."""
         cap = self.max_in_flight_per_replica
         routable = [
             r
@@ -199,6 +211,8 @@ class RouterServicer:
         ]
         if not routable:
             return None
+        if not cap:
+            return UNCAPPED
         return sum(max(0, cap - self.in_flight.get(r.replica_id, 0)) for r in routable)
 
     def _observe_queue(self, options):
@@ -370,6 +384,10 @@ class RouterServicer:
             n = counts.get(route.small, 0) + (counts.get(route.large, 0) if route.large != route.small else 0)
             if n and alias not in counts:
                 models.append(pb.ModelReplicas(model=alias, replicas=n))
+        # Models that wake on demand are served even with no replica now (a request starts one).
+        models.extend(
+            pb.ModelReplicas(model=m, replicas=0) for m in sorted(self.wake_models) if m not in counts
+        )
         return pb.ListModelsResponse(models=models)
 
     @rpc_boundary

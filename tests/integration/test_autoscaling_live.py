@@ -120,3 +120,35 @@ async def _count_is(cluster, n: int) -> bool:
 
 async def _count_at_least(cluster, n: int) -> bool:
     return len(await serving(cluster)) >= n
+
+
+async def test_scale_from_zero_wakes_on_a_waiting_request_and_returns_to_zero(tmp_path):
+    """A model at zero replicas: a request waits in the router's admission queue while the autoscaler, seeing
+    it, starts a replica through its cold start; the request succeeds; once idle the model goes back to zero."""
+    models = {
+        "sim-1b": {
+            "min_replicas": 0,
+            "max_replicas": 2,
+            "scale_to_zero": True,
+            "idle_s": 2,
+            "scale_down_cooldown_s": 1,
+            "policies": {"reactive": {}},
+        }
+    }
+    async with running_cluster(
+        tmp_path,
+        engines=0,
+        speed_factor=1.0,
+        engine_startup_s=1.0,
+        autoscale_models=json.dumps(models),
+        autoscale_interval_s=0.5,
+        extra_args={"autoscaler": ["--window-s", "2"]},
+    ) as cluster:
+        assert await serving(cluster) == []
+        async with grpc.aio.insecure_channel(cluster.gateway) as ch:
+            outcome = await one(inf_grpc.InferenceServiceStub(ch), cluster.api_key, 8)
+        assert outcome == "ok"
+        await assert_eventually(lambda: _count_is(cluster, 0), timeout_s=60, message="never back to zero")
+        state = await scaling(cluster)
+    policies = [d.policy for d in state.decisions]
+    assert "wake" in policies and "scale_to_zero" in policies, policies
