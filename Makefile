@@ -65,9 +65,16 @@ bench-gateway: protos ## The gateway's own overhead: router vs gateway gRPC vs g
 
 USERS ?= 32
 DURATION ?= 60s
-loadtest: protos ## Locust gRPC users against the running cluster (USERS=32 DURATION=60s; installs locust).
-	$(BIN)/python -m pip install -q -e '.[loadtest]'
-	$(BIN)/locust -f loadtest/locustfile.py --headless --users $(USERS) --spawn-rate $(USERS) --run-time $(DURATION)
+SCENARIOS ?= chat
+PROTOCOLS ?= grpc
+WORKERS ?= 0
+LOCUST_FLAGS ?=
+LOCUST_RUN = --headless --users $(USERS) --spawn-rate $(USERS) --run-time $(DURATION) \
+	--html loadtest-report.html --csv loadtest $(LOCUST_FLAGS)
+loadtest: protos ## Locust against the running cluster: loadtest-report.html + loadtest_*.csv (USERS DURATION SCENARIOS PROTOCOLS WORKERS LOCUST_FLAGS).
+	@# SCENARIOS: chat,multiturn,batch,bursty; PROTOCOLS: grpc,http; WORKERS>0: distributed (a master and N workers).
+	FLEETSERVE_SCENARIOS=$(SCENARIOS) FLEETSERVE_PROTOCOLS=$(PROTOCOLS) \
+	$(if $(filter 0,$(WORKERS)),$(BIN)/locust -f loadtest/locustfile.py,$(BIN)/python -m loadtest.distributed --workers $(WORKERS)) $(LOCUST_RUN)
 
 FUZZ_GRPC_EXAMPLES ?= 1430
 FUZZ_HTTP_EXAMPLES ?= 10000

@@ -59,13 +59,14 @@ def _check_env(cmd: Command, monkeypatch) -> None:
 
 def _parse_module(module: str, args: list[str], monkeypatch) -> None:
     """Run `python -m module args` (its main(argv)) up to the point where argparse has parsed the arguments."""
-    real = argparse.ArgumentParser.parse_args
+    # parse_known_args too (parse_args calls it): a module may take options it passes on (loadtest.distributed).
+    real = argparse.ArgumentParser.parse_known_args
 
     def parse_then_stop(self, args=None, namespace=None):
         real(self, args, namespace)
         raise _Parsed
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse_then_stop)
     main = importlib.import_module(module).main  # what the module's __main__ block calls
     with pytest.raises(_Parsed):
         main(args)
