@@ -690,12 +690,14 @@ async def test_caller_leaving_during_a_hedge_race_aborts_both_attempts_and_relea
         await add_engine(f, "slow-2", speed=0.002)
         call = f.router_stub().Generate(request(max_tokens=4, request_id="hedge-leaves"), timeout=30)
         reading = asyncio.ensure_future(call.read())
-        await assert_eventually(lambda: sum(f.router.servicer.in_flight.values()) == 2, timeout_s=10)
+        await assert_eventually(lambda: sum(f.router.servicer.in_flight.values()) == 2, timeout_s=30)
+        # Both engines hold the request (an attempt cancelled before its engine admitted it aborts nothing there).
+        await assert_eventually(lambda: _busy_is(f, 2), timeout_s=30)
         call.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reading
-        await assert_eventually(lambda: not f.router.servicer.in_flight, timeout_s=10)
-        await assert_eventually(lambda: _aborted_is(f, 2), timeout_s=10)
+        await assert_eventually(lambda: not f.router.servicer.in_flight, timeout_s=30)
+        await assert_eventually(lambda: _aborted_is(f, 2), timeout_s=30)
         for name in ("slow-1", "slow-2"):
             st = await status_of(f, name)
             assert st.breaker_state == router_pb.BREAKER_STATE_CLOSED and st.routable and st.in_flight == 0
@@ -703,6 +705,10 @@ async def test_caller_leaving_during_a_hedge_race_aborts_both_attempts_and_relea
 
 async def _aborted_is(f: Fleet, n: int) -> bool:
     return await f.aborted_total() == n
+
+
+async def _busy_is(f: Fleet, n: int) -> bool:
+    return await f.busy_total() == n
 
 
 @pytest.mark.asyncio(loop_scope="function")
