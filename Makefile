@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway loadtest check-wheel fuzz clean
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,6 +62,12 @@ bench: protos ## Start a 1-engine fleet, load it directly and through the mesh, 
 bench-gateway: protos ## The gateway's own overhead: router vs gateway gRPC vs gateway HTTP, interleaved (JSON).
 	@$(BIN)/fleetserve bench --gateway-overhead --spawn --engines 1 --concurrency 1 --requests 300 \
 		--prompt-tokens 128 --max-tokens 64 --seed 1 --out docs/benchmarks/gateway_overhead.json
+
+bench-autoscale: protos ## Autoscaling policies vs an oracle on 4 traces in virtual time (JSON + PNGs in docs/benchmarks/).
+	$(BIN)/python -m loadtest.autoscale_bench --out docs/benchmarks/autoscaling.json --plots docs/benchmarks/autoscaling
+
+autoscale-live: protos ## The autoscaler on real processes with a 60 s load phase (scale up, drain down, none cut).
+	FLEETSERVE_AUTOSCALE_LIVE_S=60 $(BIN)/python -m pytest -q tests/integration/test_autoscaling_live.py
 
 USERS ?= 32
 DURATION ?= 60s

@@ -26,6 +26,7 @@ from services.autoscaler.decider import Decider
 from services.autoscaler.spec import parse_model
 
 DAY = 86400
+PROGRAM = "python -m loadtest.autoscale_bench"
 SPIKE_AT = 14 * 3600  # the daily spike starts at 14:00
 
 
@@ -339,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             f"one replica: {model.rps_at_slo:.1f} req/s within the SLO, {model.rps_max:.1f} at saturation"
         )
     record = {
-        "command": "fleetserve bench --autoscale " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(
+            [PROGRAM if argv is None else "python -m loadtest.autoscale_bench", *(argv or sys.argv[1:])]
+        ),
         "cold_start_s": args.cold_start_s,
         "days": args.days,
         "seed": args.seed,

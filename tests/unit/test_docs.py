@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from services.autoscaler.config import AutoscalerSettings
 from services.engine.config import EngineSettings
 from services.gateway.config import GatewaySettings
 from services.metrics.config import MetricsSettings
@@ -27,6 +28,7 @@ SERVICES = {
     "services.engine": EngineSettings,
     "services.registry": RegistrySettings,
     "services.metrics": MetricsSettings,
+    "services.autoscaler": AutoscalerSettings,
 }
 SETTINGS_BY_ENV = {f"FLEETSERVE_{m.split('.')[1].upper()}_": cls for m, cls in SERVICES.items()}
 
