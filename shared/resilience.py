@@ -144,6 +144,15 @@ class CircuitBreaker:
             self._open(min(self.max_open_s, self._open_for * 2))
         # Already open: stragglers started before it opened change nothing.
 
+    def trip(self) -> None:
+        """Open now, without waiting for failure_threshold faults (a replica seen hung: no call would fail, they
+        would only never end). A trip while half-open stays out twice as long, as a failed probe does."""
+        if self.state is BreakerState.OPEN:
+            return
+        self._open(
+            self.open_s if self.state is BreakerState.CLOSED else min(self.max_open_s, self._open_for * 2)
+        )
+
     def on_neutral(self) -> None:
         """The call ended with no verdict on the server (the caller went away, a client error)."""
         if self.state is BreakerState.HALF_OPEN and self._probes > 0:

@@ -209,10 +209,12 @@ async def serve_main(
     """The whole life of a service process: logging, telemetry, start, ready file, wait for SIGTERM or
     SIGINT, graceful stop, flush telemetry. `start(settings, telemetry)` builds and starts the service."""
     from shared import prom
+    from shared.process_stats import start_from_env
     from shared.telemetry import configure_logging, setup_telemetry
 
     configure_logging(service, settings.log_level, settings.log_json)
     telemetry = setup_telemetry(service, settings.otlp_endpoint, settings.metrics_export_interval_s)
+    stats = start_from_env()  # soak runs: RSS, fds, threads, tasks in the log
     app = await start(settings, telemetry)
     # The app's own instruments (`metrics_registry`) are served beside the process-wide default registry.
     metrics = prom.start_metrics_server(
@@ -237,5 +239,7 @@ async def serve_main(
     if metrics is not None:
         # After the drain, so that a scrape during it still sees the last requests counted.
         metrics.stop()
+    if stats is not None:
+        await cancel_and_wait([stats])
     telemetry.shutdown()
     log.info(f"{service}.exited")

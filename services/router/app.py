@@ -18,6 +18,7 @@ from services.router.config import RouterSettings
 from services.router.membership import Membership
 from services.router.outliers import OutlierSettings
 from services.router.servicer import RetrySettings, RouterServicer
+from services.router.stalls import StallSettings
 from shared.channels import CHANNEL_OPTIONS, ChannelPool
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
@@ -99,6 +100,14 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         wake_models=settings.wake_model_set,
         queue_max_waiting=settings.queue_max_waiting,
         queue_retry_after_s=settings.queue_retry_after_s,
+        stalls=StallSettings(
+            enabled=settings.stall_detection,
+            check_interval_s=settings.stall_check_interval_s,
+            min_silence_s=settings.stall_min_silence_s,
+            itl_factor=settings.stall_itl_factor,
+            first_token_s=settings.stall_first_token_s,
+            ttft_factor=settings.stall_ttft_factor,
+        ),
     )
     running = await create_server(
         [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}))],
@@ -129,5 +138,7 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         )
     )
     app.tasks.append(asyncio.create_task(serving_once_ready(), name="router.ready"))
+    if settings.stall_detection:
+        app.tasks.append(asyncio.create_task(servicer.watch_stalls(), name="router.stalls"))
     log.info("router.configured", registry=settings.registry_address, policy=settings.policy)
     return app

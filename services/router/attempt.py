@@ -18,6 +18,7 @@ from services.router.membership import ReplicaInfo
 from services.router.policies import cache_salt_for
 from services.router.resume import ChunkTracker, resumable
 from services.router.router_metrics import RouterMetrics, tier_name
+from services.router.stalls import ReplicaWatch
 from shared.deadlines import HOP_MARGIN_S, wire_timeout
 from shared.errors import DeadlineExceeded, FleetError, NoHealthyReplica, Unavailable
 from shared.resilience import BACKPRESSURE, full_jitter, is_retryable
@@ -88,7 +89,20 @@ class Attempt:
     and its breaker has a call outstanding; every attempt gives the breaker exactly one verdict (answered,
     failed, or neutral at close: cancelled, a client error, an empty stream)."""
 
-    __slots__ = ("router", "replica", "breaker", "call", "first", "sent_at", "timeout", "_verdict", "_closed")
+    __slots__ = (
+        "router",
+        "replica",
+        "breaker",
+        "call",
+        "first",
+        "sent_at",
+        "timeout",
+        "watch",
+        "streaming",
+        "stalled",
+        "_verdict",
+        "_closed",
+    )
 
     def __init__(self, router: RouterServicer, replica: ReplicaInfo) -> None:
         self.router = router
@@ -99,6 +113,9 @@ class Attempt:
         self.first: asyncio.Future | None = None
         self.sent_at = 0.0
         self.timeout = 0.0
+        self.watch: ReplicaWatch | None = None
+        self.streaming = False  # the replica answered (its first chunk came)
+        self.stalled: Unavailable | None = None  # set when the stall watchdog ended this attempt
         self._verdict = False
         self._closed = False
 
@@ -122,6 +139,7 @@ class Attempt:
             attempt.call = router.stub(replica.address)(
                 engine_request, timeout=attempt.timeout, metadata=metadata
             )
+            attempt.watch = router.stalls.add(replica.replica_id, attempt)
         except BaseException:
             attempt.close()
             raise
@@ -141,9 +159,11 @@ class Attempt:
         self._verdict = True
         self.breaker.on_success()
         replica = self.replica
-        self.router.outliers.record_ttft(
-            replica.replica_id, replica.model, (time.monotonic() - self.sent_at) * 1000.0
-        )
+        ttft_s = time.monotonic() - self.sent_at
+        self.router.outliers.record_ttft(replica.replica_id, replica.model, ttft_s * 1000.0)
+        if self.watch is not None:
+            self.router.stalls.answered(self.watch, ttft_s)
+        self.streaming = True
 
     def finished(self) -> None:
         """The stream ended normally."""
@@ -193,6 +213,8 @@ class Attempt:
         if self._closed:
             return
         self._closed = True
+        if self.watch is not None:
+            self.router.stalls.discard(self.watch, self)
         if not self._verdict:
             self.breaker.on_neutral()
         if self.first is not None:
@@ -200,6 +222,15 @@ class Attempt:
         if self.call is not None:
             self.call.cancel()
         self.router.release(self.replica.replica_id, self.replica.model)
+
+    def stall(self, reason: Unavailable) -> None:
+        """End the attempt because its replica went silent: the pending read raises CancelledError, which the
+        relay loop turns into a Fault (so the request resumes elsewhere)."""
+        self.stalled = reason
+        if self.first is not None:
+            self.first.cancel()
+        if self.call is not None:
+            self.call.cancel()
 
 
 class RequestAttempts:

@@ -162,6 +162,27 @@ class RouterSettings(ServiceSettings):
         0.5, ge=0, le=1, description="Outliers: most of a model's replicas ejected at once (rounded down)."
     )
 
+    stall_detection: bool = Field(
+        True,
+        description="Hung replicas: end the streams of a replica that has sent no chunk on any of them for "
+        "longer than its threshold, take it out of rotation and resume them on other replicas.",
+    )
+    stall_min_silence_s: float = Field(
+        1.0, gt=0, description="Stalls: silence of a streaming replica that counts as hung, at least."
+    )
+    stall_itl_factor: float = Field(
+        20.0, gt=1, description="Stalls: ... or this many times the replica's recent inter-chunk interval."
+    )
+    stall_first_token_s: float = Field(
+        2.5,
+        gt=0,
+        description="Stalls: silence of a replica whose requests all wait for a first token, at least.",
+    )
+    stall_ttft_factor: float = Field(
+        10.0, gt=1, description="Stalls: ... or this many times the replica's recent time to first token."
+    )
+    stall_check_interval_s: float = Field(0.1, gt=0, description="Stalls: how often silences are checked.")
+
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, v: str) -> str:

@@ -26,6 +26,7 @@ from services.router.policies import Policy
 from services.router.policies import record as record_decision
 from services.router.resume import ReplicaAborted, ResumeMode
 from services.router.router_metrics import RouterMetrics
+from services.router.stalls import ReplicaWatch, StallDetector, StallSettings
 from shared import prom
 from shared.channels import ChannelPool, raw_stream
 from shared.deadlines import deadline_passed, downstream_timeout
@@ -34,6 +35,7 @@ from shared.errors import (
     NoHealthyReplica,
     NotFound,
     ResourceExhausted,
+    Unavailable,
     rpc_boundary,
 )
 from shared.resilience import BreakerState
@@ -43,6 +45,14 @@ log = structlog.get_logger(__name__)
 
 # Free admission slots of a model whose replicas have no in-flight cap.
 UNCAPPED = 1 << 30
+
+
+def _being_cancelled() -> bool:
+    """Whether this task itself is being cancelled (its caller went away), rather than a call it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 ENGINE_GENERATE = "/fleetserve.engine.v1.EngineService/Generate"
 _serialize_engine_request = engine_pb.GenerateRequest.SerializeToString
 _BREAKER_PB = {
@@ -100,6 +110,7 @@ class RouterServicer:
         clock: Callable[[], float] = time.monotonic,
         prom_metrics: RouterMetrics | None = None,
         wake_models: frozenset[str] = frozenset(),
+        stalls: StallSettings | None = None,
     ) -> None:
         self.membership = membership
         self.policy = policy
@@ -121,6 +132,7 @@ class RouterServicer:
             prom=self.prom,
         )
         self.outliers = OutlierDetector(outliers or OutlierSettings(enabled=False), clock=clock)
+        self.stalls = StallDetector(stalls, clock=clock)
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.counters = AttemptCounters(meter, self.prom)
@@ -151,6 +163,7 @@ class RouterServicer:
             self.policy.remove(replica.replica_id)
             self.breakers.remove(replica.replica_id)
             self.outliers.remove(replica.replica_id)
+            self.stalls.remove(replica.replica_id)
             if self.in_flight[replica.replica_id] > 0:
                 self._discard_when_idle[replica.replica_id] = replica.address
             else:
@@ -306,10 +319,13 @@ class RouterServicer:
                             data = await attempt.first_chunk()
                             if data is not grpc.aio.EOF:
                                 attempt.answered()
-                                # The hot path: per chunk one read, the tracker's parse when resumable, a yield.
+                                # The hot path: per chunk one read, a count for stall detection, the tracker's
+                                # parse when resumable, a yield.
                                 relay = run.tracker.relay if run.tracker is not None else None
                                 read = attempt.call.read
+                                watch = attempt.watch
                                 while data is not grpc.aio.EOF:
+                                    watch.chunks += 1
                                     if relay is not None:
                                         data = relay(data)
                                     run.streamed = True
@@ -326,6 +342,13 @@ class RouterServicer:
                             if not attempt.retryable(e):
                                 raise
                             raise Fault(e.code(), e.details() or "", e) from None
+                        except asyncio.CancelledError:
+                            # The stall watchdog cancelled this attempt's call (not our caller this task).
+                            if attempt.stalled is None or _being_cancelled():
+                                raise
+                            raise Fault(
+                                grpc.StatusCode.UNAVAILABLE, attempt.stalled.message, attempt.stalled
+                            ) from None
                         attempt.finished()
                         status = "OK"
                         return
@@ -422,6 +445,41 @@ class RouterServicer:
         for model, (interactive, standard, batch) in self.admission.waiting().items():
             resp.queues.add(model=model, interactive=interactive, standard=standard, batch=batch)
         return resp
+
+    async def watch_stalls(self) -> None:
+        """Forever: every check interval, end the attempts of replicas that have gone silent (stalls.py)."""
+        interval = self.stalls.settings.check_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            for watch, silence, limit in self.stalls.check():
+                self._stalled(watch, silence, limit)
+
+    def _stalled(self, watch: ReplicaWatch, silence: float, limit: float) -> None:
+        """A hung replica: out of rotation (its breaker opens at once: a half-open probe later tells whether it
+        is back), and each of its attempts ends as a fault, so that its streams resume on other replicas."""
+        attempts = list(watch.attempts)
+        if not attempts:
+            return
+        attempts[0].breaker.trip()
+        self.membership.mark_unroutable(watch.replica_id)
+        log.warning(
+            "router.replica_stalled",
+            replica=watch.replica_id,
+            silence_ms=round(silence * 1000.0, 1),
+            threshold_ms=round(limit * 1000.0, 1),
+            attempts=len(attempts),
+            streaming=watch.streaming,
+            itl_ms=round(watch.itl_s * 1000.0, 2),
+        )
+        reason = Unavailable(
+            f"replica {watch.replica_id} stalled: no chunk for {silence * 1000.0:.0f} ms "
+            f"(threshold {limit * 1000.0:.0f} ms)",
+            reason="REPLICA_STALLED",
+            retry_after_s=1.0,
+            metadata={"replica": watch.replica_id},
+        )
+        for attempt in attempts:
+            attempt.stall(reason)
 
     async def close(self) -> None:
         """Wait for channel closes still under way."""

@@ -158,3 +158,17 @@ def test_retry_budget_throttles_after_half_the_tokens_and_recovers_with_successe
     for _ in range(100):
         budget.on_failure()
     assert budget.tokens == 0
+
+
+def test_trip_opens_at_once_and_a_trip_while_half_open_doubles():
+    """trip(): open without failure_threshold faults; tripped again while half-open, out twice as long."""
+    from shared.resilience import BreakerState, CircuitBreaker
+
+    now = [0.0]
+    b = CircuitBreaker(failure_threshold=3, open_s=1.0, max_open_s=10.0, clock=lambda: now[0])
+    b.trip()
+    assert b.current() is BreakerState.OPEN and b.open_seconds_left() == 1.0
+    now[0] = 1.5
+    assert b.current() is BreakerState.HALF_OPEN
+    b.trip()
+    assert b.current() is BreakerState.OPEN and b.open_seconds_left() == 2.0

@@ -1,0 +1,151 @@
+"""Hung replicas: a replica whose streams all stop (a stuck kernel, an NCCL or driver hang, a frozen host) sends
+no error and keeps its connections open, so nothing fails; the router notices the silence instead.
+
+Each replica's attempts count the chunks they relay (one integer increment per chunk: the only per-token cost);
+a watchdog looks every check interval. A replica with work in flight and no chunk from any of its streams for
+longer than its threshold is stalled: max(min_silence_s, itl_factor x its recent inter-chunk interval) while it
+has streams under way, max(first_token_s, ttft_factor x its recent TTFT) while every request on it still waits
+for its first token. One slow request on a replica whose other streams progress is not a stall."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StallSettings:
+    """When a silent replica counts as hung."""
+
+    enabled: bool = True
+    check_interval_s: float = 0.1
+    min_silence_s: float = 1.0
+    itl_factor: float = 20.0
+    first_token_s: float = 2.5
+    ttft_factor: float = 10.0
+
+
+class Watched(Protocol):
+    """An attempt as the detector sees it: whether it has answered, and how to end it as stalled."""
+
+    streaming: bool
+
+    def stall(self, reason: str) -> None: ...
+
+
+class ReplicaWatch:
+    """One replica's progress: chunks relayed (attempts increment `chunks`), its attempts in flight, and its
+    recent pace (EWMA of the interval between a stream's chunks, and of TTFT)."""
+
+    __slots__ = (
+        "replica_id",
+        "chunks",
+        "seen",
+        "quiet_since",
+        "last_tick",
+        "itl_s",
+        "ttft_s",
+        "attempts",
+        "streaming",
+        "removed",
+    )
+
+    def __init__(self, replica_id: str, now: float) -> None:
+        self.replica_id = replica_id
+        self.chunks = 0
+        self.seen = 0
+        self.quiet_since = now
+        self.last_tick = now
+        self.itl_s = 0.0
+        self.ttft_s = 0.0
+        self.attempts: set[Watched] = set()
+        self.streaming = 0  # attempts that have answered
+        self.removed = False  # the replica left the fleet; dropped once its last attempt ends
+
+
+class StallDetector:
+    """The router's view of which replicas have gone silent."""
+
+    _ALPHA = 0.2
+
+    def __init__(
+        self, settings: StallSettings | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings or StallSettings()
+        self._clock = clock
+        self._watches: dict[str, ReplicaWatch] = {}
+
+    def add(self, replica_id: str, attempt: Watched) -> ReplicaWatch:
+        """An attempt started on the replica; the silence of an idle replica is counted from now."""
+        watch = self._watches.get(replica_id)
+        now = self._clock()
+        if watch is None:
+            watch = self._watches[replica_id] = ReplicaWatch(replica_id, now)
+        watch.removed = False
+        if not watch.attempts:
+            watch.quiet_since = watch.last_tick = now
+            watch.seen = watch.chunks
+        watch.attempts.add(attempt)
+        return watch
+
+    def answered(self, watch: ReplicaWatch, ttft_s: float) -> None:
+        """An attempt's first chunk came after ttft_s."""
+        watch.streaming += 1
+        watch.ttft_s = (
+            ttft_s if watch.ttft_s == 0 else (1 - self._ALPHA) * watch.ttft_s + self._ALPHA * ttft_s
+        )
+
+    def discard(self, watch: ReplicaWatch, attempt: Watched) -> None:
+        """The attempt ended."""
+        if attempt in watch.attempts:
+            watch.attempts.discard(attempt)
+            if attempt.streaming:
+                watch.streaming -= 1
+        if watch.removed and not watch.attempts and self._watches.get(watch.replica_id) is watch:
+            del self._watches[watch.replica_id]
+
+    def remove(self, replica_id: str) -> None:
+        """The replica left the fleet. Its attempts still in flight are still watched: a hung replica's lease
+        often expires before its silence is noticed, and its streams must not hang with it."""
+        watch = self._watches.get(replica_id)
+        if watch is None:
+            return
+        if watch.attempts:
+            watch.removed = True
+        else:
+            del self._watches[replica_id]
+
+    def threshold(self, watch: ReplicaWatch) -> float:
+        """Seconds of silence after which this replica counts as hung."""
+        s = self.settings
+        if watch.streaming:
+            return max(s.min_silence_s, s.itl_factor * watch.itl_s)
+        return max(s.first_token_s, s.ttft_factor * watch.ttft_s)
+
+    def check(self) -> list[tuple[ReplicaWatch, float, float]]:
+        """(watch, silence, threshold) of every replica stalled now; their silence starts over (each stall is
+        reported once, and the attempts it ends are then gone)."""
+        now = self._clock()
+        stalled = []
+        for watch in self._watches.values():
+            if not watch.attempts:
+                continue
+            delta = watch.chunks - watch.seen
+            if delta > 0:
+                if watch.streaming:
+                    # Per stream, chunks came every (interval x streams / chunks) seconds.
+                    itl = (now - watch.last_tick) * watch.streaming / delta
+                    a = self._ALPHA
+                    watch.itl_s = itl if watch.itl_s == 0 else (1 - a) * watch.itl_s + a * itl
+                watch.seen = watch.chunks
+                watch.quiet_since = now
+            else:
+                silence = now - watch.quiet_since
+                limit = self.threshold(watch)
+                if silence > limit:
+                    stalled.append((watch, silence, limit))
+                    watch.quiet_since = now
+            watch.last_tick = now
+        return stalled

@@ -1,0 +1,99 @@
+"""Stall detection on an injected clock: a replica silent past its threshold is reported once; the threshold
+follows its pace (inter-chunk interval while streaming, TTFT while every request waits for a first token); a
+replica whose other streams progress is not stalled; a replica that left the fleet is still watched while its
+attempts run."""
+
+from __future__ import annotations
+
+from services.router.stalls import StallDetector, StallSettings
+
+
+class FakeAttempt:
+    def __init__(self) -> None:
+        self.streaming = False
+        self.stalled = None
+
+    def stall(self, reason: str) -> None:
+        self.stalled = reason
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def detector(**kw) -> tuple[StallDetector, Clock]:
+    clock = Clock()
+    return StallDetector(StallSettings(**kw), clock=clock), clock
+
+
+def stream(d: StallDetector, clock: Clock, replica: str = "r1"):
+    a = FakeAttempt()
+    w = d.add(replica, a)
+    d.answered(w, 0.05)
+    a.streaming = True
+    return a, w
+
+
+def tick(d: StallDetector, clock: Clock, dt: float, watch=None, chunks: int = 0):
+    clock.t += dt
+    if watch is not None:
+        watch.chunks += chunks
+    return d.check()
+
+
+def test_streaming_replica_gone_silent_is_stalled_after_its_threshold_once():
+    """Chunks every 10 ms, then none: stalled once silence passes max(min_silence, 20 x ITL), reported once."""
+    d, clock = detector(min_silence_s=1.0, itl_factor=20.0)
+    _, w = stream(d, clock)
+    for _ in range(20):
+        assert tick(d, clock, 0.1, w, chunks=10) == []
+    assert abs(w.itl_s - 0.01) < 1e-9
+    assert [tick(d, clock, 0.1, w) for _ in range(10)] == [[]] * 10  # 1.0 s of silence: not yet
+    (stalled,) = tick(d, clock, 0.1, w)
+    assert stalled[0] is w and stalled[1] > 1.0 and stalled[2] == 1.0
+    assert tick(d, clock, 0.1, w) == []  # its silence starts over
+
+
+def test_slow_pace_raises_the_threshold():
+    """A replica emitting a chunk per stream every 200 ms gets 20 x 0.2 = 4 s, not the 1 s floor."""
+    d, clock = detector(min_silence_s=1.0, itl_factor=20.0)
+    _, w = stream(d, clock)
+    for _ in range(20):
+        tick(d, clock, 0.2, w, chunks=1)
+    assert abs(d.threshold(w) - 4.0) < 1e-6
+
+
+def test_waiting_for_first_token_uses_the_first_token_threshold():
+    """An idle replica sent a request that never answers: silence counts from the request, the limit is
+    first_token_s (or ttft_factor x TTFT)."""
+    d, clock = detector(first_token_s=2.5, ttft_factor=10.0)
+    clock.t += 50  # idle for a long time before: not silence
+    a = FakeAttempt()
+    w = d.add("r1", a)
+    assert [tick(d, clock, 0.5) for _ in range(5)] == [[]] * 5  # 2.5 s
+    assert tick(d, clock, 0.1)[0][0] is w
+
+
+def test_one_slow_request_on_a_progressing_replica_is_not_a_stall():
+    """Another stream on the same replica keeps sending: no stall, however long the slow one waits."""
+    d, clock = detector()
+    slow = FakeAttempt()
+    w = d.add("r1", slow)
+    _, w2 = stream(d, clock)
+    assert w2 is w
+    for _ in range(100):
+        assert tick(d, clock, 0.1, w, chunks=1) == []
+
+
+def test_a_removed_replica_is_watched_until_its_attempts_end():
+    """The registry dropped the replica (its lease expired while hung): its attempts are still detected."""
+    d, clock = detector(min_silence_s=1.0)
+    a, w = stream(d, clock)
+    d.remove("r1")
+    assert [x[0] for x in tick(d, clock, 1.5)] == [w]
+    d.discard(w, a)
+    assert d.check() == [] and "r1" not in d._watches
