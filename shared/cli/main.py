@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loadtest.experiments import EXERCISES
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetserve", description=__doc__)
@@ -143,11 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollout_mod.add_rollout_arguments(
         sub.add_parser("rollout", help="move a model's traffic to a new version under guardrails")
     )
-    rollout_mod.add_experiment_arguments(
+    experiment_verbs = rollout_mod.add_experiment_arguments(
         sub.add_parser(
-            "experiment", help="A/B experiments: create, status, analyze (with statistics), list, stop"
+            "experiment",
+            help="A/B experiments (create, status, analyze, list, stop) and the book's exercises as experiments",
         )
     )
+    from loadtest import experiments
+
+    experiments.add_arguments(experiment_verbs)
     rollout_mod.add_flag_arguments(
         sub.add_parser("flag", help="feature flags: a version or policy for a cohort")
     )
@@ -190,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.admin import run_admin
 
         return run_admin(args)
+    if args.command == "experiment" and args.experiment_command in EXERCISES:
+        from loadtest import experiments
+
+        return experiments.run(args, args.experiment_command)
     if args.command in ("rollout", "experiment", "flag"):
         from shared.cli.rollout import run
 
