@@ -36,7 +36,9 @@ def test_naive_retries_amplify_the_load_and_never_recover_while_backoff_with_a_b
     s = StormSettings(duration_s=90.0)
     naive, careful = summary(s, simulate(s, NAIVE)), summary(s, simulate(s, CAREFUL))
     assert naive["amplification"] > 4 and naive["recovery_s"] is None
-    assert careful["amplification"] < 1.2 and careful["recovery_s"] is not None and careful["recovery_s"] <= 10
+    assert (
+        careful["amplification"] < 1.2 and careful["recovery_s"] is not None and careful["recovery_s"] <= 10
+    )
     assert careful["retries_throttled"] > 0 and naive["retries_throttled"] == 0
     assert careful["success_rate"] > naive["success_rate"]
 
