@@ -181,15 +181,17 @@ class RequestStats:
         window_s: float = 0.0,
         now: float | None = None,
         match: Callable[[Key], bool] = lambda k: True,
+        overlap: bool = False,
     ) -> LatencyBucket:
-        """Everything of the keys that match, over the last window_s seconds (0: all kept)."""
+        """Everything of the keys that match, over the last window_s seconds (0: all kept); with overlap, every
+        bucket that overlaps the window (an explicit window's edge buckets count whole, as in cost reports)."""
         now = self._clock() if now is None else now
         start = now - window_s if window_s > 0 else -float("inf")
         return combine(
             b
             for key, series in self._keys.items()
             if match(key)
-            for _, _, b in series.select(start, float("inf"), now)
+            for _, _, b in series.select(start, float("inf"), now, overlap=overlap)
         )
 
     def query(

@@ -222,6 +222,10 @@ def is_bad(kind: str, r: RequestRecord, threshold_ms: float) -> bool | None:
     """Whether a request is a bad event of an SLO kind; None when it is no event of that kind (a latency SLO
     counts only requests that got that far)."""
     if kind == "availability":
+        # Valid events are the requests the fleet had to serve: a client's own mistakes, cancellations and rate
+        # limits are none (SRE workbook), or a client hammering with bad keys would dilute an outage away.
+        if r.status_code != 0 and not r.fleet_error:
+            return None
         return r.fleet_error
     if kind == "ttft":
         return None if r.ttft_ms is None else r.ttft_ms > threshold_ms

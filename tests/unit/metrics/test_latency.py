@@ -156,3 +156,12 @@ def test_tiered_buckets_refuse_bad_tiers():
     """A tier whose keep is shorter than its width makes no sense."""
     with pytest.raises(ValueError):
         TieredBuckets(list, ((10.0, 5.0),))
+
+
+def test_overlap_window_counts_edge_buckets_whole():
+    """A window starting just after a bucket's midpoint leaves that bucket out by default and takes it whole
+    with overlap (CompareVersions' explicit windows), so a short window over fresh traffic is never empty."""
+    stats = RequestStats(clock=lambda: 1010.0)
+    stats.add(rec(1008.0))
+    assert stats.window(3.0, 1010.0).requests == 0
+    assert stats.window(3.0, 1010.0, overlap=True).requests == 1

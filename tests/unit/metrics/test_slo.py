@@ -206,3 +206,14 @@ def test_slo_file(tmp_path):
         load_slo_config(str(path))
     with pytest.raises(ValueError, match="nope.toml"):
         load_slo_config(str(tmp_path / "nope.toml"))
+
+
+def test_availability_counts_only_requests_the_fleet_had_to_serve():
+    """Client errors, cancellations and rate limits are no events of the availability SLO; fleet errors are bad
+    events and OK requests good ones (the same SLI as the Prometheus rules)."""
+    clock = [0.0]
+    engine = engine_with(clock)
+    for code in (0, 0, 14, 3, 16, 1, 8, 5):
+        engine.add(RequestRecord(1.0, 1.0, None, 0, code, model="m"))
+    (status,) = engine.status()
+    assert (status.events, status.bad_events) == (3, 1)
