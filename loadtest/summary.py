@@ -88,11 +88,16 @@ class StreamMeter:
 
 
 def percentiles(values_s: Sequence[float]) -> dict[str, float | None]:
-    """p50/p95/p99 in milliseconds (numpy's linear interpolation); None for each when there are no values."""
+    """p50/p95/p99 in milliseconds (numpy's linear interpolation) and the mean beside them (the mean hides the
+    tail: reports draw both); None for each when there are no values."""
     if not values_s:
-        return {f"p{p}": None for p in PERCENTILES}
-    ms = np.percentile(np.asarray(values_s, dtype=np.float64) * 1000.0, PERCENTILES)
-    return {f"p{p}": round(float(v), 3) for p, v in zip(PERCENTILES, ms, strict=True)}
+        return {**{f"p{p}": None for p in PERCENTILES}, "mean": None}
+    ms = np.asarray(values_s, dtype=np.float64) * 1000.0
+    pct = np.percentile(ms, PERCENTILES)
+    return {
+        **{f"p{p}": round(float(v), 3) for p, v in zip(PERCENTILES, pct, strict=True)},
+        "mean": round(float(ms.mean()), 3),
+    }
 
 
 def summarize(

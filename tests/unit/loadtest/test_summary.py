@@ -21,17 +21,18 @@ def chunk(tokens: int = 1, finish: int = 0, usage: int | None = None, served_by:
 
 
 def test_percentiles_match_numpy_in_ms():
-    """p50/p95/p99 are numpy's (linear) percentiles of the values, converted to milliseconds."""
+    """p50/p95/p99 are numpy's (linear) percentiles of the values, converted to milliseconds, with the mean."""
     values = [0.001 * i for i in range(1, 101)]
     got = percentiles(values)
     want = np.percentile(np.array(values) * 1000, [50, 95, 99])
-    assert list(got) == ["p50", "p95", "p99"]
+    assert list(got) == ["p50", "p95", "p99", "mean"]
     assert [got["p50"], got["p95"], got["p99"]] == pytest.approx(list(want), abs=1e-3)
+    assert got["mean"] == pytest.approx(50.5)
 
 
 def test_percentiles_of_nothing_are_null():
     """With no values (every request failed) each percentile is None, which is JSON null."""
-    assert percentiles([]) == {"p50": None, "p95": None, "p99": None}
+    assert percentiles([]) == {"p50": None, "p95": None, "p99": None, "mean": None}
 
 
 def test_tpot_is_time_after_first_token_over_remaining_tokens():
@@ -114,7 +115,7 @@ def test_summary_counts_errors_by_code_and_excludes_them_from_latency_and_throug
     assert s["first_error"] == "UNAVAILABLE (NO_HEALTHY_REPLICA)"
     assert s["output_tokens"] == 800
     assert s["output_tokens_per_s"] == 400.0
-    assert s["e2e_ms"] == {"p50": 1000.0, "p95": 1000.0, "p99": 1000.0}
+    assert s["e2e_ms"] == {"p50": 1000.0, "p95": 1000.0, "p99": 1000.0, "mean": 1000.0}
     assert s["ttft_ms"]["p99"] < 100  # the failed request's 500 ms TTFT is not in it
     assert s["tpot_ms"]["p50"] == pytest.approx((1.0 - 0.045) / 99 * 1000, abs=1e-3)
 
