@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz clean
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz clean dashboard-png
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ bench-autoscale: protos ## Autoscaling policies vs an oracle on 4 traces in virt
 
 autoscale-live: protos ## The autoscaler on real processes with a 60 s load phase (scale up, drain down, none cut).
 	FLEETSERVE_AUTOSCALE_LIVE_S=60 $(BIN)/python -m pytest -q tests/integration/test_autoscaling_live.py
+
+dashboard-png: protos ## Regenerate docs/dashboard.png: a loaded fleet's live dashboard in headless Chromium (~90 s).
+	$(BIN)/python -m loadtest.dashboard_shot --out docs/dashboard.png --seconds 60
 
 USERS ?= 32
 DURATION ?= 60s

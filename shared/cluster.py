@@ -368,6 +368,7 @@ class Cluster:
             "router": self.router,
             "registry": self.registry,
             "metrics": self.metrics,
+            "dashboard": self.ready_info("metrics").get("dashboard_address", ""),
             "engines": {n: self.procs[n].address for n in self.engine_names()},
             # Prometheus /metrics of every process, by process name (what `fleetserve prometheus-config` reads).
             "metrics_addresses": {n: p.metrics_address for n, p in self.procs.items() if p.metrics_address},

@@ -13,8 +13,10 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otl
 from services.metrics.config import MetricsSettings
 from services.metrics.cost import CostLedger, PriceBook, parse_prices
 from services.metrics.counters import CounterStore
+from services.metrics.dashboard.api import Dashboard
+from services.metrics.dashboard.server import DashboardServer
 from services.metrics.experiments import ArmStore
-from services.metrics.gauges import UPTIME, GaugeStore, ReplicaClock
+from services.metrics.gauges import DESIRED_REPLICAS, KV_USAGE, UPTIME, GaugeHistory, GaugeStore, ReplicaClock
 from services.metrics.ingest import MetricsReceiver, SpanIntake, TraceReceiver
 from services.metrics.latency import RequestStats
 from services.metrics.quality import ENGINE_SPAN, FEEDBACK_SPAN, QualityStore
@@ -37,10 +39,16 @@ class MetricsApp:
     traces: TraceReceiver
     metrics: MetricsReceiver
     tasks: list[asyncio.Task] = field(default_factory=list)
+    dashboard: DashboardServer | None = None
 
     @property
     def address(self) -> str:
         return self.running.address
+
+    @property
+    def ready_info(self) -> dict[str, str]:
+        """What launchers learn from the ready file besides the gRPC address."""
+        return {"dashboard_address": self.dashboard.address} if self.dashboard else {}
 
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING, end alert watches, let in-flight exports and queries finish within grace_s, then stop."""
@@ -48,6 +56,8 @@ class MetricsApp:
         async def before_stop() -> None:
             await cancel_and_wait(self.tasks)
             self.servicer.close_watches()
+            if self.dashboard is not None:
+                await self.dashboard.stop()
 
         await drain_and_stop(self.running, grace_s, before_stop=before_stop)
         log.info(
@@ -79,9 +89,13 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     arms = ArmStore()
     gauges = GaugeStore()
     replicas = ReplicaClock()
-    gauges.listeners[UPTIME] = [replicas.on_uptime]
+    kv, desired = GaugeHistory("replica_id"), GaugeHistory("model")
+    gauges.listeners.update(
+        {UPTIME: [replicas.on_uptime], KV_USAGE: [kv.on_point], DESIRED_REPLICAS: [desired.on_point]}
+    )
     aliases = {a: (r.small, r.large) for a, r in parse_aliases(settings.model_aliases).items()}
-    cost = CostLedger(PriceBook(parse_prices(settings.gpu_prices)), replicas, aliases)
+    prices = PriceBook(parse_prices(settings.gpu_prices))
+    cost = CostLedger(prices, replicas, aliases)
     quality = QualityStore()
     servicer = MetricsServicer(spans, stats, counters, slo, cost, arms, quality)
     intake = SpanIntake(spans)
@@ -100,6 +114,12 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
             lambda s: otlp_metrics_grpc.add_MetricsServiceServicer_to_server(metrics, s),
         ),
     )
+    dashboard = None
+    if settings.dashboard_port >= 0:
+        board = Dashboard(stats, slo, replicas, prices, kv, desired)
+        slo.listeners.append(board.on_alerts)
+        dashboard = DashboardServer(board, spans)
+        await dashboard.start(settings.host, settings.dashboard_port)
     shortest = min(slo_config.scaled(r.short_window_s) for r in slo_config.rules)
     interval = min(settings.slo_eval_interval_s, shortest / 10)
     tasks = [asyncio.create_task(evaluate_slos(slo, interval), name="slo-evaluation")]
@@ -110,5 +130,6 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
         alert_rules=[r.name for r in slo_config.rules],
         slo_time_scale=slo_config.time_scale,
         slo_eval_interval_s=interval,
+        dashboard=f"http://{dashboard.address}/" if dashboard else None,
     )
-    return MetricsApp(running, servicer, traces, metrics, tasks)
+    return MetricsApp(running, servicer, traces, metrics, tasks, dashboard)

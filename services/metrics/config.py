@@ -41,6 +41,13 @@ class MetricsSettings(ServiceSettings):
         description="How often the alert rules are evaluated (at most a tenth of the shortest short window "
         "after time compression).",
     )
+    dashboard_port: int = Field(
+        0,
+        ge=-1,
+        le=65535,
+        description="HTTP port of the live dashboard page on --host; 0 picks a free one (in the ready file as "
+        "dashboard_address), -1 turns it off.",
+    )
     gpu_prices: str = Field(
         "",
         description="Price per GPU-hour in USD by replica type (GPU profile name), overriding the profiles' "

@@ -3,6 +3,7 @@ fleetserve.engine.uptime gauge: when each replica ran, which cost attribution pr
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +15,9 @@ log = structlog.get_logger(__name__)
 
 UPTIME = "fleetserve.engine.uptime"
 KV_USAGE = "fleetserve.engine.kv_cache_usage"
+DESIRED_REPLICAS = "fleetserve.autoscaler.desired_replicas"
+# Points of history kept per series for the dashboard (an hour at the default 5 s export interval).
+HISTORY_POINTS = 720
 # Same bound as counters: a bug that puts a request id in an attribute must not grow the collector.
 MAX_SERIES = 100_000
 # A replica restarted under the same id shows an uptime that starts again: a new interval when its start
@@ -89,6 +93,10 @@ class Replica:
         """Seconds it was up within [start, end]."""
         return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.intervals)
 
+    def up_at(self, t: float, slack_s: float = 0.0) -> bool:
+        """Whether it was up at t (slack: how long after its last point it still counts as up)."""
+        return any(a <= t <= b + slack_s for a, b in self.intervals)
+
 
 class ReplicaClock:
     """When each replica was up: from each uptime point, start = point time - uptime, and the run lasts at least
@@ -116,3 +124,26 @@ class ReplicaClock:
         r.intervals.append([start, t])
         r.intervals.sort()
         del r.intervals[:-MAX_INTERVALS_PER_REPLICA]
+
+
+class GaugeHistory:
+    """The recent points of one gauge, per value of one attribute (KV-cache use per replica, desired replicas
+    per model), for the dashboard's charts."""
+
+    def __init__(self, label: str, max_points: int = HISTORY_POINTS, max_series: int = 1024) -> None:
+        self.label = label
+        self.max_points = max_points
+        self.max_series = max_series
+        self.series: dict[str, deque[tuple[float, float]]] = {}
+
+    def on_point(self, attrs: dict[str, str], t: float, value: float) -> None:
+        key = attrs.get(self.label, "")
+        points = self.series.get(key)
+        if points is None:
+            if len(self.series) >= self.max_series:
+                return
+            points = self.series[key] = deque(maxlen=self.max_points)
+        points.append((t, value))
+
+    def since(self, start: float) -> dict[str, list[tuple[float, float]]]:
+        return {k: [p for p in pts if p[0] >= start] for k, pts in sorted(self.series.items())}

@@ -154,13 +154,13 @@ class RequestStats:
         self.dropped_late = 0
 
     def add(self, r: RequestRecord) -> None:
-        key = (r.model, r.version, r.tier)
+        key = (r.asked_model, r.version, r.tier)
         series = self._keys.get(key)
         if series is None:
             if len(self._keys) >= self.max_keys:
                 self.dropped_keys += 1
                 if self.dropped_keys == 1:
-                    log.warning("metrics.too_many_series", max_keys=self.max_keys, model=r.model)
+                    log.warning("metrics.too_many_series", max_keys=self.max_keys, model=r.asked_model)
                 return
             series = self._keys[key] = TieredBuckets(LatencyBucket, self.tiers)
         now = self._clock()

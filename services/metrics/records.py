@@ -98,6 +98,12 @@ class RequestRecord:
         return is_fleet_error(self.status_code)
 
     @property
+    def asked_model(self) -> str:
+        """The model name the client used (an alias stays the alias): what latency stats and SLOs are kept by,
+        since a request that failed before its first token has no served model."""
+        return self.requested_model or self.model
+
+    @property
     def routed_by_alias(self) -> bool:
         """Served by another model than the one asked for because the name was a routing alias."""
         return bool(self.requested_model) and self.requested_model != self.model and not self.degraded

@@ -209,7 +209,7 @@ class MetricsServicer:
         """A version's QualitySignals with latency (sketches) and cost, and the raw window for the tests."""
         b, lengths = self.quality.window(model, version, start, end)
         sig = signals(model, version, b, lengths)
-        lat = self.stats.window(end - start, end, lambda k: k[0] == model and k[1] == version)
+        lat = self.stats.window(end - start, end, lambda k: k[0] == model and k[1] == version, overlap=True)
         sig.ttft_ms.CopyFrom(summarize(lat.ttft))
         sig.tpot_ms.CopyFrom(summarize(lat.tpot))
         line = costs.get(f"{model}@{version}" if version else model)

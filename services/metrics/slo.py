@@ -268,7 +268,7 @@ class SloObject:
         self.alerts = [AlertState(r) for r in cfg.rules]
 
     def matches(self, r: RequestRecord) -> bool:
-        return r.model == self.model and (not self.spec.tier or r.tier == self.spec.tier)
+        return r.asked_model == self.model and (not self.spec.tier or r.tier == self.spec.tier)
 
     def add(self, r: RequestRecord) -> None:
         bad = is_bad(self.spec.kind, r, self.spec.threshold_ms)
@@ -341,9 +341,10 @@ class SloEngine:
         self.dropped_objects = 0
 
     def add(self, r: RequestRecord) -> None:
-        objs = self._by_model.get(r.model)
+        model = r.asked_model
+        objs = self._by_model.get(model)
         if objs is None:
-            objs = self._by_model[r.model] = self._objects_for(r.model)
+            objs = self._by_model[model] = self._objects_for(model)
         for o in objs:
             if o.matches(r):
                 o.add(r)

@@ -135,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     prometheus_config.add_arguments(pc)
 
+    rep = sub.add_parser("report", help="PNG charts of a benchmark result JSON (matplotlib)")
+    rep.add_argument(
+        "result", help="result JSON: latency_timeline, policy_comparison, autoscale_timeline, bench"
+    )
+    rep.add_argument("--out", help="directory for the PNGs (default: beside the JSON)")
+
+    dash = sub.add_parser("dashboard", help="print (and with --open, open) the live dashboard's URL")
+    dash.add_argument("--open", action="store_true", help="open it in the default browser")
+    dash.add_argument("--refresh", type=float, default=3.0, help="seconds between updates (default 3)")
+    dash.add_argument("--address", help="dashboard host:port (default: the running cluster's)")
+
     admin = sub.add_parser("admin", help="tenants, API keys, limits and usage in the gateway's database")
     from shared.cli import admin as admin_mod
 
@@ -192,6 +203,22 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.prometheus_config import run_prometheus_config
 
         return run_prometheus_config(args)
+    if args.command == "report":
+        from pathlib import Path
+
+        from loadtest.report import ReportError, render
+
+        try:
+            for png in render(Path(args.result), Path(args.out) if args.out else None):
+                print(png)
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "dashboard":
+        from shared.cli.dashboard import run_dashboard
+
+        return run_dashboard(args)
     if args.command == "admin":
         from shared.cli.admin import run_admin
 

@@ -82,6 +82,7 @@ async def _serve(cluster: Cluster, data_dir: Path, args, stop: asyncio.Event, co
         f"{cluster.api_key}\n",
         ("  metrics   ", "bold"),
         f"{cluster.metrics}\n",
+        *((("  dashboard ", "bold"), f"http://{dash}/\n") if (dash := cluster.state()["dashboard"]) else ()),
         *(
             (("  /metrics  ", "bold"), f"{n} Prometheus endpoints: fleetserve prometheus-config\n")
             if (n := len(cluster.state()["metrics_addresses"]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import sys
 import time
 
@@ -19,6 +20,7 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
 
+from loadtest.dashboard_shot import browser, chromium
 from services.engine.profile import load_profile
 from services.gateway.tenants import TenantStore
 from shared.server import cancel_and_wait
@@ -57,6 +59,10 @@ async def fleet(tmp_path_factory):
         ):
             cluster.gw = inf_grpc.InferenceServiceStub(gw)
             cluster.m = mpb_grpc.MetricsServiceStub(m)
+            # The router and the gateway learn of the large engine through the registry: wait until it serves.
+            await assert_eventually(
+                lambda: _serves(cluster, LARGE), timeout_s=30, message=f"{LARGE} never served a request"
+            )
             yield cluster
 
 
@@ -81,6 +87,10 @@ async def generate(
     except grpc.aio.AioRpcError as e:
         return e.code().name
     return "OK"
+
+
+async def _serves(fleet, model: str) -> bool:
+    return await generate(fleet, key=fleet.api_key, model=model, prompt="warm up", max_tokens=1) == "OK"
 
 
 async def requests_seen(fleet) -> int:
@@ -323,6 +333,47 @@ async def _serves_both_versions(fleet) -> bool:
         chunks = [r.chunk async for r in call]
         seen.add(chunks[0].served_by.model_version)
     return seen == {"v1", "v2"}
+
+
+@pytest.mark.skipif(browser() is None, reason="needs Debian's chromium (make system-deps)")
+async def test_dashboard_in_headless_chromium_shows_the_loaded_fleet(fleet, tmp_path):
+    """Under load, the dashboard page (loaded by headless Chromium from the metrics service's own HTTP port)
+    fills every chart with points, lists the slowest requests, opens a trace as a waterfall, and its data holds
+    KV-cache use for every replica and a cost per 1k tokens; a screenshot is saved."""
+    address = fleet.state()["dashboard"]
+    assert address
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(steady_traffic(fleet, stop, fail_every=0))
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def data() -> dict | None:
+                async with session.get(f"http://{address}/api/dashboard?window=300") as resp:
+                    d = await resp.json()
+                full = len(d["t"]) >= 2 and len(d["kv_cache_usage"]) >= 3 and d["slowest"]
+                return d if full and any(v is not None for v in d["cost_per_1k_tokens"]) else None
+
+            d = await assert_eventually(data, timeout_s=60, interval_s=0.5)
+            async with session.get(f"http://{address}/api/trace/nothex") as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["param"] == "trace_id"
+            async with session.get(f"http://{address}/static/vendor/uPlot.iife.min.js") as resp:
+                assert resp.status == 200 and "uPlot" in await resp.text()
+        trace_id = d["slowest"][0]["trace_id"]
+        dom = await chromium(f"http://{address}/?refresh=1000&window=300&trace={trace_id}", budget_ms=5000)
+        points = dict(re.findall(r'id="(\w+)"[^>]*data-points="(\d+)"', dom))
+        assert set(points) == {"ttft", "tpot", "throughput", "errors", "replicas", "kv", "cost"}, points
+        assert all(int(n) >= 2 for n in points.values()), points
+        assert int(re.search(r'data-updates="(\d+)"', dom).group(1)) >= 1
+        assert int(re.search(r'id="slowest"[^>]*data-rows="(\d+)"', dom).group(1)) >= 1
+        spans = int(re.search(r'id="trace"[^>]*data-spans="(\d+)"', dom).group(1))
+        assert spans >= 3, "gateway, router and engine spans of the slowest request"
+        assert "uplot" in dom, "uPlot drew the charts"
+        shot = tmp_path / "dashboard.png"
+        await chromium(f"http://{address}/?refresh=1000&window=300", screenshot=shot, budget_ms=4000)
+        assert shot.stat().st_size > 10_000
+    finally:
+        stop.set()
+        await traffic
 
 
 @pytest.mark.skipif(not LONG, reason="slow variant: set FLEETSERVE_OBS_LONG=1")
