@@ -22,6 +22,7 @@ from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
 
 from loadtest.dashboard_shot import browser, chromium
 from services.engine.profile import load_profile
+from services.gateway.schema import open_accounts
 from services.gateway.tenants import TenantStore
 from shared.server import cancel_and_wait
 from tests.integration.conftest import running_cluster
@@ -49,10 +50,10 @@ async def fleet(tmp_path_factory):
         tmp_path_factory.mktemp("obs"), engines=1, model=SMALL, speed_factor=20.0, extra_args=extra
     ) as cluster:
         await cluster.add_engine(LARGE, ["--profile", "h100-llama-8b"])
-        store = TenantStore(str(cluster.config.data_dir / "gateway.db"))
-        store.create_tenant("Beta Co", tier="batch", tenant_id="beta")
-        cluster.beta_key = store.add_key("beta")
-        store.close()
+        store = TenantStore(await open_accounts(str(cluster.config.data_dir / "gateway.db")))
+        await store.create_tenant("Beta Co", tier="batch", tenant_id="beta")
+        cluster.beta_key = await store.add_key("beta")
+        await store.close()
         async with (
             grpc.aio.insecure_channel(cluster.gateway) as gw,
             grpc.aio.insecure_channel(cluster.metrics) as m,
