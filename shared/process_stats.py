@@ -49,15 +49,15 @@ async def report_forever(interval_s: float, top: int = 0) -> None:
     """Log process.stats every interval_s (and with top > 0, the top allocation sites grown since the start)."""
     base = None
     if top:
-        tracemalloc.start(8)
+        tracemalloc.start(1)  # one frame per allocation: cheap enough to leave on for a whole soak
         base = tracemalloc.take_snapshot()
     while True:
         await asyncio.sleep(interval_s)
         fields: dict[str, object] = dict(snapshot())
         if base is not None:
-            diff = tracemalloc.take_snapshot().compare_to(base, "traceback")[:top]
+            diff = tracemalloc.take_snapshot().compare_to(base, "lineno")[:top]
             fields["grown"] = [
-                {"kb": round(d.size_diff / 1024, 1), "count": d.count_diff, "at": d.traceback.format()[-4:]}
+                {"kb": round(d.size_diff / 1024, 1), "count": d.count_diff, "at": str(d.traceback[0])}
                 for d in diff
             ]
         log.info("process.stats", **fields)

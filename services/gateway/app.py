@@ -62,12 +62,14 @@ class GatewayApp:
 
         async def before_stop() -> None:
             nonlocal http_stopped
-            # HTTP drains beside gRPC, within the same grace period.
-            if self.http is not None:
-                http_stopped = asyncio.create_task(self.http.stop(grace_s))
             # Jobs pause at once: their unfinished items stay in the database and resume on the next start.
             if self.jobs is not None:
                 await self.jobs.stop()
+            # Both ports stay open while draining: new requests (gRPC and HTTP) get UNAVAILABLE + RetryInfo,
+            # streams may finish until shortly before grace_s ends, the rest are cut with SHUTTING_DOWN.
+            await self.servicer.pipeline.drain.run(grace_s)
+            if self.http is not None:
+                http_stopped = asyncio.create_task(self.http.stop(min(grace_s, 1.0)))
 
         async def after_stop() -> None:
             if http_stopped is not None:

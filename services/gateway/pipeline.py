@@ -36,6 +36,7 @@ from services.gateway.shedding import LoadShedder
 from services.gateway.tenants import Tenant, TenantStore, bearer_key
 from services.gateway.validation import check_prompt_tokens, to_spec
 from shared.deadlines import wire_timeout
+from shared.drain import Drain, cancelled_by_caller
 from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from shared.telemetry import bind_request, metadata_for_downstream, stream_span
 
@@ -131,6 +132,7 @@ class GatewayPipeline:
         self.models_cache_ttl_s = models_cache_ttl_s
         self.extra_models = frozenset(extra_models)
         self.prom = prom
+        self.drain = Drain("gateway")
         self._models: tuple[frozenset[str], float] | None = None
         self._models_fetch: asyncio.Future[frozenset[str] | None] | None = None
         self.tracer = tracer
@@ -276,6 +278,7 @@ class GatewayPipeline:
             chunks = 0
             running_label: str | None = None  # the model label of the running gauge, once counted there
             try:
+                self.drain.check()  # draining: UNAVAILABLE + RetryInfo, on gRPC and HTTP alike
                 tenant = tenant or await self.authenticate(authorization)
                 outcome.tenant_id = tenant.id
                 span.set_attribute("fleetserve.tenant_id", tenant.id)
@@ -342,6 +345,7 @@ class GatewayPipeline:
                     if outcome.degraded
                     else b""
                 )
+                self.drain.track(call)
                 try:
                     async for data in call:
                         chunks += 1
@@ -358,7 +362,13 @@ class GatewayPipeline:
                             first = data
                         last = data
                         yield data
+                except asyncio.CancelledError:
+                    # The drain cut this stream's router call (not our client going away): say so.
+                    if (cut := self.drain.cut_reason()) is None or cancelled_by_caller():
+                        raise
+                    raise cut from None
                 finally:
+                    self.drain.untrack(call)
                     call.cancel()  # reaches router and engine when our client went away; no-op once done
                 outcome.code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as e:

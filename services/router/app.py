@@ -56,7 +56,12 @@ class RouterApp:
             await self.registry_channel.close(grace=None)
             await self.pool.close()
 
-        await drain_and_stop(self.running, grace_s, after_stop=after_stop)
+        async def before_stop() -> None:
+            # New requests get UNAVAILABLE + RetryInfo; streams still running near the end of grace_s are cut
+            # with UNAVAILABLE SHUTTING_DOWN + RetryInfo (a gateway with other routers moves them there).
+            await self.servicer.drain.run(grace_s)
+
+        await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
 
 
 async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:

@@ -99,7 +99,7 @@ class Attempt:
         "timeout",
         "watch",
         "streaming",
-        "stalled",
+        "interrupted",
         "_verdict",
         "_closed",
     )
@@ -115,7 +115,7 @@ class Attempt:
         self.timeout = 0.0
         self.watch: ReplicaWatch | None = None
         self.streaming = False  # the replica answered (its first chunk came)
-        self.stalled: Unavailable | None = None  # set when the stall watchdog ended this attempt
+        self.interrupted: Unavailable | None = None  # why the stall watchdog or a drain ended this attempt
         self._verdict = False
         self._closed = False
 
@@ -140,6 +140,7 @@ class Attempt:
                 engine_request, timeout=attempt.timeout, metadata=metadata
             )
             attempt.watch = router.stalls.add(replica.replica_id, attempt)
+            router.drain.track(attempt)
         except BaseException:
             attempt.close()
             raise
@@ -215,6 +216,7 @@ class Attempt:
         self._closed = True
         if self.watch is not None:
             self.router.stalls.discard(self.watch, self)
+        self.router.drain.untrack(self)
         if not self._verdict:
             self.breaker.on_neutral()
         if self.first is not None:
@@ -223,10 +225,15 @@ class Attempt:
             self.call.cancel()
         self.router.release(self.replica.replica_id, self.replica.model)
 
+    def cancel(self) -> None:
+        """Cut by the router's drain: the relay loop ends the stream with the drain's ShuttingDown."""
+        self.stall(self.router.drain.error("more time for this stream"))
+
     def stall(self, reason: Unavailable) -> None:
-        """End the attempt because its replica went silent: the pending read raises CancelledError, which the
-        relay loop turns into a Fault (so the request resumes elsewhere)."""
-        self.stalled = reason
+        """End the attempt (its replica went silent, or the router drains): the pending read raises
+        CancelledError, which the relay loop turns into a Fault (the request resumes elsewhere) or, for a drain,
+        into reason itself."""
+        self.interrupted = reason
         if self.first is not None:
             self.first.cancel()
         if self.call is not None:

@@ -30,11 +30,13 @@ from services.router.stalls import ReplicaWatch, StallDetector, StallSettings
 from shared import prom
 from shared.channels import ChannelPool, raw_stream
 from shared.deadlines import deadline_passed, downstream_timeout
+from shared.drain import Drain, cancelled_by_caller
 from shared.errors import (
     InvalidArgument,
     NoHealthyReplica,
     NotFound,
     ResourceExhausted,
+    ShuttingDown,
     Unavailable,
     rpc_boundary,
 )
@@ -45,12 +47,6 @@ log = structlog.get_logger(__name__)
 
 # Free admission slots of a model whose replicas have no in-flight cap.
 UNCAPPED = 1 << 30
-
-
-def _being_cancelled() -> bool:
-    """Whether this task itself is being cancelled (its caller went away), rather than a call it awaited."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 ENGINE_GENERATE = "/fleetserve.engine.v1.EngineService/Generate"
@@ -133,6 +129,7 @@ class RouterServicer:
         )
         self.outliers = OutlierDetector(outliers or OutlierSettings(enabled=False), clock=clock)
         self.stalls = StallDetector(stalls, clock=clock)
+        self.drain = Drain("router")
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.counters = AttemptCounters(meter, self.prom)
@@ -343,11 +340,13 @@ class RouterServicer:
                                 raise
                             raise Fault(e.code(), e.details() or "", e) from None
                         except asyncio.CancelledError:
-                            # The stall watchdog cancelled this attempt's call (not our caller this task).
-                            if attempt.stalled is None or _being_cancelled():
+                            # The stall watchdog or a drain cancelled this attempt's call (not our caller).
+                            if attempt.interrupted is None or cancelled_by_caller():
                                 raise
+                            if isinstance(attempt.interrupted, ShuttingDown):
+                                raise attempt.interrupted from None  # this router is going away: no resume here
                             raise Fault(
-                                grpc.StatusCode.UNAVAILABLE, attempt.stalled.message, attempt.stalled
+                                grpc.StatusCode.UNAVAILABLE, attempt.interrupted.message, attempt.interrupted
                             ) from None
                         attempt.finished()
                         status = "OK"
@@ -386,6 +385,7 @@ class RouterServicer:
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span
     ) -> RequestAttempts:
         """Validate the request, fix its deadline, wait for membership and let the policy prepare it."""
+        self.drain.check()
         if not request.spec.model:
             raise InvalidArgument("spec.model is required", field_violations=[("spec.model", "required")])
         timeout = downstream_timeout(context, default_s=self.default_timeout_s, conservative=True)
