@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz clean dashboard-png
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz chaos soak clean dashboard-png
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -93,6 +93,17 @@ fuzz: protos ## Long property-based fuzz of the public edge: ~10k requests per p
 		$(BIN)/python -m pytest -q tests/integration/test_hostile_input.py -k grpc --timeout 3600
 	FLEETSERVE_FUZZ_REPORT=docs/benchmarks/fuzz.json FLEETSERVE_FUZZ_EXAMPLES=$(FUZZ_HTTP_EXAMPLES) \
 		$(BIN)/python -m pytest -q tests/integration/test_hostile_input.py -k http --timeout 3600
+
+chaos: protos system-deps ## Long fault suite: engine kills 60 s, engine hangs 2 min (4 engines, 16 streams), drains, Redis.
+	FLEETSERVE_CHAOS_S=60 FLEETSERVE_HANG_S=120 FLEETSERVE_HANG_EVERY_S=10 FLEETSERVE_HANG_FOR_S=20 \
+	FLEETSERVE_HANG_ENGINES=4 FLEETSERVE_HANG_CLIENTS=16 FLEETSERVE_HANG_SPEED=1 \
+		$(BIN)/python -m pytest -q -s tests/chaos tests/integration/test_redis_breaker.py --timeout 1200
+
+SOAK_STREAMS ?= 200000
+soak: protos ## Soak: 200k streams through the gateway, most cancelled; RSS/fds/threads/tasks JSON + plot.
+	$(BIN)/python -m pip install -q -e '.[soak]'
+	$(BIN)/python -m loadtest.soak --streams $(SOAK_STREAMS) --out docs/benchmarks/soak.json \
+		--plot docs/benchmarks/soak.png
 
 clean: ## Remove the venv, generated code and local cluster state.
 	rm -rf $(VENV) gen .fleetserve .pytest_cache .ruff_cache
