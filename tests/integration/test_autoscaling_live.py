@@ -1,6 +1,7 @@
-"""The autoscaler on real processes: under load it starts replicas (each with a modelled cold start), when the
-load goes it drains them while long streams are still running on them, and no request fails or is cut; every
-decision is reported to the registry with its reason."""
+"""The autoscaler on real processes: a model at zero wakes for a waiting request, under load it starts replicas
+(each with a modelled cold start), when the load goes it drains them while long streams are still running on
+them and returns to zero, and no request fails or is cut; every decision is reported to the registry with its
+reason."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
+from shared.cli.status import fetch_scaling
 from tests.integration.conftest import running_cluster
 from tests.support import assert_eventually
 
@@ -22,10 +24,12 @@ pytestmark = pytest.mark.slow
 
 # Long enough to see a scale-up and a scale-down; FLEETSERVE_AUTOSCALE_LIVE_S stretches the load phase (the
 # `make autoscale-live` target runs a longer variant).
-LOAD_S = float(os.environ.get("FLEETSERVE_AUTOSCALE_LIVE_S", "8"))
+LOAD_S = float(os.environ.get("FLEETSERVE_AUTOSCALE_LIVE_S", "2"))
 MODELS = {
     "sim-1b": {
-        "min_replicas": 1,
+        "min_replicas": 0,
+        "scale_to_zero": True,
+        "idle_s": 2,
         "max_replicas": 3,
         # 10 req/s per replica: the closed loop below (~30-80 req/s on this machine) asks for all three.
         "policies": {
@@ -34,7 +38,7 @@ MODELS = {
         },
         "replica_rps": 10,
         "cold_start_s": 1,
-        "scale_down_cooldown_s": 3,
+        "scale_down_cooldown_s": 2,
     }
 }
 
@@ -65,9 +69,11 @@ async def one(stub, key: str, max_tokens: int) -> str:
         return e.code().name
 
 
-async def test_scales_up_under_load_and_drains_down_without_cutting_a_stream(tmp_path):
-    """Load -> more replicas; load gone with long streams in flight -> back to min_replicas, every stream
-    complete, zero failed requests; decisions up and down are reported with their reasons."""
+async def test_wakes_from_zero_scales_up_under_load_and_drains_down_without_cutting_a_stream(tmp_path):
+    """A model at zero: the first request waits in the router while a replica is woken, and succeeds; under
+    load more replicas start (each through a cold start the registry measures); when the load goes, replicas are
+    drained while long streams still run on them, then the model returns to zero once idle. Zero failed or cut
+    requests; every decision (wake, up, down, scale to zero) is reported with its reason."""
     async with running_cluster(
         tmp_path,
         engines=0,
@@ -75,14 +81,13 @@ async def test_scales_up_under_load_and_drains_down_without_cutting_a_stream(tmp
         engine_startup_s=1.0,
         autoscale_models=json.dumps(MODELS),
         autoscale_interval_s=0.5,
-        extra_args={"autoscaler": ["--window-s", "3", "--drain-timeout-s", "60"]},
+        extra_args={"autoscaler": ["--window-s", "2", "--drain-timeout-s", "60", "--decisions-kept", "100"]},
     ) as cluster:
-        await assert_eventually(
-            lambda: _count_is(cluster, 1), timeout_s=60, message="min_replicas never came up"
-        )
-        outcomes: list[str] = []
+        assert await serving(cluster) == []
         async with grpc.aio.insecure_channel(cluster.gateway) as ch:
             stub = inf_grpc.InferenceServiceStub(ch)
+            first = await one(stub, cluster.api_key, 8)  # waits for the wake-up
+            outcomes: list[str] = []
             stop = asyncio.Event()
 
             async def worker():
@@ -102,16 +107,22 @@ async def test_scales_up_under_load_and_drains_down_without_cutting_a_stream(tmp
                 await asyncio.gather(*workers)
             # Long streams (seconds each) on every replica, then nothing else: the scale-down drains replicas
             # while these are still streaming from them.
-            longs = [asyncio.create_task(one(stub, cluster.api_key, 3000)) for _ in range(6)]
-            await assert_eventually(lambda: _count_is(cluster, 1), timeout_s=90, message="no scale-down")
+            longs = [asyncio.create_task(one(stub, cluster.api_key, 2000)) for _ in range(6)]
+            await assert_eventually(lambda: _count_at_most(cluster, 1), timeout_s=90, message="no scale-down")
             long_outcomes = await asyncio.gather(*longs)
+        await assert_eventually(lambda: _count_is(cluster, 0), timeout_s=60, message="never back to zero")
+        # What `fleetserve status` prints catches up with the next report.
+        shown = await assert_eventually(lambda: _reported_at_zero(cluster), timeout_s=30)
         state = await scaling(cluster)
+    assert shown["model"] == "sim-1b" and shown["decisions"]
+    assert first == "ok"
     assert outcomes and set(outcomes) == {"ok"}, {o: outcomes.count(o) for o in set(outcomes)}
     assert set(long_outcomes) == {"ok"}, long_outcomes
+    policies = {d.policy for d in state.decisions}
     directions = {d.direction for d in state.decisions}
-    assert {"up", "down"} <= directions
-    assert all(d.reason and d.policy for d in state.decisions)
-    assert state.desired == 1 and state.cold_starts_s and min(state.cold_starts_s) >= 1.0
+    assert {"wake", "scale_to_zero"} <= policies and {"up", "down"} <= directions, state.decisions
+    assert all(d.reason for d in state.decisions)
+    assert state.desired == 0 and state.cold_starts_s and min(state.cold_starts_s) >= 1.0
 
 
 async def _count_is(cluster, n: int) -> bool:
@@ -122,33 +133,10 @@ async def _count_at_least(cluster, n: int) -> bool:
     return len(await serving(cluster)) >= n
 
 
-async def test_scale_from_zero_wakes_on_a_waiting_request_and_returns_to_zero(tmp_path):
-    """A model at zero replicas: a request waits in the router's admission queue while the autoscaler, seeing
-    it, starts a replica through its cold start; the request succeeds; once idle the model goes back to zero."""
-    models = {
-        "sim-1b": {
-            "min_replicas": 0,
-            "max_replicas": 2,
-            "scale_to_zero": True,
-            "idle_s": 2,
-            "scale_down_cooldown_s": 1,
-            "policies": {"reactive": {}},
-        }
-    }
-    async with running_cluster(
-        tmp_path,
-        engines=0,
-        speed_factor=1.0,
-        engine_startup_s=1.0,
-        autoscale_models=json.dumps(models),
-        autoscale_interval_s=0.5,
-        extra_args={"autoscaler": ["--window-s", "2"]},
-    ) as cluster:
-        assert await serving(cluster) == []
-        async with grpc.aio.insecure_channel(cluster.gateway) as ch:
-            outcome = await one(inf_grpc.InferenceServiceStub(ch), cluster.api_key, 8)
-        assert outcome == "ok"
-        await assert_eventually(lambda: _count_is(cluster, 0), timeout_s=60, message="never back to zero")
-        state = await scaling(cluster)
-    policies = [d.policy for d in state.decisions]
-    assert "wake" in policies and "scale_to_zero" in policies, policies
+async def _reported_at_zero(cluster) -> dict | None:
+    (shown,) = await fetch_scaling(cluster.registry)
+    return shown if shown["desired"] == shown["serving"] == shown["starting"] == 0 else None
+
+
+async def _count_at_most(cluster, n: int) -> bool:
+    return len(await serving(cluster)) <= n
