@@ -16,6 +16,7 @@ from services.gateway.http.server import OpenAIServer
 from services.gateway.jobs import JobRunner, JobStore
 from services.gateway.pipeline import GatewayPipeline
 from services.gateway.request_metrics import GatewayMetrics
+from services.gateway.routers import RouterPool
 from services.gateway.schema import Databases, open_databases
 from services.gateway.servicer import GatewayServicer
 from services.gateway.tenants import TenantStore
@@ -75,6 +76,7 @@ class GatewayApp:
             if http_stopped is not None:
                 await http_stopped
             await self.servicer.pipeline.close()
+            await self.servicer.pipeline.routers.close()
             await self.pool.close()
             await self.databases.close()
 
@@ -94,11 +96,16 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
     try:
         await tenants.bootstrap(settings.bootstrap_api_key)
         pool = ChannelPool()
+        routers = RouterPool(
+            pool, settings.router_addresses(), down_s=settings.router_down_s, resume=settings.router_resume
+        )
+        if settings.registry_address:
+            routers.start_discovery(settings.registry_address)
         registry = prom.new_registry()
         pipeline = GatewayPipeline.from_settings(
             settings,
             tenants,
-            pool.get(settings.router_address),
+            routers,
             telemetry.tracer,
             telemetry.meter,
             GatewayMetrics(registry, tenant_label=settings.metrics_tenant_label),
@@ -137,12 +144,14 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             await app.running.server.stop(0)
         if pipeline is not None:
             await pipeline.close()
+            await pipeline.routers.close()
         await dbs.close()
         raise
     jobs.start()
     log.info(
         "gateway.configured",
-        router=settings.router_address,
+        routers=settings.router_addresses(),
+        router_discovery=bool(settings.registry_address),
         database=redact(settings.db_url) if settings.db_url else settings.db_path,
         shared_state=dbs.shared,
         job_runner=jobs.owner,

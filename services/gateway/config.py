@@ -4,6 +4,7 @@ prices, safety rules and load shedding."""
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -16,7 +17,24 @@ class GatewaySettings(ServiceSettings):
 
     model_config = service_config("gateway")
 
-    router_address: str = Field("127.0.0.1:7003", min_length=1, description="host:port of the router.")
+    router_address: str = Field(
+        "127.0.0.1:7003",
+        description="host:port of the router, or several comma-separated (each request goes to one, by "
+        "affinity, failing over to the others); may be empty with --registry-address.",
+    )
+    registry_address: str = Field(
+        "",
+        description="The registry (a gRPC target; several: ipv4:a:1,b:2): the routers registered there are "
+        "used too, as they come and go (router discovery); empty: only --router-address.",
+    )
+    router_resume: Literal["reproducible", "always", "off"] = Field(
+        "reproducible",
+        description="When a router dies mid-stream, resume through another router for greedy or seeded "
+        "generations (reproducible), for all (always), or end the stream with the error (off).",
+    )
+    router_down_s: float = Field(
+        2.0, gt=0, le=300, description="How long a router that did not answer is passed over."
+    )
     db_path: str = Field(
         "gateway.db",
         min_length=1,
@@ -183,8 +201,14 @@ class GatewaySettings(ServiceSettings):
     def _known_database(cls, value: str) -> str:
         return check_url(value)
 
+    def router_addresses(self) -> list[str]:
+        """--router-address as a list."""
+        return [a.strip() for a in self.router_address.split(",") if a.strip()]
+
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> GatewaySettings:
+        if not self.router_addresses() and not self.registry_address:
+            raise ValueError("router_address is empty and no registry_address discovers routers")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"

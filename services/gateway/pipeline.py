@@ -24,6 +24,7 @@ from services.gateway.ledger import Ledger
 from services.gateway.limits import LimitBackend, LocalLimits
 from services.gateway.redis_limits import RedisLimits
 from services.gateway.request_metrics import UNKNOWN_MODEL, GatewayMetrics
+from services.gateway.routers import RouterPool
 from services.gateway.safety import (
     INPUT_BLOCKED,
     OUTPUT_BLOCKED,
@@ -35,17 +36,12 @@ from services.gateway.safety import (
 from services.gateway.shedding import LoadShedder
 from services.gateway.tenants import Tenant, TenantStore, bearer_key
 from services.gateway.validation import check_prompt_tokens, to_spec
-from shared.deadlines import wire_timeout
 from shared.drain import Drain, cancelled_by_caller
-from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated
 from shared.telemetry import bind_request, metadata_for_downstream, stream_span
 
 log = structlog.get_logger(__name__)
 
-ROUTER_GENERATE = "/fleetserve.router.v1.RouterService/Generate"
-ROUTER_LIST_MODELS = "/fleetserve.router.v1.RouterService/ListModels"
-ROUTER_GET_STATUS = "/fleetserve.router.v1.RouterService/GetStatus"
-_DETAILS_KEY = "grpc-status-details-bin"
 _TIER_PRIORITY = {
     "interactive": common_pb2.PRIORITY_INTERACTIVE,
     "standard": common_pb2.PRIORITY_STANDARD,
@@ -60,21 +56,6 @@ def effective_priority(requested: int, tier: str) -> int:
     tier (higher tiers have lower numbers)."""
     cap = _TIER_PRIORITY.get(tier, common_pb2.PRIORITY_STANDARD)
     return max(requested or cap, cap)
-
-
-def router_unreachable(err: grpc.aio.AioRpcError) -> bool:
-    """True when an error comes from the channel (router down or unreachable), not from the router: the router
-    always attaches google.rpc.Status details to its own errors."""
-    return err.code() == grpc.StatusCode.UNAVAILABLE and not any(
-        k == _DETAILS_KEY for k, _ in (err.trailing_metadata() or ())
-    )
-
-
-def _unreachable(err: grpc.aio.AioRpcError) -> Unavailable:
-    """What a client gets when the router cannot be reached: UNAVAILABLE, ROUTER_UNAVAILABLE, retry in 1 s."""
-    return Unavailable(
-        f"the router is unreachable: {err.details()}", reason="ROUTER_UNAVAILABLE", retry_after_s=1.0
-    )
 
 
 @dataclass
@@ -106,7 +87,7 @@ class GatewayPipeline:
     def __init__(
         self,
         tenants: TenantStore,
-        router_channel: grpc.aio.Channel,
+        routers: RouterPool,
         tracer: trace.Tracer,
         meter: metrics.Meter,
         *,
@@ -140,21 +121,7 @@ class GatewayPipeline:
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit
         self.list_models_timeout_s = list_models_timeout_s
-        self._generate = router_channel.unary_stream(
-            ROUTER_GENERATE,
-            request_serializer=router_pb.GenerateRequest.SerializeToString,
-            response_deserializer=None,
-        )
-        self._list_models = router_channel.unary_unary(
-            ROUTER_LIST_MODELS,
-            request_serializer=router_pb.ListModelsRequest.SerializeToString,
-            response_deserializer=router_pb.ListModelsResponse.FromString,
-        )
-        self.get_status = router_channel.unary_unary(
-            ROUTER_GET_STATUS,
-            request_serializer=router_pb.GetStatusRequest.SerializeToString,
-            response_deserializer=router_pb.GetStatusResponse.FromString,
-        )
+        self.routers = routers
         self._requests = meter.create_counter(
             "fleetserve.gateway.requests",
             unit="{request}",
@@ -176,7 +143,7 @@ class GatewayPipeline:
         cls,
         settings: GatewaySettings,
         tenants: TenantStore,
-        router_channel: grpc.aio.Channel,
+        routers: RouterPool,
         tracer: trace.Tracer,
         meter: metrics.Meter,
         prom: GatewayMetrics | None = None,
@@ -195,7 +162,7 @@ class GatewayPipeline:
         )
         pipeline = cls(
             tenants,
-            router_channel,
+            routers,
             tracer,
             meter,
             default_deadline_s=settings.default_deadline_s,
@@ -213,7 +180,7 @@ class GatewayPipeline:
             prom=prom,
         )
         pipeline.shedder = LoadShedder(
-            lambda: pipeline.get_status(router_pb.GetStatusRequest(), timeout=1.0),
+            lambda: routers.unary("get_status", router_pb.GetStatusRequest(), timeout_s=1.0),
             batch_depth=settings.shed_batch_queue_depth,
             standard_depth=settings.shed_standard_queue_depth,
             poll_s=settings.shed_poll_s,
@@ -320,7 +287,7 @@ class GatewayPipeline:
                         tenant, spec.model, outcome.request_id, prompt_tokens, timeout + _STREAM_LEASE_SLACK_S
                     )
                 span.set_attribute("fleetserve.deadline_left_ms", timeout * 1000.0)
-                call = self._generate(
+                call = self.routers.generate(
                     router_pb.GenerateRequest(
                         request_id=outcome.request_id,
                         spec=spec,
@@ -331,9 +298,10 @@ class GatewayPipeline:
                             user_id=request.user_id,
                         ),
                     ),
-                    # Rounded so that the router never sees more time than the client gave.
-                    timeout=wire_timeout(timeout),
+                    # Each router tried gets what is left of this, rounded down to the grpc-timeout unit.
+                    deadline=time.monotonic() + timeout,
                     metadata=metadata_for_downstream(),
+                    attempt=lambda address: span.add_event("fleetserve.router", {"address": address}),
                 )
                 checker = self.safety.output_checker() if self.safety is not None else None
                 note = (
@@ -369,13 +337,12 @@ class GatewayPipeline:
                     raise cut from None
                 finally:
                     self.drain.untrack(call)
-                    call.cancel()  # reaches router and engine when our client went away; no-op once done
+                    await (
+                        call.aclose()
+                    )  # cancels the router call: reaches router and engine if our client left
                 outcome.code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as e:
                 outcome.code = e.code()
-                if first is None and router_unreachable(e):
-                    outcome.code = grpc.StatusCode.UNAVAILABLE
-                    raise _unreachable(e) from e
                 raise
             except FleetError as e:
                 outcome.code = e.code
@@ -468,13 +435,14 @@ class GatewayPipeline:
 
     async def _fetch_model_names(self) -> frozenset[str] | None:
         try:
-            resp = await self._list_models(
+            resp = await self.routers.unary(
+                "list_models",
                 router_pb.ListModelsRequest(),
-                timeout=min(1.0, self.list_models_timeout_s),
+                timeout_s=min(1.0, self.list_models_timeout_s),
                 metadata=metadata_for_downstream(),
             )
-        except grpc.aio.AioRpcError as e:
-            log.debug("gateway.model_list_failed", code=e.code().name)
+        except (grpc.aio.AioRpcError, FleetError) as e:
+            log.debug("gateway.model_list_failed", error=str(e)[:200])
             return None
         self._models = (frozenset(m.model for m in resp.models), time.monotonic())
         return self._models[0]
@@ -566,16 +534,12 @@ class GatewayPipeline:
         timeout = (
             self.list_models_timeout_s if timeout_s is None else min(timeout_s, self.list_models_timeout_s)
         )
-        try:
-            resp = await self._list_models(
-                router_pb.ListModelsRequest(),
-                timeout=wire_timeout(timeout),
-                metadata=metadata_for_downstream(),
-            )
-        except grpc.aio.AioRpcError as e:
-            if router_unreachable(e):
-                raise _unreachable(e) from e
-            raise
+        resp = await self.routers.unary(
+            "list_models",
+            router_pb.ListModelsRequest(),
+            timeout_s=timeout,
+            metadata=metadata_for_downstream(),
+        )
         self._models = (frozenset(m.model for m in resp.models), time.monotonic())
         return pb.ListModelsResponse(
             models=[pb.Model(name=m.model, replicas=m.replicas) for m in resp.models]

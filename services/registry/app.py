@@ -99,7 +99,7 @@ async def follow_store(membership: Membership, servicer: RegistryServicer, after
 def _resync(membership: Membership, stored: list[StoredReplica]) -> None:
     """Make memory match a fresh read of the store (after a watch gap): add, update and remove."""
     fresh = {s.replica.replica_id: s for s in stored}
-    for rep in list(membership.list()):
+    for rep in list(membership.list(role=None)):
         if rep.replica_id not in fresh:
             membership.apply_store_event(ReplicaEvent(rep.replica_id, None, 0))
     for rid, s in fresh.items():

@@ -39,17 +39,32 @@ class Lease:
     revision: int = 0
 
 
-class Watcher:
-    """One WatchReplicas caller: a bounded queue of serialized events (or markers) for one model or all."""
+ENGINES = pb.REPLICA_ROLE_ENGINE
+ROUTERS = pb.REPLICA_ROLE_ROUTER
 
-    def __init__(self, model: str, maxsize: int) -> None:
+
+def has_role(replica: pb.Replica, role: int | None) -> bool:
+    """Whether replica is of role (None: any; ENGINE or unspecified: an engine, the role of members that
+    registered without one)."""
+    if role is None:
+        return True
+    mine = replica.role or ENGINES
+    return mine == (role or ENGINES)
+
+
+class Watcher:
+    """One WatchReplicas caller: a bounded queue of serialized events (or markers) for one model or all, of
+    one role (engines unless it asked for routers)."""
+
+    def __init__(self, model: str, maxsize: int, role: int = ENGINES) -> None:
         self.model = model
+        self.role = role
         self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
         self.resyncs = 0
         self.queue.put_nowait(_RESYNC)  # the first thing every watcher gets is a snapshot
 
     def wants(self, replica: pb.Replica) -> bool:
-        return not self.model or replica.model == self.model
+        return (not self.model or replica.model == self.model) and has_role(replica, self.role)
 
     def offer(self, item: object) -> None:
         """Queue item without ever blocking the publisher; on overflow, replace the backlog by a snapshot."""
@@ -237,23 +252,21 @@ class Membership:
     def __len__(self) -> int:
         return len(self._leases)
 
-    def list(self, model: str = "") -> list[pb.Replica]:
-        """Replicas (of model, or all), by id. Live records: copy before changing them."""
-        return [
-            self._leases[rid].replica
-            for rid in sorted(self._leases)
-            if not model or self._leases[rid].replica.model == model
-        ]
+    def list(self, model: str = "", role: int | None = ENGINES) -> list[pb.Replica]:
+        """Replicas (of model, or all) of role (engines by default; None: every member), by id. Live records:
+        copy before changing them."""
+        reps = (self._leases[rid].replica for rid in sorted(self._leases))
+        return [r for r in reps if (not model or r.model == model) and has_role(r, role)]
 
-    def snapshot(self, model: str = "") -> pb.WatchReplicasResponse:
-        """A SNAPSHOT event of the membership now (of model, or all)."""
-        return pb.WatchReplicasResponse(type=SNAPSHOT, replicas=self.list(model))
+    def snapshot(self, model: str = "", role: int = ENGINES) -> pb.WatchReplicasResponse:
+        """A SNAPSHOT event of the membership now (of model, or all; of role)."""
+        return pb.WatchReplicasResponse(type=SNAPSHOT, replicas=self.list(model, role))
 
     # -- watchers ------------------------------------------------------------------------------------
 
-    def watch(self, model: str = "") -> Watcher:
+    def watch(self, model: str = "", role: int = ENGINES) -> Watcher:
         """A new watcher; its first event is a snapshot. Call unwatch() when the caller leaves."""
-        w = Watcher(model, self._watch_queue_size)
+        w = Watcher(model, self._watch_queue_size, role)
         self._watchers.add(w)
         return w
 
@@ -277,7 +290,7 @@ class Membership:
             watcher.queue.put_nowait(_CLOSED)  # stay closed for any later read
             return None
         if item is _RESYNC:
-            return self.snapshot(watcher.model).SerializeToString()
+            return self.snapshot(watcher.model, watcher.role).SerializeToString()
         return item  # type: ignore[return-value]
 
     def _publish(self, kind: int, replica: pb.Replica) -> None:

@@ -222,13 +222,13 @@ class RegistryServicer:
 
     @rpc_boundary
     async def ListReplicas(self, request: pb.ListReplicasRequest, context) -> pb.ListReplicasResponse:
-        return pb.ListReplicasResponse(replicas=self.membership.list(request.model))
+        return pb.ListReplicasResponse(replicas=self.membership.list(request.model, request.role))
 
     @rpc_boundary
     async def WatchReplicas(self, request: pb.WatchReplicasRequest, context):
         # Yields serialized WatchReplicasResponse bytes (relay_bytes): each event is encoded once for all
         # watchers instead of once per watcher.
-        watcher = self.membership.watch(request.model)
+        watcher = self.membership.watch(request.model, request.role)
         log.info("registry.watch_started", model=request.model, watchers=self.membership.watcher_count)
         sent = 0
         try:

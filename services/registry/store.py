@@ -185,7 +185,11 @@ CREATE TABLE IF NOT EXISTS documents (
 """,
 )
 # Columns added after the first release: (name, declaration). Added at open when an older file lacks them.
-_LATER_COLUMNS = (("model_version", "TEXT NOT NULL DEFAULT ''"), ("started_unix", "REAL NOT NULL DEFAULT 0"))
+_LATER_COLUMNS = (
+    ("model_version", "TEXT NOT NULL DEFAULT ''"),
+    ("started_unix", "REAL NOT NULL DEFAULT 0"),
+    ("role", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 class SqliteStore(RegistryStore):
@@ -214,10 +218,10 @@ class SqliteStore(RegistryStore):
     async def load_replicas(self) -> tuple[list[StoredReplica], int]:
         rows = self._db.execute(
             "SELECT id, address, model, backend, state, load, last_heartbeat_unix, registered_at, model_version, "
-            "started_unix FROM replicas ORDER BY id"
+            "started_unix, role FROM replicas ORDER BY id"
         ).fetchall()
         out = []
-        for rid, address, model, backend, state, load, last_hb, registered_at, version, started in rows:
+        for rid, address, model, backend, state, load, last_hb, registered_at, version, started, role in rows:
             rep = pb.Replica(
                 replica_id=rid,
                 address=address,
@@ -229,6 +233,7 @@ class SqliteStore(RegistryStore):
                 last_heartbeat_unix=last_hb,
                 started_unix=started,
                 registered_unix=registered_at,
+                role=role,
             )
             out.append(StoredReplica(rep, registered_at))
         return out, 0
@@ -237,7 +242,7 @@ class SqliteStore(RegistryStore):
         self._db.execute(
             "INSERT OR REPLACE INTO replicas "
             "(id, address, model, backend, state, load, last_heartbeat_unix, registered_at, model_version, "
-            "started_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "started_unix, role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 replica.replica_id,
                 replica.address,
@@ -249,6 +254,7 @@ class SqliteStore(RegistryStore):
                 registered_at,
                 replica.model_version,
                 replica.started_unix,
+                int(replica.role),
             ),
         )
         return StoredReplica(replica, registered_at)

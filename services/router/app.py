@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
+from fleetserve.common.v1 import common_pb2
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.router.v1 import router_service_pb2 as pb
 from prometheus_client.registry import CollectorRegistry
 
+from services.engine.registration import Registration
 from services.router import policy_set
 from services.router.breakers import BreakerSettings
 from services.router.config import RouterSettings
@@ -36,6 +38,8 @@ class RouterApp:
     pool: ChannelPool
     registry_channel: grpc.aio.Channel
     tasks: list[asyncio.Task] = field(default_factory=list)
+    # Its own entry in the registry (role ROUTER), by which gateways discover it.
+    registration: Registration | None = None
 
     @property
     def address(self) -> str:
@@ -50,6 +54,8 @@ class RouterApp:
         """NOT_SERVING, let in-flight streams finish within grace_s, then stop watching and close channels."""
 
         async def after_stop() -> None:
+            if self.registration is not None:
+                await self.registration.close()
             await cancel_and_wait(self.tasks)
             await self.servicer.close()
             await self.servicer.policy.close()  # KV-event subscriptions of kv_aware
@@ -57,11 +63,31 @@ class RouterApp:
             await self.pool.close()
 
         async def before_stop() -> None:
+            # DRAINING first: discovering gateways send nothing new here while the streams in flight finish.
+            if self.registration is not None:
+                await self.registration.drain()
             # New requests get UNAVAILABLE + RetryInfo; streams still running near the end of grace_s are cut
             # with UNAVAILABLE SHUTTING_DOWN + RetryInfo (a gateway with other routers moves them there).
             await self.servicer.drain.run(grace_s)
 
         await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
+
+
+def _registration(settings: RouterSettings, running: RunningServer, servicer: RouterServicer) -> Registration:
+    """The router's own registry entry (role ROUTER), heartbeating its in-flight count as its load. The engine's
+    registration client: a router registers, heartbeats, re-registers and drains exactly as an engine does."""
+    host, port = running.address.rsplit(":", 1)
+    replica = reg_pb.Replica(
+        replica_id=settings.router_id or f"router-{host}-{port}",
+        address=running.address,
+        backend="router",
+        role=reg_pb.REPLICA_ROLE_ROUTER,
+    )
+    return Registration(
+        settings.registry_address,
+        replica,
+        lambda: common_pb2.ReplicaLoad(running=sum(servicer.in_flight.values())),
+    )
 
 
 async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
@@ -145,5 +171,8 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
     app.tasks.append(asyncio.create_task(serving_once_ready(), name="router.ready"))
     if settings.stall_detection:
         app.tasks.append(asyncio.create_task(servicer.watch_stalls(), name="router.stalls"))
+    if settings.register_in_registry:
+        app.registration = _registration(settings, running, servicer)
+        app.registration.start()
     log.info("router.configured", registry=settings.registry_address, policy=settings.policy)
     return app

@@ -279,6 +279,10 @@ class RequestAttempts:
         self.metadata = metadata_for_downstream()
         # Parses relayed chunks only when the generation may be resumed after a mid-stream failure.
         self.tracker = ChunkTracker() if resumable(request.spec.sampling, router.retry.resume) else None
+        if self.tracker is not None and request.spec.resume_token_ids:
+            # A resume the gateway asked for (another router died mid-stream): a later resume here must carry
+            # those tokens too, not only the ones this router relayed.
+            self.tracker.sent_ids.extend(request.spec.resume_token_ids)
         self.failed: set[str] = set()
         self.streamed = False  # anything sent to our caller, over all attempts
         self.attempts = 0

@@ -22,6 +22,14 @@ class RouterSettings(ServiceSettings):
         min_length=1,
         description="host:port of the registry whose replicas the router watches.",
     )
+    router_id: str = Field(
+        "",
+        description="This router's id in the registry (gateways discover routers there); empty: "
+        "router-<host>-<port>.",
+    )
+    register_in_registry: bool = Field(
+        True, description="Register in the registry as a router, so gateways with --router-discovery find it."
+    )
     policy: str = Field(
         "least_load", description="Default routing policy by name (see services/router/policies)."
     )

@@ -1,0 +1,366 @@
+"""The gateway's connection to its routers: the ones it is given (--router-address a,b,...) and those that
+register in the registry (--router-discovery), whether each answers, which one a request goes to (rendezvous
+hashing of the request's affinity key over the healthy routers, so a conversation's turns meet the same
+router's cache-aware state), and the calls: Generate with failover before the first token and mid-stream
+resume through another router (the router's own guarantee for engines, one hop up), ListModels and GetStatus
+on any router that answers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from fleetserve.router.v1 import router_service_pb2 as router_pb
+
+from services.router.resume import ChunkTracker, ReplicaAborted, ResumeMode, resumable
+from shared.channels import CHANNEL_OPTIONS, ChannelPool
+from shared.deadlines import wire_timeout
+from shared.errors import DeadlineExceeded, Unavailable, details_of
+from shared.resilience import full_jitter
+
+log = structlog.get_logger(__name__)
+
+ROUTER_GENERATE = "/fleetserve.router.v1.RouterService/Generate"
+ROUTER_LIST_MODELS = "/fleetserve.router.v1.RouterService/ListModels"
+ROUTER_GET_STATUS = "/fleetserve.router.v1.RouterService/GetStatus"
+_DETAILS_KEY = "grpc-status-details-bin"
+# How much of a request's text decides its router when it names no session: the start of a conversation
+# (system prompt, first turns) is what its later turns share, and what cache-aware routing keys on.
+AFFINITY_CHARS = 512
+
+
+def router_unreachable(err: grpc.aio.AioRpcError) -> bool:
+    """True when an error comes from the channel (router down or unreachable, or its connection broke
+    mid-stream), not from the router: the router always attaches google.rpc.Status details to its own errors."""
+    return err.code() == grpc.StatusCode.UNAVAILABLE and not any(
+        k == _DETAILS_KEY for k, _ in (err.trailing_metadata() or ())
+    )
+
+
+def unreachable_error(err: grpc.aio.AioRpcError | None) -> Unavailable:
+    """What a client gets when no router can be reached: UNAVAILABLE, ROUTER_UNAVAILABLE, retry in 1 s."""
+    why = err.details() if err is not None else "no router is known"
+    return Unavailable(f"the router is unreachable: {why}", reason="ROUTER_UNAVAILABLE", retry_after_s=1.0)
+
+
+def affinity_key(request: router_pb.GenerateRequest) -> str:
+    """What keeps related requests on one router: the session id, else the start of the prompt or chat."""
+    if request.routing.session_id:
+        return "s:" + request.routing.session_id
+    spec = request.spec
+    if spec.prompt:
+        return "p:" + spec.prompt[:AFFINITY_CHARS]
+    text = "\x1e".join(f"{m.role}\x1f{m.content}" for m in spec.messages)
+    return "m:" + text[:AFFINITY_CHARS]
+
+
+def _score(key: str, address: str) -> int:
+    # Rendezvous (highest-random-weight) hashing, hand-written: a few lines, and a router that leaves moves
+    # only its own keys (no ring to rebuild); blake2b because Python's hash() differs between processes.
+    return int.from_bytes(hashlib.blake2b(f"{key}\x00{address}".encode(), digest_size=8).digest(), "big")
+
+
+@dataclass
+class Router:
+    """One router as the gateway knows it, with its stubs (one channel per router, reused)."""
+
+    address: str
+    # "static" (--router-address) or "registry" (discovered; leaves when the registry says so).
+    source: str
+    generate: grpc.aio.UnaryStreamMultiCallable
+    list_models: grpc.aio.UnaryUnaryMultiCallable
+    get_status: grpc.aio.UnaryUnaryMultiCallable
+    # Monotonic time before which it is passed over (it failed to answer); 0: healthy.
+    down_until: float = 0.0
+    draining: bool = False
+    failures: int = field(default=0)
+
+
+class RouterPool:
+    """The routers of this gateway. order(key) is the failover order for a request: the healthy routers by
+    rendezvous score, then the others (a router marked down may be back, and is better than nothing)."""
+
+    def __init__(
+        self,
+        channels: ChannelPool,
+        addresses: Sequence[str] = (),
+        *,
+        down_s: float = 2.0,
+        resume: ResumeMode = "reproducible",
+        max_attempts: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._channels = channels
+        self.down_s = down_s
+        self.resume = resume
+        self.max_attempts = max_attempts
+        self._clock = clock
+        self._routers: dict[str, Router] = {}
+        self._tasks: list[asyncio.Task] = []
+        # Registered routers: replica id -> address.
+        self._registered: dict[str, str] = {}
+        self.discovered = asyncio.Event()
+        for a in addresses:
+            self.add(a, "static")
+
+    # -- membership ---------------------------------------------------------------------------------------
+
+    def add(self, address: str, source: str) -> Router:
+        router = self._routers.get(address)
+        if router is None:
+            ch = self._channels.get(address)
+            router = Router(
+                address,
+                source,
+                ch.unary_stream(
+                    ROUTER_GENERATE,
+                    request_serializer=router_pb.GenerateRequest.SerializeToString,
+                    response_deserializer=None,
+                ),
+                ch.unary_unary(
+                    ROUTER_LIST_MODELS,
+                    request_serializer=router_pb.ListModelsRequest.SerializeToString,
+                    response_deserializer=router_pb.ListModelsResponse.FromString,
+                ),
+                ch.unary_unary(
+                    ROUTER_GET_STATUS,
+                    request_serializer=router_pb.GetStatusRequest.SerializeToString,
+                    response_deserializer=router_pb.GetStatusResponse.FromString,
+                ),
+            )
+            self._routers[address] = router
+            log.info("gateway.router_added", router=address, source=source)
+        return router
+
+    def remove(self, address: str) -> None:
+        router = self._routers.get(address)
+        if router is None or router.source == "static":
+            return
+        del self._routers[address]
+        log.info("gateway.router_removed", router=address)
+        # Streams still running on it keep the channel until they end; a later add() reuses it.
+
+    @property
+    def addresses(self) -> list[str]:
+        return sorted(self._routers)
+
+    def healthy(self) -> list[Router]:
+        now = self._clock()
+        return [r for r in self._routers.values() if r.down_until <= now and not r.draining]
+
+    def order(self, key: str = "") -> list[Router]:
+        """Routers in the order a request with this affinity key tries them."""
+        now = self._clock()
+        ranked = sorted(self._routers.values(), key=lambda r: _score(key, r.address), reverse=True)
+        return [r for r in ranked if r.down_until <= now and not r.draining] + [
+            r for r in ranked if r.down_until > now or r.draining
+        ]
+
+    def mark_down(self, router: Router, err: BaseException) -> None:
+        router.failures += 1
+        router.down_until = self._clock() + self.down_s
+        log.warning("gateway.router_unreachable", router=router.address, error=str(err)[:200])
+
+    def mark_up(self, router: Router) -> None:
+        if router.down_until or router.failures:
+            router.down_until, router.failures = 0.0, 0
+
+    # -- calls ----------------------------------------------------------------------------------------------
+
+    async def unary(self, method: str, request, *, timeout_s: float, metadata=None):
+        """Call ListModels or GetStatus ("list_models", "get_status") on the first router that answers; the
+        router's own errors are raised as they are, ROUTER_UNAVAILABLE when none could be reached."""
+        last: grpc.aio.AioRpcError | None = None
+        deadline = self._clock() + timeout_s
+        for router in self.order()[: self.max_attempts]:
+            left = deadline - self._clock()
+            if left <= 0:
+                break
+            try:
+                resp = await getattr(router, method)(request, timeout=wire_timeout(left), metadata=metadata)
+            except grpc.aio.AioRpcError as e:
+                if not router_unreachable(e):
+                    raise
+                self.mark_down(router, e)
+                last = e
+                continue
+            self.mark_up(router)
+            return resp
+        raise unreachable_error(last) from last
+
+    def generate(
+        self,
+        request: router_pb.GenerateRequest,
+        *,
+        deadline: float,
+        metadata=None,
+        attempt: Callable[[str], None] | None = None,
+    ) -> RouterStream:
+        """The router's GenerateResponse bytes for request (iterate the stream; cancel() or aclose() ends it),
+        from the router its affinity key picks; when that one cannot be reached another is tried, and when one
+        dies mid-stream (its connection breaks, it is cut by its drain with SHUTTING_DOWN, or it ends the
+        stream with an ABORT nobody here asked for) the generation resumes through another router from the
+        last token relayed, for generations that may be resumed (self.resume, as the router's --resume).
+        deadline is monotonic; attempt(address) is told each router tried (spans, logs)."""
+        return RouterStream(self, request, deadline, metadata, attempt)
+
+    # -- discovery -----------------------------------------------------------------------------------------
+
+    def start_discovery(self, registry_address: str, *, resubscribe_s: float = 300.0) -> None:
+        """Follow the routers registered in the registry (WatchReplicas, role ROUTER): a SERVING router is
+        added, a DRAINING one gets no new requests, one that left is removed."""
+        self._tasks.append(
+            asyncio.create_task(self._watch(registry_address, resubscribe_s), name="gateway.router_discovery")
+        )
+
+    async def _watch(
+        self,
+        registry_address: str,
+        resubscribe_s: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        channel = grpc.aio.insecure_channel(registry_address, options=CHANNEL_OPTIONS)
+        stub = reg_grpc.RegistryServiceStub(channel)
+        failures = 0
+        rng = random.Random()
+        try:
+            while True:
+                call = stub.WatchReplicas(
+                    reg_pb.WatchReplicasRequest(role=reg_pb.REPLICA_ROLE_ROUTER), timeout=resubscribe_s
+                )
+                try:
+                    async for event in call:
+                        failures = 0
+                        self._apply(event)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        failures += 1
+                        log.warning(
+                            "gateway.router_discovery_broken", error=e.code().name, kept=self.addresses
+                        )
+                finally:
+                    call.cancel()
+                await sleep(full_jitter(failures, 0.1, 5.0, rng) if failures else 0)
+        finally:
+            await channel.close(grace=None)
+
+    def _apply(self, event: reg_pb.WatchReplicasResponse) -> None:
+        if event.type == reg_pb.WATCH_EVENT_TYPE_SNAPSHOT:
+            fresh = {r.replica_id for r in event.replicas}
+            for rid in [rid for rid in self._registered if rid not in fresh]:
+                self.remove(self._registered.pop(rid))
+        for r in event.replicas:
+            old = self._registered.pop(r.replica_id, None)
+            if old is not None and (old != r.address or event.type == reg_pb.WATCH_EVENT_TYPE_REMOVED):
+                self.remove(old)  # left, or came back elsewhere (a restarted router on a new port)
+            if event.type == reg_pb.WATCH_EVENT_TYPE_REMOVED:
+                continue
+            self._registered[r.replica_id] = r.address
+            router = self.add(r.address, "registry")
+            router.draining = r.state == reg_pb.REPLICA_STATE_DRAINING
+        self.discovered.set()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _router_leaving(err: grpc.aio.AioRpcError) -> bool:
+    """A router's own error that another router may not share: it is shutting down (its drain cut the stream)."""
+    return err.code() == grpc.StatusCode.UNAVAILABLE and details_of(err).reason == "SHUTTING_DOWN"
+
+
+class RouterStream:
+    """One generation through the pool's routers (see RouterPool.generate). cancel() cancels the router call in
+    progress (a drain's cut); the iteration then raises CancelledError."""
+
+    def __init__(self, pool: RouterPool, request, deadline: float, metadata, attempt) -> None:
+        self._pool = pool
+        self._request = request
+        self._deadline = deadline
+        self._metadata = metadata
+        self._attempt = attempt
+        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._gen = self._run()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._gen
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    async def _run(self) -> AsyncIterator[bytes]:
+        pool, request = self._pool, self._request
+        tracker = ChunkTracker() if resumable(request.spec.sampling, pool.resume) else None
+        base_resume = list(request.spec.resume_token_ids)
+        key = affinity_key(request)
+        tried: set[str] = set()
+        streamed = False
+        last: grpc.aio.AioRpcError | None = None
+        attempts = 0
+        while True:
+            router = next((r for r in pool.order(key) if r.address not in tried), None)
+            if router is None or attempts >= pool.max_attempts:
+                if streamed and last is not None:
+                    raise last  # the stream broke and no router is left to resume it
+                raise unreachable_error(last) from last
+            attempts += 1
+            tried.add(router.address)
+            if self._attempt is not None:
+                self._attempt(router.address)
+            if tracker is not None:
+                tracker.next_attempt()
+                if tracker.sent_ids:
+                    del request.spec.resume_token_ids[:]
+                    request.spec.resume_token_ids.extend(base_resume + tracker.sent_ids)
+            left = self._deadline - pool._clock()
+            if left <= 0:
+                raise DeadlineExceeded("deadline exceeded while failing over between routers")
+            call = self._call = router.generate(request, timeout=wire_timeout(left), metadata=self._metadata)
+            try:
+                async for data in call:
+                    if tracker is not None:
+                        data = tracker.relay(data)
+                    streamed = True
+                    yield data
+                pool.mark_up(router)
+                return
+            except ReplicaAborted as e:
+                # The router ended the stream with ABORT: it is shutting down; resume elsewhere.
+                if e.args:
+                    yield e.args[0]
+                log.warning("gateway.router_aborted_stream", router=router.address)
+                router.draining = True
+                continue
+            except grpc.aio.AioRpcError as e:
+                if _router_leaving(e):
+                    router.draining = True
+                elif router_unreachable(e):
+                    pool.mark_down(router, e)
+                else:
+                    raise  # the router's own answer (with details): relayed as it is
+                last = e
+                if streamed and tracker is None:
+                    raise  # tokens went out and this generation may not be resumed
+                log.info(
+                    "gateway.router_failover",
+                    router=router.address,
+                    kind="resume" if streamed else "retry",
+                    resumed_tokens=len(tracker.sent_ids) if tracker is not None else 0,
+                )
+            finally:
+                self._call = None
+                call.cancel()  # reaches router and engine when our caller went away; no-op once done
