@@ -89,7 +89,7 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     arms = ArmStore()
     gauges = GaugeStore()
     replicas = ReplicaClock()
-    kv, desired = GaugeHistory("replica_id"), GaugeHistory("model")
+    kv, desired = GaugeHistory("replica_id"), GaugeHistory("model", "fleetserve.model")
     gauges.listeners.update(
         {UPTIME: [replicas.on_uptime], KV_USAGE: [kv.on_point], DESIRED_REPLICAS: [desired.on_point]}
     )

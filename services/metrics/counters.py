@@ -5,7 +5,7 @@ from __future__ import annotations
 import structlog
 from opentelemetry.proto.metrics.v1 import metrics_pb2 as otlp_metrics
 
-from services.metrics.otlp import attributes_of, service_name, to_str
+from services.metrics.otlp import number_points
 
 log = structlog.get_logger(__name__)
 
@@ -47,22 +47,10 @@ class CounterStore:
     def ingest(self, request) -> int:
         """Take the Sum metrics of an ExportMetricsServiceRequest; how many data points were read."""
         n = 0
-        for rm in request.resource_metrics:
-            service = service_name(rm.resource)
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    if metric.WhichOneof("data") != "sum":
-                        continue
-                    delta = metric.sum.aggregation_temporality == DELTA
-                    for dp in metric.sum.data_points:
-                        kind = dp.WhichOneof("value")
-                        if kind is None:
-                            continue
-                        attrs = frozenset((k, to_str(v)) for k, v in attributes_of(dp.attributes).items())
-                        self.add_point(
-                            (service, metric.name, attrs), dp.time_unix_nano, float(getattr(dp, kind)), delta
-                        )
-                        n += 1
+        for service, metric, attrs, t_ns, value in number_points(request, "sum"):
+            delta = metric.sum.aggregation_temporality == DELTA
+            self.add_point((service, metric.name, frozenset(attrs.items())), t_ns, value, delta)
+            n += 1
         return n
 
     def totals(self) -> dict[str, float]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from services.metrics.otlp import attributes_of, service_name, to_str
+from services.metrics.otlp import number_points
 
 log = structlog.get_logger(__name__)
 
@@ -41,21 +41,9 @@ class GaugeStore:
     def ingest(self, request) -> int:
         """Take the Gauge metrics of an ExportMetricsServiceRequest; how many data points were read."""
         n = 0
-        for rm in request.resource_metrics:
-            service = service_name(rm.resource)
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    if metric.WhichOneof("data") != "gauge":
-                        continue
-                    for dp in metric.gauge.data_points:
-                        kind = dp.WhichOneof("value")
-                        if kind is None:
-                            continue
-                        attrs = {k: to_str(v) for k, v in attributes_of(dp.attributes).items()}
-                        self.add(
-                            service, metric.name, attrs, dp.time_unix_nano / 1e9, float(getattr(dp, kind))
-                        )
-                        n += 1
+        for service, metric, attrs, t_ns, value in number_points(request, "gauge"):
+            self.add(service, metric.name, attrs, t_ns / 1e9, value)
+            n += 1
         return n
 
     def add(self, service: str, name: str, attrs: dict[str, str], t: float, value: float) -> None:
@@ -130,14 +118,15 @@ class GaugeHistory:
     """The recent points of one gauge, per value of one attribute (KV-cache use per replica, desired replicas
     per model), for the dashboard's charts."""
 
-    def __init__(self, label: str, max_points: int = HISTORY_POINTS, max_series: int = 1024) -> None:
-        self.label = label
+    def __init__(self, *labels: str, max_points: int = HISTORY_POINTS, max_series: int = 1024) -> None:
+        # The series key: the first of these attributes a point has (exporters spell "model" differently).
+        self.labels = labels
         self.max_points = max_points
         self.max_series = max_series
         self.series: dict[str, deque[tuple[float, float]]] = {}
 
     def on_point(self, attrs: dict[str, str], t: float, value: float) -> None:
-        key = attrs.get(self.label, "")
+        key = next((attrs[k] for k in self.labels if k in attrs), "")
         points = self.series.get(key)
         if points is None:
             if len(self.series) >= self.max_series:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
@@ -66,3 +66,19 @@ def flatten_span(span: trace_pb2.Span, service: str, attrs: dict[str, Any]) -> m
         status_code=span.status.code,
         attributes={k: to_str(v) for k, v in attrs.items()},
     )
+
+
+def number_points(request, data: str) -> Iterator[tuple[str, Any, dict[str, str], int, float]]:
+    """(service.name, metric, string attributes, time in Unix ns, value) of every number data point of the
+    metrics of one kind ("sum" or "gauge") in an ExportMetricsServiceRequest; points without a value are skipped."""
+    for rm in request.resource_metrics:
+        service = service_name(rm.resource)
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.WhichOneof("data") != data:
+                    continue
+                for dp in getattr(metric, data).data_points:
+                    kind = dp.WhichOneof("value")
+                    if kind is not None:
+                        attrs = {k: to_str(v) for k, v in attributes_of(dp.attributes).items()}
+                        yield service, metric, attrs, dp.time_unix_nano, float(getattr(dp, kind))

@@ -21,10 +21,10 @@ def board(now: float) -> Dashboard:
         replicas.on_uptime(
             {"replica_id": "e1", "replica_type": "h100-llama-1b", "model": "m"}, t, t - (now - 120)
         )
-    kv, desired = GaugeHistory("replica_id"), GaugeHistory("model")
+    kv, desired = GaugeHistory("replica_id"), GaugeHistory("model", "fleetserve.model")
     kv.on_point({"replica_id": "e1"}, now - 25, 0.25)
     kv.on_point({"replica_id": "e1"}, now - 5, 0.5)
-    desired.on_point({"model": "m"}, now - 30, 2.0)
+    desired.on_point({"fleetserve.model": "m"}, now - 30, 2.0)  # as the autoscaler exports it
     stats = RequestStats(clock=clock)
     for i in range(20):
         stats.add(
