@@ -180,6 +180,9 @@ class EventRing:
         self._events = np.zeros(self.n, dtype=np.int64)
         self._bad = np.zeros(self.n, dtype=np.int64)
         self._pending: dict[int, list[int]] = {}
+        self._version = 0
+        self._cache_key: tuple[int, int] | None = None
+        self._cumulative: tuple[np.ndarray, np.ndarray] = (self._events, self._bad)
 
     def add(self, t: float, bad: bool) -> None:
         i = int(t // self.width_s)
@@ -202,15 +205,30 @@ class EventRing:
             self._events[slot] += events
             self._bad[slot] += bad
         self._pending.clear()
+        self._version += 1
 
     def sums(self, window_s: float, now: float) -> tuple[int, int]:
         """(events, bad events) in the buckets that overlap the last window_s seconds."""
+        last, (events, bad) = self._cumulative_by_age(now)
+        k = min(self.n, last - (int((now - window_s) // self.width_s) + 1) + 1)
+        return (int(events[k - 1]), int(bad[k - 1])) if k > 0 else (0, 0)
+
+    def _cumulative_by_age(self, now: float) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
+        """Counts summed from the newest bucket back, once per (bucket, change): an evaluation asks for every
+        rule's windows, and each is then one lookup instead of a pass over the ring."""
         if self._pending:
             self._flush()
         last = int(now // self.width_s)
-        first = int((now - window_s) // self.width_s) + 1
-        mask = (self._index >= first) & (self._index <= last)
-        return int(self._events[mask].sum()), int(self._bad[mask].sum())
+        if self._cache_key != (last, self._version):
+            age = last - self._index
+            ok = (self._index >= 0) & (age >= 0) & (age < self.n)
+            events = np.zeros(self.n, dtype=np.int64)
+            bad = np.zeros(self.n, dtype=np.int64)
+            events[age[ok]] = self._events[ok]  # each slot holds a different bucket: ages are distinct
+            bad[age[ok]] = self._bad[ok]
+            self._cumulative = (np.cumsum(events), np.cumsum(bad))
+            self._cache_key = (last, self._version)
+        return last, self._cumulative
 
 
 def burn_rate(events: int, bad: int, objective: float) -> float:

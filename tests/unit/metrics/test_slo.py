@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.metrics.records import RequestRecord
 from services.metrics.slo import (
@@ -217,3 +219,26 @@ def test_availability_counts_only_requests_the_fleet_had_to_serve():
         engine.add(RequestRecord(1.0, 1.0, None, 0, code, model="m"))
     (status,) = engine.status()
     assert (status.events, status.bad_events) == (3, 1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 200), st.booleans()), max_size=60),
+    st.floats(1, 150),
+    st.floats(100, 220),
+)
+def test_event_ring_sums_match_counting(events, window_s, now):
+    """For any events, a window's sums are the events of the buckets it overlaps that the ring still holds."""
+    ring = EventRing(1.0, 50.0)
+    for t, bad in events:
+        ring.add(t, bad)
+    got = ring.sums(window_s, now)
+    last, first = int(now // 1.0), int((now - window_s) // 1.0) + 1
+    lo = max(first, last - ring.n + 1)
+    newest = {}
+    for t, _ in events:  # a slot keeps the newest bucket mapped to it
+        i = int(t // 1.0)
+        newest[i % ring.n] = max(newest.get(i % ring.n, -1), i)
+    kept = [(t, bad) for t, bad in events if newest[int(t // 1.0) % ring.n] == int(t // 1.0)]
+    inside = [(t, bad) for t, bad in kept if lo <= int(t // 1.0) <= last]
+    assert got == (len(inside), sum(b for _, b in inside))
