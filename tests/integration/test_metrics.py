@@ -277,3 +277,24 @@ async def test_watch_alerts_ends_when_the_collector_stops(compressed_collector):
     await app.stop(20.0)
     assert await watch.read() == grpc.aio.EOF
     assert time.monotonic() - started < 10.0
+
+
+async def test_cost_and_quality_refuse_bad_input_naming_the_field(collector):
+    """Bad windows, unknown cost dimensions, a missing model and an alpha outside [0, 1) are INVALID_ARGUMENT
+    naming the field; an empty collector answers zero cost and no versions."""
+    _, stub = collector
+    cases = [
+        (stub.GetCost, mpb.GetCostRequest(window_s=-1), "window_s"),
+        (stub.GetCost, mpb.GetCostRequest(start_unix=200, end_unix=100), "start_unix"),
+        (stub.GetCost, mpb.GetCostRequest(group_by=[99]), "group_by"),
+        (stub.GetQuality, mpb.GetQualityRequest(), "model"),
+        (stub.CompareVersions, mpb.CompareVersionsRequest(model="m", alpha=1.5), "alpha"),
+    ]
+    for call, request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await call(request, timeout=5)
+        d = details_of(exc.value)
+        assert d.code == grpc.StatusCode.INVALID_ARGUMENT and [f for f, _ in d.field_violations] == [field]
+    cost = await stub.GetCost(mpb.GetCostRequest(window_s=60), timeout=5)
+    assert (cost.total_usd, cost.requests) == (0.0, 0)
+    assert list((await stub.GetQuality(mpb.GetQualityRequest(model="m"), timeout=5)).versions) == []

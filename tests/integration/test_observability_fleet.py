@@ -357,6 +357,8 @@ async def test_dashboard_in_headless_chromium_shows_the_loaded_fleet(fleet, tmp_
             d = await assert_eventually(data, timeout_s=60, interval_s=0.5)
             async with session.get(f"http://{address}/api/trace/nothex") as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["param"] == "trace_id"
+            async with session.get(f"http://{address}/api/dashboard?window=-5") as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["param"] == "window"
             async with session.get(f"http://{address}/static/vendor/uPlot.iife.min.js") as resp:
                 assert resp.status == 200 and "uPlot" in await resp.text()
         trace_id = d["slowest"][0]["trace_id"]
