@@ -112,6 +112,24 @@ class _Combined:
         for part in self.parts:
             yield from part.collect()
 
+    def restricted_registry(self, names: Iterable[str]) -> _Combined:
+        """Only the families with one of these sample names (a scrape's ?name[]=... filter)."""
+        wanted = set(names)
+        return _Combined([_Filtered(self, wanted)])
+
+
+class _Filtered:
+    def __init__(self, inner: Collector, names: set[str]) -> None:
+        self.inner, self.names = inner, names
+
+    def collect(self):
+        for family in self.inner.collect():
+            samples = [s for s in family.samples if s.name in self.names]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept
+
 
 @dataclass
 class MetricsServer:

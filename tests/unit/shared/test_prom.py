@@ -66,6 +66,22 @@ def test_colon_names_survive_a_scraper_that_prefers_openmetrics():
         server.stop()
 
 
+def test_name_filter_of_a_scrape():
+    """?name[]=... (prometheus-client's filter) returns only those series."""
+    registry = prom.new_registry()
+    prom.gauge("fleetserve:test_keep", "doc", (), registry).set(1)
+    prom.gauge("fleetserve:test_drop", "doc", (), registry).set(2)
+    server = prom.start_metrics_server("127.0.0.1", 0, [registry])
+    try:
+        with urllib.request.urlopen(
+            f"http://{server.address}/metrics?name[]=fleetserve:test_keep", timeout=5
+        ) as r:
+            body = r.read().decode()
+        assert "fleetserve:test_keep 1.0" in body and "test_drop" not in body and "process_" not in body
+    finally:
+        server.stop()
+
+
 def test_negative_port_serves_nothing():
     """--metrics-port -1 turns the endpoint off."""
     assert prom.start_metrics_server("127.0.0.1", -1, []) is None
