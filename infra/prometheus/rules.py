@@ -2,8 +2,11 @@
 multi-window, multi-burn-rate alerts on them (Google SRE workbook, "Alerting on SLOs"), from the objectives
 given on the command line:
 
-    python -m infra.prometheus.rules --availability 0.999 --ttft-seconds 0.5 --ttft-objective 0.99 \\
-        --tpot-seconds 0.05 --tpot-objective 0.99 --out infra/prometheus/fleetserve-alerts.yml
+    python -m infra.prometheus.rules --availability 0.999 --ttft-seconds 2.0 --ttft-objective 0.99 \\
+        --tpot-seconds 0.1 --tpot-objective 0.99 --out infra/prometheus/fleetserve-alerts.yml
+
+The defaults are the metrics service's default SLOs (docs/observability.md): availability 99.9%, TTFT p99 under
+2 s, TPOT p99 under 100 ms.
 
 Generated rather than hand-written: 3 SLIs x 7 windows of recording rules and 4 alert pairs each differ only in
 numbers, and an operator changing an objective should not have to edit 40 expressions consistently."""
@@ -221,9 +224,9 @@ def slos_from(args) -> list[Slo]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infra.prometheus.rules", description=__doc__.split("\n")[0])
     p.add_argument("--availability", type=float, default=0.999, help="availability objective (0.999)")
-    p.add_argument("--ttft-seconds", type=float, default=0.5, help="TTFT threshold, a bucket bound (0.5)")
+    p.add_argument("--ttft-seconds", type=float, default=2.0, help="TTFT threshold, a bucket bound (2.0)")
     p.add_argument("--ttft-objective", type=float, default=0.99, help="fraction under it (0.99)")
-    p.add_argument("--tpot-seconds", type=float, default=0.05, help="TPOT threshold, a bucket bound (0.05)")
+    p.add_argument("--tpot-seconds", type=float, default=0.1, help="TPOT threshold, a bucket bound (0.1)")
     p.add_argument("--tpot-objective", type=float, default=0.99, help="fraction under it (0.99)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where to write ('-': stdout)")
     return p
