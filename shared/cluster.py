@@ -65,8 +65,9 @@ class ClusterConfig:
     lease_ttl_s: float = 3.0
     heartbeat_interval_s: float = 1.0
     metrics_export_interval_s: float = 5.0
-    # Every service's Prometheus /metrics port: 0 a free one each, -1 none.
-    metrics_port: int = 0
+    # Every service's Prometheus /metrics port: 0 a free one each, -1 none; None passes no flag (the services'
+    # own default; a benchmark's baseline may run code older than the flag).
+    metrics_port: int | None = 0
     start_timeout_s: float = 60.0
     # The registry's store: "sqlite" (one registry, a file in data_dir) or "etcd" (etcd_endpoint, or an etcd
     # this launcher starts in data_dir when empty); with etcd, `registries` registry processes share it.
@@ -82,6 +83,9 @@ class ClusterConfig:
     autoscale_interval_s: float = 10.0
     # Extra flags per service name ("registry", "engine", ...), appended last so they win.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    # Working directory of the services, which `python -m` imports them from (None: the launcher's): a
+    # benchmark runs a fleet of another checkout beside this one's.
+    code_dir: Path | None = None
 
 
 class Cluster:
@@ -256,10 +260,10 @@ class Cluster:
             str(cfg.grace_period_s),
             "--metrics-export-interval-s",
             str(cfg.metrics_export_interval_s),
-            "--metrics-port",
-            str(cfg.metrics_port),
             "--log-json",
         ]
+        if cfg.metrics_port is not None:
+            common += ["--metrics-port", str(cfg.metrics_port)]
         if service != "metrics" and "metrics" in self.procs:
             common += ["--otlp-endpoint", self.metrics]
         argv = [sys.executable, "-m", f"services.{service}", *common, *args, *cfg.extra_args.get(service, [])]
@@ -276,6 +280,7 @@ class Cluster:
                 stderr=out,
                 start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
+                cwd=cfg.code_dir,
             )
         proc = Proc(name, service, process, ready, log_file)
         self.procs[name] = proc
