@@ -9,6 +9,9 @@ import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as otlp_metrics_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_trace_grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import CollectorRegistry
 
 from services.metrics.config import MetricsSettings
 from services.metrics.cost import CostLedger, PriceBook, parse_prices
@@ -24,6 +27,7 @@ from services.metrics.servicer import MetricsServicer
 from services.metrics.slo import SloEngine, load_slo_config
 from services.metrics.spans import SpanStore
 from services.router.model_routing import parse_aliases
+from shared import prom
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 
@@ -40,6 +44,8 @@ class MetricsApp:
     metrics: MetricsReceiver
     tasks: list[asyncio.Task] = field(default_factory=list)
     dashboard: DashboardServer | None = None
+    # The collector's own Prometheus series (served on its /metrics): is it keeping up with what it receives?
+    metrics_registry: CollectorRegistry | None = None
 
     @property
     def address(self) -> str:
@@ -67,6 +73,26 @@ class MetricsApp:
             spans_evicted=self.servicer.spans.evicted,
             points_received=self.metrics.received,
         )
+
+
+def intake_families(traces: TraceReceiver, spans: SpanStore, metrics: MetricsReceiver) -> list[Metric]:
+    """What the collector has taken in: spans received, kept and evicted, metric points received."""
+    return [
+        CounterMetricFamily(
+            "fleetserve:collector_spans_received", "Spans received over OTLP.", value=traces.received
+        ),
+        CounterMetricFamily(
+            "fleetserve:collector_spans_evicted",
+            "Spans dropped to stay within --max-spans (the oldest first).",
+            value=spans.evicted,
+        ),
+        GaugeMetricFamily("fleetserve:collector_spans_kept", "Spans kept for GetTrace.", value=len(spans)),
+        CounterMetricFamily(
+            "fleetserve:collector_metric_points_received",
+            "OTLP metric data points received.",
+            value=metrics.received,
+        ),
+    ]
 
 
 async def evaluate_slos(slo: SloEngine, interval_s: float) -> None:
@@ -132,4 +158,6 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
         slo_eval_interval_s=interval,
         dashboard=f"http://{dashboard.address}/" if dashboard else None,
     )
-    return MetricsApp(running, servicer, traces, metrics, tasks, dashboard)
+    registry = prom.new_registry()
+    registry.register(prom.LoopCollector(lambda: intake_families(traces, spans, metrics)))
+    return MetricsApp(running, servicer, traces, metrics, tasks, dashboard, registry)

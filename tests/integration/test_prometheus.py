@@ -201,6 +201,11 @@ async def test_prometheus_scrapes_the_fleet_and_promql_matches_the_clients(tmp_p
         assert replicas == set(cluster.engine_names())
         assert await prometheus.scalar('sum(fleetserve:registry_replicas{state="serving"})') == 2
         assert await prometheus.scalar('sum(fleetserve:router_requests_total{code="OK"})') == OK_REQUESTS
+        await assert_eventually(  # the metrics service's own intake, once the gateway's spans arrived
+            lambda: _at_least(prometheus, "fleetserve:collector_spans_received_total", OK_REQUESTS),
+            timeout_s=20,
+            interval_s=0.5,
+        )
 
         # The SLO rules are loaded and evaluate: no fleet error happened, so availability's bad ratio is 0.
         groups = (await prometheus.api("rules"))["groups"]
@@ -252,3 +257,8 @@ async def _all_up(prometheus, n: int) -> bool:
 async def _value(prometheus, promql: str, expected: float) -> bool:
     got = await prometheus.scalar(promql)
     return got is not None and abs(got - expected) < 1e-9
+
+
+async def _at_least(prometheus, promql: str, minimum: float) -> bool:
+    got = await prometheus.scalar(promql)
+    return got is not None and got >= minimum
