@@ -17,7 +17,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import prometheus_client as pc
 import structlog
 from prometheus_client import multiprocess
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -176,8 +175,11 @@ def start_metrics_server(
     event loop is busy); port 0 picks a free port, a negative port serves nothing (None)."""
     if port < 0:
         return None
-    app = _text_format_only(pc.make_wsgi_app(exposed(registries, multiprocess_dir)))
-    server_cls = _ThreadingWSGIServer6 if ":" in host else ThreadingWSGIServer
+    # Uncompressed: a scrape is ~10-20 KB, and gzip would add ~30% to its CPU cost in the service.
+    app = _text_format_only(pc.make_wsgi_app(exposed(registries, multiprocess_dir), disable_compression=True))
+    # One scrape at a time on the server's own thread (Prometheus scrapes a target serially): a thread per
+    # request, as prometheus-client's own server starts, cost ~0.6 ms more CPU per scrape (measured).
+    server_cls = _Server6 if ":" in host else _Server
     server = make_server(host, port, app, server_cls, handler_class=_QuietHandler)
     # A thread rather than the event loop: scrapes are answered while the loop is busy, and rendering never
     # adds an await point to the services' loops.
@@ -199,12 +201,23 @@ def _text_format_only(app):
     return text_only
 
 
-class _ThreadingWSGIServer6(ThreadingWSGIServer):
+class _Server(WSGIServer):
+    """wsgiref's server, reporting a failed scrape (a client that timed out or went away) as one log line
+    instead of socketserver's traceback on stderr."""
+
+    def handle_error(self, request, client_address) -> None:
+        log.info("metrics.scrape_failed", client=f"{client_address[0]}:{client_address[1]}", exc_info=True)
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No access log line per scrape on stderr (the services' logs are JSON lines)."""
+    """No access log line per scrape on stderr (the services' logs are JSON lines); a client that connects and
+    sends nothing is dropped after `timeout` seconds instead of holding the one server thread."""
+
+    timeout = 10
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         pass

@@ -82,6 +82,20 @@ def test_name_filter_of_a_scrape():
         server.stop()
 
 
+def test_a_silent_client_does_not_hold_the_endpoint(monkeypatch):
+    """Scrapes are served one at a time; a connection that sends nothing is dropped after the handler's
+    timeout, and the next scrape is answered."""
+    import socket
+
+    monkeypatch.setattr(prom._QuietHandler, "timeout", 0.5)
+    server = prom.start_metrics_server("127.0.0.1", 0, [])
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)):
+            assert any(k.startswith("process_cpu_seconds_total") for k in _scrape(server.address))
+    finally:
+        server.stop()
+
+
 def test_negative_port_serves_nothing():
     """--metrics-port -1 turns the endpoint off."""
     assert prom.start_metrics_server("127.0.0.1", -1, []) is None
