@@ -47,7 +47,7 @@ async def test_gateway_counts_each_request_once_with_status_latency_and_tokens(f
         assert (await gw.error("fsk-wrong")).code == grpc.StatusCode.UNAUTHENTICATED
         assert (await gw.error(API_KEY, model="no-such-model")).code == grpc.StatusCode.NOT_FOUND
         assert (await gw.error(API_KEY, temperature=9.0)).code == grpc.StatusCode.INVALID_ARGUMENT
-        limited = gw.tenant_key("limited", rps=0.01)
+        limited = await gw.tenant_key("limited", rps=0.01)
         chunks, _ = await gw.generate(limited, max_tokens=6, ignore_eos=True)
         usages.append(chunks[-1].usage)
         d = await gw.error(limited)
