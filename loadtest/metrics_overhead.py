@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -117,10 +118,17 @@ async def _drive(target: Target, channel, workload: Workload, indexes: range, co
 async def measure(args) -> dict:
     workload = Workload(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, seed=args.seed)
     baseline_dir = args.baseline_dir
+
+    def fleet(code_dir: Path, **config) -> SpawnedFleet:
+        # Each tree's services with the protos generated from its own .proto files (the environment's gen/
+        # follows another checkout, whose services may have RPCs an older servicer lacks).
+        env = {"PYTHONPATH": str(_generated_protos(code_dir, args.gen_dir))}
+        return SpawnedFleet(1, args.speed_factor, code_dir=code_dir, env=env, **config)
+
     fleets = {
-        "baseline": SpawnedFleet(1, args.speed_factor, metrics_port=None, code_dir=baseline_dir),
-        "metrics": SpawnedFleet(1, args.speed_factor),
-        "metrics_unscraped": SpawnedFleet(1, args.speed_factor),
+        "baseline": fleet(baseline_dir, metrics_port=None),
+        "metrics": fleet(ROOT),
+        "metrics_unscraped": fleet(ROOT),
     }
     started: list[SpawnedFleet] = []
     try:
@@ -234,6 +242,26 @@ def _report(args, targets, totals0, totals1, duration, scraper, load_before, bas
     }
 
 
+def _generated_protos(code_dir: Path, parent: Path) -> Path:
+    """code_dir's protos/ compiled into a new directory under parent: what its services import."""
+    out = Path(tempfile.mkdtemp(prefix="gen-", dir=parent))
+    protos = sorted(str(p.relative_to(code_dir)) for p in (code_dir / "protos").rglob("*.proto"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iprotos",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+        ]
+        + protos,
+        cwd=code_dir,
+        check=True,
+    )
+    return out
+
+
 def _git(code_dir: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(code_dir), *args], capture_output=True, text=True).stdout.strip()
 
@@ -266,7 +294,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.baseline_dir = Path(args.baseline_dir).resolve()
-    with structlog_to_stderr():
+    with structlog_to_stderr(), tempfile.TemporaryDirectory(prefix="fleetserve-bench-gen-") as gen_dir:
+        args.gen_dir = Path(gen_dir)
         result = asyncio.run(measure(args))
     text = json.dumps(result, indent=2)
     print(text)

@@ -83,9 +83,11 @@ class ClusterConfig:
     autoscale_interval_s: float = 10.0
     # Extra flags per service name ("registry", "engine", ...), appended last so they win.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
-    # Working directory of the services, which `python -m` imports them from (None: the launcher's): a
-    # benchmark runs a fleet of another checkout beside this one's.
+    # Working directory of the services, which `python -m` imports them from (None: the launcher's), and
+    # extra environment for them: a benchmark runs a fleet of another checkout (with its own generated
+    # protos on PYTHONPATH) beside this one's.
     code_dir: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class Cluster:
@@ -279,7 +281,7 @@ class Cluster:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
+                env={**os.environ, **cfg.env, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
                 cwd=cfg.code_dir,
             )
         proc = Proc(name, service, process, ready, log_file)
