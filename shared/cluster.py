@@ -379,6 +379,7 @@ class Cluster:
             "engines": {n: self.procs[n].address for n in self.engine_names()},
             # Prometheus /metrics of every process, by process name (what `fleetserve prometheus-config` reads).
             "metrics_addresses": {n: p.metrics_address for n, p in self.procs.items() if p.metrics_address},
+            "autoscaler": self.procs["autoscaler"].address if "autoscaler" in self.procs else "",
             "api_key": self.api_key,
             "data_dir": str(self.config.data_dir),
             "pid": os.getpid(),

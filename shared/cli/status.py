@@ -244,6 +244,8 @@ def endpoints_table(state: dict) -> Table:
     for col in ("process", "address", "/metrics"):
         t.add_column(col)
     addresses = {n: state.get(n, "") for n in ("gateway", "router", "registry", "metrics")}
+    if state.get("autoscaler"):
+        addresses["autoscaler"] = state["autoscaler"]
     addresses.update(state.get("engines", {}))
     metrics = state.get("metrics_addresses", {})
     for name in sorted(set(addresses) | set(metrics)):
