@@ -105,5 +105,12 @@ soak: protos ## Soak: 200k streams through the gateway, most cancelled; RSS/fds/
 	$(BIN)/python -m loadtest.soak --streams $(SOAK_STREAMS) --out docs/benchmarks/soak.json \
 		--plot docs/benchmarks/soak.png
 
+demo: protos ## The capstone demo: a sim fleet through two compressed days, a spike and a killed replica (~5 min); demo-report/.
+	$(BIN)/fleetserve demo capstone --out demo-report --screenshot demo-report/report.png
+
+EXPERIMENTS ?= retry-storm scaling-cold-start streaming-ttft mean-vs-p99 cost-by-type model-routing-cost least-load-tail cache-aware-ttft
+experiments: protos ## Run the book's exercises (EXPERIMENTS=...) into docs/experiments/ (tens of minutes).
+	@for e in $(EXPERIMENTS); do $(BIN)/fleetserve experiment $$e --out docs/experiments/$$e.json >/dev/null || exit 1; done
+
 clean: ## Remove the venv, generated code and local cluster state.
 	rm -rf $(VENV) gen .fleetserve .pytest_cache .ruff_cache

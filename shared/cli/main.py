@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("flag", help="feature flags: a version or policy for a cohort")
     )
 
+    from loadtest import demo
+
+    demo.add_arguments(sub.add_parser("demo", help="demos: `fleetserve demo capstone` (make demo)"))
+
     bench = sub.add_parser("bench", help="load the fleet (or one engine) and print a JSON summary")
     from loadtest import bench as bench_mod
 
@@ -231,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.rollout import run
 
         return run(args, args.command)
+    if args.command == "demo":
+        from loadtest import demo
+
+        return demo.run(args)
     if args.command == "bench":
         from loadtest import bench as bench_mod
 

@@ -1,0 +1,473 @@
+"""`fleetserve demo capstone`: the chapter's capstone in one command. A sim fleet (small and large model, cache-aware
+routing of chats, model routing of questions, predictive + reactive autoscaling, tenants with limits) serves two
+compressed days of traffic with an afternoon spike; one replica is SIGKILLed mid-run; every request is measured at
+the client; the fleet's own services are asked for scaling, cost and SLO status; the record is written as JSON
+and rendered as an HTML report (loadtest/demo/report.py). A piece that is not on main yet is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
+from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
+from fleetserve.registry.v1 import registry_service_pb2 as rpb
+from fleetserve.registry.v1 import registry_service_pb2_grpc as rpb_grpc
+from fleetserve.router.v1 import router_service_pb2 as routerpb
+from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
+from google.protobuf.json_format import MessageToDict
+
+from fleetserve.client import AsyncClient, FleetServeError
+from loadtest.demo.workload import TENANTS, DayShape, Request, Traffic
+from loadtest.policy_bench import wait_routable
+from shared.cluster import Cluster, ClusterConfig
+
+SMALL, LARGE, ALIAS = "sim-1b", "sim-8b", "auto"
+
+
+def log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The run: a day compressed into day_s seconds, `days` of them (the first teaches the predictor)."""
+
+    day_s: float = 75.0
+    days: int = 2
+    rate_lo: float = 1.5  # requests/s at night
+    rate_hi: float = 5.0  # ... in the afternoon (the spike multiplies it)
+    speed_factor: float = 0.5  # the sim engines run at half an H100's speed: few requests fill a replica
+    cold_start_s: float = 4.0  # a new replica's cold start, wall seconds
+    small_replicas: int = 2
+    max_small_replicas: int = 5
+    kill_at_h: float = 11.0  # hour of the last day at which a small-model replica is SIGKILLed
+    seed: int = 1
+    backend: str = "sim"
+    vllm_args: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        return self.day_s * self.days
+
+    def at_hour(self, day: int, hour: float) -> float:
+        return day * self.day_s + hour / 24.0 * self.day_s
+
+
+QUICK = DemoSettings(day_s=16.0, days=1, rate_lo=1.0, rate_hi=3.0, kill_at_h=12.0, cold_start_s=2.0)
+
+
+@dataclass
+class Run:
+    """Everything measured, in seconds since the start of the traffic."""
+
+    settings: DemoSettings
+    requests: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    sections: dict[str, dict] = field(default_factory=dict)
+    in_flight: int = 0
+    started: float = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def event(self, what: str, **extra) -> None:
+        self.events.append({"t_s": round(self.now(), 2), "what": what, **extra})
+        log(f"t={self.now():.1f}s {what}")
+
+
+class CountingClient(AsyncClient):
+    """An AsyncClient that counts the waits it makes before retrying (RetryInfo or backoff)."""
+
+    retries = 0
+
+    async def _sleep(self, seconds: float) -> None:
+        self.retries += 1
+        await asyncio.sleep(seconds)
+
+
+# -- the fleet -----------------------------------------------------------------------------------------------
+
+
+def autoscale_spec(s: DemoSettings) -> dict:
+    """sim-1b scales on a forecast of its arrival rate one compressed day back (predictive) and on requests
+    running per replica (reactive); the larger wins."""
+    return {
+        SMALL: {
+            "min_replicas": s.small_replicas,
+            "max_replicas": s.max_small_replicas,
+            "replica_rps": 1.6,
+            "cold_start_s": s.cold_start_s,
+            "scale_down_cooldown_s": s.day_s / 10,
+            "policies": {
+                "predictive": {
+                    "period_s": s.day_s,
+                    "bucket_s": s.day_s / 96,
+                    "trend_window_s": s.day_s / 12,
+                    "lead_margin_s": 1.0,
+                    "headroom": 0.2,
+                },
+                "reactive": {"target_running_per_replica": 3.0, "target_waiting_per_replica": 2.0},
+            },
+        }
+    }
+
+
+def cluster_config(s: DemoSettings, data_dir: Path) -> ClusterConfig:
+    engine_args = ["--vllm-args", s.vllm_args] if s.backend == "vllm" and s.vllm_args else []
+    return ClusterConfig(
+        data_dir=data_dir,
+        engines=0,  # the autoscaler starts the small model's replicas (as `fleetserve up --autoscale` does)
+        backend=s.backend,
+        model=SMALL,
+        speed_factor=s.speed_factor,
+        lease_ttl_s=1.5,
+        heartbeat_interval_s=0.25,
+        metrics_export_interval_s=1.0,
+        grace_period_s=5.0,
+        start_timeout_s=120.0,
+        # The sim's modelled cold start is in seconds at speed 1 (divided by the speed factor).
+        engine_startup_s=s.cold_start_s * s.speed_factor,
+        autoscale_models=json.dumps(autoscale_spec(s)),
+        autoscale_interval_s=1.0,
+        extra_args={
+            "router": [
+                "--model-aliases",
+                f"{ALIAS}={SMALL}|{LARGE}",
+                "--model-policies",
+                f"{SMALL}=cache_aware",
+            ],
+            # One compressed day is a day for the SLO windows and burn-rate alerts.
+            "metrics": ["--slo-time-scale", f"{86400 / s.day_s:g}"],
+            "engine": engine_args,
+        },
+    )
+
+
+def admin(data_dir: Path, *args: str) -> dict | list:
+    """`fleetserve admin --json ...` on the fleet's gateway database."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli.main",
+            "admin",
+            "--db",
+            str(data_dir / "gateway.db"),
+            "--json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"fleetserve admin {' '.join(args)}: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def create_tenants(data_dir: Path) -> dict[str, str]:
+    """Each demo tenant with its tier and limits, and an API key for it."""
+    keys = {}
+    for t in TENANTS:
+        admin(data_dir, "tenant", "create", t.name, "--tier", t.tier)
+        if t.limits:
+            admin(data_dir, "limits", t.name, *t.limits)
+        keys[t.name] = admin(data_dir, "key", "create", t.name, "--name", "demo")["api_key"]
+    return keys
+
+
+# -- traffic -------------------------------------------------------------------------------------------------
+
+
+async def one(run: Run, clients: dict[str, CountingClient], traffic: Traffic, req: Request) -> None:
+    client = clients[req.tenant]
+    rec = {"t_s": round(run.now(), 3), "tenant": req.tenant, "kind": req.kind}
+    run.in_flight += 1
+    reply = None
+    try:
+        if req.messages is not None:
+            done = await client.complete(
+                messages=req.messages,
+                model=SMALL,
+                max_tokens=req.max_tokens,
+                session_id=req.session,
+                feature="chat",
+            )
+        else:
+            done = await client.complete(req.prompt, model=ALIAS, max_tokens=req.max_tokens, feature=req.kind)
+        u = done.usage
+        rec.update(
+            status="ok",
+            model=done.served_by.model,
+            replica=done.served_by.replica_id,
+            ttft_ms=round(done.ttft_s * 1000, 2) if done.ttft_s is not None else None,
+            prompt_tokens=u.prompt_tokens,
+            cached_tokens=u.cached_tokens,
+            output_tokens=u.completion_tokens,
+        )
+        reply = done.text
+    except FleetServeError as e:
+        limited = e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        rec.update(
+            status="limited" if limited else "failed", code=e.code.name, reason=e.reason, attempts=e.attempts
+        )
+        if not limited:
+            run.event(f"request failed: {e}")
+    finally:
+        run.in_flight -= 1
+        rec["e2e_ms"] = round((run.now() - rec["t_s"]) * 1000, 2)
+        if rec.get("ttft_ms") is not None and rec.get("output_tokens", 0) > 1:
+            rec["tpot_ms"] = round((rec["e2e_ms"] - rec["ttft_ms"]) / (rec["output_tokens"] - 1), 3)
+        run.requests.append(rec)
+        traffic.done(req, reply)
+
+
+async def drive(
+    run: Run, clients: dict[str, CountingClient], traffic: Traffic, arrivals: list[float]
+) -> None:
+    """Open loop: each arrival is sent at its time whatever the fleet is doing (as real users do)."""
+    tasks = []
+    for at in arrivals:
+        delay = at - run.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(run, clients, traffic, traffic.next())))
+    await asyncio.gather(*tasks)
+
+
+async def sample(run: Run, cluster: Cluster, shape: DayShape, stop: asyncio.Event) -> None:
+    """Once a second: the offered rate, requests in flight, the autoscaler's desired and the registry's actual
+    replicas of the small model, and the routable replicas the router sees."""
+    async with (
+        grpc.aio.insecure_channel(cluster.registry) as reg,
+        grpc.aio.insecure_channel(cluster.router) as rt,
+    ):
+        registry, router = rpb_grpc.RegistryServiceStub(reg), router_grpc.RouterServiceStub(rt)
+        while not stop.is_set():
+            t = run.now()
+            point = {"t_s": round(t, 2), "rate": round(shape.rate(t), 3), "in_flight": run.in_flight}
+            try:
+                scaling = await registry.GetScaling(rpb.GetScalingRequest(model=SMALL), timeout=2)
+                for m in scaling.models:
+                    if m.model == SMALL:
+                        point.update(
+                            desired=m.desired, serving=m.serving, starting=m.starting, draining=m.draining
+                        )
+                status = await router.GetStatus(routerpb.GetStatusRequest(), timeout=2)
+                point["routable"] = {
+                    model: sum(1 for r in status.replicas if r.model == model and r.routable)
+                    for model in (SMALL, LARGE)
+                }
+            except grpc.aio.AioRpcError as e:
+                point["error"] = e.code().name
+            run.samples.append(point)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+
+async def kill_one(run: Run, data_dir: Path, at_s: float) -> None:
+    """SIGKILL one small-model replica (one the autoscaler started; its ready file names its pid) at at_s."""
+    await asyncio.sleep(max(0.0, at_s - run.now()))
+    for ready in sorted((data_dir / "run").glob(f"{SMALL}-as*.json")):
+        try:
+            info = json.loads(ready.read_text())
+            os.kill(int(info["pid"]), signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            continue  # gone already (scaled down) or not written yet
+        run.event(
+            f"SIGKILL {ready.stem} ({SMALL}) with {run.in_flight} requests in flight",
+            kind="kill",
+            replica=ready.stem,
+            in_flight=run.in_flight,
+        )
+        return
+    run.event("no replica to kill")
+
+
+# -- what the fleet says afterwards ----------------------------------------------------------------------------
+
+
+async def fleet_sections(run: Run, cluster: Cluster, wall_start: float) -> None:
+    """SLO status, cost over time and by dimension, the autoscaler's decisions, resumes from the router's log."""
+    s = run.settings
+    async with (
+        grpc.aio.insecure_channel(cluster.metrics) as ch,
+        grpc.aio.insecure_channel(cluster.registry) as reg,
+    ):
+        metrics = mpb_grpc.MetricsServiceStub(ch)
+        expected = sum(1 for r in run.requests if r["status"] == "ok")
+        cost = None
+        for _ in range(60):  # spans arrive within a few export intervals
+            cost = await metrics.GetCost(
+                mpb.GetCostRequest(
+                    start_unix=wall_start,
+                    end_unix=time.time(),
+                    group_by=[
+                        mpb.COST_DIMENSION_TENANT,
+                        mpb.COST_DIMENSION_MODEL,
+                        mpb.COST_DIMENSION_FEATURE,
+                        mpb.COST_DIMENSION_REPLICA_TYPE,
+                    ],
+                ),
+                timeout=10,
+            )
+            if cost.requests >= expected:
+                break
+            await asyncio.sleep(0.5)
+        run.sections["cost"] = MessageToDict(cost, preserving_proto_field_name=True)
+        step = s.day_s / 12  # two compressed hours
+        series = []
+        for i in range(int(s.duration_s / step)):
+            w = await metrics.GetCost(
+                mpb.GetCostRequest(start_unix=wall_start + i * step, end_unix=wall_start + (i + 1) * step),
+                timeout=10,
+            )
+            series.append(
+                {
+                    "t_s": round((i + 0.5) * step, 2),
+                    "cost_per_1k_tokens_usd": w.cost_per_1k_tokens,
+                    "total_usd": w.total_usd,
+                    "tokens": w.tokens,
+                }
+            )
+        run.sections["cost_series"] = {"step_s": step, "series": series}
+        slos = await metrics.GetSlos(mpb.GetSlosRequest(), timeout=10)
+        run.sections["slos"] = MessageToDict(slos, preserving_proto_field_name=True)
+        scaling = await rpb_grpc.RegistryServiceStub(reg).GetScaling(
+            rpb.GetScalingRequest(model=SMALL), timeout=5
+        )
+        run.sections["scaling"] = MessageToDict(scaling, preserving_proto_field_name=True)
+    resumes = retries = 0
+    log_file = cluster.config.data_dir / "logs" / "router.log"
+    for line in log_file.read_text().splitlines() if log_file.exists() else ():
+        if '"router.retrying"' in line:
+            resumes += '"resume"' in line
+            retries += '"retry"' in line
+    run.sections["resilience"] = {
+        "router_resumes": resumes,
+        "router_retries": retries,
+        "client_retries": None,
+    }
+
+
+def rollout_section() -> dict:
+    """The canary rollout needs routers that apply the registry's traffic splits (the rollouts engineer's work)."""
+    try:
+        import services.router.traffic  # noqa: F401
+    except ImportError:
+        return {"skipped": "rollouts: routers applying the registry's traffic splits are not on main yet"}
+    return {
+        "skipped": "rollouts: the demo's canary (a good version promoted, a planted-bad one rolled back) is "
+        "not wired in yet"
+    }
+
+
+def verdicts(run: Run) -> dict:
+    """The run's verdicts: no failed request (kill included), each SLO of the metrics service met or not."""
+    reqs = run.requests
+    failed = [r for r in reqs if r["status"] == "failed"]
+    kills = [e for e in run.events if e.get("kind") == "kill"]
+    around = [r for r in failed for k in kills if k["t_s"] - 1 <= r["t_s"] <= k["t_s"] + 15]
+    out = {
+        "requests": len(reqs),
+        "ok": sum(r["status"] == "ok" for r in reqs),
+        "limited": sum(r["status"] == "limited" for r in reqs),
+        "failed": len(failed),
+        "failed_around_the_kill": len(around),
+        "zero_failed_requests": not failed,
+        "slos": [],
+    }
+    for st in run.sections.get("slos", {}).get("slos", []):
+        slo = st.get("slo", {})
+        objective, sli = float(slo.get("objective", 0)), float(st.get("sli", 0))
+        events = int(st.get("events", 0))
+        out["slos"].append(
+            {
+                "name": slo.get("name"),
+                "kind": slo.get("kind"),
+                "objective": objective,
+                "sli": round(sli, 5),
+                "events": events,
+                "bad_events": int(st.get("bad_events", 0)),
+                "threshold_ms": slo.get("threshold_ms"),
+                "measured_ms": st.get("measured_ms"),
+                "met": bool(events) and sli >= objective,
+                "alerts_firing": [a.get("rule", a.get("name")) for a in st.get("firing", [])],
+            }
+        )
+    out["all_slos_met"] = bool(out["slos"]) and all(x["met"] for x in out["slos"])
+    return out
+
+
+async def run_demo(s: DemoSettings, out_dir: Path) -> dict:
+    """Start the fleet, run the traffic, gather what the fleet says, stop it; the record."""
+    data_dir = out_dir / "fleet"  # the caller made out_dir
+    cluster = Cluster(cluster_config(s, data_dir))
+    shape = DayShape(s.day_s, s.rate_lo, s.rate_hi)
+    rng = random.Random(s.seed)
+    arrivals = shape.arrivals(s.duration_s, rng)
+    run = Run(s)
+    log(
+        f"starting the fleet in {data_dir} (sim speed {s.speed_factor:g}, autoscaled {SMALL}, one {LARGE}) ..."
+    )
+    await cluster.start()
+    try:
+        await cluster.add_engine(model=LARGE, args=["--profile", "h100-llama-8b"])
+        await wait_routable(cluster.router, s.small_replicas, SMALL)
+        await wait_routable(cluster.router, 1, LARGE)
+        keys = await asyncio.to_thread(create_tenants, data_dir)
+        clients = {t: CountingClient(cluster.gateway, k, timeout_s=60.0) for t, k in keys.items()}
+        traffic = Traffic(rng)
+        log(
+            f"{len(arrivals)} requests over {s.days} compressed day(s) of {s.day_s:g} s; tenants {', '.join(keys)}"
+        )
+        await asyncio.sleep(2.0)  # the gateway's config poll sees the tenants
+        wall_start = time.time()
+        run.started = time.monotonic()
+        run.event("traffic starts")
+        for d in range(s.days):
+            run.events.append(
+                {"t_s": round(s.at_hour(d, shape.spike_from_h), 2), "what": f"day {d + 1}: spike"}
+            )
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample(run, cluster, shape, stop))
+        killer = asyncio.create_task(kill_one(run, data_dir, s.at_hour(s.days - 1, s.kill_at_h)))
+        try:
+            await drive(run, clients, traffic, arrivals)
+        finally:
+            await killer
+            stop.set()
+            await sampler
+        run.event("traffic ends")
+        client_retries = {t: c.retries for t, c in clients.items()}
+        for c in clients.values():
+            await c.close()
+        await fleet_sections(run, cluster, wall_start)
+        run.sections["resilience"]["client_retries"] = client_retries
+    finally:
+        exits = await cluster.stop()
+    run.sections["rollout"] = rollout_section()
+    return {
+        "demo": "capstone",
+        "settings": asdict(s),
+        "verdicts": verdicts(run),
+        "events": sorted(run.events, key=lambda e: e["t_s"]),
+        "samples": run.samples,
+        "requests": run.requests,
+        "sections": run.sections,
+        "exit_codes": {k: v for k, v in exits.items() if v not in (0, None)},
+    }
