@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz chaos soak clean dashboard-png
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz chaos soak demo experiments clean dashboard-png
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
