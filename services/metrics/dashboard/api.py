@@ -28,14 +28,15 @@ def _latency(sketch) -> dict[str, float | None]:
     return {"p50": s.p50, "p95": s.p95, "p99": s.p99, "mean": s.mean}
 
 
-def _last_at(points: deque | list, t: float) -> float | None:
-    """The value of the last point at or before t (None when there is none)."""
-    value = None
+def _last_at(points: deque | list, t: float, max_age_s: float) -> float | None:
+    """The value of the last point at or before t, if it is at most max_age_s old (a replica that left stops
+    being drawn); None otherwise."""
+    value, at = None, None
     for pt, v in points:
         if pt > t:
             break
-        value = v
-    return value
+        value, at = v, pt
+    return value if at is not None and t - at <= max_age_s else None
 
 
 @dataclass
@@ -70,10 +71,10 @@ class Dashboard:
             "requests_per_s": [p.bucket.requests / p.width_s for p in points],
             "output_tokens_per_s": [p.bucket.output_tokens / p.width_s for p in points],
             "error_rate": [p.bucket.errors / p.bucket.requests if p.bucket.requests else 0.0 for p in points],
-            "cost_per_1k_tokens": [self._cost_per_1k(p) for p in points],
+            "cost_per_1k_tokens": [self._cost_per_1k(p, model) for p in points],
             "slow_ttft": [_exemplar(p.bucket.slowest_ttft) for p in points],
             "replicas": self._replicas(points, model),
-            "kv_cache_usage": {rid: [_last_at(pts, t) for t in grid] for rid, pts in self.kv.series.items()},
+            "kv_cache_usage": self._kv_usage(grid),
             "alerts": {
                 "firing": [_alert_dict(a) for a in self.slo.firing(model)],
                 "recent": list(self.alert_log)[::-1],
@@ -82,20 +83,30 @@ class Dashboard:
         }
         return doc
 
+    def _kv_usage(self, grid: list[float]) -> dict[str, list[float | None]]:
+        """Each replica's KV-cache use at each grid time; replicas with no fresh point in the window left out."""
+        out = {}
+        for rid, pts in self.kv.series.items():
+            values = [_last_at(pts, t, self.up_slack_s) for t in grid]
+            if any(v is not None for v in values):
+                out[rid] = values
+        return out
+
     @staticmethod
     def _percentile_series(points: list[SeriesPoint], which: str) -> dict[str, list[float | None]]:
         rows = [_latency(getattr(p.bucket, which)) for p in points]
         return {k: [r[k] for r in rows] for k in ("p50", "p95", "p99", "mean")}
 
-    def _cost_per_1k(self, p: SeriesPoint) -> float | None:
-        """The fleet's replica cost in the bucket over the tokens it served (None without tokens)."""
+    def _cost_per_1k(self, p: SeriesPoint, model: str) -> float | None:
+        """The replicas' cost in the bucket (the model's, when one is chosen) over the tokens served (None
+        without tokens or replicas)."""
         tokens = p.bucket.output_tokens + p.bucket.prompt_tokens
-        if not tokens:
+        replicas = [r for r in self.replicas.replicas.values() if not model or r.model == model]
+        if not tokens or not replicas:
             return None
         end = p.t + p.width_s
         usd = sum(
-            r.seconds_in(p.t, end) / 3600.0 * self.prices.price(r.replica_type).gpu_hour_usd
-            for r in self.replicas.replicas.values()
+            r.seconds_in(p.t, end) / 3600.0 * self.prices.price(r.replica_type).gpu_hour_usd for r in replicas
         )
         return usd / tokens * 1000.0
 
@@ -107,7 +118,7 @@ class Dashboard:
         desired_series = {m: pts for m, pts in self.desired.series.items() if not model or m == model}
         desired: list[float | None] = []
         for p in points:
-            values = [_last_at(pts, p.t + p.width_s) for pts in desired_series.values()]
+            values = [_last_at(pts, p.t + p.width_s, self.up_slack_s * 4) for pts in desired_series.values()]
             values = [v for v in values if v is not None]
             desired.append(sum(values) if values else None)
         return {"actual": actual, "desired": desired, "has_desired": bool(desired_series)}

@@ -92,3 +92,11 @@ def test_trace_document_offsets_from_the_trace_start():
         (2.0, 5.0, True),
     ]
     assert trace_document([]) == {"spans": []}
+
+
+def test_a_replica_that_left_is_not_drawn_on():
+    """KV-cache use of a replica whose last point is older than the slack is no value (the line ends)."""
+    now = 1_000_000.0
+    b = board(now)
+    b.kv.on_point({"replica_id": "gone"}, now - 3600, 0.9)
+    assert "gone" not in b.document(60.0, now)["kv_cache_usage"]
