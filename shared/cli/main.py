@@ -135,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     prometheus_config.add_arguments(pc)
 
+    qual = sub.add_parser("quality", help="quality signals per version of a model; shift tests between two")
+    qual.add_argument("model", help="model name")
+    qual.add_argument("--baseline", help="with --candidate: the baseline version")
+    qual.add_argument("--candidate", help="compare this version against --baseline (CompareVersions)")
+    qual.add_argument(
+        "--window", type=float, default=3600.0, help="look back this many seconds (default 3600)"
+    )
+    qual.add_argument("--alpha", type=float, default=0.01, help="significance of each test (default 0.01)")
+    qual.add_argument("--metrics", help="metrics service host:port (default: the running cluster's)")
+    qual.add_argument("--json", action="store_true")
+
     rep = sub.add_parser("report", help="PNG charts of a benchmark result JSON (matplotlib)")
     rep.add_argument(
         "result", help="result JSON: latency_timeline, policy_comparison, autoscale_timeline, bench"
@@ -207,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         from shared.cli.prometheus_config import run_prometheus_config
 
         return run_prometheus_config(args)
+    if args.command == "quality":
+        from shared.cli.quality import run_quality
+
+        return run_quality(args)
     if args.command == "report":
         from pathlib import Path
 

@@ -94,6 +94,21 @@ async def _serves(fleet, model: str) -> bool:
     return await generate(fleet, key=fleet.api_key, model=model, prompt="warm up", max_tokens=1) == "OK"
 
 
+async def cli(*args: str) -> str:
+    """`fleetserve ARGS` as a subprocess; its stdout (it must exit 0)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.cli.main",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
 async def requests_seen(fleet) -> int:
     resp = await fleet.m.Query(mpb.QueryRequest(), timeout=5)
     return sum(m.requests for m in resp.models)
@@ -180,10 +195,7 @@ async def test_cost_per_tenant_and_request_type_adds_up_to_gpu_hours_times_price
     assert cost.biggest_driver.key
 
     # The CLI prints the same breakdown and names the biggest driver.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "shared.cli.main",
+    text = await cli(
         "cost",
         "--metrics",
         fleet.metrics,
@@ -193,12 +205,7 @@ async def test_cost_per_tenant_and_request_type_adds_up_to_gpu_hours_times_price
         str(start),
         "--until",
         str(end),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err
-    text = out.decode()
     assert "biggest cost driver" in text and "by tenant" in text and "by feature" in text and "saved" in text
 
 
@@ -321,6 +328,8 @@ async def test_quality_shift_of_a_candidate_version_is_detected(fleet):
     assert resp.baseline.refusal_rate == 0.0 and resp.candidate.ttft_ms.count > 0
     quality = await fleet.m.GetQuality(mpb.GetQualityRequest(model=SMALL, start_unix=t0), timeout=10)
     assert {v.version for v in quality.versions} >= {"v1", "v2"}
+    out = await cli("quality", SMALL, "--baseline", "v1", "--candidate", "v2", "--metrics", fleet.metrics)
+    assert "SHIFTED" in out and "refusal_rate" in out and "shifted" in out
 
 
 async def _serves_both_versions(fleet) -> bool:
