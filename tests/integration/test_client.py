@@ -95,9 +95,9 @@ async def test_rate_limited_call_waits_the_advised_delay_then_succeeds(fleet):
     """RESOURCE_EXHAUSTED with RetryInfo (a tenant past its rps) is retried after the advised delay, and the
     retry succeeds."""
     tenants = fleet.gateway.tenants
-    tenants.create_tenant("client-rps", tenant_id="client-rps")
-    tenants.set_tenant("client-rps", rps=2)
-    key = tenants.add_key("client-rps")
+    await tenants.create_tenant("client-rps", tenant_id="client-rps")
+    await tenants.set_tenant("client-rps", rps=2)
+    key = await tenants.add_key("client-rps")
     async with recording(fleet.gateway.address, key) as client:
         for _ in range(2):
             await client.complete("hello", max_tokens=2)
