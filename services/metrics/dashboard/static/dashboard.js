@@ -42,7 +42,7 @@
     },
     kv: {
       dynamic: true,
-      axes: [{}, { values: (u, vals) => vals.map((v) => (100 * v).toFixed(v < 0.01 ? 2 : 0) + "%") }],
+      axes: [{}, { size: 64, values: (u, vals) => vals.map((v) => (100 * v).toFixed(v < 0.01 ? 2 : 0) + "%") }],
       series: (d) => [{}, ...Object.keys(d.kv_cache_usage).map((rid, i) => ({
         label: rid, stroke: `hsl(${(i * 67) % 360} 65% 45%)`, width: 1.5, spanGaps: true })) ],
       data: (d) => [d.t, ...Object.values(d.kv_cache_usage)],
