@@ -58,6 +58,8 @@ class _Req:
     priority: int
     cached_tokens: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Index of the front end (FakeClient) that sent it; None for a single-process AsyncLLM.
+    owner: int | None = None
     generated: int = 0
     finished: bool = False
 
@@ -99,6 +101,9 @@ class FakeAsyncLLM:
         self.cache: dict[bytes, tuple[bytes | None, list[int]]] = {}
         self.dead = False
         self.stopped = False
+        # Stat loggers of each front end's client (add_client), when several share this engine core.
+        self.clients: list[list] = []
+        self._sched_turn = 0
         self._seq = 0
         self._pub = zmq.Context.instance().socket(zmq.PUB)
         self._pub.bind(kv_endpoint)
@@ -111,12 +116,14 @@ class FakeAsyncLLM:
     def errored(self) -> bool:
         return self.dead
 
-    async def generate(self, prompt: dict, params: FakeSamplingParams, request_id: str, *, priority: int = 0):
+    async def generate(
+        self, prompt: dict, params: FakeSamplingParams, request_id: str, *, priority: int = 0, owner=None
+    ):
         if self.dead:
             raise FakeEngineDeadError()
         ids = list(prompt["prompt_token_ids"])
         cached = self._admit_blocks(ids, prompt.get("cache_salt"))
-        req = _Req(request_id, ids, params, priority, cached)
+        req = _Req(request_id, ids, params, priority, cached, owner=owner)
         self.requests[request_id] = req
         self.seen.append(req)
         try:
@@ -245,9 +252,29 @@ class FakeAsyncLLM:
                 kv_cache_usage=min(1.0, len(self.cache) / self.vllm_config.cache_config.num_gpu_blocks),
                 prefix_cache_stats=SimpleNamespace(queries=0, hits=0),
             )
+            if self.clients:
+                self._record_clients(sched, live)
+                continue
             it = SimpleNamespace(num_generation_tokens=generated)
             for lg in self.loggers:
                 lg.record(sched, it if generated else None, None, 0)
+
+    def _record_clients(self, sched, live: list[_Req]) -> None:
+        """As vLLM's engine core with several front ends: each front end's stat loggers hear the tokens of its
+        own requests, and the step's scheduler snapshot goes to one front end only (here, in turn)."""
+        self._sched_turn = (self._sched_turn + 1) % len(self.clients)
+        for i, loggers in enumerate(self.clients):
+            n = sum(1 for r in live if r.owner == i)
+            it = SimpleNamespace(num_generation_tokens=n) if n else None
+            for lg in loggers:
+                lg.record(sched if i == self._sched_turn else None, it, None, 0)
+
+    def add_client(self, stat_loggers: list[type], index: int) -> FakeClient:
+        """A front end's AsyncLLM client on this engine core (vLLM's client_index)."""
+        while len(self.clients) <= index:
+            self.clients.append([])
+        self.clients[index] = [cls(self.vllm_config, 0) for cls in stat_loggers]
+        return FakeClient(self, index)
 
     def record_prefix(self, queries: int, hits: int) -> None:
         """One step's prefix-cache stats, as vLLM's scheduler reports them."""
@@ -261,6 +288,31 @@ class FakeAsyncLLM:
             lg.record(sched, None, None, 0)
 
 
+class FakeClient:
+    """One front end's AsyncLLM client of a shared FakeAsyncLLM: its requests are tagged with its index, and
+    shutting it down leaves the engine core running (the supervisor stops that)."""
+
+    def __init__(self, core: FakeAsyncLLM, index: int) -> None:
+        self.core = core
+        self.index = index
+        self.vllm_config = core.vllm_config
+
+    @property
+    def errored(self) -> bool:
+        return self.core.dead
+
+    def generate(self, prompt: dict, params: FakeSamplingParams, request_id: str, *, priority: int = 0):
+        return self.core.generate(prompt, params, request_id, priority=priority, owner=self.index)
+
+    async def abort(self, request_id: str) -> None:
+        req = self.core.requests.get(request_id)
+        if req is not None and req.owner == self.index:  # a client aborts only its own requests, as vLLM's
+            await self.core.abort(request_id)
+
+    def shutdown(self) -> None:
+        pass
+
+
 def fake_api(model_dir: str, engines: list[FakeAsyncLLM] | None = None, **engine_kw) -> VllmApi:
     """A VllmApi whose create_engine builds a FakeAsyncLLM (appended to `engines` for the test to drive)."""
 
@@ -270,6 +322,12 @@ def fake_api(model_dir: str, engines: list[FakeAsyncLLM] | None = None, **engine
             engines.append(llm)
         return llm
 
+    def create_client(argv: list[str], kv_endpoint: str, stat_loggers: list[Any], client: dict) -> FakeClient:
+        # The first front end's call starts the shared engine core (in a real replica, the supervisor does).
+        if not engines:
+            engines.append(FakeAsyncLLM(argv, kv_endpoint, [], model_dir=model_dir, **engine_kw))
+        return engines[0].add_client(stat_loggers, client["client_index"])
+
     return VllmApi(
         create_engine=create_engine,
         sampling_params=FakeSamplingParams,
@@ -278,4 +336,5 @@ def fake_api(model_dir: str, engines: list[FakeAsyncLLM] | None = None, **engine
         engine_dead_error=FakeEngineDeadError,
         output_kind_delta="DELTA",
         version="fake",
+        create_client=create_client,
     )

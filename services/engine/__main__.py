@@ -1,9 +1,16 @@
-"""`python -m services.engine`: run an engine replica until SIGTERM."""
+"""`python -m services.engine`: run an engine replica until SIGTERM (with several vLLM front ends, their
+supervisor: services/engine/frontends.py)."""
+
+import sys
 
 from services.engine.app import start
 from services.engine.config import EngineSettings
+from services.engine.frontends import supervise
 from shared.server import run, serve_main
 from shared.settings import load_settings
 
 if __name__ == "__main__":
-    run(lambda: serve_main("engine", load_settings(EngineSettings), start))
+    settings = load_settings(EngineSettings)
+    if settings.frontend_count > 1:
+        sys.exit(supervise(settings, settings.frontend_count))
+    run(lambda: serve_main("engine", settings, start))

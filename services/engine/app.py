@@ -16,6 +16,7 @@ from services.engine.backend import EngineBackend
 from services.engine.config import EngineSettings
 from services.engine.engine_metrics import EngineMetrics, vllm_metrics_registered
 from services.engine.gauges import EngineGauges
+from services.engine.frontends import Frontend
 from services.engine.registration import Registration
 from services.engine.servicer import EngineServicer
 from services.engine.sim import SimEngine
@@ -26,8 +27,8 @@ from shared.telemetry import Telemetry
 log = structlog.get_logger(__name__)
 
 
-def create_backend(settings: EngineSettings) -> EngineBackend:
-    """The backend named by settings.backend."""
+def create_backend(settings: EngineSettings, frontend: Frontend | None = None) -> EngineBackend:
+    """The backend named by settings.backend (for vllm, one front end of several when frontend is given)."""
     if settings.backend == "sim":
         profile = settings.gpu_profile
         return SimEngine(
@@ -53,6 +54,7 @@ def create_backend(settings: EngineSettings) -> EngineBackend:
             ),
             detokenize=settings.vllm_detokenize,
             replica_id=settings.replica_id,
+            **(frontend.backend_options() if frontend is not None else {}),
         )
     raise ValueError(f"unknown backend {settings.backend!r}")
 
@@ -105,6 +107,7 @@ class EngineApp:
                 await self.registration.drain()
 
         async def after_stop() -> None:
+            await self.servicer.close()
             await self.backend.shutdown()
             if self.registration is not None:
                 await self.registration.close()
@@ -126,11 +129,15 @@ async def model_cold_start(delay_s: float, replica_id: str, progress_every_s: fl
         log.info("engine.loading_progress", replica_id=replica_id, done=round(done, 2))
 
 
-async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
-    """Start the backend and serve; register with the registry in the background (if one is configured)."""
+async def start(
+    settings: EngineSettings, telemetry: Telemetry, frontend: Frontend | None = None
+) -> EngineApp:
+    """Start the backend and serve; register with the registry in the background (if one is configured).
+    With `frontend`, this process is one of a replica's several front ends (services/engine/frontends.py): it
+    learns its peers once all are bound, and only the primary registers (one replica, every endpoint)."""
     started_unix = time.time()
     await model_cold_start(settings.startup_delay_s, settings.replica_id)
-    backend = create_backend(settings)
+    backend = create_backend(settings, frontend)
     await backend.start()
     registry = prom.new_registry()
     try:
@@ -146,7 +153,17 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
             meter=telemetry.meter,
             prom_metrics=None if native else EngineMetrics(registry, backend, settings.model),
         )
-        running = await create_server([Service(pb, "EngineService", servicer)], settings.host, settings.port)
+        port = settings.port + frontend.index if frontend is not None and settings.port else settings.port
+        running = await create_server(
+            [Service(pb, "EngineService", servicer, relay_bytes=frozenset({"SubscribeKvEvents"}))],
+            settings.host,
+            port,
+        )
+        address = settings.advertised_address(running.port)
+        endpoints: list[str] = []
+        if frontend is not None:
+            endpoints = await frontend.exchange(address)
+            servicer.set_peers(address, endpoints, endpoints[0])
     except BaseException:
         await backend.shutdown()
         raise
@@ -159,16 +176,17 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
         replica_type=settings.profile,
     )
     registration = None
-    if settings.registry_address:
+    if settings.registry_address and (frontend is None or frontend.index == 0):
         registration = Registration(
             settings.registry_address,
             reg_pb.Replica(
                 replica_id=settings.replica_id,
-                address=settings.advertised_address(running.port),
+                address=address,
                 model=settings.model,
                 backend=settings.backend,
                 model_version=settings.model_version,
                 started_unix=started_unix,
+                endpoints=endpoints,
             ),
             gauges.sample,
             retry_base_s=settings.register_retry_base_s,
@@ -182,6 +200,8 @@ async def start(settings: EngineSettings, telemetry: Telemetry) -> EngineApp:
         model=settings.model,
         model_version=settings.model_version,
         backend=settings.backend,
+        frontend=None if frontend is None else frontend.index,
+        frontends=len(endpoints) or 1,
         speed_factor=settings.speed_factor,
         sim_behaviour=settings.sim_behaviour or None,
         max_num_seqs=settings.max_num_seqs,

@@ -162,6 +162,10 @@ class EngineBackend(Protocol):
         """Abort a request if it is waiting or running; False when unknown or already finished."""
         ...
 
+    def replica_counters(self) -> Counters:
+        """Lifetime counters of the whole replica (all its front-end processes; `counters` where it has one)."""
+        ...
+
     def load(self) -> common_pb2.ReplicaLoad:
         """Current load, as heartbeats report it: running, waiting, kv_blocks_used/total, prefix-cache
         counters (queried/hit tokens since start and their ratio), output_tokens_per_s, in_flight_tokens."""

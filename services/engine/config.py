@@ -55,6 +55,15 @@ class EngineSettings(ServiceSettings):
         description="vllm backend: vLLM detokenizes outputs into chunk text (--no-vllm-detokenize streams token "
         "ids only, less per-token work in the worker; requests with stop strings are detokenized anyway).",
     )
+    frontends: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="vllm backend: front-end processes sharing the one engine core (as vllm serve "
+        "--api-server-count N), each serving EngineService on its own port (--port P: P, P+1, ...); the replica "
+        "registers once with all of them as endpoints. 0: a quarter of this host's cores, 1 to 8. The sim engine "
+        "always runs in one process.",
+    )
     speed_factor: float = Field(
         1.0, gt=0, le=100_000, description="Sim: run the modelled GPU this many times faster than real time."
     )
@@ -136,6 +145,8 @@ class EngineSettings(ServiceSettings):
         if self.backend == "sim":
             self.gpu_profile  # noqa: B018 - a missing or malformed profile fails here, at start
             self.behaviour  # noqa: B018 - so does a malformed --sim-behaviour
+        if self.backend == "sim" and self.frontends > 1:
+            raise ValueError("--frontends applies to the vllm backend; the sim engine runs in one process")
         if self.register_retry_base_s > self.register_retry_max_s:
             raise ValueError("register_retry_base_s must not exceed register_retry_max_s")
         return self
@@ -147,6 +158,15 @@ class EngineSettings(ServiceSettings):
             return sim_behaviour.for_version(sim_behaviour.parse(self.sim_behaviour), self.model_version)
         except ValueError as e:
             raise ValueError(f"sim_behaviour: {e}") from None
+
+    @property
+    def frontend_count(self) -> int:
+        """Front-end processes this replica runs (1 for the sim; --frontends, or chosen from the cores)."""
+        if self.backend != "vllm":
+            return 1
+        from services.engine.frontends import auto_frontends
+
+        return self.frontends or auto_frontends()
 
     @property
     def gpu_profile(self) -> GpuProfile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -14,6 +15,7 @@ from opentelemetry import metrics, trace
 from services.engine.backend import EngineBackend
 from services.engine.engine_metrics import EngineMetrics
 from services.engine.output_quality import OutputSample
+from shared.channels import CHANNEL_OPTIONS
 from shared.deadlines import caller_time_left, deadline_passed
 from shared.errors import InvalidArgument, NotFound, rpc_boundary
 from shared.telemetry import bind_request, context_from_metadata, stream_span
@@ -21,6 +23,10 @@ from shared.telemetry import bind_request, context_from_metadata, stream_span
 log = structlog.get_logger(__name__)
 
 MAX_STOP_STRINGS = 16
+ENGINE_ABORT = "/fleetserve.engine.v1.EngineService/Abort"
+ENGINE_KV_EVENTS = "/fleetserve.engine.v1.EngineService/SubscribeKvEvents"
+# Metadata of an Abort one front end passes to the replica's others (so they do not pass it on again).
+FORWARDED_KEY = "x-fleetserve-abort-forwarded"
 _FINISH_NAMES = {v.number: v.name for v in common_pb2.FinishReason.DESCRIPTOR.values}
 
 
@@ -95,6 +101,10 @@ class EngineServicer:
             "fleetserve.model_version": model_version,
             "fleetserve.replica_id": replica_id,
         }
+        self._peers: list[str] = []
+        self._primary = ""
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._peer_abort: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self._output_tokens = meter.create_counter(
             "fleetserve.engine.output_tokens",
             unit="{token}",
@@ -191,15 +201,47 @@ class EngineServicer:
                     duration_ms=round(duration_s * 1000.0, 3),
                 )
 
+    def set_peers(self, own: str, addresses: list[str], primary: str) -> None:
+        """The replica's other front-end processes (Abort asks them for a request this one does not have) and
+        its primary (the one that reads KV events; the others relay its stream)."""
+        self._peers = [a for a in addresses if a != own]
+        self._primary = "" if primary == own else primary
+        channels = {a: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses}
+        self._channels = channels
+        self._peer_abort = {
+            a: channels[a].unary_unary(
+                ENGINE_ABORT,
+                request_serializer=pb.AbortRequest.SerializeToString,
+                response_deserializer=pb.AbortResponse.FromString,
+            )
+            for a in self._peers
+        }
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close(grace=None)
+        self._channels = {}
+
     @rpc_boundary
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         aborted = self.backend.abort(request.request_id)
+        forwarded = any(k == FORWARDED_KEY for k, _ in context.invocation_metadata() or ())
+        if not aborted and self._peer_abort and not forwarded:
+            # The request may be streaming from another front end of this replica.
+            answers = await asyncio.gather(
+                *(
+                    abort(request, timeout=2.0, metadata=((FORWARDED_KEY, "1"),))
+                    for abort in self._peer_abort.values()
+                ),
+                return_exceptions=True,
+            )
+            aborted = any(isinstance(a, pb.AbortResponse) and a.aborted for a in answers)
         log.info("engine.abort", request_id=request.request_id, aborted=aborted)
         return pb.AbortResponse(aborted=aborted)
 
     @rpc_boundary
     async def GetLoad(self, request: pb.GetLoadRequest, context) -> pb.GetLoadResponse:
-        c = self.backend.counters
+        c = self.backend.replica_counters()
         return pb.GetLoadResponse(
             load=self.backend.load(),
             requests_finished=c.finished,
@@ -222,13 +264,27 @@ class EngineServicer:
 
     @rpc_boundary
     async def SubscribeKvEvents(self, request: pb.SubscribeKvEventsRequest, context):
+        if self._primary:
+            # Only the primary front end reads the engine core's KV events: relay its stream, unparsed.
+            call = self._channels[self._primary].unary_stream(
+                ENGINE_KV_EVENTS,
+                request_serializer=pb.SubscribeKvEventsRequest.SerializeToString,
+                response_deserializer=None,
+            )(request)
+            try:
+                async for data in call:
+                    yield data
+            finally:
+                call.cancel()
+            return
         batches = 0
         log.info("engine.kv_events_subscribed", include_snapshot=request.include_snapshot)
         stream = self.backend.subscribe_kv_events(request.include_snapshot)
         try:
             async for batch in stream:
                 batches += 1
-                yield pb.SubscribeKvEventsResponse(batch=batch)
+                # Mounted as a relaying method (the other front ends pass this stream on as bytes).
+                yield pb.SubscribeKvEventsResponse(batch=batch).SerializeToString()
         finally:
             await stream.aclose()
             log.info("engine.kv_events_ended", batches=batches)

@@ -249,6 +249,9 @@ class SimEngine:
 
     # -- load ---------------------------------------------------------------------------------------
 
+    def replica_counters(self) -> Counters:
+        return self.counters  # one process is the whole replica
+
     def load(self) -> common_pb2.ReplicaLoad:
         s = self.scheduler
         stats = s.pool.stats

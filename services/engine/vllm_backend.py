@@ -31,6 +31,7 @@ from services.engine.backend import (
     check_resume_ids,
 )
 from services.engine.kv_events import KvEventHub
+from services.engine.load_board import LoadBoard, ReplicaTotals
 from services.engine.vllm_kv_events import KvEventTranslator, ZmqKvEventReader
 from shared import tokenizer as fleet_tokenizer
 from shared.errors import InvalidArgument, Unavailable
@@ -58,6 +59,13 @@ class VllmApi:
     engine_dead_error: type[BaseException]
     output_kind_delta: Any
     version: str
+    # Several front-end processes on one engine core (vLLM's multi-API-server mode), None where unsupported:
+    # (engine argv, KV-event endpoint, front-end count) -> a context manager that starts the engine core and
+    # yields (one client config per front end, the engine-core process manager); the engine core finishes
+    # starting when the context exits, as vllm serve --api-server-count N does with launch_core_engines.
+    launch_core: Callable[[list[str], str, int], Any] | None = None
+    # (engine argv, KV-event endpoint, stat logger factories, client config) -> a started AsyncLLM client.
+    create_client: Callable[[list[str], str, list[Any], dict], Any] | None = None
 
 
 def engine_argv(vllm_args: str, *, max_num_seqs: int, max_num_batched_tokens: int) -> list[str]:
@@ -90,7 +98,7 @@ def load_vllm_api() -> VllmApi:
     from vllm.v1.engine.exceptions import EngineDeadError
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    def create_engine(argv: list[str], kv_endpoint: str, stat_loggers: list[Any]) -> Any:
+    def engine_args(argv: list[str], kv_endpoint: str, **private: int) -> Any:
         parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="--vllm-args"))
         args = AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
         if args.block_size not in (None, BLOCK_SIZE):
@@ -107,7 +115,50 @@ def load_vllm_api() -> VllmApi:
                 enable_kv_cache_events=True, publisher="zmq", endpoint=kv_endpoint, topic=KV_TOPIC
             ),
         )
-        return AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
+        # vLLM's private front-end count and rank (vllm serve sets them the same way for its API servers).
+        for name, value in private.items():
+            setattr(args, name, value)
+        return args
+
+    def create_engine(argv: list[str], kv_endpoint: str, stat_loggers: list[Any]) -> Any:
+        return AsyncLLM.from_engine_args(engine_args(argv, kv_endpoint), stat_loggers=stat_loggers)
+
+    @contextlib.contextmanager
+    def launch_core(argv: list[str], kv_endpoint: str, count: int):
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.utils import get_engine_zmq_addresses, launch_core_engines
+        from vllm.v1.executor import Executor
+
+        args = engine_args(argv, kv_endpoint, _api_process_count=count, _api_process_rank=-1)
+        vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        # One engine core (no data parallelism here): its client sockets are ipc paths, known before any bind.
+        addresses = get_engine_zmq_addresses(vllm_config, count)
+        with launch_core_engines(vllm_config, Executor.get_class(vllm_config), True, addresses, count) as (
+            manager,
+            _coordinator,
+            addresses,
+            _tensors,
+        ):
+            yield (
+                [
+                    {"input_address": i, "output_address": o, "client_count": count, "client_index": k}
+                    for k, (i, o) in enumerate(zip(addresses.inputs, addresses.outputs, strict=True))
+                ],
+                manager,
+            )
+
+    def create_client(argv: list[str], kv_endpoint: str, stat_loggers: list[Any], client: dict) -> Any:
+        from vllm.usage.usage_lib import UsageContext
+
+        count, index = client["client_count"], client["client_index"]
+        args = engine_args(argv, kv_endpoint, _api_process_count=count, _api_process_rank=index)
+        return AsyncLLM.from_vllm_config(
+            args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER),
+            stat_loggers=stat_loggers,
+            client_addresses={k: client[k] for k in ("input_address", "output_address")},
+            client_count=count,
+            client_index=index,
+        )
 
     return VllmApi(
         create_engine=create_engine,
@@ -117,6 +168,8 @@ def load_vllm_api() -> VllmApi:
         engine_dead_error=EngineDeadError,
         output_kind_delta=RequestOutputKind.DELTA,
         version=vllm.__version__,
+        launch_core=launch_core,
+        create_client=create_client,
     )
 
 
@@ -132,11 +185,14 @@ class LoadStats:
         self.queried_tokens = 0
         self.hit_tokens = 0
         self.records = 0
+        # When the last scheduler snapshot came (0: never): with several front ends only one gets each step's.
+        self.sched_at = 0.0
         self._rate = TokenRate(window_s, clock())
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         self.records += 1
         if scheduler_stats is not None:
+            self.sched_at = time.monotonic()
             self.running = scheduler_stats.num_running_reqs
             self.waiting = scheduler_stats.num_waiting_reqs
             self.kv_usage = scheduler_stats.kv_cache_usage
@@ -198,9 +254,25 @@ class VllmBackend:
         detokenize: bool = True,
         replica_id: str = "engine",
         health_poll_s: float = 0.5,
+        client: dict | None = None,
+        kv_endpoint: str = "",
+        kv_events: bool = True,
+        board: LoadBoard | None = None,
+        board_row: int = 0,
+        board_interval_s: float = 0.05,
     ) -> None:
         self.argv = list(argv)
         self._api = api
+        # Front-end mode (one of several processes on one engine core): vLLM's client config from the supervisor,
+        # the KV-event endpoint the engine core publishes on, whether this front end reads them (the primary
+        # does), and the shared table where each front end writes its load and any reads the replica's.
+        self.client = client
+        self.kv_endpoint = kv_endpoint
+        self.kv_events = kv_events
+        self.board = board
+        self.board_row = board_row
+        self.board_interval_s = board_interval_s
+        self._board_task: asyncio.Task | None = None
         self.detokenize = detokenize
         self.replica_id = replica_id
         self.health_poll_s = health_poll_s
@@ -236,15 +308,18 @@ class VllmBackend:
 
     async def start(self) -> None:
         api = self.api
-        # The engine-core process binds this socket; an ipc path per worker needs no free port.
-        fd, self._kv_path = tempfile.mkstemp(prefix=f"fleetserve-kv-{self.replica_id}-", suffix=".sock")
-        os.close(fd)
-        os.unlink(self._kv_path)
-        endpoint = f"ipc://{self._kv_path}"
+        endpoint = self.kv_endpoint or self._new_kv_endpoint()
         logger_cls = stat_logger_factory(api.stat_logger_base, self.stats)
+        started = time.monotonic()
         # Blocks the loop while the engine core starts (~35-50 s on an H100): nothing else runs yet, and
         # AsyncLLM wants to be built on the loop that will drive it.
-        self.llm = api.create_engine(self.argv, endpoint, [logger_cls])
+        if self.client is not None:
+            if api.create_client is None:
+                raise ValueError("this vLLM API cannot run several front ends on one engine core")
+            self.llm = api.create_client(self.argv, endpoint, [logger_cls], self.client)
+        else:
+            self.llm = api.create_engine(self.argv, endpoint, [logger_cls])
+        start_s = time.monotonic() - started
         cfg = self.llm.vllm_config
         tok_dir = Path(cfg.model_config.tokenizer)
         if not (tok_dir / "tokenizer.json").is_file():
@@ -259,11 +334,17 @@ class VllmBackend:
             kv_blocks_total=cfg.cache_config.num_gpu_blocks or 0,
             max_model_len=cfg.model_config.max_model_len,
         )
-        self._kv_reader = ZmqKvEventReader(endpoint, self.translator, self._publish_kv, topic=KV_TOPIC)
-        self._kv_reader.start()
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="engine.vllm_watchdog")
+        if self.kv_events:
+            self._kv_reader = ZmqKvEventReader(endpoint, self.translator, self._publish_kv, topic=KV_TOPIC)
+            self._kv_reader.start()
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.create_task(self._watch(), name="engine.vllm_watchdog")
+        if self.board is not None:
+            self._board_task = loop.create_task(self._publish_load(), name="engine.load_board")
         log.info(
             "engine.vllm_started",
+            start_s=round(start_s, 3),
+            frontend=None if self.client is None else self.client["client_index"],
             vllm_version=api.version,
             model=str(tok_dir),
             kv_blocks_total=self._info.kv_blocks_total,
@@ -280,9 +361,10 @@ class VllmBackend:
             self.abort(req.request_id)
         if self._aborts:
             await asyncio.gather(*self._aborts, return_exceptions=True)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
+        for task in (self._watchdog, self._board_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._kv_reader is not None:
             await self._kv_reader.stop()
         self.hub.close()
@@ -302,6 +384,13 @@ class VllmBackend:
             kv_seq_gaps=self.translator.stats.seq_gaps,
         )
 
+    def _new_kv_endpoint(self) -> str:
+        # The engine-core process binds this socket; an ipc path per worker needs no free port.
+        fd, self._kv_path = tempfile.mkstemp(prefix=f"fleetserve-kv-{self.replica_id}-", suffix=".sock")
+        os.close(fd)
+        os.unlink(self._kv_path)
+        return f"ipc://{self._kv_path}"
+
     async def _watch(self) -> None:
         """vLLM marks itself errored when its engine-core process dies; streams learn it from EngineDeadError,
         an idle replica from this poll."""
@@ -310,6 +399,10 @@ class VllmBackend:
                 self._died("engine core is not running")
                 return
             await asyncio.sleep(self.health_poll_s)
+
+    def mark_dead(self, why: str) -> None:
+        """The engine core died where this process cannot see it (the supervisor saw its process exit)."""
+        self._died(why)
 
     def _died(self, why: str) -> None:
         if self.dead.is_set():
@@ -447,23 +540,57 @@ class VllmBackend:
 
     # -- load, info, KV events ------------------------------------------------------------------------
 
+    def _own(self) -> ReplicaTotals:
+        """This front end's own load (the whole replica's when it is the only one)."""
+        s, c = self.stats, self.counters
+        return ReplicaTotals(
+            running=s.running,
+            waiting=s.waiting,
+            kv_usage=s.kv_usage,
+            queried_tokens=s.queried_tokens,
+            hit_tokens=s.hit_tokens,
+            output_tokens_per_s=s.output_tokens_per_s(),
+            in_flight_tokens=max(0, self._in_flight),
+            live=len(self._requests),
+            finished=c.finished,
+            aborted=c.aborted,
+            output_tokens=c.output_tokens,
+        )
+
+    def _totals(self) -> ReplicaTotals:
+        """The replica's load: this front end's, or every front end's from the shared board."""
+        own = self._own()
+        if self.board is None:
+            return own
+        self.board.write(self.board_row, own, self.stats.sched_at)
+        return self.board.totals()
+
+    async def _publish_load(self) -> None:
+        """Keep this front end's row of the board current (the primary reads it for heartbeats and GetLoad)."""
+        while True:
+            self.board.write(self.board_row, self._own(), self.stats.sched_at)
+            await asyncio.sleep(self.board_interval_s)
+
+    def replica_counters(self) -> Counters:
+        t = self._totals()
+        return Counters(finished=t.finished, aborted=t.aborted, output_tokens=t.output_tokens)
+
     def load(self) -> common_pb2.ReplicaLoad:
-        s = self.stats
+        t = self._totals()
         total = self._info.kv_blocks_total
-        live = len(self._requests)
         # vLLM reports with each step; after the last step of a burst its counts can be one step stale.
-        running = min(s.running, live)
-        waiting = min(s.waiting, live - running)
+        running = min(t.running, t.live)
+        waiting = min(t.waiting, t.live - running)
         return common_pb2.ReplicaLoad(
             running=running,
             waiting=waiting,
-            kv_blocks_used=min(total, round(s.kv_usage * total)),
+            kv_blocks_used=min(total, round(t.kv_usage * total)),
             kv_blocks_total=total,
-            prefix_cache_hit_rate=s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
-            output_tokens_per_s=s.output_tokens_per_s(),
-            in_flight_tokens=max(0, self._in_flight),
-            prefix_cache_queried_tokens=s.queried_tokens,
-            prefix_cache_hit_tokens=s.hit_tokens,
+            prefix_cache_hit_rate=t.hit_tokens / t.queried_tokens if t.queried_tokens else 0.0,
+            output_tokens_per_s=t.output_tokens_per_s,
+            in_flight_tokens=t.in_flight_tokens,
+            prefix_cache_queried_tokens=t.queried_tokens,
+            prefix_cache_hit_tokens=t.hit_tokens,
         )
 
     def info(self) -> BackendInfo:

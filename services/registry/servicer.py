@@ -21,6 +21,11 @@ SCALING_DOCS = "autoscaler"
 MAX_ID_LEN = 256
 
 
+def _is_host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 def validate_replica(replica: pb.Replica | None) -> None:
     """Raise InvalidArgument naming every bad field of a replica to register."""
     if replica is None:
@@ -33,9 +38,11 @@ def validate_replica(replica: pb.Replica | None) -> None:
     if not replica.address:
         bad.append(("replica.address", "must not be empty"))
     else:
-        host, sep, port = replica.address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not _is_host_port(replica.address):
             bad.append(("replica.address", "must be host:port"))
+    for i, endpoint in enumerate(replica.endpoints):
+        if not _is_host_port(endpoint) or "," in endpoint:
+            bad.append((f"replica.endpoints[{i}]", "must be host:port"))
     if bad:
         raise InvalidArgument(
             "invalid replica: " + "; ".join(f"{f} {d}" for f, d in bad), field_violations=bad

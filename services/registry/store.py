@@ -189,6 +189,8 @@ _LATER_COLUMNS = (
     ("model_version", "TEXT NOT NULL DEFAULT ''"),
     ("started_unix", "REAL NOT NULL DEFAULT 0"),
     ("role", "INTEGER NOT NULL DEFAULT 0"),
+    # Comma-separated host:port of a replica's front ends (Replica.endpoints).
+    ("endpoints", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -218,10 +220,10 @@ class SqliteStore(RegistryStore):
     async def load_replicas(self) -> tuple[list[StoredReplica], int]:
         rows = self._db.execute(
             "SELECT id, address, model, backend, state, load, last_heartbeat_unix, registered_at, model_version, "
-            "started_unix, role FROM replicas ORDER BY id"
+            "started_unix, role, endpoints FROM replicas ORDER BY id"
         ).fetchall()
         out = []
-        for rid, address, model, backend, state, load, last_hb, registered_at, version, started, role in rows:
+        for rid, address, model, backend, state, load, last_hb, registered_at, version, started, role, ends in rows:
             rep = pb.Replica(
                 replica_id=rid,
                 address=address,
@@ -234,6 +236,7 @@ class SqliteStore(RegistryStore):
                 started_unix=started,
                 registered_unix=registered_at,
                 role=role,
+                endpoints=[e for e in ends.split(",") if e],
             )
             out.append(StoredReplica(rep, registered_at))
         return out, 0
@@ -242,7 +245,7 @@ class SqliteStore(RegistryStore):
         self._db.execute(
             "INSERT OR REPLACE INTO replicas "
             "(id, address, model, backend, state, load, last_heartbeat_unix, registered_at, model_version, "
-            "started_unix, role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "started_unix, role, endpoints) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 replica.replica_id,
                 replica.address,
@@ -255,6 +258,7 @@ class SqliteStore(RegistryStore):
                 replica.model_version,
                 replica.started_unix,
                 int(replica.role),
+                ",".join(replica.endpoints),
             ),
         )
         return StoredReplica(replica, registered_at)

@@ -136,7 +136,7 @@ class Attempt:
             # Rounded so that the engine never sees more time than this hop has left.
             attempt.timeout = wire_timeout(deadline - time.monotonic())
             attempt.sent_at = time.monotonic()
-            attempt.call = router.stub(replica.address)(
+            attempt.call = router.stub(router.endpoint(replica))(
                 engine_request, timeout=attempt.timeout, metadata=metadata
             )
             attempt.watch = router.stalls.add(replica.replica_id, attempt)

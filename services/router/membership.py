@@ -34,6 +34,13 @@ class ReplicaInfo:
     load: common_pb2.ReplicaLoad = field(default_factory=common_pb2.ReplicaLoad)
     last_heartbeat_unix: float = 0.0
     model_version: str = ""
+    # Every address the replica's EngineService answers on (its front-end processes); () means address only.
+    endpoints: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Where requests for this replica may go: its front ends, or its one address."""
+        return self.endpoints or (self.address,)
 
     @property
     def serving(self) -> bool:
@@ -50,7 +57,15 @@ class ReplicaInfo:
         load = common_pb2.ReplicaLoad()
         load.CopyFrom(r.load)
         return cls(
-            r.replica_id, r.address, r.model, r.backend, r.state, load, r.last_heartbeat_unix, r.model_version
+            r.replica_id,
+            r.address,
+            r.model,
+            r.backend,
+            r.state,
+            load,
+            r.last_heartbeat_unix,
+            r.model_version,
+            tuple(r.endpoints) if len(r.endpoints) > 1 else (),
         )
 
 

@@ -4,6 +4,7 @@ resumes mid-stream on another replica; circuit breakers and a retry budget keep 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections import Counter
@@ -149,7 +150,10 @@ class RouterServicer:
         )
         self._stubs: dict[str, grpc.aio.UnaryStreamMultiCallable] = {}
         # Channels of replicas that left while requests still streamed from them: closed once idle.
-        self._discard_when_idle: dict[str, str] = {}
+        self._discard_when_idle: dict[str, tuple[str, ...]] = {}
+        # Replicas with several front-end processes: requests take their endpoints in turn (one channel, so one
+        # HTTP/2 connection, each: all streams of one connection would reach one front end).
+        self._turns: dict[str, itertools.count] = {}
         self._tasks: set[asyncio.Task] = set()
         membership.subscribe(self._on_change)
 
@@ -161,24 +165,36 @@ class RouterServicer:
             self.breakers.remove(replica.replica_id)
             self.outliers.remove(replica.replica_id)
             self.stalls.remove(replica.replica_id)
+            self._turns.pop(replica.replica_id, None)
             if self.in_flight[replica.replica_id] > 0:
-                self._discard_when_idle[replica.replica_id] = replica.address
+                self._discard_when_idle[replica.replica_id] = replica.addresses
             else:
-                self._discard_channel(replica.address)
+                self._discard_channels(replica.addresses)
         else:
             self._discard_when_idle.pop(replica.replica_id, None)
             self.policy.on_load_update(replica)
         if self.max_in_flight_per_replica or self.wakes(replica.model):
             self.admission.pump(replica.model)
 
-    def _discard_channel(self, address: str) -> None:
-        # Another replica may have taken over the address (a restarted engine on the same port).
-        if any(r.address == address for r in self.membership.replicas()):
-            return
-        self._stubs.pop(address, None)
-        task = asyncio.get_running_loop().create_task(self.pool.discard(address))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _discard_channels(self, addresses: tuple[str, ...]) -> None:
+        # Another replica may have taken over an address (a restarted engine on the same port).
+        in_use = {a for r in self.membership.replicas() for a in r.addresses}
+        for address in addresses:
+            if address in in_use:
+                continue
+            self._stubs.pop(address, None)
+            task = asyncio.get_running_loop().create_task(self.pool.discard(address))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def endpoint(self, replica: ReplicaInfo) -> str:
+        """The replica's address for the next attempt: its front ends in turn, or its one address."""
+        if not replica.endpoints:
+            return replica.address
+        turn = self._turns.get(replica.replica_id)
+        if turn is None:
+            turn = self._turns[replica.replica_id] = itertools.count()
+        return replica.endpoints[next(turn) % len(replica.endpoints)]
 
     def stub(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
         stub = self._stubs.get(address)
@@ -194,9 +210,9 @@ class RouterServicer:
             self.in_flight[replica_id] = n
         else:
             del self.in_flight[replica_id]
-            address = self._discard_when_idle.pop(replica_id, None)
-            if address is not None:
-                self._discard_channel(address)
+            addresses = self._discard_when_idle.pop(replica_id, None)
+            if addresses is not None:
+                self._discard_channels(addresses)
         if self.max_in_flight_per_replica and model:
             self.admission.pump(model)
 

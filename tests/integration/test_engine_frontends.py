@@ -1,0 +1,267 @@
+"""One vLLM replica served by three front ends on one (fake) engine core, behind a real registry and router: one
+replica with three endpoints in the registry, requests spread over the front ends, the replica's load and
+counters summed over them, Abort and KV events on any front end, cancellation, engine death."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as pb
+from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
+from fleetserve.router.v1 import router_service_pb2 as router_pb
+from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
+
+from services.engine import vllm_backend
+from services.engine.app import start
+from services.engine.config import EngineSettings
+from services.engine.frontends import Frontend, auto_frontends
+from services.engine.load_board import LoadBoard
+from services.router.app import start as start_router
+from services.router.config import RouterSettings
+from shared.health import check
+from shared.prefix_hash import block_hashes
+from shared.tokenizer import load as load_tokenizer
+from tests.integration.test_engine import FAST_RETRY, Recorded, listed, start_registry
+from tests.support import assert_eventually
+
+pytest.importorskip("zmq", reason="the vllm backend reads KV events with pyzmq")
+from tests.fake_vllm import FakeAsyncLLM, fake_api  # noqa: E402 - after the skip: it imports zmq
+
+MODEL = "llama-tiny"
+N = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from infra.models.generate import main as generate
+
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    generate([str(out), "--size", "tiny"])
+    return str(out)
+
+
+def exchanger(n: int):
+    """What the supervisor does between front ends, in one process: collect every address, answer all."""
+    addresses: list[str | None] = [None] * n
+    done = asyncio.get_running_loop().create_future()
+
+    def for_index(i: int):
+        async def exchange(address: str) -> list[str]:
+            addresses[i] = address
+            if all(addresses) and not done.done():
+                done.set_result(list(addresses))
+            return await done
+
+        return exchange
+
+    return for_index
+
+
+@contextlib.asynccontextmanager
+async def replica(model_dir: str, monkeypatch, tmp_path, registry_address: str = ""):
+    """N front ends of replica "engine-fe" (the first call builds the shared fake engine core)."""
+    engines: list[FakeAsyncLLM] = []
+    monkeypatch.setattr(vllm_backend, "load_vllm_api", lambda: fake_api(model_dir, engines, step_s=0.003))
+    rec = Recorded()
+    board = LoadBoard(None, N)
+    exchange = exchanger(N)
+    kv = f"ipc://{tmp_path}/kv.sock"
+    settings = EngineSettings(
+        replica_id="engine-fe",
+        model=MODEL,
+        backend="vllm",
+        vllm_args=f"--model {model_dir}",
+        registry_address=registry_address,
+        **FAST_RETRY,
+    )
+
+    async def one(i: int):
+        fe = Frontend(i, N, {"client_index": i, "client_count": N}, kv, board.path, exchange(i))
+        return await start(settings, rec.telemetry, fe)
+
+    # The primary first: its client starts the fake engine core, which binds the KV-event socket.
+    tasks = [asyncio.ensure_future(one(0))]
+    await assert_eventually(lambda: bool(engines), timeout_s=5)
+    tasks += [asyncio.ensure_future(one(i)) for i in range(1, N)]
+    apps = await asyncio.gather(*tasks)
+    for app in apps:
+        app.backend.health_poll_s = 0.02
+    channels = [grpc.aio.insecure_channel(a.address) for a in apps]
+    try:
+        yield apps, [engine_grpc.EngineServiceStub(c) for c in channels], engines[0]
+    finally:
+        for c in channels:
+            await c.close()
+        for app in apps:
+            await app.stop(0)
+        engines[0].shutdown()
+        board.close()
+
+
+def request(prompt: str, max_tokens: int, request_id: str) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id,
+        spec=common_pb2.GenerationSpec(
+            model=MODEL,
+            prompt=prompt,
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        ),
+        tenant_id="t",
+        cache_salt="tenant",
+    )
+
+
+def test_auto_frontends_is_a_quarter_of_the_cores_from_1_to_8():
+    """--frontends 0 picks cores // 4 front ends, at least 1 and at most 8."""
+    assert [auto_frontends(c) for c in (1, 2, 4, 16, 31, 64, 128)] == [1, 1, 1, 4, 7, 8, 8]
+
+
+def test_sim_refuses_several_frontends():
+    """The sim engine runs in one process: --frontends > 1 with it is a configuration error."""
+    with pytest.raises(ValueError, match="frontends"):
+        EngineSettings(backend="sim", frontends=2)
+    assert EngineSettings(backend="sim").frontend_count == 1
+
+
+async def test_one_replica_with_every_front_end_as_an_endpoint_and_requests_spread(
+    model_dir, monkeypatch, tmp_path
+):
+    """The registry lists one replica whose endpoints are the three front ends (the primary's address first);
+    a router sends its requests to all three, and the primary reports the whole replica's counters."""
+    rec = Recorded()
+    registry = await start_registry(rec)
+    router = None
+    try:
+        async with replica(model_dir, monkeypatch, tmp_path, registry.address) as (apps, stubs, core):
+            addresses = [a.address for a in apps]
+            await assert_eventually(lambda: _listed(registry.address), timeout_s=5)
+            rep = (await listed(registry.address))["engine-fe"]
+            assert list(rep.endpoints) == addresses and rep.address == addresses[0]
+
+            router = await start_router(
+                RouterSettings(registry_address=registry.address, watch_backoff_base_s=0.05),
+                rec.telemetry,
+            )
+            await assert_eventually(lambda: len(router.membership.routable(MODEL)) == 1, timeout_s=10)
+            async with grpc.aio.insecure_channel(router.address) as ch:
+                stub = router_grpc.RouterServiceStub(ch)
+                for i in range(2 * N):
+                    req = router_pb.GenerateRequest(
+                        request_id=f"r{i}",
+                        spec=common_pb2.GenerationSpec(
+                            model=MODEL,
+                            prompt=f"spread me {i}",
+                            sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True),
+                        ),
+                    )
+                    chunks = [r.chunk async for r in stub.Generate(req, timeout=10)]
+                    assert chunks[-1].usage.completion_tokens == 4
+            owners = [r.owner for r in core.seen]
+            assert sorted(owners) == sorted(list(range(N)) * 2)
+
+            # Every front end's own counters, summed by the primary (heartbeats and GetLoad report the replica);
+            # each front end publishes its row every board_interval_s.
+            async def summed() -> bool:
+                load = await stubs[0].GetLoad(pb.GetLoadRequest(), timeout=5)
+                return (load.requests_finished, load.output_tokens) == (2 * N, 8 * N)
+
+            await assert_eventually(summed, timeout_s=5)
+    finally:
+        if router is not None:
+            await router.stop(0)
+        await registry.stop(0)
+
+
+async def _listed(address: str) -> bool:
+    return "engine-fe" in await listed(address)
+
+
+async def test_load_abort_and_cancel_across_front_ends(model_dir, monkeypatch, tmp_path):
+    """A stream on the third front end: the primary's load counts it running; Abort sent to the primary ends it
+    with ABORT (the primary asks its peers); a cancelled call on the second front end aborts in the engine."""
+    async with replica(model_dir, monkeypatch, tmp_path) as (apps, stubs, core):
+        call = stubs[2].Generate(request("abort me elsewhere", 3000, "a1"), timeout=30)
+        it = call.__aiter__()
+        await anext(it)
+        await assert_eventually(lambda: apps[0].backend.load().running == 1, timeout_s=5)
+        assert apps[0].backend.load().in_flight_tokens > 0
+        assert (await stubs[0].Abort(pb.AbortRequest(request_id="a1"), timeout=5)).aborted
+        rest = [r.chunk async for r in it]
+        assert rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+        assert not (await stubs[0].Abort(pb.AbortRequest(request_id="nobody"), timeout=5)).aborted
+
+        call = stubs[1].Generate(request("cancel me", 3000, "c1"), timeout=30)
+        await anext(call.__aiter__())
+        call.cancel()
+        await assert_eventually(lambda: "c1" in core.aborted, timeout_s=5)
+
+        async def two_aborted() -> bool:
+            return (await stubs[0].GetLoad(pb.GetLoadRequest(), timeout=5)).requests_aborted == 2
+
+        await assert_eventually(two_aborted, timeout_s=5)
+        await assert_eventually(lambda: apps[0].backend.load().running == 0, timeout_s=5)
+        assert apps[0].backend.load().in_flight_tokens == 0
+
+
+async def test_kv_events_from_any_front_end(model_dir, monkeypatch, tmp_path):
+    """SubscribeKvEvents on a non-primary front end relays the primary's stream: a snapshot, then the fleet
+    hashes of a prompt's blocks."""
+    tok = load_tokenizer(model_dir)
+    prompt = " ".join(f"w{i}" for i in range(60))
+    want = block_hashes(tok.encode(prompt), "tenant")
+    async with replica(model_dir, monkeypatch, tmp_path) as (apps, stubs, core):
+        events = stubs[1].SubscribeKvEvents(pb.SubscribeKvEventsRequest(include_snapshot=True), timeout=30)
+        it = events.__aiter__()
+        assert (await asyncio.wait_for(anext(it), 5)).batch.snapshot
+        stored: list[int] = []
+
+        async def until_stored():
+            # The first publishes may predate ZMQ's subscription: resend until the blocks come through.
+            for i in range(100):
+                [r async for r in stubs[2].Generate(request(prompt, 1, f"k{i}"), timeout=10)]
+                core.cache.clear()
+                try:
+                    batch = (await asyncio.wait_for(anext(it), 0.2)).batch
+                except TimeoutError:
+                    continue
+                stored.extend(h for e in batch.events for h in e.block_stored.block_hashes)
+                if stored:
+                    return
+
+        await asyncio.wait_for(until_stored(), 10)
+        events.cancel()
+        assert stored[: len(want)] == want
+
+
+async def test_engine_death_turns_every_front_end_not_serving_and_the_replica_leaves(
+    model_dir, monkeypatch, tmp_path
+):
+    """When the supervisor reports the engine core dead (mark_dead, its SIGUSR1), every front end reports
+    NOT_SERVING and the replica leaves the registry."""
+    rec = Recorded()
+    registry = await start_registry(rec)
+    try:
+        async with replica(model_dir, monkeypatch, tmp_path, registry.address) as (apps, stubs, core):
+            await assert_eventually(lambda: _listed(registry.address), timeout_s=5)
+            for app in apps:
+                app.backend.mark_dead("test")
+            for app in apps:
+                await assert_eventually(lambda a=app: _not_serving(a.address), timeout_s=5)
+            await assert_eventually(lambda: _gone(registry.address), timeout_s=5)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                [r async for r in stubs[1].Generate(request("anyone?", 2, "d1"), timeout=5)]
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await registry.stop(0)
+
+
+async def _gone(address: str) -> bool:
+    return "engine-fe" not in await listed(address)
+
+
+async def _not_serving(address: str) -> bool:
+    return not await check(address, timeout_s=1)
