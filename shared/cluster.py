@@ -81,6 +81,9 @@ class ClusterConfig:
     # autoscaler then starts and drains its own engines (on top of `engines`, usually 0).
     autoscale_models: str = ""
     autoscale_interval_s: float = 10.0
+    # Worker processes of the router and the gateway (--workers; shared/workers.py).
+    router_workers: int = 1
+    gateway_workers: int = 1
     # Extra flags per service name ("registry", "engine", ...), appended last so they win.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     # Working directory of the services, which `python -m` imports them from (None: the launcher's), and
@@ -144,16 +147,30 @@ class Cluster:
             await self._start_registries()
             await asyncio.gather(
                 *(self.add_engine() for _ in range(cfg.engines)),
-                self._spawn("router", "router", ["--registry-address", self.registry, *self._wake_args()]),
+                self._spawn(
+                    "router",
+                    "router",
+                    [
+                        "--registry-address",
+                        self.registry,
+                        "--workers",
+                        str(cfg.router_workers),
+                        *self._wake_args(),
+                    ],
+                ),
             )
             if cfg.autoscale_models:
                 await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
+            # A router with several workers: one connection to each (the gateway balances over them).
+            routers = self.ready_info("router").get("worker_addresses") or [self.router]
             await self._spawn(
                 "gateway",
                 "gateway",
                 [
                     "--router-address",
-                    self.router,
+                    ",".join(routers),
+                    "--workers",
+                    str(cfg.gateway_workers),
                     "--db-path",
                     str(cfg.data_dir / "gateway.db"),
                     "--bootstrap-api-key",

@@ -73,10 +73,13 @@ class RunningServer:
     host: str
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    # A worker of several (shared/workers.py): the port only this process listens on (port is shared).
+    private_port: int = 0
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """Where this process answers: its private port when it shares its public one with other workers."""
+        return f"{self.host}:{self.private_port or self.port}"
 
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for the server and each of its services."""
@@ -93,15 +96,19 @@ async def create_server(
     port: int = 0,
     extra: Iterable[Callable[[grpc.aio.Server], None]] = (),
     options: Iterable[tuple[str, int | str]] = (),
+    reuse_port: bool = False,
+    private_port: int = 0,
 ) -> RunningServer:
     """Start a server with the given services, grpc.health.v1 and reflection; port 0 picks a free port.
-    `extra` adds servicers registered the generated way (e.g. OTLP collectors)."""
+    `extra` adds servicers registered the generated way (e.g. OTLP collectors). reuse_port: one of several
+    worker processes sharing `port` (SO_REUSEPORT), also listening on a private port of its own
+    (`private_port`, 0: a free one)."""
     services = list(services)
     # `options` override the defaults (e.g. the gateway's smaller max_receive_message_length).
-    server = grpc.aio.server(
-        options=tuple({**dict(SERVER_OPTIONS), **dict(options)}.items()),
-        interceptors=(RequestDecodingGuard(),),
-    )
+    opts = {**dict(SERVER_OPTIONS), **dict(options)}
+    if reuse_port:
+        opts["grpc.so_reuseport"] = 1
+    server = grpc.aio.server(options=tuple(opts.items()), interceptors=(RequestDecodingGuard(),))
     server.add_generic_rpc_handlers(tuple(_handlers(s) for s in services))
     for add in extra:
         add(server)
@@ -112,8 +119,11 @@ async def create_server(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
+    private = server.add_insecure_port(f"{host}:{private_port}") if reuse_port else 0
+    if reuse_port and private == 0:
+        raise OSError(f"could not bind {host}:{private_port}")
     await server.start()
-    running = RunningServer(server, bound, host, health_servicer, names)
+    running = RunningServer(server, bound, host, health_servicer, names, private)
     await running.set_serving(True)
     return running
 

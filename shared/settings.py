@@ -55,6 +55,25 @@ class ServiceSettings(BaseSettings):
     )
 
 
+class WorkerSettings(ServiceSettings):
+    """Settings of a service that can run as several worker processes (shared/workers.py)."""
+
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Worker processes sharing this service's ports (SO_REUSEPORT), each on a core of its own; "
+        "a supervisor process restarts any that dies.",
+    )
+    worker_index: int = Field(
+        -1, ge=-1, description="Set by the supervisor: this worker's index (-1: not a worker)."
+    )
+    worker_count: int = Field(1, ge=1, description="Set by the supervisor: how many workers there are.")
+    worker_port: int = Field(
+        0, ge=0, le=65535, description="Set by the supervisor: this worker's private port (0: a free one)."
+    )
+
+
 def load_settings(cls: type[S], argv: list[str] | None = None) -> S:
     """Parse flags (argv, default sys.argv[1:]) over env vars over defaults; exit 2 with a clear message on bad values."""
     try:

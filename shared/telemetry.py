@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,7 +61,8 @@ def configure_logging(service: str, level: str = "info", json_logs: bool | None 
     # Libraries log at their own levels; below WARNING they are noise next to our events.
     root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(service=service)
+    # pid tells the workers of one service apart (shared/workers.py; they share a log file).
+    structlog.contextvars.bind_contextvars(service=service, pid=os.getpid())
 
 
 @dataclass

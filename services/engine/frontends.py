@@ -176,6 +176,7 @@ def supervise(settings, count: int) -> int:
             address=addresses[0],
             service="engine",
             frontends=addresses,
+            frontend_pids=[p.pid for p in procs],
             engine_start_s=round(engine_start_s, 3),
         )
         log.info(

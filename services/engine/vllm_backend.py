@@ -155,6 +155,8 @@ def load_vllm_api() -> VllmApi:
         return AsyncLLM.from_vllm_config(
             args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER),
             stat_loggers=stat_loggers,
+            # As create_engine's disable_log_stats: our stat logger is the only consumer.
+            disable_log_stats=True,
             client_addresses={k: client[k] for k in ("input_address", "output_address")},
             client_count=count,
             client_index=index,

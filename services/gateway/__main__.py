@@ -1,9 +1,28 @@
-"""`python -m services.gateway`: run the gateway until SIGTERM."""
+"""`python -m services.gateway`: run the gateway until SIGTERM (with --workers N, a supervisor of N workers)."""
+
+import sys
 
 from services.gateway.app import start
 from services.gateway.config import GatewaySettings
+from services.gateway.tenants import TenantStore
 from shared.server import run, serve_main
 from shared.settings import load_settings
+from shared.workers import supervise
+
+
+def bootstrap_once(settings: GatewaySettings) -> dict:
+    """The tenants database is bootstrapped here, once, before the workers start (they would race to)."""
+    store = TenantStore(settings.db_path)
+    try:
+        store.bootstrap(settings.bootstrap_api_key)
+    finally:
+        store.close()
+    return {"bootstrap_api_key": ""}
+
 
 if __name__ == "__main__":
-    run(lambda: serve_main("gateway", load_settings(GatewaySettings), start))
+    settings = load_settings(GatewaySettings)
+    if settings.workers > 1:
+        extra = {"http_port": settings.http_port} if settings.http_port >= 0 else {}
+        sys.exit(supervise("gateway", settings, extra_ports=extra, prepare=bootstrap_once))
+    run(lambda: serve_main("gateway", settings, start))

@@ -131,6 +131,8 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             settings.port,
             # Refused by gRPC before the message is parsed: RESOURCE_EXHAUSTED, "received message larger than max".
             options=(("grpc.max_receive_message_length", settings.max_request_bytes),),
+            reuse_port=settings.worker_index >= 0,
+            private_port=settings.worker_port,
         )
         app = GatewayApp(running, servicer, tenants, pool, dbs, jobs, None, registry)
         if settings.http_port >= 0:
@@ -138,7 +140,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             app.http = OpenAIServer(
                 pipeline, max_body_bytes=settings.max_request_bytes, recent=feedback.recent
             )
-            await app.http.start(settings.host, settings.http_port)
+            await app.http.start(settings.host, settings.http_port, reuse_port=settings.worker_index >= 0)
     except BaseException:
         if app is not None:  # the HTTP port could not be bound: the gRPC server is up already
             await app.running.server.stop(0)
@@ -147,6 +149,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             await pipeline.routers.close()
         await dbs.close()
         raise
+    # Jobs are leased in the database, so every worker scans for them, as several gateways do.
     jobs.start()
     log.info(
         "gateway.configured",

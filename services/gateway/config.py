@@ -9,10 +9,10 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from services.gateway.db import check_url
-from shared.settings import ServiceSettings, service_config
+from shared.settings import WorkerSettings, service_config
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(WorkerSettings):
     """Settings of the gateway (flags --kebab-case, env FLEETSERVE_GATEWAY_<FIELD>)."""
 
     model_config = service_config("gateway")
@@ -228,3 +228,4 @@ class GatewaySettings(ServiceSettings):
             if any(not p >= 0 for p in prices):
                 raise ValueError(f"model_prices[{model!r}]: prices must be >= 0; got {prices}")
         return self
+

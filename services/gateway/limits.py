@@ -3,11 +3,14 @@ tenant and key, checked and taken all-or-nothing, with the wait a refused reques
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from aiolimiter import AsyncLimiter
+
+from shared.workers import share
 
 _MAX_BUCKETS = 100_000
 
@@ -112,3 +115,39 @@ class LocalLimits:
 
     async def close(self) -> None:
         return None
+
+
+class SplitLimits:
+    """One gateway worker's exact share of every limit, for --workers N without Redis: worker i of N holds 1/N of
+    each rate bucket's capacity and shared.workers.share() of each stream cap, so the workers together never
+    admit more than the limit. A tenant whose connections all reach one worker gets only that worker's share
+    (with --redis-url the limits are fleet-exact instead)."""
+
+    def __init__(self, inner: LimitBackend, index: int, count: int) -> None:
+        self.inner = inner
+        self.index = index
+        self.count = count
+
+    def _rate(self, rate: Rate) -> Rate:
+        return dataclasses.replace(rate, capacity=rate.capacity / self.count)
+
+    async def take(self, wants: Sequence[tuple[Rate, float]]) -> list[tuple[Rate, float]]:
+        refused = await self.inner.take([(self._rate(r), a) for r, a in wants])
+        if not refused:
+            return refused
+        # Name the tenant's own limit in QuotaFailure, not this worker's share of it.
+        by_key = {r.key: r for r, _ in wants}
+        return [(by_key[r.key], wait) for r, wait in refused]
+
+    async def charge(self, wants: Sequence[tuple[Rate, float]]) -> None:
+        await self.inner.charge([(self._rate(r), a) for r, a in wants])
+
+    async def open_stream(self, key: str, cap: int, stream_id: str, lease_s: float) -> bool:
+        mine = share(cap, self.index, self.count)
+        return mine > 0 and await self.inner.open_stream(key, mine, stream_id, lease_s)
+
+    async def close_stream(self, key: str, stream_id: str) -> None:
+        await self.inner.close_stream(key, stream_id)
+
+    async def close(self) -> None:
+        await self.inner.close()

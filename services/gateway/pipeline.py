@@ -21,7 +21,7 @@ from opentelemetry import metrics, trace
 from services.gateway.admission import Admission, Ticket
 from services.gateway.config import GatewaySettings
 from services.gateway.ledger import Ledger
-from services.gateway.limits import LimitBackend, LocalLimits
+from services.gateway.limits import LimitBackend, LocalLimits, SplitLimits
 from services.gateway.redis_limits import RedisLimits
 from services.gateway.request_metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.routers import RouterPool
@@ -155,6 +155,9 @@ class GatewayPipeline:
             if settings.redis_url
             else LocalLimits()
         )
+        if not settings.redis_url and settings.worker_count > 1:
+            # Several workers without Redis: each enforces its exact share of every limit.
+            backend = SplitLimits(backend, max(0, settings.worker_index), settings.worker_count)
         ledger = Ledger(
             tenants.db,
             flush_interval_s=settings.ledger_flush_interval_s,

@@ -1,9 +1,15 @@
-"""`python -m services.router`: run the router until SIGTERM."""
+"""`python -m services.router`: run the router until SIGTERM (with --workers N, a supervisor of N workers)."""
+
+import sys
 
 from services.router.app import start
 from services.router.config import RouterSettings
 from shared.server import run, serve_main
 from shared.settings import load_settings
+from shared.workers import supervise
 
 if __name__ == "__main__":
-    run(lambda: serve_main("router", load_settings(RouterSettings), start))
+    settings = load_settings(RouterSettings)
+    if settings.workers > 1:
+        sys.exit(supervise("router", settings))
+    run(lambda: serve_main("router", settings, start))

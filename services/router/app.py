@@ -144,6 +144,8 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}))],
         settings.host,
         settings.port,
+        reuse_port=settings.worker_index >= 0,
+        private_port=settings.worker_port,
     )
     # Until the registry has told us who serves what, every request would fail: say so to health probes.
     await running.set_serving(False)

@@ -9,10 +9,10 @@ from pydantic import Field, field_validator, model_validator
 from services.router import policies
 from services.router.model_routing import DEFAULT_KEYWORDS
 from services.router.policy_set import parse_mapping
-from shared.settings import ServiceSettings, service_config
+from shared.settings import WorkerSettings, service_config
 
 
-class RouterSettings(ServiceSettings):
+class RouterSettings(WorkerSettings):
     """Settings of the router (flags --kebab-case, env FLEETSERVE_ROUTER_<FIELD>)."""
 
     model_config = service_config("router")

@@ -4,6 +4,7 @@ cancellation freeing the engine, prefix-cache hits, KV events with fleet hashes,
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -102,6 +103,31 @@ async def test_streams_through_the_mesh(fleet):
     assert last.usage.completion_tokens == 64 and last.usage.prompt_tokens > 0
 
 
+async def test_one_replica_whose_front_ends_share_the_requests(fleet):
+    """The worker runs several front-end processes on one engine core (--frontends, auto from the cores): the
+    registry lists one replica with each front end as an endpoint, and requests through the mesh are served
+    by more than one of them."""
+    info = fleet.ready_info("engine-1")
+    frontends = info.get("frontends", [])
+    if len(frontends) < 2:
+        pytest.skip(f"this host runs one front end per GPU ({os.cpu_count()} cores)")
+    async with grpc.aio.insecure_channel(fleet.registry) as ch:
+        resp = await reg_grpc.RegistryServiceStub(ch).ListReplicas(reg_pb.ListReplicasRequest(), timeout=2)
+    (rep,) = resp.replicas
+    assert list(rep.endpoints) == frontends and rep.address == frontends[0]
+    for i in range(2 * len(frontends)):
+        ch, call = await mesh_stream(fleet, f"front end spread {i}", 4)
+        try:
+            [r async for r in call]
+        finally:
+            await ch.close()
+    pids = set()
+    for line in fleet.procs["engine-1"].log_file.read_text().splitlines():
+        if '"engine.request"' in line:
+            pids.add(json.loads(line)["pid"])
+    assert len(pids) == len(frontends), pids
+
+
 async def test_cancel_mid_stream_frees_the_request_in_the_engine(fleet):
     """A client that goes away mid-stream: the engine aborts the request in vLLM (running drops to 0)."""
     before = await engine_load(engine_address(fleet))
@@ -184,7 +210,10 @@ async def test_engine_death_turns_the_replica_not_serving_and_leaves_the_registr
     import psutil
 
     proc = fleet.procs["engine-1"]
-    children = psutil.Process(proc.process.pid).children(recursive=True)
+    # With several front ends the worker is their supervisor: kill the engine core, not the front ends.
+    frontends = set(fleet.ready_info("engine-1").get("frontend_pids", []))
+    spared = {p.pid for f in frontends for p in [psutil.Process(f), *psutil.Process(f).children(True)]}
+    children = [c for c in psutil.Process(proc.process.pid).children(recursive=True) if c.pid not in spared]
     assert children, "vLLM's engine core runs in a child process of the worker"
     for c in children:
         os.kill(c.pid, signal.SIGKILL)

@@ -1,0 +1,194 @@
+"""`--workers N` for the gateway and the router: one small supervisor process and N worker processes of the same
+service. The workers share the service's public ports with SO_REUSEPORT (gRPC, and the gateway's HTTP), so the
+kernel spreads incoming connections over them, and each also listens on a private port of its own: the hop in
+front can then open one connection per worker and balance its calls exactly (the ready file lists them as
+`worker_addresses`). A worker that dies is restarted; SIGTERM drains every worker."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from multiprocessing import connection
+from pathlib import Path
+
+import structlog
+
+from shared.server import PARENT_PID_ENV, write_ready_file
+
+log = structlog.get_logger("fleetserve.workers")
+
+WORKER_START_TIMEOUT_S = 120.0
+# A worker that keeps dying is restarted at most this often.
+RESTART_DELAY_S = 1.0
+
+
+def share(total: int, index: int, count: int) -> int:
+    """Worker `index`'s share of an integer limit split exactly over `count` workers (the shares add up to it)."""
+    return total // count + (1 if index < total % count else 0)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound, not listening, SO_REUSEPORT socket on host:port (0: a free port): it keeps the port ours while
+    the workers bind it too, and takes no connections itself (only listening sockets join the group)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host.strip("[]"), port))
+    return sock
+
+
+def _worker_main(service: str, settings_cls: type, settings: dict) -> None:
+    """A worker process: the service's ordinary life (shared.server.serve_main) with its worker settings."""
+    import importlib
+
+    from shared.server import run, serve_main
+
+    start = importlib.import_module(f"services.{service}.app").start
+    config = settings_cls.model_validate(settings)
+    run(lambda: serve_main(service, config, start))
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT reached the supervisor."""
+
+
+def supervise(
+    service: str,
+    settings,
+    *,
+    extra_ports: dict[str, int] | None = None,
+    prepare: Callable[[object], dict] | None = None,
+) -> int:
+    """Run `settings.workers` workers of `service` until SIGTERM; the exit code. `extra_ports` names further
+    ports the workers share (field name -> port, e.g. the gateway's http_port); `prepare(settings)` runs once
+    here before any worker starts and returns field overrides for the workers (the gateway bootstraps its
+    tenants database once, so that workers do not race to)."""
+    from shared.telemetry import configure_logging
+
+    configure_logging(service, settings.log_level, settings.log_json)
+    count = settings.workers
+    parent = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
+    stopping = False
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise _Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    held = {"port": reserve_port(settings.host, settings.port)}
+    for name, port in (extra_ports or {}).items():
+        held[name] = reserve_port(settings.host, port)
+    ports = {name: s.getsockname()[1] for name, s in held.items()}
+    overrides = prepare(settings) if prepare is not None else {}
+    run_dir = Path(settings.ready_file).parent if settings.ready_file else Path("/tmp")
+    os.environ[PARENT_PID_ENV] = str(os.getpid())  # workers stop by themselves if this process dies
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    code = 0
+
+    private: dict[int, int] = {}
+
+    def spawn(i: int) -> tuple[multiprocessing.process.BaseProcess, Path]:
+        ready = run_dir / f"{service}-{os.getpid()}-worker-{i}.json"
+        ready.unlink(missing_ok=True)
+        worker = settings.model_dump() | overrides | ports
+        # A restarted worker takes its predecessor's private port: the hop in front keeps its connection.
+        worker |= {"workers": 1, "worker_index": i, "worker_count": count, "ready_file": str(ready)}
+        worker["worker_port"] = private.get(i, 0)
+        p = ctx.Process(
+            target=_worker_main, args=(service, type(settings), worker), name=f"{service}-worker-{i}"
+        )
+        p.start()
+        return p, ready
+
+    try:
+        readies = {}
+        for i in range(count):
+            procs[i], readies[i] = spawn(i)
+        infos = [_await_ready(procs[i], readies[i]) for i in range(count)]
+        for i, info in enumerate(infos):
+            private[i] = int(info["address"].rpartition(":")[2])
+        for s in held.values():
+            s.close()  # every worker listens now: the port stays in use
+        held = {}
+        shared = {name: f"{_host(settings.host)}:{p}" for name, p in ports.items()}
+        extra = {f"{name[:-5]}_address": a for name, a in shared.items() if name.endswith("_port")}
+        write_ready_file(
+            settings.ready_file,
+            address=shared["port"],
+            service=service,
+            workers=count,
+            worker_addresses=[info["address"] for info in infos],
+            worker_pids=[p.pid for p in procs.values()],
+            **extra,
+        )
+        log.info(f"{service}.workers_started", address=shared["port"], workers=count, **extra)
+        code = _watch(procs, spawn, parent, service)
+    except _Stop as stop:
+        log.info(f"{service}.stopping", reason=str(stop))
+    except Exception:
+        log.exception(f"{service}.workers_failed")
+        code = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in held.values():
+            s.close()
+        _stop(list(procs.values()), settings.grace_period_s)
+        log.info(f"{service}.exited", code=code)
+    return code
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _await_ready(proc, ready: Path) -> dict:
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready.exists():
+            info = json.loads(ready.read_text())
+            ready.unlink(missing_ok=True)
+            return info
+        if not proc.is_alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.exitcode} before it was ready")
+        proc.join(0.05)
+    raise TimeoutError(f"{proc.name} not ready within {WORKER_START_TIMEOUT_S} s")
+
+
+def _watch(procs: dict, spawn, parent: int, service: str) -> int:
+    """Restart a worker that exits (at most once per RESTART_DELAY_S each) until a signal or the launcher's
+    exit."""
+    while True:
+        sentinels = {p.sentinel: i for i, p in procs.items()}
+        for ready in connection.wait(list(sentinels), timeout=1.0):
+            i = sentinels[ready]
+            log.error(f"{service}.worker_exited", worker=i, exitcode=procs[i].exitcode, will="restart")
+            time.sleep(RESTART_DELAY_S)
+            procs[i], ready_file = spawn(i)
+            _await_ready(procs[i], ready_file)
+        if parent and os.getppid() != parent:
+            log.info(f"{service}.stopping", reason="parent_exited")
+            return 0
+
+
+def _stop(procs: list, grace_s: float) -> None:
+    """SIGTERM every worker (each drains within its grace period), kill what outlives it."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s + 5.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            log.warning("workers.killed", worker=p.name)
+            p.kill()
+            p.join(5.0)

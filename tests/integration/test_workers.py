@@ -1,0 +1,124 @@
+"""Gateway and router with --workers 2, each worker its own process: both router workers get traffic through the
+gateway's HTTP and gRPC, cancellation still reaches the engine, a killed worker is restarted, limits hold."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import aiohttp
+import grpc
+import pytest
+import pytest_asyncio
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
+from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
+from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
+
+from shared.health import check
+from tests.integration.conftest import running_cluster
+from tests.support import assert_eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory):
+    async with running_cluster(
+        tmp_path_factory.mktemp("workers"), engines=1, router_workers=2, gateway_workers=2
+    ) as cluster:
+        yield cluster
+
+
+def auth(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def router_requests_by_pid(cluster) -> dict[int, int]:
+    """router.request log lines per router worker process (each worker logs its pid's lines)."""
+    counts: dict[int, int] = {}
+    for line in cluster.procs["router"].log_file.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "router.request":
+            counts[rec["pid"]] = counts.get(rec["pid"], 0) + 1
+    return counts
+
+
+async def test_requests_reach_both_router_workers_over_grpc_and_http(fleet):
+    """Distinct prompts from the gateway (gRPC and OpenAI HTTP) land on both router workers."""
+    info = fleet.ready_info("router")
+    assert len(info["worker_addresses"]) == 2
+    for a in info["worker_addresses"]:
+        assert await check(a)
+    async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+        stub = inf_grpc.InferenceServiceStub(ch)
+        for i in range(12):
+            req = inf_pb.GenerateRequest(model="sim-1b", prompt=f"prompt number {i}", max_tokens=4)
+            chunks = [r.chunk async for r in stub.Generate(req, metadata=auth(fleet.api_key), timeout=30)]
+            assert chunks[-1].usage.completion_tokens == 4
+    http = fleet.ready_info("gateway")["http_address"]
+    async with aiohttp.ClientSession() as s:
+        for i in range(6):
+            async with s.post(
+                f"http://{http}/v1/completions",
+                json={"model": "sim-1b", "prompt": f"http prompt {i}", "max_tokens": 3},
+                headers={"Authorization": f"Bearer {fleet.api_key}"},
+            ) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["usage"]["completion_tokens"] == 3
+    counts = router_requests_by_pid(fleet)
+    assert len(counts) == 2 and sum(counts.values()) >= 18, counts
+
+
+async def test_cancel_through_two_worker_hops_reaches_the_engine(fleet):
+    """A client that cancels mid-stream: the engine aborts the request and is idle again."""
+    engine = fleet.procs["engine-1"].address
+
+    async def counters() -> engine_pb.GetLoadResponse:
+        async with grpc.aio.insecure_channel(engine) as ch:
+            return await engine_grpc.EngineServiceStub(ch).GetLoad(engine_pb.GetLoadRequest(), timeout=2)
+
+    before = (await counters()).requests_aborted
+    async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+        call = inf_grpc.InferenceServiceStub(ch).Generate(
+            inf_pb.GenerateRequest(model="sim-1b", prompt="a long one", max_tokens=5000, ignore_eos=True),
+            metadata=auth(fleet.api_key),
+            timeout=60,
+        )
+        async for resp in call:
+            if resp.chunk.token_ids:
+                break
+        call.cancel()
+
+    async def aborted_and_idle() -> bool:
+        c = await counters()
+        return c.requests_aborted > before and c.load.running + c.load.waiting == 0
+
+    await assert_eventually(aborted_and_idle, timeout_s=10)
+
+
+async def test_a_killed_router_worker_is_restarted_and_requests_keep_succeeding(fleet):
+    """SIGKILL of one router worker: the supervisor starts another; requests through the gateway succeed."""
+    pids = fleet.ready_info("router")["worker_pids"]
+    os.kill(pids[0], signal.SIGKILL)
+    ok = 0
+    async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+        stub = inf_grpc.InferenceServiceStub(ch)
+        for i in range(40):
+            req = inf_pb.GenerateRequest(model="sim-1b", prompt=f"after the kill {i}", max_tokens=2)
+            try:
+                [r async for r in stub.Generate(req, metadata=auth(fleet.api_key), timeout=30)]
+                ok += 1
+            except grpc.aio.AioRpcError as e:
+                # The dead worker's connection fails its calls until the new worker listens.
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                await asyncio.sleep(0.1)
+            if ok >= 10:
+                break
+    assert ok >= 10
+    assert fleet.procs["router"].alive
