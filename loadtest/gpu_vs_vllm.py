@@ -353,8 +353,53 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def roles_from_ps(ps_text: str) -> dict[int, str]:
+    """pid -> role, from `ps -eo pid,ppid,pcpu,rss,comm,args` taken while the servers ran: spawned children
+    in start order (vLLM and our engine supervisor start the engine core before the front ends)."""
+    procs = {}
+    for line in ps_text.splitlines()[1:]:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[0].isdigit():
+            procs[int(parts[0])] = (int(parts[1]), parts[5])
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        kids.setdefault(ppid, []).append(pid)
+    roles: dict[int, str] = {}
+    for pid, (_, cmd) in procs.items():
+        spawned = sorted(k for k in kids.get(pid, []) if "spawn_main" in procs[k][1])
+        if "vllm.entrypoints.cli.main serve" in cmd:
+            if len(spawned) == 1:
+                roles[pid], roles[spawned[0]] = "vllm APIServer", "vllm EngineCore"
+            elif spawned:
+                roles[pid] = "vllm serve (supervisor)"
+                roles[spawned[0]] = "vllm EngineCore"
+                roles.update({k: "vllm APIServer" for k in spawned[1:]})
+        elif "-m services." in cmd:
+            svc = cmd.split("-m services.", 1)[1].split()[0]
+            if svc == "engine" and spawned:
+                roles[pid] = "engine (supervisor)"
+                roles[spawned[0]] = "vllm EngineCore"
+                roles.update({k: "engine front end" for k in spawned[1:]})
+            elif spawned:
+                roles[pid] = f"{svc} (supervisor)"
+                roles.update({k: f"{svc} worker" for k in spawned})
+            else:
+                roles[pid] = svc
+    return roles
+
+
+def relabel(records: list[dict], roles: dict[int, str]) -> None:
+    """Replace each record's per-process labels by roles (cpu_by_process: cores summed per role)."""
+    for r in records:
+        for row in r["cpu"]:
+            row["process"] = roles.get(row["pid"], row["process"])
+        r["cpu_by_process"] = _by_process(r["cpu"])
+
+
 def report(args) -> None:
     doc = json.loads(Path(args.records).read_text())
+    if args.ps:
+        relabel(doc["records"], roles_from_ps(Path(args.ps).read_text()))
     rows = summarize(doc["records"])
     by_c: dict[int, list[dict]] = {}
     for r in rows:
@@ -418,6 +463,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r = sub.add_parser("report")
     r.add_argument("--records", required=True)
     r.add_argument("--out", default="")
+    r.add_argument("--ps", default="", help="ps listing taken during the run, to name every process's role")
     args = p.parse_args(argv)
     if hasattr(args, "api_counts"):
         args.api_counts = [int(x) for x in args.api_counts.split(",") if x]
