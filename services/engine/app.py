@@ -17,6 +17,7 @@ from services.engine.config import EngineSettings
 from services.engine.engine_metrics import EngineMetrics, vllm_metrics_registered
 from services.engine.gauges import EngineGauges
 from services.engine.frontends import Frontend
+from services.engine.gauges import EngineGauges
 from services.engine.registration import Registration
 from services.engine.servicer import EngineServicer
 from services.engine.sim import SimEngine
@@ -167,16 +168,22 @@ async def start(
     except BaseException:
         await backend.shutdown()
         raise
-    gauges = EngineGauges(
-        telemetry.meter,
-        backend.load,
-        replica_id=settings.replica_id,
-        model=settings.model,
-        model_version=settings.model_version,
-        replica_type=settings.profile,
-    )
+    primary = frontend is None or frontend.index == 0
     registration = None
-    if settings.registry_address and (frontend is None or frontend.index == 0):
+    # The replica's gauges and registration come from one process (its primary front end) only.
+    gauges = (
+        EngineGauges(
+            telemetry.meter,
+            backend.load,
+            replica_id=settings.replica_id,
+            model=settings.model,
+            model_version=settings.model_version,
+            replica_type=settings.profile,
+        )
+        if primary
+        else None
+    )
+    if settings.registry_address and gauges is not None:
         registration = Registration(
             settings.registry_address,
             reg_pb.Replica(

@@ -187,6 +187,8 @@ class LoadStats:
         self.queried_tokens = 0
         self.hit_tokens = 0
         self.records = 0
+        # Called after each record (a front end of several writes its row of the load board at once).
+        self.on_record: Callable[[], None] | None = None
         # When the last scheduler snapshot came (0: never): with several front ends only one gets each step's.
         self.sched_at = 0.0
         self._rate = TokenRate(window_s, clock())
@@ -205,6 +207,8 @@ class LoadStats:
                 self.hit_tokens += pc.hits
         if iteration_stats is not None and iteration_stats.num_generation_tokens:
             self._rate.add(self.clock(), iteration_stats.num_generation_tokens)
+        if self.on_record is not None:
+            self.on_record()
 
     def output_tokens_per_s(self) -> float:
         return self._rate.rate(self.clock())
@@ -342,6 +346,8 @@ class VllmBackend:
         loop = asyncio.get_running_loop()
         self._watchdog = loop.create_task(self._watch(), name="engine.vllm_watchdog")
         if self.board is not None:
+            # Each step's stats reach one front end: its row is written at once, the rest of it periodically.
+            self.stats.on_record = self._write_row
             self._board_task = loop.create_task(self._publish_load(), name="engine.load_board")
         log.info(
             "engine.vllm_started",
@@ -567,10 +573,13 @@ class VllmBackend:
         self.board.write(self.board_row, own, self.stats.sched_at)
         return self.board.totals()
 
+    def _write_row(self) -> None:
+        self.board.write(self.board_row, self._own(), self.stats.sched_at)
+
     async def _publish_load(self) -> None:
         """Keep this front end's row of the board current (the primary reads it for heartbeats and GetLoad)."""
         while True:
-            self.board.write(self.board_row, self._own(), self.stats.sched_at)
+            self._write_row()
             await asyncio.sleep(self.board_interval_s)
 
     def replica_counters(self) -> Counters:

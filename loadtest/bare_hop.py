@@ -1,0 +1,60 @@
+"""`python -m loadtest.bare_hop --port P --upstream HOST:PORT`: the baseline hop for benchmarks, a bare grpc.aio
+pass-through that forwards any unary-stream call's raw bytes upstream and the response messages back, with
+nothing else (no parsing, spans, logs, limits or routing): what a relaying hop costs at the least."""
+
+from __future__ import annotations
+
+import argparse
+
+import grpc
+
+
+class Forward(grpc.GenericRpcHandler):
+    """Every method: the request bytes go upstream over one shared channel, the response bytes come back."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details: grpc.HandlerCallDetails):
+        handler = self.handlers.get(details.method)
+        if handler is None:
+            method = self.channel.unary_stream(details.method)  # no serializers: bytes in, bytes out
+
+            async def relay(request: bytes, context: grpc.aio.ServicerContext):
+                call = method(
+                    request, metadata=context.invocation_metadata(), timeout=context.time_remaining()
+                )
+                async for data in call:
+                    yield data
+
+            handler = self.handlers[details.method] = grpc.unary_stream_rpc_method_handler(relay)
+        return handler
+
+
+async def serve(port: int, upstream: str, ready_file: str = "") -> None:
+    from shared.server import wait_for_signal, write_ready_file
+
+    channel = grpc.aio.insecure_channel(upstream)
+    server = grpc.aio.server(handlers=[Forward(channel)])
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    write_ready_file(ready_file, address=f"127.0.0.1:{bound}")
+    await wait_for_signal()
+    await server.stop(1)
+    await channel.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bare_hop", description=__doc__)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--upstream", required=True)
+    p.add_argument("--ready-file", default="")
+    args = p.parse_args(argv)
+    import uvloop
+
+    uvloop.run(serve(args.port, args.upstream, args.ready_file))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""`python -m loadtest.hop_bench`: what a relaying hop costs on this machine, each hop against a bare grpc.aio
+pass-through (loadtest/bare_hop.py) measured in the same run. A token source that streams pre-built chunks as
+fast as it can stands in for the engine, so the hops are what is measured:
+
+    direct    client -> source
+    bare      client -> bare hop -> source             router    client -> router -> source
+    bare2     client -> bare -> bare -> source         gateway   client -> gateway -> source
+                                                        mesh      client -> gateway -> router -> source
+    (router and gateway again with --workers 2: router2, gateway2, mesh2)
+
+Per mode: relayed messages/s at --streams (capacity), TTFT p50 at one stream and what it adds over direct,
+and the CPU each hop process spends per request and per message (psutil). With --flames, py-spy samples
+each hop at --streams and the page gets the top frames (self time) of each."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+MODEL = "sim-1b"
+
+
+# -- the token source -------------------------------------------------------------------------------------------
+
+
+def chunks(n: int) -> list[bytes]:
+    """One request's response messages: served_by first, one token each, finish and usage last."""
+    from fleetserve.common.v1 import common_pb2
+    from fleetserve.engine.v1 import engine_service_pb2 as pb
+
+    out = []
+    for i in range(n):
+        r = pb.GenerateResponse()
+        r.chunk.text = f" tok{i}"
+        r.chunk.token_ids.append(1000 + i)
+        if i == 0:
+            r.chunk.served_by.model = MODEL
+            r.chunk.served_by.replica_id = "source"
+        if i == n - 1:
+            r.chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
+            r.chunk.usage.prompt_tokens = 8
+            r.chunk.usage.completion_tokens = n
+        out.append(r.SerializeToString())
+    return out
+
+
+class Source(grpc.GenericRpcHandler):
+    """Answers any */Generate (engine, router or inference: the messages are wire-identical) with the chunks."""
+
+    def __init__(self, tokens: int) -> None:
+        self.msgs = chunks(tokens)
+
+    def service(self, details: grpc.HandlerCallDetails):
+        if not details.method.endswith("/Generate"):
+            return None
+        msgs = self.msgs
+
+        async def generate(request: bytes, context):
+            for m in msgs:
+                yield m
+
+        return grpc.unary_stream_rpc_method_handler(generate)
+
+
+async def run_source(args) -> None:
+    from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from shared.server import wait_for_signal, write_ready_file
+
+    server = grpc.aio.server(handlers=[Source(args.tokens)])
+    h = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(h, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    registration = None
+    if args.registry:
+        from fleetserve.common.v1 import common_pb2
+
+        from services.engine.registration import Registration
+
+        registration = Registration(
+            args.registry,
+            reg_pb.Replica(replica_id="source", address=address, model=MODEL, backend="sim"),
+            common_pb2.ReplicaLoad,
+        )
+        registration.start()
+    write_ready_file(args.ready_file, address=address)
+    await wait_for_signal()
+    if registration is not None:
+        await registration.close()
+    await server.stop(0)
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+
+
+class Procs:
+    """Processes of one mode, each with a ready file; stopped with SIGTERM (killed after a while)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.addresses: dict[str, str] = {}
+        self.info: dict[str, dict] = {}
+
+    def start(self, name: str, argv: list[str], timeout_s: float = 60.0) -> str:
+        ready = self.tmp / f"{name}.json"
+        ready.unlink(missing_ok=True)
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        p = subprocess.Popen(
+            [sys.executable, "-m", *argv, "--ready-file", str(ready)], stdout=log, stderr=log, env=env
+        )
+        self.procs[name] = p
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start: {(self.tmp / f'{name}.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.info[name] = json.loads(ready.read_text())
+        self.addresses[name] = self.info[name]["address"]
+        return self.addresses[name]
+
+    def pids(self, name: str) -> list[int]:
+        """The process and its workers (a supervisor's spawned children)."""
+        import psutil
+
+        root = psutil.Process(self.procs[name].pid)
+        return [root.pid, *(c.pid for c in root.children(recursive=True))]
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
+    """Start one mode's processes; (procs, client target, hop names, request kind)."""
+    procs = Procs(tmp)
+    common = ["--log-json", "--grace-period-s", "1"]
+    needs_router = mode.startswith("router") or mode.startswith("mesh")
+    registry = ""
+    if needs_router:
+        registry = procs.start(
+            "registry", ["services.registry", "--db-path", str(tmp / f"{mode}-reg.db"), *common]
+        )
+    source = procs.start(
+        "source",
+        ["loadtest.hop_bench", "source", "--tokens", str(args.tokens)]
+        + (["--registry", registry] if registry else []),
+    )
+    workers = "2" if mode.endswith("2") else "1"
+    hops: list[str] = []
+    if mode == "direct":
+        return procs, source, hops, "engine"
+    if mode in ("bare", "bare2"):
+        up = source
+        for i in range(1 if mode == "bare" else 2):
+            up = procs.start(f"bare{i}", ["loadtest.bare_hop", "--upstream", up])
+            hops.append(f"bare{i}")
+        return procs, up, hops, "engine"
+    router = ""
+    if needs_router:
+        router_args = ["services.router", "--registry-address", registry, "--workers", workers, *common]
+        router = procs.start("router", router_args)
+        hops.append("router")
+        _await_routable(router)
+        if mode.startswith("router"):
+            return procs, router, hops, "router"
+    routers = ",".join(procs.info.get("router", {}).get("worker_addresses") or [router or source])
+    key = "fsk-bench-" + "k" * 20
+    gw = [
+        "services.gateway", "--router-address", routers, "--workers", workers, "--db-path", str(tmp / f"{mode}-gw.db"),
+        "--bootstrap-api-key", key, "--http-port", "-1", "--extra-models", MODEL, *common,
+    ]  # fmt: skip
+    gateway = procs.start("gateway", gw)
+    hops.append("gateway")
+    procs.api_key = key  # type: ignore[attr-defined]
+    return procs, gateway, hops, "gateway"
+
+
+def _await_routable(router: str) -> None:
+    from fleetserve.router.v1 import router_service_pb2 as pb
+
+    ch = grpc.insecure_channel(router)
+    status = ch.unary_unary(
+        "/fleetserve.router.v1.RouterService/GetStatus",
+        request_serializer=pb.GetStatusRequest.SerializeToString,
+        response_deserializer=pb.GetStatusResponse.FromString,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if any(r.routable for r in status(pb.GetStatusRequest(), timeout=2).replicas):
+                ch.close()
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the router never saw the source")
+
+
+# -- the client ---------------------------------------------------------------------------------------------------
+
+
+def request_bytes(kind: str, i: int) -> bytes:
+    from fleetserve.common.v1 import common_pb2
+    from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+    from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
+    from fleetserve.router.v1 import router_service_pb2 as router_pb
+
+    prompt = f"request {i} " + "word " * 32
+    sampling = common_pb2.SamplingParams(max_tokens=64, ignore_eos=True)
+    spec = common_pb2.GenerationSpec(model=MODEL, prompt=prompt, sampling=sampling)
+    if kind == "engine":
+        return engine_pb.GenerateRequest(request_id=f"r{i}", spec=spec).SerializeToString()
+    if kind == "router":
+        return router_pb.GenerateRequest(request_id=f"r{i}", spec=spec).SerializeToString()
+    return inf_pb.GenerateRequest(
+        model=MODEL, prompt=prompt, max_tokens=64, ignore_eos=True
+    ).SerializeToString()
+
+
+METHODS = {
+    "engine": "/fleetserve.engine.v1.EngineService/Generate",
+    "router": "/fleetserve.router.v1.RouterService/Generate",
+    "gateway": "/fleetserve.inference.v1.InferenceService/Generate",
+}
+
+
+async def load(target: str, kind: str, streams: int, duration_s: float, api_key: str) -> dict:
+    """A closed loop of `streams` requests for duration_s: messages, requests, TTFTs."""
+    channel = grpc.aio.insecure_channel(target)
+    call = channel.unary_stream(METHODS[kind])
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    reqs = [request_bytes(kind, i) for i in range(64)]
+    msgs = 0
+    done = 0
+    errors = collections.Counter()
+    ttfts: list[float] = []
+    clock = time.perf_counter
+    end = clock() + duration_s
+
+    async def one_stream(k: int) -> None:
+        nonlocal msgs, done
+        i = k
+        while clock() < end:
+            t0 = clock()
+            first = True
+            try:
+                async for _ in call(reqs[i % len(reqs)], metadata=metadata, timeout=60):
+                    if first:
+                        ttfts.append(clock() - t0)
+                        first = False
+                    msgs += 1
+                done += 1
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] += 1
+            i += streams
+
+    t0 = clock()
+    await asyncio.gather(*(one_stream(k) for k in range(streams)))
+    wall = clock() - t0
+    await channel.close()
+    return {
+        "messages_per_s": msgs / wall,
+        "requests": done,
+        "wall_s": wall,
+        "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
+        "ttft_p99_ms": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))] * 1000 if ttfts else None,
+        "errors": dict(errors),
+    }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def flame(pids: list[int], seconds: float, out: Path) -> list[tuple[str, float]]:
+    """py-spy samples of the hop's processes for `seconds` (raw collapsed stacks); its top self-time frames."""
+    spy = Path(sys.executable).with_name("py-spy")
+    procs = []
+    for pid in pids:
+        f = out.with_name(f"{out.stem}-{pid}.txt")
+        procs.append((subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
+                                        "-f", "raw", "-o", str(f), "--nonblocking"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f))  # fmt: skip
+    self_time: collections.Counter[str] = collections.Counter()
+    total = 0
+    for p, f in procs:
+        p.wait(seconds + 30)
+        if not f.exists():
+            continue
+        for line in f.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if not n.isdigit():
+                continue
+            frame = stack.split(";")[-1]
+            frame = (
+                frame.split(" (")[0] + " (" + frame.split(" (")[-1].split("/")[-1] if " (" in frame else frame
+            )
+            self_time[frame] += int(n)
+            total += int(n)
+        f.unlink()
+    return [(k, round(v / total, 3)) for k, v in self_time.most_common(12)] if total else []
+
+
+def run_mode(mode: str, args, tmp: Path) -> dict:
+    procs, target, hops, kind = start_mode(mode, tmp, args)
+    key = getattr(procs, "api_key", "")
+    rec: dict = {"mode": mode, "hops": hops}
+    try:
+        asyncio.run(load(target, kind, 8, 1.0, key))  # warm up: channels, caches, first-call paths
+        hop_pids = {h: procs.pids(h) for h in hops}
+        for streams, duration in ((1, args.c1_seconds), (args.streams, args.seconds)):
+            before = {h: cpu_seconds(p) for h, p in hop_pids.items()}
+            r = asyncio.run(load(target, kind, streams, duration, key))
+            used = {h: cpu_seconds(p) - before[h] for h, p in hop_pids.items()}
+            r["hop_cpu_cores"] = {h: round(u / r["wall_s"], 3) for h, u in used.items()}
+            r["hop_cpu_ms_per_request"] = {
+                h: round(1000 * u / max(1, r["requests"]), 3) for h, u in used.items()
+            }
+            msgs = r["messages_per_s"] * r["wall_s"]
+            r["hop_cpu_us_per_message"] = {h: round(1e6 * u / max(1, msgs), 2) for h, u in used.items()}
+            rec[f"c{streams}"] = r
+            print(f"hop_bench: {mode} c={streams}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        if args.flames and hops:
+            box: dict = {}
+
+            async def loaded():
+                box["r"] = await load(target, kind, args.streams, args.flame_seconds + 2, key)
+
+            import threading
+
+            t = threading.Thread(target=lambda: asyncio.run(loaded()))
+            t.start()
+            time.sleep(1.0)
+            rec["flames"] = {
+                h: flame(p, args.flame_seconds, tmp / f"{mode}-{h}") for h, p in hop_pids.items()
+            }
+            t.join()
+    finally:
+        procs.stop()
+    return rec
+
+
+def markdown(doc: dict) -> str:
+    by = {r["mode"]: r for r in doc["records"]}
+    n = doc["streams"]
+    cn = f"c{n}"
+    base1 = by.get("direct", {}).get("c1", {}).get("ttft_p50_ms") or 0
+    lines = [
+        f"| mode | msgs/s at {n} streams | vs bare | TTFT p50 c=1 ms | added vs direct | hop CPU ms/request "
+        f"(c=1) | hop CPU us/message (c={n}) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ref = {"router": "bare", "gateway": "bare", "mesh": "bare2", "bare2": "bare"}
+    ref |= {"router2": "bare", "gateway2": "bare", "mesh2": "bare2"}
+    for mode, r in by.items():
+        cap = r[cn]["messages_per_s"]
+        vs = ""
+        if mode in ref and ref[mode] in by:
+            vs = f"{cap / by[ref[mode]][cn]['messages_per_s']:.2f} of {ref[mode]}"
+        c1 = r["c1"]
+        lines.append(
+            f"| {mode} | {cap:,.0f} | {vs} | {c1['ttft_p50_ms']:.2f} | {c1['ttft_p50_ms'] - base1:+.2f} | "
+            f"{sum(c1['hop_cpu_ms_per_request'].values()):.2f} | "
+            f"{sum(r[cn]['hop_cpu_us_per_message'].values()):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.hop_bench", description=__doc__)
+    sub = p.add_subparsers(dest="cmd")
+    s = sub.add_parser("source")
+    s.add_argument("--tokens", type=int, default=64)
+    s.add_argument("--registry", default="")
+    s.add_argument("--ready-file", default="")
+    p.add_argument("--modes", default="direct,bare,router,gateway,bare2,mesh,router2,gateway2,mesh2")
+    p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=64, help="messages per request")
+    p.add_argument("--seconds", type=float, default=8.0, help="each capacity run")
+    p.add_argument("--c1-seconds", type=float, default=4.0, help="each one-stream run")
+    p.add_argument("--flames", action="store_true", help="py-spy each hop at --streams (needs py-spy)")
+    p.add_argument("--flame-seconds", type=float, default=5.0)
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    if args.cmd == "source":
+        import uvloop
+
+        uvloop.run(run_source(args))
+        return 0
+    records = []
+    with tempfile.TemporaryDirectory(prefix="hop-bench-") as tmp:
+        for mode in [m for m in args.modes.split(",") if m]:
+            records.append(run_mode(mode, args, Path(tmp)))
+    doc = {
+        "command": "python -m loadtest.hop_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "cores": os.cpu_count(),
+        "streams": args.streams,
+        "tokens_per_request": args.tokens,
+        "records": records,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
