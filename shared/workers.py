@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing import connection
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from shared import prom
 from shared.server import PARENT_PID_ENV, write_ready_file
 
 log = structlog.get_logger("fleetserve.workers")
@@ -88,7 +91,11 @@ def supervise(
         held[name] = reserve_port(settings.host, port)
     ports = {name: s.getsockname()[1] for name, s in held.items()}
     overrides = prepare(settings) if prepare is not None else {}
-    run_dir = Path(settings.ready_file).parent if settings.ready_file else Path("/tmp")
+    run_dir = Path(settings.ready_file).parent if settings.ready_file else Path(tempfile.gettempdir())
+    # One Prometheus /metrics for the service, served here from every worker's files (prometheus-client's
+    # multiprocess mode; the workers inherit the directory and serve none themselves).
+    prom_dir = prom.prepare_multiprocess(run_dir / f"{service}-{os.getpid()}-prometheus")
+    metrics = prom.start_metrics_server(settings.host, settings.metrics_port, [], prom_dir)
     os.environ[PARENT_PID_ENV] = str(os.getpid())  # workers stop by themselves if this process dies
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
@@ -102,6 +109,7 @@ def supervise(
         worker = settings.model_dump() | overrides | ports
         # A restarted worker takes its predecessor's private port: the hop in front keeps its connection.
         worker |= {"workers": 1, "worker_index": i, "worker_count": count, "ready_file": str(ready)}
+        worker["metrics_port"] = -1
         worker["worker_port"] = private.get(i, 0)
         p = ctx.Process(
             target=_worker_main, args=(service, type(settings), worker), name=f"{service}-worker-{i}"
@@ -128,6 +136,7 @@ def supervise(
             workers=count,
             worker_addresses=[info["address"] for info in infos],
             worker_pids=[p.pid for p in procs.values()],
+            metrics_address=metrics.address if metrics is not None else "",
             **extra,
         )
         log.info(f"{service}.workers_started", address=shared["port"], workers=count, **extra)
@@ -143,6 +152,9 @@ def supervise(
         for s in held.values():
             s.close()
         _stop(list(procs.values()), settings.grace_period_s)
+        if metrics is not None:
+            metrics.stop()
+        shutil.rmtree(prom_dir, ignore_errors=True)
         log.info(f"{service}.exited", code=code)
     return code
 
@@ -172,6 +184,7 @@ def _watch(procs: dict, spawn, parent: int, service: str) -> int:
         for ready in connection.wait(list(sentinels), timeout=1.0):
             i = sentinels[ready]
             log.error(f"{service}.worker_exited", worker=i, exitcode=procs[i].exitcode, will="restart")
+            prom.worker_exited(procs[i].pid)
             time.sleep(RESTART_DELAY_S)
             procs[i], ready_file = spawn(i)
             _await_ready(procs[i], ready_file)

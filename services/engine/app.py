@@ -15,7 +15,6 @@ from prometheus_client.registry import CollectorRegistry
 from services.engine.backend import EngineBackend
 from services.engine.config import EngineSettings
 from services.engine.engine_metrics import EngineMetrics, vllm_metrics_registered
-from services.engine.gauges import EngineGauges
 from services.engine.frontends import Frontend
 from services.engine.gauges import EngineGauges
 from services.engine.registration import Registration

@@ -149,5 +149,8 @@ class SplitLimits:
     async def close_stream(self, key: str, stream_id: str) -> None:
         await self.inner.close_stream(key, stream_id)
 
+    def start(self) -> None:
+        self.inner.start()
+
     async def close(self) -> None:
         await self.inner.close()

@@ -73,6 +73,15 @@ async def test_requests_reach_both_router_workers_over_grpc_and_http(fleet):
                 assert (await r.json())["usage"]["completion_tokens"] == 3
     counts = router_requests_by_pid(fleet)
     assert len(counts) == 2 and sum(counts.values()) >= 18, counts
+    # One /metrics for the router, summing both workers' counters (Prometheus multiprocess mode).
+    async with aiohttp.ClientSession() as s, s.get(f"http://{info['metrics_address']}/metrics") as r:
+        text = await r.text()
+    ok = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fleetserve:router_requests_total") and 'code="OK"' in line
+    ]
+    assert sum(ok) >= 18, text[:2000]
 
 
 async def test_cancel_through_two_worker_hops_reaches_the_engine(fleet):
