@@ -1,9 +1,11 @@
 """`python -m services.gateway`: run the gateway until SIGTERM (with --workers N, a supervisor of N workers)."""
 
+import asyncio
 import sys
 
 from services.gateway.app import start
 from services.gateway.config import GatewaySettings
+from services.gateway.schema import open_databases
 from services.gateway.tenants import TenantStore
 from shared.server import run, serve_main
 from shared.settings import load_settings
@@ -11,12 +13,17 @@ from shared.workers import supervise
 
 
 def bootstrap_once(settings: GatewaySettings) -> dict:
-    """The tenants database is bootstrapped here, once, before the workers start (they would race to)."""
-    store = TenantStore(settings.db_path)
-    try:
-        store.bootstrap(settings.bootstrap_api_key)
-    finally:
-        store.close()
+    """The tenants database is created and bootstrapped here, once, before the workers start (they would race
+    to); the workers get no bootstrap key."""
+
+    async def bootstrap() -> None:
+        dbs = await open_databases(settings.db_url, settings.db_path, settings.jobs_db_path, pool_size=1)
+        try:
+            await TenantStore(dbs.accounts).bootstrap(settings.bootstrap_api_key)
+        finally:
+            await dbs.close()
+
+    asyncio.run(bootstrap())
     return {"bootstrap_api_key": ""}
 
 
