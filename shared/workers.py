@@ -56,8 +56,21 @@ def _worker_main(service: str, settings_cls: type, settings: dict) -> None:
     run(lambda: serve_main(service, config, start))
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGINT reached the supervisor."""
+class Stop(Exception):
+    """SIGTERM or SIGINT reached a supervisor process."""
+
+
+def raise_stop_on_signals() -> None:
+    """In a (synchronous) supervisor: the first SIGTERM or SIGINT raises Stop in the main thread, wherever it
+    waits; later ones are ignored while it stops what it started."""
+
+    def on_signal(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
 
 def supervise(
@@ -76,16 +89,7 @@ def supervise(
     configure_logging(service, settings.log_level, settings.log_json)
     count = settings.workers
     parent = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
-    stopping = False
-
-    def on_signal(signum, frame) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise _Stop(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    raise_stop_on_signals()
     held = {"port": reserve_port(settings.host, settings.port)}
     for name, port in (extra_ports or {}).items():
         held[name] = reserve_port(settings.host, port)
@@ -141,7 +145,7 @@ def supervise(
         )
         log.info(f"{service}.workers_started", address=shared["port"], workers=count, **extra)
         code = _watch(procs, spawn, parent, service)
-    except _Stop as stop:
+    except Stop as stop:
         log.info(f"{service}.stopping", reason=str(stop))
     except Exception:
         log.exception(f"{service}.workers_failed")

@@ -338,3 +338,24 @@ def fake_api(model_dir: str, engines: list[FakeAsyncLLM] | None = None, **engine
         version="fake",
         create_client=create_client,
     )
+
+
+async def first_stored_hashes(generate, events, llm: FakeAsyncLLM, timeout_s: float = 10.0) -> list[int]:
+    """The fleet hashes of the first BlockStored batch on `events` (a SubscribeKvEvents iterator past its
+    snapshot), generating with `generate(i)` (one short request) until one comes through: the first publishes
+    may predate ZMQ's subscription, so the fake's cache is cleared and the prompt sent again."""
+
+    async def until_stored() -> list[int]:
+        for i in range(100):
+            await generate(i)
+            llm.cache.clear()
+            try:
+                batch = (await asyncio.wait_for(anext(events), 0.2)).batch
+            except TimeoutError:
+                continue
+            stored = [h for e in batch.events for h in e.block_stored.block_hashes]
+            if stored:
+                return stored
+        return []
+
+    return await asyncio.wait_for(until_stored(), timeout_s)

@@ -22,6 +22,7 @@ import structlog
 
 from services.engine.load_board import LoadBoard
 from shared.server import PARENT_PID_ENV, write_ready_file
+from shared.workers import Stop, raise_stop_on_signals
 
 log = structlog.get_logger(__name__)
 
@@ -112,10 +113,6 @@ async def _serve_frontend(settings, frontend: Frontend) -> None:
 # -- the supervisor -----------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGINT reached the supervisor."""
-
-
 def supervise(settings, count: int) -> int:
     """The supervisor process of a replica with `count` front ends: start the engine core and the front ends,
     write the ready file (address: the primary's; frontends: all), pass on the engine core's death, and on
@@ -126,16 +123,7 @@ def supervise(settings, count: int) -> int:
 
     configure_logging("engine", settings.log_level, settings.log_json)
     parent = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
-    stopping = False
-
-    def on_signal(signum, frame) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise _Stop(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    raise_stop_on_signals()
     api = load_vllm_api()
     if api.launch_core is None:
         raise SystemExit("this vLLM cannot run several front ends on one engine core")
@@ -188,7 +176,7 @@ def supervise(settings, count: int) -> int:
             ready_s=round(time.monotonic() - started, 3),
         )
         code = _watch(procs, manager, parent)
-    except _Stop as stop:
+    except Stop as stop:
         log.info("engine.stopping", reason=str(stop))
     except Exception:
         log.exception("engine.frontends_failed")

@@ -29,7 +29,7 @@ from tests.integration.test_engine import FAST_RETRY, Recorded, listed, start_re
 from tests.support import assert_eventually
 
 pytest.importorskip("zmq", reason="the vllm backend reads KV events with pyzmq")
-from tests.fake_vllm import FakeAsyncLLM, fake_api  # noqa: E402 - after the skip: it imports zmq
+from tests.fake_vllm import FakeAsyncLLM, fake_api, first_stored_hashes  # noqa: E402 - after the skip: it imports zmq
 
 MODEL = "llama-tiny"
 N = 3
@@ -217,22 +217,11 @@ async def test_kv_events_from_any_front_end(model_dir, monkeypatch, tmp_path):
         events = stubs[1].SubscribeKvEvents(pb.SubscribeKvEventsRequest(include_snapshot=True), timeout=30)
         it = events.__aiter__()
         assert (await asyncio.wait_for(anext(it), 5)).batch.snapshot
-        stored: list[int] = []
 
-        async def until_stored():
-            # The first publishes may predate ZMQ's subscription: resend until the blocks come through.
-            for i in range(100):
-                [r async for r in stubs[2].Generate(request(prompt, 1, f"k{i}"), timeout=10)]
-                core.cache.clear()
-                try:
-                    batch = (await asyncio.wait_for(anext(it), 0.2)).batch
-                except TimeoutError:
-                    continue
-                stored.extend(h for e in batch.events for h in e.block_stored.block_hashes)
-                if stored:
-                    return
+        async def generate(i: int) -> None:
+            [r async for r in stubs[2].Generate(request(prompt, 1, f"k{i}"), timeout=10)]
 
-        await asyncio.wait_for(until_stored(), 10)
+        stored = await first_stored_hashes(generate, it, core)
         events.cancel()
         assert stored[: len(want)] == want
 

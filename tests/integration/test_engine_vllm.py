@@ -22,7 +22,7 @@ from tests.integration.test_engine import FAST_RETRY, Recorded, listed, start_re
 from tests.support import assert_eventually
 
 pytest.importorskip("zmq", reason="the vllm backend reads KV events with pyzmq")
-from tests.fake_vllm import FakeAsyncLLM, fake_api  # noqa: E402 - after the skip: it imports zmq
+from tests.fake_vllm import FakeAsyncLLM, fake_api, first_stored_hashes  # noqa: E402 - after the skip: it imports zmq
 
 MODEL = "llama-tiny"
 
@@ -114,22 +114,10 @@ async def test_kv_events_stream_fleet_hashes_over_grpc(model_dir, monkeypatch):
         it = events.__aiter__()
         assert (await asyncio.wait_for(anext(it), 5)).batch.snapshot
 
-        stored: list[int] = []
+        async def generate(i: int) -> None:
+            [r async for r in stub.Generate(request(prompt, 1, f"k{i}"), timeout=10)]
 
-        async def until_stored():
-            # The first publishes may predate ZMQ's subscription: resend until the blocks come through.
-            for i in range(100):
-                [r async for r in stub.Generate(request(prompt, 1, f"k{i}"), timeout=10)]
-                llm.cache.clear()
-                try:
-                    batch = (await asyncio.wait_for(anext(it), 0.2)).batch
-                except TimeoutError:
-                    continue
-                stored.extend(h for e in batch.events for h in e.block_stored.block_hashes)
-                if stored:
-                    return
-
-        await asyncio.wait_for(until_stored(), 10)
+        stored = await first_stored_hashes(generate, it, llm)
         events.cancel()
         assert stored[: len(want)] == want
 
