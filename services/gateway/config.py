@@ -228,4 +228,3 @@ class GatewaySettings(WorkerSettings):
             if any(not p >= 0 for p in prices):
                 raise ValueError(f"model_prices[{model!r}]: prices must be >= 0; got {prices}")
         return self
-

@@ -223,7 +223,20 @@ class SqliteStore(RegistryStore):
             "started_unix, role, endpoints FROM replicas ORDER BY id"
         ).fetchall()
         out = []
-        for rid, address, model, backend, state, load, last_hb, registered_at, version, started, role, ends in rows:
+        for (
+            rid,
+            address,
+            model,
+            backend,
+            state,
+            load,
+            last_hb,
+            registered_at,
+            version,
+            started,
+            role,
+            ends,
+        ) in rows:
             rep = pb.Replica(
                 replica_id=rid,
                 address=address,
