@@ -18,6 +18,7 @@ from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
 from tests.chaos.invariants import busy_counts, log_problems
+from tests.chaos.report import percentile, record
 from tests.chaos.test_replica_kills import SPECS, Outcome, run_one
 from tests.integration.conftest import running_cluster
 from tests.support import assert_eventually
@@ -30,6 +31,7 @@ HANG_FOR_S = float(os.environ.get("FLEETSERVE_HANG_FOR_S", "3"))
 ENGINES = int(os.environ.get("FLEETSERVE_HANG_ENGINES", "3"))
 CLIENTS = int(os.environ.get("FLEETSERVE_HANG_CLIENTS", "8"))
 SPEED = float(os.environ.get("FLEETSERVE_HANG_SPEED", "5"))
+BASELINE_S = float(os.environ.get("FLEETSERVE_HANG_BASELINE_S", "3"))
 
 
 def _log_events(path, event: str) -> list[dict]:
@@ -56,12 +58,18 @@ async def test_hung_engines_are_detected_and_their_streams_resume_elsewhere(tmp_
             assert all(not r.error for r in reference), [r.error for r in reference if r.error]
 
             outcomes: list[Outcome] = []
+            ttfts: dict[str, list[float]] = {"fault_free": [], "faulted": []}
+            phase = ["fault_free"]
             stop = asyncio.Event()
 
             async def client(n: int) -> None:
                 i = n
                 while not stop.is_set():
-                    outcomes.append(await run_one(stub, key, i % len(SPECS)))
+                    where = phase[0]
+                    out = await run_one(stub, key, i % len(SPECS))
+                    outcomes.append(out)
+                    if out.ttft_s is not None:
+                        ttfts[where].append(out.ttft_s)
                     i += CLIENTS
 
             hangs: list[tuple[str, float]] = []
@@ -91,6 +99,8 @@ async def test_hung_engines_are_detected_and_their_streams_resume_elsewhere(tmp_
                 stop.set()
 
             clients = [asyncio.create_task(client(n)) for n in range(CLIENTS)]
+            await asyncio.sleep(BASELINE_S)  # the same load without faults first: TTFT's baseline
+            phase[0] = "faulted"
             await hanger()
             await asyncio.wait_for(asyncio.gather(*clients), 120)
 
@@ -113,6 +123,22 @@ async def test_hung_engines_are_detected_and_their_streams_resume_elsewhere(tmp_
     for victim, at in hangs:
         seen = [_ts(r) - at for r in stalls if r["replica"] == victim and _ts(r) >= at]
         detections.append(round(min(seen), 3) if seen else None)
-    print(f"hangs: {len(outcomes)} requests, {len(hangs)} hangs, detection after (s): {detections}")
+    p99 = {k: percentile(v, 99) for k, v in ttfts.items()}
+    print(
+        f"hangs: {len(outcomes)} requests, {len(hangs)} hangs, detection after (s): {detections}, TTFT p99 {p99}"
+    )
+    record(
+        "engine_sigstop",
+        requests=len(outcomes),
+        failed=len(failed),
+        lost_or_duplicated_tokens=0,
+        hangs=len(hangs),
+        detection_s=detections,
+        ttft_p99_s=p99,
+        ttft_p50_s={k: percentile(v, 50) for k, v in ttfts.items()},
+        settings=dict(
+            run_s=RUN_S, every_s=HANG_EVERY_S, for_s=HANG_FOR_S, engines=ENGINES, clients=CLIENTS, speed=SPEED
+        ),
+    )
     assert hangs and all(d is not None for d in detections), (hangs, detections)
     assert log_problems(tmp_path / "logs") == []

@@ -40,6 +40,7 @@ class Outcome:
     finish: int = 0
     usage: common_pb2.Usage | None = None
     error: str = ""
+    ttft_s: float | None = None
 
 
 async def run_one(stub: inf_grpc.InferenceServiceStub, key: str, spec: int) -> Outcome:
@@ -48,8 +49,11 @@ async def run_one(stub: inf_grpc.InferenceServiceStub, key: str, spec: int) -> O
     req = inf_pb.GenerateRequest(
         model="sim-1b", prompt=prompt, max_tokens=max_tokens, seed=seed, temperature=0.9, ignore_eos=True
     )
+    started = time.monotonic()
     try:
         async for resp in stub.Generate(req, metadata=(("authorization", f"Bearer {key}"),), timeout=30):
+            if out.ttft_s is None:
+                out.ttft_s = time.monotonic() - started
             c = resp.chunk
             out.ids.extend(c.token_ids)
             if c.HasField("served_by"):
