@@ -125,3 +125,67 @@ async def test_router_drain_cuts_long_streams_with_retry_advice(tmp_path):
         errors, tokens, _ = await _drain_under_load(cluster, "router")
     _assert_cut_with_retry_advice(errors)
     assert all(t > 0 for t in tokens), tokens
+
+
+async def test_router_drain_moves_its_streams_to_another_router_without_loss(tmp_path):
+    """Two routers found through the registry; greedy streams pinned (by session) to router B, which is then
+    SIGTERMed with a 0.4 s grace period (the in-process engines are fast): B cuts them with SHUTTING_DOWN, the gateway resumes each on router A,
+    and every client stream is exactly the undisturbed one (text, token count, one served_by), with no error."""
+    from services.gateway.app import start as start_gateway
+    from services.gateway.config import GatewaySettings
+    from services.gateway.routers import _score
+    from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
+    from tests.integration.test_router_failover import _address, router_process
+
+    async with in_process_fleet(tmp_path, engines=2) as fleet:
+        fleet.gateway = await start_gateway(
+            GatewaySettings(
+                router_address="",
+                registry_address=fleet.registry.address,
+                db_path=str(tmp_path / "gateway.db"),
+                bootstrap_api_key=API_KEY,
+                http_port=-1,
+            ),
+            fleet.telemetry,
+        )
+        known = lambda: fleet.gateway.servicer.pipeline.routers.addresses  # noqa: E731
+        with router_process(tmp_path, fleet.registry.address, "router-b", ["--grace-period-s=0.4"]) as (
+            proc,
+            ready,
+        ):
+            b = await assert_eventually(lambda: _address(ready), timeout_s=60)
+            await assert_eventually(lambda: b in known(), timeout_s=20)
+            a = fleet.router.address
+            sessions = [f"c-{i}" for i in range(2000) if _score(f"s:c-{i}", b) > _score(f"s:c-{i}", a)][:3]
+            stub = inf_grpc.InferenceServiceStub(fleet.channel(fleet.gateway.address))
+            md = (("authorization", f"Bearer {API_KEY}"),)
+
+            def request(session: str) -> inf_pb.GenerateRequest:
+                return inf_pb.GenerateRequest(
+                    model=MODEL,
+                    prompt=f"story {session}",
+                    max_tokens=3000,
+                    ignore_eos=True,
+                    temperature=0,
+                    session_id=session,
+                )
+
+            calls = [stub.Generate(request(s), metadata=md, timeout=90) for s in sessions]
+            got = [[await c.read() for _ in range(10)] for c in calls]
+            assert fleet.router.servicer.in_flight.total() == 0, "the streams are not on router B"
+            proc.send_signal(signal.SIGTERM)
+
+            async def rest(call, chunks):
+                while (c := await call.read()) is not grpc.aio.EOF:
+                    chunks.append(c)
+
+            await asyncio.wait_for(asyncio.gather(*(rest(c, g) for c, g in zip(calls, got, strict=True))), 90)
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+        b_log = (tmp_path / "router-b.log").read_text(errors="replace")
+        assert '"drain.cutting_streams"' in b_log, "router B's drain did not have to cut (streams too short?)"
+        for session, chunks in zip(sessions, got, strict=True):
+            reference = [r async for r in stub.Generate(request(session), metadata=md, timeout=90)]
+            assert "".join(c.chunk.text for c in chunks) == "".join(r.chunk.text for r in reference)
+            assert sum(len(c.chunk.token_ids) for c in chunks) == 3000
+            assert chunks[-1].chunk.usage.completion_tokens == 3000
+            assert sum(c.chunk.HasField("served_by") for c in chunks) == 1

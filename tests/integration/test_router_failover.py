@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def router_process(tmp: Path, registry: str, name: str):
+def router_process(tmp: Path, registry: str, name: str, extra: list[str] | None = None):
     """A router as its own process, registered in the registry; killed when the block ends if still alive."""
     ready = tmp / f"{name}.json"
     log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed below
@@ -45,6 +45,7 @@ def router_process(tmp: Path, registry: str, name: str):
             f"--ready-file={ready}",
             f"--router-id={name}",
             "--metrics-port=-1",
+            *(extra or []),
         ],
         cwd=ROOT,
         stdout=log,
