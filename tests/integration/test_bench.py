@@ -31,7 +31,7 @@ RECORD_KEYS = {
     "mode", "concurrency", "requests", "errors", "error_codes", "duration_s", "output_tokens",
     "output_tokens_per_s", "ttft_ms", "tpot_ms", "e2e_ms",
 }  # fmt: skip
-PCTS = {"p50", "p95", "p99"}
+PCTS = {"p50", "p95", "p99", "mean"}  # summaries carry the mean beside the percentiles (loadtest/summary.py)
 
 
 def load(concurrency: int, requests: int) -> list[str]:
