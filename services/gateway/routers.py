@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import grpc
 import structlog
@@ -279,6 +280,14 @@ def _router_leaving(err: grpc.aio.AioRpcError) -> bool:
     return err.code() == grpc.StatusCode.UNAVAILABLE and details_of(err).reason == "SHUTTING_DOWN"
 
 
+def _raise_with_details(err: grpc.aio.AioRpcError) -> NoReturn:
+    """Raise err as the client should see it: a router's own error as it is; a broken connection (no details:
+    reset, closed mid-stream) as UNAVAILABLE ROUTER_UNAVAILABLE with RetryInfo, never a bare status."""
+    if router_unreachable(err):
+        raise unreachable_error(err) from err
+    raise err
+
+
 class RouterStream:
     """One generation through the pool's routers (see RouterPool.generate). cancel() cancels the router call in
     progress (a drain's cut); the iteration then raises CancelledError."""
@@ -315,7 +324,7 @@ class RouterStream:
             router = next((r for r in pool.order(key) if r.address not in tried), None)
             if router is None or attempts >= pool.max_attempts:
                 if streamed and last is not None:
-                    raise last  # the stream broke and no router is left to resume it
+                    _raise_with_details(last)  # the stream broke and no router is left to resume it
                 raise unreachable_error(last) from last
             attempts += 1
             tried.add(router.address)
@@ -357,7 +366,7 @@ class RouterStream:
                     raise  # the router's own answer (with details): relayed as it is
                 last = e
                 if streamed and tracker is None:
-                    raise  # tokens went out and this generation may not be resumed
+                    _raise_with_details(e)  # tokens went out and this generation may not be resumed
                 log.info(
                     "gateway.router_failover",
                     router=router.address,
