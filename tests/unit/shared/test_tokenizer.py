@@ -21,11 +21,20 @@ def test_bundled_tokenizer_has_the_model_vocab_and_bos_first():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.text(max_size=200))
+@given(st.text(max_size=200).filter(lambda t: "<|" not in t))
 def test_decode_inverts_encode(text):
-    """Any text survives encode then decode unchanged (byte-level BPE)."""
+    """Any text without a special-token marker survives encode then decode unchanged (byte-level BPE)."""
     tok = tokenizer.load()
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_special_token_written_in_text_is_that_token_and_decodes_to_nothing():
+    """As with Hugging Face tokenizers (and so vLLM), a special token's literal text in a prompt encodes as the
+    special token itself, which decode drops: the one exception to the round trip above (hypothesis found it)."""
+    tok = tokenizer.load()
+    ids = tok.encode("a<|end_of_text|>b", add_bos=False)
+    assert tok.decode(ids) == "ab"
+    assert len(ids) == len(tok.encode("a", add_bos=False)) + 1 + len(tok.encode("b", add_bos=False))
 
 
 @settings(max_examples=40, deadline=None)
