@@ -37,6 +37,8 @@ class Proc:
     address: str = ""
     # Its Prometheus /metrics endpoint ("" when off).
     metrics_address: str = ""
+    # The flags it was started with (a restart uses them again, on the same port).
+    args: list[str] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -74,6 +76,10 @@ class ClusterConfig:
     registry_store: str = "sqlite"
     etcd_endpoint: str = ""
     registries: int = 1
+    # Gateways and routers: each its own process and port; every gateway knows every router (and discovers
+    # routers through the registry), and they share the gateway database.
+    gateways: int = 1
+    routers: int = 1
     # Sim engines' modelled start-up (weights, compilation) before they serve, in modelled seconds (divided
     # by speed_factor); None: the GPU profile's. 0 keeps `fleetserve up` and the tests quick.
     engine_startup_s: float | None = 0.0
@@ -113,6 +119,17 @@ class Cluster:
     def router(self) -> str:
         return self.procs["router"].address
 
+    def gateway_names(self) -> list[str]:
+        return sorted((n for n in self.procs if n == "gateway" or n.startswith("gateway-")), key=len)
+
+    def router_names(self) -> list[str]:
+        return sorted((n for n in self.procs if n == "router" or n.startswith("router-")), key=len)
+
+    @staticmethod
+    def _nth(service: str, i: int) -> str:
+        """Process names: "router", "router-2", ... (the first keeps the plain name)."""
+        return service if i == 0 else f"{service}-{i + 1}"
+
     @property
     def registry(self) -> str:
         """The registry address clients use: with several registries a gRPC target listing all of them
@@ -147,36 +164,48 @@ class Cluster:
             await self._start_registries()
             await asyncio.gather(
                 *(self.add_engine() for _ in range(cfg.engines)),
-                self._spawn(
-                    "router",
-                    "router",
-                    [
-                        "--registry-address",
-                        self.registry,
-                        "--workers",
-                        str(cfg.router_workers),
-                        *self._wake_args(),
-                    ],
+                *(
+                    self._spawn(
+                        self._nth("router", i),
+                        "router",
+                        [
+                            "--registry-address",
+                            self.registry,
+                            "--router-id",
+                            self._nth("router", i),
+                            "--workers",
+                            str(cfg.router_workers),
+                            *self._wake_args(),
+                        ],
+                    )
+                    for i in range(cfg.routers)
                 ),
             )
             if cfg.autoscale_models:
                 await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
             # A router with several workers: one connection to each (the gateway balances over them).
-            routers = self.ready_info("router").get("worker_addresses") or [self.router]
-            await self._spawn(
-                "gateway",
-                "gateway",
-                [
-                    "--router-address",
-                    ",".join(routers),
-                    "--workers",
-                    str(cfg.gateway_workers),
-                    "--db-path",
-                    str(cfg.data_dir / "gateway.db"),
-                    "--bootstrap-api-key",
-                    self.api_key,
-                ],
+            routers = ",".join(
+                a
+                for n in self.router_names()
+                for a in (self.ready_info(n).get("worker_addresses") or [self.procs[n].address])
             )
+            for i in range(cfg.gateways):
+                await self._spawn(
+                    self._nth("gateway", i),
+                    "gateway",
+                    [
+                        "--router-address",
+                        routers,
+                        "--registry-address",
+                        self.registry,
+                        "--workers",
+                        str(cfg.gateway_workers),
+                        "--db-path",
+                        str(cfg.data_dir / "gateway.db"),
+                        "--bootstrap-api-key",
+                        self.api_key,
+                    ],
+                )
         except BaseException:
             await self.stop()
             raise
@@ -267,7 +296,13 @@ class Cluster:
         await self._spawn(name, "engine", [*self.engine_args(name, model), *args])
         return name
 
-    async def _spawn(self, name: str, service: str, args: list[str]) -> Proc:
+    async def restart(self, name: str) -> Proc:
+        """Start an exited service again with its flags, on the port it had (peers keep its address)."""
+        old = self.procs[name]
+        port = old.address.rsplit(":", 1)[1] if old.address else ""
+        return await self._spawn(name, old.service, old.args, port=port)
+
+    async def _spawn(self, name: str, service: str, args: list[str], port: str = "") -> Proc:
         cfg = self.config
         ready = cfg.data_dir / "run" / f"{name}.json"
         ready.unlink(missing_ok=True)
@@ -286,6 +321,8 @@ class Cluster:
         if service != "metrics" and "metrics" in self.procs:
             common += ["--otlp-endpoint", self.metrics]
         argv = [sys.executable, "-m", f"services.{service}", *common, *args, *cfg.extra_args.get(service, [])]
+        if port:
+            argv += ["--port", port]
         with open(log_file, "ab") as out:  # noqa: ASYNC230 - once per process start, not on a hot path
             # subprocess.Popen rather than the event loop's subprocess support: Popen forks with vfork and runs
             # no fork handlers, while uvloop's fork() runs gRPC's, which can crash the child when gRPC threads
@@ -301,7 +338,7 @@ class Cluster:
                 env={**os.environ, **cfg.env, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
                 cwd=cfg.code_dir,
             )
-        proc = Proc(name, service, process, ready, log_file)
+        proc = Proc(name, service, process, ready, log_file, args=list(args))
         self.procs[name] = proc
         ready_info = await self._await_ready(proc)
         proc.address = ready_info["address"]
@@ -360,8 +397,8 @@ class Cluster:
         # exporter whose collector is gone retries for seconds (the registry was being SIGKILLed).
         # The autoscaler drains and stops the engines it started before the registry goes.
         tiers = [
-            ["gateway"],
-            ["router"],
+            self.gateway_names(),
+            self.router_names(),
             ["autoscaler"],
             self.engine_names(),
             self.registry_names(),
@@ -389,8 +426,18 @@ class Cluster:
         return {
             "gateway": self.gateway,
             "gateway_http": self.ready_info("gateway").get("http_address", ""),
+            # Every gateway and router (an L4 balancer in front of the gateways is the production shape).
+            "gateways": [self.procs[n].address for n in self.gateway_names()],
+            "gateways_http": [self.ready_info(n).get("http_address", "") for n in self.gateway_names()],
             "router": self.router,
+            "routers": [self.procs[n].address for n in self.router_names()],
             "registry": self.registry,
+            "registries": [self.procs[n].address for n in self.registry_names()],
+            # Every process: address and pid (the launcher adds restarts and last exit codes).
+            "services": {
+                n: {"service": p.service, "address": p.address, "pid": p.process.pid}
+                for n, p in self.procs.items()
+            },
             "metrics": self.metrics,
             "dashboard": self.ready_info("metrics").get("dashboard_address", ""),
             "engines": {n: self.procs[n].address for n in self.engine_names()},

@@ -77,8 +77,13 @@ def _registration(settings: RouterSettings, running: RunningServer, servicer: Ro
     """The router's own registry entry (role ROUTER), heartbeating its in-flight count as its load. The engine's
     registration client: a router registers, heartbeats, re-registers and drains exactly as an engine does."""
     host, port = running.address.rsplit(":", 1)
+    rid = settings.router_id or f"router-{host}-{port}"
+    if settings.worker_count > 1:
+        # Each worker of a `--workers N` router is a router of its own to gateways (its own port, its own
+        # cache_aware state): affinity must pick a worker, so each registers.
+        rid = f"{rid}-w{settings.worker_index}"
     replica = reg_pb.Replica(
-        replica_id=settings.router_id or f"router-{host}-{port}",
+        replica_id=rid,
         address=running.address,
         backend="router",
         role=reg_pb.REPLICA_ROLE_ROUTER,

@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--no-live", action="store_true", help="print status lines instead of a live table")
     up.add_argument(
+        "--gateways", type=int, default=1, help="gateway processes, each on its own port (default 1)"
+    )
+    up.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="router processes (default 1); gateways spread requests over them and fail over",
+    )
+    up.add_argument(
         "--registry-store",
         choices=["sqlite", "etcd"],
         default="sqlite",

@@ -22,17 +22,63 @@ from shared.cluster import read_state
 from shared.health import check
 
 
-async def _router_view(router: str | None) -> dict[str, router_pb.ReplicaStatus]:
-    """The router's status per replica id; empty when there is no router or it does not answer (the
-    registry's view is still worth showing then)."""
+async def _router_view(router: str | None) -> dict[str, router_pb.ReplicaStatus] | None:
+    """The router's status per replica id; empty when there is no router, None when it does not answer (the
+    registry's view is still worth showing then, with the router shown DOWN)."""
     if not router:
         return {}
     try:
         async with grpc.aio.insecure_channel(router) as ch:
             resp = await router_grpc.RouterServiceStub(ch).GetStatus(router_pb.GetStatusRequest(), timeout=2)
     except grpc.aio.AioRpcError:
-        return {}
+        return None
     return {r.replica_id: r for r in resp.replicas}
+
+
+async def probe_services(services: dict[str, dict]) -> list[dict]:
+    """Every process of the fleet (the launcher's state file) with a live grpc.health.v1 probe: healthy or DOWN,
+    and the supervisor's restart count and last exit code."""
+    names = sorted(services)
+    healthy = await asyncio.gather(
+        *(
+            check(services[n]["address"], timeout_s=1.0) if services[n].get("address") else _false()
+            for n in names
+        )
+    )
+    return [
+        {
+            "name": n,
+            "service": services[n].get("service", ""),
+            "address": services[n].get("address", ""),
+            "healthy": ok,
+            "restarts": services[n].get("restarts", 0),
+            "last_exit": services[n].get("last_exit"),
+            "state": services[n].get("state", "up"),
+        }
+        for n, ok in zip(names, healthy, strict=True)
+    ]
+
+
+async def _false() -> bool:
+    return False
+
+
+def services_table(rows: list[dict]) -> Table:
+    t = Table(title=f"services ({len(rows)})")
+    for col in ("service", "address", "health", "restarts", "last exit"):
+        t.add_column(col)
+    for r in rows:
+        health = "[green]serving[/]" if r["healthy"] else "[red]DOWN[/]"
+        if not r["healthy"] and r["state"] in ("restarting", "failed"):
+            health = f"[red]DOWN[/] ({r['state']})"
+        t.add_row(
+            r["name"],
+            r["address"],
+            health,
+            str(r["restarts"]) if r["restarts"] else "",
+            "" if r["last_exit"] is None else str(r["last_exit"]),
+        )
+    return t
 
 
 async def fetch_replicas(registry: str, router: str | None = None) -> list[dict]:
@@ -62,7 +108,8 @@ async def fetch_replicas(registry: str, router: str | None = None) -> list[dict]
                 "output_tokens_per_s": round(load.output_tokens_per_s, 1),
                 "heartbeat_age_s": round(max(0.0, now - r.last_heartbeat_unix), 2),
                 "prefix_cache_hit_rate": round(load.prefix_cache_hit_rate, 4),
-                **_routing(routed.get(r.replica_id)),
+                **_routing(None if routed is None else routed.get(r.replica_id)),
+                "router_down": routed is None,
             }
         )
     return sorted(rows, key=lambda r: r["replica_id"])
@@ -192,6 +239,8 @@ def _routing(st: router_pb.ReplicaStatus | None) -> dict:
 
 
 def _breaker_cell(r: dict) -> str:
+    if r.get("router_down"):
+        return "[red]router DOWN[/]"
     if r["breaker"] is None:
         return "-"
     if r["ejected"]:
@@ -270,10 +319,16 @@ def run_status(args) -> int:
             fetch_scaling(registry),
         )
 
+    services = asyncio.run(probe_services(state.get("services", {})))
+    console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         rows, alerts, scaling = asyncio.run(fetch())
     except grpc.aio.AioRpcError as e:
-        print(f"error: registry at {registry} did not answer: {e.code().name} {e.details()}")
+        if args.json:
+            print(json.dumps({"services": services, "replicas": None, "alerts": None, "scaling": None}))
+        elif services:
+            console.print(services_table(services))
+        print(f"error: registry at {registry} is DOWN: {e.code().name} {e.details()}")
         return 1
     metrics = state.get("metrics_addresses", {})
     for r in rows:
@@ -281,10 +336,11 @@ def run_status(args) -> int:
         r["metrics_address"] = metrics.get(r["replica_id"], "")
     if args.json:
         # alerts is null when no metrics service answered (unknown, not "none firing").
-        print(json.dumps({"replicas": rows, "alerts": alerts, "scaling": scaling}))
+        print(json.dumps({"services": services, "replicas": rows, "alerts": alerts, "scaling": scaling}))
     else:
         # Off a TTY rich assumes 80 columns; a wider console keeps ids and addresses whole.
-        console = Console(width=None if sys.stdout.isatty() else 160)
+        if services:
+            console.print(services_table(services))
         console.print(table(rows))
         if alerts is not None:
             console.print(alerts_table(alerts))

@@ -13,8 +13,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from shared.cli.status import fetch_replicas, table
+from shared.cli.status import fetch_replicas, probe_services, services_table, table
 from shared.cluster import Cluster, ClusterConfig, default_state_dir, state_file, write_state
+from shared.supervisor import LauncherLock, StateDirBusy, Supervisor
 from shared.telemetry import configure_logging
 
 
@@ -36,6 +37,8 @@ async def _up(args) -> int:
             registry_store=args.registry_store,
             etcd_endpoint=args.etcd_endpoint,
             registries=args.registries,
+            gateways=args.gateways,
+            routers=args.routers,
             **autoscale,
             # vLLM engines compile for a minute before they serve.
             **(
@@ -52,15 +55,40 @@ async def _up(args) -> int:
     if args.registries > 1 and args.registry_store != "etcd":
         Console(stderr=True).print("[red]--registries > 1 needs --registry-store etcd[/] (a shared store)")
         return 2
+    if args.gateways < 1 or args.routers < 1:
+        Console(stderr=True).print("[red]--gateways and --routers must be at least 1[/]")
+        return 2
+    lock = LauncherLock(data_dir)
+    try:
+        lock.acquire()
+    except StateDirBusy as e:
+        Console(stderr=True).print(f"[red]{e}[/]")
+        return 1
+    try:
+        return await _run(cluster, data_dir, args, stop, console)
+    finally:
+        lock.release()
+
+
+async def _run(cluster: Cluster, data_dir: Path, args, stop: asyncio.Event, console: Console) -> int:
     console.print(f"starting a fleet of {args.engines} {args.backend} engine(s) in {data_dir} ...")
     try:
         await cluster.start()
     except Exception as e:  # show the cause, not a traceback, then exit non-zero
         Console(stderr=True).print(f"[red]failed to start the fleet:[/] {e}")
         return 1
+    supervisor = Supervisor(
+        lambda: cluster.procs,
+        cluster.restart,
+        on_change=lambda: write_state(_state(cluster, supervisor), data_dir),
+    )
+    watching = asyncio.create_task(supervisor.run(), name="supervisor")
     try:
-        await _serve(cluster, data_dir, args, stop, console)
+        await _serve(cluster, supervisor, data_dir, args, stop, console)
     finally:
+        supervisor.stopping = True
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
         console.print("stopping the fleet (draining in-flight requests) ...")
         codes = await cluster.stop()
         state_file(data_dir).unlink(missing_ok=True)
@@ -69,14 +97,24 @@ async def _up(args) -> int:
     return 0
 
 
-async def _serve(cluster: Cluster, data_dir: Path, args, stop: asyncio.Event, console: Console) -> None:
+def _state(cluster: Cluster, supervisor: Supervisor) -> dict:
+    """The state file: the cluster's addresses plus, per service, restarts and the last exit code."""
+    state = cluster.state()
+    for name, info in supervisor.summary().items():
+        state["services"].setdefault(name, {}).update(info)
+    return state
+
+
+async def _serve(
+    cluster: Cluster, supervisor: Supervisor, data_dir: Path, args, stop: asyncio.Event, console: Console
+) -> None:
     """Announce the running fleet and show its status until stop is set."""
-    write_state(cluster.state(), data_dir)
+    write_state(_state(cluster, supervisor), data_dir)
     http = cluster.ready_info("gateway").get("http_address", "")  # empty when the gateway's HTTP is off
     header = Text.assemble(
         ("fleetserve is up\n", "bold green"),
         ("  gateway   ", "bold"),
-        f"{cluster.gateway}   (gRPC)\n",
+        f"{', '.join(cluster.state()['gateways'])}   (gRPC)\n",
         *((("  http      ", "bold"), f"http://{http}/v1   (OpenAI-compatible)\n") if http else ()),
         ("  api key   ", "bold"),
         f"{cluster.api_key}\n",
@@ -97,11 +135,11 @@ async def _serve(cluster: Cluster, data_dir: Path, args, stop: asyncio.Event, co
     )
     console.print(header)
     if args.no_live or not sys.stdout.isatty():
-        await _status_lines(cluster, stop, console)
+        await _status_lines(cluster, supervisor, stop, console)
     else:
         with Live(console=console, refresh_per_second=2) as live:
             while not stop.is_set():
-                live.update(Group(await _status_table(cluster)))
+                live.update(Group(await _status_table(cluster, supervisor)))
                 await _wait(stop, 1.0)
 
 
@@ -116,21 +154,30 @@ class _Console(Console):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-async def _status_table(cluster: Cluster):
-    dead = [n for n, p in cluster.procs.items() if not p.alive]
+async def _status_table(cluster: Cluster, supervisor: Supervisor):
+    services = services_table(await probe_services(_state(cluster, supervisor)["services"]))
     try:
         rows = await fetch_replicas(cluster.registry, cluster.router)
         t = table(rows, title=f"replicas ({len(rows)})")
     except Exception as e:  # the registry may be restarting; keep the display alive
         t = Text(f"registry unreachable: {e}", style="red")
-    if dead:
-        return Group(t, Text(f"exited: {', '.join(dead)}", style="red"))
-    return t
+    return Group(services, t)
 
 
-async def _status_lines(cluster: Cluster, stop: asyncio.Event, console: Console) -> None:
+async def _status_lines(
+    cluster: Cluster, supervisor: Supervisor, stop: asyncio.Event, console: Console
+) -> None:
     # Without a TTY (e.g. output piped to a file), a compact line every few seconds.
     while not stop.is_set():
+        services = await probe_services(_state(cluster, supervisor)["services"])
+        console.print(
+            "services "
+            + " ".join(
+                f"{s['name']}:{'up' if s['healthy'] else 'DOWN'}"
+                + (f"/restarts={s['restarts']}/last_exit={s['last_exit']}" if s.get("restarts") else "")
+                for s in services
+            )
+        )
         try:
             rows = await fetch_replicas(cluster.registry, cluster.router)
             summary = " ".join(
