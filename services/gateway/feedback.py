@@ -25,21 +25,39 @@ _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 class RecentRequests:
     """Who sent each of the last `capacity` requests and to which model, so feedback can be checked against its
-    tenant and labelled with its model. Bounded: older ids are forgotten (their feedback is still taken)."""
+    tenant and labelled with its model. Bounded: older ids are forgotten (their feedback is still taken).
+
+    Compact, since it holds 100k entries when full: a 32-hex-digit id is kept as its 16 bytes, and every entry
+    of one (tenant, model) shares one tuple (~170 B an entry instead of ~270)."""
+
+    _MAX_PAIRS = 10_000
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._items: OrderedDict[bytes | str, tuple[str, str]] = OrderedDict()
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+
+    @staticmethod
+    def _key(request_id: str) -> bytes | str:
+        if _REQUEST_ID.match(request_id):
+            return bytes.fromhex(request_id)
+        return request_id
 
     def remember(self, request_id: str, tenant_id: str, model: str) -> None:
         if not tenant_id:
             return  # never authenticated: nothing anyone may rate
-        self._items[request_id] = (tenant_id, model)
+        pair = (tenant_id, model)
+        shared = self._pairs.get(pair)
+        if shared is None:
+            if len(self._pairs) >= self._MAX_PAIRS:
+                self._pairs.clear()
+            shared = self._pairs[pair] = pair
+        self._items[self._key(request_id)] = shared
         if len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
     def get(self, request_id: str) -> tuple[str, str] | None:
-        return self._items.get(request_id)
+        return self._items.get(self._key(request_id))
 
 
 class FeedbackStore:
