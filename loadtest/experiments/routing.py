@@ -46,8 +46,18 @@ async def run(args, name: str) -> Outcome:
             "profile": args.profile,
             "note": f"times are modelled GPU ms x {1 / speed:g} (speed factor {speed:g})",
         },
-        "policies": by_policy,
+        # In the shape `fleetserve report` draws (kind policy_comparison); every measured field in "records".
         "kind": "policy_comparison",
+        "title": f"{name}: {workload_name} workload, {replicas} replicas (ms x {1 / speed:g})",
+        "policies": {
+            r["policy"]: {
+                "ttft_ms": {"p50": r["ttft_p50_ms"], "p95": r["ttft_p95_ms"], "p99": r["ttft_p99_ms"]},
+                "tpot_ms": {"p99": r["tpot_p99_ms"]},
+                "throughput_tok_s": r["output_tokens_per_s"],
+            }
+            for r in records
+        },
+        "records": by_policy,
         "metric": metric,
         "verdict": (
             f"{best['policy']}: {metric} {best[metric]} ms vs {base[metric]} ms with {base['policy']} "

@@ -69,7 +69,6 @@ async def run(args, name: str) -> Outcome:
         row["vs_oracle_replica_hours"] = round(row["replica_hours"] / base, 3) if base else None
     r, p = rows["reactive"], rows["predictive"]
     record = {
-        "kind": "autoscale_comparison",
         "settings": {
             "trace": args.trace,
             "days": days,

@@ -85,3 +85,24 @@ def test_the_retry_storm_experiment_runs_from_the_cli(tmp_path, capsys):
     assert record["experiment"] == "retry-storm" and "verdict" in record
     assert (tmp_path / record["plots"]["timeline"]).stat().st_size > 10_000
     assert json.loads(capsys.readouterr().out)["results"] == record["results"]
+
+
+def test_timeline_and_comparison_records_are_drawn_by_fleetserve_report(tmp_path):
+    """The records that carry a `kind` are in the shapes `fleetserve report` draws."""
+    from loadtest.report import render
+
+    timeline = {"kind": "latency_timeline", "title": "t", "series": windows([(0.1, 10.0), (1.5, 30.0)])}
+    comparison = {
+        "kind": "policy_comparison",
+        "policies": {
+            "round_robin": {
+                "ttft_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
+                "tpot_ms": {"p99": 1.0},
+                "throughput_tok_s": 10.0,
+            }
+        },
+    }
+    for name, doc in (("t.json", timeline), ("c.json", comparison)):
+        path = tmp_path / name
+        path.write_text(json.dumps(doc))
+        assert all(p.stat().st_size > 5000 for p in render(path))
