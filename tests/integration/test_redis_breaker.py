@@ -70,12 +70,15 @@ async def test_each_gateway_enforces_its_share_while_redis_is_down(redis_server)
             assert gw.breaker.state is BreakerState.OPEN
         admitted += sum([await _admitted(gw, 40) for gw in gws])
         # 10 each from the burst; a request or two more each as the share drains (0.1/s per gateway).
+        print(f"fleet share during the outage: {admitted} admitted by 3 gateways, limit 30")
         assert 30 <= admitted <= 36, admitted
         redis_server.restart()
         await assert_eventually(
             lambda: all(gw.breaker.current() is BreakerState.CLOSED for gw in gws), timeout_s=30
         )
-        assert sum([await _admitted(gw, 20) for gw in gws]) == 30  # fresh Redis: 30 across all three
+        # Fresh Redis: one bucket of 30 across all three (plus what drains at 3/s while the 60 takes run).
+        shared = sum([await _admitted(gw, 20) for gw in gws])
+        assert 30 <= shared <= 34, shared
 
 
 async def test_stream_caps_are_shared_too_while_redis_is_down(redis_server):
