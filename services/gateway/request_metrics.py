@@ -4,6 +4,7 @@ limits hit, shed requests), recorded once per request when it ends; nothing per 
 from __future__ import annotations
 
 import grpc
+from prometheus_client import Counter, Gauge
 from prometheus_client.registry import CollectorRegistry
 
 from shared import prom
@@ -94,13 +95,25 @@ class GatewayMetrics:
             registry,
         )
 
+        # Bound children per label set: labels() takes a lock and builds a key on every call, ~1 us each, eight
+        # times a request; a dict lookup here is one.
+        self._series: dict[tuple[str, ...], _Series] = {}
+
+        self._running: dict[str, Gauge] = {}
+
+    def _running_child(self, model_label: str) -> Gauge:
+        child = self._running.get(model_label)
+        if child is None:
+            child = self._running[model_label] = self.running.labels(model_label)
+        return child
+
     def started(self, model_label: str) -> None:
         """A request of a served model began (the model is known by now: the label set stays bounded)."""
-        self.running.labels(model_label).inc()
+        self._running_child(model_label).inc()
 
     def stopped(self, model_label: str) -> None:
         """The request counted by started(model_label) ended."""
-        self.running.labels(model_label).dec()
+        self._running_child(model_label).dec()
 
     def finished(
         self,
@@ -119,19 +132,22 @@ class GatewayMetrics:
     ) -> None:
         """Record one request that ended."""
         labels = (model_label, tenant or NO_TENANT) if self.tenant_label else (model_label,)
-        self.requests.labels(*labels, code.name).inc()
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = _Series(self, labels)
+        series.requests(code.name).inc()
         if ttft_s is not None:
-            self.ttft.labels(*labels).observe(ttft_s)
+            series.ttft.observe(ttft_s)
             if completion_tokens is not None and completion_tokens >= 2:
-                self.tpot.labels(*labels).observe(max(0.0, e2e_s - ttft_s) / (completion_tokens - 1))
+                series.tpot.observe(max(0.0, e2e_s - ttft_s) / (completion_tokens - 1))
         if code == grpc.StatusCode.OK:
-            self.e2e.labels(*labels).observe(e2e_s)
+            series.e2e.observe(e2e_s)
             if prompt_tokens:
-                self.prompt_tokens.labels(*labels).inc(prompt_tokens)
+                series.prompt_tokens.inc(prompt_tokens)
             if cached_tokens:
-                self.cached_tokens.labels(*labels).inc(cached_tokens)
+                series.cached_tokens.inc(cached_tokens)
             if completion_tokens:
-                self.generation_tokens.labels(*labels).inc(completion_tokens)
+                series.generation_tokens.inc(completion_tokens)
         elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason:
             if reason == SHED_REASON:
                 self.shed.labels(model_label, _TIERS.get(priority, "standard")).inc()
@@ -143,3 +159,36 @@ class GatewayMetrics:
     def refused(self, model_label: str, reason: str) -> None:
         """A safety-filter refusal."""
         self.refusals.labels(model_label, reason).inc()
+
+
+class _Series:
+    """One label set's children of the per-request instruments (as many as label sets: bounded likewise)."""
+
+    __slots__ = (
+        "_counter",
+        "_labels",
+        "_by_code",
+        "ttft",
+        "tpot",
+        "e2e",
+        "prompt_tokens",
+        "cached_tokens",
+        "generation_tokens",
+    )
+
+    def __init__(self, m: GatewayMetrics, labels: tuple[str, ...]) -> None:
+        self._counter, self._labels = m.requests, labels
+        self._by_code: dict[str, Counter] = {}
+        self.ttft = m.ttft.labels(*labels)
+        self.tpot = m.tpot.labels(*labels)
+        self.e2e = m.e2e.labels(*labels)
+        self.prompt_tokens = m.prompt_tokens.labels(*labels)
+        self.cached_tokens = m.cached_tokens.labels(*labels)
+        self.generation_tokens = m.generation_tokens.labels(*labels)
+
+    def requests(self, code: str) -> Counter:
+        """The request counter's child for this label set and gRPC code (17 codes at most)."""
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._counter.labels(*self._labels, code)
+        return child
