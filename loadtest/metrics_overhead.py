@@ -161,10 +161,42 @@ async def measure(args) -> dict:
             totals1 = {name: t.cpu() for name, t in targets.items()}
         for ch in channels.values():
             await ch.close()
-        return _report(args, targets, totals0, totals1, duration, scraper, load_before, baseline_dir)
+        report = _report(args, targets, totals0, totals1, duration, scraper, load_before, baseline_dir)
+        if args.scrape_cost_s > 0:
+            report["cpu_ms_per_scrape"] = await _scrape_cost(fleets["metrics_unscraped"], args.scrape_cost_s)
+        return report
     finally:
         for fleet in reversed(started):
             await fleet.__aexit__(None, None, None)
+
+
+async def _scrape_cost(fleet: SpawnedFleet, seconds: float) -> dict[str, float]:
+    """CPU per /metrics scrape of every process of an idle fleet: its CPU while scraped 20 times a second,
+    less its CPU over as long idle, per scrape."""
+    procs = {name: p for name, p in fleet.cluster.procs.items() if p.metrics_address}
+
+    def cpu() -> dict[str, float]:
+        return {name: _cpu_s(p.process.pid) for name, p in procs.items()}
+
+    c0 = cpu()
+    await asyncio.sleep(seconds)
+    idle = {name: v - c0[name] for name, v in cpu().items()}
+    addresses = [p.metrics_address for p in procs.values()]
+
+    def scrape_for(s: float) -> int:
+        end, rounds = time.monotonic() + s, 0
+        while time.monotonic() < end:
+            for address in addresses:
+                with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+                    r.read()
+            rounds += 1
+            time.sleep(0.05)
+        return rounds
+
+    c0 = cpu()
+    rounds = await asyncio.to_thread(scrape_for, seconds)
+    busy = {name: v - c0[name] for name, v in cpu().items()}
+    return {name: round((busy[name] - idle[name]) * 1000.0 / rounds, 3) for name in procs}
 
 
 def _report(args, targets, totals0, totals1, duration, scraper, load_before, baseline_dir) -> dict:
@@ -286,6 +318,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--scrape-interval-s", type=float, default=1.0, help="how often every /metrics is scraped (default 1)"
+    )
+    p.add_argument(
+        "--scrape-cost-s",
+        type=float,
+        default=10.0,
+        help="afterwards, seconds idle and seconds scraped 20/s to measure CPU per scrape (0: skip; default 10)",
     )
     p.add_argument("--out", help="write the JSON here too")
     return p
