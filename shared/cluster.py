@@ -90,6 +90,8 @@ class ClusterConfig:
     # Worker processes of the router and the gateway (--workers; shared/workers.py).
     router_workers: int = 1
     gateway_workers: int = 1
+    # Model version of each engine, in start order (cycled); empty: the engines' default.
+    model_versions: tuple[str, ...] = ()
     # Extra flags per service name ("registry", "engine", ...), appended last so they win.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     # Working directory of the services, which `python -m` imports them from (None: the launcher's), and
@@ -107,6 +109,7 @@ class Cluster:
         self.procs: dict[str, Proc] = {}
         self.api_key = ""
         self._engine_seq = 0
+        self._engine_versions: dict[str, str] = {}
         self.etcd: EtcdProcess | None = None
 
     # -- addresses -------------------------------------------------------------------------------
@@ -253,6 +256,9 @@ class Cluster:
         ]
         if cfg.engine_startup_s is not None and cfg.backend == "sim":
             args += ["--startup-s", str(cfg.engine_startup_s)]
+        version = self._engine_versions.get(name)
+        if version:
+            args += ["--model-version", version]
         return args
 
     def _wake_args(self) -> list[str]:
@@ -288,11 +294,15 @@ class Cluster:
             shlex.join(engine),
         ]
 
-    async def add_engine(self, model: str = "", args: Sequence[str] = ()) -> str:
-        """Start one more engine replica (of `model`, default the fleet's, with extra flags `args`, e.g. another
-        --profile); returns its process name."""
+    async def add_engine(self, model: str = "", args: Sequence[str] = (), model_version: str = "") -> str:
+        """Start one more engine replica (of `model`, default the fleet's, at model_version, default the next of
+        config.model_versions, with extra flags `args`, e.g. another --profile); returns its process name."""
         self._engine_seq += 1
         name = f"engine-{self._engine_seq}"
+        versions = self.config.model_versions
+        version = model_version or (versions[(self._engine_seq - 1) % len(versions)] if versions else "")
+        if version:
+            self._engine_versions[name] = version
         await self._spawn(name, "engine", [*self.engine_args(name, model), *args])
         return name
 

@@ -185,6 +185,7 @@ class Admission:
         completion_tokens: int | None,
         cached_tokens: int | None,
         relayed_chunks: int,
+        model_version: str = "",
     ) -> Entry:
         """Give the stream slot back, charge tokens the admission could not know, and write the ledger row.
         Without a final usage chunk (cancelled, failed) the gateway's own counts stand in: the prompt as
@@ -206,6 +207,7 @@ class Admission:
             status=status,
             partial=partial,
             at=self._clock(),
+            model_version=model_version,
         )
         # The row first: a limits backend that fails below must not lose what the request was billed.
         self.ledger.record(entry)

@@ -6,6 +6,8 @@ import re
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from fleetserve.inference.v1 import inference_service_pb2 as pb
@@ -15,6 +17,9 @@ from services.gateway.db import Database
 from services.gateway.tenants import Tenant
 from shared.errors import InvalidArgument, NotFound
 
+if TYPE_CHECKING:
+    from services.gateway.pipeline import Outcome
+
 log = structlog.get_logger(__name__)
 
 MAX_TAGS = 16
@@ -23,19 +28,31 @@ MAX_COMMENT_LEN = 2000
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """Who sent a request and what served it: the labels its feedback gets."""
+
+    tenant_id: str
+    model: str
+    model_version: str = ""
+    experiment: str = ""
+    arm: str = ""
+
+
 class RecentRequests:
-    """Who sent each of the last `capacity` requests and to which model, so feedback can be checked against its
-    tenant and labelled with its model. Bounded: older ids are forgotten (their feedback is still taken).
+    """Who sent each of the last `capacity` requests and what served it (model, version, experiment arm), so
+    feedback can be checked against its tenant and labelled. Bounded: older ids are forgotten (their feedback is
+    still taken, unlabelled).
 
     Compact, since it holds 100k entries when full: a 32-hex-digit id is kept as its 16 bytes, and every entry
-    of one (tenant, model) shares one tuple (~170 B an entry instead of ~270)."""
+    with the same labels shares one Served (~170 B an entry instead of ~270)."""
 
-    _MAX_PAIRS = 10_000
+    _MAX_SHARED = 10_000
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[bytes | str, tuple[str, str]] = OrderedDict()
-        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+        self._items: OrderedDict[bytes | str, Served] = OrderedDict()
+        self._shared: dict[Served, Served] = {}
 
     @staticmethod
     def _key(request_id: str) -> bytes | str:
@@ -43,20 +60,20 @@ class RecentRequests:
             return bytes.fromhex(request_id)
         return request_id
 
-    def remember(self, request_id: str, tenant_id: str, model: str) -> None:
-        if not tenant_id:
+    def remember(self, request_id: str, outcome: Outcome, model: str) -> None:
+        if not outcome.tenant_id:
             return  # never authenticated: nothing anyone may rate
-        pair = (tenant_id, model)
-        shared = self._pairs.get(pair)
+        served = Served(outcome.tenant_id, model, outcome.model_version, outcome.experiment, outcome.arm)
+        shared = self._shared.get(served)
         if shared is None:
-            if len(self._pairs) >= self._MAX_PAIRS:
-                self._pairs.clear()
-            shared = self._pairs[pair] = pair
+            if len(self._shared) >= self._MAX_SHARED:
+                self._shared.clear()
+            shared = self._shared[served] = served
         self._items[self._key(request_id)] = shared
         if len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def get(self, request_id: str) -> tuple[str, str] | None:
+    def get(self, request_id: str) -> Served | None:
         return self._items.get(self._key(request_id))
 
 
@@ -93,9 +110,10 @@ class FeedbackStore:
                 f"invalid feedback: {', '.join(f for f, _ in violations)}", field_violations=violations
             )
         known = self.recent.get(req.request_id)
-        if known is not None and known[0] != tenant.id:
+        if known is not None and known.tenant_id != tenant.id:
             raise NotFound(f"no request {req.request_id} of yours", reason="REQUEST_NOT_FOUND")
-        model = known[1] if known else ""
+        known = known or Served(tenant.id, "")
+        model = known.model
         feedback_id = uuid.uuid4().hex
         await self._db.execute(
             "INSERT INTO feedback (id, request_id, tenant_id, model, rating, tags, comment, created_at) "
@@ -109,21 +127,31 @@ class FeedbackStore:
             req.comment,
             time.time(),
         )
-        attrs = {"model": model or "unknown", "rating": req.rating}
+        attrs = {"model": model or "unknown", "model_version": known.model_version, "rating": req.rating}
         self._counter.add(1, attrs)
-        span = trace.get_current_span()
-        span.add_event(
-            "fleetserve.feedback",
-            {
-                "fleetserve.request_id": req.request_id,
-                "fleetserve.tenant_id": tenant.id,
-                "fleetserve.model": model,
-                "fleetserve.feedback.rating": req.rating,
-                "fleetserve.feedback.tags": list(req.tags),
-            },
-        )
+        event = {
+            "fleetserve.request_id": req.request_id,
+            "fleetserve.tenant_id": tenant.id,
+            "fleetserve.model": model,
+            "fleetserve.model_version": known.model_version,
+            "fleetserve.feedback.rating": req.rating,
+            "fleetserve.feedback.tags": list(req.tags),
+        }
+        if known.experiment:
+            event["fleetserve.experiment"] = known.experiment
+            event["fleetserve.arm"] = known.arm
+        if req.HasField("success"):
+            event["fleetserve.feedback.success"] = req.success
+        trace.get_current_span().add_event("fleetserve.feedback", event)
         log.info(
-            "gateway.feedback", request_id=req.request_id, tenant=tenant.id, model=model, rating=req.rating
+            "gateway.feedback",
+            request_id=req.request_id,
+            tenant=tenant.id,
+            model=model,
+            model_version=known.model_version,
+            rating=req.rating,
+            success=req.success if req.HasField("success") else None,
+            experiment=known.experiment or None,
         )
         return feedback_id
 

@@ -18,7 +18,7 @@ log = structlog.get_logger(__name__)
 
 _COLUMNS = (
     "request_id, tenant_id, key_id, model, prompt_tokens, completion_tokens, cached_tokens, cost_usd, "
-    "status, partial, at"
+    "status, partial, at, model_version"
 )
 
 
@@ -37,6 +37,8 @@ class Entry:
     status: str
     partial: bool
     at: float
+    # The model version that served it ("" when it never reached a replica).
+    model_version: str = ""
 
 
 def period_start(period: str, now: float) -> float:
@@ -144,7 +146,7 @@ class Ledger:
         try:
             async with self.db.transaction() as tx:
                 await tx.executemany(
-                    f"INSERT INTO usage_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO usage_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [_row(e) for e in batch],
                 )
         except BaseException:
@@ -217,4 +219,5 @@ def _row(e: Entry) -> tuple:
         e.status,
         int(e.partial),
         float(e.at),
+        e.model_version,
     )

@@ -20,7 +20,7 @@ from opentelemetry import metrics, trace
 
 from services.gateway.admission import Admission, Ticket
 from services.gateway.config import GatewaySettings
-from services.gateway.ledger import Ledger
+from services.gateway.ledger import Ledger, cost_usd
 from services.gateway.limits import LimitBackend, LocalLimits, SplitLimits
 from services.gateway.redis_limits import RedisLimits
 from services.gateway.request_metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -58,6 +58,18 @@ def effective_priority(requested: int, tier: str) -> int:
     return max(requested or cap, cap)
 
 
+def assigned(metadata, outcome: Outcome) -> None:
+    """The version and experiment arm the router assigned, from its initial metadata (set before any chunk,
+    so a request that failed still counts for its version's error rate and its arm)."""
+    for key, value in metadata or ():
+        if key == "x-fleetserve-model-version":
+            outcome.model_version = value
+        elif key == "x-fleetserve-experiment":
+            outcome.experiment = value
+        elif key == "x-fleetserve-arm":
+            outcome.arm = value
+
+
 @dataclass
 class Outcome:
     """What one request came to; filled in while it streams, read by the caller after the stream ends."""
@@ -76,6 +88,10 @@ class Outcome:
     priority: int = 0
     # The ErrorInfo reason when the gateway refused it (RATE_LIMITED, LOAD_SHED, ...); "" otherwise.
     reason: str = ""
+    # The model version that served it, and the A/B experiment arm it counted for (from served_by).
+    model_version: str = ""
+    experiment: str = ""
+    arm: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -346,6 +362,9 @@ class GatewayPipeline:
                 outcome.code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as e:
                 outcome.code = e.code()
+                if first is None:
+                    # No served_by: the router's initial metadata says which version (and arm) it failed on.
+                    assigned(e.initial_metadata(), outcome)
                 raise
             except FleetError as e:
                 outcome.code = e.code
@@ -422,6 +441,7 @@ class GatewayPipeline:
                 completion_tokens=outcome.completion_tokens,
                 cached_tokens=outcome.cached_tokens,
                 relayed_chunks=chunks,
+                model_version=outcome.model_version,
             )
         except Exception:  # noqa: BLE001 - accounting must not turn a served request into an error
             log.exception("gateway.settle_failed", request_id=ticket.request_id)
@@ -479,12 +499,13 @@ class GatewayPipeline:
         """Span attributes, the request counters and the canonical log line, once per request."""
         if first is not None:
             chunk = pb.GenerateResponse.FromString(first).chunk
-            outcome.replica_id = chunk.served_by.replica_id
-            # The model behind an alias (or a degraded request's smaller model) and its version: what cost and
-            # quality are reported by.
-            span.set_attribute("fleetserve.served_model", chunk.served_by.model)
-            if chunk.served_by.model_version:
-                span.set_attribute("fleetserve.model_version", chunk.served_by.model_version)
+            served_by = chunk.served_by
+            outcome.replica_id = served_by.replica_id
+            outcome.model_version = served_by.model_version
+            outcome.experiment, outcome.arm = served_by.experiment, served_by.arm
+            # The model behind an alias (or a degraded request's smaller model): what cost and quality are
+            # reported by (its version goes on the span in _versioned, for failed requests too).
+            span.set_attribute("fleetserve.served_model", served_by.model)
             if last is not first:
                 chunk = pb.GenerateResponse.FromString(last).chunk
             if chunk.HasField("usage"):
@@ -498,11 +519,12 @@ class GatewayPipeline:
             span.set_attribute("fleetserve.ttft_ms", outcome.ttft_ms)
         if outcome.replica_id:
             span.set_attribute("fleetserve.replica_id", outcome.replica_id)
+        self._versioned(span, model, outcome)
         code = outcome.code
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code != grpc.StatusCode.OK:
             span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
-        self._requests.add(1, {"model": model, "code": code.name})
+        self._requests.add(1, {"model": model, "model_version": outcome.model_version, "code": code.name})
         duration_s = time.perf_counter() - arrived
         if self.prom is not None:
             self.prom.finished(
@@ -522,6 +544,7 @@ class GatewayPipeline:
             "gateway.request",
             tenant=outcome.tenant_id,
             model=model,
+            model_version=outcome.model_version,
             status=code.name,
             replica=outcome.replica_id,
             ttft_ms=round(outcome.ttft_ms, 3) if outcome.ttft_ms is not None else None,
@@ -530,6 +553,22 @@ class GatewayPipeline:
             duration_ms=round(duration_s * 1000.0, 3),
             **outcome.extra,
         )
+
+    def _versioned(self, span: trace.Span, model: str, outcome: Outcome) -> None:
+        """The served version, the experiment arm and the request's cost (token prices) on the root span: the
+        metrics service keys rollout guardrails by version and A/B outcomes by arm."""
+        if outcome.model_version:
+            span.set_attribute("fleetserve.model_version", outcome.model_version)
+        if outcome.experiment:
+            span.set_attribute("fleetserve.experiment", outcome.experiment)
+            span.set_attribute("fleetserve.arm", outcome.arm)
+            outcome.extra.setdefault("experiment", outcome.experiment)
+            outcome.extra.setdefault("arm", outcome.arm)
+        if self.admission is not None and outcome.completion_tokens is not None:
+            cost = cost_usd(
+                self.admission.prices, model, outcome.prompt_tokens or 0, outcome.completion_tokens
+            )
+            span.set_attribute("fleetserve.cost_usd", cost)
 
     async def list_models(self, authorization: str | None, timeout_s: float | None) -> pb.ListModelsResponse:
         """The models with healthy replicas, for an authenticated caller."""

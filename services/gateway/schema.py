@@ -110,6 +110,12 @@ CREATE TABLE usage_ledger (
 CREATE INDEX usage_ledger_tenant_at ON usage_ledger(tenant_id, at);
 """,
     ),
+    Migration(
+        2,
+        "ledger rows name the model version that served the request (rollouts)",
+        sqlite="ALTER TABLE usage_ledger ADD COLUMN model_version TEXT NOT NULL DEFAULT '';",
+        postgresql="ALTER TABLE usage_ledger ADD COLUMN model_version TEXT NOT NULL DEFAULT '';",
+    ),
 )
 
 JOBS: tuple[Migration, ...] = (

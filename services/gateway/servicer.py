@@ -63,7 +63,7 @@ class GatewayServicer:
         finally:
             # Closing runs the pipeline's accounting now, while the client's cancellation is being handled.
             await stream.aclose()
-            self.feedback.recent.remember(outcome.request_id, outcome.tenant_id, request.model)
+            self.feedback.recent.remember(outcome.request_id, outcome, request.model)
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):

@@ -27,6 +27,10 @@ def count_prompt_tokens(spec: common_pb2.GenerationSpec) -> int:
     return len(tokenizer.load().encode_spec(spec))
 
 
+# What the engine's --model-version accepts.
+MODEL_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
 def to_spec(
     req: pb.GenerateRequest, *, default_max_tokens: int = 256, max_tokens_limit: int = 8192
 ) -> common_pb2.GenerationSpec:
@@ -62,6 +66,10 @@ def to_spec(
         violations.append(("priority", f"unknown priority {req.priority}"))
     if req.feature and not FEATURE.match(req.feature):
         violations.append(("feature", "at most 64 characters of letters, digits and ._:/-"))
+    if req.model_version and not MODEL_VERSION.match(req.model_version):
+        violations.append(
+            ("model_version", "a version name: letters, digits, '.', '_', '+', '-' (at most 64)")
+        )
 
     max_tokens = req.max_tokens or default_max_tokens
     sampling = common_pb2.SamplingParams(
@@ -74,7 +82,11 @@ def to_spec(
     if req.HasField("seed"):
         sampling.seed = req.seed
     spec = common_pb2.GenerationSpec(
-        model=req.model, prompt=req.prompt, messages=req.messages, sampling=sampling
+        model=req.model,
+        prompt=req.prompt,
+        messages=req.messages,
+        sampling=sampling,
+        model_version=req.model_version,
     )
     if violations:
         fields = ", ".join(f for f, _ in violations)

@@ -14,6 +14,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from services.registry.config import RegistrySettings
 from services.registry.membership import Membership
+from services.registry.rollouts import stats
 from services.registry.rollouts.controller import RolloutController
 from services.registry.rollouts.metrics_source import MetricsServiceSource
 from services.registry.rollouts.servicer import RolloutServicer
@@ -251,6 +252,7 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
     seen: set[str] = set()
     app.metrics_registry.register(prom.LoopCollector(lambda: replica_families(membership, seen)))
     app.tasks.append(asyncio.create_task(traffic.follow(), name="registry.follow_traffic"))
+    app.tasks.append(asyncio.create_task(asyncio.to_thread(stats.warm_up), name="registry.stats_warm_up"))
     app.tasks.append(
         asyncio.create_task(controller.run(settings.rollout_interval_s), name="registry.rollout_controller")
     )

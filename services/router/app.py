@@ -10,6 +10,8 @@ import structlog
 from fleetserve.common.v1 import common_pb2
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from fleetserve.registry.v1 import rollout_service_pb2 as rollout_pb
+from fleetserve.registry.v1 import rollout_service_pb2_grpc as rollout_grpc
 from fleetserve.router.v1 import router_service_pb2 as pb
 from prometheus_client.registry import CollectorRegistry
 
@@ -157,6 +159,10 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
 
     registry_channel = grpc.aio.insecure_channel(settings.registry_address, options=CHANNEL_OPTIONS)
     registry = reg_grpc.RegistryServiceStub(registry_channel)
+    rollouts = rollout_grpc.RolloutServiceStub(registry_channel)
+
+    def open_traffic():
+        return rollouts.WatchTraffic(rollout_pb.WatchTrafficRequest(), timeout=settings.watch_resubscribe_s)
 
     def open_watch():
         # A long but finite watch: every RPC has a deadline, and a periodic resubscribe (fresh snapshot)
@@ -164,7 +170,8 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         return registry.WatchReplicas(reg_pb.WatchReplicasRequest(), timeout=settings.watch_resubscribe_s)
 
     async def serving_once_ready() -> None:
-        await membership.ready.wait()
+        # Without the traffic splits a request could reach a version rolled back or not yet rolled out.
+        await asyncio.gather(membership.ready.wait(), servicer.traffic.ready.wait())
         await running.set_serving(True)
         log.info("router.membership_ready", replicas=len(membership.replicas()), models=membership.models())
 
@@ -173,6 +180,12 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         asyncio.create_task(
             membership.watch(open_watch, settings.watch_backoff_base_s, settings.watch_backoff_max_s),
             name="router.watch",
+        )
+    )
+    app.tasks.append(
+        asyncio.create_task(
+            servicer.traffic.watch(open_traffic, settings.watch_backoff_base_s, settings.watch_backoff_max_s),
+            name="router.traffic_watch",
         )
     )
     app.tasks.append(asyncio.create_task(serving_once_ready(), name="router.ready"))

@@ -19,6 +19,8 @@ from services.router.policies import cache_salt_for
 from services.router.resume import ChunkTracker, resumable
 from services.router.router_metrics import RouterMetrics, tier_name
 from services.router.stalls import ReplicaWatch
+from services.router.traffic import NONE, Assignment
+from services.router.versions import note
 from shared.deadlines import HOP_MARGIN_S, wire_timeout
 from shared.errors import DeadlineExceeded, FleetError, NoHealthyReplica, Unavailable
 from shared.resilience import BACKPRESSURE, full_jitter, is_retryable
@@ -260,11 +262,25 @@ class RequestAttempts:
         "streamed",
         "attempts",
         "replica_id",
+        "assignment",
+        "note",
     )
 
-    def __init__(self, router: RouterServicer, request: pb.GenerateRequest, routed, deadline: float) -> None:
+    def __init__(
+        self,
+        router: RouterServicer,
+        request: pb.GenerateRequest,
+        routed,
+        deadline: float,
+        assignment: Assignment = NONE,
+    ) -> None:
         self.router = router
         self.request = request
+        # The version (and maybe experiment arm, policy, shadow copy) the traffic splits chose: every attempt
+        # stays on that version, so a request never flips versions and a version's errors stay its own.
+        self.assignment = assignment
+        # Appended to the first chunk relayed (served_by.experiment/arm), or b"".
+        self.note = note(assignment)
         # The request as the policy prepared it (model alias resolved, prompt tokenized at most once).
         self.routed = routed
         self.model: str = routed.model
@@ -290,7 +306,7 @@ class RequestAttempts:
 
     def choose(self, exclude: set[str]) -> ReplicaInfo:
         """The replica for the next attempt (or a hedge) among those not excluded."""
-        return self.router.choose(self.routed, exclude)
+        return self.router.choose(self.routed, exclude, self.assignment.version)
 
     async def next(self) -> Attempt:
         """Wait for admission (when in-flight attempts are capped), choose a replica that has not failed this

@@ -9,12 +9,11 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-import grpc
 import structlog
 from fleetserve.common.v1 import common_pb2
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 
-from shared.resilience import full_jitter
+from shared.watching import follow
 
 log = structlog.get_logger(__name__)
 
@@ -229,41 +228,14 @@ class Membership:
     ) -> None:
         """Apply events from open_stream() until cancelled; when the stream breaks or ends, reconnect after
         a full-jitter exponential backoff (reset once events flow again), keeping the last membership."""
-        attempt = 0
-        while True:
-            stream = open_stream()
-            try:
-                async for event in stream:
-                    if not self.connected:
-                        self.connected = True
-                        log.info("router.watch_connected", attempt=attempt)
-                    attempt = 0
-                    self.apply(event)
-                reason = "stream ended"
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.connected:
-                    # The watch's own (long) timeout: resubscribe at once for a fresh snapshot.
-                    log.info("router.watch_resubscribe")
-                    self.connected = False
-                    continue
-                reason = f"{e.code().name}: {e.details()}"
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a bad event must not stop the router from following the registry
-                log.exception("router.watch_error")
-                reason = repr(e)
-            finally:
-                cancel = getattr(stream, "cancel", None)
-                if cancel is not None:
-                    cancel()
-            self.connected = False
-            delay = full_jitter(attempt, backoff_base_s, backoff_max_s, rng)
-            log.warning(
-                "router.watch_broken",
-                reason=reason,
-                attempt=attempt,
-                retry_in_s=round(delay, 3),
-                replicas_kept=len(self._replicas),
-            )
-            attempt += 1
-            await sleep(delay)
+        await follow(
+            self,
+            open_stream,
+            self.apply,
+            "router.watch",
+            kept=lambda: {"replicas_kept": len(self._replicas)},
+            backoff_base_s=backoff_base_s,
+            backoff_max_s=backoff_max_s,
+            rng=rng,
+            sleep=sleep,
+        )

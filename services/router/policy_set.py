@@ -70,7 +70,9 @@ def _kwargs(name: str, params: dict[str, float], load: dict[str, float]) -> dict
 
 class PolicySet(Policy):
     """Routes each model's requests with that model's policy (created on first use) and forwards membership and
-    completion events to the policy that owns the replica."""
+    completion events to the policies that follow the replica. A request may name another policy
+    (RouteRequest.policy_override: an experiment arm or feature flag); that policy is created for the model
+    beside its own and shares its load tracker, so in-flight accounting stays one per replica."""
 
     name = "per_model"
 
@@ -86,18 +88,32 @@ class PolicySet(Policy):
         self.per_model = dict(per_model or {})
         self.options = options or {}
         self.model_router = model_router or ModelRouter({})
-        self._policies: dict[str, Policy] = {}
-        self._owner: dict[str, str] = {}  # replica id -> model whose policy follows it
+        self._policies: dict[tuple[str, str], Policy] = {}
+        self._owner: dict[str, str] = {}  # replica id -> model whose policies follow it
+        self._replicas: dict[str, ReplicaInfo] = {}  # last report of each, for a policy created later
 
-    def policy_for(self, model: str) -> Policy:
-        p = self._policies.get(model)
+    def _create(self, name: str) -> Policy:
+        kwargs = dict(self.options.get(name, {}))
+        if "load" in self.options:
+            kwargs["load_weights"] = LoadWeights(**self.options["load"])
+        return policies.create(name, **kwargs)
+
+    def policy_for(self, model: str, name: str = "") -> Policy:
+        """The model's policy, or the policy called name for that model."""
+        own = self.per_model.get(model, self.default)
+        name = name or own
+        p = self._policies.get((model, name))
         if p is None:
-            name = self.per_model.get(model, self.default)
-            kwargs = dict(self.options.get(name, {}))
-            if "load" in self.options:
-                kwargs["load_weights"] = LoadWeights(**self.options["load"])
-            p = self._policies[model] = policies.create(name, **kwargs)
+            p = self._policies[(model, name)] = self._create(name)
+            if name != own:
+                p.load = self.policy_for(model).load
+                for r in self._replicas.values():
+                    if r.model == model:
+                        p.on_load_update(r)
         return p
+
+    def _of_model(self, model: str) -> list[Policy]:
+        return [p for (m, _), p in self._policies.items() if m == model]
 
     def prepare(self, request: Any) -> RouteRequest:
         """The request as policies see it, with a model alias resolved (the request's spec.model is set to the
@@ -127,30 +143,38 @@ class PolicySet(Policy):
         if not candidates:
             raise ValueError("select() needs at least one candidate")
         model = candidates[0].model
-        decision = self.policy_for(model).decide(candidates, request)
+        override = getattr(request, "policy_override", "")
+        decision = self.policy_for(model, override).decide(candidates, request)
         self._owner.setdefault(decision.replica.replica_id, model)
         return decision
 
     def on_complete(self, replica_id: str) -> None:
+        # Every policy of the model shares the model's load tracker: its own policy ends the attempt.
         model = self._owner.get(replica_id)
-        if model is not None and model in self._policies:
-            self._policies[model].on_complete(replica_id)
+        if model is not None and (model, self.per_model.get(model, self.default)) in self._policies:
+            self.policy_for(model).on_complete(replica_id)
 
     def on_load_update(self, replica: ReplicaInfo) -> None:
         old = self._owner.get(replica.replica_id)
-        if old is not None and old != replica.model and old in self._policies:
-            self._policies[old].remove(replica.replica_id)
+        if old is not None and old != replica.model:
+            for p in self._of_model(old):
+                p.remove(replica.replica_id)
         self._owner[replica.replica_id] = replica.model
-        self.policy_for(replica.model).on_load_update(replica)
+        self._replicas[replica.replica_id] = replica
+        self.policy_for(replica.model)
+        for p in self._of_model(replica.model):
+            p.on_load_update(replica)
 
     def remove(self, replica_id: str) -> None:
+        self._replicas.pop(replica_id, None)
         model = self._owner.pop(replica_id, None)
-        if model is not None and model in self._policies:
-            self._policies[model].remove(replica_id)
+        if model is not None:
+            for p in self._of_model(model):
+                p.remove(replica_id)
 
     def in_flight(self, replica_id: str) -> int:
         model = self._owner.get(replica_id)
-        return self._policies[model].in_flight(replica_id) if model in self._policies else 0
+        return self.policy_for(model).in_flight(replica_id) if model is not None else 0
 
     async def close(self) -> None:
         for p in self._policies.values():

@@ -17,7 +17,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.router.v1 import router_service_pb2 as pb
 from opentelemetry import metrics, trace
 
-from services.router import hedge
+from services.router import hedge, versions
 from services.router.admission import AdmissionQueue
 from services.router.attempt import AttemptCounters, Fault, RequestAttempts
 from services.router.breakers import BreakerSettings, ReplicaBreakers
@@ -27,7 +27,9 @@ from services.router.policies import Policy
 from services.router.policies import record as record_decision
 from services.router.resume import ReplicaAborted, ResumeMode
 from services.router.router_metrics import RouterMetrics
+from services.router.shadow import ShadowPair, ShadowRunner
 from services.router.stalls import ReplicaWatch, StallDetector, StallSettings
+from services.router.traffic import TrafficTable
 from shared import prom
 from shared.channels import ChannelPool, raw_stream
 from shared.deadlines import deadline_passed, downstream_timeout
@@ -108,8 +110,12 @@ class RouterServicer:
         prom_metrics: RouterMetrics | None = None,
         wake_models: frozenset[str] = frozenset(),
         stalls: StallSettings | None = None,
+        traffic: TrafficTable | None = None,
     ) -> None:
         self.membership = membership
+        # Rollout splits, experiments and flags (from the registry's WatchTraffic; empty: any version).
+        self.traffic = traffic or TrafficTable()
+        self.shadows = ShadowRunner(self)
         self.policy = policy
         self.pool = pool
         self.tracer = tracer
@@ -255,19 +261,26 @@ class RouterServicer:
     # -- choosing -----------------------------------------------------------------------------------
 
     async def _await_membership(self, timeout_s: float | None) -> None:
-        if self.membership.ready.is_set():
+        """Wait (briefly) for the registry's first membership snapshot and traffic configuration."""
+        if self.membership.ready.is_set() and self.traffic.ready.is_set():
             return
         wait = self.ready_wait_s if timeout_s is None else min(self.ready_wait_s, timeout_s)
         try:
-            await asyncio.wait_for(self.membership.ready.wait(), wait)
+            async with asyncio.timeout(wait):
+                await self.membership.ready.wait()
+                await self.traffic.ready.wait()
         except TimeoutError:
+            what = "membership" if not self.membership.ready.is_set() else "traffic configuration"
             raise NoHealthyReplica(
-                "the router has no membership from the registry yet", retry_after_s=1.0
+                f"the router has no {what} from the registry yet", retry_after_s=1.0
             ) from None
 
-    def choose(self, request: pb.GenerateRequest, exclude: set[str]) -> ReplicaInfo:
+    def choose(self, request: pb.GenerateRequest, exclude: set[str], version: str = "") -> ReplicaInfo:
+        """A replica of the request's model (of version, when given) that is not in exclude."""
         model = request.spec.model
         routable = self.membership.routable(model, exclude)
+        if version:
+            routable = [r for r in routable if r.model_version == version]
         breakers = self.breakers
         outliers = self.outliers
         allowed = [
@@ -301,10 +314,11 @@ class RouterServicer:
                 reason="MODEL_NOT_FOUND",
                 metadata={"model": model, "available_models": ",".join(available)},
             )
+        which = f"model {model!r}" + (f" version {version!r}" if version else "")
         raise NoHealthyReplica(
-            f"no healthy replica of model {model!r} can take the request now",
+            f"no healthy replica of {which} can take the request now",
             retry_after_s=1.0,
-            metadata={"model": model},
+            metadata={"model": model, "model_version": version} if version else {"model": model},
         )
 
     # -- RPCs ---------------------------------------------------------------------------------------
@@ -312,7 +326,9 @@ class RouterServicer:
     @rpc_boundary
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         started = time.perf_counter()
+        arrived = time.monotonic()
         run: RequestAttempts | None = None
+        pair: ShadowPair | None = None
         status = "CANCELLED"  # unless the stream completes or fails with a known code
         with stream_span(
             self.tracer, "router.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
@@ -324,6 +340,10 @@ class RouterServicer:
                 run = await self._admit(request, context, span)
                 while True:
                     attempt = await run.next()
+                    shadow = run.assignment.shadow
+                    if shadow is not None and run.attempts == 1:
+                        # After the live attempt was sent, never before it: the copy cannot delay it.
+                        pair = self.shadows.start(run, shadow, arrived)
                     try:
                         if (delay := run.hedge_delay()) > 0:
                             attempt = await hedge.race(run, attempt, delay)
@@ -335,13 +355,18 @@ class RouterServicer:
                                 # The hot path: per chunk one read, a count for stall detection, the tracker's
                                 # parse when resumable, a yield.
                                 relay = run.tracker.relay if run.tracker is not None else None
+                                keep = pair.live_chunks.append if pair is not None else None
                                 read = attempt.call.read
                                 watch = attempt.watch
                                 while data is not grpc.aio.EOF:
                                     watch.chunks += 1
                                     if relay is not None:
                                         data = relay(data)
-                                    run.streamed = True
+                                    if keep is not None:
+                                        keep(data)  # parsed once the pair is complete, off this path
+                                    if not run.streamed:
+                                        run.streamed = True
+                                        data = self._first(run, data, pair)
                                     yield data
                                     data = await read()
                         except ReplicaAborted as e:
@@ -388,9 +413,12 @@ class RouterServicer:
                 code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 self.prom.requests.labels(self._model_label(request, run), code.name).inc()
+                if pair is not None:
+                    pair.live_ended(code)
                 log.info(
                     "router.request",
                     model=run.model if run is not None else request.spec.model,
+                    model_version=run.assignment.version if run is not None else request.spec.model_version,
                     replica=replica_id,
                     attempts=attempts,
                     status=status,
@@ -410,7 +438,26 @@ class RouterServicer:
         await self._await_membership(timeout)
         # Resolves a model alias (sets spec.model); the prompt is tokenized at most once, if a policy asks.
         routed = self.policy.prepare(request)
-        return RequestAttempts(self, request, routed, deadline)
+        assignment = versions.assign(self, request, routed.model)
+        if assignment.version:
+            request.spec.model_version = assignment.version  # the engine refuses any other version
+            span.set_attribute("fleetserve.model_version", assignment.version)
+            span.set_attribute("fleetserve.traffic", assignment.source)
+            # Before any chunk: a request that fails still names the version (and arm) it failed on.
+            await context.send_initial_metadata(versions.metadata(assignment))
+        if assignment.experiment:
+            span.set_attribute("fleetserve.experiment", assignment.experiment)
+            span.set_attribute("fleetserve.arm", assignment.arm)
+        if assignment.policy:
+            routed.policy_override = assignment.policy
+        return RequestAttempts(self, request, routed, deadline, assignment)
+
+    @staticmethod
+    def _first(run: RequestAttempts, data: bytes, pair: ShadowPair | None) -> bytes:
+        """The request's first chunk as relayed: with the experiment arm appended, timed for the shadow pair."""
+        if pair is not None:
+            pair.live_first()
+        return data + run.note if run.note else data
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
@@ -437,6 +484,7 @@ class RouterServicer:
                 replica_id=r.replica_id,
                 address=r.address,
                 model=r.model,
+                model_version=r.model_version,
                 in_flight=self.in_flight.get(r.replica_id, 0),
                 load=r.load,
                 breaker_state=pb.BREAKER_STATE_CLOSED,
@@ -460,6 +508,7 @@ class RouterServicer:
             )
         for model, (interactive, standard, batch) in self.admission.waiting().items():
             resp.queues.add(model=model, interactive=interactive, standard=standard, batch=batch)
+        resp.shadows.extend(self.shadows.reports())
         return resp
 
     async def watch_stalls(self) -> None:
@@ -498,6 +547,7 @@ class RouterServicer:
             attempt.stall(reason)
 
     async def close(self) -> None:
-        """Wait for channel closes still under way."""
+        """Cancel shadow copies, wait for channel closes still under way."""
+        await self.shadows.close()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -38,6 +38,10 @@ _SSE_HEADERS = {
 }
 
 
+# Request: pin a model version (debugging). Response: the version that served it.
+MODEL_VERSION_HEADER = "x-fleetserve-model-version"
+
+
 def _json(status: int, body: dict, headers: dict[str, str]) -> web.Response:
     return web.Response(
         status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
@@ -174,6 +178,9 @@ class OpenAIServer:
             greq, opts = parse_request(body, kind)
             if FEATURE_HEADER in request.headers:
                 greq.feature = request.headers[FEATURE_HEADER]
+            greq.model_version = request.headers.get(
+                MODEL_VERSION_HEADER, ""
+            )  # a pin, checked by the pipeline
         except web.HTTPRequestEntityTooLarge as e:
             return _json(
                 413,
@@ -208,6 +215,10 @@ class OpenAIServer:
                 first = b""
             except Exception as e:  # noqa: BLE001 - turned into an HTTP error in one place
                 return error_response(e, headers)
+            if first:
+                version = pb.GenerateResponse.FromString(first).chunk.served_by.model_version
+                if version:
+                    headers[MODEL_VERSION_HEADER] = version
             shaper = Shaper(kind, request_id, greq.model, opts.include_usage)
             if opts.stream:
                 return await self._stream(request, shaper, first, stream, headers)
@@ -215,7 +226,7 @@ class OpenAIServer:
         finally:
             await stream.aclose()
             if self.recent is not None:
-                self.recent.remember(request_id, outcome.tenant_id, greq.model)
+                self.recent.remember(request_id, outcome, greq.model)
 
     async def _stream(
         self,

@@ -27,6 +27,11 @@ log = structlog.get_logger(__name__)
 MIN_WINDOW_S = 1.0
 
 
+def _baseline_need(plan: pb.RolloutPlan) -> int:
+    """Samples the baseline needs for the plan's relative guardrails (0 when it has none)."""
+    return max((guardrails.min_samples(g) for g in plan.guardrails if guardrails.relative(g)), default=0)
+
+
 class RolloutController:
     """Moves rollouts along. tick() is the whole decision (tests call it with an injected clock and source)."""
 
@@ -134,6 +139,10 @@ class RolloutController:
             try:
                 cand = await self.source.fetch(plan.model, plan.candidate_version, window)
                 base = await self.source.fetch(plan.model, plan.baseline_version, window)
+                if base.requests < _baseline_need(plan) and now - r.started_at_unix > window:
+                    # The baseline has too little traffic in the window (a late step sends it little or none):
+                    # its numbers over the whole rollout so far stand in.
+                    base = await self.source.fetch(plan.model, plan.baseline_version, now - r.started_at_unix)
             except grpc.aio.AioRpcError as e:
                 log.warning(
                     "registry.rollout_metrics_unavailable", code=e.code().name, rollout_id=r.rollout_id

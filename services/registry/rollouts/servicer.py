@@ -3,6 +3,7 @@ experiments (create, status, analyze, stop), feature flags, and the WatchTraffic
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Collection
@@ -152,13 +153,14 @@ class RolloutServicer:
         spec = pb.ExperimentSpec()
         spec.CopyFrom(request.spec)
         running = self.traffic.running_experiments()
-        experiments.validate(spec, self.traffic.versions, self.policies, running)
+        # In a thread: sizing the horizon is statsmodels work that must not stall heartbeats.
+        await asyncio.to_thread(experiments.validate, spec, self.traffic.versions, self.policies, running)
         spec.population.offset_percent = experiments.place(spec, running)
         e = pb.Experiment(
             experiment_id=_new_id("exp"),
             spec=spec,
             state=experiments.RUNNING,
-            samples_per_arm=experiments.horizon(spec),
+            samples_per_arm=await asyncio.to_thread(experiments.horizon, spec),
             created_at_unix=self._clock(),
         )
         await self.traffic.save_experiment(e)
@@ -218,7 +220,10 @@ class RolloutServicer:
     ) -> pb.AnalyzeExperimentResponse:
         e = self._experiment(request.experiment_id)
         arms = await self._arm_samples(e, e.samples_per_arm)
-        resp = experiments.analyze(e, [a for a, _ in arms], [n for _, n in arms], request.peek)
+        # In a thread: the tests are scipy/statsmodels work that must not stall heartbeats and watches.
+        resp = await asyncio.to_thread(
+            experiments.analyze, e, [a for a, _ in arms], [n for _, n in arms], request.peek
+        )
         log.info(
             "registry.experiment_analyzed",
             experiment_id=e.experiment_id,

@@ -47,6 +47,15 @@ class Result:
     effect_size: float
 
 
+def warm_up() -> None:
+    """Import scipy and statsmodels now (seconds of work: call it in a thread at start), so that the first
+    analysis answers in milliseconds."""
+    import scipy.stats  # noqa: F401
+    import statsmodels.stats.multitest  # noqa: F401
+    import statsmodels.stats.power  # noqa: F401
+    import statsmodels.stats.proportion  # noqa: F401
+
+
 def is_rate(metric: str) -> bool:
     return metric in RATE_METRICS
 

@@ -1,0 +1,330 @@
+"""Rollouts end to end on a fleet of real processes whose engines serve four versions of one model (v2 planted
+bad: 2x slower and 5% errors; v4 planted different: 2x slower, half as long, 20% refusals), under client load
+through the gateway, with time-compressed bake times: a bad gradual rollout is rolled back before leaving its
+first step and only its share sees errors; a good one promotes itself with no failed request; blue-green switches
+and switches back with none; shadow copies leave live traffic alone and the report names the planted differences;
+an A/B experiment reaches its horizon and finds the slower arm worse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import pytest_asyncio
+from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
+from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from fleetserve.registry.v1 import rollout_service_pb2 as pb
+from fleetserve.registry.v1 import rollout_service_pb2_grpc as rgrpc
+from fleetserve.router.v1 import router_service_pb2 as router_pb
+from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
+
+from shared.errors import details_of
+from tests.integration.conftest import running_cluster
+from tests.support import assert_eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+MODEL = "sim-1b"
+PLANTED = "v2:slowdown=2,error_rate=0.05;v4:slowdown=2,length_factor=0.5,refusal_rate=0.2"
+GUARDRAILS = [
+    pb.Guardrail(metric="error_rate", limit=0.02, min_samples=30),
+    # Twice the baseline's p99 TPOT breaches; a loaded machine's noise (and a candidate serving more of the load
+    # than the baseline did) does not: 1.8x and 2 ms worse.
+    pb.Guardrail(
+        metric="tpot_p99_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=1.8, min_gap=2.0, min_samples=30
+    ),
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory):
+    async with running_cluster(
+        tmp_path_factory.mktemp("rollouts"),
+        engines=4,
+        model_versions=("v1", "v2", "v3", "v4"),
+        # Half real time: steps long enough that a planted 2x TPOT stands out of a loaded machine's noise.
+        speed_factor=0.5,
+        extra_args={"engine": ["--sim-behaviour", PLANTED], "registry": ["--rollout-interval-s", "0.2"]},
+    ) as cluster:
+        yield cluster
+
+
+@dataclass
+class Result:
+    at: float
+    version: str
+    code: str
+    message: str = ""
+    request_id: str = ""
+    arm: str = ""
+
+
+@dataclass
+class Load:
+    """A closed loop of `concurrency` clients through the gateway, each request from a new user (so the
+    sticky split is sampled across users); every result kept with the version that served it."""
+
+    fleet: object
+    concurrency: int = 8
+    max_tokens: int = 16
+    results: list[Result] = field(default_factory=list)
+    _users: itertools.count = field(default_factory=itertools.count)
+
+    async def _client(self, stub, stop: asyncio.Event) -> None:
+        meta = (("authorization", f"Bearer {self.fleet.api_key}"),)
+        while not stop.is_set():
+            req = inf_pb.GenerateRequest(
+                model=MODEL, prompt="rollout load", max_tokens=self.max_tokens, user_id=f"u{next(self._users)}",
+                ignore_eos=True,
+            )  # fmt: skip
+            call = stub.Generate(req, metadata=meta, timeout=20)
+            try:
+                first = None
+                async for r in call:
+                    first = first or r.chunk
+                rid = dict(await call.initial_metadata()).get("x-request-id", "")
+                self.results.append(
+                    Result(
+                        time.monotonic(), first.served_by.model_version, "OK", "", rid, first.served_by.arm
+                    )
+                )
+            except grpc.aio.AioRpcError as e:
+                self.results.append(Result(time.monotonic(), "", e.code().name, e.details() or ""))
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        stop = asyncio.Event()
+        async with grpc.aio.insecure_channel(self.fleet.gateway) as ch:
+            stub = inf_grpc.InferenceServiceStub(ch)
+            tasks = [asyncio.create_task(self._client(stub, stop)) for _ in range(self.concurrency)]
+            try:
+                yield self
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+
+    def between(self, start: float, end: float = float("inf")) -> list[Result]:
+        return [r for r in self.results if start <= r.at < end]
+
+    async def until(self, n: int, after: float = 0.0, timeout_s: float = 30.0) -> None:
+        await assert_eventually(lambda: len(self.between(after)) >= n, timeout_s=timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def rollouts(fleet):
+    async with grpc.aio.insecure_channel(fleet.registry) as ch:
+        yield rgrpc.RolloutServiceStub(ch)
+
+
+async def start(stub, **plan) -> pb.Rollout:
+    p = pb.RolloutPlan(model=MODEL, baseline_version="v1", **plan)
+    return (await stub.StartRollout(pb.StartRolloutRequest(plan=p), timeout=5)).rollout
+
+
+async def get(stub, rid: str) -> pb.Rollout:
+    return (await stub.GetRollout(pb.GetRolloutRequest(rollout_id=rid), timeout=5)).rollout
+
+
+async def settle_on_v1(stub) -> None:
+    """Traffic on v1 alone: the model's latest rollout rolled back to v1."""
+    r = await start(stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_CANARY, steps=[1], bake_s=3600)
+    await stub.RollbackRollout(
+        pb.RollbackRolloutRequest(rollout_id=r.rollout_id, reason="test set-up"), timeout=5
+    )
+
+
+async def test_a_bad_version_is_rolled_back_within_its_first_step(fleet):
+    """v2 (5% errors, 2x TPOT) under a 20/60/100 ramp: rolled back automatically with the numbers, never past
+    20%; v2 served at most its share meanwhile and nothing after; every failed request was a v2 request."""
+    load = Load(fleet)
+    async with rollouts(fleet) as stub, load.running():
+        await load.until(20)
+        begun = time.monotonic()
+        r = await start(
+            stub, candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[20, 60, 100], bake_s=4,
+            guardrails=GUARDRAILS,
+        )  # fmt: skip
+        r = await assert_eventually(
+            lambda: _state(stub, r.rollout_id, pb.ROLLOUT_STATE_ROLLED_BACK), timeout_s=90, interval_s=0.2
+        )
+        ended = time.monotonic()
+        await load.until(60, after=ended)
+    assert "guardrail breached" in r.reason, r.reason
+    assert "advanced" not in [e.kind for e in r.events], [e.kind for e in r.events]
+    during = load.between(begun, ended)
+    served = [x for x in during if x.code == "OK"]
+    share = sum(x.version == "v2" for x in served) / len(served)
+    assert share <= 0.20 + 3 * (0.2 * 0.8 / len(served)) ** 0.5, (share, len(served))
+    assert {x.version for x in load.between(ended + 0.5) if x.code == "OK"} == {"v1"}
+    failed = [x for x in load.results if x.code != "OK"]
+    assert all("'v2'" in x.message or "PLANTED_FAULT" in x.message for x in failed), failed
+
+
+async def _state(stub, rid: str, state: int) -> pb.Rollout | None:
+    r = await get(stub, rid)
+    return r if r.state == state else None
+
+
+async def test_a_good_version_promotes_itself_with_no_failed_request(fleet):
+    """v3 under a 50/100 ramp with the same guardrails: promoted after every step, no request failed, and all
+    traffic on v3 afterwards."""
+    load = Load(fleet)
+    async with rollouts(fleet) as stub, load.running():
+        await load.until(20)
+        r = await start(
+            stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=2,
+            guardrails=GUARDRAILS,
+        )  # fmt: skip
+        r = await assert_eventually(
+            lambda: _state(stub, r.rollout_id, pb.ROLLOUT_STATE_PROMOTED), timeout_s=90, interval_s=0.2
+        )
+        promoted = time.monotonic()
+        await load.until(30, after=promoted + 0.5)
+    assert [e.kind for e in r.events] == ["started", "advanced", "promoted"], r.events
+    assert not [x for x in load.results if x.code != "OK"]
+    assert {x.version for x in load.between(promoted + 0.5)} == {"v3"}
+
+
+async def test_blue_green_switches_and_switches_back_under_load_with_no_failed_request(fleet):
+    """All traffic moves from v1 to v3 at once, and back to v1 on rollback, while clients keep sending: no
+    request fails."""
+    load = Load(fleet)
+    async with rollouts(fleet) as stub:
+        await settle_on_v1(stub)
+        async with load.running():
+            await load.until(20)
+            r = await start(
+                stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_BLUE_GREEN, bake_s=3600
+            )
+            switched = time.monotonic()
+            await assert_eventually(lambda: _all_since(load, switched, "v3"), timeout_s=20)
+            back = await stub.RollbackRollout(
+                pb.RollbackRolloutRequest(rollout_id=r.rollout_id, reason="switch back"), timeout=5
+            )
+            back_at = time.monotonic()
+            await assert_eventually(lambda: _all_since(load, back_at, "v1"), timeout_s=20)
+    assert back.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK
+    assert not [x for x in load.results if x.code != "OK"]
+
+
+def _all_since(load: Load, since: float, version: str) -> bool:
+    """The last 20 results since `since` (after a short settling) were all served by version."""
+    recent = load.between(since + 0.3)[-20:]
+    return len(recent) == 20 and {x.version for x in recent} == {version}
+
+
+async def test_shadow_copies_leave_live_traffic_alone_and_the_report_names_the_differences(fleet):
+    """100% of v1's requests copied to v4: every live answer from v1, no failure, and the router's report lists
+    v4's planted slowness, shorter answers and refusals."""
+    load = Load(fleet, concurrency=4, max_tokens=32)
+    async with rollouts(fleet) as stub:
+        await settle_on_v1(stub)
+        r = await start(
+            stub, candidate_version="v4", strategy=pb.ROLLOUT_STRATEGY_SHADOW, shadow_percent=100, bake_s=3600,
+            shadow_max_in_flight=64,
+        )  # fmt: skip
+        async with load.running():
+            await assert_eventually(lambda: _report(fleet, r.rollout_id, 60), timeout_s=60, interval_s=0.5)
+        report = await _report(fleet, r.rollout_id, 0)
+        await stub.RollbackRollout(pb.RollbackRolloutRequest(rollout_id=r.rollout_id), timeout=5)
+    assert {x.version for x in load.results} == {"v1"}
+    assert not [x for x in load.results if x.code != "OK"]
+    text = "\n".join(report.differences)
+    assert "shadow TPOT" in text and report.shadow_tpot_ms > 1.5 * report.live_tpot_ms, text
+    assert "shadow output length" in text, text
+    assert 0.4 < report.shadow_output_tokens / report.live_output_tokens < 0.6, text
+    assert "shadow refuses" in text and 0.05 < report.shadow_refusal_rate < 0.4, text
+    assert report.live_refusal_rate == 0.0 and report.shadow_errors == 0
+
+
+async def _report(fleet, rid: str, pairs: int) -> router_pb.ShadowReport | None:
+    async with grpc.aio.insecure_channel(fleet.router) as ch:
+        status = await router_grpc.RouterServiceStub(ch).GetStatus(router_pb.GetStatusRequest(), timeout=5)
+    got = [s for s in status.shadows if s.rollout_id == rid]
+    return got[0] if got and got[0].pairs >= pairs else None
+
+
+async def test_an_ab_experiment_reaches_its_horizon_and_finds_the_slower_arm_worse(fleet):
+    """control v1 vs treatment v4 (2x TPOT) on tpot_ms with a 40-sample horizon: no verdict before it, then the
+    treatment is significantly worse; feedback success signals become per-arm success rates."""
+    load = Load(fleet, concurrency=4, max_tokens=32)
+    async with rollouts(fleet) as stub:
+        await settle_on_v1(stub)
+        spec = pb.ExperimentSpec(
+            name="tpot-ab", model=MODEL, primary_metric="tpot_ms", samples_per_arm=40,
+            population=pb.Population(percent=100),
+            arms=[
+                pb.Arm(name="control", variant=pb.Variant(model_version="v1")),
+                pb.Arm(name="treatment", variant=pb.Variant(model_version="v4")),
+            ],
+        )  # fmt: skip
+        e = (await stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec), timeout=5)).experiment
+        early = await stub.AnalyzeExperiment(pb.AnalyzeExperimentRequest(experiment_id="tpot-ab"), timeout=30)
+        assert not early.horizon_reached and not early.comparisons
+        async with load.running():
+            await assert_eventually(lambda: _horizon(stub, e), timeout_s=60, interval_s=0.5)
+        await _rate(fleet, load)
+        await assert_eventually(lambda: _success_samples(stub, e), timeout_s=20, interval_s=0.3)
+        resp = await stub.AnalyzeExperiment(
+            pb.AnalyzeExperimentRequest(experiment_id=e.experiment_id), timeout=5
+        )
+        await stub.StopExperiment(pb.StopExperimentRequest(experiment_id=e.experiment_id), timeout=5)
+    assert resp.horizon_reached and not resp.peek
+    first = resp.comparisons[0]
+    assert (first.metric, first.arm, first.test, first.significant) == (
+        "tpot_ms",
+        "treatment",
+        "welch_t",
+        True,
+    )
+    assert first.difference > 0 and first.ci_low > 0
+    assert "significantly worse" in resp.verdict
+    arms = {a.arm: {m.metric: m for m in a.metrics} for a in resp.arms}
+    assert arms["control"]["success_rate"].mean == 1.0 and arms["treatment"]["success_rate"].mean == 0.0
+    assert {x.arm for x in load.results} == {"control", "treatment"}
+
+
+async def _horizon(stub, e: pb.Experiment) -> bool:
+    resp = await stub.GetExperiment(pb.GetExperimentRequest(experiment_id=e.experiment_id), timeout=5)
+    return len(resp.samples) == 2 and min(resp.samples) >= e.samples_per_arm
+
+
+async def _rate(fleet, load: Load) -> None:
+    """Feedback on 5 answers of each arm: control's succeeded, treatment's did not."""
+    meta = (("authorization", f"Bearer {fleet.api_key}"),)
+    async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+        stub = inf_grpc.InferenceServiceStub(ch)
+        for arm, success in (("control", True), ("treatment", False)):
+            for x in [x for x in load.results if x.arm == arm][:5]:
+                req = inf_pb.FeedbackRequest(
+                    request_id=x.request_id, rating=5 if success else 2, success=success
+                )
+                await stub.Feedback(req, metadata=meta, timeout=5)
+
+
+async def _success_samples(stub, e: pb.Experiment) -> bool:
+    resp = await stub.AnalyzeExperiment(
+        pb.AnalyzeExperimentRequest(experiment_id=e.experiment_id), timeout=30
+    )
+    counts = [next((m.count for m in a.metrics if m.metric == "success_rate"), 0) for a in resp.arms]
+    return counts == [5, 5]
+
+
+async def test_a_pinned_version_is_served_and_an_unknown_pin_is_not_found(fleet):
+    """model_version pins a request to v3 whatever the splits say; a version no replica serves is NOT_FOUND."""
+    meta = (("authorization", f"Bearer {fleet.api_key}"),)
+    async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+        stub = inf_grpc.InferenceServiceStub(ch)
+        req = inf_pb.GenerateRequest(model=MODEL, prompt="pin", max_tokens=4, model_version="v3")
+        chunks = [r.chunk async for r in stub.Generate(req, metadata=meta, timeout=10)]
+        assert chunks[0].served_by.model_version == "v3"
+        req.model_version = "v9"
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            [r async for r in stub.Generate(req, metadata=meta, timeout=10)]
+    d = details_of(exc.value)
+    assert (d.code, d.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_VERSION_NOT_FOUND")

@@ -1,0 +1,51 @@
+"""Shadow comparisons: refusals recognised, text similarity, and a report that names the differences."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.router.shadow import Answer, ShadowStats, is_refusal, similarity
+from services.router.traffic import Shadow
+
+OK = grpc.StatusCode.OK
+
+
+def test_refusals_and_similarity():
+    """Common refusal openings are recognised (the sim's planted one too); similarity is 1 for equal texts."""
+    assert is_refusal("I'm sorry, but I can't help with that.") and is_refusal("  I cannot do that")
+    assert not is_refusal("Sure, here it is")
+    assert similarity("abc def", "abc def") == 1.0
+    assert 0.4 < similarity("the quick brown fox", "the quick brown") < 1.0
+
+
+def test_the_report_lists_what_was_planted():
+    """A candidate twice as slow per token, half as long, refusing 20%: each shows up in the differences."""
+    stats = ShadowStats(Shadow("ro-1", "v1", "v2", 8), "m")
+    for i in range(50):
+        live = Answer(OK, ttft_ms=10.0, e2e_ms=10.0 + 2.0 * 31, text="x" * 100, tokens=32)
+        refused = i % 5 == 0
+        text = "I'm sorry, but I can't help with that." if refused else "x" * 50
+        shadow = Answer(OK, ttft_ms=12.0, e2e_ms=12.0 + 4.0 * 15, text=text, tokens=16)
+        stats.add(live, shadow)
+    stats.skipped = 3
+    report = stats.report()
+    assert report.pairs == 50 and report.shadow_refusal_rate == 0.2
+    text = "\n".join(report.differences)
+    assert "shadow TPOT 2.00x live" in text
+    assert "shadow output length 0.50x live" in text
+    assert "shadow refuses 20.0% of answers (live 0.0%)" in text
+    assert "answers differ" in text and "3 copies skipped" in text
+    assert "TTFT" not in text  # 1.2x: within what is not worth saying
+
+
+def test_an_identical_candidate_has_no_differences_and_errors_count():
+    """Same answers: nothing listed; failed copies are counted and listed."""
+    stats = ShadowStats(Shadow("ro-1", "v1", "v2", 8), "m")
+    for _ in range(20):
+        a = Answer(OK, ttft_ms=10.0, e2e_ms=40.0, text="same", tokens=8)
+        stats.add(a, Answer(OK, ttft_ms=10.5, e2e_ms=41.0, text="same", tokens=8))
+    assert list(stats.report().differences) == []
+    stats.add(Answer(OK, 10.0, 40.0, "same", 8), Answer(grpc.StatusCode.INTERNAL))
+    report = stats.report()
+    assert report.shadow_errors == 1 and report.pairs == 20
+    assert any("shadow failed 1 of 21 copies" in d for d in report.differences)
