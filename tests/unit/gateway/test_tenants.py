@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from services.gateway.db import connect
-from services.gateway.schema import open_accounts
+from services.gateway.schema import ACCOUNTS, open_accounts
 from services.gateway.tenants import TenantStore, bearer_key, hash_key
 
 
@@ -192,7 +192,7 @@ async def test_migrations_are_recorded_and_applied_once(db_url):
     store = await open_store(db_url)
     again = await store.db.fetch("SELECT component, version FROM schema_migrations ORDER BY version")
     await store.close()
-    assert rows == again == [("accounts", 1)]
+    assert rows == again == [("accounts", m.version) for m in ACCOUNTS]
 
 
 async def test_databases_from_before_limits_are_migrated(tmp_path):
