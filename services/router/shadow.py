@@ -218,10 +218,14 @@ class ShadowPair:
             data = await attempt.first_chunk()
             if data is not grpc.aio.EOF:
                 self.copy.ttft_ms = (time.monotonic() - self.arrived) * 1000.0
+                attempt.answered()  # breaker, outliers and the stall watchdog see the replica answer
                 read = attempt.call.read
+                watch = attempt.watch
                 while data is not grpc.aio.EOF:
+                    watch.chunks += 1  # progress, as the live relay counts it: a streaming copy is no stall
                     chunks.append(data)
                     data = await read()
+                attempt.finished()
             self.copy.code = _OK
         except grpc.aio.AioRpcError as e:
             self.copy.code = e.code()
