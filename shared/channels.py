@@ -1,10 +1,13 @@
-"""Client channels: one reused channel per peer, and raw-bytes streaming stubs for relaying hops."""
+"""Client channels: the one place channels to fleet services are opened (TLS or plaintext), one reused channel
+per peer, and raw-bytes streaming stubs for relaying hops."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
+
+from shared.tls import Tls
 
 # Keepalive notices a dead peer within seconds instead of waiting on TCP timeouts.
 CHANNEL_OPTIONS = (
@@ -24,17 +27,41 @@ CHANNEL_OPTIONS = (
 )
 
 
+def open_channel(
+    target: str, tls: Tls | None = None, options: Iterable[tuple[str, object]] = CHANNEL_OPTIONS
+) -> grpc.aio.Channel:
+    """An asyncio channel to a fleet service: TLS (and the process's client certificate, for mTLS) when `tls`
+    is given, plaintext otherwise. Every hop, exporter, CLI command and load generator opens its channels here."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=tuple(options))
+    return grpc.aio.secure_channel(
+        target, tls.channel_credentials(), options=(*options, *tls.channel_options(target))
+    )
+
+
+def open_sync_channel(
+    target: str, tls: Tls | None = None, options: Iterable[tuple[str, object]] = CHANNEL_OPTIONS
+) -> grpc.Channel:
+    """The blocking twin of open_channel (Locust users, threads outside any event loop)."""
+    if tls is None:
+        return grpc.insecure_channel(target, options=tuple(options))
+    return grpc.secure_channel(
+        target, tls.channel_credentials(), options=(*options, *tls.channel_options(target))
+    )
+
+
 class ChannelPool:
     """One channel per address, created on first use and reused for every call."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Tls | None = None) -> None:
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         """The channel to address (created if new)."""
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = open_channel(address, self.tls)
             self._channels[address] = ch
         return ch
 

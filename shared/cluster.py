@@ -21,6 +21,7 @@ import structlog
 from shared.etcd_process import EtcdProcess
 from shared.health import wait_healthy
 from shared.server import PARENT_PID_ENV
+from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
@@ -37,8 +38,10 @@ class Proc:
     address: str = ""
     # Its Prometheus /metrics endpoint ("" when off).
     metrics_address: str = ""
-    # The flags it was started with (a restart uses them again, on the same port).
+    # The flags it was started with (a restart uses them again, on the same port), and its own environment
+    # (secrets: never flags).
     args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -92,6 +95,9 @@ class ClusterConfig:
     gateway_workers: int = 1
     # Model version of each engine, in start order (cycled); empty: the engines' default.
     model_versions: tuple[str, ...] = ()
+    # TLS on every port (`fleetserve up --tls`): a local CA in data_dir/tls issues each process a certificate
+    # (mTLS between services); the state file tells clients the CA and the CLI's client certificate.
+    tls: bool = False
     # Extra flags per service name ("registry", "engine", ...), appended last so they win.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     # Working directory of the services, which `python -m` imports them from (None: the launcher's), and
@@ -111,6 +117,9 @@ class Cluster:
         self._engine_seq = 0
         self._engine_versions: dict[str, str] = {}
         self.etcd: EtcdProcess | None = None
+        # The launcher's own client TLS (health probes, `fleetserve` commands): the "cli" certificate.
+        self.client_tls: Tls | None = None
+        self._pki = None
 
     # -- addresses -------------------------------------------------------------------------------
 
@@ -157,10 +166,16 @@ class Cluster:
     async def start(self) -> None:
         """Start every service and return once all report SERVING; on failure, stop what started."""
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # Only its user may read the state directory: it holds the dev key, the databases and TLS keys.
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (cfg.data_dir / "run").mkdir(exist_ok=True)
         (cfg.data_dir / "logs").mkdir(exist_ok=True)
         self.api_key = self._dev_key()
+        if cfg.tls:
+            from shared.pki import LocalPki  # the cryptography package, only when TLS is asked for
+
+            self._pki = LocalPki(cfg.data_dir / "tls")
+            self.client_tls = await asyncio.to_thread(self._pki.issue, "cli")
         try:
             # Metrics first so every other service can export its spans and metrics to it.
             await self._spawn("metrics", "metrics", [])
@@ -205,9 +220,9 @@ class Cluster:
                         str(cfg.gateway_workers),
                         "--db-path",
                         str(cfg.data_dir / "gateway.db"),
-                        "--bootstrap-api-key",
-                        self.api_key,
                     ],
+                    # A secret: in the environment (readable by this user only), never on the command line.
+                    env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": self.api_key},
                 )
         except BaseException:
             await self.stop()
@@ -276,6 +291,7 @@ class Cluster:
         engine = ["--backend", cfg.backend, "--speed-factor", str(cfg.speed_factor)]
         if cfg.engine_startup_s is not None and cfg.backend == "sim":
             engine += ["--startup-s", str(cfg.engine_startup_s)]
+        engine += self.tls_args("engine")
         engine += cfg.extra_args.get("engine", [])
         return [
             "--registry-address",
@@ -310,9 +326,29 @@ class Cluster:
         """Start an exited service again with its flags, on the port it had (peers keep its address)."""
         old = self.procs[name]
         port = old.address.rsplit(":", 1)[1] if old.address else ""
-        return await self._spawn(name, old.service, old.args, port=port)
+        return await self._spawn(name, old.service, old.args, port=port, env=old.env)
 
-    async def _spawn(self, name: str, service: str, args: list[str], port: str = "") -> Proc:
+    def tls_args(self, identity: str) -> list[str]:
+        """--tls-* flags of a process with this identity (a certificate issued now), or none without TLS."""
+        if self._pki is None:
+            return []
+        tls = self._pki.issue(identity)
+        return ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
+
+    def _env(self, service: str, name: str) -> dict[str, str]:
+        """A service's environment: the launcher's (OTEL_* included), with OTEL_SERVICE_NAME, when set, taken as
+        the fleet's name (each process reports as NAME-<service>) and the process name as service.instance.id."""
+        env = {**os.environ, **self.config.env}
+        if env.get("OTEL_SERVICE_NAME"):
+            env["OTEL_SERVICE_NAME"] = f"{env['OTEL_SERVICE_NAME']}-{service}"
+        instance = f"service.instance.id={name}"
+        attrs = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        env["OTEL_RESOURCE_ATTRIBUTES"] = f"{attrs},{instance}" if attrs else instance
+        return env
+
+    async def _spawn(
+        self, name: str, service: str, args: list[str], port: str = "", env: dict[str, str] | None = None
+    ) -> Proc:
         cfg = self.config
         ready = cfg.data_dir / "run" / f"{name}.json"
         ready.unlink(missing_ok=True)
@@ -330,6 +366,7 @@ class Cluster:
             common += ["--metrics-port", str(cfg.metrics_port)]
         if service != "metrics" and "metrics" in self.procs:
             common += ["--otlp-endpoint", self.metrics]
+        common += self.tls_args(name)
         argv = [sys.executable, "-m", f"services.{service}", *common, *args, *cfg.extra_args.get(service, [])]
         if port:
             argv += ["--port", port]
@@ -345,15 +382,20 @@ class Cluster:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
-                env={**os.environ, **cfg.env, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
+                env={
+                    **self._env(service, name),
+                    **(env or {}),
+                    "PYTHONUNBUFFERED": "1",
+                    PARENT_PID_ENV: str(os.getpid()),
+                },
                 cwd=cfg.code_dir,
             )
-        proc = Proc(name, service, process, ready, log_file, args=list(args))
+        proc = Proc(name, service, process, ready, log_file, args=list(args), env=dict(env or {}))
         self.procs[name] = proc
         ready_info = await self._await_ready(proc)
         proc.address = ready_info["address"]
         proc.metrics_address = ready_info.get("metrics_address", "")
-        await wait_healthy(proc.address, timeout_s=cfg.start_timeout_s)
+        await wait_healthy(proc.address, timeout_s=cfg.start_timeout_s, tls=self.client_tls)
         log.info("cluster.service_ready", name=name, address=proc.address, pid=process.pid)
         return proc
 
@@ -377,10 +419,11 @@ class Cluster:
         # (mode 0600) to show it again on every start with the same data dir.
         path = self.config.data_dir / "dev_api_key"
         if path.exists():
+            path.chmod(0o600)  # written 0644 by older versions
             return path.read_text().strip()
         key = "fsk-dev-" + secrets.token_urlsafe(18)
-        path.write_text(key + "\n")
-        path.chmod(0o600)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(key + "\n")
         return key
 
     def ready_info(self, name: str) -> dict:
@@ -455,6 +498,8 @@ class Cluster:
             "metrics_addresses": {n: p.metrics_address for n, p in self.procs.items() if p.metrics_address},
             "autoscaler": self.procs["autoscaler"].address if "autoscaler" in self.procs else "",
             "api_key": self.api_key,
+            # With TLS: the CA to verify the fleet with and the CLI's client certificate (Tls.for_tools).
+            "tls": self.client_tls.as_state() if self.client_tls is not None else None,
             "data_dir": str(self.config.data_dir),
             "pid": os.getpid(),
         }
@@ -493,9 +538,12 @@ def read_state(data_dir: Path | None = None) -> dict:
 
 
 def write_state(state: dict, data_dir: Path | None = None) -> Path:
+    """Write the state file atomically, mode 0600 from its first byte: it holds the dev API key."""
     path = state_file(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(json.dumps(state, indent=2))
     os.replace(tmp, path)
     return path

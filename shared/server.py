@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.request_decoding import RequestDecodingGuard
+from shared.tls import Tls
 
 log = structlog.get_logger("fleetserve.server")
 
@@ -99,11 +100,15 @@ async def create_server(
     options: Iterable[tuple[str, int | str]] = (),
     reuse_port: bool = False,
     private_port: int = 0,
+    tls: Tls | None = None,
+    client_auth: bool = True,
 ) -> RunningServer:
     """Start a server with the given services, grpc.health.v1 and reflection; port 0 picks a free port.
     `extra` adds servicers registered the generated way (e.g. OTLP collectors). reuse_port: one of several
     worker processes sharing `port` (SO_REUSEPORT), also listening on a private port of its own
-    (`private_port`, 0: a free one)."""
+    (`private_port`, 0: a free one). With `tls` the ports speak TLS; with its CA and client_auth (every internal
+    port: all but the gateway's public one) only clients presenting a certificate that CA signed get in: the
+    fleet's own services."""
     services = list(services)
     # `options` override the defaults (e.g. the gateway's smaller max_receive_message_length).
     opts = {**dict(SERVER_OPTIONS), **dict(options)}
@@ -117,10 +122,17 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(s.full_name for s in services)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = tls.server_credentials(client_auth) if tls is not None and tls.cert else None
+
+    def bind(p: int) -> int:
+        if credentials is None:
+            return server.add_insecure_port(f"{host}:{p}")
+        return server.add_secure_port(f"{host}:{p}", credentials)
+
+    bound = bind(port)
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
-    private = server.add_insecure_port(f"{host}:{private_port}") if reuse_port else 0
+    private = bind(private_port) if reuse_port else 0
     if reuse_port and private == 0:
         raise OSError(f"could not bind {host}:{private_port}")
     await server.start()
@@ -231,7 +243,9 @@ async def serve_main(
     from shared.telemetry import configure_logging, setup_telemetry
 
     configure_logging(service, settings.log_level, settings.log_json)
-    telemetry = setup_telemetry(service, settings.otlp_endpoint, settings.metrics_export_interval_s)
+    telemetry = setup_telemetry(
+        service, settings.otlp_endpoint, settings.metrics_export_interval_s, Tls.from_settings(settings)
+    )
     stats = start_from_env()  # soak runs: RSS, fds, threads, tasks in the log
     app = await start(settings, telemetry)
     # The app's own instruments (`metrics_registry`) are served beside the process-wide default registry.

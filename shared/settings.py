@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 S = TypeVar("S", bound="ServiceSettings")
@@ -53,6 +53,42 @@ class ServiceSettings(BaseSettings):
         description="Port of the Prometheus /metrics endpoint on --host; 0 picks a free one (in the ready "
         "file as metrics_address), -1 turns it off.",
     )
+    tls_cert: str = Field(
+        "",
+        description="PEM certificate (chain) of this service: with --tls-key its gRPC port (and the gateway's "
+        "HTTP port) speaks TLS, and it is the client certificate this service presents to the others.",
+    )
+    tls_key: str = Field("", description="PEM private key of --tls-cert (a file only its user may read).")
+    tls_ca: str = Field(
+        "",
+        description="PEM CA bundle: the certificates of the services this one calls must chain to it, and its "
+        "own internal port accepts only clients presenting a certificate it signed (mTLS; the gateway's public "
+        "ports ask none). Needs --tls-cert.",
+    )
+    tls_server_name: str = Field(
+        "",
+        description="Name to verify in the certificates of the services this one calls, instead of the "
+        "address's host (replicas registered by IP: a name every fleet certificate carries).",
+    )
+
+    @model_validator(mode="after")
+    def _tls_complete(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("tls_ca (mTLS) needs tls_cert and tls_key: a fleet service is server and client")
+        return self
+
+
+def secret_flags(cls: type[BaseSettings]) -> dict[str, str]:
+    """{--flag: ENV_VAR} of the fields marked secret (json_schema_extra={"secret": True}): those are read from
+    the environment only, since a command line is visible to every user of the machine (ps, /proc)."""
+    prefix = cls.model_config.get("env_prefix", "")
+    return {
+        "--" + name.replace("_", "-"): f"{prefix}{name}".upper()
+        for name, f in cls.model_fields.items()
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("secret")
+    }
 
 
 class WorkerSettings(ServiceSettings):
@@ -76,8 +112,17 @@ class WorkerSettings(ServiceSettings):
 
 def load_settings(cls: type[S], argv: list[str] | None = None) -> S:
     """Parse flags (argv, default sys.argv[1:]) over env vars over defaults; exit 2 with a clear message on bad values."""
+    args = sys.argv[1:] if argv is None else argv
+    for flag, env in secret_flags(cls).items():
+        if any(a == flag or a.startswith(flag + "=") for a in args):
+            print(
+                f"invalid configuration for {cls.__name__}: {flag} is a secret and cannot be a flag "
+                f"(every user of this machine can read a command line); set {env} instead",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
     try:
-        return CliApp.run(cls, cli_args=sys.argv[1:] if argv is None else argv)
+        return CliApp.run(cls, cli_args=args)
     except ValidationError as e:
         print(f"invalid configuration for {cls.__name__}:\n{e}", file=sys.stderr)
         raise SystemExit(2) from None

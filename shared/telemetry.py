@@ -9,20 +9,35 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
+from grpc import Compression
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from shared.otel_export import (
+    EverySpan,
+    ExportReporter,
+    ExternalOtlp,
+    RecordAll,
+    ReportingMetricExporter,
+    ReportingSpanExporter,
+    bounded_shutdown,
+    quiet_exporter_loggers,
+    resource,
+    sampler_from_env,
+)
+from shared.tls import Tls
 
 _propagator = TraceContextTextMapPropagator()
 
@@ -73,37 +88,84 @@ class Telemetry:
     meter: metrics.Meter
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
+    # Every exporter (built-in and external), shut down under the providers when a flush overruns.
+    exporters: list = field(default_factory=list)
 
-    def shutdown(self) -> None:
-        """Flush and stop exporters (spans of the last requests included)."""
-        self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
+    def shutdown(self, timeout_s: float = 1.0) -> bool:
+        """Flush and stop exporters (spans of the last requests included), giving up after timeout_s: a
+        collector that is away never delays a service's exit by more than that. True if all was flushed."""
+        return bounded_shutdown(
+            [
+                self.tracer_provider.shutdown,
+                lambda: self.meter_provider.shutdown(timeout_millis=timeout_s * 1000),
+            ],
+            self.exporters,
+            timeout_s,
+        )
 
 
-def setup_telemetry(service: str, otlp_endpoint: str = "", metrics_interval_s: float = 5.0) -> Telemetry:
-    """Tracer and meter providers for a service; with an endpoint, both export over OTLP/gRPC to it."""
-    resource = Resource.create({"service.name": f"fleetserve-{service}"})
-    tracer_provider = TracerProvider(resource=resource)
-    readers = []
+def setup_telemetry(
+    service: str, otlp_endpoint: str = "", metrics_interval_s: float = 5.0, tls: Tls | None = None
+) -> Telemetry:
+    """Tracer and meter providers for a service. Spans and metrics go to the fleet's metrics service at
+    otlp_endpoint (over the fleet's TLS when given) AND, at the same time, to a collector named by the standard
+    OTEL_EXPORTER_OTLP_* variables (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES and OTEL_TRACES_SAMPLER(_ARG)
+    honoured; the sampler decides what the external collector gets, never what the metrics service sees)."""
+    quiet_exporter_loggers()
+    external = ExternalOtlp.from_env()
+    # Without an external collector every span is sampled (the metrics service needs every request, also
+    # those whose client sent an unsampled traceparent).
+    sampler = RecordAll(sampler_from_env()) if external.traces else ALWAYS_ON
+    res = resource(service)
+    tracer_provider = TracerProvider(resource=res, sampler=sampler, shutdown_on_exit=False)
+    readers, exporters = [], []
     if otlp_endpoint:
+        # The built-in exporters get every parameter explicitly, so that no OTEL_EXPORTER_OTLP_* variable meant
+        # for the external collector (its headers: often an API key) reaches the metrics service.
+        builtin = {
+            "endpoint": otlp_endpoint,
+            "insecure": tls is None,
+            "credentials": tls.channel_credentials() if tls is not None else None,
+            "channel_options": tls.channel_options(otlp_endpoint) if tls is not None else None,
+            "headers": (("x-fleetserve-service", service),),
+            "timeout": 10,
+            "compression": Compression.NoCompression,
+        }
+        span_exporter = ReportingSpanExporter(
+            OTLPSpanExporter(**builtin), ExportReporter("builtin", "traces", otlp_endpoint)
+        )
         # A short schedule delay so traces reach the collector within a fraction of a second.
-        tracer_provider.add_span_processor(
-            BatchSpanProcessor(
-                OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True), schedule_delay_millis=200
-            )
+        processor = BatchSpanProcessor(span_exporter, schedule_delay_millis=200)
+        tracer_provider.add_span_processor(EverySpan(processor) if external.traces else processor)
+        metric_exporter = ReportingMetricExporter(
+            OTLPMetricExporter(**builtin), ExportReporter("builtin", "metrics", otlp_endpoint)
         )
         readers.append(
             PeriodicExportingMetricReader(
-                OTLPMetricExporter(endpoint=otlp_endpoint, insecure=True),
-                export_interval_millis=int(metrics_interval_s * 1000),
+                metric_exporter, export_interval_millis=int(metrics_interval_s * 1000)
             )
         )
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        exporters += [span_exporter, metric_exporter]
+    if external.traces:
+        span_exporter = ReportingSpanExporter(
+            external.span_exporter(), ExportReporter("external", "traces", external.endpoint("traces"))
+        )
+        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        exporters.append(span_exporter)
+    if external.metrics:
+        metric_exporter = ReportingMetricExporter(
+            external.metric_exporter(), ExportReporter("external", "metrics", external.endpoint("metrics"))
+        )
+        # OTEL_METRIC_EXPORT_INTERVAL (default 60 s) applies to the external collector.
+        readers.append(PeriodicExportingMetricReader(metric_exporter))
+        exporters.append(metric_exporter)
+    meter_provider = MeterProvider(resource=res, metric_readers=readers, shutdown_on_exit=False)
     return Telemetry(
         tracer=tracer_provider.get_tracer("fleetserve"),
         meter=meter_provider.get_meter("fleetserve"),
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
+        exporters=exporters,
     )
 
 

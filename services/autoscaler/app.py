@@ -12,9 +12,10 @@ import structlog
 from services.autoscaler.config import AutoscalerSettings
 from services.autoscaler.loop import Autoscaler
 from services.autoscaler.provisioner import Provisioner, make_provisioner
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
 from shared.server import RunningServer, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
+from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
@@ -58,13 +59,10 @@ class AutoscalerApp:
 
 
 async def start(settings: AutoscalerSettings, telemetry: Telemetry) -> AutoscalerApp:
-    registry = grpc.aio.insecure_channel(settings.registry_address, options=CHANNEL_OPTIONS)
-    routers = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in settings.routers]
-    metrics_ch = (
-        grpc.aio.insecure_channel(settings.metrics_address, options=CHANNEL_OPTIONS)
-        if settings.metrics_address
-        else None
-    )
+    tls = Tls.from_settings(settings)
+    registry = open_channel(settings.registry_address, tls)
+    routers = [open_channel(a, tls) for a in settings.routers]
+    metrics_ch = open_channel(settings.metrics_address, tls) if settings.metrics_address else None
     provisioner = make_provisioner(
         settings.provisioner,
         registry_address=settings.registry_address,
@@ -84,7 +82,7 @@ async def start(settings: AutoscalerSettings, telemetry: Telemetry) -> Autoscale
         decisions_kept=settings.decisions_kept,
     )
     await autoscaler.restore()
-    running = await create_server([], settings.host, settings.port)
+    running = await create_server([], settings.host, settings.port, tls=tls)
     channels = [registry, *routers, *([metrics_ch] if metrics_ch else [])]
     app = AutoscalerApp(running, autoscaler, provisioner, channels)
     app.tasks.append(asyncio.create_task(run_every(settings.interval_s, autoscaler), name="autoscaler.loop"))

@@ -23,6 +23,7 @@ from services.engine.sim import SimEngine
 from shared import prom
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
+from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +137,7 @@ async def start(
     With `frontend`, this process is one of a replica's several front ends (services/engine/frontends.py): it
     learns its peers once all are bound, and only the primary registers (one replica, every endpoint)."""
     started_unix = time.time()
+    tls = Tls.from_settings(settings)  # unreadable files fail the start before the model loads
     await model_cold_start(settings.startup_delay_s, settings.replica_id)
     backend = create_backend(settings, frontend)
     await backend.start()
@@ -158,12 +160,13 @@ async def start(
             [Service(pb, "EngineService", servicer, relay_bytes=frozenset({"SubscribeKvEvents"}))],
             settings.host,
             port,
+            tls=tls,
         )
         address = settings.advertised_address(running.port)
         endpoints: list[str] = []
         if frontend is not None:
             endpoints = await frontend.exchange(address)
-            servicer.set_peers(address, endpoints, endpoints[0])
+            servicer.set_peers(address, endpoints, endpoints[0], tls)
     except BaseException:
         await backend.shutdown()
         raise
@@ -198,6 +201,7 @@ async def start(
             retry_base_s=settings.register_retry_base_s,
             retry_max_s=settings.register_retry_max_s,
             rpc_timeout_s=settings.registry_timeout_s,
+            tls=tls,
         )
         registration.start()
     log.info(

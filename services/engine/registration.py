@@ -13,9 +13,10 @@ from fleetserve.common.v1 import common_pb2
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
 from shared.resilience import full_jitter
 from shared.server import cancel_and_wait
+from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
@@ -37,8 +38,10 @@ class Registration:
         rpc_timeout_s: float = 2.0,
         stream_timeout_s: float = HEARTBEAT_STREAM_S,
         rng: random.Random | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.registry_address = registry_address
+        self.tls = tls
         self.replica = replica
         self._load = load
         self.retry_base_s = retry_base_s
@@ -61,7 +64,7 @@ class Registration:
 
     def start(self) -> None:
         """Begin registering and heartbeating in the background."""
-        self._channel = grpc.aio.insecure_channel(self.registry_address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(self.registry_address, self.tls)
         self._stub = reg_grpc.RegistryServiceStub(self._channel)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine.registration")
 

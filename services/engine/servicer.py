@@ -15,10 +15,11 @@ from opentelemetry import metrics, trace
 from services.engine.backend import EngineBackend
 from services.engine.engine_metrics import EngineMetrics
 from services.engine.output_quality import OutputSample
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
 from shared.deadlines import caller_time_left, deadline_passed
 from shared.errors import InvalidArgument, NotFound, rpc_boundary
 from shared.telemetry import bind_request, context_from_metadata, stream_span
+from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
@@ -201,12 +202,12 @@ class EngineServicer:
                     duration_ms=round(duration_s * 1000.0, 3),
                 )
 
-    def set_peers(self, own: str, addresses: list[str], primary: str) -> None:
+    def set_peers(self, own: str, addresses: list[str], primary: str, tls: Tls | None = None) -> None:
         """The replica's other front-end processes (Abort asks them for a request this one does not have) and
-        its primary (the one that reads KV events; the others relay its stream)."""
+        its primary (the one that reads KV events; the others relay its stream), reached with the fleet's TLS."""
         self._peers = [a for a in addresses if a != own]
         self._primary = "" if primary == own else primary
-        channels = {a: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses}
+        channels = {a: open_channel(a, tls) for a in addresses}
         self._channels = channels
         self._peer_abort = {
             a: channels[a].unary_unary(

@@ -9,6 +9,7 @@ import structlog
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from prometheus_client.registry import CollectorRegistry
 
+from services.gateway.bootstrap import configured_key, show_generated_key
 from services.gateway.config import GatewaySettings
 from services.gateway.db import redact
 from services.gateway.feedback import FeedbackStore
@@ -24,6 +25,7 @@ from shared import prom
 from shared.channels import ChannelPool
 from shared.server import RunningServer, Service, create_server, drain_and_stop
 from shared.telemetry import Telemetry
+from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +87,7 @@ class GatewayApp:
 
 async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
     """Open (and migrate, and on first start bootstrap) the databases, then serve."""
+    tls = Tls.from_settings(settings)  # unreadable files fail the start, naming the file
     dbs = await open_databases(
         settings.db_url, settings.db_path, settings.jobs_db_path, pool_size=settings.db_pool_size
     )
@@ -94,8 +97,12 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
     app: GatewayApp | None = None
     pipeline: GatewayPipeline | None = None
     try:
-        await tenants.bootstrap(settings.bootstrap_api_key)
-        pool = ChannelPool()
+        created = await tenants.bootstrap(
+            configured_key(settings.bootstrap_api_key, settings.bootstrap_api_key_file)
+        )
+        if created:
+            show_generated_key(created)
+        pool = ChannelPool(tls)
         routers = RouterPool(
             pool, settings.router_addresses(), down_s=settings.router_down_s, resume=settings.router_resume
         )
@@ -133,6 +140,9 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             options=(("grpc.max_receive_message_length", settings.max_request_bytes),),
             reuse_port=settings.worker_index >= 0,
             private_port=settings.worker_port,
+            # The public port: clients are authenticated by API key, not certificate.
+            tls=tls,
+            client_auth=False,
         )
         app = GatewayApp(running, servicer, tenants, pool, dbs, jobs, None, registry)
         if settings.http_port >= 0:
@@ -140,7 +150,12 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             app.http = OpenAIServer(
                 pipeline, max_body_bytes=settings.max_request_bytes, recent=feedback.recent
             )
-            await app.http.start(settings.host, settings.http_port, reuse_port=settings.worker_index >= 0)
+            await app.http.start(
+                settings.host,
+                settings.http_port,
+                reuse_port=settings.worker_index >= 0,
+                ssl_context=tls.server_ssl_context() if tls is not None else None,
+            )
     except BaseException:
         if app is not None:  # the HTTP port could not be bound: the gRPC server is up already
             await app.running.server.stop(0)

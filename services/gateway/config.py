@@ -52,7 +52,15 @@ class GatewaySettings(WorkerSettings):
     )
     bootstrap_api_key: str = Field(
         "",
-        description="API key of the 'dev' tenant created on first start; empty: generate one and log it once.",
+        description="API key of the 'dev' tenant created on first start. A secret: only from the environment "
+        "(FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY), never a flag. Empty (and no --bootstrap-api-key-file): a "
+        "generated key is printed once to the terminal, never to the log.",
+        json_schema_extra={"secret": True},
+    )
+    bootstrap_api_key_file: str = Field(
+        "",
+        description="File holding the dev tenant's API key (e.g. a mounted Secret); if it does not exist, a "
+        "generated key is written there, mode 0600.",
     )
     auth_cache_ttl_s: float = Field(
         5.0,

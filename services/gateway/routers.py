@@ -22,7 +22,7 @@ from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 
 from services.router.resume import ChunkTracker, ReplicaAborted, ResumeMode, resumable
-from shared.channels import CHANNEL_OPTIONS, ChannelPool
+from shared.channels import ChannelPool, open_channel
 from shared.deadlines import wire_timeout
 from shared.errors import DeadlineExceeded, Unavailable, details_of
 from shared.resilience import full_jitter
@@ -228,7 +228,7 @@ class RouterPool:
         resubscribe_s: float,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        channel = grpc.aio.insecure_channel(registry_address, options=CHANNEL_OPTIONS)
+        channel = open_channel(registry_address, self._channels.tls)
         stub = reg_grpc.RegistryServiceStub(channel)
         failures = 0
         rng = random.Random()

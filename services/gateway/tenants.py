@@ -291,7 +291,7 @@ class TenantStore:
 
     async def bootstrap(self, key: str = "") -> str | None:
         """On first start (no tenants), create tenant "dev" (tier interactive: it may use every tier) with
-        key, or a generated one that is logged once (gateway.dev_key_created) and returned. A bootstrap key
+        key, or a generated one that is returned (the caller shows it once; it is never logged). A bootstrap key
         that was never stored is added to "dev" on later starts too (the launcher keeps its key across data
         dirs); a revoked one stays revoked. Gateways starting together on one shared database create "dev"
         once: the loser of the race finds the winner's tenant."""
@@ -309,8 +309,8 @@ class TenantStore:
                 if key:
                     log.info("gateway.dev_tenant_created", tenant=DEV_TENANT, key_prefix=key[:KEY_PREFIX_LEN])
                     return None
-                # Only the hash is stored: this line is the one time the generated key can be seen.
-                log.warning("gateway.dev_key_created", tenant=DEV_TENANT, api_key=created)
+                # Only the hash is stored: the caller shows the key once (services/gateway/bootstrap.py).
+                log.info("gateway.dev_tenant_created", tenant=DEV_TENANT, key_prefix=created[:KEY_PREFIX_LEN])
                 return created
         if key and not await self.key_known(key) and await self.get_tenant(DEV_TENANT) is not None:
             try:

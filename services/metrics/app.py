@@ -30,6 +30,7 @@ from services.router.model_routing import parse_aliases
 from shared import prom
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
+from shared.tls import Tls, scheme
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,7 @@ async def evaluate_slos(slo: SloEngine, interval_s: float) -> None:
 
 async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     """Serve OTLP ingestion (TraceService, MetricsService) and MetricsService queries on one port."""
+    tls = Tls.from_settings(settings)
     slo_config = load_slo_config(settings.slo_file, settings.slo_time_scale, settings.slo_min_events)
     spans = SpanStore(settings.max_spans)
     stats = RequestStats()
@@ -139,13 +141,16 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
             lambda s: otlp_trace_grpc.add_TraceServiceServicer_to_server(traces, s),
             lambda s: otlp_metrics_grpc.add_MetricsServiceServicer_to_server(metrics, s),
         ),
+        tls=tls,
     )
     dashboard = None
     if settings.dashboard_port >= 0:
         board = Dashboard(stats, slo, replicas, prices, kv, desired)
         slo.listeners.append(board.on_alerts)
         dashboard = DashboardServer(board, spans)
-        await dashboard.start(settings.host, settings.dashboard_port)
+        await dashboard.start(
+            settings.host, settings.dashboard_port, tls.server_ssl_context() if tls is not None else None
+        )
     shortest = min(slo_config.scaled(r.short_window_s) for r in slo_config.rules)
     interval = min(settings.slo_eval_interval_s, shortest / 10)
     tasks = [asyncio.create_task(evaluate_slos(slo, interval), name="slo-evaluation")]
@@ -156,7 +161,7 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
         alert_rules=[r.name for r in slo_config.rules],
         slo_time_scale=slo_config.time_scale,
         slo_eval_interval_s=interval,
-        dashboard=f"http://{dashboard.address}/" if dashboard else None,
+        dashboard=f"{scheme(tls)}://{dashboard.address}/" if dashboard else None,
     )
     registry = prom.new_registry()
     registry.register(prom.LoopCollector(lambda: intake_families(traces, spans, metrics)))

@@ -26,6 +26,7 @@ from shared import prom
 from shared.resilience import full_jitter
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
+from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
@@ -191,6 +192,7 @@ class RegistryApp:
 async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp:
     """Open the store, restore its replicas with fresh leases, then serve; reap expired leases (SQLite) or
     follow the shared store's changes and renew its leases (etcd)."""
+    tls = Tls.from_settings(settings)
     store = open_store(
         settings.store,
         db_path=settings.db_path,
@@ -215,7 +217,7 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
             heartbeat_interval_s=settings.heartbeat_interval_s,
             on_register=lambda r: traffic.saw_version(r.model, r.model_version),
         )
-        source = MetricsServiceSource(settings.metrics_address) if settings.metrics_address else None
+        source = MetricsServiceSource(settings.metrics_address, tls=tls) if settings.metrics_address else None
         controller = RolloutController(traffic, membership, source, telemetry.meter)
         rollouts = RolloutServicer(traffic, controller, source, policies.available())
 
@@ -244,6 +246,7 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
             ],
             settings.host,
             settings.port,
+            tls=tls,
         )
     except BaseException:
         await store.close()

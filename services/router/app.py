@@ -23,9 +23,10 @@ from services.router.membership import Membership
 from services.router.outliers import OutlierSettings
 from services.router.servicer import RetrySettings, RouterServicer
 from services.router.stalls import StallSettings
-from shared.channels import CHANNEL_OPTIONS, ChannelPool
+from shared.channels import ChannelPool, open_channel
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
+from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
@@ -94,16 +95,18 @@ def _registration(settings: RouterSettings, running: RunningServer, servicer: Ro
         settings.registry_address,
         replica,
         lambda: common_pb2.ReplicaLoad(running=sum(servicer.in_flight.values())),
+        tls=Tls.from_settings(settings),
     )
 
 
 async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
     """Start the router: serve at once, report SERVING once the first registry snapshot has arrived."""
     membership = Membership(cooldown_s=settings.unroutable_cooldown_s)
-    pool = ChannelPool()
+    tls = Tls.from_settings(settings)
+    pool = ChannelPool(tls)
     servicer = RouterServicer(
         membership,
-        policy_set.from_settings(settings),
+        policy_set.from_settings(settings, lambda address: open_channel(address, tls)),
         pool,
         telemetry.tracer,
         meter=telemetry.meter,
@@ -153,11 +156,12 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         settings.port,
         reuse_port=settings.worker_index >= 0,
         private_port=settings.worker_port,
+        tls=tls,
     )
     # Until the registry has told us who serves what, every request would fail: say so to health probes.
     await running.set_serving(False)
 
-    registry_channel = grpc.aio.insecure_channel(settings.registry_address, options=CHANNEL_OPTIONS)
+    registry_channel = open_channel(settings.registry_address, tls)
     registry = reg_grpc.RegistryServiceStub(registry_channel)
     rollouts = rollout_grpc.RolloutServiceStub(registry_channel)
 

@@ -13,7 +13,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
 
 from services.router.prefix_index import longest_runs
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
 from shared.resilience import full_jitter
 
 log = structlog.get_logger(__name__)
@@ -90,7 +90,7 @@ ChannelFactory = Callable[[str], grpc.aio.Channel]
 
 
 def _insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return open_channel(address)
 
 
 class KvSubscriptions:

@@ -4,7 +4,7 @@ resolved first, and one Policy-shaped object for the servicer to call."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -82,8 +82,11 @@ class PolicySet(Policy):
         per_model: dict[str, str] | None = None,
         options: dict[str, dict[str, float]] | None = None,
         model_router: ModelRouter | None = None,
+        channel_factory: Callable[[str], Any] | None = None,
     ) -> None:
         super().__init__()
+        # How kv_aware opens its KV-event streams to engines (the router's TLS); None: kv_aware's default.
+        self.channel_factory = channel_factory
         self.default = default
         self.per_model = dict(per_model or {})
         self.options = options or {}
@@ -96,6 +99,8 @@ class PolicySet(Policy):
         kwargs = dict(self.options.get(name, {}))
         if "load" in self.options:
             kwargs["load_weights"] = LoadWeights(**self.options["load"])
+        if name == "kv_aware" and self.channel_factory is not None:
+            kwargs["channel_factory"] = self.channel_factory
         return policies.create(name, **kwargs)
 
     def policy_for(self, model: str, name: str = "") -> Policy:
@@ -181,8 +186,8 @@ class PolicySet(Policy):
             await p.close()
 
 
-def from_settings(settings) -> PolicySet:
-    """The PolicySet a RouterSettings describes."""
+def from_settings(settings, channel_factory: Callable[[str], Any] | None = None) -> PolicySet:
+    """The PolicySet a RouterSettings describes; channel_factory opens kv_aware's streams to engines."""
     from services.router.model_routing import DifficultyRule, load_classifier, parse_aliases
 
     classifier = (
@@ -199,4 +204,5 @@ def from_settings(settings) -> PolicySet:
         parse_mapping(settings.model_policies),
         parse_policy_options(settings.policy_options),
         ModelRouter(parse_aliases(settings.model_aliases), classifier),
+        channel_factory,
     )

@@ -14,7 +14,9 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from shared.channels import open_channel
 from shared.cluster import read_state
+from shared.tls import Tls
 
 DIMENSIONS = {
     name.removeprefix("COST_DIMENSION_").lower(): value
@@ -37,8 +39,8 @@ def parse_dimensions(text: str) -> list[int]:
     return out
 
 
-async def get_cost(address: str, request: pb.GetCostRequest) -> pb.GetCostResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+async def get_cost(address: str, request: pb.GetCostRequest, tls: Tls | None = None) -> pb.GetCostResponse:
+    async with open_channel(address, tls) as ch:
         return await pb_grpc.MetricsServiceStub(ch).GetCost(request, timeout=10)
 
 
@@ -95,7 +97,7 @@ def run_cost(args) -> int:
         group_by=parse_dimensions(args.by),
     )
     try:
-        resp = asyncio.run(get_cost(address, request))
+        resp = asyncio.run(get_cost(address, request, Tls.for_tools()))
     except grpc.aio.AioRpcError as e:
         print(f"error: metrics service at {address}: {e.code().name} {e.details()}", file=sys.stderr)
         return 1

@@ -6,17 +6,19 @@ import sys
 import webbrowser
 
 from shared.cluster import read_state
+from shared.tls import Tls, scheme
 
 
 def run_dashboard(args) -> int:
-    address = args.address or read_state().get("dashboard", "")
+    state = {} if args.address else read_state()
+    address = args.address or state.get("dashboard", "")
     if not address:
         print(
             "error: the running cluster's metrics service serves no dashboard (--dashboard-port -1?)",
             file=sys.stderr,
         )
         return 1
-    url = f"http://{address}/?refresh={int(args.refresh * 1000)}"
+    url = f"{scheme(Tls.for_tools(state or None))}://{address}/?refresh={int(args.refresh * 1000)}"
     print(url)
     if args.open and not webbrowser.open(url):
         print("note: no browser could be started here; open the URL above", file=sys.stderr)

@@ -11,14 +11,16 @@ from fleetserve.common.v1 import common_pb2
 from fleetserve.client import Client, ErrorDetails, FleetServeError, Stream
 from fleetserve.client.messages import FINISH_REASONS
 from shared.cluster import read_state
+from shared.tls import Tls
 
 
-def _target(args) -> tuple[str, str]:
+def _target(args) -> tuple[str, str, Tls | None]:
     gateway, key = args.gateway, args.api_key or os.environ.get("FLEETSERVE_API_KEY")
+    state = None
     if not gateway or not key:
         state = read_state()
         gateway, key = gateway or state["gateway"], key or state["api_key"]
-    return gateway, key
+    return gateway, key, Tls.for_tools(state)
 
 
 def parse_messages(values: list[str]) -> list[common_pb2.ChatMessage]:
@@ -42,7 +44,7 @@ def _generate(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    gateway, key = _target(args)
+    gateway, key, tls = _target(args)
     fields = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -50,7 +52,14 @@ def _generate(args) -> int:
         "feature": args.feature or None,
     }
     out = sys.stdout
-    with Client(gateway, key, model=args.model, timeout_s=args.timeout) as client:
+    with Client(
+        gateway,
+        key,
+        model=args.model,
+        timeout_s=args.timeout,
+        credentials=tls.channel_credentials() if tls is not None else None,
+        options=tls.channel_options(gateway) if tls is not None else (),
+    ) as client:
         stream = client.chat(chat, **fields) if chat else client.generate(args.prompt, **fields)
         try:
             with stream:

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model between 1 and 4 replicas on the reactive policy",
     )
     up.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every port: a local CA (in the data dir's tls/) issues each service a certificate, services "
+        "accept only each other (mTLS), clients verify against tls/ca.pem; fleetserve commands use it",
+    )
+    up.add_argument(
         "--startup-s",
         type=float,
         default=None,

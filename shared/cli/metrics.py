@@ -13,20 +13,23 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from shared.channels import open_channel
 from shared.cluster import read_state
+from shared.tls import Tls
 
 
-async def query(address: str, model: str, window_s: float) -> pb.QueryResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+async def query(address: str, model: str, window_s: float, tls: Tls | None = None) -> pb.QueryResponse:
+    async with open_channel(address, tls) as ch:
         return await pb_grpc.MetricsServiceStub(ch).Query(
             pb.QueryRequest(model=model, window_s=window_s), timeout=5
         )
 
 
 def run_metrics(args) -> int:
-    address = args.metrics or read_state()["metrics"]
+    state = None if args.metrics else read_state()
+    address = args.metrics or state["metrics"]
     try:
-        resp = asyncio.run(query(address, args.model or "", args.window))
+        resp = asyncio.run(query(address, args.model or "", args.window, Tls.for_tools(state)))
     except grpc.aio.AioRpcError as e:
         print(f"error: metrics service at {address}: {e.code().name} {e.details()}", file=sys.stderr)
         return 1

@@ -15,8 +15,10 @@ from fleetserve.registry.v1 import rollout_service_pb2 as pb
 from fleetserve.registry.v1 import rollout_service_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
+from shared.channels import open_channel
 from shared.cluster import read_state
 from shared.errors import details_of
+from shared.tls import Tls
 
 STRATEGIES = {
     "canary": pb.ROLLOUT_STRATEGY_CANARY,
@@ -390,7 +392,7 @@ def run(args, which: str) -> int:
     handler = {"rollout": _rollout, "experiment": _experiment, "flag": _flag}[which]
 
     async def go() -> int:
-        async with grpc.aio.insecure_channel(registry) as ch:
+        async with open_channel(registry, Tls.for_tools()) as ch:
             return await handler(pb_grpc.RolloutServiceStub(ch), args)
 
     try:

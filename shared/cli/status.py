@@ -18,30 +18,34 @@ from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from rich.console import Console
 from rich.table import Table
 
+from shared.channels import open_channel
 from shared.cluster import read_state
 from shared.health import check
+from shared.tls import Tls
 
 
-async def _router_view(router: str | None) -> dict[str, router_pb.ReplicaStatus] | None:
+async def _router_view(
+    router: str | None, tls: Tls | None = None
+) -> dict[str, router_pb.ReplicaStatus] | None:
     """The router's status per replica id; empty when there is no router, None when it does not answer (the
     registry's view is still worth showing then, with the router shown DOWN)."""
     if not router:
         return {}
     try:
-        async with grpc.aio.insecure_channel(router) as ch:
+        async with open_channel(router, tls) as ch:
             resp = await router_grpc.RouterServiceStub(ch).GetStatus(router_pb.GetStatusRequest(), timeout=2)
     except grpc.aio.AioRpcError:
         return None
     return {r.replica_id: r for r in resp.replicas}
 
 
-async def probe_services(services: dict[str, dict]) -> list[dict]:
+async def probe_services(services: dict[str, dict], tls: Tls | None = None) -> list[dict]:
     """Every process of the fleet (the launcher's state file) with a live grpc.health.v1 probe: healthy or DOWN,
     and the supervisor's restart count and last exit code."""
     names = sorted(services)
     healthy = await asyncio.gather(
         *(
-            check(services[n]["address"], timeout_s=1.0) if services[n].get("address") else _false()
+            check(services[n]["address"], timeout_s=1.0, tls=tls) if services[n].get("address") else _false()
             for n in names
         )
     )
@@ -81,13 +85,14 @@ def services_table(rows: list[dict]) -> Table:
     return t
 
 
-async def fetch_replicas(registry: str, router: str | None = None) -> list[dict]:
+async def fetch_replicas(registry: str, router: str | None = None, tls: Tls | None = None) -> list[dict]:
     """Replicas from the registry, each with a live grpc.health.v1 probe of the engine itself and, when a
     router is given, the router's breaker state, ejection and in-flight count."""
-    async with grpc.aio.insecure_channel(registry) as ch:
+    async with open_channel(registry, tls) as ch:
         resp = await pb_grpc.RegistryServiceStub(ch).ListReplicas(pb.ListReplicasRequest(), timeout=3)
     healthy, routed = await asyncio.gather(
-        asyncio.gather(*(check(r.address, timeout_s=1.0) for r in resp.replicas)), _router_view(router)
+        asyncio.gather(*(check(r.address, timeout_s=1.0, tls=tls) for r in resp.replicas)),
+        _router_view(router, tls),
     )
     now = time.time()
     rows = []
@@ -115,13 +120,13 @@ async def fetch_replicas(registry: str, router: str | None = None) -> list[dict]
     return sorted(rows, key=lambda r: r["replica_id"])
 
 
-async def fetch_alerts(metrics: str | None) -> list[dict] | None:
+async def fetch_alerts(metrics: str | None, tls: Tls | None = None) -> list[dict] | None:
     """The alerts firing now: the snapshot WatchAlerts opens with. None when there is no metrics service or it
     does not answer (the replicas are still worth showing then)."""
     if not metrics:
         return None
     try:
-        async with grpc.aio.insecure_channel(metrics) as ch:
+        async with open_channel(metrics, tls) as ch:
             call = mpb_grpc.MetricsServiceStub(ch).WatchAlerts(mpb.WatchAlertsRequest(), timeout=2)
             first = await call.read()
             call.cancel()
@@ -154,11 +159,11 @@ def alerts_table(alerts: list[dict]) -> Table:
     return t
 
 
-async def fetch_scaling(registry: str) -> list[dict]:
+async def fetch_scaling(registry: str, tls: Tls | None = None) -> list[dict]:
     """The autoscaler's desired vs actual replicas and latest decisions per model, as it last reported them to
     the registry; empty when no autoscaler runs (or an older registry does not know the RPC)."""
     try:
-        async with grpc.aio.insecure_channel(registry) as ch:
+        async with open_channel(registry, tls) as ch:
             resp = await pb_grpc.RegistryServiceStub(ch).GetScaling(pb.GetScalingRequest(), timeout=3)
     except grpc.aio.AioRpcError:
         return []
@@ -311,15 +316,16 @@ def run_status(args) -> int:
     state = {} if args.registry else read_state()
     registry = args.registry or state["registry"]
     metrics = args.metrics or state.get("metrics")
+    tls = Tls.for_tools(state or None)
 
     async def fetch():
         return await asyncio.gather(
-            fetch_replicas(registry, args.router or state.get("router")),
-            fetch_alerts(metrics),
-            fetch_scaling(registry),
+            fetch_replicas(registry, args.router or state.get("router"), tls),
+            fetch_alerts(metrics, tls),
+            fetch_scaling(registry, tls),
         )
 
-    services = asyncio.run(probe_services(state.get("services", {})))
+    services = asyncio.run(probe_services(state.get("services", {}), tls))
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         rows, alerts, scaling = asyncio.run(fetch())

@@ -17,6 +17,7 @@ from shared.cli.status import fetch_replicas, probe_services, services_table, ta
 from shared.cluster import Cluster, ClusterConfig, default_state_dir, state_file, write_state
 from shared.supervisor import LauncherLock, StateDirBusy, Supervisor
 from shared.telemetry import configure_logging
+from shared.tls import scheme
 
 
 async def _up(args) -> int:
@@ -39,6 +40,7 @@ async def _up(args) -> int:
             registries=args.registries,
             gateways=args.gateways,
             routers=args.routers,
+            tls=args.tls,
             **autoscale,
             # vLLM engines compile for a minute before they serve.
             **(
@@ -111,16 +113,22 @@ async def _serve(
     """Announce the running fleet and show its status until stop is set."""
     write_state(_state(cluster, supervisor), data_dir)
     http = cluster.ready_info("gateway").get("http_address", "")  # empty when the gateway's HTTP is off
+    web = scheme(cluster.client_tls)
+    tls = cluster.client_tls
     header = Text.assemble(
         ("fleetserve is up\n", "bold green"),
         ("  gateway   ", "bold"),
-        f"{', '.join(cluster.state()['gateways'])}   (gRPC)\n",
-        *((("  http      ", "bold"), f"http://{http}/v1   (OpenAI-compatible)\n") if http else ()),
+        f"{', '.join(cluster.state()['gateways'])}   (gRPC{' over TLS' if tls else ''})\n",
+        *((("  http      ", "bold"), f"{web}://{http}/v1   (OpenAI-compatible)\n") if http else ()),
+        *((("  tls       ", "bold"), f"CA {tls.ca}; mTLS between services\n") if tls else ()),
         ("  api key   ", "bold"),
-        f"{cluster.api_key}\n",
+        # A secret goes to a terminal only: output redirected to a file (a log) names where to find it.
+        f"{cluster.api_key}\n"
+        if sys.stdout.isatty()
+        else f"in {state_file(data_dir)} (mode 0600): jq -r .api_key\n",
         ("  metrics   ", "bold"),
         f"{cluster.metrics}\n",
-        *((("  dashboard ", "bold"), f"http://{dash}/\n") if (dash := cluster.state()["dashboard"]) else ()),
+        *((("  dashboard ", "bold"), f"{web}://{dash}/\n") if (dash := cluster.state()["dashboard"]) else ()),
         *(
             (("  /metrics  ", "bold"), f"{n} Prometheus endpoints: fleetserve prometheus-config\n")
             if (n := len(cluster.state()["metrics_addresses"]))
@@ -155,9 +163,11 @@ class _Console(Console):
 
 
 async def _status_table(cluster: Cluster, supervisor: Supervisor):
-    services = services_table(await probe_services(_state(cluster, supervisor)["services"]))
+    services = services_table(
+        await probe_services(_state(cluster, supervisor)["services"], cluster.client_tls)
+    )
     try:
-        rows = await fetch_replicas(cluster.registry, cluster.router)
+        rows = await fetch_replicas(cluster.registry, cluster.router, cluster.client_tls)
         t = table(rows, title=f"replicas ({len(rows)})")
     except Exception as e:  # the registry may be restarting; keep the display alive
         t = Text(f"registry unreachable: {e}", style="red")
@@ -169,7 +179,7 @@ async def _status_lines(
 ) -> None:
     # Without a TTY (e.g. output piped to a file), a compact line every few seconds.
     while not stop.is_set():
-        services = await probe_services(_state(cluster, supervisor)["services"])
+        services = await probe_services(_state(cluster, supervisor)["services"], cluster.client_tls)
         console.print(
             "services "
             + " ".join(
@@ -179,7 +189,7 @@ async def _status_lines(
             )
         )
         try:
-            rows = await fetch_replicas(cluster.registry, cluster.router)
+            rows = await fetch_replicas(cluster.registry, cluster.router, cluster.client_tls)
             summary = " ".join(
                 f"{r['replica_id']}:{'up' if r['healthy'] else 'down'}/run={r['running']}/wait={r['waiting']}"
                 for r in rows

@@ -143,7 +143,6 @@ def gateway_process(tmp: Path, name: str, router: str, *flags: str):
             "-m",
             "services.gateway",
             f"--router-address={router}",
-            f"--bootstrap-api-key={API_KEY}",
             f"--ready-file={ready}",
             "--http-port=-1",
             *flags,
@@ -151,7 +150,11 @@ def gateway_process(tmp: Path, name: str, router: str, *flags: str):
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "FLEETSERVE_GATEWAY_LOG_JSON": "true"},
+        env={
+            **os.environ,
+            "FLEETSERVE_GATEWAY_LOG_JSON": "true",
+            "FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": API_KEY,
+        },
     )
     try:
         yield proc, ready

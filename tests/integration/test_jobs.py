@@ -261,9 +261,8 @@ async def test_job_survives_a_gateway_crash_and_resumes(tmp_path):
                 cluster.router,
                 "--db-path",
                 str(tmp_path / "gateway.db"),
-                "--bootstrap-api-key",
-                cluster.api_key,
             ],
+            env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": cluster.api_key},
         )
         async with grpc.aio.insecure_channel(cluster.gateway) as ch:
             resp = await wait_completed(pb_grpc.InferenceServiceStub(ch), job.job_id, cluster.api_key, 60)

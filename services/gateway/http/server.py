@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import uuid
 from collections.abc import AsyncIterator
 
@@ -118,13 +119,16 @@ class OpenAIServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
-        """Listen on host:port (0: a free port). handler_cancellation: a client that disconnects cancels its
-        handler, which cancels the router call and so the engine's work, also before the first token."""
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """Listen on host:port (0: a free port), over TLS with ssl_context. handler_cancellation: a client that
+        disconnects cancels its handler, which cancels the router call and so the engine's work, also before
+        the first token."""
         self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
         # reuse_port: one of several gateway workers sharing the port (shared/workers.py).
-        site = web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None)
+        site = web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context)
         await site.start()
         self.host, self.port = host, self.runner.addresses[0][1]
         log.info("gateway.http_started", address=self.address)

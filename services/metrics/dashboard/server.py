@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,10 +50,11 @@ class DashboardServer:
         self._runner: web.AppRunner | None = None
         self.address = ""
 
-    async def start(self, host: str, port: int) -> str:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Listen on host:port (0: a free one), over TLS with ssl_context; the address bound."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         self.address = f"{host}:{self._runner.addresses[0][1]}"  # port 0: the one the OS picked
         return self.address

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import grpc
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mgrpc
 
 from services.registry.rollouts.guardrails import VersionStats
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
+from shared.tls import Tls
 
 
 class StatsSource(Protocol):
@@ -22,10 +22,10 @@ class StatsSource(Protocol):
 class MetricsServiceSource:
     """StatsSource over fleetserve.metrics.v1.MetricsService/Query with its model_version filter."""
 
-    def __init__(self, address: str, timeout_s: float = 2.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 2.0, tls: Tls | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(address, tls)
         self._stub = mgrpc.MetricsServiceStub(self._channel)
 
     async def fetch(self, model: str, version: str, window_s: float) -> VersionStats:
