@@ -37,3 +37,28 @@ def test_settings_are_frozen():
     s = load_settings(DemoSettings, [])
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError for frozen models
         s.port = 1
+
+
+def test_a_secret_setting_is_refused_as_a_flag_and_read_from_the_environment(monkeypatch, capsys):
+    """--bootstrap-api-key would sit in `ps` for every user to read: it exits 2 naming the variable to use;
+    FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY sets it."""
+    from services.gateway.config import GatewaySettings
+
+    for argv in (["--bootstrap-api-key", "fsk-secret"], ["--bootstrap-api-key=fsk-secret"]):
+        with pytest.raises(SystemExit) as exc:
+            load_settings(GatewaySettings, argv)
+        assert exc.value.code == 2
+        assert "FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY", "fsk-from-env")
+    assert load_settings(GatewaySettings, []).bootstrap_api_key == "fsk-from-env"
+
+
+def test_tls_flags_go_together():
+    """A certificate needs its key, and mTLS (a CA) needs the service's own certificate."""
+    from services.router.config import RouterSettings
+
+    for argv in (["--tls-cert", "c.pem"], ["--tls-key", "k.pem"], ["--tls-ca", "ca.pem"]):
+        with pytest.raises(SystemExit):
+            load_settings(RouterSettings, argv)
+    s = load_settings(RouterSettings, ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"])
+    assert (s.tls_cert, s.tls_key, s.tls_ca) == ("c.pem", "k.pem", "ca.pem")
