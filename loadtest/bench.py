@@ -22,8 +22,9 @@ from fleetserve.inference.v1 import inference_service_pb2 as inference_pb
 from loadtest.fleet import SpawnedFleet, structlog_to_stderr
 from loadtest.summary import RequestResult, StreamMeter, compare, summarize
 from loadtest.workload import Workload
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
 from shared.errors import details_of
+from shared.tls import Tls
 
 MESH_METHOD = "/fleetserve.inference.v1.InferenceService/Generate"
 ENGINE_METHOD = "/fleetserve.engine.v1.EngineService/Generate"
@@ -40,6 +41,8 @@ class Target:
     mode: str
     address: str
     api_key: str = ""
+    # The fleet's TLS as a client sees it (a `fleetserve up --tls` fleet: its CA and the CLI's certificate).
+    tls: Tls | None = None
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -263,7 +266,7 @@ def resolve_targets(
                 raise UsageError(
                     "no gateway address or API key: pass --gateway and --api-key or start a cluster"
                 )
-            targets[mode] = Target("mesh", gateway, key)
+            targets[mode] = Target("mesh", gateway, key, Tls.for_tools(cached or None))
         else:
             engine = args.engine
             if not engine:
@@ -271,7 +274,7 @@ def resolve_targets(
                 if not engines:
                     raise UsageError("no engine address: pass --engine or start a cluster with engines")
                 engine = engines[sorted(engines)[0]]
-            targets[mode] = Target("direct", engine)
+            targets[mode] = Target("direct", engine, tls=Tls.for_tools(cached or None))
     return targets
 
 
@@ -363,7 +366,7 @@ async def run_load(
 ) -> dict:
     """Drive `requests` streamed generations at `target`, `concurrency` in flight (closed loop), over one channel;
     the summary record."""
-    channel = grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+    channel = open_channel(target.address, target.tls)
     try:
         call = target.stub(channel)
         if ready_timeout_s > 0:

@@ -35,7 +35,7 @@ from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
 
 from services.engine.calibration import closed_loop
 from services.engine.profile import DEFAULT_PROFILE, load_profile
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel, open_sync_channel
 
 KEEP_UP = 0.95
 
@@ -44,7 +44,7 @@ async def _client(
     address: str, streams: int, proc: int, start_at: float, end_at: float, max_tokens: int, prompt_words: int
 ) -> dict:
     """streams closed-loop generations until end_at; chunk gaps seen inside [start_at, end_at]."""
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    channel = open_channel(address)
     stub = engine_grpc.EngineServiceStub(channel)
     gaps: list[float] = []
     tokens = errors = 0
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             if not ready.exists():
                 raise SystemExit(f"engine did not start: {(Path(tmp) / 'engine.log').read_text()[-2000:]}")
             address = json.loads(ready.read_text())["address"]
-            channel = grpc.insecure_channel(address)  # sync, outside any event loop, reused
+            channel = open_sync_channel(address)  # sync, outside any event loop, reused
             stub = engine_grpc.EngineServiceStub(channel)
             with ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
                 pids = set(pool.map(_warm, range(args.client_procs)))

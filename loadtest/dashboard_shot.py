@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.channels import open_channel
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # Debian's chromium, with nothing that reaches out of the machine.
 FLAGS = (
@@ -73,7 +75,7 @@ async def _load(cluster, stop: asyncio.Event) -> None:
     from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
     counter = itertools.count(1)
-    async with grpc.aio.insecure_channel(cluster.gateway) as ch:
+    async with open_channel(cluster.gateway) as ch:
         stub = pb_grpc.InferenceServiceStub(ch)
 
         async def worker(w: int) -> None:

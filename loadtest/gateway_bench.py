@@ -26,8 +26,9 @@ from fleetserve.router.v1 import router_service_pb2 as router_pb
 from loadtest.fleet import SpawnedFleet, structlog_to_stderr
 from loadtest.summary import RequestResult, StreamMeter, percentiles, summarize
 from loadtest.workload import Workload
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
 from shared.errors import details_of
+from shared.tls import Tls, scheme
 
 MODES = ("router", "gateway_grpc", "gateway_http")
 GATEWAY_METHOD = "/fleetserve.inference.v1.InferenceService/Generate"
@@ -102,7 +103,7 @@ def http_runner(
     """POST /v1/completions with stream=true over a kept-alive connection. Per event the client does one
     line read and a prefix check; only the usage event at the end is parsed, so the client's own cost stays
     close to the gRPC client's one protobuf parse per chunk."""
-    url = f"http://{address}/v1/completions"
+    url = f"{address if '://' in address else 'http://' + address}/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"}
     timeout = aiohttp.ClientTimeout(total=timeout_s)
 
@@ -239,17 +240,22 @@ async def run(args: argparse.Namespace) -> dict:
             raise RuntimeError(
                 "the cluster reports no gateway HTTP address (gateway_http): is HTTP turned off?"
             )
-        router_ch = grpc.aio.insecure_channel(state["router"], options=CHANNEL_OPTIONS)
-        gateway_ch = grpc.aio.insecure_channel(gateway, options=CHANNEL_OPTIONS)
+        tls = Tls.for_tools(state)  # a `fleetserve up --tls` fleet: its CA and the CLI's certificate
+        router_ch = open_channel(state["router"], tls)
+        gateway_ch = open_channel(gateway, tls)
         stack.push_async_callback(router_ch.close)
         stack.push_async_callback(gateway_ch.close)
         # One kept-alive connection per concurrent round, like a client library's pool.
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=args.concurrency, ssl=tls.client_ssl_context() if tls is not None else True
+            )
+        )
         stack.push_async_callback(session.close)
         runners = {
             "router": router_runner(router_ch, workload, args.timeout),
             "gateway_grpc": grpc_runner(gateway_ch, api_key, workload, args.timeout),
-            "gateway_http": http_runner(session, http, api_key, workload, args.timeout),
+            "gateway_http": http_runner(session, f"{scheme(tls)}://{http}", api_key, workload, args.timeout),
         }
         results, duration = await measure(
             runners, args.requests, args.concurrency, args.warmup, progress=not args.quiet

@@ -24,7 +24,7 @@ from loadtest.bench import Target, _one
 from loadtest.fleet import structlog_to_stderr
 from loadtest.summary import RequestResult, summarize
 from loadtest.workload import Workload
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
 
 MODEL = "llama-1b"
 FIELDS = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
@@ -136,9 +136,8 @@ def _client_proc(
 
 
 async def _client(target: Target, workload: Workload, c: int, total: int, stream: str, start_at: float):
-    import grpc
 
-    channel = grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+    channel = open_channel(target.address)
     call = target.stub(channel)
     results: list[RequestResult] = []
     indices = iter(range(total))

@@ -48,7 +48,8 @@ from loadtest.scenarios import (
     selected,
 )
 from loadtest.summary import RequestResult, StreamMeter
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_sync_channel
+from shared.tls import Tls, scheme
 
 # grpc's own threads must cooperate with gevent's greenlets, or one blocked stream stalls every user.
 grpc_gevent.init_gevent()
@@ -73,16 +74,18 @@ class RequestFailed(Exception):
     """A failed request, named by status and reason so Locust's error report groups alike failures."""
 
 
-def targets(host: str | None) -> tuple[str, str, str]:
-    """(gRPC gateway, HTTP gateway, API key): --host / env vars first, then the running cluster's state file."""
+def targets(host: str | None) -> tuple[str, str, str, Tls | None]:
+    """(gRPC gateway, HTTP gateway URL, API key, TLS): --host / env vars first, then the running cluster's state
+    file (a `fleetserve up --tls` fleet: https and its CA; FLEETSERVE_TLS_CA for another)."""
     grpc_gw = os.environ.get("FLEETSERVE_GATEWAY", "")
     http_gw = os.environ.get("FLEETSERVE_GATEWAY_HTTP", "")
     if host:
-        if host.startswith("http://"):
+        if host.startswith(("http://", "https://")):
             http_gw = host
         else:
             grpc_gw = host.removeprefix("grpc://")
     key = os.environ.get("FLEETSERVE_API_KEY", "")
+    state = None
     if not (grpc_gw and http_gw and key):
         from shared.cluster import read_state
 
@@ -92,14 +95,17 @@ def targets(host: str | None) -> tuple[str, str, str]:
             http_gw or state["gateway_http"],
             key or state["api_key"],
         )
-    return grpc_gw, "http://" + http_gw.removeprefix("http://").rstrip("/"), key
+    tls = Tls.for_tools(state)
+    if "://" not in http_gw:
+        http_gw = f"{scheme(tls)}://{http_gw}"
+    return grpc_gw, http_gw.rstrip("/"), key, tls
 
 
-def _channel(address: str) -> grpc.Channel:
+def _channel(address: str, tls: Tls | None) -> grpc.Channel:
     # One channel per gateway for the whole process, shared by every user, like a real client would.
     ch = _channels.get(address)
     if ch is None:
-        ch = _channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        ch = _channels[address] = open_sync_channel(address, tls)
     return ch
 
 
@@ -112,14 +118,16 @@ class FleetUser(User):
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        self.grpc_gateway, self.http_gateway, key = targets(self.host)
+        self.grpc_gateway, self.http_gateway, key, tls = targets(self.host)
         self.rng = random.Random(f"{SEED}:{self.protocol}:{self.scenario}:{next(_seq)}")
         self.grpc_metadata = (("authorization", f"Bearer {key}"),)
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {key}"
+        if tls is not None and tls.ca:
+            self.http.verify = tls.ca
         self.conversation: Conversation | None = None
         self.requests_made = 0
-        ch = _channel(self.grpc_gateway)
+        ch = _channel(self.grpc_gateway, tls)
         self.chat_stream = ch.unary_stream(
             "/fleetserve.inference.v1.InferenceService/Chat",
             request_serializer=pb.ChatRequest.SerializeToString,

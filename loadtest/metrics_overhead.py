@@ -34,6 +34,7 @@ from loadtest.capacity import _cpu_s
 from loadtest.fleet import SpawnedFleet, structlog_to_stderr
 from loadtest.summary import StreamMeter, summarize
 from loadtest.workload import Workload
+from shared.channels import open_channel
 from shared.errors import details_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ async def measure(args) -> dict:
         for name, fleet in fleets.items():  # one at a time: starting three at once overloads two cores
             targets[name] = Target(name, await fleet.__aenter__())
             started.append(fleet)
-        channels = {name: grpc.aio.insecure_channel(t.gateway) for name, t in targets.items()}
+        channels = {name: open_channel(t.gateway) for name, t in targets.items()}
         for name, t in targets.items():
             await _drive(t, channels[name], workload, range(args.warmup), args.concurrency, "warmup")
         scraped = targets["metrics"].metrics_addresses

@@ -17,7 +17,7 @@ from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from loadtest.fleet import SpawnedFleet
 from loadtest.summary import RequestResult, StreamMeter, summarize
 from loadtest.workload import Conversation, PolicyWorkload
-from shared.channels import CHANNEL_OPTIONS
+from shared.channels import open_channel
 from shared.errors import details_of
 
 ROUTER_METHOD = "/fleetserve.router.v1.RouterService/Generate"
@@ -93,7 +93,7 @@ async def drive(
 ) -> tuple[list[_Outcome], float]:
     """Send the workload to the router: closed loop over `concurrency` conversation slots, or open loop at
     the conversations' start times. The outcomes and the run's duration."""
-    channel = grpc.aio.insecure_channel(router, options=CHANNEL_OPTIONS)
+    channel = open_channel(router)
     out: list[_Outcome] = []
     try:
         call = channel.unary_stream(
@@ -129,7 +129,7 @@ async def drive(
 async def wait_routable(router: str, replicas: int, model: str, timeout_s: float = 60.0) -> None:
     """Until the router routes to every replica and a tiny request succeeds (bounded by timeout_s)."""
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(router, options=CHANNEL_OPTIONS) as channel:
+    async with open_channel(router) as channel:
         stub = router_grpc.RouterServiceStub(channel)
         while True:
             status = await stub.GetStatus(router_pb.GetStatusRequest(), timeout=5.0)

@@ -22,6 +22,7 @@ import grpc
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
+from shared.channels import open_channel
 from shared.cluster import Cluster, ClusterConfig
 from shared.process_stats import INTERVAL_ENV
 
@@ -190,7 +191,7 @@ async def run(args: argparse.Namespace) -> dict:
         http_url = f"http://{cluster.ready_info('gateway')['http_address']}/v1/completions"
         key = cluster.api_key
         async with (
-            grpc.aio.insecure_channel(cluster.gateway) as channel,
+            open_channel(cluster.gateway) as channel,
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as session,
         ):
             stub = pb_grpc.InferenceServiceStub(channel)

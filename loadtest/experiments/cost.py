@@ -9,7 +9,6 @@ import asyncio
 import random
 import time
 
-import grpc
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
 from google.protobuf.json_format import MessageToDict
@@ -19,6 +18,7 @@ from loadtest.experiments import Outcome, progress
 from loadtest.fleet import SpawnedFleet
 from loadtest.policy_bench import wait_routable
 from loadtest.scenarios import words
+from shared.channels import open_channel
 
 # feature -> (prompt words, output tokens, share of the streamed requests)
 MIX = {"chat": (60, 32, 0.55), "summarize": (1500, 64, 0.25), "story": (40, 384, 0.2)}
@@ -27,7 +27,7 @@ BATCH_ITEMS = 8
 
 
 async def _cost(address: str, start: float, end: float) -> mpb.GetCostResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with open_channel(address) as ch:
         request = mpb.GetCostRequest(start_unix=start, end_unix=end, group_by=list(DIMENSIONS))
         return await mpb_grpc.MetricsServiceStub(ch).GetCost(request, timeout=10)
 

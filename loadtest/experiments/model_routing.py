@@ -14,7 +14,6 @@ import random
 import time
 from dataclasses import dataclass
 
-import grpc
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
 
@@ -24,6 +23,7 @@ from loadtest.fleet import SpawnedFleet
 from loadtest.policy_bench import wait_routable
 from loadtest.scenarios import words
 from services.metrics.cost import PriceBook
+from shared.channels import open_channel
 
 SMALL, LARGE, ALIAS = "sim-1b", "sim-8b", "auto"
 PROFILES = {SMALL: "h100-llama-1b", LARGE: "h100-llama-8b"}
@@ -63,7 +63,7 @@ def tasks(n: int, rng: random.Random, hard_share: float = 0.3) -> list[Task]:
 
 
 async def _attributed(metrics: str, start: float, end: float, expected: int) -> mpb.GetCostResponse:
-    async with grpc.aio.insecure_channel(metrics) as ch:
+    async with open_channel(metrics) as ch:
         stub = mpb_grpc.MetricsServiceStub(ch)
         resp = None
         for _ in range(120):  # spans reach the metrics service within a few export intervals
