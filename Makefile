@@ -112,5 +112,5 @@ EXPERIMENTS ?= retry-storm scaling-cold-start streaming-ttft mean-vs-p99 cost-by
 experiments: protos ## Run the book's exercises (EXPERIMENTS=...) into docs/experiments/ (tens of minutes).
 	@for e in $(EXPERIMENTS); do $(BIN)/fleetserve experiment $$e --out docs/experiments/$$e.json >/dev/null || exit 1; done
 
-clean: ## Remove the venv, generated code and local cluster state.
-	rm -rf $(VENV) gen .fleetserve .pytest_cache .ruff_cache
+clean: ## Remove the venv, generated code and build outputs (a fleet's state lives in $FLEETSERVE_HOME, untouched).
+	rm -rf $(VENV) gen build dist *.egg-info .pytest_cache .ruff_cache

@@ -30,7 +30,6 @@ _NOT_IN_A_CLONE = shutil.ignore_patterns(
     "__pycache__",
     ".pytest_cache",
     ".ruff_cache",
-    ".fleetserve",
 )
 
 
