@@ -34,3 +34,24 @@ async def wait_healthy(
             return
         await asyncio.sleep(interval_s)
     raise TimeoutError(f"{address} not healthy within {timeout_s}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m shared.health HOST:PORT [SERVICE]`: exit 0 if the server reports SERVING, else 1. The exec probe
+    of a TLS pod (Kubernetes' own gRPC probe speaks plaintext only): TLS from FLEETSERVE_TLS_* (shared.tls)."""
+    import argparse
+
+    from shared.tls import Tls
+
+    p = argparse.ArgumentParser(prog="python -m shared.health", description=main.__doc__)
+    p.add_argument("address")
+    p.add_argument("service", nargs="?", default="")
+    p.add_argument("--timeout-s", type=float, default=2.0)
+    args = p.parse_args(argv)
+    tls = Tls.for_tools({})
+    ok = asyncio.run(check(args.address, args.service, timeout_s=args.timeout_s, tls=tls))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -71,3 +71,23 @@ async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path):
         assert not await _serving(running.address, old.issue("cli2"))
     finally:
         await running.server.stop(0)
+
+
+async def test_the_exec_probe_checks_a_tls_server_with_the_pods_certificate(tmp_path, monkeypatch):
+    """`python -m shared.health` (the TLS pods' probe): SERVING with the fleet's certificate from FLEETSERVE_TLS_*,
+    not serving without one."""
+    import asyncio
+
+    from shared.health import main
+
+    pki = LocalPki(tmp_path / "tls")
+    running = await create_server([], tls=pki.issue("gateway"))
+    try:
+        assert await asyncio.to_thread(main, [running.address]) == 1  # plaintext against TLS
+        probe = pki.issue("probe")
+        monkeypatch.setenv("FLEETSERVE_TLS_CERT", probe.cert)
+        monkeypatch.setenv("FLEETSERVE_TLS_KEY", probe.key)
+        monkeypatch.setenv("FLEETSERVE_TLS_CA", probe.ca)
+        assert await asyncio.to_thread(main, [running.address]) == 0
+    finally:
+        await running.server.stop(0)
