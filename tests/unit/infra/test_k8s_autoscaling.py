@@ -1,4 +1,5 @@
-"""The Kubernetes autoscaling manifests (infra/k8s/autoscaling/) hold together without a cluster: each parses,
+"""The Kubernetes autoscaling manifests (in infra/k8s/base: the engine Deployment, the autoscaler and its ConfigMap,
+the KEDA ScaledObject) hold together without a cluster: each parses,
 has the fields KEDA and Kubernetes require, the ScaledObject targets the engine Deployment and queries the
 metric the autoscaler really exports, and every flag the containers pass is a real setting of that service
 (and the autoscaler's model config parses). Validated, not deployed."""
@@ -17,22 +18,23 @@ from services.autoscaler.spec import parse_models
 from services.engine.config import EngineSettings
 from shared.settings import load_settings
 
-DIR = Path(__file__).resolve().parents[3] / "infra" / "k8s" / "autoscaling"
+BASE = Path(__file__).resolve().parents[3] / "infra" / "k8s" / "base"
+AUTOSCALING = ("engine-sim-1b.yaml", "autoscaler.yaml", "keda-scaledobject.yaml")
 
 
 def docs(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((DIR / name).read_text()) if d]
+    return [d for d in yaml.safe_load_all((BASE / name).read_text()) if d]
 
 
 def by_kind(kind: str) -> list[dict]:
-    return [d for f in sorted(DIR.glob("*.yaml")) for d in docs(f.name) if d["kind"] == kind]
+    return [d for f in AUTOSCALING for d in docs(f) if d["kind"] == kind]
 
 
 def test_every_object_has_api_version_kind_and_name():
-    for f in sorted(DIR.glob("*.yaml")):
-        for d in docs(f.name):
-            assert {"apiVersion", "kind", "metadata"} <= set(d), f.name
-            assert d["metadata"].get("name"), f.name
+    for f in AUTOSCALING:
+        for d in docs(f):
+            assert {"apiVersion", "kind", "metadata"} <= set(d), f
+            assert d["metadata"].get("name"), f
 
 
 def test_scaled_object_scales_the_engine_deployment_on_the_desired_replicas_gauge():

@@ -1,0 +1,1 @@
+"""JSON schemas of the custom resources in infra/k8s (generated; see generate.py)."""
