@@ -17,12 +17,12 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from loadtest.workload import Conversation, multiturn
+from shared.channels import open_channel
 from shared.cluster import Cluster, ClusterConfig
 
 RUNS = (("1 router", 1, True), ("3 routers", 3, True), ("3 routers, no affinity", 3, False))
@@ -74,7 +74,7 @@ async def run(label: str, routers: int, affinity: bool, args) -> dict:
         await cluster.start()
         try:
             totals = {"requests": 0, "prompt": 0, "cached": 0}
-            async with grpc.aio.insecure_channel(cluster.gateway) as ch:
+            async with open_channel(cluster.gateway, cluster.client_tls) as ch:
                 stub = pb_grpc.InferenceServiceStub(ch)
                 pending = iter(workload.conversations)
                 start = time.perf_counter()

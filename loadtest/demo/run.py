@@ -30,6 +30,7 @@ from google.protobuf.json_format import MessageToDict
 from fleetserve.client import AsyncClient, FleetServeError
 from loadtest.demo.workload import TENANTS, DayShape, Request, Traffic
 from loadtest.policy_bench import wait_routable
+from shared.channels import open_channel
 from shared.cluster import Cluster, ClusterConfig
 
 SMALL, LARGE, ALIAS = "sim-1b", "sim-8b", "auto"
@@ -251,8 +252,8 @@ async def sample(run: Run, cluster: Cluster, shape: DayShape, stop: asyncio.Even
     """Once a second: the offered rate, requests in flight, the autoscaler's desired and the registry's actual
     replicas of the small model, and the routable replicas the router sees."""
     async with (
-        grpc.aio.insecure_channel(cluster.registry) as reg,
-        grpc.aio.insecure_channel(cluster.router) as rt,
+        open_channel(cluster.registry, cluster.client_tls) as reg,
+        open_channel(cluster.router, cluster.client_tls) as rt,
     ):
         registry, router = rpb_grpc.RegistryServiceStub(reg), router_grpc.RouterServiceStub(rt)
         while not stop.is_set():
@@ -305,8 +306,8 @@ async def fleet_sections(run: Run, cluster: Cluster, wall_start: float) -> None:
     """SLO status, cost over time and by dimension, the autoscaler's decisions, resumes from the router's log."""
     s = run.settings
     async with (
-        grpc.aio.insecure_channel(cluster.metrics) as ch,
-        grpc.aio.insecure_channel(cluster.registry) as reg,
+        open_channel(cluster.metrics, cluster.client_tls) as ch,
+        open_channel(cluster.registry, cluster.client_tls) as reg,
     ):
         metrics = mpb_grpc.MetricsServiceStub(ch)
         expected = sum(1 for r in run.requests if r["status"] == "ok")

@@ -15,11 +15,13 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from shared.channels import open_channel
 from shared.cluster import read_state
+from shared.tls import Tls
 
 
 async def fetch(address: str, args) -> pb.GetQualityResponse | pb.CompareVersionsResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with open_channel(address, Tls.for_tools()) as ch:
         stub = pb_grpc.MetricsServiceStub(ch)
         if args.candidate is not None:
             return await stub.CompareVersions(
