@@ -136,6 +136,18 @@ async def test_the_sampler_thins_the_external_export_but_the_metrics_service_see
         finally:
             await asyncio.to_thread(tel.shutdown)
 
+        # No external collector at all: a client's unsampled traceparent still counts (the SDK's default sampler
+        # would not record that request, and the metrics service would never see it).
+        otel_env.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
+        otel_env.delenv("OTEL_TRACES_SAMPLER")
+        tel = setup_telemetry("gateway", otlp_endpoint=builtin, metrics_interval_s=3600)
+        try:
+            root_span(tel, "m-unsampled", parent=unsampled)
+            assert await asyncio.to_thread(tel.tracer_provider.force_flush, 10_000)
+            await assert_eventually(lambda: _equals(requests_seen(stub, "m-unsampled"), 1), timeout_s=20)
+        finally:
+            await asyncio.to_thread(tel.shutdown)
+
 
 async def _equals(awaitable, value) -> bool:
     return await awaitable == value
