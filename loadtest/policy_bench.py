@@ -195,7 +195,15 @@ async def run_policy(
     timeout_s: float = 300.0,
 ) -> dict:
     """A fresh fleet routed by `policy`, the workload, the record."""
-    extra_args = {"router": ["--policy", policy, *router_args], "engine": list(engine_args)}
+    # The router's stall watchdog counts wall-clock silence; the sim's modelled time runs 1/speed_factor slower,
+    # so a long prefill at speed 0.05 looks like a hung replica unless its thresholds stretch the same way.
+    stretched = [
+        "--stall-min-silence-s",
+        f"{1.0 / speed_factor:g}",
+        "--stall-first-token-s",
+        f"{2.5 / speed_factor:g}",
+    ]
+    extra_args = {"router": ["--policy", policy, *stretched, *router_args], "engine": list(engine_args)}
     async with SpawnedFleet(replicas, speed_factor, extra_args=extra_args) as state:
         await wait_routable(state["router"], replicas, model)
         print(

@@ -85,6 +85,14 @@ EXERCISES: dict[str, Exercise] = {
         "small/large model routing: cost saved at a measured quality proxy",
         (("--requests", _int(80, "tasks per arm")), ("--concurrency", _int(4, "requests in flight"))),
     ),
+    "ab-planted": Exercise(
+        "ab",
+        "A/B test with a planted difference (v2 30% slower per token), after an A/A control",
+        (
+            ("--samples-per-arm", _int(100, "samples per arm (the horizon)")),
+            ("--concurrency", _int(4, "requests in flight")),
+        ),
+    ),
     "retry-storm": Exercise(
         "retry_storm",
         "naive retries vs backoff + jitter + retry budget on a struggling replica (virtual time)",
