@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from shared.etcd_process import EtcdProcess
+from shared.etcd_process import EtcdCluster
 from shared.health import wait_healthy
 from shared.server import PARENT_PID_ENV
 from shared.tls import Tls
@@ -74,10 +74,12 @@ class ClusterConfig:
     # own default; a benchmark's baseline may run code older than the flag).
     metrics_port: int | None = 0
     start_timeout_s: float = 60.0
-    # The registry's store: "sqlite" (one registry, a file in data_dir) or "etcd" (etcd_endpoint, or an etcd
-    # this launcher starts in data_dir when empty); with etcd, `registries` registry processes share it.
+    # The registry's store: "sqlite" (one registry, a file in data_dir) or "etcd" (etcd_endpoint: one or several
+    # comma-separated members of an etcd cluster; or, when empty, an etcd of etcd_members members this launcher
+    # starts in data_dir); with etcd, `registries` registry processes share it.
     registry_store: str = "sqlite"
     etcd_endpoint: str = ""
+    etcd_members: int = 1
     registries: int = 1
     # Gateways and routers: each its own process and port; every gateway knows every router (and discovers
     # routers through the registry), and they share the gateway database.
@@ -116,7 +118,7 @@ class Cluster:
         self.api_key = ""
         self._engine_seq = 0
         self._engine_versions: dict[str, str] = {}
-        self.etcd: EtcdProcess | None = None
+        self.etcd: EtcdCluster | None = None
         # The launcher's own client TLS (health probes, `fleetserve` commands): the "cli" certificate.
         self.client_tls: Tls | None = None
         self._pki = None
@@ -241,10 +243,10 @@ class Cluster:
         if cfg.registry_store == "etcd":
             endpoint = cfg.etcd_endpoint
             if not endpoint:
-                self.etcd = EtcdProcess(cfg.data_dir / "etcd")
+                self.etcd = EtcdCluster(cfg.data_dir / "etcd", cfg.etcd_members)
                 await asyncio.to_thread(self.etcd.start)
                 endpoint = self.etcd.endpoint
-                log.info("cluster.etcd_started", endpoint=endpoint, data_dir=str(self.etcd.data_dir))
+                log.info("cluster.etcd_started", endpoint=endpoint, data_dir=str(cfg.data_dir / "etcd"))
             args += ["--store", "etcd", "--etcd-endpoint", endpoint]
         elif cfg.registries != 1:
             raise ValueError("several registries need a shared store: registry_store='etcd'")
@@ -471,7 +473,8 @@ class Cluster:
                     await p.wait(5)
         codes: dict[str, int | None] = {n: p.process.returncode for n, p in self.procs.items()}
         if self.etcd is not None:
-            codes["etcd"] = await asyncio.to_thread(self.etcd.stop)
+            for name, code in (await asyncio.to_thread(self.etcd.stop)).items():
+                codes["etcd" if len(self.etcd.members) == 1 else f"etcd-{name}"] = code
         return codes
 
     def state(self) -> dict:

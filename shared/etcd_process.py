@@ -1,5 +1,6 @@
-"""A local single-member etcd (Debian's etcd-server) on loopback ports, its data in a directory: what
-`fleetserve up --registry-store etcd` starts when no etcd is given, and what the tests run against."""
+"""A local etcd (Debian's etcd-server) on loopback ports, its data in a directory: a single member (what
+`fleetserve up --registry-store etcd` starts when no etcd is given, and what most tests run against) or a cluster
+of several members (`--etcd-members 3`, and the tests of failing over between members)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class EtcdProcess:
     client_port: int = 0
     peer_port: int = 0
     process: subprocess.Popen | None = field(default=None, repr=False)
+    name: str = "fleetserve"
+    # The whole cluster's "name=peer url,..." (empty: this member alone).
+    initial_cluster: str = ""
 
     @property
     def endpoint(self) -> str:
@@ -41,7 +45,16 @@ class EtcdProcess:
     def log_path(self) -> Path:
         return self.data_dir.parent / f"{self.data_dir.name}.log"
 
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def start(self, timeout_s: float = 30.0) -> None:
+        self.spawn()
+        self.wait_listening(timeout_s)
+
+    def spawn(self) -> None:
+        """Start the process (returns at once; a member of a cluster serves once a quorum has started)."""
         binary = shutil.which("etcd")
         if binary is None:
             raise EtcdMissing(
@@ -56,7 +69,7 @@ class EtcdProcess:
                 [
                     binary,
                     "--name",
-                    "fleetserve",
+                    self.name,
                     "--data-dir",
                     str(self.data_dir),
                     "--listen-client-urls",
@@ -68,7 +81,7 @@ class EtcdProcess:
                     "--initial-advertise-peer-urls",
                     peer,
                     "--initial-cluster",
-                    f"fleetserve={peer}",
+                    self.initial_cluster or f"{self.name}={peer}",
                     "--log-level",
                     "warn",
                 ],
@@ -77,6 +90,9 @@ class EtcdProcess:
                 stderr=log,
                 start_new_session=True,
             )
+
+    def wait_listening(self, timeout_s: float = 30.0) -> None:
+        """Return once the client port accepts connections."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -103,3 +119,49 @@ class EtcdProcess:
             else:
                 return 0 if p.returncode == -signal.SIGTERM else p.returncode
         return p.returncode
+
+
+class EtcdCluster:
+    """Several etcd members on loopback forming one cluster (what a production etcd is: three or five members,
+    any minority of which may fail)."""
+
+    def __init__(self, data_dir: Path, members: int = 3) -> None:
+        if members < 1:
+            raise ValueError("an etcd cluster needs at least one member")
+        self.members = [
+            EtcdProcess(data_dir / f"member-{i}", free_port(), free_port(), name=f"member-{i}")
+            for i in range(members)
+        ]
+        cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = cluster
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    @property
+    def endpoint(self) -> str:
+        """Every member's client endpoint, comma-separated (what --etcd-endpoint takes)."""
+        return ",".join(self.endpoints)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start every member at once (none serves before a quorum runs), then wait for their client ports."""
+        try:
+            for m in self.members:
+                m.spawn()
+            for m in self.members:
+                m.wait_listening(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one member (a crashed machine), reaped."""
+        p = self.members[index].process
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+    def stop(self) -> dict[str, int | None]:
+        return {m.name: m.stop() for m in self.members}

@@ -25,12 +25,13 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from shared.etcd_process import EtcdMissing, EtcdProcess, free_port
+from shared.etcd_process import EtcdCluster, EtcdMissing, EtcdProcess, free_port
 
 __all__ = [
     "free_port",
     "etcd_server",
     "etcd",
+    "etcd_cluster",
     "EtcdPrefix",
     "prometheus",
     "PrometheusServer",
@@ -68,6 +69,20 @@ class EtcdPrefix:
 @pytest.fixture
 def etcd(etcd_server) -> EtcdPrefix:
     return EtcdPrefix(etcd_server.endpoint, f"/test-{uuid.uuid4().hex[:12]}/")
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path_factory):
+    """A three-member etcd cluster of the test's own (its members may be killed); skips if etcd is missing."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-cluster"), members=3)
+    try:
+        cluster.start()
+    except EtcdMissing as e:
+        pytest.skip(str(e))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 class PrometheusServer:

@@ -20,7 +20,9 @@ class RegistrySettings(ServiceSettings):
         "etcd (--etcd-endpoint; several registries share it and either can die).",
     )
     etcd_endpoint: str = Field(
-        "127.0.0.1:2379", description="With --store etcd: host:port of etcd's client (gRPC) endpoint."
+        "127.0.0.1:2379",
+        description="With --store etcd: host:port of etcd's client (gRPC) endpoint, or of every member of an etcd "
+        "cluster, comma-separated (a,b,c): the registry talks to one and moves to the next when it fails.",
     )
     etcd_prefix: str = Field(
         "/fleetserve/",

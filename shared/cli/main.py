@@ -55,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--etcd-endpoint",
         default="",
-        help="with --registry-store etcd: host:port of an etcd to use (default: start one in the data dir)",
+        help="with --registry-store etcd: host:port of an etcd to use, or of every member of an etcd cluster "
+        "(a,b,c: the registry moves to another member when one fails); default: start one in the data dir",
+    )
+    up.add_argument(
+        "--etcd-members",
+        type=int,
+        default=1,
+        help="with --registry-store etcd and no --etcd-endpoint: members of the etcd cluster to start on "
+        "loopback (3 survives one member's death; default 1)",
     )
     up.add_argument(
         "--registries",

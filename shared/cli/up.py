@@ -37,6 +37,7 @@ async def _up(args) -> int:
             speed_factor=args.speed_factor,
             registry_store=args.registry_store,
             etcd_endpoint=args.etcd_endpoint,
+            etcd_members=args.etcd_members,
             registries=args.registries,
             gateways=args.gateways,
             routers=args.routers,

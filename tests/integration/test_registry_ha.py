@@ -1,6 +1,7 @@
-"""The registry is not a single point of failure: two registry processes over a real etcd serve the same
-membership and one can be SIGKILLed without losing a replica or a request (and both measure cold starts); with
-every registry down, routers keep routing on their last snapshot."""
+"""The registry is not a single point of failure: two registry processes over a real three-member etcd cluster
+serve the same membership, and one registry and then the etcd member it talks to can be SIGKILLed without
+losing a replica or a request (and both registries measure cold starts); with every registry down, routers keep
+routing on their last snapshot."""
 
 from __future__ import annotations
 
@@ -56,20 +57,22 @@ async def watch_removals(address: str, removed: list[str], ready: asyncio.Event)
                 removed.extend(r.replica_id for r in ev.replicas)
 
 
-async def test_two_registries_over_etcd_survive_one_killed(tmp_path, etcd):
+async def test_two_registries_over_an_etcd_cluster_survive_a_registry_and_a_member_killed(
+    tmp_path, etcd_cluster
+):
     """Engines registered through either registry are listed by both; after one registry is SIGKILLed the
-    other keeps every replica (no REMOVED), engines heartbeat through it, and requests never fail, not even
-    once the second registry is killed too (routers route on their last snapshot)."""
+    other keeps every replica (no REMOVED) and engines heartbeat through it; after the etcd member it talks to
+    is SIGKILLed too, it moves to another member and still keeps every replica and heartbeat; requests never
+    fail, not even once the second registry is killed too (routers route on their last snapshot)."""
     async with running_cluster(
         tmp_path,
         engines=2,
         registry_store="etcd",
-        etcd_endpoint=etcd.endpoint,
+        etcd_endpoint=etcd_cluster.endpoint,  # every member: a,b,c
         registries=2,
         lease_ttl_s=2.0,
         heartbeat_interval_s=0.3,
         engine_startup_s=5.0,  # 1 s at speed 5: the cold start the registry measures
-        extra_args={"registry": ["--etcd-prefix", etcd.prefix]},
     ) as cluster:
         a, b = (cluster.procs[n].address for n in cluster.registry_names())
         engines = set(cluster.engine_names())
@@ -92,6 +95,12 @@ async def test_two_registries_over_etcd_survive_one_killed(tmp_path, etcd):
             before = {rid: r.last_heartbeat_unix for rid, r in (await listed(b)).items()}
             # Heartbeats now reach the survivor: every engine's last heartbeat moves on there.
             await assert_eventually(lambda: _heartbeats_after(b, before), timeout_s=20)
+            # The etcd member the survivor talks to (the first it was given) dies: it moves to another.
+            etcd_cluster.kill(0)
+            before = {rid: r.last_heartbeat_unix for rid, r in (await listed(b)).items()}
+            await assert_eventually(lambda: _heartbeats_after(b, before), timeout_s=30)
+            log = (cluster.config.data_dir / "logs" / "registry-2.log").read_text()
+            assert "registry.etcd_failover" in log  # it did move (it was on the killed member)
             # Two lease lengths later nothing was lost.
             await asyncio.sleep(2 * 2.0)  # a window to observe an expiry that must not happen
             assert set(await listed(b)) == engines

@@ -1,5 +1,6 @@
 """The registry store contract, run against both backends (SQLite file, a real etcd): replicas round-trip,
-heartbeat batches, drain state, deletion, and versioned documents with compare-and-set and a change feed."""
+heartbeat batches, drain state, deletion, and versioned documents with compare-and-set and a change feed; and an
+etcd cluster of three members, one of which is killed under the store."""
 
 from __future__ import annotations
 
@@ -155,5 +156,65 @@ async def test_etcd_unreachable_is_a_store_error_naming_the_endpoint():
 
     s = EtcdStore(f"127.0.0.1:{free_port()}", "/x/", timeout_s=1)
     with pytest.raises(StoreError, match="127.0.0.1"):
+        await s.open(lease_ttl_s=3)
+    await s.close()
+
+
+async def test_etcd_store_fails_over_to_another_member_when_its_member_dies(etcd_cluster):
+    """Over a three-member etcd given as a list of endpoints (the first not even running a member), the store
+    moves to another member when the one it talks to is SIGKILLed: writes, reads, lease keepalives go on, a
+    broken watch raises StoreError (its caller watches again, now on a live member) and nothing is lost."""
+    from tests.servers import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    s = EtcdStore([dead, *etcd_cluster.endpoints], "/ha/", timeout_s=2)
+    await s.open(lease_ttl_s=5)
+    try:
+        assert s.endpoint == etcd_cluster.endpoints[0]  # the dead endpoint was passed over at open
+        kept = await s.put_replica(replica("r1"), 1.0)
+        await s.put_doc("rollout", "a", b"1")
+        _, rev = await s.load_replicas()
+        broke: list[str] = []
+
+        async def follow():
+            try:
+                async for _ in s.watch_docs("rollout"):
+                    pass
+            except StoreError as e:
+                broke.append(str(e))
+
+        watch = asyncio.create_task(follow())
+        await asyncio.sleep(0.3)  # the watch request reaches the member first
+        etcd_cluster.kill(0)
+        await s.put_doc("rollout", "b", b"2")  # through another member, after at most an election
+        assert s.endpoint != etcd_cluster.endpoints[0] and s.failovers >= 1
+        await asyncio.wait_for(watch, 10)
+        assert broke and "watch broke" in broke[0]
+        assert await s.keepalive([kept.lease]) == set()
+        assert [d.name for d in await s.list_docs("rollout")] == ["a", "b"]
+        assert [x.replica.replica_id for x in (await s.load_replicas())[0]] == ["r1"]
+        seen: list[str] = []
+
+        async def follow_again():
+            async for ev in s.watch_replicas(rev):
+                seen.append(ev.replica_id)
+                return
+
+        again = asyncio.create_task(follow_again())
+        await asyncio.sleep(0.3)
+        await s.put_replica(replica("r2"), 2.0)
+        await asyncio.wait_for(again, 10)
+        assert seen == ["r2"]
+    finally:
+        await s.close()
+
+
+async def test_etcd_store_names_every_endpoint_when_none_answers():
+    """A list of endpoints none of which answers fails open() naming them all."""
+    from tests.servers import free_port
+
+    a, b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    s = EtcdStore(f"{a},{b}", "/x/", timeout_s=1)
+    with pytest.raises(StoreError, match=f"{a}.*{b}"):
         await s.open(lease_ttl_s=3)
     await s.close()
