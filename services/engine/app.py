@@ -121,7 +121,8 @@ async def model_cold_start(delay_s: float, replica_id: str, progress_every_s: fl
     logging progress; the replica is neither serving nor registered meanwhile."""
     if delay_s <= 0:
         return
-    log.info("engine.loading", replica_id=replica_id, startup_s=round(delay_s, 3))
+    # Someone starting an engine by hand may not expect the wait: the line says how to skip it.
+    log.info("engine.loading", replica_id=replica_id, startup_s=round(delay_s, 3), skip_with="--startup-s 0")
     loop = asyncio.get_running_loop()
     end = loop.time() + delay_s
     while (left := end - loop.time()) > 0:
