@@ -136,6 +136,14 @@ class Cluster:
     def gateway_names(self) -> list[str]:
         return sorted((n for n in self.procs if n == "gateway" or n.startswith("gateway-")), key=len)
 
+    def router_endpoints(self) -> list[str]:
+        """Every router worker's own address (a router without workers: its address)."""
+        return [
+            a
+            for n in self.router_names()
+            for a in (self.ready_info(n).get("worker_addresses") or [self.procs[n].address])
+        ]
+
     def router_names(self) -> list[str]:
         return sorted((n for n in self.procs if n == "router" or n.startswith("router-")), key=len)
 
@@ -204,11 +212,7 @@ class Cluster:
             if cfg.autoscale_models:
                 await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
             # A router with several workers: one connection to each (the gateway balances over them).
-            routers = ",".join(
-                a
-                for n in self.router_names()
-                for a in (self.ready_info(n).get("worker_addresses") or [self.procs[n].address])
-            )
+            routers = ",".join(self.router_endpoints())
             for i in range(cfg.gateways):
                 await self._spawn(
                     self._nth("gateway", i),
@@ -291,6 +295,16 @@ class Cluster:
         """The autoscaler's flags: the fleet's addresses, the models, and the flags of the engines it starts."""
         cfg = self.config
         engine = ["--backend", cfg.backend, "--speed-factor", str(cfg.speed_factor)]
+        # Telemetry as the launcher's own engines have it: spans and OTLP gauges (uptime: cost) to the metrics
+        # service, and a /metrics endpoint (the provisioner's file_sd targets list it).
+        engine += [
+            "--otlp-endpoint",
+            self.metrics,
+            "--metrics-export-interval-s",
+            str(cfg.metrics_export_interval_s),
+        ]
+        if cfg.metrics_port is not None:
+            engine += ["--metrics-port", str(cfg.metrics_port)]
         if cfg.engine_startup_s is not None and cfg.backend == "sim":
             engine += ["--startup-s", str(cfg.engine_startup_s)]
         engine += self.tls_args("engine")
@@ -298,8 +312,9 @@ class Cluster:
         return [
             "--registry-address",
             self.registry,
+            # Each router worker answers GetStatus for itself (its queue, its admitted requests): ask every one.
             "--router-addresses",
-            self.router,
+            ",".join(self.router_endpoints()),
             "--metrics-address",
             self.metrics,
             "--models",
@@ -479,6 +494,8 @@ class Cluster:
 
     def state(self) -> dict:
         """What other commands need to find this fleet."""
+        from services.autoscaler.provisioner import TARGETS_FILE
+
         return {
             "gateway": self.gateway,
             "gateway_http": self.ready_info("gateway").get("http_address", ""),
@@ -500,6 +517,10 @@ class Cluster:
             # Prometheus /metrics of every process, by process name (what `fleetserve prometheus-config` reads).
             "metrics_addresses": {n: p.metrics_address for n, p in self.procs.items() if p.metrics_address},
             "autoscaler": self.procs["autoscaler"].address if "autoscaler" in self.procs else "",
+            # The engines the autoscaler starts, as Prometheus file_sd targets (its local provisioner keeps it).
+            "autoscaled_targets_file": (
+                str(self.config.data_dir / "run" / TARGETS_FILE) if "autoscaler" in self.procs else ""
+            ),
             "api_key": self.api_key,
             # With TLS: the CA to verify the fleet with and the CLI's client certificate (Tls.for_tools).
             "tls": self.client_tls.as_state() if self.client_tls is not None else None,

@@ -1,7 +1,7 @@
-"""One model's scaling decisions: the largest count its policies ask for, within min/max, held back by
-cooldowns and a scale-down stabilisation window (so it never flaps), with scale to zero after an idle period and
-an immediate wake when a request waits for a model at zero. Every decision says which policy, which signal and
-the numbers behind it."""
+"""One model's (or one version's) scaling decisions: the largest count its policies ask for, within min/max, held
+back by cooldowns and a scale-down stabilisation window (so it never flaps), with scale to zero after an idle
+period, an immediate wake when a request waits for a model at zero, and the retirement of a version no traffic
+goes to any more. Every decision says which policy, which signal and the numbers behind it."""
 
 from __future__ import annotations
 
@@ -16,8 +16,22 @@ UP, DOWN, HOLD = "up", "down", "hold"
 
 
 @dataclass(frozen=True, slots=True)
+class Bounds:
+    """The limits of one decision: min/max, whether the last replica may go when idle, and a retirement (the
+    version leaves the fleet: held at its count until `retire_due`, then drained to zero)."""
+
+    min_replicas: int
+    max_replicas: int
+    scale_to_zero: bool = False
+    retiring: bool = False
+    retire_due: bool = False
+    #: Why (the rollout behind a retirement), for the decision's reason.
+    why: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
-    """A decision for one model at `at`: from `previous` desired replicas to `desired`."""
+    """A decision for one model (one version of it) at `at`: from `previous` desired replicas to `desired`."""
 
     model: str
     at: float
@@ -31,10 +45,12 @@ class Decision:
     numbers: dict[str, float] = field(default_factory=dict)
     # Every policy's ask (policy -> replicas or None), for the log line and `fleetserve status`.
     asks: dict[str, int | None] = field(default_factory=dict)
+    version: str = ""
 
     def as_dict(self) -> dict:
         return {
             "model": self.model,
+            "version": self.version,
             "at": round(self.at, 3),
             "previous": self.previous,
             "desired": self.desired,
@@ -49,12 +65,18 @@ class Decision:
 
 
 class Decider:
-    """Holds one model's desired count between decisions."""
+    """Holds one model's (one version's) desired count between decisions."""
 
     def __init__(
-        self, spec: ModelSpec, policies: list[Policy] | None = None, *, initial: int | None = None
+        self,
+        spec: ModelSpec,
+        policies: list[Policy] | None = None,
+        *,
+        initial: int | None = None,
+        version: str = "",
     ) -> None:
         self.spec = spec
+        self.version = version
         self.policies = policies if policies is not None else spec.build_policies()
         self.desired = spec.min_replicas if initial is None else initial
         self._last_up = float("-inf")
@@ -68,8 +90,15 @@ class Decider:
         for p in self.policies:
             p.observe(now, arrival_rate)
 
-    def decide(self, s: ModelSignals) -> Decision:
+    def bounds(self) -> Bounds:
+        """The spec's own bounds (a model without versions)."""
+        return Bounds(self.spec.min_replicas, self.spec.max_replicas, self.spec.scale_to_zero)
+
+    def decide(self, s: ModelSignals, bounds: Bounds | None = None) -> Decision:
         spec = self.spec
+        b = bounds or self.bounds()
+        if b.retiring:
+            return self._retire(s, b)
         asks = [p.desire(s) for p in self.policies]
         opinions = [d for d in asks if d.replicas is not None]
         winner = (
@@ -87,11 +116,12 @@ class Decider:
         elif self._idle_since is None:
             self._idle_since = s.now
         idle_for = 0.0 if self._idle_since is None else s.now - self._idle_since
-        if spec.scale_to_zero and not s.demand and idle_for >= spec.idle_s:
+        if b.scale_to_zero and not s.demand and (idle_for >= spec.idle_s or self.desired == 0):
+            # (Already at zero, e.g. at start: nothing to wake for, so nothing starts.)
             target, policy, signal = 0, "scale_to_zero", "idle"
             reason = f"no request for {idle_for:.0f}s (idle_s {spec.idle_s:.0f})"
         else:
-            target = min(spec.max_replicas, max(spec.min_replicas, 1, raw))
+            target = min(b.max_replicas, max(b.min_replicas, 1, raw))
 
         now = s.now
         self._recent.append((now, target))
@@ -100,10 +130,12 @@ class Decider:
         previous = self.desired
         new = previous
         if self.desired == 0 and s.demand:
-            # Wake on demand: a request is waiting for a model with no replica; no cooldown applies.
+            # Wake on demand: a request is waiting for a model with no replica; no cooldown applies. (A version
+            # that is new, a rollout's candidate say, starts the same way, under its policy's name.)
             new = max(1, target)
-            policy, signal = "wake", "queued" if s.queued else "arrivals"
-            reason = f"request waiting for a model at zero ({s.in_flight} in flight): {new}"
+            if b.scale_to_zero:
+                policy, signal = "wake", "queued" if s.queued else "arrivals"
+                reason = f"request waiting for a model at zero ({s.in_flight} in flight): {new}"
         elif target > previous:
             if now - self._last_up >= spec.scale_up_cooldown_s:
                 new = target if not spec.max_step_up else min(target, previous + spec.max_step_up)
@@ -117,15 +149,39 @@ class Decider:
                     reason += f" (to {stable}: highest ask over the last {spec.scale_down_cooldown_s:.0f}s)"
             else:
                 reason += f" (held: scale-down cooldown {spec.scale_down_cooldown_s:.0f}s)"
+        return self._commit(
+            s, new, policy, signal, reason, dict(winner.numbers), {d.policy: d.replicas for d in asks}
+        )
+
+    def _retire(self, s: ModelSignals, b: Bounds) -> Decision:
+        """A version no traffic goes to: its count held until the retirement is due, then zero (the provisioner
+        drains each replica before it stops it)."""
+        self._recent.clear()
+        self._idle_since = None
+        new = 0 if b.retire_due else self.desired
+        reason = f"retired: {b.why}" if b.retire_due else f"retiring (held until due): {b.why}"
+        return self._commit(s, new, "retire", "rollout", reason, {}, {})
+
+    def _commit(
+        self,
+        s: ModelSignals,
+        new: int,
+        policy: str,
+        signal: str,
+        reason: str,
+        numbers: dict[str, float],
+        asks: dict[str, int | None],
+    ) -> Decision:
+        previous = self.desired
         direction = UP if new > previous else DOWN if new < previous else HOLD
         if direction != HOLD:
-            self._last_change = now
+            self._last_change = s.now
             if direction == UP:
-                self._last_up = now
+                self._last_up = s.now
         self.desired = new
         return Decision(
-            model=spec.model,
-            at=now,
+            model=self.spec.model,
+            at=s.now,
             previous=previous,
             desired=new,
             actual=s.actual,
@@ -133,6 +189,7 @@ class Decider:
             policy=policy,
             signal=signal,
             reason=reason,
-            numbers=dict(winner.numbers),
-            asks={d.policy: d.replicas for d in asks},
+            numbers=numbers,
+            asks=asks,
+            version=self.version,
         )

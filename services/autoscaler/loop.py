@@ -1,13 +1,15 @@
-"""The autoscaler's control loop: every interval, per model, read the signals (registry: replicas and their load
-and cold starts; routers: admission queues; metrics service: arrival rate, TTFT p99, E2E time), decide, log
-and export the decision with its reason, have the provisioner start or drain replicas, and report the state to
-the registry (which stores it durably)."""
+"""The autoscaler's control loop: every interval, per model and per version of it, read the signals (registry:
+replicas, their load and cold starts, and the rollout plans that split a model's traffic between versions;
+routers: admission queues and admitted-request counters, whose rate is the arrival rate; metrics service: TTFT
+p99 and E2E time per version), decide, log and export every decision with its reason, have the provisioner start
+or drain replicas of each version, and report the state to the registry (which stores it durably)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -15,11 +17,16 @@ from fleetserve.metrics.v1 import metrics_service_pb2 as metrics_pb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as metrics_grpc
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from fleetserve.registry.v1 import rollout_service_pb2 as rpb
+from fleetserve.registry.v1 import rollout_service_pb2_grpc as rollout_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from opentelemetry import metrics
 
-from services.autoscaler.decider import Decider, Decision
+from services.autoscaler import versions
+from services.autoscaler.arrivals import ArrivalMeter, Key
+from services.autoscaler.decider import Decision
+from services.autoscaler.model_scaler import ModelScaler, version_rates, version_signals
 from services.autoscaler.provisioner import DRAIN_QUIET_POLLS, Provisioner
 from services.autoscaler.signals import ModelSignals
 from services.autoscaler.spec import ModelSpec
@@ -31,17 +38,26 @@ SERVING = reg_pb.REPLICA_STATE_SERVING
 DRAINING = reg_pb.REPLICA_STATE_DRAINING
 
 # Prometheus names agreed with the observability work (NOTES.md): KEDA and the dashboard read the first two.
+# Per version: `sum by (model_name)` is the model's.
 DESIRED = prom.gauge(
-    "fleetserve:autoscaler_desired_replicas", "Replicas the autoscaler wants.", ["model_name"]
+    "fleetserve:autoscaler_desired_replicas",
+    "Replicas the autoscaler wants, per model version (sum by model_name: the model's).",
+    ["model_name", "version"],
 )
 ACTUAL = prom.gauge(
-    "fleetserve:autoscaler_actual_replicas", "Replicas registered and SERVING.", ["model_name"]
+    "fleetserve:autoscaler_actual_replicas",
+    "Replicas registered and SERVING, per model version.",
+    ["model_name", "version"],
 )
-STARTING = prom.gauge("fleetserve:autoscaler_starting_replicas", "Replicas cold starting.", ["model_name"])
+STARTING = prom.gauge(
+    "fleetserve:autoscaler_starting_replicas",
+    "Replicas cold starting, per model version.",
+    ["model_name", "version"],
+)
 DECISIONS = prom.counter(
     "fleetserve:autoscaler_decisions",
-    "Decisions that changed the desired count, by policy, signal and direction.",
-    ["model_name", "policy", "signal", "direction"],
+    "Decisions that changed the desired count, by version, policy, signal and direction.",
+    ["model_name", "version", "policy", "signal", "direction"],
 )
 COLD_STARTS = prom.histogram(
     "fleetserve:autoscaler_cold_start_seconds",
@@ -51,8 +67,25 @@ COLD_STARTS = prom.histogram(
 )
 
 
+@dataclass
+class Latency:
+    """What the metrics service measured over the window (zeros without it)."""
+
+    completed_rate: float = 0.0
+    ttft_p99_ms: float = 0.0
+    mean_e2e_s: float = 0.0
+
+
+@dataclass
+class RouterView:
+    """What the routers answered this round: queued requests per model, each router's admitted counts."""
+
+    queued: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, dict[Key, int]] = field(default_factory=dict)
+
+
 class Autoscaler:
-    """One control loop over every configured model."""
+    """One control loop over every configured model and its versions."""
 
     def __init__(
         self,
@@ -69,14 +102,17 @@ class Autoscaler:
         rpc_timeout_s: float = 3.0,
     ) -> None:
         self.specs = {s.model: s for s in specs}
-        self.deciders = {s.model: Decider(s) for s in specs}
+        self.scalers = {s.model: ModelScaler(s) for s in specs}
         self.provisioner = provisioner
         self.registry = reg_grpc.RegistryServiceStub(registry)
+        self.rollouts = rollout_grpc.RolloutServiceStub(registry)
         self.routers = [router_grpc.RouterServiceStub(c) for c in routers]
         self.metrics = metrics_grpc.MetricsServiceStub(metrics_channel) if metrics_channel else None
         self.window_s = window_s
         self.drain_timeout_s = drain_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
+        self.arrivals = ArrivalMeter(keep_s=max(600.0, 4 * window_s))
+        self.traffic: rpb.WatchTrafficResponse | None = None
         self.history: dict[str, deque[reg_pb.ScalingDecision]] = {
             m: deque(maxlen=decisions_kept) for m in self.specs
         }
@@ -87,17 +123,17 @@ class Autoscaler:
         self._decisions = meter.create_counter(
             "fleetserve.autoscaler.decisions",
             unit="{decision}",
-            description="Decisions that changed the desired count, by model, policy, signal and direction.",
+            description="Decisions that changed the desired count, by model, version, policy, signal and direction.",
         )
         meter.create_observable_gauge(
             "fleetserve.autoscaler.desired_replicas",
             callbacks=[self._observe_desired],
-            description="Replicas the autoscaler wants, by model.",
+            description="Replicas the autoscaler wants, by model (all its versions).",
         )
 
     def _observe_desired(self, _options):
-        for model, d in self.deciders.items():
-            yield metrics.Observation(d.desired, {"fleetserve.model": model})
+        for model, scaler in self.scalers.items():
+            yield metrics.Observation(scaler.desired, {"fleetserve.model": model})
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -110,13 +146,17 @@ class Autoscaler:
             log.warning("autoscaler.restore_failed", code=e.code().name, error=e.details())
             return
         for m in resp.models:
-            if m.model in self.deciders:
-                spec = self.specs[m.model]
-                d = self.deciders[m.model]
-                d.desired = min(spec.max_replicas, max(spec.min_replicas, m.desired))
-                self.history[m.model].extend(m.decisions)
-                self.cold_starts[m.model].extend(m.cold_starts_s)
-                log.info("autoscaler.restored", model=m.model, desired=d.desired)
+            scaler = self.scalers.get(m.model)
+            if scaler is None:
+                continue
+            spec = scaler.spec
+            # A report from before versions had rows: its count was the spec's version.
+            rows = [(v.version, v.desired) for v in m.versions] or [(spec.version, m.desired)]
+            for version, desired in rows:
+                scaler.decider(version, initial=min(spec.max_replicas, max(0, desired)))
+            self.history[m.model].extend(m.decisions)
+            self.cold_starts[m.model].extend(m.cold_starts_s)
+            log.info("autoscaler.restored", model=m.model, desired=dict(rows))
 
     # -- signals -------------------------------------------------------------------------------------
 
@@ -126,33 +166,59 @@ class Autoscaler:
         )
         return list(resp.replicas)
 
-    async def _queued(self, model: str) -> int:
-        total = 0
-        for stub in self.routers:
-            try:
-                resp = await stub.GetStatus(router_pb.GetStatusRequest(), timeout=self.rpc_timeout_s)
-            except grpc.aio.AioRpcError:
+    async def _routers(self) -> RouterView:
+        """Every router's admission queues and admitted-request counters (one GetStatus each per round)."""
+        view = RouterView()
+        answers = await asyncio.gather(
+            *(s.GetStatus(router_pb.GetStatusRequest(), timeout=self.rpc_timeout_s) for s in self.routers),
+            return_exceptions=True,
+        )
+        for i, resp in enumerate(answers):
+            if isinstance(resp, grpc.aio.AioRpcError):
                 continue  # a router away: the others (and the engines' queues) still count
+            if isinstance(resp, BaseException):
+                raise resp
             for q in resp.queues:
-                if q.model == model:
-                    total += q.interactive + q.standard + q.batch
-        return total
+                view.queued[q.model] = view.queued.get(q.model, 0) + q.interactive + q.standard + q.batch
+            view.counts[str(i)] = {(a.model, a.version): a.requests_total for a in resp.arrivals}
+        return view
 
-    async def _latency(self, model: str) -> tuple[float, float, float]:
-        """(arrival rate, TTFT p99 ms, mean E2E s) over the window, from the metrics service (zeros without)."""
-        if self.metrics is None:
-            return 0.0, 0.0, 0.0
+    async def _traffic(self) -> rpb.WatchTrafficResponse | None:
+        """The registry's traffic configuration (rollouts, experiments, flags): the first message of a
+        WatchTraffic stream, as routers get it. The last one read stands while the registry does not answer."""
+        call = self.rollouts.WatchTraffic(rpb.WatchTrafficRequest(), timeout=self.rpc_timeout_s)
         try:
-            resp = await self.metrics.Query(
-                metrics_pb.QueryRequest(model=model, window_s=self.window_s), timeout=self.rpc_timeout_s
-            )
+            resp = await call.read()
+            if resp is not grpc.aio.EOF:
+                self.traffic = resp
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # a registry without rollouts: one version
+                log.info("autoscaler.traffic_unavailable", code=e.code().name)
+        finally:
+            call.cancel()
+        return self.traffic
+
+    async def _latency(self, model: str, version: str = "") -> Latency:
+        """Requests ended per second, TTFT p99 and mean E2E over the window, from the metrics service (of one
+        version when given)."""
+        if self.metrics is None:
+            return Latency()
+        req = metrics_pb.QueryRequest(model=model, window_s=self.window_s, model_version=version)
+        try:
+            resp = await self.metrics.Query(req, timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             log.info("autoscaler.metrics_unavailable", code=e.code().name)
-            return 0.0, 0.0, 0.0
+            return Latency()
         for m in resp.models:
             if m.model == model:
-                return m.requests / self.window_s, m.ttft_ms.p99, m.e2e_ms.mean / 1000.0
-        return 0.0, 0.0, 0.0
+                return Latency(m.requests / self.window_s, m.ttft_ms.p99, m.e2e_ms.mean / 1000.0)
+        return Latency()
+
+    def _arrival_rate(self, model: str, now: float, completed_rate: float) -> tuple[float, str]:
+        """The model's arrival rate: the routers' admitted-request counters; while no router has answered
+        within the window, the requests the metrics service saw end (it lags by a request's duration)."""
+        rate = self.arrivals.rate(model, self.window_s, now=now) if self.routers else None
+        return (completed_rate, "metrics") if rate is None else (rate, "routers")
 
     def _measure_cold_starts(self, model: str, replicas: list[reg_pb.Replica]) -> None:
         for r in replicas:
@@ -169,34 +235,6 @@ class Autoscaler:
                         replica_id=r.replica_id,
                         cold_start_s=round(took, 3),
                     )
-
-    async def signals(self, model: str, now: float) -> tuple[ModelSignals, list[reg_pb.Replica]]:
-        replicas, queued, (rate, ttft_p99, e2e) = await asyncio.gather(
-            self._replicas(model), self._queued(model), self._latency(model)
-        )
-        self._measure_cold_starts(model, replicas)
-        serving = [r for r in replicas if r.state == SERVING]
-        registered = {r.replica_id for r in replicas}
-        starting = [
-            o for o in self.provisioner.owned(model) if not o.draining and o.replica_id not in registered
-        ]
-        kv = [r.load.kv_blocks_used / r.load.kv_blocks_total for r in serving if r.load.kv_blocks_total]
-        s = ModelSignals(
-            now=now,
-            wall_unix=now,
-            serving=len(serving),
-            starting=len(starting),
-            running=sum(r.load.running for r in serving),
-            waiting=sum(r.load.waiting for r in serving),
-            queued=queued,
-            kv_usage=max(kv, default=0.0),
-            output_tokens_per_s=sum(r.load.output_tokens_per_s for r in serving),
-            arrival_rate=rate,
-            mean_e2e_s=e2e,
-            ttft_p99_ms=ttft_p99,
-            cold_starts_s=tuple(self.cold_starts[model]),
-        )
-        return s, replicas
 
     # -- acting --------------------------------------------------------------------------------------
 
@@ -225,12 +263,14 @@ class Autoscaler:
             await asyncio.sleep(0.2)
         log.warning("autoscaler.drain_timeout", replica_id=replica_id, timeout_s=self.drain_timeout_s)
 
-    async def reconcile(self, model: str, desired: int, replicas: list[reg_pb.Replica]) -> None:
-        """Start or drain this provisioner's replicas of model until the active ones number `desired`.
-        Scale-down picks replicas still cold starting first (nothing to drain), then the least loaded."""
-        active = [o for o in self.provisioner.owned(model) if not o.draining]
+    async def reconcile(self, model: str, version: str, desired: int, replicas: list[reg_pb.Replica]) -> None:
+        """Start or drain this provisioner's replicas of model at version until the active ones number
+        `desired`. Scale-down picks replicas still cold starting first (nothing to drain), then the least
+        loaded."""
+        active = [o for o in self.provisioner.owned(model, version) if not o.draining]
+        own = self.specs[model].versions.get(version)
         for _ in range(max(0, desired - len(active))):
-            await self.provisioner.start(model)
+            await self.provisioner.start(model, version, own.engine_args if own else "")
         extra = len(active) - desired
         if extra <= 0:
             return
@@ -242,27 +282,20 @@ class Autoscaler:
     # -- one round -----------------------------------------------------------------------------------
 
     async def tick(self) -> list[Decision]:
-        """One decision per model; errors reaching the registry skip that model this round."""
+        """One decision per model version; errors reaching the registry skip that model this round."""
         now = time.time()
+        view, traffic = await asyncio.gather(self._routers(), self._traffic())
+        if view.counts:
+            self.arrivals.update(now, view.counts)
         out = []
-        for model, decider in self.deciders.items():
+        for model, scaler in self.scalers.items():
             try:
-                s, replicas = await self.signals(model, now)
+                out += await self._scale(scaler, now, view, traffic)
             except grpc.aio.AioRpcError as e:
                 log.warning(
                     "autoscaler.registry_unavailable", model=model, code=e.code().name, error=e.details()
                 )
-                continue
-            decider.observe(now, s.arrival_rate)
-            d = decider.decide(s)
-            out.append(d)
-            self._record(d)
-            await self.reconcile(model, d.desired, replicas)
-            draining = sum(1 for o in self.provisioner.owned(model) if o.draining)
-            self.last[model] = self._state(model, s, draining)
-            DESIRED.labels(model).set(d.desired)
-            ACTUAL.labels(model).set(s.serving)
-            STARTING.labels(model).set(s.starting)
+        self.provisioner.refresh_targets()
         self.ticks += 1
         if self.last:
             try:
@@ -273,6 +306,95 @@ class Autoscaler:
                 log.warning("autoscaler.report_failed", code=e.code().name, error=e.details())
         return out
 
+    async def _scale(
+        self, scaler: ModelScaler, now: float, view: RouterView, traffic: rpb.WatchTrafficResponse | None
+    ) -> list[Decision]:
+        """One model: its arrival rate, the versions its traffic goes to, then a decision per version."""
+        spec = scaler.spec
+        model = spec.model
+        replicas, model_latency = await asyncio.gather(self._replicas(model), self._latency(model))
+        self._measure_cold_starts(model, replicas)
+        rate, source = self._arrival_rate(model, now, model_latency.completed_rate)
+        scaler.observe(now, rate)
+        owned = {o.version for o in self.provisioner.owned(model)} | set(scaler.deciders)
+        plans = versions.plan(spec, traffic, owned)
+        by_version: dict[str, list[reg_pb.Replica]] = {}
+        for r in replicas:
+            by_version.setdefault(r.model_version or spec.version, []).append(r)
+        serving = {v: sum(1 for r in reps if r.state == SERVING) for v, reps in by_version.items()}
+        measured = {}
+        if source == "routers":
+            measured = {v: self.arrivals.rate(model, self.window_s, v, now=now) or 0.0 for v in plans}
+        rates = version_rates(plans, rate, measured, serving)
+        latency = {v: model_latency for v in plans}
+        if len(plans) > 1:
+            found = await asyncio.gather(*(self._latency(model, v) for v in plans))
+            latency = dict(zip(plans, found, strict=True))
+        base = ModelSignals(
+            now=now,
+            wall_unix=now,
+            serving=0,
+            queued=view.queued.get(model, 0),
+            cold_starts_s=tuple(self.cold_starts[model]),
+        )
+        decisions, rows = [], []
+        for v, vp in sorted(plans.items(), key=lambda kv: (-kv[1].share, kv[0])):
+            s = self._version_signals(base, by_version.get(v, []), model, vp, rates[v], rate, latency[v])
+            d = scaler.decide(vp, s, serving)
+            decisions.append(d)
+            self._record(d)
+            await self.reconcile(model, v, d.desired, replicas)
+            rows.append(self._row(scaler, vp, s, rates[v], serving))
+        for vp in plans.values():
+            if vp.role == versions.RETIRING and scaler.deciders[vp.version].desired == 0:
+                if not self.provisioner.owned(model, vp.version):
+                    self._forget(scaler, vp.version)
+        self.last[model] = self._state(scaler, now, rows, rate, source)
+        return decisions
+
+    def _version_signals(
+        self,
+        base: ModelSignals,
+        reps: list[reg_pb.Replica],
+        model: str,
+        vp: versions.VersionPlan,
+        rate: float,
+        model_rate: float,
+        latency: Latency,
+    ) -> ModelSignals:
+        serving = [r for r in reps if r.state == SERVING]
+        registered = {r.replica_id for r in reps}
+        starting = [
+            o
+            for o in self.provisioner.owned(model, vp.version)
+            if not o.draining and o.replica_id not in registered
+        ]
+        kv = [r.load.kv_blocks_used / r.load.kv_blocks_total for r in serving if r.load.kv_blocks_total]
+        return version_signals(
+            base,
+            rate,
+            model_rate,
+            vp.share,
+            serving=len(serving),
+            starting=len(starting),
+            running=sum(r.load.running for r in serving),
+            waiting=sum(r.load.waiting for r in serving),
+            kv_usage=max(kv, default=0.0),
+            output_tokens_per_s=sum(r.load.output_tokens_per_s for r in serving),
+            ttft_p99_ms=latency.ttft_p99_ms,
+            mean_e2e_s=latency.mean_e2e_s,
+        )
+
+    def _forget(self, scaler: ModelScaler, version: str) -> None:
+        """A retired version whose replicas are all gone: no decider, no gauges."""
+        scaler.forget(version)
+        for gauge in (DESIRED, ACTUAL, STARTING):
+            try:
+                gauge.remove(scaler.spec.model, version)
+            except KeyError:
+                pass
+        log.info("autoscaler.version_retired", model=scaler.spec.model, version=version)
+
     def _record(self, d: Decision) -> None:
         fields = d.as_dict()
         if d.direction == "hold":
@@ -282,9 +404,15 @@ class Autoscaler:
         log.info("autoscaler.decision", **fields)
         self._decisions.add(
             1,
-            {"fleetserve.model": d.model, "policy": d.policy, "signal": d.signal, "direction": d.direction},
+            {
+                "fleetserve.model": d.model,
+                "fleetserve.model_version": d.version,
+                "policy": d.policy,
+                "signal": d.signal,
+                "direction": d.direction,
+            },
         )
-        DECISIONS.labels(d.model, d.policy, d.signal, d.direction).inc()
+        DECISIONS.labels(d.model, d.version, d.policy, d.signal, d.direction).inc()
         self.history[d.model].append(
             reg_pb.ScalingDecision(
                 at_unix=d.at,
@@ -295,22 +423,59 @@ class Autoscaler:
                 policy=d.policy,
                 signal=d.signal,
                 reason=d.reason,
+                version=d.version,
             )
         )
 
-    def _state(self, model: str, s: ModelSignals, draining: int) -> reg_pb.ModelScaling:
-        spec = self.specs[model]
-        return reg_pb.ModelScaling(
-            model=model,
-            desired=self.deciders[model].desired,
+    def _row(
+        self,
+        scaler: ModelScaler,
+        vp: versions.VersionPlan,
+        s: ModelSignals,
+        rate: float,
+        serving: dict[str, int],
+    ) -> reg_pb.VersionScaling:
+        model = scaler.spec.model
+        draining = sum(1 for o in self.provisioner.owned(model, vp.version) if o.draining)
+        desired = scaler.deciders[vp.version].desired
+        b = scaler.bounds(vp, s.now, serving)
+        DESIRED.labels(model, vp.version).set(desired)
+        ACTUAL.labels(model, vp.version).set(s.serving)
+        STARTING.labels(model, vp.version).set(s.starting)
+        return reg_pb.VersionScaling(
+            version=vp.version,
+            role=vp.role,
+            share=vp.share,
+            desired=desired,
             serving=s.serving,
             starting=s.starting,
             draining=draining,
+            min_replicas=b.min_replicas,
+            max_replicas=b.max_replicas,
+            reason=b.why or vp.why,
+            arrival_rate=rate,
+        )
+
+    def _state(
+        self, scaler: ModelScaler, now: float, rows: list[reg_pb.VersionScaling], rate: float, source: str
+    ) -> reg_pb.ModelScaling:
+        spec = scaler.spec
+        model = spec.model
+        return reg_pb.ModelScaling(
+            model=model,
+            desired=sum(r.desired for r in rows),
+            serving=sum(r.serving for r in rows),
+            starting=sum(r.starting for r in rows),
+            draining=sum(1 for o in self.provisioner.owned(model) if o.draining),
             min_replicas=spec.min_replicas,
             max_replicas=spec.max_replicas,
             policies=list(spec.policies),
             decisions=list(self.history[model]),
-            updated_unix=s.now,
+            updated_unix=now,
             cold_starts_s=list(self.cold_starts[model])[-5:],
             provisioner=self.provisioner.name,
+            versions=rows,
+            arrival_rate=rate,
+            arrival_source=source,
+            available_versions=spec.available_versions,
         )

@@ -1,5 +1,6 @@
-"""What the autoscaler sees of one model at one decision: replicas, their load, demand and latency, and the cold
-starts it has measured. Filled from the registry, routers and metrics service (live) or the fleet model (bench)."""
+"""What the autoscaler sees of one model (or one version of it) at one decision: replicas, their load, demand and
+latency, and the cold starts it has measured. Filled from the registry, routers and metrics service (live) or the
+fleet model (bench)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ class ModelSignals:
     cold_starts_s: tuple[float, ...] = field(default_factory=tuple)
     #: Unix time, for schedules (defaults to `now` when the clock is wall time).
     wall_unix: float | None = None
+    #: This version's share of the model's arrivals (rollouts split a model's traffic between versions): the
+    #: predictive policy forecasts the model and asks for this share of it. 1 without rollouts.
+    share: float = 1.0
 
     @property
     def actual(self) -> int:

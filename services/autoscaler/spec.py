@@ -4,6 +4,7 @@ from JSON (the --models flag or a file); every problem is refused at start with 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,21 @@ _FIELDS = {
     "scale_to_zero",
     "idle_s",
     "max_step_up",
+    "version",
+    "versions",
+    "retire_after_s",
 }
+_VERSION_FIELDS = {"min_replicas", "max_replicas", "engine_args"}
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """One version the autoscaler can start: its bounds (None: the model's) and the engine flags that make an
+    engine serve it beyond --model-version (vLLM: its weights, e.g. "--vllm-args='--model /models/m-v2'")."""
+
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    engine_args: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,12 +61,67 @@ class ModelSpec:
     idle_s: float = 300.0
     # Most replicas added in one decision (0: no limit).
     max_step_up: int = 0
+    # The version replicas serve while no rollout names one (the engine's --model-version default).
+    version: str = "v1"
+    # Versions it can start besides `version` (a rollout may name them), with their own bounds and engine flags.
+    versions: dict[str, VersionSpec] = field(default_factory=dict)
+    # A promoted rollout's baseline keeps its replicas this long (a blue-green switch back finds them warm),
+    # then it is drained to zero.
+    retire_after_s: float = 300.0
 
-    def build_policies(self) -> list[policies.Policy]:
+    @property
+    def available_versions(self) -> list[str]:
+        """Versions this autoscaler can start replicas of (the registry accepts rollouts of them)."""
+        return [self.version, *(v for v in self.versions if v != self.version)]
+
+    def build_policies(self, **shared: Any) -> list[policies.Policy]:
+        """The configured policies; `shared` state (the model's arrival history) goes to those that use it."""
         return [
-            policies.build(name, opts, replica_rps=self.replica_rps, default_cold_start_s=self.cold_start_s)
+            policies.build(
+                name, opts, replica_rps=self.replica_rps, default_cold_start_s=self.cold_start_s, **shared
+            )
             for name, opts in self.policies.items()
         ]
+
+
+def _version_name(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v or len(v) > 128 or any(c.isspace() for c in v):
+        raise ValueError(f"{where}: must be a version name (1-128 characters, no spaces), got {v!r}")
+    return v
+
+
+def _parse_versions(raw: Any, where: str, model_max: int) -> dict[str, VersionSpec]:
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{where}: must be a mapping of version -> {{min_replicas, max_replicas, engine_args}}"
+        )
+    out = {}
+    for v, b in raw.items():
+        at = f"{where}.{_version_name(v, where)}"
+        if not isinstance(b, dict):
+            raise ValueError(
+                f"{at}: must be a mapping (min_replicas, max_replicas, engine_args; all optional)"
+            )
+        unknown = set(b) - _VERSION_FIELDS
+        if unknown:
+            raise ValueError(f"{at}: unknown field(s) {sorted(unknown)}; known: {sorted(_VERSION_FIELDS)}")
+        lo = _number(b, "min_replicas", at, 0, integer=True) if "min_replicas" in b else None
+        hi = _number(b, "max_replicas", at, 1, integer=True, minimum=1) if "max_replicas" in b else None
+        if lo is not None and lo > (model_max if hi is None else hi):
+            raise ValueError(
+                f"{at}.min_replicas: {lo} is more than max_replicas {model_max if hi is None else hi}"
+            )
+        args = b.get("engine_args", "")
+        try:
+            if not isinstance(args, str):
+                raise ValueError("not a string")
+            shlex.split(args)
+        except ValueError as e:
+            raise ValueError(
+                f"{at}.engine_args: must be engine flags as one shell-quoted string ({e})"
+            ) from None
+        out[v] = VersionSpec(lo, hi, args)
+    return out
 
 
 def _number(raw: dict, key: str, where: str, default: float, *, integer: bool = False, minimum: float = 0.0):
@@ -109,6 +179,9 @@ def parse_model(model: str, raw: Any) -> ModelSpec:
         scale_to_zero=scale_to_zero,
         idle_s=float(_number(raw, "idle_s", where, 300.0)),
         max_step_up=int(_number(raw, "max_step_up", where, 0, integer=True)),
+        version=_version_name(raw.get("version", "v1"), f"{where}.version"),
+        versions=_parse_versions(raw.get("versions", {}), f"{where}.versions", hi),
+        retire_after_s=float(_number(raw, "retire_after_s", where, 300.0)),
     )
     try:
         spec.build_policies()  # every option checked now, at start

@@ -216,6 +216,7 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
             lease_ttl_s=settings.lease_ttl_s,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             on_register=lambda r: traffic.saw_version(r.model, r.model_version),
+            on_version=traffic.saw_version,
         )
         source = MetricsServiceSource(settings.metrics_address, tls=tls) if settings.metrics_address else None
         controller = RolloutController(traffic, membership, source, telemetry.meter)

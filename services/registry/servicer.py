@@ -62,10 +62,13 @@ class RegistryServicer:
         lease_ttl_s: float,
         heartbeat_interval_s: float,
         on_register: Callable[[pb.Replica], Awaitable[None]] | None = None,
+        on_version: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.membership = membership
         # Told of every registration (the rollouts' record of the versions each model ever had).
         self.on_register = on_register
+        # Told of every (model, version) an autoscaler can start (ReportScaling): a rollout may name it first.
+        self.on_version = on_version
         self.store = store
         self.tracer = tracer
         self.lease_ttl_s = lease_ttl_s
@@ -208,6 +211,9 @@ class RegistryServicer:
         try:
             for m in request.models:
                 await self.store.put_doc(SCALING_DOCS, m.model, m.SerializeToString())
+                if self.on_version is not None:
+                    for v in m.available_versions:
+                        await self.on_version(m.model, v)
         except StoreError as e:
             raise Unavailable(
                 f"the registry's store is unavailable: {e}", reason="STORE_UNAVAILABLE", retry_after_s=1.0

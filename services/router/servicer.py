@@ -80,6 +80,10 @@ class RetrySettings:
         return self.hedge_delay_s
 
 
+# (model, version) pairs counted in GetStatus arrivals; pins beyond it are counted under the model alone.
+MAX_ARRIVAL_KEYS = 1024
+
+
 class RouterServicer:
     """fleetserve.router.v1.RouterService. Generate yields the engine's response bytes (the three hops'
     GenerateResponse messages are wire-identical); chunks are parsed only when the generation may be resumed
@@ -141,6 +145,8 @@ class RouterServicer:
         self.sleep = sleep
         self.counters = AttemptCounters(meter, self.prom)
         self.in_flight: Counter[str] = Counter()
+        # Requests admitted per (model, version) since start, for GetStatus (the autoscaler's arrival rate).
+        self.arrivals: Counter[tuple[str, str]] = Counter()
         # 0: no cap, requests go straight to replicas (engines queue themselves); else the admission queue
         # holds requests while every replica of the model has this many attempts in flight.
         self.max_in_flight_per_replica = max_in_flight_per_replica
@@ -450,6 +456,14 @@ class RouterServicer:
             span.set_attribute("fleetserve.arm", assignment.arm)
         if assignment.policy:
             routed.policy_override = assignment.policy
+        # Every request arrives here once: the autoscaler's arrival rate (GetStatus arrivals), by the version it
+        # was given. Models nobody serves (a typo, a scan) are refused later and must not grow the table, nor may
+        # made-up version pins.
+        if self.membership.knows_model(routed.model):
+            key = (routed.model, request.spec.model_version)
+            if key not in self.arrivals and len(self.arrivals) >= MAX_ARRIVAL_KEYS:
+                key = (routed.model, "")
+            self.arrivals[key] += 1
         return RequestAttempts(self, request, routed, deadline, assignment)
 
     @staticmethod
@@ -509,6 +523,8 @@ class RouterServicer:
         for model, (interactive, standard, batch) in self.admission.waiting().items():
             resp.queues.add(model=model, interactive=interactive, standard=standard, batch=batch)
         resp.shadows.extend(self.shadows.reports())
+        for (model, version), n in self.arrivals.items():
+            resp.arrivals.add(model=model, version=version, requests_total=n)
         return resp
 
     async def watch_stalls(self) -> None:

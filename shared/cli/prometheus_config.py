@@ -42,11 +42,14 @@ def scrape_config(
 ) -> dict:
     """A whole prometheus.yml: one job over every process of the fleet. With targets_file, the targets are
     read from that file (file_sd; Prometheus re-reads it when it changes, so rewriting it follows a fleet that
-    grows or shrinks without a restart); otherwise they are listed inline."""
+    grows or shrinks without a restart); otherwise they are listed inline. The engines an autoscaler starts and
+    stops come and go between runs of this command, so they are always read from the file its provisioner keeps
+    (`autoscaled_targets_file` in the state)."""
     job: dict = {"job_name": JOB, "scrape_interval": scrape_interval}
-    if targets_file:
-        job["file_sd_configs"] = [{"files": [targets_file]}]
-    else:
+    files = [f for f in (targets_file, state.get("autoscaled_targets_file")) if f]
+    if files:
+        job["file_sd_configs"] = [{"files": files}]
+    if not targets_file:
         job["static_configs"] = targets(state)
     config: dict = {
         "global": {

@@ -16,6 +16,7 @@ from fleetserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.channels import open_channel
@@ -180,6 +181,24 @@ async def fetch_scaling(registry: str, tls: Tls | None = None) -> list[dict]:
             "provisioner": m.provisioner,
             "updated_unix": m.updated_unix,
             "cold_starts_s": [round(c, 2) for c in m.cold_starts_s],
+            "arrival_rate": round(m.arrival_rate, 3),
+            "arrival_source": m.arrival_source,
+            "versions": [
+                {
+                    "version": v.version,
+                    "role": v.role,
+                    "share": round(v.share, 4),
+                    "desired": v.desired,
+                    "serving": v.serving,
+                    "starting": v.starting,
+                    "draining": v.draining,
+                    "min_replicas": v.min_replicas,
+                    "max_replicas": v.max_replicas,
+                    "arrival_rate": round(v.arrival_rate, 3),
+                    "reason": v.reason,
+                }
+                for v in m.versions
+            ],
             "decisions": [
                 {
                     "at_unix": d.at_unix,
@@ -190,6 +209,7 @@ async def fetch_scaling(registry: str, tls: Tls | None = None) -> list[dict]:
                     "policy": d.policy,
                     "signal": d.signal,
                     "reason": d.reason,
+                    "version": d.version,
                 }
                 for d in m.decisions
             ],
@@ -199,7 +219,8 @@ async def fetch_scaling(registry: str, tls: Tls | None = None) -> list[dict]:
 
 
 def scaling_table(models: list[dict], last: int = 3) -> Table:
-    """Desired vs actual per model, and its last decisions with their reasons."""
+    """Desired vs actual per model (and per version while several share its traffic: a rollout's baseline and
+    candidate, a version retiring), and its last decisions with their reasons."""
     t = Table(title="autoscaling: desired vs actual")
     for col in (
         "model",
@@ -214,11 +235,16 @@ def scaling_table(models: list[dict], last: int = 3) -> Table:
         t.add_column(col)
     now = time.time()
     for m in models:
+        # Escaped: "[capacity]" (and a reason's brackets) are text, not Rich markup.
         lines = [
-            f"{now - d['at_unix']:.0f}s ago {d['previous']}->{d['desired']} [{d['policy']}] {d['reason']}"
+            escape(
+                f"{now - d['at_unix']:.0f}s ago {_at(d.get('version', ''))}{d['previous']}->{d['desired']} "
+                f"[{d['policy']}] {d['reason']}"
+            )
             for d in m["decisions"][-last:]
         ]
         color = "green" if m["desired"] == m["serving"] else "yellow"
+        rate = f"\n{m['arrival_rate']:.1f} req/s ({m['arrival_source']})" if m.get("arrival_source") else ""
         t.add_row(
             m["model"],
             f"[{color}]{m['desired']}[/]",
@@ -226,10 +252,27 @@ def scaling_table(models: list[dict], last: int = 3) -> Table:
             str(m["starting"]),
             str(m["draining"]),
             f"{m['min_replicas']}-{m['max_replicas']}",
-            ",".join(m["policies"]),
+            ",".join(m["policies"]) + rate,
             "\n".join(lines) or "-",
         )
+        versions = m.get("versions", [])
+        if len(versions) > 1 or any(v["role"] != "current" for v in versions):
+            for v in versions:
+                t.add_row(
+                    f"  @{v['version']} {v['role']} {100 * v['share']:.0f}%",
+                    str(v["desired"]),
+                    str(v["serving"]),
+                    str(v["starting"]),
+                    str(v["draining"]),
+                    f"{v['min_replicas']}-{v['max_replicas']}",
+                    f"{v['arrival_rate']:.1f} req/s",
+                    escape(v["reason"]),
+                )
     return t
+
+
+def _at(version: str) -> str:
+    return f"@{version} " if version else ""
 
 
 def _routing(st: router_pb.ReplicaStatus | None) -> dict:

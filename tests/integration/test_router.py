@@ -250,6 +250,27 @@ async def test_streams_a_generation_from_a_replica(fleet):
     assert all(r.routable and r.in_flight == 0 for r in status.replicas)
 
 
+async def test_get_status_counts_every_admitted_request_by_model_and_version(fleet):
+    """GetStatus.arrivals (the autoscaler's arrival rate) counts each admitted request once, under the version
+    it was given (empty without one), and not a request refused before admission (an unknown model)."""
+
+    async def counts() -> dict[tuple[str, str], int]:
+        status = await fleet.router_stub().GetStatus(router_pb.GetStatusRequest(), timeout=2)
+        return {(a.model, a.version): a.requests_total for a in status.arrivals}
+
+    before = await counts()
+    for i in range(3):
+        await generate(fleet, request(request_id=f"count-{i}"))
+    pinned = request(request_id="count-pinned")
+    pinned.spec.model_version = "v1"
+    await generate(fleet, pinned)
+    await generate_error(fleet, request(model="no-such-model", request_id="count-unknown"))
+    after = await counts()
+    assert after[(MODEL, "")] - before.get((MODEL, ""), 0) == 3
+    assert after[(MODEL, "v1")] - before.get((MODEL, "v1"), 0) == 1
+    assert not any(model == "no-such-model" for model, _ in after)
+
+
 async def test_concurrent_requests_spread_over_replicas(fleet):
     """Least-load sends concurrent requests to both replicas, not all to one."""
     import asyncio

@@ -35,8 +35,11 @@ class Policy(ABC):
         return None
 
 
-def build(name: str, options: dict[str, Any], *, replica_rps: float, default_cold_start_s: float) -> Policy:
-    """The policy called name, configured from options (unknown options are refused naming the key)."""
+def build(
+    name: str, options: dict[str, Any], *, replica_rps: float, default_cold_start_s: float, **shared: Any
+) -> Policy:
+    """The policy called name, configured from options (unknown options are refused naming the key); `shared`:
+    state several policy instances use (the predictive policy's `history`, one per model for all versions)."""
     from services.autoscaler.policies import capacity, predictive, reactive, scheduled
 
     table = {
@@ -48,7 +51,7 @@ def build(name: str, options: dict[str, Any], *, replica_rps: float, default_col
     if name not in table:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(table))}")
     return table[name].from_options(
-        options, replica_rps=replica_rps, default_cold_start_s=default_cold_start_s
+        options, replica_rps=replica_rps, default_cold_start_s=default_cold_start_s, **shared
     )
 
 

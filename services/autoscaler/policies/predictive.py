@@ -84,38 +84,69 @@ class SeasonalNaive:
         return max(ys[-1], level + slope * max(0.0, horizon_s / self.bucket_s)), "trend", 1.0
 
 
+def history(options: dict[str, Any]) -> SeasonalNaive:
+    """An empty arrival-rate history as the predictive policy with these options keeps it (one per model, shared
+    by its versions' policies: a new version inherits the model's season)."""
+    o = _options(options)
+    return SeasonalNaive(o["period_s"], o["bucket_s"], o["trend_window_s"], o["max_trend"])
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    o = take(options, DEFAULTS, Predictive.name)
+    if o["bucket_s"] <= 0 or o["period_s"] < o["bucket_s"]:
+        raise ValueError("predictive.period_s: must be at least bucket_s (> 0)")
+    if o["max_trend"] < 1:
+        raise ValueError("predictive.max_trend: must be >= 1")
+    return o
+
+
 class Predictive(Policy):
+    """Forecasts the model's arrivals and asks for this version's share of them (ModelSignals.share). With a
+    `history` given, that history is the model's and its owner feeds it; otherwise this policy keeps its own
+    (fed through observe)."""
+
     name = "predictive"
 
-    def __init__(self, fallback_rps: float, default_cold_start_s: float, **opts: float) -> None:
+    def __init__(
+        self,
+        fallback_rps: float,
+        default_cold_start_s: float,
+        history: SeasonalNaive | None = None,
+        **opts: float,
+    ) -> None:
         self.fallback_rps = fallback_rps
         self.default_cold_start_s = default_cold_start_s
         self.o = opts
-        self.model = SeasonalNaive(
+        self.owns_history = history is None
+        self.model = history or SeasonalNaive(
             opts["period_s"], opts["bucket_s"], opts["trend_window_s"], opts["max_trend"]
         )
 
     @classmethod
     def from_options(
-        cls, options: dict[str, Any], *, replica_rps: float, default_cold_start_s: float
+        cls,
+        options: dict[str, Any],
+        *,
+        replica_rps: float,
+        default_cold_start_s: float,
+        history: SeasonalNaive | None = None,
+        **_: Any,
     ) -> Predictive:
-        o = take(options, DEFAULTS, cls.name)
-        if o["bucket_s"] <= 0 or o["period_s"] < o["bucket_s"]:
-            raise ValueError("predictive.period_s: must be at least bucket_s (> 0)")
-        if o["max_trend"] < 1:
-            raise ValueError("predictive.max_trend: must be >= 1")
+        o = _options(options)
         if not (o["replica_rps"] or o["replica_concurrency"] or replica_rps):
             raise ValueError("predictive: needs replica_rps (requests/s one replica serves within the SLO)")
-        return cls(replica_rps, default_cold_start_s, **o)
+        return cls(replica_rps, default_cold_start_s, history, **o)
 
     def observe(self, now: float, arrival_rate: float) -> None:
-        self.model.observe(now, arrival_rate)
+        if self.owns_history:
+            self.model.observe(now, arrival_rate)
 
     def desire(self, s: ModelSignals) -> Desire:
         mu = replica_rate(self.o, s, self.fallback_rps)
         lead = s.cold_start_s(self.default_cold_start_s) + self.o["lead_margin_s"]
-        peak, how, ratio = self.model.forecast_peak(s.now, lead)
-        peak = max(peak, s.arrival_rate)  # now is inside the horizon too
+        model_peak, how, ratio = self.model.forecast_peak(s.now, lead)
+        # The model's forecast, this version's share of it (1 without rollouts); now is inside the horizon too.
+        peak = max(model_peak * s.share, s.arrival_rate)
         want = (
             fewer_only_past_tolerance(peak * (1 + self.o["headroom"]) / mu, s.actual, self.o["tolerance"])
             if mu > 0
@@ -125,6 +156,7 @@ class Predictive(Policy):
             "forecast_peak_rps": round(peak, 3),
             "lead_s": round(lead, 1),
             "level_ratio": round(ratio, 3),
+            "share": round(s.share, 4),
             "replica_rps": round(mu, 3),
         }
         reason = f"{how} forecast: up to {peak:.1f} req/s in the next {lead:.0f}s -> {want}"

@@ -158,6 +158,15 @@ def test_scale_to_zero_after_idle_and_wake_on_a_waiting_request():
     assert (wake.desired, wake.policy, wake.direction) == (1, "wake", "up")
 
 
+def test_a_model_that_starts_at_zero_starts_nothing_until_a_request_comes():
+    """An autoscaler that starts with a scale-to-zero model at zero keeps it there while nothing asks for it
+    (no replica at boot only to be stopped idle_s later), and wakes it for the first request."""
+    d = Decider(spec(min_replicas=0, scale_to_zero=True, idle_s=60), initial=0)
+    for t in (0, 10, 20):
+        assert d.decide(sig(now=t, serving=0)).desired == 0
+    assert d.decide(sig(now=30, serving=0, queued=1)).policy == "wake"
+
+
 @pytest.mark.parametrize(
     "raw, field",
     [

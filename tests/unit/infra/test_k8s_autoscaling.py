@@ -38,8 +38,9 @@ def test_every_object_has_api_version_kind_and_name():
 
 
 def test_scaled_object_scales_the_engine_deployment_on_the_desired_replicas_gauge():
-    """The trigger reads fleetserve:autoscaler_desired_replicas (the gauge the autoscaler exports) as a Value
-    with threshold 1, so replicas = desired; its target is a Deployment defined beside it."""
+    """The trigger reads fleetserve:autoscaler_desired_replicas (the gauge the autoscaler exports) of one model
+    version as a Value with threshold 1, so replicas = desired; its target is a Deployment of that version
+    defined beside it."""
     (so,) = by_kind("ScaledObject")
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     spec = so["spec"]
@@ -54,9 +55,11 @@ def test_scaled_object_scales_the_engine_deployment_on_the_desired_replicas_gaug
     assert float(meta["threshold"]) == 1.0
     assert meta["serverAddress"].startswith("http")
     model = so["metadata"]["labels"]["fleetserve/model"]
-    assert f'model_name="{model}"' in meta["query"]
+    version = so["metadata"]["labels"]["fleetserve/model-version"]
+    assert f'model_name="{model}"' in meta["query"] and f'version="{version}"' in meta["query"]
+    assert "version" in DESIRED._labelnames
     engine = deployments[target["name"]]["spec"]["template"]["spec"]["containers"][0]
-    assert f"--model={model}" in engine["args"]
+    assert f"--model={model}" in engine["args"] and f"--model-version={version}" in engine["args"]
 
 
 def _flags(container: dict) -> list[str]:

@@ -43,6 +43,17 @@ def test_inline_or_file_sd():
     assert file_sd["file_sd_configs"] == [{"files": ["/x/t.json"]}] and "static_configs" not in file_sd
 
 
+def test_autoscaled_engines_are_read_from_the_provisioners_targets_file():
+    """Engines an autoscaler starts come and go: the job also reads the file its local provisioner keeps,
+    inline targets or not."""
+    state = {**STATE, "autoscaled_targets_file": "/fleet/run/autoscaled-targets.json"}
+    inline = scrape_config(state)["scrape_configs"][0]
+    assert inline["file_sd_configs"] == [{"files": ["/fleet/run/autoscaled-targets.json"]}]
+    assert len(inline["static_configs"]) == 5
+    both = scrape_config(state, targets_file="/x/t.json")["scrape_configs"][0]
+    assert both["file_sd_configs"] == [{"files": ["/x/t.json", "/fleet/run/autoscaled-targets.json"]}]
+
+
 def test_command_writes_config_and_targets_file(tmp_path):
     """The command reads cluster.json from --data-dir, writes the targets file and a config pointing at it."""
     write_state(STATE, tmp_path)
