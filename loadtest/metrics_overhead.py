@@ -1,16 +1,18 @@
 """`python -m loadtest.metrics_overhead`: what metrics cost the token path, as gateway and router CPU per request.
 
-Three fleets run side by side from two code trees: `baseline` (a checkout of the commit before Prometheus
-metrics), `metrics` (this tree, every /metrics endpoint scraped once a second, as an eager Prometheus would) and
-`metrics_unscraped` (this tree, nobody scraping: the instruments' own cost). The same requests go to each in
-short batches, in an order rotated every round, so the machine's background load falls on all three alike.
-Gateway and router CPU is read from /proc/<pid>/stat (Linux) around every batch and over the whole run, so it
-counts everything those processes did: relaying, spans, logs, OTLP export, metrics, answering scrapes.
+Four fleets run side by side from two code trees: `baseline` (a checkout of the commit before Prometheus
+metrics), `baseline_again` (the same code once more: how much two identical fleets differ), `metrics` (this
+tree, every /metrics endpoint scraped once a second, as an eager Prometheus would) and `metrics_unscraped` (this
+tree, nobody scraping: the instruments' own cost). The same requests go to each in short batches, in an order
+rotated every round, so the machine's background load falls on all alike; the whole is repeated with fresh
+fleets. Gateway and router CPU is read from /proc/<pid>/stat (Linux) around every batch and over each repeat,
+so it counts everything those processes did: relaying, spans, logs, OTLP export, metrics, answering scrapes.
 
     git -C /work/main worktree add --detach /tmp/fleetserve-base 31ce27c
     python -m loadtest.metrics_overhead --baseline-dir /tmp/fleetserve-base --out docs/benchmarks/metrics_overhead.json
 
-The baseline tree runs on this checkout's environment (.venv, generated protos): it must be importable with it."""
+Each tree's services import protos generated from that tree's own protos/ (so an older checkout works with this
+checkout's environment)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +34,7 @@ import grpc
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from loadtest.capacity import _cpu_s
-from loadtest.fleet import SpawnedFleet, structlog_to_stderr
+from loadtest.fleet import structlog_to_stderr
 from loadtest.summary import StreamMeter, summarize
 from loadtest.workload import Workload
 from shared.channels import open_channel
@@ -39,7 +42,7 @@ from shared.errors import details_of
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPS = ("gateway", "router")
-VARIANTS = ("baseline", "metrics", "metrics_unscraped")
+VARIANTS = ("baseline", "baseline_again", "metrics", "metrics_unscraped")
 
 
 class Scraper:
@@ -69,6 +72,58 @@ class Scraper:
                 with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
                     self.bytes += len(r.read())
                 self.scrapes += 1
+
+
+class TreeFleet:
+    """A fleet started by a code tree's own `fleetserve up` (that tree's launcher passes the flags that tree's
+    services know), with that tree's protos, in a temporary data directory; stopped with SIGTERM."""
+
+    def __init__(self, code_dir: Path, gen_dir: Path, speed_factor: float) -> None:
+        self.code_dir = code_dir
+        self.gen_dir = gen_dir
+        self.speed_factor = speed_factor
+        self._tmp = tempfile.TemporaryDirectory(prefix="fleetserve-bench-")
+        self.data_dir = Path(self._tmp.name)
+        self.proc: subprocess.Popen | None = None
+        self.state: dict = {}
+
+    async def start(self, timeout_s: float = 180.0) -> dict:
+        argv = [sys.executable, "-m", "shared.cli.main", "up", "--engines", "1", "--no-live"]
+        argv += ["--speed-factor", str(self.speed_factor), "--data-dir", str(self.data_dir)]
+        env = {**os.environ, "PYTHONPATH": str(self.gen_dir)}
+        print(f"bench: fleetserve up in {self.code_dir} ({self.data_dir})", file=sys.stderr, flush=True)
+        with open(self.data_dir / "up.log", "ab") as log:  # noqa: ASYNC230 - once per fleet
+            # -m with the tree as working directory: its launcher, and the services it starts, come from it.
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                argv, cwd=self.code_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        state_file = self.data_dir / "cluster.json"
+        deadline = time.monotonic() + timeout_s
+        while not state_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.data_dir / "up.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"fleetserve up in {self.code_dir} did not start:\n{tail}")
+            await asyncio.sleep(0.2)
+        self.state = json.loads(state_file.read_text())
+        return self.state
+
+    def pids(self) -> dict[str, int]:
+        """Process name -> pid of every process with a /metrics endpoint."""
+        run = self.data_dir / "run"
+        return {
+            n: json.loads((run / f"{n}.json").read_text())["pid"]
+            for n in self.state.get("metrics_addresses", {})
+        }
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # the launcher stops its fleet in order
+            try:
+                await asyncio.to_thread(self.proc.wait, 90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait, 10)
+        self._tmp.cleanup()
 
 
 class Target:
@@ -117,32 +172,37 @@ async def _drive(target: Target, channel, workload: Workload, indexes: range, co
 
 
 async def measure(args) -> dict:
-    workload = Workload(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, seed=args.seed)
-    baseline_dir = args.baseline_dir
+    """`repeats` times: start the four fleets, feed them the same batches in rotated order, stop them. Each
+    repeat is a fresh set of processes, so what one fleet's processes happen to cost (where they run, what
+    the machine does meanwhile) varies between repeats like a code change would; `baseline_again` runs the
+    baseline's code a second time and shows that variation."""
+    repeats = []
+    for i in range(args.repeats):
+        print(f"bench: repeat {i + 1} of {args.repeats}", file=sys.stderr, flush=True)
+        repeats.append(await _one_repeat(args, scrape_cost=args.scrape_cost_s if i == 0 else 0))
+    return _report(args, repeats)
 
-    def fleet(code_dir: Path, **config) -> SpawnedFleet:
-        # Each tree's services with the protos generated from its own .proto files (the environment's gen/
-        # follows another checkout, whose services may have RPCs an older servicer lacks).
-        env = {"PYTHONPATH": str(_generated_protos(code_dir, args.gen_dir))}
-        return SpawnedFleet(1, args.speed_factor, code_dir=code_dir, env=env, **config)
+
+async def _one_repeat(args, scrape_cost: float) -> dict:
+    workload = Workload(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, seed=args.seed)
 
     fleets = {
-        "baseline": fleet(baseline_dir, metrics_port=None),
-        "metrics": fleet(ROOT),
-        "metrics_unscraped": fleet(ROOT),
+        "baseline": TreeFleet(args.baseline_dir, args.gen_dirs[args.baseline_dir], args.speed_factor),
+        "baseline_again": TreeFleet(args.baseline_dir, args.gen_dirs[args.baseline_dir], args.speed_factor),
+        "metrics": TreeFleet(ROOT, args.gen_dirs[ROOT], args.speed_factor),
+        "metrics_unscraped": TreeFleet(ROOT, args.gen_dirs[ROOT], args.speed_factor),
     }
-    started: list[SpawnedFleet] = []
+    started: list[TreeFleet] = []
     try:
         targets = {}
-        for name, fleet in fleets.items():  # one at a time: starting three at once overloads two cores
-            targets[name] = Target(name, await fleet.__aenter__())
-            started.append(fleet)
+        for name, f in fleets.items():  # one at a time: starting four at once overloads two cores
+            started.append(f)
+            targets[name] = Target(name, await f.start())
         channels = {name: open_channel(t.gateway) for name, t in targets.items()}
         for name, t in targets.items():
             await _drive(t, channels[name], workload, range(args.warmup), args.concurrency, "warmup")
-        scraped = targets["metrics"].metrics_addresses
         load_before = os.getloadavg()
-        with Scraper(scraped, args.scrape_interval_s) as scraper:
+        with Scraper(targets["metrics"].metrics_addresses, args.scrape_interval_s) as scraper:
             totals0 = {name: t.cpu() for name, t in targets.items()}
             t0 = time.perf_counter()
             order = list(VARIANTS)
@@ -162,27 +222,49 @@ async def measure(args) -> dict:
             totals1 = {name: t.cpu() for name, t in targets.items()}
         for ch in channels.values():
             await ch.close()
-        report = _report(args, targets, totals0, totals1, duration, scraper, load_before, baseline_dir)
-        if args.scrape_cost_s > 0:
-            report["cpu_ms_per_scrape"] = await _scrape_cost(fleets["metrics_unscraped"], args.scrape_cost_s)
-        return report
+        runs = {}
+        for name, t in targets.items():
+            ok = sum(1 for r in t.results if r.ok) or 1
+            runs[name] = summarize(
+                t.results,
+                duration,
+                mode=name,
+                concurrency=args.concurrency,
+                cpu_ms_per_request={
+                    hop: round((totals1[name][hop] - totals0[name][hop]) * 1000.0 / ok, 4) for hop in HOPS
+                },
+                batch_cpu_ms_per_request=t.batch_cpu_ms_per_request,
+                metrics_endpoints=len(t.metrics_addresses),
+                code_dirs=t.code_dirs,
+            )
+        repeat = {
+            "duration_s": round(duration, 2),
+            "scrapes": scraper.scrapes,
+            "scraped_bytes": scraper.bytes,
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "runs": runs,
+        }
+        if scrape_cost > 0:
+            repeat["cpu_ms_per_scrape"] = await _scrape_cost(fleets["metrics_unscraped"], scrape_cost)
+        return repeat
     finally:
-        for fleet in reversed(started):
-            await fleet.__aexit__(None, None, None)
+        for f in reversed(started):
+            await f.stop()
 
 
-async def _scrape_cost(fleet: SpawnedFleet, seconds: float) -> dict[str, float]:
+async def _scrape_cost(fleet: TreeFleet, seconds: float) -> dict[str, float]:
     """CPU per /metrics scrape of every process of an idle fleet: its CPU while scraped 20 times a second,
     less its CPU over as long idle, per scrape."""
-    procs = {name: p for name, p in fleet.cluster.procs.items() if p.metrics_address}
+    procs = {name: (pid, fleet.state["metrics_addresses"][name]) for name, pid in fleet.pids().items()}
 
     def cpu() -> dict[str, float]:
-        return {name: _cpu_s(p.process.pid) for name, p in procs.items()}
+        return {name: _cpu_s(pid) for name, (pid, _) in procs.items()}
 
     c0 = cpu()
     await asyncio.sleep(seconds)
     idle = {name: v - c0[name] for name, v in cpu().items()}
-    addresses = [p.metrics_address for p in procs.values()]
+    addresses = [address for _, address in procs.values()]
 
     def scrape_for(s: float) -> int:
         end, rounds = time.monotonic() + s, 0
@@ -200,64 +282,49 @@ async def _scrape_cost(fleet: SpawnedFleet, seconds: float) -> dict[str, float]:
     return {name: round((busy[name] - idle[name]) * 1000.0 / rounds, 3) for name in procs}
 
 
-def _report(args, targets, totals0, totals1, duration, scraper, load_before, baseline_dir) -> dict:
-    records = {}
-    for name, t in targets.items():
-        ok = sum(1 for r in t.results if r.ok) or 1
-        records[name] = summarize(
-            t.results,
-            duration,
-            mode=name,
-            concurrency=args.concurrency,
-            cpu_ms_per_request={
-                hop: round((totals1[name][hop] - totals0[name][hop]) * 1000.0 / ok, 4) for hop in HOPS
-            },
-            batch_cpu_ms_per_request_median={
-                hop: round(statistics.median(t.batch_cpu_ms_per_request[hop]), 4) for hop in HOPS
-            },
-            metrics_endpoints=len(t.metrics_addresses),
-            metrics_endpoints_scraped=len(scraper.addresses) if name == "metrics" else 0,
-            code_dirs=t.code_dirs,
-        )
+def _report(args, repeats: list[dict]) -> dict:
     summary = {}
     for hop in HOPS:
-        base = records["baseline"]["cpu_ms_per_request"][hop]
-        row: dict = {"baseline_cpu_ms_per_request": base}
-        for name in VARIANTS[1:]:
-            new = records[name]["cpu_ms_per_request"][hop]
-            # Paired by round: the same requests, moments apart, so slow changes of load cancel.
+        row: dict = {}
+        per_repeat = {v: [rep["runs"][v]["cpu_ms_per_request"][hop] for rep in repeats] for v in VARIANTS}
+        base = statistics.median(per_repeat["baseline"])
+        for v in VARIANTS:
+            row[f"{v}_cpu_ms_per_request"] = {
+                "median": round(statistics.median(per_repeat[v]), 4),
+                "repeats": per_repeat[v],
+            }
+        for v in VARIANTS[1:]:
+            med = statistics.median(per_repeat[v])
+            # Paired by batch: the same requests moments apart, so slow changes of load cancel; pooled over repeats.
             diffs = [
                 b - a
+                for rep in repeats
                 for a, b in zip(
-                    targets["baseline"].batch_cpu_ms_per_request[hop],
-                    targets[name].batch_cpu_ms_per_request[hop],
+                    rep["runs"]["baseline"]["batch_cpu_ms_per_request"][hop],
+                    rep["runs"][v]["batch_cpu_ms_per_request"][hop],
                     strict=True,
                 )
             ]
             q = statistics.quantiles(diffs, n=4)
-            row[f"{name}_cpu_ms_per_request"] = new
-            row[f"{name}_minus_baseline_ms"] = round(new - base, 4)
-            row[f"{name}_ratio"] = round(new / base, 4) if base else None
-            row[f"{name}_paired_batch_difference_ms"] = {
+            row[f"{v}_minus_baseline_ms"] = round(med - base, 4)
+            row[f"{v}_ratio"] = round(med / base, 4) if base else None
+            row[f"{v}_paired_batch_difference_ms"] = {
                 "median": round(statistics.median(diffs), 4),
                 "q1": round(q[0], 4),
                 "q3": round(q[2], 4),
             }
-        # How much two batches of the same code differ: the noise floor the differences above sit on.
-        base_batches = targets["baseline"].batch_cpu_ms_per_request[hop]
-        bq = statistics.quantiles(base_batches, n=4)
-        row["baseline_batch_iqr_ms"] = round(bq[2] - bq[0], 4)
         summary[hop] = row
     return {
         "bench": "metrics_overhead",
         "command": "python -m loadtest.metrics_overhead " + " ".join(sys.argv[1:]),
-        "baseline_commit": _git(baseline_dir, "rev-parse", "HEAD"),
+        "baseline_commit": _git(args.baseline_dir, "rev-parse", "HEAD"),
         "metrics_commit": _git(ROOT, "rev-parse", "HEAD"),
         "metrics_tree_dirty": bool(_git(ROOT, "status", "--porcelain", "--untracked-files=no")),
         "workload": {
+            "repeats": args.repeats,
             "rounds": args.rounds,
             "batch": args.batch,
-            "requests_per_variant": args.rounds * args.batch,
+            "requests_per_variant": args.repeats * args.rounds * args.batch,
             "warmup": args.warmup,
             "concurrency": args.concurrency,
             "prompt_tokens": args.prompt_tokens,
@@ -265,13 +332,9 @@ def _report(args, targets, totals0, totals1, duration, scraper, load_before, bas
             "speed_factor": args.speed_factor,
             "scrape_interval_s": args.scrape_interval_s,
         },
-        "scrapes": scraper.scrapes,
-        "scraped_bytes": scraper.bytes,
-        "duration_s": round(duration, 2),
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "cpu_ms_per_scrape": repeats[0].get("cpu_ms_per_scrape"),
         "summary": summary,
-        "runs": records,
+        "repeats": repeats,
     }
 
 
@@ -304,8 +367,11 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m loadtest.metrics_overhead", description=__doc__.split("\n")[0]
     )
     p.add_argument("--baseline-dir", required=True, help="a checkout of the baseline commit")
-    p.add_argument("--rounds", type=int, default=40, help="rounds of one batch per fleet (default 40)")
-    p.add_argument("--batch", type=int, default=25, help="requests per batch (default 25)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="fresh sets of fleets, one after another (default 3)"
+    )
+    p.add_argument("--rounds", type=int, default=12, help="rounds of one batch per fleet (default 12)")
+    p.add_argument("--batch", type=int, default=50, help="requests per batch (default 50)")
     p.add_argument("--warmup", type=int, default=50, help="requests per fleet before measuring (default 50)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length, about (default 64)")
@@ -334,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.baseline_dir = Path(args.baseline_dir).resolve()
     with structlog_to_stderr(), tempfile.TemporaryDirectory(prefix="fleetserve-bench-gen-") as gen_dir:
-        args.gen_dir = Path(gen_dir)
+        args.gen_dirs = {tree: _generated_protos(tree, Path(gen_dir)) for tree in {args.baseline_dir, ROOT}}
         result = asyncio.run(measure(args))
     text = json.dumps(result, indent=2)
     print(text)

@@ -70,9 +70,8 @@ class ClusterConfig:
     lease_ttl_s: float = 3.0
     heartbeat_interval_s: float = 1.0
     metrics_export_interval_s: float = 5.0
-    # Every service's Prometheus /metrics port: 0 a free one each, -1 none; None passes no flag (the services'
-    # own default; a benchmark's baseline may run code older than the flag).
-    metrics_port: int | None = 0
+    # Every service's Prometheus /metrics port: 0 a free one each, -1 none.
+    metrics_port: int = 0
     start_timeout_s: float = 60.0
     # The registry's store: "sqlite" (one registry, a file in data_dir) or "etcd" (etcd_endpoint: one or several
     # comma-separated members of an etcd cluster; or, when empty, an etcd of etcd_members members this launcher
@@ -102,11 +101,6 @@ class ClusterConfig:
     tls: bool = False
     # Extra flags per service name ("registry", "engine", ...), appended last so they win.
     extra_args: dict[str, list[str]] = field(default_factory=dict)
-    # Working directory of the services, which `python -m` imports them from (None: the launcher's), and
-    # extra environment for them: a benchmark runs a fleet of another checkout (with its own generated
-    # protos on PYTHONPATH) beside this one's.
-    code_dir: Path | None = None
-    env: dict[str, str] = field(default_factory=dict)
 
 
 class Cluster:
@@ -379,8 +373,7 @@ class Cluster:
             str(cfg.metrics_export_interval_s),
             "--log-json",
         ]
-        if cfg.metrics_port is not None:
-            common += ["--metrics-port", str(cfg.metrics_port)]
+        common += ["--metrics-port", str(cfg.metrics_port)]
         if service != "metrics" and "metrics" in self.procs:
             common += ["--otlp-endpoint", self.metrics]
         common += self.tls_args(name)
@@ -405,7 +398,6 @@ class Cluster:
                     "PYTHONUNBUFFERED": "1",
                     PARENT_PID_ENV: str(os.getpid()),
                 },
-                cwd=cfg.code_dir,
             )
         proc = Proc(name, service, process, ready, log_file, args=list(args), env=dict(env or {}))
         self.procs[name] = proc
