@@ -1,18 +1,22 @@
-"""`python -m loadtest.metrics_overhead`: what metrics cost the token path, as gateway and router CPU per request.
+"""`python -m loadtest.metrics_overhead`: what metrics cost the token path, as gateway, router and engine CPU per
+request before and after the observability work (issue 9), with an A/A control.
 
-Four fleets run side by side from two code trees: `baseline` (a checkout of the commit before Prometheus
-metrics), `baseline_again` (the same code once more: how much two identical fleets differ), `metrics` (this
-tree, every /metrics endpoint scraped once a second, as an eager Prometheus would) and `metrics_unscraped` (this
-tree, nobody scraping: the instruments' own cost). The same requests go to each in short batches, in an order
-rotated every round, so the machine's background load falls on all alike; the whole is repeated with fresh
-fleets. Gateway and router CPU is read from /proc/<pid>/stat (Linux) around every batch and over each repeat,
-so it counts everything those processes did: relaying, spans, logs, OTLP export, metrics, answering scrapes.
+Four fleets run side by side from two code trees: `baseline` (a checkout of the commit before any of it: no
+Prometheus series, none of the metrics service's span attributes or the engine's output-quality checks),
+`baseline_again` (the same code once more: how much two identical fleets differ), `metrics` (this tree, every
+/metrics endpoint scraped once a second, as an eager Prometheus would) and `metrics_unscraped` (this tree,
+nobody scraping: the instruments' own cost). The same requests go to each in short batches, in an order rotated
+every round, so the machine's background load falls on all alike; the whole is repeated with fresh fleets.
+CPU is read from /proc/<pid>/stat (Linux) around every batch and over each repeat, so it counts everything
+those processes did: relaying, spans, logs, OTLP export, metrics, answering scrapes. The two trees differ by
+more than metrics (every commit in between), so the run also times the per-request recording itself
+(`recording_us`: the calls each request makes, in this process) to say what share of the difference is metrics.
 
-    git -C /work/main worktree add --detach /tmp/fleetserve-base 31ce27c
+    git -C /work/main worktree add --detach /tmp/fleetserve-base 058c93e
     python -m loadtest.metrics_overhead --baseline-dir /tmp/fleetserve-base --out docs/benchmarks/metrics_overhead.json
 
-Each tree's services import protos generated from that tree's own protos/ (so an older checkout works with this
-checkout's environment)."""
+Each tree's fleet is started by that tree's own `fleetserve up`, its services importing protos generated from
+its own protos/ (so an older checkout works with this checkout's environment)."""
 
 from __future__ import annotations
 
@@ -41,7 +45,10 @@ from shared.channels import open_channel
 from shared.errors import details_of
 
 ROOT = Path(__file__).resolve().parents[1]
-HOPS = ("gateway", "router")
+# Processes whose CPU is read, by their name in the fleet's run directory: the token path (gateway, router, the
+# one engine) and the metrics service, which receives every span (off the token path; shown for completeness).
+PROCS = {"gateway": "gateway", "router": "router", "engine": "engine-1", "collector": "metrics"}
+HOPS = tuple(PROCS)
 VARIANTS = ("baseline", "baseline_again", "metrics", "metrics_unscraped")
 
 
@@ -134,9 +141,9 @@ class Target:
         self.gateway = state["gateway"]
         self.key = state["api_key"]
         run = Path(state["data_dir"]) / "run"
-        self.pids = {hop: json.loads((run / f"{hop}.json").read_text())["pid"] for hop in HOPS}
+        self.pids = {hop: json.loads((run / f"{PROCS[hop]}.json").read_text())["pid"] for hop in HOPS}
         self.metrics_addresses = list(state.get("metrics_addresses", {}).values())
-        # Where the gateway and router were imported from (the baseline's must be the baseline checkout).
+        # Where each process was imported from (the baseline's must be the baseline checkout).
         self.code_dirs = {hop: str(Path(f"/proc/{pid}/cwd").resolve()) for hop, pid in self.pids.items()}
         self.results: list = []
         self.batch_cpu_ms_per_request: dict[str, list[float]] = {hop: [] for hop in HOPS}
@@ -180,7 +187,7 @@ async def measure(args) -> dict:
     for i in range(args.repeats):
         print(f"bench: repeat {i + 1} of {args.repeats}", file=sys.stderr, flush=True)
         repeats.append(await _one_repeat(args, scrape_cost=args.scrape_cost_s if i == 0 else 0))
-    return _report(args, repeats)
+    return _report(args, repeats, recording_cost(output_tokens=args.max_tokens))
 
 
 async def _one_repeat(args, scrape_cost: float) -> dict:
@@ -282,7 +289,7 @@ async def _scrape_cost(fleet: TreeFleet, seconds: float) -> dict[str, float]:
     return {name: round((busy[name] - idle[name]) * 1000.0 / rounds, 3) for name in procs}
 
 
-def _report(args, repeats: list[dict]) -> dict:
+def _report(args, repeats: list[dict], recording: dict) -> dict:
     summary = {}
     for hop in HOPS:
         row: dict = {}
@@ -308,11 +315,17 @@ def _report(args, repeats: list[dict]) -> dict:
             q = statistics.quantiles(diffs, n=4)
             row[f"{v}_minus_baseline_ms"] = round(med - base, 4)
             row[f"{v}_ratio"] = round(med / base, 4) if base else None
+            # Paired by repeat: each repeat's fleets ran side by side.
+            row[f"{v}_ratio_per_repeat"] = [
+                round(b / a, 4) if a else None
+                for a, b in zip(per_repeat["baseline"], per_repeat[v], strict=True)
+            ]
             row[f"{v}_paired_batch_difference_ms"] = {
                 "median": round(statistics.median(diffs), 4),
                 "q1": round(q[0], 4),
                 "q3": round(q[2], 4),
             }
+        row["verdict"] = _verdict(row)
         summary[hop] = row
     return {
         "bench": "metrics_overhead",
@@ -333,8 +346,135 @@ def _report(args, repeats: list[dict]) -> dict:
             "scrape_interval_s": args.scrape_interval_s,
         },
         "cpu_ms_per_scrape": repeats[0].get("cpu_ms_per_scrape"),
+        "recording_us": recording,
         "summary": summary,
         "repeats": repeats,
+    }
+
+
+def _verdict(row: dict) -> dict:
+    """After vs before against the A/A control: the change two fleets of identical code showed (the largest over
+    the repeats) is the noise floor; a change within it is not measurable in this run."""
+    aa = [abs(r - 1.0) for r in row["baseline_again_ratio_per_repeat"] if r is not None]
+    floor = max(aa) if aa else None
+    out: dict = {"aa_largest_change": None if floor is None else round(floor, 4)}
+    for v in ("metrics_unscraped", "metrics"):
+        ratio = row[f"{v}_ratio"]
+        change = None if ratio is None else round(ratio - 1.0, 4)
+        out[f"{v}_change"] = change
+        out[f"{v}_beyond_aa"] = None if change is None or floor is None else abs(change) > floor
+    return out
+
+
+def recording_cost(iterations: int = 20_000, output_tokens: int = 8) -> dict:
+    """Microseconds of CPU that one request's metrics recording costs in each process, timed here with the
+    services' own classes (the per-request calls of this tree; none of them existed in the baseline): what
+    share of the fleets' difference is metrics, which the fleets alone cannot say (the trees differ by every
+    commit in between). Gateway: the Prometheus series (started, finished, stopped) and the root span
+    attributes the metrics service reads (tier, feature, served model, version, cached tokens). Router: its
+    request and attempt series. Engine: the vLLM-named series, and the output-quality sample (fed once per
+    engine step, judged once at the end) for `output_tokens` one-token steps."""
+    import grpc as grpc_mod
+    from fleetserve.common.v1 import common_pb2
+    from opentelemetry.sdk.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
+
+    from services.engine.engine_metrics import EngineMetrics
+    from services.engine.output_quality import OutputSample
+    from services.gateway.request_metrics import GatewayMetrics
+    from services.router.router_metrics import RouterMetrics
+    from shared import prom
+
+    def per_call_us(fn) -> float:
+        for _ in range(200):  # warm: first calls create label children
+            fn()
+        t0 = time.process_time()
+        for _ in range(iterations):
+            fn()
+        return round((time.process_time() - t0) * 1e6 / iterations, 3)
+
+    gw = GatewayMetrics(prom.new_registry())
+    ok = grpc_mod.StatusCode.OK
+
+    def gateway_prom() -> None:
+        gw.started("sim-1b")
+        gw.finished(
+            model_label="sim-1b",
+            tenant="t",
+            code=ok,
+            reason="",
+            priority=2,
+            e2e_s=0.05,
+            ttft_s=0.01,
+            prompt_tokens=64,
+            cached_tokens=16,
+            completion_tokens=output_tokens,
+            degraded=False,
+        )
+        gw.stopped("sim-1b")
+
+    span = TracerProvider().get_tracer("bench").start_span("gateway.Generate")
+
+    def gateway_span_attributes() -> None:
+        span.set_attribute("fleetserve.tenant_tier", "standard")
+        span.set_attribute("fleetserve.feature", "chat")
+        span.set_attribute("fleetserve.served_model", "sim-1b")
+        span.set_attribute("fleetserve.model_version", "v1")
+        span.set_attribute("fleetserve.cached_tokens", 16)
+
+    rm = RouterMetrics(prom.new_registry())
+
+    def router_prom() -> None:
+        rm.requests.labels("sim-1b", "OK").inc()
+        rm.attempts.labels("sim-1b", "ok").inc()
+
+    # The backend is read only when Prometheus scrapes (never here; a registry without auto_describe does not
+    # collect on registration).
+    em = EngineMetrics(CollectorRegistry(), None, "sim-1b")  # type: ignore[arg-type]
+
+    def engine_prom() -> None:
+        em.finished(
+            finish_reason=common_pb2.FINISH_REASON_LENGTH,
+            aborted=False,
+            e2e_s=0.05,
+            ttft_s=0.01,
+            prompt_tokens=64,
+            output_tokens=output_tokens,
+        )
+
+    ids, texts = [[1000 + i] for i in range(output_tokens)], [f" w{i}" for i in range(output_tokens)]
+
+    def engine_quality() -> None:
+        sample = OutputSample()
+        for i in range(output_tokens):
+            sample.feed(ids[i], texts[i])
+        sample.attributes(output_tokens)
+
+    fed = OutputSample()
+
+    def engine_quality_step() -> None:
+        # One engine step's feed once the sample is full (the caps hold): what every later step costs.
+        fed.feed(ids[0], texts[0])
+
+    for _ in range(3000):
+        fed.feed(ids[0], texts[0])
+
+    parts = {
+        "gateway_prometheus": per_call_us(gateway_prom),
+        "gateway_span_attributes": per_call_us(gateway_span_attributes),
+        "router_prometheus": per_call_us(router_prom),
+        "engine_prometheus": per_call_us(engine_prom),
+        "engine_output_quality": per_call_us(engine_quality),
+        "engine_output_quality_per_later_step": per_call_us(engine_quality_step),
+    }
+    span.end()
+    return {
+        **parts,
+        "gateway": round(parts["gateway_prometheus"] + parts["gateway_span_attributes"], 3),
+        "router": parts["router_prometheus"],
+        "engine": round(parts["engine_prometheus"] + parts["engine_output_quality"], 3),
+        "output_tokens": output_tokens,
+        "iterations": iterations,
     }
 
 

@@ -349,7 +349,7 @@ class Cluster:
     def _env(self, service: str, name: str) -> dict[str, str]:
         """A service's environment: the launcher's (OTEL_* included), with OTEL_SERVICE_NAME, when set, taken as
         the fleet's name (each process reports as NAME-<service>) and the process name as service.instance.id."""
-        env = {**os.environ, **self.config.env}
+        env = dict(os.environ)
         if env.get("OTEL_SERVICE_NAME"):
             env["OTEL_SERVICE_NAME"] = f"{env['OTEL_SERVICE_NAME']}-{service}"
         instance = f"service.instance.id={name}"
