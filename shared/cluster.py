@@ -296,9 +296,9 @@ class Cluster:
             self.metrics,
             "--metrics-export-interval-s",
             str(cfg.metrics_export_interval_s),
+            "--metrics-port",
+            str(cfg.metrics_port),
         ]
-        if cfg.metrics_port is not None:
-            engine += ["--metrics-port", str(cfg.metrics_port)]
         if cfg.engine_startup_s is not None and cfg.backend == "sim":
             engine += ["--startup-s", str(cfg.engine_startup_s)]
         engine += self.tls_args("engine")
