@@ -6,11 +6,17 @@ interleaved, with the CPU of every server process over every run. JSON records.
 The servers stay up between phases (each a detached process session), so one GPU lease can run the phases as
 separate commands of at most a few minutes each:
 
-    start   start every server (one after another: the first start compiles, the rest hit the compile cache;
-            every start time is recorded) and wait until each answers
-    bench   run the points not yet in the records file, round-robin over servers, until --budget-s is spent
+    start   start every server: the first alone (it compiles), then the rest at once (they hit the compile
+            cache); the KV cache is sized by --kv-cache-memory-bytes, the same for all, so that concurrent
+            starts cannot skew each other's memory profiling; every start time is recorded
+    bench   warm each server up once, then run the points not yet in the records file, interleaved, until
+            --budget-s is spent; before each run the engine-core process of the server under test is pinned to
+            the same two CPUs (the fastest of this machine, measured once, on different cores) and every other
+            process of that server and this client to the rest, so that every server's engine core runs on
+            the same CPUs and shares them with nothing
     stop    stop them all
-    report  print the table of medians and ranges (and write the published JSON)
+    report  print the table of medians and ranges, the per-repetition (paired) ratios, per-hop TTFT from the
+            mesh's logs, the targets met or not (and write the published JSON)
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -30,6 +37,13 @@ from pathlib import Path
 MODEL = "llama-1b"
 ENGINE_FLAGS = "--max-num-seqs 256 --max-num-batched-tokens 2048 --enable-prefix-caching"
 PROMPTS = {1: 16, 32: 128, 128: 512, 256: 1024}
+# The KV cache of every server (bytes): fixed, so concurrent starts need no memory profiling (and every server has
+# the same number of blocks); 8 GiB is ~260k tokens of the 1B model, 2.7x what 256 sequences of 384 need.
+KV_CACHE_BYTES = 8 * 1024**3
+# The targets of issue 12 (mesh against the best `vllm serve` at each concurrency).
+TARGET_TOKS_RATIO = 0.97
+TARGET_TTFT_P50_C1_MS = 3.0
+TARGET_TTFT_P99_C256_RATIO = 1.3
 
 
 def state_path(d: str) -> Path:
@@ -79,56 +93,74 @@ def _wait_up(name: str, url: str, proc: subprocess.Popen, timeout_s: float, key:
     raise TimeoutError(f"{name} did not answer within {timeout_s} s")
 
 
+def _start_one(name: str, args, port: int) -> tuple[subprocess.Popen, str, str, float]:
+    """Spawn one server; (process, url, api key, start time)."""
+    d = Path(args.dir)
+    common = (
+        f"--load-format dummy {ENGINE_FLAGS} --gpu-memory-utilization {args.gpu_memory_utilization}"
+        f" --kv-cache-memory-bytes {args.kv_cache_bytes}"
+    )
+    t0 = time.time()
+    if name == "mesh":
+        argv = [sys.executable, "-m", "loadtest.gpu_vs_vllm", "serve-mesh", "--dir", args.dir]
+        argv += ["--model-dir", args.model_dir, "--vllm-flags", common]
+        argv += ["--frontends", str(args.mesh_frontends), "--router-workers", str(args.router_workers)]
+        argv += ["--gateway-workers", str(args.gateway_workers)]
+        return _spawn(argv, d / "mesh.log"), "", "", t0
+    n = int(name.removeprefix("vllm-api"))
+    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
+    argv += ["--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1"]
+    argv += ["--api-server-count", str(n), *common.split()]
+    return _spawn(argv, d / f"{name}.log"), f"http://127.0.0.1:{port}", "", t0
+
+
+def _wait_started(name: str, args, proc: subprocess.Popen, url: str, t0: float) -> dict:
+    d = Path(args.dir)
+    if name == "mesh":
+        mesh_state = d / "mesh.json"
+        while not mesh_state.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"mesh exited with {proc.returncode}; see {d / 'mesh.log'}")
+            if time.time() - t0 > args.start_timeout_s:
+                raise TimeoutError("mesh did not start")
+            time.sleep(0.5)
+        ms = json.loads(mesh_state.read_text())
+        url = f"http://{ms['gateway_http']}"
+        _wait_up(name, f"{url}/v1/models", proc, args.start_timeout_s, ms["api_key"])
+        return {
+            "pid": proc.pid,
+            "url": url,
+            "api_key": ms["api_key"],
+            "start_s": round(time.time() - t0, 1),
+            "engine_start_s": ms.get("engine_start_s"),
+            "frontends": ms.get("frontends"),
+        }
+    _wait_up(name, f"{url}/v1/models", proc, args.start_timeout_s)
+    return {"pid": proc.pid, "url": url, "api_key": "", "start_s": round(time.time() - t0, 1)}
+
+
 def start(args) -> None:
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     state = read_state(args.dir)
-    common = f"--load-format dummy {ENGINE_FLAGS} --gpu-memory-utilization {args.gpu_memory_utilization}"
-    port = 8100
     order = [f"vllm-api{n}" for n in args.api_counts] + ["mesh"]
     if args.mesh_first:
         order = ["mesh", *order[:-1]]
-    for name in order:
-        if name in state["servers"]:
-            continue
-        t0 = time.time()
-        if name == "mesh":
-            argv = [sys.executable, "-m", "loadtest.gpu_vs_vllm", "serve-mesh", "--dir", args.dir]
-            argv += ["--model-dir", args.model_dir, "--vllm-flags", common]
-            argv += ["--frontends", str(args.mesh_frontends), "--router-workers", str(args.router_workers)]
-            argv += ["--gateway-workers", str(args.gateway_workers)]
-            proc = _spawn(argv, d / "mesh.log")
-            mesh_state = d / "mesh.json"
-            while not mesh_state.exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"mesh exited with {proc.returncode}; see {d / 'mesh.log'}")
-                if time.time() - t0 > args.start_timeout_s:
-                    raise TimeoutError("mesh did not start")
-                time.sleep(0.5)
-            ms = json.loads(mesh_state.read_text())
-            url = f"http://{ms['gateway_http']}"
-            up_s = _wait_up(name, f"{url}/v1/models", proc, args.start_timeout_s, ms["api_key"])
-            up_s = time.time() - t0
-            state["servers"][name] = {
-                "pid": proc.pid,
-                "url": url,
-                "api_key": ms["api_key"],
-                "start_s": round(up_s, 1),
-                "engine_start_s": ms.get("engine_start_s"),
-                "frontends": ms.get("frontends"),
-            }
-        else:
-            n = int(name.removeprefix("vllm-api"))
-            port += 1
-            argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
-            argv += ["--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1"]
-            argv += ["--api-server-count", str(n), *common.split()]
-            proc = _spawn(argv, d / f"{name}.log")
-            url = f"http://127.0.0.1:{port}"
-            up_s = _wait_up(name, f"{url}/v1/models", proc, args.start_timeout_s)
-            state["servers"][name] = {"pid": proc.pid, "url": url, "api_key": "", "start_s": round(up_s, 1)}
-        print(f"gpu_vs_vllm: {name} up in {state['servers'][name]['start_s']} s", flush=True)
+    ports = {name: 8101 + i for i, name in enumerate(order)}
+    todo = [name for name in order if name not in state["servers"]]
+    # The first start compiles (torch.compile, CUDA graphs) into the shared cache; the others then start at once.
+    waves = [todo[:1], todo[1:]] if args.stagger else [[name] for name in todo]
+    for wave in waves:
+        started = {name: _start_one(name, args, ports[name]) for name in wave}
+        for name, (proc, *_rest) in started.items():
+            # Known to `stop` at once, should a start fail.
+            state["servers"][name] = {"pid": proc.pid, "starting": True}
         write_state(args.dir, state)
+        for name, (proc, url, _key, t0) in started.items():
+            state["servers"][name] = _wait_started(name, args, proc, url, t0)
+            state["servers"][name]["started_with"] = len(wave)
+            print(f"gpu_vs_vllm: {name} up in {state['servers'][name]['start_s']} s", flush=True)
+            write_state(args.dir, state)
 
 
 def serve_mesh(args) -> None:
@@ -224,7 +256,141 @@ def cpu_use(before: dict, after: dict, wall_s: float) -> list[dict]:
     return sorted(rows, key=lambda r: -r["cores"])
 
 
+# -- the same CPUs for every server's engine core ------------------------------------------------------------
+
+
+def _cpu_speed(cpu: int, loops: int = 300_000) -> float:
+    """Loops per microsecond of a fixed Python loop on one CPU (the caller's affinity is restored after)."""
+    old = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x = 0
+            for i in range(loops):
+                x += i & 7
+            best = min(best, time.perf_counter() - t0)
+        return loops / best / 1e6
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def _core_of(cpu: int) -> str:
+    base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return (base / "core_cpus_list").read_text().strip()
+    except OSError:
+        try:
+            return (base / "thread_siblings_list").read_text().strip()
+        except OSError:
+            return str(cpu)
+
+
+def choose_cpus(speeds: dict[int, float], cores: dict[int, str], n: int = 2) -> tuple[list[int], list[int]]:
+    """The n fastest CPUs on n different cores for the engine core, and the CPUs of every other core for the rest
+    (the engine core's SMT siblings stay idle)."""
+    engine: list[int] = []
+    taken: set[str] = set()
+    for cpu in sorted(speeds, key=lambda c: (-speeds[c], c)):
+        if cores[cpu] not in taken:
+            engine.append(cpu)
+            taken.add(cores[cpu])
+        if len(engine) == n:
+            break
+    rest = sorted(c for c in speeds if cores[c] not in taken)
+    return sorted(engine), rest
+
+
+def probe_cpus(args) -> dict:
+    """Measure every CPU once (a busy or throttled one is slower) and choose the engine core's."""
+    cpus = sorted(os.sched_getaffinity(0))
+    speeds = {c: round(_cpu_speed(c), 2) for c in cpus}
+    cores = {c: _core_of(c) for c in cpus}
+    engine, rest = choose_cpus(speeds, cores, args.engine_cpus)
+    out = {"speeds": speeds, "cores": cores, "engine_core_cpus": engine, "other_cpus": rest}
+    Path(args.dir, "cpus.json").write_text(json.dumps(out, indent=2))
+    print(f"gpu_vs_vllm: CPU speeds {speeds}; engine core on {engine}", flush=True)
+    return out
+
+
+def _gpu_pids() -> dict[int, int]:
+    """pid -> MiB of GPU memory, for every process with a CUDA context."""
+    try:
+        text = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=False,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            out[int(parts[0])] = int(parts[1]) if parts[1].isdigit() else 0
+    return out
+
+
+def engine_core_pids(procs: list, gpu: dict[int, int]) -> list[int]:
+    """The engine-core process of a server: the one of its processes holding the most GPU memory, or (no
+    nvidia-smi pids) the first process it spawned (vLLM and our supervisor start the engine core first)."""
+    on_gpu = [p.pid for p in procs if p.pid in gpu]
+    if on_gpu:
+        return [max(on_gpu, key=lambda pid: gpu[pid])]
+    spawned = []
+    for p in procs[1:]:
+        try:
+            if "spawn_main" in " ".join(p.cmdline()):
+                spawned.append((p.create_time(), p.pid))
+        except Exception:  # noqa: BLE001 - gone
+            continue
+    return [min(spawned)[1]] if spawned else []
+
+
+def pin(server_pid: int, cpus: dict, gpu: dict[int, int]) -> dict:
+    """Engine core of this server on the engine CPUs (every thread), everything else of it and this client on
+    the others. Returns what was done (recorded with the run)."""
+    procs = tree(server_pid)
+    engine = engine_core_pids(procs, gpu)
+    done = {"engine_core_pids": engine, "engine_core_cpus": cpus["engine_core_cpus"]}
+    for p in procs:
+        want = cpus["engine_core_cpus"] if p.pid in engine else cpus["other_cpus"]
+        try:
+            # Every thread: sched_setaffinity on a pid sets only its main thread.
+            for t in p.threads():
+                os.sched_setaffinity(t.id, want)
+        except Exception:  # noqa: BLE001 - a process or thread that just ended
+            continue
+    os.sched_setaffinity(0, cpus["other_cpus"])
+    return done
+
+
 # -- the benchmark ---------------------------------------------------------------------------------------------
+
+
+def _vbench_args(parser, srv: dict, model_dir: str, c: int, n: int, seed: int, ready_check_s: int):
+    os.environ["OPENAI_API_KEY"] = srv["api_key"] or "none"
+    return parser.parse_args(
+        [
+            "--backend", "openai",
+            "--base-url", srv["url"],
+            "--endpoint", "/v1/completions",
+            "--model", MODEL,
+            "--tokenizer", model_dir,
+            "--dataset-name", "random",
+            "--random-input-len", "128",
+            "--random-output-len", "256",
+            "--ignore-eos",
+            "--num-prompts", str(n),
+            "--max-concurrency", str(c),
+            "--request-rate", "inf",
+            "--seed", str(seed),
+            "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,99",
+            "--disable-tqdm",
+            "--ready-check-timeout-sec", str(ready_check_s),
+        ]
+    )  # fmt: skip
 
 
 def bench(args) -> None:
@@ -233,12 +399,48 @@ def bench(args) -> None:
 
     state = read_state(args.dir)
     out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.exists() else {"records": []}
+    doc = json.loads(out.read_text()) if out.exists() else {"records": [], "warmups": []}
     done = {(r["rep"], r["server"], r["concurrency"]) for r in doc["records"]}
     parser = FlexibleArgumentParser()
     vbench.add_cli_args(parser)
     servers = [s for s in state["servers"] if s in args.servers]
+    cpus_file = Path(args.dir, "cpus.json")
+    cpus = None
+    if args.pin:
+        cpus = json.loads(cpus_file.read_text()) if cpus_file.exists() else probe_cpus(args)
+        doc["cpus"] = cpus
     deadline = time.monotonic() + args.budget_s
+
+    def run(
+        name: str, c: int, n: int, seed: int, ready_check_s: int
+    ) -> tuple[dict, dict, float, float, dict]:
+        srv = state["servers"][name]
+        pinned = pin(srv["pid"], cpus, _gpu_pids()) if cpus else {}
+        vargs = _vbench_args(parser, srv, args.model_dir, c, n, seed, ready_check_s)
+        before = cpu_snapshot(srv["pid"])
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0, wall0 = time.monotonic(), time.time()
+        res = asyncio.run(vbench.main_async(vargs))
+        wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        client = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall
+        cpu = cpu_use(before, cpu_snapshot(srv["pid"]), wall)
+        return res, {"cpu": cpu, "client_cores": round(client, 3)}, wall0, time.time(), pinned
+
+    # Warm-up, once per server and not recorded: the first runs at a new batch size were 10-25% slower than
+    # later ones in the previous run (rep 1 slowest for every server at c = 32 and 128).
+    warmed = {w["server"] for w in doc.get("warmups", [])}
+    for name in servers:
+        if name in warmed or args.warmup_prompts <= 0:
+            continue
+        res, _cpu, w0, w1, _ = run(name, 256, args.warmup_prompts, 7, 60)
+        doc.setdefault("warmups", []).append(
+            {"server": name, "concurrency": 256, "num_prompts": args.warmup_prompts, "failed": res.get("failed"),
+             "output_tokens_per_s": round(res.get("output_throughput", 0.0), 1), "wall_s": round(w1 - w0, 1)}
+        )  # fmt: skip
+        out.write_text(json.dumps(doc, indent=2))
+        print(f"gpu_vs_vllm: warmed {name}: {doc['warmups'][-1]}", flush=True)
+
     for rep in range(1, args.reps + 1):
         for c in args.concurrency:
             # Interleaved: every server at this point before the next point; the order turns each repetition.
@@ -249,35 +451,8 @@ def bench(args) -> None:
                 if time.monotonic() > deadline:
                     print("gpu_vs_vllm: budget spent; run bench again to go on", flush=True)
                     return
-                srv = state["servers"][name]
-                os.environ["OPENAI_API_KEY"] = srv["api_key"] or "none"
                 n = PROMPTS.get(c, 4 * c)
-                vargs = parser.parse_args(
-                    [
-                        "--backend", "openai",
-                        "--base-url", srv["url"],
-                        "--endpoint", "/v1/completions",
-                        "--model", MODEL,
-                        "--tokenizer", args.model_dir,
-                        "--dataset-name", "random",
-                        "--random-input-len", "128",
-                        "--random-output-len", "256",
-                        "--ignore-eos",
-                        "--num-prompts", str(n),
-                        "--max-concurrency", str(c),
-                        "--request-rate", "inf",
-                        "--seed", str(rep * 1000 + c),
-                        "--percentile-metrics", "ttft,tpot,itl,e2el",
-                        "--metric-percentiles", "50,99",
-                        "--disable-tqdm",
-                        "--ready-check-timeout-sec", "60",
-                    ]
-                )  # fmt: skip
-                before = cpu_snapshot(srv["pid"])
-                t0 = time.monotonic()
-                res = asyncio.run(vbench.main_async(vargs))
-                wall = time.monotonic() - t0
-                cpu = cpu_use(before, cpu_snapshot(srv["pid"]), wall)
+                res, used, w0, w1, pinned = run(name, c, n, rep * 1000 + c, 0)
                 rec = {
                     "rep": rep,
                     "server": name,
@@ -291,15 +466,20 @@ def bench(args) -> None:
                     "ttft_p99_ms": round(res.get("p99_ttft_ms", 0.0), 2),
                     "tpot_p50_ms": round(res.get("median_tpot_ms", 0.0), 3),
                     "tpot_p99_ms": round(res.get("p99_tpot_ms", 0.0), 3),
-                    "cpu": cpu,
-                    "cpu_by_process": _by_process(cpu),
+                    "itl_p50_ms": round(res.get("median_itl_ms", 0.0), 3),
+                    "started_at": w0,
+                    "ended_at": w1,
+                    "client_cores": used["client_cores"],
+                    "pinned": pinned,
+                    "cpu": used["cpu"],
+                    "cpu_by_process": _by_process(used["cpu"]),
                 }
                 doc["records"].append(rec)
                 out.write_text(json.dumps(doc, indent=2))
                 print(
                     f"gpu_vs_vllm: rep {rep} {name} c={c}: {rec['output_tokens_per_s']} tok/s, TTFT p50 "
-                    f"{rec['ttft_p50_ms']} p99 {rec['ttft_p99_ms']} ms, failed {rec['failed']}; "
-                    f"cpu {rec['cpu_by_process']}",
+                    f"{rec['ttft_p50_ms']} p99 {rec['ttft_p99_ms']} ms, TPOT {rec['tpot_p50_ms']}, failed "
+                    f"{rec['failed']}; client {rec['client_cores']}; cpu {rec['cpu_by_process']}",
                     flush=True,
                 )
 
@@ -348,6 +528,8 @@ def summarize(records: list[dict]) -> list[dict]:
             for k, v in r["cpu_by_process"].items():
                 cpu.setdefault(k, []).append(v)
         row["cpu_cores_median"] = {k: round(statistics.median(v), 2) for k, v in cpu.items()}
+        client = [r["client_cores"] for r in rs if "client_cores" in r]
+        row["client_cores"] = round(statistics.median(client), 2) if client else None
         row["failed"] = sum(r.get("failed") or 0 for r in rs)
         rows.append(row)
     return rows
@@ -396,37 +578,153 @@ def relabel(records: list[dict], roles: dict[int, str]) -> None:
         r["cpu_by_process"] = _by_process(r["cpu"])
 
 
+def paired(records: list[dict]) -> dict[int, dict]:
+    """Per concurrency: in each repetition the mesh against that repetition's best `vllm serve` (the servers of
+    one repetition ran back to back, so drift between repetitions cancels), and the median over repetitions."""
+    by: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in records:
+        by.setdefault((r["concurrency"], r["rep"]), {})[r["server"]] = r
+    out: dict[int, dict] = {}
+    for (c, rep), rs in sorted(by.items()):
+        mesh = rs.get("mesh")
+        vl = [r for name, r in rs.items() if name != "mesh"]
+        if mesh is None or not vl:
+            continue
+        best = max(vl, key=lambda r: r["output_tokens_per_s"])
+        row = out.setdefault(c, {"reps": []})
+        row["reps"].append(
+            {
+                "rep": rep,
+                "best": best["server"],
+                "toks_ratio": round(mesh["output_tokens_per_s"] / best["output_tokens_per_s"], 3),
+                "ttft_p50_delta_ms": round(mesh["ttft_p50_ms"] - best["ttft_p50_ms"], 2),
+                "ttft_p99_ratio": round(mesh["ttft_p99_ms"] / max(best["ttft_p99_ms"], 1e-9), 3),
+            }
+        )
+    for row in out.values():
+        for k in ("toks_ratio", "ttft_p50_delta_ms", "ttft_p99_ratio"):
+            vals = [x[k] for x in row["reps"]]
+            row[k + "_median"] = round(statistics.median(vals), 3)
+            row[k + "_range"] = [min(vals), max(vals)]
+    return out
+
+
+def targets(rows: list[dict], pairs: dict[int, dict]) -> dict[int, dict]:
+    """Each concurrency against issue 12's targets, on medians (best = the `vllm serve` with the highest median
+    tokens/s) and on the paired per-repetition ratios."""
+    out = {}
+    for c in sorted({r["concurrency"] for r in rows}):
+        rs = [r for r in rows if r["concurrency"] == c]
+        mesh = next((r for r in rs if r["server"] == "mesh"), None)
+        vl = [r for r in rs if r["server"] != "mesh"]
+        if mesh is None or not vl:
+            continue
+        best = max(vl, key=lambda r: r["output_tokens_per_s"])
+        ratio = mesh["output_tokens_per_s"] / best["output_tokens_per_s"]
+        t = {
+            "best": best["server"],
+            "toks_ratio_of_medians": round(ratio, 3),
+            "toks_ratio_paired_median": pairs.get(c, {}).get("toks_ratio_median"),
+            "toks_met": ratio >= TARGET_TOKS_RATIO,
+            "ttft_p50_delta_ms": round(mesh["ttft_p50_ms"] - best["ttft_p50_ms"], 2),
+            "ttft_p99_ratio": round(mesh["ttft_p99_ms"] / max(best["ttft_p99_ms"], 1e-9), 3),
+        }
+        if c == 1:
+            best_ttft = min(vl, key=lambda r: r["ttft_p50_ms"])
+            t["ttft_p50_delta_vs_lowest_ms"] = round(mesh["ttft_p50_ms"] - best_ttft["ttft_p50_ms"], 2)
+            t["ttft_p50_met"] = t["ttft_p50_delta_ms"] <= TARGET_TTFT_P50_C1_MS
+        if c == 256:
+            t["ttft_p99_met"] = t["ttft_p99_ratio"] <= TARGET_TTFT_P99_C256_RATIO
+        out[c] = t
+    return out
+
+
+def _pct(vals: list[float], q: float) -> float:
+    vals = sorted(vals)
+    return vals[min(len(vals) - 1, max(0, round(q * (len(vals) - 1))))]
+
+
+def hop_ttft(records: list[dict], log_dir: str) -> dict[int, dict]:
+    """TTFT at each hop of the mesh, from its services' request log lines (gateway: from the HTTP request to
+    the first token; engine: from Generate to vLLM's first output), per concurrency over the mesh's runs."""
+    from datetime import datetime
+
+    events: dict[str, list[tuple[float, float]]] = {"gateway.request": [], "engine.request": []}
+    for f in sorted(Path(log_dir).glob("*.log")):
+        with open(f, errors="replace") as fh:
+            for line in fh:
+                if not line.startswith("{") or ".request" not in line:
+                    continue
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                if e.get("event") in events and e.get("ttft_ms") is not None and e.get("timestamp"):
+                    ts = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+                    events[e["event"]].append((ts, float(e["ttft_ms"])))
+    out: dict[int, dict] = {}
+    for r in records:
+        if r["server"] != "mesh" or "started_at" not in r:
+            continue
+        row = out.setdefault(
+            r["concurrency"], {"gateway": [], "engine": [], "client_p50": [], "client_p99": []}
+        )
+        for ev, key in (("gateway.request", "gateway"), ("engine.request", "engine")):
+            row[key] += [v for ts, v in events[ev] if r["started_at"] <= ts <= r["ended_at"] + 1.0]
+        row["client_p50"].append(r["ttft_p50_ms"])
+        row["client_p99"].append(r["ttft_p99_ms"])
+    summary = {}
+    for c, row in sorted(out.items()):
+        s = {"requests": {"gateway": len(row["gateway"]), "engine": len(row["engine"])}}
+        for key in ("gateway", "engine"):
+            if row[key]:
+                s[f"{key}_p50_ms"] = round(_pct(row[key], 0.5), 2)
+                s[f"{key}_p99_ms"] = round(_pct(row[key], 0.99), 2)
+        s["client_p50_ms_median"] = round(statistics.median(row["client_p50"]), 2)
+        s["client_p99_ms_median"] = round(statistics.median(row["client_p99"]), 2)
+        summary[c] = s
+    return summary
+
+
 def report(args) -> None:
     doc = json.loads(Path(args.records).read_text())
     if args.ps:
         relabel(doc["records"], roles_from_ps(Path(args.ps).read_text()))
     rows = summarize(doc["records"])
+    pairs = paired(doc["records"])
+    met = targets(rows, pairs)
     by_c: dict[int, list[dict]] = {}
     for r in rows:
         by_c.setdefault(r["concurrency"], []).append(r)
     lines = [
-        "| c | server | tok/s median [range] | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | mesh / best vllm serve |",
-        "|---|---|---|---|---|---|---|",
+        "| c | server | tok/s median [range] | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | client cores | "
+        "mesh / best vllm serve |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c, rs in sorted(by_c.items()):
-        vl = [r for r in rs if r["server"] != "mesh"]
-        best = max(vl, key=lambda r: r["output_tokens_per_s"]) if vl else None
         for r in rs:
             rng = r["output_tokens_per_s_range"]
             vs = ""
-            if r["server"] == "mesh" and best:
+            if r["server"] == "mesh" and c in met:
+                t = met[c]
                 vs = (
-                    f"{r['output_tokens_per_s'] / best['output_tokens_per_s']:.3f} tok/s ({best['server']}); "
-                    f"TTFT p50 {r['ttft_p50_ms'] - best['ttft_p50_ms']:+.1f} ms; "
-                    f"TTFT p99 x{r['ttft_p99_ms'] / max(best['ttft_p99_ms'], 1e-9):.2f}"
+                    f"{t['toks_ratio_of_medians']:.3f} ({t['best']}), paired "
+                    f"{pairs.get(c, {}).get('toks_ratio_median')} {pairs.get(c, {}).get('toks_ratio_range')}; "
+                    f"TTFT p50 {t['ttft_p50_delta_ms']:+.1f} ms; TTFT p99 x{t['ttft_p99_ratio']:.2f}"
                 )
             lines.append(
                 f"| {c} | {r['server']} | {r['output_tokens_per_s']:,.0f} [{rng[0]:,.0f}-{rng[1]:,.0f}] "
-                f"| {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['tpot_p50_ms']} | {vs} |"
+                f"| {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['tpot_p50_ms']} | {r.get('client_cores')} | {vs} |"
             )
     print("\n".join(lines))
+    print(json.dumps({"targets": met}, indent=1))
+    if args.mesh_logs:
+        doc["hop_ttft"] = hop_ttft(doc["records"], args.mesh_logs)
+        print(json.dumps({"hop_ttft": doc["hop_ttft"]}, indent=1))
     if args.out:
         doc["summary"] = rows
+        doc["paired"] = pairs
+        doc["targets"] = met
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -443,6 +741,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--gateway-workers", type=int, default=2)
     s.add_argument("--mesh-first", action="store_true")
     s.add_argument("--start-timeout-s", type=float, default=400.0)
+    s.add_argument("--kv-cache-bytes", type=int, default=KV_CACHE_BYTES)
+    s.add_argument(
+        "--no-stagger",
+        dest="stagger",
+        action="store_false",
+        help="start one server at a time (default: the first alone, then the rest at once)",
+    )
     m = sub.add_parser("serve-mesh")
     m.add_argument("--dir", required=True)
     m.add_argument("--model-dir", required=True)
@@ -454,16 +759,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--dir", required=True)
     b.add_argument("--model-dir", required=True)
     b.add_argument("--out", required=True)
-    b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--reps", type=int, default=5)
     b.add_argument("--concurrency", default="1,32,128,256")
     b.add_argument("--servers", default="vllm-api1,vllm-api4,vllm-api8,mesh")
     b.add_argument("--budget-s", type=float, default=480.0)
+    b.add_argument(
+        "--warmup-prompts", type=int, default=256, help="one unrecorded c=256 run per server first"
+    )
+    b.add_argument(
+        "--no-pin", dest="pin", action="store_false", help="leave processes where the OS puts them"
+    )
+    b.add_argument("--engine-cpus", type=int, default=2, help="CPUs (on different cores) for the engine core")
     t = sub.add_parser("stop")
     t.add_argument("--dir", required=True)
     r = sub.add_parser("report")
     r.add_argument("--records", required=True)
     r.add_argument("--out", default="")
     r.add_argument("--ps", default="", help="ps listing taken during the run, to name every process's role")
+    r.add_argument("--mesh-logs", default="", help="the mesh's log directory (per-hop TTFT)")
     args = p.parse_args(argv)
     if hasattr(args, "api_counts"):
         args.api_counts = [int(x) for x in args.api_counts.split(",") if x]

@@ -1,0 +1,76 @@
+"""loadtest.gpu_vs_vllm's CPU-side parts: the engine core's CPUs, paired ratios, targets, per-hop TTFT."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import psutil
+import pytest
+
+from loadtest import gpu_vs_vllm as g
+
+
+def test_engine_core_gets_the_fastest_cpus_on_different_cores_and_its_siblings_stay_idle():
+    speeds = {0: 9.0, 1: 9.5, 2: 10.0, 3: 8.0, 4: 10.0, 5: 7.0}
+    cores = {0: "0,1", 1: "0,1", 2: "2,3", 3: "2,3", 4: "4", 5: "5"}
+    engine, rest = g.choose_cpus(speeds, cores, 2)
+    assert engine == [2, 4]  # 2 and 4 are fastest; never two threads of one core
+    assert rest == [0, 1, 5]  # 3 is 2's sibling: left idle
+
+
+def test_cpu_speed_is_measured_on_each_cpu_and_affinity_restored():
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    assert g._cpu_speed(cpu, loops=20_000) > 0
+    assert os.sched_getaffinity(0) == before
+
+
+def test_engine_core_is_the_process_with_most_gpu_memory_else_the_first_spawned():
+    me = psutil.Process()
+    assert g.engine_core_pids([me], {me.pid: 30_000}) == [me.pid]
+    assert g.engine_core_pids([me], {}) == []  # no spawned children
+
+
+def _rec(rep, server, c, toks, p50, p99, **kw):
+    return {"rep": rep, "server": server, "concurrency": c, "output_tokens_per_s": toks, "ttft_p50_ms": p50,
+            "ttft_p99_ms": p99, "tpot_p50_ms": 1.0, "cpu_by_process": {}, **kw}  # fmt: skip
+
+
+def test_paired_ratios_and_targets():
+    recs = [
+        _rec(1, "vllm-api1", 1, 500, 15, 20), _rec(1, "vllm-api8", 1, 450, 16, 21), _rec(1, "mesh", 1, 490, 17, 22),
+        _rec(2, "vllm-api1", 1, 400, 15, 20), _rec(2, "vllm-api8", 1, 450, 16, 21), _rec(2, "mesh", 1, 440, 19, 22),
+        _rec(1, "vllm-api8", 256, 20000, 200, 500), _rec(1, "mesh", 256, 19000, 190, 700),
+    ]  # fmt: skip
+    pairs = g.paired(recs)
+    assert [x["toks_ratio"] for x in pairs[1]["reps"]] == [0.98, 0.978]
+    assert pairs[1]["reps"][1]["best"] == "vllm-api8"
+    met = g.targets(g.summarize(recs), pairs)
+    assert met[1]["best"] == "vllm-api1" and met[1]["toks_ratio_of_medians"] == pytest.approx(
+        465 / 450, abs=1e-3
+    )
+    assert met[1]["ttft_p50_delta_ms"] == 3.0 and met[1]["ttft_p50_met"]
+    assert not met[256]["toks_met"] and met[256]["ttft_p99_ratio"] == 1.4 and not met[256]["ttft_p99_met"]
+
+
+def test_hop_ttft_reads_the_mesh_logs_within_each_run(tmp_path):
+    lines = [
+        {"event": "gateway.request", "timestamp": "2026-12-02T13:00:01.000000Z", "ttft_ms": 20.0},
+        {"event": "gateway.request", "timestamp": "2026-12-02T13:00:02.000000Z", "ttft_ms": 22.0},
+        {"event": "engine.request", "timestamp": "2026-12-02T13:00:01.500000Z", "ttft_ms": 14.0},
+        {
+            "event": "gateway.request",
+            "timestamp": "2026-12-02T13:10:00.000000Z",
+            "ttft_ms": 99.0,
+        },  # another run
+    ]
+    (tmp_path / "gateway.log").write_text(
+        "\n".join(json.dumps(x) for x in lines[:2] + lines[3:]) + "\nnot json\n"
+    )
+    (tmp_path / "engine-1.log").write_text(json.dumps(lines[2]) + "\n")
+    t0 = 1796216400.0  # 2026-12-02T13:00:00Z
+    recs = [_rec(1, "mesh", 1, 400, 21, 25, started_at=t0, ended_at=t0 + 3)]
+    hop = g.hop_ttft(recs, str(tmp_path))
+    assert hop[1]["requests"] == {"gateway": 2, "engine": 1}
+    assert hop[1]["engine_p50_ms"] == 14.0 and hop[1]["gateway_p99_ms"] == 22.0
