@@ -122,3 +122,23 @@ def project_invocation(argv: list[str]) -> tuple[str, list[str]] | None:
     if head in ("python", "python3") and len(argv) > 2 and argv[1] == "-m":
         return argv[2], argv[3:]
     return None
+
+
+# What tests/integration/test_cli.py runs of README.md and docs/protocols.md against a live fleet: the CLI, curl and
+# the variables they set; `make`, `fleetserve up` (the fleet is up already) and grpcurl (not packaged for Debian;
+# tests/unit/test_docs.py checks its methods and bodies against the protos) are left out.
+LIVE_PAGES = ("README.md", "docs/protocols.md")
+_LIVE_PROGRAMS = ("fleetserve", ".venv/bin/fleetserve", "curl", "STATE=", "export ", "HTTP=")
+
+
+def live_fleet_lines(page: str) -> list[str]:
+    """The command lines of the page's sh/bash blocks that call a live fleet (or set the variables they use)."""
+    lines = []
+    for lang, body in code_blocks((ROOT / page).read_text()):
+        if lang not in ("sh", "bash"):
+            continue
+        for line in logical_lines(body):
+            if line.startswith(_LIVE_PROGRAMS) and not line.startswith(("fleetserve up", "make ")):
+                lines.append(line)
+    return lines
+

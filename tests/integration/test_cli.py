@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs_commands import ROOT, code_blocks, logical_lines
+from tests.docs_commands import LIVE_PAGES, ROOT, live_fleet_lines
 
 pytestmark = pytest.mark.slow
 
@@ -32,21 +32,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# What the docs show against a running fleet; `make`, `fleetserve up` (the fleet is up already) and grpcurl (not
-# packaged for Debian; the same calls are made over gRPC by the integration tests) are left out.
-_LIVE_PROGRAMS = ("fleetserve", ".venv/bin/fleetserve", "curl", "STATE=", "export ", "HTTP=")
-
-
 def _run_documented_commands(page: str, env: dict) -> None:
     """Run every command line of the page's shell blocks that calls a live fleet, in order, in one bash (so the
     variables they set carry over): each must exit 0 and print something that is not an error."""
-    lines = []
-    for lang, body in code_blocks((ROOT / page).read_text()):
-        if lang not in ("sh", "bash"):
-            continue
-        for line in logical_lines(body):
-            if line.startswith(_LIVE_PROGRAMS) and not line.startswith(("fleetserve up", "make ")):
-                lines.append(line)
+    lines = live_fleet_lines(page)
     assert lines, f"{page}: no command to run"
     script = ["set -eo pipefail"]
     for n, line in enumerate(lines):
@@ -165,7 +154,7 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path, installed):
         assert called.returncode == 0, called.stderr
         assert json.loads(called.stdout) == {"tokens": 4, "models": 1}
 
-        for page in ("README.md", "docs/protocols.md"):
+        for page in LIVE_PAGES:
             _run_documented_commands(page, {**os.environ, "FLEETSERVE_HOME": str(tmp_path)})
 
         pids = [json.loads(p.read_text())["pid"] for p in (tmp_path / "run").glob("*.json")]

@@ -30,6 +30,7 @@ from shared.channels import open_channel
 from shared.cluster import read_state
 from shared.pki import LocalPki
 from shared.tls import Tls
+from tests.docs_commands import ROOT, code_blocks, logical_lines
 from tests.integration.conftest import running_cluster
 
 pytestmark = pytest.mark.slow
@@ -165,6 +166,22 @@ async def test_tls_fleet_serves_clients_with_its_ca_and_only_fleet_certificates_
         (replica,) = json.loads(out.stdout)["replicas"]
         assert replica["healthy"] and replica["breaker"] == "closed"
         assert read_state(tmp_path / "fleet")["tls"]["ca"] == ca
+
+        # -- what docs/deployment.md shows a client of a TLS fleet: curl with the CA ----------------------------
+        (block,) = [
+            b for lang, b in code_blocks((ROOT / "docs/deployment.md").read_text()) if "--cacert" in b
+        ]
+        lines = [line for line in logical_lines(block) if not line.startswith("fleetserve up")]
+        out = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-c", "\n".join(["set -eo pipefail", *lines])],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "sim-1b" in [m["id"] for m in json.loads(out.stdout)["data"]], out.stdout
 
     # Keys never readable by others.
     for f in (tmp_path / "fleet" / "tls").glob("*.key"):

@@ -1,6 +1,8 @@
 """The docs stay true to the code: every `fleetserve` / `python -m` command in README.md and docs/ parses with the
 real parser (flags exist, values valid, env vars named right), every pytest path exists, every relative link and
-anchor resolves. (tests/integration/test_cli.py runs the quick start's commands against a live fleet.)"""
+anchor resolves, and every other command a page shows is exercised somewhere: make targets and variables exist,
+grpcurl calls name real methods with bodies that parse as their requests, and the rest are run by the test named
+in ELSEWHERE. (tests/integration/test_cli.py runs the quick start's commands against a live fleet.)"""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import argparse
 import importlib
 import os
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,15 @@ from services.registry.config import RegistrySettings
 from services.router.config import RouterSettings
 from shared.cli.main import build_parser
 from shared.settings import load_settings
-from tests.docs_commands import ROOT, Command, all_commands, doc_pages, project_invocation
+from tests.docs_commands import (
+    LIVE_PAGES,
+    ROOT,
+    Command,
+    all_commands,
+    doc_pages,
+    live_fleet_lines,
+    project_invocation,
+)
 
 SERVICES = {
     "services.gateway": GatewaySettings,
@@ -132,3 +143,154 @@ def test_relative_links_and_anchors_resolve(page: Path):
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)}: {broken}"
+
+
+# -- commands other than fleetserve / python -m ---------------------------------------------------------------
+
+# A documented command of another program -> the test that exercises it: (program, text the command line
+# contains, test file, text that file must contain). A new kind of command in the docs needs a line here.
+ELSEWHERE = [
+    ("make", "", "tests/unit/test_docs.py", "def test_documented_make_targets_and_variables_exist"),
+    ("grpcurl", "", "tests/unit/test_docs.py", "def test_documented_grpcurl_calls_name_real_methods"),
+    ("pip", "install", "tests/unit/test_docs.py", "def test_documented_pip_installs_name_real_extras"),
+    (
+        "kubectl",
+        "fleetserve-secrets",
+        "tests/unit/test_docs.py",
+        "def test_the_documented_secret_has_the_keys",
+    ),
+    ("promtool", "check rules", "tests/unit/infra/test_prometheus_rules.py", '"check", "rules"'),
+    ("promtool", "test rules", "tests/unit/infra/test_prometheus_rules.py", '"test", "rules"'),
+    ("prometheus", "--config.file=", "tests/servers.py", '"--config.file='),
+    # No Docker engine here: the Dockerfiles' instructions, paths and commands are checked without one.
+    (
+        "docker",
+        "infra/docker/Dockerfile",
+        "tests/unit/infra/test_docker.py",
+        '"Dockerfile", "Dockerfile.vllm"',
+    ),
+    ("curl", "--cacert", "tests/integration/test_tls.py", '"docs/deployment.md"'),
+    ("STATE=", "", "tests/integration/test_tls.py", '"docs/deployment.md"'),
+]
+
+
+def _exercised_by(cmd: Command) -> str | None:
+    """What exercises the command: a test or check named in words, or None."""
+    if project_invocation(cmd.argv) is not None:
+        return "test_documented_command_parses"
+    if cmd.page in LIVE_PAGES and cmd.line in live_fleet_lines(cmd.page):
+        return "tests/integration/test_cli.py (run against a live fleet)"
+    for program, needle, test, marker in ELSEWHERE:
+        head = cmd.line.split()[0] if program.endswith("=") else cmd.argv[0]
+        if head.startswith(program) and needle in cmd.line:
+            assert marker in (ROOT / test).read_text(), f"{cmd}: {test} no longer has {marker!r}"
+            return test
+    return None
+
+
+def test_every_documented_command_is_exercised_by_a_test():
+    """Each command line of README.md and docs/ is parsed, run, or checked by a test (no command a reader copies
+    is left unchecked)."""
+    unchecked = [str(c) for c in COMMANDS if _exercised_by(c) is None]
+    assert not unchecked, "commands no test exercises (add one, and a line to ELSEWHERE):\n" + "\n".join(
+        unchecked
+    )
+
+
+def _makefile() -> str:
+    return (ROOT / "Makefile").read_text()
+
+
+def test_documented_make_targets_and_variables_exist():
+    """`make TARGET VAR=value ...`: the target is the Makefile's, and each VAR is one it reads."""
+    text = _makefile()
+    targets = set(re.findall(r"^([A-Za-z][\w-]*):", text, re.M))
+    variables = set(re.findall(r"\$\((\w+)\)", text)) | set(re.findall(r"^(\w+)\s*[?:]?=", text, re.M))
+    makes = [c for c in COMMANDS if c.argv[0] == "make"]
+    assert makes
+    for cmd in makes:
+        words = cmd.argv[1:]
+        assigned = [w.partition("=")[0] for w in words if "=" in w]
+        named = [w for w in words if "=" not in w]
+        assert named and set(named) <= targets, f"{cmd}: no such target in the Makefile"
+        assert set(assigned) <= variables, f"{cmd}: the Makefile reads none of {set(assigned) - variables}"
+
+
+def _grpcurl(argv: list[str]) -> tuple[str | None, list[str]]:
+    """A grpcurl command line -> (its -d body, its words that are not flags: the address, then a method, `list`
+    or `describe SYMBOL`)."""
+    body, words, i = None, [], 1
+    while i < len(argv):
+        if argv[i] in ("-d", "-H"):
+            body = argv[i + 1] if argv[i] == "-d" else body
+            i += 2
+            continue
+        if not argv[i].startswith("-"):
+            words.append(argv[i])
+        i += 1
+    return body, words
+
+
+def _service(name: str):
+    """The service descriptor of a full service name, its generated module imported first."""
+    from google.protobuf import descriptor_pool
+
+    package, _, service = name.rpartition(".")
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", service).lower()
+    module = f"{package}.{snake}_pb2" if package.startswith("fleetserve.") else "grpc_health.v1.health_pb2"
+    importlib.import_module(module)
+    return descriptor_pool.Default().FindServiceByName(name)
+
+
+def test_documented_grpcurl_calls_name_real_methods():
+    """grpcurl is not packaged for Debian, so the pages' calls are checked against the protos: each method exists
+    and each -d body parses as its request (field names and types; placeholder ids are strings). The calls
+    themselves are made over gRPC by the integration tests."""
+    from google.protobuf import json_format, message_factory
+
+    calls = [c for c in COMMANDS if c.argv[0] == "grpcurl"]
+    assert len(calls) >= 10
+    for cmd in calls:
+        body, words = _grpcurl(cmd.argv)
+        if words[-1] == "list":
+            continue
+        if words[-2] == "describe":
+            assert _service(words[-1]) is not None, cmd
+            continue
+        service, _, method = words[-1].partition("/")
+        m = _service(service).methods_by_name.get(method)
+        assert m is not None, f"{cmd}: {service} has no method {method}"
+        if body is not None:
+            json_format.Parse(body, message_factory.GetMessageClass(m.input_type)())
+
+
+def test_documented_pip_installs_name_real_extras():
+    """`pip install -e '.[extra]'`: the project declares that extra."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pips = [c for c in COMMANDS if c.argv[0] == "pip"]
+    assert pips
+    for cmd in pips:
+        for word in cmd.argv[2:]:
+            m = re.fullmatch(r"\.\[([\w,-]+)\]", word)
+            if m:
+                assert set(m.group(1).split(",")) <= set(extras), cmd
+
+
+def test_the_documented_secret_has_the_keys_the_production_overlay_reads():
+    """`kubectl create secret generic fleetserve-secrets --from-literal=KEY=...`: exactly the keys the production
+    overlay's containers take from that Secret."""
+    from tests.unit.infra.test_k8s import containers, rendered
+
+    (cmd,) = [c for c in COMMANDS if c.argv[0] == "kubectl" and "fleetserve-secrets" in c.argv]
+    documented = {
+        a.removeprefix("--from-literal=").partition("=")[0]
+        for a in cmd.argv
+        if a.startswith("--from-literal=")
+    }
+    read = set()
+    for _, _, c in containers(rendered("production")):
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+            if ref.get("name") == "fleetserve-secrets":
+                read.add(ref["key"])
+    assert documented == read
