@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz chaos soak demo experiments clean dashboard-png
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz chaos chaos-multihost soak demo experiments clean dashboard-png
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -98,6 +98,10 @@ chaos: protos system-deps ## Long fault suite: engine kills 60 s, engine hangs 2
 	FLEETSERVE_CHAOS_S=60 FLEETSERVE_HANG_S=120 FLEETSERVE_HANG_EVERY_S=10 FLEETSERVE_HANG_FOR_S=20 \
 	FLEETSERVE_HANG_ENGINES=4 FLEETSERVE_HANG_CLIENTS=16 FLEETSERVE_HANG_SPEED=1 \
 		$(BIN)/python -m pytest -q -s tests/chaos tests/integration/test_redis_breaker.py --timeout 1200
+
+chaos-multihost: protos system-deps ## 2 gateways + 2 routers + 2 registries on PostgreSQL/etcd/Redis: 5 rounds of SIGKILLs under load (~5 min).
+	FLEETSERVE_MULTIHOST_ROUNDS=5 FLEETSERVE_MULTIHOST_PHASE_S=6 FLEETSERVE_MULTIHOST_ENGINES=2 \
+		$(BIN)/python -m pytest -q -s tests/integration/test_multihost_chaos.py --timeout 1800
 
 SOAK_STREAMS ?= 200000
 soak: protos ## Soak: 200k streams through the gateway, most cancelled; RSS/fds/threads/tasks JSON + plot.

@@ -12,7 +12,7 @@ import grpc
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
-from fleetserve.client.base import ClientBase, StreamView
+from fleetserve.client.base import ClientBase, StreamView, resumed
 from fleetserve.client.errors import FleetServeError, details_of
 from fleetserve.client.messages import Completion, Message, StreamState
 from fleetserve.client.retry import RetryPolicy
@@ -56,11 +56,13 @@ class AsyncStream(StreamView):
                 return
             except grpc.aio.AioRpcError as e:
                 details = details_of(e)
-                # Once a chunk arrived the server has done work the caller has seen: never repeat it.
+                # Once a chunk arrived the server has done work the caller has seen: never repeat it, only
+                # continue after it (resume_token_ids).
                 left = deadline - time.monotonic()
-                wait = None if state.chunks else client.retry.delay(details, attempt, left, client._rng)
-                if wait is None:
+                nxt = resumed(self._request, state, details, attempt, client.retry, left, client._rng)
+                if nxt is None:
                     raise FleetServeError(details, attempt, e) from None
+                self._request, wait = nxt
                 await client._sleep(wait)
             finally:
                 call.cancel()  # a no-op once the stream ended; otherwise the server stops generating

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 
+from fleetserve.client.errors import ErrorDetails
 from fleetserve.client.messages import Message, StreamState, batch_item, generation_request
 from fleetserve.client.retry import RetryPolicy
 
@@ -43,8 +44,12 @@ class ClientBase:
     def _generation(
         self, prompt: str | None, messages: Iterable[Message] | None, model: str | None, fields: dict
     ) -> tuple[bool, pb.GenerateRequest | pb.ChatRequest]:
-        """(is a chat, the request)."""
-        return messages is not None, generation_request(self._model(model), prompt, messages, fields)
+        """(is a chat, the request). A request without an idempotency_key gets one: a resumed attempt sends the
+        same key, so the fleet knows it continues the same generation."""
+        request = generation_request(self._model(model), prompt, messages, fields)
+        if not request.idempotency_key:
+            request.idempotency_key = f"client-{uuid.uuid4()}"
+        return messages is not None, request
 
     def _batch(
         self,
@@ -62,6 +67,28 @@ class ClientBase:
         )
 
 
+def resumed(
+    request, state: StreamState, details: ErrorDetails, attempt: int, retry: RetryPolicy, left_s, rng
+):
+    """(the request for the next attempt, seconds to wait first) after an attempt failed with details, or None:
+    raise. Before any chunk: the same request, if the policy retries this failure. After chunks (the stream
+    broke mid-way): the request continuing after the tokens received, if the policy resumes it."""
+    if not state.chunks:
+        wait = retry.delay(details, attempt, left_s, rng)
+        return None if wait is None else (request, wait)
+    if state.finish_reason:
+        return None  # the last chunk arrived: nothing is left to resume
+    wait = retry.resume_delay(details, attempt, left_s, rng)
+    if wait is None:
+        return None
+    follow = type(request)()
+    follow.CopyFrom(request)
+    del follow.resume_token_ids[:]
+    follow.resume_token_ids.extend(state.token_ids)
+    state.resumes += 1
+    return follow, wait
+
+
 class StreamView:
     """What a stream has received so far (its StreamState), as attributes of the stream."""
 
@@ -73,3 +100,4 @@ class StreamView:
     finish_reason = property(lambda self: self.state.finish_reason)
     ttft_s = property(lambda self: self.state.ttft_s)
     text = property(lambda self: self.state.text)
+    resumes = property(lambda self: self.state.resumes)

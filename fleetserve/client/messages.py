@@ -88,6 +88,10 @@ class StreamState:
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
     finish_reason: str = ""
     chunks: int = 0
+    # Every token id received, across attempts (what a resumed attempt continues after).
+    token_ids: list[int] = field(default_factory=list)
+    # Attempts that continued a stream broken mid-way (resume_token_ids).
+    resumes: int = 0
     _text: list[str] = field(default_factory=list)
 
     def observe(self, chunk: common_pb2.GenerateChunk) -> None:
@@ -98,6 +102,7 @@ class StreamState:
             self.served_by = chunk.served_by
         if chunk.text:
             self._text.append(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
         if chunk.finish_reason:
             self.finish_reason = FINISH_REASONS.get(chunk.finish_reason, str(chunk.finish_reason))
             self.usage = chunk.usage

@@ -32,6 +32,17 @@ class RetryPolicy:
     max_advised_delay_s: float = 30.0
     # Added to an advised delay, up to this fraction of it, so clients told "1 s" do not return together.
     advised_jitter: float = 0.1
+    # A stream that broke after chunks arrived (UNAVAILABLE: the gateway it reached died or went away) goes on
+    # through another attempt from the last token received (resume_token_ids), nothing lost or repeated.
+    resume: bool = True
+
+    def resume_delay(
+        self, details: ErrorDetails, attempt: int, time_left_s: float | None, rng: random.Random | None = None
+    ) -> float | None:
+        """Seconds to wait before resuming a stream that broke mid-way with details; None: give up."""
+        if not self.resume or details.code != grpc.StatusCode.UNAVAILABLE:
+            return None
+        return self.delay(details, attempt, time_left_s, rng)
 
     def delay(
         self, details: ErrorDetails, attempt: int, time_left_s: float | None, rng: random.Random | None = None
@@ -55,4 +66,4 @@ class RetryPolicy:
         return wait
 
 
-NO_RETRY = RetryPolicy(max_attempts=1)
+NO_RETRY = RetryPolicy(max_attempts=1, resume=False)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry import metrics
 
+from services.gateway.budgets import Budgets
 from services.gateway.ledger import Entry, Ledger, cost_usd, period_end
 from services.gateway.limits import LimitBackend, Rate
 from services.gateway.tenants import Limits, Tenant
@@ -31,6 +32,9 @@ class Ticket:
     token_rates: list[Rate] = field(default_factory=list)
     stream_key: str = ""
     opened: float = 0.0
+    # A budget hold was reserved (the ledger row removes it); max_tokens the budget capped the request to.
+    held: bool = False
+    max_tokens: int | None = None
 
 
 def _rates(owner: str, subject: str, limits: Limits) -> tuple[Rate | None, Rate | None]:
@@ -62,9 +66,12 @@ class Admission:
         *,
         prices: Mapping[str, tuple[float, float]] | None = None,
         clock: Callable[[], float] = time.time,
+        budgets: Budgets | None = None,
     ) -> None:
         self.backend = backend
         self.ledger = ledger
+        self.budgets = budgets or Budgets(ledger.db, clock=clock)
+        ledger.on_settled = self.budgets.settled
         self.prices = dict(prices or {})
         self._clock = clock
         self._stream_s: dict[str, float] = {}
@@ -92,11 +99,31 @@ class Admission:
         )
 
     async def admit(
-        self, tenant: Tenant, model: str, request_id: str, prompt_tokens: int, lease_s: float
+        self,
+        tenant: Tenant,
+        model: str,
+        request_id: str,
+        prompt_tokens: int,
+        lease_s: float,
+        *,
+        max_tokens: int | None = None,
+        idempotency_key: str = "",
+        resumed_tokens: int = 0,
     ) -> Ticket:
-        """Take what the request needs or raise ResourceExhausted; the ticket must reach finish()."""
+        """Take what the request needs or raise ResourceExhausted; the ticket must reach finish(). With a
+        budget, max_tokens (when given) is held too and capped to what the budget leaves (ticket.max_tokens)."""
         ticket = Ticket(tenant, model, request_id, prompt_tokens, opened=time.monotonic())
-        await self._check_budgets(tenant, prompt_tokens)
+        await self._check_budgets(ticket, max_tokens, idempotency_key, resumed_tokens)
+        try:
+            return await self._take_limits(ticket, tenant, prompt_tokens, request_id, lease_s)
+        except BaseException:
+            if ticket.held:
+                await self.budgets.release(request_id)
+            raise
+
+    async def _take_limits(
+        self, ticket: Ticket, tenant: Tenant, prompt_tokens: int, request_id: str, lease_s: float
+    ) -> Ticket:
         t_rps, t_tpm = _rates(f"t:{tenant.id}", f"tenant:{tenant.id}", tenant.limits)
         k_rps, k_tpm = _rates(f"k:{tenant.key_id}", f"key:{tenant.key_id}", tenant.key_limits)
         wants: list[tuple[Rate, float]] = [(r, 1.0) for r in (t_rps, k_rps) if r is not None]
@@ -151,30 +178,47 @@ class Admission:
         if ticket.stream_key:
             await self.backend.close_stream(ticket.stream_key, ticket.request_id)
 
-    async def _check_budgets(self, tenant: Tenant, prompt_tokens: int) -> None:
+    async def _check_budgets(
+        self, ticket: Ticket, max_tokens: int | None, idempotency_key: str, resumed_tokens: int
+    ) -> None:
+        tenant, prompt_tokens = ticket.tenant, ticket.prompt_tokens
         lim = tenant.limits
         if not lim.token_budget and not lim.cost_budget_usd:
             return
-        tokens, cost = await self.ledger.used(tenant.id, lim.budget_period)
+        got = await self.budgets.reserve(
+            tenant.id,
+            lim.budget_period,
+            ticket.request_id,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            token_budget=lim.token_budget,
+            cost_budget_usd=lim.cost_budget_usd,
+            cost_of=lambda p, c: cost_usd(self.prices, ticket.model, p, c),
+            idempotency_key=idempotency_key,
+            resumed_tokens=resumed_tokens,
+        )
+        if got.admitted:
+            ticket.held, ticket.max_tokens = True, got.max_tokens
+            return
         now = self._clock()
-        if lim.token_budget and tokens + prompt_tokens > lim.token_budget:
+        need = prompt_tokens + (0 if max_tokens is None else resumed_tokens + 1)
+        if lim.token_budget and got.used_tokens + need > lim.token_budget:
             raise self._refuse(
                 tenant,
                 "TOKEN_BUDGET_EXHAUSTED",
-                f"tenant:{tenant.id} used {tokens} of its {lim.token_budget} tokens this {lim.budget_period} "
-                f"(this prompt needs {prompt_tokens})",
+                f"tenant:{tenant.id} used {got.used_tokens} of its {lim.token_budget} tokens this "
+                f"{lim.budget_period}, requests in flight included (this prompt needs {prompt_tokens})",
                 f"tenant:{tenant.id}",
                 period_end(lim.budget_period, now) - now,
             )
-        if lim.cost_budget_usd and cost >= lim.cost_budget_usd:
-            raise self._refuse(
-                tenant,
-                "COST_BUDGET_EXHAUSTED",
-                f"tenant:{tenant.id} spent ${cost:.6f} of its ${lim.cost_budget_usd:g} budget "
-                f"this {lim.budget_period}",
-                f"tenant:{tenant.id}",
-                period_end(lim.budget_period, now) - now,
-            )
+        raise self._refuse(
+            tenant,
+            "COST_BUDGET_EXHAUSTED",
+            f"tenant:{tenant.id} spent ${got.used_cost:.6f} of its ${lim.cost_budget_usd:g} budget "
+            f"this {lim.budget_period}, requests in flight included",
+            f"tenant:{tenant.id}",
+            period_end(lim.budget_period, now) - now,
+        )
 
     async def finish(
         self,
@@ -208,6 +252,7 @@ class Admission:
             partial=partial,
             at=self._clock(),
             model_version=model_version,
+            held=ticket.held,
         )
         # The row first: a limits backend that fails below must not lose what the request was billed.
         self.ledger.record(entry)

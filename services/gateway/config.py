@@ -127,6 +127,18 @@ class GatewaySettings(WorkerSettings):
         ge=0,
         description="How often a tenant's period usage is re-read from the ledger (other gateways' rows).",
     )
+    budget_hold_s: float = Field(
+        30.0,
+        gt=0,
+        description="A budgeted request's hold (what it may still use) lasts this long unless its gateway renews "
+        "it (every third of it): the holds of a gateway that died stop counting after this.",
+    )
+    ledger_sync: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="on: commit a request's usage row before its last chunk goes to the client (a gateway killed "
+        "then loses no billed row; the client resumes elsewhere and is billed there); auto: on with PostgreSQL "
+        "(several gateways), off with SQLite.",
+    )
     safety_input_patterns: list[str] = Field(
         default_factory=list,
         description="Regular expressions (case-insensitive); a prompt matching one is refused "

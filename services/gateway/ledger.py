@@ -7,12 +7,13 @@ import asyncio
 import calendar
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
 
 from services.gateway.db import Database, DatabaseError
+from services.gateway.tenants import PERIODS
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,8 @@ class Entry:
     at: float
     # The model version that served it ("" when it never reached a replica).
     model_version: str = ""
+    # Whether admission reserved a budget hold for it (removed when this row is written).
+    held: bool = False
 
 
 def period_start(period: str, now: float) -> float:
@@ -102,6 +105,8 @@ class Ledger:
         # sum nor the in-memory lists).
         self._committed = 0
         self._flush_lock = asyncio.Lock()
+        # Told the request ids whose budget holds a write removed (Budgets.settled).
+        self.on_settled: Callable[[list[str]], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._flush_loop(), name="ledger-flush")
@@ -149,12 +154,25 @@ class Ledger:
                     f"INSERT INTO usage_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [_row(e) for e in batch],
                 )
+                # In the same transaction: the rows join the budgets' usage counters and their holds go, so
+                # that a budget check never counts a request twice or not at all.
+                await count_usage(
+                    tx,
+                    [(e.tenant_id, e.at, e.prompt_tokens + e.completion_tokens, e.cost_usd) for e in batch],
+                )
+                held = [e.request_id for e in batch if e.held]
+                if held:
+                    await tx.executemany(
+                        "DELETE FROM budget_holds WHERE request_id = ?", [(r,) for r in held]
+                    )
         except BaseException:
             self._pending[:0] = batch
             raise
         finally:
             self._flushing = []
         self._committed += 1
+        if self.on_settled is not None:
+            self.on_settled([e.request_id for e in batch if e.held])
         return len(batch)
 
     async def used(self, tenant_id: str, period: str) -> tuple[int, float]:
@@ -220,4 +238,26 @@ def _row(e: Entry) -> tuple:
         int(e.partial),
         float(e.at),
         e.model_version,
+    )
+
+
+async def count_usage(tx: Database, rows: Iterable[tuple[str, float, int, float]]) -> None:
+    """Inside the ledger's write: add rows (tenant, at, tokens, cost) to the usage counters that exist (a counter
+    is created, from the ledger, by the first admission that needs it), under the tenants' row locks so that a
+    counter being created meanwhile sees either these rows in the ledger or here, never neither."""
+    sums: dict[tuple[str, str, float], list[float]] = {}
+    for tenant, at, tokens, cost in rows:
+        for period in PERIODS:
+            s = sums.setdefault((tenant, period, period_start(period, at)), [0, 0.0])
+            s[0] += tokens
+            s[1] += cost
+    for tenant in sorted({t for t, _, _ in sums}):  # one order everywhere: no deadlock between writers
+        await tx.fetchval(f"SELECT id FROM tenants WHERE id = ?{tx.for_update}", tenant)
+    await tx.executemany(
+        "UPDATE budget_usage SET tokens = tokens + ?, cost_usd = cost_usd + ? "
+        "WHERE tenant_id = ? AND period = ? AND period_start = ?",
+        [
+            (int(t), float(c), tenant, period, start)
+            for (tenant, period, start), (t, c) in sorted(sums.items())
+        ],
     )

@@ -19,7 +19,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 
 from services.gateway.admission import Admission, Ticket
+from services.gateway.budgets import Budgets
 from services.gateway.config import GatewaySettings
+from services.gateway.db import DatabaseError
 from services.gateway.ledger import Ledger, cost_usd
 from services.gateway.limits import LimitBackend, LocalLimits, SplitLimits
 from services.gateway.redis_limits import RedisLimits
@@ -49,6 +51,11 @@ _TIER_PRIORITY = {
 }
 # A stream slot outlives its deadline by this much before Redis frees it (a gateway died holding it).
 _STREAM_LEASE_SLACK_S = 30.0
+
+
+def _is_last(data: bytes) -> bool:
+    """Whether a relayed GenerateResponse is the stream's last chunk (it has a finish reason)."""
+    return pb.GenerateResponse.FromString(data).chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
 
 def effective_priority(requested: int, tier: str) -> int:
@@ -119,8 +126,11 @@ class GatewayPipeline:
         models_cache_ttl_s: float = 2.0,
         extra_models: Iterable[str] = (),
         prom: GatewayMetrics | None = None,
+        ledger_sync: bool = False,
     ) -> None:
         self.tenants = tenants
+        # The usage row is committed before the last chunk is relayed (settings.ledger_sync).
+        self.ledger_sync = ledger_sync
         self.admission = admission
         self.safety = safety
         self.shedder = shedder
@@ -188,7 +198,13 @@ class GatewayPipeline:
             default_max_tokens=settings.default_max_tokens,
             max_tokens_limit=settings.max_tokens_limit,
             list_models_timeout_s=settings.list_models_timeout_s,
-            admission=Admission(backend, ledger, meter, prices=settings.model_prices),
+            admission=Admission(
+                backend,
+                ledger,
+                meter,
+                prices=settings.model_prices,
+                budgets=Budgets(tenants.db, hold_s=settings.budget_hold_s),
+            ),
             safety=DenyPatterns(
                 settings.safety_input_patterns, settings.safety_output_patterns, settings.safety_window_chars
             ),
@@ -197,6 +213,8 @@ class GatewayPipeline:
             models_cache_ttl_s=settings.models_cache_ttl_s,
             extra_models=settings.extra_models,
             prom=prom,
+            ledger_sync=settings.ledger_sync == "on"
+            or (settings.ledger_sync == "auto" and tenants.db.dialect == "postgresql"),
         )
         pipeline.shedder = LoadShedder(
             lambda: routers.unary("get_status", router_pb.GetStatusRequest(), timeout_s=1.0),
@@ -212,6 +230,7 @@ class GatewayPipeline:
         """Start the background work: ledger flushes, load polling."""
         if self.admission is not None:
             self.admission.ledger.start()
+            self.admission.budgets.start()
             self.admission.backend.start()
         if self.shedder is not None:
             self.shedder.start()
@@ -221,6 +240,7 @@ class GatewayPipeline:
         if self.shedder is not None:
             await self.shedder.stop()
         if self.admission is not None:
+            await self.admission.budgets.close()
             await self.admission.ledger.close()
             await self.admission.backend.close()
 
@@ -303,8 +323,21 @@ class GatewayPipeline:
                     self._degrade(spec, outcome, span)
                 if self.admission is not None:
                     ticket = await self.admission.admit(
-                        tenant, spec.model, outcome.request_id, prompt_tokens, timeout + _STREAM_LEASE_SLACK_S
+                        tenant,
+                        spec.model,
+                        outcome.request_id,
+                        prompt_tokens,
+                        timeout + _STREAM_LEASE_SLACK_S,
+                        max_tokens=spec.sampling.max_tokens,
+                        idempotency_key=request.idempotency_key,
+                        resumed_tokens=len(spec.resume_token_ids),
                     )
+                    if ticket.max_tokens is not None:
+                        # The budget has room for fewer tokens than asked: the generation stops there.
+                        spec.sampling.max_tokens = ticket.max_tokens
+                        capped = f"max_tokens {ticket.max_tokens} (budget)"
+                        outcome.degraded = f"{outcome.degraded}; {capped}" if outcome.degraded else capped
+                        span.set_attribute("fleetserve.degraded", outcome.degraded)
                 span.set_attribute("fleetserve.deadline_left_ms", timeout * 1000.0)
                 call = self.routers.generate(
                     router_pb.GenerateRequest(
@@ -340,6 +373,11 @@ class GatewayPipeline:
                             verdict = checker.feed(pb.GenerateResponse.FromString(data).chunk.text)
                             if verdict is not None:
                                 raise self._refused(OUTPUT_BLOCKED, verdict.rule, request.model, span)
+                        if ticket is not None and self.ledger_sync and _is_last(data):
+                            # Billed before the client has it all: a gateway killed after this point loses no
+                            # row, and one killed before it leaves the client a stream to resume elsewhere.
+                            await self._settle_last(ticket, outcome, chunks, first or data, data)
+                            ticket = None
                         if first is None:
                             outcome.ttft_ms = (time.perf_counter() - arrived) * 1000.0
                             if note:
@@ -384,6 +422,29 @@ class GatewayPipeline:
                     # Whatever _finish did: an unsettled ticket holds a stream slot until its lease ends.
                     if ticket is not None:
                         await self._settle(ticket, spec, outcome, chunks)
+
+    async def _settle_last(
+        self, ticket: Ticket, outcome: Outcome, chunks: int, first: bytes, last: bytes
+    ) -> None:
+        """The ledger row of a request whose last chunk is here, committed (group commit with every other
+        row pending); a database that fails is logged and the row stays queued."""
+        served_by = pb.GenerateResponse.FromString(first).chunk.served_by
+        usage = pb.GenerateResponse.FromString(last).chunk.usage
+        try:
+            await self.admission.finish(  # type: ignore[union-attr]
+                ticket,
+                status=grpc.StatusCode.OK.name,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                relayed_chunks=chunks,
+                model_version=served_by.model_version,
+            )
+            await self.admission.ledger.flush()  # type: ignore[union-attr]
+        except DatabaseError:
+            log.exception("gateway.ledger_sync_failed", request_id=ticket.request_id)
+        except Exception:  # noqa: BLE001 - accounting must not turn a served request into an error
+            log.exception("gateway.settle_failed", request_id=ticket.request_id)
 
     def context_length(self, model: str) -> int | None:
         """The model's context length (None: not checked)."""

@@ -116,6 +116,52 @@ CREATE INDEX usage_ledger_tenant_at ON usage_ledger(tenant_id, at);
         sqlite="ALTER TABLE usage_ledger ADD COLUMN model_version TEXT NOT NULL DEFAULT '';",
         postgresql="ALTER TABLE usage_ledger ADD COLUMN model_version TEXT NOT NULL DEFAULT '';",
     ),
+    Migration(
+        3,
+        "budget holds (what admitted requests may still use, until they expire) and per-period usage counters",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS budget_usage (
+    tenant_id    TEXT NOT NULL,
+    period       TEXT NOT NULL,
+    period_start REAL NOT NULL,
+    tokens       INTEGER NOT NULL,
+    cost_usd     REAL NOT NULL,
+    PRIMARY KEY (tenant_id, period, period_start)
+);
+CREATE TABLE IF NOT EXISTS budget_holds (
+    request_id      TEXT PRIMARY KEY,
+    tenant_id       TEXT NOT NULL,
+    idempotency_key TEXT,
+    tokens          INTEGER NOT NULL,
+    cost_usd        REAL NOT NULL,
+    owner           TEXT NOT NULL,
+    expires_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS budget_holds_tenant ON budget_holds(tenant_id, idempotency_key);
+CREATE INDEX IF NOT EXISTS budget_holds_owner ON budget_holds(owner);
+""",
+        postgresql="""
+CREATE TABLE budget_usage (
+    tenant_id    TEXT NOT NULL,
+    period       TEXT NOT NULL,
+    period_start DOUBLE PRECISION NOT NULL,
+    tokens       BIGINT NOT NULL,
+    cost_usd     DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (tenant_id, period, period_start)
+);
+CREATE TABLE budget_holds (
+    request_id      TEXT PRIMARY KEY,
+    tenant_id       TEXT NOT NULL,
+    idempotency_key TEXT,
+    tokens          BIGINT NOT NULL,
+    cost_usd        DOUBLE PRECISION NOT NULL,
+    owner           TEXT NOT NULL,
+    expires_at      DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX budget_holds_tenant ON budget_holds(tenant_id, idempotency_key);
+CREATE INDEX budget_holds_owner ON budget_holds(owner);
+""",
+    ),
 )
 
 JOBS: tuple[Migration, ...] = (

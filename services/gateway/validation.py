@@ -72,6 +72,14 @@ def to_spec(
         )
 
     max_tokens = req.max_tokens or default_max_tokens
+    if len(req.resume_token_ids) >= max_tokens:
+        # max_tokens bounds the whole generation, resumed tokens included: nothing would be left to generate.
+        violations.append(
+            (
+                "resume_token_ids",
+                f"{len(req.resume_token_ids)} ids leave no room within max_tokens {max_tokens}",
+            )
+        )
     sampling = common_pb2.SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -87,6 +95,7 @@ def to_spec(
         messages=req.messages,
         sampling=sampling,
         model_version=req.model_version,
+        resume_token_ids=req.resume_token_ids,
     )
     if violations:
         fields = ", ".join(f for f, _ in violations)

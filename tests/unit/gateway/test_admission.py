@@ -48,7 +48,7 @@ async def refused(admission: Admission, t: Tenant, prompt: int = 1) -> ResourceE
 
 
 async def finish(admission: Admission, ticket, completion: int, prompt: int | None = None):
-    return await admission.finish(
+    entry = await admission.finish(
         ticket,
         status="OK",
         prompt_tokens=ticket.prompt_tokens if prompt is None else prompt,
@@ -56,6 +56,8 @@ async def finish(admission: Admission, ticket, completion: int, prompt: int | No
         cached_tokens=0,
         relayed_chunks=completion,
     )
+    await admission.ledger.flush()  # as the gateway's writer does right after
+    return entry
 
 
 @pytest.mark.asyncio
@@ -109,13 +111,13 @@ async def test_a_prompt_larger_than_the_token_rate_is_refused_without_retry_advi
 async def test_token_budget_counts_the_ledger_and_advises_the_period_end(admission):
     """Once the ledger holds the tenant's token budget for the day, it is refused until the day ends."""
     t = tenant(token_budget=100, budget_period="day")
-    ticket = await admission.admit(t, "m", "r", 40, 60)
+    ticket = await admission.admit(t, "m", "r1", 40, 60)
     entry = await finish(admission, ticket, completion=50)
     assert (entry.prompt_tokens, entry.completion_tokens) == (40, 50)
     err = await refused(admission, t, prompt=11)
     assert err.reason == "TOKEN_BUDGET_EXHAUSTED"
     assert err.retry_after_s == 12 * 3600  # NOW is noon UTC
-    await admission.admit(t, "m", "r", 10, 60)  # exactly up to the budget still fits
+    await admission.admit(t, "m", "r2", 10, 60)  # exactly up to the budget still fits
 
 
 @pytest.mark.asyncio
