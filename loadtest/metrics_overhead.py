@@ -327,12 +327,16 @@ def _report(args, repeats: list[dict], recording: dict) -> dict:
             }
         row["verdict"] = _verdict(row)
         summary[hop] = row
-    return {
-        "bench": "metrics_overhead",
-        "command": "python -m loadtest.metrics_overhead " + " ".join(sys.argv[1:]),
+    # Measured here, or (--combine) read from the runs combined.
+    commits = getattr(args, "commits", None) or {
         "baseline_commit": _git(args.baseline_dir, "rev-parse", "HEAD"),
         "metrics_commit": _git(ROOT, "rev-parse", "HEAD"),
         "metrics_tree_dirty": bool(_git(ROOT, "status", "--porcelain", "--untracked-files=no")),
+    }
+    return {
+        "bench": "metrics_overhead",
+        "command": "python -m loadtest.metrics_overhead " + " ".join(sys.argv[1:]),
+        **commits,
         "workload": {
             "repeats": args.repeats,
             "rounds": args.rounds,
@@ -345,7 +349,7 @@ def _report(args, repeats: list[dict], recording: dict) -> dict:
             "speed_factor": args.speed_factor,
             "scrape_interval_s": args.scrape_interval_s,
         },
-        "cpu_ms_per_scrape": repeats[0].get("cpu_ms_per_scrape"),
+        "cpu_ms_per_scrape": repeats[0].get("cpu_ms_per_scrape") or getattr(args, "cpu_ms_per_scrape", None),
         "recording_us": recording,
         "summary": summary,
         "repeats": repeats,
@@ -506,7 +510,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.metrics_overhead", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--baseline-dir", required=True, help="a checkout of the baseline commit")
+    p.add_argument("--baseline-dir", help="a checkout of the baseline commit (required unless --combine)")
     p.add_argument(
         "--repeats", type=int, default=3, help="fresh sets of fleets, one after another (default 3)"
     )
@@ -533,15 +537,59 @@ def parser() -> argparse.ArgumentParser:
         help="afterwards, seconds idle and seconds scraped 20/s to measure CPU per scrape (0: skip; default 10)",
     )
     p.add_argument("--out", help="write the JSON here too")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: report the repeats of these earlier runs (same workload) as one run",
+    )
     return p
+
+
+def combine(paths: list[str]) -> dict:
+    """One report from the repeats of several runs (each a short hold of a busy machine), which must share
+    their workload and commits; the recording cost is timed again here."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    keys = ("baseline_commit", "metrics_commit")
+
+    def same(run: dict) -> dict:
+        counts = ("repeats", "requests_per_variant")
+        return {
+            **{k: run[k] for k in keys},
+            "workload": {n: v for n, v in run["workload"].items() if n not in counts},
+        }
+
+    for p, run in zip(paths[1:], runs[1:], strict=True):
+        if same(run) != same(first):
+            raise SystemExit(f"{p}: workload or commits differ from {paths[0]}'s")
+    w = first["workload"]
+    repeats = [rep for run in runs for rep in run["repeats"]]
+    args = argparse.Namespace(**{**w, "repeats": len(repeats)})
+    args.commits = {
+        "baseline_commit": first["baseline_commit"],
+        "metrics_commit": first["metrics_commit"],
+        "metrics_tree_dirty": any(run["metrics_tree_dirty"] for run in runs),
+    }
+    args.cpu_ms_per_scrape = next((r["cpu_ms_per_scrape"] for r in runs if r.get("cpu_ms_per_scrape")), None)
+    out = _report(args, repeats, recording_cost(output_tokens=w["max_tokens"]))
+    out["combined_from"] = [{"command": r["command"], "repeats": len(r["repeats"])} for r in runs]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    args.baseline_dir = Path(args.baseline_dir).resolve()
-    with structlog_to_stderr(), tempfile.TemporaryDirectory(prefix="fleetserve-bench-gen-") as gen_dir:
-        args.gen_dirs = {tree: _generated_protos(tree, Path(gen_dir)) for tree in {args.baseline_dir, ROOT}}
-        result = asyncio.run(measure(args))
+    if args.combine:
+        result = combine(args.combine)
+    else:
+        if not args.baseline_dir:
+            parser().error("--baseline-dir is required")
+        args.baseline_dir = Path(args.baseline_dir).resolve()
+        with structlog_to_stderr(), tempfile.TemporaryDirectory(prefix="fleetserve-bench-gen-") as gen_dir:
+            args.gen_dirs = {
+                tree: _generated_protos(tree, Path(gen_dir)) for tree in {args.baseline_dir, ROOT}
+            }
+            result = asyncio.run(measure(args))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
