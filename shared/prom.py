@@ -153,16 +153,22 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def exposed(registries: Iterable[Collector | None] = (), multiprocess_dir: str | None = None) -> Collector:
-    """What a service's /metrics serves: the default registry and the given registries of the service's own;
-    in multiprocess mode, every worker's instruments merged from the shared directory instead (where each
-    process's instruments, whatever registry they are on, keep their values; collectors that compute values at
-    scrape time cannot be merged across processes, so services run as workers record as they go)."""
+def exposed(
+    registries: Iterable[Collector | None] = (),
+    multiprocess_dir: str | None = None,
+    include_default: bool = True,
+) -> Collector:
+    """What a service's /metrics serves: the default registry (unless include_default is false) and the given
+    registries of the service's own; in multiprocess mode, every worker's instruments merged from the shared
+    directory instead (where each process's instruments, whatever registry they are on, keep their values;
+    collectors that compute values at scrape time cannot be merged across processes, so services run as
+    workers record as they go)."""
     if multiprocess_dir:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged, path=multiprocess_dir)
         return merged
-    return _Combined([pc.REGISTRY, *(r for r in registries if r is not None)])
+    default = [pc.REGISTRY] if include_default else []
+    return _Combined([*default, *(r for r in registries if r is not None)])
 
 
 def start_metrics_server(
@@ -170,13 +176,15 @@ def start_metrics_server(
     port: int,
     registries: Iterable[Collector | None] = (),
     multiprocess_dir: str | None = None,
+    include_default: bool = True,
 ) -> MetricsServer | None:
     """Serve Prometheus text on http://host:port/metrics from a thread (scrapes are answered even while the
     event loop is busy); port 0 picks a free port, a negative port serves nothing (None)."""
     if port < 0:
         return None
+    collector = exposed(registries, multiprocess_dir, include_default)
     # Uncompressed: a scrape is ~10-20 KB, and gzip would add ~30% to its CPU cost in the service.
-    app = _text_format_only(pc.make_wsgi_app(exposed(registries, multiprocess_dir), disable_compression=True))
+    app = _text_format_only(pc.make_wsgi_app(collector, disable_compression=True))
     # One scrape at a time on the server's own thread (Prometheus scrapes a target serially): a thread per
     # request, as prometheus-client's own server starts, cost ~0.6 ms more CPU per scrape (measured).
     server_cls = _Server6 if ":" in host else _Server

@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fleetserve.common.v1 import common_pb2
+from prometheus_client import multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import CollectorRegistry
 
 from services.engine.backend import EngineBackend
+from services.engine.load_board import LoadBoard
 from shared import prom
 
 LABELS = ("model_name", "engine")
@@ -95,50 +97,101 @@ class EngineMetrics:
 
     def _load_families(self) -> Iterable[Metric]:
         load = self.backend.load()
-        counters = self.backend.counters
-        labels = list(self.labels)
-
-        def family(cls, name: str, doc: str, value: float) -> Metric:
-            f = cls(name, doc, labels=LABELS)
-            f.add_metric(labels, value)
-            return f
-
         kv = load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0.0
-        return [
-            family(
-                GaugeMetricFamily,
-                "vllm:num_requests_running",
-                "Number of requests in model execution batches.",
-                load.running,
-            ),
-            family(
-                GaugeMetricFamily,
-                "vllm:num_requests_waiting",
-                "Number of requests waiting to be processed.",
-                load.waiting,
-            ),
-            family(
-                GaugeMetricFamily,
-                "vllm:kv_cache_usage_perc",
-                "KV-cache usage. 1 means 100 percent usage.",
-                kv,
-            ),
-            family(
-                CounterMetricFamily,
-                "vllm:prefix_cache_queries",
-                "Prefix cache queries, in terms of number of queried tokens.",
-                load.prefix_cache_queried_tokens,
-            ),
-            family(
-                CounterMetricFamily,
-                "vllm:prefix_cache_hits",
-                "Prefix cache hits, in terms of number of cached tokens.",
-                load.prefix_cache_hit_tokens,
-            ),
-            family(
-                CounterMetricFamily,
-                "vllm:generation_tokens",
-                "Number of generation tokens processed.",
-                counters.output_tokens,
-            ),
-        ]
+        return load_families(
+            self.labels,
+            running=load.running,
+            waiting=load.waiting,
+            kv_usage=kv,
+            queried_tokens=load.prefix_cache_queried_tokens,
+            hit_tokens=load.prefix_cache_hit_tokens,
+            output_tokens=self.backend.counters.output_tokens,
+        )
+
+
+def load_families(
+    labels: tuple[str, str],
+    *,
+    running: int,
+    waiting: int,
+    kv_usage: float,
+    queried_tokens: int,
+    hit_tokens: int,
+    output_tokens: int,
+) -> list[Metric]:
+    """vLLM's load gauges and running totals of one replica, as Prometheus families."""
+
+    def family(cls, name: str, doc: str, value: float) -> Metric:
+        f = cls(name, doc, labels=LABELS)
+        f.add_metric(list(labels), value)
+        return f
+
+    return [
+        family(
+            GaugeMetricFamily,
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            running,
+        ),
+        family(
+            GaugeMetricFamily,
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            waiting,
+        ),
+        family(
+            GaugeMetricFamily,
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            kv_usage,
+        ),
+        family(
+            CounterMetricFamily,
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            queried_tokens,
+        ),
+        family(
+            CounterMetricFamily,
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            hit_tokens,
+        ),
+        family(
+            CounterMetricFamily,
+            "vllm:generation_tokens",
+            "Number of generation tokens processed.",
+            output_tokens,
+        ),
+    ]
+
+
+class ReplicaCollector:
+    """The one /metrics of a replica split over front-end processes, served by their supervisor: every front
+    end's series merged from prometheus-client's multiprocess directory (counters and histograms add up), and
+    the load families read from the replica's shared load board, which a front end computes only when scraped
+    and so cannot leave in the directory. Where the front ends' own series already have a family (vLLM's
+    native stat logger records its gauges as it goes), the board's is left out: one series per name."""
+
+    def __init__(self, multiprocess_dir: str, board: LoadBoard, model: str) -> None:
+        self._merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(self._merged, path=multiprocess_dir)
+        self.board = board
+        self.labels = (model, ENGINE_INDEX)
+
+    def collect(self) -> Iterable[Metric]:
+        merged = list(self._merged.collect())
+        names = {m.name for m in merged}
+        t = self.board.totals()
+        # As the backend's load(): vLLM reports with each step, so after a burst its counts can be a step stale.
+        running = min(t.running, t.live)
+        board = load_families(
+            self.labels,
+            running=running,
+            waiting=min(t.waiting, t.live - running),
+            kv_usage=t.kv_usage,
+            queried_tokens=t.queried_tokens,
+            hit_tokens=t.hit_tokens,
+            output_tokens=t.output_tokens,
+        )
+        return merged + [f for f in board if f.name not in names]

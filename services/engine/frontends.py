@@ -2,7 +2,9 @@
 `vllm serve --api-server-count N` does: a supervisor starts the engine core (vLLM's launch_core_engines) and N
 front ends, each an AsyncLLM client with its own index serving EngineService on its own port. The replica stays
 ONE replica in the fleet: the primary front end (index 0) registers it with every front end as an endpoint,
-reads the engine core's KV events, and reports the load of all front ends (a shared table, load_board.py)."""
+reads the engine core's KV events, and reports the load of all front ends (a shared table, load_board.py). The
+supervisor serves the replica's one /metrics: every front end's series merged (prometheus-client's
+multiprocess mode, as vllm serve does for its API servers) and the load gauges from the shared table."""
 
 from __future__ import annotations
 
@@ -10,17 +12,21 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing import connection
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from services.engine.engine_metrics import ReplicaCollector
 from services.engine.load_board import LoadBoard
+from shared import prom
 from shared.server import PARENT_PID_ENV, write_ready_file
 from shared.workers import Stop, raise_stop_on_signals
 
@@ -135,6 +141,10 @@ def supervise(settings, count: int) -> int:
     kv_path = tempfile.mktemp(prefix=f"fleetserve-kv-{settings.replica_id}-", suffix=".sock")  # noqa: S306 - an ipc path the engine core binds
     kv_endpoint = f"ipc://{kv_path}"
     board = LoadBoard(None, count)
+    run_dir = Path(settings.ready_file).parent if settings.ready_file else Path(tempfile.gettempdir())
+    # Before any front end (or the engine core) starts: they inherit the directory and write their series there.
+    prom_dir = prom.prepare_multiprocess(run_dir / f"engine-{os.getpid()}-prometheus")
+    metrics = None
     ctx = multiprocessing.get_context("spawn")
     # Front ends stop by themselves if this process dies (shared.server.wait_for_signal watches it).
     os.environ[PARENT_PID_ENV] = str(os.getpid())
@@ -160,10 +170,18 @@ def supervise(settings, count: int) -> int:
         addresses = _gather(conns, procs, FRONTEND_START_TIMEOUT_S)
         for c in conns:
             c.send(addresses)
+        # Only the merged series and the board's: this process's own default registry is not the replica's.
+        metrics = prom.start_metrics_server(
+            settings.host,
+            settings.metrics_port,
+            [ReplicaCollector(prom_dir, board, settings.model)],
+            include_default=False,
+        )
         write_ready_file(
             settings.ready_file,
             address=addresses[0],
             service="engine",
+            metrics_address=metrics.address if metrics is not None else "",
             frontends=addresses,
             frontend_pids=[p.pid for p in procs],
             engine_start_s=round(engine_start_s, 3),
@@ -187,6 +205,9 @@ def supervise(settings, count: int) -> int:
         _stop_frontends(procs, settings.grace_period_s)
         if manager is not None:
             manager.shutdown()
+        if metrics is not None:
+            metrics.stop()  # after the front ends drained: a scrape meanwhile still counts their last requests
+        shutil.rmtree(prom_dir, ignore_errors=True)
         board.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(kv_path)

@@ -5,7 +5,15 @@ counters summed over them, Abort and KV events on any front end, cancellation, e
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,6 +22,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as pb
 from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.engine import vllm_backend
 from services.engine.app import start
@@ -33,6 +42,7 @@ from tests.fake_vllm import FakeAsyncLLM, fake_api, first_stored_hashes  # noqa:
 
 MODEL = "llama-tiny"
 N = 3
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +264,76 @@ async def _gone(address: str) -> bool:
 
 async def _not_serving(address: str) -> bool:
     return not await check(address, timeout_s=1)
+
+
+async def test_front_end_processes_serve_one_merged_metrics_page(model_dir, tmp_path):
+    """`python -m services.engine --backend vllm --frontends 2` (on the fake vLLM, each front end its own process):
+    the supervisor serves the replica's one /metrics, named in its ready file. Every family appears once, with
+    one series per label set (no per-process `pid` series); the per-request series add up over both front-end
+    processes (prometheus-client's multiprocess mode); the load gauges and token totals come from the shared
+    load board. The directory of the processes' values is gone once the replica stopped."""
+    ready = tmp_path / "engine.json"
+    argv = [sys.executable, "-m", "tests.fake_vllm_replica", "--backend=vllm", "--frontends=2"]
+    argv += [f"--model={MODEL}", f"--vllm-args=--model {model_dir}", "--replica-id=engine-mp", "--port=0"]
+    argv += ["--metrics-port=0", f"--ready-file={ready}", "--grace-period-s=1"]
+    with open(tmp_path / "engine.log", "w") as log:  # noqa: ASYNC230 - once, before the test starts
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # noqa: ASYNC220
+    try:
+        await assert_eventually(lambda: ready.exists() or proc.poll() is not None, timeout_s=120)
+        assert proc.poll() is None, (tmp_path / "engine.log").read_text()[-3000:]
+        info = json.loads(ready.read_text())
+        assert len(info["frontends"]) == 2 and info["metrics_address"]
+        prom_dir = tmp_path / f"engine-{info['pid']}-prometheus"
+        assert prom_dir.is_dir()
+
+        sent = {0: (3, 4), 1: (2, 6)}  # front end -> (requests, tokens each)
+        prompt_tokens = 0
+        for fe, (n, tokens) in sent.items():
+            async with grpc.aio.insecure_channel(info["frontends"][fe]) as ch:
+                stub = engine_grpc.EngineServiceStub(ch)
+                for i in range(n):
+                    call = stub.Generate(
+                        request(f"front end {fe} request {i}", tokens, f"m{fe}-{i}"), timeout=30
+                    )
+                    chunks = [r.chunk async for r in call]
+                    assert chunks[-1].usage.completion_tokens == tokens
+                    prompt_tokens += chunks[-1].usage.prompt_tokens
+        requests = sum(n for n, _ in sent.values())
+        tokens = sum(n * t for n, t in sent.values())
+
+        def samples() -> dict[tuple, float]:
+            with urllib.request.urlopen(f"http://{info['metrics_address']}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+            assert [n for n, c in collections.Counter(types).items() if c > 1] == []
+            out: dict[tuple, float] = {}
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    assert key not in out and "pid" not in s.labels, key
+                    out[key] = s.value
+            return out
+
+        replica = (("engine", "0"), ("model_name", MODEL))
+
+        def value(name: str, **labels: str) -> float | None:
+            return samples().get((name, tuple(sorted({**dict(replica), **labels}.items()))))
+
+        # The board's rows are published every 50 ms: the totals arrive within a few.
+        await assert_eventually(lambda: value("vllm:generation_tokens_total") == tokens, timeout_s=10)
+        assert value("vllm:request_success_total", finished_reason="length") == requests
+        assert value("vllm:time_to_first_token_seconds_count") == requests
+        assert value("vllm:e2e_request_latency_seconds_count") == requests
+        assert value("vllm:request_time_per_output_token_seconds_count") == requests
+        assert value("vllm:prompt_tokens_total") == prompt_tokens
+        assert value("vllm:num_requests_running") == 0
+        assert value("vllm:num_requests_waiting") == 0
+        assert value("vllm:prefix_cache_queries_total") is not None
+
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+        assert not prom_dir.exists()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)

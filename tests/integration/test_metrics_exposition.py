@@ -4,6 +4,8 @@ the registry's replica counts; bounded labels."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 import pytest_asyncio
@@ -14,6 +16,9 @@ from tests.integration.test_router import API_KEY, MODEL, generate, generate_err
 from tests.support import assert_eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+REQUESTS = 4
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -159,3 +164,96 @@ async def test_router_counts_requests_attempts_retries_and_breakers(fleet):
         )
         is None
     )
+
+
+class MetricCalls:
+    """Counts every Prometheus and OpenTelemetry recording call (counter/gauge/histogram updates, span starts,
+    attributes and events) by the fleet's code line that made it (the first frame in services/ or shared/)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import collections
+        import sys
+
+        import prometheus_client.metrics as pm
+        from opentelemetry.sdk.metrics._internal import instrument as oi
+        from opentelemetry.sdk.trace import Span, Tracer
+
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.on = False
+
+        def site() -> str:
+            f = sys._getframe(2)
+            while f is not None:
+                path = Path(f.f_code.co_filename)
+                if path.is_relative_to(ROOT) and path.parts[len(ROOT.parts)] in ("services", "shared"):
+                    return f"{path.relative_to(ROOT)}:{f.f_lineno}"
+                f = f.f_back
+            return "elsewhere"
+
+        def wrap(cls, method: str) -> None:
+            original = getattr(cls, method)
+
+            def counted(*args, **kwargs):
+                if self.on:
+                    self.counts[site()] += 1
+                return original(*args, **kwargs)
+
+            monkeypatch.setattr(cls, method, counted)
+
+        for cls, methods in (
+            (pm.Counter, ("inc",)),
+            (pm.Gauge, ("inc", "dec", "set")),
+            (pm.Histogram, ("observe",)),
+            (oi._Counter, ("add",)),
+            (oi._UpDownCounter, ("add",)),
+            (oi._Histogram, ("record",)),
+            (oi._Gauge, ("set",)),
+            (Span, ("set_attribute", "set_attributes", "add_event")),
+            (Tracer, ("start_span",)),
+        ):
+            for m in methods:
+                wrap(cls, m)
+
+    def take(self) -> dict[str, int]:
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+
+async def test_metrics_calls_per_request_do_not_grow_with_output_tokens(fleet, tmp_path, monkeypatch):
+    """The token path records metrics per request, never per token: every Prometheus update, OTel instrument
+    call, span start, attribute and event made by gateway and router code numbers the same for requests of 4
+    and of 64 output tokens (counted by code line, the same requests otherwise)."""
+    calls = MetricCalls(monkeypatch)
+    async with gateway(fleet, tmp_path) as gw:
+        reg = gw.app.metrics_registry
+        await gw.generate(API_KEY, max_tokens=4, ignore_eos=True)  # warm: first calls create label children
+        per_length = {}
+        for tokens in (4, 64):
+            done = value(reg, "fleetserve:requests_total", model_name=MODEL, code="OK")
+            calls.take()
+            calls.on = True
+            for _ in range(REQUESTS):
+                chunks, _ = await gw.generate(API_KEY, max_tokens=tokens, ignore_eos=True)
+                assert chunks[-1].usage.completion_tokens == tokens
+            await assert_eventually(
+                lambda d=done: (
+                    value(reg, "fleetserve:requests_total", model_name=MODEL, code="OK") == d + REQUESTS
+                ),
+                timeout_s=10,
+            )
+            calls.on = False
+            per_length[tokens] = calls.take()
+    # The token path's code (the registry, which hears heartbeats in the meantime, is not on it).
+    token_path = ("services/gateway/", "services/router/", "services/engine/", "shared/")
+    short, long = (
+        {s: n for s, n in d.items() if s.startswith(token_path)} for d in (per_length[4], per_length[64])
+    )
+    # A call made per token (or per chunk) would be 60 more per request; background work (heartbeats, breaker
+    # gauges) may add a few while the longer requests run: less than one per request.
+    grown = {s: (short.get(s, 0), n) for s, n in long.items() if n - short.get(s, 0) >= REQUESTS}
+    assert grown == {}, grown
+    hops = ("services/gateway/", "services/router/")
+    on_path = {s: n for s, n in short.items() if s.startswith(hops)}
+    assert sum(n >= REQUESTS for n in on_path.values()) >= 10, short  # the per-request calls were counted
+    assert sum(n for s, n in long.items() if s.startswith(hops)) - sum(on_path.values()) < REQUESTS
