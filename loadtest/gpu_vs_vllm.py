@@ -101,12 +101,14 @@ def _start_one(name: str, args, port: int) -> tuple[subprocess.Popen, str, str, 
         f" --kv-cache-memory-bytes {args.kv_cache_bytes}"
     )
     t0 = time.time()
-    if name == "mesh":
-        argv = [sys.executable, "-m", "loadtest.gpu_vs_vllm", "serve-mesh", "--dir", args.dir]
+    if name.startswith("mesh"):
+        argv = [sys.executable, "-m", "loadtest.gpu_vs_vllm", "serve-mesh", "--dir", args.dir, "--name", name]
         argv += ["--model-dir", args.model_dir, "--vllm-flags", common]
         argv += ["--frontends", str(args.mesh_frontends), "--router-workers", str(args.router_workers)]
         argv += ["--gateway-workers", str(args.gateway_workers)]
-        return _spawn(argv, d / "mesh.log"), "", "", t0
+        if name == "mesh-pack":
+            argv += ["--router-args", f"--frontend-pack {args.mesh_pack}"]
+        return _spawn(argv, d / f"{name}.log"), "", "", t0
     n = int(name.removeprefix("vllm-api"))
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
     argv += ["--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1"]
@@ -116,13 +118,13 @@ def _start_one(name: str, args, port: int) -> tuple[subprocess.Popen, str, str, 
 
 def _wait_started(name: str, args, proc: subprocess.Popen, url: str, t0: float) -> dict:
     d = Path(args.dir)
-    if name == "mesh":
-        mesh_state = d / "mesh.json"
+    if name.startswith("mesh"):
+        mesh_state = d / f"{name}.json"
         while not mesh_state.exists():
             if proc.poll() is not None:
-                raise RuntimeError(f"mesh exited with {proc.returncode}; see {d / 'mesh.log'}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {d / (name + '.log')}")
             if time.time() - t0 > args.start_timeout_s:
-                raise TimeoutError("mesh did not start")
+                raise TimeoutError(f"{name} did not start")
             time.sleep(0.5)
         ms = json.loads(mesh_state.read_text())
         url = f"http://{ms['gateway_http']}"
@@ -146,6 +148,9 @@ def start(args) -> None:
     order = [f"vllm-api{n}" for n in args.api_counts] + ["mesh"]
     if args.mesh_first:
         order = ["mesh", *order[:-1]]
+    if args.mesh_pack:
+        # The same mesh with its routers packing streams onto the fewest front ends (an A/B of --frontend-pack).
+        order.append("mesh-pack")
     ports = {name: 8101 + i for i, name in enumerate(order)}
     todo = [name for name in order if name not in state["servers"]]
     # The first start compiles (torch.compile, CUDA graphs) into the shared cache; the others then start at once.
@@ -174,14 +179,14 @@ def serve_mesh(args) -> None:
         engine += ["--frontends", str(args.frontends)]
         cluster = Cluster(
             ClusterConfig(
-                data_dir=Path(args.dir) / "mesh",
+                data_dir=Path(args.dir) / args.name,
                 engines=1,
                 backend="vllm",
                 model=MODEL,
                 start_timeout_s=600.0,
                 router_workers=args.router_workers,
                 gateway_workers=args.gateway_workers,
-                extra_args={"engine": engine},
+                extra_args={"engine": engine, "router": args.router_args.split()},
             )
         )
         stop = asyncio.Event()
@@ -194,7 +199,7 @@ def serve_mesh(args) -> None:
             "frontends": info.get("frontends"),
             "pids": {n: p.process.pid for n, p in cluster.procs.items()},
         }
-        Path(args.dir, "mesh.json").write_text(json.dumps(st, indent=2))  # noqa: ASYNC240 - once, at start
+        Path(args.dir, f"{args.name}.json").write_text(json.dumps(st, indent=2))  # noqa: ASYNC240 - once, at start
         try:
             await stop.wait()
         finally:
@@ -409,6 +414,8 @@ def bench(args) -> None:
     if args.pin:
         cpus = json.loads(cpus_file.read_text()) if cpus_file.exists() else probe_cpus(args)
         doc["cpus"] = cpus
+        if len(cpus["other_cpus"]) < 2:  # a small machine: nothing to set apart
+            cpus = None
     deadline = time.monotonic() + args.budget_s
 
     def run(
@@ -446,7 +453,7 @@ def bench(args) -> None:
             # Interleaved: every server at this point before the next point; the order turns each repetition.
             k = (rep - 1) % len(servers)
             for name in servers[k:] + servers[:k]:
-                if (rep, name, c) in done:
+                if (rep, name, c) in done or c not in args.only.get(name, {c}):
                     continue
                 if time.monotonic() > deadline:
                     print("gpu_vs_vllm: budget spent; run bench again to go on", flush=True)
@@ -578,7 +585,7 @@ def relabel(records: list[dict], roles: dict[int, str]) -> None:
         r["cpu_by_process"] = _by_process(r["cpu"])
 
 
-def paired(records: list[dict]) -> dict[int, dict]:
+def paired(records: list[dict], server: str = "mesh") -> dict[int, dict]:
     """Per concurrency: in each repetition the mesh against that repetition's best `vllm serve` (the servers of
     one repetition ran back to back, so drift between repetitions cancels), and the median over repetitions."""
     by: dict[tuple[int, int], dict[str, dict]] = {}
@@ -586,8 +593,8 @@ def paired(records: list[dict]) -> dict[int, dict]:
         by.setdefault((r["concurrency"], r["rep"]), {})[r["server"]] = r
     out: dict[int, dict] = {}
     for (c, rep), rs in sorted(by.items()):
-        mesh = rs.get("mesh")
-        vl = [r for name, r in rs.items() if name != "mesh"]
+        mesh = rs.get(server)
+        vl = [r for name, r in rs.items() if name.startswith("vllm-")]
         if mesh is None or not vl:
             continue
         best = max(vl, key=lambda r: r["output_tokens_per_s"])
@@ -616,7 +623,7 @@ def targets(rows: list[dict], pairs: dict[int, dict]) -> dict[int, dict]:
     for c in sorted({r["concurrency"] for r in rows}):
         rs = [r for r in rows if r["concurrency"] == c]
         mesh = next((r for r in rs if r["server"] == "mesh"), None)
-        vl = [r for r in rs if r["server"] != "mesh"]
+        vl = [r for r in rs if r["server"].startswith("vllm-")]
         if mesh is None or not vl:
             continue
         best = max(vl, key=lambda r: r["output_tokens_per_s"])
@@ -644,7 +651,7 @@ def _pct(vals: list[float], q: float) -> float:
     return vals[min(len(vals) - 1, max(0, round(q * (len(vals) - 1))))]
 
 
-def hop_ttft(records: list[dict], log_dir: str) -> dict[int, dict]:
+def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[int, dict]:
     """TTFT at each hop of the mesh, from its services' request log lines (gateway: from the HTTP request to
     the first token; engine: from Generate to vLLM's first output), per concurrency over the mesh's runs."""
     from datetime import datetime
@@ -664,7 +671,7 @@ def hop_ttft(records: list[dict], log_dir: str) -> dict[int, dict]:
                     events[e["event"]].append((ts, float(e["ttft_ms"])))
     out: dict[int, dict] = {}
     for r in records:
-        if r["server"] != "mesh" or "started_at" not in r:
+        if r["server"] != server or "started_at" not in r:
             continue
         row = out.setdefault(
             r["concurrency"], {"gateway": [], "engine": [], "client_p50": [], "client_p99": []}
@@ -693,6 +700,9 @@ def report(args) -> None:
     rows = summarize(doc["records"])
     pairs = paired(doc["records"])
     met = targets(rows, pairs)
+    names = {r["server"] for r in doc["records"]}
+    variants = sorted(n for n in names if n != "mesh" and not n.startswith("vllm-"))
+    others = {v: paired(doc["records"], v) for v in variants}
     by_c: dict[int, list[dict]] = {}
     for r in rows:
         by_c.setdefault(r["concurrency"], []).append(r)
@@ -705,6 +715,9 @@ def report(args) -> None:
         for r in rs:
             rng = r["output_tokens_per_s_range"]
             vs = ""
+            if r["server"] in others and c in others[r["server"]]:
+                o = others[r["server"]][c]
+                vs = f"paired {o['toks_ratio_median']} {o['toks_ratio_range']}"
             if r["server"] == "mesh" and c in met:
                 t = met[c]
                 vs = (
@@ -719,11 +732,18 @@ def report(args) -> None:
     print("\n".join(lines))
     print(json.dumps({"targets": met}, indent=1))
     if args.mesh_logs:
-        doc["hop_ttft"] = hop_ttft(doc["records"], args.mesh_logs)
+        doc["hop_ttft"] = hop_ttft(doc["records"], str(Path(args.mesh_logs) / "mesh" / "logs"))
+        for v in variants:
+            doc.setdefault("hop_ttft_variants", {})[v] = hop_ttft(
+                doc["records"], str(Path(args.mesh_logs) / v / "logs"), v
+            )
         print(json.dumps({"hop_ttft": doc["hop_ttft"]}, indent=1))
+    if others:
+        print(json.dumps({"paired_variants": others}, indent=1))
     if args.out:
         doc["summary"] = rows
         doc["paired"] = pairs
+        doc["paired_variants"] = others
         doc["targets"] = met
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -740,6 +760,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--router-workers", type=int, default=2)
     s.add_argument("--gateway-workers", type=int, default=2)
     s.add_argument("--mesh-first", action="store_true")
+    s.add_argument(
+        "--mesh-pack", type=int, default=0, help="also a mesh-pack server: routers --frontend-pack N"
+    )
     s.add_argument("--start-timeout-s", type=float, default=400.0)
     s.add_argument("--kv-cache-bytes", type=int, default=KV_CACHE_BYTES)
     s.add_argument(
@@ -755,13 +778,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--frontends", type=int, default=0)
     m.add_argument("--router-workers", type=int, default=2)
     m.add_argument("--gateway-workers", type=int, default=2)
+    m.add_argument("--name", default="mesh")
+    m.add_argument("--router-args", default="")
     b = sub.add_parser("bench")
     b.add_argument("--dir", required=True)
     b.add_argument("--model-dir", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--concurrency", default="1,32,128,256")
-    b.add_argument("--servers", default="vllm-api1,vllm-api4,vllm-api8,mesh")
+    b.add_argument("--servers", default="vllm-api1,vllm-api4,vllm-api8,mesh,mesh-pack")
+    b.add_argument(
+        "--only", default="mesh-pack=32,128", help="servers run at some concurrencies only: NAME=C,C;NAME=C"
+    )
     b.add_argument("--budget-s", type=float, default=480.0)
     b.add_argument(
         "--warmup-prompts", type=int, default=256, help="one unrecorded c=256 run per server first"
@@ -776,7 +804,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--records", required=True)
     r.add_argument("--out", default="")
     r.add_argument("--ps", default="", help="ps listing taken during the run, to name every process's role")
-    r.add_argument("--mesh-logs", default="", help="the mesh's log directory (per-hop TTFT)")
+    r.add_argument("--mesh-logs", default="", help="the bench's --dir (per-hop TTFT from DIR/mesh*/logs)")
     args = p.parse_args(argv)
     if hasattr(args, "api_counts"):
         args.api_counts = [int(x) for x in args.api_counts.split(",") if x]
@@ -784,6 +812,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     if hasattr(args, "servers"):
         args.servers = [x for x in args.servers.split(",") if x]
+    if hasattr(args, "only"):
+        args.only = {
+            k: {int(c) for c in v.split(",") if c}
+            for k, _, v in (x.partition("=") for x in args.only.split(";") if x)
+        }
     return args
 
 

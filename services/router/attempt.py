@@ -98,6 +98,7 @@ class Attempt:
         "call",
         "first",
         "sent_at",
+        "endpoint",
         "timeout",
         "watch",
         "streaming",
@@ -114,6 +115,7 @@ class Attempt:
         # The first read when it was started elsewhere (hedging races first reads); None: read the call.
         self.first: asyncio.Future | None = None
         self.sent_at = 0.0
+        self.endpoint = ""  # the front end this attempt went to (replicas with several)
         self.timeout = 0.0
         self.watch: ReplicaWatch | None = None
         self.streaming = False  # the replica answered (its first chunk came)
@@ -138,7 +140,8 @@ class Attempt:
             # Rounded so that the engine never sees more time than this hop has left.
             attempt.timeout = wire_timeout(deadline - time.monotonic())
             attempt.sent_at = time.monotonic()
-            attempt.call = router.stub(router.endpoint(replica))(
+            attempt.endpoint = router.endpoint(replica)
+            attempt.call = router.stub(attempt.endpoint)(
                 engine_request, timeout=attempt.timeout, metadata=metadata
             )
             attempt.watch = router.stalls.add(replica.replica_id, attempt)
@@ -225,6 +228,8 @@ class Attempt:
             self.first.cancel()
         if self.call is not None:
             self.call.cancel()
+        if self.endpoint:
+            self.router.endpoint_done(self.endpoint)
         self.router.release(self.replica.replica_id, self.replica.model)
 
     def cancel(self) -> None:

@@ -120,6 +120,13 @@ class RouterSettings(WorkerSettings):
         description="Admission: most attempts this router keeps in flight per replica; more wait in the "
         "router's queue (interactive first, fair across tenants). 0: no cap, engines queue.",
     )
+    frontend_pack: int = Field(
+        0,
+        ge=0,
+        description="Replicas with several front-end processes: a request goes to the first front end (in the "
+        "replica's order) with fewer than this many of this router's attempts in flight, else to the least busy "
+        "(fewer front ends busy at light load: fewer engine-core output messages per step). 0: in turn.",
+    )
     queue_max_waiting: int = Field(
         1000, ge=0, description="Admission: most requests waiting per model; more get RESOURCE_EXHAUSTED."
     )

@@ -106,6 +106,7 @@ class RouterServicer:
         retry_budget_token_ratio: float = 0.1,
         outliers: OutlierSettings | None = None,
         max_in_flight_per_replica: int = 0,
+        frontend_pack: int = 0,
         queue_max_waiting: int = 1000,
         queue_retry_after_s: float = 1.0,
         rng: random.Random | None = None,
@@ -166,6 +167,9 @@ class RouterServicer:
         # Replicas with several front-end processes: requests take their endpoints in turn (one channel, so one
         # HTTP/2 connection, each: all streams of one connection would reach one front end).
         self._turns: dict[str, itertools.count] = {}
+        # Or packed (frontend_pack > 0): this router's attempts in flight per front-end address.
+        self.frontend_pack = frontend_pack
+        self.endpoint_live: Counter[str] = Counter()
         self._tasks: set[asyncio.Task] = set()
         membership.subscribe(self._on_change)
 
@@ -200,13 +204,30 @@ class RouterServicer:
             task.add_done_callback(self._tasks.discard)
 
     def endpoint(self, replica: ReplicaInfo) -> str:
-        """The replica's address for the next attempt: its front ends in turn, or its one address."""
-        if not replica.endpoints:
-            return replica.address
-        turn = self._turns.get(replica.replica_id)
-        if turn is None:
-            turn = self._turns[replica.replica_id] = itertools.count()
-        return replica.endpoints[next(turn) % len(replica.endpoints)]
+        """The replica's address for the next attempt: its front ends in turn (or packed, see frontend_pack), or
+        its one address. The caller gives it back with endpoint_done."""
+        endpoints = replica.endpoints
+        live = self.endpoint_live
+        if not endpoints:
+            address = replica.address
+        elif self.frontend_pack:
+            address = next((a for a in endpoints if live[a] < self.frontend_pack), None)
+            if address is None:
+                address = min(endpoints, key=live.__getitem__)
+        else:
+            turn = self._turns.get(replica.replica_id)
+            if turn is None:
+                turn = self._turns[replica.replica_id] = itertools.count()
+            address = endpoints[next(turn) % len(endpoints)]
+        live[address] += 1
+        return address
+
+    def endpoint_done(self, address: str) -> None:
+        n = self.endpoint_live[address] - 1
+        if n > 0:
+            self.endpoint_live[address] = n
+        else:
+            self.endpoint_live.pop(address, None)
 
     def stub(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
         stub = self._stubs.get(address)
