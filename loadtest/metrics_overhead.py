@@ -182,12 +182,17 @@ async def measure(args) -> dict:
     """`repeats` times: start the four fleets, feed them the same batches in rotated order, stop them. Each
     repeat is a fresh set of processes, so what one fleet's processes happen to cost (where they run, what
     the machine does meanwhile) varies between repeats like a code change would; `baseline_again` runs the
-    baseline's code a second time and shows that variation."""
+    baseline's code a second time and shows that variation. With --out, the report of the repeats done so far
+    is written after each (a run stopped by a time limit keeps them; --combine joins runs)."""
+    recording = recording_cost(output_tokens=args.max_tokens)
     repeats = []
     for i in range(args.repeats):
         print(f"bench: repeat {i + 1} of {args.repeats}", file=sys.stderr, flush=True)
         repeats.append(await _one_repeat(args, scrape_cost=args.scrape_cost_s if i == 0 else 0))
-    return _report(args, repeats, recording_cost(output_tokens=args.max_tokens))
+        if args.out:
+            text = json.dumps(_report(args, repeats, recording), indent=2)
+            Path(args.out).write_text(text + "\n")  # noqa: ASYNC240 - between repeats, nothing else runs
+    return _report(args, repeats, recording)
 
 
 async def _one_repeat(args, scrape_cost: float) -> dict:
@@ -338,10 +343,10 @@ def _report(args, repeats: list[dict], recording: dict) -> dict:
         "command": "python -m loadtest.metrics_overhead " + " ".join(sys.argv[1:]),
         **commits,
         "workload": {
-            "repeats": args.repeats,
+            "repeats": len(repeats),
             "rounds": args.rounds,
             "batch": args.batch,
-            "requests_per_variant": args.repeats * args.rounds * args.batch,
+            "requests_per_variant": len(repeats) * args.rounds * args.batch,
             "warmup": args.warmup,
             "concurrency": args.concurrency,
             "prompt_tokens": args.prompt_tokens,
