@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from typing import TypeVar
 
@@ -9,6 +10,17 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 S = TypeVar("S", bound="ServiceSettings")
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def advertised_address(bind_host: str, advertise_host: str, port: int) -> str:
+    """The host:port other machines reach a server bound on bind_host:port at: advertise_host when given, else
+    the bind host, or this machine's hostname when bound to every interface (0.0.0.0 is no address to dial)."""
+    host = advertise_host or (socket.gethostname() if bind_host in WILDCARD_HOSTS else bind_host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
 
 
 def service_config(service: str) -> SettingsConfigDict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-import socket
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -13,9 +12,7 @@ from services.engine import sim_behaviour
 from services.engine.cost_model import CostModel
 from services.engine.profile import DEFAULT_PROFILE, GpuProfile, load_profile
 from services.engine.sim_behaviour import Behaviour
-from shared.settings import ServiceSettings, service_config
-
-_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+from shared.settings import ServiceSettings, advertised_address, service_config
 
 
 class EngineSettings(ServiceSettings):
@@ -193,7 +190,4 @@ class EngineSettings(ServiceSettings):
 
     def advertised_address(self, port: int) -> str:
         """The host:port to register for a server bound on port."""
-        host = self.advertise_host or (socket.gethostname() if self.host in _WILDCARDS else self.host)
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"  # IPv6 literal
-        return f"{host}:{port}"
+        return advertised_address(self.host, self.advertise_host, port)

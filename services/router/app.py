@@ -79,7 +79,10 @@ class RouterApp:
 def _registration(settings: RouterSettings, running: RunningServer, servicer: RouterServicer) -> Registration:
     """The router's own registry entry (role ROUTER), heartbeating its in-flight count as its load. The engine's
     registration client: a router registers, heartbeats, re-registers and drains exactly as an engine does."""
-    host, port = running.address.rsplit(":", 1)
+    port = int(running.address.rsplit(":", 1)[1])
+    # Bound to every interface (a pod): register an address others can dial, not 0.0.0.0.
+    address = settings.advertised_address(port)
+    host = address.rsplit(":", 1)[0]
     rid = settings.router_id or f"router-{host}-{port}"
     if settings.worker_count > 1:
         # Each worker of a `--workers N` router is a router of its own to gateways (its own port, its own
@@ -87,7 +90,7 @@ def _registration(settings: RouterSettings, running: RunningServer, servicer: Ro
         rid = f"{rid}-w{settings.worker_index}"
     replica = reg_pb.Replica(
         replica_id=rid,
-        address=running.address,
+        address=address,
         backend="router",
         role=reg_pb.REPLICA_ROLE_ROUTER,
     )

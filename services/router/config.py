@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from services.router import policies
 from services.router.model_routing import DEFAULT_KEYWORDS
 from services.router.policy_set import parse_mapping
-from shared.settings import WorkerSettings, service_config
+from shared.settings import WorkerSettings, advertised_address, service_config
 
 
 class RouterSettings(WorkerSettings):
@@ -26,6 +26,11 @@ class RouterSettings(WorkerSettings):
         "",
         description="This router's id in the registry (gateways discover routers there); empty: "
         "router-<host>-<port>.",
+    )
+    advertise_host: str = Field(
+        "",
+        description="Host gateways reach this router at (registered as advertise-host:port; on Kubernetes the "
+        "pod IP); default: --host, or this machine's hostname when --host is a wildcard (0.0.0.0).",
     )
     register_in_registry: bool = Field(
         True, description="Register in the registry as a router, so gateways with --router-discovery find it."
@@ -240,3 +245,7 @@ class RouterSettings(WorkerSettings):
         if self.model_route_classifier:
             model_routing.load_classifier(self.model_route_classifier)
         return self
+
+    def advertised_address(self, port: int) -> str:
+        """The host:port to register for this router bound on port."""
+        return advertised_address(self.host, self.advertise_host, port)

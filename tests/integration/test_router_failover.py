@@ -101,7 +101,8 @@ async def stream(fleet, **kw) -> tuple[str, list[pb.GenerateResponse]]:
 
 async def test_routers_register_and_the_gateway_discovers_them(fleet, tmp_path):
     """A router that starts registers with role ROUTER (engine lists do not show it) and the gateway starts
-    using it; when it stops it leaves the gateway's list again."""
+    using it; when it stops it leaves the gateway's list again. Bound to every interface (a pod), it registers
+    its advertised address (--advertise-host, the pod IP on Kubernetes), not 0.0.0.0."""
     await assert_eventually(lambda: routers_known(fleet) == [fleet.router.address], timeout_s=10)
     listed = await fleet.registry_stub().ListReplicas(
         reg_pb.ListReplicasRequest(role=reg_pb.REPLICA_ROLE_ROUTER), timeout=2
@@ -109,9 +110,16 @@ async def test_routers_register_and_the_gateway_discovers_them(fleet, tmp_path):
     assert [r.address for r in listed.replicas] == [fleet.router.address]
     engines = await fleet.registry_stub().ListReplicas(reg_pb.ListReplicasRequest(), timeout=2)
     assert {r.replica_id for r in engines.replicas} == {"engine-1", "engine-2"}
-    with router_process(tmp_path, fleet.registry.address, "router-b") as (proc, ready):
-        b = await assert_eventually(lambda: _address(ready), timeout_s=60)
+    extra = ["--host=0.0.0.0", "--advertise-host=127.0.0.1"]
+    with router_process(tmp_path, fleet.registry.address, "router-b", extra) as (proc, ready):
+        bound = await assert_eventually(lambda: _address(ready), timeout_s=60)
+        assert bound.startswith("0.0.0.0:")
+        b = "127.0.0.1:" + bound.rsplit(":", 1)[1]
         await assert_eventually(lambda: b in routers_known(fleet), timeout_s=20)
+        listed = await fleet.registry_stub().ListReplicas(
+            reg_pb.ListReplicasRequest(role=reg_pb.REPLICA_ROLE_ROUTER), timeout=2
+        )
+        assert sorted(r.address for r in listed.replicas) == sorted([fleet.router.address, b])
         text, chunks = await stream(fleet, prompt="hello", max_tokens=4, temperature=0)
         assert chunks[-1].chunk.usage.completion_tokens >= 1
         proc.send_signal(signal.SIGTERM)  # drains: DRAINING, then deregistered

@@ -38,3 +38,15 @@ def test_malformed_model_policies_and_aliases_fail_at_start():
         RouterSettings(model_policies="sim-1b=nope")
     with pytest.raises(ValidationError, match="alias=small\\|large"):
         RouterSettings(model_aliases="auto=only-one")
+
+
+def test_a_router_bound_to_every_interface_registers_an_address_others_can_dial():
+    """0.0.0.0 is no address to dial: a router bound there registers --advertise-host (the pod IP on Kubernetes)
+    or, without it, this machine's hostname; bound to one interface, that one."""
+    import socket
+
+    assert RouterSettings(host="127.0.0.1").advertised_address(7003) == "127.0.0.1:7003"
+    assert (
+        RouterSettings(host="0.0.0.0", advertise_host="10.1.2.3").advertised_address(7003) == "10.1.2.3:7003"
+    )
+    assert RouterSettings(host="0.0.0.0").advertised_address(7003) == f"{socket.gethostname()}:7003"
