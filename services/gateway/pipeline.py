@@ -376,8 +376,10 @@ class GatewayPipeline:
                         if ticket is not None and self.ledger_sync and _is_last(data):
                             # Billed before the client has it all: a gateway killed after this point loses no
                             # row, and one killed before it leaves the client a stream to resume elsewhere.
-                            await self._settle_last(ticket, outcome, chunks, first or data, data)
-                            ticket = None
+                            # Settled here whatever happens next (a cancel while the row commits must not
+                            # settle it again below).
+                            settling, ticket = ticket, None
+                            await self._settle_last(settling, outcome, chunks, first or data, data)
                         if first is None:
                             outcome.ttft_ms = (time.perf_counter() - arrived) * 1000.0
                             if note:

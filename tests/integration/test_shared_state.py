@@ -199,3 +199,39 @@ async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, 
     assert [r.index for r in resp.results] == list(range(8))
     twice = {i for i, n in runs if n == 2}
     assert all(n in (1, 2) for _, n in runs) and twice <= held and twice, runs
+
+
+async def test_a_rows_usage_is_committed_before_its_last_chunk_and_a_budget_caps_the_last_request(
+    fleet, db_url
+):
+    """--ledger-sync on: the usage row of a request is in the database when its last chunk reaches the client
+    (a gateway killed after that loses nothing billed), though the background writer waits 30 s between writes.
+    A budget with room for fewer tokens than max_tokens caps the generation there (served_by says so), and
+    the budget then refuses on every gateway: used up exactly, not passed."""
+    async with gateways(fleet, db_url, ledger_sync="on", ledger_flush_interval_s=30.0) as (a, b):
+        await a.tenants.create_tenant("sync-co", tenant_id="sync-co")
+        await a.tenants.set_tenant("sync-co", token_budget=100, budget_period="day")
+        key = await a.tenants.add_key("sync-co")
+        db = a.databases.accounts
+        for n, app in enumerate((a, b, a), 1):
+            call = stub(fleet, app).Generate(
+                pb.GenerateRequest(model=MODEL, prompt="sync me", max_tokens=40, ignore_eos=True),
+                metadata=auth(key),
+                timeout=20,
+            )
+            chunks = []
+            async for resp in call:
+                chunks.append(resp.chunk)
+                if resp.chunk.finish_reason:
+                    rows = await db.fetchval("SELECT COUNT(*) FROM usage_ledger WHERE tenant_id = 'sync-co'")
+                    assert rows == n, "the row was not committed before the last chunk"
+            used = await db.fetchval(
+                "SELECT SUM(prompt_tokens + completion_tokens) FROM usage_ledger WHERE tenant_id = 'sync-co'"
+            )
+        last = chunks[-1]
+        assert "budget" in chunks[0].served_by.degraded
+        assert last.usage.completion_tokens < 40 and used == 100
+        for app in (a, b):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await generate(fleet, app, key, max_tokens=1)
+            assert details_of(refused.value).reason == "TOKEN_BUDGET_EXHAUSTED"
