@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale autoscale-live loadtest check-wheel fuzz chaos chaos-multihost soak demo experiments clean dashboard-png
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale bench-rollouts autoscale-live loadtest check-wheel fuzz chaos chaos-multihost soak demo experiments clean dashboard-png
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -65,6 +65,11 @@ bench-gateway: protos ## The gateway's own overhead: router vs gateway gRPC vs g
 
 bench-autoscale: protos ## Autoscaling policies vs an oracle on 4 traces in virtual time (JSON + PNGs in docs/benchmarks/).
 	$(BIN)/python -m loadtest.autoscale_bench --out docs/benchmarks/autoscaling.json --plots docs/benchmarks/autoscaling
+
+bench-rollouts: protos ## Rollouts on a time-compressed sim fleet (ramps, blue-green, shadow, bad input) + A/B statistics by simulation (JSON in docs/benchmarks/).
+	$(BIN)/python -m loadtest.rollout_bench --sections stats --out docs/benchmarks/rollouts.json
+	$(BIN)/python -m loadtest.rollout_bench --sections ramps,input --out docs/benchmarks/rollouts.json
+	$(BIN)/python -m loadtest.rollout_bench --sections blue_green,shadow --out docs/benchmarks/rollouts.json
 
 autoscale-live: protos ## The autoscaler on real processes with a 60 s load phase (scale up, drain down, none cut).
 	FLEETSERVE_AUTOSCALE_LIVE_S=60 $(BIN)/python -m pytest -q tests/integration/test_autoscaling_live.py

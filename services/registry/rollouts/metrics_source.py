@@ -38,8 +38,10 @@ class MetricsServiceSource:
                     requests=m.requests,
                     errors=m.errors,
                     ttft_p99_ms=m.ttft_ms.p99,
+                    ttft_p50_ms=m.ttft_ms.p50,
                     ttft_count=m.ttft_ms.count,
                     tpot_p99_ms=m.tpot_ms.p99,
+                    tpot_p50_ms=m.tpot_ms.p50,
                     tpot_count=m.tpot_ms.count,
                     output_tokens=m.output_tokens,
                 )

@@ -135,6 +135,16 @@ def test_two_proportions_and_chi_squared():
     assert stats.chi_squared([c, t, Summary(1000, 0.02)]) == pytest.approx(0.0461, abs=1e-3)
 
 
+def test_holm_matches_statsmodels_and_one_test_is_itself():
+    """Holm's adjustment is statsmodels' for several treatment arms; over a single test it is that test's p."""
+    from statsmodels.stats.multitest import multipletests
+
+    ps = [0.01, 0.04, 0.03]
+    assert stats.holm(ps, 0.05) == pytest.approx(list(multipletests(ps, method="holm")[1]))
+    assert stats.holm([0.037], 0.05) == [0.037] == list(multipletests([0.037], method="holm")[1])
+    assert stats.holm([], 0.05) == []
+
+
 def analysed(arms, horizon=100, peek=False, primary="ttft_ms"):
     s = spec(
         primary_metric=primary,

@@ -156,3 +156,20 @@ def test_relative_guardrails_compare_with_the_baseline_and_respect_the_gap():
     assert (
         guardrails.judge(g("tpot_p99_ms", 1.5, relative=True), slow, thin).verdict == guardrails.INSUFFICIENT
     )
+
+
+def test_median_guardrails_catch_a_uniformly_slower_version_whose_tail_is_noise():
+    """A version 2x slower per token whose p99 drowns in the host's noise (baseline p99 27 ms, its own 23 ms)
+    passes a p99 guardrail; its median (5.5 -> 11 ms) breaches a relative p50 one, and a same-speed version does
+    not."""
+    base = VersionStats(tpot_p99_ms=27.0, tpot_p50_ms=5.5, tpot_count=60)
+    slow = VersionStats(tpot_p99_ms=23.0, tpot_p50_ms=11.0, tpot_count=60)
+    same = VersionStats(tpot_p99_ms=30.0, tpot_p50_ms=6.0, tpot_count=60)
+    assert guardrails.judge(g("tpot_p99_ms", 1.8, relative=True), slow, base).verdict == guardrails.OK
+    check = guardrails.judge(g("tpot_p50_ms", 1.5, relative=True, min_gap=2), slow, base)
+    assert check.verdict == guardrails.BREACH
+    assert "tpot_p50_ms 11 ms > 1.5 x baseline 5.5 ms = 8.25 ms (gap 2)" in guardrails.describe(check)
+    assert (
+        guardrails.judge(g("tpot_p50_ms", 1.5, relative=True, min_gap=2), same, base).verdict == guardrails.OK
+    )
+    assert "ttft_p50_ms" in guardrails.METRICS
