@@ -13,6 +13,8 @@ from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from fleetserve.registry.v1 import rollout_service_pb2 as rollout_pb
+from fleetserve.registry.v1 import rollout_service_pb2_grpc as rollout_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from rich.console import Console
@@ -218,6 +220,61 @@ async def fetch_scaling(registry: str, tls: Tls | None = None) -> list[dict]:
     ]
 
 
+async def fetch_rollouts(registry: str, tls: Tls | None = None) -> list[dict]:
+    """Each model's latest rollout (running, or how the last one ended: promoted, rolled back with the numbers
+    that triggered it) with its last event; empty when there are none (or the registry has no RolloutService)."""
+    try:
+        async with open_channel(registry, tls) as ch:
+            stub = rollout_grpc.RolloutServiceStub(ch)
+            resp = await stub.ListRollouts(rollout_pb.ListRolloutsRequest(), timeout=3)
+    except grpc.aio.AioRpcError:
+        return []
+    latest: dict[str, rollout_pb.Rollout] = {}
+    for r in resp.rollouts:  # newest first
+        latest.setdefault(r.plan.model, r)
+    out = []
+    for model, r in sorted(latest.items()):
+        e = r.events[-1] if r.events else None
+        out.append(
+            {
+                "model": model,
+                "rollout_id": r.rollout_id,
+                "strategy": rollout_pb.RolloutStrategy.Name(r.plan.strategy)
+                .removeprefix("ROLLOUT_STRATEGY_")
+                .lower(),
+                "baseline_version": r.plan.baseline_version,
+                "candidate_version": r.plan.candidate_version,
+                "state": rollout_pb.RolloutState.Name(r.state).removeprefix("ROLLOUT_STATE_").lower(),
+                "candidate_percent": r.candidate_percent,
+                "candidate_replicas": r.candidate_replicas,
+                "last_event": e.kind if e else "",
+                "last_event_unix": e.at_unix if e else 0.0,
+                "reason": r.reason,
+            }
+        )
+    return out
+
+
+def rollouts_table(rollouts: list[dict]) -> Table:
+    """Each model's latest rollout and its last event (an automatic rollback shows here with its numbers)."""
+    t = Table(title="rollouts (latest per model)")
+    for col in ("model", "rollout", "versions", "state", "candidate", "last event", "reason"):
+        t.add_column(col)
+    now = time.time()
+    for r in rollouts:
+        color = {"rolled_back": "red", "running": "yellow", "paused": "yellow"}.get(r["state"], "green")
+        t.add_row(
+            r["model"],
+            f"{r['rollout_id']} ({r['strategy']})",
+            f"{r['baseline_version']} -> {r['candidate_version']}",
+            f"[{color}]{r['state']}[/]",
+            f"{r['candidate_percent']:g}%, {r['candidate_replicas']} replica(s)",
+            f"{r['last_event']} {now - r['last_event_unix']:.0f}s ago" if r["last_event"] else "-",
+            escape(r["reason"]),
+        )
+    return t
+
+
 def scaling_table(models: list[dict], last: int = 3) -> Table:
     """Desired vs actual per model (and per version while several share its traffic: a rollout's baseline and
     candidate, a version retiring), and its last decisions with their reasons."""
@@ -366,15 +423,26 @@ def run_status(args) -> int:
             fetch_replicas(registry, args.router or state.get("router"), tls),
             fetch_alerts(metrics, tls),
             fetch_scaling(registry, tls),
+            fetch_rollouts(registry, tls),
         )
 
     services = asyncio.run(probe_services(state.get("services", {}), tls))
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
-        rows, alerts, scaling = asyncio.run(fetch())
+        rows, alerts, scaling, rollouts = asyncio.run(fetch())
     except grpc.aio.AioRpcError as e:
         if args.json:
-            print(json.dumps({"services": services, "replicas": None, "alerts": None, "scaling": None}))
+            print(
+                json.dumps(
+                    {
+                        "services": services,
+                        "replicas": None,
+                        "alerts": None,
+                        "scaling": None,
+                        "rollouts": None,
+                    }
+                )
+            )
         elif services:
             console.print(services_table(services))
         print(f"error: registry at {registry} is DOWN: {e.code().name} {e.details()}")
@@ -385,7 +453,17 @@ def run_status(args) -> int:
         r["metrics_address"] = metrics.get(r["replica_id"], "")
     if args.json:
         # alerts is null when no metrics service answered (unknown, not "none firing").
-        print(json.dumps({"services": services, "replicas": rows, "alerts": alerts, "scaling": scaling}))
+        print(
+            json.dumps(
+                {
+                    "services": services,
+                    "replicas": rows,
+                    "alerts": alerts,
+                    "scaling": scaling,
+                    "rollouts": rollouts,
+                }
+            )
+        )
     else:
         # Off a TTY rich assumes 80 columns; a wider console keeps ids and addresses whole.
         if services:
@@ -397,4 +475,6 @@ def run_status(args) -> int:
             console.print(endpoints_table(state))
         if scaling:
             console.print(scaling_table(scaling))
+        if rollouts:
+            console.print(rollouts_table(rollouts))
     return 0

@@ -166,7 +166,8 @@ async def cli(*args: str) -> tuple[int, str, str]:
 
 async def test_the_cli_starts_steers_and_explains(tmp_path):
     """`fleetserve rollout start` with a bad guardrail metric exits 1 naming the field; a good plan starts,
-    `status` shows its traffic and guardrails, `rollback` ends it; `experiment create` prints its horizon."""
+    `status` shows its traffic and guardrails, `rollback` ends it and `fleetserve status` shows how it ended;
+    `experiment create` prints its horizon."""
     async with registry(tmp_path) as (app, stub, reg):
         await register(reg, "a", "v1")
         await register(reg, "b", "v2")
@@ -193,6 +194,13 @@ async def test_the_cli_starts_steers_and_explains(tmp_path):
         assert "guardrail [insufficient_data] error_rate" in out or "history:" in out
         code, out, _ = await cli("rollout", "rollback", rid, "--reason", "cli test", *at)
         assert code == 0 and "rolled_back" in out and "cli test" in out
+        code, out, err = await cli("status", "--json", *at)
+        assert code == 0, err
+        (shown,) = json.loads(out)["rollouts"]
+        assert (shown["rollout_id"], shown["state"], shown["last_event"]) == (rid, "rolled_back", "rolled_back")
+        assert "cli test" in shown["reason"] and shown["candidate_version"] == "v2"
+        code, out, err = await cli("status", *at)
+        assert code == 0 and "rollouts (latest per model)" in out and "rolled_back" in out, err
         code, out, err = await cli(
             "experiment", "create", "speed", "--model", "m", "--arm", "control:version=v1",
             "--arm", "treatment:version=v2", "--metric", "ttft_ms", "--mde", "5", "--std", "30", *at,
