@@ -60,17 +60,19 @@ PLANTED = {
     "v5": "slowdown=2",
 }
 RAMP = [5.0, 25.0, 50.0, 100.0]
-# The same guardrails for every ramp, bad or good, each judged once 30 of the candidate's requests are in: more
-# than 2% errors; a TPOT median 1.4x the baseline's over the same window and 2 ms worse; a TPOT p99 3x the
-# baseline's and 10 ms worse (the tail over a few dozen requests on a busy 2-core host is mostly scheduling noise:
-# a tight p99 limit would roll back good versions and still miss a 2x slower one, which the median catches).
+# The same guardrails for every ramp, bad or good: more than 2% errors (judged after 30 of the candidate's
+# requests); a TPOT median 1.3x the baseline's over the same window and 2 ms worse; a TPOT p99 3x the baseline's and
+# 10 ms worse (TPOT judged after 40). The tail over a few dozen requests on a busy 2-core host is mostly scheduling
+# noise: a tight p99 limit would roll back good versions and still miss a 2x slower one, which the median catches.
+# The median's limit is below 2x because a candidate at a small share runs small batches beside a busy baseline
+# (a 2x slower engine showed 1.3-1.65x its baseline at the gateway, a good one 0.57-1.32x, in trial runs).
 GUARDRAILS = [
     pb.Guardrail(metric="error_rate", limit=0.02, min_samples=30),
     pb.Guardrail(
-        metric="tpot_p50_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=1.4, min_gap=2.0, min_samples=30
+        metric="tpot_p50_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=1.3, min_gap=2.0, min_samples=40
     ),
     pb.Guardrail(
-        metric="tpot_p99_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=3.0, min_gap=10.0, min_samples=30
+        metric="tpot_p99_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=3.0, min_gap=10.0, min_samples=40
     ),
 ]
 
@@ -269,6 +271,11 @@ async def ramp(ctx: Ctx, candidate: str, expect: str) -> dict:
         )  # fmt: skip
         r, highest = await ctx.rollouts.until_ended(r.rollout_id, ctx.args.ramp_timeout_s)
         t1 = time.time()
+        timed_out = r.state not in (pb.ROLLOUT_STATE_ROLLED_BACK, pb.ROLLOUT_STATE_PROMOTED)
+        if timed_out:  # undecided within the bench's time: end it so that the next section starts clean
+            r = await ctx.rollouts.rollback(
+                r.rollout_id, f"bench: undecided after {ctx.args.ramp_timeout_s:g} s"
+            )
         await load.until(60, after=t1 + 0.5)
     decided = r.events[-1].at_unix if r.events else t1
     during = load.started(t0, decided)
@@ -286,7 +293,7 @@ async def ramp(ctx: Ctx, candidate: str, expect: str) -> dict:
         "expected": expect,
         "steps": RAMP,
         "bake_s": ctx.args.bake_s,
-        "outcome": _state(r),
+        "outcome": "undecided (the bench rolled it back)" if timed_out else _state(r),
         "decided_after_s": round(decided - t0, 2),
         "reason": r.reason,
         "events": _events(r, t0),
@@ -312,6 +319,7 @@ async def ramp(ctx: Ctx, candidate: str, expect: str) -> dict:
     if expect == "rolled_back":
         out["ok"] = (
             r.state == pb.ROLLOUT_STATE_ROLLED_BACK
+            and not timed_out
             and "advanced" not in kinds
             and out["highest_candidate_percent"] <= RAMP[0]
             and out["candidate_share_ci95"][0] <= RAMP[0] / 100.0
@@ -706,7 +714,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="sim speed factor (0.25: a quarter of real speed, so that the modelled TPOT, which a planted slowdown "
         "doubles, outweighs the mesh's per-token overhead and a busy host's noise)",
     )
-    p.add_argument("--concurrency", type=int, default=8, help="closed-loop clients for ramps and blue-green")
+    p.add_argument("--concurrency", type=int, default=6, help="closed-loop clients for ramps and blue-green")
     p.add_argument(
         "--bake-s", type=float, default=4.0, help="seconds each ramp step is held (time-compressed)"
     )
