@@ -82,6 +82,8 @@ class Decider:
         self._last_up = float("-inf")
         self._last_change = float("-inf")
         self._idle_since: float | None = None
+        # The policy whose ask last raised the count (a forecast-backed scale-down may take back only its own).
+        self._raised_by = ""
         # (time, recommendation) over the scale-down window: a scale-down goes only as low as the highest.
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -142,13 +144,30 @@ class Decider:
             else:
                 reason += f" (held: scale-up cooldown {spec.scale_up_cooldown_s:.0f}s)"
         elif target < previous:
-            stable = max(r for _, r in self._recent)
-            if now - self._last_change >= spec.scale_down_cooldown_s and stable < previous:
+            # The scale-down stabilisation window: the model's cooldown, or less where a forecast that looked a
+            # cold start ahead says the load is gone (holding replicas for a past peak then only costs: if load
+            # returns after the horizon, a replica started then is in time).
+            hold, backed = spec.scale_down_cooldown_s, ""
+            vouched = [
+                d
+                for d in asks
+                if d.down_hold_s is not None and d.replicas is not None and d.replicas < previous
+            ]
+            # It vouches only for replicas a policy of its kind added: replicas another policy added (a TTFT
+            # alarm: something the forecast missed) keep the plain hold.
+            vouched = [d for d in vouched if d.policy == self._raised_by]
+            if vouched and min(d.down_hold_s for d in vouched) < hold:
+                hold = min(d.down_hold_s for d in vouched)
+                backed = f", {vouched[0].policy}-backed"
+            stable = max(r for t, r in self._recent if t >= now - hold)
+            if now - self._last_change >= hold and stable < previous:
                 new = stable
                 if stable > target:
-                    reason += f" (to {stable}: highest ask over the last {spec.scale_down_cooldown_s:.0f}s)"
+                    reason += f" (to {stable}: highest ask over the last {hold:.0f}s{backed})"
+                elif backed:
+                    reason += f" (stable for {hold:.0f}s{backed})"
             else:
-                reason += f" (held: scale-down cooldown {spec.scale_down_cooldown_s:.0f}s)"
+                reason += f" (held: scale-down window {hold:.0f}s{backed})"
         return self._commit(
             s, new, policy, signal, reason, dict(winner.numbers), {d.policy: d.replicas for d in asks}
         )
@@ -178,6 +197,7 @@ class Decider:
             self._last_change = s.now
             if direction == UP:
                 self._last_up = s.now
+                self._raised_by = policy
         self.desired = new
         return Decision(
             model=self.spec.model,

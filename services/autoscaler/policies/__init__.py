@@ -20,6 +20,10 @@ class Desire:
     signal: str = ""
     reason: str = ""
     numbers: dict[str, float] = field(default_factory=dict)
+    #: A policy that has looked ahead (the predictive one: a seasonal forecast over the next cold start) vouches
+    #: for an ask below the current count: a scale-down it backs needs only this many seconds of agreement
+    #: instead of the model's scale_down_cooldown_s. None: no look-ahead behind this ask.
+    down_hold_s: float | None = None
 
 
 class Policy(ABC):

@@ -10,7 +10,6 @@ is the longest of the cold starts the autoscaler measured (plus a margin), not a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from services.autoscaler.policies import Desire, Policy, take
@@ -26,6 +25,16 @@ DEFAULTS: dict[str, Any] = {
     "headroom": 0.1,
     # Hysteresis: fewer replicas only once the need is this fraction below the smaller count's capacity.
     "tolerance": 0.1,
+    # Forecast-aware scale-down: when the seasonal forecast over the whole lead time (and the present rate) asks
+    # for fewer replicas, a scale-down needs only this many seconds of agreement, not scale_down_cooldown_s.
+    # The forecast already looked a cold start ahead, which is what a long hold guesses at; set it at or above
+    # scale_down_cooldown_s to keep the plain hold.
+    "scale_down_hold_s": 60.0,
+    # ... and it keeps the replicas the forecast needs again within this many seconds (the bench's flap window:
+    # a replica stopped and needed back within it would be a reversal).
+    "keep_ahead_s": 600.0,
+    # The short hold is for a load that is gone: the forecast asks for at least this fraction fewer replicas.
+    "gone_fraction": 0.25,
     "replica_rps": 0.0,
     "replica_concurrency": 0.0,
 }
@@ -63,7 +72,8 @@ class SeasonalNaive:
     def forecast_peak(self, now: float, horizon_s: float) -> tuple[float, str, float]:
         """(the highest rate expected in [now, now + horizon_s], the method used, the level ratio)."""
         b = int(now // self.bucket_s)
-        ahead = range(b, b + math.ceil(horizon_s / self.bucket_s) + 1)
+        # The buckets that overlap [now, now + horizon]: no more (a bucket past the horizon starts replicas early).
+        ahead = range(b, int((now + horizon_s) // self.bucket_s) + 1)
         past = [self.mean(x - self.period) for x in ahead]
         if any(v is not None for v in past):
             today = self._window_mean(b - self.trend, b)
@@ -95,6 +105,8 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     o = take(options, DEFAULTS, Predictive.name)
     if o["bucket_s"] <= 0 or o["period_s"] < o["bucket_s"]:
         raise ValueError("predictive.period_s: must be at least bucket_s (> 0)")
+    if o["gone_fraction"] >= 1:
+        raise ValueError("predictive.gone_fraction: must be below 1")
     if o["max_trend"] < 1:
         raise ValueError("predictive.max_trend: must be >= 1")
     return o
@@ -147,11 +159,6 @@ class Predictive(Policy):
         model_peak, how, ratio = self.model.forecast_peak(s.now, lead)
         # The model's forecast, this version's share of it (1 without rollouts); now is inside the horizon too.
         peak = max(model_peak * s.share, s.arrival_rate)
-        want = (
-            fewer_only_past_tolerance(peak * (1 + self.o["headroom"]) / mu, s.actual, self.o["tolerance"])
-            if mu > 0
-            else None
-        )
         numbers = {
             "forecast_peak_rps": round(peak, 3),
             "lead_s": round(lead, 1),
@@ -159,5 +166,29 @@ class Predictive(Policy):
             "share": round(s.share, 4),
             "replica_rps": round(mu, 3),
         }
+        if mu <= 0:
+            return Desire(self.name, None, f"forecast_{how}", "replica capacity unknown", numbers)
+        headroom, tol = 1 + self.o["headroom"], self.o["tolerance"]
+        want = fewer_only_past_tolerance(peak * headroom / mu, s.actual, tol)
         reason = f"{how} forecast: up to {peak:.1f} req/s in the next {lead:.0f}s -> {want}"
-        return Desire(self.name, want, f"forecast_{how}", reason, numbers)
+        hold = None
+        gone = s.actual * (1 - self.o["gone_fraction"])
+        if how == "seasonal" and want <= gone:
+            # Forecast-aware scale-down, for a load that is gone (a peak ended: the count drops by gone_fraction
+            # or more). It looks ahead, not back: a replica the forecast needs again within keep_ahead_s stays
+            # (stopping and restarting it costs a cold start and a flap); one it does not goes after only
+            # scale_down_hold_s, where the decider's plain hold would keep a past peak's replicas for
+            # scale_down_cooldown_s. A gradual decline keeps the plain hold, which also absorbs the present's
+            # wander the forecast cannot know (yesterday's noise is not today's). Only a seasonal forecast vouches:
+            # a trend extrapolated from minutes of history has not seen what comes after a drop.
+            keep_ahead = max(lead, self.o["keep_ahead_s"])
+            later, _, _ = self.model.forecast_peak(s.now, keep_ahead)
+            later = max(later * s.share, s.arrival_rate)
+            keep = fewer_only_past_tolerance(later * headroom / mu, s.actual, tol)
+            numbers["keep_ahead_peak_rps"] = round(later, 3)
+            if keep > want:
+                want = keep
+                reason += f" (keeps {keep}: up to {later:.1f} req/s within {keep_ahead:.0f}s)"
+            if want <= gone:
+                hold = self.o["scale_down_hold_s"]
+        return Desire(self.name, want, f"forecast_{how}", reason, numbers, down_hold_s=hold)

@@ -106,6 +106,109 @@ def test_predictive_extrapolates_a_trend_before_a_full_season():
     assert d.signal == "forecast_trend" and d.replicas == 7  # ~66 req/s in 60 s
 
 
+def _season_with_a_spike(p, period: float, t0: float, until: float, dip: tuple[float, float] | None = None):
+    """A season of 20 req/s with 100 req/s over [t0, t0 + 600) (and 20 again over `dip` inside it), then today's
+    samples the same up to `until`."""
+    for t in range(0, int(until), 5):
+        tod = t % period
+        spiking = t0 <= tod < t0 + 600 and not (dip and dip[0] <= tod < dip[1])
+        p.observe(float(t), 100.0 if spiking else 20.0)
+
+
+def _predictive_decider(cooldown_s: float = 300, **opts):
+    raw = {
+        "policies": {
+            "predictive": {
+                "period_s": 3600,
+                "bucket_s": 10,
+                "trend_window_s": 300,
+                "lead_margin_s": 10,
+                "headroom": 0,
+                **opts,
+            }
+        },
+        "replica_rps": 10,
+        "cold_start_s": 60,
+        "max_replicas": 20,
+        "scale_down_cooldown_s": cooldown_s,
+    }
+    return Decider(parse_model("m", raw), initial=2)
+
+
+def test_forecast_aware_scale_down_lets_a_gone_peak_go_after_the_short_hold():
+    """Yesterday's spike ended at t0 + 600: today the forecast, looking ahead, says the load is gone, so the
+    spike's replicas go scale_down_hold_s (60 s) after the last ask for them, not after the 300 s cooldown;
+    the decision says the forecast backed it."""
+    period, t0 = 3600.0, 1800.0
+    d = _predictive_decider()
+    _season_with_a_spike(d.policies[0], period, t0, period + t0 - 60)
+    now = period + t0 - 60
+    assert d.decide(sig(now=now, serving=2, arrival_rate=20)).desired == 10  # one lead ahead of the spike
+    t = int(now)
+    for t in range(int(now) + 10, int(period + t0 + 600), 10):  # through the spike
+        rate = 100.0 if t >= period + t0 else 20.0
+        d.policies[0].observe(float(t), rate)
+        assert d.decide(sig(now=float(t), serving=d.desired, arrival_rate=rate)).desired >= 10
+    downs = []
+    end = t
+    for t in range(end + 10, end + 400, 10):  # after it
+        d.policies[0].observe(float(t), 20.0)
+        dec = d.decide(sig(now=float(t), serving=d.desired, arrival_rate=20))
+        if dec.direction == "down":
+            downs.append((t - (period + t0 + 600), dec.desired, dec.reason))
+    # 60 s hold + one decision; 20 req/s is 2 replicas, 3 with the 10% hysteresis below the current count.
+    assert downs and downs[0][1] == 3 and downs[0][0] <= 70, downs
+    assert "predictive-backed" in downs[0][2]
+
+
+def test_forecast_aware_scale_down_keeps_replicas_needed_again_within_keep_ahead():
+    """A 100 s dip inside yesterday's spike: the forecast needs the replicas again within keep_ahead_s, so it
+    keeps them through the dip (no stop-and-restart, no flap)."""
+    period, t0 = 3600.0, 1800.0
+    d = _predictive_decider()
+    dip = (t0 + 200, t0 + 300)
+    _season_with_a_spike(d.policies[0], period, t0, period + t0 + 200, dip=dip)
+    for t in range(int(period + dip[0]), int(period + dip[1]), 10):
+        d.policies[0].observe(float(t), 20.0)
+        assert d.decide(sig(now=float(t), serving=10, arrival_rate=20)).desired == 10
+
+
+def test_a_gradual_decline_and_replicas_another_policy_added_keep_the_plain_hold():
+    """The short hold is for a load that is gone: a forecast that asks for one replica fewer of ten (below
+    gone_fraction) waits the plain scale-down cooldown; so do replicas a reactive alarm added."""
+    p = build(
+        "predictive",
+        {"period_s": 3600, "bucket_s": 10, "headroom": 0},
+        replica_rps=10,
+        default_cold_start_s=60,
+    )
+    for t in range(0, 3600, 5):
+        p.observe(float(t), 80.0)
+    d = p.desire(sig(now=3600.0, serving=10, arrival_rate=80))
+    assert d.replicas == 9 and d.down_hold_s is None  # 10% fewer: a decline, not a gone load
+    gone = p.desire(sig(now=3600.0, serving=20, arrival_rate=80))
+    assert gone.replicas == 9 and gone.down_hold_s == 60.0
+    # Reactive raised the count (TTFT alarm) past what the forecast asked: the forecast does not vouch for it.
+    raw = {
+        "policies": {
+            "predictive": {"period_s": 3600, "bucket_s": 10, "headroom": 0},
+            "reactive": {"target_running_per_replica": 0, "target_kv_usage": 0, "ttft_slo_ms": 500},
+        },
+        "replica_rps": 10,
+        "max_replicas": 30,
+    }
+    dec = Decider(parse_model("m", raw), initial=9)
+    for t in range(0, 3600, 5):
+        dec.observe(float(t), 80.0)
+    up = dec.decide(sig(now=3600.0, serving=9, arrival_rate=80, ttft_p99_ms=1500))
+    assert (up.desired, up.policy) == (27, "reactive")
+    for t in range(
+        3610, 3900, 10
+    ):  # the alarm is over; the forecast asks 9 (a gone load's drop), held anyway
+        assert dec.decide(sig(now=float(t), serving=27, arrival_rate=80)).desired == 27
+    assert dec.decide(sig(now=3910.0, serving=27, arrival_rate=80)).desired == 9
+
+
 def spec(**kw):
     return parse_model("m", {"policies": {"reactive": {"target_running_per_replica": 10}}, **kw})
 
