@@ -118,6 +118,10 @@ def autoscale_spec(s: DemoSettings) -> dict:
                     "trend_window_s": s.day_s / 12,
                     "lead_margin_s": 1.0,
                     "headroom": 0.2,
+                    # The plain scale-down window (the demo's report and its numbers were made with it): no
+                    # forecast-aware shortening, no look-ahead beyond the lead time.
+                    "scale_down_hold_s": s.day_s / 10,
+                    "keep_ahead_s": 0.0,
                 },
                 "reactive": {"target_running_per_replica": 3.0, "target_waiting_per_replica": 2.0},
             },

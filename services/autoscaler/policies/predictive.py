@@ -181,7 +181,8 @@ class Predictive(Policy):
             # scale_down_cooldown_s. A gradual decline keeps the plain hold, which also absorbs the present's
             # wander the forecast cannot know (yesterday's noise is not today's). Only a seasonal forecast vouches:
             # a trend extrapolated from minutes of history has not seen what comes after a drop.
-            keep_ahead = max(lead, self.o["keep_ahead_s"])
+            # (At most half a season: further ahead, "one season ago" would be today's own past.)
+            keep_ahead = max(lead, min(self.o["keep_ahead_s"], self.o["period_s"] / 2))
             later, _, _ = self.model.forecast_peak(s.now, keep_ahead)
             later = max(later * s.share, s.arrival_rate)
             keep = fewer_only_past_tolerance(later * headroom / mu, s.actual, tol)
