@@ -6,10 +6,12 @@ fast as it can stands in for the engine, so the hops are what is measured:
     bare      client -> bare hop -> source             router    client -> router -> source
     bare2     client -> bare -> bare -> source         gateway   client -> gateway -> source
                                                         mesh      client -> gateway -> router -> source
-    (router and gateway again with --workers 2: router2, gateway2, mesh2)
+    (router and gateway again with --workers 2: router2, gateway2, mesh2; with coalescing off: router-nc,
+    gateway-nc, mesh-nc)
 
-Per mode: relayed messages/s at --streams (capacity), TTFT p50 at one stream and what it adds over direct,
-and the CPU each hop process spends per request and per message (psutil). With --flames, py-spy samples
+Per mode: relayed tokens/s at --streams (capacity; our hops merge the chunks a lagging reader has pending, so
+messages and tokens differ), TTFT p50 at one stream and what it adds over direct, TTFT p50/p99 under load, and
+the CPU each hop process spends per request and per token (psutil). With --flames, py-spy samples
 each hop at --streams and the page gets the top frames (self time) of each."""
 
 from __future__ import annotations
@@ -117,11 +119,11 @@ class Procs:
         self.addresses: dict[str, str] = {}
         self.info: dict[str, dict] = {}
 
-    def start(self, name: str, argv: list[str], timeout_s: float = 60.0) -> str:
+    def start(self, name: str, argv: list[str], timeout_s: float = 60.0, env: dict | None = None) -> str:
         ready = self.tmp / f"{name}.json"
         ready.unlink(missing_ok=True)
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         p = subprocess.Popen(
             [sys.executable, "-m", *argv, "--ready-file", str(ready)], stdout=log, stderr=log, env=env
         )
@@ -170,6 +172,8 @@ def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
         + (["--registry", registry] if registry else []),
     )
     workers = "2" if mode.endswith("2") else "1"
+    if mode.endswith("-nc"):
+        common = [*common, "--no-coalesce"]
     hops: list[str] = []
     if mode == "direct":
         return procs, source, hops, "engine"
@@ -191,9 +195,10 @@ def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
     key = "fsk-bench-" + "k" * 20
     gw = [
         "services.gateway", "--router-address", routers, "--workers", workers, "--db-path", str(tmp / f"{mode}-gw.db"),
-        "--bootstrap-api-key", key, "--http-port", "-1", "--extra-models", MODEL, *common,
+        "--http-port", "-1", "--extra-models", MODEL, *common,
     ]  # fmt: skip
-    gateway = procs.start("gateway", gw)
+    # A secret never goes on a command line: the gateway refuses it as a flag.
+    gateway = procs.start("gateway", gw, env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": key})
     hops.append("gateway")
     procs.api_key = key  # type: ignore[attr-defined]
     return procs, gateway, hops, "gateway"
@@ -249,12 +254,16 @@ METHODS = {
 
 
 async def load(target: str, kind: str, streams: int, duration_s: float, api_key: str) -> dict:
-    """A closed loop of `streams` requests for duration_s: messages, requests, TTFTs."""
+    """A closed loop of `streams` requests for duration_s: messages, tokens, requests, TTFTs."""
+    from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+
+    parse = engine_pb.GenerateResponse.FromString  # the three hops' responses are wire-identical
     channel = grpc.aio.insecure_channel(target)
     call = channel.unary_stream(METHODS[kind])
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     reqs = [request_bytes(kind, i) for i in range(64)]
     msgs = 0
+    tokens = 0
     done = 0
     errors = collections.Counter()
     ttfts: list[float] = []
@@ -262,17 +271,19 @@ async def load(target: str, kind: str, streams: int, duration_s: float, api_key:
     end = clock() + duration_s
 
     async def one_stream(k: int) -> None:
-        nonlocal msgs, done
+        nonlocal msgs, tokens, done
         i = k
         while clock() < end:
             t0 = clock()
             first = True
             try:
-                async for _ in call(reqs[i % len(reqs)], metadata=metadata, timeout=60):
+                stream = call(reqs[i % len(reqs)], metadata=metadata, timeout=60)
+                while (m := await stream.read()) is not grpc.aio.EOF:
                     if first:
                         ttfts.append(clock() - t0)
                         first = False
                     msgs += 1
+                    tokens += len(parse(m).chunk.token_ids)
                 done += 1
             except grpc.aio.AioRpcError as e:
                 errors[e.code().name] += 1
@@ -283,6 +294,7 @@ async def load(target: str, kind: str, streams: int, duration_s: float, api_key:
     wall = clock() - t0
     await channel.close()
     return {
+        "tokens_per_s": tokens / wall,
         "messages_per_s": msgs / wall,
         "requests": done,
         "wall_s": wall,
@@ -351,6 +363,8 @@ def run_mode(mode: str, args, tmp: Path) -> dict:
             }
             msgs = r["messages_per_s"] * r["wall_s"]
             r["hop_cpu_us_per_message"] = {h: round(1e6 * u / max(1, msgs), 2) for h, u in used.items()}
+            toks = r["tokens_per_s"] * r["wall_s"]
+            r["hop_cpu_us_per_token"] = {h: round(1e6 * u / max(1, toks), 2) for h, u in used.items()}
             rec[f"c{streams}"] = r
             print(f"hop_bench: {mode} c={streams}: {json.dumps(r)}", file=sys.stderr, flush=True)
         if args.flames and hops:
@@ -379,24 +393,34 @@ def markdown(doc: dict) -> str:
     cn = f"c{n}"
     base1 = by.get("direct", {}).get("c1", {}).get("ttft_p50_ms") or 0
     lines = [
-        f"| mode | msgs/s at {n} streams | vs bare | TTFT p50 c=1 ms | added vs direct | hop CPU ms/request "
-        f"(c=1) | hop CPU us/message (c={n}) |",
-        "|---|---|---|---|---|---|---|",
+        f"| mode | tokens/s at {n} streams | vs bare | msgs/s | TTFT p50 c=1 ms | added vs direct | "
+        f"TTFT p50 / p99 at {n} ms | hop CPU ms/request (c=1) | hop CPU us/token (c={n}) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    ref = {"router": "bare", "gateway": "bare", "mesh": "bare2", "bare2": "bare"}
-    ref |= {"router2": "bare", "gateway2": "bare", "mesh2": "bare2"}
     for mode, r in by.items():
-        cap = r[cn]["messages_per_s"]
+        cap = r[cn].get("tokens_per_s", r[cn]["messages_per_s"])
         vs = ""
-        if mode in ref and ref[mode] in by:
-            vs = f"{cap / by[ref[mode]][cn]['messages_per_s']:.2f} of {ref[mode]}"
-        c1 = r["c1"]
+        ref = reference(mode)
+        if ref and ref in by:
+            rc = by[ref][cn]
+            vs = f"{cap / rc.get('tokens_per_s', rc['messages_per_s']):.2f} of {ref}"
+        c1, cl = r["c1"], r[cn]
+        per_token = cl.get("hop_cpu_us_per_token", cl["hop_cpu_us_per_message"])
         lines.append(
-            f"| {mode} | {cap:,.0f} | {vs} | {c1['ttft_p50_ms']:.2f} | {c1['ttft_p50_ms'] - base1:+.2f} | "
-            f"{sum(c1['hop_cpu_ms_per_request'].values()):.2f} | "
-            f"{sum(r[cn]['hop_cpu_us_per_message'].values()):.1f} |"
+            f"| {mode} | {cap:,.0f} | {vs} | {cl['messages_per_s']:,.0f} | {c1['ttft_p50_ms']:.2f} | "
+            f"{c1['ttft_p50_ms'] - base1:+.2f} | {cl['ttft_p50_ms']:,.0f} / {cl['ttft_p99_ms']:,.0f} | "
+            f"{sum(c1['hop_cpu_ms_per_request'].values()):.2f} | {sum(per_token.values()):.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def reference(mode: str) -> str:
+    """The bare-hop mode a mode is compared with (the same number of hops)."""
+    if mode in ("direct", "bare"):
+        return ""
+    if mode == "bare2" or mode.startswith("mesh"):
+        return "bare2" if mode != "bare2" else "bare"
+    return "bare"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tokens", type=int, default=64)
     s.add_argument("--registry", default="")
     s.add_argument("--ready-file", default="")
-    p.add_argument("--modes", default="direct,bare,router,gateway,bare2,mesh,router2,gateway2,mesh2")
+    p.add_argument(
+        "--modes",
+        default="direct,bare,router,gateway,bare2,mesh,router-nc,gateway-nc,mesh-nc,router2,gateway2,mesh2",
+    )
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64, help="messages per request")
     p.add_argument("--seconds", type=float, default=8.0, help="each capacity run")

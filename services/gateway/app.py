@@ -104,7 +104,11 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             show_generated_key(created)
         pool = ChannelPool(tls)
         routers = RouterPool(
-            pool, settings.router_addresses(), down_s=settings.router_down_s, resume=settings.router_resume
+            pool,
+            settings.router_addresses(),
+            down_s=settings.router_down_s,
+            resume=settings.router_resume,
+            coalesce=settings.coalesce,
         )
         if settings.registry_address:
             routers.start_discovery(settings.registry_address)

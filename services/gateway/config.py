@@ -32,6 +32,11 @@ class GatewaySettings(WorkerSettings):
         description="When a router dies mid-stream, resume through another router for greedy or seeded "
         "generations (reproducible), for all (always), or end the stream with the error (off).",
     )
+    coalesce: bool = Field(
+        True,
+        description="When a client reads slower than its router streams, merge the chunks waiting for it into "
+        "one message or SSE event (never holding one back when the client is ready); off: one per chunk.",
+    )
     router_down_s: float = Field(
         2.0, gt=0, le=300, description="How long a router that did not answer is passed over."
     )

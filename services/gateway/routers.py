@@ -25,6 +25,7 @@ from services.router.resume import ChunkTracker, ReplicaAborted, ResumeMode, res
 from shared.channels import ChannelPool, open_channel
 from shared.deadlines import wire_timeout
 from shared.errors import DeadlineExceeded, Unavailable, details_of
+from shared.relay import ChunkRelay
 from shared.resilience import full_jitter
 
 log = structlog.get_logger(__name__)
@@ -98,8 +99,11 @@ class RouterPool:
         resume: ResumeMode = "reproducible",
         max_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
+        coalesce: bool = True,
     ) -> None:
         self._channels = channels
+        # Merge the chunks a stream has pending while our caller is busy (shared/relay.py).
+        self.coalesce = coalesce
         self.down_s = down_s
         self.resume = resume
         self.max_attempts = max_attempts
@@ -339,14 +343,19 @@ class RouterStream:
             if left <= 0:
                 raise DeadlineExceeded("deadline exceeded while failing over between routers")
             call = self._call = router.generate(request, timeout=wire_timeout(left), metadata=self._metadata)
+            chunks: ChunkRelay | None = None
             try:
                 # call.read() rather than `async for`: grpc.aio's async iterator costs ~3x per message
-                # (measured: loadtest/hop_bench.py, a bare hop at one stream).
+                # (measured: loadtest/hop_bench.py, a bare hop at one stream). After the first chunk a ChunkRelay
+                # reads on while our caller writes, and what arrived meanwhile comes out merged.
                 read = call.read
                 while (data := await read()) is not grpc.aio.EOF:
                     if tracker is not None:
                         data = tracker.relay(data)
                     streamed = True
+                    if chunks is None and pool.coalesce:
+                        chunks = ChunkRelay(call.read)
+                        read = chunks.read
                     yield data
                 pool.mark_up(router)
                 return
@@ -375,4 +384,6 @@ class RouterStream:
                 )
             finally:
                 self._call = None
+                if chunks is not None:
+                    chunks.close()
                 call.cancel()  # reaches router and engine when our caller went away; no-op once done

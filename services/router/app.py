@@ -145,6 +145,7 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         wake_models=settings.wake_model_set,
         queue_max_waiting=settings.queue_max_waiting,
         queue_retry_after_s=settings.queue_retry_after_s,
+        coalesce=settings.coalesce,
         stalls=StallSettings(
             enabled=settings.stall_detection,
             check_interval_s=settings.stall_check_interval_s,

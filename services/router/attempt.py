@@ -23,6 +23,7 @@ from services.router.traffic import NONE, Assignment
 from services.router.versions import note
 from shared.deadlines import HOP_MARGIN_S, wire_timeout
 from shared.errors import DeadlineExceeded, FleetError, NoHealthyReplica, Unavailable
+from shared.relay import ChunkRelay
 from shared.resilience import BACKPRESSURE, full_jitter, is_retryable
 from shared.telemetry import metadata_for_downstream
 
@@ -103,6 +104,7 @@ class Attempt:
         "watch",
         "streaming",
         "interrupted",
+        "relay",
         "_verdict",
         "_closed",
     )
@@ -120,6 +122,7 @@ class Attempt:
         self.watch: ReplicaWatch | None = None
         self.streaming = False  # the replica answered (its first chunk came)
         self.interrupted: Unavailable | None = None  # why the stall watchdog or a drain ended this attempt
+        self.relay: ChunkRelay | None = None  # reads the stream after the first chunk (coalescing)
         self._verdict = False
         self._closed = False
 
@@ -226,6 +229,8 @@ class Attempt:
             self.breaker.on_neutral()
         if self.first is not None:
             self.first.cancel()
+        if self.relay is not None:
+            self.relay.close()
         if self.call is not None:
             self.call.cancel()
         if self.endpoint:

@@ -110,6 +110,11 @@ class RouterSettings(WorkerSettings):
         description="Mid-stream failover: resume on another replica for greedy or seeded generations "
         "(reproducible), for every generation (always), or never (off).",
     )
+    coalesce: bool = Field(
+        True,
+        description="When a caller reads slower than its replica streams, merge the chunks waiting for it "
+        "into one message (never holding one back when the caller is ready); off: one message per chunk.",
+    )
     breaker_failure_threshold: int = Field(
         3, ge=1, description="Consecutive replica faults that open a replica's circuit breaker."
     )

@@ -43,6 +43,7 @@ from shared.errors import (
     Unavailable,
     rpc_boundary,
 )
+from shared.relay import ChunkRelay
 from shared.resilience import BreakerState
 from shared.telemetry import bind_request, context_from_metadata, stream_span
 
@@ -116,8 +117,11 @@ class RouterServicer:
         wake_models: frozenset[str] = frozenset(),
         stalls: StallSettings | None = None,
         traffic: TrafficTable | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.membership = membership
+        # Merge the chunks a stream has pending when its caller lags (shared/relay.py); off: one message each.
+        self.coalesce = coalesce
         # Rollout splits, experiments and flags (from the registry's WatchTraffic; empty: any version).
         self.traffic = traffic or TrafficTable()
         self.shadows = ShadowRunner(self)
@@ -379,14 +383,20 @@ class RouterServicer:
                             data = await attempt.first_chunk()
                             if data is not grpc.aio.EOF:
                                 attempt.answered()
-                                # The hot path: per chunk one read, a count for stall detection, the tracker's
-                                # parse when resumable, a yield.
+                                # The hot path: per message one read, the tracker's parse when resumable, a
+                                # yield. The rest of the stream is read by a ChunkRelay while we write: what
+                                # arrives while a write is under way goes out merged in the next one (the
+                                # first chunk, and every chunk when our caller keeps up, go out alone at once).
                                 relay = run.tracker.relay if run.tracker is not None else None
                                 keep = pair.live_chunks.append if pair is not None else None
-                                read = attempt.call.read
                                 watch = attempt.watch
-                                while data is not grpc.aio.EOF:
-                                    watch.chunks += 1
+                                watch.chunks += 1
+                                if self.coalesce:
+                                    attempt.relay = ChunkRelay(attempt.call.read, watch)
+                                    read, count = attempt.relay.read, False
+                                else:
+                                    read, count = attempt.call.read, True
+                                while True:
                                     if relay is not None:
                                         data = relay(data)
                                     if keep is not None:
@@ -396,6 +406,10 @@ class RouterServicer:
                                         data = self._first(run, data, pair)
                                     yield data
                                     data = await read()
+                                    if data is grpc.aio.EOF:
+                                        break
+                                    if count:
+                                        watch.chunks += 1  # (a ChunkRelay counts them as they arrive)
                         except ReplicaAborted as e:
                             if e.args:
                                 run.streamed = True

@@ -457,6 +457,35 @@ async def test_replica_dying_mid_stream_is_resumed_elsewhere_without_losing_or_r
 
 
 @pytest.mark.asyncio(loop_scope="function")
+async def test_a_lagging_caller_gets_merged_chunks_and_a_resume_after_them_loses_nothing(tmp_path):
+    """A caller that reads slowly gets the chunks that waited for it merged into fewer messages (coalescing);
+    when the replica dies mid-stream the generation resumes after exactly the tokens relayed: the ids equal an
+    uninterrupted run's, the text is the ids' text, served_by comes once."""
+    async with in_process_fleet(tmp_path, engines=3) as f:
+        req = request(max_tokens=3000, ignore_eos=True, request_id="lag-1", seed=11, temperature=0.8)
+        call = f.router_stub().Generate(req, timeout=60)
+        chunks: list[common_pb2.GenerateChunk] = []
+        victim = ""
+        async for resp in call:
+            chunks.append(resp.chunk)
+            if not victim:
+                await asyncio.sleep(0.02)  # a slow reader: chunks pile up in the router meanwhile
+                if sum(len(c.token_ids) for c in chunks) >= 20:
+                    victim = chunks[0].served_by.replica_id
+                    await crash(f, victim)  # mid-stream: 3000 tokens take the sim engine over a second
+        ids = collect_ids(chunks)
+        assert chunks[-1].usage.completion_tokens == 3000 == len(ids)
+        assert len(chunks) < len(ids)  # merged: fewer messages than tokens
+        assert [c.served_by.replica_id for c in chunks if c.HasField("served_by")] == [victim]
+        (span,) = router_spans(f, "lag-1")
+        assert span.attributes["fleetserve.attempts"] == 2
+        again = request(max_tokens=3000, ignore_eos=True, request_id="lag-ref", seed=11, temperature=0.8)
+        reference = await generate(f, again)
+        assert ids == collect_ids(reference)
+        assert "".join(c.text for c in chunks) == "".join(c.text for c in reference)
+
+
+@pytest.mark.asyncio(loop_scope="function")
 async def test_stream_the_engine_aborts_is_resumed_elsewhere(tmp_path):
     """An engine that ends a stream with FINISH_REASON_ABORT the router did not ask for (here through the
     engine's Abort RPC) does not end the client's stream: it resumes on another replica, tokens intact."""

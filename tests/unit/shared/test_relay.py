@@ -1,0 +1,243 @@
+"""Coalescing relay (shared/relay.py): merged chunks equal the unmerged ones token for token, a writer that keeps
+up gets every chunk alone and at once, an upstream error comes after every chunk read before it, and a resume
+from what was relayed loses and repeats nothing. The upstream is a real grpc.aio server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+
+from services.router.resume import ChunkTracker
+from shared.relay import MAX_PENDING, ChunkRelay, merge
+
+METHOD = "/test.Relay/Generate"
+
+
+def chunk(i: int, n: int, text: str | None = None) -> bytes:
+    """The i-th of n chunks: served_by on the first, finish and usage on the last, 1-2 token ids each."""
+    r = engine_pb.GenerateResponse()
+    c = r.chunk
+    c.text = f" t{i}" if text is None else text
+    c.token_ids.extend([100 + 2 * i] + ([101 + 2 * i] if i % 3 == 0 else []))
+    if i == 0:
+        c.served_by.replica_id = "r1"
+        c.served_by.model = "m"
+    if i == n - 1:
+        c.finish_reason = common_pb2.FINISH_REASON_LENGTH
+        c.usage.prompt_tokens = 5
+        c.usage.completion_tokens = n
+    return r.SerializeToString()
+
+
+def parse(data: bytes) -> common_pb2.GenerateChunk:
+    return engine_pb.GenerateResponse.FromString(data).chunk
+
+
+def flatten(messages: list[bytes]) -> tuple[str, list[int], list[str], int, int]:
+    """What a client makes of a stream: its text, token ids, served_by replicas, last finish and usage."""
+    chunks = [parse(m) for m in messages]
+    return (
+        "".join(c.text for c in chunks),
+        [t for c in chunks for t in c.token_ids],
+        [c.served_by.replica_id for c in chunks if c.HasField("served_by")],
+        chunks[-1].finish_reason,
+        chunks[-1].usage.completion_tokens,
+    )
+
+
+def test_merge_equals_the_chunks_in_order():
+    """Any run of consecutive chunks merges to one message a client reads the same as the run: text
+    concatenated (empty texts too), ids appended, served_by of the first, finish and usage of the last."""
+    rng = random.Random(7)
+    n = 40
+    texts = ["", " a", "é", "\n", " 🙂", "b"]
+    msgs = [chunk(i, n, rng.choice(texts)) for i in range(n)]
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, n), rng.randint(0, 12)))
+        groups = [msgs[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+        merged = [merge(g) for g in groups]
+        assert flatten(merged) == flatten(msgs)
+    assert merge([msgs[3]]) is msgs[3]  # one chunk goes on as it is
+
+
+class Upstream(grpc.GenericRpcHandler):
+    """A streaming server the test drives: each call sends what is put in its queue (bytes; an exception ends
+    the call with that status; None ends it normally)."""
+
+    def __init__(self) -> None:
+        self.queues: asyncio.Queue[asyncio.Queue] = asyncio.Queue()
+
+    def service(self, details):
+        if details.method != METHOD:
+            return None
+
+        async def generate(request: bytes, context):
+            q: asyncio.Queue = asyncio.Queue()
+            await self.queues.put(q)
+            while (item := await q.get()) is not None:
+                if isinstance(item, grpc.StatusCode):
+                    await context.abort(item, "upstream failed")
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(generate)
+
+
+@pytest.fixture
+async def upstream():
+    handler = Upstream()
+    server = grpc.aio.server(handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    call = channel.unary_stream(METHOD)
+    try:
+        yield handler, call
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_a_writer_that_keeps_up_gets_every_chunk_alone_at_once(upstream):
+    """Nothing is held back to batch: with the reader waiting, each chunk is handed on by itself as soon as it
+    arrives (the first chunk and light load are never delayed)."""
+    handler, stub = upstream
+    call = stub(b"")
+    q = await asyncio.wait_for(handler.queues.get(), 10)
+    relay = ChunkRelay(call.read)
+    try:
+        n = 20
+        for i in range(n):
+            await q.put(chunk(i, n))
+            data = await asyncio.wait_for(relay.read(), 10)
+            assert data == chunk(i, n)
+        await q.put(None)
+        assert await asyncio.wait_for(relay.read(), 10) is grpc.aio.EOF
+        assert relay.merged == 0
+    finally:
+        relay.close()
+        call.cancel()
+
+
+async def _all_sent(call: grpc.aio.UnaryStreamCall, relay: ChunkRelay, watch, n: int) -> None:
+    """Until the relay has read n chunks (its watch counts them), bounded."""
+    for _ in range(1000):
+        if watch.chunks >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the relay read {watch.chunks} of {n} chunks")
+
+
+class Watch:
+    chunks = 0
+
+
+async def test_a_lagging_writer_gets_the_pending_chunks_merged_token_for_token(upstream):
+    """While the writer is busy, chunks pile up and come out as one message; the stream reads the same as the
+    chunks one by one. The relay reads at most MAX_PENDING ahead (flow control holds the rest upstream)."""
+    handler, stub = upstream
+    n = 2 * MAX_PENDING + 6
+    msgs = [chunk(i, n) for i in range(n)]
+    call = stub(b"")
+    q = await asyncio.wait_for(handler.queues.get(), 10)
+    await q.put(msgs[0])
+    first = await asyncio.wait_for(call.read(), 10)  # the first chunk is read directly, as the hops do
+    watch = Watch()
+    relay = ChunkRelay(call.read, watch)
+    try:
+        for m in msgs[1:]:
+            await q.put(m)
+        await q.put(None)
+        await _all_sent(call, relay, watch, MAX_PENDING)  # the "writer" was busy all along
+        await asyncio.sleep(0.1)
+        assert watch.chunks == MAX_PENDING  # no further
+        out = [first, await asyncio.wait_for(relay.read(), 10)]  # the pile, in one message
+        assert len(parse(out[1]).token_ids) == len(flatten(msgs[1 : MAX_PENDING + 1])[1])
+        while (data := await asyncio.wait_for(relay.read(), 10)) is not grpc.aio.EOF:
+            out.append(data)
+        assert flatten(out) == flatten(msgs)
+        assert relay.merged == n - len(out)
+    finally:
+        relay.close()
+        call.cancel()
+
+
+async def test_an_upstream_error_comes_after_every_chunk_read_before_it_and_a_resume_loses_nothing(upstream):
+    """The upstream fails with chunks still pending for a busy writer: the writer gets them (merged) first,
+    then the error; the tracker's resume point is then exactly the tokens relayed, and a second attempt from it
+    completes the stream with no token lost or repeated."""
+    handler, stub = upstream
+    n = 30
+    msgs = [chunk(i, n) for i in range(n)]
+    tracker = ChunkTracker()
+    tracker.next_attempt()
+    relayed: list[bytes] = []
+
+    call = stub(b"")
+    q = await asyncio.wait_for(handler.queues.get(), 10)
+    await q.put(msgs[0])
+    relayed.append(tracker.relay(await asyncio.wait_for(call.read(), 10)))
+    watch = Watch()
+    relay = ChunkRelay(call.read, watch)
+    cut = 17
+    try:
+        for m in msgs[1:cut]:
+            await q.put(m)
+        await q.put(grpc.StatusCode.UNAVAILABLE)
+        await _all_sent(call, relay, watch, cut - 1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while (data := await asyncio.wait_for(relay.read(), 10)) is not grpc.aio.EOF:
+                relayed.append(tracker.relay(data))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        relay.close()
+        call.cancel()
+    assert len(relayed) == 2  # the first chunk, then the 16 pending merged into one
+    assert tracker.sent_ids == flatten(msgs[:cut])[1]
+
+    # The resumed attempt: the replica continues after the ids sent (here: the rest of the same stream).
+    tracker.next_attempt()
+    call = stub(b"")
+    q = await asyncio.wait_for(handler.queues.get(), 10)
+    rest = list(msgs[cut:])
+    resumed_first = engine_pb.GenerateResponse.FromString(rest[0])
+    resumed_first.chunk.served_by.replica_id = "r2"  # a resumed attempt's served_by is dropped by the tracker
+    rest[0] = resumed_first.SerializeToString()
+    await q.put(rest[0])
+    relayed.append(tracker.relay(await asyncio.wait_for(call.read(), 10)))
+    relay = ChunkRelay(call.read)
+    try:
+        for m in rest[1:]:
+            await q.put(m)
+        await q.put(None)
+        while (data := await asyncio.wait_for(relay.read(), 10)) is not grpc.aio.EOF:
+            relayed.append(tracker.relay(data))
+    finally:
+        relay.close()
+        call.cancel()
+    assert flatten(relayed) == flatten(msgs)  # served_by r1 once, every id once, the last finish and usage
+    assert tracker.sent_ids == flatten(msgs)[1]
+
+
+async def test_a_cancelled_upstream_call_reaches_the_reader_as_cancellation(upstream):
+    """A stall watchdog or drain cancels the upstream call: the reader gets CancelledError (as from a direct
+    read), while its own task is not being cancelled, so the hop can tell it from its caller leaving."""
+    handler, stub = upstream
+    call = stub(b"")
+    q = await asyncio.wait_for(handler.queues.get(), 10)
+    await q.put(chunk(0, 3))
+    await asyncio.wait_for(call.read(), 10)
+    relay = ChunkRelay(call.read)
+    try:
+        reading = asyncio.ensure_future(relay.read())
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(reading, 10)
+        assert asyncio.current_task().cancelling() == 0
+    finally:
+        relay.close()
