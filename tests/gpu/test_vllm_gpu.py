@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import urllib.request
 
 import grpc
 import pytest
@@ -126,6 +127,41 @@ async def test_one_replica_whose_front_ends_share_the_requests(fleet):
         if '"engine.request"' in line:
             pids.add(json.loads(line)["pid"])
     assert len(pids) == len(frontends), pids
+
+
+def metrics_total(address: str, name: str, **labels: str) -> float:
+    """The sum of a series' samples (with these labels) on a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def test_the_replica_serves_one_metrics_page_with_vllm_series_summed_over_front_ends(fleet):
+    """The supervisor of a replica with several front ends serves its one /metrics, where vLLM's own series of
+    every front end's AsyncLLM are merged: requests spread over the front ends add up there."""
+    info = fleet.ready_info("engine-1")
+    frontends, address = info.get("frontends", []), info.get("metrics_address", "")
+    if len(frontends) < 2 or not address:
+        pytest.skip(f"one front end on this host ({os.cpu_count()} cores) or no metrics port")
+    tokens = lambda: metrics_total(address, "vllm:generation_tokens_total")  # noqa: E731
+    done = lambda: metrics_total(address, "vllm:request_success_total", finished_reason="length")  # noqa: E731
+    before_tokens, before_done = tokens(), done()
+    n = 2 * len(frontends)
+    for i in range(n):
+        ch, call = await mesh_stream(fleet, f"metrics from every front end {i}", 8)
+        try:
+            [r async for r in call]
+        finally:
+            await ch.close()
+    await assert_eventually(lambda: tokens() == before_tokens + 8 * n, timeout_s=15)
+    assert done() == before_done + n
 
 
 async def test_cancel_mid_stream_frees_the_request_in_the_engine(fleet):
