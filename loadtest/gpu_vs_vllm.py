@@ -491,6 +491,127 @@ def bench(args) -> None:
                 )
 
 
+def _leaf(frame: str) -> str:
+    """A py-spy frame "func (path/file.py:line)" as "func (file.py)"."""
+    if " (" not in frame:
+        return frame
+    func, _, where = frame.partition(" (")
+    return f"{func} ({where.rsplit('/', 1)[-1].split(':')[0]})"
+
+
+def flame_summary(raw: str, top: int = 12) -> dict:
+    """py-spy raw (collapsed) stacks -> samples, the top self-time frames, and where the time went by area."""
+    leaves: dict[str, int] = {}
+    areas: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit() or not stack:
+            continue
+        k = int(n)
+        total += k
+        frames = stack.split(";")
+        leaf = _leaf(frames[-1])
+        leaves[leaf] = leaves.get(leaf, 0) + k
+        text = stack.lower()
+        area = next(
+            (a for a, keys in FLAME_AREAS if any(key in text for key in keys)),
+            "other",
+        )
+        areas[area] = areas.get(area, 0) + k
+    if not total:
+        return {"samples": 0}
+    return {
+        "samples": total,
+        "top_self": [
+            [f, round(v / total, 3)] for f, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]
+        ],
+        "areas": {a: round(v / total, 3) for a, v in sorted(areas.items(), key=lambda kv: -kv[1])},
+    }
+
+
+# Where a sample's time went, by the first area its stack mentions (order matters: the most specific first).
+FLAME_AREAS = (
+    ("idle (waiting for events)", ("select (selectors", "_run_once", "poll (", "epoll")),
+    ("logging (structlog)", ("structlog",)),
+    ("tracing (opentelemetry)", ("opentelemetry",)),
+    ("gc", ("gc_collect", "<gc>")),
+    ("vllm output processing / detokenize", ("vllm/v1/engine/output_processor", "detokenizer", "tokenizers")),
+    ("vllm client (zmq, msgpack)", ("vllm/v1/engine/core_client", "msgpack", "zmq")),
+    ("vllm", ("vllm/",)),
+    ("http / sse (gateway)", ("aiohttp", "httptools", "uvicorn", "starlette", "sse")),
+    ("grpc", ("grpc",)),
+    ("protobuf", ("protobuf", "_pb2")),
+    ("fleetserve services", ("services/", "shared/")),
+)
+
+
+def profile(args) -> None:
+    """py-spy every process of one server (non-blocking) while vLLM's client drives it at --concurrency; writes
+    the flame summaries by process role (JSON) and keeps the raw stacks."""
+    import shutil
+
+    from vllm.benchmarks import serve as vbench
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    state = read_state(args.dir)
+    srv = state["servers"][args.server]
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("py-spy is not on PATH")
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,rss,comm,args"], capture_output=True, text=True).stdout
+    roles = roles_from_ps(ps)
+    pids = [p.pid for p in tree(srv["pid"]) if p.pid in roles]
+    out_dir = Path(args.dir, "flames", args.server)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for pid in pids:
+        f = out_dir / f"{roles[pid].replace(' ', '_')}-{pid}.txt"
+        argv = [
+            spy,
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(int(args.seconds)),
+            "-r",
+            "100",
+            "-f",
+            "raw",
+            "-o",
+            str(f),
+        ]
+        spies.append((pid, f, subprocess.Popen([*argv, "--nonblocking"], stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)))  # fmt: skip
+    parser = FlexibleArgumentParser()
+    vbench.add_cli_args(parser)
+    n = int(args.streams * 4)
+    vargs = _vbench_args(parser, srv, args.model_dir, args.streams, n, 99, 0)
+    res = asyncio.run(vbench.main_async(vargs))
+    by_role: dict[str, list[dict]] = {}
+    for pid, f, proc in spies:
+        try:
+            proc.wait(args.seconds + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        summary = flame_summary(f.read_text()) if f.exists() else {"samples": 0}
+        by_role.setdefault(roles[pid], []).append({"pid": pid, **summary})
+    doc = {
+        "server": args.server,
+        "concurrency": args.streams,
+        "seconds": args.seconds,
+        "rate_hz": 100,
+        "load": {
+            "output_tokens_per_s": round(res.get("output_throughput", 0.0), 1),
+            "failed": res.get("failed"),
+        },
+        "processes": by_role,
+    }
+    Path(args.dir, f"flames-{args.server}.json").write_text(json.dumps(doc, indent=2))
+    for role, rows in by_role.items():
+        print(f"gpu_vs_vllm: flame {args.server} {role}: {[r.get('areas') for r in rows][:1]}", flush=True)
+
+
 def _by_process(cpu: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for r in cpu:
@@ -740,6 +861,10 @@ def report(args) -> None:
         print(json.dumps({"hop_ttft": doc["hop_ttft"]}, indent=1))
     if others:
         print(json.dumps({"paired_variants": others}, indent=1))
+    if args.mesh_logs:
+        for f in sorted(Path(args.mesh_logs).glob("flames-*.json")):
+            flames = json.loads(f.read_text())
+            doc.setdefault("flames", {})[flames["server"]] = flames
     if args.out:
         doc["summary"] = rows
         doc["paired"] = pairs
@@ -798,6 +923,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--no-pin", dest="pin", action="store_false", help="leave processes where the OS puts them"
     )
     b.add_argument("--engine-cpus", type=int, default=2, help="CPUs (on different cores) for the engine core")
+    f = sub.add_parser("profile")
+    f.add_argument("--dir", required=True)
+    f.add_argument("--model-dir", required=True)
+    f.add_argument("--server", default="mesh")
+    f.add_argument("--streams", type=int, default=256, help="concurrency of the load while sampling")
+    f.add_argument("--seconds", type=float, default=8.0)
     t = sub.add_parser("stop")
     t.add_argument("--dir", required=True)
     r = sub.add_parser("report")
@@ -822,9 +953,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    {"start": start, "serve-mesh": serve_mesh, "bench": bench, "stop": stop, "report": report}[args.phase](
-        args
-    )
+    {
+        "start": start,
+        "serve-mesh": serve_mesh,
+        "bench": bench,
+        "profile": profile,
+        "stop": stop,
+        "report": report,
+    }[args.phase](args)
     return 0
 
 

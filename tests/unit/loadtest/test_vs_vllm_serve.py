@@ -74,3 +74,18 @@ def test_hop_ttft_reads_the_mesh_logs_within_each_run(tmp_path):
     hop = g.hop_ttft(recs, str(tmp_path))
     assert hop[1]["requests"] == {"gateway": 2, "engine": 1}
     assert hop[1]["engine_p50_ms"] == 14.0 and hop[1]["gateway_p99_ms"] == 22.0
+
+
+def test_flame_summary_of_py_spy_raw_stacks():
+    raw = "\n".join(
+        [
+            "main (a.py:1);_write (grpc/_cython/aio.pyx:3) 6",
+            "main (a.py:1);process_outputs (vllm/v1/engine/output_processor.py:9);decode (tokenizers/x.py:2) 3",
+            "main (a.py:1);info (structlog/_log.py:5) 1",
+            "garbage",
+        ]
+    )
+    s = g.flame_summary(raw)
+    assert s["samples"] == 10
+    assert s["top_self"][0] == ["_write (aio.pyx)", 0.6]
+    assert s["areas"] == {"grpc": 0.6, "vllm output processing / detokenize": 0.3, "logging (structlog)": 0.1}
