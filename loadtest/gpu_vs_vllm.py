@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -162,10 +163,24 @@ def start(args) -> None:
             state["servers"][name] = {"pid": proc.pid, "starting": True}
         write_state(args.dir, state)
         for name, (proc, url, _key, t0) in started.items():
-            state["servers"][name] = _wait_started(name, args, proc, url, t0)
+            try:
+                state["servers"][name] = _wait_started(name, args, proc, url, t0)
+            except (RuntimeError, TimeoutError, KeyError, ValueError) as e:
+                # The others still run: benchmark those, and show why this one did not start.
+                print(f"gpu_vs_vllm: {name} did not start: {e}", flush=True)
+                for log in [d / f"{name}.log", *sorted((d / name / "logs").glob("*.log"))]:
+                    if log.exists():
+                        print(f"--- {log} (end)\n{log.read_text(errors='replace')[-2500:]}", flush=True)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                del state["servers"][name]
+                write_state(args.dir, state)
+                continue
             state["servers"][name]["started_with"] = len(wave)
             print(f"gpu_vs_vllm: {name} up in {state['servers'][name]['start_s']} s", flush=True)
             write_state(args.dir, state)
+    if not state["servers"]:
+        raise SystemExit("gpu_vs_vllm: no server started")
 
 
 def serve_mesh(args) -> None:
@@ -440,7 +455,11 @@ def bench(args) -> None:
     for name in servers:
         if name in warmed or args.warmup_prompts <= 0:
             continue
-        res, _cpu, w0, w1, _ = run(name, 256, args.warmup_prompts, 7, 60)
+        try:
+            res, _cpu, w0, w1, _ = run(name, 256, args.warmup_prompts, 7, 60)
+        except Exception as e:  # noqa: BLE001 - as below
+            print(f"gpu_vs_vllm: warm-up of {name} failed: {e!r}", flush=True)
+            continue
         doc.setdefault("warmups", []).append(
             {"server": name, "concurrency": 256, "num_prompts": args.warmup_prompts, "failed": res.get("failed"),
              "output_tokens_per_s": round(res.get("output_throughput", 0.0), 1), "wall_s": round(w1 - w0, 1)}
@@ -459,7 +478,11 @@ def bench(args) -> None:
                     print("gpu_vs_vllm: budget spent; run bench again to go on", flush=True)
                     return
                 n = PROMPTS.get(c, 4 * c)
-                res, used, w0, w1, pinned = run(name, c, n, rep * 1000 + c, 0)
+                try:
+                    res, used, w0, w1, pinned = run(name, c, n, rep * 1000 + c, 0)
+                except Exception as e:  # noqa: BLE001 - one server's failure must not end the others' runs
+                    print(f"gpu_vs_vllm: rep {rep} {name} c={c} failed: {e!r}", flush=True)
+                    continue
                 rec = {
                     "rep": rep,
                     "server": name,
