@@ -214,7 +214,9 @@ def serve_mesh(args) -> None:
             "frontends": info.get("frontends"),
             "pids": {n: p.process.pid for n, p in cluster.procs.items()},
         }
-        Path(args.dir, f"{args.name}.json").write_text(json.dumps(st, indent=2))  # noqa: ASYNC240 - once, at start
+        tmp = Path(args.dir, f"{args.name}.json.tmp")
+        tmp.write_text(json.dumps(st, indent=2))  # noqa: ASYNC240 - once, at start
+        os.replace(tmp, tmp.with_suffix(""))  # whole, for `start`, which waits for it
         try:
             await stop.wait()
         finally:
