@@ -8,7 +8,7 @@ ENGINES ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale bench-rollouts autoscale-live loadtest check-wheel fuzz chaos chaos-multihost soak demo experiments clean dashboard-png
+.PHONY: help install protos cluster test system-deps lint bench bench-gateway bench-autoscale bench-rollouts autoscale-live loadtest check-wheel fuzz chaos chaos-multihost soak demo demo-png experiments clean dashboard-png
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -114,8 +114,12 @@ soak: protos ## Soak: 200k streams through the gateway, most cancelled; RSS/fds/
 	$(BIN)/python -m loadtest.soak --streams $(SOAK_STREAMS) --out docs/benchmarks/soak.json \
 		--plot docs/benchmarks/soak.png
 
-demo: protos ## The capstone demo: a sim fleet through two compressed days, a spike and a killed replica (~5 min); demo-report/.
+demo: protos ## The capstone demo: a sim fleet through two compressed days, canaries, a spike and a killed replica (~5 min); demo-report/.
 	$(BIN)/fleetserve demo capstone --out demo-report --screenshot demo-report/report.png
+
+demo-png: protos ## Regenerate docs/demo-report.png: the demo's report in headless Chromium (runs make demo first if there is no report).
+	@test -f demo-report/report.json || $(MAKE) demo
+	$(BIN)/python -m loadtest.demo.report demo-report --screenshot docs/demo-report.png
 
 EXPERIMENTS ?= retry-storm scaling-cold-start streaming-ttft mean-vs-p99 cost-by-type model-routing-cost least-load-tail cache-aware-ttft
 experiments: protos ## Run the book's exercises (EXPERIMENTS=...) into docs/experiments/ (tens of minutes).

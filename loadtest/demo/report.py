@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +118,10 @@ def plots(record: dict) -> dict[str, bytes]:
     out["latency"] = _png(fig)
     plt.close(fig)
 
+    rollout_png = _rollout_plot(record, width * 2)
+    if rollout_png:
+        out["rollout"] = rollout_png
+
     series = record["sections"].get("cost_series", {}).get("series", [])
     if series:
         fig, ax = plt.subplots(figsize=(10, 2.8))
@@ -132,6 +134,105 @@ def plots(record: dict) -> dict[str, bytes]:
         out["cost"] = _png(fig)
         plt.close(fig)
     return out
+
+
+VERSION_COLOURS = {"v1": "tab:blue", "v2": "tab:green", "v3": "tab:red"}
+
+
+def _rollout_plot(record: dict, width: float) -> bytes | None:
+    """Two panels over the canaries' span: the share of the small model's requests each version served (the
+    client's view) with the registry's candidate percent, and the TPOT guardrail: the candidate's value against
+    its bound (the factor times the baseline's)."""
+    rs = record.get("rollout_samples") or []
+    if not rs:
+        return None
+    import matplotlib.pyplot as plt
+
+    end = max(p["t_s"] for p in rs) + width * 2
+    reqs = [
+        r for r in record["requests"] if r["status"] == "ok" and r.get("model") == "sim-1b" and r["t_s"] < end
+    ]
+    edges = np.arange(0, end + width, width)
+    versions = sorted({r.get("version") or "?" for r in reqs})
+    counts = {
+        v: np.histogram([r["t_s"] for r in reqs if (r.get("version") or "?") == v], bins=edges)[0]
+        for v in versions
+    }
+    total = np.maximum(1, sum(counts.values()))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.4))
+    a.stackplot(
+        edges[:-1] + width / 2,
+        [100 * counts[v] / total for v in versions],
+        labels=[f"served by {v}" for v in versions],
+        colors=[VERSION_COLOURS.get(v, "grey") for v in versions],
+        alpha=0.55,
+    )
+    for rid in dict.fromkeys(p["rollout_id"] for p in rs):
+        mine = [p for p in rs if p["rollout_id"] == rid]
+        cand = mine[0]["candidate"]
+        a.step(
+            [p["t_s"] for p in mine],
+            [p["candidate_percent"] for p in mine],
+            where="post",
+            color="black",
+            lw=1.5,
+            ls="--" if cand == "v3" else "-",
+            label=f"{cand}'s share set by the rollout",
+        )
+        tp = [
+            (p["t_s"], c)
+            for p in mine
+            for c in p["checks"]
+            if c["metric"].startswith("tpot") and c["samples"]
+        ]
+        if tp:
+            colour = VERSION_COLOURS.get(cand, "grey")
+            b.plot(
+                [t for t, _ in tp],
+                [c["candidate"] for _, c in tp],
+                color=colour,
+                marker=".",
+                label=f"{cand} p99",
+            )
+            b.plot(
+                [t for t, _ in tp],
+                [c["limit"] * c["baseline"] if c["relative"] else c["limit"] for _, c in tp],
+                color=colour,
+                ls=":",
+                label=f"{cand}'s bound ({tp[0][1]['limit']:g} x the baseline's)",
+            )
+    for e in record["events"]:
+        if e.get("kind") == "rollout":
+            for ax in (a, b):
+                ax.axvline(e["t_s"], color="grey", lw=0.8, alpha=0.6)
+    a.set_ylim(0, 100)
+    a.set_ylabel("% of sim-1b requests")
+    a.set_xlabel("s (grey: rollout started / decided)")
+    a.set_title("Rollout share")
+    a.legend(fontsize=7, loc="center left")
+    b.set_ylabel("TPOT ms (the registry's window)")
+    b.set_xlabel("s")
+    b.set_title("Guardrail: the candidate's TPOT vs its bound")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def rollout_rows(record: dict) -> list[dict]:
+    rows = []
+    for r in record["sections"].get("rollout", {}).get("rollouts", []):
+        rows.append(
+            {
+                "canary": f"{r['baseline']} -> {r['candidate']} at {r['percent']:g}%",
+                "started s": r["started_s"],
+                "decided s": r.get("decided_s") or "",
+                "outcome": r["state"].replace("_", " ") + (" (by a guardrail)" if r.get("automatic") else ""),
+                "why": r["reason"],
+            }
+        )
+    return rows
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -222,6 +323,10 @@ th{background:#f4f4f4} img{max-width:100%} .skipped{color:#777;font-style:italic
 """
 
 
+def _guardrails(rollout: dict) -> list[str]:
+    return next((r["guardrails"] for r in rollout.get("rollouts", [])), [])
+
+
 def render_html(record: dict, pngs: dict[str, bytes]) -> str:
     v, s, sec = record["verdicts"], record["settings"], record["sections"]
     res = sec.get("resilience", {})
@@ -245,12 +350,29 @@ def render_html(record: dict, pngs: dict[str, bytes]) -> str:
         badge_text = f"SLO {slo['name']}: {slo['sli']:.4f} vs {slo['objective']}"
         badges.append(badge(slo["met"], badge_text + (" met" if slo["met"] else " NOT met")))
     rollout = sec.get("rollout", {})
-    badges.append(
-        badge(
-            None if "skipped" in rollout else rollout.get("ok"),
-            "rollout: skipped" if "skipped" in rollout else "rollout",
+    rv = v.get("rollout", {})
+    if "skipped" in rollout:
+        badges.append(badge(None, "rollout: skipped"))
+    else:
+        badges.append(
+            badge(
+                rv.get("good_promoted"),
+                "canary v2 promoted" if rv.get("good_promoted") else "canary v2 NOT promoted",
+            )
         )
-    )
+        badges.append(
+            badge(
+                rv.get("bad_rolled_back_automatically"),
+                "planted-bad v3 rolled back by its guardrail"
+                if rv.get("bad_rolled_back_automatically")
+                else "planted-bad v3 NOT rolled back",
+            )
+        )
+    cost = v.get("cost", {})
+    if cost.get("tokens"):
+        badges.append(
+            badge(None, f"cost ${cost['total_usd']:.4f}, ${cost['cost_per_1k_tokens_usd']:.5f} per 1k tokens")
+        )
     slo_rows = [{**x, "met": "yes" if x["met"] else "NO"} for x in v["slos"]]
     decisions = sec.get("scaling", {}).get("models", [{}])[0].get("decisions", [])[-12:]
     parts = [
@@ -305,8 +427,16 @@ def render_html(record: dict, pngs: dict[str, bytes]) -> str:
         f"{res.get('router_resumes', 0)} streams mid-generation on other replicas and retried "
         f"{res.get('router_retries', 0)} attempts before a first token; requests that failed within 15 s of the "
         f"kill: {v['failed_around_the_kill']}.</p>",
-        "<h2>Canary rollout</h2>",
-        _skipped(rollout) or html.escape(str(rollout)),
+        "<h2>Canary rollouts</h2>",
+        _skipped(rollout)
+        or (
+            f"<p>Two canaries of sim-1b at {s.get('canary_percent', 0):g}% of its traffic, judged by the same guardrails "
+            f"({html.escape(', '.join(_guardrails(rollout)))}): v2 is the same engine; v3 has a planted regression "
+            f"({html.escape(str(rollout.get('planted', {}).get('v3', '')))}).</p>"
+            + (f"<p class='skipped'>{html.escape(rollout['error'])}</p>" if rollout.get("error") else "")
+            + (_img(pngs["rollout"], "rollout") if "rollout" in pngs else "")
+            + _table(rollout_rows(record), ["canary", "started s", "decided s", "outcome", "why"])
+        ),
         "<h2>Events</h2>",
         _table(record["events"], ["t_s", "what"]),
     ]
@@ -326,24 +456,42 @@ def write(record: dict, out_dir: Path) -> Path:
     return page
 
 
-def screenshot(page: Path, png: Path, width: int = 1280, height: int = 3400) -> bool:
-    """A PNG of the page by headless Chromium; False when no Chromium is installed."""
-    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if exe is None:
+def screenshot(page: Path, png: Path, width: int = 1280, height: int = 4600) -> bool:
+    """A PNG of the page by headless Chromium (loadtest/dashboard_shot.py drives it); False when none is
+    installed."""
+    import asyncio
+
+    from loadtest.dashboard_shot import browser, chromium
+
+    if browser() is None:
         return False
-    subprocess.run(
-        [
-            exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            f"--window-size={width},{height}",
-            f"--screenshot={png}",
-            page.resolve().as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
+    asyncio.run(
+        chromium(page.resolve().as_uri(), screenshot=png.resolve(), budget_ms=1000, size=(width, height))
     )
     return png.exists()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loadtest.demo.report DIR [--screenshot PNG]`: the report page again from DIR/report.json (after
+    a change to this module, without running the demo again), and its screenshot."""
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m loadtest.demo.report", description=main.__doc__)
+    p.add_argument("dir", type=Path, help="a demo's output directory (with report.json)")
+    p.add_argument("--screenshot", type=Path, help="also write a PNG of the page here (headless Chromium)")
+    args = p.parse_args(argv)
+    record = json.loads((args.dir / "report.json").read_text())
+    page = write(record, args.dir)
+    print(f"wrote {page}", file=sys.stderr)
+    if args.screenshot:
+        if not screenshot(page, args.screenshot):
+            print("no Chromium found: no screenshot", file=sys.stderr)
+            return 1
+        print(f"wrote {args.screenshot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

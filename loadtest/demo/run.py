@@ -8,11 +8,12 @@ and rendered as an HTML report (loadtest/demo/report.py). A piece that is not on
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,8 @@ from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mpb_grpc
 from fleetserve.registry.v1 import registry_service_pb2 as rpb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as rpb_grpc
+from fleetserve.registry.v1 import rollout_service_pb2 as rollpb
+from fleetserve.registry.v1 import rollout_service_pb2_grpc as rollpb_grpc
 from fleetserve.router.v1 import router_service_pb2 as routerpb
 from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from google.protobuf.json_format import MessageToDict
@@ -30,7 +33,10 @@ from google.protobuf.json_format import MessageToDict
 from fleetserve.client import AsyncClient, FleetServeError
 from loadtest.demo.workload import TENANTS, DayShape, Request, Traffic
 from loadtest.policy_bench import wait_routable
+from services.registry.rollouts import guardrails as guardrail_text
+from services.registry.rollouts.plans import state_name
 from shared.channels import open_channel
+from shared.cli.rollout import parse_guardrail
 from shared.cluster import Cluster, ClusterConfig
 
 SMALL, LARGE, ALIAS = "sim-1b", "sim-8b", "auto"
@@ -53,6 +59,14 @@ class DemoSettings:
     small_replicas: int = 2
     max_small_replicas: int = 5
     kill_at_h: float = 11.0  # hour of the last day at which a small-model replica is SIGKILLed
+    # Canary rollouts of the small model: v1 -> v2 (identical: promoted) from good_at_h of the first day, then
+    # v2 -> v3 (planted: every engine step `bad_slowdown` times slower) once the first is decided (not before
+    # bad_at_h). Each candidate's first replica pays a cold start (tens of seconds on a busy 2-core machine).
+    rollouts: bool = True
+    good_at_h: float = 2.0
+    bad_at_h: float = 10.0
+    canary_percent: float = 30.0
+    bad_slowdown: float = 8.0
     seed: int = 1
     backend: str = "sim"
     vllm_args: str = ""
@@ -65,7 +79,13 @@ class DemoSettings:
         return day * self.day_s + hour / 24.0 * self.day_s
 
 
-QUICK = DemoSettings(day_s=16.0, days=1, rate_lo=1.0, rate_hi=3.0, kill_at_h=12.0, cold_start_s=2.0)
+QUICK = DemoSettings(
+    day_s=16.0, days=1, rate_lo=1.0, rate_hi=3.0, kill_at_h=12.0, cold_start_s=2.0, rollouts=False
+)
+# What the canaries must hold (the same for both: the good version passes them, the planted one does not). TPOT
+# median at most twice the baseline's and 5 ms worse: the planted 4x stands out; a busy machine's noise, which
+# moves a p99 over a few dozen requests by that much (docs/benchmarks/rollouts.md), does not move the median.
+GUARDRAILS = ("error_rate<=0.02@12", "tpot_p50_ms<=2x+5@12")
 
 
 @dataclass
@@ -77,8 +97,11 @@ class Run:
     samples: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     sections: dict[str, dict] = field(default_factory=dict)
+    rollout_samples: list[dict] = field(default_factory=list)
     in_flight: int = 0
     started: float = 0.0
+    wall_started: float = 0.0
+    current_version: str = "v1"  # of the small model: the last promoted one (the kill picks a replica of it)
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -111,6 +134,14 @@ def autoscale_spec(s: DemoSettings) -> dict:
             "replica_rps": 1.6,
             "cold_start_s": s.cold_start_s,
             "scale_down_cooldown_s": s.day_s / 10,
+            # The canaries' versions: v2 the same engine, v3 with a planted regression (slower steps).
+            "version": "v1",
+            "versions": {
+                "v2": {"max_replicas": s.max_small_replicas},
+                "v3": {"max_replicas": 2, "engine_args": f"--sim-behaviour v3:slowdown={s.bad_slowdown:g}"},
+            },
+            # A promoted canary's old version keeps its replicas two compressed hours, then drains.
+            "retire_after_s": s.day_s / 12,
             "policies": {
                 "predictive": {
                     "period_s": s.day_s,
@@ -155,31 +186,25 @@ def cluster_config(s: DemoSettings, data_dir: Path) -> ClusterConfig:
             ],
             # One compressed day is a day for the SLO windows and burn-rate alerts.
             "metrics": ["--slo-time-scale", f"{86400 / s.day_s:g}"],
+            "registry": ["--rollout-interval-s", "0.5"],
             "engine": engine_args,
         },
     )
 
 
 def admin(data_dir: Path, *args: str) -> dict | list:
-    """`fleetserve admin --json ...` on the fleet's gateway database."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli.main",
-            "admin",
-            "--db",
-            str(data_dir / "gateway.db"),
-            "--json",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"fleetserve admin {' '.join(args)}: {done.stderr.strip()}")
-    return json.loads(done.stdout)
+    """`fleetserve admin --json ...` on the fleet's gateway database, in this process (nine CLI processes took
+    minutes to start on a busy 2-core machine)."""
+    from shared.cli.admin import run_admin
+    from shared.cli.main import build_parser
+
+    ns = build_parser().parse_args(["admin", "--db", str(data_dir / "gateway.db"), "--json", *args])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_admin(ns)
+    if code != 0:
+        raise RuntimeError(f"fleetserve admin {' '.join(args)}: {err.getvalue().strip()}")
+    return json.loads(out.getvalue().strip().splitlines()[-1])  # the JSON line (a log line may come first)
 
 
 def create_tenants(data_dir: Path) -> dict[str, str]:
@@ -216,6 +241,7 @@ async def one(run: Run, clients: dict[str, CountingClient], traffic: Traffic, re
         rec.update(
             status="ok",
             model=done.served_by.model,
+            version=done.served_by.model_version,
             replica=done.served_by.replica_id,
             ttft_ms=round(done.ttft_s * 1000, 2) if done.ttft_s is not None else None,
             prompt_tokens=u.prompt_tokens,
@@ -285,9 +311,13 @@ async def sample(run: Run, cluster: Cluster, shape: DayShape, stop: asyncio.Even
 
 
 async def kill_one(run: Run, data_dir: Path, at_s: float) -> None:
-    """SIGKILL one small-model replica (one the autoscaler started; its ready file names its pid) at at_s."""
+    """SIGKILL one small-model replica at at_s: one the autoscaler started (its ready file names its pid), of the
+    version serving now (after a promoted canary, the new one) when there is one."""
     await asyncio.sleep(max(0.0, at_s - run.now()))
-    for ready in sorted((data_dir / "run").glob(f"{SMALL}-as*.json")):
+    # Autoscaled replica ids: <model>-as<n>-<pid> or <model>-<version>-as<n>-<pid>.
+    ready_files = [f for f in (data_dir / "run").glob(f"{SMALL}-*.json") if "-as" in f.stem]
+    current = f"{SMALL}-{run.current_version}-as"
+    for ready in sorted(ready_files, key=lambda f: (not f.stem.startswith(current), f.name)):
         try:
             info = json.loads(ready.read_text())
             os.kill(int(info["pid"]), signal.SIGKILL)
@@ -369,15 +399,139 @@ async def fleet_sections(run: Run, cluster: Cluster, wall_start: float) -> None:
     }
 
 
-def rollout_section() -> dict:
-    """The canary rollout needs routers that apply the registry's traffic splits (the rollouts engineer's work)."""
-    try:
-        import services.router.traffic  # noqa: F401
-    except ImportError:
-        return {"skipped": "rollouts: routers applying the registry's traffic splits are not on main yet"}
+# -- the canary rollouts ----------------------------------------------------------------------------------------
+
+
+def rollout_sample(t: float, r: rollpb.Rollout) -> dict:
+    """One look at a rollout: its state, the candidate's share of traffic and each guardrail's last values."""
     return {
-        "skipped": "rollouts: the demo's canary (a good version promoted, a planted-bad one rolled back) is "
-        "not wired in yet"
+        "t_s": round(t, 2),
+        "rollout_id": r.rollout_id,
+        "candidate": r.plan.candidate_version,
+        "state": state_name(r.state),
+        "candidate_percent": r.candidate_percent,
+        "candidate_replicas": r.candidate_replicas,
+        "checks": [
+            {
+                "metric": c.guardrail.metric,
+                "verdict": c.verdict,
+                "candidate": round(c.candidate_value, 4),
+                "baseline": round(c.baseline_value, 4),
+                "limit": c.guardrail.limit,
+                "relative": c.guardrail.mode == rollpb.GUARDRAIL_MODE_RELATIVE,
+                "samples": c.samples,
+            }
+            for c in r.checks
+        ],
+    }
+
+
+async def one_rollout(
+    run: Run, stub: rollpb_grpc.RolloutServiceStub, baseline: str, candidate: str, until_s: float
+) -> dict:
+    """Start a canary of `candidate` and watch it (a sample a second) until it is promoted or rolled back, or
+    until until_s; its summary."""
+    s = run.settings
+    plan = rollpb.RolloutPlan(
+        model=SMALL,
+        baseline_version=baseline,
+        candidate_version=candidate,
+        strategy=rollpb.ROLLOUT_STRATEGY_CANARY,
+        steps=[s.canary_percent],
+        bake_s=s.day_s / 12,  # two compressed hours at the canary's share (and the guardrails' samples)
+        guardrails=[parse_guardrail(g) for g in GUARDRAILS],
+    )
+    r = (await stub.StartRollout(rollpb.StartRolloutRequest(plan=plan), timeout=10)).rollout
+    started = run.now()
+    run.event(
+        f"canary {SMALL} {baseline} -> {candidate} at {s.canary_percent:g}% started ({r.rollout_id})",
+        kind="rollout",
+    )
+    while run.now() < until_s:
+        try:
+            r = (await stub.GetRollout(rollpb.GetRolloutRequest(rollout_id=r.rollout_id), timeout=5)).rollout
+        except grpc.aio.AioRpcError as e:
+            log(f"GetRollout: {e.code().name}")
+        else:
+            run.rollout_samples.append(rollout_sample(run.now(), r))
+            if r.state not in (rollpb.ROLLOUT_STATE_RUNNING, rollpb.ROLLOUT_STATE_PAUSED):
+                break
+        await asyncio.sleep(1.0)
+    state = state_name(r.state)
+    ended = run.now()
+    if r.state in (rollpb.ROLLOUT_STATE_RUNNING, rollpb.ROLLOUT_STATE_PAUSED):
+        run.event(f"canary {candidate}: still {state} when the traffic ended ({r.reason})", kind="rollout")
+    else:
+        run.event(f"canary {candidate}: {state} ({r.reason})", kind="rollout")
+    return {
+        "rollout_id": r.rollout_id,
+        "baseline": baseline,
+        "candidate": candidate,
+        "strategy": "canary",
+        "percent": s.canary_percent,
+        "guardrails": list(GUARDRAILS),
+        "state": state,
+        "automatic": r.state == rollpb.ROLLOUT_STATE_ROLLED_BACK
+        and r.reason.startswith("guardrail breached"),
+        "reason": r.reason,
+        "started_s": round(started, 2),
+        "decided_s": round(ended, 2) if state in ("promoted", "rolled_back") else None,
+        "checks": [guardrail_text.describe(c) for c in r.checks],
+        "events": [
+            {
+                "t_s": round(e.at_unix - run.wall_started, 2),
+                "kind": e.kind,
+                "candidate_percent": e.candidate_percent,
+                "detail": e.detail,
+            }
+            for e in r.events
+        ],
+    }
+
+
+async def canaries(run: Run, cluster: Cluster) -> None:
+    """The first day's two canaries of the small model: v2 (the same engine: it should be promoted) from
+    good_at_h, then v3 (planted slower steps: its TPOT guardrail should roll it back) from bad_at_h or once
+    the first was decided, against whichever version then serves."""
+    s = run.settings
+    section: dict = {"rollouts": [], "planted": {"v3": f"slowdown={s.bad_slowdown:g}"}}
+    run.sections["rollout"] = section
+    end = s.duration_s - 2.0
+    async with open_channel(cluster.registry, cluster.client_tls) as ch:
+        stub = rollpb_grpc.RolloutServiceStub(ch)
+        try:
+            await asyncio.sleep(max(0.0, s.at_hour(0, s.good_at_h) - run.now()))
+            good = await one_rollout(run, stub, "v1", "v2", min(end, s.at_hour(0, 20.0)))
+            section["rollouts"].append(good)
+            if good["state"] == "promoted":
+                run.current_version = "v2"
+            elif good["state"] in ("running", "paused"):
+                # Undecided by 22:00: the demo takes it back (the report shows it as not promoted).
+                await stub.RollbackRollout(
+                    rollpb.RollbackRolloutRequest(
+                        rollout_id=good["rollout_id"], reason="demo: not decided by 20:00 of day 1"
+                    ),
+                    timeout=10,
+                )
+            await asyncio.sleep(max(0.0, s.at_hour(0, s.bad_at_h) - run.now()))
+            bad = await one_rollout(run, stub, run.current_version, "v3", end)
+            section["rollouts"].append(bad)
+        except grpc.aio.AioRpcError as e:
+            section["error"] = f"{e.code().name}: {e.details()}"
+            run.event(f"rollout call failed: {section['error']}", kind="rollout")
+
+
+def rollout_verdict(section: dict) -> dict:
+    """The canaries did what they should: the good version promoted, the planted one rolled back by a guardrail."""
+    if "skipped" in section:
+        return {"skipped": section["skipped"]}
+    by = {r["candidate"]: r for r in section.get("rollouts", [])}
+    good, bad = by.get("v2", {}), by.get("v3", {})
+    return {
+        "good_promoted": good.get("state") == "promoted",
+        "bad_rolled_back_automatically": bool(bad.get("automatic")),
+        "bad_reason": bad.get("reason", ""),
+        "ok": good.get("state") == "promoted" and bool(bad.get("automatic")),
     }
 
 
@@ -415,6 +569,14 @@ def verdicts(run: Run) -> dict:
             }
         )
     out["all_slos_met"] = bool(out["slos"]) and all(x["met"] for x in out["slos"])
+    out["rollout"] = rollout_verdict(run.sections.get("rollout", {}))
+    cost = run.sections.get("cost", {})
+    out["cost"] = {
+        "total_usd": round(float(cost.get("total_usd", 0.0)), 6),
+        "cost_per_1k_tokens_usd": round(float(cost.get("cost_per_1k_tokens", 0.0)), 6),
+        "tokens": int(cost.get("tokens", 0)),
+        "requests": int(cost.get("requests", 0)),
+    }
     return out
 
 
@@ -441,7 +603,7 @@ async def run_demo(s: DemoSettings, out_dir: Path) -> dict:
             f"{len(arrivals)} requests over {s.days} compressed day(s) of {s.day_s:g} s; tenants {', '.join(keys)}"
         )
         await asyncio.sleep(2.0)  # the gateway's config poll sees the tenants
-        wall_start = time.time()
+        wall_start = run.wall_started = time.time()
         run.started = time.monotonic()
         run.event("traffic starts")
         for d in range(s.days):
@@ -451,10 +613,16 @@ async def run_demo(s: DemoSettings, out_dir: Path) -> dict:
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample(run, cluster, shape, stop))
         killer = asyncio.create_task(kill_one(run, data_dir, s.at_hour(s.days - 1, s.kill_at_h)))
+        if s.rollouts:
+            rollouts = asyncio.create_task(canaries(run, cluster))
+        else:
+            run.sections["rollout"] = {"skipped": "--quick: one short day has no time for two canaries"}
         try:
             await drive(run, clients, traffic, arrivals)
         finally:
             await killer
+            if s.rollouts:
+                await rollouts
             stop.set()
             await sampler
         run.event("traffic ends")
@@ -465,13 +633,14 @@ async def run_demo(s: DemoSettings, out_dir: Path) -> dict:
         run.sections["resilience"]["client_retries"] = client_retries
     finally:
         exits = await cluster.stop()
-    run.sections["rollout"] = rollout_section()
+    run.sections.setdefault("rollout", {"skipped": "the traffic ended before the canaries started"})
     return {
         "demo": "capstone",
         "settings": asdict(s),
         "verdicts": verdicts(run),
         "events": sorted(run.events, key=lambda e: e["t_s"]),
         "samples": run.samples,
+        "rollout_samples": run.rollout_samples,
         "requests": run.requests,
         "sections": run.sections,
         "exit_codes": {k: v for k, v in exits.items() if v not in (0, None)},

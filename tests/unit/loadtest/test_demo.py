@@ -111,13 +111,66 @@ def _record() -> dict:
         },
         "resilience": {"router_resumes": 2, "router_retries": 1, "client_retries": {"initech": 4}},
         "cost_series": {"series": [{"t_s": 4.0, "cost_per_1k_tokens_usd": 0.001}]},
-        "rollout": {"skipped": "not on main yet"},
+        "rollout": {
+            "planted": {"v3": "slowdown=4"},
+            "rollouts": [
+                {
+                    "rollout_id": "r1",
+                    "baseline": "v1",
+                    "candidate": "v2",
+                    "percent": 30.0,
+                    "guardrails": ["tpot_p50_ms<=2x+5@15"],
+                    "state": "promoted",
+                    "automatic": False,
+                    "reason": "passed every step",
+                    "started_s": 2.0,
+                    "decided_s": 6.0,
+                },
+                {
+                    "rollout_id": "r2",
+                    "baseline": "v2",
+                    "candidate": "v3",
+                    "percent": 30.0,
+                    "guardrails": ["tpot_p50_ms<=2x+5@15"],
+                    "state": "rolled_back",
+                    "automatic": True,
+                    "reason": "guardrail breached: tpot_p50_ms 40 ms > 2 x baseline 10 ms = 20 ms (16 samples)",
+                    "started_s": 7.0,
+                    "decided_s": 12.0,
+                },
+            ],
+        },
+        "cost": {"total_usd": 0.0123, "cost_per_1k_tokens": 0.0004, "tokens": 30000, "requests": 2},
     }
+    run.requests[0]["version"] = "v2"
+    run.rollout_samples = [
+        {
+            "t_s": float(t),
+            "rollout_id": "r1" if t < 7 else "r2",
+            "candidate": "v2" if t < 7 else "v3",
+            "state": "running",
+            "candidate_percent": 30.0,
+            "candidate_replicas": 1,
+            "checks": [
+                {
+                    "metric": "tpot_p50_ms",
+                    "verdict": "ok",
+                    "candidate": 10.0 if t < 7 else 40.0,
+                    "baseline": 10.0,
+                    "limit": 2.0,
+                    "relative": True,
+                    "samples": 16,
+                }
+            ],
+        }
+        for t in range(2, 13)
+    ]
     return {
         "settings": vars(QUICK) | {},
         "verdicts": verdicts(run),
         "events": run.events,
         "samples": run.samples,
+        "rollout_samples": run.rollout_samples,
         "requests": run.requests,
         "sections": run.sections,
     }
@@ -129,11 +182,28 @@ def test_verdicts_count_failures_apart_from_limits_and_judge_each_slo():
     v = _record()["verdicts"]
     assert (v["ok"], v["limited"], v["failed"], v["zero_failed_requests"]) == (2, 1, 0, True)
     assert v["slos"][0]["met"] and v["all_slos_met"]
+    assert v["cost"] == {
+        "total_usd": 0.0123,
+        "cost_per_1k_tokens_usd": 0.0004,
+        "tokens": 30000,
+        "requests": 2,
+    }
+
+
+def test_the_rollout_verdict_wants_the_good_canary_promoted_and_the_planted_one_rolled_back_by_a_guardrail():
+    """Promoted v2 + v3 rolled back on a breach: ok; a manual rollback of v3 (not its guardrail) is not."""
+    from loadtest.demo.run import rollout_verdict
+
+    section = _record()["sections"]["rollout"]
+    assert rollout_verdict(section)["ok"]
+    section["rollouts"][1]["automatic"] = False
+    assert not rollout_verdict(section)["ok"]
+    assert rollout_verdict({"skipped": "--quick"}) == {"skipped": "--quick"}
 
 
 def test_the_report_page_has_every_section_and_says_what_was_skipped(tmp_path):
-    """The HTML inlines the plots, lists the SLO verdicts, the tenants, routing and the kill, and names the
-    sections it skipped."""
+    """The HTML inlines the plots, lists the SLO verdicts, the tenants, routing, the kill, the canaries and the
+    cost, and names the sections it skipped."""
     page = report.write(_record(), tmp_path).read_text()
     for text in (
         "Replicas desired vs actual",
@@ -141,8 +211,18 @@ def test_the_report_page_has_every_section_and_says_what_was_skipped(tmp_path):
         "sim-1b-availability",
         "limited (after honouring RetryInfo)",
         "resumed 2 streams",
-        "skipped: not on main yet",
+        "canary v2 promoted",
+        "planted-bad v3 rolled back by its guardrail",
+        "guardrail breached: tpot_p50_ms 40 ms",
+        "cost $0.0123",
     ):
         assert text in page, text
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5
+    assert (tmp_path / "rollout.png").stat().st_size > 5000
+    quick = _record()
+    quick["sections"]["rollout"] = {"skipped": "--quick: one short day has no time for two canaries"}
+    quick["rollout_samples"] = []
+    (tmp_path / "quick").mkdir()
+    page = report.write(quick, tmp_path / "quick").read_text()
+    assert "skipped: --quick: one short day" in page and "rollout: skipped" in page
     assert (tmp_path / "report.json").exists() and (tmp_path / "replicas.png").stat().st_size > 5000
