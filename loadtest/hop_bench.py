@@ -7,7 +7,7 @@ fast as it can stands in for the engine, so the hops are what is measured:
     bare2     client -> bare -> bare -> source         gateway   client -> gateway -> source
                                                         mesh      client -> gateway -> router -> source
     (router and gateway again with --workers 2: router2, gateway2, mesh2; with coalescing off: router-nc,
-    gateway-nc, mesh-nc)
+    gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0)
 
 Per mode: relayed tokens/s at --streams (capacity; our hops merge the chunks a lagging reader has pending, so
 messages and tokens differ), TTFT p50 at one stream and what it adds over direct, TTFT p50/p99 under load, and
@@ -171,9 +171,12 @@ def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
         ["loadtest.hop_bench", "source", "--tokens", str(args.tokens)]
         + (["--registry", registry] if registry else []),
     )
-    workers = "2" if mode.endswith("2") else "1"
-    if mode.endswith("-nc"):
+    base, *variants = mode.split("-")
+    workers = "2" if base.endswith("2") else "1"  # router2, mesh2-nc, ...: --workers 2
+    if "nc" in variants:
         common = [*common, "--no-coalesce"]
+    # -gc0: the hops with Python's default collector thresholds instead of the services' (shared/server.py).
+    hop_env = {"FLEETSERVE_GC_THRESHOLD": "700,10,10"} if "gc0" in variants else {}
     hops: list[str] = []
     if mode == "direct":
         return procs, source, hops, "engine"
@@ -186,7 +189,7 @@ def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
     router = ""
     if needs_router:
         router_args = ["services.router", "--registry-address", registry, "--workers", workers, *common]
-        router = procs.start("router", router_args)
+        router = procs.start("router", router_args, env=hop_env)
         hops.append("router")
         _await_routable(router)
         if mode.startswith("router"):
@@ -198,7 +201,7 @@ def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
         "--http-port", "-1", "--extra-models", MODEL, *common,
     ]  # fmt: skip
     # A secret never goes on a command line: the gateway refuses it as a flag.
-    gateway = procs.start("gateway", gw, env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": key})
+    gateway = procs.start("gateway", gw, env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": key, **hop_env})
     hops.append("gateway")
     procs.api_key = key  # type: ignore[attr-defined]
     return procs, gateway, hops, "gateway"
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ready-file", default="")
     p.add_argument(
         "--modes",
-        default="direct,bare,router,gateway,bare2,mesh,router-nc,gateway-nc,mesh-nc,router2,gateway2,mesh2",
+        default="direct,bare,router,gateway,bare2,mesh,router-nc,gateway-nc,mesh-nc,mesh-gc0,router2,gateway2,mesh2",
     )
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64, help="messages per request")

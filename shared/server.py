@@ -205,11 +205,25 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# The collector's thresholds while serving (FLEETSERVE_GC_THRESHOLD="gen0,gen1,gen2" overrides): a relayed
+# message allocates a few tracked objects (futures, coroutine frames) that die within the message, so Python's
+# default of a young-generation pass every 700 allocations mostly walks and promotes live in-flight objects.
+GC_THRESHOLD = (50_000, 20, 100)
+
+
+def gc_threshold() -> tuple[int, ...]:
+    """The thresholds settle_heap sets: GC_THRESHOLD, or FLEETSERVE_GC_THRESHOLD's."""
+    raw = os.environ.get("FLEETSERVE_GC_THRESHOLD", "")
+    return tuple(int(x) for x in raw.split(",")) if raw else GC_THRESHOLD
+
+
 def settle_heap() -> None:
     """After start-up: collect once, then freeze what is left (modules, settings, servicers) into the permanent
-    generation, so the collector's passes during serving walk only per-request objects."""
+    generation, so the collector's passes during serving walk only per-request objects; then the serving
+    thresholds (gc_threshold)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*gc_threshold())
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

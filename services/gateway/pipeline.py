@@ -537,6 +537,16 @@ class GatewayPipeline:
         """NotFound (with the available models) for a model the router does not serve."""
         if model in self.extra_models:
             return
+        cached = self._models
+        if cached is not None and model in cached[0]:
+            # A model the list had: served from the list even when it is stale, which is refreshed meanwhile.
+            # Waiting for the router's answer here would put a ListModels round trip, queued behind every
+            # stream the router relays, before this request's first token.
+            if time.monotonic() - cached[1] >= self.models_cache_ttl_s and (
+                self._models_fetch is None or self._models_fetch.done()
+            ):
+                self._models_fetch = asyncio.ensure_future(self._fetch_model_names())
+            return
         names = await self._model_names(self.models_cache_ttl_s)
         if names is not None and model not in names:
             # It may have come up since the list was read: look once more, unless the list is fresh.

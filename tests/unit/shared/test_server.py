@@ -61,3 +61,22 @@ async def test_health_reports_not_serving_when_draining():
             assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await running.server.stop(None)
+
+
+def test_settle_heap_sets_the_serving_collector_thresholds(monkeypatch):
+    """After start-up the collector runs with the services' thresholds, or FLEETSERVE_GC_THRESHOLD's."""
+    import gc
+
+    from shared.server import GC_THRESHOLD, settle_heap
+
+    before = gc.get_threshold()
+    try:
+        monkeypatch.delenv("FLEETSERVE_GC_THRESHOLD", raising=False)
+        settle_heap()
+        assert gc.get_threshold() == GC_THRESHOLD
+        monkeypatch.setenv("FLEETSERVE_GC_THRESHOLD", "700,10,10")
+        settle_heap()
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
