@@ -13,7 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -70,6 +70,30 @@ class PendingItem:
     index: int
     request: pb.GenerateRequest
     custom_id: str
+    # What an earlier run generated before its gateway died (token ids and text), saved with its lease renewals.
+    progress: common_pb2.GenerateChunk | None = None
+
+
+@dataclass
+class Progress:
+    """An item's output so far: token ids and text pieces, and how many of the ids are saved."""
+
+    ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    saved: int = 0
+
+    @classmethod
+    def of(cls, chunk: common_pb2.GenerateChunk | None) -> Progress:
+        if chunk is None:
+            return cls()
+        return cls(list(chunk.token_ids), [chunk.text], len(chunk.token_ids))
+
+    def add(self, chunk: common_pb2.GenerateChunk) -> None:
+        self.ids.extend(chunk.token_ids)
+        self.texts.append(chunk.text)
+
+    def chunk(self) -> common_pb2.GenerateChunk:
+        return common_pb2.GenerateChunk(token_ids=self.ids, text="".join(self.texts))
 
 
 def runner_id() -> str:
@@ -184,7 +208,7 @@ class JobStore:
             if running >= max_running:
                 return None
             row = await tx.fetchrow(
-                "SELECT idx, request, custom_id FROM job_items WHERE job_id = ? AND result IS NULL "
+                "SELECT idx, request, custom_id, progress FROM job_items WHERE job_id = ? AND result IS NULL "
                 "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY idx LIMIT 1",
                 job_id,
                 now,
@@ -199,7 +223,15 @@ class JobStore:
                 job_id,
                 row[0],
             )
-        return PendingItem(row[0], pb.GenerateRequest.FromString(row[1]), row[2])
+        progress = common_pb2.GenerateChunk.FromString(row[3]) if row[3] else None
+        return PendingItem(row[0], pb.GenerateRequest.FromString(row[1]), row[2], progress)
+
+    async def save_progress(self, owner: str, items: list[tuple[str, int, bytes]]) -> None:
+        """Store (job id, index, GenerateChunk bytes) of items owner still holds: the tokens generated so far."""
+        await self.db.executemany(
+            "UPDATE job_items SET progress = ? WHERE job_id = ? AND idx = ? AND lease_owner = ? AND result IS NULL",
+            [(data, job_id, idx, owner) for job_id, idx, data in items],
+        )
 
     async def renew(self, owner: str, lease_s: float) -> set[tuple[str, int]]:
         """Extend every lease owner holds on an unfinished item; the (job id, index) of each."""
@@ -225,7 +257,7 @@ class JobStore:
         u = result.usage
         changed = await self.db.execute(
             "UPDATE job_items SET result = ?, ok = ?, prompt_tokens = ?, completion_tokens = ?, "
-            "cached_tokens = ?, lease_owner = NULL, lease_until = NULL "
+            "cached_tokens = ?, lease_owner = NULL, lease_until = NULL, progress = NULL "
             "WHERE job_id = ? AND idx = ? AND lease_owner = ? AND result IS NULL",
             result.SerializeToString(),
             0 if result.HasField("error") else 1,
@@ -342,11 +374,14 @@ class JobRunner:
         self._tasks: dict[str, asyncio.Task] = {}
         # The task running each item this gateway holds a lease on, by (job id, index).
         self._items: dict[tuple[str, int], asyncio.Task] = {}
+        # What each of them has generated so far, and how many of its tokens are saved in the database.
+        self._progress: dict[tuple[str, int], Progress] = {}
         self._tenant_slots: dict[str, asyncio.Semaphore] = {}
         self._background: list[asyncio.Task] = []
         self._renewed_at = clock()
-        # Item results this gateway stored (status, tests).
+        # Item results this gateway stored, and items it continued after an earlier run's saved tokens (tests).
         self.finished_items = 0
+        self.resumed_items = 0
 
     # -- the API ------------------------------------------------------------------------------------------
 
@@ -403,11 +438,20 @@ class JobRunner:
         on another gateway (or this one's next start) at once."""
         for t in self._background:
             t.cancel()
+        progress = dict(self._progress)  # the workers drop theirs as they stop
         tasks = [*self._background, *self._tasks.values()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
+            # What the stopped items generated, so that whoever runs them next continues after it.
+            grown = [
+                (j, i, p.chunk().SerializeToString())
+                for (j, i), p in progress.items()
+                if len(p.ids) > p.saved
+            ]
+            if grown:
+                await self.store.save_progress(self.owner, grown)
             released = await self.store.release(self.owner)
         except DatabaseError:
             log.exception("gateway.job_leases_not_released")  # they end by themselves after lease_s
@@ -458,6 +502,15 @@ class JobRunner:
         for key in list(self._items):
             if key not in held:
                 self._stop_item(key, "lease_lost")
+        # With the lease: what the items generated since, so that another gateway taking one over (this one
+        # died) continues after it rather than generating it all again.
+        grown = [(key, p) for key, p in self._progress.items() if key in held and len(p.ids) > p.saved]
+        if grown:
+            await self.store.save_progress(
+                self.owner, [(j, i, p.chunk().SerializeToString()) for (j, i), p in grown]
+            )
+            for _, p in grown:
+                p.saved = len(p.ids)
 
     def _stop_item(self, key: tuple[str, int], why: str) -> None:
         task = self._items.pop(key, None)
@@ -539,8 +592,17 @@ class JobRunner:
                     if item is None:
                         return
                     key = (job_id, item.index)
+                    progress = self._progress[key] = Progress.of(item.progress)
+                    if progress.ids:
+                        self.resumed_items += 1
+                        log.info(
+                            "gateway.job_item_resumed",
+                            job_id=job_id,
+                            index=item.index,
+                            tokens=len(progress.ids),
+                        )
                     run = asyncio.create_task(
-                        self._run_item(tenant, item), name=f"job-item-{job_id}-{item.index}"
+                        self._run_item(tenant, item, progress), name=f"job-item-{job_id}-{item.index}"
                     )
                     self._items[key] = run
                     try:
@@ -553,6 +615,8 @@ class JobRunner:
                     finally:
                         if self._items.get(key) is run:
                             del self._items[key]
+                        if self._progress.get(key) is progress:
+                            del self._progress[key]
                 if await self.store.finish_item(job_id, result, self.owner):
                     self.finished_items += 1
                 else:
@@ -593,9 +657,13 @@ class JobRunner:
             delay = full_jitter(failures, self.backoff_base_s, self.backoff_max_s)
         return min(delay, self.backoff_max_s), True
 
-    async def _run_item(self, tenant: Tenant | None, item: PendingItem) -> pb.BatchItemResult:
+    async def _run_item(
+        self, tenant: Tenant | None, item: PendingItem, progress: Progress | None = None
+    ) -> pb.BatchItemResult:
         """Generate one item, retrying rate limits and UNAVAILABLE as _retry_delay says; the result, an error
-        included."""
+        included. Every attempt continues after what progress holds (an earlier run's saved tokens, then this
+        run's): nothing generated is generated again."""
+        progress = progress if progress is not None else Progress()
         result = pb.BatchItemResult(index=item.index, custom_id=item.custom_id)
         if tenant is None:
             result.error.CopyFrom(
@@ -608,10 +676,14 @@ class JobRunner:
         while True:
             outcome = Outcome(request_id=uuid.uuid4().hex)
             result.request_id = outcome.request_id
-            texts: list[str] = []
             chunk = None
+            request = item.request
+            if progress.ids:
+                request = pb.GenerateRequest()
+                request.CopyFrom(item.request)
+                request.resume_token_ids.extend(progress.ids)
             stream = self.pipeline.generate(
-                item.request,
+                request,
                 authorization=None,
                 outcome=outcome,
                 timeout_s=None,
@@ -621,7 +693,7 @@ class JobRunner:
             try:
                 async for data in stream:
                     chunk = pb.GenerateResponse.FromString(data).chunk
-                    texts.append(chunk.text)
+                    progress.add(chunk)
             except (FleetError, grpc.aio.AioRpcError) as e:
                 d = _error_details(e)
                 retry = self._retry_delay(d, failures, waited_s)
@@ -641,7 +713,7 @@ class JobRunner:
                 return result
             finally:
                 await stream.aclose()
-            result.text = "".join(texts)
+            result.text = "".join(progress.texts)
             if chunk is not None:
                 result.finish_reason = chunk.finish_reason
                 result.usage.CopyFrom(chunk.usage)

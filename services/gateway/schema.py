@@ -262,6 +262,12 @@ ALTER TABLE job_items ADD COLUMN runs INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX job_items_open ON job_items(job_id, idx) WHERE result IS NULL;
 """,
     ),
+    Migration(
+        3,
+        "item progress (the tokens generated so far, saved with each lease renewal): a taken-over item resumes",
+        sqlite="ALTER TABLE job_items ADD COLUMN progress BLOB;",
+        postgresql="ALTER TABLE job_items ADD COLUMN progress BYTEA;",
+    ),
 )
 
 # Columns that SQLite files written before versioned migrations may lack (they were added with ALTER TABLE

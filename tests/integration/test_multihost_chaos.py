@@ -204,8 +204,9 @@ async def test_two_of_each_service_on_postgres_etcd_redis_survive_one_of_each_ki
 
         clients = [_client(cluster, cluster.api_key) for _ in range(CLIENTS)]
         budget_client, rate_client, jobs_client = (_client(cluster, keys[t]) for t in keys)
-        items = [{"custom_id": f"item-{i}", "prompt": f"batch item {i}"} for i in range(12)]
-        job = await jobs_client.submit_batch(items, max_tokens=60, temperature=0)
+        # Long enough to be running on both gateways when one is killed.
+        items = [{"custom_id": f"item-{i}", "prompt": f"batch item {i}"} for i in range(16)]
+        job = await jobs_client.submit_batch(items, max_tokens=400, temperature=0)
 
         stop = asyncio.Event()
         loads = [
@@ -280,8 +281,13 @@ async def test_two_of_each_service_on_postgres_etcd_redis_survive_one_of_each_ki
         assert sorted(r.index for r in got.results) == list(range(len(items)))
         runs = [n for (n,) in await db.fetch("SELECT runs FROM job_items WHERE job_id = ?", job.job_id)]
         assert set(runs) <= {1, 2}
-        # At most the items one gateway held when it was killed (its --job-concurrency) per gateway kill.
+        # At most the items one gateway held when it was killed (its --job-concurrency) per gateway kill; those
+        # continued after the tokens their first run saved with its last lease renewal (when it had saved any).
         assert runs.count(2) <= 4 * ROUNDS, runs
+        logs = cluster.config.data_dir / "logs"
+        resumed_items = sum(
+            line.count('"gateway.job_item_resumed"') for f in logs.glob("gateway*.log") for line in f.open()
+        )
 
         # -- the budget: used up to within 1%, never over; billed exactly what its clients received ------------
         await asyncio.sleep(HOLD_S)  # a killed gateway's holds have expired
@@ -316,12 +322,13 @@ async def test_two_of_each_service_on_postgres_etcd_redis_survive_one_of_each_ki
             "load_s": round(load_s, 1),
             "kills": kills,
             "requests": len(tally.done),
-            "resumed_through_other_gateway": resumed,
+            "resumed_through_other_gateway": resumed + sum(r for _, r, _ in long_done),
             "failed": len(tally.errors),
             "billed_tokens": billed_dev,
             "budget": {"limit": BUDGET, "billed": billed, "received": tally.budget_tokens},
             "rate": {"rps": RPS, "seconds": round(rate_s, 1), "admitted_rows": rate_rows, "bound": allowed},
-            "job_items_run_twice": runs.count(2),
+            "job_items_started_twice": runs.count(2),
+            "job_items_resumed_from_saved_tokens": resumed_items,
         }
         print("multihost:", summary)
         record("multihost_kills", **summary)

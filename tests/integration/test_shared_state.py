@@ -67,17 +67,20 @@ def stub(fleet, app) -> pb_grpc.InferenceServiceStub:
     return pb_grpc.InferenceServiceStub(fleet.channel(app.address))
 
 
-async def generate(fleet, app, key: str, max_tokens: int = 12) -> pb.GenerateResponse:
-    """One generation; its last chunk."""
-    last = None
+async def generate(fleet, app, key: str, max_tokens: int = 12, prompt: str = "") -> pb.GenerateResponse | str:
+    """One generation; its last chunk (with prompt: its whole text)."""
+    last, text = None, []
     call = stub(fleet, app).Generate(
-        pb.GenerateRequest(model=MODEL, prompt="a shared budget", max_tokens=max_tokens, temperature=0),
+        pb.GenerateRequest(
+            model=MODEL, prompt=prompt or "a shared budget", max_tokens=max_tokens, temperature=0
+        ),
         metadata=auth(key),
         timeout=20,
     )
     async for resp in call:
         last = resp
-    return last
+        text.append(resp.chunk.text)
+    return "".join(text) if prompt else last
 
 
 async def test_keys_limits_and_budgets_made_on_one_gateway_apply_on_every_other(fleet, db_url):
@@ -155,12 +158,13 @@ def jobs_url(db_url: str) -> str:
 
 async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, tmp_path):
     """SIGKILL a gateway process while it runs a job's items: another gateway on the same database takes them
-    over once their leases end and completes the job; each item has one result, and only items the dead gateway
-    held were started twice (their first run died with it)."""
+    over once their leases end and completes the job; each item has one result, only items the dead gateway
+    held were started twice, and those continue after the tokens their first run saved with its lease renewals
+    (their text is exactly a fresh generation's)."""
     lease = "1.5"
     flags = (f"--db-url={db_url}", f"--job-lease-s={lease}", "--job-concurrency=2")
     with gateway_process(tmp_path, "doomed", fleet.router.address, *flags) as (proc, ready):
-        address = await assert_eventually(lambda: _address(ready), timeout_s=60, message="gateway not ready")
+        address = await assert_eventually(lambda: _address(ready), timeout_s=180, message="gateway not ready")
         s = pb_grpc.InferenceServiceStub(fleet.channel(address))
         items = [pb.BatchItem(custom_id=f"k{i}", prompt=f"takeover item {i}") for i in range(8)]
         req = pb.SubmitBatchRequest(model=MODEL, items=items, max_tokens=400, temperature=0)
@@ -178,10 +182,26 @@ async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, 
                 )
                 return {r[0] for r in rows} if rows and done >= 1 else set()
 
+            async def progress_saved() -> bool:
+                return bool(
+                    await db.fetchval(
+                        "SELECT COUNT(*) FROM job_items WHERE job_id = ? AND result IS NULL AND progress IS NOT NULL",
+                        job.job_id,
+                    )
+                )
+
             await assert_eventually(held_by_it, timeout_s=60, interval_s=0.01)
+            await assert_eventually(progress_saved, timeout_s=60, interval_s=0.01)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             held = await held_by_it()  # the dead gateway's leases stay until they end and are taken over
+            saved = {
+                i
+                for (i,) in await db.fetch(
+                    "SELECT idx FROM job_items WHERE job_id = ? AND result IS NULL AND progress IS NOT NULL",
+                    job.job_id,
+                )
+            }
             async with gateways(fleet, db_url, n=1, job_lease_s=float(lease)) as (b,):
                 bs = stub(fleet, b)
 
@@ -192,6 +212,16 @@ async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, 
                     return r if r.job.state == pb.JOB_STATE_COMPLETED else None
 
                 resp = await assert_eventually(completed, timeout_s=60, interval_s=0.05)
+                assert saved and b.jobs.resumed_items >= len(saved), (saved, held, b.jobs.resumed_items)
+                for r in resp.results:
+                    assert r.usage.completion_tokens == 400
+                    if r.index in held:
+                        fresh = await generate(
+                            fleet, b, API_KEY, max_tokens=400, prompt=f"takeover item {r.index}"
+                        )
+                        assert r.text == fresh, (
+                            f"item {r.index}: resumed text differs from a fresh generation"
+                        )
             runs = await db.fetch("SELECT idx, runs FROM job_items WHERE job_id = ? ORDER BY idx", job.job_id)
         finally:
             await db.close()
