@@ -177,9 +177,21 @@ async def run(args: argparse.Namespace) -> dict:
     if args.tracemalloc:
         os.environ["FLEETSERVE_TRACEMALLOC"] = str(args.tracemalloc)
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fleetserve-soak-"))
+    # The bounded caches (each stops at its bound), sized so that they are full early in the run when asked.
+    extra: dict[str, list[str]] = {}
+    if args.kv_blocks:
+        extra["engine"] = ["--num-kv-blocks", str(args.kv_blocks)]
+    if args.max_spans:
+        extra["metrics"] = ["--max-spans", str(args.max_spans)]
+    if args.feedback_index:
+        extra["gateway"] = ["--feedback-index-size", str(args.feedback_index)]
     cluster = Cluster(
         ClusterConfig(
-            data_dir=data_dir, engines=args.engines, speed_factor=args.speed_factor, metrics_port=-1
+            data_dir=data_dir,
+            engines=args.engines,
+            speed_factor=args.speed_factor,
+            metrics_port=-1,
+            extra_args=extra,
         )
     )
     await cluster.start()
@@ -232,6 +244,7 @@ async def run(args: argparse.Namespace) -> dict:
     services = sorted(samples[-1]["services"])
     result = {
         "command": " ".join(["python -m loadtest.soak", *sys.argv[1:]]),
+        "service_args": extra,
         "streams": tally.done,
         "duration_s": samples[-1]["t_s"],
         "streams_per_s": round(tally.done / max(1e-9, samples[-1]["t_s"]), 1),
@@ -287,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats-interval-s", type=float, default=2.0, help="services' process.stats log period")
     p.add_argument(
         "--growth-from", type=int, default=50_000, help="RSS growth is measured from this stream count"
+    )
+    p.add_argument(
+        "--kv-blocks", type=int, default=0, help="engines' --num-kv-blocks (default: the GPU profile's)"
+    )
+    p.add_argument(
+        "--max-spans", type=int, default=0, help="metrics service's --max-spans (default: its own)"
+    )
+    p.add_argument(
+        "--feedback-index", type=int, default=0, help="gateway's --feedback-index-size (default: its own)"
     )
     p.add_argument("--tracemalloc", type=int, default=0, help="log the N allocation sites that grew most")
     p.add_argument("--seed", type=int, default=1)

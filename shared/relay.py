@@ -2,7 +2,14 @@
 writes downstream, and hands the writer everything that arrived meanwhile as one merged message. A writer that
 keeps up gets every chunk alone the moment it arrives (nothing is held back to batch); a writer that lags (a
 slow client, a busy hop) sends one message for all pending chunks instead of one each, which is what keeps a
-hop's per-message cost from growing with the load behind it."""
+hop's per-message cost from growing with the load behind it.
+
+The relay also keeps grpc.aio from leaking natively on cancelled streams: grpc.aio frees a batch's C-side
+resources (its grpc_op array, a received message's buffer) only when the task awaiting the batch consumes its
+result (grpc/grpc#43360). A hop's handler task is cancelled by grpc.aio whenever the hop's own caller goes away;
+had it been awaiting `call.read()` itself, that receive batch would leak (about 1 KB per cancelled stream per hop,
+loadtest/cancel_leak.py). So the hop reads its upstream call only through a relay, from the first chunk on, and
+the relay's task is never cancelled: close() cancels the call, and the pending read then completes by itself."""
 
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ _parse = engine_pb.GenerateResponse.FromString
 # Most chunks read ahead of a busy writer: then the relay stops reading, and HTTP/2 flow control holds the rest
 # upstream (memory per stream stays bounded, and a slow client still slows what is read for it).
 MAX_PENDING = 64
+
+# Pumps still running (the event loop keeps only weak references to tasks); each ends once its call has.
+_pumps: set[asyncio.Task] = set()
 
 
 def merge(chunks: list[bytes]) -> bytes:
@@ -37,20 +47,44 @@ def merge(chunks: list[bytes]) -> bytes:
 
 class ChunkRelay:
     """Reads an upstream call (read(): bytes, then grpc.aio.EOF; or raises) in a task of its own; read() gives
-    the next message: the one pending chunk as is, several merged (see merge), EOF at the end, or the call's
-    error once every chunk read before it was handed on (a resumed stream continues after exactly the tokens
-    relayed). watch.chunks, when given, counts each chunk as it arrives (a stall watchdog's progress)."""
+    the next message: the one pending chunk as is, several merged (see merge; with coalesce=False the oldest
+    alone), EOF at the end, or the call's error once every chunk read before it was handed on (a resumed stream
+    continues after exactly the tokens relayed). watch.chunks, when given, counts each chunk as it arrives (a
+    stall watchdog's progress). cancel, when given, cancels the call (close() calls it)."""
 
-    __slots__ = ("_pending", "_waiter", "_space", "_end", "_task", "_watch", "merged")
+    __slots__ = (
+        "_pending",
+        "_waiter",
+        "_space",
+        "_end",
+        "_task",
+        "_watch",
+        "_coalesce",
+        "_cancel",
+        "_closed",
+        "merged",
+    )
 
-    def __init__(self, read: Callable[[], Awaitable[bytes | object]], watch=None) -> None:
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[bytes | object]],
+        watch=None,
+        *,
+        coalesce: bool = True,
+        cancel: Callable[[], object] | None = None,
+    ) -> None:
         self._pending: list[bytes] = []
         self._waiter: asyncio.Future | None = None
         self._space: asyncio.Future | None = None  # the pump waits on it while MAX_PENDING chunks wait
         self._end: object = None  # EOF, or the exception the call ended with
         self._watch = watch
+        self._coalesce = coalesce
+        self._cancel = cancel
+        self._closed = False
         self.merged = 0  # messages saved by merging (chunks in merged messages minus those messages)
-        self._task = asyncio.get_running_loop().create_task(self._pump(read))
+        task = self._task = asyncio.get_running_loop().create_task(self._pump(read))
+        _pumps.add(task)
+        task.add_done_callback(_pumps.discard)
 
     async def _pump(self, read) -> None:
         pending = self._pending
@@ -66,6 +100,9 @@ class ChunkRelay:
                     if not waiter.done():
                         waiter.set_result(None)
                 elif len(pending) >= MAX_PENDING:
+                    if self._closed:
+                        pending.clear()  # closed: nobody reads these; the call ends soon
+                        continue
                     space = self._space = asyncio.get_running_loop().create_future()
                     await space
             self._end = EOF
@@ -100,14 +137,26 @@ class ChunkRelay:
                 space.set_result(None)
         if len(pending) == 1:
             return pending.pop()
+        if not self._coalesce:
+            return pending.pop(0)
         self.merged += len(pending) - 1
         data = merge(pending)
         pending.clear()
         return data
 
     def close(self) -> None:
-        """Stop reading (the caller cancels the call itself)."""
-        self._task.cancel()
+        """Stop: cancel the call (when a cancel was given; else the caller does), never the pump's task, whose
+        pending read then completes (EOF or CancelledError) and ends it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._cancel is not None:
+            self._cancel()
+        space = self._space
+        if space is not None:
+            self._space = None
+            if not space.done():
+                space.set_result(None)  # a pump paused for space reads on, into the call's end
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.cancel()

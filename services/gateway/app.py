@@ -122,7 +122,9 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             GatewayMetrics(registry, tenant_label=settings.metrics_tenant_label),
         )
         pipeline.start()
-        feedback = FeedbackStore(dbs.jobs, telemetry.tracer, telemetry.meter)
+        feedback = FeedbackStore(
+            dbs.jobs, telemetry.tracer, telemetry.meter, recent=settings.feedback_index_size
+        )
         jobs = JobRunner(
             JobStore(dbs.jobs),
             pipeline,

@@ -190,6 +190,13 @@ class GatewaySettings(WorkerSettings):
         "",
         description="SQLite file of batch jobs and feedback; empty: gateway-jobs.db beside --db-path.",
     )
+    feedback_index_size: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description="Requests remembered for Feedback (tenant check, model/version/arm labels; ~170 B each): "
+        "feedback on an older request is still stored, unlabelled.",
+    )
     job_concurrency: int = Field(4, ge=1, le=1024, description="Items of one batch job generated at once.")
     job_tenant_concurrency: int = Field(
         8, ge=1, le=4096, description="Batch items of one tenant generated at once, over all its jobs."

@@ -80,9 +80,11 @@ class RecentRequests:
 class FeedbackStore:
     """Records ratings. db is shared with the job store."""
 
-    def __init__(self, db: Database, tracer: trace.Tracer, meter: metrics.Meter) -> None:
+    def __init__(
+        self, db: Database, tracer: trace.Tracer, meter: metrics.Meter, *, recent: int = 100_000
+    ) -> None:
         self._db = db
-        self.recent = RecentRequests()
+        self.recent = RecentRequests(recent)
         self._tracer = tracer
         self._counter = meter.create_counter(
             "fleetserve.gateway.feedback",

@@ -343,19 +343,16 @@ class RouterStream:
             if left <= 0:
                 raise DeadlineExceeded("deadline exceeded while failing over between routers")
             call = self._call = router.generate(request, timeout=wire_timeout(left), metadata=self._metadata)
-            chunks: ChunkRelay | None = None
+            # Every read of the call goes through a ChunkRelay's own task (merging what arrived while our caller
+            # wrote, when coalescing): our task is cancelled when our caller goes away and must not be the one
+            # awaiting the call's read then (grpc.aio would leak that batch; shared/relay.py).
+            chunks = ChunkRelay(call.read, coalesce=pool.coalesce, cancel=call.cancel)
             try:
-                # call.read() rather than `async for`: grpc.aio's async iterator costs ~3x per message
-                # (measured: loadtest/hop_bench.py, a bare hop at one stream). After the first chunk a ChunkRelay
-                # reads on while our caller writes, and what arrived meanwhile comes out merged.
-                read = call.read
+                read = chunks.read
                 while (data := await read()) is not grpc.aio.EOF:
                     if tracker is not None:
                         data = tracker.relay(data)
                     streamed = True
-                    if chunks is None and pool.coalesce:
-                        chunks = ChunkRelay(call.read)
-                        read = chunks.read
                     yield data
                 pool.mark_up(router)
                 return
@@ -384,6 +381,4 @@ class RouterStream:
                 )
             finally:
                 self._call = None
-                if chunks is not None:
-                    chunks.close()
-                call.cancel()  # reaches router and engine when our caller went away; no-op once done
+                chunks.close()  # cancels the call: reaches router and engine when our caller went away

@@ -122,7 +122,7 @@ class Attempt:
         self.watch: ReplicaWatch | None = None
         self.streaming = False  # the replica answered (its first chunk came)
         self.interrupted: Unavailable | None = None  # why the stall watchdog or a drain ended this attempt
-        self.relay: ChunkRelay | None = None  # reads the stream after the first chunk (coalescing)
+        self.relay: ChunkRelay | None = None  # reads the call (and merges what the writer is behind on)
         self._verdict = False
         self._closed = False
 
@@ -148,6 +148,12 @@ class Attempt:
                 engine_request, timeout=attempt.timeout, metadata=metadata
             )
             attempt.watch = router.stalls.add(replica.replica_id, attempt)
+            # Every read of the call, the first included, goes through the relay's own task: our handler is
+            # cancelled when our caller goes away and must not be the task awaiting the call's read then
+            # (grpc.aio would leak that batch; shared/relay.py).
+            attempt.relay = ChunkRelay(
+                attempt.call.read, attempt.watch, coalesce=router.coalesce, cancel=attempt.call.cancel
+            )
             router.drain.track(attempt)
         except BaseException:
             attempt.close()
@@ -158,7 +164,7 @@ class Attempt:
         """The call's first message (bytes or grpc.aio.EOF); raises the call's error."""
         first = self.first
         if first is None:
-            return await self.call.read()
+            return await self.relay.read()
         self.first = None
         return first.result()
 

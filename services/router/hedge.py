@@ -20,7 +20,7 @@ async def race(run: RequestAttempts, attempt: Attempt, delay: float) -> Attempt:
     attempt is failed or cancelled and closed here; the winner is the caller's to close."""
     model = attempt.replica.model
     counters = run.router.counters
-    attempt.first = asyncio.ensure_future(attempt.call.read())
+    attempt.first = asyncio.ensure_future(attempt.relay.read())
     racers: dict[asyncio.Future, Attempt] = {attempt.first: attempt}
     started = [attempt]
     winner: Attempt | None = None
@@ -32,7 +32,7 @@ async def race(run: RequestAttempts, attempt: Attempt, delay: float) -> Attempt:
                 await asyncio.wait({attempt.first})
             else:
                 started.append(hedge)
-                hedge.first = asyncio.ensure_future(hedge.call.read())
+                hedge.first = asyncio.ensure_future(hedge.relay.read())
                 racers[hedge.first] = hedge
                 counters.hedge(model, "sent")
                 log.info(

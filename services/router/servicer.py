@@ -43,7 +43,6 @@ from shared.errors import (
     Unavailable,
     rpc_boundary,
 )
-from shared.relay import ChunkRelay
 from shared.resilience import BreakerState
 from shared.telemetry import bind_request, context_from_metadata, stream_span
 
@@ -384,18 +383,13 @@ class RouterServicer:
                             if data is not grpc.aio.EOF:
                                 attempt.answered()
                                 # The hot path: per message one read, the tracker's parse when resumable, a
-                                # yield. The rest of the stream is read by a ChunkRelay while we write: what
-                                # arrives while a write is under way goes out merged in the next one (the
-                                # first chunk, and every chunk when our caller keeps up, go out alone at once).
+                                # yield. The call is read by the attempt's ChunkRelay while we write: what
+                                # arrives while a write is under way goes out merged in the next one (every
+                                # chunk goes out alone at once when our caller keeps up); it counts each chunk
+                                # for the stall watchdog as it arrives.
                                 relay = run.tracker.relay if run.tracker is not None else None
                                 keep = pair.live_chunks.append if pair is not None else None
-                                watch = attempt.watch
-                                watch.chunks += 1
-                                if self.coalesce:
-                                    attempt.relay = ChunkRelay(attempt.call.read, watch)
-                                    read, count = attempt.relay.read, False
-                                else:
-                                    read, count = attempt.call.read, True
+                                read = attempt.relay.read
                                 while True:
                                     if relay is not None:
                                         data = relay(data)
@@ -408,8 +402,6 @@ class RouterServicer:
                                     data = await read()
                                     if data is grpc.aio.EOF:
                                         break
-                                    if count:
-                                        watch.chunks += 1  # (a ChunkRelay counts them as they arrive)
                         except ReplicaAborted as e:
                             if e.args:
                                 run.streamed = True

@@ -219,10 +219,9 @@ class ShadowPair:
             if data is not grpc.aio.EOF:
                 self.copy.ttft_ms = (time.monotonic() - self.arrived) * 1000.0
                 attempt.answered()  # breaker, outliers and the stall watchdog see the replica answer
-                read = attempt.call.read
-                watch = attempt.watch
+                # The relay counts each chunk for the stall watchdog: a streaming copy is no stall.
+                read = attempt.relay.read
                 while data is not grpc.aio.EOF:
-                    watch.chunks += 1  # progress, as the live relay counts it: a streaming copy is no stall
                     chunks.append(data)
                     data = await read()
                 attempt.finished()

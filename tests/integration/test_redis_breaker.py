@@ -13,6 +13,7 @@ import pytest
 from services.gateway.limits import Rate
 from services.gateway.redis_limits import RedisLimits
 from shared.resilience import BreakerState
+from tests.chaos.report import record
 from tests.support import assert_eventually
 
 # 30 requests per 10 s across the fleet: a burst of 30, then 3 per second.
@@ -79,6 +80,25 @@ async def test_each_gateway_enforces_its_share_while_redis_is_down(redis_server)
         # Fresh Redis: one bucket of 30 across all three (plus what drains at 3/s while the 60 takes run).
         shared = sum([await _admitted(gw, 20) for gw in gws])
         assert 30 <= shared <= 34, shared
+
+
+async def test_each_gateway_enforces_its_share_while_redis_hangs(redis_server):
+    """The same with Redis hung (SIGSTOP): each gateway's first takes wait out the socket timeout and open its
+    breaker; during the outage the three together stay within 10% of the fleet's 30."""
+    async with gateways(redis_server.url, 3, "b5:") as gws:
+        redis_server.hang()
+        try:
+            admitted = 0
+            for gw in gws:  # each of these waits the 0.3 s socket timeout; 3 faults open the breaker
+                outcomes = await asyncio.gather(*(gw.take([(FLEET_RATE, 1.0)]) for _ in range(3)))
+                admitted += outcomes.count([])
+                assert gw.breaker.state is BreakerState.OPEN
+            admitted += sum([await asyncio.wait_for(_admitted(gw, 40), 10) for gw in gws])
+        finally:
+            redis_server.resume()
+        print(f"fleet share while Redis hangs: {admitted} admitted by 3 gateways, limit 30")
+        assert 27 <= admitted <= 33, admitted  # within 10% of the fleet-wide limit
+        record("redis_hung_three_gateways_share", limit=30, admitted=admitted, gateways=3)
 
 
 async def test_stream_caps_are_shared_too_while_redis_is_down(redis_server):

@@ -241,3 +241,47 @@ async def test_a_cancelled_upstream_call_reaches_the_reader_as_cancellation(upst
         assert asyncio.current_task().cancelling() == 0
     finally:
         relay.close()
+
+
+async def test_close_cancels_the_call_and_leaves_the_pending_read_to_complete(upstream):
+    """The hop's caller went away (its task was cancelled while waiting on the relay): close() cancels the call,
+    never the relay's task, whose read then completes by itself (grpc.aio leaks a batch whose awaiting task is
+    cancelled, grpc/grpc#43360; loadtest/cancel_leak.py measures it)."""
+    handler, stub = upstream
+    call = stub(b"")
+    q = await asyncio.wait_for(handler.queues.get(), 10)
+    relay = ChunkRelay(call.read, cancel=call.cancel)
+    await q.put(chunk(0, 3))
+    assert await asyncio.wait_for(relay.read(), 10) == chunk(0, 3)
+    consumer = asyncio.ensure_future(relay.read())
+    await asyncio.sleep(0.05)
+    consumer.cancel()  # as grpc.aio cancels a handler whose client left
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    pump = relay._task
+    assert not pump.done()  # still in the call's read: nobody cancelled it
+    relay.close()
+    relay.close()  # idempotent
+    await asyncio.wait_for(asyncio.shield(pump), 10)
+    assert not pump.cancelled() and call.cancelled()
+
+
+async def test_without_coalescing_every_chunk_comes_alone(upstream):
+    """coalesce=False (--no-coalesce): the chunks that piled up come out one message each, in order."""
+    handler, stub = upstream
+    call = stub(b"")
+    q = await asyncio.wait_for(handler.queues.get(), 10)
+    watch = Watch()
+    relay = ChunkRelay(call.read, watch, coalesce=False, cancel=call.cancel)
+    try:
+        n = 10
+        for i in range(n):
+            await q.put(chunk(i, n))
+        await q.put(None)
+        await _all_sent(call, relay, watch, n)
+        out = []
+        while (data := await asyncio.wait_for(relay.read(), 10)) is not grpc.aio.EOF:
+            out.append(data)
+        assert out == [chunk(i, n) for i in range(n)] and relay.merged == 0
+    finally:
+        relay.close()
