@@ -194,9 +194,11 @@ def _rollout_plot(record: dict, width: float) -> bytes | None:
                 marker=".",
                 label=f"{cand} p99",
             )
+            # The bound once the baseline has a value (before, the registry has not judged the guardrail).
+            judged = [(t, c) for t, c in tp if c["baseline"] > 0 or not c["relative"]]
             b.plot(
-                [t for t, _ in tp],
-                [c["limit"] * c["baseline"] if c["relative"] else c["limit"] for _, c in tp],
+                [t for t, _ in judged],
+                [c["limit"] * c["baseline"] if c["relative"] else c["limit"] for _, c in judged],
                 color=colour,
                 ls=":",
                 label=f"{cand}'s bound ({tp[0][1]['limit']:g} x the baseline's)",
