@@ -121,7 +121,7 @@ demo-png: protos ## Regenerate docs/demo-report.png: the demo's report in headle
 	@test -f demo-report/report.json || $(MAKE) demo
 	$(BIN)/python -m loadtest.demo.report demo-report --screenshot docs/demo-report.png
 
-EXPERIMENTS ?= retry-storm scaling-cold-start streaming-ttft mean-vs-p99 cost-by-type model-routing-cost least-load-tail cache-aware-ttft
+EXPERIMENTS ?= retry-storm scaling-cold-start streaming-ttft mean-vs-p99 cost-by-type model-routing-cost least-load-tail cache-aware-ttft ab-planted
 experiments: protos ## Run the book's exercises (EXPERIMENTS=...) into docs/experiments/ (tens of minutes).
 	@for e in $(EXPERIMENTS); do $(BIN)/fleetserve experiment $$e --out docs/experiments/$$e.json >/dev/null || exit 1; done
 
