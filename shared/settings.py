@@ -120,6 +120,18 @@ class WorkerSettings(ServiceSettings):
     worker_port: int = Field(
         0, ge=0, le=65535, description="Set by the supervisor: this worker's private port (0: a free one)."
     )
+    max_requests_per_worker: int = Field(
+        0,
+        ge=0,
+        description="With --workers: a worker drains and is replaced after this many requests (0: never), "
+        "bounding what one process can accumulate (grpc.aio leaks natively on some cancelled streams).",
+    )
+    max_requests_jitter: int = Field(
+        0, ge=0, description="Up to this many more requests per worker (random), so workers restart apart."
+    )
+    recycle_file: str = Field(
+        "", description="Set by the supervisor: the file a worker touches when it is due for recycling."
+    )
 
 
 def load_settings(cls: type[S], argv: list[str] | None = None) -> S:

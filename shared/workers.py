@@ -115,6 +115,9 @@ def supervise(
         worker |= {"workers": 1, "worker_index": i, "worker_count": count, "ready_file": str(ready)}
         worker["metrics_port"] = -1
         worker["worker_port"] = private.get(i, 0)
+        recycle = recycle_file(run_dir, service, i)
+        recycle.unlink(missing_ok=True)  # a new worker starts its count afresh
+        worker["recycle_file"] = str(recycle) if settings.max_requests_per_worker else ""
         p = ctx.Process(
             target=_worker_main, args=(service, type(settings), worker), name=f"{service}-worker-{i}"
         )
@@ -144,7 +147,7 @@ def supervise(
             **extra,
         )
         log.info(f"{service}.workers_started", address=shared["port"], workers=count, **extra)
-        code = _watch(procs, spawn, parent, service)
+        code = _watch(procs, spawn, parent, service, lambda i: recycle_file(run_dir, service, i))
     except Stop as stop:
         log.info(f"{service}.stopping", reason=str(stop))
     except Exception:
@@ -161,6 +164,11 @@ def supervise(
         shutil.rmtree(prom_dir, ignore_errors=True)
         log.info(f"{service}.exited", code=code)
     return code
+
+
+def recycle_file(run_dir: Path, service: str, index: int) -> Path:
+    """The file worker `index` touches when it is due for recycling (shared/recycle.py)."""
+    return run_dir / f"{service}-{os.getpid()}-worker-{index}.recycle"
 
 
 def _host(host: str) -> str:
@@ -180,18 +188,34 @@ def _await_ready(proc, ready: Path) -> dict:
     raise TimeoutError(f"{proc.name} not ready within {WORKER_START_TIMEOUT_S} s")
 
 
-def _watch(procs: dict, spawn, parent: int, service: str) -> int:
-    """Restart a worker that exits (at most once per RESTART_DELAY_S each) until a signal or the launcher's
-    exit."""
+def _watch(procs: dict, spawn, parent: int, service: str, due: Callable[[int], Path]) -> int:
+    """Restart a worker that exits (at most once per RESTART_DELAY_S each when it failed; at once when it was
+    recycled: exit 0) until a signal or the launcher's exit. Workers due for recycling (their file exists) are
+    sent SIGTERM one at a time, so that the others serve meanwhile."""
+    recycling: int | None = None
     while True:
         sentinels = {p.sentinel: i for i, p in procs.items()}
         for ready in connection.wait(list(sentinels), timeout=1.0):
             i = sentinels[ready]
-            log.error(f"{service}.worker_exited", worker=i, exitcode=procs[i].exitcode, will="restart")
+            procs[i].join(5.0)
+            code = procs[i].exitcode
             prom.worker_exited(procs[i].pid)
-            time.sleep(RESTART_DELAY_S)
+            if code == 0:
+                # Drained and exited: recycled (--max-requests-per-worker, shared/recycle.py).
+                log.info(f"{service}.worker_recycled", worker=i, pid=procs[i].pid)
+            else:
+                log.error(f"{service}.worker_exited", worker=i, exitcode=code, will="restart")
+                time.sleep(RESTART_DELAY_S)
+            if recycling == i:
+                recycling = None
             procs[i], ready_file = spawn(i)
             _await_ready(procs[i], ready_file)
+        if recycling is None:
+            i = next((i for i in procs if due(i).exists()), None)
+            if i is not None and procs[i].is_alive():
+                recycling = i
+                log.info(f"{service}.worker_recycling", worker=i, pid=procs[i].pid)
+                procs[i].terminate()  # SIGTERM: the worker drains, exits 0, and is replaced above
         if parent and os.getppid() != parent:
             log.info(f"{service}.stopping", reason="parent_exited")
             return 0

@@ -23,6 +23,7 @@ from services.gateway.servicer import GatewayServicer
 from services.gateway.tenants import TenantStore
 from shared import prom
 from shared.channels import ChannelPool
+from shared.recycle import recycler
 from shared.server import RunningServer, Service, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 from shared.tls import Tls
@@ -121,6 +122,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             telemetry.meter,
             GatewayMetrics(registry, tenant_label=settings.metrics_tenant_label),
         )
+        pipeline.recycler = recycler(settings)
         pipeline.start()
         feedback = FeedbackStore(
             dbs.jobs, telemetry.tracer, telemetry.meter, recent=settings.feedback_index_size

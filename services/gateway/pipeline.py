@@ -40,6 +40,7 @@ from services.gateway.tenants import Tenant, TenantStore, bearer_key
 from services.gateway.validation import check_prompt_tokens, to_spec
 from shared.drain import Drain, cancelled_by_caller
 from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated
+from shared.recycle import Recycler
 from shared.telemetry import bind_request, metadata_for_downstream, stream_span
 
 log = structlog.get_logger(__name__)
@@ -140,6 +141,8 @@ class GatewayPipeline:
         self.extra_models = frozenset(extra_models)
         self.prom = prom
         self.drain = Drain("gateway")
+        # --max-requests-per-worker: set by the app in a supervised worker (shared/recycle.py).
+        self.recycler: Recycler | None = None
         self._models: tuple[frozenset[str], float] | None = None
         self._models_fetch: asyncio.Future[frozenset[str] | None] | None = None
         self.tracer = tracer
@@ -422,6 +425,8 @@ class GatewayPipeline:
                     if running_label is not None:
                         self.prom.stopped(running_label)  # type: ignore[union-attr]
                     # Whatever _finish did: an unsettled ticket holds a stream slot until its lease ends.
+                    if self.recycler is not None:
+                        self.recycler.served_one()
                     if ticket is not None:
                         await self._settle(ticket, spec, outcome, chunks)
 

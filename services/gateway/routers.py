@@ -83,6 +83,9 @@ class Router:
     # Monotonic time before which it is passed over (it failed to answer); 0: healthy.
     down_until: float = 0.0
     draining: bool = False
+    # When it was last seen draining (monotonic): a static address answering a stream sent after that is a new
+    # process there (a recycled or restarted router worker), no longer draining.
+    draining_at: float = 0.0
     failures: int = field(default=0)
 
 
@@ -174,9 +177,15 @@ class RouterPool:
         router.down_until = self._clock() + self.down_s
         log.warning("gateway.router_unreachable", router=router.address, error=str(err)[:200])
 
-    def mark_up(self, router: Router) -> None:
+    def mark_up(self, router: Router, sent_at: float = 0.0) -> None:
+        """A stream sent at sent_at completed on router."""
         if router.down_until or router.failures:
             router.down_until, router.failures = 0.0, 0
+        if router.draining and router.source == "static" and sent_at > router.draining_at:
+            router.draining = False  # the registry says so for discovered routers
+
+    def mark_draining(self, router: Router) -> None:
+        router.draining, router.draining_at = True, self._clock()
 
     # -- calls ----------------------------------------------------------------------------------------------
 
@@ -342,6 +351,7 @@ class RouterStream:
             left = self._deadline - pool._clock()
             if left <= 0:
                 raise DeadlineExceeded("deadline exceeded while failing over between routers")
+            sent_at = pool._clock()
             call = self._call = router.generate(request, timeout=wire_timeout(left), metadata=self._metadata)
             # Every read of the call goes through a ChunkRelay's own task (merging what arrived while our caller
             # wrote, when coalescing): our task is cancelled when our caller goes away and must not be the one
@@ -354,18 +364,18 @@ class RouterStream:
                         data = tracker.relay(data)
                     streamed = True
                     yield data
-                pool.mark_up(router)
+                pool.mark_up(router, sent_at)
                 return
             except ReplicaAborted as e:
                 # The router ended the stream with ABORT: it is shutting down; resume elsewhere.
                 if e.args:
                     yield e.args[0]
                 log.warning("gateway.router_aborted_stream", router=router.address)
-                router.draining = True
+                pool.mark_draining(router)
                 continue
             except grpc.aio.AioRpcError as e:
                 if _router_leaving(e):
-                    router.draining = True
+                    pool.mark_draining(router)
                 elif router_unreachable(e):
                     pool.mark_down(router, e)
                 else:

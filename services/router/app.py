@@ -24,6 +24,7 @@ from services.router.outliers import OutlierSettings
 from services.router.servicer import RetrySettings, RouterServicer
 from services.router.stalls import StallSettings
 from shared.channels import ChannelPool, open_channel
+from shared.recycle import recycler
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 from shared.tls import Tls
@@ -155,6 +156,7 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
             ttft_factor=settings.stall_ttft_factor,
         ),
     )
+    servicer.recycler = recycler(settings)
     running = await create_server(
         [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}))],
         settings.host,

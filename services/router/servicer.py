@@ -43,6 +43,7 @@ from shared.errors import (
     Unavailable,
     rpc_boundary,
 )
+from shared.recycle import Recycler
 from shared.resilience import BreakerState
 from shared.telemetry import bind_request, context_from_metadata, stream_span
 
@@ -121,6 +122,8 @@ class RouterServicer:
         self.membership = membership
         # Merge the chunks a stream has pending when its caller lags (shared/relay.py); off: one message each.
         self.coalesce = coalesce
+        # --max-requests-per-worker: set by the app in a supervised worker (shared/recycle.py).
+        self.recycler: Recycler | None = None
         # Rollout splits, experiments and flags (from the registry's WatchTraffic; empty: any version).
         self.traffic = traffic or TrafficTable()
         self.shadows = ShadowRunner(self)
@@ -457,6 +460,8 @@ class RouterServicer:
                     status=status,
                     duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
                 )
+                if self.recycler is not None:
+                    self.recycler.served_one()
 
     async def _admit(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span

@@ -131,3 +131,43 @@ async def test_a_killed_router_worker_is_restarted_and_requests_keep_succeeding(
                 break
     assert ok >= 10
     assert fleet.procs["router"].alive
+
+
+def _events(cluster, service: str) -> list[dict]:
+    events = []
+    for line in cluster.procs[service].log_file.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass
+    return events
+
+
+async def test_router_workers_are_recycled_after_max_requests_without_losing_a_request(tmp_path):
+    """--max-requests-per-worker 5 on 2 router workers: each worker that served 5 requests is drained and
+    replaced, one at a time (the other serves meanwhile), and every request through the gateway succeeds."""
+    async with running_cluster(
+        tmp_path,
+        engines=1,
+        router_workers=2,
+        extra_args={"router": ["--max-requests-per-worker", "5"]},
+    ) as cluster:
+        recycled: list[dict] = []
+        async with grpc.aio.insecure_channel(cluster.gateway) as ch:
+            stub = inf_grpc.InferenceServiceStub(ch)
+            for i in range(300):  # bounded; stops once two recycles happened
+                req = inf_pb.GenerateRequest(model="sim-1b", prompt=f"recycle {i}", max_tokens=2)
+                chunks = [r async for r in stub.Generate(req, metadata=auth(cluster.api_key), timeout=60)]
+                assert chunks, i
+                await asyncio.sleep(0.05)
+                if i % 10 == 9:
+                    recycled = [
+                        e for e in _events(cluster, "router") if e.get("event") == "router.worker_recycled"
+                    ]
+                    if len(recycled) >= 2:
+                        break
+        events = _events(cluster, "router")
+        served_by = {e["pid"] for e in events if e.get("event") == "router.request" and e["status"] == "OK"}
+        assert len(recycled) >= 2, len(recycled)
+        assert len(served_by) >= 3  # replacements served too
+        assert not [e for e in events if e.get("event") == "router.worker_exited"]
