@@ -349,7 +349,7 @@ def flame(pids: list[int], seconds: float, out: Path) -> list[tuple[str, float]]
     return [(k, round(v / total, 3)) for k, v in self_time.most_common(12)] if total else []
 
 
-def run_mode(mode: str, args, tmp: Path) -> dict:
+def run_mode(mode: str, args, tmp: Path, flames: bool = False) -> dict:
     procs, target, hops, kind = start_mode(mode, tmp, args)
     key = getattr(procs, "api_key", "")
     rec: dict = {"mode": mode, "hops": hops}
@@ -370,7 +370,7 @@ def run_mode(mode: str, args, tmp: Path) -> dict:
             r["hop_cpu_us_per_token"] = {h: round(1e6 * u / max(1, toks), 2) for h, u in used.items()}
             rec[f"c{streams}"] = r
             print(f"hop_bench: {mode} c={streams}: {json.dumps(r)}", file=sys.stderr, flush=True)
-        if args.flames and hops:
+        if flames and hops:
             box: dict = {}
 
             async def loaded():
@@ -388,6 +388,28 @@ def run_mode(mode: str, args, tmp: Path) -> dict:
     finally:
         procs.stop()
     return rec
+
+
+def median_record(recs: list[dict]) -> dict:
+    """One mode's repeats as one record: every number the median over the repeats (per hop for per-hop
+    numbers), flames from the repeat that took them, the repeats themselves under "repeats"."""
+
+    def med(values: list):
+        if all(isinstance(v, dict) for v in values):
+            return {k: med([v[k] for v in values if k in v]) for k in values[0]}
+        nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        return statistics.median(nums) if len(nums) == len(values) and nums else values[-1]
+
+    out = {"mode": recs[0]["mode"], "hops": recs[0]["hops"]}
+    for key in recs[0]:
+        if key.startswith("c") and key[1:].isdigit():
+            out[key] = med([r[key] for r in recs])
+    for r in recs:
+        if "flames" in r:
+            out["flames"] = r["flames"]
+    if len(recs) > 1:
+        out["repeats"] = recs
+    return out
 
 
 def markdown(doc: dict) -> str:
@@ -443,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--c1-seconds", type=float, default=4.0, help="each one-stream run")
     p.add_argument("--flames", action="store_true", help="py-spy each hop at --streams (needs py-spy)")
     p.add_argument("--flame-seconds", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of every mode, interleaved; medians reported")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.cmd == "source":
@@ -450,15 +473,20 @@ def main(argv: list[str] | None = None) -> int:
 
         uvloop.run(run_source(args))
         return 0
-    records = []
+    modes = [m for m in args.modes.split(",") if m]
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="hop-bench-") as tmp:
-        for mode in [m for m in args.modes.split(",") if m]:
-            records.append(run_mode(mode, args, Path(tmp)))
+        for rep in range(args.repeats):  # interleaved: a busy spell of the machine hits every mode alike
+            for mode in modes:
+                flames = args.flames and rep == args.repeats - 1
+                runs[mode].append(run_mode(mode, args, Path(tmp), flames))
+    records = [median_record(runs[m]) for m in modes]
     doc = {
         "command": "python -m loadtest.hop_bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "cores": os.cpu_count(),
         "streams": args.streams,
         "tokens_per_request": args.tokens,
+        "repeats": args.repeats,
         "records": records,
     }
     if args.out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -46,7 +47,13 @@ class GatewayServicer:
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span_name: str):
         outcome = Outcome(request_id=uuid.uuid4().hex)
-        await context.send_initial_metadata((("x-request-id", outcome.request_id),))
+        # The request id goes out while the request is admitted and routed rather than before: the metadata's
+        # round trip through gRPC's completion queue is then off the first token's path (under load every
+        # such trip waits its turn behind the streams this process relays). Awaited before the first chunk, and
+        # before an error ends the call, so the id always precedes both.
+        meta: asyncio.Future | None = asyncio.ensure_future(
+            context.send_initial_metadata((("x-request-id", outcome.request_id),))
+        )
         # Conservative: the router must give up before our client does, so errors reach the client.
         timeout = downstream_timeout(context, default_s=self.pipeline.default_deadline_s, conservative=True)
         stream = self.pipeline.generate(
@@ -59,11 +66,20 @@ class GatewayServicer:
         )
         try:
             async for data in stream:
+                if meta is not None:
+                    await meta
+                    meta = None
                 yield data
         finally:
-            # Closing runs the pipeline's accounting now, while the client's cancellation is being handled.
-            await stream.aclose()
-            self.feedback.recent.remember(outcome.request_id, outcome, request.model)
+            try:
+                # Closing runs the pipeline's accounting now, while the client's cancellation is being handled.
+                await stream.aclose()
+                self.feedback.recent.remember(outcome.request_id, outcome, request.model)
+            finally:
+                if meta is not None:
+                    await asyncio.wait((meta,))
+                    if not meta.cancelled():
+                        meta.exception()  # retrieved: a client that left before the metadata went out
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
