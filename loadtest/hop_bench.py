@@ -157,8 +157,17 @@ class Procs:
 
 
 def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
-    """Start one mode's processes; (procs, client target, hop names, request kind)."""
+    """Start one mode's processes; (procs, client target, hop names, request kind). When one fails to start,
+    those started before it are stopped."""
     procs = Procs(tmp)
+    try:
+        return _start_mode(procs, mode, tmp, args)
+    except BaseException:
+        procs.stop()
+        raise
+
+
+def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
     common = ["--log-json", "--grace-period-s", "1"]
     needs_router = mode.startswith("router") or mode.startswith("mesh")
     registry = ""
@@ -473,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
 
         uvloop.run(run_source(args))
         return 0
+    # A time limit's SIGTERM unwinds through run_mode's finally, which stops the mode's processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = [m for m in args.modes.split(",") if m]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="hop-bench-") as tmp:
