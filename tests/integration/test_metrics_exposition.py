@@ -222,8 +222,8 @@ class MetricCalls:
 
 async def test_metrics_calls_per_request_do_not_grow_with_output_tokens(fleet, tmp_path, monkeypatch):
     """The token path records metrics per request, never per token: every Prometheus update, OTel instrument
-    call, span start, attribute and event made by gateway and router code numbers the same for requests of 4
-    and of 64 output tokens (counted by code line, the same requests otherwise)."""
+    call, span start, attribute and event made by gateway, router and engine code numbers the same for requests
+    of 4 and of 64 output tokens (counted by code line, the same requests otherwise)."""
     calls = MetricCalls(monkeypatch)
     async with gateway(fleet, tmp_path) as gw:
         reg = gw.app.metrics_registry
@@ -249,6 +249,10 @@ async def test_metrics_calls_per_request_do_not_grow_with_output_tokens(fleet, t
     short, long = (
         {s: n for s, n in d.items() if s.startswith(token_path)} for d in (per_length[4], per_length[64])
     )
+    # Shown with -s (docs/benchmarks/metrics_overhead.md quotes it): calls per request by where they are made.
+    for tokens, d in ((4, short), (64, long)):
+        made = {w: sum(n for s, n in d.items() if s.startswith(w)) / REQUESTS for w in token_path}
+        print(f"metric calls per request at {tokens} output tokens: {made}")
     # A call made per token (or per chunk) would be 60 more per request; background work (heartbeats, breaker
     # gauges) may add a few while the longer requests run: less than one per request.
     grown = {s: (short.get(s, 0), n) for s, n in long.items() if n - short.get(s, 0) >= REQUESTS}
