@@ -109,6 +109,8 @@ def _start_one(name: str, args, port: int) -> tuple[subprocess.Popen, str, str, 
         argv += ["--gateway-workers", str(args.gateway_workers)]
         if name == "mesh-pack":
             argv += ["--router-args", f"--frontend-pack {args.mesh_pack}"]
+        elif args.mesh_router_args:
+            argv += ["--router-args", args.mesh_router_args]
         return _spawn(argv, d / f"{name}.log"), "", "", t0
     n = int(name.removeprefix("vllm-api"))
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
@@ -913,6 +915,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument(
         "--mesh-pack", type=int, default=0, help="also a mesh-pack server: routers --frontend-pack N"
     )
+    s.add_argument("--mesh-router-args", default="", help="extra router flags of the mesh server")
     s.add_argument("--start-timeout-s", type=float, default=400.0)
     s.add_argument("--kv-cache-bytes", type=int, default=KV_CACHE_BYTES)
     s.add_argument(

@@ -131,11 +131,12 @@ class RouterSettings(WorkerSettings):
         "router's queue (interactive first, fair across tenants). 0: no cap, engines queue.",
     )
     frontend_pack: int = Field(
-        0,
+        32,
         ge=0,
         description="Replicas with several front-end processes: a request goes to the first front end (in the "
         "replica's order) with fewer than this many of this router's attempts in flight, else to the least busy "
-        "(fewer front ends busy at light load: fewer engine-core output messages per step). 0: in turn.",
+        "(fewer front ends busy at light load: fewer engine-core output messages per step; on an H200, 32 gave "
+        "+4-7% tokens/s at 32-128 streams over taking them in turn). 0: in turn.",
     )
     queue_max_waiting: int = Field(
         1000, ge=0, description="Admission: most requests waiting per model; more get RESOURCE_EXHAUSTED."

@@ -21,6 +21,7 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
+from services.router.config import RouterSettings
 from shared import tokenizer as fleet_tokenizer
 from shared.health import check
 from shared.prefix_hash import block_hashes
@@ -107,7 +108,7 @@ async def test_streams_through_the_mesh(fleet):
 async def test_one_replica_whose_front_ends_share_the_requests(fleet):
     """The worker runs several front-end processes on one engine core (--frontends, auto from the cores): the
     registry lists one replica with each front end as an endpoint, and requests through the mesh are served
-    by more than one of them."""
+    by all of them once there are more at once than the router packs onto the first ones (--frontend-pack)."""
     info = fleet.ready_info("engine-1")
     frontends = info.get("frontends", [])
     if len(frontends) < 2:
@@ -116,17 +117,25 @@ async def test_one_replica_whose_front_ends_share_the_requests(fleet):
         resp = await reg_grpc.RegistryServiceStub(ch).ListReplicas(reg_pb.ListReplicasRequest(), timeout=2)
     (rep,) = resp.replicas
     assert list(rep.endpoints) == frontends and rep.address == frontends[0]
-    for i in range(2 * len(frontends)):
-        ch, call = await mesh_stream(fleet, f"front end spread {i}", 4)
+
+    def served() -> list[int]:
+        lines = fleet.procs["engine-1"].log_file.read_text().splitlines()
+        return [json.loads(line)["pid"] for line in lines if '"engine.request"' in line]
+
+    before = len(served())
+    pack = RouterSettings().frontend_pack or 1
+    n = pack * (len(frontends) - 1) + 16
+
+    async def one(i: int) -> int:
+        ch, call = await mesh_stream(fleet, f"front end spread {i}", 128)
         try:
-            [r async for r in call]
+            return sum([len(r.chunk.token_ids) async for r in call])
         finally:
             await ch.close()
-    pids = set()
-    for line in fleet.procs["engine-1"].log_file.read_text().splitlines():
-        if '"engine.request"' in line:
-            pids.add(json.loads(line)["pid"])
-    assert len(pids) == len(frontends), pids
+
+    assert await asyncio.gather(*(one(i) for i in range(n))) == [128] * n
+    await assert_eventually(lambda: len(served()) >= before + n, timeout_s=10)
+    assert len(set(served()[before:])) == len(frontends)
 
 
 def metrics_total(address: str, name: str, **labels: str) -> float:

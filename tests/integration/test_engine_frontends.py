@@ -153,7 +153,8 @@ async def test_one_replica_with_every_front_end_as_an_endpoint_and_requests_spre
             assert list(rep.endpoints) == addresses and rep.address == addresses[0]
 
             router = await start_router(
-                RouterSettings(registry_address=registry.address, watch_backoff_base_s=0.05),
+                # In turn (the default packs: these sequential requests would all take the first).
+                RouterSettings(registry_address=registry.address, watch_backoff_base_s=0.05, frontend_pack=0),
                 rec.telemetry,
             )
             await assert_eventually(lambda: len(router.membership.routable(MODEL)) == 1, timeout_s=10)
