@@ -275,6 +275,8 @@ async def drive(args) -> dict:
             "backend": args.backend,
             "initial_metadata": args.initial_metadata,
             "cancel": args.cancel,
+            "interval_ms": args.interval_ms,
+            "messages": args.messages,
             "streams_measured": n,
             "seconds": round(time.perf_counter() - started, 1),
             "ends": ends,
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--samples", action="store_true", help="print every sample too")
+    p.add_argument("--compact", action="store_true", help="one line of JSON")
     p.add_argument("--serve", choices=("backend", "relay"), help=argparse.SUPPRESS)
     p.add_argument("--upstream", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = uvloop.run(drive(args))
     summary = {k: v for k, v in result.items() if k != "samples"}
-    print(json.dumps(summary if not args.samples else result, indent=1))
+    print(json.dumps(summary if not args.samples else result, indent=None if args.compact else 1))
 
 
 if __name__ == "__main__":
