@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import structlog
 from opentelemetry import metrics
 
 from services.gateway.budgets import Budgets
@@ -15,6 +16,8 @@ from services.gateway.ledger import Entry, Ledger, cost_usd, period_end
 from services.gateway.limits import LimitBackend, Rate
 from services.gateway.tenants import Limits, Tenant
 from shared.errors import ResourceExhausted
+
+log = structlog.get_logger(__name__)
 
 # Before a tenant has finished any stream, the wait advised when its streams are all taken.
 _DEFAULT_STREAM_S = 1.0
@@ -35,6 +38,9 @@ class Ticket:
     # A budget hold was reserved (the ledger row removes it); max_tokens the budget capped the request to.
     held: bool = False
     max_tokens: int | None = None
+    # The generation's key, and how many of its tokens an earlier attempt delivered (a resume).
+    idempotency_key: str = ""
+    resumed_tokens: int = 0
 
 
 def _rates(owner: str, subject: str, limits: Limits) -> tuple[Rate | None, Rate | None]:
@@ -112,7 +118,15 @@ class Admission:
     ) -> Ticket:
         """Take what the request needs or raise ResourceExhausted; the ticket must reach finish(). With a
         budget, max_tokens (when given) is held too and capped to what the budget leaves (ticket.max_tokens)."""
-        ticket = Ticket(tenant, model, request_id, prompt_tokens, opened=time.monotonic())
+        ticket = Ticket(
+            tenant,
+            model,
+            request_id,
+            prompt_tokens,
+            opened=time.monotonic(),
+            idempotency_key=idempotency_key,
+            resumed_tokens=resumed_tokens,
+        )
         await self._check_budgets(ticket, max_tokens, idempotency_key, resumed_tokens)
         try:
             return await self._take_limits(ticket, tenant, prompt_tokens, request_id, lease_s)
@@ -239,6 +253,18 @@ class Admission:
         partial = completion_tokens is None
         prompt = ticket.prompt_tokens if prompt_tokens is None else prompt_tokens
         completion = relayed_chunks if completion_tokens is None else completion_tokens
+        if partial and ticket.resumed_tokens:
+            completion += ticket.resumed_tokens  # relayed chunks are this attempt's; usage counts the whole
+        if ticket.resumed_tokens and ticket.idempotency_key:
+            # A resume (its usage counts the whole generation): net of what earlier attempts' rows billed (a live
+            # gateway the client left wrote a partial row; a dead one wrote none, and this bills its part).
+            try:
+                billed_prompt, billed_completion = await self.ledger.billed(tenant.id, ticket.idempotency_key)
+            except Exception:  # noqa: BLE001 - a row billed whole beats a row lost
+                log.exception("gateway.ledger_net_failed", request_id=ticket.request_id)
+            else:
+                prompt = max(0, prompt - billed_prompt)
+                completion = max(0, completion - billed_completion)
         entry = Entry(
             request_id=ticket.request_id,
             tenant_id=tenant.id,
@@ -253,6 +279,7 @@ class Admission:
             at=self._clock(),
             model_version=model_version,
             held=ticket.held,
+            idempotency_key=ticket.idempotency_key,
         )
         # The row first: a limits backend that fails below must not lose what the request was billed.
         self.ledger.record(entry)

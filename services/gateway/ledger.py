@@ -19,7 +19,7 @@ log = structlog.get_logger(__name__)
 
 _COLUMNS = (
     "request_id, tenant_id, key_id, model, prompt_tokens, completion_tokens, cached_tokens, cost_usd, "
-    "status, partial, at, model_version"
+    "status, partial, at, model_version, idempotency_key"
 )
 
 
@@ -42,6 +42,8 @@ class Entry:
     model_version: str = ""
     # Whether admission reserved a budget hold for it (removed when this row is written).
     held: bool = False
+    # The client's key for the generation ("" for none): the attempts of one generation share it.
+    idempotency_key: str = ""
 
 
 def period_start(period: str, now: float) -> float:
@@ -151,7 +153,7 @@ class Ledger:
         try:
             async with self.db.transaction() as tx:
                 await tx.executemany(
-                    f"INSERT INTO usage_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO usage_ledger ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [_row(e) for e in batch],
                 )
                 # In the same transaction: the rows join the budgets' usage counters and their holds go, so
@@ -198,6 +200,20 @@ class Ledger:
             total = self._totals[(tenant_id, start)] = [tokens, cost, now]
         return int(total[0]), float(total[1])
 
+    async def billed(self, tenant_id: str, idempotency_key: str) -> tuple[int, int]:
+        """(most prompt tokens, sum of completion tokens) the rows of earlier attempts of one generation billed,
+        written or still pending here."""
+        prompt, completion = await self.db.fetchrow(
+            "SELECT COALESCE(MAX(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM usage_ledger "
+            "WHERE tenant_id = ? AND idempotency_key = ?",
+            tenant_id,
+            idempotency_key,
+        )
+        for e in (*self._flushing, *self._pending):
+            if e.tenant_id == tenant_id and e.idempotency_key == idempotency_key:
+                prompt, completion = max(prompt, e.prompt_tokens), completion + e.completion_tokens
+        return int(prompt), int(completion)
+
     async def summary(self, tenant_id: str | None = None, since: float = 0.0) -> list[tuple]:
         """(tenant, model, requests, prompt, completion, cost) per tenant and model since a time (admin)."""
         sql = (
@@ -238,6 +254,7 @@ def _row(e: Entry) -> tuple:
         int(e.partial),
         float(e.at),
         e.model_version,
+        e.idempotency_key or None,
     )
 
 

@@ -511,6 +511,10 @@ class GatewayPipeline:
                 relayed_chunks=chunks,
                 model_version=outcome.model_version,
             )
+            if self.ledger_sync and chunks:
+                # A stream cut mid-way: its partial row is committed before the client learns, so that the
+                # client's resume elsewhere is billed net of it.
+                await self.admission.ledger.flush()  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - accounting must not turn a served request into an error
             log.exception("gateway.settle_failed", request_id=ticket.request_id)
 

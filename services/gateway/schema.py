@@ -162,6 +162,19 @@ CREATE INDEX budget_holds_tenant ON budget_holds(tenant_id, idempotency_key);
 CREATE INDEX budget_holds_owner ON budget_holds(owner);
 """,
     ),
+    Migration(
+        4,
+        "ledger rows carry the request's idempotency key: a resumed attempt is billed net of earlier attempts' rows",
+        sqlite="""
+ALTER TABLE usage_ledger ADD COLUMN idempotency_key TEXT;
+CREATE INDEX IF NOT EXISTS usage_ledger_idempotency ON usage_ledger(tenant_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+""",
+        postgresql="""
+ALTER TABLE usage_ledger ADD COLUMN idempotency_key TEXT;
+CREATE INDEX usage_ledger_idempotency ON usage_ledger(tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+""",
+    ),
 )
 
 JOBS: tuple[Migration, ...] = (
