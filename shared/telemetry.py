@@ -57,7 +57,10 @@ def configure_logging(service: str, level: str = "info", json_logs: bool | None 
     structlog.configure(
         processors=[*shared_processors, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (print() writes the line and its newline apart): workers and engine front ends share
+        # one log file unbuffered (PYTHONUNBUFFERED), where two writes per line let another process's line in
+        # between them.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)

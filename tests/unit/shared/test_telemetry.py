@@ -86,3 +86,28 @@ def test_standard_library_logs_are_json_lines():
     assert all(r["service"] == "svc" for r in records)
     assert "ValueError: bad" in records[1]["exception"]
     assert records[1]["logger"] == "opentelemetry.context" and records[1]["level"] == "error"
+
+
+def test_processes_sharing_one_unbuffered_log_file_never_merge_lines(tmp_path):
+    """Workers and engine front ends write one log file, unbuffered (the launcher sets PYTHONUNBUFFERED): each
+    line must be one write, or another process's line lands between a line and its newline."""
+    code = textwrap.dedent(
+        """
+        import structlog
+        from shared.telemetry import configure_logging
+        configure_logging("svc", "info", json_logs=True)
+        log = structlog.get_logger("x")
+        for i in range(3000):
+            log.info("svc.event", i=i, pad="x" * 200)
+        """
+    )
+    log_file = tmp_path / "shared.log"
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_file, "ab") as out:
+        procs = [subprocess.Popen([sys.executable, "-c", code], stderr=out, env=env) for _ in range(4)]
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    lines = log_file.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 4 * 3000
+    assert {r["pid"] for r in records} == {p.pid for p in procs}
