@@ -1,0 +1,30 @@
+"""shared.recycle: a worker's Recycler asks for recycling once, at its limit (plus jitter); none without a limit or
+outside a supervised worker."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+from shared.recycle import Recycler, recycler
+
+
+def test_the_recycle_file_is_touched_once_at_the_limit(tmp_path):
+    path = tmp_path / "w.recycle"
+    r = Recycler(str(path), 5, jitter=3, rng=random.Random(1))
+    assert 5 <= r.limit <= 8
+    for _ in range(r.limit - 1):
+        r.served_one()
+    assert not path.exists()
+    r.served_one()
+    assert path.exists() and r.triggered
+    path.unlink()
+    r.served_one()  # once only: the supervisor is already on it
+    assert not path.exists()
+
+
+def test_no_recycler_without_a_limit_or_a_supervisor(tmp_path):
+    base = {"max_requests_jitter": 0, "recycle_file": str(tmp_path / "x")}
+    assert recycler(SimpleNamespace(max_requests_per_worker=0, **base)) is None
+    assert recycler(SimpleNamespace(max_requests_per_worker=10, **{**base, "recycle_file": ""})) is None
+    assert recycler(SimpleNamespace(max_requests_per_worker=10, **base)).limit == 10
