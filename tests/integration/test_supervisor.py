@@ -97,7 +97,9 @@ def test_a_killed_router_is_restarted_and_the_fleet_serves_again(tmp_path: Path)
         assert by_name["router"]["healthy"] and by_name["router"]["restarts"] == 1
         assert by_name["router"]["last_exit"] == -signal.SIGKILL
         print(f"supervisor: router back on {router['address']} {back_in:.2f}s after SIGKILL")
-        assert back_in < 15
+        # The backoff is 0.5 s; the rest is the new process starting (about 2 s on a quiet box, 14 s measured on
+        # the shared box at load average 15-20): bounded generously, the printed time is the measurement.
+        assert back_in < 60
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
