@@ -639,7 +639,9 @@ async def section_input(ctx: Ctx, fleet: SpawnedFleet) -> dict:
     return out
 
 
-async def run_fleet(args, sections: list[str]) -> dict:
+async def run_fleet(args, sections: list[str], save=lambda name, value: None) -> dict:
+    """The fleet sections in order on one fleet; save(name, result) after each (so a run cut short keeps what it
+    measured)."""
     behaviour = ";".join(f"{v}:{b}" for v, b in PLANTED.items())
     fleet = SpawnedFleet(
         len(VERSIONS),
@@ -674,6 +676,7 @@ async def run_fleet(args, sections: list[str]) -> dict:
                     "speed_factor": args.speed,
                     "concurrency": args.concurrency,
                 }
+                save(name, out[name])
     return out
 
 
@@ -759,24 +762,27 @@ def main(argv: list[str] | None = None) -> int:
         record["stats"] = ab_simulation.run(args.experiments, args.seed, progress)
         record["stats"]["wall_s"] = round(time.perf_counter() - started, 1)
         record["stats"]["run"] = meta
+
+    def save(name: str | None = None, value: dict | None = None) -> str:
+        if name is not None:
+            value["run"] = meta
+            record[name] = value
+        record["ok"] = {s: bool(record[s].get("ok")) for s in SECTIONS if s in record}
+        if "stats" in record:
+            st = record["stats"]
+            record["ok"]["stats"] = (
+                st["power_within_binomial_interval"] and st["false_positive_rate_within_binomial_interval"]
+            )
+        text = json.dumps(record, indent=2)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return text
+
     fleet_sections = [s for s in sections if s in FLEET_SECTIONS]
     if fleet_sections:
         with structlog_to_stderr():
-            got = asyncio.run(run_fleet(args, fleet_sections))
-        for name, value in got.items():
-            value["run"] = meta
-            record[name] = value
-    record["ok"] = {s: bool(record[s].get("ok", record[s].get("power_within_binomial_interval")))
-                    for s in SECTIONS if s in record}  # fmt: skip
-    if "stats" in record:
-        st = record["stats"]
-        record["ok"]["stats"] = (
-            st["power_within_binomial_interval"] and st["false_positive_rate_within_binomial_interval"]
-        )
-    text = json.dumps(record, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+            asyncio.run(run_fleet(args, fleet_sections, save))
+    print(save())
     return 0
 
 
