@@ -1,7 +1,7 @@
 """Safe rollouts measured on a time-compressed sim fleet whose engines serve versions of one model with planted
 behaviour (issue 11's evidence), plus the A/B statistics validated by simulation (loadtest/ab_simulation.py):
 
-- ramps: gradual rollouts (5 -> 25 -> 50 -> 100%) of a version planted with 5% errors, of one planted 2x slower
+- ramps: gradual rollouts (10 -> 25 -> 50 -> 100%) of a version planted with 5% errors, of one planted 2x slower
   per token, and of a good one, under closed-loop client load through the gateway: when, at what share, with how
   many failed requests (and whose) each was rolled back or promoted;
 - blue_green: switch to a good version and back, several times, under load: failed requests, switch times;
@@ -59,20 +59,20 @@ PLANTED = {
     "v4": "slowdown=2,length_factor=0.5,refusal_rate=0.2",
     "v5": "slowdown=2",
 }
-RAMP = [5.0, 25.0, 50.0, 100.0]
-# The same guardrails for every ramp, bad or good: more than 2% errors (judged after 30 of the candidate's
-# requests); a TPOT median 1.3x the baseline's over the same window and 2 ms worse; a TPOT p99 3x the baseline's and
-# 10 ms worse (TPOT judged after 40). The tail over a few dozen requests on a busy 2-core host is mostly scheduling
+RAMP = [10.0, 25.0, 50.0, 100.0]
+# The same guardrails for every ramp, bad or good, each judged after 30 of the candidate's requests: more than 2%
+# errors; a TPOT median 1.3x the baseline's over the same window and 2 ms worse; a TPOT p99 3x the baseline's and
+# 10 ms worse. The tail over a few dozen requests on a busy 2-core host is mostly scheduling
 # noise: a tight p99 limit would roll back good versions and still miss a 2x slower one, which the median catches.
 # The median's limit is below 2x because a candidate at a small share runs small batches beside a busy baseline
 # (a 2x slower engine showed 1.3-1.65x its baseline at the gateway, a good one 0.57-1.32x, in trial runs).
 GUARDRAILS = [
     pb.Guardrail(metric="error_rate", limit=0.02, min_samples=30),
     pb.Guardrail(
-        metric="tpot_p50_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=1.3, min_gap=2.0, min_samples=40
+        metric="tpot_p50_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=1.3, min_gap=2.0, min_samples=30
     ),
     pb.Guardrail(
-        metric="tpot_p99_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=3.0, min_gap=10.0, min_samples=40
+        metric="tpot_p99_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=3.0, min_gap=10.0, min_samples=30
     ),
 ]
 
@@ -717,11 +717,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="sim speed factor (0.25: a quarter of real speed, so that the modelled TPOT, which a planted slowdown "
         "doubles, outweighs the mesh's per-token overhead and a busy host's noise)",
     )
-    p.add_argument("--concurrency", type=int, default=6, help="closed-loop clients for ramps and blue-green")
+    p.add_argument("--concurrency", type=int, default=8, help="closed-loop clients for ramps and blue-green")
     p.add_argument(
         "--bake-s", type=float, default=4.0, help="seconds each ramp step is held (time-compressed)"
     )
-    p.add_argument("--ramp-timeout-s", type=float, default=150.0, help="give up on a ramp after this long")
+    p.add_argument("--ramp-timeout-s", type=float, default=180.0, help="give up on a ramp after this long")
     p.add_argument("--blue-green-cycles", type=int, default=3)
     p.add_argument("--hold-s", type=float, default=4.0, help="blue-green: seconds on each side")
     p.add_argument("--shadow-rounds", type=int, default=6, help="rounds of a 0%% and a 100%% phase")
