@@ -1,7 +1,7 @@
 """Safe rollouts measured on a time-compressed sim fleet whose engines serve versions of one model with planted
 behaviour (issue 11's evidence), plus the A/B statistics validated by simulation (loadtest/ab_simulation.py):
 
-- ramps: gradual rollouts (10 -> 25 -> 50 -> 100%) of a version planted with 5% errors, of one planted 2x slower
+- ramps: gradual rollouts (10 -> 25 -> 50%, then promoted to 100%) of a version planted with 5% errors, of one planted 2x slower
   per token, and of a good one, under closed-loop client load through the gateway: when, at what share, with how
   many failed requests (and whose) each was rolled back or promoted;
 - blue_green: switch to a good version and back, several times, under load: failed requests, switch times;
@@ -59,22 +59,30 @@ PLANTED = {
     "v4": "slowdown=2,length_factor=0.5,refusal_rate=0.2",
     "v5": "slowdown=2",
 }
-RAMP = [10.0, 25.0, 50.0, 100.0]
+# After the last step the plan promotes itself to 100%. No judged 100% step: there the baseline has no traffic, its
+# numbers come from the whole rollout at lighter load, and a good candidate carrying all the load read 1.38x the
+# baseline's TPOT median in a trial run (the relative limit compares loads, not versions, there).
+RAMP = [10.0, 25.0, 50.0]
 # The same guardrails for every ramp, bad or good, each judged after 30 of the candidate's requests: more than 2%
-# errors; a TPOT median 1.3x the baseline's over the same window and 2 ms worse; a TPOT p99 3x the baseline's and
+# errors; a TPOT median 1.4x the baseline's over the same window and 2 ms worse; a TPOT p99 3x the baseline's and
 # 10 ms worse. The tail over a few dozen requests on a busy 2-core host is mostly scheduling
 # noise: a tight p99 limit would roll back good versions and still miss a 2x slower one, which the median catches.
 # The median's limit is below 2x because a candidate at a small share runs small batches beside a busy baseline
 # (a 2x slower engine showed 1.3-1.65x its baseline at the gateway, a good one 0.57-1.32x, in trial runs).
-GUARDRAILS = [
+MEDIAN_GUARDRAILS = [
     pb.Guardrail(metric="error_rate", limit=0.02, min_samples=30),
     pb.Guardrail(
-        metric="tpot_p50_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=1.3, min_gap=2.0, min_samples=30
+        metric="tpot_p50_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=1.4, min_gap=2.0, min_samples=30
     ),
     pb.Guardrail(
         metric="tpot_p99_ms", mode=pb.GUARDRAIL_MODE_RELATIVE, limit=3.0, min_gap=10.0, min_samples=30
     ),
 ]
+# The noise-tolerant set: errors, and a TPOT tail only far beyond the baseline's. On the busy trial host the
+# median set above caught the 2x slower version but also rolled back a good one (its median read 1.38-1.52x the
+# baseline's); this one lets a good version through and still catches errors, but not a 2x TPOT.
+TAIL_GUARDRAILS = [MEDIAN_GUARDRAILS[0], MEDIAN_GUARDRAILS[2]]
+GUARDRAIL_SETS = {"tail": TAIL_GUARDRAILS, "median": MEDIAN_GUARDRAILS}
 
 
 def progress(msg: str) -> None:
@@ -267,7 +275,7 @@ async def ramp(ctx: Ctx, candidate: str, expect: str) -> dict:
         t0 = time.time()
         r = await ctx.rollouts.start(
             candidate_version=candidate, strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=RAMP,
-            bake_s=ctx.args.bake_s, guardrails=GUARDRAILS,
+            bake_s=ctx.args.bake_s, guardrails=GUARDRAIL_SETS[ctx.args.guardrails],
         )  # fmt: skip
         r, highest = await ctx.rollouts.until_ended(r.rollout_id, ctx.args.ramp_timeout_s)
         t1 = time.time()
@@ -336,7 +344,10 @@ async def ramp(ctx: Ctx, candidate: str, expect: str) -> dict:
 
 
 async def section_ramps(ctx: Ctx) -> dict:
-    out = {"guardrails": [_guardrail(g) for g in GUARDRAILS]}
+    out = {
+        "guardrail_set": ctx.args.guardrails,
+        "guardrails": [_guardrail(g) for g in GUARDRAIL_SETS[ctx.args.guardrails]],
+    }
     for name, candidate, expect in (
         ("bad_errors", "v2", "rolled_back"),
         ("bad_slow", "v5", "rolled_back"),
@@ -357,13 +368,19 @@ def _guardrail(g: pb.Guardrail) -> str:
 
 
 def _switched(load: Load, at: float, until: float, version: str) -> float | None:
-    """Seconds from `at` to the start of the first request after which every request started before `until` was
-    served by version (None when it never switched)."""
-    window = sorted(load.started(at, until), key=lambda s: s.start)
-    last_other = max((s.start for s in window if s.version != version), default=at)
-    if not [s for s in window if s.start > last_other]:
+    """Seconds from `at` to the start of the last request in [at, until) that another version served (0.0 when none
+    did; None when no request started in the window)."""
+    window = load.started(at, until)
+    if not window:
         return None
-    return round(max(0.0, last_other - at), 3)
+    return round(max([0.0] + [s.start - at for s in window if s.version != version]), 3)
+
+
+def _settled(load: Load, at: float, until: float, version: str) -> float:
+    """Share of the requests started from 1 s after `at` to 1 s before `until` that version served (a request a
+    client started just before the next switch may be routed after it)."""
+    window = load.started(at + 1.0, until - 1.0)
+    return round(sum(s.version == version for s in window) / len(window), 4) if window else 0.0
 
 
 async def section_blue_green(ctx: Ctx) -> dict:
@@ -386,8 +403,10 @@ async def section_blue_green(ctx: Ctx) -> dict:
             t_end = time.time()
             cycles.append(
                 {
-                    "switch_to_v3_s": _switched(load, t_sw, t_back, "v3"),
-                    "switch_back_to_v1_s": _switched(load, t_back, t_end, "v1"),
+                    "last_v1_request_started_after_switch_s": _switched(load, t_sw, t_back, "v3"),
+                    "last_v3_request_started_after_switch_back_s": _switched(load, t_back, t_end, "v1"),
+                    "share_on_v3_1s_after_switch": _settled(load, t_sw, t_back, "v3"),
+                    "share_on_v1_1s_after_switch_back": _settled(load, t_back, t_end, "v1"),
                     "requests_on_green": by_version(load.started(t_sw, t_back)),
                     "requests_after_switch_back": by_version(load.started(t_back, t_end)),
                     "state_after_switch_back": _state(back),
@@ -401,7 +420,10 @@ async def section_blue_green(ctx: Ctx) -> dict:
         "failed_requests": len(failed),
         "failed_examples": [f"{s.code} {s.reason}: {s.message[:200]}" for s in failed[:5]],
         "ok": not failed
-        and all(c["switch_to_v3_s"] is not None and c["switch_back_to_v1_s"] is not None for c in cycles),
+        and all(
+            c["share_on_v3_1s_after_switch"] == 1.0 and c["share_on_v1_1s_after_switch_back"] == 1.0
+            for c in cycles
+        ),
     }
 
 
@@ -647,8 +669,10 @@ async def run_fleet(args, sections: list[str], save=lambda name, value: None) ->
         len(VERSIONS),
         args.speed,
         model_versions=VERSIONS,
-        lease_ttl_s=2.0,
-        heartbeat_interval_s=0.5,
+        # Long leases: on a host at load 20-30 a 2 s lease lapsed between heartbeats and replicas left the routers
+        # for a moment (NO_HEALTHY_REPLICA); replica loss is the chaos tests' subject, not this bench's.
+        lease_ttl_s=10.0,
+        heartbeat_interval_s=1.0,
         metrics_export_interval_s=1.0,
         extra_args={"engine": ["--sim-behaviour", behaviour], "registry": ["--rollout-interval-s", "0.2"]},
     )
@@ -723,6 +747,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--ramp-timeout-s", type=float, default=180.0, help="give up on a ramp after this long")
     p.add_argument("--blue-green-cycles", type=int, default=3)
+    p.add_argument(
+        "--guardrails",
+        choices=sorted(GUARDRAIL_SETS),
+        default="tail",
+        help="ramps: tail (errors + TPOT p99 3x) or median (+ TPOT p50 1.4x: catches 2x TPOT, trips on noise)",
+    )
     p.add_argument("--hold-s", type=float, default=4.0, help="blue-green: seconds on each side")
     p.add_argument("--shadow-rounds", type=int, default=6, help="rounds of a 0%% and a 100%% phase")
     p.add_argument("--shadow-phase-s", type=float, default=8.0)
