@@ -197,7 +197,11 @@ async def test_the_cli_starts_steers_and_explains(tmp_path):
         code, out, err = await cli("status", "--json", *at)
         assert code == 0, err
         (shown,) = json.loads(out)["rollouts"]
-        assert (shown["rollout_id"], shown["state"], shown["last_event"]) == (rid, "rolled_back", "rolled_back")
+        assert (shown["rollout_id"], shown["state"], shown["last_event"]) == (
+            rid,
+            "rolled_back",
+            "rolled_back",
+        )
         assert "cli test" in shown["reason"] and shown["candidate_version"] == "v2"
         code, out, err = await cli("status", *at)
         assert code == 0 and "rollouts (latest per model)" in out and "rolled_back" in out, err
