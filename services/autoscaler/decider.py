@@ -82,8 +82,8 @@ class Decider:
         self._last_up = float("-inf")
         self._last_change = float("-inf")
         self._idle_since: float | None = None
-        # The policy whose ask last raised the count (a forecast-backed scale-down may take back only its own).
-        self._raised_by = ""
+        # When an alarm (reactive's TTFT/queue/KV signals) last raised the count.
+        self._last_alarm_up = float("-inf")
         # (time, recommendation) over the scale-down window: a scale-down goes only as low as the highest.
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -153,9 +153,10 @@ class Decider:
                 for d in asks
                 if d.down_hold_s is not None and d.replicas is not None and d.replicas < previous
             ]
-            # It vouches only for replicas a policy of its kind added: replicas another policy added (a TTFT
-            # alarm: something the forecast missed) keep the plain hold.
-            vouched = [d for d in vouched if d.policy == self._raised_by]
+            # Not within the plain window after an alarm raised the count (a TTFT alarm, say): the forecast missed
+            # something then, so it does not vouch for taking those replicas back quickly.
+            if now - self._last_alarm_up < spec.scale_down_cooldown_s:
+                vouched = []
             if vouched and min(d.down_hold_s for d in vouched) < hold:
                 hold = min(d.down_hold_s for d in vouched)
                 backed = f", {vouched[0].policy}-backed"
@@ -168,6 +169,8 @@ class Decider:
                     reason += f" (stable for {hold:.0f}s{backed})"
             else:
                 reason += f" (held: scale-down window {hold:.0f}s{backed})"
+        if new > previous and winner.alarm:
+            self._last_alarm_up = now
         return self._commit(
             s, new, policy, signal, reason, dict(winner.numbers), {d.policy: d.replicas for d in asks}
         )
@@ -197,7 +200,6 @@ class Decider:
             self._last_change = s.now
             if direction == UP:
                 self._last_up = s.now
-                self._raised_by = policy
         self.desired = new
         return Decision(
             model=self.spec.model,

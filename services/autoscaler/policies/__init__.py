@@ -24,6 +24,9 @@ class Desire:
     #: for an ask below the current count: a scale-down it backs needs only this many seconds of agreement
     #: instead of the model's scale_down_cooldown_s. None: no look-ahead behind this ask.
     down_hold_s: float | None = None
+    #: The ask is an alarm (a signal that says the fleet is short now: TTFT p99, queue, KV cache), not a sizing:
+    #: a forecast that did not see it coming does not vouch for a quick scale-down for a while after.
+    alarm: bool = False
 
 
 class Policy(ABC):

@@ -73,4 +73,5 @@ class Reactive(Policy):
         if abs(ratio - 1) <= o["tolerance"]:
             return Desire(self.name, n, signal, f"{signal} within tolerance ({ratio:.2f}x target)", numbers)
         want = max(1, math.ceil(n * ratio))
-        return Desire(self.name, want, signal, f"{signal} at {ratio:.2f}x target: {n} -> {want}", numbers)
+        reason = f"{signal} at {ratio:.2f}x target: {n} -> {want}"
+        return Desire(self.name, want, signal, reason, numbers, alarm=signal in up_only)

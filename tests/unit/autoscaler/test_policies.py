@@ -173,9 +173,10 @@ def test_forecast_aware_scale_down_keeps_replicas_needed_again_within_keep_ahead
         assert d.decide(sig(now=float(t), serving=10, arrival_rate=20)).desired == 10
 
 
-def test_a_gradual_decline_and_replicas_another_policy_added_keep_the_plain_hold():
+def test_a_gradual_decline_keeps_the_plain_hold():
     """The short hold is for a load that is gone: a forecast that asks for one replica fewer of ten (below
-    gone_fraction) waits the plain scale-down cooldown; so do replicas a reactive alarm added."""
+    gone_fraction) does not vouch, and the decider waits its plain scale-down window; the same forecast from
+    twenty replicas (a gone load) vouches, and the decider lets them go after the short hold."""
     p = build(
         "predictive",
         {"period_s": 3600, "bucket_s": 10, "headroom": 0},
@@ -188,7 +189,26 @@ def test_a_gradual_decline_and_replicas_another_policy_added_keep_the_plain_hold
     assert d.replicas == 9 and d.down_hold_s is None  # 10% fewer: a decline, not a gone load
     gone = p.desire(sig(now=3600.0, serving=20, arrival_rate=80))
     assert gone.replicas == 9 and gone.down_hold_s == 60.0
-    # Reactive raised the count (TTFT alarm) past what the forecast asked: the forecast does not vouch for it.
+
+    def first_down(initial: int) -> float:
+        """When a decider at `initial` that just asked for it (a 100 req/s moment) goes down at 80 req/s."""
+        dec = _predictive_decider(cooldown_s=300)
+        dec.desired = initial
+        for t in range(0, 3600, 5):
+            dec.policies[0].observe(float(t), 80.0)
+        dec.decide(sig(now=3600.0, serving=initial, arrival_rate=10.0 * initial))
+        for t in range(3610, 4000, 10):
+            if dec.decide(sig(now=float(t), serving=initial, arrival_rate=80)).direction == "down":
+                return t - 3600.0
+        raise AssertionError("never went down")
+
+    assert 300 <= first_down(10) <= 310  # the plain window (+ one decision)
+    assert first_down(20) <= 70  # 60 s of agreement (+ one decision)
+
+
+def test_replicas_a_reactive_alarm_added_keep_the_plain_hold():
+    """A TTFT alarm raised the count past the forecast (the forecast missed something): for the plain window
+    after it the forecast does not vouch, even for a drop that looks like a gone load."""
     raw = {
         "policies": {
             "predictive": {"period_s": 3600, "bucket_s": 10, "headroom": 0},
@@ -202,9 +222,7 @@ def test_a_gradual_decline_and_replicas_another_policy_added_keep_the_plain_hold
         dec.observe(float(t), 80.0)
     up = dec.decide(sig(now=3600.0, serving=9, arrival_rate=80, ttft_p99_ms=1500))
     assert (up.desired, up.policy) == (27, "reactive")
-    for t in range(
-        3610, 3900, 10
-    ):  # the alarm is over; the forecast asks 9 (a gone load's drop), held anyway
+    for t in range(3610, 3900, 10):  # the alarm is over; the forecast asks 9 (a gone load's drop): held
         assert dec.decide(sig(now=float(t), serving=27, arrival_rate=80)).desired == 27
     assert dec.decide(sig(now=3910.0, serving=27, arrival_rate=80)).desired == 9
 
