@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import re
 import shutil
 import sys
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from shared.channels import open_channel
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+# The dashboard's charts (their element ids; each says how many points it drew in data-points).
+CHARTS = ("ttft", "tpot", "throughput", "errors", "replicas", "kv", "cost")
 # Debian's chromium, with nothing that reaches out of the machine.
 FLAGS = (
     "--headless",
@@ -65,6 +68,11 @@ async def chromium(
     if proc.returncode != 0:
         raise RuntimeError(f"chromium exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
     return out.decode(errors="replace")
+
+
+def chart_points(dom: str) -> dict[str, int]:
+    """Points each chart of a rendered dashboard page drew, by chart id (read from the DOM)."""
+    return {k: int(v) for k, v in re.findall(r'id="(\w+)"[^>]*data-points="(\d+)"', dom)}
 
 
 async def _load(cluster, stop: asyncio.Event) -> None:
@@ -133,12 +141,16 @@ async def shoot(out: Path, seconds: float) -> None:
                 print(f"loading the fleet: {time.monotonic() - started:.0f}/{seconds:.0f} s", file=sys.stderr)
                 await asyncio.sleep(min(10.0, seconds))
             url = f"http://{cluster.state()['dashboard']}/?refresh=1000"
+            # The page as the screenshot will show it must have drawn every chart (as the Chromium test checks).
+            points = chart_points(await chromium(url, size=(1400, 1500)))
+            if set(points) != set(CHARTS) or min(points.values()) < 2:
+                raise RuntimeError(f"the dashboard's charts are not filled: points per chart {points}")
             await chromium(url, screenshot=out, size=(1400, 1500))
             stop.set()
             await load
         finally:
             await cluster.stop()
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {out}; points per chart {points}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
