@@ -192,7 +192,7 @@ def _rollout_plot(record: dict, width: float) -> bytes | None:
                 [c["candidate"] for _, c in tp],
                 color=colour,
                 marker=".",
-                label=f"{cand} p99",
+                label=f"{cand} {tp[0][1]['metric']}",
             )
             # The bound once the baseline has a value (before, the registry has not judged the guardrail).
             judged = [(t, c) for t, c in tp if c["baseline"] > 0 or not c["relative"]]
@@ -201,6 +201,8 @@ def _rollout_plot(record: dict, width: float) -> bytes | None:
                 [c["limit"] * c["baseline"] if c["relative"] else c["limit"] for _, c in judged],
                 color=colour,
                 ls=":",
+                marker="_",  # a guardrail judged once (then promoted or rolled back) is one point
+                markersize=16,
                 label=f"{cand}'s bound ({tp[0][1]['limit']:g} x the baseline's)",
             )
     for e in record["events"]:
