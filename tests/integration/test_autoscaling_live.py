@@ -25,8 +25,6 @@ from shared.cli.status import fetch_scaling
 from tests.integration.conftest import running_cluster
 from tests.support import assert_eventually
 
-pytestmark = pytest.mark.slow
-
 # Long enough to see a scale-up and a scale-down; FLEETSERVE_AUTOSCALE_LIVE_S stretches the load phase (the
 # `make autoscale-live` target runs a longer variant: 3 replicas per version, clients without a pause). The
 # `make test` variant proves the same with 2 replicas per version (4 engine processes started instead of 6) and
@@ -35,6 +33,9 @@ LONG = "FLEETSERVE_AUTOSCALE_LIVE_S" in os.environ
 LOAD_S = float(os.environ.get("FLEETSERVE_AUTOSCALE_LIVE_S", "1"))
 PEAK = 3 if LONG else 2
 THINK_S = 0.0 if LONG else 0.1
+# Past the suite's 120 s default: a fleet, 4-6 engine starts and the load phase on a loaded 2-core machine (its
+# waits are each bounded by assert_eventually's timeouts).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300 + 2 * LOAD_S)]
 MODELS = {
     "sim-1b": {
         "min_replicas": 0,
