@@ -360,7 +360,9 @@ async def test_dashboard_in_headless_chromium_shows_the_loaded_fleet(fleet, tmp_
             async def data() -> dict | None:
                 async with session.get(f"http://{address}/api/dashboard?window=300") as resp:
                     d = await resp.json()
-                full = len(d["t"]) >= 2 and len(d["kv_cache_usage"]) >= 3 and d["slowest"]
+                # KV-cache use of every replica: the fixture's two (the quality test, when it ran first, adds a
+                # third; this test must pass alone too).
+                full = len(d["t"]) >= 2 and len(d["kv_cache_usage"]) >= 2 and d["slowest"]
                 return d if full and any(v is not None for v in d["cost_per_1k_tokens"]) else None
 
             d = await assert_eventually(data, timeout_s=60, interval_s=0.5)
