@@ -141,4 +141,3 @@ def live_fleet_lines(page: str) -> list[str]:
             if line.startswith(_LIVE_PROGRAMS) and not line.startswith(("fleetserve up", "make ")):
                 lines.append(line)
     return lines
-
