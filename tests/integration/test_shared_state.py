@@ -162,12 +162,15 @@ async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, 
     held were started twice, and those continue after the tokens their first run saved with its lease renewals
     (their text is exactly a fresh generation's)."""
     lease = "1.5"
+    # Long enough that items are still running at a lease renewal (every lease/3 = 0.5 s), when progress is
+    # saved: at 400 tokens an item took 80 ms on a quiet box and all 8 could end before the first renewal.
+    tokens = 4000
     flags = (f"--db-url={db_url}", f"--job-lease-s={lease}", "--job-concurrency=2")
     with gateway_process(tmp_path, "doomed", fleet.router.address, *flags) as (proc, ready):
         address = await assert_eventually(lambda: _address(ready), timeout_s=180, message="gateway not ready")
         s = pb_grpc.InferenceServiceStub(fleet.channel(address))
         items = [pb.BatchItem(custom_id=f"k{i}", prompt=f"takeover item {i}") for i in range(8)]
-        req = pb.SubmitBatchRequest(model=MODEL, items=items, max_tokens=400, temperature=0)
+        req = pb.SubmitBatchRequest(model=MODEL, items=items, max_tokens=tokens, temperature=0)
         job = (await s.SubmitBatch(req, metadata=auth(), timeout=10)).job
         db = await connect(jobs_url(db_url))
         try:
@@ -214,10 +217,10 @@ async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, 
                 resp = await assert_eventually(completed, timeout_s=60, interval_s=0.05)
                 assert saved and b.jobs.resumed_items >= len(saved), (saved, held, b.jobs.resumed_items)
                 for r in resp.results:
-                    assert r.usage.completion_tokens == 400
+                    assert r.usage.completion_tokens == tokens
                     if r.index in held:
                         fresh = await generate(
-                            fleet, b, API_KEY, max_tokens=400, prompt=f"takeover item {r.index}"
+                            fleet, b, API_KEY, max_tokens=tokens, prompt=f"takeover item {r.index}"
                         )
                         assert r.text == fresh, (
                             f"item {r.index}: resumed text differs from a fresh generation"
