@@ -39,3 +39,11 @@ def pick(position: float, percents: Sequence[float]) -> int:
         if p < edge:
             return i
     return len(percents) - 1
+
+
+def arm_percents(percents: Sequence[float]) -> list[float]:
+    """An experiment's arm shares in percent, as given (all 0 means an equal split): the one reading the registry
+    validates, the routers assign by and the autoscaler sizes each arm's version by."""
+    if percents and all(p == 0 for p in percents):
+        return [100.0 / len(percents)] * len(percents)
+    return list(percents)

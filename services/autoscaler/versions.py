@@ -14,8 +14,13 @@ from dataclasses import dataclass
 from fleetserve.registry.v1 import rollout_service_pb2 as rpb
 
 from services.autoscaler.spec import ModelSpec
-from services.registry.rollouts.experiments import arm_percents
-from services.registry.rollouts.plans import ACTIVE, BLUE_GREEN, PROMOTED, SHADOW
+from shared.cohorts import arm_percents
+
+# Read from the registry's RolloutService answers (the protocol), not from the registry's own modules.
+ACTIVE = frozenset({rpb.ROLLOUT_STATE_RUNNING, rpb.ROLLOUT_STATE_PAUSED})
+BLUE_GREEN = rpb.ROLLOUT_STRATEGY_BLUE_GREEN
+SHADOW = rpb.ROLLOUT_STRATEGY_SHADOW
+PROMOTED = rpb.ROLLOUT_STATE_PROMOTED
 
 EXPERIMENT_RUNNING = rpb.EXPERIMENT_STATE_RUNNING
 
@@ -148,7 +153,7 @@ def plan(
             pop = e.spec.population
             # A tenant-restricted population's share of traffic is unknown: measured arrivals size it.
             reach = 0.0 if pop.tenants else pop.percent / 100.0
-            for arm, pct in zip(e.spec.arms, arm_percents(e.spec), strict=True):
+            for arm, pct in zip(e.spec.arms, arm_percents([a.percent for a in e.spec.arms]), strict=True):
                 if arm.variant.model_version:
                     why = f"experiment {e.spec.name} arm {arm.name}"
                     _merge(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import structlog
 from fleetserve.registry.v1 import rollout_service_pb2 as rpb
 
-from shared.cohorts import bucket, cohort_key, in_slice, pick
+from shared.cohorts import arm_percents, bucket, cohort_key, in_slice, pick
 from shared.watching import follow
 
 log = structlog.get_logger(__name__)
@@ -92,13 +92,6 @@ def _in_population(e: rpb.Experiment, tenant: str, key: str) -> bool:
     return in_slice(bucket(f"experiments:{e.spec.model}", key), p.offset_percent, p.percent)
 
 
-def _arm_percents(e: rpb.Experiment) -> list[float]:
-    given = [a.percent for a in e.spec.arms]
-    if all(p == 0 for p in given):
-        return [100.0 / len(given)] * len(given)
-    return given
-
-
 class TrafficTable:
     """The latest traffic configuration, per model, and the assignment of requests to it."""
 
@@ -151,7 +144,9 @@ class TrafficTable:
                 )
         for e in experiments or ():
             if _in_population(e, tenant, key):
-                arm = e.spec.arms[pick(bucket(e.experiment_id, key), _arm_percents(e))]
+                arm = e.spec.arms[
+                    pick(bucket(e.experiment_id, key), arm_percents([a.percent for a in e.spec.arms]))
+                ]
                 v = arm.variant
                 return Assignment(
                     version=v.model_version or base.version,

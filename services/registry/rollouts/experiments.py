@@ -11,6 +11,7 @@ from fleetserve.registry.v1 import rollout_service_pb2 as pb
 
 from services.registry.rollouts import stats
 from services.registry.rollouts.stats import Summary
+from shared import cohorts
 from shared.errors import InvalidArgument
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -33,10 +34,7 @@ def power_of(spec: pb.ExperimentSpec) -> float:
 
 def arm_percents(spec: pb.ExperimentSpec) -> list[float]:
     """Each arm's percent of the experiment's users (all 0: an equal split)."""
-    given = [a.percent for a in spec.arms]
-    if given and all(p == 0 for p in given):
-        return [100.0 / len(given)] * len(given)
-    return given
+    return cohorts.arm_percents([a.percent for a in spec.arms])
 
 
 def validate(
