@@ -76,6 +76,52 @@ def validate(request: pb.GenerateRequest, model: str, model_version: str = "") -
         raise InvalidArgument("invalid request: " + ", ".join(f for f, _ in bad), field_violations=bad)
 
 
+class Summary:
+    """A summarized stream after its first chunk (GenerateRequest.summarize): the text kept for one last message
+    with the engine's token times; an empty message at most every progress_ms while tokens come."""
+
+    __slots__ = ("started", "progress_s", "texts", "outputs", "last_sent")
+
+    def __init__(self, started: float, progress_ms: int) -> None:
+        self.started = started
+        self.progress_s = progress_ms / 1000.0
+        self.texts: list[str] = []
+        self.outputs = 1  # the first chunk's
+        self.last_sent = time.perf_counter()
+
+    def add(self, out, first_token_ms: float) -> pb.GenerateResponse | None:
+        """The message to send for this output, if any: the last one, or a progress message when it is due."""
+        now = time.perf_counter()
+        self.outputs += 1
+        if out.text:
+            self.texts.append(out.text)
+        if out.finish_reason is None:
+            if self.progress_s and now - self.last_sent >= self.progress_s:
+                self.last_sent = now
+                return _PROGRESS
+            return None
+        resp = pb.GenerateResponse()
+        chunk = resp.chunk
+        chunk.text = "".join(self.texts)
+        chunk.finish_reason = out.finish_reason
+        usage = chunk.usage
+        usage.prompt_tokens = out.prompt_tokens
+        usage.completion_tokens = out.completion_tokens
+        usage.cached_tokens = out.cached_tokens
+        self.timed(resp, first_token_ms, (now - self.started) * 1000.0, self.outputs)
+        return resp
+
+    @staticmethod
+    def timed(resp: pb.GenerateResponse, first_ms: float, last_ms: float, outputs: int) -> None:
+        s = resp.summary
+        s.first_token_ms = first_ms
+        s.last_token_ms = last_ms
+        s.outputs = outputs
+
+
+_PROGRESS = pb.GenerateResponse()
+
+
 class EngineServicer:
     """Generate relays a backend's StepOutputs one chunk each: served_by on the first, finish reason and usage
     on the last. When the caller goes away or its deadline passes, the request is aborted in the backend."""
@@ -136,7 +182,20 @@ class EngineServicer:
                 outputs = self.backend.generate(
                     request_id, request.spec, cache_salt=request.cache_salt, priority=request.priority
                 )
+                summary = Summary(started, request.summary_progress_ms) if request.summarize else None
                 async for out in outputs:
+                    if summary is not None and first_token_ms is not None:
+                        # A summarized stream after its first chunk: nothing per token (its text is kept for
+                        # the last message), an empty message now and then for the caller's stall watchdog.
+                        sample.feed(out.token_ids, out.text)
+                        if out.finish_reason is not None:
+                            finish = out.finish_reason
+                            prompt_tokens, completion = out.prompt_tokens, out.completion_tokens
+                        else:
+                            completion = out.completion_tokens
+                        if (resp := summary.add(out, first_token_ms)) is not None:
+                            yield resp
+                        continue
                     resp = pb.GenerateResponse()
                     chunk = resp.chunk
                     chunk.text = out.text
@@ -156,6 +215,8 @@ class EngineServicer:
                         usage.prompt_tokens = prompt_tokens
                         usage.completion_tokens = completion
                         usage.cached_tokens = out.cached_tokens
+                        if summary is not None:  # a summarized stream of one message
+                            summary.timed(resp, first_token_ms, first_token_ms, 1)
                     else:
                         completion = out.completion_tokens
                     yield resp

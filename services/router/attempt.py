@@ -168,17 +168,19 @@ class Attempt:
         self.first = None
         return first.result()
 
-    def answered(self) -> None:
+    def answered(self, streaming: bool = True) -> None:
         """The replica sent its first chunk: a half-open breaker's probe closes; its TTFT feeds outlier
-        detection."""
+        detection. streaming=False for a summarized stream (no message per token): the stall watchdog then keeps
+        it out of the replica's inter-token pace and judges its silence as a first token's."""
         self._verdict = True
         self.breaker.on_success()
         replica = self.replica
         ttft_s = time.monotonic() - self.sent_at
         self.router.outliers.record_ttft(replica.replica_id, replica.model, ttft_s * 1000.0)
-        if self.watch is not None:
-            self.router.stalls.answered(self.watch, ttft_s)
-        self.streaming = True
+        if streaming:
+            if self.watch is not None:
+                self.router.stalls.answered(self.watch, ttft_s)
+            self.streaming = True
 
     def finished(self) -> None:
         """The stream ended normally."""

@@ -147,6 +147,8 @@ class RouterServicer:
         )
         self.outliers = OutlierDetector(outliers or OutlierSettings(enabled=False), clock=clock)
         self.stalls = StallDetector(stalls, clock=clock)
+        # Summarized shadow copies send a progress message 5 times per first-token threshold: a silent one is hung.
+        self.shadows.progress_ms = max(50, int(self.stalls.settings.first_token_s * 1000 / 5))
         self.drain = Drain("router")
         self.rng = rng or random.Random()
         self.sleep = sleep
@@ -375,7 +377,8 @@ class RouterServicer:
                     attempt = await run.next()
                     shadow = run.assignment.shadow
                     if shadow is not None and run.attempts == 1:
-                        # After the live attempt was sent, never before it: the copy cannot delay it.
+                        # After the live attempt started: the copy's task (replica choice, call) runs after the
+                        # live call's send, so it cannot delay it.
                         pair = self.shadows.start(run, shadow, arrived)
                     try:
                         if (delay := run.hedge_delay()) > 0:

@@ -121,6 +121,38 @@ async def test_streams_served_by_first_and_usage_last():
     assert rec.counter_total("fleetserve.engine.output_tokens") == 24
 
 
+async def test_a_summarized_stream_is_the_first_chunk_then_one_message_with_the_rest():
+    """summarize (the router's shadow copies): the first chunk as streamed, then with no progress interval one
+    last message with the rest of the text, the usage and the engine's token times; with one, empty progress
+    messages between. The text and usage equal the streamed answer's."""
+    async with engine(speed_factor=10.0) as (app, stub):  # 200 tokens in about 0.3 s: progress is due
+        streamed = [
+            r.chunk async for r in stub.Generate(request(max_tokens=200, request_id="s0"), timeout=10)
+        ]
+        whole = [
+            r
+            async for r in stub.Generate(request(max_tokens=200, request_id="s1", summarize=True), timeout=10)
+        ]
+        ticked = [
+            r
+            async for r in stub.Generate(
+                request(max_tokens=200, request_id="s2", summarize=True, summary_progress_ms=1), timeout=10
+            )
+        ]  # fmt: skip
+    assert sum(len(c.token_ids) for c in streamed) == 200 and len(streamed) > 2
+    assert len(whole) == 2
+    first, last = whole
+    assert first.chunk.served_by.replica_id == "engine-test" and first.chunk.text == streamed[0].text
+    assert first.chunk.token_ids == streamed[0].token_ids and not first.HasField("summary")
+    assert first.chunk.text + last.chunk.text == "".join(c.text for c in streamed)
+    assert last.chunk.usage == streamed[-1].usage and last.chunk.finish_reason == streamed[-1].finish_reason
+    assert not last.chunk.token_ids  # a summary carries text, not ids
+    assert 0 < last.summary.first_token_ms < last.summary.last_token_ms and 2 <= last.summary.outputs <= 200
+    progress = ticked[1:-1]
+    assert 1 <= len(progress) < 200 and all(m == pb.GenerateResponse() for m in progress)
+    assert ticked[0].chunk.text + ticked[-1].chunk.text == first.chunk.text + last.chunk.text
+
+
 async def test_span_is_a_child_of_the_callers_context_with_request_attributes():
     """engine.Generate joins the caller's trace (traceparent) and records request, replica, model, tokens and
     finish reason."""

@@ -84,6 +84,23 @@ async def test_streams_over_grpc_with_usage_and_info(model_dir, monkeypatch):
         assert (info.backend, info.block_size, info.kv_blocks_total) == ("vllm", 16, 1000)
 
 
+async def test_a_summarized_stream_over_vllm(model_dir, monkeypatch):
+    """summarize on the vllm backend: the first chunk, then one message with the rest of the text, the usage
+    and the engine's token times; the same text as the streamed answer."""
+    async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):
+        streamed = [r.chunk async for r in stub.Generate(request("summarize me", 20, "v0"), timeout=10)]
+        req = request("summarize me", 20, "v1")
+        req.summarize = True
+        whole = [r async for r in stub.Generate(req, timeout=10)]
+    assert sum(len(c.token_ids) for c in streamed) == 20 and len(whole) == 2
+    first, last = whole
+    assert first.chunk.served_by.replica_id == "engine-vllm"
+    assert first.chunk.text + last.chunk.text == "".join(c.text for c in streamed)
+    assert last.chunk.usage.completion_tokens == 20 and last.chunk.finish_reason == streamed[-1].finish_reason
+    assert 0 < last.summary.first_token_ms <= last.summary.last_token_ms
+    assert last.summary.outputs == len(streamed)
+
+
 async def test_abort_rpc_and_client_cancel_abort_in_vllm(model_dir, monkeypatch):
     """The Abort RPC ends a stream with ABORT; a cancelled call aborts in vLLM too."""
     async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):

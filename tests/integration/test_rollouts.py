@@ -222,7 +222,10 @@ def _all_since(load: Load, since: float, version: str) -> bool:
 
 async def test_shadow_copies_leave_live_traffic_alone_and_the_report_names_the_differences(fleet):
     """100% of v1's requests copied to v4: every live answer from v1, no failure, and the router's report lists
-    v4's planted slowness, shorter answers and refusals."""
+    v4's planted slowness (its TPOT from the engine's clock: the router reads no token of a copy), shorter
+    answers and refusals. Each copy costs the router a few messages (a summarized stream), not one per token;
+    a copy that generates for longer than the stall watchdog's first-token limit (2.5 s) without a chunk is not
+    taken for a hung replica (its progress messages)."""
     load = Load(fleet, concurrency=4, max_tokens=32)
     async with rollouts(fleet) as stub:
         await settle_on_v1(stub)
@@ -233,6 +236,22 @@ async def test_shadow_copies_leave_live_traffic_alone_and_the_report_names_the_d
         async with load.running():
             await assert_eventually(lambda: _report(fleet, r.rollout_id, 60), timeout_s=60, interval_s=0.5)
         report = await _report(fleet, r.rollout_id, 0)
+        # One long answer alone: its copy (400 tokens at v4's 2x TPOT, some 4 s at this speed) ends well after
+        # the watchdog's 2.5 s.
+        await assert_eventually(lambda: _copies_done(fleet, r.rollout_id), timeout_s=20, interval_s=0.3)
+        before = await _report(fleet, r.rollout_id, 0)
+        async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+            long = inf_grpc.InferenceServiceStub(ch).Generate(
+                inf_pb.GenerateRequest(
+                    model=MODEL, prompt="one long answer", max_tokens=800, ignore_eos=True, user_id="long"
+                ),
+                metadata=(("authorization", f"Bearer {fleet.api_key}"),),
+                timeout=60,
+            )
+            tokens = [r.chunk.usage.completion_tokens async for r in long]
+        after = await assert_eventually(
+            lambda: _report(fleet, r.rollout_id, before.pairs + 1), timeout_s=30, interval_s=0.3
+        )
         await stub.RollbackRollout(pb.RollbackRolloutRequest(rollout_id=r.rollout_id), timeout=5)
     assert {x.version for x in load.results} == {"v1"}
     assert not [x for x in load.results if x.code != "OK"]
@@ -242,6 +261,18 @@ async def test_shadow_copies_leave_live_traffic_alone_and_the_report_names_the_d
     assert 0.4 < report.shadow_output_tokens / report.live_output_tokens < 0.6, text
     assert "shadow refuses" in text and 0.05 < report.shadow_refusal_rate < 0.4, text
     assert report.live_refusal_rate == 0.0 and report.shadow_errors == 0
+    # A copy of 16 tokens: its first chunk, the summary, maybe a progress message; not one message a token.
+    assert report.shadow_messages < 4 and report.live_messages > 4, report
+    assert tokens[-1] == 800
+    assert after.pairs == before.pairs + 1 and after.shadow_errors == 0, after
+
+
+async def _copies_done(fleet, rid: str) -> bool:
+    """No copy of the rollout still in flight: two reports a moment apart count the same pairs and errors."""
+    a = await _report(fleet, rid, 0)
+    await asyncio.sleep(0.5)
+    b = await _report(fleet, rid, 0)
+    return (a.pairs, a.shadow_errors, a.live_errors) == (b.pairs, b.shadow_errors, b.live_errors)
 
 
 async def _report(fleet, rid: str, pairs: int) -> router_pb.ShadowReport | None:

@@ -49,3 +49,22 @@ def test_an_identical_candidate_has_no_differences_and_errors_count():
     report = stats.report()
     assert report.shadow_errors == 1 and report.pairs == 20
     assert any("shadow failed 1 of 21 copies" in d for d in report.differences)
+
+
+def test_a_summarized_copy_gives_its_text_tokens_and_the_engines_tpot():
+    """A summarized stream (first chunk, an empty progress message, the summary): the whole text, the token count
+    from the usage, and TPOT from the engine's token times, not from when the router read it."""
+    from fleetserve.common.v1 import common_pb2
+    from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+
+    from services.router.shadow import read_summary
+
+    first = engine_pb.GenerateResponse(chunk=common_pb2.GenerateChunk(text="Hello", token_ids=[1]))
+    last = engine_pb.GenerateResponse(
+        chunk=common_pb2.GenerateChunk(text=" world, again", usage=common_pb2.Usage(completion_tokens=11)),
+        summary=engine_pb.StreamSummary(first_token_ms=20.0, last_token_ms=70.0, outputs=11),
+    )
+    answer = Answer(OK, ttft_ms=25.0, e2e_ms=900.0)
+    read_summary([first.SerializeToString(), b"", last.SerializeToString()], answer)
+    assert (answer.text, answer.tokens, answer.messages) == ("Hello world, again", 11, 3)
+    assert answer.tpot_ms == 5.0  # (70 - 20) / 10; the router's clock would say (900 - 25) / 10
