@@ -154,6 +154,8 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
             itl_factor=settings.stall_itl_factor,
             first_token_s=settings.stall_first_token_s,
             ttft_factor=settings.stall_ttft_factor,
+            probe_after_s=settings.stall_probe_after_s,
+            probe_timeout_s=settings.stall_probe_timeout_s,
         ),
     )
     servicer.recycler = recycler(settings)

@@ -208,6 +208,17 @@ class RouterSettings(WorkerSettings):
         10.0, gt=1, description="Stalls: ... or this many times the replica's recent time to first token."
     )
     stall_check_interval_s: float = Field(0.1, gt=0, description="Stalls: how often silences are checked.")
+    stall_probe_after_s: float = Field(
+        0.75,
+        gt=0,
+        description="Stalls: a replica silent this long whose threshold is longer than this plus "
+        "--stall-probe-timeout-s is asked for its progress (GetLoad).",
+    )
+    stall_probe_timeout_s: float = Field(
+        1.25,
+        gt=0,
+        description="Stalls: a progress probe unanswered this long, with no chunk meanwhile, is a hang.",
+    )
 
     @field_validator("policy")
     @classmethod

@@ -54,6 +54,7 @@ UNCAPPED = 1 << 30
 
 
 ENGINE_GENERATE = "/fleetserve.engine.v1.EngineService/Generate"
+ENGINE_GET_LOAD = "/fleetserve.engine.v1.EngineService/GetLoad"
 _serialize_engine_request = engine_pb.GenerateRequest.SerializeToString
 _BREAKER_PB = {
     BreakerState.CLOSED: pb.BREAKER_STATE_CLOSED,
@@ -569,10 +570,44 @@ class RouterServicer:
             await asyncio.sleep(interval)
             for watch, silence, limit in self.stalls.check():
                 self._stalled(watch, silence, limit)
+            for watch in self.stalls.probes_due():
+                task = asyncio.get_running_loop().create_task(self._probe(watch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
-    def _stalled(self, watch: ReplicaWatch, silence: float, limit: float) -> None:
+    async def _probe(self, watch: ReplicaWatch) -> None:
+        """Ask a silent replica for its progress counters (stalls.py): no answer in time is a hang."""
+        attempt = next(iter(watch.attempts), None)
+        if attempt is None:
+            watch.probing = False
+            return
+        timeout = self.stalls.settings.probe_timeout_s
+        get_load = self.pool.get(attempt.replica.address).unary_unary(
+            ENGINE_GET_LOAD,
+            request_serializer=engine_pb.GetLoadRequest.SerializeToString,
+            response_deserializer=engine_pb.GetLoadResponse.FromString,
+        )
+        try:
+            resp = await get_load(engine_pb.GetLoadRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                watch.probing = False  # refused or reset: the attempts fail by themselves
+                return
+            hung = self.stalls.probe_unanswered(watch)
+            if hung is not None:
+                self._stalled(watch, hung[0], self.stalls.threshold(watch), probe_s=hung[1])
+            return
+        except BaseException:
+            watch.probing = False
+            raise
+        self.stalls.probe_answered(watch, resp.output_tokens + resp.requests_finished + resp.requests_aborted)
+
+    def _stalled(
+        self, watch: ReplicaWatch, silence: float, limit: float, probe_s: float | None = None
+    ) -> None:
         """A hung replica: out of rotation (its breaker opens at once: a half-open probe later tells whether it
-        is back), and each of its attempts ends as a fault, so that its streams resume on other replicas."""
+        is back), and each of its attempts ends as a fault, so that its streams resume on other replicas.
+        probe_s: found by a progress probe unanswered for that long (else by its silence passing limit)."""
         attempts = list(watch.attempts)
         if not attempts:
             return
@@ -586,10 +621,16 @@ class RouterServicer:
             attempts=len(attempts),
             streaming=watch.streaming,
             itl_ms=round(watch.itl_s * 1000.0, 2),
+            by="silence" if probe_s is None else "probe",
+            probe_ms=None if probe_s is None else round(probe_s * 1000.0, 1),
+        )
+        why = (
+            f"threshold {limit * 1000.0:.0f} ms"
+            if probe_s is None
+            else f"no answer to a progress probe in {probe_s * 1000.0:.0f} ms"
         )
         reason = Unavailable(
-            f"replica {watch.replica_id} stalled: no chunk for {silence * 1000.0:.0f} ms "
-            f"(threshold {limit * 1000.0:.0f} ms)",
+            f"replica {watch.replica_id} stalled: no chunk for {silence * 1000.0:.0f} ms ({why})",
             reason="REPLICA_STALLED",
             retry_after_s=1.0,
             metadata={"replica": watch.replica_id},

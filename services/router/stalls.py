@@ -5,7 +5,14 @@ Each replica's attempts count the chunks they relay (one integer increment per c
 a watchdog looks every check interval. A replica with work in flight and no chunk from any of its streams for
 longer than its threshold is stalled: max(min_silence_s, itl_factor x its recent inter-chunk interval) while it
 has streams under way, max(first_token_s, ttft_factor x its recent TTFT) while every request on it still waits
-for its first token. One slow request on a replica whose other streams progress is not a stall."""
+for its first token. One slow request on a replica whose other streams progress is not a stall.
+
+Those thresholds follow the replica's pace, so they can be long (a slow first token, a slow replica). A replica
+whose threshold is longer than probe_after_s + probe_timeout_s is asked for its progress counters (EngineService
+GetLoad: output tokens, requests finished and aborted) once it has been silent for probe_after_s: no answer within
+probe_timeout_s while still silent is a hang (a frozen process answers nothing), whatever its pace; an answer whose
+counters moved is progress (its silence starts over); an answer without progress leaves the threshold to decide
+(a live front end over a stuck kernel)."""
 
 from __future__ import annotations
 
@@ -25,6 +32,10 @@ class StallSettings:
     itl_factor: float = 20.0
     first_token_s: float = 2.5
     ttft_factor: float = 10.0
+    # Progress probes bound detection when the thresholds above are long: a hang is then seen within about
+    # probe_after_s + probe_timeout_s (+ one check interval) of the last chunk.
+    probe_after_s: float = 0.75
+    probe_timeout_s: float = 1.25
 
 
 class Watched(Protocol):
@@ -50,6 +61,10 @@ class ReplicaWatch:
         "attempts",
         "streaming",
         "removed",
+        "probing",
+        "probed_at",
+        "probe_chunks",
+        "progress",
     )
 
     def __init__(self, replica_id: str, now: float) -> None:
@@ -63,6 +78,10 @@ class ReplicaWatch:
         self.attempts: set[Watched] = set()
         self.streaming = 0  # attempts that have answered
         self.removed = False  # the replica left the fleet; dropped once its last attempt ends
+        self.probing = False  # a progress probe is in flight
+        self.probed_at = 0.0  # when the last probe was sent
+        self.probe_chunks = 0  # chunks counted when it was sent
+        self.progress = -1  # the replica's progress counters (sum) at its last answer; -1: none yet
 
 
 class StallDetector:
@@ -123,6 +142,47 @@ class StallDetector:
         if watch.streaming:
             return max(s.min_silence_s, s.itl_factor * watch.itl_s)
         return max(s.first_token_s, s.ttft_factor * watch.ttft_s)
+
+    def probes_due(self) -> list[ReplicaWatch]:
+        """Replicas to ask for their progress now: work in flight, silent for probe_after_s, a threshold that
+        would take longer than a probe, no probe in flight and none sent during the last probe_after_s. Each is
+        marked as probing (probe_answered or probe_unanswered ends it)."""
+        s = self.settings
+        now = self._clock()
+        due = []
+        for watch in self._watches.values():
+            if (
+                not watch.attempts
+                or watch.probing
+                or now - watch.quiet_since < s.probe_after_s
+                or now - watch.probed_at < s.probe_after_s
+                or self.threshold(watch) <= s.probe_after_s + s.probe_timeout_s
+            ):
+                continue
+            watch.probing = True
+            watch.probed_at = now
+            watch.probe_chunks = watch.chunks
+            due.append(watch)
+        return due
+
+    def probe_answered(self, watch: ReplicaWatch, progress: int) -> None:
+        """The replica answered its probe: alive. Counters that moved since its last answer are progress (its
+        silence starts over, as for a chunk); unchanged ones leave the silence to the threshold."""
+        watch.probing = False
+        if watch.progress >= 0 and progress != watch.progress:
+            watch.quiet_since = self._clock()
+        watch.progress = progress
+
+    def probe_unanswered(self, watch: ReplicaWatch) -> tuple[float, float] | None:
+        """The probe got no answer within probe_timeout_s. (silence, probe time) when that is a hang: the replica
+        has work in flight and sent no chunk meanwhile; its silence then starts over (reported once)."""
+        watch.probing = False
+        if not watch.attempts or watch.chunks != watch.probe_chunks:
+            return None
+        now = self._clock()
+        silence = now - watch.quiet_since
+        watch.quiet_since = now
+        return silence, now - watch.probed_at
 
     def check(self) -> list[tuple[ReplicaWatch, float, float]]:
         """(watch, silence, threshold) of every replica stalled now; their silence starts over (each stall is

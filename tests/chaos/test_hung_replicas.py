@@ -119,14 +119,25 @@ async def test_hung_engines_are_detected_and_their_streams_resume_elsewhere(tmp_
         assert o.usage.completion_tokens == len(ref.ids)
     router_log = tmp_path / "logs" / "router.log"
     stalls = _log_events(router_log, "router.replica_stalled")
-    detections = []
+    detections, paths = [], []
     for victim, at in hangs:
-        seen = [_ts(r) - at for r in stalls if r["replica"] == victim and _ts(r) >= at]
-        detections.append(round(min(seen), 3) if seen else None)
+        seen = sorted(
+            ((_ts(r) - at, r) for r in stalls if r["replica"] == victim and _ts(r) >= at), key=lambda x: x[0]
+        )
+        detections.append(round(seen[0][0], 3) if seen else None)
+        # Which rule saw it: the silence threshold (streaming or waiting for a first token) or a progress probe.
+        first = seen[0][1] if seen else {}
+        paths.append(
+            {
+                k: first.get(k)
+                for k in ("by", "threshold_ms", "silence_ms", "streaming", "attempts", "probe_ms")
+            }
+        )
     p99 = {k: percentile(v, 99) for k, v in ttfts.items()}
     print(
         f"hangs: {len(outcomes)} requests, {len(hangs)} hangs, detection after (s): {detections}, TTFT p99 {p99}"
     )
+    print(f"hangs: detected by {paths}")
     record(
         "engine_sigstop",
         requests=len(outcomes),
@@ -134,6 +145,7 @@ async def test_hung_engines_are_detected_and_their_streams_resume_elsewhere(tmp_
         lost_or_duplicated_tokens=0,
         hangs=len(hangs),
         detection_s=detections,
+        detected_by=paths,
         ttft_p99_s=p99,
         ttft_p50_s={k: percentile(v, 50) for k, v in ttfts.items()},
         settings=dict(

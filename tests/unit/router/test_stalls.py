@@ -97,3 +97,58 @@ def test_a_removed_replica_is_watched_until_its_attempts_end():
     assert [x[0] for x in tick(d, clock, 1.5)] == [w]
     d.discard(w, a)
     assert d.check() == [] and "r1" not in d._watches
+
+
+def waiting(d: StallDetector, clock: Clock):
+    """A request on an idle replica that has not answered yet: the first-token threshold (2.5 s) applies."""
+    clock.t += 50
+    a = FakeAttempt()
+    return a, d.add("r1", a)
+
+
+def test_a_silent_replica_with_a_long_threshold_is_probed_and_an_unanswered_probe_is_a_hang():
+    """Threshold 2.5 s > 0.75 + 1.25: probed once after 0.75 s of silence (not again while the probe is out);
+    no answer and no chunk meanwhile: a hang at ~2 s instead of 2.5 s, and the silence starts over."""
+    d, clock = detector(first_token_s=2.5, probe_after_s=0.75, probe_timeout_s=1.25)
+    _, w = waiting(d, clock)
+    assert tick(d, clock, 0.7) == [] and d.probes_due() == []  # 0.7 s of silence: not yet
+    tick(d, clock, 0.1)
+    assert d.probes_due() == [w] and w.probing
+    assert d.probes_due() == []  # one probe at a time
+    assert tick(d, clock, 1.25) == []  # 2.05 s: the silence rule alone would wait until 2.5 s
+    silence, probe_s = d.probe_unanswered(w)
+    assert abs(silence - 2.05) < 1e-9 and abs(probe_s - 1.25) < 1e-9 and not w.probing
+    assert d.check() == []  # reported once: its silence starts over
+
+
+def test_a_replica_with_a_short_threshold_is_not_probed():
+    """Streaming at a fast pace (threshold 1.0 s <= 0.75 + 1.25): the silence rule is as quick; no probe."""
+    d, clock = detector(min_silence_s=1.0, probe_after_s=0.75, probe_timeout_s=1.25)
+    _, w = stream(d, clock)
+    tick(d, clock, 0.1, w, chunks=10)
+    for _ in range(9):
+        tick(d, clock, 0.1, w)
+        assert d.probes_due() == []
+
+
+def test_a_probe_answered_with_progress_restarts_the_silence_and_without_leaves_it():
+    """Counters that moved since the last answer count as progress; unchanged ones do not; a chunk during an
+    unanswered probe means the replica is not hung."""
+    d, clock = detector(first_token_s=2.5, probe_after_s=0.75, probe_timeout_s=1.25)
+    _, w = waiting(d, clock)
+    tick(d, clock, 0.8)
+    assert d.probes_due() == [w]
+    d.probe_answered(w, 100)  # the first answer: nothing to compare with
+    assert not w.probing and abs(clock.t - w.quiet_since - 0.8) < 1e-9
+    tick(d, clock, 0.8)
+    assert d.probes_due() == [w]
+    d.probe_answered(w, 100)  # no progress: the silence goes on (1.6 s)
+    assert abs(clock.t - w.quiet_since - 1.6) < 1e-9
+    tick(d, clock, 0.8)
+    assert d.probes_due() == [w]
+    d.probe_answered(w, 140)  # progress (working for other routers, a long prefill): not silent any more
+    assert w.quiet_since == clock.t
+    tick(d, clock, 0.8)
+    assert d.probes_due() == [w]
+    w.chunks += 1  # a chunk arrived while the probe was out
+    assert d.probe_unanswered(w) is None
