@@ -109,9 +109,10 @@ chaos-multihost: protos system-deps ## 2 gateways + 2 routers + 2 registries on 
 		$(BIN)/python -m pytest -q -s tests/integration/test_multihost_chaos.py --timeout 1800
 
 SOAK_STREAMS ?= 200000
-# The bounded caches (engine KV blocks, spans, the Feedback index) sized to be full within the first 30k streams,
+# The bounded caches (engine KV blocks, spans, the gateway's Feedback index, the metrics service's request ids for
+# feedback) sized to be full within the first 30k streams,
 # so that what still grows after that is what is not bounded (docs/benchmarks/reliability.md).
-SOAK_CACHES ?= --kv-blocks 8192 --max-spans 50000 --feedback-index 20000
+SOAK_CACHES ?= --kv-blocks 8192 --max-spans 50000 --feedback-index 20000 --quality-recent 20000
 soak: protos ## Soak: 200k streams through the gateway, most cancelled; RSS/fds/threads/tasks JSON + plot.
 	$(BIN)/python -m pip install -q -e '.[soak]'
 	$(BIN)/python -m loadtest.soak --streams $(SOAK_STREAMS) $(SOAK_CACHES) \

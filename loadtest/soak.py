@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -111,19 +112,41 @@ async def http_stream(
         return type(e).__name__
 
 
-def proc_stats(pid: int) -> dict[str, float]:
-    """RSS (MB), open fds and threads of a process, from /proc."""
-    out = {"rss_mb": 0.0, "fds": 0, "threads": 0}
+def _children(pid: int) -> list[int]:
+    """Child processes of pid (a supervisor's workers), from /proc."""
+    out = []
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    out["rss_mb"] = round(int(line.split()[1]) / 1024, 2)
-                elif line.startswith("Threads:"):
-                    out["threads"] = int(line.split()[1])
-        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
     except OSError:
         pass
+    return out
+
+
+def proc_stats(pid: int) -> dict[str, float]:
+    """RSS (MB), open fds and threads of a process and its descendants (a service run with --workers: the
+    supervisor and its workers), from /proc."""
+    out = {"rss_mb": 0.0, "fds": 0, "threads": 0}
+    todo, seen = [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        out["rss_mb"] += int(line.split()[1]) / 1024
+                    elif line.startswith("Threads:"):
+                        out["threads"] += int(line.split()[1])
+            out["fds"] += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            continue
+        todo += _children(p)
+    out["rss_mb"] = round(out["rss_mb"], 2)
+    out["processes"] = len(seen)
     return out
 
 
@@ -163,12 +186,23 @@ def growth(samples: list[dict], service: str, at: int, end: int) -> dict | None:
     last = next(((n, r) for n, r in reversed(series) if n <= end), None)
     if first is None or last is None or last[0] <= first[0]:
         return None
+    # The same growth read off a least-squares line through every sample in between: two single samples
+    # also carry the swings of a garbage collection or a recycled worker (tens of MB), the line the trend.
+    window = [(n, r) for n, r in series if first[0] <= n <= last[0]]
+    trend = None
+    if len(window) >= 3:
+        slope, intercept = statistics.linear_regression([n for n, _ in window], [r for _, r in window])
+        start = intercept + slope * first[0]
+        trend = round(slope * (last[0] - first[0]) / start * 100.0, 2)
     return {
         "from_streams": first[0],
         "to_streams": last[0],
         "rss_mb_from": first[1],
         "rss_mb_to": last[1],
         "growth_pct": round((last[1] - first[1]) / first[1] * 100.0, 2),
+        "trend_growth_pct": trend,
+        "rss_mb_min": min(r for _, r in window),
+        "rss_mb_max": max(r for _, r in window),
     }
 
 
@@ -182,9 +216,22 @@ async def run(args: argparse.Namespace) -> dict:
     if args.kv_blocks:
         extra["engine"] = ["--num-kv-blocks", str(args.kv_blocks)]
     if args.max_spans:
-        extra["metrics"] = ["--max-spans", str(args.max_spans)]
+        extra.setdefault("metrics", []).extend(["--max-spans", str(args.max_spans)])
+    if args.quality_recent:
+        extra.setdefault("metrics", []).extend(["--quality-recent-requests", str(args.quality_recent)])
     if args.feedback_index:
         extra["gateway"] = ["--feedback-index-size", str(args.feedback_index)]
+    if args.max_requests_per_worker:
+        # Recycled workers (shared/recycle.py) bound what grpc.aio leaks natively per cancelled stream.
+        for service in ("router", "gateway"):
+            extra.setdefault(service, []).extend(
+                [
+                    "--max-requests-per-worker",
+                    str(args.max_requests_per_worker),
+                    "--max-requests-jitter",
+                    str(args.max_requests_jitter),
+                ]
+            )
     cluster = Cluster(
         ClusterConfig(
             data_dir=data_dir,
@@ -192,6 +239,8 @@ async def run(args: argparse.Namespace) -> dict:
             speed_factor=args.speed_factor,
             metrics_port=-1,
             extra_args=extra,
+            router_workers=args.workers,
+            gateway_workers=args.workers,
         )
     )
     await cluster.start()
@@ -309,6 +358,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--feedback-index", type=int, default=0, help="gateway's --feedback-index-size (default: its own)"
+    )
+    p.add_argument(
+        "--quality-recent",
+        type=int,
+        default=0,
+        help="metrics service's --quality-recent-requests (default: its own)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="router and gateway --workers (RSS: supervisor + workers)"
+    )
+    p.add_argument(
+        "--max-requests-per-worker",
+        type=int,
+        default=0,
+        help="router and gateway --max-requests-per-worker (needs --workers 2 or more)",
+    )
+    p.add_argument(
+        "--max-requests-jitter", type=int, default=0, help="router and gateway --max-requests-jitter"
     )
     p.add_argument("--tracemalloc", type=int, default=0, help="log the N allocation sites that grew most")
     p.add_argument("--seed", type=int, default=1)

@@ -124,7 +124,7 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     aliases = {a: (r.small, r.large) for a, r in parse_aliases(settings.model_aliases).items()}
     prices = PriceBook(parse_prices(settings.gpu_prices))
     cost = CostLedger(prices, replicas, aliases)
-    quality = QualityStore()
+    quality = QualityStore(recent=settings.quality_recent_requests)
     servicer = MetricsServicer(spans, stats, counters, slo, cost, arms, quality)
     intake = SpanIntake(spans)
     intake.record_sinks += [stats.add, slo.add, cost.add, quality.add_record]

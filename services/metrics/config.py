@@ -17,6 +17,13 @@ class MetricsSettings(ServiceSettings):
     max_spans: int = Field(
         200_000, ge=1, le=50_000_000, description="Spans kept for GetTrace; the oldest are evicted first."
     )
+    quality_recent_requests: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description="Request ids remembered (with model and version) to label feedback that arrives without a "
+        "version; the oldest are dropped first.",
+    )
     slo_file: str = Field(
         "",
         description="TOML file of SLOs ([[slo]]: name, kind availability|ttft|tpot, objective, model ('*' = "

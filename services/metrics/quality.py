@@ -77,9 +77,12 @@ class VersionSeries:
 class QualityStore:
     """Per (model, version) quality counts; GetQuality and CompareVersions read windows of them."""
 
-    def __init__(self, clock: Callable[[], float] = time.time, tiers=DEFAULT_TIERS) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, tiers=DEFAULT_TIERS, recent: int = RECENT_REQUESTS
+    ) -> None:
         self._clock = clock
         self.tiers = tiers
+        self.max_recent = recent  # request ids remembered for feedback (--quality-recent-requests)
         self._versions: dict[tuple[str, str], VersionSeries] = {}
         self._recent: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
@@ -103,7 +106,7 @@ class QualityStore:
         b.safety_blocked += bool(r.safety_blocked)
         if r.request_id:
             self._recent[r.request_id] = (r.model, r.version)
-            if len(self._recent) > RECENT_REQUESTS:
+            if len(self._recent) > self.max_recent:
                 self._recent.popitem(last=False)
 
     def add_engine_span(self, span, attrs: Mapping[str, Any], trace_id: str) -> None:

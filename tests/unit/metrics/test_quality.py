@@ -81,6 +81,18 @@ def test_store_counts_generations_requests_and_feedback_by_version():
     assert q.versions("m") == ["v2"]
 
 
+def test_request_ids_for_feedback_are_bounded_oldest_dropped_first():
+    """--quality-recent-requests: at most that many request ids are remembered; feedback on an older one has no
+    version to label it with and is dropped."""
+    q = QualityStore(clock=lambda: 100.0, recent=2)
+    for rid in ("r1", "r2", "r3"):
+        q.add_record(RequestRecord(50.0, 1.0, None, 0, 14, model="m", version="v2", request_id=rid))
+    q.add_feedback_span(feedback_span(60.0, "r1", 1), {}, "")  # dropped from the index
+    q.add_feedback_span(feedback_span(60.0, "r3", 5), {}, "")
+    b, lengths = q.window("m", "v2", 0.0, 100.0)
+    assert list(signals("m", "v2", b, lengths).ratings) == [0, 0, 0, 0, 1]
+
+
 def test_more_refusals_is_a_shift_and_equal_rates_are_not():
     """20% refusals against 1% is flagged (chi-squared); 1% against 1% is not; small counts use Fisher's
     exact test; fewer samples than the minimum is insufficient data, never a verdict."""
