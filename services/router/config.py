@@ -209,10 +209,10 @@ class RouterSettings(WorkerSettings):
     )
     stall_check_interval_s: float = Field(0.1, gt=0, description="Stalls: how often silences are checked.")
     stall_probe_after_s: float = Field(
-        0.75,
+        0.5,
         gt=0,
-        description="Stalls: a replica silent this long whose threshold is longer than this plus "
-        "--stall-probe-timeout-s is asked for its progress (GetLoad).",
+        description="Stalls: a replica with requests in flight silent this long is asked for its progress "
+        "(GetLoad) and gets no new request until it answers.",
     )
     stall_probe_timeout_s: float = Field(
         1.25,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable
@@ -164,12 +165,22 @@ class Membership:
 
     # -- failures ------------------------------------------------------------------------------------
 
-    def mark_unroutable(self, replica_id: str, cooldown_s: float | None = None) -> None:
-        """Keep a replica out of rotation for a cooldown (it failed before streaming anything)."""
-        if replica_id in self._replicas:
-            self._unroutable_until[replica_id] = self._clock() + (
-                self.cooldown_s if cooldown_s is None else cooldown_s
-            )
+    def mark_unroutable(self, replica_id: str, cooldown_s: float | None = None) -> float | None:
+        """Keep a replica out of rotation for a cooldown (it failed before streaming anything, or it is silent
+        and being probed); a longer cooldown already running is kept. Until when this call keeps it out (None:
+        an unknown replica, or the longer cooldown kept)."""
+        if replica_id not in self._replicas:
+            return None
+        until = self._clock() + (self.cooldown_s if cooldown_s is None else cooldown_s)
+        if until <= self._unroutable_until.get(replica_id, -math.inf):
+            return None
+        self._unroutable_until[replica_id] = until
+        return until
+
+    def lift_unroutable(self, replica_id: str, until: float) -> None:
+        """End the cooldown that mark_unroutable returned `until` for, unless another one has replaced it."""
+        if self._unroutable_until.get(replica_id) == until:
+            del self._unroutable_until[replica_id]
 
     def is_routable(self, replica: ReplicaInfo) -> bool:
         """SERVING and not cooling down after a failure."""

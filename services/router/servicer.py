@@ -587,6 +587,11 @@ class RouterServicer:
             request_serializer=engine_pb.GetLoadRequest.SerializeToString,
             response_deserializer=engine_pb.GetLoadResponse.FromString,
         )
+        # While it is in doubt, new requests go elsewhere (a request sent to a hung replica waits out the
+        # detection: the TTFT tail of a hang), if there is an elsewhere; an answer puts it back at once.
+        held = None
+        if any(r.replica_id != watch.replica_id for r in self.membership.routable(attempt.replica.model)):
+            held = self.membership.mark_unroutable(watch.replica_id, cooldown_s=timeout)
         try:
             resp = await get_load(engine_pb.GetLoadRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -600,6 +605,8 @@ class RouterServicer:
         except BaseException:
             watch.probing = False
             raise
+        if held is not None:
+            self.membership.lift_unroutable(watch.replica_id, held)
         self.stalls.probe_answered(watch, resp.output_tokens + resp.requests_finished + resp.requests_aborted)
 
     def _stalled(

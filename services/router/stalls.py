@@ -8,11 +8,11 @@ has streams under way, max(first_token_s, ttft_factor x its recent TTFT) while e
 for its first token. One slow request on a replica whose other streams progress is not a stall.
 
 Those thresholds follow the replica's pace, so they can be long (a slow first token, a slow replica). A replica
-whose threshold is longer than probe_after_s + probe_timeout_s is asked for its progress counters (EngineService
-GetLoad: output tokens, requests finished and aborted) once it has been silent for probe_after_s: no answer within
-probe_timeout_s while still silent is a hang (a frozen process answers nothing), whatever its pace; an answer whose
-counters moved is progress (its silence starts over); an answer without progress leaves the threshold to decide
-(a live front end over a stuck kernel)."""
+silent for probe_after_s whose threshold has not passed yet is asked for its progress counters (EngineService
+GetLoad: output tokens, requests finished and aborted), and new requests avoid it meanwhile (when another
+replica can take them): no answer within probe_timeout_s while still silent is a hang (a frozen process answers
+nothing), whatever its pace; an answer whose counters moved is progress (its silence starts over); an answer
+without progress leaves the threshold to decide (a live front end over a stuck kernel)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class StallSettings:
     ttft_factor: float = 10.0
     # Progress probes bound detection when the thresholds above are long: a hang is then seen within about
     # probe_after_s + probe_timeout_s (+ one check interval) of the last chunk.
-    probe_after_s: float = 0.75
+    probe_after_s: float = 0.5
     probe_timeout_s: float = 1.25
 
 
@@ -144,9 +144,9 @@ class StallDetector:
         return max(s.first_token_s, s.ttft_factor * watch.ttft_s)
 
     def probes_due(self) -> list[ReplicaWatch]:
-        """Replicas to ask for their progress now: work in flight, silent for probe_after_s, a threshold that
-        would take longer than a probe, no probe in flight and none sent during the last probe_after_s. Each is
-        marked as probing (probe_answered or probe_unanswered ends it)."""
+        """Replicas to ask for their progress now: work in flight, silent for probe_after_s (but not yet for
+        their threshold), no probe in flight and none sent during the last probe_after_s. Each is marked as
+        probing (probe_answered or probe_unanswered ends it)."""
         s = self.settings
         now = self._clock()
         due = []
@@ -156,7 +156,7 @@ class StallDetector:
                 or watch.probing
                 or now - watch.quiet_since < s.probe_after_s
                 or now - watch.probed_at < s.probe_after_s
-                or self.threshold(watch) <= s.probe_after_s + s.probe_timeout_s
+                or now - watch.quiet_since > self.threshold(watch)
             ):
                 continue
             watch.probing = True
@@ -207,5 +207,6 @@ class StallDetector:
                 if silence > limit:
                     stalled.append((watch, silence, limit))
                     watch.quiet_since = now
+                    watch.probe_chunks = -1  # a probe still out must not report this stall again
             watch.last_tick = now
         return stalled

@@ -95,6 +95,23 @@ def test_cooldown_takes_a_replica_out_until_it_expires():
     assert ids(m.routable("m")) == ["a", "b"]
 
 
+def test_a_shorter_cooldown_keeps_a_longer_one_and_a_lift_ends_only_its_own():
+    """A silent replica held out while probed (a short cooldown) keeps a failure's longer cooldown; lifting
+    the probe's hold ends it only if no other cooldown replaced it."""
+    clock = Clock()
+    m = Membership(cooldown_s=5.0, clock=clock)
+    m.apply(event(SNAPSHOT, replica("a"), replica("b")))
+    held = m.mark_unroutable("a", cooldown_s=1.25)
+    assert ids(m.routable("m")) == ["b"]
+    m.lift_unroutable("a", held)  # the probe was answered
+    assert ids(m.routable("m")) == ["a", "b"]
+    m.mark_unroutable("a")  # a failure: 5 s
+    assert m.mark_unroutable("a", cooldown_s=1.25) is None  # the longer one is kept: nothing to lift
+    clock.now += 2.0
+    assert ids(m.routable("m")) == ["b"]  # still the failure's cooldown
+    assert m.mark_unroutable("nope") is None
+
+
 def test_registry_re_adding_a_replica_ends_its_cooldown():
     """An ADDED event (the replica registered again) makes it routable at once."""
     m = Membership(cooldown_s=60.0, clock=Clock())

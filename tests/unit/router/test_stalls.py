@@ -121,14 +121,17 @@ def test_a_silent_replica_with_a_long_threshold_is_probed_and_an_unanswered_prob
     assert d.check() == []  # reported once: its silence starts over
 
 
-def test_a_replica_with_a_short_threshold_is_not_probed():
-    """Streaming at a fast pace (threshold 1.0 s <= 0.75 + 1.25): the silence rule is as quick; no probe."""
-    d, clock = detector(min_silence_s=1.0, probe_after_s=0.75, probe_timeout_s=1.25)
+def test_a_replica_past_its_threshold_is_not_probed():
+    """Streaming at a fast pace with a threshold (0.4 s) under probe_after_s (0.5 s): the silence rule reports it
+    first; no probe."""
+    d, clock = detector(min_silence_s=0.4, probe_after_s=0.5, probe_timeout_s=1.25)
     _, w = stream(d, clock)
     tick(d, clock, 0.1, w, chunks=10)
-    for _ in range(9):
-        tick(d, clock, 0.1, w)
+    seen = []
+    for _ in range(6):
+        seen += tick(d, clock, 0.1, w)
         assert d.probes_due() == []
+    assert [x[0] for x in seen] == [w]
 
 
 def test_a_probe_answered_with_progress_restarts_the_silence_and_without_leaves_it():
@@ -152,3 +155,13 @@ def test_a_probe_answered_with_progress_restarts_the_silence_and_without_leaves_
     assert d.probes_due() == [w]
     w.chunks += 1  # a chunk arrived while the probe was out
     assert d.probe_unanswered(w) is None
+
+
+def test_a_stall_reported_by_its_threshold_is_not_reported_again_by_the_probe_still_out():
+    """The silence rule fires while a probe is out (a threshold shorter than the probe): one report only."""
+    d, clock = detector(first_token_s=1.0, probe_after_s=0.5, probe_timeout_s=1.25)
+    _, w = waiting(d, clock)
+    tick(d, clock, 0.6)
+    assert d.probes_due() == [w]
+    assert [x[0] for x in tick(d, clock, 0.5)] == [w]
+    assert d.probe_unanswered(w) is None and not w.probing
