@@ -14,6 +14,7 @@ the relay's task is never cancelled: close() cancels the call, and the pending r
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -63,6 +64,7 @@ class ChunkRelay:
         "_cancel",
         "_closed",
         "merged",
+        "ended_at",
     )
 
     def __init__(
@@ -82,6 +84,9 @@ class ChunkRelay:
         self._cancel = cancel
         self._closed = False
         self.merged = 0  # messages saved by merging (chunks in merged messages minus those messages)
+        self.ended_at = (
+            0.0  # time.monotonic() when the upstream call ended normally (its last chunk had come)
+        )
         task = self._task = asyncio.get_running_loop().create_task(self._pump(read))
         _pumps.add(task)
         task.add_done_callback(_pumps.discard)
@@ -106,6 +111,7 @@ class ChunkRelay:
                     space = self._space = asyncio.get_running_loop().create_future()
                     await space
             self._end = EOF
+            self.ended_at = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - handed to the reader, after the chunks before it
             self._end = e
         waiter = self._waiter

@@ -409,6 +409,8 @@ class RouterServicer:
                                     data = await read()
                                     if data is grpc.aio.EOF:
                                         break
+                                if pair is not None:
+                                    pair.live_upstream_end(attempt.relay.ended_at)
                         except ReplicaAborted as e:
                             if e.args:
                                 run.streamed = True

@@ -67,14 +67,19 @@ class Answer:
     messages: int = 0  # messages the router read of this answer
     # A summarized stream's time per output token from the engine's own clock (the router saw no tokens).
     engine_tpot_ms: float | None = None
+    # A live stream: when its last chunk came from the engine (ms after arrival), before any wait downstream.
+    engine_end_ms: float | None = None
 
     @property
     def tpot_ms(self) -> float | None:
+        """Time per output token after the first, of the generation itself: the engine's clock for a copy; for a
+        live answer from its first chunk to the engine's last (e2e when that is unknown)."""
         if self.engine_tpot_ms is not None:
             return self.engine_tpot_ms
         if self.ttft_ms is None or self.tokens < 2:
             return None
-        return (self.e2e_ms - self.ttft_ms) / (self.tokens - 1)
+        end = self.engine_end_ms if self.engine_end_ms is not None else self.e2e_ms
+        return (end - self.ttft_ms) / (self.tokens - 1)
 
 
 def read_answer(chunks: list[bytes], answer: Answer) -> None:
@@ -238,6 +243,12 @@ class ShadowPair:
 
     def live_first(self) -> None:
         self.live.ttft_ms = (time.monotonic() - self.arrived) * 1000.0
+
+    def live_upstream_end(self, at: float) -> None:
+        """The live stream's last chunk came from the engine at `at` (monotonic): the live TPOT is timed to it,
+        as the copy's is on the engine, so a slow reader downstream (gateway, client) does not count."""
+        if at:
+            self.live.engine_end_ms = (at - self.arrived) * 1000.0
 
     def live_ended(self, code: grpc.StatusCode) -> None:
         """The live request is over (any way): its result joins the pair."""

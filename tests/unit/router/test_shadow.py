@@ -68,3 +68,11 @@ def test_a_summarized_copy_gives_its_text_tokens_and_the_engines_tpot():
     read_summary([first.SerializeToString(), b"", last.SerializeToString()], answer)
     assert (answer.text, answer.tokens, answer.messages) == ("Hello world, again", 11, 3)
     assert answer.tpot_ms == 5.0  # (70 - 20) / 10; the router's clock would say (900 - 25) / 10
+
+
+def test_a_live_answers_tpot_ends_when_the_engine_sent_its_last_chunk():
+    """The live TPOT runs to the engine's last chunk when the router saw it, not to the end of a slow relay
+    downstream; without that time, to the end."""
+    a = Answer(OK, ttft_ms=10.0, e2e_ms=400.0, text="x", tokens=11, engine_end_ms=110.0)
+    assert a.tpot_ms == 10.0
+    assert Answer(OK, ttft_ms=10.0, e2e_ms=400.0, text="x", tokens=11).tpot_ms == 39.0
