@@ -538,6 +538,10 @@ async def section_shadow(ctx: Ctx) -> dict:
     aa_ci = _p50_diff_ci(off_a, off_b, ctx.args.seed)
     # Met when the interval comes within the A/A difference of zero: an effect the same size as what two sets of
     # identical phases differ by is not one this run can tell from noise.
+    # Paired by round (each round's 0% and 100% phases are adjacent): drift in the host's load cancels out.
+    from scipy import stats as sps
+
+    paired_ci = [round(float(x), 3) for x in sps.ttest_1samp(paired, 0.0).confidence_interval(0.95)]
     gap = max(0.0, ci[0], -ci[1])
     within_noise = bool(gap <= abs(aa))
     cpu = {
@@ -570,6 +574,9 @@ async def section_shadow(ctx: Ctx) -> dict:
         "p50_difference_ms": round(diff, 3),
         "p50_difference_ci95_ms": ci,
         "paired_round_differences_ms": [round(x, 3) for x in paired],
+        "paired_mean_ms": round(float(np.mean(paired)), 3),
+        "paired_mean_ci95_ms": paired_ci,
+        "paired_rounds_positive": sum(x > 0 for x in paired),
         "aa_p50_difference_ms": round(aa, 3),
         "aa_p50_difference_ci95_ms": aa_ci,
         "ci_gap_from_zero_ms": round(gap, 3),
