@@ -148,8 +148,10 @@ class RouterServicer:
         )
         self.outliers = OutlierDetector(outliers or OutlierSettings(enabled=False), clock=clock)
         self.stalls = StallDetector(stalls, clock=clock)
-        # Summarized shadow copies send a progress message 5 times per first-token threshold: a silent one is hung.
-        self.shadows.progress_ms = max(50, int(self.stalls.settings.first_token_s * 1000 / 5))
+        # Summarized shadow copies send a progress message twice per probe delay (and 5 times per first-token
+        # threshold): a candidate that generates is neither probed nor held out of rotation; a silent one is hung.
+        st = self.stalls.settings
+        self.shadows.progress_ms = max(50, int(min(st.probe_after_s / 2, st.first_token_s / 5) * 1000))
         self.drain = Drain("router")
         self.rng = rng or random.Random()
         self.sleep = sleep
