@@ -7,7 +7,12 @@ fast as it can stands in for the engine, so the hops are what is measured:
     bare2     client -> bare -> bare -> source         gateway   client -> gateway -> source
                                                         mesh      client -> gateway -> router -> source
     (router and gateway again with --workers 2: router2, gateway2, mesh2; with coalescing off: router-nc,
-    gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0)
+    gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0; with the client on the
+    gateway's OpenAI HTTP endpoint, streaming SSE, as `vllm bench serve` is: gateway-http, mesh-http)
+
+A/B of two versions of the code in one run: `--base-tree DIR` (a checkout of the other commit, e.g. `git
+worktree add DIR main`) and a mode with the suffix `@base` runs every process of that mode from DIR. A suffix
+`#N` only makes a second label for the same mode (an A/A pair: `mesh@base,mesh,mesh@base#2`).
 
 Per mode: relayed tokens/s at --streams (capacity; our hops merge the chunks a lagging reader has pending, so
 messages and tokens differ), TTFT p50 at one stream and what it adds over direct, TTFT p50/p99 under load, and
@@ -113,8 +118,9 @@ async def run_source(args) -> None:
 class Procs:
     """Processes of one mode, each with a ready file; stopped with SIGTERM (killed after a while)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, cwd: str | None = None) -> None:
         self.tmp = tmp
+        self.cwd = cwd  # the source tree the processes run from (None: this one)
         self.procs: dict[str, subprocess.Popen] = {}
         self.addresses: dict[str, str] = {}
         self.info: dict[str, dict] = {}
@@ -124,8 +130,15 @@ class Procs:
         ready.unlink(missing_ok=True)
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if self.cwd:
+            # `python -m` puts the working directory first on sys.path: services/ and shared/ come from there.
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.cwd, env.get("PYTHONPATH", "")]))
         p = subprocess.Popen(
-            [sys.executable, "-m", *argv, "--ready-file", str(ready)], stdout=log, stderr=log, env=env
+            [sys.executable, "-m", *argv, "--ready-file", str(ready)],
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=self.cwd,
         )
         self.procs[name] = p
         deadline = time.monotonic() + timeout_s
@@ -159,7 +172,14 @@ class Procs:
 def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
     """Start one mode's processes; (procs, client target, hop names, request kind). When one fails to start,
     those started before it are stopped."""
-    procs = Procs(tmp)
+    mode = mode.split("#")[0]
+    if mode.endswith("@base"):
+        if not args.base_tree:
+            raise SystemExit(f"mode {mode}: --base-tree is needed")
+        procs = Procs(tmp, cwd=str(Path(args.base_tree).resolve()))
+        mode = mode.removesuffix("@base")
+    else:
+        procs = Procs(tmp)
     try:
         return _start_mode(procs, mode, tmp, args)
     except BaseException:
@@ -182,6 +202,7 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
     )
     base, *variants = mode.split("-")
     workers = "2" if base.endswith("2") else "1"  # router2, mesh2-nc, ...: --workers 2
+    http = "http" in variants
     if "nc" in variants:
         common = [*common, "--no-coalesce"]
     # -gc0: the hops with Python's default collector thresholds instead of the services' (shared/server.py).
@@ -207,12 +228,14 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
     key = "fsk-bench-" + "k" * 20
     gw = [
         "services.gateway", "--router-address", routers, "--workers", workers, "--db-path", str(tmp / f"{mode}-gw.db"),
-        "--http-port", "-1", "--extra-models", MODEL, *common,
+        "--http-port", "0" if http else "-1", "--extra-models", MODEL, *common,
     ]  # fmt: skip
     # A secret never goes on a command line: the gateway refuses it as a flag.
     gateway = procs.start("gateway", gw, env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": key, **hop_env})
     hops.append("gateway")
     procs.api_key = key  # type: ignore[attr-defined]
+    if http:
+        return procs, procs.info["gateway"]["http_address"], hops, "http"
     return procs, gateway, hops, "gateway"
 
 
@@ -267,6 +290,8 @@ METHODS = {
 
 async def load(target: str, kind: str, streams: int, duration_s: float, api_key: str) -> dict:
     """A closed loop of `streams` requests for duration_s: messages, tokens, requests, TTFTs."""
+    if kind == "http":
+        return await load_http(target, streams, duration_s, api_key)
     from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
     parse = engine_pb.GenerateResponse.FromString  # the three hops' responses are wire-identical
@@ -305,6 +330,71 @@ async def load(target: str, kind: str, streams: int, duration_s: float, api_key:
     await asyncio.gather(*(one_stream(k) for k in range(streams)))
     wall = clock() - t0
     await channel.close()
+    return {
+        "tokens_per_s": tokens / wall,
+        "messages_per_s": msgs / wall,
+        "requests": done,
+        "wall_s": wall,
+        "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
+        "ttft_p99_ms": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))] * 1000 if ttfts else None,
+        "errors": dict(errors),
+    }
+
+
+async def load_http(target: str, streams: int, duration_s: float, api_key: str) -> dict:
+    """load() over the gateway's OpenAI endpoint: POST /v1/completions with stream=true, as `vllm bench serve`
+    does; TTFT is the first SSE event with text, a message is an event with text (a merged one may hold
+    several tokens: tokens are counted from the usage of the last event)."""
+    import aiohttp
+
+    url = f"http://{target}/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"}
+    bodies = [
+        json.dumps({"model": MODEL, "prompt": f"request {i} " + "word " * 32, "max_tokens": 64,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+        for i in range(64)
+    ]  # fmt: skip
+    msgs = tokens = done = 0
+    errors: collections.Counter[str] = collections.Counter()
+    ttfts: list[float] = []
+    clock = time.perf_counter
+    end = clock() + duration_s
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def one_stream(k: int) -> None:
+            nonlocal msgs, tokens, done
+            i = k
+            while clock() < end:
+                t0 = clock()
+                first = True
+                try:
+                    async with session.post(url, data=bodies[i % len(bodies)],
+                                            headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
+                        if resp.status != 200:
+                            errors[str(resp.status)] += 1
+                            await resp.read()
+                            continue
+                        async for line in resp.content:
+                            if not line.startswith(b"data: {"):
+                                continue
+                            event = json.loads(line[6:])
+                            if event.get("choices") and event["choices"][0].get("text"):
+                                if first:
+                                    ttfts.append(clock() - t0)
+                                    first = False
+                                msgs += 1
+                            if event.get("usage"):
+                                tokens += event["usage"]["completion_tokens"]
+                    done += 1
+                except aiohttp.ClientError as e:
+                    errors[type(e).__name__] += 1
+                finally:
+                    i += streams
+
+        t0 = clock()
+        await asyncio.gather(*(one_stream(k) for k in range(streams)))
+        wall = clock() - t0
     return {
         "tokens_per_s": tokens / wall,
         "messages_per_s": msgs / wall,
@@ -358,28 +448,58 @@ def flame(pids: list[int], seconds: float, out: Path) -> list[tuple[str, float]]
     return [(k, round(v / total, 3)) for k, v in self_time.most_common(12)] if total else []
 
 
+def measure(mode: str, target: str, kind: str, key: str, hop_pids: dict[str, list[int]], args) -> dict:
+    """One run of a started mode: one stream for --c1-seconds, then --streams for --seconds (when > 1), with
+    the CPU its hop processes used."""
+    rec: dict = {"mode": mode, "hops": list(hop_pids)}
+    runs = [(1, args.c1_seconds)] + ([(args.streams, args.seconds)] if args.streams > 1 else [])
+    for streams, duration in runs:
+        before = {h: cpu_seconds(p) for h, p in hop_pids.items()}
+        r = asyncio.run(load(target, kind, streams, duration, key))
+        used = {h: cpu_seconds(p) - before[h] for h, p in hop_pids.items()}
+        r["hop_cpu_cores"] = {h: round(u / r["wall_s"], 3) for h, u in used.items()}
+        r["hop_cpu_ms_per_request"] = {h: round(1000 * u / max(1, r["requests"]), 3) for h, u in used.items()}
+        msgs = r["messages_per_s"] * r["wall_s"]
+        r["hop_cpu_us_per_message"] = {h: round(1e6 * u / max(1, msgs), 2) for h, u in used.items()}
+        toks = r["tokens_per_s"] * r["wall_s"]
+        r["hop_cpu_us_per_token"] = {h: round(1e6 * u / max(1, toks), 2) for h, u in used.items()}
+        rec[f"c{streams}"] = r
+        print(f"hop_bench: {mode} c={streams}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    return rec
+
+
+def run_all_up(modes: list[str], args, tmp: Path, runs: dict[str, list[dict]], save) -> None:
+    """--all-up: every mode's processes started once, side by side (an idle fleet costs nothing), then the
+    measurements interleaved mode by mode, --repeats times: no start-up between them, so many short
+    repeats fit in one hold of the machine."""
+    fleets: dict[str, tuple] = {}
+    try:
+        for i, mode in enumerate(modes):
+            d = tmp / f"fleet{i}"
+            d.mkdir()
+            procs, target, hops, kind = start_mode(mode, d, args)
+            fleets[mode] = (procs, target, kind, getattr(procs, "api_key", ""), hops)
+            asyncio.run(load(target, kind, 8, 1.0, fleets[mode][3]))  # warm up
+        pids = {m: {h: f[0].pids(h) for h in f[4]} for m, f in fleets.items()}
+        for rep in range(args.repeats):
+            order = modes if rep % 2 == 0 else modes[::-1]  # neither side always measured first
+            for mode in order:
+                _, target, kind, key, _ = fleets[mode]
+                runs[mode].append(measure(mode, target, kind, key, pids[mode], args))
+                save()
+    finally:
+        for f in fleets.values():
+            f[0].stop()
+
+
 def run_mode(mode: str, args, tmp: Path, flames: bool = False) -> dict:
     procs, target, hops, kind = start_mode(mode, tmp, args)
     key = getattr(procs, "api_key", "")
-    rec: dict = {"mode": mode, "hops": hops}
     try:
         asyncio.run(load(target, kind, 8, 1.0, key))  # warm up: channels, caches, first-call paths
         hop_pids = {h: procs.pids(h) for h in hops}
-        for streams, duration in ((1, args.c1_seconds), (args.streams, args.seconds)):
-            before = {h: cpu_seconds(p) for h, p in hop_pids.items()}
-            r = asyncio.run(load(target, kind, streams, duration, key))
-            used = {h: cpu_seconds(p) - before[h] for h, p in hop_pids.items()}
-            r["hop_cpu_cores"] = {h: round(u / r["wall_s"], 3) for h, u in used.items()}
-            r["hop_cpu_ms_per_request"] = {
-                h: round(1000 * u / max(1, r["requests"]), 3) for h, u in used.items()
-            }
-            msgs = r["messages_per_s"] * r["wall_s"]
-            r["hop_cpu_us_per_message"] = {h: round(1e6 * u / max(1, msgs), 2) for h, u in used.items()}
-            toks = r["tokens_per_s"] * r["wall_s"]
-            r["hop_cpu_us_per_token"] = {h: round(1e6 * u / max(1, toks), 2) for h, u in used.items()}
-            rec[f"c{streams}"] = r
-            print(f"hop_bench: {mode} c={streams}: {json.dumps(r)}", file=sys.stderr, flush=True)
-        if flames and hops:
+        rec = measure(mode, target, kind, key, hop_pids, args)
+        if flames and hops and args.streams > 1:
             box: dict = {}
 
             async def loaded():
@@ -424,6 +544,8 @@ def median_record(recs: list[dict]) -> dict:
 def markdown(doc: dict) -> str:
     by = {r["mode"]: r for r in doc["records"]}
     n = doc["streams"]
+    if n <= 1:
+        return markdown_c1(doc)
     cn = f"c{n}"
     base1 = by.get("direct", {}).get("c1", {}).get("ttft_p50_ms") or 0
     lines = [
@@ -445,6 +567,36 @@ def markdown(doc: dict) -> str:
             f"{c1['ttft_p50_ms'] - base1:+.2f} | {cl['ttft_p50_ms']:,.0f} / {cl['ttft_p99_ms']:,.0f} | "
             f"{sum(c1['hop_cpu_ms_per_request'].values()):.2f} | {sum(per_token.values()):.1f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def markdown_c1(doc: dict) -> str:
+    """The one-stream table (--streams 0 or 1): TTFT p50 and hop CPU per request, median and range over the
+    repeats, and each mode's TTFT against its pair's in the same repeat (MODE against MODE@base)."""
+    by = {r["mode"]: r for r in doc["records"]}
+
+    def each(r: dict, f) -> list[float]:
+        return [f(x["c1"]) for x in r.get("repeats", [r])]
+
+    def span(values: list[float], fmt: str) -> str:
+        return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+    lines = [
+        "| mode | TTFT p50 c=1 ms, median [range] | paired vs @base, median [range] | hop CPU ms/request | requests |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in by.items():
+        ttft = each(r, lambda c: c["ttft_p50_ms"])
+        cpu = each(r, lambda c: sum(c["hop_cpu_ms_per_request"].values()))
+        pair = ""
+        # MODE against MODE@base; an A/A label (MODE@base#2) against MODE@base.
+        plain = mode.split("#")[0]
+        base = plain if plain.endswith("@base") else plain + "@base"
+        if base != mode and base in by:
+            diffs = [a - b for a, b in zip(ttft, each(by[base], lambda c: c["ttft_p50_ms"]), strict=False)]
+            pair = span(diffs, "+.3f") + " ms"
+        reqs = sum(each(r, lambda c: c["requests"]))
+        lines.append(f"| {mode} | {span(ttft, '.3f')} | {pair} | {span(cpu, '.3f')} | {reqs:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -475,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flames", action="store_true", help="py-spy each hop at --streams (needs py-spy)")
     p.add_argument("--flame-seconds", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=1, help="runs of every mode, interleaved; medians reported")
+    p.add_argument("--base-tree", default="", help="the checkout that modes named MODE@base run from")
+    p.add_argument(
+        "--all-up", action="store_true", help="start every mode once, then interleave the runs (no flames)"
+    )
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.cmd == "source":
@@ -486,20 +642,39 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = [m for m in args.modes.split(",") if m]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
+
+    def document(complete: bool) -> dict:
+        done = [m for m in modes if runs[m]]
+        return {
+            "command": "python -m loadtest.hop_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "cores": os.cpu_count(),
+            "streams": args.streams,
+            "tokens_per_request": args.tokens,
+            "repeats": args.repeats,
+            # False: cut short (a time limit); the repeats that finished are all in the records.
+            "complete": complete,
+            "load_average": list(os.getloadavg()),
+            "records": [median_record(runs[m]) for m in done],
+        }
+
+    def save() -> None:
+        if args.out:  # what is done so far survives a time limit
+            Path(args.out).write_text(json.dumps(document(False), indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="hop-bench-") as tmp:
-        for rep in range(args.repeats):  # interleaved: a busy spell of the machine hits every mode alike
-            for mode in modes:
-                flames = args.flames and rep == args.repeats - 1
-                runs[mode].append(run_mode(mode, args, Path(tmp), flames))
-    records = [median_record(runs[m]) for m in modes]
-    doc = {
-        "command": "python -m loadtest.hop_bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "cores": os.cpu_count(),
-        "streams": args.streams,
-        "tokens_per_request": args.tokens,
-        "repeats": args.repeats,
-        "records": records,
-    }
+        try:
+            if args.all_up:
+                run_all_up(modes, args, Path(tmp), runs, save)
+            for rep in range(0 if args.all_up else args.repeats):
+                for mode in modes:  # interleaved: a busy spell of the machine hits every mode alike
+                    flames = args.flames and rep == args.repeats - 1
+                    runs[mode].append(run_mode(mode, args, Path(tmp), flames))
+                    save()
+        except SystemExit:
+            if not any(runs.values()):
+                raise
+            print("hop_bench: stopped early; the JSON has the runs that finished", file=sys.stderr)
+    doc = document(all(len(r) == args.repeats for r in runs.values()))
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(markdown(doc))

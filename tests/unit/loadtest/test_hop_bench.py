@@ -1,0 +1,47 @@
+"""hop_bench's bookkeeping (no processes): medians over repeats, the one-stream table's A/B pairing."""
+
+from __future__ import annotations
+
+from loadtest import hop_bench
+
+
+def _run(mode: str, ttft: float, cpu: float) -> dict:
+    return {
+        "mode": mode,
+        "hops": ["router", "gateway"],
+        "c1": {
+            "ttft_p50_ms": ttft,
+            "requests": 100,
+            "hop_cpu_ms_per_request": {"router": cpu, "gateway": cpu},
+        },
+    }
+
+
+def test_the_one_stream_table_pairs_each_mode_with_its_base_run_by_run():
+    runs = {
+        "mesh@base": [_run("mesh@base", 5.0, 2.0), _run("mesh@base", 7.0, 2.2)],
+        "mesh": [_run("mesh", 4.5, 1.8), _run("mesh", 6.0, 2.0)],
+        "mesh@base#2": [_run("mesh@base#2", 5.2, 2.1), _run("mesh@base#2", 6.8, 2.1)],
+    }
+    doc = {"streams": 0, "records": [hop_bench.median_record(r) for r in runs.values()]}
+    table = hop_bench.markdown(doc)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "6.000 [5.000-7.000]" in rows["mesh@base"]
+    # mesh against mesh@base in the same repeat: -0.5 and -1.0 ms.
+    assert "-0.750 [-1.000--0.500] ms" in rows["mesh"]
+    # The A/A label pairs with the same base: +0.2 and -0.2.
+    assert "+0.000 [-0.200-+0.200] ms" in rows["mesh@base#2"]
+    # CPU per request: both hops summed.
+    assert "3.800 [3.600-4.000]" in rows["mesh"]
+
+
+def test_a_label_after_hash_runs_the_same_mode():
+    class Args:
+        base_tree = ""
+
+    try:
+        hop_bench.start_mode("mesh@base#2", None, Args())  # type: ignore[arg-type]
+    except SystemExit as e:
+        assert "--base-tree" in str(e)
+    else:
+        raise AssertionError("a @base mode without --base-tree must be refused")
