@@ -203,9 +203,14 @@ def stream_span(
             otel_context.detach(token)
 
 
+_TRACE_KEYS = frozenset(_propagator.fields)
+
+
 def context_from_metadata(context) -> otel_context.Context:
     """The trace context a caller sent in its gRPC metadata (W3C traceparent)."""
-    carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    carrier = {
+        k: v for k, v in (context.invocation_metadata() or ()) if k in _TRACE_KEYS and isinstance(v, str)
+    }
     return _propagator.extract(carrier)
 
 

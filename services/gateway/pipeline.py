@@ -284,6 +284,7 @@ class GatewayPipeline:
             span.set_attribute("fleetserve.request_id", outcome.request_id)
             span.set_attribute("fleetserve.model", request.model)
             ticket: Ticket | None = None
+            tried: list[tuple[str, int]] = []  # (router address, when) of each router call
             chunks = 0
             running_label: str | None = None  # the model label of the running gauge, once counted there
             try:
@@ -356,7 +357,9 @@ class GatewayPipeline:
                     # Each router tried gets what is left of this, rounded down to the grpc-timeout unit.
                     deadline=time.monotonic() + timeout,
                     metadata=metadata_for_downstream(),
-                    attempt=lambda address: span.add_event("fleetserve.router", {"address": address}),
+                    # Put on the span as events when the request ends (timestamped now): not on the first
+                    # token's path.
+                    attempt=lambda address: tried.append((address, time.time_ns())),
                 )
                 checker = self.safety.output_checker() if self.safety is not None else None
                 note = (
@@ -420,6 +423,8 @@ class GatewayPipeline:
                 if outcome.code == grpc.StatusCode.CANCELLED and time.perf_counter() >= deadline:
                     outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
                 try:
+                    for address, at in tried:
+                        span.add_event("fleetserve.router", {"address": address}, timestamp=at)
                     self._finish(span, arrived, request.model, outcome, first, last)
                 finally:
                     if running_label is not None:

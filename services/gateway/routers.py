@@ -160,14 +160,22 @@ class RouterPool:
     def addresses(self) -> list[str]:
         return sorted(self._routers)
 
+    @property
+    def size(self) -> int:
+        """Routers known (healthy or not)."""
+        return len(self._routers)
+
     def healthy(self) -> list[Router]:
         now = self._clock()
         return [r for r in self._routers.values() if r.down_until <= now and not r.draining]
 
     def order(self, key: str = "") -> list[Router]:
         """Routers in the order a request with this affinity key tries them."""
+        routers = self._routers
+        if len(routers) == 1:
+            return list(routers.values())  # nothing to rank: no hashing on the first token's path
         now = self._clock()
-        ranked = sorted(self._routers.values(), key=lambda r: _score(key, r.address), reverse=True)
+        ranked = sorted(routers.values(), key=lambda r: _score(key, r.address), reverse=True)
         return [r for r in ranked if r.down_until <= now and not r.draining] + [
             r for r in ranked if r.down_until > now or r.draining
         ]
@@ -328,13 +336,15 @@ class RouterStream:
         pool, request = self._pool, self._request
         tracker = ChunkTracker() if resumable(request.spec.sampling, pool.resume) else None
         base_resume = list(request.spec.resume_token_ids)
-        key = affinity_key(request)
+        key: str | None = None  # the affinity key: computed only when there are routers to rank
         tried: set[str] = set()
         streamed = False
         last: grpc.aio.AioRpcError | None = None
         attempts = 0
         while True:
-            router = next((r for r in pool.order(key) if r.address not in tried), None)
+            if key is None and pool.size > 1:
+                key = affinity_key(request)
+            router = next((r for r in pool.order(key or "") if r.address not in tried), None)
             if router is None or attempts >= pool.max_attempts:
                 if streamed and last is not None:
                     _raise_with_details(last)  # the stream broke and no router is left to resume it

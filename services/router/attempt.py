@@ -16,6 +16,7 @@ from opentelemetry import metrics
 
 from services.router.membership import ReplicaInfo
 from services.router.policies import cache_salt_for
+from services.router.policies import record as record_decision
 from services.router.resume import ChunkTracker, resumable
 from services.router.router_metrics import RouterMetrics, tier_name
 from services.router.stalls import ReplicaWatch
@@ -282,6 +283,7 @@ class RequestAttempts:
         "replica_id",
         "assignment",
         "note",
+        "decisions",
     )
 
     def __init__(
@@ -321,10 +323,18 @@ class RequestAttempts:
         self.streamed = False  # anything sent to our caller, over all attempts
         self.attempts = 0
         self.replica_id = ""  # the replica of the latest attempt (the hedge's when it won)
+        # Routing decisions not yet explained on the span: recorded once the first chunk went out (record()).
+        self.decisions: list = []
 
     def choose(self, exclude: set[str]) -> ReplicaInfo:
         """The replica for the next attempt (or a hedge) among those not excluded."""
-        return self.router.choose(self.routed, exclude, self.assignment.version)
+        return self.router.choose(self.routed, exclude, self.assignment.version, self.decisions)
+
+    def record(self, span) -> None:
+        """Explain the routing decisions made so far on span (attributes, debug lines), in the order made."""
+        decisions = self.decisions
+        while decisions:
+            record_decision(decisions.pop(0), span)
 
     async def next(self) -> Attempt:
         """Wait for admission (when in-flight attempts are capped), choose a replica that has not failed this

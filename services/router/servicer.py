@@ -23,7 +23,7 @@ from services.router.attempt import AttemptCounters, Fault, RequestAttempts
 from services.router.breakers import BreakerSettings, ReplicaBreakers
 from services.router.membership import Change, Membership, ReplicaInfo
 from services.router.outliers import OutlierDetector, OutlierSettings
-from services.router.policies import Policy
+from services.router.policies import Decision, Policy
 from services.router.policies import record as record_decision
 from services.router.resume import ReplicaAborted, ResumeMode
 from services.router.router_metrics import RouterMetrics
@@ -313,8 +313,16 @@ class RouterServicer:
                 f"the router has no {what} from the registry yet", retry_after_s=1.0
             ) from None
 
-    def choose(self, request: pb.GenerateRequest, exclude: set[str], version: str = "") -> ReplicaInfo:
-        """A replica of the request's model (of version, when given) that is not in exclude."""
+    def choose(
+        self,
+        request: pb.GenerateRequest,
+        exclude: set[str],
+        version: str = "",
+        decisions: list[Decision] | None = None,
+    ) -> ReplicaInfo:
+        """A replica of the request's model (of version, when given) that is not in exclude. The decision is
+        explained on the current span at once, or appended to decisions for the caller to record later (off the
+        first token's path)."""
         model = request.spec.model
         routable = self.membership.routable(model, exclude)
         if version:
@@ -334,7 +342,11 @@ class RouterServicer:
             )
         if candidates:
             decision = self.policy.decide(candidates, request)
-            record_decision(decision)  # span attributes + debug log: every candidate's score and the reason
+            if decisions is not None:
+                decisions.append(decision)
+            else:
+                # Span attributes + debug log: every candidate's score and the reason.
+                record_decision(decision)
             return decision.replica
         if routable:
             # Every replica that could take it has an open breaker: fail fast rather than pile on.
@@ -407,7 +419,11 @@ class RouterServicer:
                                     if not run.streamed:
                                         run.streamed = True
                                         data = self._first(run, data, pair)
-                                    yield data
+                                        yield data
+                                        # After the first chunk went out: explaining the choice waited for it.
+                                        run.record(span)
+                                    else:
+                                        yield data
                                     data = await read()
                                     if data is grpc.aio.EOF:
                                         break
@@ -452,6 +468,8 @@ class RouterServicer:
                     status = "DEADLINE_EXCEEDED"
                 replica_id = run.replica_id if run is not None else ""
                 attempts = run.attempts if run is not None else 0
+                if run is not None:
+                    run.record(span)  # decisions of attempts that sent nothing (or ended before the write)
                 span.set_attribute("fleetserve.replica_id", replica_id)
                 span.set_attribute("fleetserve.attempts", attempts)
                 code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
+from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from opentelemetry.propagate import extract
 
@@ -219,14 +220,14 @@ class OpenAIServer:
                 first = b""
             except Exception as e:  # noqa: BLE001 - turned into an HTTP error in one place
                 return error_response(e, headers)
-            if first:
-                version = pb.GenerateResponse.FromString(first).chunk.served_by.model_version
-                if version:
-                    headers[MODEL_VERSION_HEADER] = version
+            # Parsed once, here: the first chunk's text goes out in the first event.
+            chunk = pb.GenerateResponse.FromString(first).chunk
+            if chunk.served_by.model_version:
+                headers[MODEL_VERSION_HEADER] = chunk.served_by.model_version
             shaper = Shaper(kind, request_id, greq.model, opts.include_usage)
             if opts.stream:
-                return await self._stream(request, shaper, first, stream, headers)
-            return await self._whole(shaper, first, stream, headers)
+                return await self._stream(request, shaper, chunk, stream, headers)
+            return await self._whole(shaper, chunk, stream, headers)
         finally:
             await stream.aclose()
             if self.recent is not None:
@@ -236,7 +237,7 @@ class OpenAIServer:
         self,
         request: web.Request,
         shaper: Shaper,
-        first: bytes,
+        chunk: common_pb2.GenerateChunk,
         stream: AsyncIterator[bytes],
         headers: dict[str, str],
     ) -> web.StreamResponse:
@@ -246,7 +247,6 @@ class OpenAIServer:
         await resp.prepare(request)
         write = resp.write
         try:
-            chunk = pb.GenerateResponse.FromString(first).chunk
             await write(shaper.delta(chunk.text, first=True))
             try:
                 # To the stream's end, not just its finish reason: a stream closed before it ends counts as
@@ -270,9 +270,12 @@ class OpenAIServer:
         return resp
 
     async def _whole(
-        self, shaper: Shaper, first: bytes, stream: AsyncIterator[bytes], headers: dict[str, str]
+        self,
+        shaper: Shaper,
+        chunk: common_pb2.GenerateChunk,
+        stream: AsyncIterator[bytes],
+        headers: dict[str, str],
     ) -> web.Response:
-        chunk = pb.GenerateResponse.FromString(first).chunk
         served_by = chunk.served_by.model_version
         texts = [chunk.text]
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_OUTPUT_TOKENS = 256
 
 
+@functools.lru_cache(maxsize=4096)
 def cache_salt_for(tenant_id: str) -> str:
     """The engine cache salt of a tenant: derived from the tenant id alone, so every router computes the same
     one, and different for every tenant, so no tenant's prefix ever hits another tenant's cache blocks."""
@@ -138,11 +140,15 @@ class Decision:
         return attrs
 
 
-def record(decision: Decision) -> None:
-    """Explain a decision: span attributes on the current span and a debug log line with every score."""
-    span = trace.get_current_span()
+def record(decision: Decision, span: trace.Span | None = None) -> None:
+    """Explain a decision: span attributes on span (default: the current span) and a debug log line with every
+    score (built only when debug lines are logged)."""
+    if span is None:
+        span = trace.get_current_span()
     if span.is_recording():
         span.set_attributes(decision.attributes())
+    if not log.is_enabled_for(logging.DEBUG):
+        return
     log.debug(
         "router.replica_selected",
         replica=decision.replica.replica_id,
