@@ -288,10 +288,14 @@ METHODS = {
 }
 
 
-async def load(target: str, kind: str, streams: int, duration_s: float, api_key: str) -> dict:
-    """A closed loop of `streams` requests for duration_s: messages, tokens, requests, TTFTs."""
+async def load(
+    target: str, kind: str, streams: int, duration_s: float, api_key: str, gap_s: float = 0.0
+) -> dict:
+    """A closed loop of `streams` requests for duration_s: messages, tokens, requests, TTFTs. gap_s: each
+    stream pauses that long after each request (a client that is not back at once, as when each request
+    streams for a while on a GPU)."""
     if kind == "http":
-        return await load_http(target, streams, duration_s, api_key)
+        return await load_http(target, streams, duration_s, api_key, gap_s)
     from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
     parse = engine_pb.GenerateResponse.FromString  # the three hops' responses are wire-identical
@@ -325,6 +329,8 @@ async def load(target: str, kind: str, streams: int, duration_s: float, api_key:
             except grpc.aio.AioRpcError as e:
                 errors[e.code().name] += 1
             i += streams
+            if gap_s:
+                await asyncio.sleep(gap_s)
 
     t0 = clock()
     await asyncio.gather(*(one_stream(k) for k in range(streams)))
@@ -341,7 +347,7 @@ async def load(target: str, kind: str, streams: int, duration_s: float, api_key:
     }
 
 
-async def load_http(target: str, streams: int, duration_s: float, api_key: str) -> dict:
+async def load_http(target: str, streams: int, duration_s: float, api_key: str, gap_s: float = 0.0) -> dict:
     """load() over the gateway's OpenAI endpoint: POST /v1/completions with stream=true, as `vllm bench serve`
     does; TTFT is the first SSE event with text, a message is an event with text (a merged one may hold
     several tokens: tokens are counted from the usage of the last event)."""
@@ -391,6 +397,8 @@ async def load_http(target: str, streams: int, duration_s: float, api_key: str) 
                     errors[type(e).__name__] += 1
                 finally:
                     i += streams
+                if gap_s:
+                    await asyncio.sleep(gap_s)
 
         t0 = clock()
         await asyncio.gather(*(one_stream(k) for k in range(streams)))
@@ -455,7 +463,8 @@ def measure(mode: str, target: str, kind: str, key: str, hop_pids: dict[str, lis
     runs = [(1, args.c1_seconds)] + ([(args.streams, args.seconds)] if args.streams > 1 else [])
     for streams, duration in runs:
         before = {h: cpu_seconds(p) for h, p in hop_pids.items()}
-        r = asyncio.run(load(target, kind, streams, duration, key))
+        gap = args.c1_gap_s if streams == 1 else 0.0
+        r = asyncio.run(load(target, kind, streams, duration, key, gap))
         used = {h: cpu_seconds(p) - before[h] for h, p in hop_pids.items()}
         r["hop_cpu_cores"] = {h: round(u / r["wall_s"], 3) for h, u in used.items()}
         r["hop_cpu_ms_per_request"] = {h: round(1000 * u / max(1, r["requests"]), 3) for h, u in used.items()}
@@ -624,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="messages per request")
     p.add_argument("--seconds", type=float, default=8.0, help="each capacity run")
     p.add_argument("--c1-seconds", type=float, default=4.0, help="each one-stream run")
+    p.add_argument(
+        "--c1-gap-s", type=float, default=0.0, help="the one-stream client's pause after each request"
+    )
     p.add_argument("--flames", action="store_true", help="py-spy each hop at --streams (needs py-spy)")
     p.add_argument("--flame-seconds", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=1, help="runs of every mode, interleaved; medians reported")

@@ -230,7 +230,8 @@ class GatewayPipeline:
         return pipeline
 
     def start(self) -> None:
-        """Start the background work: ledger flushes, load polling."""
+        """Start the background work: ledger flushes, load polling, keeping key lookups fresh."""
+        self.tenants.start_refresh()
         if self.admission is not None:
             self.admission.ledger.start()
             self.admission.budgets.start()
@@ -240,6 +241,7 @@ class GatewayPipeline:
 
     async def close(self) -> None:
         """Stop the background work, write the ledger's last rows, close the limits backend."""
+        await self.tenants.stop_refresh()
         if self.shedder is not None:
             await self.shedder.stop()
         if self.admission is not None:

@@ -4,6 +4,8 @@ counter that every admin change bumps."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -120,6 +122,9 @@ class TenantStore:
         self._cache: dict[str, tuple[Tenant | None, float]] = {}
         self._version: int | None = None
         self._version_checked = clock()
+        # Keys authenticated since the background refresh last ran (start_refresh): the ones it keeps fresh.
+        self._used: set[str] = set()
+        self._refresher: asyncio.Task | None = None
 
     @property
     def db_path(self) -> str:
@@ -127,7 +132,60 @@ class TenantStore:
         return getattr(self.db, "path", "")
 
     async def close(self) -> None:
+        await self.stop_refresh()
         await self.db.close()
+
+    def start_refresh(self) -> None:
+        """Keep lookups fresh in the background (a serving gateway): the config version is read every 0.8
+        version_poll_s, and a key in use is looked up again before its cached entry expires, so a request does
+        not wait for the database for either. At a few requests per second (a single stream of long
+        generations) the version check alone, due every version_poll_s, fell on almost every request, a
+        database round trip through a thread before its first token. Changes still apply within
+        version_poll_s and cache_ttl_s: sooner, if anything."""
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(
+                self._refresh_loop(), name="gateway.tenant_refresh"
+            )
+
+    async def stop_refresh(self) -> None:
+        task, self._refresher = self._refresher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _refresh_loop(self) -> None:
+        periods = [p for p in (self.version_poll_s, self.cache_ttl_s) if p]
+        if not periods:
+            return
+        # Often enough that a request never finds the version check due (nor a key it uses expired).
+        interval = max(0.01, 0.8 * min(periods))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh(2 * interval)
+            except Exception as e:  # noqa: BLE001 - requests check for themselves meanwhile
+                log.warning("gateway.tenant_refresh_failed", error=str(e)[:200])
+
+    async def refresh(self, margin_s: float) -> None:
+        """One background pass: the config version (a change empties the cache), then the keys used since the
+        last pass whose entries expire within margin_s, looked up again."""
+        now = self._clock()
+        if self.version_poll_s is not None:
+            version = await self.config_version()
+            if version != self._version:
+                self._version = version
+                self._cache.clear()
+            self._version_checked = max(self._version_checked, now)
+        used, self._used = self._used, set()
+        for h in used:
+            entry = self._cache.get(h)
+            if entry is None or entry[1] - self._clock() > margin_s:
+                continue
+            looked_up = self._clock()
+            tenant = await self._lookup(h)
+            if self._cache.get(h) is entry:  # not revoked, cleared or replaced meanwhile (that one is newer)
+                self._cache[h] = (tenant, looked_up + self.cache_ttl_s)
 
     async def config_version(self) -> int:
         return await self.db.fetchval("SELECT value FROM meta WHERE name = 'config_version'")
@@ -336,7 +394,20 @@ class TenantStore:
                 self._cache.clear()
         hit = self._cache.get(h)
         if hit is not None and hit[1] > now:
+            if hit[0] is not None:
+                self._used.add(h)
             return hit[0]
+        tenant = await self._lookup(h)
+        if tenant is not None:
+            self._used.add(h)
+        if len(self._cache) >= _MAX_CACHED:
+            # Bounded: a flood of random keys must not grow memory; dropping all costs one query each.
+            self._cache.clear()
+        self._cache[h] = (tenant, now + self.cache_ttl_s)
+        return tenant
+
+    async def _lookup(self, h: str) -> Tenant | None:
+        """The tenant of the key whose hash is h (with the key's limits), None for an unknown or revoked key."""
         row = await self.db.fetchrow(
             "SELECT t.id, t.name, t.tier, t.models, "
             + ", ".join(f"t.{f}" for f in _LIMIT_FIELDS)
@@ -349,10 +420,6 @@ class TenantStore:
             base = self._tenant(row[: 4 + len(_LIMIT_FIELDS)])
             key_id, rps, tpm = row[4 + len(_LIMIT_FIELDS) :]
             tenant = dataclasses.replace(base, key_id=key_id, key_limits=Limits(rps=rps, tokens_per_min=tpm))
-        if len(self._cache) >= _MAX_CACHED:
-            # Bounded: a flood of random keys must not grow memory; dropping all costs one query each.
-            self._cache.clear()
-        self._cache[h] = (tenant, now + self.cache_ttl_s)
         return tenant
 
 

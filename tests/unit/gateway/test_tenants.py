@@ -183,6 +183,38 @@ async def test_admin_changes_apply_within_the_version_poll_even_with_a_long_cach
     await gateway.close()
 
 
+async def test_the_background_refresh_keeps_requests_off_the_database(db_url):
+    """A serving gateway's refresh pass (start_refresh runs one every 0.8 poll interval) reads the config
+    version and looks up the keys in use before their entries expire: a request then finds both fresh and
+    waits for no database round trip, and changes made elsewhere still apply within version_poll_s and
+    cache_ttl_s (sooner, if anything)."""
+    clock = Clock()
+    gateway = await open_store(db_url, cache_ttl_s=5.0, clock=clock, version_poll_s=1.0)
+    await gateway.bootstrap("fsk-live")
+    assert (await gateway.authenticate("fsk-live")).limits.rps is None
+    admin = await open_store(db_url)
+    await admin.set_tenant("dev", rps=3)
+    clock.now += 0.5
+    await gateway.refresh(margin_s=1.0)  # the pass sees the change, not a request
+    assert gateway._version_checked == 0.5
+    clock.now += 0.9
+    # 1.4 s since the store opened: a request-side version check would be due without the pass at 0.5.
+    assert clock() - gateway._version_checked < gateway.version_poll_s
+    assert (await gateway.authenticate("fsk-live")).limits.rps == 3.0
+
+    keys = await open_store(db_url, cache_ttl_s=5.0, clock=clock)  # no version poll: the TTL alone
+    assert await keys.authenticate("fsk-live") is not None  # looked up at 1.4: cached until 6.4
+    await admin.revoke_key_id((await admin.list_keys("dev"))[0].key_id)
+    clock.now = 3.0
+    await keys.refresh(margin_s=1.0)  # expires in 3.4 s: not yet due
+    assert await keys.authenticate("fsk-live") is not None
+    clock.now = 5.5
+    await keys.refresh(margin_s=1.0)  # expires in 0.9 s, and the key was used: looked up again
+    assert await keys.authenticate("fsk-live") is None  # the revocation, before the old entry's expiry
+    for store in (admin, keys, gateway):
+        await store.close()
+
+
 async def test_migrations_are_recorded_and_applied_once(db_url):
     """Opening a database twice applies each schema version once and records it in schema_migrations."""
     (await open_store(db_url)).db  # noqa: B018 - first open migrates
