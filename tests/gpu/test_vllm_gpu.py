@@ -176,6 +176,30 @@ async def test_the_replica_serves_one_metrics_page_with_vllm_series_summed_over_
     assert done() == before_done + n
 
 
+async def test_a_summarized_stream_on_vllm(fleet):
+    """summarize (how the router reads shadow copies) on real vLLM: the first chunk, then only empty progress
+    messages, then one message with the rest of the text, the usage and vLLM's own token times."""
+    sampling = common_pb2.SamplingParams(max_tokens=48, ignore_eos=True)
+    spec = common_pb2.GenerationSpec(
+        model=MODEL, prompt="Compare the candidate with the live answer", sampling=sampling
+    )
+    req = engine_pb.GenerateRequest(request_id="gpu-summary", spec=spec, tenant_id="t", summarize=True)
+    async with grpc.aio.insecure_channel(engine_address(fleet)) as ch:
+        got = [r async for r in engine_grpc.EngineServiceStub(ch).Generate(req, timeout=60)]
+    first, middle, last = got[0], got[1:-1], got[-1]
+    assert len(got) >= 2 and first.chunk.text and first.chunk.served_by.replica_id == "engine-1"
+    assert all(not m.chunk.text and not m.chunk.token_ids for m in middle), (
+        "only progress between first and last"
+    )
+    assert (
+        last.chunk.usage.completion_tokens == 48
+        and last.chunk.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    )
+    assert len(first.chunk.text + last.chunk.text) > 0
+    assert 0 < last.summary.first_token_ms <= last.summary.last_token_ms
+    assert last.summary.outputs >= 2, "vLLM's outputs are counted as if streamed"
+
+
 async def test_cancel_mid_stream_frees_the_request_in_the_engine(fleet):
     """A client that goes away mid-stream: the engine aborts the request in vLLM (running drops to 0)."""
     before = await engine_load(engine_address(fleet))
