@@ -288,6 +288,19 @@ METHODS = {
 }
 
 
+def load_result(tokens: int, msgs: int, done: int, wall: float, ttfts: list[float], errors: dict) -> dict:
+    """One load run's numbers, as both clients (gRPC and HTTP/SSE) report them."""
+    return {
+        "tokens_per_s": tokens / wall,
+        "messages_per_s": msgs / wall,
+        "requests": done,
+        "wall_s": wall,
+        "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
+        "ttft_p99_ms": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))] * 1000 if ttfts else None,
+        "errors": dict(errors),
+    }
+
+
 async def load(
     target: str, kind: str, streams: int, duration_s: float, api_key: str, gap_s: float = 0.0
 ) -> dict:
@@ -336,15 +349,7 @@ async def load(
     await asyncio.gather(*(one_stream(k) for k in range(streams)))
     wall = clock() - t0
     await channel.close()
-    return {
-        "tokens_per_s": tokens / wall,
-        "messages_per_s": msgs / wall,
-        "requests": done,
-        "wall_s": wall,
-        "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
-        "ttft_p99_ms": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))] * 1000 if ttfts else None,
-        "errors": dict(errors),
-    }
+    return load_result(tokens, msgs, done, wall, ttfts, errors)
 
 
 async def load_http(target: str, streams: int, duration_s: float, api_key: str, gap_s: float = 0.0) -> dict:
@@ -403,15 +408,7 @@ async def load_http(target: str, streams: int, duration_s: float, api_key: str, 
         t0 = clock()
         await asyncio.gather(*(one_stream(k) for k in range(streams)))
         wall = clock() - t0
-    return {
-        "tokens_per_s": tokens / wall,
-        "messages_per_s": msgs / wall,
-        "requests": done,
-        "wall_s": wall,
-        "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
-        "ttft_p99_ms": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))] * 1000 if ttfts else None,
-        "errors": dict(errors),
-    }
+    return load_result(tokens, msgs, done, wall, ttfts, errors)
 
 
 def cpu_seconds(pids: list[int]) -> float:
