@@ -145,8 +145,12 @@ async def test_a_bad_version_is_rolled_back_within_its_first_step(fleet):
     async with rollouts(fleet) as stub, load.running():
         await load.until(20)
         begun = time.monotonic()
+        # The first step is held 12 s, long enough for the judgement to rest on a couple of hundred requests: at
+        # 4 s a 5%-error version's step closed on ~30-80 of them, where 0 or 1 error passes the 2% limit with a
+        # probability of 0.1-0.2 (docs/rollouts.md), and it advanced once on a quiet box. A caught version is
+        # rolled back at once, so the longer hold costs nothing when the guardrails work.
         r = await start(
-            stub, candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[20, 60, 100], bake_s=4,
+            stub, candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[20, 60, 100], bake_s=12,
             guardrails=GUARDRAILS,
         )  # fmt: skip
         r = await assert_eventually(
@@ -160,7 +164,8 @@ async def test_a_bad_version_is_rolled_back_within_its_first_step(fleet):
     served = [x for x in during if x.code == "OK"]
     share = sum(x.version == "v2" for x in served) / len(served)
     assert share <= 0.20 + 3 * (0.2 * 0.8 / len(served)) ** 0.5, (share, len(served))
-    assert {x.version for x in load.between(ended + 0.5) if x.code == "OK"} == {"v1"}
+    # Within the routers' watch latency: one v2 answer 0.5 s after the rollback was seen on a loaded box.
+    assert {x.version for x in load.between(ended + 1.0) if x.code == "OK"} == {"v1"}
     failed = [x for x in load.results if x.code != "OK"]
     assert all("'v2'" in x.message or "PLANTED_FAULT" in x.message for x in failed), failed
 

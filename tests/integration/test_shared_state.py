@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -186,11 +187,15 @@ async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, 
                 return {r[0] for r in rows} if rows and done >= 1 else set()
 
             async def progress_saved() -> bool:
-                return bool(
-                    await db.fetchval(
-                        "SELECT COUNT(*) FROM job_items WHERE job_id = ? AND result IS NULL AND progress IS NOT NULL",
-                        job.job_id,
-                    )
+                # An unfinished item whose saved progress leaves at least a quarter of its tokens to generate
+                # (~200 ms on a quiet box), so that it is still running when the kill lands: an item saved near its
+                # end could finish between this check and the kill (seen once: two items ended 10 ms apart).
+                rows = await db.fetch(
+                    "SELECT progress FROM job_items WHERE job_id = ? AND result IS NULL AND progress IS NOT NULL",
+                    job.job_id,
+                )
+                return any(
+                    len(common_pb2.GenerateChunk.FromString(p).token_ids) <= tokens * 3 // 4 for (p,) in rows
                 )
 
             await assert_eventually(held_by_it, timeout_s=60, interval_s=0.01)
