@@ -94,29 +94,37 @@ def _wait_up(name: str, url: str, proc: subprocess.Popen, timeout_s: float, key:
     raise TimeoutError(f"{name} did not answer within {timeout_s} s")
 
 
-def _start_one(name: str, args, port: int) -> tuple[subprocess.Popen, str, str, float]:
-    """Spawn one server; (process, url, api key, start time)."""
-    d = Path(args.dir)
+def server_argv(name: str, args, port: int) -> list[str]:
+    """The command line of one server: `vllm serve` with N API processes, or a variant of the mesh."""
     common = (
         f"--load-format dummy {ENGINE_FLAGS} --gpu-memory-utilization {args.gpu_memory_utilization}"
         f" --kv-cache-memory-bytes {args.kv_cache_bytes}"
     )
-    t0 = time.time()
     if name.startswith("mesh"):
         argv = [sys.executable, "-m", "loadtest.gpu_vs_vllm", "serve-mesh", "--dir", args.dir, "--name", name]
         argv += ["--model-dir", args.model_dir, "--vllm-flags", common]
-        argv += ["--frontends", str(args.mesh_frontends), "--router-workers", str(args.router_workers)]
-        argv += ["--gateway-workers", str(args.gateway_workers)]
+        workers = args.mesh_wide if name == "mesh-wide" else None
+        argv += ["--frontends", str(args.mesh_frontends)]
+        argv += ["--router-workers", str(workers or args.router_workers)]
+        argv += ["--gateway-workers", str(workers or args.gateway_workers)]
         if name == "mesh-pack":
             argv += ["--router-args", f"--frontend-pack {args.mesh_pack}"]
         elif args.mesh_router_args:
             argv += ["--router-args", args.mesh_router_args]
-        return _spawn(argv, d / f"{name}.log"), "", "", t0
+        return argv
     n = int(name.removeprefix("vllm-api"))
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
     argv += ["--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1"]
-    argv += ["--api-server-count", str(n), *common.split()]
-    return _spawn(argv, d / f"{name}.log"), f"http://127.0.0.1:{port}", "", t0
+    return argv + ["--api-server-count", str(n), *common.split()]
+
+
+def _start_one(name: str, args, port: int) -> tuple[subprocess.Popen, str, str, float]:
+    """Spawn one server; (process, url, api key, start time)."""
+    t0 = time.time()
+    proc = _spawn(server_argv(name, args, port), Path(args.dir) / f"{name}.log")
+    # The mesh writes its address and key to DIR/NAME.json once it is up (_wait_started reads them).
+    url = "" if name.startswith("mesh") else f"http://127.0.0.1:{port}"
+    return proc, url, "", t0
 
 
 def _wait_started(name: str, args, proc: subprocess.Popen, url: str, t0: float) -> dict:
@@ -154,6 +162,9 @@ def start(args) -> None:
     if args.mesh_pack:
         # The same mesh with its routers packing streams onto the fewest front ends (an A/B of --frontend-pack).
         order.append("mesh-pack")
+    if args.mesh_wide:
+        # The same mesh with more router and gateway processes (an A/B of --workers).
+        order.append("mesh-wide")
     ports = {name: 8101 + i for i, name in enumerate(order)}
     todo = [name for name in order if name not in state["servers"]]
     # The first start compiles (torch.compile, CUDA graphs) into the shared cache; the others then start at once.
@@ -914,6 +925,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--mesh-first", action="store_true")
     s.add_argument(
         "--mesh-pack", type=int, default=0, help="also a mesh-pack server: routers --frontend-pack N"
+    )
+    s.add_argument(
+        "--mesh-wide", type=int, default=0, help="also a mesh-wide server: router and gateway --workers N"
     )
     s.add_argument("--mesh-router-args", default="", help="extra router flags of the mesh server")
     s.add_argument("--start-timeout-s", type=float, default=400.0)

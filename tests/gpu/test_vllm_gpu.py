@@ -50,7 +50,17 @@ def model_dir(tmp_path_factory) -> str:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(tmp_path_factory, model_dir):
     extra = {
-        "engine": ["--model", MODEL, f"--vllm-args=--model {model_dir} {VLLM_FLAGS}", "--grace-period-s", "5"]
+        # Two front ends whatever the host's cores (auto would pick one on a small host): the tests of a replica
+        # with several front ends always run.
+        "engine": [
+            "--model",
+            MODEL,
+            f"--vllm-args=--model {model_dir} {VLLM_FLAGS}",
+            "--grace-period-s",
+            "5",
+            "--frontends",
+            "2",
+        ]
     }
     async with running_cluster(
         tmp_path_factory.mktemp("fleet"),
@@ -106,13 +116,12 @@ async def test_streams_through_the_mesh(fleet):
 
 
 async def test_one_replica_whose_front_ends_share_the_requests(fleet):
-    """The worker runs several front-end processes on one engine core (--frontends, auto from the cores): the
+    """The worker runs several front-end processes on one engine core (--frontends, 2 here): the
     registry lists one replica with each front end as an endpoint, and requests through the mesh are served
     by all of them once there are more at once than the router packs onto the first ones (--frontend-pack)."""
     info = fleet.ready_info("engine-1")
     frontends = info.get("frontends", [])
-    if len(frontends) < 2:
-        pytest.skip(f"this host runs one front end per GPU ({os.cpu_count()} cores)")
+    assert len(frontends) == 2, f"engine-1 was started with --frontends 2 and reports {frontends}"
     async with grpc.aio.insecure_channel(fleet.registry) as ch:
         resp = await reg_grpc.RegistryServiceStub(ch).ListReplicas(reg_pb.ListReplicasRequest(), timeout=2)
     (rep,) = resp.replicas
@@ -158,8 +167,7 @@ async def test_the_replica_serves_one_metrics_page_with_vllm_series_summed_over_
     every front end's AsyncLLM are merged: requests spread over the front ends add up there."""
     info = fleet.ready_info("engine-1")
     frontends, address = info.get("frontends", []), info.get("metrics_address", "")
-    if len(frontends) < 2:
-        pytest.skip(f"one front end on this host ({os.cpu_count()} cores): nothing to merge")
+    assert len(frontends) == 2, f"engine-1 was started with --frontends 2 and reports {frontends}"
     # The fleet gives every engine a metrics port: a replica of several front ends without one is the bug.
     assert address, f"engine-1 has {len(frontends)} front ends and no metrics_address in its ready file"
     tokens = lambda: metrics_total(address, "vllm:generation_tokens_total")  # noqa: E731

@@ -89,3 +89,18 @@ def test_flame_summary_of_py_spy_raw_stacks():
     assert s["samples"] == 10
     assert s["top_self"][0] == ["_write (aio.pyx)", 0.6]
     assert s["areas"] == {"grpc": 0.6, "vllm output processing / detokenize": 0.3, "logging (structlog)": 0.1}
+
+
+def test_mesh_variants_differ_from_the_mesh_only_in_their_flags():
+    args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--mesh-wide", "4", "--mesh-pack", "32"])
+    mesh, wide, pack = (g.server_argv(n, args, 8101) for n in ("mesh", "mesh-wide", "mesh-pack"))
+
+    def flag(argv: list[str], name: str) -> str:
+        return argv[argv.index(name) + 1]
+
+    assert [flag(mesh, "--router-workers"), flag(mesh, "--gateway-workers")] == ["2", "2"]
+    assert [flag(wide, "--router-workers"), flag(wide, "--gateway-workers")] == ["4", "4"]
+    assert flag(pack, "--router-args") == "--frontend-pack 32" and "--router-args" not in mesh
+    assert flag(mesh, "--vllm-flags") == flag(wide, "--vllm-flags")
+    vllm = g.server_argv("vllm-api4", args, 8102)
+    assert flag(vllm, "--api-server-count") == "4" and flag(vllm, "--port") == "8102"
