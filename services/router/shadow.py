@@ -292,6 +292,10 @@ class ShadowPair:
             self.copy.code = _OK
         except grpc.aio.AioRpcError as e:
             self.copy.code = e.code()
+        except FleetError as e:
+            # The call could not be set up (the live request's deadline passed before this task ran): a failed
+            # copy like any other, not an exception out of a task nobody awaits.
+            self.copy.code = e.code
         except asyncio.CancelledError:
             self.copy.code = grpc.StatusCode.CANCELLED
             raise

@@ -4,6 +4,8 @@ and the arm rides on served_by, and routers follow the registry's changes."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import pytest_asyncio
@@ -11,6 +13,8 @@ from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import rollout_service_pb2 as pb
 from fleetserve.registry.v1 import rollout_service_pb2_grpc as rgrpc
 
+from services.router.attempt import RequestAttempts
+from services.router.traffic import Shadow
 from tests.integration.test_router import MODEL, generate, in_process_fleet, request, router_spans
 from tests.support import assert_eventually
 
@@ -113,3 +117,23 @@ async def test_a_pinned_version_without_replica_is_not_found(fleet):
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await generate(fleet, req)
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND and "v7" in exc.value.details()
+
+
+async def test_a_shadow_copy_whose_deadline_passed_is_a_failed_copy(fleet):
+    """A copy whose call can no longer be set up (the live request's deadline passed before the copy's task ran)
+    ends as a shadow error with DEADLINE_EXCEEDED in the report; its task raises nothing and frees its budget."""
+    servicer = fleet.router.servicer
+    runner = servicer.shadows
+    req = request(max_tokens=2, request_id="late-copy")
+    run = RequestAttempts(servicer, req, servicer.policy.prepare(req), deadline=time.monotonic() - 1.0)
+    shadow = Shadow(rollout_id="late-copy", baseline_version="v1", candidate_version="v1", max_in_flight=2)
+    before = set(runner._tasks)
+    pair = runner.start(run, shadow, time.monotonic())
+    (task,) = set(runner._tasks) - before
+    await task  # raised DeadlineExceeded out of the fire-and-forget task before the fix
+    pair.live_ended(grpc.StatusCode.OK)
+    assert pair.copy.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert runner.in_flight["late-copy"] == 0
+    report = runner.stats["late-copy"].report()
+    assert (report.shadow_errors, report.pairs, report.skipped) == (1, 0, 0)
+    del runner.stats["late-copy"]
