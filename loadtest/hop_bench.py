@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -288,25 +289,54 @@ METHODS = {
 }
 
 
-def load_result(tokens: int, msgs: int, done: int, wall: float, ttfts: list[float], errors: dict) -> dict:
-    """One load run's numbers, as both clients (gRPC and HTTP/SSE) report them."""
-    return {
-        "tokens_per_s": tokens / wall,
-        "messages_per_s": msgs / wall,
-        "requests": done,
-        "wall_s": wall,
-        "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
-        "ttft_p99_ms": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))] * 1000 if ttfts else None,
-        "errors": dict(errors),
-    }
+class Tally:
+    """One load run's counts, as both clients (gRPC and HTTP/SSE) keep them."""
+
+    __slots__ = ("messages", "tokens", "requests", "ttfts", "errors")
+
+    def __init__(self) -> None:
+        self.messages = self.tokens = self.requests = 0
+        self.ttfts: list[float] = []
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    def result(self, wall: float) -> dict:
+        ttfts = self.ttfts
+        return {
+            "tokens_per_s": self.tokens / wall,
+            "messages_per_s": self.messages / wall,
+            "requests": self.requests,
+            "wall_s": wall,
+            "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
+            "ttft_p99_ms": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))] * 1000 if ttfts else None,
+            "errors": dict(self.errors),
+        }
+
+
+async def closed_loop(
+    streams: int, duration_s: float, gap_s: float, one_request: Callable[[int], Awaitable[None]]
+) -> float:
+    """`streams` loops for duration_s, each awaiting one_request(i) after the other (stream k sends i = k,
+    k + streams, ...) and pausing gap_s after each (a client that is not back at once, as when each request
+    streams for a while on a GPU); the wall time taken."""
+    clock = time.perf_counter
+    end = clock() + duration_s
+
+    async def one_stream(i: int) -> None:
+        while clock() < end:
+            await one_request(i)
+            i += streams
+            if gap_s:
+                await asyncio.sleep(gap_s)
+
+    t0 = clock()
+    await asyncio.gather(*(one_stream(k) for k in range(streams)))
+    return clock() - t0
 
 
 async def load(
     target: str, kind: str, streams: int, duration_s: float, api_key: str, gap_s: float = 0.0
 ) -> dict:
-    """A closed loop of `streams` requests for duration_s: messages, tokens, requests, TTFTs. gap_s: each
-    stream pauses that long after each request (a client that is not back at once, as when each request
-    streams for a while on a GPU)."""
+    """A closed loop of `streams` requests for duration_s: messages, tokens, requests, TTFTs."""
     if kind == "http":
         return await load_http(target, streams, duration_s, api_key, gap_s)
     from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
@@ -316,40 +346,27 @@ async def load(
     call = channel.unary_stream(METHODS[kind])
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     reqs = [request_bytes(kind, i) for i in range(64)]
-    msgs = 0
-    tokens = 0
-    done = 0
-    errors = collections.Counter()
-    ttfts: list[float] = []
+    tally = Tally()
     clock = time.perf_counter
-    end = clock() + duration_s
 
-    async def one_stream(k: int) -> None:
-        nonlocal msgs, tokens, done
-        i = k
-        while clock() < end:
-            t0 = clock()
-            first = True
-            try:
-                stream = call(reqs[i % len(reqs)], metadata=metadata, timeout=60)
-                while (m := await stream.read()) is not grpc.aio.EOF:
-                    if first:
-                        ttfts.append(clock() - t0)
-                        first = False
-                    msgs += 1
-                    tokens += len(parse(m).chunk.token_ids)
-                done += 1
-            except grpc.aio.AioRpcError as e:
-                errors[e.code().name] += 1
-            i += streams
-            if gap_s:
-                await asyncio.sleep(gap_s)
+    async def one_request(i: int) -> None:
+        t0 = clock()
+        first = True
+        try:
+            stream = call(reqs[i % len(reqs)], metadata=metadata, timeout=60)
+            while (m := await stream.read()) is not grpc.aio.EOF:
+                if first:
+                    tally.ttfts.append(clock() - t0)
+                    first = False
+                tally.messages += 1
+                tally.tokens += len(parse(m).chunk.token_ids)
+            tally.requests += 1
+        except grpc.aio.AioRpcError as e:
+            tally.errors[e.code().name] += 1
 
-    t0 = clock()
-    await asyncio.gather(*(one_stream(k) for k in range(streams)))
-    wall = clock() - t0
+    wall = await closed_loop(streams, duration_s, gap_s, one_request)
     await channel.close()
-    return load_result(tokens, msgs, done, wall, ttfts, errors)
+    return tally.result(wall)
 
 
 async def load_http(target: str, streams: int, duration_s: float, api_key: str, gap_s: float = 0.0) -> dict:
@@ -365,50 +382,38 @@ async def load_http(target: str, streams: int, duration_s: float, api_key: str, 
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
         for i in range(64)
     ]  # fmt: skip
-    msgs = tokens = done = 0
-    errors: collections.Counter[str] = collections.Counter()
-    ttfts: list[float] = []
+    tally = Tally()
     clock = time.perf_counter
-    end = clock() + duration_s
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
-        async def one_stream(k: int) -> None:
-            nonlocal msgs, tokens, done
-            i = k
-            while clock() < end:
-                t0 = clock()
-                first = True
-                try:
-                    async with session.post(url, data=bodies[i % len(bodies)],
-                                            headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
-                        if resp.status != 200:
-                            errors[str(resp.status)] += 1
-                            await resp.read()
+        async def one_request(i: int) -> None:
+            t0 = clock()
+            first = True
+            try:
+                async with session.post(url, data=bodies[i % len(bodies)],
+                                        headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
+                    if resp.status != 200:
+                        tally.errors[str(resp.status)] += 1
+                        await resp.read()
+                        return
+                    async for line in resp.content:
+                        if not line.startswith(b"data: {"):
                             continue
-                        async for line in resp.content:
-                            if not line.startswith(b"data: {"):
-                                continue
-                            event = json.loads(line[6:])
-                            if event.get("choices") and event["choices"][0].get("text"):
-                                if first:
-                                    ttfts.append(clock() - t0)
-                                    first = False
-                                msgs += 1
-                            if event.get("usage"):
-                                tokens += event["usage"]["completion_tokens"]
-                    done += 1
-                except aiohttp.ClientError as e:
-                    errors[type(e).__name__] += 1
-                finally:
-                    i += streams
-                if gap_s:
-                    await asyncio.sleep(gap_s)
+                        event = json.loads(line[6:])
+                        if event.get("choices") and event["choices"][0].get("text"):
+                            if first:
+                                tally.ttfts.append(clock() - t0)
+                                first = False
+                            tally.messages += 1
+                        if event.get("usage"):
+                            tally.tokens += event["usage"]["completion_tokens"]
+                tally.requests += 1
+            except aiohttp.ClientError as e:
+                tally.errors[type(e).__name__] += 1
 
-        t0 = clock()
-        await asyncio.gather(*(one_stream(k) for k in range(streams)))
-        wall = clock() - t0
-    return load_result(tokens, msgs, done, wall, ttfts, errors)
+        wall = await closed_loop(streams, duration_s, gap_s, one_request)
+    return tally.result(wall)
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -45,3 +45,29 @@ def test_a_label_after_hash_runs_the_same_mode():
         assert "--base-tree" in str(e)
     else:
         raise AssertionError("a @base mode without --base-tree must be refused")
+
+
+def test_the_closed_loop_keeps_each_stream_on_its_own_requests_until_the_time_is_up():
+    """Both clients' loop: stream k sends requests k, k + streams, ... one after the other until duration_s has
+    passed; a request that starts before the end is finished."""
+    import asyncio
+
+    sent: list[int] = []
+    in_flight = 0
+
+    async def one_request(i: int) -> None:
+        nonlocal in_flight
+        in_flight += 1
+        assert in_flight <= 3  # never more than one request per stream
+        sent.append(i)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+
+    wall = asyncio.run(hop_bench.closed_loop(3, 0.05, 0.0, one_request))
+    assert wall >= 0.05 and in_flight == 0
+    for k in range(3):
+        mine = [i for i in sent if i % 3 == k]
+        assert mine[0] == k and mine == list(range(k, k + 3 * len(mine), 3)) and len(mine) >= 2
+    n = len(sent)
+    asyncio.run(hop_bench.closed_loop(2, 0.0, 0.0, one_request))
+    assert len(sent) == n  # no time left: no request
