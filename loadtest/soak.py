@@ -150,22 +150,22 @@ def proc_stats(pid: int) -> dict[str, float]:
     return out
 
 
-def last_reported_tasks(log_file: Path) -> int | None:
-    """asyncio tasks in the service's last `process.stats` log line (the service counts its own)."""
+def last_reported(log_file: Path) -> dict:
+    """The service's last `process.stats` log line (it counts its own asyncio tasks and gc objects); {} if none."""
     try:
         with open(log_file, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 65536))
             lines = f.read().splitlines()
     except OSError:
-        return None
+        return {}
     for line in reversed(lines):
         if b'"process.stats"' in line:
             try:
-                return json.loads(line)["tasks"]
-            except (ValueError, KeyError):
-                return None
-    return None
+                return json.loads(line)
+            except ValueError:
+                return {}
+    return {}
 
 
 def sample(cluster: Cluster, done: int, started: float) -> dict:
@@ -174,7 +174,11 @@ def sample(cluster: Cluster, done: int, started: float) -> dict:
         if not proc.alive:
             continue
         s = proc_stats(proc.process.pid)
-        s["tasks"] = last_reported_tasks(proc.log_file)
+        reported = last_reported(proc.log_file)
+        s["tasks"] = reported.get("tasks")
+        # Python's view (of the supervisor, for a service in workers): tracked objects, full collections so far.
+        s["gc_objects"] = reported.get("gc_objects")
+        s["gc_full"] = reported.get("gc_full")
         services[name] = s
     return {"streams": done, "t_s": round(time.monotonic() - started, 1), "services": services}
 

@@ -42,6 +42,7 @@ def snapshot() -> dict[str, float | int]:
         "threads": threading.active_count(),
         "tasks": tasks,
         "gc_objects": len(gc.get_objects()),
+        "gc_full": gc.get_stats()[2]["collections"],  # full collections so far (the oldest generation's)
     }
 
 

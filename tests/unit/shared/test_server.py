@@ -80,3 +80,50 @@ def test_settle_heap_sets_the_serving_collector_thresholds(monkeypatch):
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_settle_heap_frees_garbage_of_the_oldest_generation_while_serving(monkeypatch):
+    """A reference cycle that reached the oldest generation is freed by settle_heap's periodic full collections,
+    which the serving thresholds alone would leave for ~100M allocations."""
+    import gc
+    import weakref
+
+    from shared.server import cancel_and_wait, settle_heap
+    from tests.support import assert_eventually
+
+    class Node:
+        pass
+
+    before = gc.get_threshold()
+    monkeypatch.delenv("FLEETSERVE_GC_THRESHOLD", raising=False)
+    monkeypatch.setenv("FLEETSERVE_GC_FULL_EVERY_S", "0.05")
+    collector = settle_heap()
+    try:
+        node = Node()
+        node.me = node  # a cycle: only the collector frees it
+        freed = weakref.ref(node)
+        gc.collect(1)  # alive through a pass of the middle generation: promoted to the oldest
+        del node
+        gc.collect(1)  # the younger generations' passes no longer see it
+        assert freed() is not None
+        await assert_eventually(lambda: freed() is None, timeout_s=5, message="garbage left in generation 2")
+    finally:
+        if collector is not None:
+            await cancel_and_wait([collector])
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_full_collection_period_comes_from_the_environment(monkeypatch):
+    """FLEETSERVE_GC_FULL_EVERY_S sets the period (0 turns the collections off); a negative one fails loudly."""
+    import pytest
+
+    from shared.server import GC_FULL_EVERY_S, gc_full_every_s
+
+    monkeypatch.delenv("FLEETSERVE_GC_FULL_EVERY_S", raising=False)
+    assert gc_full_every_s() == GC_FULL_EVERY_S
+    monkeypatch.setenv("FLEETSERVE_GC_FULL_EVERY_S", "0")
+    assert gc_full_every_s() == 0
+    monkeypatch.setenv("FLEETSERVE_GC_FULL_EVERY_S", "-1")
+    with pytest.raises(ValueError):
+        gc_full_every_s()
