@@ -134,6 +134,27 @@ async def test_hung_engines_are_detected_and_their_streams_resume_elsewhere(tmp_
             }
         )
     p99 = {k: percentile(v, 99) for k, v in ttfts.items()}
+    # The slowest first tokens under faults, placed against the hangs: which replicas served them and how long
+    # after the latest SIGSTOP they started (what a tail is made of: a request sent to a replica before its hang
+    # was detected, a resume, or just the box).
+    slowest = sorted((o for o in outcomes if o.ttft_s is not None), key=lambda o: -o.ttft_s)[:12]
+    tail = []
+    for o in slowest:
+        before = [(o.started_at - at, v) for v, at in hangs if at <= o.started_at]
+        since, victim = min(before) if before else (None, None)
+        hung = sorted(
+            v for v, at in hangs if at <= o.started_at + o.ttft_s and o.started_at < at + HANG_FOR_S
+        )
+        tail.append(
+            {
+                "ttft_s": round(o.ttft_s, 3),
+                "served_by": o.served_by,
+                "latest_hang": victim,
+                "since_latest_hang_s": None if since is None else round(since, 3),
+                "hung_meanwhile": hung,
+            }
+        )
+    print(f"hangs: slowest first tokens {tail}")
     print(
         f"hangs: {len(outcomes)} requests, {len(hangs)} hangs, detection after (s): {detections}, TTFT p99 {p99}"
     )
@@ -148,6 +169,7 @@ async def test_hung_engines_are_detected_and_their_streams_resume_elsewhere(tmp_
         detected_by=paths,
         ttft_p99_s=p99,
         ttft_p50_s={k: percentile(v, 50) for k, v in ttfts.items()},
+        slowest_first_tokens=tail,
         settings=dict(
             run_s=RUN_S, every_s=HANG_EVERY_S, for_s=HANG_FOR_S, engines=ENGINES, clients=CLIENTS, speed=SPEED
         ),

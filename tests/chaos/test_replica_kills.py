@@ -42,11 +42,12 @@ class Outcome:
     usage: common_pb2.Usage | None = None
     error: str = ""
     ttft_s: float | None = None
+    started_at: float = 0.0  # wall clock, to place a slow first token against the faults' times
 
 
 async def run_one(stub: inf_grpc.InferenceServiceStub, key: str, spec: int) -> Outcome:
     seed, max_tokens, prompt = SPECS[spec]
-    out = Outcome(spec)
+    out = Outcome(spec, started_at=time.time())
     req = inf_pb.GenerateRequest(
         model="sim-1b", prompt=prompt, max_tokens=max_tokens, seed=seed, temperature=0.9, ignore_eos=True
     )
