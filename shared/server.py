@@ -225,7 +225,7 @@ def gc_threshold() -> tuple[int, ...]:
 # cycles (a cancelled stream's exception, traceback and frames) wait in whichever generation holds them, with
 # their memory. So the loop runs a full collection itself every GC_FULL_EVERY_S seconds
 # (FLEETSERVE_GC_FULL_EVERY_S overrides; 0: never): a walk of the objects not frozen at start-up (per-request
-# objects and bounded caches), milliseconds once a period, never per request.
+# objects and bounded caches: its time is logged as process.gc_full), once a period, never per request.
 GC_FULL_EVERY_S = 30.0
 
 
@@ -238,16 +238,37 @@ def gc_full_every_s() -> float:
     return value
 
 
+# A process whose full collections find little garbage (a registry, an idle service) backs off: its live heap would
+# be walked for nothing. The period doubles after a collection that found fewer than GC_FULL_QUIET unreachable
+# objects, up to GC_FULL_MAX_BACKOFF x the period, and comes back to it after one that found more.
+GC_FULL_QUIET = 1_000
+GC_FULL_MAX_BACKOFF = 16
+
+
+def next_full_wait(wait_s: float, every_s: float, unreachable: int) -> float:
+    """The wait before the next full collection, after one that waited wait_s and found unreachable objects."""
+    if unreachable >= GC_FULL_QUIET:
+        return every_s
+    return min(wait_s * 2, every_s * GC_FULL_MAX_BACKOFF)
+
+
 async def collect_fully_forever(every_s: float) -> None:
-    """Every every_s: a full collection, logged as process.gc_full (unreachable objects found, its time)."""
+    """Full collections every every_s (longer while they find little: GC_FULL_QUIET), each logged as
+    process.gc_full (unreachable objects found, wall and CPU milliseconds, seconds until the next one)."""
+    wait_s = every_s
     while True:
-        await asyncio.sleep(every_s)
-        started = time.perf_counter()
+        await asyncio.sleep(wait_s)
+        started, cpu_started = time.perf_counter(), time.thread_time()
         unreachable = gc.collect(2)
+        cpu_ms = (time.thread_time() - cpu_started) * 1000
+        wall_ms = (time.perf_counter() - started) * 1000
+        wait_s = next_full_wait(wait_s, every_s, unreachable)
         log.info(
             "process.gc_full",
             unreachable=unreachable,
-            ms=round((time.perf_counter() - started) * 1000, 3),
+            ms=round(wall_ms, 3),
+            cpu_ms=round(cpu_ms, 3),
+            next_s=wait_s,
         )
 
 

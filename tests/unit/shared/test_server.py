@@ -127,3 +127,15 @@ def test_full_collection_period_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("FLEETSERVE_GC_FULL_EVERY_S", "-1")
     with pytest.raises(ValueError):
         gc_full_every_s()
+
+
+def test_full_collections_back_off_while_they_find_little_garbage():
+    """After a full collection that found under GC_FULL_QUIET unreachable objects the wait doubles, up to
+    GC_FULL_MAX_BACKOFF periods; after one that found more it is the period again."""
+    from shared.server import GC_FULL_MAX_BACKOFF, GC_FULL_QUIET, next_full_wait
+
+    waits = [30.0]
+    for _ in range(6):
+        waits.append(next_full_wait(waits[-1], 30.0, GC_FULL_QUIET - 1))
+    assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, 30.0 * GC_FULL_MAX_BACKOFF, 30.0 * GC_FULL_MAX_BACKOFF]
+    assert next_full_wait(480.0, 30.0, GC_FULL_QUIET) == 30.0
