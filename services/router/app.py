@@ -142,7 +142,7 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         retry_budget_max_tokens=settings.retry_budget_max_tokens,
         retry_budget_token_ratio=settings.retry_budget_token_ratio,
         max_in_flight_per_replica=settings.max_in_flight_per_replica,
-        frontend_pack=settings.frontend_pack,
+        frontend_pack=settings.frontend_pack_per_worker,
         wake_models=settings.wake_model_set,
         queue_max_waiting=settings.queue_max_waiting,
         queue_retry_after_s=settings.queue_retry_after_s,

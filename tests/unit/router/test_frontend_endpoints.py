@@ -52,3 +52,20 @@ def test_a_replica_with_one_address_is_counted_too():
     assert a == "a:9" and r.endpoint_live == {"a:9": 1}
     r.endpoint_done(a)
     assert not r.endpoint_live
+
+
+def test_router_workers_pack_their_share_so_together_they_fill_front_ends_like_one_router():
+    from services.router.config import RouterSettings
+
+    def spread(workers: int, streams: int) -> list[int]:
+        share = RouterSettings(frontend_pack=32, worker_count=workers).frontend_pack_per_worker
+        routers = [_router(share) for _ in range(workers)]
+        picks = [routers[i % workers].endpoint(_replica()) for i in range(streams)]
+        return [picks.count(a) for a in FES]
+
+    assert RouterSettings(frontend_pack=32, worker_count=3).frontend_pack_per_worker == 11
+    assert RouterSettings(frontend_pack=0, worker_count=4).frontend_pack_per_worker == 0
+    assert spread(1, 48) == [32, 16, 0]
+    # Four workers at the whole pack each would have put all 48 on the first front end.
+    assert spread(4, 48) == [32, 16, 0]
+    assert spread(2, 96) == spread(1, 96) == [32, 32, 32]
