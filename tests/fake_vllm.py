@@ -345,17 +345,31 @@ async def first_stored_hashes(generate, events, llm: FakeAsyncLLM, timeout_s: fl
     snapshot), generating with `generate(i)` (one short request) until one comes through: the first publishes
     may predate ZMQ's subscription, so the fake's cache is cleared and the prompt sent again."""
 
+    # One task reads the stream: a timed-out wait must not cancel the read itself, as grpc.aio cancels the
+    # whole call when a read is cancelled (on a busy box a 0.2 s wait did, and the next read failed CANCELLED).
+    batches: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        async for item in events:
+            batches.put_nowait(item.batch)
+
     async def until_stored() -> list[int]:
         for i in range(100):
             await generate(i)
             llm.cache.clear()
             try:
-                batch = (await asyncio.wait_for(anext(events), 0.2)).batch
+                batch = await asyncio.wait_for(batches.get(), 0.2)
             except TimeoutError:
+                if reader.done():
+                    reader.result()  # the stream ended or failed: say why
                 continue
             stored = [h for e in batch.events for h in e.block_stored.block_hashes]
             if stored:
                 return stored
         return []
 
-    return await asyncio.wait_for(until_stored(), timeout_s)
+    reader = asyncio.get_running_loop().create_task(pump())
+    try:
+        return await asyncio.wait_for(until_stored(), timeout_s)
+    finally:
+        reader.cancel()
