@@ -156,6 +156,8 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
             ttft_factor=settings.stall_ttft_factor,
             probe_after_s=settings.stall_probe_after_s,
             probe_timeout_s=settings.stall_probe_timeout_s,
+            probe_streaming_s=settings.stall_probe_streaming_s,
+            probe_itl_factor=settings.stall_probe_itl_factor,
         ),
     )
     servicer.recycler = recycler(settings)

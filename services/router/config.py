@@ -220,6 +220,16 @@ class RouterSettings(WorkerSettings):
         gt=0,
         description="Stalls: a progress probe unanswered this long, with no chunk meanwhile, is a hang.",
     )
+    stall_probe_streaming_s: float = Field(
+        0.2,
+        gt=0,
+        description="Stalls: a replica that was streaming is probed sooner, after this much silence or "
+        "--stall-probe-itl-factor times its recent inter-chunk interval, whichever is longer (at most "
+        "--stall-probe-after-s).",
+    )
+    stall_probe_itl_factor: float = Field(
+        10.0, gt=1, description="Stalls: ... this many times the replica's recent inter-chunk interval."
+    )
 
     @field_validator("policy")
     @classmethod

@@ -9,8 +9,8 @@ for its first token. One slow request on a replica whose other streams progress 
 
 Those thresholds follow the replica's pace, so they can be long (a slow first token, a slow replica). A replica
 silent for probe_after_s whose threshold has not passed yet is asked for its progress counters (EngineService
-GetLoad: output tokens, requests finished and aborted), and new requests avoid it meanwhile (when another
-replica can take them): no answer within probe_timeout_s while still silent is a hang (a frozen process answers
+GetLoad: output tokens, requests finished and aborted; sooner for a replica that was streaming, after a few of
+its inter-chunk intervals), and new requests avoid it meanwhile (when another replica can take them): no answer within probe_timeout_s while still silent is a hang (a frozen process answers
 nothing), whatever its pace; an answer whose counters moved is progress (its silence starts over); an answer
 without progress leaves the threshold to decide (a live front end over a stuck kernel)."""
 
@@ -36,6 +36,12 @@ class StallSettings:
     # probe_after_s + probe_timeout_s (+ one check interval) of the last chunk.
     probe_after_s: float = 0.5
     probe_timeout_s: float = 1.25
+    # A streaming replica is probed (and held out) sooner: after max(probe_streaming_s, probe_itl_factor x its
+    # inter-chunk interval), if that is under probe_after_s. Requests routed to a replica in the moments after it
+    # froze wait out its detection (the TTFT tail of a hang), so the sooner it is held out, the fewer of them; a
+    # replica that streams at its pace is not silent that long.
+    probe_streaming_s: float = 0.2
+    probe_itl_factor: float = 10.0
 
 
 class Watched(Protocol):
@@ -143,19 +149,26 @@ class StallDetector:
             return max(s.min_silence_s, s.itl_factor * watch.itl_s)
         return max(s.first_token_s, s.ttft_factor * watch.ttft_s)
 
-    def probes_due(self) -> list[ReplicaWatch]:
-        """Replicas to ask for their progress now: work in flight, silent for probe_after_s (but not yet for
-        their threshold), no probe in flight and none sent during the last probe_after_s. Each is marked as
-        probing (probe_answered or probe_unanswered ends it)."""
+    def probe_after(self, watch: ReplicaWatch) -> float:
+        """Seconds of silence after which this replica is probed."""
         s = self.settings
+        if watch.streaming:
+            return min(s.probe_after_s, max(s.probe_streaming_s, s.probe_itl_factor * watch.itl_s))
+        return s.probe_after_s
+
+    def probes_due(self) -> list[ReplicaWatch]:
+        """Replicas to ask for their progress now: work in flight, silent for probe_after (but not yet for
+        their threshold), no probe in flight and none sent during the last probe_after. Each is marked as
+        probing (probe_answered or probe_unanswered ends it)."""
         now = self._clock()
         due = []
         for watch in self._watches.values():
+            if not watch.attempts or watch.probing:
+                continue
+            after = self.probe_after(watch)
             if (
-                not watch.attempts
-                or watch.probing
-                or now - watch.quiet_since < s.probe_after_s
-                or now - watch.probed_at < s.probe_after_s
+                now - watch.quiet_since < after
+                or now - watch.probed_at < after
                 or now - watch.quiet_since > self.threshold(watch)
             ):
                 continue

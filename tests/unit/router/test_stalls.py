@@ -124,7 +124,7 @@ def test_a_silent_replica_with_a_long_threshold_is_probed_and_an_unanswered_prob
 def test_a_replica_past_its_threshold_is_not_probed():
     """Streaming at a fast pace with a threshold (0.4 s) under probe_after_s (0.5 s): the silence rule reports it
     first; no probe."""
-    d, clock = detector(min_silence_s=0.4, probe_after_s=0.5, probe_timeout_s=1.25)
+    d, clock = detector(min_silence_s=0.4, probe_after_s=0.5, probe_streaming_s=0.5, probe_timeout_s=1.25)
     _, w = stream(d, clock)
     tick(d, clock, 0.1, w, chunks=10)
     seen = []
@@ -165,3 +165,28 @@ def test_a_stall_reported_by_its_threshold_is_not_reported_again_by_the_probe_st
     assert d.probes_due() == [w]
     assert [x[0] for x in tick(d, clock, 0.5)] == [w]
     assert d.probe_unanswered(w) is None and not w.probing
+
+
+def test_a_streaming_replica_is_probed_after_a_few_of_its_intervals_not_after_probe_after_s():
+    """Streaming at 10 ms per chunk: probed (and so held out) after probe_streaming_s (0.2 s) of silence, not
+    0.5 s; at 40 ms per chunk after 10 x 40 ms; at 100 ms per chunk no later than probe_after_s; a replica
+    whose requests all wait for a first token after probe_after_s."""
+    d, clock = detector(probe_after_s=0.5, probe_streaming_s=0.2, probe_itl_factor=10.0)
+    _, fast = stream(d, clock, "fast")
+    for _ in range(10):
+        tick(d, clock, 0.1, fast, chunks=10)
+    assert abs(d.probe_after(fast) - 0.2) < 1e-9
+    assert tick(d, clock, 0.1) == [] and d.probes_due() == []  # 0.1 s of silence: not yet
+    tick(d, clock, 0.15)
+    assert d.probes_due() == [fast]
+    assert abs(d.probe_after(stream(d, clock, "paced")[1]) - 0.2) < 1e-9  # no pace measured yet: the floor
+    paced = d._watches["paced"]
+    for _ in range(10):
+        tick(d, clock, 0.4, paced, chunks=10)  # one stream, a chunk every 40 ms
+    assert abs(d.probe_after(paced) - 0.4) < 1e-6
+    slow = stream(d, clock, "slow")[1]
+    for _ in range(10):
+        tick(d, clock, 1.0, slow, chunks=10)  # a chunk every 100 ms
+    assert d.probe_after(slow) == 0.5
+    waiting_only = d.add("first-token", FakeAttempt())
+    assert d.probe_after(waiting_only) == 0.5
