@@ -21,8 +21,7 @@ from tests.integration.conftest import running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-# A minute by default; FLEETSERVE_CHAOS_S shortens it for a quick local run.
-# 20 s in make test (5 kill slots; CI time), 60 s in make chaos.
+# FLEETSERVE_CHAOS_S sets the length: 20 s by default, as in make test (5 kill slots; CI time), 60 s in make chaos.
 CHAOS_S = float(os.environ.get("FLEETSERVE_CHAOS_S", "20"))
 KILL_EVERY_S = 4.0
 CLIENTS = 12
