@@ -186,17 +186,22 @@ async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, 
                 )
                 return {r[0] for r in rows} if rows and done >= 1 else set()
 
+            seen: dict[int, int] | None = None
+
             async def progress_saved() -> bool:
-                # An unfinished item whose saved progress leaves at least a quarter of its tokens to generate
-                # (~200 ms on a quiet box), so that it is still running when the kill lands: an item saved near its
-                # end could finish between this check and the kill (seen once: two items ended 10 ms apart).
+                # A save seen within one poll of when it was made (its row changed since the last poll) that leaves
+                # at least half of the item's tokens: only a fresh save says where the item is (saves come every
+                # lease/3 = 0.5 s, in which an item moves ~2,500 tokens on a quiet box, so an older one can belong
+                # to an item about to end: seen twice, the item ended between this check and the kill).
+                nonlocal seen
                 rows = await db.fetch(
-                    "SELECT progress FROM job_items WHERE job_id = ? AND result IS NULL AND progress IS NOT NULL",
+                    "SELECT idx, progress FROM job_items WHERE job_id = ? AND result IS NULL AND progress IS NOT NULL",
                     job.job_id,
                 )
-                return any(
-                    len(common_pb2.GenerateChunk.FromString(p).token_ids) <= tokens * 3 // 4 for (p,) in rows
-                )
+                now = {i: len(common_pb2.GenerateChunk.FromString(p).token_ids) for i, p in rows}
+                fresh = [] if seen is None else [n for i, n in now.items() if seen.get(i) != n]
+                seen = now
+                return any(n <= tokens // 2 for n in fresh)
 
             await assert_eventually(held_by_it, timeout_s=60, interval_s=0.01)
             await assert_eventually(progress_saved, timeout_s=60, interval_s=0.01)
