@@ -171,17 +171,18 @@ async def test_prometheus_scrapes_the_fleet_and_promql_matches_the_clients(tmp_p
         assert set(rates) == set(codes) and all(v > 0 for v in rates.values())
         assert rates["OK"] == max(rates.values())
 
-        # TTFT p99 from the gateway's histogram against the clients' own p99. The gateway's clock starts
+        # TTFT p99 from the gateway's histogram against the clients' own TTFTs. The gateway's clock starts
         # after the request arrived and stops before the first chunk leaves, so its p99 can only be lower
-        # than the clients': it must fall in the client p99's bucket or the one below.
+        # than the clients': at most the client p99's bucket, and at least the client median's (the tail's
+        # client-side share is not bounded: on a quiet box the gateway's p99 was 0.20 s against the clients' 0.30).
         assert len(ttfts) == OK_REQUESTS
         client_p99 = float(np.percentile(ttfts, 99))
         promql_p99 = await prometheus.scalar(
             f'histogram_quantile(0.99, sum by (le) (fleetserve:time_to_first_token_seconds_bucket{{model_name="{MODEL}"}}))'
         )
         bounds = prom.TTFT_BUCKETS
-        b = _bucket(client_p99, bounds)
-        lower = bounds[b - 2] if b >= 2 else 0.0
+        b, m = _bucket(client_p99, bounds), _bucket(float(np.percentile(ttfts, 50)), bounds)
+        lower = bounds[m - 1] if m >= 1 else 0.0
         upper = bounds[b] if b < len(bounds) else float("inf")
         assert lower <= promql_p99 <= upper, (client_p99, promql_p99, (lower, upper))
         assert (
