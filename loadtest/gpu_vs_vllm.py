@@ -111,10 +111,20 @@ def server_argv(name: str, args, port: int) -> list[str]:
             argv += ["--router-args", f"--frontend-pack {args.mesh_pack}"]
         elif args.mesh_router_args:
             argv += ["--router-args", args.mesh_router_args]
+        if name == "mesh-nokv":
+            argv += ["--engine-args", "--no-vllm-kv-events"]
         return argv
-    n = int(name.removeprefix("vllm-api"))
+    n = int(name.removeprefix("vllm-api").removesuffix("-kv"))
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
     argv += ["--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1"]
+    if name.endswith("-kv"):
+        # The KV-event publisher the mesh's engine core runs (one JSON word: the flags are split on spaces).
+        kv = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"ipc:///tmp/gvv-kv-{port}.sock",
+        }
+        argv += ["--kv-events-config", json.dumps(kv, separators=(",", ":"))]
     return argv + ["--api-server-count", str(n), *common.split()]
 
 
@@ -165,6 +175,11 @@ def start(args) -> None:
     if args.mesh_wide:
         # The same mesh with more router and gateway processes (an A/B of --workers).
         order.append("mesh-wide")
+    if args.mesh_nokv:
+        # The same mesh with an engine core that publishes no KV events (an A/B of --no-vllm-kv-events).
+        order.append("mesh-nokv")
+    # `vllm serve` with the KV-event publisher the mesh's engine core runs (the same A/B on vLLM's own server).
+    order += [f"vllm-api{n}-kv" for n in args.vllm_kv]
     ports = {name: 8101 + i for i, name in enumerate(order)}
     todo = [name for name in order if name not in state["servers"]]
     # The first start compiles (torch.compile, CUDA graphs) into the shared cache; the others then start at once.
@@ -204,7 +219,7 @@ def serve_mesh(args) -> None:
 
     async def main() -> None:
         engine = ["--model", MODEL, f"--vllm-args=--model {args.model_dir} {args.vllm_flags}"]
-        engine += ["--frontends", str(args.frontends)]
+        engine += ["--frontends", str(args.frontends), *args.engine_args.split()]
         cluster = Cluster(
             ClusterConfig(
                 data_dir=Path(args.dir) / args.name,
@@ -930,6 +945,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--mesh-wide", type=int, default=0, help="also a mesh-wide server: router and gateway --workers N"
     )
     s.add_argument("--mesh-router-args", default="", help="extra router flags of the mesh server")
+    s.add_argument(
+        "--mesh-nokv", action="store_true", help="also a mesh-nokv server: engine --no-vllm-kv-events"
+    )
+    s.add_argument(
+        "--vllm-kv",
+        default="",
+        help="also vllm-apiN-kv servers (vllm serve publishing KV events) for N in this list",
+    )
     s.add_argument("--start-timeout-s", type=float, default=400.0)
     s.add_argument("--kv-cache-bytes", type=int, default=KV_CACHE_BYTES)
     s.add_argument(
@@ -947,6 +970,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--gateway-workers", type=int, default=2)
     m.add_argument("--name", default="mesh")
     m.add_argument("--router-args", default="")
+    m.add_argument("--engine-args", default="")
     b = sub.add_parser("bench")
     b.add_argument("--dir", required=True)
     b.add_argument("--model-dir", required=True)
@@ -981,6 +1005,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if hasattr(args, "api_counts"):
         args.api_counts = [int(x) for x in args.api_counts.split(",") if x]
+        args.vllm_kv = [int(x) for x in args.vllm_kv.split(",") if x]
     if hasattr(args, "concurrency"):
         args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     if hasattr(args, "servers"):

@@ -105,8 +105,11 @@ class FakeAsyncLLM:
         self.clients: list[list] = []
         self._sched_turn = 0
         self._seq = 0
-        self._pub = zmq.Context.instance().socket(zmq.PUB)
-        self._pub.bind(kv_endpoint)
+        # Empty when the replica publishes no KV events (--no-vllm-kv-events): then no socket, as in vLLM.
+        self.kv_endpoint = kv_endpoint
+        self._pub = zmq.Context.instance().socket(zmq.PUB) if kv_endpoint else None
+        if self._pub is not None:
+            self._pub.bind(kv_endpoint)
         self._enc = msgspec.msgpack.Encoder()
         self._step_task = asyncio.get_running_loop().create_task(self._steps())
 
@@ -151,7 +154,8 @@ class FakeAsyncLLM:
     def shutdown(self) -> None:
         self.stopped = True
         self._step_task.cancel()
-        self._pub.close(linger=0)
+        if self._pub is not None:
+            self._pub.close(linger=0)
 
     # -- test controls --------------------------------------------------------------------------------
 
@@ -213,6 +217,8 @@ class FakeAsyncLLM:
         return hits
 
     def _publish(self, events: list[dict]) -> None:
+        if self._pub is None:
+            return
         payload = self._enc.encode([time.time(), events])
         self._pub.send_multipart((b"kv", self._seq.to_bytes(8, "big"), payload))
         self._seq += 1

@@ -36,7 +36,7 @@ def _api() -> vllm_backend.VllmApi:
     def create_client(argv: list[str], kv_endpoint: str, stat_loggers: list, client: dict):
         index = client["client_index"]
         if not engines:  # this front end's own fake engine core
-            endpoint = kv_endpoint if index == 0 else f"{kv_endpoint}.{index}"
+            endpoint = kv_endpoint if index == 0 or not kv_endpoint else f"{kv_endpoint}.{index}"
             model_dir = argv[argv.index("--model") + 1]
             engines.append(FakeAsyncLLM(argv, endpoint, [], model_dir=model_dir, step_s=STEP_S))
         return engines[0].add_client(stat_loggers, index)

@@ -55,7 +55,9 @@ def create_backend(settings: EngineSettings, frontend: Frontend | None = None) -
             ),
             detokenize=settings.vllm_detokenize,
             replica_id=settings.replica_id,
-            **(frontend.backend_options() if frontend is not None else {}),
+            **(
+                frontend.backend_options() if frontend is not None else {"kv_events": settings.vllm_kv_events}
+            ),
         )
     raise ValueError(f"unknown backend {settings.backend!r}")
 

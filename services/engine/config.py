@@ -45,7 +45,13 @@ class EngineSettings(ServiceSettings):
         "",
         description="vllm backend: vLLM engine flags (AsyncEngineArgs, shell-quoted), e.g. "
         "'--model DIR --load-format dummy'; --max-num-seqs/--max-num-batched-tokens default to this replica's; "
-        "prefix caching and KV events are always on.",
+        "prefix caching is always on.",
+    )
+    vllm_kv_events: bool = Field(
+        True,
+        description="vllm backend: the engine core publishes its KV-cache events (the kv_aware router policy's "
+        "exact view of this replica's prefix cache); --no-vllm-kv-events spares the engine core that work, and "
+        "routers then know its cache only from what they routed there (the cache_aware policy).",
     )
     vllm_detokenize: bool = Field(
         True,

@@ -65,7 +65,7 @@ class Frontend:
         return {
             "client": self.client,
             "kv_endpoint": self.kv_endpoint,
-            "kv_events": self.index == 0,
+            "kv_events": self.index == 0 and bool(self.kv_endpoint),
             "board": LoadBoard(self.board_path, self.count),
             "board_row": self.index,
         }
@@ -141,7 +141,8 @@ def supervise(settings, count: int) -> int:
         max_num_batched_tokens=settings.max_num_batched_tokens,
     )
     kv_path = tempfile.mktemp(prefix=f"fleetserve-kv-{settings.replica_id}-", suffix=".sock")  # noqa: S306 - an ipc path the engine core binds
-    kv_endpoint = f"ipc://{kv_path}"
+    # No endpoint: the engine core publishes no KV events (--no-vllm-kv-events).
+    kv_endpoint = f"ipc://{kv_path}" if settings.vllm_kv_events else ""
     board = LoadBoard(None, count)
     run_dir = Path(settings.ready_file).parent if settings.ready_file else Path(tempfile.gettempdir())
     # Before any front end (or the engine core) starts: they inherit the directory and write their series there.

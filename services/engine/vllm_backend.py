@@ -111,10 +111,14 @@ def load_vllm_api() -> VllmApi:
             block_size=BLOCK_SIZE,
             # Our stat logger is the only consumer; vLLM's periodic log lines are not wanted.
             disable_log_stats=True,
-            kv_events_config=KVEventsConfig(
-                enable_kv_cache_events=True, publisher="zmq", endpoint=kv_endpoint, topic=KV_TOPIC
-            ),
         )
+        if kv_endpoint:  # empty: this replica publishes no KV events (--no-vllm-kv-events)
+            args = dataclasses.replace(
+                args,
+                kv_events_config=KVEventsConfig(
+                    enable_kv_cache_events=True, publisher="zmq", endpoint=kv_endpoint, topic=KV_TOPIC
+                ),
+            )
         # vLLM's private front-end count and rank (vllm serve sets them the same way for its API servers).
         for name, value in private.items():
             setattr(args, name, value)
@@ -314,7 +318,8 @@ class VllmBackend:
 
     async def start(self) -> None:
         api = self.api
-        endpoint = self.kv_endpoint or self._new_kv_endpoint()
+        # Alone on its engine core (no endpoint given), this process picks the endpoint unless events are off.
+        endpoint = self.kv_endpoint or (self._new_kv_endpoint() if self.kv_events else "")
         logger_cls = stat_logger_factory(api.stat_logger_base, self.stats)
         started = time.monotonic()
         # Blocks the loop while the engine core starts (~35-50 s on an H100): nothing else runs yet, and
@@ -340,7 +345,7 @@ class VllmBackend:
             kv_blocks_total=cfg.cache_config.num_gpu_blocks or 0,
             max_model_len=cfg.model_config.max_model_len,
         )
-        if self.kv_events:
+        if self.kv_events and endpoint:
             self._kv_reader = ZmqKvEventReader(endpoint, self.translator, self._publish_kv, topic=KV_TOPIC)
             self._kv_reader.start()
         loop = asyncio.get_running_loop()

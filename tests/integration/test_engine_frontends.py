@@ -72,14 +72,15 @@ def exchanger(n: int):
 
 
 @contextlib.asynccontextmanager
-async def replica(model_dir: str, monkeypatch, tmp_path, registry_address: str = ""):
-    """N front ends of replica "engine-fe" (the first call builds the shared fake engine core)."""
+async def replica(model_dir: str, monkeypatch, tmp_path, registry_address: str = "", kv_events: bool = True):
+    """N front ends of replica "engine-fe" (the first call builds the shared fake engine core); without
+    kv_events the supervisor gives them no KV-event endpoint, as it does with --no-vllm-kv-events."""
     engines: list[FakeAsyncLLM] = []
     monkeypatch.setattr(vllm_backend, "load_vllm_api", lambda: fake_api(model_dir, engines, step_s=0.003))
     rec = Recorded()
     board = LoadBoard(None, N)
     exchange = exchanger(N)
-    kv = f"ipc://{tmp_path}/kv.sock"
+    kv = f"ipc://{tmp_path}/kv.sock" if kv_events else ""
     settings = EngineSettings(
         replica_id="engine-fe",
         model=MODEL,
@@ -235,6 +236,17 @@ async def test_kv_events_from_any_front_end(model_dir, monkeypatch, tmp_path):
         stored = await first_stored_hashes(generate, it, core)
         events.cancel()
         assert stored[: len(want)] == want
+
+
+async def test_front_ends_without_kv_events_read_none_and_still_serve(model_dir, monkeypatch, tmp_path):
+    """With no KV-event endpoint (--no-vllm-kv-events) no front end reads KV events, the engine core binds no
+    publisher, and every front end still streams."""
+    async with replica(model_dir, monkeypatch, tmp_path, kv_events=False) as (apps, stubs, core):
+        assert core.kv_endpoint == ""
+        assert [app.backend._kv_reader for app in apps] == [None] * N
+        for i, stub in enumerate(stubs):
+            chunks = [r.chunk async for r in stub.Generate(request(f"front end {i}", 3, f"n{i}"), timeout=10)]
+            assert chunks[-1].usage.completion_tokens == 3
 
 
 async def test_engine_death_turns_every_front_end_not_serving_and_the_replica_leaves(

@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory) -> str:
 
 
 @contextlib.asynccontextmanager
-async def vllm_engine(model_dir: str, monkeypatch, registry_address: str = ""):
+async def vllm_engine(model_dir: str, monkeypatch, registry_address: str = "", **settings_kw):
     engines: list[FakeAsyncLLM] = []
     monkeypatch.setattr(vllm_backend, "load_vllm_api", lambda: fake_api(model_dir, engines, step_s=0.003))
     rec = Recorded()
@@ -48,6 +48,7 @@ async def vllm_engine(model_dir: str, monkeypatch, registry_address: str = ""):
         vllm_args=f"--model {model_dir}",
         registry_address=registry_address,
         **FAST_RETRY,
+        **settings_kw,
     )
     app = await start(settings, rec.telemetry)
     app.backend.health_poll_s = 0.02
@@ -137,6 +138,18 @@ async def test_kv_events_stream_fleet_hashes_over_grpc(model_dir, monkeypatch):
         stored = await first_stored_hashes(generate, it, llm)
         events.cancel()
         assert stored[: len(want)] == want
+
+
+async def test_no_kv_events_leaves_the_engine_core_without_a_publisher(model_dir, monkeypatch):
+    """--no-vllm-kv-events: the engine core gets no KV-event endpoint and nothing reads one; requests still stream."""
+    async with vllm_engine(model_dir, monkeypatch, vllm_kv_events=False) as (app, stub, llm):
+        assert llm.kv_endpoint == ""
+        assert app.backend._kv_reader is None
+        replies = [r async for r in stub.Generate(request("no events here", 4, "n1"), timeout=10)]
+        assert sum(len(r.chunk.token_ids) for r in replies if r.HasField("chunk")) == 4
+    async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):
+        assert llm.kv_endpoint.startswith("ipc://")  # the default publishes them
+        assert app.backend._kv_reader is not None
 
 
 async def test_engine_death_is_not_serving_and_leaves_the_registry(model_dir, monkeypatch):

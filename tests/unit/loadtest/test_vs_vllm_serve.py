@@ -104,3 +104,21 @@ def test_mesh_variants_differ_from_the_mesh_only_in_their_flags():
     assert flag(mesh, "--vllm-flags") == flag(wide, "--vllm-flags")
     vllm = g.server_argv("vllm-api4", args, 8102)
     assert flag(vllm, "--api-server-count") == "4" and flag(vllm, "--port") == "8102"
+    assert "--kv-events-config" not in vllm and "--engine-args" not in mesh
+
+
+def test_kv_event_variants_turn_only_kv_events_off_or_on():
+    args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--mesh-nokv", "--vllm-kv", "8"])
+    assert args.vllm_kv == [8]
+    mesh, nokv = g.server_argv("mesh", args, 8101), g.server_argv("mesh-nokv", args, 8105)
+    assert nokv[nokv.index("--engine-args") + 1] == "--no-vllm-kv-events"
+    assert [a for a in nokv if a not in mesh] == ["mesh-nokv", "--engine-args", "--no-vllm-kv-events"]
+    plain, kv = g.server_argv("vllm-api8", args, 8103), g.server_argv("vllm-api8-kv", args, 8106)
+    config = json.loads(kv[kv.index("--kv-events-config") + 1])
+    assert config["enable_kv_cache_events"] and config["publisher"] == "zmq"
+    assert kv[kv.index("--api-server-count") + 1] == "8"
+    assert [a for a in kv if a not in plain] == [
+        "8106",
+        "--kv-events-config",
+        kv[kv.index("--kv-events-config") + 1],
+    ]
