@@ -759,6 +759,11 @@ def relabel(records: list[dict], roles: dict[int, str]) -> None:
         r["cpu_by_process"] = _by_process(r["cpu"])
 
 
+def is_plain_vllm(name: str) -> bool:
+    """`vllm serve` as the issue's targets mean it (its variants, as vllm-api8-kv, are compared, not the best)."""
+    return name.startswith("vllm-") and not name.endswith("-kv")
+
+
 def paired(records: list[dict], server: str = "mesh") -> dict[int, dict]:
     """Per concurrency: in each repetition the mesh against that repetition's best `vllm serve` (the servers of
     one repetition ran back to back, so drift between repetitions cancels), and the median over repetitions."""
@@ -768,7 +773,7 @@ def paired(records: list[dict], server: str = "mesh") -> dict[int, dict]:
     out: dict[int, dict] = {}
     for (c, rep), rs in sorted(by.items()):
         mesh = rs.get(server)
-        vl = [r for name, r in rs.items() if name.startswith("vllm-")]
+        vl = [r for name, r in rs.items() if is_plain_vllm(name)]
         if mesh is None or not vl:
             continue
         best = max(vl, key=lambda r: r["output_tokens_per_s"])
@@ -797,7 +802,7 @@ def targets(rows: list[dict], pairs: dict[int, dict]) -> dict[int, dict]:
     for c in sorted({r["concurrency"] for r in rows}):
         rs = [r for r in rows if r["concurrency"] == c]
         mesh = next((r for r in rs if r["server"] == "mesh"), None)
-        vl = [r for r in rs if r["server"].startswith("vllm-")]
+        vl = [r for r in rs if is_plain_vllm(r["server"])]
         if mesh is None or not vl:
             continue
         best = max(vl, key=lambda r: r["output_tokens_per_s"])
@@ -875,7 +880,8 @@ def report(args) -> None:
     pairs = paired(doc["records"])
     met = targets(rows, pairs)
     names = {r["server"] for r in doc["records"]}
-    variants = sorted(n for n in names if n != "mesh" and not n.startswith("vllm-"))
+    # Each against the best plain `vllm serve`: the mesh's variants, and vllm serve's own (-kv).
+    variants = sorted(n for n in names if n != "mesh" and not is_plain_vllm(n))
     others = {v: paired(doc["records"], v) for v in variants}
     by_c: dict[int, list[dict]] = {}
     for r in rows:

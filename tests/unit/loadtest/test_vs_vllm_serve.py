@@ -54,6 +54,16 @@ def test_paired_ratios_and_targets():
     assert not met[256]["toks_met"] and met[256]["ttft_p99_ratio"] == 1.4 and not met[256]["ttft_p99_met"]
 
 
+def test_vllm_serve_variants_are_compared_with_the_best_plain_vllm_serve_never_the_best():
+    recs = [
+        _rec(1, "vllm-api8", 128, 30000, 100, 200), _rec(1, "vllm-api8-kv", 128, 33000, 90, 180),
+        _rec(1, "mesh", 128, 29000, 110, 210),
+    ]  # fmt: skip
+    assert g.paired(recs)[128]["reps"][0]["best"] == "vllm-api8"
+    assert g.targets(g.summarize(recs), g.paired(recs))[128]["best"] == "vllm-api8"
+    assert g.paired(recs, "vllm-api8-kv")[128]["toks_ratio_median"] == 1.1
+
+
 def test_hop_ttft_reads_the_mesh_logs_within_each_run(tmp_path):
     lines = [
         {"event": "gateway.request", "timestamp": "2026-12-02T13:00:01.000000Z", "ttft_ms": 20.0},
