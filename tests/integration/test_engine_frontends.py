@@ -33,6 +33,7 @@ from services.router.app import start as start_router
 from services.router.config import RouterSettings
 from shared.health import check
 from shared.prefix_hash import block_hashes
+from shared.server import PARENT_PID_ENV
 from shared.tokenizer import load as load_tokenizer
 from tests.integration.test_engine import FAST_RETRY, Recorded, listed, start_registry
 from tests.support import assert_eventually
@@ -190,6 +191,75 @@ async def test_one_replica_with_every_front_end_as_an_endpoint_and_requests_spre
 
 async def _listed(address: str) -> bool:
     return "engine-fe" in await listed(address)
+
+
+async def test_router_workers_share_the_front_end_pack(model_dir, monkeypatch, tmp_path):
+    """`python -m services.router --workers 2 --frontend-pack 3`: each worker packs ceil(3 / 2) = 2 streams per
+    front end, so three streams through each worker put 4 on the first front end, 2 on the second, none on the
+    third (each worker at the whole pack would put all 6 on the first; at floor(3 / 2) = 1, 2 on each)."""
+    rec = Recorded()
+    registry = await start_registry(rec)
+    ready = tmp_path / "router.json"
+    argv = [sys.executable, "-m", "services.router", "--workers=2", "--frontend-pack=3", "--port=0"]
+    argv += [f"--registry-address={registry.address}", "--watch-backoff-base-s=0.05", "--metrics-port=-1"]
+    argv += [f"--ready-file={ready}", "--grace-period-s=1", "--log-json"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
+    proc = None
+    calls: list[grpc.aio.UnaryStreamCall] = []
+    channels: list[grpc.aio.Channel] = []
+    try:
+        async with replica(model_dir, monkeypatch, tmp_path, registry.address) as (apps, stubs, core):
+            await assert_eventually(lambda: _listed(registry.address), timeout_s=5)
+            with open(tmp_path / "router.log", "w") as log:  # noqa: ASYNC230 - once, before the streams
+                proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: ASYNC220
+            await assert_eventually(lambda: ready.exists() or proc.poll() is not None, timeout_s=120)
+            assert proc.poll() is None, (tmp_path / "router.log").read_text()[-3000:]
+            workers = json.loads(ready.read_text())["worker_addresses"]
+            assert len(workers) == 2
+            channels = [grpc.aio.insecure_channel(a) for a in workers]
+            for w, ch in enumerate(channels):
+                stub = router_grpc.RouterServiceStub(ch)
+                for i in range(3):
+                    req = router_pb.GenerateRequest(
+                        request_id=f"w{w}-{i}",
+                        spec=common_pb2.GenerationSpec(
+                            model=MODEL,
+                            prompt=f"pack me {w} {i}",
+                            sampling=common_pb2.SamplingParams(max_tokens=3000, ignore_eos=True),
+                        ),
+                    )
+                    # Held open (3000 tokens: seconds) so that each worker's later picks see it in flight.
+                    calls.append(await _first_chunk(stub, req))
+            owners = collections.Counter(r.owner for r in core.seen)
+            assert [owners[i] for i in range(N)] == [4, 2, 0], owners
+    finally:
+        for call in calls:
+            call.cancel()
+        for ch in channels:
+            await ch.close()
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        await registry.stop(0)
+
+
+async def _first_chunk(stub: router_grpc.RouterServiceStub, req) -> grpc.aio.UnaryStreamCall:
+    """The call of `req` once its first chunk came (a router worker may not have seen the replica yet: retried
+    on UNAVAILABLE, which leaves nothing in flight, for at most 10 s)."""
+    for _ in range(100):
+        call = stub.Generate(req, timeout=60)
+        try:
+            await call.read()
+            return call
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{req.request_id}: no first chunk within 100 tries")
 
 
 async def test_load_abort_and_cancel_across_front_ends(model_dir, monkeypatch, tmp_path):
