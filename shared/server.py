@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -213,7 +214,7 @@ GC_THRESHOLD = (50_000, 20, 100)
 
 
 def gc_threshold() -> tuple[int, ...]:
-    """The thresholds settle_heap sets: GC_THRESHOLD, or FLEETSERVE_GC_THRESHOLD's."""
+    """The thresholds freeze_heap sets: GC_THRESHOLD, or FLEETSERVE_GC_THRESHOLD's."""
     raw = os.environ.get("FLEETSERVE_GC_THRESHOLD", "")
     return tuple(int(x) for x in raw.split(",")) if raw else GC_THRESHOLD
 
@@ -272,20 +273,30 @@ async def collect_fully_forever(every_s: float) -> None:
         )
 
 
-def settle_heap() -> asyncio.Task | None:
+def freeze_heap() -> None:
     """After start-up: collect once, then freeze what is left (modules, settings, servicers) into the permanent
     generation, so the collector's passes during serving walk only per-request objects; then the serving
-    thresholds (gc_threshold), and the periodic full collections (collect_fully_forever) as a task of the
-    running loop: the task (to cancel at shutdown), or None when they are off or no loop runs."""
+    thresholds (gc_threshold)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*gc_threshold())
+
+
+@contextlib.asynccontextmanager
+async def settle_heap() -> AsyncIterator[None]:
+    """Serve inside this block: freeze_heap on entry, and the periodic full collections (collect_fully_forever,
+    unless gc_full_every_s is 0) as a task of the running loop that the block owns: cancelled and awaited when
+    the block ends, however it ends, so no caller can leave it running after its service stopped."""
+    freeze_heap()
     every_s = gc_full_every_s()
+    collector = (
+        asyncio.get_running_loop().create_task(collect_fully_forever(every_s)) if every_s > 0 else None
+    )
     try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-    return loop.create_task(collect_fully_forever(every_s)) if every_s > 0 else None
+        yield
+    finally:
+        if collector is not None:
+            await cancel_and_wait([collector])
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:
@@ -332,22 +343,23 @@ async def serve_main(
         prom.multiprocess_dir(),
     )
     metrics_address = metrics.address if metrics is not None else ""
-    collector = settle_heap()
-    # ready_info: extra addresses a launcher needs (the gateway's HTTP port).
-    write_ready_file(
-        settings.ready_file,
-        address=app.address,
-        service=service,
-        metrics_address=metrics_address,
-        **getattr(app, "ready_info", {}),
-    )
-    log.info(f"{service}.started", address=app.address, metrics_address=metrics_address or None)
-    reason = await wait_for_signal()
-    log.info(f"{service}.stopping", reason=reason)
-    await app.stop(settings.grace_period_s)
-    if metrics is not None:
-        # After the drain, so that a scrape during it still sees the last requests counted.
-        metrics.stop()
-    await cancel_and_wait(t for t in (stats, collector) if t is not None)
+    async with settle_heap():
+        # ready_info: extra addresses a launcher needs (the gateway's HTTP port).
+        write_ready_file(
+            settings.ready_file,
+            address=app.address,
+            service=service,
+            metrics_address=metrics_address,
+            **getattr(app, "ready_info", {}),
+        )
+        log.info(f"{service}.started", address=app.address, metrics_address=metrics_address or None)
+        reason = await wait_for_signal()
+        log.info(f"{service}.stopping", reason=reason)
+        await app.stop(settings.grace_period_s)
+        if metrics is not None:
+            # After the drain, so that a scrape during it still sees the last requests counted.
+            metrics.stop()
+    if stats is not None:
+        await cancel_and_wait([stats])
     telemetry.shutdown()
     log.info(f"{service}.exited")

@@ -94,26 +94,24 @@ def frontend_process(
 
 async def _serve_frontend(settings, frontend: Frontend) -> None:
     from services.engine.app import start
-    from shared.server import cancel_and_wait, settle_heap, wait_for_signal
+    from shared.server import settle_heap, wait_for_signal
     from shared.telemetry import configure_logging, setup_telemetry
 
     configure_logging("engine", settings.log_level, settings.log_json)
     structlog.contextvars.bind_contextvars(frontend=frontend.index)
     telemetry = setup_telemetry("engine", settings.otlp_endpoint, settings.metrics_export_interval_s)
     app = await start(settings, telemetry, frontend)
-    collector = settle_heap()
-    # The supervisor saw the engine-core process exit (this process cannot: vLLM watches only engine cores it
-    # started itself): streams fail, health turns NOT_SERVING, the primary leaves the registry.
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGUSR1, lambda: app.backend.mark_dead("the engine-core process exited")
-    )
-    log.info("engine.started", address=app.address, frontend=frontend.index)
-    reason = await wait_for_signal()
-    log.info("engine.stopping", reason=reason, frontend=frontend.index)
-    await app.stop(settings.grace_period_s)
-    app.backend.board.close()
-    if collector is not None:
-        await cancel_and_wait([collector])
+    async with settle_heap():
+        # The supervisor saw the engine-core process exit (this process cannot: vLLM watches only engine cores it
+        # started itself): streams fail, health turns NOT_SERVING, the primary leaves the registry.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGUSR1, lambda: app.backend.mark_dead("the engine-core process exited")
+        )
+        log.info("engine.started", address=app.address, frontend=frontend.index)
+        reason = await wait_for_signal()
+        log.info("engine.stopping", reason=reason, frontend=frontend.index)
+        await app.stop(settings.grace_period_s)
+        app.backend.board.close()
     telemetry.shutdown()
     log.info("engine.exited", frontend=frontend.index)
 

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import grpc
+import pytest
 from fleetserve.engine.v1 import engine_service_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -63,61 +71,122 @@ async def test_health_reports_not_serving_when_draining():
         await running.server.stop(None)
 
 
-def test_settle_heap_sets_the_serving_collector_thresholds(monkeypatch):
-    """After start-up the collector runs with the services' thresholds, or FLEETSERVE_GC_THRESHOLD's."""
+async def test_settle_heap_sets_the_serving_collector_thresholds(monkeypatch):
+    """While serving the collector runs with the services' thresholds, or FLEETSERVE_GC_THRESHOLD's."""
     import gc
 
     from shared.server import GC_THRESHOLD, settle_heap
 
     before = gc.get_threshold()
+    monkeypatch.setenv("FLEETSERVE_GC_FULL_EVERY_S", "0")
     try:
         monkeypatch.delenv("FLEETSERVE_GC_THRESHOLD", raising=False)
-        settle_heap()
-        assert gc.get_threshold() == GC_THRESHOLD
+        async with settle_heap():
+            assert gc.get_threshold() == GC_THRESHOLD
         monkeypatch.setenv("FLEETSERVE_GC_THRESHOLD", "700,10,10")
-        settle_heap()
-        assert gc.get_threshold() == (700, 10, 10)
+        async with settle_heap():
+            assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
 
 
+def _collectors() -> list[asyncio.Task]:
+    """The running loop's tasks of periodic full collections."""
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "collect_fully_forever"]
+
+
 async def test_settle_heap_frees_garbage_of_the_oldest_generation_while_serving(monkeypatch):
     """A reference cycle that reached the oldest generation is freed by settle_heap's periodic full collections,
-    which the serving thresholds alone would leave for ~100M allocations."""
+    which the serving thresholds alone would leave for ~100M allocations; they stop with the block, also when it
+    ends by an exception."""
     import gc
     import weakref
 
-    from shared.server import cancel_and_wait, settle_heap
+    from shared.server import settle_heap
     from tests.support import assert_eventually
 
     class Node:
         pass
 
+    class Stopped(Exception):
+        pass
+
     before = gc.get_threshold()
     monkeypatch.delenv("FLEETSERVE_GC_THRESHOLD", raising=False)
     monkeypatch.setenv("FLEETSERVE_GC_FULL_EVERY_S", "0.05")
-    collector = settle_heap()
+    assert _collectors() == []
     try:
-        node = Node()
-        node.me = node  # a cycle: only the collector frees it
-        freed = weakref.ref(node)
-        gc.collect(1)  # alive through a pass of the middle generation: promoted to the oldest
-        del node
-        gc.collect(1)  # the younger generations' passes no longer see it
-        assert freed() is not None
-        await assert_eventually(lambda: freed() is None, timeout_s=5, message="garbage left in generation 2")
+        with pytest.raises(Stopped):
+            async with settle_heap():
+                assert len(_collectors()) == 1
+                node = Node()
+                node.me = node  # a cycle: only the collector frees it
+                freed = weakref.ref(node)
+                gc.collect(1)  # alive through a pass of the middle generation: promoted to the oldest
+                del node
+                gc.collect(1)  # the younger generations' passes no longer see it
+                assert freed() is not None
+                await assert_eventually(
+                    lambda: freed() is None, timeout_s=5, message="garbage left in generation 2"
+                )
+                raise Stopped
+        assert _collectors() == []
     finally:
-        if collector is not None:
-            await cancel_and_wait([collector])
         gc.unfreeze()
         gc.set_threshold(*before)
 
 
+ROOT = Path(__file__).resolve().parents[3]
+SERVE_A_REGISTRY = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from services.registry.app import start
+    from services.registry.config import RegistrySettings
+    from shared.server import serve_main
+
+    def collectors():
+        return sum(t.get_coro().__qualname__ == "collect_fully_forever" for t in asyncio.all_tasks())
+
+    async def main():
+        before = collectors()
+        settings = RegistrySettings(port=0, metrics_port=-1, db_path=":memory:", ready_file=sys.argv[1])
+        await serve_main("registry", settings, start)
+        print(json.dumps({"before": before, "after": collectors()}))
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_stopped_service_leaves_no_full_collection_task(tmp_path):
+    """A registry served by serve_main, with full collections every 0.05 s, stopped by SIGTERM: its loop has no
+    collection task left (there was none before it started)."""
+    from shared.server import PARENT_PID_ENV
+    from tests.support import assert_eventually
+
+    log_file, out_file = tmp_path / "registry.log", tmp_path / "out.json"
+    env = {**os.environ, "FLEETSERVE_GC_FULL_EVERY_S": "0.05", PARENT_PID_ENV: str(os.getpid())}
+    argv = [sys.executable, "-c", SERVE_A_REGISTRY, str(tmp_path / "ready.json")]
+    with open(log_file, "wb") as log, open(out_file, "wb") as out:  # noqa: ASYNC230 - once, before it starts
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=log, env=env)  # noqa: ASYNC220
+    try:
+        # A collection ran: the task exists, and (logged after the start) the SIGTERM handler is installed.
+        await assert_eventually(
+            lambda: "process.gc_full" in log_file.read_text() or proc.poll() is not None, timeout_s=60
+        )
+        assert proc.poll() is None, log_file.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0, log_file.read_text()[-3000:]
+        assert json.loads(out_file.read_text().splitlines()[-1]) == {"before": 0, "after": 0}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_full_collection_period_comes_from_the_environment(monkeypatch):
     """FLEETSERVE_GC_FULL_EVERY_S sets the period (0 turns the collections off); a negative one fails loudly."""
-    import pytest
-
     from shared.server import GC_FULL_EVERY_S, gc_full_every_s
 
     monkeypatch.delenv("FLEETSERVE_GC_FULL_EVERY_S", raising=False)
