@@ -1,11 +1,13 @@
-"""Test helpers: bounded waiting for a condition instead of sleeps."""
+"""Test helpers: bounded waiting for a condition instead of sleeps, and reading a launched service's ready file."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 async def assert_eventually(
@@ -23,3 +25,11 @@ async def assert_eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(message or f"condition not met within {timeout_s}s (last value {last!r})")
         await asyncio.sleep(interval_s)
+
+
+def ready_address(ready: Path) -> str | None:
+    """The address in a service's ready file, or None while it is not (completely) written yet."""
+    try:
+        return json.loads(ready.read_text())["address"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None

@@ -17,7 +17,7 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
 from shared.errors import details_of
 from tests.integration.conftest import running_cluster
-from tests.support import assert_eventually
+from tests.support import assert_eventually, ready_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -135,7 +135,7 @@ async def test_router_drain_moves_its_streams_to_another_router_without_loss(tmp
     from services.gateway.config import GatewaySettings
     from services.gateway.routers import _score
     from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
-    from tests.integration.test_router_failover import _address, router_process
+    from tests.integration.test_router_failover import router_process
 
     async with in_process_fleet(tmp_path, engines=2) as fleet:
         fleet.gateway = await start_gateway(
@@ -153,7 +153,7 @@ async def test_router_drain_moves_its_streams_to_another_router_without_loss(tmp
             proc,
             ready,
         ):
-            b = await assert_eventually(lambda: _address(ready), timeout_s=60)
+            b = await assert_eventually(lambda: ready_address(ready), timeout_s=60)
             await assert_eventually(lambda: b in known(), timeout_s=20)
             a = fleet.router.address
             sessions = [f"c-{i}" for i in range(2000) if _score(f"s:c-{i}", b) > _score(f"s:c-{i}", a)][:3]

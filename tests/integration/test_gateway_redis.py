@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -28,7 +27,7 @@ from services.gateway.schema import open_accounts
 from services.gateway.tenants import TenantStore
 from shared.errors import details_of
 from tests.integration.test_router import API_KEY, MODEL, closed_port_address, in_process_fleet
-from tests.support import assert_eventually
+from tests.support import assert_eventually, ready_address
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -169,13 +168,6 @@ def gateway_process(tmp: Path, name: str, router: str, *flags: str):
         log.close()
 
 
-def _address(ready: Path) -> str | None:
-    try:
-        return json.loads(ready.read_text())["address"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
-
-
 async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_path):
     """Two gateway processes sharing one Redis: 10 simultaneous requests of a tenant limited to 4 per second,
     5 through each, admit 4 (5 if a unit drains meanwhile), not the 8 two separate limiters would."""
@@ -192,7 +184,9 @@ async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_
             gateway_process(tmp_path, "gw1", fleet.router.address, *flags) as (p1, r1),
             gateway_process(tmp_path, "gw2", fleet.router.address, *flags) as (p2, r2),
         ):
-            addresses = [await assert_eventually(lambda r=r: _address(r), timeout_s=60) for r in (r1, r2)]
+            addresses = [
+                await assert_eventually(lambda r=r: ready_address(r), timeout_s=60) for r in (r1, r2)
+            ]
             stubs = [pb_grpc.InferenceServiceStub(fleet.channel(a)) for a in addresses]
             for stub in stubs:  # connected and serving before the burst, so the burst is simultaneous
                 await stub.ListModels(

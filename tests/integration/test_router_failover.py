@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from services.gateway.app import start as start_gateway
 from services.gateway.config import GatewaySettings
 from services.gateway.routers import _score
 from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
-from tests.support import assert_eventually
+from tests.support import assert_eventually, ready_address
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -59,13 +58,6 @@ def router_process(tmp: Path, registry: str, name: str, extra: list[str] | None 
             proc.kill()
         proc.wait(10)
         log.close()
-
-
-def _address(ready: Path) -> str | None:
-    try:
-        return json.loads(ready.read_text())["address"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -112,7 +104,7 @@ async def test_routers_register_and_the_gateway_discovers_them(fleet, tmp_path):
     assert {r.replica_id for r in engines.replicas} == {"engine-1", "engine-2"}
     extra = ["--host=0.0.0.0", "--advertise-host=127.0.0.1"]
     with router_process(tmp_path, fleet.registry.address, "router-b", extra) as (proc, ready):
-        bound = await assert_eventually(lambda: _address(ready), timeout_s=60)
+        bound = await assert_eventually(lambda: ready_address(ready), timeout_s=60)
         assert bound.startswith("0.0.0.0:")
         b = "127.0.0.1:" + bound.rsplit(":", 1)[1]
         await assert_eventually(lambda: b in routers_known(fleet), timeout_s=20)
@@ -133,7 +125,7 @@ async def test_a_router_killed_mid_stream_loses_no_token(fleet, tmp_path):
     client's stream goes on through router A and ends with exactly the text and token count of an undisturbed
     run, nothing lost or repeated, and no error."""
     with router_process(tmp_path, fleet.registry.address, "router-b") as (proc, ready):
-        b = await assert_eventually(lambda: _address(ready), timeout_s=60)
+        b = await assert_eventually(lambda: ready_address(ready), timeout_s=60)
         await assert_eventually(lambda: b in routers_known(fleet), timeout_s=20)
         a = fleet.router.address
         session = next(
@@ -170,7 +162,7 @@ async def test_a_conversation_stays_on_one_router(fleet, tmp_path):
     """With two routers, every turn of a session goes to the same router (rendezvous hashing of the session),
     and different sessions spread over both."""
     with router_process(tmp_path, fleet.registry.address, "router-b") as (_proc, ready):
-        b = await assert_eventually(lambda: _address(ready), timeout_s=60)
+        b = await assert_eventually(lambda: ready_address(ready), timeout_s=60)
         await assert_eventually(lambda: b in routers_known(fleet), timeout_s=20)
         pool = fleet.gateway.servicer.pipeline.routers
         firsts = {}

@@ -20,9 +20,9 @@ from services.gateway.config import GatewaySettings
 from services.gateway.db import connect, sqlite_path
 from services.gateway.schema import jobs_path_beside
 from shared.errors import details_of
-from tests.integration.test_gateway_redis import _address, gateway_process
+from tests.integration.test_gateway_redis import gateway_process
 from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
-from tests.support import assert_eventually
+from tests.support import assert_eventually, ready_address
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -168,7 +168,9 @@ async def test_a_killed_gateways_items_are_taken_over_by_another(fleet, db_url, 
     tokens = 4000
     flags = (f"--db-url={db_url}", f"--job-lease-s={lease}", "--job-concurrency=2")
     with gateway_process(tmp_path, "doomed", fleet.router.address, *flags) as (proc, ready):
-        address = await assert_eventually(lambda: _address(ready), timeout_s=180, message="gateway not ready")
+        address = await assert_eventually(
+            lambda: ready_address(ready), timeout_s=180, message="gateway not ready"
+        )
         s = pb_grpc.InferenceServiceStub(fleet.channel(address))
         items = [pb.BatchItem(custom_id=f"k{i}", prompt=f"takeover item {i}") for i in range(8)]
         req = pb.SubmitBatchRequest(model=MODEL, items=items, max_tokens=tokens, temperature=0)
