@@ -36,6 +36,7 @@ from shared.prefix_hash import block_hashes
 from shared.server import PARENT_PID_ENV
 from shared.tokenizer import load as load_tokenizer
 from tests.integration.test_engine import FAST_RETRY, Recorded, listed, start_registry
+from tests.integration.test_engine_vllm import request
 from tests.support import assert_eventually
 
 pytest.importorskip("zmq", reason="the vllm backend reads KV events with pyzmq")
@@ -112,19 +113,6 @@ async def replica(model_dir: str, monkeypatch, tmp_path, registry_address: str =
             await app.stop(0)
         engines[0].shutdown()
         board.close()
-
-
-def request(prompt: str, max_tokens: int, request_id: str) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        request_id=request_id,
-        spec=common_pb2.GenerationSpec(
-            model=MODEL,
-            prompt=prompt,
-            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-        ),
-        tenant_id="t",
-        cache_salt="tenant",
-    )
 
 
 def test_auto_frontends_is_a_quarter_of_the_cores_from_1_to_8():
