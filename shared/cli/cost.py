@@ -3,18 +3,15 @@ tier and replica type, the biggest cost driver, and what model routing saved."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sys
 
-import grpc
 from fleetserve.metrics.v1 import metrics_service_pb2 as pb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as pb_grpc
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from shared.channels import open_channel
+from shared.cli.metrics import answer
 from shared.cluster import read_state
 from shared.tls import Tls
 
@@ -96,13 +93,8 @@ def run_cost(args) -> int:
         end_unix=args.until or 0.0,
         group_by=parse_dimensions(args.by),
     )
-    try:
-        resp = asyncio.run(get_cost(address, request, Tls.for_tools()))
-    except grpc.aio.AioRpcError as e:
-        print(f"error: metrics service at {address}: {e.code().name} {e.details()}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True)))
-        return 0
+    code, resp = answer(address, get_cost(address, request, Tls.for_tools()), args.json)
+    if resp is None:
+        return code
     render(resp, Console(width=None if sys.stdout.isatty() else 160), args.top)
     return 0

@@ -4,18 +4,15 @@ CompareVersions)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sys
 
-import grpc
 from fleetserve.metrics.v1 import metrics_service_pb2 as pb
 from fleetserve.metrics.v1 import metrics_service_pb2_grpc as pb_grpc
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from shared.channels import open_channel
+from shared.cli.metrics import answer
 from shared.cluster import read_state
 from shared.tls import Tls
 
@@ -85,14 +82,9 @@ def tests_table(resp: pb.CompareVersionsResponse) -> Table:
 
 def run_quality(args) -> int:
     address = args.metrics or read_state()["metrics"]
-    try:
-        resp = asyncio.run(fetch(address, args))
-    except grpc.aio.AioRpcError as e:
-        print(f"error: metrics service at {address}: {e.code().name} {e.details()}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True)))
-        return 0
+    code, resp = answer(address, fetch(address, args), args.json)
+    if resp is None:
+        return code
     console = Console(width=None if sys.stdout.isatty() else 160)
     if isinstance(resp, pb.CompareVersionsResponse):
         console.print(versions_table(args.model, [resp.baseline, resp.candidate]))
