@@ -2,7 +2,8 @@
 service. The workers share the service's public ports with SO_REUSEPORT (gRPC, and the gateway's HTTP), so the
 kernel spreads incoming connections over them, and each also listens on a private port of its own: the hop in
 front can then open one connection per worker and balance its calls exactly (the ready file lists them as
-`worker_addresses`). A worker that dies is restarted; SIGTERM drains every worker."""
+`worker_addresses`). A worker that dies is restarted; SIGTERM drains every worker. The sim engine runs as one
+such worker when it is recycled (--max-requests-per-worker): the same port and replica id in a fresh process."""
 
 from __future__ import annotations
 
@@ -79,11 +80,14 @@ def supervise(
     *,
     extra_ports: dict[str, int] | None = None,
     prepare: Callable[[object], dict] | None = None,
+    worker_metrics: bool = False,
 ) -> int:
     """Run `settings.workers` workers of `service` until SIGTERM; the exit code. `extra_ports` names further
     ports the workers share (field name -> port, e.g. the gateway's http_port); `prepare(settings)` runs once
     here before any worker starts and returns field overrides for the workers (the gateway bootstraps its
-    tenants database once, so that workers do not race to)."""
+    tenants database once, so that workers do not race to). With `worker_metrics` each worker serves its own
+    /metrics on the service's metrics port (the engine: one worker, whose series its app computes) and this
+    process serves none."""
     from shared.telemetry import configure_logging
 
     configure_logging(service, settings.log_level, settings.log_json)
@@ -98,8 +102,11 @@ def supervise(
     run_dir = Path(settings.ready_file).parent if settings.ready_file else Path(tempfile.gettempdir())
     # One Prometheus /metrics for the service, served here from every worker's files (prometheus-client's
     # multiprocess mode; the workers inherit the directory and serve none themselves).
-    prom_dir = prom.prepare_multiprocess(run_dir / f"{service}-{os.getpid()}-prometheus")
-    metrics = prom.start_metrics_server(settings.host, settings.metrics_port, [], prom_dir)
+    prom_dir = metrics = None
+    if not worker_metrics:
+        prom_dir = prom.prepare_multiprocess(run_dir / f"{service}-{os.getpid()}-prometheus")
+        metrics = prom.start_metrics_server(settings.host, settings.metrics_port, [], prom_dir)
+    metrics_port = settings.metrics_port
     os.environ[PARENT_PID_ENV] = str(os.getpid())  # workers stop by themselves if this process dies
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
@@ -113,7 +120,7 @@ def supervise(
         worker = settings.model_dump() | overrides | ports
         # A restarted worker takes its predecessor's private port: the hop in front keeps its connection.
         worker |= {"workers": 1, "worker_index": i, "worker_count": count, "ready_file": str(ready)}
-        worker["metrics_port"] = -1
+        worker["metrics_port"] = metrics_port if worker_metrics else -1
         worker["worker_port"] = private.get(i, 0)
         recycle = recycle_file(run_dir, service, i)
         recycle.unlink(missing_ok=True)  # a new worker starts its count afresh
@@ -131,6 +138,10 @@ def supervise(
         infos = [_await_ready(procs[i], readies[i]) for i in range(count)]
         for i, info in enumerate(infos):
             private[i] = int(info["address"].rpartition(":")[2])
+        metrics_address = metrics.address if metrics is not None else ""
+        if worker_metrics and infos[0].get("metrics_address"):
+            metrics_address = infos[0]["metrics_address"]
+            metrics_port = int(metrics_address.rpartition(":")[2])  # a replacement serves on the same port
         for s in held.values():
             s.close()  # every worker listens now: the port stays in use
         held = {}
@@ -143,7 +154,7 @@ def supervise(
             workers=count,
             worker_addresses=[info["address"] for info in infos],
             worker_pids=[p.pid for p in procs.values()],
-            metrics_address=metrics.address if metrics is not None else "",
+            metrics_address=metrics_address,
             **extra,
         )
         log.info(f"{service}.workers_started", address=shared["port"], workers=count, **extra)
@@ -161,7 +172,8 @@ def supervise(
         _stop(list(procs.values()), settings.grace_period_s)
         if metrics is not None:
             metrics.stop()
-        shutil.rmtree(prom_dir, ignore_errors=True)
+        if prom_dir is not None:
+            shutil.rmtree(prom_dir, ignore_errors=True)
         log.info(f"{service}.exited", code=code)
     return code
 

@@ -1,5 +1,6 @@
 """`python -m services.engine`: run an engine replica until SIGTERM (with several vLLM front ends, their
-supervisor: services/engine/frontends.py)."""
+supervisor: services/engine/frontends.py; with --max-requests-per-worker, the supervisor that recycles it:
+shared/workers.py)."""
 
 import sys
 
@@ -8,6 +9,7 @@ from services.engine.config import EngineSettings
 from services.engine.frontends import supervise
 from shared.server import run, serve_main
 from shared.settings import load_settings
+from shared.workers import supervise as supervise_workers
 
 
 def main() -> None:
@@ -15,6 +17,9 @@ def main() -> None:
     settings = load_settings(EngineSettings)
     if settings.frontend_count > 1:
         sys.exit(supervise(settings, settings.frontend_count))
+    if settings.max_requests_per_worker:
+        # The replica keeps its own /metrics (its series are its app's, not multiprocess files).
+        sys.exit(supervise_workers("engine", settings, worker_metrics=True))
     run(lambda: serve_main("engine", settings, start))
 
 

@@ -21,6 +21,7 @@ from services.engine.registration import Registration
 from services.engine.servicer import EngineServicer
 from services.engine.sim import SimEngine
 from shared import prom
+from shared.recycle import recycler
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 from shared.tls import Tls
@@ -164,7 +165,11 @@ async def start(
             settings.host,
             port,
             tls=tls,
+            # A recycled replica's worker (shared/workers.py) binds the port its supervisor holds.
+            reuse_port=frontend is None and settings.worker_index >= 0,
+            private_port=settings.worker_port,
         )
+        servicer.recycler = recycler(settings)
         address = settings.advertised_address(running.port)
         endpoints: list[str] = []
         if frontend is not None:

@@ -12,13 +12,23 @@ from services.engine import sim_behaviour
 from services.engine.cost_model import CostModel
 from services.engine.profile import DEFAULT_PROFILE, GpuProfile, load_profile
 from services.engine.sim_behaviour import Behaviour
-from shared.settings import ServiceSettings, advertised_address, service_config
+from shared.settings import WorkerSettings, advertised_address, service_config
 
 
-class EngineSettings(ServiceSettings):
+class EngineSettings(WorkerSettings):
     """Settings of an engine replica (flags --kebab-case, env FLEETSERVE_ENGINE_<FIELD>)."""
 
     model_config = service_config("engine")
+
+    # A replica is one engine: it is recycled (--max-requests-per-worker), never split over workers.
+    workers: int = Field(1, ge=1, le=1, description="An engine replica is one worker process (always 1).")
+    max_requests_per_worker: int = Field(
+        0,
+        ge=0,
+        description="Sim: the replica's process drains and is replaced by a fresh one (same port, same replica "
+        "id) after this many requests (0: never), bounding what one process can accumulate (grpc.aio leaks "
+        "natively on cancelled streams); routers send elsewhere meanwhile. Run 2+ replicas per model.",
+    )
 
     registry_address: str = Field(
         "", description="host:port of the registry to register with; empty: do not register (tests)."
@@ -150,6 +160,10 @@ class EngineSettings(ServiceSettings):
             self.behaviour  # noqa: B018 - so does a malformed --sim-behaviour
         if self.backend == "sim" and self.frontends > 1:
             raise ValueError("--frontends applies to the vllm backend; the sim engine runs in one process")
+        if self.max_requests_per_worker and self.backend != "sim":
+            # A fresh vLLM process would load and compile the model again (33-48 s), and its front ends share
+            # one engine core: recycling applies to the sim only.
+            raise ValueError("--max-requests-per-worker applies to the sim backend")
         if self.register_retry_base_s > self.register_retry_max_s:
             raise ValueError("register_retry_base_s must not exceed register_retry_max_s")
         return self

@@ -18,6 +18,7 @@ from services.engine.output_quality import OutputSample
 from shared.channels import open_channel
 from shared.deadlines import caller_time_left, deadline_passed
 from shared.errors import InvalidArgument, NotFound, rpc_boundary
+from shared.recycle import Recycler
 from shared.telemetry import bind_request, context_from_metadata, stream_span
 from shared.tls import Tls
 
@@ -150,6 +151,8 @@ class EngineServicer:
         }
         self._peers: list[str] = []
         self._primary = ""
+        # --max-requests-per-worker (shared/recycle.py): counts requests, asks to be recycled at the limit.
+        self.recycler: Recycler | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._peer_abort: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self._output_tokens = meter.create_counter(
@@ -250,6 +253,8 @@ class EngineServicer:
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 if generated:
                     self._output_tokens.add(generated, self._attrs)
+                if self.recycler is not None:
+                    self.recycler.served_one()
                 log.info(
                     "engine.request",
                     model_version=self.model_version,

@@ -49,6 +49,9 @@ def test_flags_override_env_vars(monkeypatch):
         ["--max-num-seqs", "512", "--max-num-batched-tokens", "256"],
         ["--num-kv-blocks", "0"],
         ["--profile", "no-such-gpu"],
+        # A replica is one process (recycled, never split), and only the sim's is recycled.
+        ["--workers", "2"],
+        ["--backend", "vllm", "--vllm-args", "--model /m", "--max-requests-per-worker", "100"],
     ],
 )
 def test_bad_values_exit_with_a_message(argv, capsys):
