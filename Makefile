@@ -113,8 +113,8 @@ SOAK_STREAMS ?= 200000
 # feedback) sized to be full within the first 30k streams,
 # so that what still grows after that is what is not bounded (docs/benchmarks/reliability.md).
 SOAK_CACHES ?= --kv-blocks 8192 --max-spans 50000 --feedback-index 20000 --quality-recent 20000
-# Router and gateway in 2 workers each, recycled after ~20k requests: what grpc.aio leaks natively per cancelled
-# stream is bounded that way (SOAK_RECYCLE= runs them as single processes, never recycled).
+# Router and gateway in 2 workers each, and each engine, recycled after ~20k requests: what grpc.aio leaks natively
+# per cancelled stream is bounded that way (SOAK_RECYCLE= runs them as single processes, never recycled).
 SOAK_RECYCLE ?= --workers 2 --max-requests-per-worker 20000 --max-requests-jitter 2000
 soak: protos ## Soak: 200k streams through the gateway, most cancelled; RSS/fds/threads/tasks JSON + plot.
 	$(BIN)/python -m pip install -q -e '.[soak]'

@@ -226,8 +226,9 @@ async def run(args: argparse.Namespace) -> dict:
     if args.feedback_index:
         extra["gateway"] = ["--feedback-index-size", str(args.feedback_index)]
     if args.max_requests_per_worker:
-        # Recycled workers (shared/recycle.py) bound what grpc.aio leaks natively per cancelled stream.
-        for service in ("router", "gateway"):
+        # Recycled workers (shared/recycle.py) bound what grpc.aio leaks natively per cancelled stream; an engine
+        # is recycled as one worker (its replica drained in the registry, a fresh process on its port).
+        for service in ("router", "gateway", "engine"):
             extra.setdefault(service, []).extend(
                 [
                     "--max-requests-per-worker",
@@ -376,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         "--max-requests-per-worker",
         type=int,
         default=0,
-        help="router and gateway --max-requests-per-worker (needs --workers 2 or more)",
+        help="router, gateway and engine --max-requests-per-worker (router and gateway: with --workers 2+)",
     )
     p.add_argument(
-        "--max-requests-jitter", type=int, default=0, help="router and gateway --max-requests-jitter"
+        "--max-requests-jitter", type=int, default=0, help="router, gateway and engine --max-requests-jitter"
     )
     p.add_argument("--tracemalloc", type=int, default=0, help="log the N allocation sites that grew most")
     p.add_argument("--seed", type=int, default=1)
