@@ -4,7 +4,6 @@ shared/workers.py)."""
 
 import sys
 
-from services.engine.app import start
 from services.engine.config import EngineSettings
 from services.engine.frontends import supervise
 from shared.server import run, serve_main
@@ -20,6 +19,9 @@ def main() -> None:
     if settings.max_requests_per_worker:
         # The replica keeps its own /metrics (its series are its app's, not multiprocess files).
         sys.exit(supervise_workers("engine", settings, worker_metrics=True))
+    # Imported here: a supervisor (above) need not load the sim and its tokenizer (~130 MB) for nothing.
+    from services.engine.app import start
+
     run(lambda: serve_main("engine", settings, start))
 
 

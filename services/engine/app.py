@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import prometheus_client
@@ -119,6 +120,20 @@ class EngineApp:
         await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
 
 
+def recycle_gate(registration: Registration) -> Callable[[], Awaitable[bool]]:
+    """Whether a replica due for recycling may go now: only while another replica of its model and version
+    serves, so that replicas of a model coming due together do not all leave at once. Going, it drains at once:
+    routers stop sending, and the others, asking in turn, see it draining."""
+
+    async def another_replica_serving() -> bool:
+        if await registration.others_serving() == 0:
+            return False
+        await registration.drain()
+        return True
+
+    return another_replica_serving
+
+
 async def model_cold_start(delay_s: float, replica_id: str, progress_every_s: float = 5.0) -> None:
     """Wait delay_s as a loading engine would (the sim's stand-in for weights onto the GPU and compilation),
     logging progress; the replica is neither serving nor registered meanwhile."""
@@ -169,7 +184,6 @@ async def start(
             reuse_port=frontend is None and settings.worker_index >= 0,
             private_port=settings.worker_port,
         )
-        servicer.recycler = recycler(settings)
         address = settings.advertised_address(running.port)
         endpoints: list[str] = []
         if frontend is not None:
@@ -212,6 +226,8 @@ async def start(
             tls=tls,
         )
         registration.start()
+    # --max-requests-per-worker: the replica goes only while another of its model serves (recycle_gate).
+    servicer.recycler = recycler(settings, recycle_gate(registration) if registration is not None else None)
     log.info(
         "engine.configured",
         replica_id=settings.replica_id,

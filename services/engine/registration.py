@@ -76,6 +76,21 @@ class Registration:
             await self._stop_task()  # not registered yet: never become SERVING now
         await self._deregister(drain=True)
 
+    async def others_serving(self) -> int:
+        """How many other replicas of this replica's model and version the registry lists as serving."""
+        if self._stub is None:
+            return 0
+        resp = await self._stub.ListReplicas(
+            reg_pb.ListReplicasRequest(model=self.replica.model), timeout=self.rpc_timeout_s
+        )
+        return sum(
+            1
+            for r in resp.replicas
+            if r.replica_id != self.replica_id
+            and r.model_version == self.replica.model_version
+            and r.state == reg_pb.REPLICA_STATE_SERVING
+        )
+
     async def close(self) -> None:
         """Stop heartbeating and remove this replica from the registry (best effort), then close the channel."""
         self._draining = True

@@ -3,6 +3,7 @@ outside a supervised worker."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from types import SimpleNamespace
 
@@ -28,3 +29,30 @@ def test_no_recycler_without_a_limit_or_a_supervisor(tmp_path):
     assert recycler(SimpleNamespace(max_requests_per_worker=0, **base)) is None
     assert recycler(SimpleNamespace(max_requests_per_worker=10, **{**base, "recycle_file": ""})) is None
     assert recycler(SimpleNamespace(max_requests_per_worker=10, **base)).limit == 10
+
+
+async def test_a_gated_recycler_waits_for_its_gate(tmp_path):
+    """With a gate, a worker at its limit asks it (in a task, at most once per GATE_RECHECK_S) and touches the
+    recycle file only once the gate allows it: an engine replica goes only while another of its model serves."""
+    path = tmp_path / "w.recycle"
+    answers = [False, True]
+    asked = []
+
+    async def gate() -> bool:
+        asked.append(1)
+        return answers[len(asked) - 1]
+
+    r = Recycler(str(path), 2, gate=gate)
+    r.served_one()
+    r.served_one()  # at the limit: the gate is asked, says no
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(asked) == 1 and not path.exists() and not r.triggered
+    r.served_one()  # within GATE_RECHECK_S of the last ask: not asked again
+    await asyncio.sleep(0)
+    assert len(asked) == 1
+    r._next_check = 0.0  # as if GATE_RECHECK_S had passed
+    r.served_one()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(asked) == 2 and path.exists() and r.triggered
