@@ -319,20 +319,26 @@ class FakeClient:
         pass
 
 
-def fake_api(model_dir: str, engines: list[FakeAsyncLLM] | None = None, **engine_kw) -> VllmApi:
-    """A VllmApi whose create_engine builds a FakeAsyncLLM (appended to `engines` for the test to drive)."""
+def fake_api(model_dir: str | None, engines: list[FakeAsyncLLM] | None = None, **engine_kw) -> VllmApi:
+    """A VllmApi whose create_engine builds a FakeAsyncLLM (appended to `engines` for the test to drive) of
+    model_dir (None: the engine argv's --model)."""
+    cores = engines if engines is not None else []
 
     def create_engine(argv: list[str], kv_endpoint: str, stat_loggers: list[Any]) -> FakeAsyncLLM:
-        llm = FakeAsyncLLM(argv, kv_endpoint, stat_loggers, model_dir=model_dir, **engine_kw)
+        llm = FakeAsyncLLM(argv, kv_endpoint, stat_loggers, model_dir=model_dir or _model(argv), **engine_kw)
         if engines is not None:
             engines.append(llm)
         return llm
 
     def create_client(argv: list[str], kv_endpoint: str, stat_loggers: list[Any], client: dict) -> FakeClient:
-        # The first front end's call starts the shared engine core (in a real replica, the supervisor does).
-        if not engines:
-            engines.append(FakeAsyncLLM(argv, kv_endpoint, [], model_dir=model_dir, **engine_kw))
-        return engines[0].add_client(stat_loggers, client["client_index"])
+        # The first front end's call starts the shared engine core (in a real replica, the supervisor does). A
+        # front end in a process of its own (tests/fake_vllm_replica.py) starts one of its own: a non-primary's
+        # publishes its KV events on an endpoint beside the primary's, which nobody reads.
+        index = client["client_index"]
+        if not cores:
+            endpoint = kv_endpoint if index == 0 or not kv_endpoint else f"{kv_endpoint}.{index}"
+            cores.append(FakeAsyncLLM(argv, endpoint, [], model_dir=model_dir or _model(argv), **engine_kw))
+        return cores[0].add_client(stat_loggers, index)
 
     return VllmApi(
         create_engine=create_engine,
@@ -344,6 +350,10 @@ def fake_api(model_dir: str, engines: list[FakeAsyncLLM] | None = None, **engine
         version="fake",
         create_client=create_client,
     )
+
+
+def _model(argv: list[str]) -> str:
+    return argv[argv.index("--model") + 1]
 
 
 async def first_stored_hashes(generate, events, llm: FakeAsyncLLM, timeout_s: float = 10.0) -> list[int]:

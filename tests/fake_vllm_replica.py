@@ -11,6 +11,7 @@ registry entry."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from types import SimpleNamespace
 
 from services.engine import vllm_backend
@@ -29,33 +30,9 @@ def _launch_core(argv: list[str], kv_endpoint: str, count: int):
 
 
 def _api() -> vllm_backend.VllmApi:
-    from tests.fake_vllm import FakeAsyncLLM, FakeEngineDeadError, FakeSamplingParams, fake_tokens_input
+    from tests.fake_vllm import fake_api
 
-    engines: list[FakeAsyncLLM] = []
-
-    def create_client(argv: list[str], kv_endpoint: str, stat_loggers: list, client: dict):
-        index = client["client_index"]
-        if not engines:  # this front end's own fake engine core
-            endpoint = kv_endpoint if index == 0 or not kv_endpoint else f"{kv_endpoint}.{index}"
-            model_dir = argv[argv.index("--model") + 1]
-            engines.append(FakeAsyncLLM(argv, endpoint, [], model_dir=model_dir, step_s=STEP_S))
-        return engines[0].add_client(stat_loggers, index)
-
-    def create_engine(argv: list[str], kv_endpoint: str, stat_loggers: list):
-        model_dir = argv[argv.index("--model") + 1]
-        return FakeAsyncLLM(argv, kv_endpoint, stat_loggers, model_dir=model_dir, step_s=STEP_S)
-
-    return vllm_backend.VllmApi(
-        create_engine=create_engine,
-        sampling_params=FakeSamplingParams,
-        tokens_input=fake_tokens_input,
-        stat_logger_base=object,
-        engine_dead_error=FakeEngineDeadError,
-        output_kind_delta="DELTA",
-        version="fake",
-        launch_core=_launch_core,
-        create_client=create_client,
-    )
+    return dataclasses.replace(fake_api(None, step_s=STEP_S), launch_core=_launch_core)
 
 
 vllm_backend.load_vllm_api = _api
