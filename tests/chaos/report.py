@@ -1,5 +1,6 @@
 """What a fault test measured, for docs/benchmarks/reliability.md: with FLEETSERVE_CHAOS_REPORT set, each test
-adds its record (requests, failures by status, lost tokens, detection and recovery times) to that JSON file."""
+adds its record (requests, failures by status, lost tokens, detection and recovery times) to that JSON file (the
+fuzz tests add theirs to $FLEETSERVE_FUZZ_REPORT's the same way)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def record(fault: str, **fields) -> None:
     """Add (or replace) fault's record in $FLEETSERVE_CHAOS_REPORT (nothing when unset)."""
-    path = os.environ.get("FLEETSERVE_CHAOS_REPORT")
+    add_record("FLEETSERVE_CHAOS_REPORT", fault, fields)
+
+
+def add_record(path_env: str, name: str, fields: dict) -> None:
+    """Add (or replace) name's record in the JSON file named by $path_env (nothing when unset)."""
+    path = os.environ.get(path_env)
     if not path:
         return
     try:
@@ -26,6 +32,6 @@ def record(fault: str, **fields) -> None:
             report = json.load(f)
     except (OSError, ValueError):
         report = {}
-    report[fault] = fields
+    report[name] = fields
     with open(path, "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)

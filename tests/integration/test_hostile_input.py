@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.errors import details_of
+from tests.chaos.report import add_record
 from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
 from tests.strategies import any_text, json_bytes, json_values, openai_bodies, request_bytes
 
@@ -179,18 +180,8 @@ async def fuzz(check, **strategies) -> None:
 
 
 def _record(name: str, tally: Counter) -> None:
-    path = os.environ.get("FLEETSERVE_FUZZ_REPORT")
     print(f"fuzz {name}: {sum(tally.values())} requests, {dict(tally)}")
-    if not path:
-        return
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except (OSError, ValueError):
-        report = {}
-    report[name] = {"requests": sum(tally.values()), "outcomes": dict(tally)}
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
+    add_record("FLEETSERVE_FUZZ_REPORT", name, {"requests": sum(tally.values()), "outcomes": dict(tally)})
 
 
 async def _fuzz_call(
