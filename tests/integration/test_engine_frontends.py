@@ -151,14 +151,7 @@ async def test_one_replica_with_every_front_end_as_an_endpoint_and_requests_spre
             async with grpc.aio.insecure_channel(router.address) as ch:
                 stub = router_grpc.RouterServiceStub(ch)
                 for i in range(2 * N):
-                    req = router_pb.GenerateRequest(
-                        request_id=f"r{i}",
-                        spec=common_pb2.GenerationSpec(
-                            model=MODEL,
-                            prompt=f"spread me {i}",
-                            sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True),
-                        ),
-                    )
+                    req = router_request(f"spread me {i}", 4, f"r{i}")
                     chunks = [r.chunk async for r in stub.Generate(req, timeout=10)]
                     assert chunks[-1].usage.completion_tokens == 4
             owners = [r.owner for r in core.seen]
@@ -175,6 +168,17 @@ async def test_one_replica_with_every_front_end_as_an_endpoint_and_requests_spre
         if router is not None:
             await router.stop(0)
         await registry.stop(0)
+
+
+def router_request(prompt: str, max_tokens: int, request_id: str) -> router_pb.GenerateRequest:
+    return router_pb.GenerateRequest(
+        request_id=request_id,
+        spec=common_pb2.GenerationSpec(
+            model=MODEL,
+            prompt=prompt,
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        ),
+    )
 
 
 async def _listed(address: str) -> bool:
@@ -208,14 +212,7 @@ async def test_router_workers_share_the_front_end_pack(model_dir, monkeypatch, t
             for w, ch in enumerate(channels):
                 stub = router_grpc.RouterServiceStub(ch)
                 for i in range(3):
-                    req = router_pb.GenerateRequest(
-                        request_id=f"w{w}-{i}",
-                        spec=common_pb2.GenerationSpec(
-                            model=MODEL,
-                            prompt=f"pack me {w} {i}",
-                            sampling=common_pb2.SamplingParams(max_tokens=3000, ignore_eos=True),
-                        ),
-                    )
+                    req = router_request(f"pack me {w} {i}", 3000, f"w{w}-{i}")
                     # Held open (3000 tokens: seconds) so that each worker's later picks see it in flight.
                     calls.append(await _first_chunk(stub, req))
             owners = collections.Counter(r.owner for r in core.seen)
