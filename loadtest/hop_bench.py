@@ -7,7 +7,8 @@ fast as it can stands in for the engine, so the hops are what is measured:
     bare2     client -> bare -> bare -> source         gateway   client -> gateway -> source
                                                         mesh      client -> gateway -> router -> source
     (router and gateway again with --workers 2: router2, gateway2, mesh2; with coalescing off: router-nc,
-    gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0; with the client on the
+    gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0; without the services'
+    periodic full collections, FLEETSERVE_GC_FULL_EVERY_S=0: mesh-gcf0; with the client on the
     gateway's OpenAI HTTP endpoint, streaming SSE, as `vllm bench serve` is: gateway-http, mesh-http)
 
 A/B of two versions of the code in one run: `--base-tree DIR` (a checkout of the other commit, e.g. `git
@@ -206,8 +207,11 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
     http = "http" in variants
     if "nc" in variants:
         common = [*common, "--no-coalesce"]
-    # -gc0: the hops with Python's default collector thresholds instead of the services' (shared/server.py).
+    # -gc0: the hops with Python's default collector thresholds instead of the services' (shared/server.py);
+    # -gcf0: without the periodic full collections (settle_heap's collect_fully_forever).
     hop_env = {"FLEETSERVE_GC_THRESHOLD": "700,10,10"} if "gc0" in variants else {}
+    if "gcf0" in variants:
+        hop_env["FLEETSERVE_GC_FULL_EVERY_S"] = "0"
     hops: list[str] = []
     if mode == "direct":
         return procs, source, hops, "engine"
@@ -292,15 +296,21 @@ METHODS = {
 class Tally:
     """One load run's counts, as both clients (gRPC and HTTP/SSE) keep them."""
 
-    __slots__ = ("messages", "tokens", "requests", "ttfts", "errors")
+    __slots__ = ("messages", "tokens", "requests", "ttfts", "gaps", "errors")
 
     def __init__(self) -> None:
         self.messages = self.tokens = self.requests = 0
         self.ttfts: list[float] = []
+        self.gaps: list[float] = []  # between one stream's consecutive messages (ITL as a client sees it)
         self.errors: collections.Counter[str] = collections.Counter()
 
     def result(self, wall: float) -> dict:
         ttfts = self.ttfts
+        gaps = sorted(self.gaps)
+
+        def gap(q: float) -> float | None:
+            return round(gaps[int(q * (len(gaps) - 1))] * 1000, 3) if gaps else None
+
         return {
             "tokens_per_s": self.tokens / wall,
             "messages_per_s": self.messages / wall,
@@ -308,6 +318,10 @@ class Tally:
             "wall_s": wall,
             "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else None,
             "ttft_p99_ms": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))] * 1000 if ttfts else None,
+            "itl_p50_ms": gap(0.5),
+            "itl_p99_ms": gap(0.99),
+            "itl_p999_ms": gap(0.999),
+            "itl_max_ms": gap(1.0),
             "errors": dict(self.errors),
         }
 
@@ -352,12 +366,17 @@ async def load(
     async def one_request(i: int) -> None:
         t0 = clock()
         first = True
+        last = 0.0
         try:
             stream = call(reqs[i % len(reqs)], metadata=metadata, timeout=60)
             while (m := await stream.read()) is not grpc.aio.EOF:
+                now = clock()
                 if first:
-                    tally.ttfts.append(clock() - t0)
+                    tally.ttfts.append(now - t0)
                     first = False
+                else:
+                    tally.gaps.append(now - last)
+                last = now
                 tally.messages += 1
                 tally.tokens += len(parse(m).chunk.token_ids)
             tally.requests += 1
@@ -458,13 +477,28 @@ def flame(pids: list[int], seconds: float, out: Path) -> list[tuple[str, float]]
     return [(k, round(v / total, 3)) for k, v in self_time.most_common(12)] if total else []
 
 
-def measure(mode: str, target: str, kind: str, key: str, hop_pids: dict[str, list[int]], args) -> dict:
+def gc_fulls(log: Path, since: int) -> list[dict]:
+    """The process.gc_full lines a hop logged after byte offset `since` (full collections during a run)."""
+    out = []
+    with open(log, "rb") as f:
+        f.seek(since)
+        for line in f:
+            if b'"process.gc_full"' in line:
+                e = json.loads(line)
+                out.append({k: e.get(k) for k in ("unreachable", "ms", "cpu_ms", "next_s")})
+    return out
+
+
+def measure(
+    mode: str, target: str, kind: str, key: str, hop_pids: dict[str, list[int]], args, logs: dict | None = None
+) -> dict:
     """One run of a started mode: one stream for --c1-seconds, then --streams for --seconds (when > 1), with
-    the CPU its hop processes used."""
-    rec: dict = {"mode": mode, "hops": list(hop_pids)}
+    the CPU its hop processes used and the full collections they logged meanwhile."""
+    rec: dict = {"mode": mode, "hops": list(hop_pids), "load_average_before": list(os.getloadavg())}
     runs = [(1, args.c1_seconds)] + ([(args.streams, args.seconds)] if args.streams > 1 else [])
     for streams, duration in runs:
         before = {h: cpu_seconds(p) for h, p in hop_pids.items()}
+        offsets = {h: f.stat().st_size for h, f in (logs or {}).items()}
         gap = args.c1_gap_s if streams == 1 else 0.0
         r = asyncio.run(load(target, kind, streams, duration, key, gap))
         used = {h: cpu_seconds(p) - before[h] for h, p in hop_pids.items()}
@@ -474,6 +508,8 @@ def measure(mode: str, target: str, kind: str, key: str, hop_pids: dict[str, lis
         r["hop_cpu_us_per_message"] = {h: round(1e6 * u / max(1, msgs), 2) for h, u in used.items()}
         toks = r["tokens_per_s"] * r["wall_s"]
         r["hop_cpu_us_per_token"] = {h: round(1e6 * u / max(1, toks), 2) for h, u in used.items()}
+        r["load_average_after"] = list(os.getloadavg())
+        r["gc_full"] = {h: gc_fulls(f, offsets[h]) for h, f in (logs or {}).items()}
         rec[f"c{streams}"] = r
         print(f"hop_bench: {mode} c={streams}: {json.dumps(r)}", file=sys.stderr, flush=True)
     return rec
@@ -496,7 +532,8 @@ def run_all_up(modes: list[str], args, tmp: Path, runs: dict[str, list[dict]], s
             order = modes if rep % 2 == 0 else modes[::-1]  # neither side always measured first
             for mode in order:
                 _, target, kind, key, _ = fleets[mode]
-                runs[mode].append(measure(mode, target, kind, key, pids[mode], args))
+                logs = {h: fleets[mode][0].tmp / f"{h}.log" for h in fleets[mode][4]}
+                runs[mode].append(measure(mode, target, kind, key, pids[mode], args, logs))
                 save()
     finally:
         for f in fleets.values():
@@ -509,7 +546,7 @@ def run_mode(mode: str, args, tmp: Path, flames: bool = False) -> dict:
     try:
         asyncio.run(load(target, kind, 8, 1.0, key))  # warm up: channels, caches, first-call paths
         hop_pids = {h: procs.pids(h) for h in hops}
-        rec = measure(mode, target, kind, key, hop_pids, args)
+        rec = measure(mode, target, kind, key, hop_pids, args, {h: procs.tmp / f"{h}.log" for h in hops})
         if flames and hops and args.streams > 1:
             box: dict = {}
 
@@ -561,8 +598,9 @@ def markdown(doc: dict) -> str:
     base1 = by.get("direct", {}).get("c1", {}).get("ttft_p50_ms") or 0
     lines = [
         f"| mode | tokens/s at {n} streams | vs bare | msgs/s | TTFT p50 c=1 ms | added vs direct | "
-        f"TTFT p50 / p99 at {n} ms | hop CPU ms/request (c=1) | hop CPU us/token (c={n}) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"TTFT p50 / p99 at {n} ms | ITL p99 / max at {n} ms | hop CPU ms/request (c=1) | "
+        f"hop CPU us/token (c={n}) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, r in by.items():
         cap = r[cn].get("tokens_per_s", r[cn]["messages_per_s"])
@@ -576,6 +614,7 @@ def markdown(doc: dict) -> str:
         lines.append(
             f"| {mode} | {cap:,.0f} | {vs} | {cl['messages_per_s']:,.0f} | {c1['ttft_p50_ms']:.2f} | "
             f"{c1['ttft_p50_ms'] - base1:+.2f} | {cl['ttft_p50_ms']:,.0f} / {cl['ttft_p99_ms']:,.0f} | "
+            f"{cl.get('itl_p99_ms') or 0:,.1f} / {cl.get('itl_max_ms') or 0:,.0f} | "
             f"{sum(c1['hop_cpu_ms_per_request'].values()):.2f} | {sum(per_token.values()):.1f} |"
         )
     return "\n".join(lines) + "\n"
