@@ -348,9 +348,17 @@ async def closed_loop(
 
 
 async def load(
-    target: str, kind: str, streams: int, duration_s: float, api_key: str, gap_s: float = 0.0
+    target: str,
+    kind: str,
+    streams: int,
+    duration_s: float,
+    api_key: str,
+    gap_s: float = 0.0,
+    cancel_every: int = 0,
 ) -> dict:
-    """A closed loop of `streams` requests for duration_s: messages, tokens, requests, TTFTs."""
+    """A closed loop of `streams` requests for duration_s: messages, tokens, requests, TTFTs. cancel_every N > 0:
+    every Nth request is cancelled by the client after its 8th message (counted under errors as CANCELLED_BY_CLIENT),
+    as a soak's clients that go away do (a cancelled stream leaves reference cycles for the collector)."""
     if kind == "http":
         return await load_http(target, streams, duration_s, api_key, gap_s)
     from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
@@ -367,6 +375,7 @@ async def load(
         t0 = clock()
         first = True
         last = 0.0
+        cancel_at = 8 if cancel_every and i % cancel_every == 0 else -1
         try:
             stream = call(reqs[i % len(reqs)], metadata=metadata, timeout=60)
             while (m := await stream.read()) is not grpc.aio.EOF:
@@ -379,6 +388,10 @@ async def load(
                 last = now
                 tally.messages += 1
                 tally.tokens += len(parse(m).chunk.token_ids)
+                if cancel_at > 0 and (cancel_at := cancel_at - 1) == 0:
+                    stream.cancel()
+                    tally.errors["CANCELLED_BY_CLIENT"] += 1
+                    return
             tally.requests += 1
         except grpc.aio.AioRpcError as e:
             tally.errors[e.code().name] += 1
@@ -490,7 +503,13 @@ def gc_fulls(log: Path, since: int) -> list[dict]:
 
 
 def measure(
-    mode: str, target: str, kind: str, key: str, hop_pids: dict[str, list[int]], args, logs: dict | None = None
+    mode: str,
+    target: str,
+    kind: str,
+    key: str,
+    hop_pids: dict[str, list[int]],
+    args,
+    logs: dict | None = None,
 ) -> dict:
     """One run of a started mode: one stream for --c1-seconds, then --streams for --seconds (when > 1), with
     the CPU its hop processes used and the full collections they logged meanwhile."""
@@ -500,7 +519,8 @@ def measure(
         before = {h: cpu_seconds(p) for h, p in hop_pids.items()}
         offsets = {h: f.stat().st_size for h, f in (logs or {}).items()}
         gap = args.c1_gap_s if streams == 1 else 0.0
-        r = asyncio.run(load(target, kind, streams, duration, key, gap))
+        cancel_every = getattr(args, "cancel_every", 0) if streams > 1 else 0
+        r = asyncio.run(load(target, kind, streams, duration, key, gap, cancel_every))
         used = {h: cpu_seconds(p) - before[h] for h, p in hop_pids.items()}
         r["hop_cpu_cores"] = {h: round(u / r["wall_s"], 3) for h, u in used.items()}
         r["hop_cpu_ms_per_request"] = {h: round(1000 * u / max(1, r["requests"]), 3) for h, u in used.items()}
@@ -676,6 +696,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--c1-seconds", type=float, default=4.0, help="each one-stream run")
     p.add_argument(
         "--c1-gap-s", type=float, default=0.0, help="the one-stream client's pause after each request"
+    )
+    p.add_argument(
+        "--cancel-every",
+        type=int,
+        default=0,
+        help="at --streams, the client cancels every Nth request after its 8th message (0: none)",
     )
     p.add_argument("--flames", action="store_true", help="py-spy each hop at --streams (needs py-spy)")
     p.add_argument("--flame-seconds", type=float, default=5.0)
