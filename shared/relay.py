@@ -30,6 +30,9 @@ MAX_PENDING = 64
 # Pumps still running (the event loop keeps only weak references to tasks); each ends once its call has.
 _pumps: set[asyncio.Task] = set()
 
+# The pump's end once read() has raised it: a later read() is a caller's bug, and raises so.
+_HANDED_ON = object()
+
 
 def merge(chunks: list[bytes]) -> bytes:
     """One GenerateResponse equal to the chunks in order: text concatenated, token ids appended, served_by from
@@ -113,6 +116,11 @@ class ChunkRelay:
             self._end = EOF
             self.ended_at = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - handed to the reader, after the chunks before it
+            # Kept with its traceback, the error would hold this frame, which holds self, which holds the error:
+            # a reference cycle per cancelled or failed stream that waits for a full collection (16-20 objects
+            # per relay). gRPC's errors and cancellations carry what they mean in their status, not their frames.
+            if isinstance(e, asyncio.CancelledError | grpc.aio.AioRpcError):
+                e.with_traceback(None)
             self._end = e
         waiter = self._waiter
         if waiter is not None:
@@ -131,11 +139,19 @@ class ChunkRelay:
                 end = self._end
                 if end is EOF:
                     return EOF
+                if end is _HANDED_ON:
+                    raise RuntimeError("ChunkRelay.read() after it raised the call's error")
+                # Not kept once raised: the traceback gets this frame (self, end) and the caller's (which hold
+                # this relay): a reference cycle otherwise (see _pump).
+                self._end = _HANDED_ON
                 if isinstance(end, asyncio.CancelledError):
                     # The upstream call was cancelled by someone else (a drain, a stall watchdog): the reader
                     # sees what a direct read would have raised.
                     raise asyncio.CancelledError()
-                raise end  # type: ignore[misc]
+                try:
+                    raise end  # type: ignore[misc]
+                finally:
+                    del end
         space = self._space
         if space is not None:
             self._space = None

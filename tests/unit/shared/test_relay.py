@@ -5,6 +5,7 @@ from what was relayed loses and repeats nothing. The upstream is a real grpc.aio
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 
 import grpc
@@ -285,3 +286,50 @@ async def test_without_coalescing_every_chunk_comes_alone(upstream):
         assert out == [chunk(i, n) for i in range(n)] and relay.merged == 0
     finally:
         relay.close()
+
+
+async def test_a_failed_or_abandoned_stream_leaves_no_relay_in_a_reference_cycle(upstream):
+    """A relay whose call failed (the error handed to the reader) or whose reader left (close(), the call
+    cancelled) is freed by reference counting: no reference cycle through the relay waits for a full collection
+    (the services' periodic gc.collect(2) pauses the event loop for what it finds)."""
+    handler, stub = upstream
+
+    async def failed() -> None:
+        call = stub(b"")
+        q = await asyncio.wait_for(handler.queues.get(), 10)
+        relay = ChunkRelay(call.read, cancel=call.cancel)
+        await q.put(chunk(0, 3))
+        await q.put(grpc.StatusCode.UNAVAILABLE)
+        try:
+            # asyncio.timeout, not wait_for: wait_for's task and the error it keeps would make a cycle of their own.
+            with pytest.raises(grpc.aio.AioRpcError):
+                async with asyncio.timeout(10):
+                    while await relay.read() is not grpc.aio.EOF:
+                        pass
+        finally:
+            relay.close()
+
+    async def abandoned() -> None:
+        call = stub(b"")
+        q = await asyncio.wait_for(handler.queues.get(), 10)
+        relay = ChunkRelay(call.read, cancel=call.cancel)
+        await q.put(chunk(0, 3))
+        assert await asyncio.wait_for(relay.read(), 10) == chunk(0, 3)
+        relay.close()
+        await asyncio.wait_for(asyncio.shield(relay._task), 10)
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for flow in (failed, abandoned):
+            await flow()
+            await asyncio.sleep(0.05)  # the pumps' and calls' last callbacks
+            gc.collect()
+            cyclic = [o for o in gc.garbage if isinstance(o, ChunkRelay)]
+            gc.garbage.clear()
+            assert not cyclic, f"{flow.__name__}: {len(cyclic)} relay(s) in reference cycles"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
