@@ -112,7 +112,7 @@ def server_argv(name: str, args, port: int) -> list[str]:
         elif args.mesh_router_args:
             argv += ["--router-args", args.mesh_router_args]
         if name == "mesh-nokv":
-            argv += ["--engine-args", "--no-vllm-kv-events"]
+            argv.append("--engine-args=--no-vllm-kv-events")  # with "=": argparse reads "--..." as a flag
         return argv
     n = int(name.removeprefix("vllm-api").removesuffix("-kv"))
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
