@@ -94,3 +94,44 @@ async def test_engine_is_recycled_without_a_failed_request_and_with_identical_to
 
 def _auth(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
+
+
+async def test_a_replica_due_for_recycling_waits_while_it_is_its_models_only_one(tmp_path):
+    """The only replica of its model stays when due (it logs worker.recycle_deferred and keeps serving); once a
+    second replica of the model serves, it is recycled."""
+    async with running_cluster(tmp_path, engines=1) as cluster:
+        solo = await cluster.add_engine(model="sim-solo", args=["--max-requests-per-worker", "3"])
+        loop = asyncio.get_running_loop()
+
+        async def generate(i: int) -> None:
+            req = engine_pb.GenerateRequest(
+                request_id=f"solo-{i}",
+                spec=common_pb2.GenerationSpec(
+                    model="sim-solo", prompt=f"solo {i}", sampling=common_pb2.SamplingParams(max_tokens=2)
+                ),
+            )
+            async with grpc.aio.insecure_channel(cluster.procs[solo].address) as ch:
+                chunks = [r async for r in engine_grpc.EngineServiceStub(ch).Generate(req, timeout=30)]
+            assert chunks[-1].chunk.finish_reason
+
+        def count(event: str) -> int:
+            return sum(1 for e in _events(cluster, solo) if e.get("event") == event)
+
+        end = loop.time() + 30.0
+        i = 0
+        while count("worker.recycle_deferred") == 0 and loop.time() < end:  # bounded in time
+            await generate(i)
+            i += 1
+        assert count("worker.recycle_deferred") == 1, i
+        for _ in range(6):  # past the gate's recheck interval: still alone, still serving, not recycled
+            await generate(i)
+            i += 1
+            await asyncio.sleep(0.3)
+        assert count("engine.worker_recycling") == 0
+        await cluster.add_engine(model="sim-solo")
+        end = loop.time() + 30.0
+        while count("engine.worker_recycling") == 0 and loop.time() < end:  # bounded in time
+            await generate(i)
+            i += 1
+            await asyncio.sleep(0.2)
+        assert count("engine.worker_recycling") == 1
