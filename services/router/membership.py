@@ -219,6 +219,10 @@ class Membership:
         """Whether any replica has served model since the router started."""
         return model in self._seen_models
 
+    def known_models(self) -> frozenset[str]:
+        """Every model a replica has served since the router started (or expected: models that wake)."""
+        return frozenset(self._seen_models)
+
     def models(self) -> dict[str, int]:
         """Model -> number of SERVING replicas, for models with at least one."""
         counts: dict[str, int] = {}

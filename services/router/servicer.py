@@ -542,9 +542,14 @@ class RouterServicer:
             n = counts.get(route.small, 0) + (counts.get(route.large, 0) if route.large != route.small else 0)
             if n and alias not in counts:
                 models.append(pb.ModelReplicas(model=alias, replicas=n))
-        # Models that wake on demand are served even with no replica now (a request starts one).
+        # Models with no replica now are still served: those that wake on demand (a request starts one), and
+        # those whose replicas all went away for a while (restarting, recycling, replaced): the gateway then
+        # passes their requests here, which answer UNAVAILABLE with a retry delay, not NOT_FOUND for good.
+        listed = {m.model for m in models}
         models.extend(
-            pb.ModelReplicas(model=m, replicas=0) for m in sorted(self.wake_models) if m not in counts
+            pb.ModelReplicas(model=m, replicas=0)
+            for m in sorted(self.wake_models | self.membership.known_models())
+            if m not in listed
         )
         return pb.ListModelsResponse(models=models)
 

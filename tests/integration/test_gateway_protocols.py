@@ -255,3 +255,31 @@ async def test_gateway_overhead_bench_measures_all_three_paths(tmp_path):
     assert record["gateway_grpc_minus_router"]["paired_ttft_ms"]["pairs"] == 6
     assert record["gateway_http_minus_gateway_grpc"]["paired_ttft_ms"]["pairs"] == 6
     assert isinstance(record["target"]["met"], bool)
+
+
+async def test_a_model_whose_replicas_all_left_is_unavailable_at_the_gateway_and_an_unknown_one_not_found(
+    fleet,
+):
+    """The gateway checks model names against the router's list: a model whose replicas all left (a restart, a
+    recycle) stays on it, so its requests get UNAVAILABLE with a retry delay, while a model never served is
+    NOT_FOUND."""
+    await fleet.register_dead_replica("away-1", model="away")
+    await fleet.deregister("away-1")
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        [
+            r
+            async for r in stub(fleet).Generate(
+                pb.GenerateRequest(model="away", prompt="hi"), metadata=auth(), timeout=10
+            )
+        ]
+    d = details_of(exc.value)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and d.reason == "NO_HEALTHY_REPLICA"
+    assert d.retry_after_s and d.retry_after_s > 0
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        [
+            r
+            async for r in stub(fleet).Generate(
+                pb.GenerateRequest(model="never", prompt="hi"), metadata=auth(), timeout=10
+            )
+        ]
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND and details_of(exc.value).reason == "MODEL_NOT_FOUND"

@@ -333,6 +333,19 @@ async def test_known_model_with_no_reachable_replica_is_unavailable_with_retry_a
         await fleet.deregister("ghost-1")
 
 
+async def test_a_model_whose_replicas_all_left_stays_listed_and_is_unavailable_not_not_found(fleet):
+    """Once every replica of a model has left (restarting, recycled), ListModels still lists it with 0 replicas
+    and a request for it is UNAVAILABLE NO_HEALTHY_REPLICA with a retry delay: not NOT_FOUND, which callers take
+    for good."""
+    await fleet.register_dead_replica("gone-1", model="gone")
+    await fleet.deregister("gone-1")
+    resp = await fleet.router_stub().ListModels(router_pb.ListModelsRequest(), timeout=2)
+    assert ("gone", 0) in [(m.model, m.replicas) for m in resp.models]
+    d = await generate_error(fleet, request(model="gone"))
+    assert d.code == grpc.StatusCode.UNAVAILABLE and d.reason == "NO_HEALTHY_REPLICA"
+    assert d.retry_after_s and d.retry_after_s > 0
+
+
 async def test_cancelling_at_the_router_aborts_in_the_engine(fleet):
     """A caller that goes away mid-stream cancels the engine call: the engine counts an abort and idles."""
     before = await fleet.aborted_total()
