@@ -21,6 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 
 STREAMS = 6
 MAX_TOKENS = 40
+# Leases longer than conftest's FAST 1 s: on a loaded box the never-recycled replica's 1 s lease lapsed while the
+# recycled one was restarting, leaving no replica for a moment (what this test is not about).
+LEASES = {"lease_ttl_s": 5.0, "heartbeat_interval_s": 0.5}
 
 
 def _events(cluster, name: str) -> list[dict]:
@@ -43,7 +46,7 @@ async def test_engine_is_recycled_without_a_failed_request_and_with_identical_to
     """engine-2 recycles after 8 requests (+ up to 4) while 6 streams at a time go through the gateway: at
     least two recycles, zero failed requests, requests served by more than one process of engine-2, and each
     answer's text equal to the same seeded request's on engine-1 (never recycled)."""
-    async with running_cluster(tmp_path, engines=1) as cluster:
+    async with running_cluster(tmp_path, engines=1, **LEASES) as cluster:
         recycled_name = await cluster.add_engine(
             args=["--max-requests-per-worker", "8", "--max-requests-jitter", "4"]
         )
@@ -99,7 +102,7 @@ def _auth(key: str) -> tuple[tuple[str, str], ...]:
 async def test_a_replica_due_for_recycling_waits_while_it_is_its_models_only_one(tmp_path):
     """The only replica of its model stays when due (it logs worker.recycle_deferred and keeps serving); once a
     second replica of the model serves, it is recycled."""
-    async with running_cluster(tmp_path, engines=1) as cluster:
+    async with running_cluster(tmp_path, engines=1, **LEASES) as cluster:
         solo = await cluster.add_engine(model="sim-solo", args=["--max-requests-per-worker", "3"])
         loop = asyncio.get_running_loop()
 
