@@ -37,7 +37,7 @@ from shared.server import PARENT_PID_ENV
 from shared.tokenizer import load as load_tokenizer
 from tests.integration.test_engine import FAST_RETRY, Recorded, listed, start_registry
 from tests.integration.test_engine_vllm import request
-from tests.support import assert_eventually
+from tests.support import assert_eventually, stop_process
 
 pytest.importorskip("zmq", reason="the vllm backend reads KV events with pyzmq")
 from tests.fake_vllm import FakeAsyncLLM, fake_api, first_stored_hashes  # noqa: E402 - after the skip: it imports zmq
@@ -223,12 +223,7 @@ async def test_router_workers_share_the_front_end_pack(model_dir, monkeypatch, t
         for ch in channels:
             await ch.close()
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            await stop_process(proc, 30)
         await registry.stop(0)
 
 

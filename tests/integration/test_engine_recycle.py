@@ -5,7 +5,6 @@ same request on a replica that was never recycled."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import grpc
 import pytest
@@ -16,6 +15,7 @@ from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
 from tests.integration.conftest import running_cluster
+from tests.support import log_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 
@@ -24,16 +24,6 @@ MAX_TOKENS = 40
 # Leases longer than conftest's FAST 1 s: on a loaded box the never-recycled replica's 1 s lease lapsed while the
 # recycled one was restarting, leaving no replica for a moment (what this test is not about).
 LEASES = {"lease_ttl_s": 5.0, "heartbeat_interval_s": 0.5}
-
-
-def _events(cluster, name: str) -> list[dict]:
-    events = []
-    for line in cluster.procs[name].log_file.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            pass
-    return events
 
 
 def _request(i: int) -> inf_pb.GenerateRequest:
@@ -71,7 +61,7 @@ async def test_engine_is_recycled_without_a_failed_request_and_with_identical_to
                 # Any failure (an AioRpcError) fails the test: the client never retries.
                 await asyncio.gather(*(one(stub, n + k) for k in range(STREAMS)))
                 n += STREAMS
-                events = _events(cluster, recycled_name)
+                events = log_events(cluster, recycled_name)
                 recycles = sum(1 for e in events if e.get("event") == "engine.worker_recycled")
                 if recycles >= 2 or asyncio.get_running_loop().time() > end:
                     break
@@ -118,7 +108,7 @@ async def test_a_replica_due_for_recycling_waits_while_it_is_its_models_only_one
             assert chunks[-1].chunk.finish_reason
 
         def count(event: str) -> int:
-            return sum(1 for e in _events(cluster, solo) if e.get("event") == event)
+            return sum(1 for e in log_events(cluster, solo) if e.get("event") == event)
 
         end = loop.time() + 30.0
         i = 0

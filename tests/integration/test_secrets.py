@@ -23,7 +23,7 @@ import pytest
 
 from fleetserve.client import AsyncClient
 from tests.otlp_collector import recording_collector
-from tests.support import assert_eventually
+from tests.support import assert_eventually, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -175,13 +175,7 @@ def _read_terminal(master: int, until: bytes, timeout_s: float) -> bytes:
 
 
 async def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.to_thread(proc.wait, 30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-        raise
+    assert await stop_process(proc, 30), "did not exit within 30 s of SIGTERM"
 
 
 async def test_a_hand_started_gateway_shows_its_generated_key_on_the_terminal_only(tmp_path):

@@ -19,7 +19,7 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
 from shared.health import check
 from tests.integration.conftest import running_cluster
-from tests.support import assert_eventually
+from tests.support import assert_eventually, log_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -133,16 +133,6 @@ async def test_a_killed_router_worker_is_restarted_and_requests_keep_succeeding(
     assert fleet.procs["router"].alive
 
 
-def _events(cluster, service: str) -> list[dict]:
-    events = []
-    for line in cluster.procs[service].log_file.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            pass
-    return events
-
-
 async def test_workers_are_recycled_after_max_requests_without_losing_a_request(tmp_path):
     """--max-requests-per-worker 5 on 2 router and 2 gateway workers: a worker that served 5 requests is drained
     and replaced, one worker of a service at a time (the other serves meanwhile). Through router recycles no
@@ -183,12 +173,14 @@ async def test_workers_are_recycled_after_max_requests_without_losing_a_request(
             await asyncio.sleep(0.05)
             if i % 10 == 9:
                 recycled = {
-                    svc: sum(1 for e in _events(cluster, svc) if e.get("event") == f"{svc}.worker_recycled")
+                    svc: sum(
+                        1 for e in log_events(cluster, svc) if e.get("event") == f"{svc}.worker_recycled"
+                    )
                     for svc in ("router", "gateway")
                 }
                 if min(recycled.values()) >= 1:
                     break
         assert min(recycled.values()) >= 1, recycled
         for svc in ("router", "gateway"):
-            assert not [e for e in _events(cluster, svc) if e.get("event") == f"{svc}.worker_exited"]
+            assert not [e for e in log_events(cluster, svc) if e.get("event") == f"{svc}.worker_exited"]
         print(f"workers recycled {recycled}; {retried} client retries on UNAVAILABLE")
