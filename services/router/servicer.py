@@ -536,20 +536,19 @@ class RouterServicer:
         counts = self.membership.models()
         models = [pb.ModelReplicas(model=m, replicas=n) for m, n in counts.items()]
         # Aliases are models to callers (the gateway checks names against this list): each is listed with the
-        # replicas of its pools, while any of them has one.
+        # replicas of its pools, while any of them has one or has had one (as models below).
+        known = self.membership.known_models()
         model_router = getattr(self.policy, "model_router", None)
         for alias, route in (model_router.aliases if model_router is not None else {}).items():
             n = counts.get(route.small, 0) + (counts.get(route.large, 0) if route.large != route.small else 0)
-            if n and alias not in counts:
+            if alias not in counts and (n or route.small in known or route.large in known):
                 models.append(pb.ModelReplicas(model=alias, replicas=n))
         # Models with no replica now are still served: those that wake on demand (a request starts one), and
         # those whose replicas all went away for a while (restarting, recycling, replaced): the gateway then
         # passes their requests here, which answer UNAVAILABLE with a retry delay, not NOT_FOUND for good.
         listed = {m.model for m in models}
         models.extend(
-            pb.ModelReplicas(model=m, replicas=0)
-            for m in sorted(self.wake_models | self.membership.known_models())
-            if m not in listed
+            pb.ModelReplicas(model=m, replicas=0) for m in sorted(self.wake_models | known) if m not in listed
         )
         return pb.ListModelsResponse(models=models)
 

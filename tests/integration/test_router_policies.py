@@ -14,6 +14,7 @@ from fleetserve.router.v1 import router_service_pb2 as router_pb
 
 from services.router.config import RouterSettings
 from services.router.policies import RouteRequest, cache_salt_for
+from shared.errors import details_of
 from tests.integration.test_router import MODEL, engine_app, engine_config, in_process_fleet, start_router
 from tests.support import assert_eventually
 from tests.unit.router.policy_helpers import chat
@@ -202,3 +203,15 @@ async def test_model_alias_resolves_to_the_small_or_the_large_model(tmp_path):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await generate(fleet, chat_request(["hi"], "acme", model="nope"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # With every replica of both pools gone for now (restarting), the alias stays listed and is UNAVAILABLE
+        # with a retry delay, as its models are: not NOT_FOUND.
+        for name in ("engine-1", "engine-8b"):
+            await fleet.engines[name].stop(0)
+        await assert_eventually(lambda: not fleet.router.membership.routable(MODEL), timeout_s=10)
+        await assert_eventually(lambda: not fleet.router.membership.routable("sim-8b"), timeout_s=10)
+        listed = await fleet.router_stub().ListModels(router_pb.ListModelsRequest(), timeout=2)
+        assert {m.model: m.replicas for m in listed.models} == {MODEL: 0, "sim-8b": 0, "auto": 0}
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await generate(fleet, chat_request(["hi"], "acme", model="auto"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details_of(err.value).reason == "NO_HEALTHY_REPLICA"
