@@ -507,7 +507,7 @@ def bench(args) -> None:
                 if time.monotonic() > deadline:
                     print("gpu_vs_vllm: budget spent; run bench again to go on", flush=True)
                     return
-                n = PROMPTS.get(c, 4 * c)
+                n = args.prompts.get(c, PROMPTS.get(c, 4 * c))
                 try:
                     res, used, w0, w1, pinned = run(name, c, n, rep * 1000 + c, 0)
                 except Exception as e:  # noqa: BLE001 - one server's failure must not end the others' runs
@@ -989,6 +989,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     b.add_argument("--budget-s", type=float, default=480.0)
     b.add_argument(
+        "--prompts",
+        default="",
+        help="prompts per run at a concurrency, C=N,C=N (default 1=16,32=128,128=512,256=1024); more prompts, "
+        "longer runs: at c=32 the default's 128 prompts run ~3 s, short enough for the machine's noise to show",
+    )
+    b.add_argument(
         "--warmup-prompts", type=int, default=256, help="one unrecorded c=256 run per server first"
     )
     b.add_argument(
@@ -1021,6 +1027,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             k: {int(c) for c in v.split(",") if c}
             for k, _, v in (x.partition("=") for x in args.only.split(";") if x)
         }
+    if hasattr(args, "prompts"):
+        args.prompts = {int(c): int(n) for c, _, n in (x.partition("=") for x in args.prompts.split(",") if x)}
     return args
 
 
