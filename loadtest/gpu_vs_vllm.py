@@ -527,6 +527,9 @@ def bench(args) -> None:
                     "tpot_p50_ms": round(res.get("median_tpot_ms", 0.0), 3),
                     "tpot_p99_ms": round(res.get("p99_tpot_ms", 0.0), 3),
                     "itl_p50_ms": round(res.get("median_itl_ms", 0.0), 3),
+                    # With the duration: what a request costs beyond its tokens (the gap to the next request).
+                    "e2el_p50_ms": round(res.get("median_e2el_ms", 0.0), 2),
+                    "e2el_mean_ms": round(res.get("mean_e2el_ms", 0.0), 2),
                     "started_at": w0,
                     "ended_at": w1,
                     "client_cores": used["client_cores"],
