@@ -115,6 +115,13 @@ class FailedPrecondition(FleetError):
     reason = "FAILED_PRECONDITION"
 
 
+class KvEventsOff(FailedPrecondition):
+    """The replica publishes no KV events (a vLLM engine started without --vllm-kv-events): a subscriber gets
+    nothing from it until it is restarted with them."""
+
+    reason = "KV_EVENTS_OFF"
+
+
 class Aborted(FleetError):
     """A concurrent change won (a compare-and-set lost): read the current state again and retry."""
 
@@ -156,7 +163,7 @@ class ResourceExhausted(FleetError):
 
 
 class Unimplemented(FleetError):
-    """This server does not offer the operation (for example, a backend without KV events)."""
+    """This server does not offer the operation."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "UNIMPLEMENTED"

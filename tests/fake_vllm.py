@@ -105,7 +105,7 @@ class FakeAsyncLLM:
         self.clients: list[list] = []
         self._sched_turn = 0
         self._seq = 0
-        # Empty when the replica publishes no KV events (--no-vllm-kv-events): then no socket, as in vLLM.
+        # Empty when the replica publishes no KV events (the default without --vllm-kv-events): no socket, as in vLLM.
         self.kv_endpoint = kv_endpoint
         self._pub = zmq.Context.instance().socket(zmq.PUB) if kv_endpoint else None
         if self._pub is not None:

@@ -57,11 +57,14 @@ class EngineSettings(WorkerSettings):
         "'--model DIR --load-format dummy'; --max-num-seqs/--max-num-batched-tokens default to this replica's; "
         "prefix caching is always on.",
     )
+    # Off by default: vLLM's publisher cost the engine core ~9% of its tokens/s at 128 streams on an H200
+    # (docs/benchmarks/gpu_vs_vllm_serve.md), and only the kv_aware router policy reads the events.
     vllm_kv_events: bool = Field(
-        True,
-        description="vllm backend: the engine core publishes its KV-cache events (the kv_aware router policy's "
-        "exact view of this replica's prefix cache); --no-vllm-kv-events spares the engine core that work, and "
-        "routers then know its cache only from what they routed there (the cache_aware policy).",
+        False,
+        description="vllm backend: the engine core publishes its KV-cache events (--vllm-kv-events), the kv_aware "
+        "router policy's exact view of this replica's prefix cache. Off (the default) spares the engine core that "
+        "work: SubscribeKvEvents then answers FAILED_PRECONDITION KV_EVENTS_OFF, and kv_aware routers score this "
+        "replica by load alone. The sim engine always publishes.",
     )
     vllm_detokenize: bool = Field(
         True,

@@ -139,7 +139,7 @@ def supervise(settings, count: int) -> int:
         max_num_batched_tokens=settings.max_num_batched_tokens,
     )
     kv_path = tempfile.mktemp(prefix=f"fleetserve-kv-{settings.replica_id}-", suffix=".sock")  # noqa: S306 - an ipc path the engine core binds
-    # No endpoint: the engine core publishes no KV events (--no-vllm-kv-events).
+    # No endpoint: the engine core publishes no KV events (the default; on with --vllm-kv-events).
     kv_endpoint = f"ipc://{kv_path}" if settings.vllm_kv_events else ""
     board = LoadBoard(None, count)
     run_dir = Path(settings.ready_file).parent if settings.ready_file else Path(tempfile.gettempdir())

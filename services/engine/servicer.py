@@ -345,8 +345,10 @@ class EngineServicer:
                 call.cancel()
             return
         batches = 0
-        log.info("engine.kv_events_subscribed", include_snapshot=request.include_snapshot)
+        # A replica without KV events raises KvEventsOff here (FAILED_PRECONDITION), before anything is logged:
+        # routers retry every few seconds, and each warns once.
         stream = self.backend.subscribe_kv_events(request.include_snapshot)
+        log.info("engine.kv_events_subscribed", include_snapshot=request.include_snapshot)
         try:
             async for batch in stream:
                 batches += 1

@@ -34,7 +34,7 @@ from services.engine.kv_events import KvEventHub
 from services.engine.load_board import LoadBoard, ReplicaTotals
 from services.engine.vllm_kv_events import KvEventTranslator, ZmqKvEventReader
 from shared import tokenizer as fleet_tokenizer
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import InvalidArgument, KvEventsOff, Unavailable
 from shared.prefix_hash import BLOCK_SIZE
 
 log = structlog.get_logger(__name__)
@@ -112,7 +112,7 @@ def load_vllm_api() -> VllmApi:
             # Our stat logger is the only consumer; vLLM's periodic log lines are not wanted.
             disable_log_stats=True,
         )
-        if kv_endpoint:  # empty: this replica publishes no KV events (--no-vllm-kv-events)
+        if kv_endpoint:  # empty: this replica publishes no KV events (the default; on with --vllm-kv-events)
             args = dataclasses.replace(
                 args,
                 kv_events_config=KVEventsConfig(
@@ -613,6 +613,13 @@ class VllmBackend:
         return self._info
 
     def subscribe_kv_events(self, include_snapshot: bool) -> AsyncIterator[engine_pb.KvEventBatch]:
+        if self._kv_reader is None:
+            # Said at once: an empty stream that never sends would leave a kv_aware router guessing.
+            raise KvEventsOff(
+                f"replica {self.replica_id!r} publishes no KV events: start its engine with --vllm-kv-events "
+                "(kv_aware routers score it by load alone meanwhile)",
+                metadata={"replica_id": self.replica_id, "flag": "--vllm-kv-events"},
+            )
         return self.hub.subscribe(include_snapshot, self.translator.snapshot)
 
     def _publish_kv(self, events: list[engine_pb.KvEvent], ts: float) -> None:

@@ -60,6 +60,8 @@ async def fleet(tmp_path_factory, model_dir):
             "5",
             "--frontends",
             "2",
+            # Off by default (the publisher costs the engine core throughput): test_kv_events_carry_fleet_hashes.
+            "--vllm-kv-events",
         ]
     }
     async with running_cluster(

@@ -31,6 +31,7 @@ from services.engine.frontends import Frontend, auto_frontends
 from services.engine.load_board import LoadBoard
 from services.router.app import start as start_router
 from services.router.config import RouterSettings
+from shared.errors import details_of
 from shared.health import check
 from shared.prefix_hash import block_hashes
 from shared.server import PARENT_PID_ENV
@@ -76,7 +77,7 @@ def exchanger(n: int):
 @contextlib.asynccontextmanager
 async def replica(model_dir: str, monkeypatch, tmp_path, registry_address: str = "", kv_events: bool = True):
     """N front ends of replica "engine-fe" (the first call builds the shared fake engine core); without
-    kv_events the supervisor gives them no KV-event endpoint, as it does with --no-vllm-kv-events."""
+    kv_events the supervisor gives them no KV-event endpoint, as it does without --vllm-kv-events."""
     engines: list[FakeAsyncLLM] = []
     monkeypatch.setattr(vllm_backend, "load_vllm_api", lambda: fake_api(model_dir, engines, step_s=0.003))
     rec = Recorded()
@@ -288,15 +289,25 @@ async def test_kv_events_from_any_front_end(model_dir, monkeypatch, tmp_path):
         assert stored[: len(want)] == want
 
 
-async def test_front_ends_without_kv_events_read_none_and_still_serve(model_dir, monkeypatch, tmp_path):
-    """With no KV-event endpoint (--no-vllm-kv-events) no front end reads KV events, the engine core binds no
-    publisher, and every front end still streams."""
+async def test_front_ends_without_kv_events_read_none_say_so_and_still_serve(
+    model_dir, monkeypatch, tmp_path
+):
+    """With no KV-event endpoint (the default, without --vllm-kv-events) no front end reads KV events, the engine
+    core binds no publisher, SubscribeKvEvents on any front end (the others relay to the primary) answers
+    FAILED_PRECONDITION KV_EVENTS_OFF, and every front end still streams."""
     async with replica(model_dir, monkeypatch, tmp_path, kv_events=False) as (apps, stubs, core):
         assert core.kv_endpoint == ""
         assert [app.backend._kv_reader for app in apps] == [None] * N
         for i, stub in enumerate(stubs):
             chunks = [r.chunk async for r in stub.Generate(request(f"front end {i}", 3, f"n{i}"), timeout=10)]
             assert chunks[-1].usage.completion_tokens == 3
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.SubscribeKvEvents(
+                    pb.SubscribeKvEventsRequest(include_snapshot=True), timeout=5
+                ).read()
+            err = details_of(e.value)
+            assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "KV_EVENTS_OFF")
+            assert err.metadata["replica_id"] == "engine-fe" and "--vllm-kv-events" in err.message
 
 
 async def test_engine_death_turns_every_front_end_not_serving_and_the_replica_leaves(

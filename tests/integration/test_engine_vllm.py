@@ -15,6 +15,7 @@ from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
 from services.engine import vllm_backend
 from services.engine.app import start
 from services.engine.config import EngineSettings
+from shared.errors import details_of
 from shared.health import check
 from shared.prefix_hash import block_hashes
 from shared.tokenizer import load as load_tokenizer
@@ -127,7 +128,7 @@ async def test_kv_events_stream_fleet_hashes_over_grpc(model_dir, monkeypatch):
     prompt = " ".join(f"w{i}" for i in range(60))
     want = block_hashes(tok.encode(prompt), "tenant")
     assert want
-    async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):
+    async with vllm_engine(model_dir, monkeypatch, vllm_kv_events=True) as (app, stub, llm):
         events = stub.SubscribeKvEvents(pb.SubscribeKvEventsRequest(include_snapshot=True), timeout=30)
         it = events.__aiter__()
         assert (await asyncio.wait_for(anext(it), 5)).batch.snapshot
@@ -140,15 +141,23 @@ async def test_kv_events_stream_fleet_hashes_over_grpc(model_dir, monkeypatch):
         assert stored[: len(want)] == want
 
 
-async def test_no_kv_events_leaves_the_engine_core_without_a_publisher(model_dir, monkeypatch):
-    """--no-vllm-kv-events: the engine core gets no KV-event endpoint and nothing reads one; requests still stream."""
-    async with vllm_engine(model_dir, monkeypatch, vllm_kv_events=False) as (app, stub, llm):
+async def test_no_kv_events_by_default_and_subscribing_says_so(model_dir, monkeypatch):
+    """Without --vllm-kv-events (the default) the engine core gets no KV-event endpoint and nothing reads one;
+    requests still stream, and SubscribeKvEvents answers FAILED_PRECONDITION KV_EVENTS_OFF naming the flag at
+    once instead of a stream that never sends. --vllm-kv-events turns the publisher on."""
+    async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):
         assert llm.kv_endpoint == ""
         assert app.backend._kv_reader is None
         replies = [r async for r in stub.Generate(request("no events here", 4, "n1"), timeout=10)]
         assert sum(len(r.chunk.token_ids) for r in replies if r.HasField("chunk")) == 4
-    async with vllm_engine(model_dir, monkeypatch) as (app, stub, llm):
-        assert llm.kv_endpoint.startswith("ipc://")  # the default publishes them
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.SubscribeKvEvents(pb.SubscribeKvEventsRequest(include_snapshot=True), timeout=5).read()
+        err = details_of(e.value)
+        assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.reason == "KV_EVENTS_OFF" and "--vllm-kv-events" in err.message
+        assert err.metadata == {"replica_id": "engine-vllm", "flag": "--vllm-kv-events"}
+    async with vllm_engine(model_dir, monkeypatch, vllm_kv_events=True) as (app, stub, llm):
+        assert llm.kv_endpoint.startswith("ipc://")
         assert app.backend._kv_reader is not None
 
 

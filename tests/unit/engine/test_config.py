@@ -23,6 +23,17 @@ def test_defaults_match_the_design():
     assert s.cost_model == load_profile("h100-llama-1b").cost
 
 
+def test_vllm_kv_events_are_off_unless_asked_for(monkeypatch):
+    """vLLM's KV-event publisher costs the engine core throughput and only kv_aware reads it: off by default,
+    on with --vllm-kv-events or FLEETSERVE_ENGINE_VLLM_KV_EVENTS, and --no-vllm-kv-events still parses."""
+    vllm = ["--backend", "vllm", "--vllm-args", "--model /m"]
+    assert load_settings(EngineSettings, vllm).vllm_kv_events is False
+    assert load_settings(EngineSettings, [*vllm, "--vllm-kv-events"]).vllm_kv_events is True
+    assert load_settings(EngineSettings, [*vllm, "--no-vllm-kv-events"]).vllm_kv_events is False
+    monkeypatch.setenv("FLEETSERVE_ENGINE_VLLM_KV_EVENTS", "true")
+    assert load_settings(EngineSettings, vllm).vllm_kv_events is True
+
+
 def test_step_flags_override_the_profile_terms():
     """--step-* flags replace single terms of the profile's cost model and leave the others."""
     s = load_settings(EngineSettings, ["--profile", "l4-llama-1b", "--step-base-ms", "1.5"])
