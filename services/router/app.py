@@ -21,8 +21,10 @@ from services.router.breakers import BreakerSettings
 from services.router.config import RouterSettings
 from services.router.membership import Membership
 from services.router.outliers import OutlierSettings
+from services.router.router_metrics import RouterMetrics
 from services.router.servicer import RetrySettings, RouterServicer
 from services.router.stalls import StallSettings
+from shared import prom
 from shared.channels import ChannelPool, open_channel
 from shared.recycle import recycler
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
@@ -108,12 +110,14 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
     membership = Membership(cooldown_s=settings.unroutable_cooldown_s)
     tls = Tls.from_settings(settings)
     pool = ChannelPool(tls)
+    metrics = RouterMetrics(prom.new_registry())
     servicer = RouterServicer(
         membership,
-        policy_set.from_settings(settings, lambda address: open_channel(address, tls)),
+        policy_set.from_settings(settings, lambda address: open_channel(address, tls), metrics.kv_events),
         pool,
         telemetry.tracer,
         meter=telemetry.meter,
+        prom_metrics=metrics,
         default_timeout_s=settings.default_timeout_s,
         ready_wait_s=settings.ready_wait_s,
         retry=RetrySettings(

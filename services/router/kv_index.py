@@ -4,6 +4,7 @@ EngineService.SubscribeKvEvents (a snapshot first, then stored/removed batches),
 from __future__ import annotations
 
 import asyncio
+import enum
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -14,6 +15,7 @@ from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
 
 from services.router.prefix_index import longest_runs
 from shared.channels import open_channel
+from shared.errors import KvEventsOff, details_of
 from shared.resilience import full_jitter
 
 log = structlog.get_logger(__name__)
@@ -89,6 +91,20 @@ class KvIndex:
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
 
+class KvStreamState(enum.IntEnum):
+    """Where the KV-event stream of a followed replica stands (the values are the Prometheus gauge's)."""
+
+    SYNCED = 0  # a snapshot applied, the stream since followed: the index holds the replica's cache
+    CONNECTING = 1  # no snapshot yet, or the stream broke and is retried with backoff
+    OFF = 2  # the engine publishes no KV events (KV_EVENTS_OFF): scored by load alone, retried slowly
+
+
+# Told (replica id, model, state) on every change; state None: the replica is no longer followed.
+StateListener = Callable[[str, str, "KvStreamState | None"], None]
+
+_OFF = "kv_events_off"  # _one_stream's answer for a replica that publishes none
+
+
 def _insecure_channel(address: str) -> grpc.aio.Channel:
     return open_channel(address)
 
@@ -96,7 +112,10 @@ def _insecure_channel(address: str) -> grpc.aio.Channel:
 class KvSubscriptions:
     """One SubscribeKvEvents stream per replica feeding a KvIndex, always with include_snapshot, so a router
     that restarts or falls behind (a seq gap) rebuilds the replica's index from what the engine holds now.
-    Streams reconnect with full-jitter backoff and are renewed before their (long, finite) deadline."""
+    Streams reconnect with full-jitter backoff and are renewed before their (long, finite) deadline. A replica
+    that publishes no KV events (a vLLM engine without --vllm-kv-events: FAILED_PRECONDITION KV_EVENTS_OFF) is
+    warned about once, stays in the fleet with nothing cached in the index (kv_aware scores it by load alone),
+    and is asked again every backoff_max_s, quietly, so a restart with events is picked up."""
 
     def __init__(
         self,
@@ -107,32 +126,45 @@ class KvSubscriptions:
         backoff_base_s: float = 0.1,
         backoff_max_s: float = 5.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_state: StateListener | None = None,
     ) -> None:
         self.index = index
         self._channel_factory = channel_factory
         self.stream_timeout_s = stream_timeout_s
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self._sleep = sleep
+        self._on_state = on_state
         self._tasks: dict[str, tuple[str, asyncio.Task]] = {}
+        # replica id -> (model, state of its stream), for the gauge and tests.
+        self._states: dict[str, tuple[str, KvStreamState]] = {}
         self.subscribed = 0  # streams opened, reconnects included (status and tests)
 
-    def ensure(self, replica_id: str, address: str) -> None:
-        """Follow replica_id at address (restart the stream if the address changed). Needs a running loop."""
+    def ensure(self, replica_id: str, address: str, model: str = "") -> None:
+        """Follow replica_id (of model) at address (restart the stream if the address changed). Needs a
+        running loop."""
         current = self._tasks.get(replica_id)
         if current is not None and current[0] == address and not current[1].done():
             return
         if current is not None:
             current[1].cancel()
+        if replica_id not in self._states:
+            self._set(replica_id, KvStreamState.CONNECTING, model)
         task = asyncio.get_running_loop().create_task(
             self._follow(replica_id, address), name=f"router.kv_events.{replica_id}"
         )
         self._tasks[replica_id] = (address, task)
+
+    def state(self, replica_id: str) -> KvStreamState | None:
+        """Where replica_id's stream stands; None when it is not followed."""
+        entry = self._states.get(replica_id)
+        return entry[1] if entry is not None else None
 
     def drop(self, replica_id: str) -> None:
         entry = self._tasks.pop(replica_id, None)
         if entry is not None:
             entry[1].cancel()
         self.index.remove(replica_id)
+        self._forget(replica_id)
 
     async def close(self) -> None:
         tasks = [t for _, t in self._tasks.values()]
@@ -140,6 +172,23 @@ class KvSubscriptions:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for replica_id in list(self._states):
+            self._forget(replica_id)
+
+    def _set(self, replica_id: str, state: KvStreamState, model: str | None = None) -> None:
+        old = self._states.get(replica_id)
+        if model is None:
+            model = old[0] if old is not None else ""
+        if old == (model, state):
+            return
+        self._states[replica_id] = (model, state)
+        if self._on_state is not None:
+            self._on_state(replica_id, model, state)
+
+    def _forget(self, replica_id: str) -> None:
+        old = self._states.pop(replica_id, None)
+        if old is not None and self._on_state is not None:
+            self._on_state(replica_id, old[0], None)
 
     async def _follow(self, replica_id: str, address: str) -> None:
         channel = self._channel_factory(address)
@@ -151,6 +200,23 @@ class KvSubscriptions:
                 if reason is None:
                     attempt = 0
                     continue  # renewed or resynced at once
+                if reason == _OFF:
+                    if self.state(replica_id) is not KvStreamState.OFF:
+                        # Once per replica (until it syncs or leaves): a retry every few seconds would flood.
+                        log.warning(
+                            "router.kv_events_off",
+                            replica=replica_id,
+                            address=address,
+                            effect="kv_aware scores this replica by load alone (no cached blocks known)",
+                            fix="restart its vLLM engine with --vllm-kv-events, or route this model with "
+                            "another policy (cache_aware needs no KV events)",
+                            retry_every_s=self.backoff_max_s,
+                        )
+                        self._set(replica_id, KvStreamState.OFF)
+                    attempt = 0
+                    await self._sleep(self.backoff_max_s)  # slowly: it changes only when the engine restarts
+                    continue
+                self._set(replica_id, KvStreamState.CONNECTING)
                 delay = full_jitter(attempt, self.backoff_base_s, self.backoff_max_s, random)
                 log.info(
                     "router.kv_events_broken", replica=replica_id, reason=reason, retry_in_s=round(delay, 3)
@@ -169,13 +235,19 @@ class KvSubscriptions:
         got_any = False
         try:
             async for resp in call:
-                got_any = True
                 if not self.index.apply(replica_id, resp.batch):
                     return None  # a gap: resubscribe for a fresh snapshot
+                if not got_any:
+                    got_any = True
+                    if self.state(replica_id) is KvStreamState.OFF:
+                        log.info("router.kv_events_on", replica=replica_id)  # restarted with events
+                    self._set(replica_id, KvStreamState.SYNCED)
             return "stream ended"
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and got_any:
                 return None
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and details_of(e).reason == KvEventsOff.reason:
+                return _OFF
             return f"{e.code().name}: {e.details()}"
         finally:
             call.cancel()

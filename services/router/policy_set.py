@@ -11,6 +11,7 @@ import structlog
 from opentelemetry import trace
 
 from services.router import policies
+from services.router.kv_index import StateListener
 from services.router.membership import ReplicaInfo
 from services.router.model_routing import ModelRouter
 from services.router.policies import Decision, Policy, RouteRequest
@@ -83,10 +84,13 @@ class PolicySet(Policy):
         options: dict[str, dict[str, float]] | None = None,
         model_router: ModelRouter | None = None,
         channel_factory: Callable[[str], Any] | None = None,
+        kv_state: StateListener | None = None,
     ) -> None:
         super().__init__()
         # How kv_aware opens its KV-event streams to engines (the router's TLS); None: kv_aware's default.
         self.channel_factory = channel_factory
+        # Told where each replica's KV-event stream stands (the router's gauge).
+        self.kv_state = kv_state
         self.default = default
         self.per_model = dict(per_model or {})
         self.options = options or {}
@@ -101,6 +105,8 @@ class PolicySet(Policy):
             kwargs["load_weights"] = LoadWeights(**self.options["load"])
         if name == "kv_aware" and self.channel_factory is not None:
             kwargs["channel_factory"] = self.channel_factory
+        if name == "kv_aware" and self.kv_state is not None:
+            kwargs["on_kv_state"] = self.kv_state
         return policies.create(name, **kwargs)
 
     def policy_for(self, model: str, name: str = "") -> Policy:
@@ -186,8 +192,11 @@ class PolicySet(Policy):
             await p.close()
 
 
-def from_settings(settings, channel_factory: Callable[[str], Any] | None = None) -> PolicySet:
-    """The PolicySet a RouterSettings describes; channel_factory opens kv_aware's streams to engines."""
+def from_settings(
+    settings, channel_factory: Callable[[str], Any] | None = None, kv_state: StateListener | None = None
+) -> PolicySet:
+    """The PolicySet a RouterSettings describes; channel_factory opens kv_aware's streams to engines, kv_state
+    hears where each of them stands."""
     from services.router.model_routing import DifficultyRule, load_classifier, parse_aliases
 
     classifier = (
@@ -205,4 +214,5 @@ def from_settings(settings, channel_factory: Callable[[str], Any] | None = None)
         parse_policy_options(settings.policy_options),
         ModelRouter(parse_aliases(settings.model_aliases), classifier),
         channel_factory,
+        kv_state,
     )

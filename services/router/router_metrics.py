@@ -1,5 +1,5 @@
 """The router's Prometheus instruments: requests by status, attempts by outcome, retries and mid-stream resumes,
-hedges, the retry budget's refusals, circuit breaker states and the admission queue. Recorded as events happen
+hedges, the retry budget's refusals, circuit breaker states, kv_aware's KV-event streams and the admission queue. Recorded as events happen
 (per request or attempt, never per chunk) so that worker processes of one router can merge them."""
 
 from __future__ import annotations
@@ -67,6 +67,15 @@ class RouterMetrics:
             ("replica", "state"),
             registry,
         )
+        self.kv_events_state = prom.gauge(
+            "fleetserve:router_kv_events_state",
+            "KV-event stream of each replica a kv_aware policy follows: 0 synced, 1 connecting or retrying, "
+            "2 off (the engine publishes none: start vLLM engines with --vllm-kv-events; kv_aware scores the "
+            "replica by load alone). A router's worker processes combine to the worst.",
+            ("replica", "model_name"),
+            registry,
+            multiprocess_mode="livemax",
+        )
         self.queue_waiting = prom.gauge(
             "fleetserve:router_queue_waiting",
             "Requests waiting in the router's admission queue (only with --max-in-flight-per-replica).",
@@ -87,6 +96,16 @@ class RouterMetrics:
 
     def breaker_changed(self, replica: str, state: BreakerState) -> None:
         self.breaker_transitions.labels(replica, state.name.lower()).inc()
+
+    def kv_events(self, replica: str, model: str, state: int | None) -> None:
+        """A followed replica's KV-event stream changed state (kv_index.KvStreamState); None: no longer followed."""
+        if state is None:
+            try:
+                self.kv_events_state.remove(replica, model)
+            except KeyError:
+                pass
+        else:
+            self.kv_events_state.labels(replica, model).set(int(state))
 
     def replica_left(self, replica: str, model: str) -> None:
         """Forget a replica that left the fleet (replica ids come and go with scaling: no series left behind)."""

@@ -8,14 +8,23 @@ import asyncio
 
 import grpc
 import pytest
+import structlog.testing
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 
 from services.router.config import RouterSettings
 from services.router.policies import RouteRequest, cache_salt_for
 from shared.errors import details_of
-from tests.integration.test_router import MODEL, engine_app, engine_config, in_process_fleet, start_router
+from tests.integration.test_router import (
+    MODEL,
+    closed_port_address,
+    engine_app,
+    engine_config,
+    in_process_fleet,
+    start_router,
+)
 from tests.support import assert_eventually
 from tests.unit.router.policy_helpers import chat
 
@@ -143,6 +152,89 @@ async def test_kv_aware_index_drops_blocks_the_engine_evicts(tmp_path):
         for i in range(6):
             await direct(chat_request([f"filler {i} " * 60], f"tenant-{i}"))
         await assert_eventually(lambda: index.match(hashes, ["engine-small"])["engine-small"] < len(hashes))
+
+
+async def test_kv_aware_warns_once_about_a_vllm_replica_without_kv_events_and_follows_it_once_restarted_with_them(
+    tmp_path, monkeypatch
+):
+    """A vLLM replica started without --vllm-kv-events answers KV_EVENTS_OFF: a kv_aware router logs
+    router.kv_events_off once (not once per retry), shows it as off (2) on fleetserve:router_kv_events_state,
+    keeps routing to it by load with nothing cached in its index, and asks again slowly: once the engine is
+    restarted with --vllm-kv-events at the same address (a crash and restart within its lease), the router
+    follows its events (synced, 0) without the replica leaving the fleet."""
+    pytest.importorskip("zmq", reason="the vllm backend reads KV events with pyzmq")
+    from infra.models.generate import main as generate_model
+    from services.engine import vllm_backend
+    from tests.fake_vllm import fake_api
+
+    model_dir = str(tmp_path / "tiny")
+    generate_model([model_dir, "--size", "tiny"])
+    cores: list = []
+    monkeypatch.setattr(vllm_backend, "load_vllm_api", lambda: fake_api(model_dir, cores, step_s=0.003))
+    address = closed_port_address()
+
+    async def start_vllm(kv_events: bool):
+        # Not registered by the engine itself: the registry entry below outlives a crash, as a lease does.
+        settings = engine_config.EngineSettings(
+            replica_id="engine-vllm",
+            model=MODEL,
+            backend="vllm",
+            vllm_args=f"--model {model_dir}",
+            port=int(address.rsplit(":", 1)[1]),
+            vllm_kv_events=kv_events,
+        )
+        return await engine_app.start(settings, fleet.telemetry)
+
+    def state(replica: str):
+        return fleet.router.metrics_registry.get_sample_value(
+            "fleetserve:router_kv_events_state", {"replica": replica, "model_name": MODEL}
+        )
+
+    def events(logs: list[dict], name: str) -> list[dict]:
+        return [e for e in logs if e["event"] == name and e.get("replica") == "engine-vllm"]
+
+    async with in_process_fleet(tmp_path, engines=1, policy="kv_aware") as fleet:
+        subs = kv_policy(fleet.router).subscriptions
+        subs.backoff_max_s = 0.05  # "slowly" is seconds in a fleet; the test need not wait them
+        vllm = await start_vllm(kv_events=False)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                await fleet.registry_stub().RegisterReplica(
+                    reg_pb.RegisterReplicaRequest(
+                        replica=reg_pb.Replica(
+                            replica_id="engine-vllm", address=address, model=MODEL, backend="vllm"
+                        )
+                    ),
+                    timeout=2,
+                )
+                await assert_eventually(lambda: state("engine-vllm") == 2, timeout_s=10)
+                assert state("engine-1") == 0
+                asked = subs.subscribed
+                await assert_eventually(lambda: subs.subscribed >= asked + 5, timeout_s=10)
+                warned = events(logs, "router.kv_events_off")
+                assert len(warned) == 1 and warned[0]["log_level"] == "warning"
+                assert "--vllm-kv-events" in warned[0]["fix"] and "load" in warned[0]["effect"]
+                assert not events(logs, "router.kv_events_broken")  # no line per retry
+
+                # Still routed, by load: scored beside the synced sim engine, nothing cached for it.
+                req = chat_request(["a question for any replica"], "acme")
+                await generate(fleet, req)
+                assert "engine-vllm=" in route_spans(fleet, req.request_id)["fleetserve.route.scores"]
+                assert kv_policy(fleet.router).index.blocks("engine-vllm") == 0
+
+                # Restarted with KV events at the same address: picked up by the slow retry.
+                await vllm.stop(0)
+                vllm = await start_vllm(kv_events=True)
+                await assert_eventually(lambda: state("engine-vllm") == 0, timeout_s=10)
+                assert kv_policy(fleet.router).index.synced("engine-vllm")
+                assert len(events(logs, "router.kv_events_on")) == 1
+                assert len(events(logs, "router.kv_events_off")) == 1
+            await fleet.deregister("engine-vllm")
+            await assert_eventually(lambda: state("engine-vllm") is None, timeout_s=5)
+        finally:
+            await vllm.stop(0)
+            for core in cores:
+                core.shutdown()
 
 
 async def test_cache_aware_sends_each_conversations_next_turn_home(tmp_path):

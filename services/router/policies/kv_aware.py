@@ -6,7 +6,13 @@ import asyncio
 import random
 from collections.abc import Sequence
 
-from services.router.kv_index import ChannelFactory, KvIndex, KvSubscriptions, _insecure_channel
+from services.router.kv_index import (
+    ChannelFactory,
+    KvIndex,
+    KvSubscriptions,
+    StateListener,
+    _insecure_channel,
+)
 from services.router.membership import ReplicaInfo
 from services.router.policies import Decision, Policy, RouteRequest, register
 from shared.prefix_hash import BLOCK_SIZE
@@ -16,7 +22,9 @@ from shared.prefix_hash import BLOCK_SIZE
 class KvAwarePolicy(Policy):
     """cost = prefill_weight x (prompt tokens not cached there) / 1000 + load_weight x load score; the lowest
     cost wins, ties at random. The cached run comes from the engines' own KV events (kv_index.KvIndex), so it
-    is exact up to the events in flight; a replica whose stream is not synced yet counts as caching nothing.
+    is exact up to the events in flight; a replica whose stream is not synced yet, or that publishes no KV events
+    (a vLLM engine without --vllm-kv-events; logged once as router.kv_events_off), counts as caching nothing,
+    so it is scored by load alone.
 
     With the default weights 1,000 uncached prompt tokens weigh as much as one more request in flight there
     (prefill of 1,000 tokens costs about one decode step of a batch on the modelled H100)."""
@@ -29,12 +37,15 @@ class KvAwarePolicy(Policy):
         channel_factory: ChannelFactory = _insecure_channel,
         index: KvIndex | None = None,
         rng: random.Random | None = None,
+        on_kv_state: StateListener | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.prefill_weight, self.load_weight = prefill_weight, load_weight
         self.index = index or KvIndex()
-        self.subscriptions = KvSubscriptions(self.index, channel_factory) if subscribe else None
+        self.subscriptions = (
+            KvSubscriptions(self.index, channel_factory, on_state=on_kv_state) if subscribe else None
+        )
         self._rng = rng or random.Random()
 
     def _decide(self, candidates: Sequence[ReplicaInfo], request: RouteRequest) -> Decision:
@@ -67,7 +78,7 @@ class KvAwarePolicy(Policy):
                 asyncio.get_running_loop()
             except RuntimeError:
                 return  # no loop (a unit test): nothing to subscribe with
-            self.subscriptions.ensure(replica.replica_id, replica.address)
+            self.subscriptions.ensure(replica.replica_id, replica.address, replica.model)
 
     def remove(self, replica_id: str) -> None:
         super().remove(replica_id)
