@@ -271,10 +271,28 @@ class Cluster:
         ]
         if cfg.engine_startup_s is not None and cfg.backend == "sim":
             args += ["--startup-s", str(cfg.engine_startup_s)]
+        args += self.kv_event_args()
         version = self._engine_versions.get(name)
         if version:
             args += ["--model-version", version]
         return args
+
+    def kv_event_args(self) -> list[str]:
+        """--vllm-kv-events for vLLM engines when the fleet's routers route any model with kv_aware (their
+        --policy or --model-policies, as extra_args or FLEETSERVE_ROUTER_* env give them): vLLM engines publish
+        no KV events by default (the publisher costs the engine core throughput), and kv_aware needs them."""
+        if self.config.backend != "vllm":
+            return []  # the sim always publishes
+        from services.router.config import RouterSettings
+        from services.router.policy_set import parse_mapping
+        from shared.settings import load_settings
+
+        try:
+            router = load_settings(RouterSettings, list(self.config.extra_args.get("router", [])))
+        except SystemExit:
+            return []  # bad router flags: the router itself fails to start and says why
+        policies = {router.policy, *parse_mapping(router.model_policies).values()}
+        return ["--vllm-kv-events"] if "kv_aware" in policies else []
 
     def _wake_args(self) -> list[str]:
         """Autoscaled models wake on demand: a request waits in the router while the autoscaler starts a replica
@@ -301,6 +319,7 @@ class Cluster:
         ]
         if cfg.engine_startup_s is not None and cfg.backend == "sim":
             engine += ["--startup-s", str(cfg.engine_startup_s)]
+        engine += self.kv_event_args()
         engine += self.tls_args("engine")
         engine += cfg.extra_args.get("engine", [])
         return [
