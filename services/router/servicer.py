@@ -533,6 +533,9 @@ class RouterServicer:
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        # A router just started (a recycled worker's successor) knows no model until the registry's first
+        # snapshot: an empty list now would make the gateway answer NOT_FOUND for every model.
+        await self._await_membership(context.time_remaining())
         counts = self.membership.models()
         models = [pb.ModelReplicas(model=m, replicas=n) for m, n in counts.items()]
         # Aliases are models to callers (the gateway checks names against this list): each is listed with the
