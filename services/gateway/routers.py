@@ -297,7 +297,12 @@ class RouterPool:
 
 
 def _router_leaving(err: grpc.aio.AioRpcError) -> bool:
-    """A router's own error that another router may not share: it is shutting down (its drain cut the stream)."""
+    """A router's error that another router may not share: it is shutting down. Its drain cut the stream
+    (SHUTTING_DOWN), or its server stopped (GOAWAY) while the call was queued in gRPC, not yet handed to the
+    router's code: gRPC cancels those, CANCELLED without the details the router puts on its own errors (our own
+    cancel of a call raises CancelledError here, not an AioRpcError)."""
+    if err.code() == grpc.StatusCode.CANCELLED:
+        return not any(k == _DETAILS_KEY for k, _ in (err.trailing_metadata() or ()))
     return err.code() == grpc.StatusCode.UNAVAILABLE and details_of(err).reason == "SHUTTING_DOWN"
 
 
