@@ -1,8 +1,9 @@
-"""Graceful stop for services that relay long streams (gateway, router): while draining, new requests are
-answered UNAVAILABLE + RetryInfo (the port stays open, so a client is told rather than refused a connection);
-in-flight streams may finish until shortly before the grace period ends, and those still running then are cut
-with UNAVAILABLE, ErrorInfo SHUTTING_DOWN and RetryInfo, a status a client (or a gateway with other routers)
-can act on, instead of gRPC's bare "Cancelling all calls"."""
+"""Graceful stop for services that relay long streams (gateway, router): in-flight streams may finish until
+shortly before the grace period ends, and those still running then are cut with UNAVAILABLE, ErrorInfo
+SHUTTING_DOWN and RetryInfo, a status a client (or a gateway with other routers) can act on, instead of gRPC's
+bare "Cancelling all calls". New requests are answered UNAVAILABLE + RetryInfo meanwhile (the port stays open, so
+a client is told rather than refused a connection), except in a worker whose siblings go on serving the port: it
+hands its clients over (GOAWAY, Connection: close) and serves what still reaches it on a connection it had open."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Drain:
         self.retry_after_s = retry_after_s
         self.draining = False
         self.cutting = False
+        # Serve new requests while draining (until the cut): clients are being sent to sibling workers.
+        self.serve_new = False
         self._calls: set = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -43,8 +46,9 @@ class Drain:
         )
 
     def check(self) -> None:
-        """Raise ShuttingDown when draining (called where a request starts)."""
-        if self.draining:
+        """Raise ShuttingDown when draining (called where a request starts); when handing over, only once the
+        cut began (a request that starts then would be cut at once)."""
+        if self.draining and (self.cutting or not self.serve_new):
             raise self.error()
 
     def track(self, call) -> None:
@@ -65,16 +69,26 @@ class Drain:
     def active(self) -> int:
         return len(self._calls)
 
-    async def run(self, grace_s: float) -> None:
-        """Drain: refuse new requests from now, wait for in-flight calls to end until a margin before grace_s
-        ends (a second, or a quarter of a short grace), then cut the rest. Returns once they are cut."""
-        self.draining = True
-        margin = min(1.0, grace_s / 4)
+    @staticmethod
+    def cut_at(grace_s: float) -> float:
+        """Seconds after a drain starts when it cuts the streams left: a margin (a second, or a quarter of a
+        short grace) before grace_s ends, so that their statuses go out before the server's own stop."""
+        return grace_s - min(1.0, grace_s / 4)
+
+    async def run(self, grace_s: float, serve_new: bool = False) -> None:
+        """Drain: refuse new requests from now (serve_new: serve them until the cut), wait for in-flight calls
+        to end until cut_at(grace_s), then cut the rest. Returns once they are cut."""
+        self.draining, self.serve_new = True, serve_new
+        cut_in_s = self.cut_at(grace_s)
         log.info(
-            "drain.started", service=self.service, in_flight=self.active, cut_in_s=round(grace_s - margin, 3)
+            "drain.started",
+            service=self.service,
+            in_flight=self.active,
+            cut_in_s=round(cut_in_s, 3),
+            hand_over=serve_new,
         )
         try:
-            await asyncio.wait_for(self._idle.wait(), max(0.0, grace_s - margin))
+            await asyncio.wait_for(self._idle.wait(), max(0.0, cut_in_s))
         except TimeoutError:
             pass
         if self._calls:

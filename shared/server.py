@@ -186,14 +186,29 @@ async def drain_and_stop(
     grace_s: float,
     before_stop: Callable[[], Awaitable[None]] | None = None,
     after_stop: Callable[[], Awaitable[None]] | None = None,
+    goaway_first: bool = False,
 ) -> None:
     """Graceful shutdown: NOT_SERVING, `before_stop` (e.g. deregister), refuse new RPCs, let in-flight
-    streams finish within grace_s (then cancel them), `after_stop` (e.g. shut the engine down)."""
-    log.info("server.draining", grace_period_s=grace_s)
+    streams finish within grace_s (then cancel them), `after_stop` (e.g. shut the engine down). goaway_first:
+    stop the gRPC server at once, before `before_stop`, for a worker whose siblings serve its shared port."""
+    log.info("server.draining", grace_period_s=grace_s, goaway_first=goaway_first)
     await running.set_serving(False)
-    if before_stop is not None:
-        await before_stop()
-    await running.server.stop(grace_s)
+    if not goaway_first:
+        if before_stop is not None:
+            await before_stop()
+        await running.server.stop(grace_s)
+    else:
+        # grpc's stop closes our listeners and sends every client GOAWAY now, while in-flight calls run on: a
+        # client opens its next stream on a new connection, which the kernel gives a sibling. Stopping only
+        # after the drain kept clients' connections pinned here, each new stream on them refused. Streams that
+        # crossed the GOAWAY are refused by HTTP/2 (clients retry those transparently); calls gRPC had queued
+        # but not handed to our code yet it ends CANCELLED without details (the gateway retries those).
+        stopping = asyncio.create_task(running.server.stop(grace_s), name="server.stop")
+        try:
+            if before_stop is not None:
+                await before_stop()
+        finally:
+            await stopping
     if after_stop is not None:
         await after_stop()
     log.info("server.stopped")

@@ -132,6 +132,12 @@ class WorkerSettings(ServiceSettings):
     recycle_file: str = Field(
         "", description="Set by the supervisor: the file a worker touches when it is due for recycling."
     )
+    stop_file: str = Field(
+        "",
+        description="Set by the supervisor: a file that exists once the whole service stops (every worker "
+        "drains); a worker that drains while it does not (recycled, or stopped alone) hands its clients to its "
+        "siblings.",
+    )
 
 
 def load_settings(cls: type[S], argv: list[str] | None = None) -> S:

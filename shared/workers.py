@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from shared import prom
+from shared.channels import CHANNEL_OPTIONS
 from shared.server import PARENT_PID_ENV, write_ready_file
 
 log = structlog.get_logger("fleetserve.workers")
@@ -29,6 +30,10 @@ log = structlog.get_logger("fleetserve.workers")
 WORKER_START_TIMEOUT_S = 120.0
 # A worker that keeps dying is restarted at most this often.
 RESTART_DELAY_S = 1.0
+# After a recycled worker's replacement is ready, the next recycle waits this long: the hop in front dials each
+# worker's private port, failed to reach it while it was away, and retries the connection only after its
+# reconnect backoff (at most this, shared/channels.py); two recycles back to back left it no worker it could reach.
+RECYCLE_SPACING_S = dict(CHANNEL_OPTIONS)["grpc.max_reconnect_backoff_ms"] / 1000
 
 
 def share(total: int, index: int, count: int) -> int:
@@ -113,6 +118,9 @@ def supervise(
     code = 0
 
     private: dict[int, int] = {}
+    # Exists once the whole service stops: a draining worker then keeps the port open (siblings_serve).
+    stopping = run_dir / f"{service}-{os.getpid()}-stopping"
+    stopping.unlink(missing_ok=True)
 
     def spawn(i: int) -> tuple[multiprocessing.process.BaseProcess, Path]:
         ready = run_dir / f"{service}-{os.getpid()}-worker-{i}.json"
@@ -125,6 +133,7 @@ def supervise(
         recycle = recycle_file(run_dir, service, i)
         recycle.unlink(missing_ok=True)  # a new worker starts its count afresh
         worker["recycle_file"] = str(recycle) if settings.max_requests_per_worker else ""
+        worker["stop_file"] = str(stopping)
         p = ctx.Process(
             target=_worker_main, args=(service, type(settings), worker), name=f"{service}-worker-{i}"
         )
@@ -169,13 +178,23 @@ def supervise(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for s in held.values():
             s.close()
+        stopping.touch()
         _stop(list(procs.values()), settings.grace_period_s)
+        stopping.unlink(missing_ok=True)
         if metrics is not None:
             metrics.stop()
         if prom_dir is not None:
             shutil.rmtree(prom_dir, ignore_errors=True)
         log.info(f"{service}.exited", code=code)
     return code
+
+
+def siblings_serve(settings) -> bool:
+    """Whether this process, draining now, is a worker whose siblings go on serving the ports they share (it is
+    recycled or stopped alone, not with the whole service): it may then hand its clients over to them (GOAWAY,
+    Connection: close) instead of answering them UNAVAILABLE while it drains."""
+    stop_file = getattr(settings, "stop_file", "")
+    return getattr(settings, "worker_count", 1) > 1 and bool(stop_file) and not Path(stop_file).exists()
 
 
 def recycle_file(run_dir: Path, service: str, index: int) -> Path:
@@ -205,6 +224,7 @@ def _watch(procs: dict, spawn, parent: int, service: str, due: Callable[[int], P
     recycled: exit 0) until a signal or the launcher's exit. Workers due for recycling (their file exists) are
     sent SIGTERM one at a time, so that the others serve meanwhile."""
     recycling: int | None = None
+    next_recycle = 0.0  # monotonic: none before (RECYCLE_SPACING_S after the last replacement was ready)
     while True:
         sentinels = {p.sentinel: i for i, p in procs.items()}
         for ready in connection.wait(list(sentinels), timeout=1.0):
@@ -222,7 +242,8 @@ def _watch(procs: dict, spawn, parent: int, service: str, due: Callable[[int], P
                 recycling = None
             procs[i], ready_file = spawn(i)
             _await_ready(procs[i], ready_file)
-        if recycling is None:
+            next_recycle = time.monotonic() + RECYCLE_SPACING_S
+        if recycling is None and time.monotonic() >= next_recycle:
             i = next((i for i in procs if due(i).exists()), None)
             if i is not None and procs[i].is_alive():
                 recycling = i

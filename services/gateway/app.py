@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 from fleetserve.inference.v1 import inference_service_pb2 as pb
@@ -27,6 +30,7 @@ from shared.recycle import recycler
 from shared.server import RunningServer, Service, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 from shared.tls import Tls
+from shared.workers import siblings_serve
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +48,8 @@ class GatewayApp:
     http: OpenAIServer | None = None
     # This gateway's Prometheus instruments (served on its /metrics).
     metrics_registry: CollectorRegistry | None = None
+    # Asked when the drain starts: whether sibling workers go on serving our ports (shared/workers.py).
+    siblings_serve: Callable[[], bool] = lambda: False
 
     @property
     def http_address(self) -> str:
@@ -63,15 +69,26 @@ class GatewayApp:
         """NOT_SERVING, let in-flight streams finish within grace_s, then close the router channel and the db."""
 
         http_stopped: asyncio.Task | None = None
+        hand_over = self.siblings_serve()
+        started = time.monotonic()
 
         async def before_stop() -> None:
             nonlocal http_stopped
+            if hand_over and self.http is not None:
+                # Sibling workers serve our ports: HTTP clients go to them as well (listener closed now, each
+                # response from here on says Connection: close), as gRPC clients do on GOAWAY.
+                await self.http.hand_over()
             # Jobs pause at once: their unfinished items stay in the database and resume on the next start.
             if self.jobs is not None:
                 await self.jobs.stop()
-            # Both ports stay open while draining: new requests (gRPC and HTTP) get UNAVAILABLE + RetryInfo,
-            # streams may finish until shortly before grace_s ends, the rest are cut with SHUTTING_DOWN.
-            await self.servicer.pipeline.drain.run(grace_s)
+            # Streams may finish until shortly before grace_s ends, the rest are cut with SHUTTING_DOWN. New
+            # requests meanwhile get UNAVAILABLE + RetryInfo (both ports stay open) unless we hand over: then
+            # the ones still reaching us, on a connection opened before, are served.
+            await self.servicer.pipeline.drain.run(grace_s, serve_new=hand_over)
+            if hand_over and self.http is not None:
+                # Keep-alive clients still on a connection here send it one more request (served, and the
+                # connection closed after it) before the drain's cut time; idle ones are closed.
+                await self.http.let_clients_go(until=started + self.servicer.pipeline.drain.cut_at(grace_s))
             if self.http is not None:
                 http_stopped = asyncio.create_task(self.http.stop(min(grace_s, 1.0)))
 
@@ -83,7 +100,9 @@ class GatewayApp:
             await self.pool.close()
             await self.databases.close()
 
-        await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
+        await drain_and_stop(
+            self.running, grace_s, before_stop=before_stop, after_stop=after_stop, goaway_first=hand_over
+        )
 
 
 async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
@@ -153,6 +172,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             client_auth=False,
         )
         app = GatewayApp(running, servicer, tenants, pool, dbs, jobs, None, registry)
+        app.siblings_serve = partial(siblings_serve, settings)
         if settings.http_port >= 0:
             # The same size limit as gRPC's (over HTTP: 413 before the body is read in full).
             app.http = OpenAIServer(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 import structlog
@@ -30,6 +32,7 @@ from shared.recycle import recycler
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 from shared.tls import Tls
+from shared.workers import siblings_serve
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +49,8 @@ class RouterApp:
     tasks: list[asyncio.Task] = field(default_factory=list)
     # Its own entry in the registry (role ROUTER), by which gateways discover it.
     registration: Registration | None = None
+    # Asked when the drain starts: whether sibling workers go on serving our ports (shared/workers.py).
+    siblings_serve: Callable[[], bool] = lambda: False
 
     @property
     def address(self) -> str:
@@ -68,15 +73,21 @@ class RouterApp:
             await self.registry_channel.close(grace=None)
             await self.pool.close()
 
+        hand_over = self.siblings_serve()
+
         async def before_stop() -> None:
             # DRAINING first: discovering gateways send nothing new here while the streams in flight finish.
             if self.registration is not None:
                 await self.registration.drain()
-            # New requests get UNAVAILABLE + RetryInfo; streams still running near the end of grace_s are cut
-            # with UNAVAILABLE SHUTTING_DOWN + RetryInfo (a gateway with other routers moves them there).
-            await self.servicer.drain.run(grace_s)
+            # New requests get UNAVAILABLE + RetryInfo (served, when sibling workers take our clients over: they
+            # reached us on a connection opened before the GOAWAY); streams still running near the end of
+            # grace_s are cut with UNAVAILABLE SHUTTING_DOWN + RetryInfo (a gateway with other routers moves
+            # them there).
+            await self.servicer.drain.run(grace_s, serve_new=hand_over)
 
-        await drain_and_stop(self.running, grace_s, before_stop=before_stop, after_stop=after_stop)
+        await drain_and_stop(
+            self.running, grace_s, before_stop=before_stop, after_stop=after_stop, goaway_first=hand_over
+        )
 
 
 def _registration(settings: RouterSettings, running: RunningServer, servicer: RouterServicer) -> Registration:
@@ -195,6 +206,7 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         log.info("router.membership_ready", replicas=len(membership.replicas()), models=membership.models())
 
     app = RouterApp(running, servicer, membership, pool, registry_channel)
+    app.siblings_serve = partial(siblings_serve, settings)
     app.tasks.append(
         asyncio.create_task(
             membership.watch(open_watch, settings.watch_backoff_base_s, settings.watch_backoff_max_s),

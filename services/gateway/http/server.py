@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from opentelemetry.propagate import extract
@@ -39,6 +41,10 @@ _SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
+
+# While a worker hands its HTTP clients to its siblings: a connection with no request for this long is an idle
+# client's, closed rather than waited for (a busy client sends its next request within milliseconds).
+HAND_OVER_QUIET_S = 1.0
 
 # Request: pin a model version (debugging). Response: the version that served it.
 MODEL_VERSION_HEADER = "x-fleetserve-model-version"
@@ -112,7 +118,10 @@ class OpenAIServer:
         self.app.router.add_get("/v1/models", self.list_models)
         self.app.router.add_get("/v1/models/{model}", self.get_model)
         self.app.router.add_route("*", "/{tail:.*}", self.not_found)
+        self.app.on_response_prepare.append(self._close_when_handing_over)
         self.runner: web.AppRunner | None = None
+        self.handing_over = False
+        self._last_response = 0.0  # monotonic: when the last response (while handing over) started
         self.port = 0
         self.host = ""
 
@@ -133,6 +142,45 @@ class OpenAIServer:
         await site.start()
         self.host, self.port = host, self.runner.addresses[0][1]
         log.info("gateway.http_started", address=self.address)
+
+    async def hand_over(self) -> None:
+        """Send clients to the sibling workers sharing our port (this one drains): stop listening now, so the
+        kernel gives new connections to them, and answer every request from here on with Connection: close, so
+        a keep-alive client's next request opens one. Requests in flight, and those arriving on connections
+        opened before, are still served."""
+        self.handing_over = True
+        if self.runner is not None:
+            for site in list(self.runner.sites):
+                await site.stop()  # closes the listening socket only; open connections go on
+        connections = len(self.runner.server.connections) if self.runner and self.runner.server else 0
+        log.info("gateway.http_handing_over", address=self.address, connections=connections)
+
+    async def _close_when_handing_over(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.handing_over:
+            # aiohttp has worked out the headers by now (keep-alive among them): force_close() alone would close
+            # the connection after this response without telling the client, which would reuse it.
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"
+            self._last_response = time.monotonic()
+
+    async def let_clients_go(self, until: float, quiet_s: float = HAND_OVER_QUIET_S) -> None:
+        """While handing over: wait until every connection is closed (each closes after its next response),
+        or none has started a response for quiet_s (those left are idle clients'), or `until` (monotonic).
+        Closing a keep-alive connection at once could cut a request its client is sending on it just then (an
+        HTTP/1.1 server cannot say GOAWAY, and clients do not retry a POST), so the busy ones go this way."""
+        if self.runner is None or self.runner.server is None:
+            return
+        server = self.runner.server
+        started = time.monotonic()
+        while server.connections and (now := time.monotonic()) < until:
+            if now - max(started, self._last_response) >= quiet_s:
+                break
+            await asyncio.sleep(0.02)
+        log.info(
+            "gateway.http_handed_over",
+            waited_s=round(time.monotonic() - started, 3),
+            idle_connections_closed=len(server.connections),
+        )
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, give in-flight requests grace_s to finish, then close them."""

@@ -1,0 +1,60 @@
+"""Drain: who gets refused while a service drains, and when a worker hands its clients to its siblings."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from shared.drain import Drain
+from shared.errors import ShuttingDown
+from shared.workers import siblings_serve
+
+
+class Call:
+    """A downstream call the drain can cut."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.mark.asyncio
+async def test_a_draining_service_refuses_new_requests_unless_it_hands_over_and_then_only_once_it_cuts():
+    """Drain.check refuses at once by default; with serve_new it serves until the cut, then refuses."""
+    keeps_port = Drain("gateway")
+    call = Call()
+    keeps_port.track(call)
+    running = asyncio.create_task(keeps_port.run(0.2))
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDown):
+        keeps_port.check()
+    await running
+    assert call.cancelled
+
+    hands_over = Drain("gateway")
+    call = Call()
+    hands_over.track(call)
+    running = asyncio.create_task(hands_over.run(0.2, serve_new=True))
+    await asyncio.sleep(0)
+    hands_over.check()  # served: it reached us on a connection opened before the GOAWAY
+    await running
+    assert call.cancelled and hands_over.cutting
+    with pytest.raises(ShuttingDown):
+        hands_over.check()
+
+
+def test_only_a_worker_whose_siblings_keep_serving_hands_over(tmp_path):
+    """siblings_serve: a worker of several, while the supervisor's stop file is absent (not the whole service
+    stopping); never a lone process."""
+    stop_file = tmp_path / "gateway-1-stopping"
+    worker = SimpleNamespace(worker_count=2, stop_file=str(stop_file))
+    assert siblings_serve(worker)
+    stop_file.touch()
+    assert not siblings_serve(worker)
+    assert not siblings_serve(SimpleNamespace(worker_count=1, stop_file=str(tmp_path / "absent")))
+    assert not siblings_serve(SimpleNamespace(worker_count=2, stop_file=""))
+    assert not siblings_serve(SimpleNamespace())
