@@ -30,6 +30,7 @@ class AsyncStream(StreamView):
         self._timeout_s = timeout_s or client.timeout_s
         self._call: grpc.aio.UnaryStreamCall | None = None
         self._iterating = False
+        self._cancelled = False  # by our caller: its CANCELLED is never retried
         self.state = StreamState()
 
     def __aiter__(self) -> AsyncIterator:
@@ -55,6 +56,8 @@ class AsyncStream(StreamView):
                     yield resp.chunk
                 return
             except grpc.aio.AioRpcError as e:
+                if self._cancelled:
+                    raise
                 details = details_of(e)
                 # Once a chunk arrived the server has done work the caller has seen: never repeat it, only
                 # continue after it (resume_token_ids).
@@ -69,6 +72,7 @@ class AsyncStream(StreamView):
 
     def cancel(self) -> None:
         """Stop the stream: the gateway and engine abort the generation."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 

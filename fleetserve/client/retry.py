@@ -22,9 +22,12 @@ def full_jitter(attempt: int, base_s: float, cap_s: float, rng: random.Random | 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How a client retries. UNAVAILABLE is retried (the fleet could not serve it now); RESOURCE_EXHAUSTED only
-    when the server advised a delay (RetryInfo) no longer than max_advised_delay_s (a rate limit that frees up
-    soon, not a budget that resets next month); nothing else (the caller's own fault, or not worth repeating)."""
+    """How a client retries. UNAVAILABLE is retried (the fleet could not serve it now), and so is CANCELLED that
+    the server sent without a fleetserve reason (gRPC's answer to a call it had queued but not yet handed to the
+    gateway's code when that gateway process stopped: nothing ran); RESOURCE_EXHAUSTED only when the server
+    advised a delay (RetryInfo) no longer than max_advised_delay_s (a rate limit that frees up soon, not a budget
+    that resets next month); nothing else (the caller's own fault, or not worth repeating). A stream retries
+    only before its first chunk (after it, resume_delay decides)."""
 
     max_attempts: int = 4
     backoff_base_s: float = 0.1
@@ -54,6 +57,9 @@ class RetryPolicy:
         if details.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             if advised is None or advised > self.max_advised_delay_s:
                 return None
+        elif details.code == grpc.StatusCode.CANCELLED:
+            if details.reason or advised is not None:
+                return None  # a fleetserve service's own answer (it has details), not a call nothing ran
         elif details.code != grpc.StatusCode.UNAVAILABLE:
             return None
         rng = rng or random

@@ -29,6 +29,7 @@ class Stream(StreamView):
         self._timeout_s = timeout_s or client.timeout_s
         self._call = None
         self._iterating = False
+        self._cancelled = False  # by our caller: its CANCELLED is never retried
         self.state = StreamState()
 
     def __iter__(self) -> Iterator:
@@ -54,6 +55,8 @@ class Stream(StreamView):
                     yield resp.chunk
                 return
             except grpc.RpcError as e:
+                if self._cancelled:
+                    raise
                 details = details_of(e)
                 # Once a chunk arrived the server has done work the caller has seen: never repeat it, only
                 # continue after it (resume_token_ids).
@@ -68,6 +71,7 @@ class Stream(StreamView):
 
     def cancel(self) -> None:
         """Stop the stream: the gateway and engine abort the generation."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 

@@ -33,6 +33,17 @@ def test_failures_another_try_cannot_fix_are_not_retried(code):
     assert POLICY.delay(failure(code, retry_after_s=0.1), 1, None) is None
 
 
+def test_a_cancelled_call_the_server_never_ran_is_retried_as_unavailable_is():
+    """CANCELLED with no fleetserve details (gRPC's answer to a call queued in a gateway process that stopped)
+    is retried with the same backoff; CANCELLED a service sent with a reason is not."""
+    rng = random.Random(3)
+    waits = [POLICY.delay(failure(grpc.StatusCode.CANCELLED), 1, None, rng) for _ in range(50)]
+    assert all(w is not None and 0 <= w <= 0.1 for w in waits)
+    assert POLICY.delay(failure(grpc.StatusCode.CANCELLED), 4, None) is None  # max_attempts still holds
+    on_purpose = ErrorDetails(code=grpc.StatusCode.CANCELLED, message="", reason="CLIENT_CANCELLED")
+    assert POLICY.delay(on_purpose, 1, None) is None
+
+
 def test_unavailable_without_advice_backs_off_with_full_jitter_up_to_the_cap():
     """UNAVAILABLE: a uniform wait in [0, min(cap, base * 2^(attempt-1))]."""
     rng = random.Random(1)
