@@ -12,8 +12,9 @@ import grpc
 class Forward(grpc.GenericRpcHandler):
     """Every method: the request bytes go upstream over one shared channel, the response bytes come back."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, relay: bool = False) -> None:
         self.channel = channel
+        self.relay = relay  # read upstream through shared.relay.ChunkRelay (its pump task), as our hops do
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, details: grpc.HandlerCallDetails):
@@ -28,15 +29,30 @@ class Forward(grpc.GenericRpcHandler):
                 async for data in call:
                     yield data
 
-            handler = self.handlers[details.method] = grpc.unary_stream_rpc_method_handler(relay)
+            async def pumped(request: bytes, context: grpc.aio.ServicerContext):
+                from shared.relay import ChunkRelay
+
+                call = method(
+                    request, metadata=context.invocation_metadata(), timeout=context.time_remaining()
+                )
+                chunks = ChunkRelay(call.read, cancel=call.cancel)
+                try:
+                    while (data := await chunks.read()) is not grpc.aio.EOF:
+                        yield data
+                finally:
+                    chunks.close()
+
+            handler = self.handlers[details.method] = grpc.unary_stream_rpc_method_handler(
+                pumped if self.relay else relay
+            )
         return handler
 
 
-async def serve(port: int, upstream: str, ready_file: str = "") -> None:
+async def serve(port: int, upstream: str, ready_file: str = "", relay: bool = False) -> None:
     from shared.server import wait_for_signal, write_ready_file
 
     channel = grpc.aio.insecure_channel(upstream)
-    server = grpc.aio.server(handlers=[Forward(channel)])
+    server = grpc.aio.server(handlers=[Forward(channel, relay)])
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     write_ready_file(ready_file, address=f"127.0.0.1:{bound}")
@@ -50,10 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--upstream", required=True)
     p.add_argument("--ready-file", default="")
+    p.add_argument("--relay", action="store_true", help="read upstream through ChunkRelay (diagnostic A/B)")
     args = p.parse_args(argv)
     import uvloop
 
-    uvloop.run(serve(args.port, args.upstream, args.ready_file))
+    uvloop.run(serve(args.port, args.upstream, args.ready_file, args.relay))
 
 
 if __name__ == "__main__":

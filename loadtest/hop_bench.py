@@ -9,7 +9,8 @@ fast as it can stands in for the engine, so the hops are what is measured:
     (router and gateway again with --workers 2: router2, gateway2, mesh2; with coalescing off: router-nc,
     gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0; without the services'
     periodic full collections, FLEETSERVE_GC_FULL_EVERY_S=0: mesh-gcf0; with the client on the
-    gateway's OpenAI HTTP endpoint, streaming SSE, as `vllm bench serve` is: gateway-http, mesh-http)
+    gateway's OpenAI HTTP endpoint, streaming SSE, as `vllm bench serve` is: gateway-http, mesh-http; the bare
+    hop reading upstream through ChunkRelay's pump, as ours do: bare-relay, bare2-relay)
 
 A/B of two versions of the code in one run: `--base-tree DIR` (a checkout of the other commit, e.g. `git
 worktree add DIR main`) and a mode with the suffix `@base` runs every process of that mode from DIR. A suffix
@@ -215,10 +216,11 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
     hops: list[str] = []
     if mode == "direct":
         return procs, source, hops, "engine"
-    if mode in ("bare", "bare2"):
+    if base in ("bare", "bare2"):
         up = source
-        for i in range(1 if mode == "bare" else 2):
-            up = procs.start(f"bare{i}", ["loadtest.bare_hop", "--upstream", up])
+        extra = ["--relay"] if "relay" in variants else []
+        for i in range(1 if base == "bare" else 2):
+            up = procs.start(f"bare{i}", ["loadtest.bare_hop", "--upstream", up, *extra])
             hops.append(f"bare{i}")
         return procs, up, hops, "engine"
     router = ""
