@@ -105,6 +105,47 @@ async def measure(make, streams: int, messages: int, requests: int) -> float:
     return (time.process_time() - t0) / total * 1e6
 
 
+def tracker_us(relay_fn, msgs: list[bytes], requests: int) -> float:
+    """Thread CPU per chunk of relay_fn(tracker, data) over `requests` streams of msgs."""
+    from services.router.resume import ChunkTracker
+
+    t0 = time.thread_time()
+    for _ in range(requests):
+        t = ChunkTracker()
+        t.next_attempt()
+        for m in msgs:
+            relay_fn(t, m)
+    return (time.thread_time() - t0) / (requests * len(msgs)) * 1e6
+
+
+def parse_every_chunk(tracker, data: bytes) -> bytes:
+    """ChunkTracker.relay before the byte search (c5f4fd1): every chunk parsed for its finish reason."""
+    from services.router.resume import _parse
+
+    chunk = _parse(data).chunk
+    tracker._kept.append(data)
+    if chunk.finish_reason == 3:
+        raise RuntimeError("no ABORT in these chunks")
+    return data
+
+
+def run_tracker(args) -> None:
+    from loadtest.hop_bench import chunks
+    from services.router.resume import ChunkTracker
+
+    msgs = chunks(args.messages)
+    variants = {"parse_every_chunk": parse_every_chunk, "byte_search": ChunkTracker.relay}
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            results[name].append(tracker_us(fn, msgs, 2000))
+    out = {
+        v: {"median_us": round(statistics.median(r), 3), "runs_us": [round(x, 3) for x in r]}
+        for v, r in results.items()
+    }
+    print(json.dumps(out, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtest.relay_bench", description=__doc__)
     p.add_argument("--streams", type=int, default=256)
@@ -116,7 +157,16 @@ def main(argv: list[str] | None = None) -> None:
         default="bare+0,bare+1,bare+5,pumped+0,pumped+1,pumped+5",
         help="NAME+LAYERS: bare (read in the handler) or pumped (ChunkRelay), under LAYERS re-yielding generators",
     )
+    p.add_argument(
+        "--tracker",
+        action="store_true",
+        help="instead: the resume tracker's per-chunk work (ChunkTracker.relay) over hop_bench's chunks, "
+        "against parsing every chunk (what it did before)",
+    )
     args = p.parse_args(argv)
+    if args.tracker:
+        run_tracker(args)
+        return
     import uvloop
 
     variants = args.variants.split(",")

@@ -80,3 +80,31 @@ def test_unrequested_abort_is_withheld_and_raised():
         t.relay(chunk(finish=common_pb2.FINISH_REASON_ABORT))
     assert not exc.value.args
     assert t.sent_ids == [4]
+
+
+def test_chunks_whose_bytes_look_like_an_abort_go_on_unchanged():
+    """The ABORT is found by a byte search: bytes that only look like one (token ids 24, 3 and a text with the
+    same two bytes encode them) make the tracker parse the chunk, which then goes on as it is; a real ABORT
+    after them is still withheld and raised."""
+    from services.router.resume import ABORT_BYTES
+
+    t = ChunkTracker()
+    t.next_attempt()
+    lookalikes = [chunk([24, 3], " a"), chunk([9], ABORT_BYTES.decode()), chunk([5], finish=1, completion=3)]
+    assert ABORT_BYTES in lookalikes[0] and ABORT_BYTES in lookalikes[1]
+    for data in lookalikes:
+        assert t.relay(data) is data
+    with pytest.raises(ReplicaAborted):
+        t.relay(chunk([7], finish=common_pb2.FINISH_REASON_ABORT, completion=4))
+    assert t.sent_ids == [24, 3, 9, 5, 7]
+
+
+def test_every_abort_chunk_contains_the_searched_bytes():
+    """No ABORT goes unseen: whatever else a chunk carries, its encoding contains ABORT_BYTES."""
+    from services.router.resume import ABORT_BYTES
+
+    for ids in ((), (1,), (300, 70000), tuple(range(0, 400, 7))):
+        for text in ("", " x", "é" * 40):
+            for served_by in ("", "r1"):
+                data = chunk(ids, text, served_by, finish=common_pb2.FINISH_REASON_ABORT, completion=len(ids))
+                assert ABORT_BYTES in data
