@@ -48,9 +48,28 @@ class Forward(grpc.GenericRpcHandler):
         return handler
 
 
-async def serve(port: int, upstream: str, ready_file: str = "", relay: bool = False) -> None:
+async def serve(
+    port: int, upstream: str, ready_file: str = "", relay: bool = False, ours: bool = False
+) -> None:
     from shared.server import wait_for_signal, write_ready_file
 
+    if ours:
+        # Everything our services set up around their handlers, and nothing of their handlers: our channel
+        # options, our server (its options, interceptor, health, reflection), our logging and heap settings.
+        from shared.channels import open_channel
+        from shared.server import create_server, settle_heap
+        from shared.telemetry import configure_logging
+
+        configure_logging("bare_hop")
+        channel = open_channel(upstream)
+        handler = Forward(channel, relay)
+        running = await create_server([], port=port, extra=[lambda s: s.add_generic_rpc_handlers((handler,))])
+        write_ready_file(ready_file, address=running.address)
+        async with settle_heap():
+            await wait_for_signal()
+        await running.server.stop(1)
+        await channel.close()
+        return
     channel = grpc.aio.insecure_channel(upstream)
     server = grpc.aio.server(handlers=[Forward(channel, relay)])
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -67,10 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--upstream", required=True)
     p.add_argument("--ready-file", default="")
     p.add_argument("--relay", action="store_true", help="read upstream through ChunkRelay (diagnostic A/B)")
+    p.add_argument(
+        "--ours",
+        action="store_true",
+        help="our services' channel, server, logging and heap set-up around the same handler (diagnostic A/B)",
+    )
     args = p.parse_args(argv)
     import uvloop
 
-    uvloop.run(serve(args.port, args.upstream, args.ready_file, args.relay))
+    uvloop.run(serve(args.port, args.upstream, args.ready_file, args.relay, args.ours))
 
 
 if __name__ == "__main__":

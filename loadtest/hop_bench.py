@@ -10,7 +10,8 @@ fast as it can stands in for the engine, so the hops are what is measured:
     gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0; without the services'
     periodic full collections, FLEETSERVE_GC_FULL_EVERY_S=0: mesh-gcf0; with the client on the
     gateway's OpenAI HTTP endpoint, streaming SSE, as `vllm bench serve` is: gateway-http, mesh-http; the bare
-    hop reading upstream through ChunkRelay's pump, as ours do: bare-relay, bare2-relay)
+    hop reading upstream through ChunkRelay's pump, as ours do: bare-relay, bare2-relay; the bare hop's handler
+    inside our services' channel, server, logging and heap set-up: bare-ours, bare-relay-ours)
 
 A/B of two versions of the code in one run: `--base-tree DIR` (a checkout of the other commit, e.g. `git
 worktree add DIR main`) and a mode with the suffix `@base` runs every process of that mode from DIR. A suffix
@@ -218,7 +219,7 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
         return procs, source, hops, "engine"
     if base in ("bare", "bare2"):
         up = source
-        extra = ["--relay"] if "relay" in variants else []
+        extra = (["--relay"] if "relay" in variants else []) + (["--ours"] if "ours" in variants else [])
         for i in range(1 if base == "bare" else 2):
             up = procs.start(f"bare{i}", ["loadtest.bare_hop", "--upstream", up, *extra])
             hops.append(f"bare{i}")
