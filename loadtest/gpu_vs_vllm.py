@@ -111,8 +111,8 @@ def server_argv(name: str, args, port: int) -> list[str]:
             argv += ["--router-args", f"--frontend-pack {args.mesh_pack}"]
         elif args.mesh_router_args:
             argv += ["--router-args", args.mesh_router_args]
-        if name == "mesh-nokv":
-            argv.append("--engine-args=--no-vllm-kv-events")  # with "=": argparse reads "--..." as a flag
+        if name == "mesh-kv":
+            argv.append("--engine-args=--vllm-kv-events")  # with "=": argparse reads "--..." as a flag
         return argv
     n = int(name.removeprefix("vllm-api").removesuffix("-kv"))
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
@@ -175,10 +175,10 @@ def start(args) -> None:
     if args.mesh_wide:
         # The same mesh with more router and gateway processes (an A/B of --workers).
         order.append("mesh-wide")
-    if args.mesh_nokv:
-        # The same mesh with an engine core that publishes no KV events (an A/B of --no-vllm-kv-events).
-        order.append("mesh-nokv")
-    # `vllm serve` with the KV-event publisher the mesh's engine core runs (the same A/B on vLLM's own server).
+    if args.mesh_kv:
+        # The same mesh with an engine core that publishes KV events, as kv_aware needs (an A/B of --vllm-kv-events).
+        order.append("mesh-kv")
+    # `vllm serve` with the KV-event publisher mesh-kv's engine core runs (the same A/B on vLLM's own server).
     order += [f"vllm-api{n}-kv" for n in args.vllm_kv]
     ports = {name: 8101 + i for i, name in enumerate(order)}
     todo = [name for name in order if name not in state["servers"]]
@@ -955,7 +955,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     s.add_argument("--mesh-router-args", default="", help="extra router flags of the mesh server")
     s.add_argument(
-        "--mesh-nokv", action="store_true", help="also a mesh-nokv server: engine --no-vllm-kv-events"
+        "--mesh-kv", action="store_true", help="also a mesh-kv server: engine --vllm-kv-events (kv_aware's)"
     )
     s.add_argument(
         "--vllm-kv",
@@ -1031,7 +1031,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             for k, _, v in (x.partition("=") for x in args.only.split(";") if x)
         }
     if hasattr(args, "prompts"):
-        args.prompts = {int(c): int(n) for c, _, n in (x.partition("=") for x in args.prompts.split(",") if x)}
+        args.prompts = {
+            int(c): int(n) for c, _, n in (x.partition("=") for x in args.prompts.split(",") if x)
+        }
     return args
 
 

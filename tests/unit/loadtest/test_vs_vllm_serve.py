@@ -118,13 +118,13 @@ def test_mesh_variants_differ_from_the_mesh_only_in_their_flags():
 
 
 def test_kv_event_variants_turn_only_kv_events_off_or_on():
-    args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--mesh-nokv", "--vllm-kv", "8"])
+    args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--mesh-kv", "--vllm-kv", "8"])
     assert args.vllm_kv == [8]
-    mesh, nokv = g.server_argv("mesh", args, 8101), g.server_argv("mesh-nokv", args, 8105)
-    assert [a for a in nokv if a not in mesh] == ["mesh-nokv", "--engine-args=--no-vllm-kv-events"]
+    mesh, kv_mesh = g.server_argv("mesh", args, 8101), g.server_argv("mesh-kv", args, 8105)
+    assert [a for a in kv_mesh if a not in mesh] == ["mesh-kv", "--engine-args=--vllm-kv-events"]
     # What serve-mesh makes of it (a value starting with "--" must follow "=", or argparse takes it for a flag).
-    served = g.parse_args(nokv[nokv.index("serve-mesh") :])
-    assert served.engine_args == "--no-vllm-kv-events" and served.name == "mesh-nokv"
+    served = g.parse_args(kv_mesh[kv_mesh.index("serve-mesh") :])
+    assert served.engine_args == "--vllm-kv-events" and served.name == "mesh-kv"
     plain, kv = g.server_argv("vllm-api8", args, 8103), g.server_argv("vllm-api8-kv", args, 8106)
     config = json.loads(kv[kv.index("--kv-events-config") + 1])
     assert config["enable_kv_cache_events"] and config["publisher"] == "zmq"
