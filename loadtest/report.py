@@ -48,7 +48,10 @@ def _latency_axes(ax, ts: list[float], series: list[dict], key: str, title: str)
     ax.set_title(title)
     ax.set_ylabel("ms")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize=8)
+    else:  # the records carry no such latency (e.g. no ITL): say so rather than draw an empty legend
+        ax.text(0.5, 0.5, f"no {key} samples", transform=ax.transAxes, ha="center", va="center")
 
 
 def latency_timeline(doc: dict, out: Path, stem: str) -> list[Path]:
