@@ -1,6 +1,7 @@
 """The router's Prometheus instruments: requests by status, attempts by outcome, retries and mid-stream resumes,
-hedges, the retry budget's refusals, circuit breaker states, kv_aware's KV-event streams and the admission queue. Recorded as events happen
-(per request or attempt, never per chunk) so that worker processes of one router can merge them."""
+hedges, the retry budget's refusals, circuit breaker states, kv_aware's KV-event streams and the admission
+queue. Recorded as events happen (per request or attempt, never per chunk) so that worker processes of one
+router can merge them."""
 
 from __future__ import annotations
 
