@@ -118,7 +118,9 @@ def _registration(settings: RouterSettings, running: RunningServer, servicer: Ro
 
 async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
     """Start the router: serve at once, report SERVING once the first registry snapshot has arrived."""
-    membership = Membership(cooldown_s=settings.unroutable_cooldown_s)
+    membership = Membership(
+        cooldown_s=settings.unroutable_cooldown_s, forget_model_after_s=settings.forget_model_after_s
+    )
     tls = Tls.from_settings(settings)
     pool = ChannelPool(tls)
     metrics = RouterMetrics(prom.new_registry())

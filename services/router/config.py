@@ -72,6 +72,13 @@ class RouterSettings(WorkerSettings):
     unroutable_cooldown_s: float = Field(
         2.0, ge=0, le=300, description="How long a replica that failed a request stays out of rotation."
     )
+    forget_model_after_s: float = Field(
+        600.0,
+        gt=0,
+        description="A model whose replicas have all left is still listed (its requests: UNAVAILABLE with a "
+        "retry delay, as while it restarts) for this long; after it, it is decommissioned: NOT_FOUND. Models "
+        "that wake on demand are always listed.",
+    )
     default_timeout_s: float = Field(
         120.0, gt=0, description="Timeout given to the engine when the caller sent no deadline."
     )

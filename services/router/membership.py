@@ -86,16 +86,25 @@ class Membership:
     A replica is routable when the registry says SERVING and the router has not put it in a cooldown
     after a failure. The last known membership is kept while the registry is unreachable."""
 
-    def __init__(self, cooldown_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cooldown_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        forget_model_after_s: float = 600.0,
+    ) -> None:
         self.cooldown_s = cooldown_s
+        self.forget_model_after_s = forget_model_after_s
         self._clock = clock
         self._replicas: dict[str, ReplicaInfo] = {}
         # Per-model index: choosing a replica looks at one model's replicas, not the whole fleet.
         self._by_model: dict[str, dict[str, ReplicaInfo]] = {}
         self._unroutable_until: dict[str, float] = {}
-        # Models ever served since start: a request for one of these with no replica now is "try again
-        # later", not "no such model".
+        # Models served since start: a request for one of these with no replica now is "try again later", not
+        # "no such model", until it has had none for forget_model_after_s (then it was decommissioned, not
+        # restarting). Expected models (those that wake from zero) are never forgotten.
         self._seen_models: set[str] = set()
+        self._expected: set[str] = set()
+        self._gone_since: dict[str, float] = {}  # model -> when its last replica left (clock)
         self._listeners: list[Listener] = []
         self.ready = asyncio.Event()
         self.connected = False
@@ -148,6 +157,7 @@ class Membership:
         self._by_model.setdefault(rep.model, {})[rep.replica_id] = rep
         if rep.model:
             self._seen_models.add(rep.model)
+            self._gone_since.pop(rep.model, None)
         return change, rep
 
     def _remove(self, replica_id: str) -> None:
@@ -162,6 +172,7 @@ class Membership:
             same_model.pop(rep.replica_id, None)
             if not same_model:
                 del self._by_model[rep.model]
+                self._gone_since[rep.model] = self._clock()
 
     # -- failures ------------------------------------------------------------------------------------
 
@@ -212,16 +223,27 @@ class Membership:
         return [r for r in same_model.values() if r.replica_id not in exclude and self.is_routable(r)]
 
     def expect(self, models) -> None:
-        """Know these models before any replica serves them (models that scale from zero)."""
+        """Know these models before any replica serves them (models that scale from zero), for good."""
+        self._expected.update(models)
         self._seen_models.update(models)
 
     def knows_model(self, model: str) -> bool:
-        """Whether any replica has served model since the router started."""
-        return model in self._seen_models
+        """Whether model is expected, or a replica has served it and it has not been without one for
+        forget_model_after_s."""
+        if model not in self._seen_models:
+            return False
+        gone = self._gone_since.get(model)
+        if gone is None or model in self._expected or self._clock() - gone < self.forget_model_after_s:
+            return True
+        # Decommissioned: from now on "no such model" (NOT_FOUND), as for a model never served.
+        self._seen_models.discard(model)
+        del self._gone_since[model]
+        log.info("router.model_forgotten", model=model, without_replica_s=round(self._clock() - gone, 1))
+        return False
 
     def known_models(self) -> frozenset[str]:
-        """Every model a replica has served since the router started (or expected: models that wake)."""
-        return frozenset(self._seen_models)
+        """The models knows_model() is true for."""
+        return frozenset(m for m in list(self._seen_models) if self.knows_model(m))
 
     def models(self) -> dict[str, int]:
         """Model -> number of SERVING replicas, for models with at least one."""

@@ -346,6 +346,24 @@ async def test_a_model_whose_replicas_all_left_stays_listed_and_is_unavailable_n
     assert d.retry_after_s and d.retry_after_s > 0
 
 
+async def test_a_model_without_replicas_past_forget_model_after_s_is_not_found(tmp_path):
+    """--forget-model-after-s: a model whose replicas all left longer ago than that was decommissioned, not
+    restarting: it leaves ListModels and its requests get NOT_FOUND again."""
+    async with in_process_fleet(tmp_path, engines=1, forget_model_after_s=0.5) as f:
+        await f.register_dead_replica("old-1", model="old")
+        await f.deregister("old-1")
+        d = await generate_error(f, request(model="old"))
+        assert d.code == grpc.StatusCode.UNAVAILABLE and d.reason == "NO_HEALTHY_REPLICA"
+
+        async def forgotten() -> bool:
+            resp = await f.router_stub().ListModels(router_pb.ListModelsRequest(), timeout=2)
+            return "old" not in [m.model for m in resp.models]
+
+        await assert_eventually(forgotten, timeout_s=5)
+        d = await generate_error(f, request(model="old"))
+        assert d.code == grpc.StatusCode.NOT_FOUND
+
+
 async def test_cancelling_at_the_router_aborts_in_the_engine(fleet):
     """A caller that goes away mid-stream cancels the engine call: the engine counts an abort and idles."""
     before = await fleet.aborted_total()

@@ -132,6 +132,26 @@ def test_models_once_served_stay_known():
     assert m.models() == {}
 
 
+def test_a_model_without_replicas_for_forget_model_after_s_is_forgotten_unless_expected():
+    """Restarting (replicas back within the limit) keeps a model known; decommissioned (none for longer) is
+    forgotten, so its requests get NOT_FOUND; a model that wakes on demand is known for good."""
+    clock = Clock()
+    m = Membership(clock=clock, forget_model_after_s=60.0)
+    m.expect(["wakes"])
+    m.apply(event(SNAPSHOT, replica("a"), replica("w", model="wakes")))
+    m.apply(event(REMOVED, replica("a"), replica("w", model="wakes")))
+    clock.now += 59.0
+    assert m.known_models() == {"m", "wakes"}
+    m.apply(event(ADDED, replica("a")))  # back in time: the clock starts again when it next leaves
+    m.apply(event(REMOVED, replica("a")))
+    clock.now += 59.0
+    assert m.knows_model("m")
+    clock.now += 2.0
+    assert m.known_models() == {"wakes"} and not m.knows_model("m")
+    m.apply(event(ADDED, replica("b")))  # a new replica of it: known again
+    assert m.knows_model("m")
+
+
 def test_listeners_hear_every_change():
     """Subscribers get (change, replica) for each applied change."""
     m = Membership()
