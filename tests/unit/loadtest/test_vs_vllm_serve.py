@@ -134,3 +134,9 @@ def test_kv_event_variants_turn_only_kv_events_off_or_on():
         "--kv-events-config",
         kv[kv.index("--kv-events-config") + 1],
     ]
+
+
+def test_bench_prompts_override_the_defaults_per_concurrency():
+    args = g.parse_args(["bench", "--dir", "d", "--model-dir", "m", "--out", "o", "--prompts", "32=384,1=24"])
+    assert args.prompts == {32: 384, 1: 24}
+    assert g.parse_args(["bench", "--dir", "d", "--model-dir", "m", "--out", "o"]).prompts == {}
