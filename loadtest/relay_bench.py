@@ -123,7 +123,7 @@ def parse_every_chunk(tracker, data: bytes) -> bytes:
     from services.router.resume import _parse
 
     chunk = _parse(data).chunk
-    tracker._kept.append(data)
+    tracker._kept += data
     if chunk.finish_reason == 3:
         raise RuntimeError("no ABORT in these chunks")
     return data
