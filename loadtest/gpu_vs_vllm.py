@@ -352,63 +352,13 @@ def choose_cpus(speeds: dict[int, float], cores: dict[int, str], n: int = 2) -> 
     return sorted(engine), rest
 
 
-def _spin(cpu: int, stop) -> None:
-    os.sched_setaffinity(0, {cpu})
-    while not stop.is_set():
-        sum(range(10_000))
-
-
-def speeds_while_busy(busy: list[int], cpus: list[int]) -> dict[int, float]:
-    """Each of cpus' speed while a process spins on every CPU of busy."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    spinners = [ctx.Process(target=_spin, args=(c, stop), daemon=True) for c in busy]
-    for p in spinners:
-        p.start()
-    try:
-        time.sleep(0.5)  # the spinners are running (spawned interpreters start in ~0.1-0.3 s)
-        return {c: round(_cpu_speed(c), 2) for c in cpus}
-    finally:
-        stop.set()
-        for p in spinners:
-            p.join(5)
-
-
-def hidden_siblings(
-    alone: list[dict[int, float]], busy: list[dict[int, float]], slowdown: float = 0.75
-) -> list[int]:
-    """CPUs that ran below `slowdown` of their own speed in every round with the engine core's CPUs busy: on a VM
-    that shows every vCPU as its own core, those share a physical core with them (the host's SMT siblings)."""
-    cpus = set(busy[0])
-    return sorted(c for c in cpus if all(b[c] < slowdown * a[c] for a, b in zip(alone, busy, strict=True)))
-
-
 def probe_cpus(args) -> dict:
-    """Measure every CPU once (a busy or throttled one is slower) and choose the engine core's. A VM may show
-    every vCPU as its own core while two of them share one: CPUs that slow down whenever the engine core's are
-    busy (two rounds) are kept idle too, as its SMT siblings are."""
+    """Measure every CPU once (a busy or throttled one is slower) and choose the engine core's."""
     cpus = sorted(os.sched_getaffinity(0))
     speeds = {c: round(_cpu_speed(c), 2) for c in cpus}
     cores = {c: _core_of(c) for c in cpus}
     engine, rest = choose_cpus(speeds, cores, args.engine_cpus)
-    alone, busy = [], []
-    for _ in range(2):
-        alone.append({c: round(_cpu_speed(c), 2) for c in rest})
-        busy.append(speeds_while_busy(engine, rest))
-    hidden = hidden_siblings(alone, busy)
-    if len(rest) - len(hidden) >= 2:
-        rest = [c for c in rest if c not in hidden]
-    out = {
-        "speeds": speeds,
-        "cores": cores,
-        "engine_core_cpus": engine,
-        "other_cpus": rest,
-        "hidden_siblings": hidden,
-        "speeds_alone": alone,
-        "speeds_engine_busy": busy,
-    }
+    out = {"speeds": speeds, "cores": cores, "engine_core_cpus": engine, "other_cpus": rest}
     Path(args.dir, "cpus.json").write_text(json.dumps(out, indent=2))
     print(f"gpu_vs_vllm: CPU speeds {speeds}; engine core on {engine}", flush=True)
     return out

@@ -140,20 +140,3 @@ def test_bench_prompts_override_the_defaults_per_concurrency():
     args = g.parse_args(["bench", "--dir", "d", "--model-dir", "m", "--out", "o", "--prompts", "32=384,1=24"])
     assert args.prompts == {32: 384, 1: 24}
     assert g.parse_args(["bench", "--dir", "d", "--model-dir", "m", "--out", "o"]).prompts == {}
-
-
-def test_cpus_that_slow_down_in_every_round_while_the_engine_cpus_spin_are_hidden_siblings():
-    alone = [{2: 10.0, 3: 10.0, 4: 10.0}, {2: 10.0, 3: 9.0, 4: 10.0}]
-    busy = [{2: 5.0, 3: 9.5, 4: 6.0}, {2: 5.5, 3: 8.8, 4: 9.0}]
-    # 2: slowed both rounds; 3: never; 4: once only (another tenant, not a sibling)
-    assert g.hidden_siblings(alone, busy) == [2]
-
-
-def test_speeds_while_busy_measures_the_others_with_spinners_that_end():
-    import multiprocessing
-
-    cpus = sorted(os.sched_getaffinity(0))
-    before = set(multiprocessing.active_children())
-    got = g.speeds_while_busy(cpus[:1], cpus)
-    assert set(got) == set(cpus) and all(v > 0 for v in got.values())
-    assert set(multiprocessing.active_children()) == before  # the spinners are gone
