@@ -54,6 +54,23 @@ def test_paired_ratios_and_targets():
     assert not met[256]["toks_met"] and met[256]["ttft_p99_ratio"] == 1.4 and not met[256]["ttft_p99_met"]
 
 
+def test_best_of_noise_reads_below_one_for_equal_noisy_servers_and_one_without_noise():
+    noisy = [
+        _rec(i, f"vllm-api{n}", 1, 400 + 37 * ((i * 7 + n) % 5), 15, 20) for i in range(6) for n in (1, 4, 8)
+    ]
+    noisy += [_rec(i, "mesh", 1, 440, 17, 22) for i in range(6)]
+    got = g.best_of_noise(noisy, 1, draws=500)
+    # Three servers dealt from one pool: the highest median is above the pool's by chance alone.
+    assert 0.85 < got["identical_server_reads"] < 1.0
+    assert got["mesh_vs_pooled_median"] == round(440 / got["vllm_pooled_median"], 3)
+    quiet = [_rec(i, f"vllm-api{n}", 1, 500, 15, 20) for i in range(4) for n in (1, 4)]
+    assert g.best_of_noise(quiet, 1)["identical_server_reads"] == 1.0
+    assert g.best_of_noise(quiet, 32) is None
+    assert g.targets(g.summarize(noisy), g.paired(noisy), noisy)[1]["best_of_noise"] == g.best_of_noise(
+        noisy, 1
+    )
+
+
 def test_vllm_serve_variants_are_compared_with_the_best_plain_vllm_serve_never_the_best():
     recs = [
         _rec(1, "vllm-api8", 128, 30000, 100, 200), _rec(1, "vllm-api8-kv", 128, 33000, 90, 180),
