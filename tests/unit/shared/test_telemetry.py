@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -111,3 +111,108 @@ def test_processes_sharing_one_unbuffered_log_file_never_merge_lines(tmp_path):
     records = [json.loads(line) for line in lines]
     assert len(records) == 4 * 3000
     assert {r["pid"] for r in records} == {p.pid for p in procs}
+
+
+class _Ended(SpanProcessor):
+    """Every span that ends, sampled or not (an exporter gets only sampled ones)."""
+
+    def __init__(self) -> None:
+        self.spans = []
+
+    def on_end(self, span) -> None:
+        self.spans.append(span)
+
+    def get_finished_spans(self):
+        return self.spans
+
+
+def _sampled_tracer(sampler):
+    ended = _Ended()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(ended)
+    return provider.get_tracer("test"), ended
+
+
+class _Meta:
+    def __init__(self, *pairs) -> None:
+        self.pairs = pairs
+
+    def invocation_metadata(self):
+        return self.pairs
+
+
+def test_stream_span_sends_the_ids_its_span_is_exported_with():
+    """The trace context that goes downstream while the span is open names the span that is exported when it
+    ends (ids, flags, trace state), under every sampler we configure; it starts when the stream started, keeps
+    attributes and events set before it was built, and its parent is the caller's span."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    from shared.otel_export import RecordAll
+    from shared.telemetry import context_from_metadata, metadata_for_downstream
+
+    samplers = [ALWAYS_ON, RecordAll(ParentBased(TraceIdRatioBased(0.5))), RecordAll(ParentBased(ALWAYS_ON))]
+    parents = [
+        (),
+        (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),),
+        (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),),
+        (
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ("tracestate", "vendor=value"),
+        ),
+    ]
+    for sampler in samplers:
+        for parent in parents:
+            for _ in range(8):  # ratio samplers: trace ids on both sides of the ratio
+                tracer, exporter = _sampled_tracer(sampler)
+                caller = context_from_metadata(_Meta(*parent))
+                with stream_span(tracer, "s.Generate", context=caller, kind=trace.SpanKind.SERVER) as span:
+                    started = span.get_span_context()
+                    sent = dict(metadata_for_downstream())
+                    span.set_attribute("a", 1)
+                    span.add_event("e", {"k": "v"})
+                    span.set_attributes({"b": "x"})
+                (done,) = exporter.get_finished_spans()
+                assert done.context == started
+                expected = {}
+                from shared.telemetry import _propagator
+
+                _propagator.inject(expected, trace.set_span_in_context(trace.NonRecordingSpan(done.context)))
+                assert sent == expected
+                parent_ctx = trace.get_current_span(caller).get_span_context()
+                assert done.parent == (parent_ctx if parent_ctx.is_valid else None)
+                if parent:
+                    assert done.context.trace_id == parent_ctx.trace_id
+                assert dict(done.attributes) == {"a": 1, "b": "x"}
+                assert [(e.name, dict(e.attributes)) for e in done.events] == [("e", {"k": "v"})]
+                assert done.start_time <= done.events[0].timestamp <= done.end_time
+
+
+def test_trace_context_parsed_as_the_propagator_parses_it():
+    """context_from_metadata reads a traceparent (and anything unusual: tracestate, a bad or unknown version,
+    zero ids, spaces) exactly as OpenTelemetry's W3C propagator does."""
+    from opentelemetry import trace
+
+    from shared.telemetry import _propagator, context_from_metadata
+
+    tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    headers = [
+        f"00-{tid}-{sid}-01",
+        f"00-{tid}-{sid}-00",
+        f"00-{tid}-{sid}-03",
+        f"01-{tid}-{sid}-01",
+        f"ff-{tid}-{sid}-01",
+        f"00-{tid}-{sid}-01-extra",
+        f" 00-{tid}-{sid}-01",
+        f"00-{'0' * 32}-{sid}-01",
+        f"00-{tid}-{'0' * 16}-01",
+        f"00-{tid.upper()}-{sid}-01",
+        "garbage",
+        "",
+    ]
+    for header in headers:
+        for extra in ((), (("tracestate", "a=b"),), (("authorization", "Bearer x"),)):
+            got = trace.get_current_span(context_from_metadata(_Meta(("traceparent", header), *extra)))
+            want = trace.get_current_span(_propagator.extract({"traceparent": header, **dict(extra)}))
+            assert got.get_span_context() == want.get_span_context(), (header, extra)
+    assert not trace.get_current_span(context_from_metadata(_Meta())).get_span_context().is_valid
