@@ -97,6 +97,7 @@ class ChunkRelay:
     async def _pump(self, read) -> None:
         pending = self._pending
         watch = self._watch
+        first = True
         try:
             while (data := await read()) is not EOF:
                 if watch is not None:
@@ -107,12 +108,17 @@ class ChunkRelay:
                     self._waiter = None
                     if not waiter.done():
                         waiter.set_result(None)
+                        if first:
+                            # The first chunk's reader runs before this task asks gRPC for the next message:
+                            # setting up that read (a batch in gRPC's core) is not on the first token's path.
+                            await asyncio.sleep(0)
                 elif len(pending) >= MAX_PENDING:
                     if self._closed:
                         pending.clear()  # closed: nobody reads these; the call ends soon
                         continue
                     space = self._space = asyncio.get_running_loop().create_future()
                     await space
+                first = False
             self._end = EOF
             self.ended_at = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - handed to the reader, after the chunks before it

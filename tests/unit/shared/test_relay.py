@@ -333,3 +333,38 @@ async def test_a_failed_or_abandoned_stream_leaves_no_relay_in_a_reference_cycle
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+async def test_first_chunk_reaches_its_reader_before_the_next_read_starts():
+    """A reader waiting for the first chunk gets it before the relay asks upstream for the next message (setting
+    up that read is not on the first token's path); later chunks are read at once, as before."""
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Future] = []
+
+    def read() -> asyncio.Future:
+        pending.append(loop.create_future())
+        return pending[-1]
+
+    relay = ChunkRelay(read)
+    seen: list[tuple[object, int]] = []
+
+    async def reader() -> None:
+        while (data := await relay.read()) is not grpc.aio.EOF:
+            seen.append((data, len(pending)))  # reads started when the reader got data
+
+    task = asyncio.create_task(reader())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(pending) == 1
+    loop.call_soon(pending[0].set_result, b"first")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert seen == [(b"first", 1)]
+    assert len(pending) == 2  # and then the next read started
+    loop.call_soon(pending[1].set_result, b"second")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert seen[1] == (b"second", 3)  # read ahead of the reader from the second chunk on
+    pending[2].set_result(grpc.aio.EOF)
+    await asyncio.wait_for(task, 5)
+    relay.close()
