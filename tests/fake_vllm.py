@@ -98,6 +98,9 @@ class FakeAsyncLLM:
         self.requests: dict[str, _Req] = {}
         self.seen: list[_Req] = []
         self.aborted: list[str] = []
+        # Set by a test: a finished generation, when closed, waits for it, so the engine's stream ends (its
+        # trailers go out) well after its last chunk.
+        self.hold_after_finish: asyncio.Event | None = None
         self.cache: dict[bytes, tuple[bytes | None, list[int]]] = {}
         self.dead = False
         self.stopped = False
@@ -141,6 +144,9 @@ class FakeAsyncLLM:
             await self.abort(request_id)
             raise
         finally:
+            if req.finished and request_id not in self.aborted and self.hold_after_finish is not None:
+                # The backend closes this generator after the finished output, before its stream ends.
+                await self.hold_after_finish.wait()
             self.requests.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
