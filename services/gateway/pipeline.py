@@ -388,6 +388,10 @@ class GatewayPipeline:
                             # settle it again below).
                             settling, ticket = ticket, None
                             await self._settle_last(settling, outcome, chunks, first or data, data)
+                        elif ticket is not None and ticket.stream_key and _is_last(data):
+                            # The client has its whole response with this chunk (the HTTP front end ends the
+                            # body here, before the call's trailers): its next request may follow at once.
+                            await self.admission.release_stream(ticket)  # type: ignore[union-attr]
                         if first is None:
                             outcome.ttft_ms = (time.perf_counter() - arrived) * 1000.0
                             if note:

@@ -1,10 +1,11 @@
 """The OpenAI SSE response ends with the chunk that carries the finish reason, not after every hop's trailers:
 the client has its finish event, usage, [DONE] and the end of the body while the pipeline still ends behind
-it, and the request still counts as finished, never cancelled."""
+it, the request still counts as finished, never cancelled, and its stream slot is free for the next one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -21,18 +22,14 @@ from tests.support import assert_eventually
 API_KEY = "fsk-finish-test"
 
 
-def _events(body: bytes) -> list[str]:
-    return [e.removeprefix("data: ") for e in body.decode().split("\n\n") if e]
-
-
-async def test_sse_body_ends_at_the_finish_chunk_and_the_request_still_finishes(
-    model_dir, monkeypatch, tmp_path
-):
+@contextlib.asynccontextmanager
+async def held_fleet(model_dir: str, monkeypatch, tmp_path):
+    """Registry, a vllm engine on the fake whose streams end only when the test says, router and gateway."""
     rec = Recorded()
     registry = await start_registry(rec)
     started = [registry]
     try:
-        async with vllm_engine(model_dir, monkeypatch, registry.address) as (engine, _stub, llm):
+        async with vllm_engine(model_dir, monkeypatch, registry.address) as (_engine, _stub, llm):
             router = await start_router(
                 RouterSettings(
                     registry_address=registry.address,
@@ -59,40 +56,72 @@ async def test_sse_body_ends_at_the_finish_chunk_and_the_request_still_finishes(
             )
             started.append(gateway)
             llm.hold_after_finish = asyncio.Event()
-            body = {
-                "model": MODEL,
-                "prompt": "hold the end",
-                "max_tokens": 5,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            url = f"http://{gateway.http_address}/v1/completions"
-            async with aiohttp.ClientSession() as session:
-                async with session.post(
-                    url, json=body, headers={"Authorization": f"Bearer {API_KEY}"}
-                ) as resp:
-                    assert resp.status == 200
-                    # The whole body, to its end, while the engine still holds its stream open.
-                    raw = await asyncio.wait_for(resp.read(), timeout=20)
-            events = _events(raw)
-            assert events[-1] == "[DONE]"
-            finish, usage = json.loads(events[-3]), json.loads(events[-2])
-            assert finish["choices"][0]["finish_reason"] == "length"
-            assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
-            assert [r.request_id for r in llm.requests.values()], "the engine's stream had ended already"
-
-            llm.hold_after_finish.set()
-            await assert_eventually(
-                lambda: not llm.requests, timeout_s=10, message="the engine stream never ended"
-            )
-            assert llm.aborted == []  # read to its end, not cancelled
-
-            def gateway_codes() -> list[int]:
-                spans = [s for s in rec.spans.get_finished_spans() if s.name == "gateway.http.Completions"]
-                return [s.attributes.get("rpc.grpc.status_code") for s in spans]
-
-            await assert_eventually(lambda: gateway_codes() == [0], timeout_s=10, message="not counted as OK")
+            yield rec, gateway, llm
     finally:
         for app in reversed(started):
             await app.stop(0.5)
+
+
+async def stream_body(
+    session: aiohttp.ClientSession, gateway, key: str, prompt: str
+) -> tuple[int, list[str]]:
+    """A streamed completion's status and its events, read to the end of the body (bounded)."""
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 5,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    url = f"http://{gateway.http_address}/v1/completions"
+    async with session.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        raw = await asyncio.wait_for(resp.read(), timeout=20)
+        return resp.status, [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
+
+
+async def test_sse_body_ends_at_the_finish_chunk_and_the_request_still_finishes(
+    model_dir, monkeypatch, tmp_path
+):
+    async with held_fleet(model_dir, monkeypatch, tmp_path) as (rec, gateway, llm):
+        async with aiohttp.ClientSession() as session:
+            # The whole body, to its end, while the engine still holds its stream open.
+            status, events = await stream_body(session, gateway, API_KEY, "hold the end")
+        assert status == 200 and events[-1] == "[DONE]"
+        finish, usage = json.loads(events[-3]), json.loads(events[-2])
+        assert finish["choices"][0]["finish_reason"] == "length"
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+        assert llm.requests, "the engine's stream had ended already"
+
+        llm.hold_after_finish.set()
+        await assert_eventually(
+            lambda: not llm.requests, timeout_s=10, message="the engine stream never ended"
+        )
+        assert llm.aborted == []  # read to its end, not cancelled
+
+        def gateway_codes() -> list[int]:
+            spans = [s for s in rec.spans.get_finished_spans() if s.name == "gateway.http.Completions"]
+            return [s.attributes.get("rpc.grpc.status_code") for s in spans]
+
+        await assert_eventually(lambda: gateway_codes() == [0], timeout_s=10, message="not counted as OK")
+
+
+async def test_a_tenant_at_its_stream_cap_sends_its_next_request_right_after_the_body_ends(
+    model_dir, monkeypatch, tmp_path
+):
+    """max_streams 1: the slot is given back with the last chunk, not when the call's trailers come, so a
+    client that sends its next request as soon as a body ends is not refused CONCURRENT_STREAMS_LIMIT."""
+    async with held_fleet(model_dir, monkeypatch, tmp_path) as (_rec, gateway, llm):
+        await gateway.tenants.create_tenant("one", tenant_id="one")
+        await gateway.tenants.set_tenant("one", max_streams=1)
+        key = await gateway.tenants.add_key("one")
+        async with aiohttp.ClientSession() as session:
+            for i in range(3):
+                status, events = await stream_body(session, gateway, key, f"next at once {i}")
+                assert status == 200, events
+                assert events[-1] == "[DONE]"
+        assert len(llm.requests) == 3  # every one's end still held: the slots went back before it
+        llm.hold_after_finish.set()
+        await assert_eventually(
+            lambda: not llm.requests, timeout_s=10, message="the engine streams never ended"
+        )
