@@ -93,7 +93,9 @@ async def test_items_run_at_batch_priority_with_bounded_concurrency(fleet):
     """Every stored item request is PRIORITY_BATCH, and the engines never see more than job_concurrency of the
     job's items at once."""
     s = stub(fleet)
-    job = (await s.SubmitBatch(batch(8, max_tokens=40), metadata=auth(), timeout=5)).job
+    # Items long enough for the 10 ms sampler to see them run: with 40 tokens each, a loaded machine once let every
+    # item finish between two samples (peak 0).
+    job = (await s.SubmitBatch(batch(8, max_tokens=400), metadata=auth(), timeout=5)).job
     store = fleet.gateway.jobs.store
     assert {r.request.priority for r in await store.pending(job.job_id)} <= {common_pb2.PRIORITY_BATCH}
     peak = 0
