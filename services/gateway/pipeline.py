@@ -59,6 +59,23 @@ def _is_last(data: bytes) -> bool:
     return pb.GenerateResponse.FromString(data).chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
 
+# A stop or length finish reason as protobuf writes it in any chunk that carries one: GenerateChunk's field 3
+# (a varint: tag byte 0x18), then its value, one byte each.
+_FINISHED = (bytes((0x18, common_pb2.FINISH_REASON_STOP)), bytes((0x18, common_pb2.FINISH_REASON_LENGTH)))
+
+
+def is_finished(data: bytes) -> bool:
+    """Whether a relayed GenerateResponse ends its generation (a stop or length finish: an abort ends the stream
+    with an error instead). Only a chunk holding one of the finish reason's byte pairs is parsed (token ids or
+    text may hold them too): the others cost a byte search (~0.1 us), not a parse (~1.6 us)."""
+    if _FINISHED[0] not in data and _FINISHED[1] not in data:
+        return False
+    return pb.GenerateResponse.FromString(data).chunk.finish_reason in (
+        common_pb2.FINISH_REASON_STOP,
+        common_pb2.FINISH_REASON_LENGTH,
+    )
+
+
 def effective_priority(requested: int, tier: str) -> int:
     """The tier a request runs at: what it asked for (unspecified: its tenant's tier), never above the tenant's
     tier (higher tiers have lower numbers)."""
@@ -388,9 +405,9 @@ class GatewayPipeline:
                             # settle it again below).
                             settling, ticket = ticket, None
                             await self._settle_last(settling, outcome, chunks, first or data, data)
-                        elif ticket is not None and ticket.stream_key and _is_last(data):
-                            # The client has its whole response with this chunk (the HTTP front end ends the
-                            # body here, before the call's trailers): its next request may follow at once.
+                        elif ticket is not None and ticket.stream_key and is_finished(data):
+                            # The client has its whole response with this chunk (both front ends end the
+                            # client's stream here, before the call's trailers): its next request may follow at once.
                             await self.admission.release_stream(ticket)  # type: ignore[union-attr]
                         if first is None:
                             outcome.ttft_ms = (time.perf_counter() - arrived) * 1000.0

@@ -1,6 +1,7 @@
-"""The OpenAI SSE response ends with the chunk that carries the finish reason, not after every hop's trailers:
-the client has its finish event, usage, [DONE] and the end of the body while the pipeline still ends behind
-it, the request still counts as finished, never cancelled, and its stream slot is free for the next one."""
+"""A client's stream ends with the chunk that carries the finish reason, not after every hop's trailers: over
+HTTP the finish event, usage, [DONE] and the end of the body, over gRPC the call's OK status, while the pipeline
+still ends behind it; the request still counts as finished, never cancelled, and its stream slot is free for the
+next one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import contextlib
 import json
 
 import aiohttp
+import grpc
+from fleetserve.inference.v1 import inference_service_pb2 as pb
+from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.gateway.app import start as start_gateway
 from services.gateway.config import GatewaySettings
@@ -125,3 +129,31 @@ async def test_a_tenant_at_its_stream_cap_sends_its_next_request_right_after_the
         await assert_eventually(
             lambda: not llm.requests, timeout_s=10, message="the engine streams never ended"
         )
+
+
+async def test_a_grpc_call_ends_ok_at_the_finish_chunk_and_the_request_still_finishes(
+    model_dir, monkeypatch, tmp_path
+):
+    async with held_fleet(model_dir, monkeypatch, tmp_path) as (rec, gateway, llm):
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            call = pb_grpc.InferenceServiceStub(channel).Generate(
+                pb.GenerateRequest(model=MODEL, prompt="hold the end", max_tokens=5, ignore_eos=True),
+                metadata=(("authorization", f"Bearer {API_KEY}"),),
+                timeout=20,
+            )
+            chunks = [r.chunk async for r in call]  # to the call's end, while the engine holds its stream
+            assert await call.code() == grpc.StatusCode.OK
+        assert sum(len(c.token_ids) for c in chunks) == 5 and chunks[-1].usage.completion_tokens == 5
+        assert llm.requests, "the engine's stream had ended already"
+
+        llm.hold_after_finish.set()
+        await assert_eventually(
+            lambda: not llm.requests, timeout_s=10, message="the engine stream never ended"
+        )
+        assert llm.aborted == []
+
+        def gateway_codes() -> list[int]:
+            spans = [s for s in rec.spans.get_finished_spans() if s.name == "gateway.Generate"]
+            return [s.attributes.get("rpc.grpc.status_code") for s in spans]
+
+        await assert_eventually(lambda: gateway_codes() == [0], timeout_s=10, message="not counted as OK")
