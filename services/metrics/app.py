@@ -22,7 +22,7 @@ from services.metrics.experiments import ArmStore
 from services.metrics.gauges import DESIRED_REPLICAS, KV_USAGE, UPTIME, GaugeHistory, GaugeStore, ReplicaClock
 from services.metrics.ingest import MetricsReceiver, SpanIntake, TraceReceiver
 from services.metrics.latency import RequestStats
-from services.metrics.quality import ENGINE_SPAN, FEEDBACK_SPAN, QualityStore
+from services.metrics.quality import ENGINE_SPAN, FEEDBACK_SPAN, QualityStore, warm_up
 from services.metrics.servicer import MetricsServicer
 from services.metrics.slo import SloEngine, load_slo_config
 from services.metrics.spans import SpanStore
@@ -153,7 +153,11 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
         )
     shortest = min(slo_config.scaled(r.short_window_s) for r in slo_config.rules)
     interval = min(settings.slo_eval_interval_s, shortest / 10)
-    tasks = [asyncio.create_task(evaluate_slos(slo, interval), name="slo-evaluation")]
+    tasks = [
+        asyncio.create_task(evaluate_slos(slo, interval), name="slo-evaluation"),
+        # scipy's imports, off the start's path (a fleet waits for this service first) and off the event loop.
+        asyncio.create_task(asyncio.to_thread(warm_up), name="scipy-import"),
+    ]
     log.info(
         "metrics.configured",
         max_spans=settings.max_spans,

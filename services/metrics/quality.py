@@ -13,11 +13,24 @@ from typing import Any
 import numpy as np
 import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
-from scipy import stats
 
 from services.metrics.otlp import attributes_of
 from services.metrics.records import RequestRecord
 from services.metrics.sketches import TieredBuckets
+
+
+def _stats() -> Any:
+    """scipy.stats, imported on first use: its ~1.2 s of imports would delay every metrics service's start (the
+    first process of every fleet); warm_up() loads it in a thread once the service is up."""
+    from scipy import stats
+
+    return stats
+
+
+def warm_up() -> None:
+    """Import scipy.stats now (in a worker thread), so that the first comparison does not wait for it."""
+    _stats()
+
 
 log = structlog.get_logger(__name__)
 
@@ -211,12 +224,12 @@ def proportion_test(
     if table[:, 0].sum() == 0 or table[:, 1].sum() == 0:
         test.p_value, test.test = 1.0, "chi-squared"  # all good or all bad on both sides: nothing differs
         return test
-    expected = stats.contingency.expected_freq(table)
+    expected = _stats().contingency.expected_freq(table)
     if expected.min() < 5:
-        res = stats.fisher_exact(table)
+        res = _stats().fisher_exact(table)
         test.test, test.statistic, test.p_value = "fisher-exact", float(res.statistic), float(res.pvalue)
     else:
-        res = stats.chi2_contingency(table)
+        res = _stats().chi2_contingency(table)
         test.test, test.statistic, test.p_value = "chi-squared", float(res.statistic), float(res.pvalue)
     return test
 
@@ -234,7 +247,7 @@ def ratings_test(r0: list[int], r1: list[int], min_samples: int) -> mpb.ShiftTes
     if len(cols) < 2:
         test.p_value = 1.0
         return test
-    res = stats.chi2_contingency(np.array([[r0[i] for i in cols], [r1[i] for i in cols]]))
+    res = _stats().chi2_contingency(np.array([[r0[i] for i in cols], [r1[i] for i in cols]]))
     test.statistic, test.p_value = float(res.statistic), float(res.pvalue)
     return test
 
@@ -253,7 +266,7 @@ def length_test(l0: np.ndarray, l1: np.ndarray, min_samples: int) -> mpb.ShiftTe
     if np.all(l0 == l0[0]) and np.all(l1 == l0[0]):
         test.p_value = 1.0  # identical constants: no shift (the test statistic is undefined)
         return test
-    res = stats.mannwhitneyu(l0, l1, alternative="two-sided")
+    res = _stats().mannwhitneyu(l0, l1, alternative="two-sided")
     test.statistic, test.p_value = float(res.statistic), float(res.pvalue)
     return test
 
