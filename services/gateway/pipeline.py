@@ -59,6 +59,13 @@ def _is_last(data: bytes) -> bool:
     return pb.GenerateResponse.FromString(data).chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
 
+def note_served(outcome: Outcome, served_by: common_pb2.ServedBy) -> None:
+    """The replica, model version and experiment arm that served a request (its first chunk's served_by)."""
+    outcome.replica_id = served_by.replica_id
+    outcome.model_version = served_by.model_version
+    outcome.experiment, outcome.arm = served_by.experiment, served_by.arm
+
+
 # A stop or length finish reason as protobuf writes it in any chunk that carries one: GenerateChunk's field 3
 # (a varint: tag byte 0x18), then its value, one byte each.
 _FINISHED = (bytes((0x18, common_pb2.FINISH_REASON_STOP)), bytes((0x18, common_pb2.FINISH_REASON_LENGTH)))
@@ -610,9 +617,7 @@ class GatewayPipeline:
         if first is not None:
             chunk = pb.GenerateResponse.FromString(first).chunk
             served_by = chunk.served_by
-            outcome.replica_id = served_by.replica_id
-            outcome.model_version = served_by.model_version
-            outcome.experiment, outcome.arm = served_by.experiment, served_by.arm
+            note_served(outcome, served_by)
             # The model behind an alias (or a degraded request's smaller model): what cost and quality are
             # reported by (its version goes on the span in _versioned, for failed requests too).
             span.set_attribute("fleetserve.served_model", served_by.model)

@@ -11,7 +11,7 @@ from fleetserve.inference.v1 import inference_service_pb2 as pb
 
 from services.gateway.feedback import FeedbackStore
 from services.gateway.jobs import JobRunner
-from services.gateway.pipeline import GatewayPipeline, Outcome, is_finished
+from services.gateway.pipeline import GatewayPipeline, Outcome, is_finished, note_served
 from shared.deadlines import downstream_timeout
 from shared.errors import InvalidArgument, rpc_boundary
 from shared.telemetry import context_from_metadata
@@ -71,21 +71,28 @@ class GatewayServicer:
             span_name=span_name,
         )
         finished = False
+        first: bytes | None = None
         try:
             async for data in stream:
                 if meta is not None:
                     await meta
                     meta = None
-                yield data
+                if first is None:
+                    first = data
                 if is_finished(data):
                     # The client's call ends now (OK), not after every hop behind us has ended its own: the
-                    # rest of the stream (trailers, accounting) is read to its end by a task of its own.
+                    # rest of the stream (trailers, accounting) is read to its end by a task of its own. Known
+                    # to feedback before the client has its last chunk: it may rate the answer at once.
+                    note_served(outcome, pb.GenerateResponse.FromString(first).chunk.served_by)
+                    self.feedback.recent.remember(outcome.request_id, outcome, request.model)
                     finished = True
+                    yield data
                     break
+                yield data
         finally:
             try:
                 if finished:
-                    task = asyncio.get_running_loop().create_task(self._drain(stream, outcome, request.model))
+                    task = asyncio.get_running_loop().create_task(self._drain(stream, outcome.request_id))
                     self._draining.add(task)
                     task.add_done_callback(self._draining.discard)
                 else:
@@ -98,17 +105,16 @@ class GatewayServicer:
                     if not meta.cancelled():
                         meta.exception()  # retrieved: a client that left before the metadata went out
 
-    async def _drain(self, stream, outcome: Outcome, model: str) -> None:
+    async def _drain(self, stream, request_id: str) -> None:
         """Read a stream whose client already has its last chunk to the end, so that the request counts as
         finished, not cancelled (limits, ledger, metrics, its log line)."""
         try:
             async for _ in stream:
                 pass
         except Exception as e:  # noqa: BLE001 - the client has its whole response; the pipeline logged its end
-            log.info("gateway.after_finish", request_id=outcome.request_id, error=type(e).__name__)
+            log.info("gateway.after_finish", request_id=request_id, error=type(e).__name__)
         finally:
             await stream.aclose()
-            self.feedback.recent.remember(outcome.request_id, outcome, model)
 
     async def close(self, timeout_s: float) -> None:
         """Wait up to timeout_s for the streams still ending behind finished calls, then cut them."""

@@ -124,6 +124,9 @@ async def test_a_tenant_at_its_stream_cap_sends_its_next_request_right_after_the
                 status, events = await stream_body(session, gateway, key, f"next at once {i}")
                 assert status == 200, events
                 assert events[-1] == "[DONE]"
+                # Feedback may rate it at once: the request is known before its body ends.
+                request_id = json.loads(events[0])["id"].removeprefix("cmpl-")
+                assert gateway.servicer.feedback.recent.get(request_id) is not None
         assert len(llm.requests) == 3  # every one's end still held: the slots went back before it
         llm.hold_after_finish.set()
         await assert_eventually(
@@ -143,6 +146,10 @@ async def test_a_grpc_call_ends_ok_at_the_finish_chunk_and_the_request_still_fin
             )
             chunks = [r.chunk async for r in call]  # to the call's end, while the engine holds its stream
             assert await call.code() == grpc.StatusCode.OK
+            request_id = dict(await call.initial_metadata())["x-request-id"]
+        # Feedback may rate it at once: the request is known (tenant, version) before its call ends.
+        served = gateway.servicer.feedback.recent.get(request_id)
+        assert served is not None and served.model == MODEL
         assert sum(len(c.token_ids) for c in chunks) == 5 and chunks[-1].usage.completion_tokens == 5
         assert llm.requests, "the engine's stream had ended already"
 

@@ -7,7 +7,7 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import hdrs, web
@@ -25,7 +25,7 @@ from services.gateway.http.openai_api import (
     models_body,
     parse_request,
 )
-from services.gateway.pipeline import GatewayPipeline, Outcome
+from services.gateway.pipeline import GatewayPipeline, Outcome, note_served
 from shared.errors import ErrorDetails, FleetError, InvalidArgument, NotFound
 
 log = structlog.get_logger(__name__)
@@ -292,14 +292,20 @@ class OpenAIServer:
                 headers[MODEL_VERSION_HEADER] = chunk.served_by.model_version
             shaper = Shaper(kind, request_id, greq.model, opts.include_usage)
             if opts.stream:
-                resp, drain = await self._stream(request, shaper, chunk, stream, headers)
+                served_by = chunk.served_by
+
+                def finished() -> None:
+                    # Known to feedback before the client has its whole response: it may rate it at once.
+                    note_served(outcome, served_by)
+                    if self.recent is not None:
+                        self.recent.remember(request_id, outcome, greq.model)
+
+                resp, drain = await self._stream(request, shaper, chunk, stream, headers, finished)
                 return resp
             return await self._whole(shaper, chunk, stream, headers)
         finally:
             if drain:
-                task = asyncio.get_running_loop().create_task(
-                    self._drain(stream, request_id, outcome, greq.model)
-                )
+                task = asyncio.get_running_loop().create_task(self._drain(stream, request_id))
                 self._draining.add(task)
                 task.add_done_callback(self._draining.discard)
             else:
@@ -307,9 +313,7 @@ class OpenAIServer:
                 if self.recent is not None:
                     self.recent.remember(request_id, outcome, greq.model)
 
-    async def _drain(
-        self, stream: AsyncIterator[bytes], request_id: str, outcome: Outcome, model: str
-    ) -> None:
+    async def _drain(self, stream: AsyncIterator[bytes], request_id: str) -> None:
         """Read a stream whose client already has its whole response to the end, so that the request counts as
         finished, not cancelled (limits, ledger, metrics, its log line)."""
         try:
@@ -319,8 +323,6 @@ class OpenAIServer:
             log.info("gateway.http_after_finish", request_id=request_id, error=type(e).__name__)
         finally:
             await stream.aclose()
-            if self.recent is not None:
-                self.recent.remember(request_id, outcome, model)
 
     async def _stream(
         self,
@@ -329,11 +331,12 @@ class OpenAIServer:
         chunk: common_pb2.GenerateChunk,
         stream: AsyncIterator[bytes],
         headers: dict[str, str],
+        finished: Callable[[], None],
     ) -> tuple[web.StreamResponse, bool]:
         """The SSE response, and whether the pipeline's stream is still to be read to its end (drained): the
         client gets its last events and the end of the body with the chunk that carries the finish reason, not
         after every hop has sent its trailers and done its accounting (~2 ms at one stream), and its keep-alive
-        connection is free for its next request at once."""
+        connection is free for its next request at once. finished() is called before the last events go out."""
         # Each event goes to the socket with its own write (aiohttp writes to the transport at once, and sets
         # TCP_NODELAY), so no token waits for the next one or for Nagle's algorithm.
         resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **headers})
@@ -355,6 +358,8 @@ class OpenAIServer:
                 await write(shaper.error_event(http_error(details_of_exception(e))[1]))
                 await resp.write_eof()
                 return resp, False
+            if _final(chunk):
+                finished()
             await write(shaper.final(chunk.finish_reason, chunk.usage if chunk.HasField("usage") else None))
             await resp.write_eof()
             # The stream may not have ended yet: it is read to its end (_drain), since a stream closed before it
