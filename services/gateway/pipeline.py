@@ -405,17 +405,17 @@ class GatewayPipeline:
                             verdict = checker.feed(pb.GenerateResponse.FromString(data).chunk.text)
                             if verdict is not None:
                                 raise self._refused(OUTPUT_BLOCKED, verdict.rule, request.model, span)
-                        if ticket is not None and self.ledger_sync and _is_last(data):
-                            # Billed before the client has it all: a gateway killed after this point loses no
-                            # row, and one killed before it leaves the client a stream to resume elsewhere.
-                            # Settled here whatever happens next (a cancel while the row commits must not
-                            # settle it again below).
+                        if ticket is not None and (
+                            is_finished(data) or (self.ledger_sync and _is_last(data))
+                        ):
+                            # Settled before the client has its last chunk (both front ends end the client's
+                            # stream with it, before the call's trailers): its next request finds its stream
+                            # slot free and its tokens charged, as exact limits need. With ledger_sync the
+                            # row is committed too: a gateway killed after this point loses no row, and one
+                            # killed before it leaves the client a stream to resume elsewhere. Settled here
+                            # whatever happens next (a cancel while the row commits must not settle it again).
                             settling, ticket = ticket, None
                             await self._settle_last(settling, outcome, chunks, first or data, data)
-                        elif ticket is not None and ticket.stream_key and is_finished(data):
-                            # The client has its whole response with this chunk (both front ends end the
-                            # client's stream here, before the call's trailers): its next request may follow at once.
-                            await self.admission.release_stream(ticket)  # type: ignore[union-attr]
                         if first is None:
                             outcome.ttft_ms = (time.perf_counter() - arrived) * 1000.0
                             if note:
@@ -468,8 +468,8 @@ class GatewayPipeline:
     async def _settle_last(
         self, ticket: Ticket, outcome: Outcome, chunks: int, first: bytes, last: bytes
     ) -> None:
-        """The ledger row of a request whose last chunk is here, committed (group commit with every other
-        row pending); a database that fails is logged and the row stays queued."""
+        """The ledger row of a request whose last chunk is here (committed with ledger_sync, in a group commit
+        with every other row pending; a database that fails is logged and the row stays queued)."""
         served_by = pb.GenerateResponse.FromString(first).chunk.served_by
         usage = pb.GenerateResponse.FromString(last).chunk.usage
         try:
@@ -482,7 +482,8 @@ class GatewayPipeline:
                 relayed_chunks=chunks,
                 model_version=served_by.model_version,
             )
-            await self.admission.ledger.flush()  # type: ignore[union-attr]
+            if self.ledger_sync:
+                await self.admission.ledger.flush()  # type: ignore[union-attr]
         except DatabaseError:
             log.exception("gateway.ledger_sync_failed", request_id=ticket.request_id)
         except Exception:  # noqa: BLE001 - accounting must not turn a served request into an error

@@ -67,13 +67,13 @@ async def held_fleet(model_dir: str, monkeypatch, tmp_path):
 
 
 async def stream_body(
-    session: aiohttp.ClientSession, gateway, key: str, prompt: str
+    session: aiohttp.ClientSession, gateway, key: str, prompt: str, max_tokens: int = 5
 ) -> tuple[int, list[str]]:
     """A streamed completion's status and its events, read to the end of the body (bounded)."""
     body = {
         "model": MODEL,
         "prompt": prompt,
-        "max_tokens": 5,
+        "max_tokens": max_tokens,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -164,3 +164,19 @@ async def test_a_grpc_call_ends_ok_at_the_finish_chunk_and_the_request_still_fin
             return [s.attributes.get("rpc.grpc.status_code") for s in spans]
 
         await assert_eventually(lambda: gateway_codes() == [0], timeout_s=10, message="not counted as OK")
+
+
+async def test_completion_tokens_are_charged_before_the_body_ends(model_dir, monkeypatch, tmp_path):
+    """tokens_per_min 45: a completion of 40 tokens is charged with its last chunk, so the tenant's next request,
+    sent as soon as the body ends (the engine's stream still open), is refused TOKEN_RATE_LIMITED."""
+    async with held_fleet(model_dir, monkeypatch, tmp_path) as (_rec, gateway, llm):
+        await gateway.tenants.create_tenant("tpm", tenant_id="tpm")
+        await gateway.tenants.set_tenant("tpm", tokens_per_min=45)
+        key = await gateway.tenants.add_key("tpm")
+        async with aiohttp.ClientSession() as session:
+            status, events = await stream_body(session, gateway, key, "count me", max_tokens=40)
+            assert status == 200 and events[-1] == "[DONE]"
+            assert llm.requests, "the engine's stream had ended already"
+            status, events = await stream_body(session, gateway, key, "and me")
+        assert status == 429 and "tokens per minute" in events[0], events
+        llm.hold_after_finish.set()
