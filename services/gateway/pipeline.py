@@ -38,6 +38,7 @@ from services.gateway.safety import (
 from services.gateway.shedding import LoadShedder
 from services.gateway.tenants import Tenant, TenantStore, bearer_key
 from services.gateway.validation import check_prompt_tokens, to_spec
+from services.router.resume import is_finished
 from shared.drain import Drain, cancelled_by_caller
 from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated
 from shared.recycle import Recycler
@@ -64,23 +65,6 @@ def note_served(outcome: Outcome, served_by: common_pb2.ServedBy) -> None:
     outcome.replica_id = served_by.replica_id
     outcome.model_version = served_by.model_version
     outcome.experiment, outcome.arm = served_by.experiment, served_by.arm
-
-
-# A stop or length finish reason as protobuf writes it in any chunk that carries one: GenerateChunk's field 3
-# (a varint: tag byte 0x18), then its value, one byte each.
-_FINISHED = (bytes((0x18, common_pb2.FINISH_REASON_STOP)), bytes((0x18, common_pb2.FINISH_REASON_LENGTH)))
-
-
-def is_finished(data: bytes) -> bool:
-    """Whether a relayed GenerateResponse ends its generation (a stop or length finish: an abort ends the stream
-    with an error instead). Only a chunk holding one of the finish reason's byte pairs is parsed (token ids or
-    text may hold them too): the others cost a byte search (~0.1 us), not a parse (~1.6 us)."""
-    if _FINISHED[0] not in data and _FINISHED[1] not in data:
-        return False
-    return pb.GenerateResponse.FromString(data).chunk.finish_reason in (
-        common_pb2.FINISH_REASON_STOP,
-        common_pb2.FINISH_REASON_LENGTH,
-    )
 
 
 def effective_priority(requested: int, tier: str) -> int:

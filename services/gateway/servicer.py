@@ -11,7 +11,8 @@ from fleetserve.inference.v1 import inference_service_pb2 as pb
 
 from services.gateway.feedback import FeedbackStore
 from services.gateway.jobs import JobRunner
-from services.gateway.pipeline import GatewayPipeline, Outcome, is_finished, note_served
+from services.gateway.pipeline import GatewayPipeline, Outcome, note_served
+from services.router.resume import is_finished
 from shared.deadlines import downstream_timeout
 from shared.errors import InvalidArgument, rpc_boundary
 from shared.telemetry import context_from_metadata

@@ -25,6 +25,24 @@ def _abort_bytes() -> bytes:
 # unparsed; one that has them (an ABORT, or token ids or usage that happen to encode the same bytes) is parsed.
 ABORT_BYTES = _abort_bytes()
 
+# A stop or length finish, encoded the same way.
+_FINISHED_BYTES = tuple(
+    bytes([ABORT_BYTES[0], reason])
+    for reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+)
+
+
+def is_finished(data: bytes) -> bool:
+    """Whether a relayed GenerateResponse ends its generation (a stop or length finish: an abort ends the stream
+    with an error instead). Only a chunk holding one of the finish reason's byte pairs is parsed (token ids or
+    text may hold them too): the others cost a byte search (~0.1 us), not a parse (~1.6 us)."""
+    if _FINISHED_BYTES[0] not in data and _FINISHED_BYTES[1] not in data:
+        return False
+    return _parse(data).chunk.finish_reason in (
+        common_pb2.FINISH_REASON_STOP,
+        common_pb2.FINISH_REASON_LENGTH,
+    )
+
 
 def resumable(sampling: common_pb2.SamplingParams, mode: ResumeMode) -> bool:
     """Whether a generation with these sampling parameters may be resumed after tokens were streamed.

@@ -25,7 +25,7 @@ from services.router.membership import Change, Membership, ReplicaInfo
 from services.router.outliers import OutlierDetector, OutlierSettings
 from services.router.policies import Decision, Policy
 from services.router.policies import record as record_decision
-from services.router.resume import ReplicaAborted, ResumeMode
+from services.router.resume import ReplicaAborted, ResumeMode, is_finished
 from services.router.router_metrics import RouterMetrics
 from services.router.shadow import ShadowPair, ShadowRunner
 from services.router.stalls import ReplicaWatch, StallDetector, StallSettings
@@ -424,6 +424,10 @@ class RouterServicer:
                                         run.record(span)
                                     else:
                                         yield data
+                                    if attempt.watch is not None and is_finished(data):
+                                        # Its last chunk is here: what is left (the call's end) is no sign of
+                                        # a hang, and a watchdog that cut it would fail a complete answer.
+                                        self.stalls.discard(attempt.watch, attempt)
                                     data = await read()
                                     if data is grpc.aio.EOF:
                                         break

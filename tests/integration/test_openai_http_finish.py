@@ -27,7 +27,7 @@ API_KEY = "fsk-finish-test"
 
 
 @contextlib.asynccontextmanager
-async def held_fleet(model_dir: str, monkeypatch, tmp_path):
+async def held_fleet(model_dir: str, monkeypatch, tmp_path, **router_kw):
     """Registry, a vllm engine on the fake whose streams end only when the test says, router and gateway."""
     rec = Recorded()
     registry = await start_registry(rec)
@@ -39,7 +39,7 @@ async def held_fleet(model_dir: str, monkeypatch, tmp_path):
                     registry_address=registry.address,
                     watch_backoff_base_s=0.05,
                     # The held end is not a hang here (the router's watchdog would end a silence of 1 s).
-                    stall_detection=False,
+                    **{"stall_detection": False, **router_kw},
                 ),
                 rec.telemetry,
             )
@@ -180,3 +180,34 @@ async def test_completion_tokens_are_charged_before_the_body_ends(model_dir, mon
             status, events = await stream_body(session, gateway, key, "and me")
         assert status == 429 and "tokens per minute" in events[0], events
         llm.hold_after_finish.set()
+
+
+async def test_the_stall_watchdog_leaves_a_stream_whose_last_chunk_came(model_dir, monkeypatch, tmp_path):
+    """The engine's stream stays open 1.5 s after its last chunk, with the router's watchdog on at a 0.3 s
+    silence: that is no hang, so the request ends OK (not UNAVAILABLE replica_stalled) and the replica stays in
+    rotation."""
+    async with held_fleet(
+        model_dir, monkeypatch, tmp_path, stall_detection=True, stall_min_silence_s=0.3, stall_itl_factor=2.0
+    ) as (rec, gateway, llm):
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            call = pb_grpc.InferenceServiceStub(channel).Generate(
+                pb.GenerateRequest(model=MODEL, prompt="close it late", max_tokens=5, ignore_eos=True),
+                metadata=(("authorization", f"Bearer {API_KEY}"),),
+                timeout=20,
+            )
+            assert sum([len(r.chunk.token_ids) async for r in call]) == 5
+            assert await call.code() == grpc.StatusCode.OK
+        await asyncio.sleep(1.5)  # five times the watchdog's silence, the stream's end still held
+        llm.hold_after_finish.set()
+
+        def codes() -> dict[str, list[int]]:
+            spans = [
+                s for s in rec.spans.get_finished_spans() if s.name in ("gateway.Generate", "router.Generate")
+            ]
+            return {
+                n: [s.attributes.get("rpc.grpc.status_code") for s in spans if s.name == n] for n in names
+            }
+
+        names = ("gateway.Generate", "router.Generate")
+        ok = {n: [0] for n in names}  # grpc.StatusCode.OK; a cut stream is UNAVAILABLE (14)
+        await assert_eventually(lambda: codes() == ok, timeout_s=10, message=f"cut as a stall: {codes()}")
