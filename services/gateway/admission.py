@@ -188,16 +188,6 @@ class Admission:
             )
         return ticket
 
-    async def release_stream(self, ticket: Ticket) -> None:
-        """Give the ticket's concurrent-stream slot back (once: later calls do nothing), e.g. as soon as its
-        last chunk is on its way to the client, whose next request may follow at once."""
-        if ticket.stream_key:
-            await self._close_stream(ticket)
-            ticket.stream_key = ""
-            elapsed = time.monotonic() - ticket.opened
-            prev = self._stream_s.get(ticket.tenant.id)
-            self._stream_s[ticket.tenant.id] = elapsed if prev is None else prev + _EWMA * (elapsed - prev)
-
     async def _close_stream(self, ticket: Ticket) -> None:
         if ticket.stream_key:
             await self.backend.close_stream(ticket.stream_key, ticket.request_id)
@@ -294,7 +284,11 @@ class Admission:
         # The row first: a limits backend that fails below must not lose what the request was billed.
         self.ledger.record(entry)
         try:
-            await self.release_stream(ticket)
+            if ticket.stream_key:
+                await self._close_stream(ticket)
+                elapsed = time.monotonic() - ticket.opened
+                prev = self._stream_s.get(tenant.id)
+                self._stream_s[tenant.id] = elapsed if prev is None else prev + _EWMA * (elapsed - prev)
         finally:
             extra = completion + max(0, prompt - ticket.prompt_tokens)
             if extra and ticket.token_rates:

@@ -95,8 +95,7 @@ class GatewayApp:
         async def after_stop() -> None:
             if http_stopped is not None:
                 await http_stopped
-            await self.servicer.close(min(grace_s, 1.0))
-            await self.servicer.pipeline.close()
+            await self.servicer.pipeline.close(min(grace_s, 1.0))
             await self.servicer.pipeline.routers.close()
             await self.pool.close()
             await self.databases.close()

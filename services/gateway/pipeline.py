@@ -109,6 +109,9 @@ class Outcome:
     experiment: str = ""
     arm: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    # The last chunk (a stop or length finish) came: set before the pipeline yields it, with the request
+    # settled and served_by noted, so a front end may end its client's stream with it (finish_later).
+    finished: bool = False
 
 
 class GatewayPipeline:
@@ -140,6 +143,7 @@ class GatewayPipeline:
         self.tenants = tenants
         # The usage row is committed before the last chunk is relayed (settings.ledger_sync).
         self.ledger_sync = ledger_sync
+        self._finishing: set[asyncio.Task] = set()  # finish_later's tasks
         self.admission = admission
         self.safety = safety
         self.shedder = shedder
@@ -247,8 +251,31 @@ class GatewayPipeline:
         if self.shedder is not None:
             self.shedder.start()
 
-    async def close(self) -> None:
-        """Stop the background work, write the ledger's last rows, close the limits backend."""
+    def finish_later(self, stream: AsyncIterator[bytes], request_id: str) -> None:
+        """Read the rest of a stream whose client already has its last chunk (outcome.finished) in a task of its
+        own: what is left is every hop's end of the call, and a stream closed before its end would count as
+        cancelled (metrics, spans, its log line). close() waits for these."""
+        task = asyncio.get_running_loop().create_task(self._finish_later(stream, request_id))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish_later(self, stream: AsyncIterator[bytes], request_id: str) -> None:
+        try:
+            async for _ in stream:
+                pass
+        except Exception as e:  # noqa: BLE001 - the client has its whole answer; the stream's end is logged
+            log.info("gateway.after_finish", request_id=request_id, error=type(e).__name__)
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def close(self, finishing_timeout_s: float = 1.0) -> None:
+        """Stop the background work, write the ledger's last rows, close the limits backend. Streams still
+        ending behind finished answers get finishing_timeout_s, then are cut."""
+        if self._finishing:
+            _done, pending = await asyncio.wait(set(self._finishing), timeout=finishing_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.tenants.stop_refresh()
         if self.shedder is not None:
             await self.shedder.stop()
@@ -389,9 +416,12 @@ class GatewayPipeline:
                             verdict = checker.feed(pb.GenerateResponse.FromString(data).chunk.text)
                             if verdict is not None:
                                 raise self._refused(OUTPUT_BLOCKED, verdict.rule, request.model, span)
-                        if ticket is not None and (
-                            is_finished(data) or (self.ledger_sync and _is_last(data))
-                        ):
+                        if is_finished(data):
+                            note_served(
+                                outcome, pb.GenerateResponse.FromString(first or data).chunk.served_by
+                            )
+                            outcome.finished = True
+                        if ticket is not None and (outcome.finished or (self.ledger_sync and _is_last(data))):
                             # Settled before the client has its last chunk (both front ends end the client's
                             # stream with it, before the call's trailers): its next request finds its stream
                             # slot free and its tokens charged, as exact limits need. With ledger_sync the

@@ -6,18 +6,14 @@ import asyncio
 import uuid
 
 import grpc
-import structlog
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 
 from services.gateway.feedback import FeedbackStore
 from services.gateway.jobs import JobRunner
-from services.gateway.pipeline import GatewayPipeline, Outcome, note_served
-from services.router.resume import is_finished
+from services.gateway.pipeline import GatewayPipeline, Outcome
 from shared.deadlines import downstream_timeout
 from shared.errors import InvalidArgument, rpc_boundary
 from shared.telemetry import context_from_metadata
-
-log = structlog.get_logger(__name__)
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -32,9 +28,6 @@ class GatewayServicer:
         self.pipeline = pipeline
         self.jobs = jobs
         self.feedback = feedback
-        # Streams whose client has its last chunk and the call's end while the pipeline still ends behind it
-        # (every hop's trailers and accounting): read to their end here (see _generate).
-        self._draining: set[asyncio.Task] = set()
 
     @rpc_boundary
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -71,31 +64,23 @@ class GatewayServicer:
             parent=context_from_metadata(context),
             span_name=span_name,
         )
-        finished = False
-        first: bytes | None = None
         try:
             async for data in stream:
                 if meta is not None:
                     await meta
                     meta = None
-                if first is None:
-                    first = data
-                if is_finished(data):
-                    # The client's call ends now (OK), not after every hop behind us has ended its own: the
-                    # rest of the stream (trailers, accounting) is read to its end by a task of its own. Known
-                    # to feedback before the client has its last chunk: it may rate the answer at once.
-                    note_served(outcome, pb.GenerateResponse.FromString(first).chunk.served_by)
+                if outcome.finished:
+                    # The client's call ends (OK) with its last chunk, not after every hop behind us has ended
+                    # its own (the pipeline reads that rest: finish_later). Known to feedback first: the client
+                    # may rate the answer at once.
                     self.feedback.recent.remember(outcome.request_id, outcome, request.model)
-                    finished = True
                     yield data
                     break
                 yield data
         finally:
             try:
-                if finished:
-                    task = asyncio.get_running_loop().create_task(self._drain(stream, outcome.request_id))
-                    self._draining.add(task)
-                    task.add_done_callback(self._draining.discard)
+                if outcome.finished:
+                    self.pipeline.finish_later(stream, outcome.request_id)
                 else:
                     # Closing runs the pipeline's accounting now, while the client's cancellation is handled.
                     await stream.aclose()
@@ -105,25 +90,6 @@ class GatewayServicer:
                     await asyncio.wait((meta,))
                     if not meta.cancelled():
                         meta.exception()  # retrieved: a client that left before the metadata went out
-
-    async def _drain(self, stream, request_id: str) -> None:
-        """Read a stream whose client already has its last chunk to the end, so that the request counts as
-        finished, not cancelled (limits, ledger, metrics, its log line)."""
-        try:
-            async for _ in stream:
-                pass
-        except Exception as e:  # noqa: BLE001 - the client has its whole response; the pipeline logged its end
-            log.info("gateway.after_finish", request_id=request_id, error=type(e).__name__)
-        finally:
-            await stream.aclose()
-
-    async def close(self, timeout_s: float) -> None:
-        """Wait up to timeout_s for the streams still ending behind finished calls, then cut them."""
-        if self._draining:
-            _done, pending = await asyncio.wait(set(self._draining), timeout=timeout_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):

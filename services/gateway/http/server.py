@@ -25,7 +25,7 @@ from services.gateway.http.openai_api import (
     models_body,
     parse_request,
 )
-from services.gateway.pipeline import GatewayPipeline, Outcome, note_served
+from services.gateway.pipeline import GatewayPipeline, Outcome
 from shared.errors import ErrorDetails, FleetError, InvalidArgument, NotFound
 
 log = structlog.get_logger(__name__)
@@ -99,11 +99,6 @@ async def _json_body(request: web.Request) -> object:
         raise InvalidArgument(f"the request body is not valid JSON: {e}", reason="INVALID_JSON") from e
 
 
-def _final(chunk: common_pb2.GenerateChunk) -> bool:
-    """The last chunk of a generation: a stop or length finish (an abort ends the stream with an error)."""
-    return chunk.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
-
-
 class OpenAIServer:
     """The aiohttp application over a GatewayPipeline, and its listening site."""
 
@@ -129,9 +124,6 @@ class OpenAIServer:
         self._last_response = 0.0  # monotonic: when the last response (while handing over) started
         self.port = 0
         self.host = ""
-        # Streams whose client has its whole response (finish event, [DONE], end of body) while the pipeline
-        # still ends behind it (every hop's trailers and accounting): read to their end here (see _stream).
-        self._draining: set[asyncio.Task] = set()
 
     @property
     def address(self) -> str:
@@ -191,22 +183,13 @@ class OpenAIServer:
         )
 
     async def stop(self, grace_s: float) -> None:
-        """Stop accepting, give in-flight requests grace_s to finish, then close them (and the pipeline
-        streams still ending behind complete responses)."""
+        """Stop accepting, give in-flight requests grace_s to finish, then close them."""
         if self.runner is None:
             return
-        deadline = time.monotonic() + grace_s
         # aiohttp takes the grace period at construction; ours is known only now.
         self.runner._shutdown_timeout = grace_s
         await self.runner.cleanup()
         self.runner = None
-        if self._draining:
-            _done, pending = await asyncio.wait(
-                set(self._draining), timeout=max(0.0, deadline - time.monotonic())
-            )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- handlers ------------------------------------------------------------------------------------------
 
@@ -268,7 +251,6 @@ class OpenAIServer:
             return error_response(e, headers)
 
         outcome = Outcome(request_id=request_id)
-        drain = False
         stream = self.pipeline.generate(
             greq,
             authorization=request.headers.get("Authorization"),
@@ -292,37 +274,21 @@ class OpenAIServer:
                 headers[MODEL_VERSION_HEADER] = chunk.served_by.model_version
             shaper = Shaper(kind, request_id, greq.model, opts.include_usage)
             if opts.stream:
-                served_by = chunk.served_by
 
                 def finished() -> None:
                     # Known to feedback before the client has its whole response: it may rate it at once.
-                    note_served(outcome, served_by)
                     if self.recent is not None:
                         self.recent.remember(request_id, outcome, greq.model)
 
-                resp, drain = await self._stream(request, shaper, chunk, stream, headers, finished)
-                return resp
+                return await self._stream(request, shaper, chunk, stream, headers, outcome, finished)
             return await self._whole(shaper, chunk, stream, headers)
         finally:
-            if drain:
-                task = asyncio.get_running_loop().create_task(self._drain(stream, request_id))
-                self._draining.add(task)
-                task.add_done_callback(self._draining.discard)
+            if outcome.finished and opts.stream:
+                self.pipeline.finish_later(stream, request_id)
             else:
                 await stream.aclose()
                 if self.recent is not None:
                     self.recent.remember(request_id, outcome, greq.model)
-
-    async def _drain(self, stream: AsyncIterator[bytes], request_id: str) -> None:
-        """Read a stream whose client already has its whole response to the end, so that the request counts as
-        finished, not cancelled (limits, ledger, metrics, its log line)."""
-        try:
-            async for _ in stream:
-                pass
-        except Exception as e:  # noqa: BLE001 - the response went out whole; the pipeline has logged its end
-            log.info("gateway.http_after_finish", request_id=request_id, error=type(e).__name__)
-        finally:
-            await stream.aclose()
 
     async def _stream(
         self,
@@ -331,12 +297,13 @@ class OpenAIServer:
         chunk: common_pb2.GenerateChunk,
         stream: AsyncIterator[bytes],
         headers: dict[str, str],
+        outcome: Outcome,
         finished: Callable[[], None],
-    ) -> tuple[web.StreamResponse, bool]:
-        """The SSE response, and whether the pipeline's stream is still to be read to its end (drained): the
-        client gets its last events and the end of the body with the chunk that carries the finish reason, not
-        after every hop has sent its trailers and done its accounting (~2 ms at one stream), and its keep-alive
-        connection is free for its next request at once. finished() is called before the last events go out."""
+    ) -> web.StreamResponse:
+        """The SSE response. The client gets its last events and the end of the body with the chunk that
+        carries the finish reason (outcome.finished), not after every hop has sent its trailers and done its
+        accounting (~2 ms at one stream): its keep-alive connection is free for its next request at once, and
+        the pipeline reads the rest (finish_later). finished() is called before the last events go out."""
         # Each event goes to the socket with its own write (aiohttp writes to the transport at once, and sets
         # TCP_NODELAY), so no token waits for the next one or for Nagle's algorithm.
         resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **headers})
@@ -345,7 +312,7 @@ class OpenAIServer:
         try:
             await write(shaper.delta(chunk.text, first=True))
             try:
-                while not _final(chunk):
+                while not outcome.finished:
                     data = await anext(stream, None)
                     if data is None:
                         break
@@ -357,18 +324,16 @@ class OpenAIServer:
             except Exception as e:  # noqa: BLE001 - after the headers, an error can only be an event
                 await write(shaper.error_event(http_error(details_of_exception(e))[1]))
                 await resp.write_eof()
-                return resp, False
-            if _final(chunk):
+                return resp
+            if outcome.finished:
                 finished()
             await write(shaper.final(chunk.finish_reason, chunk.usage if chunk.HasField("usage") else None))
             await resp.write_eof()
-            # The stream may not have ended yet: it is read to its end (_drain), since a stream closed before it
-            # ends counts as cancelled (limits, ledger, metrics), as _whole's does not.
-            return resp, _final(chunk)
         except ConnectionResetError:
             # The client went away mid-stream: _generate's finally closes the pipeline's stream, which cancels
             # the router call and so the engine's work.
-            return resp, False
+            pass
+        return resp
 
     async def _whole(
         self,
