@@ -80,11 +80,16 @@ async def start(settings: AutoscalerSettings, telemetry: Telemetry) -> Autoscale
         window_s=settings.window_s,
         drain_timeout_s=settings.drain_timeout_s,
         decisions_kept=settings.decisions_kept,
+        watch_resubscribe_s=settings.watch_resubscribe_s,
+        watch_backoff_base_s=settings.watch_backoff_base_s,
+        watch_backoff_max_s=settings.watch_backoff_max_s,
     )
     await autoscaler.restore()
     running = await create_server([], settings.host, settings.port, tls=tls)
     channels = [registry, *routers, *([metrics_ch] if metrics_ch else [])]
     app = AutoscalerApp(running, autoscaler, provisioner, channels)
+    # Started before the loop, so the first round finds the configuration (or waits a little for it).
+    app.tasks.append(asyncio.create_task(autoscaler.watch_traffic(), name="autoscaler.traffic_watch"))
     app.tasks.append(asyncio.create_task(run_every(settings.interval_s, autoscaler), name="autoscaler.loop"))
     log.info(
         "autoscaler.configured",

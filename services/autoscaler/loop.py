@@ -31,6 +31,7 @@ from services.autoscaler.provisioner import DRAIN_QUIET_POLLS, Provisioner
 from services.autoscaler.signals import ModelSignals
 from services.autoscaler.spec import ModelSpec
 from shared import prom
+from shared.watching import follow
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +101,9 @@ class Autoscaler:
         drain_timeout_s: float = 60.0,
         decisions_kept: int = 10,
         rpc_timeout_s: float = 3.0,
+        watch_resubscribe_s: float = 600.0,
+        watch_backoff_base_s: float = 0.1,
+        watch_backoff_max_s: float = 5.0,
     ) -> None:
         self.specs = {s.model: s for s in specs}
         self.scalers = {s.model: ModelScaler(s) for s in specs}
@@ -111,8 +115,14 @@ class Autoscaler:
         self.window_s = window_s
         self.drain_timeout_s = drain_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
+        self.watch_resubscribe_s = watch_resubscribe_s
+        self.watch_backoff_base_s = watch_backoff_base_s
+        self.watch_backoff_max_s = watch_backoff_max_s
         self.arrivals = ArrivalMeter(keep_s=max(600.0, 4 * window_s))
         self.traffic: rpb.WatchTrafficResponse | None = None
+        # Whether the traffic watch is connected now (shared.watching.Follower), and whether it ever delivered.
+        self.connected = False
+        self._traffic_seen = asyncio.Event()
         self.history: dict[str, deque[reg_pb.ScalingDecision]] = {
             m: deque(maxlen=decisions_kept) for m in self.specs
         }
@@ -183,19 +193,38 @@ class Autoscaler:
             view.counts[str(i)] = {(a.model, a.version): a.requests_total for a in resp.arrivals}
         return view
 
+    async def watch_traffic(self) -> None:
+        """Follow the registry's traffic configuration (rollouts, experiments, flags) until cancelled: one
+        long-lived WatchTraffic stream, as routers keep, each snapshot replacing the last; when it breaks it
+        reconnects with backoff, and the last configuration read stands meanwhile."""
+
+        def open_stream():
+            # A long but finite watch, like the routers': every RPC has a deadline, and the resubscribe when it
+            # runs out brings a fresh snapshot.
+            return self.rollouts.WatchTraffic(rpb.WatchTrafficRequest(), timeout=self.watch_resubscribe_s)
+
+        await follow(
+            self,
+            open_stream,
+            self._apply_traffic,
+            "autoscaler.traffic_watch",
+            kept=lambda: {"rollouts_kept": len(self.traffic.rollouts) if self.traffic else 0},
+            backoff_base_s=self.watch_backoff_base_s,
+            backoff_max_s=self.watch_backoff_max_s,
+        )
+
+    def _apply_traffic(self, snapshot: rpb.WatchTrafficResponse) -> None:
+        self.traffic = snapshot
+        self._traffic_seen.set()
+
     async def _traffic(self) -> rpb.WatchTrafficResponse | None:
-        """The registry's traffic configuration (rollouts, experiments, flags): the first message of a
-        WatchTraffic stream, as routers get it. The last one read stands while the registry does not answer."""
-        call = self.rollouts.WatchTraffic(rpb.WatchTrafficRequest(), timeout=self.rpc_timeout_s)
-        try:
-            resp = await call.read()
-            if resp is not grpc.aio.EOF:
-                self.traffic = resp
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # a registry without rollouts: one version
-                log.info("autoscaler.traffic_unavailable", code=e.code().name)
-        finally:
-            call.cancel()
+        """The latest traffic configuration the watch delivered. Until one has come, a round waits for it (up to
+        rpc_timeout_s): planning without it would retire the versions a running rollout still needs."""
+        if not self._traffic_seen.is_set():
+            try:
+                await asyncio.wait_for(self._traffic_seen.wait(), self.rpc_timeout_s)
+            except TimeoutError:
+                log.info("autoscaler.traffic_unavailable", waited_s=self.rpc_timeout_s)
         return self.traffic
 
     async def _latency(self, model: str, version: str = "") -> Latency:
