@@ -182,8 +182,10 @@ async def test_the_replica_serves_one_metrics_page_with_vllm_series_summed_over_
             [r async for r in call]
         finally:
             await ch.close()
-    await assert_eventually(lambda: tokens() == before_tokens + 8 * n, timeout_s=15)
-    assert done() == before_done + n
+    # Both series are awaited: the client's stream ends with its last chunk, before every hop has settled.
+    await assert_eventually(
+        lambda: (tokens(), done()) == (before_tokens + 8 * n, before_done + n), timeout_s=15, interval_s=0.2
+    )
 
 
 async def test_a_summarized_stream_on_vllm(fleet):
