@@ -362,9 +362,13 @@ _ZERO_SPAN_ID = "0" * 16
 
 def context_from_metadata(context) -> otel_context.Context:
     """The trace context a caller sent in its gRPC metadata (W3C traceparent)."""
-    carrier = {
-        k: v for k, v in (context.invocation_metadata() or ()) if k in _TRACE_KEYS and isinstance(v, str)
-    }
+    return trace_context_of(context.invocation_metadata())
+
+
+def trace_context_of(metadata) -> otel_context.Context:
+    """The trace context in a call's metadata pairs: for a handler that reads its metadata once for several
+    things (grpc.aio builds the pairs anew on every invocation_metadata() call)."""
+    carrier = {k: v for k, v in (metadata or ()) if k in _TRACE_KEYS and isinstance(v, str)}
     if len(carrier) == 1 and (header := carrier.get("traceparent")) is not None:
         m = _TRACEPARENT_00.fullmatch(header)
         if m is not None and m[1] != _ZERO_TRACE_ID and m[2] != _ZERO_SPAN_ID:

@@ -38,6 +38,44 @@ def test_valid_prompt_request_becomes_a_spec():
     assert math.isclose(spec.sampling.temperature, 0.7, rel_tol=1e-6)
 
 
+@given(
+    prompt=st.text(max_size=5),
+    chat=st.lists(st.sampled_from(["system", "user", "assistant"]), max_size=3),
+    max_tokens=st.integers(0, 300),
+    temperature=st.sampled_from([0.0, -0.0, 0.3, 2.0]),
+    top_p=st.sampled_from([0.0, 0.5, 1.0]),
+    stop=st.lists(st.text(min_size=1, max_size=3), max_size=3),
+    seed=st.one_of(st.none(), st.integers(0, 2**31)),
+    ignore_eos=st.booleans(),
+    version=st.sampled_from(["", "v2"]),
+    resume=st.lists(st.integers(0, 1000), max_size=3),
+)
+def test_the_spec_carries_exactly_the_fields_of_the_request(
+    prompt, chat, max_tokens, temperature, top_p, stop, seed, ignore_eos, version, resume
+):
+    """The spec (filled in place, repeated fields only when set) equals one built from every field at once."""
+    messages = [common_pb2.ChatMessage(role=r, content="c") for r in chat] if not prompt else []
+    req = pb.GenerateRequest(
+        model="m", prompt=prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+        top_p=top_p, stop=stop, seed=seed, ignore_eos=ignore_eos, model_version=version, resume_token_ids=resume,
+    )  # fmt: skip
+    try:
+        spec = to_spec(req, **LIMITS)
+    except InvalidArgument:
+        return
+    sampling = common_pb2.SamplingParams(
+        max_tokens=max_tokens or 256, temperature=temperature, top_p=top_p, stop=stop, ignore_eos=ignore_eos
+    )
+    if seed is not None:
+        sampling.seed = seed
+    expected = common_pb2.GenerationSpec(
+        model="m", prompt=prompt, messages=messages, sampling=sampling, model_version=version,
+        resume_token_ids=resume,
+    )  # fmt: skip
+    assert spec == expected
+    assert spec.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+
+
 def test_unset_seed_stays_unset():
     """A request without a seed leaves the engine to pick one."""
     assert not to_spec(pb.GenerateRequest(model="m", prompt="x"), **LIMITS).sampling.HasField("seed")
