@@ -239,11 +239,21 @@ class DeferredSpan(trace.Span):
         if parent_context is None or not parent_context.is_valid:
             trace_id = ids.generate_trace_id()
             random_trace_id = ids.is_trace_id_random()
+            parent_state = None
         else:
             trace_id = parent_context.trace_id
             random_trace_id = parent_context.trace_flags.random_trace_id
-        result = sampler.should_sample(parent, trace_id, name, kind, None, ())
-        flags = trace.TraceFlags.SAMPLED if result.decision.is_sampled() else trace.TraceFlags.DEFAULT
+            parent_state = parent_context.trace_state
+        if sampler is ALWAYS_ON:
+            # The services' sampler without an external collector: what its should_sample returns (sampled,
+            # recorded, the parent's trace state), without building a SamplingResult on every request's path.
+            sampled = recording = True
+            trace_state = parent_state
+        else:
+            result = sampler.should_sample(parent, trace_id, name, kind, None, ())
+            sampled, recording = result.decision.is_sampled(), result.decision.is_recording()
+            trace_state = result.trace_state
+        flags = trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT
         if random_trace_id:
             flags |= trace.TraceFlags.RANDOM_TRACE_ID
         span_context = trace.SpanContext(
@@ -251,9 +261,9 @@ class DeferredSpan(trace.Span):
             ids.generate_span_id(),
             is_remote=False,
             trace_flags=trace.TraceFlags(flags),
-            trace_state=result.trace_state,
+            trace_state=trace_state,
         )
-        return cls(tracer, name, parent, kind, span_context, result.decision.is_recording())
+        return cls(tracer, name, parent, kind, span_context, recording)
 
     def _real(self) -> trace.Span:
         span = self._span
