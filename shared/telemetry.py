@@ -404,6 +404,17 @@ def trace_id_hex(span: trace.Span) -> str:
     return format(span.get_span_context().trace_id, "032x")
 
 
+# uuid.uuid4()'s version (4) and variant (RFC 4122) bits, set on 128 random bits.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (4 << 76) | (0x8000 << 48)
+
+
+def new_request_id() -> str:
+    """A new request id: a random version-4 UUID as 32 hex digits, what uuid.uuid4().hex gives, without building
+    the UUID object (8 us hot, ~25 on a hop that was idle, at the start of every request's path; this ~3)."""
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
+
+
 def bind_request(request_id: str, span: trace.Span | None = None) -> None:
     """Bind request_id (and the span's trace_id) to every log line of the current task."""
     ids = {"request_id": request_id}

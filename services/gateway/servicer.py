@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import grpc
 from fleetserve.inference.v1 import inference_service_pb2 as pb
@@ -13,7 +12,7 @@ from services.gateway.jobs import JobRunner
 from services.gateway.pipeline import GatewayPipeline, Outcome
 from shared.deadlines import downstream_timeout
 from shared.errors import InvalidArgument, rpc_boundary
-from shared.telemetry import context_from_metadata, trace_context_of
+from shared.telemetry import context_from_metadata, new_request_id, trace_context_of
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -50,7 +49,7 @@ class GatewayServicer:
             yield data
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span_name: str):
-        outcome = Outcome(request_id=uuid.uuid4().hex)
+        outcome = Outcome(request_id=new_request_id())
         # The request id goes out while the request is admitted and routed rather than before: the metadata's
         # round trip through gRPC's completion queue is then off the first token's path (under load every
         # such trip waits its turn behind the streams this process relays). Awaited before the first chunk, and

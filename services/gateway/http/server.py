@@ -6,7 +6,6 @@ import asyncio
 import json
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -27,6 +26,7 @@ from services.gateway.http.openai_api import (
 )
 from services.gateway.pipeline import GatewayPipeline, Outcome
 from shared.errors import ErrorDetails, FleetError, InvalidArgument, NotFound
+from shared.telemetry import new_request_id
 
 log = structlog.get_logger(__name__)
 
@@ -200,7 +200,7 @@ class OpenAIServer:
         return await self._generate(request, COMPLETION)
 
     async def list_models(self, request: web.Request) -> web.Response:
-        headers = {"x-request-id": uuid.uuid4().hex}
+        headers = {"x-request-id": new_request_id()}
         try:
             models = await self.pipeline.list_models(request.headers.get("Authorization"), None)
         except Exception as e:  # noqa: BLE001 - turned into an HTTP error in one place
@@ -208,7 +208,7 @@ class OpenAIServer:
         return _json(200, models_body(models), headers)
 
     async def get_model(self, request: web.Request) -> web.Response:
-        headers = {"x-request-id": uuid.uuid4().hex}
+        headers = {"x-request-id": new_request_id()}
         name = request.match_info["model"]
         try:
             models = await self.pipeline.list_models(request.headers.get("Authorization"), None)
@@ -224,7 +224,7 @@ class OpenAIServer:
         )
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         headers = {"x-request-id": request_id}
         try:
             body = await _json_body(request)

@@ -9,12 +9,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import uuid
 
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared.telemetry import stream_span
+from shared.telemetry import new_request_id, stream_span
 
 
 def _tracer():
@@ -216,3 +217,17 @@ def test_trace_context_parsed_as_the_propagator_parses_it():
             want = trace.get_current_span(_propagator.extract({"traceparent": header, **dict(extra)}))
             assert got.get_span_context() == want.get_span_context(), (header, extra)
     assert not trace.get_current_span(context_from_metadata(_Meta())).get_span_context().is_valid
+
+
+def test_request_ids_are_random_version_4_uuids_in_hex():
+    """new_request_id() has uuid.uuid4().hex's form, and every one of a UUID4's 122 random bits varies."""
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    seen_set = seen_clear = 0
+    for rid in ids:
+        u = uuid.UUID(hex=rid)
+        assert u.hex == rid and u.version == 4 and u.variant == uuid.RFC_4122
+        seen_set |= u.int
+        seen_clear |= ~u.int & ((1 << 128) - 1)
+    fixed = (0xF000 << 64) | (0xC000 << 48)
+    assert seen_set & seen_clear == ((1 << 128) - 1) & ~fixed
