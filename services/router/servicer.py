@@ -332,7 +332,9 @@ class RouterServicer:
         allowed = [
             r for r in routable if breakers.allows(r.replica_id) and not outliers.ejected(r.replica_id)
         ]
-        candidates = [r for r in allowed if self._has_room(r.replica_id)] if allowed else allowed
+        candidates = allowed  # without an in-flight cap every allowed replica has room
+        if self.max_in_flight_per_replica and allowed:
+            candidates = [r for r in allowed if self._has_room(r.replica_id)]
         if not candidates and allowed:
             raise ResourceExhausted(
                 f"every replica of model {model!r} is at its in-flight cap",

@@ -181,10 +181,11 @@ class Policy(ABC):
         routed = RouteRequest.of(request)
         decision = self._decide(candidates, routed)
         # Policies that know how much of the prompt is cached say how much work is left (details["work_tokens"]).
-        self.load.started(
-            decision.replica.replica_id, decision.details.get("work_tokens", routed.work_tokens)
-        )
+        work = decision.details.get("work_tokens")
+        self.load.started(decision.replica.replica_id, routed.work_tokens if work is None else work)
         self._chosen(decision.replica, routed)
+        if decision.policy == self.name:
+            return decision  # least_loaded names its policy: no second Decision on the first token's path
         return Decision(decision.replica, decision.reason, decision.scores, decision.details, self.name)
 
     def select(self, candidates: Sequence[ReplicaInfo], request: Any) -> ReplicaInfo:
@@ -226,10 +227,12 @@ def least_loaded(
     """The candidate with the lowest load score, ties at random (so no replica gets every tie): the fallback of
     the cache-aware policies as well as least_load itself."""
     scores = {r.replica_id: round(policy.load.score(r.replica_id), 4) for r in candidates}
+    if len(candidates) == 1:
+        return Decision(candidates[0], reason, scores, details, policy.name)
     low = min(scores.values())
     best = [r for r in candidates if scores[r.replica_id] == low]
     chosen = best[0] if len(best) == 1 else rng.choice(best)
-    return Decision(chosen, reason, scores, details)
+    return Decision(chosen, reason, scores, details, policy.name)
 
 
 _REGISTRY: dict[str, Callable[..., Policy]] = {}
