@@ -6,7 +6,7 @@ import socket
 import sys
 from typing import TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 S = TypeVar("S", bound="ServiceSettings")
@@ -156,3 +156,18 @@ def load_settings(cls: type[S], argv: list[str] | None = None) -> S:
     except ValidationError as e:
         print(f"invalid configuration for {cls.__name__}:\n{e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class RegistryWatchSettings(BaseModel):
+    """How a service follows a long-lived registry watch (shared.watching.follow): a mixin of its settings, put
+    before ServiceSettings among the bases (BaseSettings parses them; the flags come after the common ones)."""
+
+    watch_backoff_base_s: float = Field(
+        0.1, gt=0, description="First reconnect delay (full jitter, doubling) when a registry watch breaks."
+    )
+    watch_backoff_max_s: float = Field(5.0, gt=0, description="Longest reconnect delay for a registry watch.")
+    watch_resubscribe_s: float = Field(
+        600.0,
+        gt=0,
+        description="Timeout of one registry watch; the service then resubscribes (fresh snapshot).",
+    )

@@ -8,10 +8,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from services.autoscaler.spec import ModelSpec, parse_models
-from shared.settings import ServiceSettings, service_config
+from shared.settings import RegistryWatchSettings, ServiceSettings, service_config
 
 
-class AutoscalerSettings(ServiceSettings):
+class AutoscalerSettings(RegistryWatchSettings, ServiceSettings):
     """Settings of the autoscaler (flags --kebab-case, env FLEETSERVE_AUTOSCALER_<FIELD>)."""
 
     model_config = service_config("autoscaler")
@@ -55,19 +55,6 @@ class AutoscalerSettings(ServiceSettings):
         "(it is then SIGTERMed and finishes within its own grace period).",
     )
     decisions_kept: int = Field(10, ge=1, le=1000, description="Decisions per model kept for status.")
-    watch_backoff_base_s: float = Field(
-        0.1,
-        gt=0,
-        description="First reconnect delay (full jitter, doubling) when the registry's traffic watch breaks.",
-    )
-    watch_backoff_max_s: float = Field(
-        5.0, gt=0, description="Longest reconnect delay for the traffic watch."
-    )
-    watch_resubscribe_s: float = Field(
-        600.0,
-        gt=0,
-        description="Timeout of one registry traffic watch; the autoscaler then resubscribes (fresh snapshot).",
-    )
 
     @model_validator(mode="after")
     def _models_parse(self) -> AutoscalerSettings:

@@ -9,10 +9,10 @@ from pydantic import Field, field_validator, model_validator
 from services.router import policies
 from services.router.model_routing import DEFAULT_KEYWORDS
 from services.router.policy_set import parse_mapping
-from shared.settings import WorkerSettings, advertised_address, service_config
+from shared.settings import RegistryWatchSettings, WorkerSettings, advertised_address, service_config
 
 
-class RouterSettings(WorkerSettings):
+class RouterSettings(RegistryWatchSettings, WorkerSettings):
     """Settings of the router (flags --kebab-case, env FLEETSERVE_ROUTER_<FIELD>)."""
 
     model_config = service_config("router")
@@ -81,17 +81,6 @@ class RouterSettings(WorkerSettings):
     )
     default_timeout_s: float = Field(
         120.0, gt=0, description="Timeout given to the engine when the caller sent no deadline."
-    )
-    watch_backoff_base_s: float = Field(
-        0.1, gt=0, description="First reconnect delay (full jitter, doubling) when the registry watch breaks."
-    )
-    watch_backoff_max_s: float = Field(
-        5.0, gt=0, description="Longest reconnect delay for the registry watch."
-    )
-    watch_resubscribe_s: float = Field(
-        600.0,
-        gt=0,
-        description="Timeout of one registry watch; the router then resubscribes (fresh snapshot).",
     )
     ready_wait_s: float = Field(
         2.0,
