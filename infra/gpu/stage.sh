@@ -9,8 +9,9 @@
 #   mkdir -p /tmp/site && cat DIR/vsite.part* | xz -d -T8 | tar -x -C /tmp/site
 set -euo pipefail
 out=${1:?usage: infra/gpu/stage.sh DIR [CHUNK_BYTES]}
-# 57 MB: a chunk plus the repository's ~6 MB tree fit one 64 MiB transfer.
-chunk=${2:-57000000}
+# 54 MB: a chunk plus the repository's tree (~10 MB of tracked files in Dec 2026, and gen/) fit one 64 MiB
+# transfer; lower it as the tree grows (57 MB stopped fitting at ~9.7 MB of tree).
+chunk=${2:-54000000}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 work=$(mktemp -d)
