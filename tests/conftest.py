@@ -1,5 +1,5 @@
 """Shared fixtures: GPU tests are skipped on machines without a GPU and vLLM; real external servers
-(tests/servers.py) are registered for every test."""
+(tests/servers.py) are registered for every test; structlog is left as each test found it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+import structlog
 
 pytest_plugins = ["tests.servers"]
 
@@ -29,3 +30,14 @@ def pytest_collection_modifyitems(config, items):
         # The marker, not a keyword: keywords hold every directory name up to the root (a checkout named gpu).
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found():
+    """structlog.testing.capture_logs leaves structlog marked configured with its defaults (print to stdout), so
+    code that configures it only where nobody has (loadtest.fleet.structlog_to_stderr, the bench's JSON on stdout)
+    then printed every later test's log lines among its output: undone after each test."""
+    configured = structlog.is_configured()
+    yield
+    if not configured and structlog.is_configured():
+        structlog.reset_defaults()
