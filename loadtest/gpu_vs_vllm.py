@@ -769,7 +769,8 @@ def is_plain_vllm(name: str) -> bool:
 
 def paired(records: list[dict], server: str = "mesh") -> dict[int, dict]:
     """Per concurrency: in each repetition the mesh against that repetition's best `vllm serve` (the servers of
-    one repetition ran back to back, so drift between repetitions cancels), and the median over repetitions."""
+    one repetition ran back to back, so drift between repetitions cancels), the median over repetitions, and in
+    how many repetitions the mesh was the fastest server (fastest_rounds: [k, n])."""
     by: dict[tuple[int, int], dict[str, dict]] = {}
     for r in records:
         by.setdefault((r["concurrency"], r["rep"]), {})[r["server"]] = r
@@ -795,6 +796,9 @@ def paired(records: list[dict], server: str = "mesh") -> dict[int, dict]:
             vals = [x[k] for x in row["reps"]]
             row[k + "_median"] = round(statistics.median(vals), 3)
             row[k + "_range"] = [min(vals), max(vals)]
+        # On a machine that drifts within a run, how often the mesh led its own round says more than a ratio of
+        # medians taken over rounds that ran at different speeds.
+        row["fastest_rounds"] = [sum(x["toks_ratio"] >= 1.0 for x in row["reps"]), len(row["reps"])]
     return out
 
 

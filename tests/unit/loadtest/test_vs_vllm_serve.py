@@ -46,6 +46,9 @@ def test_paired_ratios_and_targets():
     pairs = g.paired(recs)
     assert [x["toks_ratio"] for x in pairs[1]["reps"]] == [0.98, 0.978]
     assert pairs[1]["reps"][1]["best"] == "vllm-api8"
+    assert pairs[1]["fastest_rounds"] == [0, 2] and pairs[256]["fastest_rounds"] == [0, 1]
+    faster = [*recs, _rec(3, "vllm-api1", 1, 400, 15, 20), _rec(3, "mesh", 1, 400, 15, 20)]
+    assert g.paired(faster)[1]["fastest_rounds"] == [1, 3]  # a tie counts for the mesh
     met = g.targets(g.summarize(recs), pairs)
     assert met[1]["best"] == "vllm-api1" and met[1]["toks_ratio_of_medians"] == pytest.approx(
         465 / 450, abs=1e-3
