@@ -38,9 +38,9 @@ from services.gateway.safety import (
 from services.gateway.shedding import LoadShedder
 from services.gateway.tenants import Tenant, TenantStore, bearer_key
 from services.gateway.validation import check_prompt_tokens, to_spec
-from services.router.resume import is_finished
 from shared.drain import Drain, cancelled_by_caller
 from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated
+from shared.finish_bytes import is_finished
 from shared.recycle import Recycler
 from shared.telemetry import bind_request, metadata_for_downstream, stream_span
 

@@ -8,40 +8,12 @@ from typing import Literal
 from fleetserve.common.v1 import common_pb2
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
+from shared.finish_bytes import ABORT, ABORT_BYTES
+
 ResumeMode = Literal["reproducible", "always", "off"]
 
-ABORT = common_pb2.FINISH_REASON_ABORT
+# ABORT_BYTES: see shared/finish_bytes.py (a chunk without them has no ABORT and goes on unparsed).
 _parse = engine_pb.GenerateResponse.FromString
-
-
-def _abort_bytes() -> bytes:
-    field = common_pb2.GenerateChunk.DESCRIPTOR.fields_by_name["finish_reason"].number
-    assert field < 16 and ABORT < 128  # a one-byte tag and a one-byte value
-    return bytes([field << 3, ABORT])
-
-
-# An ABORT finish as it is encoded inside any chunk that carries one (finish_reason's tag, then ABORT, one byte
-# each; protobuf writes both canonically). A chunk without these two bytes in a row has no ABORT and goes on
-# unparsed; one that has them (an ABORT, or token ids or usage that happen to encode the same bytes) is parsed.
-ABORT_BYTES = _abort_bytes()
-
-# A stop or length finish, encoded the same way.
-_FINISHED_BYTES = tuple(
-    bytes([ABORT_BYTES[0], reason])
-    for reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
-)
-
-
-def is_finished(data: bytes) -> bool:
-    """Whether a relayed GenerateResponse ends its generation (a stop or length finish: an abort ends the stream
-    with an error instead). Only a chunk holding one of the finish reason's byte pairs is parsed (token ids or
-    text may hold them too): the others cost a byte search (~0.1 us), not a parse (~1.6 us)."""
-    if _FINISHED_BYTES[0] not in data and _FINISHED_BYTES[1] not in data:
-        return False
-    return _parse(data).chunk.finish_reason in (
-        common_pb2.FINISH_REASON_STOP,
-        common_pb2.FINISH_REASON_LENGTH,
-    )
 
 
 def resumable(sampling: common_pb2.SamplingParams, mode: ResumeMode) -> bool:

@@ -25,7 +25,7 @@ from services.router.membership import Change, Membership, ReplicaInfo
 from services.router.outliers import OutlierDetector, OutlierSettings
 from services.router.policies import Decision, Policy
 from services.router.policies import record as record_decision
-from services.router.resume import ReplicaAborted, ResumeMode, is_finished
+from services.router.resume import ReplicaAborted, ResumeMode
 from services.router.router_metrics import RouterMetrics
 from services.router.shadow import ShadowPair, ShadowRunner
 from services.router.stalls import ReplicaWatch, StallDetector, StallSettings
@@ -43,6 +43,7 @@ from shared.errors import (
     Unavailable,
     rpc_boundary,
 )
+from shared.finish_bytes import is_finished
 from shared.recycle import Recycler
 from shared.resilience import BreakerState
 from shared.telemetry import bind_request, context_from_metadata, stream_span

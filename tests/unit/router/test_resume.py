@@ -86,7 +86,7 @@ def test_chunks_whose_bytes_look_like_an_abort_go_on_unchanged():
     """The ABORT is found by a byte search: bytes that only look like one (token ids 24, 3 and a text with the
     same two bytes encode them) make the tracker parse the chunk, which then goes on as it is; a real ABORT
     after them is still withheld and raised."""
-    from services.router.resume import ABORT_BYTES
+    from shared.finish_bytes import ABORT_BYTES
 
     t = ChunkTracker()
     t.next_attempt()
@@ -101,7 +101,7 @@ def test_chunks_whose_bytes_look_like_an_abort_go_on_unchanged():
 
 def test_every_abort_chunk_contains_the_searched_bytes():
     """No ABORT goes unseen: whatever else a chunk carries, its encoding contains ABORT_BYTES."""
-    from services.router.resume import ABORT_BYTES
+    from shared.finish_bytes import ABORT_BYTES
 
     for ids in ((), (1,), (300, 70000), tuple(range(0, 400, 7))):
         for text in ("", " x", "é" * 40):
