@@ -232,21 +232,26 @@ async def test_metrics_calls_per_request_do_not_grow_with_output_tokens(fleet, t
     calls = MetricCalls(monkeypatch)
     async with gateway(fleet, tmp_path) as gw:
         reg = gw.app.metrics_registry
+
+        def ok() -> float:
+            return value(reg, "fleetserve:requests_total", model_name=MODEL, code="OK")
+
+        # Counted, not read after each round: the gateway counts a request once its router call has ended,
+        # which comes after the client's stream (ended with its last chunk), so a count read right after a
+        # round may still miss its last request, whose calls would then land in the next round.
+        counted = ok()
         await gw.generate(API_KEY, max_tokens=4, ignore_eos=True)  # warm: first calls create label children
+        counted += 1
+        await assert_eventually(lambda c=counted: ok() == c, timeout_s=10)
         per_length = {}
         for tokens in (4, 64):
-            done = value(reg, "fleetserve:requests_total", model_name=MODEL, code="OK")
             calls.take()
             calls.on = True
             for _ in range(REQUESTS):
                 chunks, _ = await gw.generate(API_KEY, max_tokens=tokens, ignore_eos=True)
                 assert chunks[-1].usage.completion_tokens == tokens
-            await assert_eventually(
-                lambda d=done: (
-                    value(reg, "fleetserve:requests_total", model_name=MODEL, code="OK") == d + REQUESTS
-                ),
-                timeout_s=10,
-            )
+            counted += REQUESTS
+            await assert_eventually(lambda c=counted: ok() == c, timeout_s=10)
             calls.on = False
             per_length[tokens] = calls.take()
     # The token path's code (the registry, which hears heartbeats in the meantime, is not on it).
