@@ -25,6 +25,12 @@ ABORT_BYTES = _finish_bytes(ABORT)
 _FINISHED_BYTES = tuple(
     _finish_bytes(reason) for reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
 )
+# Every finish reason there is (abort too, and any added later): what a stream's last chunk carries.
+_ANY_FINISH_BYTES = tuple(
+    _finish_bytes(reason)
+    for reason in common_pb2.FinishReason.values()
+    if reason != common_pb2.FINISH_REASON_UNSPECIFIED
+)
 
 
 def is_finished(data: bytes) -> bool:
@@ -37,3 +43,11 @@ def is_finished(data: bytes) -> bool:
         common_pb2.FINISH_REASON_STOP,
         common_pb2.FINISH_REASON_LENGTH,
     )
+
+
+def has_finish(data: bytes) -> bool:
+    """Whether a relayed GenerateResponse is its stream's last chunk: it carries a finish reason, any of them.
+    Parsed only when one of the reasons' byte pairs is in it, as in is_finished."""
+    if not any(pair in data for pair in _ANY_FINISH_BYTES):
+        return False
+    return _parse(data).chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED

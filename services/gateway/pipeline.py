@@ -40,7 +40,7 @@ from services.gateway.tenants import Tenant, TenantStore, bearer_key
 from services.gateway.validation import check_prompt_tokens, to_spec
 from shared.drain import Drain, cancelled_by_caller
 from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticated
-from shared.finish_bytes import is_finished
+from shared.finish_bytes import has_finish, is_finished
 from shared.recycle import Recycler
 from shared.telemetry import bind_request, metadata_for_downstream, stream_span
 
@@ -53,11 +53,6 @@ _TIER_PRIORITY = {
 }
 # A stream slot outlives its deadline by this much before Redis frees it (a gateway died holding it).
 _STREAM_LEASE_SLACK_S = 30.0
-
-
-def _is_last(data: bytes) -> bool:
-    """Whether a relayed GenerateResponse is the stream's last chunk (it has a finish reason)."""
-    return pb.GenerateResponse.FromString(data).chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
 
 def note_served(outcome: Outcome, served_by: common_pb2.ServedBy) -> None:
@@ -421,7 +416,7 @@ class GatewayPipeline:
                                 outcome, pb.GenerateResponse.FromString(first or data).chunk.served_by
                             )
                             outcome.finished = True
-                        if ticket is not None and (outcome.finished or (self.ledger_sync and _is_last(data))):
+                        if ticket is not None and (outcome.finished or (self.ledger_sync and has_finish(data))):
                             # Settled before the client has its last chunk (both front ends end the client's
                             # stream with it, before the call's trailers): its next request finds its stream
                             # slot free and its tokens charged, as exact limits need. With ledger_sync the
