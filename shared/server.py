@@ -343,12 +343,14 @@ async def serve_main(
     from shared import prom
     from shared.process_stats import start_from_env
     from shared.telemetry import configure_logging, setup_telemetry
+    from shared.worker_process_metrics import start_if_worker
 
     configure_logging(service, settings.log_level, settings.log_json)
     telemetry = setup_telemetry(
         service, settings.otlp_endpoint, settings.metrics_export_interval_s, Tls.from_settings(settings)
     )
     stats = start_from_env()  # soak runs: RSS, fds, threads, tasks in the log
+    worker_stats = start_if_worker()  # --workers N: CPU and memory on the service's /metrics
     app = await start(settings, telemetry)
     # The app's own instruments (`metrics_registry`) are served beside the process-wide default registry.
     metrics = prom.start_metrics_server(
@@ -374,7 +376,7 @@ async def serve_main(
         if metrics is not None:
             # After the drain, so that a scrape during it still sees the last requests counted.
             metrics.stop()
-    if stats is not None:
-        await cancel_and_wait([stats])
+    if background := [t for t in (stats, worker_stats) if t is not None]:
+        await cancel_and_wait(background)
     telemetry.shutdown()
     log.info(f"{service}.exited")

@@ -1,5 +1,6 @@
 """Gateway and router with --workers 2, each worker its own process: both router workers get traffic through the
-gateway's HTTP and gRPC, cancellation still reaches the engine, a killed worker is restarted, limits hold."""
+gateway's HTTP and gRPC, cancellation still reaches the engine, a killed worker is restarted, limits hold, and each
+service's one /metrics shows its workers' CPU and memory."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
 from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.health import check
 from tests.integration.conftest import running_cluster
@@ -82,6 +84,61 @@ async def test_requests_reach_both_router_workers_over_grpc_and_http(fleet):
         if line.startswith("fleetserve:router_requests_total") and 'code="OK"' in line
     ]
     assert sum(ok) >= 18, text[:2000]
+
+
+WORKER_SERIES = (
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "fleetserve:worker_cpu_busy_ratio",
+)
+
+
+def process_series(text: str) -> dict[str, list[tuple[str, float]]]:
+    """The worker CPU and memory samples of a /metrics page: name -> [(pid label, value)]."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in WORKER_SERIES:
+                out.setdefault(sample.name, []).append((sample.labels.get("pid", ""), sample.value))
+    return out
+
+
+async def test_each_service_shows_its_workers_cpu_and_memory_on_its_one_metrics_page(fleet):
+    """prometheus-client's own process_* cannot be merged over workers: the workers record theirs, the CPU counter
+    grows with traffic, and every live worker has its busy share under its pid."""
+
+    async def scrape(service: str) -> dict[str, list[tuple[str, float]]]:
+        address = fleet.ready_info(service)["metrics_address"]
+        async with aiohttp.ClientSession() as s, s.get(f"http://{address}/metrics") as r:
+            return process_series(await r.text())
+
+    before = {}
+    for service in ("gateway", "router"):
+        pids = set(fleet.ready_info(service)["worker_pids"])
+
+        async def recorded(service=service, pids=pids) -> bool:
+            series = await scrape(service)
+            busy = {pid for pid, _ in series.get("fleetserve:worker_cpu_busy_ratio", [])}
+            return (
+                len(series.get("process_cpu_seconds_total", [])) == 1
+                and series["process_cpu_seconds_total"][0][1] > 0
+                and series.get("process_resident_memory_bytes", [("", 0)])[0][1] > 20e6
+                and {str(pid) for pid in pids} <= busy
+            )
+
+        await assert_eventually(recorded, timeout_s=15)
+        before[service] = (await scrape(service))["process_cpu_seconds_total"][0][1]
+    async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+        stub = inf_grpc.InferenceServiceStub(ch)
+        for i in range(20):
+            req = inf_pb.GenerateRequest(model="sim-1b", prompt=f"cpu {i}", max_tokens=8)
+            [r async for r in stub.Generate(req, metadata=auth(fleet.api_key), timeout=30)]
+    for service in ("gateway", "router"):
+
+        async def grew(service=service) -> bool:
+            return (await scrape(service))["process_cpu_seconds_total"][0][1] > before[service]
+
+        await assert_eventually(grew, timeout_s=15)
 
 
 async def test_cancel_through_two_worker_hops_reaches_the_engine(fleet):
