@@ -293,6 +293,18 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 12,
             ),
             Panel(
+                "CPU by service",
+                "Cores each service uses (process_cpu_seconds_total, summed over a service's worker processes) and "
+                "its busiest worker's share of one core (fleetserve:worker_cpu_busy_ratio, services run with "
+                "--workers N): a tier whose workers sit near 1 needs more of them.",
+                [
+                    (f"sum by (service) (rate(process_cpu_seconds_total[{RATE}]))", "{{service}} cores"),
+                    ("max by (service) (fleetserve:worker_cpu_busy_ratio)", "{{service}} busiest worker"),
+                ],
+                "short",
+                12,
+            ),
+            Panel(
                 "Error budget burn rate (1h)",
                 "Bad fraction over the last hour divided by the budget (infra/prometheus/fleetserve-alerts.yml "
                 "recording rules): 1 spends the budget exactly over 30 days; 14.4 pages.",

@@ -41,6 +41,8 @@ REFUSALS = {"INVALID_ARGUMENT": 8, "UNAUTHENTICATED": 4, "NOT_FOUND": 4}
 NOT_IN_THIS_FLEET = {
     # The autoscaler (issue of the `autoscale` helper) exposes it; no autoscaler runs here.
     "fleetserve:autoscaler_desired_replicas": "no autoscaler process in this fleet",
+    # Recorded by the workers of a `--workers N` service (tests/integration/test_workers.py scrapes it).
+    "fleetserve:worker_cpu_busy_ratio": "one process per service in this fleet",
 }
 
 

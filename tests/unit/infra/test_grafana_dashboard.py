@@ -33,7 +33,7 @@ def test_dashboard_is_importable():
 
 def test_panels_cover_what_operators_look_at():
     """TTFT and TPOT with p50/p95/p99 and the mean; throughput; errors by status; running/waiting; KV use per
-    replica; prefix hits; breakers; retries and resumes; shed and limited; desired vs actual replicas."""
+    replica; prefix hits; breakers; retries and resumes; shed and limited; desired vs actual replicas; CPU by service."""
     exprs = " ".join(t["expr"] for p in _doc()["panels"] for t in p.get("targets", []))
     for needle in (
         "histogram_quantile(0.99, sum by (le) (rate(fleetserve:time_to_first_token_seconds_bucket",
@@ -51,5 +51,7 @@ def test_panels_cover_what_operators_look_at():
         "fleetserve:limited_requests_total",
         "fleetserve:autoscaler_desired_replicas",
         'fleetserve:registry_replicas{state="serving"',
+        "sum by (service) (rate(process_cpu_seconds_total",
+        "max by (service) (fleetserve:worker_cpu_busy_ratio)",
     ):
         assert needle in exprs, needle
