@@ -225,14 +225,17 @@ class RouterPool:
         deadline: float,
         metadata=None,
         attempt: Callable[[str], None] | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> RouterStream:
         """The router's GenerateResponse bytes for request (iterate the stream; cancel() or aclose() ends it),
         from the router its affinity key picks; when that one cannot be reached another is tried, and when one
         dies mid-stream (its connection breaks, it is cut by its drain with SHUTTING_DOWN, or it ends the
         stream with an ABORT nobody here asked for) the generation resumes through another router from the
         last token relayed, for generations that may be resumed (self.resume, as the router's --resume).
-        deadline is monotonic; attempt(address) is told each router tried (spans, logs)."""
-        return RouterStream(self, request, deadline, metadata, attempt)
+        deadline is monotonic; attempt(address) is told each router tried (spans, logs). sent(), once, when the
+        first call is on its way: after gRPC's task that sends it has run, so work done there (bookkeeping that
+        decides nothing about the request) overlaps the router's, off the first token's path."""
+        return RouterStream(self, request, deadline, metadata, attempt, sent)
 
     # -- discovery -----------------------------------------------------------------------------------------
 
@@ -318,12 +321,13 @@ class RouterStream:
     """One generation through the pool's routers (see RouterPool.generate). cancel() cancels the router call in
     progress (a drain's cut); the iteration then raises CancelledError."""
 
-    def __init__(self, pool: RouterPool, request, deadline: float, metadata, attempt) -> None:
+    def __init__(self, pool: RouterPool, request, deadline: float, metadata, attempt, sent=None) -> None:
         self._pool = pool
         self._request = request
         self._deadline = deadline
         self._metadata = metadata
         self._attempt = attempt
+        self._sent = sent
         self._call: grpc.aio.UnaryStreamCall | None = None
         self._gen = self._run()
 
@@ -373,6 +377,12 @@ class RouterStream:
             # awaiting the call's read then (grpc.aio would leak that batch; shared/relay.py).
             chunks = ChunkRelay(call.read, coalesce=pool.coalesce, cancel=call.cancel)
             try:
+                if (sent := self._sent) is not None:
+                    self._sent = None
+                    # One loop turn: grpc.aio sends the call from a task of its own, queued behind us until we
+                    # yield; then sent()'s work runs while the router works, not before the call goes out.
+                    await asyncio.sleep(0)
+                    sent()
                 read = chunks.read
                 while (data := await read()) is not grpc.aio.EOF:
                     if tracker is not None:

@@ -50,13 +50,19 @@ class GatewayServicer:
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span_name: str):
         outcome = Outcome(request_id=new_request_id())
-        # The request id goes out while the request is admitted and routed rather than before: the metadata's
-        # round trip through gRPC's completion queue is then off the first token's path (under load every
-        # such trip waits its turn behind the streams this process relays). Awaited before the first chunk, and
-        # before an error ends the call, so the id always precedes both.
-        meta: asyncio.Future | None = asyncio.ensure_future(
-            context.send_initial_metadata((("x-request-id", outcome.request_id),))
-        )
+        # The request id goes out once the router call is on its way (the pipeline's sent), not before: sending
+        # it is a batch in gRPC's core whose set-up would otherwise run ahead of the router call's. Awaited
+        # before the first chunk, and sent before an error ends a call refused before routing, so the id always
+        # precedes both.
+        meta: asyncio.Future | None = None
+        metadata_sent = False
+
+        def send_request_id() -> None:
+            nonlocal meta
+            meta = asyncio.ensure_future(
+                context.send_initial_metadata((("x-request-id", outcome.request_id),))
+            )
+
         # Conservative: the router must give up before our client does, so errors reach the client.
         timeout = downstream_timeout(context, default_s=self.pipeline.default_deadline_s, conservative=True)
         # Read once for both (~8 us each time grpc.aio builds the pairs, 3x that on a hop that was idle).
@@ -68,10 +74,14 @@ class GatewayServicer:
             timeout_s=timeout,
             parent=trace_context_of(metadata),
             span_name=span_name,
+            sent=send_request_id,
         )
         try:
             async for data in stream:
-                if meta is not None:
+                if not metadata_sent:
+                    if meta is None:
+                        send_request_id()  # defensive: a first chunk always follows sent()
+                    metadata_sent = True
                     await meta
                     meta = None
                 if outcome.finished:
@@ -91,6 +101,8 @@ class GatewayServicer:
                     await stream.aclose()
                     self.feedback.recent.remember(outcome.request_id, outcome, request.model)
             finally:
+                if meta is None and not metadata_sent:
+                    send_request_id()  # refused (or gone) before routing: the error still follows the id
                 if meta is not None:
                     await asyncio.wait((meta,))
                     if not meta.cancelled():

@@ -151,6 +151,31 @@ async def test_bad_input_is_invalid_argument_with_field_violations(fleet):
     assert {f for f, _ in d.field_violations} == {"prompt", "temperature", "max_tokens"}
 
 
+async def test_request_refused_before_routing_still_has_its_id_and_span_attributes(fleet):
+    """A request the gateway refuses before any router call (its log context, span attributes and x-request-id
+    are set once that call is on its way) still gets its x-request-id ahead of the error, and its span the
+    request id, model and tenant."""
+    call = stub(fleet).Generate(
+        pb.GenerateRequest(model=MODEL, prompt="hi", temperature=3.0, feature="refused"),
+        metadata=auth(),
+        timeout=10,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in call:
+            pass
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    request_id = dict(await call.initial_metadata())["x-request-id"]
+    assert len(request_id) == 32
+    span = await assert_eventually(lambda: gateway_span(fleet, request_id), timeout_s=5)
+    a = span.attributes
+    assert (a["fleetserve.model"], a["fleetserve.tenant_id"], a["fleetserve.feature"]) == (
+        MODEL,
+        "dev",
+        "refused",
+    )
+    assert a["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
 async def test_unknown_model_error_is_relayed_with_its_details(fleet):
     """The router's NOT_FOUND reaches the client with its ErrorInfo reason intact."""
     d = await generate_error(fleet, pb.GenerateRequest(model="gpt-none", prompt="hi"))
