@@ -169,14 +169,15 @@ class Attempt:
         self.first = None
         return first.result()
 
-    def answered(self, streaming: bool = True) -> None:
+    def answered(self, streaming: bool = True, at: float | None = None) -> None:
         """The replica sent its first chunk: a half-open breaker's probe closes; its TTFT feeds outlier
         detection. streaming=False for a summarized stream (no message per token): the stall watchdog then keeps
-        it out of the replica's inter-token pace and judges its silence as a first token's."""
+        it out of the replica's inter-token pace and judges its silence as a first token's. at: when the first
+        chunk came (time.monotonic(); default now), for a caller that relays it before saying so."""
         self._verdict = True
         self.breaker.on_success()
         replica = self.replica
-        ttft_s = time.monotonic() - self.sent_at
+        ttft_s = (time.monotonic() if at is None else at) - self.sent_at
         self.router.outliers.record_ttft(replica.replica_id, replica.model, ttft_s * 1000.0)
         if streaming:
             if self.watch is not None:
