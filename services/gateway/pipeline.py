@@ -439,7 +439,9 @@ class GatewayPipeline:
                                 outcome, pb.GenerateResponse.FromString(first or data).chunk.served_by
                             )
                             outcome.finished = True
-                        if ticket is not None and (outcome.finished or (self.ledger_sync and has_finish(data))):
+                        if ticket is not None and (
+                            outcome.finished or (self.ledger_sync and has_finish(data))
+                        ):
                             # Settled before the client has its last chunk (both front ends end the client's
                             # stream with it, before the call's trailers): its next request finds its stream
                             # slot free and its tokens charged, as exact limits need. With ledger_sync the
