@@ -99,6 +99,12 @@ class GatewaySettings(WorkerSettings):
         description="redis://host:port/db shared by every gateway for rate limits and stream caps; empty: "
         "limits are kept in this process (one gateway).",
     )
+    redis_timeout_s: float = Field(
+        0.5,
+        gt=0,
+        description="Socket connect and reply timeout of each Redis call; a call that exceeds it counts as Redis "
+        "unreachable (that request is checked against the in-process fallback, 3 in a row open the breaker).",
+    )
     limits_fallback_gateways: int = Field(
         0,
         ge=0,

@@ -187,7 +187,11 @@ class GatewayPipeline:
         """The pipeline with everything the settings turn on: limits (in process, or Redis), the ledger and
         budgets, the safety filter, load shedding. start() starts its background tasks, close() ends them."""
         backend: LimitBackend = (
-            RedisLimits(settings.redis_url, fallback_gateways=settings.limits_fallback_gateways)
+            RedisLimits(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                fallback_gateways=settings.limits_fallback_gateways,
+            )
             if settings.redis_url
             else LocalLimits()
         )
