@@ -138,6 +138,9 @@ class KvSubscriptions:
         # replica id -> (model, state of its stream), for the gauge and tests.
         self._states: dict[str, tuple[str, KvStreamState]] = {}
         self.subscribed = 0  # streams opened, reconnects included (status and tests)
+        # Replicas told to be off (router.kv_events_off): not the state, which a crash between "off" and a restart
+        # with events turns to connecting; "on" is said for each of them, "off" once until then.
+        self._warned_off: set[str] = set()
 
     def ensure(self, replica_id: str, address: str, model: str = "") -> None:
         """Follow replica_id (of model) at address (restart the stream if the address changed). Needs a
@@ -186,6 +189,7 @@ class KvSubscriptions:
             self._on_state(replica_id, model, state)
 
     def _forget(self, replica_id: str) -> None:
+        self._warned_off.discard(replica_id)
         old = self._states.pop(replica_id, None)
         if old is not None and self._on_state is not None:
             self._on_state(replica_id, old[0], None)
@@ -201,8 +205,9 @@ class KvSubscriptions:
                     attempt = 0
                     continue  # renewed or resynced at once
                 if reason == _OFF:
-                    if self.state(replica_id) is not KvStreamState.OFF:
+                    if replica_id not in self._warned_off:
                         # Once per replica (until it syncs or leaves): a retry every few seconds would flood.
+                        self._warned_off.add(replica_id)
                         log.warning(
                             "router.kv_events_off",
                             replica=replica_id,
@@ -239,7 +244,8 @@ class KvSubscriptions:
                     return None  # a gap: resubscribe for a fresh snapshot
                 if not got_any:
                     got_any = True
-                    if self.state(replica_id) is KvStreamState.OFF:
+                    if replica_id in self._warned_off:
+                        self._warned_off.discard(replica_id)
                         log.info("router.kv_events_on", replica=replica_id)  # restarted with events
                     self._set(replica_id, KvStreamState.SYNCED)
             return "stream ended"

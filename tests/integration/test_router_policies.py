@@ -161,7 +161,8 @@ async def test_kv_aware_warns_once_about_a_vllm_replica_without_kv_events_and_fo
     router.kv_events_off once (not once per retry), shows it as off (2) on fleetserve:router_kv_events_state,
     keeps routing to it by load with nothing cached in its index, and asks again slowly: once the engine is
     restarted with --vllm-kv-events at the same address (a crash and restart within its lease), the router
-    follows its events (synced, 0) without the replica leaving the fleet."""
+    follows its events (synced, 0) without the replica leaving the fleet and says so (router.kv_events_on), the
+    crash seen in between (connecting) or not."""
     pytest.importorskip("zmq", reason="the vllm backend reads KV events with pyzmq")
     from infra.models.generate import main as generate_model
     from services.engine import vllm_backend
@@ -224,6 +225,8 @@ async def test_kv_aware_warns_once_about_a_vllm_replica_without_kv_events_and_fo
 
                 # Restarted with KV events at the same address: picked up by the slow retry.
                 await vllm.stop(0)
+                # The retry finds it down first (connecting, as a crash looks): still "on" once it is back.
+                await assert_eventually(lambda: state("engine-vllm") == 1, timeout_s=10)
                 vllm = await start_vllm(kv_events=True)
                 await assert_eventually(lambda: state("engine-vllm") == 0, timeout_s=10)
                 assert kv_policy(fleet.router).index.synced("engine-vllm")
