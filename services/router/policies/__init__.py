@@ -26,7 +26,6 @@ log = structlog.get_logger(__name__)
 DEFAULT_OUTPUT_TOKENS = 256
 
 
-@functools.lru_cache(maxsize=4096)
 @functools.lru_cache(maxsize=4096)  # a hash per request on the engine call's path otherwise; few tenants
 def cache_salt_for(tenant_id: str) -> str:
     """The engine cache salt of a tenant: derived from the tenant id alone, so every router computes the same
