@@ -48,6 +48,7 @@ def is_finished(data: bytes) -> bool:
 def has_finish(data: bytes) -> bool:
     """Whether a relayed GenerateResponse is its stream's last chunk: it carries a finish reason, any of them.
     Parsed only when one of the reasons' byte pairs is in it, as in is_finished."""
-    if not any(pair in data for pair in _ANY_FINISH_BYTES):
-        return False
-    return _parse(data).chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    for pair in _ANY_FINISH_BYTES:  # a loop, not any(genexp): no generator object per relayed chunk
+        if pair in data:
+            return _parse(data).chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    return False
