@@ -287,7 +287,9 @@ class RedisLimits:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.breaker.current() is BreakerState.CLOSED:
             try:  # leave the count at once rather than when the presence entry expires
-                await self.client.zrem(self.prefix + "gateways", self.gateway_id)
-            except (RedisError, OSError):
+                # At most a second: a Redis that hangs must not hold a stopping gateway for --redis-timeout-s
+                # (its entry expires on its own within 3 presence intervals).
+                await asyncio.wait_for(self.client.zrem(self.prefix + "gateways", self.gateway_id), 1.0)
+            except (RedisError, OSError, TimeoutError):
                 pass
         await self.client.aclose()
