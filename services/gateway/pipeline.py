@@ -55,6 +55,20 @@ _TIER_PRIORITY = {
 _STREAM_LEASE_SLACK_S = 30.0
 
 
+def limit_backend(settings: GatewaySettings) -> LimitBackend:
+    """Where the settings keep rate limits and stream caps: Redis (shared by every gateway, each call bounded by
+    --redis-timeout-s), else this process (with --workers N and no Redis, this worker's exact share)."""
+    if settings.redis_url:
+        return RedisLimits(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            fallback_gateways=settings.limits_fallback_gateways,
+        )
+    if settings.worker_count > 1:
+        return SplitLimits(LocalLimits(), max(0, settings.worker_index), settings.worker_count)
+    return LocalLimits()
+
+
 def note_served(outcome: Outcome, served_by: common_pb2.ServedBy) -> None:
     """The replica, model version and experiment arm that served a request (its first chunk's served_by)."""
     outcome.replica_id = served_by.replica_id
@@ -186,18 +200,7 @@ class GatewayPipeline:
     ) -> GatewayPipeline:
         """The pipeline with everything the settings turn on: limits (in process, or Redis), the ledger and
         budgets, the safety filter, load shedding. start() starts its background tasks, close() ends them."""
-        backend: LimitBackend = (
-            RedisLimits(
-                settings.redis_url,
-                timeout_s=settings.redis_timeout_s,
-                fallback_gateways=settings.limits_fallback_gateways,
-            )
-            if settings.redis_url
-            else LocalLimits()
-        )
-        if not settings.redis_url and settings.worker_count > 1:
-            # Several workers without Redis: each enforces its exact share of every limit.
-            backend = SplitLimits(backend, max(0, settings.worker_index), settings.worker_count)
+        backend = limit_backend(settings)
         ledger = Ledger(
             tenants.db,
             flush_interval_s=settings.ledger_flush_interval_s,

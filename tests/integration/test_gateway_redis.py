@@ -21,7 +21,9 @@ import redis.asyncio as redis
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
+from services.gateway.config import GatewaySettings
 from services.gateway.limits import Rate
+from services.gateway.pipeline import limit_backend
 from services.gateway.redis_limits import RedisLimits
 from services.gateway.schema import open_accounts
 from services.gateway.tenants import TenantStore
@@ -134,6 +136,30 @@ async def test_limits_fall_back_to_the_process_while_redis_is_down():
         assert await lim.open_stream("s:a", 1, "r1", 60)
         await lim.close_stream("s:a", "r1")
         assert await lim.open_stream("s:a", 1, "r2", 60)
+
+
+async def test_redis_timeout_s_bounds_each_call_to_a_redis_that_stopped_answering(tmp_path):
+    """--redis-timeout-s reaches the gateway's Redis client: against a peer that accepts connections and never
+    answers (a hung Redis), a request is checked against the in-process fallback once that much time has
+    passed, and not before."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)  # connections complete in the kernel's backlog; nothing ever reads or answers them
+        url = f"redis://127.0.0.1:{hung.getsockname()[1]}/0"
+        # 0.2 s falls back well within 5 s; 30 s is still waiting after 2 s, where the default 0.5 s would not be.
+        for timeout_s, wait_s, answered in ((0.2, 5.0, True), (30.0, 2.0, False)):
+            settings = GatewaySettings(router_address="127.0.0.1:1", redis_url=url, redis_timeout_s=timeout_s)
+            backend = limit_backend(settings)
+            task = asyncio.ensure_future(backend.take([(RPS, 1)]))
+            try:
+                done, _ = await asyncio.wait({task}, timeout=wait_s)
+                assert bool(done) is answered, timeout_s
+                if answered:
+                    assert task.result() == []  # admitted by the fallback
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await backend.close()
 
 
 @contextlib.contextmanager
