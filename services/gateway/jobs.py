@@ -491,6 +491,10 @@ class JobRunner:
         """Extend this gateway's leases. An item whose lease was lost (taken over after a stall) is stopped at
         once; when renewing has failed for most of a lease, every item is stopped before the lease can end, so
         that no other gateway ever runs an item this one still runs."""
+        # Only items running before the renewal was sent are judged by it: an item claimed while it was under
+        # way (its claim committed after the renewal read the leases) is not in `held` yet, and stopping it as
+        # "lost" would orphan it, its lease still ours and renewed by every later round, run by nobody.
+        judged = list(self._items)
         try:
             held = await self.store.renew(self.owner, self.lease_s)
         except DatabaseError:
@@ -499,7 +503,7 @@ class JobRunner:
                     self._stop_item(key, "lease_unrenewable")
             raise
         self._renewed_at = self._clock()
-        for key in list(self._items):
+        for key in judged:
             if key not in held:
                 self._stop_item(key, "lease_lost")
         # With the lease: what the items generated since, so that another gateway taking one over (this one
