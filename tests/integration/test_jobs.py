@@ -4,6 +4,7 @@ gateway process being killed mid-job (finished items kept, the rest run after th
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import grpc
@@ -15,7 +16,8 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.gateway.app import start as start_gateway
 from services.gateway.config import GatewaySettings
-from services.gateway.jobs import JobRunner
+from services.gateway.jobs import JobRunner, JobStore, item_requests
+from services.gateway.schema import open_databases
 from shared.errors import ErrorDetails, details_of
 from tests.integration.conftest import running_cluster
 from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
@@ -225,6 +227,37 @@ async def test_retry_policy_sits_out_short_limits_and_counts_failures():
     assert runner._retry_delay(at_once, failures=2, waited_s=0.0) is None
     bad = ErrorDetails(grpc.StatusCode.NOT_FOUND, "no model", "MODEL_NOT_FOUND")
     assert runner._retry_delay(bad, failures=0, waited_s=0.0) is None
+
+
+async def test_an_item_claimed_while_a_renewal_is_under_way_is_not_taken_for_lost(tmp_path):
+    """The renewal's answer lists the leases it extended; an item whose claim committed after the renewal read
+    them is absent from it without being lost. Stopping it would leave it leased to this live gateway (every
+    later renewal extends it) and run by nobody: its job would never complete (a fresh-clone run, 15 of 16)."""
+    dbs = await open_databases("", str(tmp_path / "gateway.db"))
+    try:
+        req = pb.SubmitBatchRequest(model=MODEL, items=[pb.BatchItem(prompt="a"), pb.BatchItem(prompt="b")])
+        store = JobStore(dbs.jobs)
+        job_id = await store.create("t", req, item_requests(req), "digest")
+        runner = JobRunner(store, None, None, lease_s=30.0)  # type: ignore[arg-type]
+        running = asyncio.create_task(asyncio.sleep(60))  # stands in for the item's run
+        real_renew = store.renew
+
+        async def renew_then_claim(owner: str, lease_s: float):
+            held = await real_renew(owner, lease_s)
+            # The interleaving: before the renewal's answer is back, a worker's claim of item 0 commits.
+            item = await store.claim(job_id, owner, lease_s, 4)
+            runner._items[(job_id, item.index)] = running
+            return held
+
+        store.renew = renew_then_claim  # type: ignore[method-assign]
+        await runner.renew()
+        await asyncio.sleep(0)
+        assert not running.cancelled() and (job_id, 0) in runner._items
+        store.renew = real_renew  # type: ignore[method-assign]
+        assert await store.renew(runner.owner, 30.0) == {(job_id, 0)}  # the lease is this runner's, and kept
+        running.cancel()
+    finally:
+        await dbs.close()
 
 
 @pytest.mark.slow
