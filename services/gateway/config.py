@@ -109,7 +109,16 @@ class GatewaySettings(WorkerSettings):
         0,
         ge=0,
         description="While Redis is unreachable each gateway enforces 1/N of every limit; N is this, or with "
-        "0 the number of gateways last seen in Redis (each keeps a presence entry there while it is up).",
+        "0 the number of gateways seen: alive in the gateway database's presence table (read during the outage "
+        "too), plus those last seen in Redis's presence set that the database does not say left.",
+    )
+    limits_fallback_unknown_gateways: int = Field(
+        2,
+        ge=1,
+        description="N while nothing is known (no presence read from Redis or the gateway database yet, and "
+        "limits_fallback_gateways 0): a conservative guess rather than 1, which would let every gateway grant "
+        "the whole limit; logged once (gateway.limits_fleet_size_unknown) and exported as the metric "
+        "fleetserve:limits_fallback_gateways_unknown.",
     )
     model_prices: dict[str, tuple[float, float]] = Field(
         default_factory=dict,

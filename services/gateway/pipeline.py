@@ -17,13 +17,15 @@ from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from prometheus_client.registry import CollectorRegistry
 
 from services.gateway.admission import Admission, Ticket
 from services.gateway.budgets import Budgets
 from services.gateway.config import GatewaySettings
-from services.gateway.db import DatabaseError
+from services.gateway.db import Database, DatabaseError
 from services.gateway.ledger import Ledger, cost_usd
 from services.gateway.limits import LimitBackend, LocalLimits, SplitLimits
+from services.gateway.presence import PresenceTable
 from services.gateway.redis_limits import RedisLimits
 from services.gateway.request_metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.routers import RouterPool
@@ -55,14 +57,20 @@ _TIER_PRIORITY = {
 _STREAM_LEASE_SLACK_S = 30.0
 
 
-def limit_backend(settings: GatewaySettings) -> LimitBackend:
+def limit_backend(
+    settings: GatewaySettings, db: Database | None = None, registry: CollectorRegistry | None = None
+) -> LimitBackend:
     """Where the settings keep rate limits and stream caps: Redis (shared by every gateway, each call bounded by
-    --redis-timeout-s), else this process (with --workers N and no Redis, this worker's exact share)."""
+    --redis-timeout-s; its fallback counts the gateways in db's presence table, metrics on registry), else this
+    process (with --workers N and no Redis, this worker's exact share)."""
     if settings.redis_url:
         return RedisLimits(
             settings.redis_url,
             timeout_s=settings.redis_timeout_s,
             fallback_gateways=settings.limits_fallback_gateways,
+            unknown_gateways=settings.limits_fallback_unknown_gateways,
+            presence=PresenceTable(db) if db is not None else None,
+            metrics_registry=registry,
         )
     if settings.worker_count > 1:
         return SplitLimits(LocalLimits(), max(0, settings.worker_index), settings.worker_count)
@@ -200,7 +208,7 @@ class GatewayPipeline:
     ) -> GatewayPipeline:
         """The pipeline with everything the settings turn on: limits (in process, or Redis), the ledger and
         budgets, the safety filter, load shedding. start() starts its background tasks, close() ends them."""
-        backend = limit_backend(settings)
+        backend = limit_backend(settings, tenants.db, prom.registry if prom is not None else None)
         ledger = Ledger(
             tenants.db,
             flush_interval_s=settings.ledger_flush_interval_s,

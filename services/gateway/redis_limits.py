@@ -4,8 +4,10 @@ check-and-take one atomic Lua script on Redis's clock, so N gateways enforce a l
 While Redis cannot be reached (down, or hung: each call then waits for the socket timeout), a circuit breaker
 sends every request to an in-process fallback at once, and a background probe closes it when Redis answers
 again. During the fallback each gateway enforces its share of each limit (1/N of it, N the number of gateways),
-so the fleet as a whole stays near the limit rather than at N times it. N is learned: every gateway keeps a
-presence entry in Redis while Redis is up, and the fallback uses the count last seen (or a configured N)."""
+so the fleet as a whole stays near the limit rather than at N times it. N is configured, or learned from two
+places every gateway keeps a presence lease in: Redis (while it is up) and the gateway database (shared by the
+gateways that share tenants), so a gateway that starts while Redis is down still counts the others; with
+nothing learned yet, a conservative default (see FleetSize)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,13 @@ from typing import TypeVar
 
 import redis.asyncio as redis
 import structlog
+from prometheus_client.registry import CollectorRegistry
 from redis.exceptions import RedisError
 
+from services.gateway.db import DatabaseError
 from services.gateway.limits import LocalLimits, Rate
+from services.gateway.presence import Presence, PresenceTable
+from shared import prom
 from shared.resilience import BreakerState, CircuitBreaker
 
 log = structlog.get_logger(__name__)
@@ -74,15 +80,57 @@ return 1
 """
 
 # KEYS[1]: sorted set of gateway ids scored by presence expiry. ARGV: this gateway's id, ttl seconds.
-# Returns how many gateways are present (this one included).
+# Returns the ids of the gateways present (this one included): a gateway that died without leaving is gone
+# once its entry expires (ttl), so a count never stays too high.
 _PRESENT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 2000))
-return redis.call('ZCARD', KEYS[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
+
+
+class FleetSize:
+    """N, the number of gateways the fallback divides each limit by, from what the presence leases said last.
+
+    - configured (--limits-fallback-gateways): wins; for fleets that know their size (a Deployment's replicas).
+    - seen: the gateways alive in the gateway database's presence table at its last reading, plus those in Redis's
+      presence set at its last reading unless the database says they left. The database is what the gateways
+      sharing tenants already share (one SQLite file on a host, PostgreSQL across hosts) and is read while Redis
+      is down, so gateways that start during an outage count each other, and one that leaves during it stops
+      being counted (its lease ends). Redis's set is kept as last seen: it covers gateways on another database,
+      and a gateway that died is gone from it within a lease (3 presence intervals) while Redis is up.
+    - default (--limits-fallback-unknown-gateways, 2): nothing read yet (before the first round, or neither Redis
+      nor the database has answered). Not 1: a gateway that knows nothing must not grant the whole limit, which
+      N gateways doing at once would turn into N times the limit; 2 is the smallest fleet that uses Redis for
+      sharing, and the base Kubernetes manifest's replica count. Logged once as gateway.limits_fleet_size_unknown
+      and exported as fleetserve:limits_fallback_gateways_unknown so an operator can alert on it."""
+
+    def __init__(self, configured: int = 0, unknown: int = 2) -> None:
+        self.configured = configured
+        self.unknown = max(1, unknown)
+        self.redis: frozenset[str] | None = None
+        self.database: Presence | None = None
+        self.seen: int | None = None
+
+    def recount(self) -> None:
+        members: set[str] = set()
+        if self.database is not None:
+            members |= self.database.alive
+        if self.redis is not None:
+            members |= self.redis - (self.database.departed if self.database is not None else frozenset())
+        self.seen = len(members) if (self.redis is not None or self.database is not None) else None
+
+    @property
+    def source(self) -> str:
+        if self.configured:
+            return "configured"
+        return "default" if not self.seen else "seen"
+
+    def __call__(self) -> int:
+        return self.configured or self.seen or self.unknown
 
 
 class FleetShareLimits(LocalLimits):
@@ -131,7 +179,10 @@ class RedisLimits:
         timeout_s: float = 0.5,
         *,
         fallback_gateways: int = 0,
+        unknown_gateways: int = 2,
         presence_interval_s: float = 1.0,
+        presence: PresenceTable | None = None,
+        metrics_registry: CollectorRegistry | None = None,
         breaker: CircuitBreaker | None = None,
         gateway_id: str = "",
     ) -> None:
@@ -140,29 +191,43 @@ class RedisLimits:
         self._take = self.client.register_script(_TAKE)
         self._open = self.client.register_script(_OPEN_STREAM)
         self._present = self.client.register_script(_PRESENT)
-        # Configured number of gateways for the fallback's shares (0: the count last seen in Redis).
-        self.fallback_gateways = fallback_gateways
-        self.gateways_seen = 1
+        self.fleet = FleetSize(fallback_gateways, unknown_gateways)
         self.presence_interval_s = presence_interval_s
+        # The gateway database's presence table (None: Redis's presence set is the only one read).
+        self.presence = presence
         self.gateway_id = gateway_id or uuid.uuid4().hex
-        self.fallback = FleetShareLimits(self.gateways)
+        self.fallback = FleetShareLimits(self.fleet)
         self.breaker = breaker or CircuitBreaker(
             failure_threshold=3, open_s=1.0, max_open_s=10.0, on_change=self._breaker_changed
         )
         self._warned = -_WARN_EVERY_S
+        self._db_warned = -_WARN_EVERY_S
+        self._unknown_logged = False
+        self._logged_size: tuple[int, str] | None = None
         # Streams opened on the fallback are closed there too, even if Redis is back by then.
         self._local_streams: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task] = set()
         self._probing = False
         self._closing = False
+        self._metrics = _FallbackMetrics(metrics_registry) if metrics_registry is not None else None
+        self._publish()
+
+    @property
+    def gateways_seen(self) -> int | None:
+        """The gateways counted at the last presence round (None: nothing read yet)."""
+        return self.fleet.seen
 
     def gateways(self) -> int:
-        """The number of gateways sharing the limits: configured, else the count last seen in Redis."""
-        return self.fallback_gateways or self.gateways_seen
+        """The number of gateways sharing the limits: configured, else seen, else the conservative default."""
+        return self.fleet()
 
     def start(self) -> None:
-        """Start keeping this gateway's presence in Redis (how every gateway learns the fleet's size)."""
+        """Start keeping this gateway's presence in Redis and the gateway database (how every gateway learns the
+        fleet's size)."""
         self._spawn(self._presence_loop())
+        if self.presence is not None:
+            # Its own loop: a hung Redis must not delay the database's reading, nor a slow database Redis's.
+            self._spawn(self._db_presence_loop())
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -176,11 +241,42 @@ class RedisLimits:
         while not self._closing:
             if self.breaker.current() is BreakerState.CLOSED:
                 try:
-                    n = await self._present(keys=[self.prefix + "gateways"], args=[self.gateway_id, ttl])
-                    self.gateways_seen = max(1, int(n))
+                    ids = await self._present(keys=[self.prefix + "gateways"], args=[self.gateway_id, ttl])
                 except (RedisError, OSError) as e:
                     self._fault(e)
+                else:
+                    self.fleet.redis = frozenset(i.decode() if isinstance(i, bytes) else str(i) for i in ids)
+                    self._recounted()
             await asyncio.sleep(self.presence_interval_s)
+
+    async def _db_presence_loop(self) -> None:
+        assert self.presence is not None
+        ttl = self.presence_interval_s * 3
+        while not self._closing:
+            try:
+                self.fleet.database = await self.presence.renew(self.gateway_id, ttl)
+            except DatabaseError as e:  # keep the last reading: nothing newer is known
+                now = time.monotonic()
+                if now - self._db_warned >= _WARN_EVERY_S:
+                    self._db_warned = now
+                    log.warning("gateway.presence_db_unavailable", error=str(e), gateways=self.gateways())
+            else:
+                self._recounted()
+            await asyncio.sleep(self.presence_interval_s)
+
+    def _recounted(self) -> None:
+        self.fleet.recount()
+        self._publish()
+        size = (self.gateways(), self.fleet.source)
+        if size != self._logged_size:
+            self._logged_size = size
+            log.info("gateway.limits_fleet_size", gateways=size[0], source=size[1])
+
+    def _publish(self) -> None:
+        if self._metrics is not None:
+            self._metrics.gateways.set(self.gateways())
+            self._metrics.unknown.set(1 if self.fleet.source == "default" else 0)
+            self._metrics.active.set(0 if self.breaker.state is BreakerState.CLOSED else 1)
 
     def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
         if new is BreakerState.OPEN and old is BreakerState.CLOSED:
@@ -188,9 +284,21 @@ class RedisLimits:
                 "gateway.redis_breaker_opened",
                 fallback="in-process limits, this gateway's share",
                 gateways=self.gateways(),
+                gateways_source=self.fleet.source,
             )
+            if self.fleet.source == "default" and not self._unknown_logged:
+                self._unknown_logged = True
+                log.warning(
+                    "gateway.limits_fleet_size_unknown",
+                    gateways=self.gateways(),
+                    hint="no gateway count seen in Redis or the gateway database yet: each limit is divided by "
+                    "this default (--limits-fallback-unknown-gateways); set --limits-fallback-gateways to the "
+                    "fleet's size to know it",
+                )
         elif new is BreakerState.CLOSED:
             log.info("gateway.redis_breaker_closed")
+        if self._metrics is not None:
+            self._metrics.active.set(0 if new is BreakerState.CLOSED else 1)
 
     def _fault(self, e: BaseException) -> None:
         self.breaker.on_fault()
@@ -285,6 +393,11 @@ class RedisLimits:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.presence is not None:
+            try:  # the others stop counting this gateway at their next round, not when its lease ends
+                await asyncio.wait_for(self.presence.leave(self.gateway_id), 1.0)
+            except (DatabaseError, TimeoutError):
+                pass
         if self.breaker.current() is BreakerState.CLOSED:
             try:  # leave the count at once rather than when the presence entry expires
                 # At most a second: a Redis that hangs must not hold a stopping gateway for --redis-timeout-s
@@ -293,3 +406,31 @@ class RedisLimits:
             except (RedisError, OSError, TimeoutError):
                 pass
         await self.client.aclose()
+
+
+class _FallbackMetrics:
+    """What an operator alerts on: the fallback in use, and the fleet size it divides by (known or a default)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.active = prom.gauge(
+            "fleetserve:limits_fallback_active",
+            "1 while Redis is unreachable and this gateway enforces its share of every limit in process.",
+            (),
+            registry,
+            multiprocess_mode="livemax",
+        )
+        self.gateways = prom.gauge(
+            "fleetserve:limits_fallback_gateways",
+            "N, the number of gateways the in-process fallback divides each limit by (configured, seen, or the "
+            "default while nothing is known).",
+            (),
+            registry,
+            multiprocess_mode="livemax",
+        )
+        self.unknown = prom.gauge(
+            "fleetserve:limits_fallback_gateways_unknown",
+            "1 while N is the conservative default: no gateway count seen in Redis or the gateway database yet.",
+            (),
+            registry,
+            multiprocess_mode="livemax",
+        )

@@ -175,6 +175,22 @@ ALTER TABLE usage_ledger ADD COLUMN idempotency_key TEXT;
 CREATE INDEX usage_ledger_idempotency ON usage_ledger(tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 """,
     ),
+    Migration(
+        5,
+        "gateway presence: which gateways are up (the fleet size the Redis limits' fallback divides limits by)",
+        sqlite="""
+CREATE TABLE IF NOT EXISTS gateway_presence (
+    gateway_id  TEXT PRIMARY KEY,
+    lease_until REAL NOT NULL
+);
+""",
+        postgresql="""
+CREATE TABLE gateway_presence (
+    gateway_id  TEXT PRIMARY KEY,
+    lease_until DOUBLE PRECISION NOT NULL
+);
+""",
+    ),
 )
 
 JOBS: tuple[Migration, ...] = (

@@ -1,17 +1,19 @@
 """Limits shared through a real redis-server on loopback: buckets and stream caps seen alike by two clients,
 stream leases, the in-process fallback while Redis is down, and two gateway processes enforcing one tenant's
-limit once between them."""
+limit once between them, with Redis up and with Redis down since before they started."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -279,3 +281,87 @@ async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_
             if "gateway.redis_unavailable" in line
         ]
         assert not fallbacks, fallbacks
+
+
+def _log_events(path: Path, event: str) -> list[dict]:
+    """The JSON log lines of a gateway process that have this event."""
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if record.get("event") == event:
+                out.append(record)
+    return out
+
+
+async def test_two_gateways_started_while_redis_is_down_enforce_a_tenant_limit_once(tmp_path):
+    """Two gateway processes started with their Redis down (they never saw each other there) on one gateway
+    database: they count each other in its presence table, so 10 simultaneous requests of a tenant limited to
+    4 per second, 5 through each, admit 4 plus what drained (4/s) during the burst: each its half, not the whole
+    limit each (8, what they admitted when the fleet size was only learned in Redis)."""
+    async with in_process_fleet(tmp_path, engines=1) as fleet:
+        db = str(tmp_path / "gateway.db")
+        store = TenantStore(await open_accounts(db))
+        await store.bootstrap(API_KEY)
+        keys = []
+        for n in range(3):  # a tenant, so a fresh bucket, per burst
+            await store.create_tenant(f"down{n}", tenant_id=f"down{n}")
+            await store.set_tenant(f"down{n}", rps=4)
+            keys.append(await store.add_key(f"down{n}"))
+        await store.close()
+        flags = (
+            f"--db-path={db}",
+            f"--redis-url=redis://{closed_port_address()}/0",  # refused: Redis down from the start
+            "--auth-cache-ttl-s=0",
+        )
+        with (
+            gateway_process(tmp_path, "gw1", fleet.router.address, *flags) as (p1, r1),
+            gateway_process(tmp_path, "gw2", fleet.router.address, *flags) as (p2, r2),
+        ):
+            addresses = [
+                await assert_eventually(lambda r=r: ready_address(r), timeout_s=60) for r in (r1, r2)
+            ]
+            # Each has read the other's presence lease in the database (rounds every second).
+            for name in ("gw1", "gw2"):
+                await assert_eventually(
+                    lambda name=name: any(
+                        e["gateways"] == 2 and e["source"] == "seen"
+                        for e in _log_events(tmp_path / f"{name}.log", "gateway.limits_fleet_size")
+                    ),
+                    timeout_s=30,
+                    message=f"{name} did not count 2 gateways",
+                )
+            stubs = [pb_grpc.InferenceServiceStub(fleet.channel(a)) for a in addresses]
+            for stub in stubs:  # connected and serving before the burst, so the burst is simultaneous
+                await stub.ListModels(
+                    pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {keys[0]}"),), timeout=10
+                )
+
+            async def one(stub, key: str) -> str:
+                call = stub.Generate(
+                    pb.GenerateRequest(model=MODEL, prompt="hi", max_tokens=1),
+                    metadata=(("authorization", f"Bearer {key}"),),
+                    timeout=20,
+                )
+                try:
+                    async for _ in call:
+                        pass
+                except grpc.aio.AioRpcError as e:
+                    return details_of(e).reason
+                return "OK"
+
+            # A burst that spreads over a second (a loaded box) cannot tell one limiter from two: another burst,
+            # of another tenant, at most 3 in all. Without Redis there is no shared clock: the spread is this
+            # process's time from the first send to the last answer, which only loosens the bound.
+            for key in keys:
+                start = time.monotonic()
+                results = await asyncio.gather(*(one(stubs[i % 2], key) for i in range(10)))
+                spread = time.monotonic() - start
+                admitted = results.count("OK")
+                assert set(results) <= {"OK", "RATE_LIMITED"}, results
+                # Each gateway's half of the bucket: 2 + 2/s x spread each, 4 + 4/s x spread together.
+                assert 4 <= admitted <= 4 + int(4 * spread), (results, spread)
+                if spread < 1.0:
+                    break
+            assert spread < 1.0, f"3 bursts each spread over a second ({spread:.2f} s the last)"
+            assert p1.poll() is None and p2.poll() is None

@@ -1,7 +1,8 @@
 """The limits backend when Redis fails: a hung Redis (SIGSTOP: connections open, nothing answers) or a dead one
 opens the breaker after a few timeouts, requests then go to the in-process fallback without waiting on Redis,
 a probe closes the breaker once Redis answers; during the fallback each gateway enforces its share of a limit
-(1/N, N the gateways last seen in Redis), so the fleet stays near the limit instead of N times it."""
+(1/N, N the gateways seen in the gateway database's presence table and in Redis's), so the fleet stays near
+the limit instead of N times it, also when Redis was down before any gateway saw the others there."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import asyncio
 import contextlib
 
 import pytest
+import structlog
+from prometheus_client import CollectorRegistry
 
 from services.gateway.limits import Rate
+from services.gateway.presence import PresenceTable
 from services.gateway.redis_limits import RedisLimits
+from services.gateway.schema import open_accounts
 from shared.resilience import BreakerState
 from tests.chaos.report import record
+from tests.integration.test_router import closed_port_address
 from tests.support import assert_eventually
 
 # 30 requests per 10 s across the fleet: a burst of 30, then 3 per second.
@@ -21,13 +27,14 @@ FLEET_RATE = Rate("t:x:rps", 30.0, 10.0, "tenant:x", "30 requests per 10 seconds
 
 
 @contextlib.asynccontextmanager
-async def gateways(url: str, n: int, prefix: str):
-    """n limits backends as n gateways would hold them, presence started, each seeing all n."""
+async def gateways(url: str, n: int, prefix: str, sees: int | None = None):
+    """n limits backends as n gateways would hold them, presence started, each seeing all n (or `sees`: others
+    are up already)."""
     backends = [RedisLimits(url, prefix=prefix, timeout_s=0.3, presence_interval_s=0.1) for _ in range(n)]
     try:
         for b in backends:
             b.start()
-        await assert_eventually(lambda: all(b.gateways() == n for b in backends), timeout_s=10)
+        await assert_eventually(lambda: all(b.gateways_seen == (sees or n) for b in backends), timeout_s=10)
         yield backends
     finally:
         for b in backends:
@@ -55,7 +62,7 @@ async def test_hung_redis_opens_the_breaker_and_requests_stop_waiting(redis_serv
         await assert_eventually(lambda: gw.breaker.current() is BreakerState.CLOSED, timeout_s=30)
         # Back on Redis: the bucket there is what a second gateway sees.
         await gw.take([(Rate("t:y:rps", 1.0, 60.0, "tenant:y", "1 per minute"), 1.0)])
-        async with gateways(redis_server.url, 1, "b1:") as (other,):
+        async with gateways(redis_server.url, 1, "b1:", sees=2) as (other,):
             assert await other.take([(Rate("t:y:rps", 1.0, 60.0, "tenant:y", "1 per minute"), 1.0)])
 
 
@@ -120,5 +127,104 @@ async def test_a_configured_gateway_count_wins(redis_server, configured):
         await assert_eventually(lambda: gw.gateways_seen == 1, timeout_s=5)
         assert gw.gateways() == configured
         assert gw.fallback.share(FLEET_RATE).capacity == 6.0
+    finally:
+        await gw.close()
+
+
+@contextlib.asynccontextmanager
+async def db_gateways(redis_url: str, db_url: str, n: int, prefix: str):
+    """n limits backends as n gateways would hold them, each with its own connection to one gateway database
+    (its presence table) and to Redis; presence started; closed (leaving both) at the end."""
+    dbs = [await open_accounts(db_url) for _ in range(n)]
+    backends = [
+        RedisLimits(
+            redis_url, prefix=prefix, timeout_s=0.3, presence_interval_s=0.1, presence=PresenceTable(db)
+        )
+        for db in dbs
+    ]
+    try:
+        for b in backends:
+            b.start()
+        yield backends
+    finally:
+        for b in backends:
+            await b.close()
+        for db in dbs:
+            await db.close()
+
+
+async def _crash(gw: RedisLimits) -> None:
+    """The backend of a gateway that died: its presence rounds stop, it says goodbye to neither Redis nor the
+    database (its leases run out on their own)."""
+    for t in list(gw._tasks):
+        t.cancel()
+    await asyncio.gather(*gw._tasks, return_exceptions=True)
+    gw._closing = True
+    await gw.client.aclose()
+
+
+async def test_gateways_started_while_redis_is_down_enforce_the_limit_once(redis_server, db_url):
+    """Redis dead before any gateway's first presence round: three gateways never see each other in Redis, yet
+    they count each other in the gateway database they share and together admit about the fleet's 30 (10 each
+    plus what drains), not 90 (each granting the whole limit, what they did when N was only learned in Redis)."""
+    redis_server.kill()
+    async with db_gateways(redis_server.url, db_url, 3, "d1:") as gws:
+        await assert_eventually(lambda: all(gw.gateways() == 3 for gw in gws), timeout_s=10)
+        assert all(gw.fleet.redis is None for gw in gws)  # nothing was ever read from Redis
+        admitted = sum([await _admitted(gw, 40) for gw in gws])
+        print(f"fleet share, Redis down from the start: {admitted} admitted by 3 gateways, limit 30")
+        assert 30 <= admitted <= 36, admitted
+
+
+async def test_a_gateway_that_leaves_during_the_outage_stops_being_counted(redis_server, db_url):
+    """Three gateways saw each other in Redis; Redis dies; one stops (goodbye in the database) and one crashes
+    (its lease runs out): the last one's N goes from 3 (Redis's last word) to 1, so it grants the whole limit
+    again instead of a third of it for as long as the outage lasts."""
+    async with db_gateways(redis_server.url, db_url, 3, "d2:") as (a, b, c):
+        await assert_eventually(
+            lambda: all(gw.fleet.redis is not None and len(gw.fleet.redis) == 3 for gw in (a, b, c))
+        )
+        redis_server.kill()
+        await asyncio.gather(*(a.take([(FLEET_RATE, 1.0)]) for _ in range(3)))  # opens a's breaker
+        assert a.breaker.state is BreakerState.OPEN and a.gateways() == 3
+        await b.close()
+        await assert_eventually(lambda: a.gateways() == 2, timeout_s=10)
+        await _crash(c)
+        await assert_eventually(lambda: a.gateways() == 1, timeout_s=10)
+        assert len(a.fleet.redis) == 3  # Redis's last reading still names all three
+        assert await _admitted(a, 40) >= 30
+
+
+async def test_a_crashed_gateway_ages_out_of_redis_presence(redis_server):
+    """A gateway that dies without leaving stops being counted in Redis's presence set once its entry expires
+    (3 presence intervals): the survivor's count goes from 2 back to 1 while Redis is up."""
+    async with gateways(redis_server.url, 2, "d3:") as (a, b):
+        await _crash(b)
+        await assert_eventually(lambda: a.gateways_seen == 1, timeout_s=10)
+
+
+async def test_with_nothing_known_the_fallback_divides_by_the_conservative_default():
+    """A gateway whose Redis never answered and that has no presence table knows no fleet size: it divides each
+    limit by the default (2), not 1, says so once in a warning however often the breaker opens, and exports it
+    (fleetserve:limits_fallback_gateways_unknown 1, fleetserve:limits_fallback_active 1)."""
+    registry = CollectorRegistry()
+    gw = RedisLimits(
+        f"redis://{closed_port_address()}/0", prefix="d4:", presence_interval_s=0.1, metrics_registry=registry
+    )
+    try:
+        with structlog.testing.capture_logs() as logs:
+            gw.start()
+            for _ in range(2):  # the breaker opens; after a probe fails it opens again
+                await asyncio.gather(*(gw.take([(FLEET_RATE, 1.0)]) for _ in range(3)))
+                await assert_eventually(lambda: gw.breaker.current() is BreakerState.OPEN, timeout_s=10)
+                gw.breaker.on_success()
+            await asyncio.gather(*(gw.take([(FLEET_RATE, 1.0)]) for _ in range(3)))
+        assert gw.gateways() == 2 and gw.fleet.source == "default"
+        assert gw.fallback.share(FLEET_RATE).capacity == 15.0
+        unknown = [e for e in logs if e["event"] == "gateway.limits_fleet_size_unknown"]
+        assert len(unknown) == 1 and unknown[0]["log_level"] == "warning" and unknown[0]["gateways"] == 2
+        assert registry.get_sample_value("fleetserve:limits_fallback_gateways_unknown") == 1.0
+        assert registry.get_sample_value("fleetserve:limits_fallback_gateways") == 2.0
+        assert registry.get_sample_value("fleetserve:limits_fallback_active") == 1.0
     finally:
         await gw.close()
