@@ -103,7 +103,7 @@ class FleetSize:
       being counted (its lease ends). Redis's set is kept as last seen: it covers gateways on another database,
       and a gateway that died is gone from it within a lease (3 presence intervals) while Redis is up.
     - default (--limits-fallback-unknown-gateways, 2): nothing read yet (before the first round, or neither Redis
-      nor the database has answered). Not 1: a gateway that knows nothing must not grant the whole limit, which
+      nor the database has answered), or only one database reading counting fewer than the default. Not 1: a gateway that knows nothing must not grant the whole limit, which
       N gateways doing at once would turn into N times the limit; 2 is the smallest fleet that uses Redis for
       sharing, and the base Kubernetes manifest's replica count. Logged once as gateway.limits_fleet_size_unknown
       and exported as fleetserve:limits_fallback_gateways_unknown so an operator can alert on it."""
@@ -113,15 +113,24 @@ class FleetSize:
         self.unknown = max(1, unknown)
         self.redis: frozenset[str] | None = None
         self.database: Presence | None = None
+        self.database_rounds = 0
         self.seen: int | None = None
 
+    def read_database(self, reading: Presence) -> None:
+        self.database = reading
+        self.database_rounds += 1
+
     def recount(self) -> None:
-        members: set[str] = set()
-        if self.database is not None:
-            members |= self.database.alive
+        if self.redis is None and self.database is None:
+            self.seen = None
+            return
+        members: set[str] = set(self.database.alive) if self.database is not None else set()
         if self.redis is not None:
             members |= self.redis - (self.database.departed if self.database is not None else frozenset())
-        self.seen = len(members) if (self.redis is not None or self.database is not None) else None
+        # A first database reading may predate the rows of gateways that start in the same second (a fleet
+        # started, or restarted, while Redis is down): until a second one, fewer than the default is no proof.
+        early = self.redis is None and self.database_rounds < 2
+        self.seen = None if early and len(members) < self.unknown else len(members)
 
     @property
     def source(self) -> str:
@@ -254,7 +263,7 @@ class RedisLimits:
         ttl = self.presence_interval_s * 3
         while not self._closing:
             try:
-                self.fleet.database = await self.presence.renew(self.gateway_id, ttl)
+                self.fleet.read_database(await self.presence.renew(self.gateway_id, ttl))
             except DatabaseError as e:  # keep the last reading: nothing newer is known
                 now = time.monotonic()
                 if now - self._db_warned >= _WARN_EVERY_S:
