@@ -17,6 +17,8 @@ separate commands of at most a few minutes each:
     stop    stop them all
     report  print the table of medians and ranges, the per-repetition (paired) ratios, per-hop TTFT from the
             mesh's logs, the targets met or not (and write the published JSON)
+    pool    several published JSONs: the paired ratios of all their rounds together, and each run's mesh
+            against every `vllm serve` configuration round by round
 """
 
 from __future__ import annotations
@@ -802,6 +804,55 @@ def paired(records: list[dict], server: str = "mesh") -> dict[int, dict]:
     return out
 
 
+def against_each(records: list[dict], server: str = "mesh") -> dict[int, dict[str, dict]]:
+    """Per concurrency and per plain `vllm serve`: the mesh against that one server, round by round (tokens/s and
+    TPOT ratios, medians and the number of rounds). Unlike paired(), no best-of-three: a deficit against one
+    configuration that repeats over rounds and runs is the mesh's, not the noise's."""
+    by: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in records:
+        by.setdefault((r["concurrency"], r["rep"]), {})[r["server"]] = r
+    ratios: dict[int, dict[str, dict[str, list[float]]]] = {}
+    for (c, _), rs in sorted(by.items()):
+        mesh = rs.get(server)
+        if mesh is None:
+            continue
+        for name, r in rs.items():
+            if not is_plain_vllm(name):
+                continue
+            row = ratios.setdefault(c, {}).setdefault(name, {"toks": [], "tpot": []})
+            row["toks"].append(mesh["output_tokens_per_s"] / r["output_tokens_per_s"])
+            row["tpot"].append(mesh["tpot_p50_ms"] / max(r["tpot_p50_ms"], 1e-9))
+    return {
+        c: {
+            name: {
+                "rounds": len(v["toks"]),
+                "toks_ratio_median": round(statistics.median(v["toks"]), 3),
+                "tpot_ratio_median": round(statistics.median(v["tpot"]), 3),
+            }
+            for name, v in sorted(per.items())
+        }
+        for c, per in sorted(ratios.items())
+    }
+
+
+def pooled(docs: list[dict], server: str = "mesh") -> dict[int, dict]:
+    """Several runs' published JSON together: per concurrency the paired ratios (mesh / best of its round) of
+    every round of every run, their median, and the rounds the mesh was fastest in. Pools ratios, never
+    tokens/s: the runs had different machines, whose speeds differ by more than the servers do."""
+    rounds: dict[int, list[float]] = {}
+    for doc in docs:
+        for c, row in paired(doc["records"], server).items():
+            rounds.setdefault(c, []).extend(x["toks_ratio"] for x in row["reps"])
+    return {
+        c: {
+            "rounds": len(v),
+            "toks_ratio_median": round(statistics.median(v), 3),
+            "fastest_rounds": sum(x >= 1.0 for x in v),
+        }
+        for c, v in sorted(rounds.items())
+    }
+
+
 def best_of_noise(records: list[dict], c: int, draws: int = 2000, seed: int = 0) -> dict | None:
     """What "mesh / best `vllm serve`" would read for a server as fast as `vllm serve`, from the noise alone: the
     `vllm serve` runs at c pooled and dealt at random into as many servers of as many runs as they had; the mean
@@ -957,6 +1008,8 @@ def report(args) -> None:
         print(json.dumps({"hop_ttft": doc["hop_ttft"]}, indent=1))
     if others:
         print(json.dumps({"paired_variants": others}, indent=1))
+    each = against_each(doc["records"])
+    print(json.dumps({"against_each": each}, indent=1))
     if args.mesh_logs:
         for f in sorted(Path(args.mesh_logs).glob("flames-*.json")):
             flames = json.loads(f.read_text())
@@ -966,7 +1019,18 @@ def report(args) -> None:
         doc["paired"] = pairs
         doc["paired_variants"] = others
         doc["targets"] = met
+        doc["against_each"] = each
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def pool(args) -> None:
+    """Print several runs' pooled paired ratios and each run's mesh against every `vllm serve` (JSON)."""
+    docs = {f: json.loads(Path(f).read_text()) for f in args.files}
+    out = {
+        "pooled": pooled(list(docs.values())),
+        "against_each": {Path(f).name: against_each(d["records"]) for f, d in docs.items()},
+    }
+    print(json.dumps(out, indent=1))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -1051,6 +1115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--out", default="")
     r.add_argument("--ps", default="", help="ps listing taken during the run, to name every process's role")
     r.add_argument("--mesh-logs", default="", help="the bench's --dir (per-hop TTFT from DIR/mesh*/logs)")
+    o = sub.add_parser(
+        "pool", help="several runs' published JSON: pooled paired ratios, and against each server"
+    )
+    o.add_argument("files", nargs="+")
     args = p.parse_args(argv)
     if hasattr(args, "api_counts"):
         args.api_counts = [int(x) for x in args.api_counts.split(",") if x]
@@ -1080,6 +1148,7 @@ def main(argv=None) -> int:
         "profile": profile,
         "stop": stop,
         "report": report,
+        "pool": pool,
     }[args.phase](args)
     return 0
 

@@ -160,3 +160,34 @@ def test_bench_prompts_override_the_defaults_per_concurrency():
     args = g.parse_args(["bench", "--dir", "d", "--model-dir", "m", "--out", "o", "--prompts", "32=384,1=24"])
     assert args.prompts == {32: 384, 1: 24}
     assert g.parse_args(["bench", "--dir", "d", "--model-dir", "m", "--out", "o"]).prompts == {}
+
+
+def test_against_each_compares_the_mesh_with_every_vllm_serve_round_by_round():
+    recs = [
+        _rec(1, "vllm-api1", 32, 100, 1, 1, tpot_p50_ms=2.0), _rec(1, "vllm-api8", 32, 110, 1, 1, tpot_p50_ms=2.0),
+        _rec(1, "mesh", 32, 99, 1, 1, tpot_p50_ms=2.2), _rec(1, "vllm-api8-kv", 32, 50, 1, 1),
+        _rec(2, "vllm-api1", 32, 90, 1, 1, tpot_p50_ms=2.0), _rec(2, "vllm-api8", 32, 100, 1, 1, tpot_p50_ms=2.0),
+        _rec(2, "mesh", 32, 99, 1, 1, tpot_p50_ms=2.0), _rec(3, "vllm-api8", 32, 100, 1, 1),
+    ]  # fmt: skip
+    each = g.against_each(recs)
+    # -kv variants are not `vllm serve` as the targets mean it; round 3 (no mesh) is skipped.
+    assert set(each[32]) == {"vllm-api1", "vllm-api8"}
+    assert each[32]["vllm-api8"] == {"rounds": 2, "toks_ratio_median": 0.945, "tpot_ratio_median": 1.05}
+    assert each[32]["vllm-api1"]["toks_ratio_median"] == 1.045  # (0.99 + 1.1) / 2
+
+
+def test_pooled_ratios_come_from_every_round_of_every_run(tmp_path, capsys):
+    one = [_rec(1, "vllm-api8", 1, 100, 1, 1), _rec(1, "mesh", 1, 90, 1, 1)]
+    two = [_rec(1, "vllm-api8", 1, 200, 1, 1), _rec(1, "mesh", 1, 210, 1, 1),
+           _rec(2, "vllm-api8", 1, 200, 1, 1), _rec(2, "mesh", 1, 190, 1, 1)]  # fmt: skip
+    assert g.pooled([{"records": one}, {"records": two}]) == {
+        1: {"rounds": 3, "toks_ratio_median": 0.95, "fastest_rounds": 1}
+    }
+    files = []
+    for name, recs in (("a.json", one), ("b.json", two)):
+        (tmp_path / name).write_text(json.dumps({"records": recs}))
+        files.append(str(tmp_path / name))
+    assert g.main(["pool", *files]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pooled"]["1"]["rounds"] == 3
+    assert out["against_each"]["b.json"]["1"]["vllm-api8"]["rounds"] == 2
