@@ -106,7 +106,8 @@ def server_argv(name: str, args, port: int) -> list[str]:
         argv = [sys.executable, "-m", "loadtest.gpu_vs_vllm", "serve-mesh", "--dir", args.dir, "--name", name]
         argv += ["--model-dir", args.model_dir, "--vllm-flags", common]
         workers = args.mesh_wide if name == "mesh-wide" else None
-        argv += ["--frontends", str(args.mesh_frontends)]
+        frontends = args.mesh_fe if name == "mesh-fe" else args.mesh_frontends
+        argv += ["--frontends", str(frontends)]
         argv += ["--router-workers", str(workers or args.router_workers)]
         argv += ["--gateway-workers", str(workers or args.gateway_workers)]
         if name == "mesh-pack":
@@ -177,6 +178,9 @@ def start(args) -> None:
     if args.mesh_wide:
         # The same mesh with more router and gateway processes (an A/B of --workers).
         order.append("mesh-wide")
+    if args.mesh_fe:
+        # The same mesh with another number of engine front ends (an A/B of the engine's --frontends).
+        order.append("mesh-fe")
     if args.mesh_kv:
         # The same mesh with an engine core that publishes KV events, as kv_aware needs (an A/B of --vllm-kv-events).
         order.append("mesh-kv")
@@ -1050,6 +1054,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     s.add_argument(
         "--mesh-wide", type=int, default=0, help="also a mesh-wide server: router and gateway --workers N"
+    )
+    s.add_argument(
+        "--mesh-fe", type=int, default=0, help="also a mesh-fe server: the engine with --frontends N"
     )
     s.add_argument("--mesh-router-args", default="", help="extra router flags of the mesh server")
     s.add_argument(

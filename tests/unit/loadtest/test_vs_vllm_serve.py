@@ -122,8 +122,23 @@ def test_flame_summary_of_py_spy_raw_stacks():
 
 
 def test_mesh_variants_differ_from_the_mesh_only_in_their_flags():
-    args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--mesh-wide", "4", "--mesh-pack", "32"])
-    mesh, wide, pack = (g.server_argv(n, args, 8101) for n in ("mesh", "mesh-wide", "mesh-pack"))
+    argv = [
+        "start",
+        "--dir",
+        "d",
+        "--model-dir",
+        "m",
+        "--mesh-wide",
+        "4",
+        "--mesh-pack",
+        "32",
+        "--mesh-fe",
+        "8",
+    ]
+    args = g.parse_args(argv)
+    mesh, wide, pack, fe = (
+        g.server_argv(n, args, 8101) for n in ("mesh", "mesh-wide", "mesh-pack", "mesh-fe")
+    )
 
     def flag(argv: list[str], name: str) -> str:
         return argv[argv.index(name) + 1]
@@ -131,7 +146,9 @@ def test_mesh_variants_differ_from_the_mesh_only_in_their_flags():
     assert [flag(mesh, "--router-workers"), flag(mesh, "--gateway-workers")] == ["2", "2"]
     assert [flag(wide, "--router-workers"), flag(wide, "--gateway-workers")] == ["4", "4"]
     assert flag(pack, "--router-args") == "--frontend-pack 32" and "--router-args" not in mesh
-    assert flag(mesh, "--vllm-flags") == flag(wide, "--vllm-flags")
+    assert flag(mesh, "--vllm-flags") == flag(wide, "--vllm-flags") == flag(fe, "--vllm-flags")
+    assert flag(mesh, "--frontends") == "0" and flag(fe, "--frontends") == "8"  # 0: the engine's own choice
+    assert flag(fe, "--router-workers") == flag(mesh, "--router-workers")
     vllm = g.server_argv("vllm-api4", args, 8102)
     assert flag(vllm, "--api-server-count") == "4" and flag(vllm, "--port") == "8102"
     assert "--kv-events-config" not in vllm and "--engine-args" not in mesh
