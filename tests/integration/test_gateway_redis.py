@@ -202,6 +202,33 @@ def gateway_process(tmp: Path, name: str, router: str, *flags: str):
         log.close()
 
 
+async def _serving_stubs(fleet, addresses: list[str], key: str) -> list:
+    """A stub per gateway, each connected and serving (one ListModels answered), so a burst is simultaneous."""
+    stubs = [pb_grpc.InferenceServiceStub(fleet.channel(a)) for a in addresses]
+    for stub in stubs:
+        await stub.ListModels(
+            pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {key}"),), timeout=10
+        )
+    return stubs
+
+
+async def _one_request(stub, key: str) -> str:
+    """One 1-token request: "OK", or the reason it was refused (a refusal always says when to retry)."""
+    call = stub.Generate(
+        pb.GenerateRequest(model=MODEL, prompt="hi", max_tokens=1),
+        metadata=(("authorization", f"Bearer {key}"),),
+        timeout=20,
+    )
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as e:
+        d = details_of(e)
+        assert d.retry_after_s and d.retry_after_s > 0, (e.code(), e.details())
+        return d.reason
+    return "OK"
+
+
 async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_path):
     """Two gateway processes sharing one Redis: 10 simultaneous requests of a tenant limited to 4 per second,
     5 through each, admit 4 plus what drained (4/s) while they arrived by Redis's clock, not the 8 two separate
@@ -232,26 +259,7 @@ async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_
             addresses = [
                 await assert_eventually(lambda r=r: ready_address(r), timeout_s=60) for r in (r1, r2)
             ]
-            stubs = [pb_grpc.InferenceServiceStub(fleet.channel(a)) for a in addresses]
-            for stub in stubs:  # connected and serving before the burst, so the burst is simultaneous
-                await stub.ListModels(
-                    pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {keys[0]}"),), timeout=10
-                )
-
-            async def one(stub, key: str) -> str:
-                call = stub.Generate(
-                    pb.GenerateRequest(model=MODEL, prompt="hi", max_tokens=1),
-                    metadata=(("authorization", f"Bearer {key}"),),
-                    timeout=20,
-                )
-                try:
-                    async for _ in call:
-                        pass
-                except grpc.aio.AioRpcError as e:
-                    d = details_of(e)
-                    assert d.retry_after_s and d.retry_after_s > 0
-                    return d.reason
-                return "OK"
+            stubs = await _serving_stubs(fleet, addresses, keys[0])
 
             clock = redis.from_url(redis_url)
             try:
@@ -259,7 +267,7 @@ async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_
                 # burst, of another tenant, at most 3 in all.
                 for n, key in enumerate(keys):
                     start = await _redis_now(clock)
-                    results = await asyncio.gather(*(one(stubs[i % 2], key) for i in range(10)))
+                    results = await asyncio.gather(*(_one_request(stubs[i % 2], key) for i in range(10)))
                     # The bucket's `at`: Redis's time of the last admission; if it expired (2 s after), now.
                     at = await clock.hget(f"fleetserve:gw:t:shared{n}:rps", "at")
                     spread = (float(at) if at is not None else await _redis_now(clock)) - start
@@ -331,31 +339,14 @@ async def test_two_gateways_started_while_redis_is_down_enforce_a_tenant_limit_o
                     timeout_s=30,
                     message=f"{name} did not count 2 gateways",
                 )
-            stubs = [pb_grpc.InferenceServiceStub(fleet.channel(a)) for a in addresses]
-            for stub in stubs:  # connected and serving before the burst, so the burst is simultaneous
-                await stub.ListModels(
-                    pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {keys[0]}"),), timeout=10
-                )
-
-            async def one(stub, key: str) -> str:
-                call = stub.Generate(
-                    pb.GenerateRequest(model=MODEL, prompt="hi", max_tokens=1),
-                    metadata=(("authorization", f"Bearer {key}"),),
-                    timeout=20,
-                )
-                try:
-                    async for _ in call:
-                        pass
-                except grpc.aio.AioRpcError as e:
-                    return details_of(e).reason
-                return "OK"
+            stubs = await _serving_stubs(fleet, addresses, keys[0])
 
             # A burst that spreads over a second (a loaded box) cannot tell one limiter from two: another burst,
             # of another tenant, at most 3 in all. Without Redis there is no shared clock: the spread is this
             # process's time from the first send to the last answer, which only loosens the bound.
             for key in keys:
                 start = time.monotonic()
-                results = await asyncio.gather(*(one(stubs[i % 2], key) for i in range(10)))
+                results = await asyncio.gather(*(_one_request(stubs[i % 2], key) for i in range(10)))
                 spread = time.monotonic() - start
                 admitted = results.count("OK")
                 assert set(results) <= {"OK", "RATE_LIMITED"}, results
