@@ -202,6 +202,22 @@ def gateway_process(tmp: Path, name: str, router: str, *flags: str):
         log.close()
 
 
+async def _tenants_at_4_per_s(db: str, prefix: str) -> list[str]:
+    """Three tenants limited to 4 requests per second in the gateway database at db (a fresh bucket for each
+    burst); their API keys."""
+    store = TenantStore(await open_accounts(db))
+    try:
+        await store.bootstrap(API_KEY)
+        keys = []
+        for n in range(3):
+            await store.create_tenant(f"{prefix}{n}", tenant_id=f"{prefix}{n}")
+            await store.set_tenant(f"{prefix}{n}", rps=4)
+            keys.append(await store.add_key(f"{prefix}{n}"))
+        return keys
+    finally:
+        await store.close()
+
+
 async def _serving_stubs(fleet, addresses: list[str], key: str) -> list:
     """A stub per gateway, each connected and serving (one ListModels answered), so a burst is simultaneous."""
     stubs = [pb_grpc.InferenceServiceStub(fleet.channel(a)) for a in addresses]
@@ -235,14 +251,7 @@ async def test_two_gateway_processes_enforce_a_tenant_limit_once(redis_url, tmp_
     limiters would; neither gateway fell back to its in-process share."""
     async with in_process_fleet(tmp_path, engines=1) as fleet:
         db = str(tmp_path / "gateway.db")
-        store = TenantStore(await open_accounts(db))
-        await store.bootstrap(API_KEY)
-        keys = []
-        for n in range(3):  # a tenant, so a fresh bucket, per burst
-            await store.create_tenant(f"shared{n}", tenant_id=f"shared{n}")
-            await store.set_tenant(f"shared{n}", rps=4)
-            keys.append(await store.add_key(f"shared{n}"))
-        await store.close()
+        keys = await _tenants_at_4_per_s(db, "shared")
         # A Redis call slower than --redis-timeout-s counts as Redis unreachable and that request is checked
         # against the in-process fallback (test_redis_breaker.py): on a loaded 2-core box 0.5 s (the default)
         # was exceeded ("Timeout connecting to server"); here Redis is up and the limit must hold once.
@@ -309,14 +318,7 @@ async def test_two_gateways_started_while_redis_is_down_enforce_a_tenant_limit_o
     limit each (8, what they admitted when the fleet size was only learned in Redis)."""
     async with in_process_fleet(tmp_path, engines=1) as fleet:
         db = str(tmp_path / "gateway.db")
-        store = TenantStore(await open_accounts(db))
-        await store.bootstrap(API_KEY)
-        keys = []
-        for n in range(3):  # a tenant, so a fresh bucket, per burst
-            await store.create_tenant(f"down{n}", tenant_id=f"down{n}")
-            await store.set_tenant(f"down{n}", rps=4)
-            keys.append(await store.add_key(f"down{n}"))
-        await store.close()
+        keys = await _tenants_at_4_per_s(db, "down")
         flags = (
             f"--db-path={db}",
             f"--redis-url=redis://{closed_port_address()}/0",  # refused: Redis down from the start
