@@ -171,6 +171,12 @@ def exposed(
     return _Combined([*default, *(r for r in registries if r is not None)])
 
 
+# How often the server's thread looks for stop(), which waits for it: socketserver's default 0.5 s held every
+# service's exit for 0.3 s on average (measured), in its event loop, and a fleet that stops tier after tier for
+# ~1.5 s. At 0.1 s an idle server's thread costs ~0.6 ms of CPU a second (0.1 ms at 0.5 s; measured).
+STOP_POLL_S = 0.1
+
+
 def start_metrics_server(
     host: str,
     port: int,
@@ -191,7 +197,9 @@ def start_metrics_server(
     server = make_server(host, port, app, server_cls, handler_class=_QuietHandler)
     # A thread rather than the event loop: scrapes are answered while the loop is busy, and rendering never
     # adds an await point to the services' loops.
-    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": STOP_POLL_S}, name="metrics-http", daemon=True
+    )
     thread.start()
     return MetricsServer(server, thread, host)
 
