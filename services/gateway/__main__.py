@@ -3,7 +3,6 @@
 import asyncio
 import sys
 
-from services.gateway.app import start
 from services.gateway.config import GatewaySettings
 from services.gateway.schema import open_databases
 from services.gateway.tenants import TenantStore
@@ -32,4 +31,7 @@ if __name__ == "__main__":
     if settings.workers > 1:
         extra = {"http_port": settings.http_port} if settings.http_port >= 0 else {}
         sys.exit(supervise("gateway", settings, extra_ports=extra, prepare=bootstrap_once))
+    # Imported here: a supervisor (above) need not load the gateway (its workers import it themselves).
+    from services.gateway.app import start
+
     run(lambda: serve_main("gateway", settings, start))
