@@ -391,6 +391,8 @@ class RouterServicer:
             # ends before it): they describe the request and decide nothing, and at c=1 they were ~25 us before
             # the call. The span's ids, which go on to the engine, are fixed already.
             annotated = False
+            # The initial metadata's send (a task): see where it starts, below.
+            meta: asyncio.Future | None = None
             try:
                 run = await self._admit(request, context, span)
                 while True:
@@ -406,6 +408,14 @@ class RouterServicer:
                             # until we yield (cancelled here, the attempt's close below cancels the call).
                             await asyncio.sleep(0)
                             annotated = True
+                            # The initial metadata (the version's, or none) goes out now, not with the first
+                            # chunk: the caller's gRPC receives it while the engine works and has its read of
+                            # the first message under way when that arrives (without it, a grpc.aio caller
+                            # asks for the message only once the metadata has come, a second wake-up on the
+                            # first token's path). Awaited before the first chunk is written.
+                            meta = asyncio.ensure_future(
+                                context.send_initial_metadata(versions.metadata(run.assignment))
+                            )
                             self._annotate(request, model, span)
                         if (delay := run.hedge_delay()) > 0:
                             attempt = await hedge.race(run, attempt, delay)
@@ -429,6 +439,9 @@ class RouterServicer:
                                         keep(data)  # parsed once the pair is complete, off this path
                                     if not run.streamed:
                                         run.streamed = True
+                                        if meta is not None:
+                                            sending, meta = meta, None
+                                            await sending
                                         data = self._first(run, data, pair)
                                         try:
                                             yield data
@@ -453,6 +466,9 @@ class RouterServicer:
                         except ReplicaAborted as e:
                             if e.args:
                                 run.streamed = True
+                                if meta is not None:
+                                    sending, meta = meta, None
+                                    await sending
                                 yield e.args[0]
                             raise Fault(
                                 grpc.StatusCode.UNAVAILABLE, "the replica aborted the generation", e
@@ -487,6 +503,16 @@ class RouterServicer:
             finally:
                 if not annotated:
                     self._annotate(request, model, span)  # refused or gone before an engine call was sent
+                    if run is not None and run.assignment.version:
+                        # Refused before an engine call was sent: the error still names the version (and arm).
+                        meta = asyncio.ensure_future(
+                            context.send_initial_metadata(versions.metadata(run.assignment))
+                        )
+                if meta is not None:
+                    # Sent (or failed: a caller gone) before the error or the stream's end goes out.
+                    await asyncio.wait((meta,))
+                    if not meta.cancelled():
+                        meta.exception()
                 if status == "CANCELLED" and deadline_passed(context):
                     status = "DEADLINE_EXCEEDED"
                 replica_id = run.replica_id if run is not None else ""
@@ -537,8 +563,8 @@ class RouterServicer:
             request.spec.model_version = assignment.version  # the engine refuses any other version
             span.set_attribute("fleetserve.model_version", assignment.version)
             span.set_attribute("fleetserve.traffic", assignment.source)
-            # Before any chunk: a request that fails still names the version (and arm) it failed on.
-            await context.send_initial_metadata(versions.metadata(assignment))
+            # Its initial metadata (the version and arm, before any chunk: a request that fails still names
+            # them) goes out once the engine call is on its way (Generate), not before it.
         if assignment.experiment:
             span.set_attribute("fleetserve.experiment", assignment.experiment)
             span.set_attribute("fleetserve.arm", assignment.arm)

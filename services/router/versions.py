@@ -27,7 +27,10 @@ def note(assignment: Assignment) -> bytes:
 
 
 def metadata(assignment: Assignment) -> tuple[tuple[str, str], ...]:
-    """The router's initial metadata for an assigned request (the gateway reads it when no chunk came)."""
+    """The router's initial metadata for an assigned request (the gateway reads it when no chunk came); none
+    for a request without a version."""
+    if not assignment.version:
+        return ()
     out = (("x-fleetserve-model-version", assignment.version),)
     if assignment.experiment:
         out += (("x-fleetserve-experiment", assignment.experiment), ("x-fleetserve-arm", assignment.arm))

@@ -379,6 +379,63 @@ async def test_cancelling_at_the_router_aborts_in_the_engine(fleet):
     await assert_eventually(lambda: _aborted_and_idle(fleet, before + 1), timeout_s=10)
 
 
+@pytest.mark.asyncio(loop_scope="function")
+async def test_initial_metadata_reaches_the_caller_before_the_engines_first_token(tmp_path):
+    """The router sends its initial metadata once the engine call is on its way, not with the first chunk: a
+    caller has it while the engine has not started the request (its one slot is busy with a long one)."""
+    async with in_process_fleet(tmp_path, engines=0) as f:
+        f.engines["one-slot"] = await engine_app.start(
+            engine_config.EngineSettings(
+                registry_address=f.registry.address,
+                replica_id="one-slot",
+                model=MODEL,
+                backend="sim",
+                speed_factor=1.0,
+                startup_s=0.0,
+                max_num_seqs=1,
+            ),
+            f.telemetry,
+        )
+        await assert_eventually(lambda: len(f.router.membership.routable(MODEL)) == 1, timeout_s=10)
+        stub = f.router_stub()
+        busy = stub.Generate(request(max_tokens=5000, ignore_eos=True, request_id="busy"), timeout=60)
+        await busy.read()  # the slot is taken: 5000 tokens take seconds at speed factor 1
+        call = stub.Generate(request(max_tokens=4, request_id="early-md"), timeout=60)
+        metadata = await asyncio.wait_for(call.initial_metadata(), 3.0)
+        assert not call.done()
+        assert not any(k.startswith("x-fleetserve-") for k, _ in metadata)  # no version: nothing of ours
+        call.cancel()
+        busy.cancel()
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_versioned_request_names_its_version_also_when_refused_before_an_engine_call(tmp_path):
+    """A request pinned to a version gets the version in the router's initial metadata when its attempts fail
+    and, once the version's only replica is out of rotation, when it is refused before any engine call."""
+    async with in_process_fleet(tmp_path, engines=0, max_attempts=1, unroutable_cooldown_s=30.0) as f:
+        await f.registry_stub().RegisterReplica(
+            reg_pb.RegisterReplicaRequest(
+                replica=reg_pb.Replica(
+                    replica_id="dead-v7",
+                    address=closed_port_address(),
+                    model=MODEL,
+                    model_version="v7",
+                    backend="sim",
+                )
+            ),
+            timeout=2,
+        )
+        await assert_eventually(lambda: f.router.membership.get("dead-v7") is not None, timeout_s=5)
+        for i in range(2):  # the first reaches the dead replica; the second finds no routable one
+            req = request(request_id=f"pinned-{i}")
+            req.spec.model_version = "v7"
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await generate(f, req)
+            assert dict(exc.value.initial_metadata() or ()).get("x-fleetserve-model-version") == "v7", i
+        (span,) = router_spans(f, "pinned-1")
+        assert span.attributes["fleetserve.attempts"] == 0
+
+
 async def _aborted_and_idle(fleet: Fleet, at_least: int) -> bool:
     return await fleet.aborted_total() >= at_least and await fleet.busy_total() == 0
 
