@@ -440,8 +440,8 @@ class RouterServicer:
                                     if not run.streamed:
                                         run.streamed = True
                                         if meta is not None:
-                                            sending, meta = meta, None
-                                            await sending
+                                            await meta  # kept until sent: a cancel now leaves it to finally
+                                            meta = None
                                         data = self._first(run, data, pair)
                                         try:
                                             yield data
@@ -467,8 +467,8 @@ class RouterServicer:
                             if e.args:
                                 run.streamed = True
                                 if meta is not None:
-                                    sending, meta = meta, None
-                                    await sending
+                                    await meta
+                                    meta = None
                                 yield e.args[0]
                             raise Fault(
                                 grpc.StatusCode.UNAVAILABLE, "the replica aborted the generation", e
