@@ -184,22 +184,8 @@ class Cluster:
             # Metrics first so every other service can export its spans and metrics to it.
             await self._spawn("metrics", "metrics", [])
             await self._start_registries()
-            # The engines start beside the routers, the autoscaler and the gateways: nothing in front of them waits
-            # for an engine to be ready (the routers learn of each engine from the registry when it registers), and
-            # the slowest of several engine processes starting at once on a small machine used to hold the gateway
-            # back. start() still returns only once every engine serves.
-            engines = asyncio.gather(*(self.add_engine() for _ in range(cfg.engines)))
-            await self._start_front(engines)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def _start_front(self, engines: asyncio.Future) -> None:
-        """Routers, autoscaler and gateways, while `engines` start; then wait for those. On a failure here, the
-        engines' start is cancelled and awaited (their processes are already in self.procs, for stop())."""
-        cfg = self.config
-        try:
             await asyncio.gather(
+                *(self.add_engine() for _ in range(cfg.engines)),
                 *(
                     self._spawn(
                         self._nth("router", i),
@@ -238,10 +224,8 @@ class Cluster:
                     # A secret: in the environment (readable by this user only), never on the command line.
                     env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": self.api_key},
                 )
-            await engines
         except BaseException:
-            engines.cancel()
-            await asyncio.gather(engines, return_exceptions=True)
+            await self.stop()
             raise
 
     async def _start_registries(self) -> None:
