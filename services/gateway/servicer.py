@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 
@@ -11,6 +9,7 @@ from services.gateway.feedback import FeedbackStore
 from services.gateway.jobs import JobRunner
 from services.gateway.pipeline import GatewayPipeline, Outcome
 from shared.deadlines import downstream_timeout
+from shared.early_metadata import EarlyMetadata
 from shared.errors import InvalidArgument, rpc_boundary
 from shared.telemetry import context_from_metadata, new_request_id, trace_context_of
 
@@ -54,14 +53,8 @@ class GatewayServicer:
         # it is a batch in gRPC's core whose set-up would otherwise run ahead of the router call's. Awaited
         # before the first chunk, and sent before an error ends a call refused before routing, so the id always
         # precedes both.
-        meta: asyncio.Future | None = None
-        metadata_sent = False
-
-        def send_request_id() -> None:
-            nonlocal meta
-            meta = asyncio.ensure_future(
-                context.send_initial_metadata((("x-request-id", outcome.request_id),))
-            )
+        request_id = (("x-request-id", outcome.request_id),)
+        early = EarlyMetadata(context)
 
         # Conservative: the router must give up before our client does, so errors reach the client.
         timeout = downstream_timeout(context, default_s=self.pipeline.default_deadline_s, conservative=True)
@@ -74,16 +67,14 @@ class GatewayServicer:
             timeout_s=timeout,
             parent=trace_context_of(metadata),
             span_name=span_name,
-            sent=send_request_id,
+            sent=lambda: early.send(request_id),
         )
+        first = True
         try:
             async for data in stream:
-                if not metadata_sent:
-                    if meta is None:
-                        send_request_id()  # defensive: a first chunk always follows sent()
-                    metadata_sent = True
-                    await meta
-                    meta = None
+                if first:
+                    first = False
+                    await early.before_first(request_id)  # sent already: a first chunk follows sent()
                 if outcome.finished:
                     # The client's call ends (OK) with its last chunk, not after every hop behind us has ended
                     # its own (the pipeline reads that rest: finish_later). Known to feedback first: the client
@@ -101,12 +92,9 @@ class GatewayServicer:
                     await stream.aclose()
                     self.feedback.recent.remember(outcome.request_id, outcome, request.model)
             finally:
-                if meta is None and not metadata_sent:
-                    send_request_id()  # refused (or gone) before routing: the error still follows the id
-                if meta is not None:
-                    await asyncio.wait((meta,))
-                    if not meta.cancelled():
-                        meta.exception()  # retrieved: a client that left before the metadata went out
+                await early.settle(
+                    request_id
+                )  # refused (or gone) before routing: the error still follows the id
 
     @rpc_boundary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):

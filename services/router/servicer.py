@@ -34,6 +34,7 @@ from shared import prom
 from shared.channels import ChannelPool, raw_stream
 from shared.deadlines import deadline_passed, downstream_timeout
 from shared.drain import Drain, cancelled_by_caller
+from shared.early_metadata import EarlyMetadata
 from shared.errors import (
     InvalidArgument,
     NoHealthyReplica,
@@ -391,8 +392,8 @@ class RouterServicer:
             # ends before it): they describe the request and decide nothing, and at c=1 they were ~25 us before
             # the call. The span's ids, which go on to the engine, are fixed already.
             annotated = False
-            # The initial metadata's send (a task): see where it starts, below.
-            meta: asyncio.Future | None = None
+            # The initial metadata: see where it starts, below.
+            early = EarlyMetadata(context)
             try:
                 run = await self._admit(request, context, span)
                 while True:
@@ -413,9 +414,7 @@ class RouterServicer:
                             # the first message under way when that arrives (without it, a grpc.aio caller
                             # asks for the message only once the metadata has come, a second wake-up on the
                             # first token's path). Awaited before the first chunk is written.
-                            meta = asyncio.ensure_future(
-                                context.send_initial_metadata(versions.metadata(run.assignment))
-                            )
+                            early.send(versions.metadata(run.assignment))
                             self._annotate(request, model, span)
                         if (delay := run.hedge_delay()) > 0:
                             attempt = await hedge.race(run, attempt, delay)
@@ -439,9 +438,7 @@ class RouterServicer:
                                         keep(data)  # parsed once the pair is complete, off this path
                                     if not run.streamed:
                                         run.streamed = True
-                                        if meta is not None:
-                                            await meta  # kept until sent: a cancel now leaves it to finally
-                                            meta = None
+                                        await early.before_first()
                                         data = self._first(run, data, pair)
                                         try:
                                             yield data
@@ -466,9 +463,7 @@ class RouterServicer:
                         except ReplicaAborted as e:
                             if e.args:
                                 run.streamed = True
-                                if meta is not None:
-                                    await meta
-                                    meta = None
+                                await early.before_first()
                                 yield e.args[0]
                             raise Fault(
                                 grpc.StatusCode.UNAVAILABLE, "the replica aborted the generation", e
@@ -503,16 +498,10 @@ class RouterServicer:
             finally:
                 if not annotated:
                     self._annotate(request, model, span)  # refused or gone before an engine call was sent
-                    if run is not None and run.assignment.version:
-                        # Refused before an engine call was sent: the error still names the version (and arm).
-                        meta = asyncio.ensure_future(
-                            context.send_initial_metadata(versions.metadata(run.assignment))
-                        )
-                if meta is not None:
-                    # Sent (or failed: a caller gone) before the error or the stream's end goes out.
-                    await asyncio.wait((meta,))
-                    if not meta.cancelled():
-                        meta.exception()
+                # Sent (or failed: a caller gone) before the error or the stream's end goes out; refused before
+                # an engine call was sent, the error still names the version (and arm).
+                versioned = run is not None and run.assignment.version and not early.started
+                await early.settle(versions.metadata(run.assignment) if versioned else None)
                 if status == "CANCELLED" and deadline_passed(context):
                     status = "DEADLINE_EXCEEDED"
                 replica_id = run.replica_id if run is not None else ""
