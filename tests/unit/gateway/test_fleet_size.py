@@ -3,8 +3,7 @@ table and Redis's (minus those the database says left), else the conservative de
 
 from __future__ import annotations
 
-from services.gateway.presence import Presence
-from services.gateway.redis_limits import FleetSize
+from services.gateway.presence import FleetSize, Presence
 
 
 def reading(alive=(), departed=()) -> Presence:
