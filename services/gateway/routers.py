@@ -22,6 +22,7 @@ from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 
 from services.router.resume import ChunkTracker, ReplicaAborted, ResumeMode, resumable
+from shared.after_send import describe_after_send
 from shared.channels import ChannelPool, open_channel
 from shared.deadlines import wire_timeout
 from shared.errors import DeadlineExceeded, Unavailable, details_of
@@ -379,10 +380,7 @@ class RouterStream:
             try:
                 if (sent := self._sent) is not None:
                     self._sent = None
-                    # One loop turn: grpc.aio sends the call from a task of its own, queued behind us until we
-                    # yield; then sent()'s work runs while the router works, not before the call goes out.
-                    await asyncio.sleep(0)
-                    sent()
+                    await describe_after_send(sent)  # while the router works, not before the call goes out
                 read = chunks.read
                 while (data := await read()) is not grpc.aio.EOF:
                     if tracker is not None:

@@ -31,6 +31,7 @@ from services.router.shadow import ShadowPair, ShadowRunner
 from services.router.stalls import ReplicaWatch, StallDetector, StallSettings
 from services.router.traffic import TrafficTable
 from shared import prom
+from shared.after_send import describe_after_send
 from shared.channels import ChannelPool, raw_stream
 from shared.deadlines import deadline_passed, downstream_timeout
 from shared.drain import Drain, cancelled_by_caller
@@ -405,17 +406,11 @@ class RouterServicer:
                         pair = self.shadows.start(run, shadow, arrived)
                     try:
                         if not annotated:
-                            # One loop turn: grpc.aio sends the call from a task of its own, queued behind us
-                            # until we yield (cancelled here, the attempt's close below cancels the call).
-                            await asyncio.sleep(0)
+                            # Cancelled here, the attempt's close below cancels the call.
+                            await describe_after_send(
+                                self._engine_call_sent, early, run, request, model, span
+                            )
                             annotated = True
-                            # The initial metadata (the version's, or none) goes out now, not with the first
-                            # chunk: the caller's gRPC receives it while the engine works and has its read of
-                            # the first message under way when that arrives (without it, a grpc.aio caller
-                            # asks for the message only once the metadata has come, a second wake-up on the
-                            # first token's path). Awaited before the first chunk is written.
-                            early.send(versions.metadata(run.assignment))
-                            self._annotate(request, model, span)
                         if (delay := run.hedge_delay()) > 0:
                             attempt = await hedge.race(run, attempt, delay)
                             run.replica_id = attempt.replica.replica_id
@@ -526,6 +521,17 @@ class RouterServicer:
                 )
                 if self.recycler is not None:
                     self.recycler.served_one()
+
+    def _engine_call_sent(
+        self, early: EarlyMetadata, run: RequestAttempts, request: pb.GenerateRequest, model: str, span
+    ) -> None:
+        """Once the first engine call has gone out: the initial metadata starts, the request is annotated."""
+        # The initial metadata (the version's, or none) goes out now, not with the first chunk: the caller's gRPC
+        # receives it while the engine works and has its read of the first message under way when that arrives
+        # (without it, a grpc.aio caller asks for the message only once the metadata has come, a second wake-up
+        # on the first token's path). Awaited before the first chunk is written.
+        early.send(versions.metadata(run.assignment))
+        self._annotate(request, model, span)
 
     @staticmethod
     def _annotate(request: pb.GenerateRequest, model: str, span) -> None:
