@@ -143,9 +143,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
         )
         pipeline.recycler = recycler(settings)
         pipeline.start()
-        feedback = FeedbackStore(
-            dbs.jobs, telemetry.tracer, telemetry.meter, recent=settings.feedback_index_size
-        )
+        feedback = FeedbackStore(dbs.jobs, telemetry.tracer, telemetry.meter, pipeline.recent)
         jobs = JobRunner(
             JobStore(dbs.jobs),
             pipeline,
@@ -175,9 +173,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
         app.siblings_serve = partial(siblings_serve, settings)
         if settings.http_port >= 0:
             # The same size limit as gRPC's (over HTTP: 413 before the body is read in full).
-            app.http = OpenAIServer(
-                pipeline, max_body_bytes=settings.max_request_bytes, recent=feedback.recent
-            )
+            app.http = OpenAIServer(pipeline, max_body_bytes=settings.max_request_bytes)
             await app.http.start(
                 settings.host,
                 settings.http_port,

@@ -81,10 +81,10 @@ class FeedbackStore:
     """Records ratings. db is shared with the job store."""
 
     def __init__(
-        self, db: Database, tracer: trace.Tracer, meter: metrics.Meter, *, recent: int = 100_000
+        self, db: Database, tracer: trace.Tracer, meter: metrics.Meter, recent: RecentRequests
     ) -> None:
         self._db = db
-        self.recent = RecentRequests(recent)
+        self.recent = recent  # filled by the pipeline (GatewayPipeline.recent) as requests end
         self._tracer = tracer
         self._counter = meter.create_counter(
             "fleetserve.gateway.feedback",

@@ -693,6 +693,9 @@ class JobRunner:
                 timeout_s=None,
                 span_name="gateway.BatchItem",
                 tenant=tenant,
+                # Not remembered for Feedback: a large batch would push clients' requests out of the bounded
+                # index (its items' ids may still be rated, unlabelled).
+                rateable=False,
             )
             try:
                 async for data in stream:

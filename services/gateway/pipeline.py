@@ -23,6 +23,7 @@ from services.gateway.admission import Admission, Ticket
 from services.gateway.budgets import Budgets
 from services.gateway.config import GatewaySettings
 from services.gateway.db import Database, DatabaseError
+from services.gateway.feedback import RecentRequests
 from services.gateway.ledger import Ledger, cost_usd
 from services.gateway.limits import LimitBackend, LocalLimits, SplitLimits
 from services.gateway.presence import PresenceTable
@@ -156,8 +157,11 @@ class GatewayPipeline:
         extra_models: Iterable[str] = (),
         prom: GatewayMetrics | None = None,
         ledger_sync: bool = False,
+        recent_requests: int = 100_000,
     ) -> None:
         self.tenants = tenants
+        # Who sent each recent request and what served it, for Feedback (both front ends' requests).
+        self.recent = RecentRequests(recent_requests)
         # The usage row is committed before the last chunk is relayed (settings.ledger_sync).
         self.ledger_sync = ledger_sync
         self._finishing: set[asyncio.Task] = set()  # finish_later's tasks
@@ -240,6 +244,7 @@ class GatewayPipeline:
             prom=prom,
             ledger_sync=settings.ledger_sync == "on"
             or (settings.ledger_sync == "auto" and tenants.db.dialect == "postgresql"),
+            recent_requests=settings.feedback_index_size,
         )
         pipeline.shedder = LoadShedder(
             lambda: routers.unary("get_status", router_pb.GetStatusRequest(), timeout_s=1.0),
@@ -317,13 +322,16 @@ class GatewayPipeline:
         span_name: str = "gateway.Generate",
         tenant: Tenant | None = None,
         sent: Callable[[], None] | None = None,
+        rateable: bool = True,
     ) -> AsyncIterator[bytes]:
         """The router's GenerateResponse bytes for request. Raises FleetError (or the router's AioRpcError,
         relayed as is) before or during the stream; outcome says how it ended once the generator is closed.
         timeout_s is what the client gave (None: the default deadline). tenant, when given, is already
         authenticated (batch jobs, which run after their submitter's key is gone) and authorization is not read.
         sent(), when given, is called once the router call is on its way (RouterPool.generate), not at all when
-        the request ends before it."""
+        the request ends before it. rateable: the request is remembered for Feedback (self.recent) once it has
+        finished, before its last chunk is yielded, or when it ends otherwise; a front end's request is, a batch
+        item is not."""
         arrived = time.perf_counter()
         timeout = self.default_deadline_s if timeout_s is None else timeout_s
         deadline = arrived + timeout
@@ -454,6 +462,9 @@ class GatewayPipeline:
                                 outcome, pb.GenerateResponse.FromString(first or data).chunk.served_by
                             )
                             outcome.finished = True
+                            if rateable:
+                                # Before the client has its last chunk: it may rate the answer at once.
+                                self.recent.remember(outcome.request_id, outcome, request.model)
                         if ticket is not None and (
                             outcome.finished or (self.ledger_sync and has_finish(data))
                         ):
@@ -506,6 +517,9 @@ class GatewayPipeline:
                     for address, at in tried:
                         span.add_event("fleetserve.router", {"address": address}, timestamp=at)
                     self._finish(span, arrived, request.model, outcome, first, last)
+                    if rateable and not outcome.finished:
+                        # After _finish, which notes the version that served it.
+                        self.recent.remember(outcome.request_id, outcome, request.model)
                 finally:
                     if running_label is not None:
                         self.prom.stopped(running_label)  # type: ignore[union-attr]

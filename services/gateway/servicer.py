@@ -75,14 +75,11 @@ class GatewayServicer:
                 if first:
                     first = False
                     await early.before_first(request_id)  # sent already: a first chunk follows sent()
+                yield data
                 if outcome.finished:
                     # The client's call ends (OK) with its last chunk, not after every hop behind us has ended
-                    # its own (the pipeline reads that rest: finish_later). Known to feedback first: the client
-                    # may rate the answer at once.
-                    self.feedback.recent.remember(outcome.request_id, outcome, request.model)
-                    yield data
+                    # its own (the pipeline reads that rest: finish_later).
                     break
-                yield data
         finally:
             try:
                 if outcome.finished:
@@ -90,7 +87,6 @@ class GatewayServicer:
                 else:
                     # Closing runs the pipeline's accounting now, while the client's cancellation is handled.
                     await stream.aclose()
-                    self.feedback.recent.remember(outcome.request_id, outcome, request.model)
             finally:
                 await early.settle(
                     request_id

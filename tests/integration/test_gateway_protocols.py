@@ -141,6 +141,32 @@ async def test_feedback_is_stored_counted_and_checked(fleet):
     assert await fleet.gateway.servicer.feedback.ratings(http_id) == [("dev", 2, "")]
 
 
+async def test_a_stream_its_client_cancels_is_known_to_feedback_once_it_ends(fleet):
+    """A Generate its client cancels after the first chunk is remembered for Feedback (tenant, model) once the
+    gateway has ended it, as a finished one is."""
+    s = stub(fleet)
+    call = s.Generate(
+        pb.GenerateRequest(model=MODEL, prompt="cut me short", max_tokens=1000, ignore_eos=True),
+        metadata=auth(),
+        timeout=10,
+    )
+    await call.read()
+    request_id = dict(await call.initial_metadata())["x-request-id"]
+    call.cancel()
+
+    def ended_cancelled() -> bool:
+        return any(
+            x.name == "gateway.Generate"
+            and x.attributes.get("fleetserve.request_id") == request_id
+            and x.attributes.get("rpc.grpc.status_code") == grpc.StatusCode.CANCELLED.value[0]
+            for x in fleet.spans.get_finished_spans()
+        )
+
+    await assert_eventually(ended_cancelled, timeout_s=10, message="the gateway never ended it as cancelled")
+    served = fleet.gateway.servicer.feedback.recent.get(request_id)
+    assert served is not None and (served.tenant_id, served.model) == ("dev", MODEL)
+
+
 async def test_reflection_lists_and_describes_the_v1_service(fleet):
     """Server reflection (what grpcurl uses) lists fleetserve.inference.v1.InferenceService with every RPC and
     resolves its message types, so a client needs no .proto files."""

@@ -6,7 +6,7 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import hdrs, web
@@ -14,7 +14,6 @@ from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from opentelemetry.propagate import extract
 
-from services.gateway.feedback import RecentRequests
 from services.gateway.http.errors import details_of_exception, http_error
 from services.gateway.http.openai_api import (
     CHAT,
@@ -107,10 +106,8 @@ class OpenAIServer:
         pipeline: GatewayPipeline,
         *,
         max_body_bytes: int = 4 * 1024 * 1024,
-        recent: RecentRequests | None = None,
     ) -> None:
         self.pipeline = pipeline
-        self.recent = recent
         # aiohttp refuses bigger bodies (413) before reading them in full.
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_openai_shaped_http_errors])
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -274,21 +271,13 @@ class OpenAIServer:
                 headers[MODEL_VERSION_HEADER] = chunk.served_by.model_version
             shaper = Shaper(kind, request_id, greq.model, opts.include_usage)
             if opts.stream:
-
-                def finished() -> None:
-                    # Known to feedback before the client has its whole response: it may rate it at once.
-                    if self.recent is not None:
-                        self.recent.remember(request_id, outcome, greq.model)
-
-                return await self._stream(request, shaper, chunk, stream, headers, outcome, finished)
+                return await self._stream(request, shaper, chunk, stream, headers, outcome)
             return await self._whole(shaper, chunk, stream, headers)
         finally:
             if outcome.finished and opts.stream:
                 self.pipeline.finish_later(stream, request_id)
             else:
                 await stream.aclose()
-                if self.recent is not None:
-                    self.recent.remember(request_id, outcome, greq.model)
 
     async def _stream(
         self,
@@ -298,12 +287,11 @@ class OpenAIServer:
         stream: AsyncIterator[bytes],
         headers: dict[str, str],
         outcome: Outcome,
-        finished: Callable[[], None],
     ) -> web.StreamResponse:
         """The SSE response. The client gets its last events and the end of the body with the chunk that
         carries the finish reason (outcome.finished), not after every hop has sent its trailers and done its
         accounting (~2 ms at one stream): its keep-alive connection is free for its next request at once, and
-        the pipeline reads the rest (finish_later). finished() is called before the last events go out."""
+        the pipeline reads the rest (finish_later)."""
         # Each event goes to the socket with its own write (aiohttp writes to the transport at once, and sets
         # TCP_NODELAY), so no token waits for the next one or for Nagle's algorithm.
         resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **headers})
@@ -325,8 +313,6 @@ class OpenAIServer:
                 await write(shaper.error_event(http_error(details_of_exception(e))[1]))
                 await resp.write_eof()
                 return resp
-            if outcome.finished:
-                finished()
             await write(shaper.final(chunk.finish_reason, chunk.usage if chunk.HasField("usage") else None))
             await resp.write_eof()
         except ConnectionResetError:
