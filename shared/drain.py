@@ -8,6 +8,7 @@ hands its clients over (GOAWAY, Connection: close) and serves what still reaches
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 
@@ -76,8 +77,9 @@ class Drain:
         return grace_s - min(1.0, grace_s / 4)
 
     async def run(self, grace_s: float, serve_new: bool = False) -> None:
-        """Drain: refuse new requests from now (serve_new: serve them until the cut), wait for in-flight calls
-        to end until cut_at(grace_s), then cut the rest. Returns once they are cut."""
+        """Drain: refuse new requests from now (serve_new: serve them until the cut), wait until no call is in
+        flight (those that start meanwhile included) or cut_at(grace_s), then cut the rest. Returns once they
+        are cut."""
         self.draining, self.serve_new = True, serve_new
         cut_in_s = self.cut_at(grace_s)
         log.info(
@@ -87,10 +89,16 @@ class Drain:
             cut_in_s=round(cut_in_s, 3),
             hand_over=serve_new,
         )
-        try:
-            await asyncio.wait_for(self._idle.wait(), max(0.0, cut_in_s))
-        except TimeoutError:
-            pass
+        deadline = time.monotonic() + max(0.0, cut_in_s)
+        # Until the cut, wait while any stream is in flight, one that started after the drain did too (serve_new,
+        # or a request already past check()): the idle event may fire and a new stream be tracked before this
+        # task runs again, and that stream must not be cut at once (its client would get SHUTTING_DOWN seconds
+        # before the grace period ends, instead of its answer).
+        while self._calls and (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._idle.wait(), left)
+            except TimeoutError:
+                break
         if self._calls:
             self.cutting = True
             log.warning("drain.cutting_streams", service=self.service, streams=len(self._calls))

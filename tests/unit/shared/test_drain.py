@@ -47,6 +47,27 @@ async def test_a_draining_service_refuses_new_requests_unless_it_hands_over_and_
         hands_over.check()
 
 
+@pytest.mark.asyncio
+async def test_a_stream_that_starts_as_the_drain_goes_idle_is_waited_for_not_cut():
+    """The last stream ends and another starts before the drain's task runs again (a request that reached a
+    handing-over worker): the drain waits for it as for any other, and cuts nothing before its cut time."""
+    drain = Drain("gateway")
+    first, second = Call(), Call()
+    drain.track(first)
+    running = asyncio.create_task(drain.run(4.0, serve_new=True))  # cuts at 3 s
+    for _ in range(5):
+        await asyncio.sleep(0)  # the drain waits for `first`
+    drain.untrack(first)  # idle: the drain's wait ends...
+    drain.track(second)  # ...and a new stream starts before the drain runs again
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not second.cancelled and not drain.cutting
+    assert not running.done()
+    drain.untrack(second)
+    await asyncio.wait_for(running, 1.0)
+    assert not second.cancelled and not drain.cutting
+
+
 def test_only_a_worker_whose_siblings_keep_serving_hands_over(tmp_path):
     """siblings_serve: a worker of several, while the supervisor's stop file is absent (not the whole service
     stopping); never a lone process."""
