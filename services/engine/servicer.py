@@ -17,6 +17,7 @@ from services.engine.engine_metrics import EngineMetrics
 from services.engine.output_quality import OutputSample
 from shared.channels import open_channel
 from shared.deadlines import caller_time_left, deadline_passed
+from shared.early_metadata import EarlyMetadata
 from shared.errors import InvalidArgument, NotFound, rpc_boundary
 from shared.recycle import Recycler
 from shared.telemetry import bind_request, context_from_metadata, stream_span
@@ -171,6 +172,7 @@ class EngineServicer:
         prompt_tokens = completion = 0
         resumed = len(request.spec.resume_token_ids)
         sample = OutputSample()
+        early = EarlyMetadata(context)
         with stream_span(
             self.tracer, "engine.Generate", context=context_from_metadata(context), kind=trace.SpanKind.SERVER
         ) as span:
@@ -185,6 +187,11 @@ class EngineServicer:
                 outputs = self.backend.generate(
                     request_id, request.spec, cache_salt=request.cache_salt, priority=request.priority
                 )
+                # Admitted: the (empty) initial metadata goes out now, while the engine works on the request, not
+                # with the first chunk: a grpc.aio caller (the router) asks for the first message only once the
+                # metadata has come, so metadata sent with it costs the first token a second wake-up there.
+                # Awaited before the first chunk is written; a request refused above sends none.
+                early.send(())
                 summary = Summary(started, request.summary_progress_ms) if request.summarize else None
                 async for out in outputs:
                     if summary is not None and first_token_ms is not None:
@@ -210,6 +217,7 @@ class EngineServicer:
                         served_by.model = self.model
                         served_by.model_version = self.model_version
                         served_by.replica_id = self.replica_id
+                        await early.before_first()
                     if out.finish_reason is not None:
                         finish = out.finish_reason
                         prompt_tokens, completion = out.prompt_tokens, out.completion_tokens
@@ -267,6 +275,9 @@ class EngineServicer:
                     ttft_ms=None if first_token_ms is None else round(first_token_ms, 3),
                     duration_ms=round(duration_s * 1000.0, 3),
                 )
+                # A send still under way (the stream ended or failed before its first chunk) is done, or failed
+                # with the caller gone, before the status goes out.
+                await early.settle()
 
     def set_peers(self, own: str, addresses: list[str], primary: str, tls: Tls | None = None) -> None:
         """The replica's other front-end processes (Abort asks them for a request this one does not have) and

@@ -188,6 +188,22 @@ async def test_client_cancel_aborts_in_the_engine():
         await assert_eventually(lambda: idle_with_aborted(stub, 1), timeout_s=5)
 
 
+async def test_initial_metadata_reaches_the_caller_once_admitted_before_the_first_token():
+    """The engine sends its initial metadata once it admitted a request, not with the first chunk: a caller has
+    it while the request waits for the one slot (busy with a long generation); cancelled there, it is aborted."""
+    async with engine(speed_factor=1.0, max_num_seqs=1) as (_, stub):
+        busy = stub.Generate(request(max_tokens=LONG, request_id="busy"), timeout=30)
+        await busy.read()  # the slot is taken: LONG tokens take minutes at speed factor 1
+        call = stub.Generate(request(max_tokens=4, request_id="early-md"), timeout=30)
+        await asyncio.wait_for(call.initial_metadata(), 3.0)
+        assert not call.done()
+        load = await stub.GetLoad(pb.GetLoadRequest(), timeout=2)
+        assert (load.load.running, load.load.waiting) == (1, 1)  # no token of it yet: it still waits
+        call.cancel()
+        busy.cancel()
+        await assert_eventually(lambda: idle_with_aborted(stub, 2), timeout_s=5)
+
+
 async def test_short_deadline_is_deadline_exceeded_and_the_engine_aborts():
     """A deadline shorter than the generation ends it with DEADLINE_EXCEEDED and frees the engine."""
     async with engine() as (_, stub):
