@@ -11,7 +11,9 @@ fast as it can stands in for the engine, so the hops are what is measured:
     periodic full collections, FLEETSERVE_GC_FULL_EVERY_S=0: mesh-gcf0; with the client on the
     gateway's OpenAI HTTP endpoint, streaming SSE, as `vllm bench serve` is: gateway-http, mesh-http; the bare
     hop reading upstream through ChunkRelay's pump, as ours do: bare-relay, bare2-relay; the bare hop's handler
-    inside our services' channel, server, logging and heap set-up: bare-ours, bare-relay-ours)
+    inside our services' channel, server, logging and heap set-up: bare-ours, bare-relay-ours; the real sim
+    engine as the source instead, registered with the registry: any mode with -sim, e.g. direct-sim, bare2-sim,
+    mesh-sim, mesh-sim@base: the requests' max_tokens is 64 whatever --tokens says)
 
 A/B of two versions of the code in one run: `--base-tree DIR` (a checkout of the other commit, e.g. `git
 worktree add DIR main`) and a mode with the suffix `@base` runs every process of that mode from DIR. A suffix
@@ -199,12 +201,23 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
         registry = procs.start(
             "registry", ["services.registry", "--db-path", str(tmp / f"{mode}-reg.db"), *common]
         )
-    source = procs.start(
-        "source",
-        ["loadtest.hop_bench", "source", "--tokens", str(args.tokens)]
-        + (["--registry", registry] if registry else []),
-    )
     base, *variants = mode.split("-")
+    if "sim" in variants:
+        # -sim: the real engine (the sim backend, its gRPC service) is the source, so what the engine service
+        # does on the first token's path (its initial metadata, its first chunk) is in the numbers. Its modelled
+        # GPU time (prefill, one step per token) runs --sim-speed times faster than real time.
+        source = procs.start(
+            "engine",
+            ["services.engine", "--replica-id", "sim", "--model", MODEL, "--startup-s", "0",
+             "--speed-factor", str(args.sim_speed), "--log-json", "--grace-period-s", "1"]
+            + (["--registry-address", registry] if registry else []),
+        )  # fmt: skip
+    else:
+        source = procs.start(
+            "source",
+            ["loadtest.hop_bench", "source", "--tokens", str(args.tokens)]
+            + (["--registry", registry] if registry else []),
+        )
     workers = "2" if base.endswith("2") else "1"  # router2, mesh2-nc, ...: --workers 2
     http = "http" in variants
     if "nc" in variants:
@@ -215,7 +228,7 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
     if "gcf0" in variants:
         hop_env["FLEETSERVE_GC_FULL_EVERY_S"] = "0"
     hops: list[str] = []
-    if mode == "direct":
+    if base == "direct":
         return procs, source, hops, "engine"
     if base in ("bare", "bare2"):
         up = source
@@ -695,6 +708,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64, help="messages per request")
+    p.add_argument(
+        "--sim-speed",
+        type=float,
+        default=10.0,
+        help="-sim modes: the engine's speed factor (10: TTFT ~1 ms, a token every ~0.25 ms at c=1)",
+    )
     p.add_argument("--seconds", type=float, default=8.0, help="each capacity run")
     p.add_argument("--c1-seconds", type=float, default=4.0, help="each one-stream run")
     p.add_argument(
