@@ -35,6 +35,9 @@ class Drain:
         # Serve new requests while draining (until the cut): clients are being sent to sibling workers.
         self.serve_new = False
         self._calls: set = set()
+        # Requests in our code (check() passed, done() not yet), tracked or not: while none is, whatever the
+        # server still holds was never handed to us (shared.server.drain_and_stop cancels it).
+        self.busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -48,9 +51,15 @@ class Drain:
 
     def check(self) -> None:
         """Raise ShuttingDown when draining (called where a request starts); when handing over, only once the
-        cut began (a request that starts then would be cut at once)."""
+        cut began (a request that starts then would be cut at once). A request let through is one of ours
+        until its done() (busy)."""
         if self.draining and (self.cutting or not self.serve_new):
             raise self.error()
+        self.busy += 1
+
+    def done(self) -> None:
+        """A request check() let through has ended."""
+        self.busy -= 1
 
     def track(self, call) -> None:
         """A downstream call (anything with cancel()) that a cut ends."""

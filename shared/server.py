@@ -181,22 +181,34 @@ async def wait_for_signal(
             loop.remove_signal_handler(sig)
 
 
+# Once none of a draining server's requests is in our code, what the server still holds this long after is a call
+# gRPC accepted and never handed to us: cancelled then (drain_and_stop), not at the end of the grace period.
+LEFTOVER_S = 0.5
+
+
 async def drain_and_stop(
     running: RunningServer,
     grace_s: float,
     before_stop: Callable[[], Awaitable[None]] | None = None,
     after_stop: Callable[[], Awaitable[None]] | None = None,
     goaway_first: bool = False,
+    idle: Callable[[], bool] | None = None,
 ) -> None:
     """Graceful shutdown: NOT_SERVING, `before_stop` (e.g. deregister), refuse new RPCs, let in-flight
     streams finish within grace_s (then cancel them), `after_stop` (e.g. shut the engine down). goaway_first:
-    stop the gRPC server at once, before `before_stop`, for a worker whose siblings serve its shared port."""
+    stop the gRPC server at once, before `before_stop`, for a worker whose siblings serve its shared port.
+    idle(), when given, says that none of the service's requests is in its code (Drain.busy == 0): once it
+    holds after `before_stop`, calls the server still has LEFTOVER_S later are cancelled at once."""
     log.info("server.draining", grace_period_s=grace_s, goaway_first=goaway_first)
     await running.set_serving(False)
     if not goaway_first:
         if before_stop is not None:
             await before_stop()
-        await running.server.stop(grace_s)
+        stopping = asyncio.create_task(running.server.stop(grace_s), name="server.stop")
+        try:
+            await _cancel_leftovers(running, stopping, idle)
+        finally:
+            await stopping
     else:
         # grpc's stop closes our listeners and sends every client GOAWAY now, while in-flight calls run on: a
         # client opens its next stream on a new connection, which the kernel gives a sibling. Stopping only
@@ -207,11 +219,33 @@ async def drain_and_stop(
         try:
             if before_stop is not None:
                 await before_stop()
+            await _cancel_leftovers(running, stopping, idle)
         finally:
             await stopping
     if after_stop is not None:
         await after_stop()
     log.info("server.stopped")
+
+
+async def _cancel_leftovers(
+    running: RunningServer, stopping: asyncio.Task, idle: Callable[[], bool] | None
+) -> None:
+    """While the server stops (`stopping`): once idle() holds, give it LEFTOVER_S to finish by itself (statuses
+    going out, a short unary call), then cancel what it still holds. A call that crossed the GOAWAY can stay
+    queued in gRPC, never handed to our code nor refused, until the grace period's end (a router worker held one
+    for 4.2 s, and the gateway's own drain cut its stream first); cancelled, it ends UNAVAILABLE without details
+    ("Cancelling all calls"), which the gateway (router_unreachable) and fleetserve.client retry elsewhere."""
+    if idle is None:
+        return
+    while not stopping.done():
+        if idle():
+            await asyncio.wait({stopping}, timeout=LEFTOVER_S)
+            if stopping.done() or not idle():
+                continue
+            log.warning("server.cancelling_leftover_calls", leftover_s=LEFTOVER_S)
+            await running.server.stop(None)  # cancels every call it still has, now
+            return
+        await asyncio.wait({stopping}, timeout=0.05)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task]) -> None:

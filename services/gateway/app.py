@@ -100,8 +100,14 @@ class GatewayApp:
             await self.pool.close()
             await self.databases.close()
 
+        drain = self.servicer.pipeline.drain
         await drain_and_stop(
-            self.running, grace_s, before_stop=before_stop, after_stop=after_stop, goaway_first=hand_over
+            self.running,
+            grace_s,
+            before_stop=before_stop,
+            after_stop=after_stop,
+            goaway_first=hand_over,
+            idle=lambda: drain.busy == 0,
         )
 
 

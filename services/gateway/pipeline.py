@@ -372,8 +372,10 @@ class GatewayPipeline:
             tried: list[tuple[str, int]] = []  # (router address, when) of each router call
             chunks = 0
             running_label: str | None = None  # the model label of the running gauge, once counted there
+            checked = False
             try:
                 self.drain.check()  # draining: UNAVAILABLE + RetryInfo, on gRPC and HTTP alike
+                checked = True
                 tenant = tenant or await self.authenticate(authorization)
                 outcome.tenant_id = tenant.id
                 spec = to_spec(
@@ -510,6 +512,8 @@ class GatewayPipeline:
                 outcome.code = grpc.StatusCode.INTERNAL
                 raise
             finally:
+                if checked:
+                    self.drain.done()
                 if outcome.code == grpc.StatusCode.CANCELLED and time.perf_counter() >= deadline:
                     outcome.code = grpc.StatusCode.DEADLINE_EXCEEDED
                 annotate()  # a request refused or gone before its router call: its span and log lines still say

@@ -85,8 +85,14 @@ class RouterApp:
             # them there).
             await self.servicer.drain.run(grace_s, serve_new=hand_over)
 
+        drain = self.servicer.drain
         await drain_and_stop(
-            self.running, grace_s, before_stop=before_stop, after_stop=after_stop, goaway_first=hand_over
+            self.running,
+            grace_s,
+            before_stop=before_stop,
+            after_stop=after_stop,
+            goaway_first=hand_over,
+            idle=lambda: drain.busy == 0,
         )
 
 

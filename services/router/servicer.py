@@ -395,7 +395,10 @@ class RouterServicer:
             annotated = False
             # The initial metadata: see where it starts, below.
             early = EarlyMetadata(context)
+            checked = False
             try:
+                self.drain.check()
+                checked = True
                 run = await self._admit(request, context, span)
                 while True:
                     attempt = await run.next()
@@ -491,6 +494,8 @@ class RouterServicer:
                 status = getattr(getattr(e, "code", None), "name", "INTERNAL")
                 raise
             finally:
+                if checked:
+                    self.drain.done()
                 if not annotated:
                     self._annotate(request, model, span)  # refused or gone before an engine call was sent
                 # Sent (or failed: a caller gone) before the error or the stream's end goes out; refused before
@@ -544,7 +549,6 @@ class RouterServicer:
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span
     ) -> RequestAttempts:
         """Validate the request, fix its deadline, wait for membership and let the policy prepare it."""
-        self.drain.check()
         if not request.spec.model:
             raise InvalidArgument("spec.model is required", field_violations=[("spec.model", "required")])
         timeout = downstream_timeout(context, default_s=self.default_timeout_s, conservative=True)

@@ -208,3 +208,66 @@ def test_full_collections_back_off_while_they_find_little_garbage():
         waits.append(next_full_wait(waits[-1], 30.0, GC_FULL_QUIET - 1))
     assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, 30.0 * GC_FULL_MAX_BACKOFF, 30.0 * GC_FULL_MAX_BACKOFF]
     assert next_full_wait(480.0, 30.0, GC_FULL_QUIET) == 30.0
+
+
+class _Held(_Engine):
+    """Generate is one of the service's requests (Drain.check ... done) and streams once released;
+    SubscribeKvEvents stands for a call gRPC accepted and never handed to the service: it is no request of
+    the drain's and never ends by itself."""
+
+    def __init__(self, drain) -> None:
+        self.drain = drain
+        self.release = asyncio.Event()
+
+    async def Generate(self, request, context):
+        self.drain.check()
+        try:
+            await self.release.wait()
+            yield pb.GenerateResponse()
+        finally:
+            self.drain.done()
+
+    async def SubscribeKvEvents(self, request, context):
+        await asyncio.Event().wait()
+        yield pb.SubscribeKvEventsResponse()
+
+
+async def test_a_drained_server_cancels_the_calls_it_still_holds_once_none_is_the_services():
+    """drain_and_stop(idle=...): while a request of the service runs, nothing is cancelled; once none does,
+    a call the server still holds (one gRPC never handed over) is cancelled within about LEFTOVER_S, not at the
+    end of the grace period, and the stop returns then."""
+    from shared.drain import Drain
+    from shared.server import LEFTOVER_S, drain_and_stop
+
+    drain = Drain("engine")
+    servicer = _Held(drain)
+    running = await create_server([Service(pb, "EngineService", servicer)])
+    async with grpc.aio.insecure_channel(running.address) as ch:
+        held = ch.unary_stream(
+            "/fleetserve.engine.v1.EngineService/SubscribeKvEvents",
+            request_serializer=pb.SubscribeKvEventsRequest.SerializeToString,
+        )(pb.SubscribeKvEventsRequest(), timeout=60)
+        ours = ch.unary_stream(
+            "/fleetserve.engine.v1.EngineService/Generate",
+            request_serializer=pb.GenerateRequest.SerializeToString,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )(pb.GenerateRequest(), timeout=60)
+        for _ in range(200):  # bounded: until the service's request is in its code
+            if drain.busy:
+                break
+            await asyncio.sleep(0.01)
+        assert drain.busy == 1
+        stopping = asyncio.create_task(
+            drain_and_stop(running, 30.0, goaway_first=True, idle=lambda: drain.busy == 0)
+        )
+        await asyncio.sleep(LEFTOVER_S + 0.5)
+        assert not stopping.done()  # the service's request runs: nothing is cancelled
+        servicer.release.set()
+        assert len([r async for r in ours]) == 1  # it ended as it would have
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await asyncio.wait_for(held.read(), 10)
+        # gRPC's "Cancelling all calls": UNAVAILABLE without details, which a gateway retries on another router.
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "Cancelling all calls" in e.value.details()
+        await asyncio.wait_for(stopping, 10)
+        assert asyncio.get_running_loop().time() - started < LEFTOVER_S + 5  # far from the 30 s grace
