@@ -65,6 +65,12 @@ class ChannelPool:
             self._channels[address] = ch
         return ch
 
+    def state(self, address: str) -> str:
+        """The connectivity state of the channel to address (READY, CONNECTING, ...; "" when there is none), as
+        it is: asking does not connect."""
+        ch = self._channels.get(address)
+        return ch.get_state(try_to_connect=False).name if ch is not None else ""
+
     async def discard(self, address: str) -> None:
         """Close and forget the channel to address (a replica that left)."""
         ch = self._channels.pop(address, None)

@@ -16,6 +16,10 @@ from shared.errors import ShuttingDown
 
 log = structlog.get_logger(__name__)
 
+# While a drain waits, it looks at its streams' progress this often (only then, never while serving), so that each
+# stream it cuts is logged with how long it had been silent.
+PROGRESS_SAMPLE_S = 0.25
+
 
 def cancelled_by_caller() -> bool:
     """Whether this task itself is being cancelled (its caller went away), rather than a call it awaited having
@@ -98,18 +102,58 @@ class Drain:
             cut_in_s=round(cut_in_s, 3),
             hand_over=serve_new,
         )
-        deadline = time.monotonic() + max(0.0, cut_in_s)
+        started = time.monotonic()
+        deadline = started + max(0.0, cut_in_s)
+        # Each stream's progress() (where it has one) and when it was last seen changing, or first seen.
+        seen: dict[object, tuple[object, float]] = {}
         # Until the cut, wait while any stream is in flight, one that started after the drain did too (serve_new,
         # or a request already past check()): the idle event may fire and a new stream be tracked before this
         # task runs again, and that stream must not be cut at once (its client would get SHUTTING_DOWN seconds
         # before the grace period ends, instead of its answer).
         while self._calls and (left := deadline - time.monotonic()) > 0:
+            _sample(self._calls, seen, time.monotonic())
             try:
-                await asyncio.wait_for(self._idle.wait(), left)
+                await asyncio.wait_for(self._idle.wait(), min(left, PROGRESS_SAMPLE_S))
             except TimeoutError:
-                break
+                pass
         if self._calls:
             self.cutting = True
-            log.warning("drain.cutting_streams", service=self.service, streams=len(self._calls))
+            now = time.monotonic()
+            _sample(self._calls, seen, now)
+            log.warning(
+                "drain.cutting_streams",
+                service=self.service,
+                streams=len(self._calls),
+                drain_s=round(now - started, 3),
+            )
             for call in list(self._calls):
+                # Per stream: what it was doing (describe(): its request, where it sits) and how long it had been
+                # silent (since it was first seen, if it never moved), so that a cut explains itself.
+                log.warning(
+                    "drain.cutting_stream",
+                    service=self.service,
+                    silent_s=round(now - seen[call][1], 3),
+                    **_about(call),
+                )
                 call.cancel()
+
+
+def _sample(calls, seen: dict, now: float) -> None:
+    """Note when each call's progress() (None without one) was last seen changing, or first seen."""
+    for call in calls:
+        progress = getattr(call, "progress", None)
+        count = progress() if progress is not None else None
+        before = seen.get(call)
+        if before is None or before[0] != count:
+            seen[call] = (count, now)
+
+
+def _about(call) -> dict:
+    """call.describe(), where it has one; one that fails must not keep the cut from the other streams."""
+    describe = getattr(call, "describe", None)
+    if describe is None:
+        return {}
+    try:
+        return describe()
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        return {"describe_error": repr(e)}

@@ -68,6 +68,7 @@ class ChunkRelay:
         "_closed",
         "merged",
         "ended_at",
+        "received",
     )
 
     def __init__(
@@ -87,6 +88,7 @@ class ChunkRelay:
         self._cancel = cancel
         self._closed = False
         self.merged = 0  # messages saved by merging (chunks in merged messages minus those messages)
+        self.received = 0  # chunks read from the call so far (a drain looks at it to tell a stuck stream)
         self.ended_at = (
             0.0  # time.monotonic() when the upstream call ended normally (its last chunk had come)
         )
@@ -100,6 +102,7 @@ class ChunkRelay:
         first = True
         try:
             while (data := await read()) is not EOF:
+                self.received += 1
                 if watch is not None:
                     watch.chunks += 1
                 pending.append(data)
@@ -171,6 +174,12 @@ class ChunkRelay:
         data = merge(pending)
         pending.clear()
         return data
+
+    @property
+    def unread(self) -> int:
+        """Chunks read from the call that the reader has not taken yet (a writer that stopped reading leaves
+        them here)."""
+        return len(self._pending)
 
     def close(self) -> None:
         """Stop: cancel the call (when a cancel was given; else the caller does), never the pump's task, whose

@@ -181,6 +181,10 @@ class RouterPool:
             r for r in ranked if r.down_until > now or r.draining
         ]
 
+    def channel_state(self, address: str) -> str:
+        """The state of the channel to a router (READY, CONNECTING, TRANSIENT_FAILURE, IDLE; "" if none)."""
+        return self._channels.state(address)
+
     def mark_down(self, router: Router, err: BaseException) -> None:
         router.failures += 1
         router.down_until = self._clock() + self.down_s
@@ -330,6 +334,12 @@ class RouterStream:
         self._attempt = attempt
         self._sent = sent
         self._call: grpc.aio.UnaryStreamCall | None = None
+        # What a drain that cuts this stream logs (describe()): set once per attempt, never per chunk.
+        self._created = pool._clock()
+        self._router = ""  # the router of the attempt in progress (or of the last one)
+        self._attempts = 0
+        self._relay: ChunkRelay | None = None  # the reader of the attempt in progress
+        self._received = 0  # chunks read in the attempts before it
         self._gen = self._run()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -338,6 +348,31 @@ class RouterStream:
     def cancel(self) -> None:
         if self._call is not None:
             self._call.cancel()
+
+    def progress(self) -> int:
+        """Chunks read from routers so far, over every attempt (a drain watches it move)."""
+        relay = self._relay
+        return self._received + (relay.received if relay is not None else 0)
+
+    def describe(self) -> dict[str, object]:
+        """Where this stream is, for a drain that cuts it: its request, its age, the router it waits on and the
+        attempt, the stage (the router call sent and nothing back, streaming, between routers), chunks read and
+        those our caller has not taken yet (a writer that stopped reading), and the channel's state."""
+        relay = self._relay
+        if relay is None:
+            stage = "between_routers" if self._attempts else "not_sent"
+        else:
+            stage = "streaming" if relay.received else "awaiting_router"
+        return {
+            "request_id": self._request.request_id,
+            "age_s": round(self._pool._clock() - self._created, 3),
+            "stage": stage,
+            "router": self._router,
+            "attempts": self._attempts,
+            "chunks": self.progress(),
+            "unread": relay.unread if relay is not None else 0,
+            "channel": self._pool.channel_state(self._router) if self._router else "",
+        }
 
     async def aclose(self) -> None:
         await self._gen.aclose()
@@ -360,6 +395,7 @@ class RouterStream:
                     _raise_with_details(last)  # the stream broke and no router is left to resume it
                 raise unreachable_error(last) from last
             attempts += 1
+            self._attempts, self._router = attempts, router.address
             tried.add(router.address)
             if self._attempt is not None:
                 self._attempt(router.address)
@@ -376,7 +412,7 @@ class RouterStream:
             # Every read of the call goes through a ChunkRelay's own task (merging what arrived while our caller
             # wrote, when coalescing): our task is cancelled when our caller goes away and must not be the one
             # awaiting the call's read then (grpc.aio would leak that batch; shared/relay.py).
-            chunks = ChunkRelay(call.read, coalesce=pool.coalesce, cancel=call.cancel)
+            chunks = self._relay = ChunkRelay(call.read, coalesce=pool.coalesce, cancel=call.cancel)
             try:
                 if (sent := self._sent) is not None:
                     self._sent = None
@@ -413,5 +449,6 @@ class RouterStream:
                     resumed_tokens=len(tracker.sent_ids) if tracker is not None else 0,
                 )
             finally:
-                self._call = None
+                self._call = self._relay = None
+                self._received += chunks.received
                 chunks.close()  # cancels the call: reaches router and engine when our caller went away

@@ -106,6 +106,7 @@ class Attempt:
         "streaming",
         "interrupted",
         "relay",
+        "request_id",
         "_verdict",
         "_closed",
     )
@@ -124,6 +125,7 @@ class Attempt:
         self.streaming = False  # the replica answered (its first chunk came)
         self.interrupted: Unavailable | None = None  # why the stall watchdog or a drain ended this attempt
         self.relay: ChunkRelay | None = None  # reads the call (and merges what the writer is behind on)
+        self.request_id = ""
         self._verdict = False
         self._closed = False
 
@@ -138,6 +140,7 @@ class Attempt:
     ) -> Attempt:
         """Send the request to the replica (the one place an engine call is set up)."""
         attempt = cls(router, replica)
+        attempt.request_id = engine_request.request_id
         attempt.breaker.on_call()
         router.in_flight[replica.replica_id] += 1
         try:
@@ -246,6 +249,25 @@ class Attempt:
         if self.endpoint:
             self.router.endpoint_done(self.endpoint)
         self.router.release(self.replica.replica_id, self.replica.model)
+
+    def progress(self) -> int:
+        """Chunks read from the replica so far (a drain watches it move)."""
+        return self.relay.received if self.relay is not None else 0
+
+    def describe(self) -> dict[str, object]:
+        """Where this attempt is, for a drain that cuts it: its request, replica and front end, its age, whether
+        the replica answered yet, chunks read and those the relay loop has not taken yet (a caller that stopped
+        reading)."""
+        relay = self.relay
+        return {
+            "request_id": self.request_id,
+            "replica": self.replica.replica_id,
+            "endpoint": self.endpoint,
+            "age_s": round(time.monotonic() - self.sent_at, 3),
+            "stage": "streaming" if relay is not None and relay.received else "awaiting_replica",
+            "chunks": self.progress(),
+            "unread": relay.unread if relay is not None else 0,
+        }
 
     def cancel(self) -> None:
         """Cut by the router's drain: the relay loop ends the stream with the drain's ShuttingDown."""

@@ -17,7 +17,7 @@ from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
 from shared.errors import details_of
 from tests.integration.conftest import running_cluster
-from tests.support import assert_eventually, ready_address
+from tests.support import assert_eventually, log_events, ready_address
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -100,12 +100,18 @@ async def test_gateway_drain_answers_new_requests_and_cuts_long_streams_with_ret
         (errors, tokens, new_errors), _ = await asyncio.gather(
             _drain_under_load(cluster, "gateway"), _after_sigterm(cluster, http_during_drain)
         )
+        cut = [e for e in log_events(cluster, "gateway") if e.get("event") == "drain.cutting_stream"]
     _assert_cut_with_retry_advice(errors)
     assert all(t > 0 for t in tokens), tokens
     assert new_errors and all(e is not None for e in new_errors), new_errors
     _assert_cut_with_retry_advice(new_errors)
     status, retry_after, body = http_result[0]
     assert status == 503 and retry_after and body["error"]["code"] == "shutting_down", http_result
+    # Each stream cut says what it was doing: streaming from its router (not stuck), over a READY channel.
+    assert len(cut) == 4, cut
+    for e in cut:
+        assert e["request_id"] and e["router"] and e["channel"] == "READY", e
+        assert e["stage"] == "streaming" and e["chunks"] > 0 and e["silent_s"] < 1.0, e
 
 
 async def _after_sigterm(cluster, fn) -> None:
@@ -123,8 +129,13 @@ async def test_router_drain_cuts_long_streams_with_retry_advice(tmp_path):
     (relayed by the gateway) after tokens flowed, instead of a bare 'Cancelling all calls'; the router exits 0."""
     async with running_cluster(tmp_path, engines=1, speed_factor=1.0, grace_period_s=GRACE_S) as cluster:
         errors, tokens, _ = await _drain_under_load(cluster, "router")
+        cut = [e for e in log_events(cluster, "router") if e.get("event") == "drain.cutting_stream"]
     _assert_cut_with_retry_advice(errors)
     assert all(t > 0 for t in tokens), tokens
+    assert len(cut) == 4, cut
+    for e in cut:
+        assert e["request_id"] and e["replica"] == "engine-1", e
+        assert e["stage"] == "streaming" and e["chunks"] > 0 and e["silent_s"] < 1.0, e
 
 
 async def test_router_drain_moves_its_streams_to_another_router_without_loss(tmp_path):

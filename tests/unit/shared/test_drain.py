@@ -6,8 +6,9 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from structlog.testing import capture_logs
 
-from shared.drain import Drain
+from shared.drain import PROGRESS_SAMPLE_S, Drain
 from shared.errors import ShuttingDown
 from shared.workers import siblings_serve
 
@@ -66,6 +67,47 @@ async def test_a_stream_that_starts_as_the_drain_goes_idle_is_waited_for_not_cut
     drain.untrack(second)
     await asyncio.wait_for(running, 1.0)
     assert not second.cancelled and not drain.cutting
+
+
+class Stream(Call):
+    """A stream that says how far it got (progress) and what it is (describe)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.chunks = 0
+
+    def progress(self) -> int:
+        return self.chunks
+
+    def describe(self) -> dict:
+        return {"request_id": self.name, "chunks": self.chunks}
+
+
+@pytest.mark.asyncio
+async def test_each_stream_the_drain_cuts_is_logged_with_what_it_was_doing_and_how_long_it_was_silent():
+    """At the cut, one line per stream: its describe() and its silence, sampled while draining (a stuck stream:
+    silent the whole drain; a moving one: not); the summary line says how far into the drain the cut came."""
+    drain = Drain("gateway")
+    stuck, moving = Stream("stuck"), Stream("moving")
+    drain.track(stuck)
+    drain.track(moving)
+
+    async def move() -> None:
+        while not moving.cancelled:
+            moving.chunks += 1
+            await asyncio.sleep(0.02)
+
+    mover = asyncio.create_task(move())
+    with capture_logs() as logs:
+        await asyncio.wait_for(drain.run(1.0), 10)  # cuts at 0.75 s
+    await asyncio.wait_for(mover, 10)
+    assert stuck.cancelled and moving.cancelled
+    (summary,) = [e for e in logs if e["event"] == "drain.cutting_streams"]
+    assert summary["streams"] == 2 and summary["drain_s"] >= 0.75, summary
+    cut = {e["request_id"]: e for e in logs if e["event"] == "drain.cutting_stream"}
+    assert cut["stuck"]["chunks"] == 0 and cut["stuck"]["silent_s"] >= 0.75, cut
+    assert cut["moving"]["chunks"] > 0 and cut["moving"]["silent_s"] < PROGRESS_SAMPLE_S + 0.1, cut
 
 
 def test_only_a_worker_whose_siblings_keep_serving_hands_over(tmp_path):

@@ -156,7 +156,9 @@ async def test_a_lagging_writer_gets_the_pending_chunks_merged_token_for_token(u
         await _all_sent(call, relay, watch, MAX_PENDING)  # the "writer" was busy all along
         await asyncio.sleep(0.1)
         assert watch.chunks == MAX_PENDING  # no further
+        assert relay.received == relay.unread == MAX_PENDING  # read from the call, not taken by the writer
         out = [first, await asyncio.wait_for(relay.read(), 10)]  # the pile, in one message
+        assert relay.unread == 0
         assert len(parse(out[1]).token_ids) == len(flatten(msgs[1 : MAX_PENDING + 1])[1])
         while (data := await asyncio.wait_for(relay.read(), 10)) is not grpc.aio.EOF:
             out.append(data)
