@@ -147,10 +147,11 @@ async def db_gateways(redis_url: str, db_url: str, n: int, prefix: str):
             b.start()
         yield backends
     finally:
+        # Bounded, so that a close that never ends fails here, naming this await, instead of at pytest's timeout.
         for b in backends:
-            await b.close()
+            await asyncio.wait_for(b.close(), 10)
         for db in dbs:
-            await db.close()
+            await asyncio.wait_for(db.close(), 10)
 
 
 async def _crash(gw: RedisLimits) -> None:
@@ -192,7 +193,7 @@ async def test_a_gateway_that_leaves_during_the_outage_stops_being_counted(redis
         await _crash(c)
         await assert_eventually(lambda: a.gateways() == 1, timeout_s=10)
         assert len(a.fleet.redis) == 3  # Redis's last reading still names all three
-        assert await _admitted(a, 40) >= 30
+        assert await asyncio.wait_for(_admitted(a, 40), 10) >= 30
 
 
 async def test_a_crashed_gateway_ages_out_of_redis_presence(redis_server):
