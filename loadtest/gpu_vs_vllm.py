@@ -460,6 +460,7 @@ def bench(args) -> None:
     parser = FlexibleArgumentParser()
     vbench.add_cli_args(parser)
     servers = [s for s in state["servers"] if s in args.servers]
+    servers += [s for s in args.servers if burn_variant(s)[1] and burn_variant(s)[0] in state["servers"]]
     cpus_file = Path(args.dir, "cpus.json")
     cpus = None
     if args.pin:
@@ -472,14 +473,16 @@ def bench(args) -> None:
     def run(
         name: str, c: int, n: int, seed: int, ready_check_s: int
     ) -> tuple[dict, dict, float, float, dict]:
-        srv = state["servers"][name]
+        base, burn = burn_variant(name)
+        srv = state["servers"][base]
         pinned = pin(srv["pid"], cpus, _gpu_pids()) if cpus else {}
         vargs = _vbench_args(parser, srv, args.model_dir, c, n, seed, ready_check_s)
         before = cpu_snapshot(srv["pid"])
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0, wall0 = time.monotonic(), time.time()
-        res = asyncio.run(vbench.main_async(vargs))
-        wall = time.monotonic() - t0
+        with burning(burn, cpus["other_cpus"] if cpus else None):
+            t0, wall0 = time.monotonic(), time.time()
+            res = asyncio.run(vbench.main_async(vargs))
+            wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         client = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall
         cpu = cpu_use(before, cpu_snapshot(srv["pid"]), wall)
@@ -489,7 +492,7 @@ def bench(args) -> None:
     # later ones in the previous run (rep 1 slowest for every server at c = 32 and 128).
     warmed = {w["server"] for w in doc.get("warmups", [])}
     for name in servers:
-        if name in warmed or args.warmup_prompts <= 0:
+        if name in warmed or burn_variant(name)[1] or args.warmup_prompts <= 0:
             continue
         try:
             res, _cpu, w0, w1, _ = run(name, 256, args.warmup_prompts, 7, 60)
@@ -769,8 +772,36 @@ def relabel(records: list[dict], roles: dict[int, str]) -> None:
 
 
 def is_plain_vllm(name: str) -> bool:
-    """`vllm serve` as the issue's targets mean it (its variants, as vllm-api8-kv, are compared, not the best)."""
-    return name.startswith("vllm-") and not name.endswith("-kv")
+    """`vllm serve` as the issue's targets mean it (its variants, as vllm-api8-kv or vllm-api8+burn3, are compared,
+    not the best)."""
+    return name.startswith("vllm-") and not name.endswith("-kv") and BURN not in name
+
+
+BURN = "+burn"
+
+
+def burn_variant(name: str) -> tuple[str, int]:
+    """`NAME+burnK`: server NAME run while K busy processes share the CPUs the server's own processes (all but its
+    engine core) run on, the CPU the mesh's relays use beyond `vllm serve`'s; `NAME`: (NAME, 0)."""
+    base, sep, k = name.partition(BURN)
+    return (base, int(k or 1)) if sep else (name, 0)
+
+
+@contextlib.contextmanager
+def burning(k: int, cpus: list[int] | None):
+    """K processes each spinning a pure Python loop on `cpus` (the OS places them among those) while inside."""
+    spin = "import os,sys\nif sys.argv[1:]: os.sched_setaffinity(0, {int(c) for c in sys.argv[1:]})\nwhile True: pass"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", spin, *map(str, cpus or [])], stdin=subprocess.DEVNULL)
+        for _ in range(k)
+    ]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def paired(records: list[dict], server: str = "mesh") -> dict[int, dict]:
@@ -922,12 +953,20 @@ def _pct(vals: list[float], q: float) -> float:
     return vals[min(len(vals) - 1, max(0, round(q * (len(vals) - 1))))]
 
 
+def _hop_tpot(e: dict) -> float | None:
+    """Time per output token after the first at one hop, from its request log line (None under two tokens)."""
+    n, ttft, dur = e.get("output_tokens") or 0, e.get("ttft_ms"), e.get("duration_ms")
+    return (float(dur) - float(ttft)) / (n - 1) if n > 1 and dur is not None else None
+
+
 def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[int, dict]:
-    """TTFT at each hop of the mesh, from its services' request log lines (gateway: from the HTTP request to
-    the first token; engine: from Generate to vLLM's first output), per concurrency over the mesh's runs."""
+    """TTFT and TPOT at each hop of the mesh, from its services' request log lines (gateway: from the HTTP request
+    to the first token, and to its end; engine: from Generate to vLLM's first output, and to the last), per
+    concurrency over the mesh's runs. TPOT by hop says whether a slower token rate at the client was the engine's
+    or was added on the way."""
     from datetime import datetime
 
-    events: dict[str, list[tuple[float, float]]] = {"gateway.request": [], "engine.request": []}
+    events: dict[str, list[tuple[float, float, float | None]]] = {"gateway.request": [], "engine.request": []}
     for f in sorted(Path(log_dir).glob("*.log")):
         with open(f, errors="replace") as fh:
             for line in fh:
@@ -939,27 +978,32 @@ def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[in
                     continue
                 if e.get("event") in events and e.get("ttft_ms") is not None and e.get("timestamp"):
                     ts = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
-                    events[e["event"]].append((ts, float(e["ttft_ms"])))
+                    events[e["event"]].append((ts, float(e["ttft_ms"]), _hop_tpot(e)))
     out: dict[int, dict] = {}
+    hops = (("gateway.request", "gateway"), ("engine.request", "engine"))
     for r in records:
         if r["server"] != server or "started_at" not in r:
             continue
-        row = out.setdefault(
-            r["concurrency"], {"gateway": [], "engine": [], "client_p50": [], "client_p99": []}
-        )
-        for ev, key in (("gateway.request", "gateway"), ("engine.request", "engine")):
-            row[key] += [v for ts, v in events[ev] if r["started_at"] <= ts <= r["ended_at"] + 1.0]
+        row = out.setdefault(r["concurrency"], {"client_p50": [], "client_p99": [], "client_tpot": []})
+        for ev, key in hops:
+            mine = [(v, t) for ts, v, t in events[ev] if r["started_at"] <= ts <= r["ended_at"] + 1.0]
+            row.setdefault(key, []).extend(v for v, _ in mine)
+            row.setdefault(key + "_tpot", []).extend(t for _, t in mine if t is not None)
         row["client_p50"].append(r["ttft_p50_ms"])
         row["client_p99"].append(r["ttft_p99_ms"])
+        row["client_tpot"].append(r["tpot_p50_ms"])
     summary = {}
     for c, row in sorted(out.items()):
-        s = {"requests": {"gateway": len(row["gateway"]), "engine": len(row["engine"])}}
-        for key in ("gateway", "engine"):
+        s = {"requests": {key: len(row[key]) for _, key in hops}}
+        for _, key in hops:
             if row[key]:
                 s[f"{key}_p50_ms"] = round(_pct(row[key], 0.5), 2)
                 s[f"{key}_p99_ms"] = round(_pct(row[key], 0.99), 2)
+            if row[key + "_tpot"]:
+                s[f"{key}_tpot_p50_ms"] = round(_pct(row[key + "_tpot"], 0.5), 3)
         s["client_p50_ms_median"] = round(statistics.median(row["client_p50"]), 2)
         s["client_p99_ms_median"] = round(statistics.median(row["client_p99"]), 2)
+        s["client_tpot_p50_ms_median"] = round(statistics.median(row["client_tpot"]), 3)
         summary[c] = s
     return summary
 

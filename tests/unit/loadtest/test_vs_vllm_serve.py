@@ -88,7 +88,13 @@ def test_hop_ttft_reads_the_mesh_logs_within_each_run(tmp_path):
     lines = [
         {"event": "gateway.request", "timestamp": "2026-12-02T13:00:01.000000Z", "ttft_ms": 20.0},
         {"event": "gateway.request", "timestamp": "2026-12-02T13:00:02.000000Z", "ttft_ms": 22.0},
-        {"event": "engine.request", "timestamp": "2026-12-02T13:00:01.500000Z", "ttft_ms": 14.0},
+        {
+            "event": "engine.request",
+            "timestamp": "2026-12-02T13:00:01.500000Z",
+            "ttft_ms": 14.0,
+            "duration_ms": 524.0,
+            "output_tokens": 256,
+        },
         {
             "event": "gateway.request",
             "timestamp": "2026-12-02T13:10:00.000000Z",
@@ -104,6 +110,25 @@ def test_hop_ttft_reads_the_mesh_logs_within_each_run(tmp_path):
     hop = g.hop_ttft(recs, str(tmp_path))
     assert hop[1]["requests"] == {"gateway": 2, "engine": 1}
     assert hop[1]["engine_p50_ms"] == 14.0 and hop[1]["gateway_p99_ms"] == 22.0
+    # TPOT where the line has the duration and 2+ tokens: (524 - 14) / 255 at the engine, none at the gateway.
+    assert hop[1]["engine_tpot_p50_ms"] == 2.0 and "gateway_tpot_p50_ms" not in hop[1]
+    assert hop[1]["client_tpot_p50_ms_median"] == 1.0
+
+
+def test_a_burn_variant_runs_its_server_beside_busy_processes_and_is_never_the_best_vllm_serve():
+    assert g.burn_variant("vllm-api8+burn3") == ("vllm-api8", 3) and g.burn_variant("mesh") == ("mesh", 0)
+    assert not g.is_plain_vllm("vllm-api8+burn3") and g.is_plain_vllm("vllm-api8")
+    cpu = min(os.sched_getaffinity(0))
+    with g.burning(2, [cpu]) as procs:
+        assert len(procs) == 2
+        for p in procs:
+            ps = psutil.Process(p.pid)
+            deadline = 50
+            while ps.cpu_affinity() != [cpu] and deadline:  # the child sets its own affinity first thing
+                deadline -= 1
+                psutil.wait_procs([ps], timeout=0.1)
+            assert ps.cpu_affinity() == [cpu]
+    assert all(p.poll() is not None for p in procs)
 
 
 def test_flame_summary_of_py_spy_raw_stacks():
