@@ -284,7 +284,9 @@ def _await_routable(router: str) -> None:
 # -- the client ---------------------------------------------------------------------------------------------------
 
 
-def request_bytes(kind: str, i: int) -> bytes:
+def request_bytes(kind: str, i: int, request_id: str = "") -> bytes:
+    """Request i (one of 64 prompts) for a hop of `kind`; engine and router requests carry request_id (by
+    default r{i}: give each request its own, an engine refuses an id it is still serving)."""
     from fleetserve.common.v1 import common_pb2
     from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
     from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
@@ -293,13 +295,27 @@ def request_bytes(kind: str, i: int) -> bytes:
     prompt = f"request {i} " + "word " * 32
     sampling = common_pb2.SamplingParams(max_tokens=64, ignore_eos=True)
     spec = common_pb2.GenerationSpec(model=MODEL, prompt=prompt, sampling=sampling)
+    request_id = request_id or f"r{i}"
     if kind == "engine":
-        return engine_pb.GenerateRequest(request_id=f"r{i}", spec=spec).SerializeToString()
+        return engine_pb.GenerateRequest(request_id=request_id, spec=spec).SerializeToString()
     if kind == "router":
-        return router_pb.GenerateRequest(request_id=f"r{i}", spec=spec).SerializeToString()
+        return router_pb.GenerateRequest(request_id=request_id, spec=spec).SerializeToString()
     return inf_pb.GenerateRequest(
         model=MODEL, prompt=prompt, max_tokens=64, ignore_eos=True
     ).SerializeToString()
+
+
+def unique_ids(kind: str) -> Callable[[int], bytes]:
+    """For engine and router requests: request i's request_id field, unique in this run and across runs
+    (a prefix of its own per run, then i), as bytes to append to request_bytes(kind, i % 64): protobuf's
+    last value of a field wins, so the prompt's bytes are built once. b"" for the gateway (it makes the id)."""
+    if kind not in ("engine", "router"):
+        return lambda i: b""
+    from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+
+    run = os.urandom(4).hex()
+    # request_id is field 1 in both requests (checked against the router's in the tests).
+    return lambda i: engine_pb.GenerateRequest(request_id=f"{run}-r{i}").SerializeToString()
 
 
 METHODS = {
@@ -384,16 +400,18 @@ async def load(
     call = channel.unary_stream(METHODS[kind])
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     reqs = [request_bytes(kind, i) for i in range(64)]
+    ids = unique_ids(kind)
     tally = Tally()
     clock = time.perf_counter
 
     async def one_request(i: int) -> None:
+        body = reqs[i % len(reqs)] + ids(i)
         t0 = clock()
         first = True
         last = 0.0
         cancel_at = 8 if cancel_every and i % cancel_every == 0 else -1
         try:
-            stream = call(reqs[i % len(reqs)], metadata=metadata, timeout=60)
+            stream = call(body, metadata=metadata, timeout=60)
             while (m := await stream.read()) is not grpc.aio.EOF:
                 now = clock()
                 if first:

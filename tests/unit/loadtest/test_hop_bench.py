@@ -71,3 +71,20 @@ def test_the_closed_loop_keeps_each_stream_on_its_own_requests_until_the_time_is
     n = len(sent)
     asyncio.run(hop_bench.closed_loop(2, 0.0, 0.0, one_request))
     assert len(sent) == n  # no time left: no request
+
+
+def test_request_ids_are_unique_within_and_across_runs():
+    """Each engine and router request of a run has its own id (not r0-r63 again), another run's ids differ."""
+    from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+    from fleetserve.router.v1 import router_service_pb2 as router_pb
+
+    for kind, parse in (("engine", engine_pb.GenerateRequest), ("router", router_pb.GenerateRequest)):
+        reqs = [hop_bench.request_bytes(kind, i) for i in range(64)]
+        seen = set()
+        for ids in (hop_bench.unique_ids(kind), hop_bench.unique_ids(kind)):
+            for i in range(200):
+                r = parse.FromString(reqs[i % 64] + ids(i))
+                assert r.spec.prompt.startswith(f"request {i % 64} ") and r.spec.sampling.max_tokens == 64
+                seen.add(r.request_id)
+        assert len(seen) == 400
+    assert hop_bench.unique_ids("gateway")(5) == b""
