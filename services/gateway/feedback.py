@@ -45,7 +45,9 @@ class RecentRequests:
     still taken, unlabelled).
 
     Compact, since it holds 100k entries when full: a 32-hex-digit id is kept as its 16 bytes, and every entry
-    with the same labels shares one Served (~170 B an entry instead of ~270)."""
+    with the same labels shares one Served. Measured with tracemalloc at 100k entries: 154 B an entry once
+    filled, 228 B once full and turning over (the ordered dict's table after deletions), ~23 MB; str keys and
+    a Served per entry took 244 and 304 B."""
 
     _MAX_SHARED = 10_000
 
