@@ -8,6 +8,7 @@ hands its clients over (GOAWAY, Connection: close) and serves what still reaches
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import structlog
@@ -64,6 +65,25 @@ class Drain:
     def done(self) -> None:
         """A request check() let through has ended."""
         self.busy -= 1
+
+    def idle(self) -> bool:
+        """No request is in our code (busy == 0): what shared.server.drain_and_stop(idle=...) waits for."""
+        return self.busy == 0
+
+    def counted(self, fn):
+        """fn, an RPC with one response (ListModels, Feedback, ...), busy while it runs, so that a drain's stop
+        waits for it as for a stream instead of cancelling it LEFTOVER_S after the last stream. Never refused:
+        such a call is short and its answer still true while we drain (a stream's check() refuses)."""
+
+        @functools.wraps(fn)
+        async def counted(request, context):
+            self.busy += 1
+            try:
+                return await fn(request, context)
+            finally:
+                self.busy -= 1
+
+        return counted
 
     def track(self, call) -> None:
         """A downstream call (anything with cancel()) that a cut ends."""

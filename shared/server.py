@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -21,6 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.request_decoding import RequestDecodingGuard
 from shared.tls import Tls
+
+if TYPE_CHECKING:
+    from shared.drain import Drain
 
 log = structlog.get_logger("fleetserve.server")
 
@@ -36,12 +40,15 @@ SERVER_OPTIONS = (
 @dataclass(frozen=True)
 class Service:
     """A servicer to mount: its pb2 module, the service's short name, and methods whose responses it
-    yields as already-serialized bytes (relaying hops), so they are not parsed and re-encoded."""
+    yields as already-serialized bytes (relaying hops), so they are not parsed and re-encoded. With a drain,
+    its methods with one response are counted busy in it while they run (Drain.counted); its streams count
+    themselves where they are admitted (Drain.check ... done)."""
 
     pb2: ModuleType
     name: str
     servicer: object
     relay_bytes: frozenset[str] = field(default_factory=frozenset)
+    drain: Drain | None = None
 
     @property
     def full_name(self) -> str:
@@ -58,6 +65,9 @@ def _handlers(svc: Service) -> grpc.GenericRpcHandler:
         resp = message_factory.GetMessageClass(m.output_type)
         serializer = None if m.name in svc.relay_bytes else resp.SerializeToString
         fn = getattr(svc.servicer, m.name)
+        if svc.drain is not None and not m.server_streaming:
+            # Wrapped once here, not per call; a stream is not (a wrapper would cost it a frame per chunk).
+            fn = svc.drain.counted(fn)
         kind = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,

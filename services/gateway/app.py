@@ -100,14 +100,13 @@ class GatewayApp:
             await self.pool.close()
             await self.databases.close()
 
-        drain = self.servicer.pipeline.drain
         await drain_and_stop(
             self.running,
             grace_s,
             before_stop=before_stop,
             after_stop=after_stop,
             goaway_first=hand_over,
-            idle=lambda: drain.busy == 0,
+            idle=self.servicer.pipeline.drain.idle,
         )
 
 
@@ -164,7 +163,16 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
         )
         servicer = GatewayServicer(pipeline, jobs, feedback)
         running = await create_server(
-            [Service(pb, "InferenceService", servicer, relay_bytes=frozenset({"Generate", "Chat"}))],
+            # ListModels, Feedback and the job RPCs count as busy in the drain (it waits for them).
+            [
+                Service(
+                    pb,
+                    "InferenceService",
+                    servicer,
+                    relay_bytes=frozenset({"Generate", "Chat"}),
+                    drain=pipeline.drain,
+                )
+            ],
             settings.host,
             settings.port,
             # Refused by gRPC before the message is parsed: RESOURCE_EXHAUSTED, "received message larger than max".

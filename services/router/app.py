@@ -85,14 +85,13 @@ class RouterApp:
             # them there).
             await self.servicer.drain.run(grace_s, serve_new=hand_over)
 
-        drain = self.servicer.drain
         await drain_and_stop(
             self.running,
             grace_s,
             before_stop=before_stop,
             after_stop=after_stop,
             goaway_first=hand_over,
-            idle=lambda: drain.busy == 0,
+            idle=self.servicer.drain.idle,
         )
 
 
@@ -185,7 +184,8 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
     )
     servicer.recycler = recycler(settings)
     running = await create_server(
-        [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}))],
+        # ListModels and GetStatus count as busy in the drain (it waits for them).
+        [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}), drain=servicer.drain)],
         settings.host,
         settings.port,
         reuse_port=settings.worker_index >= 0,

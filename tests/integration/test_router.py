@@ -16,6 +16,8 @@ import pytest_asyncio
 from fleetserve.common.v1 import common_pb2
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
+from fleetserve.inference.v1 import inference_service_pb2 as gw_pb
+from fleetserve.inference.v1 import inference_service_pb2_grpc as gw_grpc
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
@@ -34,6 +36,7 @@ from services.registry import config as registry_config
 from services.router.app import start as start_router
 from services.router.config import RouterSettings
 from shared.errors import details_of
+from shared.server import LEFTOVER_S
 from shared.telemetry import Telemetry
 from tests.support import assert_eventually
 
@@ -122,6 +125,26 @@ class Fleet:
         await assert_eventually(lambda: self.router.membership.get(replica_id) is None, timeout_s=5)
 
 
+async def start_test_registry(tmp: Path, telemetry: Telemetry, port: int = 0):
+    """A registry in this process (port 0, or a given one to come back on), its database under tmp."""
+    settings = registry_config.RegistrySettings(
+        port=port, db_path=str(tmp / "registry.db"), lease_ttl_s=30.0, heartbeat_interval_s=0.2
+    )
+    return await registry_app.start(settings, telemetry)
+
+
+async def start_test_gateway(tmp: Path, router_address: str, telemetry: Telemetry, **overrides):
+    """A gateway in this process on port 0 in front of router_address, API_KEY its bootstrapped key."""
+    settings = GatewaySettings(
+        router_address=router_address,
+        db_path=str(tmp / "gateway.db"),
+        bootstrap_api_key=API_KEY,
+        auth_cache_ttl_s=0.0,
+        **overrides,
+    )
+    return await start_gateway(settings, telemetry)
+
+
 @contextlib.asynccontextmanager
 async def in_process_fleet(
     tmp: Path, engines: int = 2, gateway: bool = False, **router_overrides
@@ -132,14 +155,7 @@ async def in_process_fleet(
     started: list[object] = []
     fleet: Fleet | None = None
     try:
-        registry = await registry_app.start(
-            registry_config.RegistrySettings(
-                db_path=str(tmp / "registry.db"),
-                lease_ttl_s=30.0,
-                heartbeat_interval_s=0.2,
-            ),
-            telemetry,
-        )
+        registry = await start_test_registry(tmp, telemetry)
         started.append(registry)
         engine_apps = {}
         for i in range(1, engines + 1):
@@ -170,15 +186,7 @@ async def in_process_fleet(
             message="engines not routable",
         )
         if gateway:
-            fleet.gateway = await start_gateway(
-                GatewaySettings(
-                    router_address=router.address,
-                    db_path=str(tmp / "gateway.db"),
-                    bootstrap_api_key=API_KEY,
-                    auth_cache_ttl_s=0.0,
-                ),
-                telemetry,
-            )
+            fleet.gateway = await start_test_gateway(tmp, router.address, telemetry)
             started.append(fleet.gateway)
         yield fleet
     finally:
@@ -492,12 +500,7 @@ async def test_keeps_routing_while_the_registry_is_down_and_reconnects(tmp_path)
         await assert_eventually(lambda: not f.router.membership.connected, timeout_s=5)
         chunks = await generate(f, request(max_tokens=3, request_id="no-registry"))
         assert chunks[-1].usage.completion_tokens == 3
-        f.registry = await registry_app.start(
-            registry_config.RegistrySettings(
-                port=port, db_path=str(tmp_path / "registry.db"), lease_ttl_s=30.0, heartbeat_interval_s=0.2
-            ),
-            f.telemetry,
-        )
+        f.registry = await start_test_registry(tmp_path, f.telemetry, port)
         await assert_eventually(lambda: f.router.membership.connected, timeout_s=5)
         assert {r.replica_id for r in f.router.membership.routable(MODEL)} == {"engine-1", "engine-2"}
 
@@ -869,3 +872,56 @@ async def test_replica_with_far_worse_ttft_is_ejected_for_a_while(tmp_path):
         for i in range(10):
             chunks = await generate(f, request(max_tokens=1, request_id=f"after-{i}"))
             assert chunks[0].served_by.replica_id != "slow-1"
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_slow_unary_call_in_flight_when_gateway_and_router_drain_is_answered_not_cancelled(tmp_path):
+    """A call with one response in our code when gateway and router start draining (ListModels, waiting for the
+    router's first registry snapshot) is answered OK when the snapshot comes, seconds later: counted busy, it is
+    not cancelled with what gRPC still holds LEFTOVER_S after the drains found no stream in flight."""
+    telemetry, _ = recording_telemetry()
+    # A registry's address with nothing serving it yet: the router waits for its first snapshot.
+    registry = await start_test_registry(tmp_path, telemetry)
+    port = int(registry.address.rsplit(":", 1)[1])
+    await registry.stop(0)
+    started: list[object] = []
+    stops: list[asyncio.Task] = []
+    try:
+        router = await start_router(
+            RouterSettings(
+                registry_address=registry.address,
+                register_in_registry=False,
+                ready_wait_s=30.0,
+                watch_backoff_base_s=0.05,
+                watch_backoff_max_s=0.2,
+            ),
+            telemetry,
+        )
+        started.append(router)
+        gateway = await start_test_gateway(tmp_path, router.address, telemetry, list_models_timeout_s=30.0)
+        started.append(gateway)
+        async with grpc.aio.insecure_channel(gateway.address) as ch:
+            call = gw_grpc.InferenceServiceStub(ch).ListModels(
+                gw_pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {API_KEY}"),), timeout=30
+            )
+            drains = (gateway.servicer.pipeline.drain, router.servicer.drain)
+            for _ in range(100):  # bounded (2 s): until the call is in both services' code
+                if all(d.busy for d in drains):
+                    break
+                await asyncio.sleep(0.02)
+            stops = [asyncio.create_task(app.stop(20.0)) for app in (gateway, router)]
+            started.clear()  # they stop through these drains
+            await asyncio.sleep(LEFTOVER_S + 1.0)  # what must not happen meanwhile: the call cancelled
+            assert not call.done(), f"cancelled by the drain: {await call.code()} {await call.details()}"
+            started.append(await start_test_registry(tmp_path, telemetry, port))
+            resp = await asyncio.wait_for(call, 10)
+            assert await call.code() == grpc.StatusCode.OK and isinstance(resp, gw_pb.ListModelsResponse)
+            # The drains end with the call, not at the 20 s grace.
+            await asyncio.wait_for(asyncio.gather(*stops), 10)
+    finally:
+        for task in stops:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 25)
+        for app in reversed(started):
+            await app.stop(0.5)
+        telemetry.shutdown()
