@@ -26,6 +26,7 @@ from services.gateway.db import DatabaseError
 from services.gateway.limits import LocalLimits, Rate
 from services.gateway.presence import FleetSize, PresenceTable
 from shared import prom
+from shared.drain import cancelled_by_caller
 from shared.resilience import BreakerState, CircuitBreaker
 
 log = structlog.get_logger(__name__)
@@ -90,6 +91,16 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 2000))
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
+
+
+def _still_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled during the call that just ended, even though the call
+    returned or raised something else: asyncio.wait_for on Python 3.11 (redis-py's socket send) returns the
+    result of an inner call that finished as the cancel came, and redis-py may turn a cancel that lands
+    mid-command into a ConnectionError. A background loop that carried on would never end, and whoever awaits it
+    after cancelling it (asyncio.run's shutdown, a crashed gateway's test) would wait forever."""
+    if cancelled_by_caller():
+        raise asyncio.CancelledError
 
 
 class FleetShareLimits(LocalLimits):
@@ -195,15 +206,16 @@ class RedisLimits:
 
     async def _presence_loop(self) -> None:
         ttl = self.presence_interval_s * 3
-        # Not `while True`: redis-py may turn a cancellation that lands mid-command into a ConnectionError,
-        # which this loop would otherwise take for Redis being down and carry on.
+        # Ends when cancelled, also when redis-py swallowed the cancel (_still_cancelled), or once close() began.
         while not self._closing:
             if self.breaker.current() is BreakerState.CLOSED:
                 try:
                     ids = await self._present(keys=[self.prefix + "gateways"], args=[self.gateway_id, ttl])
                 except (RedisError, OSError) as e:
+                    _still_cancelled()
                     self._fault(e)
                 else:
+                    _still_cancelled()
                     self.fleet.redis = frozenset(i.decode() if isinstance(i, bytes) else str(i) for i in ids)
                     self._recounted()
             await asyncio.sleep(self.presence_interval_s)
@@ -213,13 +225,16 @@ class RedisLimits:
         ttl = self.presence_interval_s * 3
         while not self._closing:
             try:
-                self.fleet.read_database(await self.presence.renew(self.gateway_id, ttl))
+                reading = await self.presence.renew(self.gateway_id, ttl)
             except DatabaseError as e:  # keep the last reading: nothing newer is known
+                _still_cancelled()
                 now = time.monotonic()
                 if now - self._db_warned >= _WARN_EVERY_S:
                     self._db_warned = now
                     log.warning("gateway.presence_db_unavailable", error=str(e), gateways=self.gateways())
             else:
+                _still_cancelled()
+                self.fleet.read_database(reading)
                 self._recounted()
             await asyncio.sleep(self.presence_interval_s)
 
@@ -282,8 +297,10 @@ class RedisLimits:
                 try:
                     await self.client.ping()
                 except (RedisError, OSError):
+                    _still_cancelled()
                     self.breaker.on_fault()  # half-open: open again, for twice as long
                 else:
+                    _still_cancelled()
                     self.breaker.on_success()
         finally:
             self._probing = False
