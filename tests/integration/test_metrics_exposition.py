@@ -61,7 +61,10 @@ async def test_gateway_counts_each_request_once_with_status_latency_and_tokens(f
         def requests(code: str, model: str = MODEL) -> float:
             return value(reg, "fleetserve:requests_total", model_name=model, code=code)
 
-        assert requests("OK") == 6
+        # The gateway counts (and observes) a served request once its router call has ended, which comes after
+        # the client's stream (ended with the last chunk): read right after, the 6th was missing in 84 of 1,800
+        # probes, 0 of 1,800 with the refused request's round trip between; awaited, the rest is then exact.
+        await assert_eventually(lambda: requests("OK") == 6, timeout_s=10)
         assert requests("UNAUTHENTICATED") == 1
         assert requests("NOT_FOUND", "unknown") == 1 and requests("NOT_FOUND") == 0
         assert requests("INVALID_ARGUMENT") == 1
