@@ -161,17 +161,33 @@ class _SQLiteRunner(Database):
         await self._call(run)
 
 
+def _wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """PRAGMA journal_mode=WAL, retried for up to timeout_s while another process writes the file. Hand-written
+    because SQLite answers this pragma "database is locked" at once, without its busy handler, while another
+    connection holds the write lock (it would deadlock waiting): two gateways started together on one file, one
+    migrating, failed the other's start (a fresh-clone CI run)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)  # start-up only, before the loop serves anything
+
+
 class SQLiteDatabase(_SQLiteRunner):
     """A SQLite file (WAL, so readers in other processes never block the writer). Statements are serialized
     by an asyncio lock, which a transaction holds to its end so that no other statement lands inside it."""
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         if path != ":memory:":
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn, busy_timeout_ms / 1000.0)
             # A power cut may lose the last commits; a process crash loses nothing.
             conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         super().__init__(conn, ThreadPoolExecutor(1, thread_name_prefix="sqlite"))
         self.path = path
         self._lock = asyncio.Lock()
