@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import resource
@@ -165,6 +166,15 @@ def _wait_started(name: str, args, proc: subprocess.Popen, url: str, t0: float) 
     return {"pid": proc.pid, "url": url, "api_key": "", "start_s": round(time.time() - t0, 1)}
 
 
+def mesh_code_missing(module: str = "fleetserve.inference.v1.inference_service_pb2") -> str:
+    """Why the mesh cannot start on this machine ("" if it can): its generated protobuf code must import."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"{e}: carry gen/ (the generated protos, `make protos`) and put it on PYTHONPATH"
+    return ""
+
+
 def start(args) -> None:
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -188,6 +198,11 @@ def start(args) -> None:
     order += [f"vllm-api{n}-kv" for n in args.vllm_kv]
     ports = {name: 8101 + i for i, name in enumerate(order)}
     todo = [name for name in order if name not in state["servers"]]
+    # Checked before any server starts: a mesh that dies on import after vllm serve's minutes of start-up
+    # leaves a run whose first rounds lack it (12-04 08:19).
+    why = mesh_code_missing() if any(name.startswith("mesh") for name in todo) else ""
+    if why:
+        raise SystemExit(f"gpu_vs_vllm: the mesh cannot start here: {why}")
     # The first start compiles (torch.compile, CUDA graphs) into the shared cache; the others then start at once.
     waves = [todo[:1], todo[1:]] if args.stagger else [[name] for name in todo]
     for wave in waves:

@@ -233,3 +233,14 @@ def test_pooled_ratios_come_from_every_round_of_every_run(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["pooled"]["1"]["rounds"] == 3
     assert out["against_each"]["b.json"]["1"]["vllm-api8"]["rounds"] == 2
+
+
+def test_start_refuses_a_mesh_whose_generated_code_does_not_import(tmp_path, monkeypatch):
+    assert g.mesh_code_missing() == ""
+    assert "carry gen/" in g.mesh_code_missing("fleetserve.no_such_generated_module_pb2")
+    args = g.parse_args(["start", "--dir", str(tmp_path), "--model-dir", str(tmp_path), "--api-counts", ""])
+    # As on a GPU machine without gen/: refused before any server starts (none is in the state afterwards).
+    monkeypatch.setattr(g, "mesh_code_missing", lambda module="": "No module named 'fleetserve.inference'")
+    with pytest.raises(SystemExit, match="the mesh cannot start here"):
+        g.start(args)
+    assert g.read_state(str(tmp_path))["servers"] == {}
