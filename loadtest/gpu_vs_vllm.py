@@ -878,6 +878,8 @@ def against_each(records: list[dict], server: str = "mesh") -> dict[int, dict[st
                 "rounds": len(v["toks"]),
                 "toks_ratio_median": round(statistics.median(v["toks"]), 3),
                 "tpot_ratio_median": round(statistics.median(v["tpot"]), 3),
+                # With rounds, a sign test: ahead in few of many rounds is a deficit, not the noise.
+                "mesh_ahead": sum(x > 1.0 for x in v["toks"]),
             }
             for name, v in sorted(per.items())
         }
@@ -1087,11 +1089,16 @@ def report(args) -> None:
 
 
 def pool(args) -> None:
-    """Print several runs' pooled paired ratios and each run's mesh against every `vllm serve` (JSON)."""
+    """Print several runs' pooled paired ratios and the mesh against every `vllm serve`, run by run and pooled
+    (JSON)."""
     docs = {f: json.loads(Path(f).read_text()) for f in args.files}
     out = {
         "pooled": pooled(list(docs.values())),
         "against_each": {Path(f).name: against_each(d["records"]) for f, d in docs.items()},
+        # Every run's rounds together (a round is (run, rep): reps repeat from one run to the next).
+        "pooled_against_each": against_each(
+            [{**r, "rep": (i, r["rep"])} for i, d in enumerate(docs.values()) for r in d["records"]]
+        ),
     }
     print(json.dumps(out, indent=1))
 

@@ -214,7 +214,9 @@ def test_against_each_compares_the_mesh_with_every_vllm_serve_round_by_round():
     each = g.against_each(recs)
     # -kv variants are not `vllm serve` as the targets mean it; round 3 (no mesh) is skipped.
     assert set(each[32]) == {"vllm-api1", "vllm-api8"}
-    assert each[32]["vllm-api8"] == {"rounds": 2, "toks_ratio_median": 0.945, "tpot_ratio_median": 1.05}
+    assert each[32]["vllm-api8"] == {
+        "rounds": 2, "toks_ratio_median": 0.945, "tpot_ratio_median": 1.05, "mesh_ahead": 0
+    }  # fmt: skip
     assert each[32]["vllm-api1"]["toks_ratio_median"] == 1.045  # (0.99 + 1.1) / 2
 
 
@@ -233,6 +235,10 @@ def test_pooled_ratios_come_from_every_round_of_every_run(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["pooled"]["1"]["rounds"] == 3
     assert out["against_each"]["b.json"]["1"]["vllm-api8"]["rounds"] == 2
+    # Pooled: a.json's round 1 and b.json's round 1 are two rounds, not one.
+    assert out["pooled_against_each"]["1"]["vllm-api8"] == {
+        "rounds": 3, "toks_ratio_median": 0.95, "tpot_ratio_median": 1.0, "mesh_ahead": 1
+    }  # fmt: skip
 
 
 def test_start_refuses_a_mesh_whose_generated_code_does_not_import(tmp_path, monkeypatch):
