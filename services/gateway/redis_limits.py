@@ -93,14 +93,22 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
-def _still_cancelled() -> None:
-    """Raise CancelledError if this task was cancelled during the call that just ended, even though the call
-    returned or raised something else: asyncio.wait_for on Python 3.11 (redis-py's socket send) returns the
-    result of an inner call that finished as the cancel came, and redis-py may turn a cancel that lands
-    mid-command into a ConnectionError. A background loop that carried on would never end, and whoever awaits it
-    after cancelling it (asyncio.run's shutdown, a crashed gateway's test) would wait forever."""
+async def _loop_call(call: Awaitable[T]) -> T:
+    """Await a background loop's call (Redis, the gateway database), then raise CancelledError if this task was
+    cancelled during it, whether the call returned or raised: asyncio.wait_for on Python 3.11 (redis-py's socket
+    send) returns the result of an inner call that finished as the cancel came, and redis-py may turn a cancel
+    that lands mid-command into a ConnectionError. A loop that carried on would never end, and whoever awaits it
+    after cancelling it (asyncio.run's shutdown, a crashed gateway's test) would wait forever. Every await of a
+    call in a loop goes through here."""
+    try:
+        result = await call
+    except Exception as e:
+        if cancelled_by_caller():
+            raise asyncio.CancelledError from e
+        raise
     if cancelled_by_caller():
         raise asyncio.CancelledError
+    return result
 
 
 class FleetShareLimits(LocalLimits):
@@ -206,16 +214,16 @@ class RedisLimits:
 
     async def _presence_loop(self) -> None:
         ttl = self.presence_interval_s * 3
-        # Ends when cancelled, also when redis-py swallowed the cancel (_still_cancelled), or once close() began.
+        # Ends when cancelled, also when redis-py swallowed the cancel (_loop_call), or once close() began.
         while not self._closing:
             if self.breaker.current() is BreakerState.CLOSED:
                 try:
-                    ids = await self._present(keys=[self.prefix + "gateways"], args=[self.gateway_id, ttl])
+                    ids = await _loop_call(
+                        self._present(keys=[self.prefix + "gateways"], args=[self.gateway_id, ttl])
+                    )
                 except (RedisError, OSError) as e:
-                    _still_cancelled()
                     self._fault(e)
                 else:
-                    _still_cancelled()
                     self.fleet.redis = frozenset(i.decode() if isinstance(i, bytes) else str(i) for i in ids)
                     self._recounted()
             await asyncio.sleep(self.presence_interval_s)
@@ -225,15 +233,13 @@ class RedisLimits:
         ttl = self.presence_interval_s * 3
         while not self._closing:
             try:
-                reading = await self.presence.renew(self.gateway_id, ttl)
+                reading = await _loop_call(self.presence.renew(self.gateway_id, ttl))
             except DatabaseError as e:  # keep the last reading: nothing newer is known
-                _still_cancelled()
                 now = time.monotonic()
                 if now - self._db_warned >= _WARN_EVERY_S:
                     self._db_warned = now
                     log.warning("gateway.presence_db_unavailable", error=str(e), gateways=self.gateways())
             else:
-                _still_cancelled()
                 self.fleet.read_database(reading)
                 self._recounted()
             await asyncio.sleep(self.presence_interval_s)
@@ -295,12 +301,10 @@ class RedisLimits:
                 if self.breaker.current() is not BreakerState.HALF_OPEN:
                     continue
                 try:
-                    await self.client.ping()
+                    await _loop_call(self.client.ping())
                 except (RedisError, OSError):
-                    _still_cancelled()
                     self.breaker.on_fault()  # half-open: open again, for twice as long
                 else:
-                    _still_cancelled()
                     self.breaker.on_success()
         finally:
             self._probing = False
