@@ -32,6 +32,7 @@ _GUARDRAIL = re.compile(
     r"^\s*(?P<metric>[a-z0-9_]+)\s*(?P<op><=|>=)\s*(?P<limit>[0-9.eE+-]+?)(?P<x>x)?"
     r"(?:\+(?P<gap>[0-9.eE+-]+))?(?:@(?P<min>\d+))?\s*$"
 )
+UNDECIDED = {"pause": pb.UNDECIDED_ACTION_PAUSE, "rollback": pb.UNDECIDED_ACTION_ROLLBACK}
 EXPERIMENT_VERBS = ("create", "status", "analyze", "list", "stop")
 
 
@@ -65,6 +66,26 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         metavar="RULE",
         help="e.g. 'error_rate<=0.02', 'tpot_p99_ms<=1.5x' (x: times the baseline), 'error_rate<=2x+0.01' "
         "(and worse by more than 0.01), 'feedback_rating>=0.9x', '...@50' (judge after 50 samples); repeatable",
+    )
+    start.add_argument(
+        "--confidence",
+        type=float,
+        default=0.0,
+        help="rate guardrails (error_rate, refusal_rate) roll back once the rate's lower confidence bound is over "
+        "the limit and pass once its upper bound is at or under it, at this confidence (default 0.95)",
+    )
+    start.add_argument(
+        "--max-hold",
+        type=float,
+        default=0.0,
+        help="seconds a step whose bake is over is held while a guardrail is undecided (default: three bakes, "
+        "at least 60)",
+    )
+    start.add_argument(
+        "--on-undecided",
+        choices=("pause", "rollback"),
+        default="pause",
+        help="after --max-hold undecided: pause for an operator (default) or roll back",
     )
     start.add_argument("--shadow-percent", type=float, default=0.0, help="shadow: percent of requests copied")
     start.add_argument("--shadow-max-in-flight", type=int, default=0, help="shadow: budget per router")
@@ -226,6 +247,11 @@ def format_rollout(r: pb.Rollout) -> str:
         f"  started {_ago(r.started_at_unix)}, step started {_ago(r.step_started_at_unix)}, bake {p.bake_s:g}s",
         f"  reason: {r.reason}",
     ]
+    if p.guardrails and p.strategy != plans.SHADOW:
+        lines.append(
+            f"  rates decided at {plans.confidence(p) * 100:g}% confidence; a step undecided after its bake is held "
+            f"up to {plans.max_hold_s(p):g}s, then {plans.undecided_action_name(p.on_undecided)}"
+        )
     for c in r.checks:
         lines.append(f"  guardrail [{c.verdict}] {guardrails.describe(c)}")
     lines.append("  history:")
@@ -297,6 +323,9 @@ async def _rollout(stub: pb_grpc.RolloutServiceStub, args) -> int:
             shadow_percent=args.shadow_percent,
             shadow_max_in_flight=args.shadow_max_in_flight,
             manual_promote=args.manual_promote,
+            confidence=args.confidence,
+            max_hold_s=args.max_hold,
+            on_undecided=UNDECIDED[args.on_undecided],
         )
         r = (await stub.StartRollout(pb.StartRolloutRequest(plan=plan), timeout=5)).rollout
     elif cmd == "status":

@@ -1,6 +1,7 @@
 """The rollout controller: on every tick, judges each running rollout's guardrails over its current step, rolls
 back on a breach, holds while the candidate has no replica, advances a step once its bake time passed with every
-guardrail judged ok, and promotes after the last step."""
+guardrail judged ok, holds a step whose guardrails are still undecided (then pauses it for an operator or rolls it
+back, as the plan says), and promotes after the last step."""
 
 from __future__ import annotations
 
@@ -124,6 +125,38 @@ class RolloutController:
             plans.advance(
                 r, now, f"{now - r.step_started_at_unix:.0f} s at {r.candidate_percent:g}% ({judged})"
             )
+            return
+        self._hold(r, now, [c for c in checks if c.verdict != guardrails.OK])
+
+    def _hold(self, r: pb.Rollout, now: float, pending: list[pb.GuardrailCheck]) -> None:
+        """The bake is over but not every guardrail is ok (a rate's bounds straddle its limit, or too few samples):
+        the step holds, saying so once with the numbers, for at most max_hold_s (counted again from a resume);
+        then the plan's on_undecided pauses it for an operator or rolls it back."""
+        plan = r.plan
+        hold_s = plans.max_hold_s(plan)
+        since = r.step_started_at_unix + plan.bake_s
+        for e in reversed(r.events):
+            if e.kind == "resumed" and e.at_unix >= r.step_started_at_unix:
+                since = max(since, e.at_unix)
+                break
+        what = "; ".join(guardrails.describe(c) for c in pending)
+        action = plans.undecided_action_name(plan.on_undecided)
+        if now - since >= hold_s:
+            detail = f"undecided {now - r.step_started_at_unix:.0f} s into the step at {r.candidate_percent:g}%: {what}"
+            if plan.on_undecided == plans.ROLLBACK:
+                plans.rollback(r, now, detail)
+            else:
+                r.state = plans.PAUSED
+                plans.record(
+                    r, "undecided", now, f"{detail}; paused for an operator (resume: hold {hold_s:g} s more)"
+                )
+            return
+        last = r.events[-1]
+        if last.kind != "holding" or last.at_unix < since:
+            plans.record(
+                r, "holding", now, f"bake over at {r.candidate_percent:g}%, not every guardrail ok yet: {what}; "
+                f"holding up to {hold_s:g} s, then {action}",
+            )  # fmt: skip
 
     async def _judge(self, r: pb.Rollout, now: float) -> list[pb.GuardrailCheck]:
         plan = r.plan
@@ -148,7 +181,8 @@ class RolloutController:
                     "registry.rollout_metrics_unavailable", code=e.code().name, rollout_id=r.rollout_id
                 )
                 cand = base = VersionStats()
-        return [guardrails.judge(g, cand, base) for g in plan.guardrails]
+        conf = plans.confidence(plan)
+        return [guardrails.judge(g, cand, base, conf) for g in plan.guardrails]
 
     def announce(self, r: pb.Rollout) -> None:
         """Count (a metric the metrics service receives) and log the rollout's last event."""
@@ -156,7 +190,7 @@ class RolloutController:
         self._events.add(
             1, {"model": r.plan.model, "model_version": r.plan.candidate_version, "event": e.kind}
         )
-        level = log.warning if e.kind == "rolled_back" else log.info
+        level = log.warning if e.kind in ("rolled_back", "undecided") else log.info
         level(
             f"registry.rollout_{e.kind}",
             rollout_id=r.rollout_id,

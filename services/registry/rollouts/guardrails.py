@@ -1,5 +1,6 @@
 """Guardrails of a rollout: the metrics that exist, and how a candidate's numbers over a window are judged against
-an absolute limit or against the baseline's numbers over the same window."""
+an absolute limit or against the baseline's numbers over the same window: rates (error_rate, refusal_rate) by an
+always-valid confidence sequence (sequential.py), the others on their point value."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from dataclasses import dataclass
 
 from fleetserve.registry.v1 import rollout_service_pb2 as pb
 
+from services.registry.rollouts import sequential
+from services.registry.rollouts.sequential import BREACH, DEFAULT_CONFIDENCE, OK, UNDECIDED
+
 DEFAULT_MIN_SAMPLES = 20
-OK, BREACH, INSUFFICIENT = "ok", "breach", "insufficient_data"
+INSUFFICIENT = "insufficient_data"
+__all__ = ["BREACH", "DEFAULT_CONFIDENCE", "INSUFFICIENT", "OK", "UNDECIDED"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,10 @@ class Metric:
     samples: Callable[[VersionStats], int]
     higher_is_better: bool = False
     unit: str = ""
+    # Rates: the count of bad outcomes among samples(), which makes the metric judged by the confidence sequence.
+    # feedback_rating is a mean of 1-5 ratings, not a proportion, and the latency and cost metrics are not rates:
+    # they stay on their point value.
+    bad: Callable[[VersionStats], int] | None = None
 
 
 def _ratio(num: float, den: float) -> float:
@@ -51,14 +60,21 @@ def _ratio(num: float, den: float) -> float:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("error_rate", lambda s: _ratio(s.errors, s.requests), lambda s: s.requests),
+        Metric(
+            "error_rate", lambda s: _ratio(s.errors, s.requests), lambda s: s.requests, bad=lambda s: s.errors
+        ),
         Metric("ttft_p99_ms", lambda s: s.ttft_p99_ms, lambda s: s.ttft_count, unit=" ms"),
         Metric("tpot_p99_ms", lambda s: s.tpot_p99_ms, lambda s: s.tpot_count, unit=" ms"),
         # Medians: a version slower across the board shows in them even where the tail over a few dozen requests
         # is the machine's scheduling noise (a busy host's p99 hides a 2x TPOT; its p50 does not).
         Metric("ttft_p50_ms", lambda s: s.ttft_p50_ms, lambda s: s.ttft_count, unit=" ms"),
         Metric("tpot_p50_ms", lambda s: s.tpot_p50_ms, lambda s: s.tpot_count, unit=" ms"),
-        Metric("refusal_rate", lambda s: _ratio(s.refusals, s.refusal_checked), lambda s: s.refusal_checked),
+        Metric(
+            "refusal_rate",
+            lambda s: _ratio(s.refusals, s.refusal_checked),
+            lambda s: s.refusal_checked,
+            bad=lambda s: s.refusals,
+        ),
         Metric(
             "feedback_rating", lambda s: s.feedback_mean, lambda s: s.feedback_count, higher_is_better=True
         ),
@@ -80,9 +96,15 @@ def relative(g: pb.Guardrail) -> bool:
     return g.mode == pb.GUARDRAIL_MODE_RELATIVE
 
 
-def judge(g: pb.Guardrail, candidate: VersionStats, baseline: VersionStats | None) -> pb.GuardrailCheck:
+def judge(
+    g: pb.Guardrail,
+    candidate: VersionStats,
+    baseline: VersionStats | None,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> pb.GuardrailCheck:
     """The verdict on one guardrail: insufficient_data until the candidate (and, relative, the baseline) has
-    min_samples in the window; then breach or ok on the point values."""
+    min_samples in the window; then a rate's confidence sequence says breach, ok or undecided, and any other metric
+    is breach or ok on its point value."""
     metric = METRICS[g.metric]
     value = metric.value(candidate)
     samples = metric.samples(candidate)
@@ -96,18 +118,27 @@ def judge(g: pb.Guardrail, candidate: VersionStats, baseline: VersionStats | Non
         base = metric.value(baseline)
         check.baseline_value = base
         bound = g.limit * base
-        worse_by = (base - value) if metric.higher_is_better else (value - base)
-        beyond = value < bound if metric.higher_is_better else value > bound
-        check.verdict = BREACH if beyond and worse_by > g.min_gap else OK
+        # Worse than FACTOR x the baseline and by more than the gap: beyond whichever is further.
+        limit = min(bound, base - g.min_gap) if metric.higher_is_better else max(bound, base + g.min_gap)
     else:
-        beyond = value < g.limit if metric.higher_is_better else value > g.limit
-        check.verdict = BREACH if beyond else OK
+        limit = g.limit
+    check.effective_limit = limit
+    if metric.bad is not None:
+        # A relative limit moves with the baseline's point value; the baseline usually has many times the
+        # candidate's samples, and its own noise is not part of the bounds.
+        d = sequential.decide(samples, metric.bad(candidate), limit, confidence)
+        check.verdict = d.verdict
+        check.confidence = confidence
+        check.lower_bound, check.upper_bound, check.samples_needed = d.lower, d.upper, d.samples_needed
+        return check
+    beyond = value < limit if metric.higher_is_better else value > limit
+    check.verdict = BREACH if beyond else OK
     return check
 
 
 def describe(check: pb.GuardrailCheck) -> str:
     """A check in words with its numbers, e.g. 'tpot_p99_ms 41.2 ms > 1.5 x baseline 19.9 ms = 29.8 ms (57
-    samples)'."""
+    samples)', 'error_rate 0.05 (95% lower bound 0.031) > limit 0.02 (400 samples)'."""
     g = check.guardrail
     metric = METRICS.get(g.metric)
     unit = metric.unit if metric else ""
@@ -124,4 +155,20 @@ def describe(check: pb.GuardrailCheck) -> str:
             limit += f" (gap {g.min_gap:g})"
     else:
         limit = f"limit {g.limit:.4g}{unit}"
-    return f"{value} {op} {limit} ({check.samples} samples)"
+    samples = f"{check.samples} samples"
+    if check.confidence:
+        level = f"{check.confidence * 100:.4g}%"
+        if check.verdict == BREACH:
+            value += f" ({level} lower bound {check.lower_bound:.3g})"
+        elif check.verdict == OK:
+            value += f" ({level} upper bound {check.upper_bound:.3g})"
+        else:
+            value += f" ({level} bounds {check.lower_bound:.3g}-{check.upper_bound:.3g})"
+            op = "undecided vs"
+            more = (
+                f"~{check.samples_needed} more at this rate"
+                if check.samples_needed
+                else "at the limit: no end"
+            )
+            samples += f"; {more}"
+    return f"{value} {op} {limit} ({samples})"

@@ -25,6 +25,10 @@ PROMOTED = pb.ROLLOUT_STATE_PROMOTED
 ROLLED_BACK = pb.ROLLOUT_STATE_ROLLED_BACK
 COMPLETED = pb.ROLLOUT_STATE_COMPLETED
 ACTIVE = frozenset({RUNNING, PAUSED})
+PAUSE = pb.UNDECIDED_ACTION_PAUSE
+ROLLBACK = pb.UNDECIDED_ACTION_ROLLBACK
+# An undecided step's hold past its bake when the plan does not say (max_hold_s 0): three bakes, at least this.
+MIN_DEFAULT_HOLD_S = 60.0
 
 
 def strategy_name(strategy: int) -> str:
@@ -33,6 +37,20 @@ def strategy_name(strategy: int) -> str:
 
 def state_name(state: int) -> str:
     return pb.RolloutState.Name(state).removeprefix("ROLLOUT_STATE_").lower()
+
+
+def confidence(plan: pb.RolloutPlan) -> float:
+    """The confidence rate guardrails decide at (0 means the default)."""
+    return plan.confidence or guardrails.DEFAULT_CONFIDENCE
+
+
+def max_hold_s(plan: pb.RolloutPlan) -> float:
+    """How long a step whose bake is over may stay undecided before on_undecided applies."""
+    return plan.max_hold_s or max(3.0 * plan.bake_s, MIN_DEFAULT_HOLD_S)
+
+
+def undecided_action_name(action: int) -> str:
+    return "rollback" if action == ROLLBACK else "pause"
 
 
 def _percent_ok(v: float) -> bool:
@@ -64,6 +82,17 @@ def validate(plan: pb.RolloutPlan, versions: Mapping[str, set[str]]) -> None:
         bad.append(("plan.bake_s", f"seconds in [0, {MAX_BAKE_S:g}]; got {plan.bake_s}"))
     if not (math.isfinite(plan.window_s) and plan.window_s >= 0.0):
         bad.append(("plan.window_s", f"seconds >= 0 (0: the whole step); got {plan.window_s}"))
+    if not (math.isfinite(plan.confidence) and (plan.confidence == 0.0 or 0.5 <= plan.confidence < 1.0)):
+        bad.append(("plan.confidence", f"in [0.5, 1), e.g. 0.95 (0: 0.95); got {plan.confidence}"))
+    if not (math.isfinite(plan.max_hold_s) and 0.0 <= plan.max_hold_s <= MAX_BAKE_S):
+        bad.append(
+            (
+                "plan.max_hold_s",
+                f"seconds in [0, {MAX_BAKE_S:g}] (0: three bakes, >= 60 s); got {plan.max_hold_s}",
+            )
+        )
+    if plan.on_undecided not in pb.UndecidedAction.values():
+        bad.append(("plan.on_undecided", f"unknown action {plan.on_undecided}"))
     bad += _check_guardrails(plan)
     if bad:
         raise InvalidArgument(

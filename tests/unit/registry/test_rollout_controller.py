@@ -1,6 +1,7 @@
 """The rollout controller on an injected clock and numbers: a breach rolls back at once, a passing step advances
-only after its bake, a candidate without replicas holds (bake restarting), a clean ramp promotes itself, a paused
-one still rolls back, and the traffic configuration survives reopening the store."""
+only after its bake, an undecided one holds (saying how many samples it needs) and then pauses or rolls back as
+the plan says, a candidate without replicas holds (bake restarting), a clean ramp promotes itself, a paused one
+still rolls back, and the traffic configuration survives reopening the store."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from services.registry.rollouts.traffic import TrafficState
 from services.registry.store import SqliteStore
 from shared.errors import Aborted
 
-GOOD = VersionStats(requests=100, errors=0, tpot_p99_ms=10.0, tpot_count=100)
+# 0 errors in 300: the error rate's 95% upper bound (0.016) is under the 2% limit; 0 in 100 would be undecided.
+GOOD = VersionStats(requests=300, errors=0, tpot_p99_ms=10.0, tpot_count=300)
+# 2 errors in 150: the bounds straddle 2% (undecided); 1 in 2,000 is ok.
+UNSURE = VersionStats(requests=150, errors=2, tpot_p99_ms=10.0, tpot_count=150)
 BAD = VersionStats(requests=100, errors=9, tpot_p99_ms=25.0, tpot_count=100)
 
 
@@ -94,7 +98,7 @@ async def test_a_breach_rolls_back_at_once_with_the_numbers(tmp_path):
     s.numbers.by_version = {"v1": GOOD, "v2": BAD}
     r = await s.tick(3)
     assert (r.state, r.candidate_percent, r.step) == (plans.ROLLED_BACK, 0.0, 0)
-    assert "error_rate 0.09 > limit 0.02 (100 samples)" in r.reason
+    assert "error_rate 0.09 (95% lower bound 0.0231) > limit 0.02 (100 samples)" in r.reason
     assert "tpot_p99_ms 25 ms > 1.5 x baseline 10 ms = 15 ms" in r.reason
     assert s.numbers.windows == [3.0, 3.0]  # the step so far, for both versions
 
@@ -110,6 +114,66 @@ async def test_a_step_advances_only_after_its_bake_and_the_ramp_promotes(tmp_pat
     r = await s.tick(10)
     assert r.state == plans.PROMOTED
     assert [e.kind for e in r.events] == ["started", "advanced", "advanced", "promoted"]
+
+
+async def test_an_undecided_step_holds_then_pauses_for_an_operator_and_a_resume_holds_again(tmp_path):
+    """Bake over with the error rate's bounds straddling the limit: one 'holding' event with the bounds and the
+    samples still needed, no advance; after max_hold_s an 'undecided' event pauses it; a resume holds it another
+    max_hold_s, and once the evidence is in it advances."""
+    s = Setup(tmp_path)
+    await s.start(max_hold_s=20)
+    s.numbers.by_version = {"v1": GOOD, "v2": UNSURE}
+    await s.tick()  # the candidate's replica is seen: the bake starts
+    r = await s.tick(12)
+    assert (r.state, r.step, r.events[-1].kind) == (plans.RUNNING, 0, "holding")
+    assert [c.verdict for c in r.checks] == ["undecided", "ok"]
+    held = r.events[-1].detail
+    assert (
+        "error_rate 0.01333 (95% bounds 0.000" in held and "undecided vs limit 0.02 (150 samples; ~" in held
+    )
+    assert "holding up to 20 s, then pause" in held
+    r = await s.tick(10)
+    assert [e.kind for e in r.events] == ["started", "holding"]  # said once
+    r = await s.tick(10)
+    assert (r.state, r.events[-1].kind) == (plans.PAUSED, "undecided")
+    assert "paused for an operator" in r.reason and "more at this rate" in r.reason
+    plans.resume(r, s.clock())
+    await s.traffic.save_rollout(r)
+    r = await s.tick(15)
+    assert (r.state, r.events[-1].kind) == (plans.RUNNING, "holding")
+    s.numbers.by_version["v2"] = VersionStats(requests=2000, errors=1, tpot_p99_ms=10.0, tpot_count=2000)
+    r = await s.tick(1)
+    assert (r.step, r.events[-1].kind) == (1, "advanced")
+    assert "error_rate 0.0005 (95% upper bound" in r.events[-1].detail
+
+
+async def test_an_undecided_step_rolls_back_after_its_hold_when_the_plan_says_so(tmp_path):
+    """on_undecided=ROLLBACK: still undecided max_hold_s after the bake, the rollout is rolled back with the
+    numbers."""
+    s = Setup(tmp_path)
+    await s.start(max_hold_s=20, on_undecided=pb.UNDECIDED_ACTION_ROLLBACK)
+    s.numbers.by_version = {"v1": GOOD, "v2": UNSURE}
+    await s.tick()
+    assert (await s.tick(15)).state == plans.RUNNING
+    r = await s.tick(15)
+    assert (r.state, r.candidate_percent) == (plans.ROLLED_BACK, 0.0)
+    assert r.reason.startswith("undecided 30 s into the step at 10%: error_rate 0.01333"), r.reason
+
+
+async def test_the_plans_confidence_decides_the_rate(tmp_path):
+    """6 errors in 100 against 2%: undecided at the default 95%, a breach at 50% confidence."""
+    five = VersionStats(requests=100, errors=6, tpot_p99_ms=10.0, tpot_count=100)
+    s = Setup(tmp_path)
+    await s.start()
+    s.numbers.by_version = {"v1": GOOD, "v2": five}
+    r = await s.tick(1)
+    assert (r.state, r.checks[0].verdict, r.checks[0].confidence) == (plans.RUNNING, "undecided", 0.95)
+    (tmp_path / "b").mkdir()
+    s2 = Setup(tmp_path / "b")
+    await s2.start(confidence=0.5)
+    s2.numbers.by_version = {"v1": GOOD, "v2": five}
+    r = await s2.tick(1)
+    assert r.state == plans.ROLLED_BACK and "error_rate 0.06 (50% lower bound 0.0214)" in r.reason, r.reason
 
 
 async def test_unjudged_guardrails_hold_the_step(tmp_path):

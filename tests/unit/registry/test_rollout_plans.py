@@ -53,6 +53,10 @@ def test_a_good_plan_of_each_strategy_passes():
         (dict(model="nope"), "plan.model", "no replica"),
         (dict(strategy=pb.ROLLOUT_STRATEGY_UNSPECIFIED), "plan.strategy", "required"),
         (dict(bake_s=-1), "plan.bake_s", "seconds"),
+        (dict(confidence=1.0), "plan.confidence", "[0.5, 1)"),
+        (dict(confidence=0.3), "plan.confidence", "[0.5, 1)"),
+        (dict(max_hold_s=-1), "plan.max_hold_s", "seconds"),
+        (dict(on_undecided=7), "plan.on_undecided", "unknown action"),
         (
             dict(guardrails=[pb.Guardrail(metric="latency", limit=1)]),
             "plan.guardrails[0].metric",
@@ -128,15 +132,43 @@ def g(metric: str, limit: float, relative: bool = False, **kw) -> pb.Guardrail:
     return pb.Guardrail(metric=metric, limit=limit, mode=mode, **kw)
 
 
-def test_absolute_guardrails_breach_above_the_limit_and_wait_for_samples():
-    """error_rate 5/100 > 0.02 breaches; with fewer than min_samples it is not judged."""
+def test_absolute_rate_guardrails_decide_on_confidence_bounds_and_wait_for_samples():
+    """error_rate 20/400 breaches 0.02 (its 95% lower bound is over it); 5/100, the same 5%, is undecided and says
+    how many more samples would decide; 0/300 is ok on its upper bound; fewer than min_samples is not judged; a
+    latency guardrail stays on its point value."""
+    check = guardrails.judge(g("error_rate", 0.02), VersionStats(requests=400, errors=20), None)
+    assert check.verdict == guardrails.BREACH and check.candidate_value == pytest.approx(0.05)
+    assert (check.confidence, check.effective_limit) == (0.95, 0.02)
+    assert guardrails.describe(check) == "error_rate 0.05 (95% lower bound 0.0225) > limit 0.02 (400 samples)"
     cand = VersionStats(requests=100, errors=5)
     check = guardrails.judge(g("error_rate", 0.02), cand, None)
-    assert check.verdict == guardrails.BREACH and check.candidate_value == pytest.approx(0.05)
-    assert "error_rate 0.05 > limit 0.02 (100 samples)" == guardrails.describe(check)
+    assert check.verdict == guardrails.UNDECIDED and check.lower_bound < 0.02 < check.upper_bound
+    assert guardrails.describe(check) == (
+        "error_rate 0.05 (95% bounds 0.00939-0.141) undecided vs limit 0.02 (100 samples; ~207 more at this rate)"
+    )
+    check = guardrails.judge(g("error_rate", 0.02), VersionStats(requests=300), None)
+    assert guardrails.describe(check) == "error_rate 0 (95% upper bound 0.0164) <= limit 0.02 (300 samples)"
     few = guardrails.judge(g("error_rate", 0.02, min_samples=200), cand, None)
     assert few.verdict == guardrails.INSUFFICIENT
-    assert guardrails.judge(g("error_rate", 0.1), cand, None).verdict == guardrails.OK
+    assert guardrails.judge(g("error_rate", 0.2), cand, None).verdict == guardrails.OK
+    refusals = VersionStats(refusals=30, refusal_checked=100)
+    assert guardrails.judge(g("refusal_rate", 0.1), refusals, None).verdict == guardrails.BREACH
+    slow = guardrails.judge(g("tpot_p99_ms", 20), VersionStats(tpot_p99_ms=21.0, tpot_count=30), None)
+    assert slow.verdict == guardrails.BREACH and slow.confidence == 0.0
+
+
+def test_relative_rate_guardrails_hold_the_candidate_to_the_baselines_point_value():
+    """error_rate<=2x+0.01 against a baseline at 1%: the limit is max(2 x 0.01, 0.01 + 0.01) = 0.02, decided by the
+    candidate's bounds."""
+    base = VersionStats(requests=5000, errors=50)
+    check = guardrails.judge(
+        g("error_rate", 2.0, relative=True, min_gap=0.01), VersionStats(requests=400, errors=20), base
+    )
+    assert check.verdict == guardrails.BREACH and check.effective_limit == pytest.approx(0.02)
+    assert (
+        "(95% lower bound 0.0225) > 2 x baseline 0.01 = 0.02 (gap 0.01) (400 samples)"
+        in guardrails.describe(check)
+    )
 
 
 def test_relative_guardrails_compare_with_the_baseline_and_respect_the_gap():

@@ -41,3 +41,28 @@ def test_arms_and_the_verbs_take_their_options_after_the_verb():
     assert (args.rollout_id, args.json, args.registry) == ("ro-1", True, "h:1")
     args = build_parser().parse_args(["experiment", "analyze", "faster", "--peek"])
     assert (args.experiment_command, args.experiment, args.peek) == ("analyze", "faster", True)
+
+
+def test_start_takes_the_confidence_and_what_an_undecided_step_does():
+    """--confidence, --max-hold and --on-undecided reach the plan's fields; status describes them."""
+    from services.registry.rollouts import plans
+    from shared.cli.rollout import UNDECIDED, format_rollout
+
+    args = build_parser().parse_args(
+        ["rollout", "start", "--model", "m", "--baseline", "v1", "--candidate", "v2", "--steps", "5,50",
+         "--guardrail", "error_rate<=0.02@50", "--confidence", "0.99", "--max-hold", "600",
+         "--on-undecided", "rollback"]
+    )  # fmt: skip
+    assert (args.confidence, args.max_hold, UNDECIDED[args.on_undecided]) == (
+        0.99, 600.0, pb.UNDECIDED_ACTION_ROLLBACK
+    )  # fmt: skip
+    p = pb.RolloutPlan(
+        model="m", baseline_version="v1", candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL,
+        steps=[5, 50], bake_s=30, guardrails=[parse_guardrail("error_rate<=0.02@50")],
+    )  # fmt: skip
+    text = format_rollout(plans.start(p, "ro-1", 0.0))
+    assert (
+        "rates decided at 95% confidence; a step undecided after its bake is held up to 90s, then pause"
+        in text
+    )
+    assert plans.max_hold_s(pb.RolloutPlan(bake_s=5)) == 60.0
