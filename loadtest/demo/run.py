@@ -85,7 +85,9 @@ QUICK = DemoSettings(
 # What the canaries must hold (the same for both: the good version passes them, the planted one does not). TPOT
 # median at most twice the baseline's and 5 ms worse: the planted 4x stands out; a busy machine's noise, which
 # moves a p99 over a few dozen requests by that much (docs/benchmarks/rollouts.md), does not move the median.
-GUARDRAILS = ("error_rate<=0.02@12", "tpot_p50_ms<=2x+5@12")
+# Error rate at most 10%: rate guardrails pass only once their 95% upper bound is under the limit, which 0 errors
+# in 46 requests show for 10% (236 for 2%), and the canary gets ~1-1.5 requests/s here.
+GUARDRAILS = ("error_rate<=0.1@12", "tpot_p50_ms<=2x+5@12")
 
 
 @dataclass

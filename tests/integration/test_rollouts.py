@@ -1,8 +1,9 @@
 """Rollouts end to end on a fleet of real processes whose engines serve four versions of one model (v2 planted
 bad: 2x slower and 15% errors; v4 planted different: 2x slower, half as long, 20% refusals), under client load
 through the gateway, with time-compressed bake times: a bad gradual rollout is rolled back before leaving its
-first step and only its share sees errors; a good one promotes itself with no failed request; blue-green switches
-and switches back with none; shadow copies leave live traffic alone and the report names the planted differences;
+first step and only its share sees errors; a good one promotes itself with no failed request once its error rate's
+upper confidence bound is under the limit (and the error-rate guardrail alone decides both ways on its bounds, in
+its own test); blue-green switches and switches back with none; shadow copies leave live traffic alone and the report names the planted differences;
 an A/B experiment reaches its horizon and finds the slower arm worse."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -145,11 +147,11 @@ async def test_a_bad_version_is_rolled_back_within_its_first_step(fleet):
     async with rollouts(fleet) as stub, load.running():
         await load.until(20)
         begun = time.monotonic()
-        # The controller judges the step's growing sample several times a second, so a version passes its step only
-        # if its error rate stays at or under the limit at every judgement from min_samples on: with 1 error that
-        # needs 50+ requests, so the first 50 must be clean. A 5%-error version does that with a probability of
-        # 0.13 / 0.04 over a 40- / 80-request step (the candidate's share of a 12 s step on a loaded / quiet box;
-        # Monte Carlo of that rule), and it advanced in a fresh-clone CI run; planted at 15% it is 0.0016 / 0.00002.
+        # The controller judges the step's growing sample several times a second; the error rate's guardrail rolls
+        # back once its 95% lower bound (valid under that continuous looking) is over 2%, which at 15% errors takes
+        # ~37 requests (the median; docs/rollouts.md). Under the former point-estimate rule a 5%-error version
+        # advanced past 13% / 4% of 40- / 80-request steps (the candidate's share of this 12 s step on a loaded /
+        # quiet box) and did in a fresh-clone CI run; now it would hold its step until ~260 requests roll it back.
         # The 12 s hold costs nothing when the guardrails work: a caught version is rolled back at once.
         r = await start(
             stub, candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[20, 60, 100], bake_s=12,
@@ -190,15 +192,59 @@ async def test_a_good_version_promotes_itself_with_no_failed_request(fleet):
             stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=2,
             guardrails=[GUARDRAILS[0], pb.Guardrail(metric="tpot_p99_ms", mode=pb.GUARDRAIL_MODE_RELATIVE,
                                                     limit=3.0, min_gap=5.0, min_samples=30)],
+            max_hold_s=150,
         )  # fmt: skip
+        # ~700 requests (236 clean ones to v3 at each step): 13 s on a quiet box at ~30 requests/s.
         r = await assert_eventually(
-            lambda: _state(stub, r.rollout_id, pb.ROLLOUT_STATE_PROMOTED), timeout_s=90, interval_s=0.2
+            lambda: _state(stub, r.rollout_id, pb.ROLLOUT_STATE_PROMOTED), timeout_s=150, interval_s=0.2
         )
         promoted = time.monotonic()
         await load.until(30, after=promoted + 0.5)
-    assert [e.kind for e in r.events] == ["started", "advanced", "promoted"], r.events
+    # Each step holds past its 2 s bake until 0 errors in 236+ requests show the error rate under 2%.
+    assert [e.kind for e in r.events if e.kind != "holding"] == ["started", "advanced", "promoted"], r.events
     assert not [x for x in load.results if x.code != "OK"]
     assert {x.version for x in load.between(promoted + 0.5)} == {"v3"}
+
+
+async def test_the_error_rate_guardrail_decides_on_its_confidence_bounds_end_to_end(fleet):
+    """error_rate<=0.02@30 at 95% confidence over 50/100 ramps with a 1 s bake: v2 (15% errors) is rolled back
+    with its lower bound over the limit in the reason and never advances; v3 (no errors) advances only once its
+    upper bound is under 2%, which takes 236 clean requests (the old rule advanced it at 30), then promotes."""
+    load = Load(fleet)
+    rule = [GUARDRAILS[0]]
+    async with rollouts(fleet) as stub:
+        await settle_on_v1(stub)
+        async with load.running():
+            await load.until(20)
+            bad = await start(
+                stub, candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+                guardrails=rule, max_hold_s=150,
+            )  # fmt: skip
+            bad = await assert_eventually(
+                lambda: _state(stub, bad.rollout_id, pb.ROLLOUT_STATE_ROLLED_BACK),
+                timeout_s=90,
+                interval_s=0.2,
+            )
+            good = await start(
+                stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+                guardrails=rule, max_hold_s=150,
+            )  # fmt: skip
+            good = await assert_eventually(
+                lambda: _state(stub, good.rollout_id, pb.ROLLOUT_STATE_PROMOTED),
+                timeout_s=150,
+                interval_s=0.2,
+            )
+    assert re.search(
+        r"error_rate 0\.\d+ \(95% lower bound 0\.\d+\) > limit 0\.02 \(\d+ samples\)", bad.reason
+    ), bad.reason
+    assert "advanced" not in [e.kind for e in bad.events], bad.events
+    assert [e.kind for e in good.events if e.kind in ("advanced", "promoted")] == ["advanced", "promoted"]
+    for e in good.events[1:]:
+        if e.kind in ("advanced", "promoted"):
+            m = re.search(
+                r"error_rate 0 \(95% upper bound (0\.\d+)\) <= limit 0\.02 \((\d+) samples\)", e.detail
+            )
+            assert m and float(m[1]) <= 0.02 and int(m[2]) >= 236, e.detail
 
 
 async def test_blue_green_switches_and_switches_back_under_load_with_no_failed_request(fleet):
