@@ -85,9 +85,10 @@ QUICK = DemoSettings(
 # What the canaries must hold (the same for both: the good version passes them, the planted one does not). TPOT
 # median at most twice the baseline's and 5 ms worse: the planted 4x stands out; a busy machine's noise, which
 # moves a p99 over a few dozen requests by that much (docs/benchmarks/rollouts.md), does not move the median.
-# Error rate at most 10%: rate guardrails pass only once their 95% upper bound is under the limit, which 0 errors
-# in 46 requests show for 10% (236 for 2%), and the canary gets ~1-1.5 requests/s here.
-GUARDRAILS = ("error_rate<=0.1@12", "tpot_p50_ms<=2x+5@12")
+# The error rate at most 25%: rate guardrails pass only once their 95% upper bound is at or under the limit, and the
+# canary gets ~0.5 requests/s here (28 by 20:00 in a run with a 0.1 limit, which needs 46 clean ones): 0 errors in
+# 18 show <= 25% (a broken version is still caught); a 2% limit would take 236.
+GUARDRAILS = ("error_rate<=0.25@12", "tpot_p50_ms<=2x+5@12")
 
 
 @dataclass
