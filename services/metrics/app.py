@@ -130,6 +130,8 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     intake.record_sinks += [stats.add, slo.add, cost.add, quality.add_record]
     intake.on_span(ENGINE_SPAN, quality.add_engine_span)
     intake.on_span(FEEDBACK_SPAN, quality.add_feedback_span)
+    intake.on_span(ENGINE_SPAN, stats.add_engine_span)
+    intake.on_span(FEEDBACK_SPAN, stats.add_feedback_span)
     arms.attach(intake)
     traces = TraceReceiver(intake)
     metrics = MetricsReceiver(counters, gauges)

@@ -4,13 +4,15 @@ buckets, answering windows (Query) and per-bucket series (the dashboard) by merg
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 
-from services.metrics.records import RequestRecord
+from services.metrics.otlp import attributes_of
+from services.metrics.records import ATTR_MODEL, ATTR_VERSION, MAX_LABEL_LEN, RequestRecord
 from services.metrics.sketches import TieredBuckets, new_sketch, summarize
 
 log = structlog.get_logger(__name__)
@@ -22,6 +24,12 @@ DEFAULT_TIERS = ((10.0, 900.0), (300.0, 86_400.0))
 MAX_KEYS = 1024
 # A span stamped this far in the future (a skewed clock) is counted now rather than in a bucket far ahead.
 MAX_FUTURE_S = 60.0
+
+ENGINE_SPAN = "engine.Generate"
+FEEDBACK_SPAN = "gateway.Feedback"
+FEEDBACK_EVENT = "fleetserve.feedback"
+ATTR_REFUSAL = "fleetserve.output_refusal"
+ATTR_RATING = "fleetserve.feedback.rating"
 
 Key = tuple[str, str, str]  # (model, version, tier)
 
@@ -43,6 +51,12 @@ class LatencyBucket:
     errors: int = 0
     output_tokens: int = 0
     prompt_tokens: int = 0
+    # Finished generations (engine spans) checked for a refusal, and those that were refusals.
+    refusal_checked: int = 0
+    refusals: int = 0
+    # Feedback ratings received, and their sum.
+    feedback_count: int = 0
+    feedback_sum: float = 0.0
     # Sketches are made on first use: most buckets of a quiet model hold few values.
     ttft: object = None
     tpot: object = None
@@ -81,6 +95,10 @@ class LatencyBucket:
         self.errors += other.errors
         self.output_tokens += other.output_tokens
         self.prompt_tokens += other.prompt_tokens
+        self.refusal_checked += other.refusal_checked
+        self.refusals += other.refusals
+        self.feedback_count += other.feedback_count
+        self.feedback_sum += other.feedback_sum
         self.ttft = _merge_into(self.ttft, other.ttft)
         self.tpot = _merge_into(self.tpot, other.tpot)
         self.e2e = _merge_into(self.e2e, other.e2e)
@@ -125,6 +143,10 @@ def model_stats(model: str, b: LatencyBucket) -> mpb.ModelStats:
         e2e_ms=summarize(b.e2e),
         output_tokens=b.output_tokens,
         prompt_tokens=b.prompt_tokens,
+        refusals=b.refusals,
+        refusal_checked=b.refusal_checked,
+        feedback_count=b.feedback_count,
+        feedback_mean=b.feedback_sum / b.feedback_count if b.feedback_count else 0.0,
     )
 
 
@@ -153,22 +175,59 @@ class RequestStats:
         self.dropped_keys = 0
         self.dropped_late = 0
 
-    def add(self, r: RequestRecord) -> None:
-        key = (r.asked_model, r.version, r.tier)
+    def _bucket(self, key: Key, t: float) -> LatencyBucket | None:
         series = self._keys.get(key)
         if series is None:
             if len(self._keys) >= self.max_keys:
                 self.dropped_keys += 1
                 if self.dropped_keys == 1:
-                    log.warning("metrics.too_many_series", max_keys=self.max_keys, model=r.asked_model)
-                return
+                    log.warning("metrics.too_many_series", max_keys=self.max_keys, model=key[0])
+                return None
             series = self._keys[key] = TieredBuckets(LatencyBucket, self.tiers)
         now = self._clock()
-        bucket = series.bucket(min(r.end_unix_s, now + MAX_FUTURE_S), now)
+        bucket = series.bucket(min(t, now + MAX_FUTURE_S), now)
         if bucket is None:
             self.dropped_late += 1
+        return bucket
+
+    def add(self, r: RequestRecord) -> None:
+        bucket = self._bucket((r.asked_model, r.version, r.tier), r.end_unix_s)
+        if bucket is not None:
+            bucket.add(r)
+
+    def add_engine_span(self, span, attrs: Mapping[str, Any], trace_id: str) -> None:
+        """A finished generation's refusal check (engine.Generate carries fleetserve.output_refusal only when the
+        generation finished; failed and cut-short attempts carry none and are left out), under the model and
+        version the engine served (no tier: Query merges tiers)."""
+        refusal = attrs.get(ATTR_REFUSAL)
+        model = attrs.get(ATTR_MODEL)
+        if not isinstance(refusal, bool) or not isinstance(model, str) or not model:
             return
-        bucket.add(r)
+        version = attrs.get(ATTR_VERSION)
+        key = (model[:MAX_LABEL_LEN], version[:MAX_LABEL_LEN] if isinstance(version, str) else "", "")
+        bucket = self._bucket(key, span.end_time_unix_nano / 1e9)
+        if bucket is not None:
+            bucket.refusal_checked += 1
+            bucket.refusals += refusal
+
+    def add_feedback_span(self, span, attrs: Mapping[str, Any], trace_id: str) -> None:
+        """The ratings (1-5) of a gateway.Feedback span's fleetserve.feedback events, under the model and version
+        the event names (the gateway fills them from the rated request)."""
+        for event in span.events:
+            if event.name != FEEDBACK_EVENT:
+                continue
+            ev = attributes_of(event.attributes)
+            rating, model = ev.get(ATTR_RATING), ev.get(ATTR_MODEL)
+            if not isinstance(rating, int | float) or isinstance(rating, bool) or not 1 <= rating <= 5:
+                continue
+            if not isinstance(model, str) or not model:
+                continue
+            version = ev.get(ATTR_VERSION)
+            key = (model[:MAX_LABEL_LEN], version[:MAX_LABEL_LEN] if isinstance(version, str) else "", "")
+            bucket = self._bucket(key, (event.time_unix_nano or span.end_time_unix_nano) / 1e9)
+            if bucket is not None:
+                bucket.feedback_count += 1
+                bucket.feedback_sum += float(rating)
 
     def models(self) -> list[str]:
         return sorted({k[0] for k in self._keys})

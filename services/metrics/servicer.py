@@ -68,10 +68,22 @@ class MetricsServicer:
     @rpc_boundary
     async def Query(self, request: mpb.QueryRequest, context) -> mpb.QueryResponse:
         check_window(request.window_s)
-        return mpb.QueryResponse(
-            models=self.stats.query(request.model, request.window_s, version=request.model_version),
-            counters=self.counters.totals(),
-        )
+        models = self.stats.query(request.model, request.window_s, version=request.model_version)
+        if models:
+            self._add_costs(models, request.window_s, request.model_version)
+        return mpb.QueryResponse(models=models, counters=self.counters.totals())
+
+    def _add_costs(self, models: list[mpb.ModelStats], window_s: float, version: str) -> None:
+        """Each model's attributed cost over the window, from the cost report's model line (or, with a version
+        filter, its model@version line): the same attribution as GetCost."""
+        end = self._clock()
+        start = end - (window_s or self.cost.retention_s)
+        dim = mpb.COST_DIMENSION_VERSION if version else mpb.COST_DIMENSION_MODEL
+        lines = {line.key: line for line in self.cost.report(start, end, [dim]).breakdowns[0].lines}
+        for m in models:
+            line = lines.get(f"{m.model}@{version}" if version else m.model)
+            if line is not None:
+                m.cost_usd = line.cost_usd
 
     @rpc_boundary
     async def GetTrace(self, request: mpb.GetTraceRequest, context) -> mpb.GetTraceResponse:

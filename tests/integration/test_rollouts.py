@@ -20,6 +20,8 @@ import pytest
 import pytest_asyncio
 from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
+from fleetserve.metrics.v1 import metrics_service_pb2_grpc as mgrpc
 from fleetserve.registry.v1 import rollout_service_pb2 as pb
 from fleetserve.registry.v1 import rollout_service_pb2_grpc as rgrpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
@@ -245,6 +247,52 @@ async def test_the_error_rate_guardrail_decides_on_its_confidence_bounds_end_to_
                 r"error_rate 0 \(95% upper bound (0\.\d+)\) <= limit 0\.02 \((\d+) samples\)", e.detail
             )
             assert m and float(m[1]) <= 0.02 and int(m[2]) >= 236, e.detail
+
+
+async def test_a_refusal_rate_guardrail_rolls_back_a_refusing_version_and_query_reports_it(fleet):
+    """refusal_rate<=0.02@10 over a 50/100 ramp: v4 (20% refusals planted in its engine) is rolled back in its
+    first step with its lower bound over the limit (the registry reads refusals from the metrics service's Query,
+    which had none before: the guardrail never decided); Query for v4 then reports the refusals over the
+    generations checked, the ratings sent with Feedback for v4's requests, and v4's attributed cost."""
+    load = Load(fleet)
+    async with rollouts(fleet) as stub:
+        await settle_on_v1(stub)
+        async with load.running():
+            await load.until(20)
+            r = await start(
+                stub, candidate_version="v4", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+                guardrails=[pb.Guardrail(metric="refusal_rate", limit=0.02, min_samples=10)], max_hold_s=120,
+            )  # fmt: skip
+            r = await assert_eventually(
+                lambda: _state(stub, r.rollout_id, pb.ROLLOUT_STATE_ROLLED_BACK), timeout_s=60, interval_s=0.2
+            )
+    assert re.search(
+        r"refusal_rate 0\.\d+ \(95% lower bound 0\.\d+\) > limit 0\.02 \(\d+ samples\)", r.reason
+    ), r.reason
+    assert "advanced" not in [e.kind for e in r.events], r.events
+    rated = [x.request_id for x in load.results if x.version == "v4" and x.request_id][:6]
+    assert len(rated) == 6
+    meta = (("authorization", f"Bearer {fleet.api_key}"),)
+    async with (
+        grpc.aio.insecure_channel(fleet.gateway) as gch,
+        grpc.aio.insecure_channel(fleet.metrics) as mch,
+    ):
+        gw, m = inf_grpc.InferenceServiceStub(gch), mgrpc.MetricsServiceStub(mch)
+        for i, rid in enumerate(rated):
+            await gw.Feedback(
+                inf_pb.FeedbackRequest(request_id=rid, rating=1 + i % 2), metadata=meta, timeout=10
+            )
+
+        async def v4() -> mpb.ModelStats | None:
+            resp = await m.Query(mpb.QueryRequest(model=MODEL, model_version="v4"), timeout=5)
+            return next((s for s in resp.models if s.feedback_count >= 6), None)
+
+        s = await assert_eventually(v4, timeout_s=20, interval_s=0.2)
+    assert 0 < s.refusals < s.refusal_checked, s
+    assert 0.05 < s.refusals / s.refusal_checked < 0.6, s
+    assert s.feedback_count == 6 and s.feedback_mean == 1.5, s
+    # Its share of the replicas' time x price, as GetCost attributes it (cost_per_1k_tokens read 0 before).
+    assert s.cost_usd > 0, s
 
 
 async def test_blue_green_switches_and_switches_back_under_load_with_no_failed_request(fleet):

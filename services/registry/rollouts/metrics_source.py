@@ -44,6 +44,11 @@ class MetricsServiceSource:
                     tpot_p50_ms=m.tpot_ms.p50,
                     tpot_count=m.tpot_ms.count,
                     output_tokens=m.output_tokens,
+                    refusals=m.refusals,
+                    refusal_checked=m.refusal_checked,
+                    feedback_count=m.feedback_count,
+                    feedback_mean=m.feedback_mean,
+                    cost_usd=m.cost_usd,
                 )
         return VersionStats()
 

@@ -165,3 +165,49 @@ def test_overlap_window_counts_edge_buckets_whole():
     stats.add(rec(1008.0))
     assert stats.window(3.0, 1010.0).requests == 0
     assert stats.window(3.0, 1010.0, overlap=True).requests == 1
+
+
+def _engine_span(t: float, version: str, refusal):
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    attrs = {"fleetserve.model": "m", "fleetserve.model_version": version}
+    if refusal is not None:
+        attrs["fleetserve.output_refusal"] = refusal
+    return trace_pb2.Span(name="engine.Generate", end_time_unix_nano=int(t * 1e9)), attrs
+
+
+def _feedback_span(t: float, version: str, rating):
+    from opentelemetry.proto.common.v1 import common_pb2
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    span = trace_pb2.Span(name="gateway.Feedback", end_time_unix_nano=int(t * 1e9))
+    attrs = [
+        common_pb2.KeyValue(key="fleetserve.model", value=common_pb2.AnyValue(string_value="m")),
+        common_pb2.KeyValue(key="fleetserve.model_version", value=common_pb2.AnyValue(string_value=version)),
+        common_pb2.KeyValue(key="fleetserve.feedback.rating", value=common_pb2.AnyValue(int_value=rating)),
+    ]
+    span.events.add(name="fleetserve.feedback", time_unix_nano=int(t * 1e9), attributes=attrs)
+    return span
+
+
+def test_query_counts_refusals_and_feedback_per_version_in_the_window():
+    """Engine spans' refusal checks and feedback ratings count per model version in Query: refusal_checked is
+    the finished generations carrying the check (a cut-short attempt without it is left out), feedback_mean the
+    mean of valid 1-5 ratings; other versions and what ended before the window are not counted."""
+    now = 1000.0
+    stats = RequestStats(clock=lambda: now)
+    for v in ("v1", "v2"):
+        stats.add(rec(995.0, version=v))
+    for i in range(10):
+        stats.add_engine_span(*_engine_span(995.0, "v2", i < 3), "")
+    stats.add_engine_span(*_engine_span(995.0, "v2", None), "")  # cut short: no check
+    stats.add_engine_span(*_engine_span(900.0, "v2", True), "")  # before the window
+    stats.add_engine_span(*_engine_span(995.0, "v1", False), "")
+    for rating in (2, 4, 9):  # 9 is not a rating
+        stats.add_feedback_span(_feedback_span(996.0, "v2", rating), {}, "")
+    (v2,) = stats.query("m", window_s=10, version="v2")
+    assert (v2.refusals, v2.refusal_checked, v2.feedback_count, v2.feedback_mean) == (3, 10, 2, 3.0)
+    (v1,) = stats.query("m", window_s=10, version="v1")
+    assert (v1.refusals, v1.refusal_checked, v1.feedback_count, v1.feedback_mean) == (0, 1, 0, 0.0)
+    (both,) = stats.query("m", window_s=0)
+    assert (both.refusals, both.refusal_checked, both.requests) == (4, 12, 2)
