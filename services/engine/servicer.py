@@ -14,7 +14,7 @@ from opentelemetry import metrics, trace
 
 from services.engine.backend import EngineBackend
 from services.engine.engine_metrics import EngineMetrics
-from services.engine.output_quality import OutputSample
+from services.engine.output_quality import OutputSample, is_refusal
 from shared.channels import open_channel
 from shared.deadlines import caller_time_left, deadline_passed
 from shared.early_metadata import EarlyMetadata
@@ -31,6 +31,8 @@ ENGINE_KV_EVENTS = "/fleetserve.engine.v1.EngineService/SubscribeKvEvents"
 # Metadata of an Abort one front end passes to the replica's others (so they do not pass it on again).
 FORWARDED_KEY = "x-fleetserve-abort-forwarded"
 _FINISH_NAMES = {v.number: v.name for v in common_pb2.FinishReason.DESCRIPTOR.values}
+# Finishes whose output is whole (not cut short by an abort): the ones whose last chunk carries the refusal check.
+_CHECKED_FINISHES = frozenset((common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH))
 
 
 def validate(request: pb.GenerateRequest, model: str, model_version: str = "") -> None:
@@ -228,6 +230,10 @@ class EngineServicer:
                         usage.cached_tokens = out.cached_tokens
                         if summary is not None:  # a summarized stream of one message
                             summary.timed(resp, first_token_ms, first_token_ms, 1)
+                        elif not resumed and finish in _CHECKED_FINISHES:
+                            # The refusal check of the whole output, for the gateway's root span (an A/B arm's
+                            # refusal_rate); once, on the last chunk. A resumed attempt saw only the continuation.
+                            chunk.output_refusal = is_refusal(sample.text)
                     else:
                         completion = out.completion_tokens
                     yield resp

@@ -699,6 +699,10 @@ class GatewayPipeline:
                 span.set_attribute("fleetserve.output_tokens", outcome.completion_tokens)
                 span.set_attribute("fleetserve.prompt_tokens", outcome.prompt_tokens)
                 span.set_attribute("fleetserve.cached_tokens", outcome.cached_tokens)
+            if chunk.HasField("output_refusal"):
+                # The engine's refusal check of the whole output (unset after a resume): an A/B arm's
+                # refusal_rate sample in the metrics service.
+                span.set_attribute("fleetserve.output_refusal", chunk.output_refusal)
         if outcome.ttft_ms is not None:
             span.set_attribute("fleetserve.ttft_ms", outcome.ttft_ms)
         if outcome.replica_id:

@@ -94,5 +94,6 @@ class ChunkTracker:
                 raise ReplicaAborted()
             chunk.ClearField("finish_reason")
             chunk.ClearField("usage")
+            chunk.ClearField("output_refusal")  # an engine sets none on an abort; never relay one mid-stream
             raise ReplicaAborted(msg.SerializeToString())
         return msg.SerializeToString() if dirty else data

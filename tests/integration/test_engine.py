@@ -121,6 +121,29 @@ async def test_streams_served_by_first_and_usage_last():
     assert rec.counter_total("fleetserve.engine.output_tokens") == 24
 
 
+async def test_the_last_chunk_carries_the_refusal_check_of_a_whole_output_only():
+    """The last chunk of a streamed generation says whether the output opens like a refusal (true for a version
+    planted to refuse, false otherwise) and no other chunk does; a resumed attempt (its engine never saw the
+    opening) and a summarized stream leave it unset."""
+    async with engine(sim_behaviour="*:refusal_rate=1") as (app, stub):
+        refused = [r.chunk async for r in stub.Generate(request(request_id="r0"), timeout=10)]
+    assert "".join(c.text for c in refused).lstrip().startswith("I'm sorry")
+    assert refused[-1].HasField("output_refusal") and refused[-1].output_refusal is True
+    assert not any(c.HasField("output_refusal") for c in refused[:-1])
+    async with engine() as (app, stub):
+        plain = [r.chunk async for r in stub.Generate(request(request_id="p0"), timeout=10)]
+        resumed_req = request(request_id="p1")
+        resumed_req.spec.resume_token_ids.extend(plain[0].token_ids)
+        resumed = [r.chunk async for r in stub.Generate(resumed_req, timeout=10)]
+        summarized = [r async for r in stub.Generate(request(request_id="p2", summarize=True), timeout=10)]
+    assert plain[-1].HasField("output_refusal") and plain[-1].output_refusal is False
+    assert not any(c.HasField("output_refusal") for c in plain[:-1])
+    assert resumed[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert not any(c.HasField("output_refusal") for c in resumed)
+    assert summarized[-1].chunk.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert not any(m.chunk.HasField("output_refusal") for m in summarized)
+
+
 async def test_a_summarized_stream_is_the_first_chunk_then_one_message_with_the_rest():
     """summarize (the router's shadow copies): the first chunk as streamed, then with no progress interval one
     last message with the rest of the text, the usage and the engine's token times; with one, empty progress

@@ -4,7 +4,8 @@ through the gateway, with time-compressed bake times: a bad gradual rollout is r
 first step and only its share sees errors; a good one promotes itself with no failed request once its error rate's
 upper confidence bound is under the limit (and the error-rate guardrail alone decides both ways on its bounds, in
 its own test); blue-green switches and switches back with none; shadow copies leave live traffic alone and the report names the planted differences;
-an A/B experiment reaches its horizon and finds the slower arm worse."""
+an A/B experiment reaches its horizon and finds the slower arm worse, and another's refusal_rate per arm comes from
+the engines' refusal check."""
 
 from __future__ import annotations
 
@@ -457,6 +458,48 @@ async def _success_samples(stub, e: pb.Experiment) -> bool:
     )
     counts = [next((m.count for m in a.metrics if m.metric == "success_rate"), 0) for a in resp.arms]
     return counts == [5, 5]
+
+
+async def test_an_ab_experiments_refusal_rate_comes_from_the_engines_check(fleet):
+    """control v1 vs treatment v4 (20% refusals planted in its engine): QueryArms reports every answer of both
+    arms checked for a refusal, treatment's refusal_rate > 0 and control's 0 (the engine's check reaches the
+    gateway's root span on the last chunk; before, the root span never carried it and refusal_rate had no
+    sample)."""
+    n = 60  # 0.8**60 ~ 1.5e-6: the odds that v4 refuses none of them
+    load = Load(fleet)
+    async with rollouts(fleet) as stub, grpc.aio.insecure_channel(fleet.metrics) as mch:
+        m = mgrpc.MetricsServiceStub(mch)
+        await settle_on_v1(stub)
+        spec = pb.ExperimentSpec(
+            name="refusal-ab", model=MODEL, primary_metric="refusal_rate", samples_per_arm=n,
+            population=pb.Population(percent=100),
+            arms=[
+                pb.Arm(name="control", variant=pb.Variant(model_version="v1")),
+                pb.Arm(name="treatment", variant=pb.Variant(model_version="v4")),
+            ],
+        )  # fmt: skip
+        e = (await stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec), timeout=5)).experiment
+
+        async def arms() -> dict[str, mpb.ArmSamples] | None:
+            resp = await m.QueryArms(mpb.QueryArmsRequest(experiment=e.experiment_id), timeout=5)
+            got = {a.arm: a for a in resp.arms}
+            return got if len(got) == 2 and min(a.requests for a in got.values()) >= n else None
+
+        try:
+            async with load.running():
+                got = await assert_eventually(arms, timeout_s=60, interval_s=0.3)
+        finally:
+            await stub.StopExperiment(pb.StopExperimentRequest(experiment_id=e.experiment_id), timeout=5)
+    ok = {arm: sum(x.code == "OK" for x in load.results if x.arm == arm) for arm in ("control", "treatment")}
+    rates = {name: {s.metric: s for s in a.metrics}.get("refusal_rate") for name, a in got.items()}
+    assert rates["control"] is not None and rates["treatment"] is not None, got
+    # Every successful answer was checked (no resumes here); a request still in flight is in neither count.
+    for name, a in got.items():
+        errors = {s.metric: s for s in a.metrics}["error_rate"]
+        assert rates[name].count == a.requests - round(errors.mean * errors.count), (name, a)
+    assert rates["control"].mean == 0.0, rates
+    assert 0.05 < rates["treatment"].mean < 0.5, rates
+    assert min(ok.values()) >= n, ok
 
 
 async def test_a_pinned_version_is_served_and_an_unknown_pin_is_not_found(fleet):
