@@ -49,13 +49,17 @@ class OutputSample:
         if len(self.text) < PREFIX_CHARS and text:
             self.text += text
 
-    def attributes(self, generated: int) -> dict[str, bool | float]:
-        """Span attributes of the whole output (generated: its token count, resumed tokens left out)."""
+    def attributes(self, generated: int, opening_seen: bool = True) -> dict[str, bool | float]:
+        """Span attributes of the output (generated: its token count, resumed tokens left out). Without its
+        opening (a resumed attempt sees only the continuation) there is no refusal check: a refusal opens the
+        answer, and the attempt that streamed the opening is the one whose span can say."""
         # Whitespace-only text counts as empty when the whole text was seen (under the cap); without text (a
         # backend that streams ids only) only a zero-token output does.
         blank = self.text != "" and not self.text.strip() and len(self.text) < PREFIX_CHARS
-        return {
+        out: dict[str, bool | float] = {
             "fleetserve.output_empty": generated == 0 or blank,
             "fleetserve.output_repetition": round(repetition(self.ids[:MAX_IDS]), 4),
-            "fleetserve.output_refusal": is_refusal(self.text),
         }
+        if opening_seen:
+            out["fleetserve.output_refusal"] = is_refusal(self.text)
+        return out

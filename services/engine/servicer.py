@@ -262,7 +262,7 @@ class EngineServicer:
                 span.set_attribute("fleetserve.output_tokens", generated)
                 span.set_attribute("fleetserve.finish_reason", reason)
                 if finish is not None:
-                    span.set_attributes(sample.attributes(generated))
+                    span.set_attributes(sample.attributes(generated, opening_seen=not resumed))
                 code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 if generated:

@@ -36,3 +36,11 @@ def test_sample_attributes():
     ids_only = OutputSample()
     ids_only.feed([1, 2, 3], "")
     assert not ids_only.attributes(3)["fleetserve.output_empty"], "no text streamed: only 0 tokens is empty"
+
+
+def test_a_resumed_attempt_has_no_refusal_check():
+    s = OutputSample()
+    s.feed([1, 2], "I'm sorry, but I can't help with that.")
+    assert s.attributes(2)["fleetserve.output_refusal"] is True
+    # The same text as a continuation: the answer's opening was another attempt's, so nothing is said.
+    assert "fleetserve.output_refusal" not in s.attributes(2, opening_seen=False)
