@@ -156,13 +156,11 @@ async def test_a_bad_version_is_rolled_back_within_its_first_step(fleet):
         # advanced past 13% / 4% of 40- / 80-request steps (the candidate's share of this 12 s step on a loaded /
         # quiet box) and did in a fresh-clone CI run; now it would hold its step until ~260 requests roll it back.
         # The 12 s hold costs nothing when the guardrails work: a caught version is rolled back at once.
-        r = await start(
-            stub, candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[20, 60, 100], bake_s=12,
+        r = await start_until(
+            stub, pb.ROLLOUT_STATE_ROLLED_BACK, 90,
+            candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[20, 60, 100], bake_s=12,
             guardrails=GUARDRAILS,
         )  # fmt: skip
-        r = await assert_eventually(
-            lambda: _state(stub, r.rollout_id, pb.ROLLOUT_STATE_ROLLED_BACK), timeout_s=90, interval_s=0.2
-        )
         ended = time.monotonic()
         # Results are stamped when they end: count those after the watch latency allowed below (on a quiet box
         # 60 end within a second of the rollback, and none were left to check).
@@ -184,6 +182,14 @@ async def _state(stub, rid: str, state: int) -> pb.Rollout | None:
     return r if r.state == state else None
 
 
+async def start_until(stub, state: int, timeout_s: float, **plan) -> pb.Rollout:
+    """Start a plan and poll it (every 0.2 s, up to timeout_s) until it is in `state`."""
+    r = await start(stub, **plan)
+    return await assert_eventually(
+        lambda: _state(stub, r.rollout_id, state), timeout_s=timeout_s, interval_s=0.2
+    )
+
+
 async def test_a_good_version_promotes_itself_with_no_failed_request(fleet):
     """v3 under a 50/100 ramp: promoted after every step, no request failed, and all traffic on v3 afterwards.
     The TPOT guardrail is looser than the bad ramp's: at 100% the one v3 engine carries the whole load the
@@ -191,16 +197,14 @@ async def test_a_good_version_promotes_itself_with_no_failed_request(fleet):
     load = Load(fleet)
     async with rollouts(fleet) as stub, load.running():
         await load.until(20)
-        r = await start(
-            stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=2,
+        # ~700 requests (236 clean ones to v3 at each step): 13 s on a quiet box at ~30 requests/s.
+        r = await start_until(
+            stub, pb.ROLLOUT_STATE_PROMOTED, 150,
+            candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=2,
             guardrails=[GUARDRAILS[0], pb.Guardrail(metric="tpot_p99_ms", mode=pb.GUARDRAIL_MODE_RELATIVE,
                                                     limit=3.0, min_gap=5.0, min_samples=30)],
             max_hold_s=150,
         )  # fmt: skip
-        # ~700 requests (236 clean ones to v3 at each step): 13 s on a quiet box at ~30 requests/s.
-        r = await assert_eventually(
-            lambda: _state(stub, r.rollout_id, pb.ROLLOUT_STATE_PROMOTED), timeout_s=150, interval_s=0.2
-        )
         promoted = time.monotonic()
         await load.until(30, after=promoted + 0.5)
     # Each step holds past its 2 s bake until 0 errors in 236+ requests show the error rate under 2%.
@@ -219,24 +223,16 @@ async def test_the_error_rate_guardrail_decides_on_its_confidence_bounds_end_to_
         await settle_on_v1(stub)
         async with load.running():
             await load.until(20)
-            bad = await start(
-                stub, candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+            bad = await start_until(
+                stub, pb.ROLLOUT_STATE_ROLLED_BACK, 90,
+                candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
                 guardrails=rule, max_hold_s=150,
             )  # fmt: skip
-            bad = await assert_eventually(
-                lambda: _state(stub, bad.rollout_id, pb.ROLLOUT_STATE_ROLLED_BACK),
-                timeout_s=90,
-                interval_s=0.2,
-            )
-            good = await start(
-                stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+            good = await start_until(
+                stub, pb.ROLLOUT_STATE_PROMOTED, 150,
+                candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
                 guardrails=rule, max_hold_s=150,
             )  # fmt: skip
-            good = await assert_eventually(
-                lambda: _state(stub, good.rollout_id, pb.ROLLOUT_STATE_PROMOTED),
-                timeout_s=150,
-                interval_s=0.2,
-            )
     assert re.search(
         r"error_rate 0\.\d+ \(95% lower bound 0\.\d+\) > limit 0\.02 \(\d+ samples\)", bad.reason
     ), bad.reason
@@ -260,13 +256,11 @@ async def test_a_refusal_rate_guardrail_rolls_back_a_refusing_version_and_query_
         await settle_on_v1(stub)
         async with load.running():
             await load.until(20)
-            r = await start(
-                stub, candidate_version="v4", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+            r = await start_until(
+                stub, pb.ROLLOUT_STATE_ROLLED_BACK, 60,
+                candidate_version="v4", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
                 guardrails=[pb.Guardrail(metric="refusal_rate", limit=0.02, min_samples=10)], max_hold_s=120,
             )  # fmt: skip
-            r = await assert_eventually(
-                lambda: _state(stub, r.rollout_id, pb.ROLLOUT_STATE_ROLLED_BACK), timeout_s=60, interval_s=0.2
-            )
     assert re.search(
         r"refusal_rate 0\.\d+ \(95% lower bound 0\.\d+\) > limit 0\.02 \(\d+ samples\)", r.reason
     ), r.reason
