@@ -131,7 +131,7 @@ async def start(settings: MetricsSettings, telemetry: Telemetry) -> MetricsApp:
     intake.on_span(ENGINE_SPAN, quality.add_engine_span)
     intake.on_span(FEEDBACK_SPAN, quality.add_feedback_span)
     intake.on_span(ENGINE_SPAN, stats.add_engine_span)
-    intake.on_span(FEEDBACK_SPAN, stats.add_feedback_span)
+    quality.rating_sinks.append(stats.add_rating)
     arms.attach(intake)
     traces = TraceReceiver(intake)
     metrics = MetricsReceiver(counters, gauges)

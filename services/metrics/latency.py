@@ -11,7 +11,6 @@ from typing import Any
 import structlog
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
 
-from services.metrics.otlp import attributes_of
 from services.metrics.records import ATTR_MODEL, ATTR_VERSION, MAX_LABEL_LEN, RequestRecord
 from services.metrics.sketches import TieredBuckets, new_sketch, summarize
 
@@ -25,11 +24,7 @@ MAX_KEYS = 1024
 # A span stamped this far in the future (a skewed clock) is counted now rather than in a bucket far ahead.
 MAX_FUTURE_S = 60.0
 
-ENGINE_SPAN = "engine.Generate"
-FEEDBACK_SPAN = "gateway.Feedback"
-FEEDBACK_EVENT = "fleetserve.feedback"
 ATTR_REFUSAL = "fleetserve.output_refusal"
-ATTR_RATING = "fleetserve.feedback.rating"
 
 Key = tuple[str, str, str]  # (model, version, tier)
 
@@ -210,24 +205,14 @@ class RequestStats:
             bucket.refusal_checked += 1
             bucket.refusals += refusal
 
-    def add_feedback_span(self, span, attrs: Mapping[str, Any], trace_id: str) -> None:
-        """The ratings (1-5) of a gateway.Feedback span's fleetserve.feedback events, under the model and version
-        the event names (the gateway fills them from the rated request)."""
-        for event in span.events:
-            if event.name != FEEDBACK_EVENT:
-                continue
-            ev = attributes_of(event.attributes)
-            rating, model = ev.get(ATTR_RATING), ev.get(ATTR_MODEL)
-            if not isinstance(rating, int | float) or isinstance(rating, bool) or not 1 <= rating <= 5:
-                continue
-            if not isinstance(model, str) or not model:
-                continue
-            version = ev.get(ATTR_VERSION)
-            key = (model[:MAX_LABEL_LEN], version[:MAX_LABEL_LEN] if isinstance(version, str) else "", "")
-            bucket = self._bucket(key, (event.time_unix_nano or span.end_time_unix_nano) / 1e9)
-            if bucket is not None:
-                bucket.feedback_count += 1
-                bucket.feedback_sum += float(rating)
+    def add_rating(self, model: str, version: str, rating: float, t: float) -> None:
+        """A feedback rating (1-5) of a request of model and version, as QualityStore resolved it from a
+        gateway.Feedback span (its rating_sinks)."""
+        key = (model[:MAX_LABEL_LEN], version[:MAX_LABEL_LEN], "")
+        bucket = self._bucket(key, t)
+        if bucket is not None:
+            bucket.feedback_count += 1
+            bucket.feedback_sum += float(rating)
 
     def models(self) -> list[str]:
         return sorted({k[0] for k in self._keys})

@@ -98,6 +98,9 @@ class QualityStore:
         self.max_recent = recent  # request ids remembered for feedback (--quality-recent-requests)
         self._versions: dict[tuple[str, str], VersionSeries] = {}
         self._recent: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # Called with (model, version, rating, t) for every valid rating, once resolved here: the per-version
+        # Query's feedback (RequestStats.add_rating) reads ratings through this one parser.
+        self.rating_sinks: list[Callable[[str, str, float, float], None]] = []
 
     def _bucket(self, model: str, version: str, t: float) -> QualityBucket | None:
         key = (model, version)
@@ -159,7 +162,10 @@ class QualityStore:
                 version = known[1] if known else ""
             if not model:
                 continue
-            b = self._bucket(str(model), version, event.time_unix_nano / 1e9 or span.end_time_unix_nano / 1e9)
+            t = event.time_unix_nano / 1e9 or span.end_time_unix_nano / 1e9
+            for sink in self.rating_sinks:
+                sink(str(model), version, rating, t)
+            b = self._bucket(str(model), version, t)
             if b is not None:
                 b.ratings[int(rating) - 1] += 1
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.metrics.latency import RequestStats
+from services.metrics.quality import QualityStore
 from services.metrics.records import RequestRecord
 from services.metrics.sketches import RELATIVE_ACCURACY, TieredBuckets, merged, new_sketch, summarize
 
@@ -196,6 +197,9 @@ def test_query_counts_refusals_and_feedback_per_version_in_the_window():
     mean of valid 1-5 ratings; other versions and what ended before the window are not counted."""
     now = 1000.0
     stats = RequestStats(clock=lambda: now)
+    # Ratings reach the per-version stats through the quality store's one feedback parser, as in the service.
+    quality = QualityStore(clock=lambda: now)
+    quality.rating_sinks.append(stats.add_rating)
     for v in ("v1", "v2"):
         stats.add(rec(995.0, version=v))
     for i in range(10):
@@ -204,7 +208,7 @@ def test_query_counts_refusals_and_feedback_per_version_in_the_window():
     stats.add_engine_span(*_engine_span(900.0, "v2", True), "")  # before the window
     stats.add_engine_span(*_engine_span(995.0, "v1", False), "")
     for rating in (2, 4, 9):  # 9 is not a rating
-        stats.add_feedback_span(_feedback_span(996.0, "v2", rating), {}, "")
+        quality.add_feedback_span(_feedback_span(996.0, "v2", rating), {}, "")
     (v2,) = stats.query("m", window_s=10, version="v2")
     assert (v2.refusals, v2.refusal_checked, v2.feedback_count, v2.feedback_mean) == (3, 10, 2, 3.0)
     (v1,) = stats.query("m", window_s=10, version="v1")
