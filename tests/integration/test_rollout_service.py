@@ -70,8 +70,9 @@ async def refused(call) -> dict[str, str]:
 
 
 async def test_bad_input_is_invalid_argument_naming_the_field(tmp_path):
-    """Shares that do not add up, an unknown version, a guardrail on a metric that does not exist, overlapping
-    experiments and a flag that targets nobody: each INVALID_ARGUMENT naming its field; nothing is stored."""
+    """Shares that do not add up, an unknown version, a guardrail on a metric that does not exist, a confidence,
+    hold or undecided action out of range, overlapping experiments and a flag that targets nobody: each
+    INVALID_ARGUMENT naming its field; nothing is stored."""
     async with registry(tmp_path) as (app, stub, reg):
         await register(reg, "a", "v1")
         await register(reg, "b", "v2")
@@ -86,6 +87,11 @@ async def test_bad_input_is_invalid_argument_naming_the_field(tmp_path):
         bad_metric = gradual(guardrails=[pb.Guardrail(metric="vibes", limit=1)])
         got = await refused(stub.StartRollout(pb.StartRolloutRequest(plan=bad_metric), timeout=2))
         assert "unknown metric 'vibes'" in got["plan.guardrails[0].metric"]
+        # The confidence-sequence plan fields: each out-of-range value named in one refusal, nothing started.
+        unsure = gradual(confidence=1.0, max_hold_s=-1, on_undecided=7)
+        got = await refused(stub.StartRollout(pb.StartRolloutRequest(plan=unsure), timeout=2))
+        assert "[0.5, 1)" in got["plan.confidence"] and "seconds" in got["plan.max_hold_s"]
+        assert "unknown action" in got["plan.on_undecided"]
         arms = [
             pb.Arm(name="control", percent=50, variant=pb.Variant(model_version="v1")),
             pb.Arm(name="treatment", percent=40, variant=pb.Variant(model_version="v2")),
