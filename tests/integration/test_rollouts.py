@@ -143,6 +143,16 @@ async def settle_on_v1(stub) -> None:
     )
 
 
+@contextlib.asynccontextmanager
+async def on_v1_under_load(fleet, load: Load):
+    """A rollouts stub with the model's traffic on v1 alone and the load running (20 requests in already)."""
+    async with rollouts(fleet) as stub:
+        await settle_on_v1(stub)
+        async with load.running():
+            await load.until(20)
+            yield stub
+
+
 async def test_a_bad_version_is_rolled_back_within_its_first_step(fleet):
     """v2 (15% errors, 2x TPOT) under a 20/60/100 ramp: rolled back automatically with the numbers, never past
     20%; v2 served at most its share meanwhile and nothing after; every failed request was a v2 request."""
@@ -219,20 +229,17 @@ async def test_the_error_rate_guardrail_decides_on_its_confidence_bounds_end_to_
     upper bound is under 2%, which takes 236 clean requests (the old rule advanced it at 30), then promotes."""
     load = Load(fleet)
     rule = [GUARDRAILS[0]]
-    async with rollouts(fleet) as stub:
-        await settle_on_v1(stub)
-        async with load.running():
-            await load.until(20)
-            bad = await start_until(
-                stub, pb.ROLLOUT_STATE_ROLLED_BACK, 90,
-                candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
-                guardrails=rule, max_hold_s=150,
-            )  # fmt: skip
-            good = await start_until(
-                stub, pb.ROLLOUT_STATE_PROMOTED, 150,
-                candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
-                guardrails=rule, max_hold_s=150,
-            )  # fmt: skip
+    async with on_v1_under_load(fleet, load) as stub:
+        bad = await start_until(
+            stub, pb.ROLLOUT_STATE_ROLLED_BACK, 90,
+            candidate_version="v2", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+            guardrails=rule, max_hold_s=150,
+        )  # fmt: skip
+        good = await start_until(
+            stub, pb.ROLLOUT_STATE_PROMOTED, 150,
+            candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+            guardrails=rule, max_hold_s=150,
+        )  # fmt: skip
     assert re.search(
         r"error_rate 0\.\d+ \(95% lower bound 0\.\d+\) > limit 0\.02 \(\d+ samples\)", bad.reason
     ), bad.reason
@@ -252,15 +259,12 @@ async def test_a_refusal_rate_guardrail_rolls_back_a_refusing_version_and_query_
     which had none before: the guardrail never decided); Query for v4 then reports the refusals over the
     generations checked, the ratings sent with Feedback for v4's requests, and v4's attributed cost."""
     load = Load(fleet)
-    async with rollouts(fleet) as stub:
-        await settle_on_v1(stub)
-        async with load.running():
-            await load.until(20)
-            r = await start_until(
-                stub, pb.ROLLOUT_STATE_ROLLED_BACK, 60,
-                candidate_version="v4", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
-                guardrails=[pb.Guardrail(metric="refusal_rate", limit=0.02, min_samples=10)], max_hold_s=120,
-            )  # fmt: skip
+    async with on_v1_under_load(fleet, load) as stub:
+        r = await start_until(
+            stub, pb.ROLLOUT_STATE_ROLLED_BACK, 60,
+            candidate_version="v4", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
+            guardrails=[pb.Guardrail(metric="refusal_rate", limit=0.02, min_samples=10)], max_hold_s=120,
+        )  # fmt: skip
     assert re.search(
         r"refusal_rate 0\.\d+ \(95% lower bound 0\.\d+\) > limit 0\.02 \(\d+ samples\)", r.reason
     ), r.reason
@@ -294,20 +298,15 @@ async def test_blue_green_switches_and_switches_back_under_load_with_no_failed_r
     """All traffic moves from v1 to v3 at once, and back to v1 on rollback, while clients keep sending: no
     request fails."""
     load = Load(fleet)
-    async with rollouts(fleet) as stub:
-        await settle_on_v1(stub)
-        async with load.running():
-            await load.until(20)
-            r = await start(
-                stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_BLUE_GREEN, bake_s=3600
-            )
-            switched = time.monotonic()
-            await assert_eventually(lambda: _all_since(load, switched, "v3"), timeout_s=20)
-            back = await stub.RollbackRollout(
-                pb.RollbackRolloutRequest(rollout_id=r.rollout_id, reason="switch back"), timeout=5
-            )
-            back_at = time.monotonic()
-            await assert_eventually(lambda: _all_since(load, back_at, "v1"), timeout_s=20)
+    async with on_v1_under_load(fleet, load) as stub:
+        r = await start(stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_BLUE_GREEN, bake_s=3600)
+        switched = time.monotonic()
+        await assert_eventually(lambda: _all_since(load, switched, "v3"), timeout_s=20)
+        back = await stub.RollbackRollout(
+            pb.RollbackRolloutRequest(rollout_id=r.rollout_id, reason="switch back"), timeout=5
+        )
+        back_at = time.monotonic()
+        await assert_eventually(lambda: _all_since(load, back_at, "v1"), timeout_s=20)
     assert back.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK
     assert not [x for x in load.results if x.code != "OK"]
 
