@@ -153,6 +153,19 @@ async def on_v1_under_load(fleet, load: Load):
             yield stub
 
 
+async def v1_against_v4(stub, name: str, metric: str, samples_per_arm: int) -> pb.Experiment:
+    """An experiment over all of the model's traffic: control on v1, treatment on v4, judged on `metric`."""
+    spec = pb.ExperimentSpec(
+        name=name, model=MODEL, primary_metric=metric, samples_per_arm=samples_per_arm,
+        population=pb.Population(percent=100),
+        arms=[
+            pb.Arm(name="control", variant=pb.Variant(model_version="v1")),
+            pb.Arm(name="treatment", variant=pb.Variant(model_version="v4")),
+        ],
+    )  # fmt: skip
+    return (await stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec), timeout=5)).experiment
+
+
 async def test_a_bad_version_is_rolled_back_within_its_first_step(fleet):
     """v2 (15% errors, 2x TPOT) under a 20/60/100 ramp: rolled back automatically with the numbers, never past
     20%; v2 served at most its share meanwhile and nothing after; every failed request was a v2 request."""
@@ -393,15 +406,7 @@ async def test_an_ab_experiment_reaches_its_horizon_and_finds_the_slower_arm_wor
     load = Load(fleet, concurrency=4, max_tokens=32)
     async with rollouts(fleet) as stub:
         await settle_on_v1(stub)
-        spec = pb.ExperimentSpec(
-            name="tpot-ab", model=MODEL, primary_metric="tpot_ms", samples_per_arm=40,
-            population=pb.Population(percent=100),
-            arms=[
-                pb.Arm(name="control", variant=pb.Variant(model_version="v1")),
-                pb.Arm(name="treatment", variant=pb.Variant(model_version="v4")),
-            ],
-        )  # fmt: skip
-        e = (await stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec), timeout=5)).experiment
+        e = await v1_against_v4(stub, "tpot-ab", "tpot_ms", 40)
         early = await stub.AnalyzeExperiment(pb.AnalyzeExperimentRequest(experiment_id="tpot-ab"), timeout=30)
         assert not early.horizon_reached and not early.comparisons
         async with load.running():
@@ -463,15 +468,7 @@ async def test_an_ab_experiments_refusal_rate_comes_from_the_engines_check(fleet
     async with rollouts(fleet) as stub, grpc.aio.insecure_channel(fleet.metrics) as mch:
         m = mgrpc.MetricsServiceStub(mch)
         await settle_on_v1(stub)
-        spec = pb.ExperimentSpec(
-            name="refusal-ab", model=MODEL, primary_metric="refusal_rate", samples_per_arm=n,
-            population=pb.Population(percent=100),
-            arms=[
-                pb.Arm(name="control", variant=pb.Variant(model_version="v1")),
-                pb.Arm(name="treatment", variant=pb.Variant(model_version="v4")),
-            ],
-        )  # fmt: skip
-        e = (await stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec), timeout=5)).experiment
+        e = await v1_against_v4(stub, "refusal-ab", "refusal_rate", n)
 
         async def arms() -> dict[str, mpb.ArmSamples] | None:
             resp = await m.QueryArms(mpb.QueryArmsRequest(experiment=e.experiment_id), timeout=5)
