@@ -488,13 +488,13 @@ def bench(args) -> None:
     def run(
         name: str, c: int, n: int, seed: int, ready_check_s: int
     ) -> tuple[dict, dict, float, float, dict]:
-        base, burn = burn_variant(name)
+        base, burn, kind = burn_variant(name)
         srv = state["servers"][base]
         pinned = pin(srv["pid"], cpus, _gpu_pids()) if cpus else {}
         vargs = _vbench_args(parser, srv, args.model_dir, c, n, seed, ready_check_s)
         before = cpu_snapshot(srv["pid"])
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        with burning(burn, cpus["other_cpus"] if cpus else None):
+        with burning(burn, cpus["other_cpus"] if cpus else None, kind):
             t0, wall0 = time.monotonic(), time.time()
             res = asyncio.run(vbench.main_async(vargs))
             wall = time.monotonic() - t0
@@ -789,23 +789,36 @@ def relabel(records: list[dict], roles: dict[int, str]) -> None:
 def is_plain_vllm(name: str) -> bool:
     """`vllm serve` as the issue's targets mean it (its variants, as vllm-api8-kv or vllm-api8+burn3, are compared,
     not the best)."""
-    return name.startswith("vllm-") and not name.endswith("-kv") and BURN not in name
+    return name.startswith("vllm-") and not name.endswith("-kv") and not burn_variant(name)[1]
 
 
 BURN = "+burn"
+MEM = "+mem"
+# A burner's loop: "burn" spins on the CPU alone; "mem" copies 64 KiB slices of a 64 MiB buffer (two copies per
+# turn), so it also takes the last-level cache and memory bandwidth the host's cores share with the engine core.
+_BURNERS = {
+    BURN: "while True: pass",
+    MEM: "b = bytearray(64 << 20)\ni = 0\nwhile True:\n    i = (i * 1103515245 + 12345) % ((64 << 20) - 65536)\n"
+    "    bytes(b[i:i + 65536])",
+}
 
 
-def burn_variant(name: str) -> tuple[str, int]:
-    """`NAME+burnK`: server NAME run while K busy processes share the CPUs the server's own processes (all but its
-    engine core) run on, the CPU the mesh's relays use beyond `vllm serve`'s; `NAME`: (NAME, 0)."""
-    base, sep, k = name.partition(BURN)
-    return (base, int(k or 1)) if sep else (name, 0)
+def burn_variant(name: str) -> tuple[str, int, str]:
+    """`NAME+burnK` / `NAME+memK`: server NAME run while K busy processes (spinning, or copying memory) share the
+    CPUs the server's own processes (all but its engine core) run on, the CPU the mesh's relays use beyond
+    `vllm serve`'s; `NAME`: (NAME, 0, "")."""
+    for kind in (BURN, MEM):
+        base, sep, k = name.partition(kind)
+        if sep:
+            return base, int(k or 1), kind
+    return name, 0, ""
 
 
 @contextlib.contextmanager
-def burning(k: int, cpus: list[int] | None):
-    """K processes each spinning a pure Python loop on `cpus` (the OS places them among those) while inside."""
-    spin = "import os,sys\nif sys.argv[1:]: os.sched_setaffinity(0, {int(c) for c in sys.argv[1:]})\nwhile True: pass"
+def burning(k: int, cpus: list[int] | None, kind: str = BURN):
+    """K processes each running `kind`'s loop on `cpus` (the OS places them among those) while inside."""
+    spin = "import os,sys\nif sys.argv[1:]: os.sched_setaffinity(0, {int(c) for c in sys.argv[1:]})\n"
+    spin += _BURNERS[kind or BURN]
     procs = [
         subprocess.Popen([sys.executable, "-c", spin, *map(str, cpus or [])], stdin=subprocess.DEVNULL)
         for _ in range(k)

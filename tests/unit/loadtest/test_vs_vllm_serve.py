@@ -115,11 +115,13 @@ def test_hop_ttft_reads_the_mesh_logs_within_each_run(tmp_path):
     assert hop[1]["client_tpot_p50_ms_median"] == 1.0
 
 
-def test_a_burn_variant_runs_its_server_beside_busy_processes_and_is_never_the_best_vllm_serve():
-    assert g.burn_variant("vllm-api8+burn3") == ("vllm-api8", 3) and g.burn_variant("mesh") == ("mesh", 0)
-    assert not g.is_plain_vllm("vllm-api8+burn3") and g.is_plain_vllm("vllm-api8")
+@pytest.mark.parametrize("kind", [g.BURN, g.MEM])
+def test_a_burn_variant_runs_its_server_beside_busy_processes_and_is_never_the_best_vllm_serve(kind):
+    assert g.burn_variant(f"vllm-api8{kind}3") == ("vllm-api8", 3, kind)
+    assert g.burn_variant("mesh") == ("mesh", 0, "")
+    assert not g.is_plain_vllm(f"vllm-api8{kind}3") and g.is_plain_vllm("vllm-api8")
     cpu = min(os.sched_getaffinity(0))
-    with g.burning(2, [cpu]) as procs:
+    with g.burning(2, [cpu], kind) as procs:
         assert len(procs) == 2
         for p in procs:
             ps = psutil.Process(p.pid)
@@ -128,6 +130,7 @@ def test_a_burn_variant_runs_its_server_beside_busy_processes_and_is_never_the_b
                 deadline -= 1
                 psutil.wait_procs([ps], timeout=0.1)
             assert ps.cpu_affinity() == [cpu]
+            assert p.poll() is None, "a burner that failed to start would have exited"
     assert all(p.poll() is not None for p in procs)
 
 
