@@ -989,14 +989,12 @@ def _hop_tpot(e: dict) -> float | None:
     return (float(dur) - float(ttft)) / (n - 1) if n > 1 and dur is not None else None
 
 
-def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[int, dict]:
-    """TTFT and TPOT at each hop of the mesh, from its services' request log lines (gateway: from the HTTP request
-    to the first token, and to its end; engine: from Generate to vLLM's first output, and to the last), per
-    concurrency over the mesh's runs. TPOT by hop says whether a slower token rate at the client was the engine's
-    or was added on the way."""
+def _request_lines(log_dir: str) -> dict[str, list[dict]]:
+    """The gateway's and engines' request log lines under log_dir with a first token: event -> lines, each with
+    `end` (its timestamp, epoch seconds) and `start` (end less its duration, when it has one)."""
     from datetime import datetime
 
-    events: dict[str, list[tuple[float, float, float | None]]] = {"gateway.request": [], "engine.request": []}
+    events: dict[str, list[dict]] = {"gateway.request": [], "engine.request": []}
     for f in sorted(Path(log_dir).glob("*.log")):
         with open(f, errors="replace") as fh:
             for line in fh:
@@ -1007,8 +1005,20 @@ def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[in
                 except ValueError:
                     continue
                 if e.get("event") in events and e.get("ttft_ms") is not None and e.get("timestamp"):
-                    ts = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
-                    events[e["event"]].append((ts, float(e["ttft_ms"]), _hop_tpot(e)))
+                    e["end"] = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+                    if e.get("duration_ms") is not None:
+                        e["start"] = e["end"] - float(e["duration_ms"]) / 1000
+                    events[e["event"]].append(e)
+    return events
+
+
+def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[int, dict]:
+    """TTFT and TPOT at each hop of the mesh, from its services' request log lines (gateway: from the HTTP request
+    to the first token, and to its end; engine: from Generate to vLLM's first output, and to the last), per
+    concurrency over the mesh's runs. TPOT by hop says whether a slower token rate at the client was the engine's
+    or was added on the way."""
+    lines = _request_lines(log_dir)
+    events = {ev: [(e["end"], float(e["ttft_ms"]), _hop_tpot(e)) for e in es] for ev, es in lines.items()}
     out: dict[int, dict] = {}
     hops = (("gateway.request", "gateway"), ("engine.request", "engine"))
     for r in records:
@@ -1036,6 +1046,64 @@ def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[in
         s["client_tpot_p50_ms_median"] = round(statistics.median(row["client_tpot"]), 3)
         summary[c] = s
     return summary
+
+
+WAVE_GAP_S = 0.05
+
+
+def wave_legs(records: list[dict], log_dir: str, server: str = "mesh") -> dict[int, dict]:
+    """Where a closed-loop wave's first tokens go, per concurrency c. `vllm bench serve` at c streams starts c
+    requests at once and each next one when one ends; with equal lengths they end together, so requests reach the
+    gateway in waves of about c (a new wave after a WAVE_GAP_S pause). Per quarter of a wave, by arrival order:
+    its arrival after the wave's first request (the client's and the gateway's spread), gateway to engine (the
+    forward relays), the engine's TTFT (Generate to vLLM's first output) and the gateway's (medians, ms). Every
+    ms of a slot's first token is a ms that slot makes no tokens: at c = 32 a request lasts ~550 ms, so +1 ms of
+    TTFT is ~-0.2% tokens/s."""
+    lines = _request_lines(log_dir)
+    engine = {e.get("request_id"): e for e in lines["engine.request"] if "start" in e}
+    gateway = [e for e in lines["gateway.request"] if "start" in e and e.get("request_id") in engine]
+    out: dict[int, dict] = {}
+    for r in records:
+        if r["server"] != server or "started_at" not in r:
+            continue
+        c = r["concurrency"]
+        mine = sorted(
+            (e for e in gateway if r["started_at"] <= e["start"] <= r["ended_at"]), key=lambda e: e["start"]
+        )
+        waves: list[list[dict]] = []
+        for e in mine:
+            if not waves or e["start"] - waves[-1][-1]["start"] > WAVE_GAP_S:
+                waves.append([])
+            waves[-1].append(e)
+        row = out.setdefault(c, {"waves": 0, "quarters": [[] for _ in range(4)]})
+        for w in waves:
+            if not 0.75 * c <= len(w) <= 1.25 * c:  # the run's first and last waves, or waves that merged
+                continue
+            row["waves"] += 1
+            for i, e in enumerate(w):
+                en = engine[e["request_id"]]
+                row["quarters"][i * 4 // len(w)].append(
+                    (
+                        (e["start"] - w[0]["start"]) * 1000,
+                        (en["start"] - e["start"]) * 1000,
+                        float(en["ttft_ms"]),
+                        float(e["ttft_ms"]),
+                    )
+                )
+    keys = ("arrival_ms", "gateway_to_engine_ms", "engine_ttft_ms", "gateway_ttft_ms")
+    return {
+        c: {
+            "waves": row["waves"],
+            "quarters": [
+                {k: round(statistics.median(x[j] for x in q), 2) for j, k in enumerate(keys)}
+                | {"requests": len(q)}
+                for q in row["quarters"]
+                if q
+            ],
+        }
+        for c, row in sorted(out.items())
+        if c > 1 and row["waves"]
+    }
 
 
 def report(args) -> None:
@@ -1078,12 +1146,14 @@ def report(args) -> None:
     print("\n".join(lines))
     print(json.dumps({"targets": met}, indent=1))
     if args.mesh_logs:
-        doc["hop_ttft"] = hop_ttft(doc["records"], str(Path(args.mesh_logs) / "mesh" / "logs"))
-        for v in variants:
-            doc.setdefault("hop_ttft_variants", {})[v] = hop_ttft(
-                doc["records"], str(Path(args.mesh_logs) / v / "logs"), v
-            )
-        print(json.dumps({"hop_ttft": doc["hop_ttft"]}, indent=1))
+        logs = str(Path(args.mesh_logs) / "mesh" / "logs")
+        doc["hop_ttft"] = hop_ttft(doc["records"], logs)
+        doc["wave_legs"] = wave_legs(doc["records"], logs)
+        for v in (v for v in variants if v.startswith("mesh")):
+            logs = str(Path(args.mesh_logs) / v / "logs")
+            doc.setdefault("hop_ttft_variants", {})[v] = hop_ttft(doc["records"], logs, v)
+            doc.setdefault("wave_legs_variants", {})[v] = wave_legs(doc["records"], logs, v)
+        print(json.dumps({"hop_ttft": doc["hop_ttft"], "wave_legs": doc["wave_legs"]}, indent=1))
     if others:
         print(json.dumps({"paired_variants": others}, indent=1))
     each = against_each(doc["records"])

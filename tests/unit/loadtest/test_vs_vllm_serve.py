@@ -115,6 +115,44 @@ def test_hop_ttft_reads_the_mesh_logs_within_each_run(tmp_path):
     assert hop[1]["client_tpot_p50_ms_median"] == 1.0
 
 
+def test_wave_legs_splits_each_wave_of_c_arrivals_into_quarters_by_arrival_order(tmp_path):
+    from datetime import UTC, datetime
+
+    t0 = 1796216400.0  # 2026-12-02T13:00:00Z
+
+    def line(event, rid, start, ttft, dur=500.0):
+        end = datetime.fromtimestamp(start + dur / 1000, UTC).isoformat().replace("+00:00", "Z")
+        return json.dumps(
+            {"event": event, "request_id": rid, "timestamp": end, "ttft_ms": ttft, "duration_ms": dur}
+        )
+
+    gw, en = [], []
+    # Two waves of c = 4 (request i of a wave reaches the gateway 2i ms after the first and the engine 1 + i ms
+    # later), a 1 s pause between them, and a lone straggler that is no wave of ~c.
+    for w in range(2):
+        for i in range(4):
+            rid, at = f"w{w}r{i}", t0 + w + 0.002 * i
+            gw.append(line("gateway.request", rid, at, 30.0 + i))
+            en.append(line("engine.request", rid, at + (1 + i) / 1000, 20.0 + i))
+    gw.append(line("gateway.request", "late", t0 + 2.5, 99.0))
+    en.append(line("engine.request", "late", t0 + 2.501, 99.0))
+    (tmp_path / "gateway.log").write_text("\n".join(gw) + "\n")
+    (tmp_path / "engine-1.log").write_text("\n".join(en) + "\n")
+    recs = [
+        _rec(1, "mesh", 4, 400, 21, 25, started_at=t0 - 1, ended_at=t0 + 3),
+        _rec(1, "vllm-api4", 4, 1, 1, 1),
+    ]
+    legs = g.wave_legs(recs, str(tmp_path))
+    assert legs[4]["waves"] == 2
+    q = legs[4]["quarters"]
+    assert [x["requests"] for x in q] == [2, 2, 2, 2]
+    assert [x["arrival_ms"] for x in q] == [0.0, 2.0, 4.0, 6.0]
+    assert [x["gateway_to_engine_ms"] for x in q] == [1.0, 2.0, 3.0, 4.0]
+    assert [x["engine_ttft_ms"] for x in q] == [20.0, 21.0, 22.0, 23.0]
+    assert [x["gateway_ttft_ms"] for x in q] == [30.0, 31.0, 32.0, 33.0]
+    assert g.wave_legs(recs, str(tmp_path), "mesh-wide") == {}
+
+
 @pytest.mark.parametrize("kind", [g.BURN, g.MEM])
 def test_a_burn_variant_runs_its_server_beside_busy_processes_and_is_never_the_best_vllm_serve(kind):
     assert g.burn_variant(f"vllm-api8{kind}3") == ("vllm-api8", 3, kind)
