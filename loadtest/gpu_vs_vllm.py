@@ -15,8 +15,9 @@ separate commands of at most a few minutes each:
             process of that server and this client to the rest, so that every server's engine core runs on
             the same CPUs and shares them with nothing
     stop    stop them all
-    report  print the table of medians and ranges, the per-repetition (paired) ratios, per-hop TTFT from the
-            mesh's logs, the targets met or not (and write the published JSON)
+    report  print the table of medians and ranges, the per-repetition (paired) ratios, per-hop TTFT and the
+            legs of each closed-loop wave's first tokens from the mesh's logs, the targets met or not (and write
+            the published JSON)
     pool    several published JSONs: the paired ratios of all their rounds together, and each run's mesh
             against every `vllm serve` configuration round by round
 """
