@@ -465,6 +465,53 @@ def _vbench_args(parser, srv: dict, model_dir: str, c: int, n: int, seed: int, r
     )  # fmt: skip
 
 
+# vLLM's own per-request timings (its Prometheus histograms at /metrics; vllm serve aggregates its API processes'):
+# the _sum and _count before and after a run give each one's exact mean over the run's requests. They split a
+# `vllm serve` first token the way the mesh's engine request lines split ours (the engine's own TTFT, from the
+# request reaching vLLM's front end).
+VLLM_TIMINGS = {
+    "server_ttft": "vllm:time_to_first_token_seconds",
+    "engine_queue": "vllm:request_queue_time_seconds",
+    "engine_prefill": "vllm:request_prefill_time_seconds",
+}
+
+
+def vllm_timings(url: str, text: str | None = None) -> dict[str, tuple[float, float]]:
+    """key -> (sum of seconds, count) of each VLLM_TIMINGS histogram over all its labels, read from url/metrics
+    (or from `text`); {} when it cannot be read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if text is None:
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+    wanted = {name: key for key, name in VLLM_TIMINGS.items()}
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        key = wanted.get(family.name)
+        if key is None:
+            continue
+        acc = out.setdefault(key, [0.0, 0.0])
+        for sample in family.samples:
+            if sample.name == family.name + "_sum":
+                acc[0] += sample.value
+            elif sample.name == family.name + "_count":
+                acc[1] += sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def timing_means(before: dict, after: dict) -> dict[str, float]:
+    """`KEY_mean_ms` over what was observed between two vllm_timings readings (keys with no new request left out)."""
+    out = {}
+    for key, (s1, n1) in after.items():
+        s0, n0 = before.get(key, (0.0, 0.0))
+        if n1 > n0:
+            out[f"{key}_mean_ms"] = round((s1 - s0) / (n1 - n0) * 1000, 2)
+    return out
+
+
 def bench(args) -> None:
     from vllm.benchmarks import serve as vbench
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -494,6 +541,7 @@ def bench(args) -> None:
         pinned = pin(srv["pid"], cpus, _gpu_pids()) if cpus else {}
         vargs = _vbench_args(parser, srv, args.model_dir, c, n, seed, ready_check_s)
         before = cpu_snapshot(srv["pid"])
+        timings0 = vllm_timings(srv["url"]) if base.startswith("vllm-") else {}
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         with burning(burn, cpus["other_cpus"] if cpus else None, kind):
             t0, wall0 = time.monotonic(), time.time()
@@ -502,7 +550,14 @@ def bench(args) -> None:
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         client = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall
         cpu = cpu_use(before, cpu_snapshot(srv["pid"]), wall)
-        return res, {"cpu": cpu, "client_cores": round(client, 3)}, wall0, time.time(), pinned
+        timings = timing_means(timings0, vllm_timings(srv["url"])) if timings0 else {}
+        return (
+            res,
+            {"cpu": cpu, "client_cores": round(client, 3), "timings": timings},
+            wall0,
+            time.time(),
+            pinned,
+        )
 
     # Warm-up, once per server and not recorded: the first runs at a new batch size were 10-25% slower than
     # later ones in the previous run (rep 1 slowest for every server at c = 32 and 128).
@@ -561,6 +616,7 @@ def bench(args) -> None:
                     "pinned": pinned,
                     "cpu": used["cpu"],
                     "cpu_by_process": _by_process(used["cpu"]),
+                    **used["timings"],
                 }
                 doc["records"].append(rec)
                 out.write_text(json.dumps(doc, indent=2))
@@ -740,6 +796,10 @@ def summarize(records: list[dict]) -> list[dict]:
         client = [r["client_cores"] for r in rs if "client_cores" in r]
         row["client_cores"] = round(statistics.median(client), 2) if client else None
         row["failed"] = sum(r.get("failed") or 0 for r in rs)
+        for key in VLLM_TIMINGS:  # vllm serve's own timings, where the runs read them
+            vals = [r[f"{key}_mean_ms"] for r in rs if f"{key}_mean_ms" in r]
+            if vals:
+                row[f"{key}_mean_ms_median"] = round(statistics.median(vals), 2)
         rows.append(row)
     return rows
 

@@ -153,6 +153,43 @@ def test_wave_legs_splits_each_wave_of_c_arrivals_into_quarters_by_arrival_order
     assert g.wave_legs(recs, str(tmp_path), "mesh-wide") == {}
 
 
+def test_vllm_timings_are_means_over_a_run_from_a_real_metrics_endpoint():
+    from prometheus_client import CollectorRegistry, Histogram, start_http_server
+
+    reg = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    ttft = Histogram("vllm:time_to_first_token_seconds", "ttft", labels, buckets=[0.01, 0.1], registry=reg)
+    queue = Histogram("vllm:request_queue_time_seconds", "queue", labels, buckets=[0.01, 0.1], registry=reg)
+    Histogram("vllm:e2e_request_latency_seconds", "not read", labels, registry=reg).labels("m", "0").observe(
+        9.0
+    )
+    ttft.labels("m", "0").observe(1.0)  # before the run: left out of its mean
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=reg)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        before = g.vllm_timings(url)
+        assert before == {"server_ttft": (1.0, 1.0), "engine_queue": (0.0, 0.0)}
+        # The run: two API processes' worth of labels, summed.
+        ttft.labels("m", "0").observe(0.030)
+        ttft.labels("m", "1").observe(0.050)
+        queue.labels("m", "1").observe(0.002)
+        means = g.timing_means(before, g.vllm_timings(url))
+        assert means == {"server_ttft_mean_ms": 40.0, "engine_queue_mean_ms": 2.0}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert g.vllm_timings(url) == {}  # nothing listens there now
+    recs = [
+        _rec(1, "vllm-api4", 32, 1, 1, 1, server_ttft_mean_ms=30.0),
+        _rec(2, "vllm-api4", 32, 1, 1, 1, server_ttft_mean_ms=50.0),
+        _rec(1, "mesh", 32, 1, 1, 1),
+    ]
+    rows = {r["server"]: r for r in g.summarize(recs)}
+    assert rows["vllm-api4"]["server_ttft_mean_ms_median"] == 40.0
+    assert "server_ttft_mean_ms_median" not in rows["mesh"]
+
+
 @pytest.mark.parametrize("kind", [g.BURN, g.MEM])
 def test_a_burn_variant_runs_its_server_beside_busy_processes_and_is_never_the_best_vllm_serve(kind):
     assert g.burn_variant(f"vllm-api8{kind}3") == ("vllm-api8", 3, kind)
