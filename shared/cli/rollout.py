@@ -85,7 +85,8 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
         "--on-undecided",
         choices=("pause", "rollback"),
         default="pause",
-        help="after --max-hold undecided: pause for an operator (default) or roll back",
+        help="after --max-hold undecided: pause for an operator (default; it resumes by itself once every "
+        "guardrail is judged ok) or roll back",
     )
     start.add_argument("--shadow-percent", type=float, default=0.0, help="shadow: percent of requests copied")
     start.add_argument("--shadow-max-in-flight", type=int, default=0, help="shadow: budget per router")

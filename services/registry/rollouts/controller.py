@@ -1,7 +1,8 @@
 """The rollout controller: on every tick, judges each running rollout's guardrails over its current step, rolls
 back on a breach, holds while the candidate has no replica, advances a step once its bake time passed with every
 guardrail judged ok, holds a step whose guardrails are still undecided (then pauses it for an operator or rolls it
-back, as the plan says), and promotes after the last step."""
+back, as the plan says; such a pause ends by itself once the evidence judges every guardrail ok), and promotes
+after the last step."""
 
 from __future__ import annotations
 
@@ -118,9 +119,15 @@ class RolloutController:
                 plans.record(r, "waiting", now, f"no SERVING replica of {plan.candidate_version}: "
                              f"traffic stays on {plan.baseline_version}")  # fmt: skip
             return
+        if r.state == plans.PAUSED and checks and _paused_undecided(r) and _all_ok(checks):
+            # The pause only waited for evidence, and it came: the plan goes on (a breach while paused rolls back
+            # the same way). An operator's own pause is left to the operator.
+            plans.resume(
+                r, now, "the guardrails were judged ok: " + "; ".join(map(guardrails.describe, checks))
+            )
         if r.state != plans.RUNNING or now - r.step_started_at_unix < plan.bake_s:
             return
-        if all(c.verdict == guardrails.OK for c in checks):
+        if _all_ok(checks):
             judged = "; ".join(guardrails.describe(c) for c in checks) or "no guardrails"
             plans.advance(
                 r, now, f"{now - r.step_started_at_unix:.0f} s at {r.candidate_percent:g}% ({judged})"
@@ -148,7 +155,10 @@ class RolloutController:
             else:
                 r.state = plans.PAUSED
                 plans.record(
-                    r, "undecided", now, f"{detail}; paused for an operator (resume: hold {hold_s:g} s more)"
+                    r,
+                    "undecided",
+                    now,
+                    f"{detail}; paused for an operator (resume: hold {hold_s:g} s more), or until every guardrail is ok",
                 )
             return
         last = r.events[-1]
@@ -201,3 +211,16 @@ class RolloutController:
             step=r.step,
             detail=e.detail,
         )
+
+
+def _all_ok(checks: list[pb.GuardrailCheck]) -> bool:
+    return all(c.verdict == guardrails.OK for c in checks)
+
+
+def _paused_undecided(r: pb.Rollout) -> bool:
+    """Paused by its own hold running out undecided (an 'undecided' event since the last pause or resume), not by
+    an operator."""
+    for e in reversed(r.events):
+        if e.kind in ("undecided", "paused", "resumed"):
+            return e.kind == "undecided"
+    return False

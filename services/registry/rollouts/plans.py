@@ -213,10 +213,11 @@ def pause(r: pb.Rollout, now: float) -> None:
     record(r, "paused", now, f"paused at {r.candidate_percent:g}% by an operator")
 
 
-def resume(r: pb.Rollout, now: float) -> None:
+def resume(r: pb.Rollout, now: float, why: str = "") -> None:
+    """Running again; `why` says what resumed it when it was not an operator."""
     _need(r, frozenset({PAUSED}), "resume")
     r.state = RUNNING
-    record(r, "resumed", now, f"resumed at {r.candidate_percent:g}%")
+    record(r, "resumed", now, f"resumed at {r.candidate_percent:g}%" + (f": {why}" if why else ""))
 
 
 def promote(r: pb.Rollout, now: float, detail: str) -> None:

@@ -1,7 +1,7 @@
 """The rollout controller on an injected clock and numbers: a breach rolls back at once, a passing step advances
 only after its bake, an undecided one holds (saying how many samples it needs) and then pauses or rolls back as
-the plan says, a candidate without replicas holds (bake restarting), a clean ramp promotes itself, a paused one
-still rolls back, and the traffic configuration survives reopening the store."""
+the plan says (an undecided pause ends by itself once the numbers judge it ok), a candidate without replicas
+holds (bake restarting), a clean ramp promotes itself, a paused one still rolls back, and the traffic configuration survives reopening the store."""
 
 from __future__ import annotations
 
@@ -145,6 +145,33 @@ async def test_an_undecided_step_holds_then_pauses_for_an_operator_and_a_resume_
     r = await s.tick(1)
     assert (r.step, r.events[-1].kind) == (1, "advanced")
     assert "error_rate 0.0005 (95% upper bound" in r.events[-1].detail
+
+
+async def test_an_undecided_pause_resumes_and_advances_by_itself_once_the_evidence_is_in(tmp_path):
+    """Paused because its hold ran out undecided (not by an operator): while paused it is still judged, and the
+    tick whose numbers judge every guardrail ok resumes it (saying why) and advances it; an operator's pause of the
+    same rollout later is not ended by good numbers."""
+    s = Setup(tmp_path)
+    await s.start(max_hold_s=20)
+    s.numbers.by_version = {"v1": GOOD, "v2": UNSURE}
+    await s.tick()
+    await s.tick(12)
+    r = await s.tick(25)
+    assert (r.state, r.events[-1].kind) == (plans.PAUSED, "undecided")
+    r = await s.tick(30)  # still undecided: stays paused
+    assert (r.state, r.step, r.events[-1].kind) == (plans.PAUSED, 0, "undecided")
+    s.numbers.by_version["v2"] = VersionStats(requests=2000, errors=1, tpot_p99_ms=10.0, tpot_count=2000)
+    r = await s.tick(1)
+    assert (r.state, r.step) == (plans.RUNNING, 1)
+    assert [e.kind for e in r.events][-3:] == ["undecided", "resumed", "advanced"]
+    assert (
+        "resumed at 10%: the guardrails were judged ok: error_rate 0.0005 (95% upper bound"
+        in r.events[-2].detail
+    )
+    plans.pause(r, s.clock())
+    await s.traffic.save_rollout(r)
+    r = await s.tick(100)
+    assert (r.state, r.step, r.events[-1].kind) == (plans.PAUSED, 1, "paused")
 
 
 async def test_an_undecided_step_rolls_back_after_its_hold_when_the_plan_says_so(tmp_path):
