@@ -1100,6 +1100,8 @@ def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[in
             if row[key]:
                 s[f"{key}_p50_ms"] = round(_pct(row[key], 0.5), 2)
                 s[f"{key}_p99_ms"] = round(_pct(row[key], 0.99), 2)
+                # The mean: what vllm serve's own server_ttft_mean_ms is compared with.
+                s[f"{key}_mean_ms"] = round(statistics.fmean(row[key]), 2)
             if row[key + "_tpot"]:
                 s[f"{key}_tpot_p50_ms"] = round(_pct(row[key + "_tpot"], 0.5), 3)
         s["client_p50_ms_median"] = round(statistics.median(row["client_p50"]), 2)

@@ -110,6 +110,7 @@ def test_hop_ttft_reads_the_mesh_logs_within_each_run(tmp_path):
     hop = g.hop_ttft(recs, str(tmp_path))
     assert hop[1]["requests"] == {"gateway": 2, "engine": 1}
     assert hop[1]["engine_p50_ms"] == 14.0 and hop[1]["gateway_p99_ms"] == 22.0
+    assert hop[1]["gateway_mean_ms"] == 21.0 and hop[1]["engine_mean_ms"] == 14.0
     # TPOT where the line has the duration and 2+ tokens: (524 - 14) / 255 at the engine, none at the gateway.
     assert hop[1]["engine_tpot_p50_ms"] == 2.0 and "gateway_tpot_p50_ms" not in hop[1]
     assert hop[1]["client_tpot_p50_ms_median"] == 1.0
