@@ -1114,6 +1114,16 @@ def hop_ttft(records: list[dict], log_dir: str, server: str = "mesh") -> dict[in
 WAVE_GAP_S = 0.05
 
 
+def _waves(lines: list[dict]) -> list[list[dict]]:
+    """Request lines grouped by start time: a new group after a pause of more than WAVE_GAP_S."""
+    waves: list[list[dict]] = []
+    for e in sorted(lines, key=lambda e: e["start"]):
+        if not waves or e["start"] - waves[-1][-1]["start"] > WAVE_GAP_S:
+            waves.append([])
+        waves[-1].append(e)
+    return waves
+
+
 def wave_legs(records: list[dict], log_dir: str, server: str = "mesh") -> dict[int, dict]:
     """Where a closed-loop wave's first tokens go, per concurrency c. `vllm bench serve` at c streams starts c
     requests at once and each next one when one ends; with equal lengths they end together, so requests reach the
@@ -1130,16 +1140,8 @@ def wave_legs(records: list[dict], log_dir: str, server: str = "mesh") -> dict[i
         if r["server"] != server or "started_at" not in r:
             continue
         c = r["concurrency"]
-        mine = sorted(
-            (e for e in gateway if r["started_at"] <= e["start"] <= r["ended_at"]), key=lambda e: e["start"]
-        )
-        waves: list[list[dict]] = []
-        for e in mine:
-            if not waves or e["start"] - waves[-1][-1]["start"] > WAVE_GAP_S:
-                waves.append([])
-            waves[-1].append(e)
         row = out.setdefault(c, {"waves": 0, "quarters": [[] for _ in range(4)]})
-        for w in waves:
+        for w in _waves([e for e in gateway if r["started_at"] <= e["start"] <= r["ended_at"]]):
             if not 0.75 * c <= len(w) <= 1.25 * c:  # the run's first and last waves, or waves that merged
                 continue
             row["waves"] += 1
