@@ -239,7 +239,9 @@ async def test_a_good_version_promotes_itself_with_no_failed_request(fleet):
 async def test_the_error_rate_guardrail_decides_on_its_confidence_bounds_end_to_end(fleet):
     """error_rate<=0.02@30 at 95% confidence over 50/100 ramps with a 1 s bake: v2 (15% errors) is rolled back
     with its lower bound over the limit in the reason and never advances; v3 (no errors) advances only once its
-    upper bound is under 2%, which takes 236 clean requests (the old rule advanced it at 30), then promotes."""
+    upper bound is under 2%, which takes 236 clean requests (the old rule advanced it at 30), then promotes. With a
+    1 s hold v3's steps pause undecided first, and each pause ends by itself once the evidence is in (it stayed
+    paused before)."""
     load = Load(fleet)
     rule = [GUARDRAILS[0]]
     async with on_v1_under_load(fleet, load) as stub:
@@ -251,7 +253,7 @@ async def test_the_error_rate_guardrail_decides_on_its_confidence_bounds_end_to_
         good = await start_until(
             stub, pb.ROLLOUT_STATE_PROMOTED, 150,
             candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_GRADUAL, steps=[50, 100], bake_s=1,
-            guardrails=rule, max_hold_s=150,
+            guardrails=rule, max_hold_s=1,
         )  # fmt: skip
     assert re.search(
         r"error_rate 0\.\d+ \(95% lower bound 0\.\d+\) > limit 0\.02 \(\d+ samples\)", bad.reason
@@ -264,6 +266,10 @@ async def test_the_error_rate_guardrail_decides_on_its_confidence_bounds_end_to_
                 r"error_rate 0 \(95% upper bound (0\.\d+)\) <= limit 0\.02 \((\d+) samples\)", e.detail
             )
             assert m and float(m[1]) <= 0.02 and int(m[2]) >= 236, e.detail
+    kinds = [e.kind for e in good.events if e.kind in ("undecided", "resumed", "advanced", "promoted")]
+    assert kinds[:3] == ["undecided", "resumed", "advanced"], kinds
+    resumed = [e.detail for e in good.events if e.kind == "resumed"]
+    assert all("the guardrails were judged ok: error_rate 0 (95% upper bound" in d for d in resumed), resumed
 
 
 async def test_a_refusal_rate_guardrail_rolls_back_a_refusing_version_and_query_reports_it(fleet):
