@@ -109,7 +109,7 @@ class RolloutController:
         r.checks.extend(checks)
         breaches = [c for c in checks if c.verdict == guardrails.BREACH]
         if breaches:
-            detail = "guardrail breached: " + "; ".join(guardrails.describe(c) for c in breaches)
+            detail = "guardrail breached: " + guardrails.describe_all(breaches)
             plans.rollback(r, now, detail)
             return
         if r.candidate_replicas and not had_replicas:
@@ -122,13 +122,11 @@ class RolloutController:
         if r.state == plans.PAUSED and checks and _paused_undecided(r) and _all_ok(checks):
             # The pause only waited for evidence, and it came: the plan goes on (a breach while paused rolls back
             # the same way). An operator's own pause is left to the operator.
-            plans.resume(
-                r, now, "the guardrails were judged ok: " + "; ".join(map(guardrails.describe, checks))
-            )
+            plans.resume(r, now, "the guardrails were judged ok: " + guardrails.describe_all(checks))
         if r.state != plans.RUNNING or now - r.step_started_at_unix < plan.bake_s:
             return
         if _all_ok(checks):
-            judged = "; ".join(guardrails.describe(c) for c in checks) or "no guardrails"
+            judged = guardrails.describe_all(checks) or "no guardrails"
             plans.advance(
                 r, now, f"{now - r.step_started_at_unix:.0f} s at {r.candidate_percent:g}% ({judged})"
             )
@@ -146,7 +144,7 @@ class RolloutController:
             if e.kind == "resumed" and e.at_unix >= r.step_started_at_unix:
                 since = max(since, e.at_unix)
                 break
-        what = "; ".join(guardrails.describe(c) for c in pending)
+        what = guardrails.describe_all(pending)
         action = plans.undecided_action_name(plan.on_undecided)
         if now - since >= hold_s:
             detail = f"undecided {now - r.step_started_at_unix:.0f} s into the step at {r.candidate_percent:g}%: {what}"

@@ -4,7 +4,7 @@ always-valid confidence sequence (sequential.py), the others on their point valu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fleetserve.registry.v1 import rollout_service_pb2 as pb
@@ -172,3 +172,8 @@ def describe(check: pb.GuardrailCheck) -> str:
             )
             samples += f"; {more}"
     return f"{value} {op} {limit} ({samples})"
+
+
+def describe_all(checks: Iterable[pb.GuardrailCheck]) -> str:
+    """Every check's describe(), one after another."""
+    return "; ".join(map(describe, checks))
