@@ -476,17 +476,16 @@ VLLM_TIMINGS = {
 }
 
 
-def vllm_timings(url: str, text: str | None = None) -> dict[str, tuple[float, float]]:
-    """key -> (sum of seconds, count) of each VLLM_TIMINGS histogram over all its labels, read from url/metrics
-    (or from `text`); {} when it cannot be read."""
+def vllm_timings(url: str) -> dict[str, tuple[float, float]]:
+    """key -> (sum of seconds, count) of each VLLM_TIMINGS histogram over all its labels, read from url/metrics;
+    {} when it cannot be read."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    if text is None:
-        try:
-            with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return {}
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
     wanted = {name: key for key, name in VLLM_TIMINGS.items()}
     out: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):
