@@ -38,8 +38,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import betaln
 
 DEFAULT_CONFIDENCE = 0.95
 OK, BREACH, UNDECIDED = "ok", "breach", "undecided"
@@ -68,6 +66,10 @@ def prior(limit: float) -> tuple[float, float]:
 def log_evidence(n, s, p0: float, a: float, b: float):
     """log M_n(p0): the log of the mixture's likelihood ratio against the rate p0, for p0 in (0, 1) (n and s may be
     numpy arrays, and fractional: samples_needed extrapolates)."""
+    # scipy is imported where it is used: at module level it was ~0.45 s of every registry's start-up (half of
+    # it), paid even by fleets that never run a rollout; the first judgement pays it once instead.
+    from scipy.special import betaln
+
     return betaln(a + s, b + n - s) - betaln(a, b) - s * np.log(p0) - (n - s) * np.log1p(-p0)
 
 
@@ -93,6 +95,8 @@ def bounds(n: int, s: int, confidence: float, limit: float) -> tuple[float, floa
 
     # f is convex in p0 with its minimum at the rate, where it is < 0; it grows without bound towards an end
     # that s (or n - s) is not 0 at, and stays finite towards one it is.
+    from scipy.optimize import brentq  # see log_evidence
+
     lo = 0.0 if s == 0 or f(_EPS) < 0 else brentq(f, _EPS, min(rate, 1 - _EPS))
     hi = 1.0 if s == n or f(1 - _EPS) < 0 else brentq(f, max(rate, _EPS), 1 - _EPS)
     return lo, hi
@@ -128,6 +132,8 @@ def samples_needed(n: int, s: int, limit: float, confidence: float = DEFAULT_CON
     def f(m: float) -> float:
         # The evidence at m samples with the rate unchanged, measured from the side of the limit it is on.
         return float(log_evidence(m, rate * m, limit, a, b)) - threshold
+
+    from scipy.optimize import brentq  # see log_evidence
 
     lo, hi = float(n), float(max(n, 1)) * 2.0
     while f(hi) < 0:
