@@ -213,6 +213,9 @@ async def start_until(stub, state: int, timeout_s: float, **plan) -> pb.Rollout:
     )
 
 
+# Its waits (up to 150 s for a promotion) are the bounds that should fail it with the rollout's state, not
+# pytest-timeout's default 120 s, which cut them short with a stack dump.
+@pytest.mark.timeout(240)
 async def test_a_good_version_promotes_itself_with_no_failed_request(fleet):
     """v3 under a 50/100 ramp: promoted after every step, no request failed, and all traffic on v3 afterwards.
     The TPOT guardrail is looser than the bad ramp's: at 100% the one v3 engine carries the whole load the
@@ -236,6 +239,8 @@ async def test_a_good_version_promotes_itself_with_no_failed_request(fleet):
     assert {x.version for x in load.between(promoted + 0.5)} == {"v3"}
 
 
+# As above: its waits add up to 240 s.
+@pytest.mark.timeout(330)
 async def test_the_error_rate_guardrail_decides_on_its_confidence_bounds_end_to_end(fleet):
     """error_rate<=0.02@30 at 95% confidence over 50/100 ramps with a 1 s bake: v2 (15% errors) is rolled back
     with its lower bound over the limit in the reason and never advances; v3 (no errors) advances only once its
