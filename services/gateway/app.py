@@ -15,6 +15,7 @@ from prometheus_client.registry import CollectorRegistry
 from services.gateway.bootstrap import configured_key, show_generated_key
 from services.gateway.config import GatewaySettings
 from services.gateway.db import redact
+from services.gateway.embedded_router import EmbeddedRouter, router_settings
 from services.gateway.feedback import FeedbackStore
 from services.gateway.http.server import OpenAIServer
 from services.gateway.jobs import JobRunner, JobStore
@@ -50,6 +51,8 @@ class GatewayApp:
     metrics_registry: CollectorRegistry | None = None
     # Asked when the drain starts: whether sibling workers go on serving our ports (shared/workers.py).
     siblings_serve: Callable[[], bool] = lambda: False
+    # --embedded-router: the router in this process (the pipeline's routers).
+    embedded: EmbeddedRouter | None = None
 
     @property
     def http_address(self) -> str:
@@ -58,8 +61,11 @@ class GatewayApp:
 
     @property
     def ready_info(self) -> dict[str, str]:
-        """Extra fields of the ready file: where launchers find the HTTP port."""
-        return {"http_address": self.http_address}
+        """Extra fields of the ready file: where launchers find the HTTP port (and the embedded router's)."""
+        info = {"http_address": self.http_address}
+        if self.embedded is not None:
+            info["router_address"] = self.embedded.address
+        return info
 
     @property
     def address(self) -> str:
@@ -74,6 +80,8 @@ class GatewayApp:
 
         async def before_stop() -> None:
             nonlocal http_stopped
+            if self.embedded is not None:
+                await self.embedded.drain()  # gateways discovering routers send its port nothing new
             if hand_over and self.http is not None:
                 # Sibling workers serve our ports: HTTP clients go to them as well (listener closed now, each
                 # response from here on says Connection: close), as gRPC clients do on GOAWAY.
@@ -96,7 +104,7 @@ class GatewayApp:
             if http_stopped is not None:
                 await http_stopped
             await self.servicer.pipeline.close(min(grace_s, 1.0))
-            await self.servicer.pipeline.routers.close()
+            await self.servicer.pipeline.routers.close()  # the embedded router's too
             await self.pool.close()
             await self.databases.close()
 
@@ -128,16 +136,22 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
         if created:
             show_generated_key(created)
         pool = ChannelPool(tls)
-        routers = RouterPool(
-            pool,
-            settings.router_addresses(),
-            down_s=settings.router_down_s,
-            resume=settings.router_resume,
-            coalesce=settings.coalesce,
-        )
-        if settings.registry_address:
-            routers.start_discovery(settings.registry_address)
         registry = prom.new_registry()
+        embedded: EmbeddedRouter | None = None
+        routers: RouterPool | EmbeddedRouter
+        if settings.embedded_router:
+            routers = embedded = EmbeddedRouter(router_settings(settings), telemetry, registry)
+            await embedded.start()
+        else:
+            routers = RouterPool(
+                pool,
+                settings.router_addresses(),
+                down_s=settings.router_down_s,
+                resume=settings.router_resume,
+                coalesce=settings.coalesce,
+            )
+            if settings.registry_address:
+                routers.start_discovery(settings.registry_address)
         pipeline = GatewayPipeline.from_settings(
             settings,
             tenants,
@@ -183,7 +197,7 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
             tls=tls,
             client_auth=False,
         )
-        app = GatewayApp(running, servicer, tenants, pool, dbs, jobs, None, registry)
+        app = GatewayApp(running, servicer, tenants, pool, dbs, jobs, None, registry, embedded=embedded)
         app.siblings_serve = partial(siblings_serve, settings)
         if settings.http_port >= 0:
             # The same size limit as gRPC's (over HTTP: 413 before the body is read in full).
@@ -200,14 +214,16 @@ async def start(settings: GatewaySettings, telemetry: Telemetry) -> GatewayApp:
         if pipeline is not None:
             await pipeline.close()
             await pipeline.routers.close()
+        elif embedded is not None:
+            await embedded.close(0)
         await dbs.close()
         raise
     # Jobs are leased in the database, so every worker scans for them, as several gateways do.
     jobs.start()
     log.info(
         "gateway.configured",
-        routers=settings.router_addresses(),
-        router_discovery=bool(settings.registry_address),
+        routers=embedded.address if embedded is not None else settings.router_addresses(),
+        router_discovery=bool(settings.registry_address) and embedded is None,
         database=redact(settings.db_url) if settings.db_url else settings.db_path,
         shared_state=dbs.shared,
         job_runner=jobs.owner,

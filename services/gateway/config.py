@@ -27,6 +27,21 @@ class GatewaySettings(WorkerSettings):
         description="The registry (a gRPC target; several: ipv4:a:1,b:2): the routers registered there are "
         "used too, as they come and go (router discovery); empty: only --router-address.",
     )
+    embedded_router: bool = Field(
+        False,
+        description="Run a full router (membership, policies, breakers, KV index, versions, hedging, engine "
+        "resume) inside each gateway worker process instead of calling router processes: one gRPC hop fewer "
+        "(less CPU per token, lower TTFT), but routers no longer scale apart from gateways and each worker has "
+        "its own routing state (docs/deployment.md). --router-address is then unused; the router's settings "
+        "are --router-flags and FLEETSERVE_ROUTER_* env.",
+    )
+    router_flags: str = Field(
+        "",
+        description="With --embedded-router: the router's own flags, as `python -m services.router` takes them "
+        "(e.g. '--policy cache_aware --port 7013'); its --registry-address and TLS default to this gateway's. "
+        "It serves RouterService (GetStatus for the autoscaler) on its --host/--port (0: a free one, in the "
+        "ready file as router_address) and registers there as a router.",
+    )
     router_resume: Literal["reproducible", "always", "off"] = Field(
         "reproducible",
         description="When a router dies mid-stream, resume through another router for greedy or seeded "
@@ -254,7 +269,9 @@ class GatewaySettings(WorkerSettings):
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> GatewaySettings:
-        if not self.router_addresses() and not self.registry_address:
+        if self.router_flags and not self.embedded_router:
+            raise ValueError("router_flags configure the embedded router: they need embedded_router")
+        if not self.router_addresses() and not self.registry_address and not self.embedded_router:
             raise ValueError("router_address is empty and no registry_address discovers routers")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(

@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -30,6 +31,9 @@ from services.gateway.presence import PresenceTable
 from services.gateway.redis_limits import RedisLimits
 from services.gateway.request_metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.routers import RouterPool
+
+if TYPE_CHECKING:
+    from services.gateway.embedded_router import EmbeddedRouter
 from services.gateway.safety import (
     INPUT_BLOCKED,
     OUTPUT_BLOCKED,
@@ -140,7 +144,7 @@ class GatewayPipeline:
     def __init__(
         self,
         tenants: TenantStore,
-        routers: RouterPool,
+        routers: RouterPool | EmbeddedRouter,
         tracer: trace.Tracer,
         meter: metrics.Meter,
         *,
@@ -205,7 +209,7 @@ class GatewayPipeline:
         cls,
         settings: GatewaySettings,
         tenants: TenantStore,
-        routers: RouterPool,
+        routers: RouterPool | EmbeddedRouter,
         tracer: trace.Tracer,
         meter: metrics.Meter,
         prom: GatewayMetrics | None = None,
@@ -369,6 +373,7 @@ class GatewayPipeline:
                     sent()
 
             ticket: Ticket | None = None
+            call = None  # the router call, once made
             tried: list[tuple[str, int]] = []  # (router address, when) of each router call
             chunks = 0
             running_label: str | None = None  # the model label of the running gauge, once counted there
@@ -507,6 +512,9 @@ class GatewayPipeline:
             except FleetError as e:
                 outcome.code = e.code
                 outcome.reason = e.reason
+                if first is None and call is not None:
+                    # An embedded router's own error: its initial metadata is kept on the stream.
+                    assigned(getattr(call, "initial_metadata", None), outcome)
                 raise
             except Exception:
                 outcome.code = grpc.StatusCode.INTERNAL

@@ -67,11 +67,7 @@ class RouterApp:
         async def after_stop() -> None:
             if self.registration is not None:
                 await self.registration.close()
-            await cancel_and_wait(self.tasks)
-            await self.servicer.close()
-            await self.servicer.policy.close()  # KV-event subscriptions of kv_aware
-            await self.registry_channel.close(grace=None)
-            await self.pool.close()
+            await close_router(self.servicer, self.registry_channel, self.tasks)
 
         hand_over = self.siblings_serve()
 
@@ -95,7 +91,7 @@ class RouterApp:
         )
 
 
-def _registration(settings: RouterSettings, running: RunningServer, servicer: RouterServicer) -> Registration:
+def registration(settings: RouterSettings, running: RunningServer, servicer: RouterServicer) -> Registration:
     """The router's own registry entry (role ROUTER), heartbeating its in-flight count as its load. The engine's
     registration client: a router registers, heartbeats, re-registers and drains exactly as an engine does."""
     port = int(running.address.rsplit(":", 1)[1])
@@ -121,14 +117,18 @@ def _registration(settings: RouterSettings, running: RunningServer, servicer: Ro
     )
 
 
-async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
-    """Start the router: serve at once, report SERVING once the first registry snapshot has arrived."""
+def build_servicer(
+    settings: RouterSettings, telemetry: Telemetry, metrics: RouterMetrics | None = None
+) -> RouterServicer:
+    """A router's servicer with everything its settings ask for (policies, breakers, outliers, stalls, admission),
+    its channels opened with its TLS; metrics on their own registry unless given (a gateway with an embedded
+    router puts them on its own). Nothing is watched yet (watch)."""
     membership = Membership(
         cooldown_s=settings.unroutable_cooldown_s, forget_model_after_s=settings.forget_model_after_s
     )
     tls = Tls.from_settings(settings)
     pool = ChannelPool(tls)
-    metrics = RouterMetrics(prom.new_registry())
+    metrics = metrics or RouterMetrics(prom.new_registry())
     servicer = RouterServicer(
         membership,
         policy_set.from_settings(settings, lambda address: open_channel(address, tls), metrics.kv_events),
@@ -183,19 +183,13 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         ),
     )
     servicer.recycler = recycler(settings)
-    running = await create_server(
-        # ListModels and GetStatus count as busy in the drain (it waits for them).
-        [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}), drain=servicer.drain)],
-        settings.host,
-        settings.port,
-        reuse_port=settings.worker_index >= 0,
-        private_port=settings.worker_port,
-        tls=tls,
-    )
-    # Until the registry has told us who serves what, every request would fail: say so to health probes.
-    await running.set_serving(False)
+    return servicer
 
-    registry_channel = open_channel(settings.registry_address, tls)
+
+def watch(settings: RouterSettings, servicer: RouterServicer) -> tuple[grpc.aio.Channel, list[asyncio.Task]]:
+    """Start following the registry: membership (WatchReplicas), traffic splits (WatchTraffic) and, when on, the
+    stall watchdog. The registry channel and the tasks: the caller closes and cancels them (close_router)."""
+    registry_channel = open_channel(settings.registry_address, Tls.from_settings(settings))
     registry = reg_grpc.RegistryServiceStub(registry_channel)
     rollouts = rollout_grpc.RolloutServiceStub(registry_channel)
 
@@ -207,31 +201,64 @@ async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
         # bounds how long a missed event could leave the view wrong.
         return registry.WatchReplicas(reg_pb.WatchReplicasRequest(), timeout=settings.watch_resubscribe_s)
 
-    async def serving_once_ready() -> None:
-        # Without the traffic splits a request could reach a version rolled back or not yet rolled out.
-        await asyncio.gather(membership.ready.wait(), servicer.traffic.ready.wait())
-        await running.set_serving(True)
-        log.info("router.membership_ready", replicas=len(membership.replicas()), models=membership.models())
-
-    app = RouterApp(running, servicer, membership, pool, registry_channel)
-    app.siblings_serve = partial(siblings_serve, settings)
-    app.tasks.append(
+    tasks = [
         asyncio.create_task(
-            membership.watch(open_watch, settings.watch_backoff_base_s, settings.watch_backoff_max_s),
+            servicer.membership.watch(open_watch, settings.watch_backoff_base_s, settings.watch_backoff_max_s),
             name="router.watch",
-        )
-    )
-    app.tasks.append(
+        ),
         asyncio.create_task(
             servicer.traffic.watch(open_traffic, settings.watch_backoff_base_s, settings.watch_backoff_max_s),
             name="router.traffic_watch",
-        )
-    )
-    app.tasks.append(asyncio.create_task(serving_once_ready(), name="router.ready"))
+        ),
+    ]
     if settings.stall_detection:
-        app.tasks.append(asyncio.create_task(servicer.watch_stalls(), name="router.stalls"))
+        tasks.append(asyncio.create_task(servicer.watch_stalls(), name="router.stalls"))
+    return registry_channel, tasks
+
+
+async def close_router(
+    servicer: RouterServicer, registry_channel: grpc.aio.Channel, tasks: list[asyncio.Task]
+) -> None:
+    """Stop watching, then close shadows, KV-event subscriptions and channels."""
+    await cancel_and_wait(tasks)
+    await servicer.close()
+    await servicer.policy.close()  # KV-event subscriptions of kv_aware
+    await registry_channel.close(grace=None)
+    await servicer.pool.close()
+
+
+async def start(settings: RouterSettings, telemetry: Telemetry) -> RouterApp:
+    """Start the router: serve at once, report SERVING once the first registry snapshot has arrived."""
+    servicer = build_servicer(settings, telemetry)
+    running = await create_server(
+        # ListModels and GetStatus count as busy in the drain (it waits for them).
+        [Service(pb, "RouterService", servicer, relay_bytes=frozenset({"Generate"}), drain=servicer.drain)],
+        settings.host,
+        settings.port,
+        reuse_port=settings.worker_index >= 0,
+        private_port=settings.worker_port,
+        tls=Tls.from_settings(settings),
+    )
+    # Until the registry has told us who serves what, every request would fail: say so to health probes.
+    await running.set_serving(False)
+    registry_channel, tasks = watch(settings, servicer)
+    app = RouterApp(running, servicer, servicer.membership, servicer.pool, registry_channel, tasks)
+    app.siblings_serve = partial(siblings_serve, settings)
+    app.tasks.append(asyncio.create_task(serving_once_ready(running, servicer), name="router.ready"))
     if settings.register_in_registry:
-        app.registration = _registration(settings, running, servicer)
+        app.registration = registration(settings, running, servicer)
         app.registration.start()
     log.info("router.configured", registry=settings.registry_address, policy=settings.policy)
     return app
+
+
+async def serving_once_ready(running: RunningServer, servicer: RouterServicer) -> None:
+    """SERVING once the registry's first membership snapshot and traffic configuration have come: without the
+    traffic splits a request could reach a version rolled back or not yet rolled out."""
+    await asyncio.gather(servicer.membership.ready.wait(), servicer.traffic.ready.wait())
+    await running.set_serving(True)
+    log.info(
+        "router.membership_ready",
+        replicas=len(servicer.membership.replicas()),
+        models=servicer.membership.models(),
+    )

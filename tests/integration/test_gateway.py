@@ -32,9 +32,12 @@ from tests.support import assert_eventually
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fleet(tmp_path_factory):
-    async with in_process_fleet(tmp_path_factory.mktemp("gateway"), gateway=True) as f:
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["router", "embedded"])
+async def fleet(request, tmp_path_factory):
+    """The fleet behind a router process, and behind the gateway's embedded router (--embedded-router)."""
+    embedded = request.param == "embedded"
+    tmp = tmp_path_factory.mktemp("gateway")
+    async with in_process_fleet(tmp, gateway=True, embedded_router=embedded) as f:
         yield f
 
 

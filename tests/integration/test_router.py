@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -147,10 +148,11 @@ async def start_test_gateway(tmp: Path, router_address: str, telemetry: Telemetr
 
 @contextlib.asynccontextmanager
 async def in_process_fleet(
-    tmp: Path, engines: int = 2, gateway: bool = False, **router_overrides
+    tmp: Path, engines: int = 2, gateway: bool = False, embedded_router: bool = False, **router_overrides
 ) -> AsyncIterator[Fleet]:
     """Registry, `engines` sim engines (fast), a router (and a gateway) in this process on port 0; every
-    server stopped and every channel closed when the block ends."""
+    server stopped and every channel closed when the block ends. embedded_router: no router of its own, the
+    gateway's (--embedded-router) is fleet.router (its RouterService port, its membership)."""
     telemetry, spans = recording_telemetry()
     started: list[object] = []
     fleet: Fleet | None = None
@@ -171,21 +173,29 @@ async def in_process_fleet(
                 telemetry,
             )
             started.append(engine_apps[name])
-        router = await start_router(
-            RouterSettings(
-                registry_address=registry.address,
-                **{"watch_backoff_base_s": 0.05, "watch_backoff_max_s": 0.2, **router_overrides},
-            ),
-            telemetry,
-        )
-        started.append(router)
+        router_settings = {"watch_backoff_base_s": 0.05, "watch_backoff_max_s": 0.2, **router_overrides}
+        if embedded_router:
+            flags = [f"--{k.replace('_', '-')}={v}" for k, v in router_settings.items()]
+            gw = await start_test_gateway(
+                tmp, "", telemetry, registry_address=registry.address, embedded_router=True,
+                router_flags=shlex.join(flags),
+            )  # fmt: skip
+            started.append(gw)
+            router = gw.embedded
+        else:
+            router = await start_router(
+                RouterSettings(registry_address=registry.address, **router_settings), telemetry
+            )
+            started.append(router)
         fleet = Fleet(tmp, telemetry, spans, registry, engine_apps, router)
         await assert_eventually(
             lambda: len(router.membership.routable(MODEL)) == engines,
             timeout_s=10,
             message="engines not routable",
         )
-        if gateway:
+        if embedded_router:
+            fleet.gateway = gw
+        elif gateway:
             fleet.gateway = await start_test_gateway(tmp, router.address, telemetry)
             started.append(fleet.gateway)
         yield fleet
@@ -194,7 +204,8 @@ async def in_process_fleet(
             for ch in fleet.channels:
                 await ch.close()
             # The fleet's own fields: a test may have replaced a service (a restarted registry).
-            started = [fleet.registry, *fleet.engines.values(), fleet.router]
+            started = [fleet.registry, *fleet.engines.values()]
+            started += [fleet.router] if not embedded_router else []
             started += [fleet.gateway] if fleet.gateway is not None else []
         for app in reversed(started):
             await app.stop(0.5)
