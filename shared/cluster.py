@@ -91,6 +91,9 @@ class ClusterConfig:
     # autoscaler then starts and drains its own engines (on top of `engines`, usually 0).
     autoscale_models: str = ""
     autoscale_interval_s: float = 10.0
+    # Each gateway builds its router in process (gateway --embedded-router): no router processes (routers is
+    # unused); the router's extra_args go to the gateways' --router-flags.
+    embedded_router: bool = False
     # Worker processes of the router and the gateway (--workers; shared/workers.py).
     router_workers: int = 1
     gateway_workers: int = 1
@@ -131,7 +134,11 @@ class Cluster:
         return sorted((n for n in self.procs if n == "gateway" or n.startswith("gateway-")), key=len)
 
     def router_endpoints(self) -> list[str]:
-        """Every router worker's own address (a router without workers: its address)."""
+        """Every router worker's own address (a router without workers: its address); with embedded routers,
+        each gateway worker's router port."""
+        if self.config.embedded_router:
+            infos = [self.ready_info(n) for n in self.gateway_names()]
+            return [a for i in infos for a in (i.get("router_addresses") or [i.get("router_address")]) if a]
         return [
             a
             for n in self.router_names()
@@ -200,20 +207,23 @@ class Cluster:
                             *self._wake_args(),
                         ],
                     )
-                    for i in range(cfg.routers)
+                    for i in range(0 if cfg.embedded_router else cfg.routers)
                 ),
             )
-            if cfg.autoscale_models:
+            if cfg.autoscale_models and not cfg.embedded_router:
                 await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
-            # A router with several workers: one connection to each (the gateway balances over them).
-            routers = ",".join(self.router_endpoints())
+            if cfg.embedded_router:
+                # One argument: a value that starts with -- would be taken for a flag of the gateway's own.
+                router = ["--embedded-router", f"--router-flags={shlex.join(self._router_flags())}"]
+            else:
+                # A router with several workers: one connection to each (the gateway balances over them).
+                router = ["--router-address", ",".join(self.router_endpoints())]
             for i in range(cfg.gateways):
                 await self._spawn(
                     self._nth("gateway", i),
                     "gateway",
                     [
-                        "--router-address",
-                        routers,
+                        *router,
                         "--registry-address",
                         self.registry,
                         "--workers",
@@ -224,9 +234,16 @@ class Cluster:
                     # A secret: in the environment (readable by this user only), never on the command line.
                     env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": self.api_key},
                 )
+            if cfg.autoscale_models and cfg.embedded_router:
+                # After the gateways: embedded routers (whose GetStatus it polls) start with them.
+                await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
         except BaseException:
             await self.stop()
             raise
+
+    def _router_flags(self) -> list[str]:
+        """An embedded router's flags (the gateways' --router-flags): what a router process would get."""
+        return [*self._wake_args(), *self.config.extra_args.get("router", [])]
 
     async def _start_registries(self) -> None:
         cfg = self.config

@@ -156,6 +156,9 @@ def supervise(
         held = {}
         shared = {name: f"{_host(settings.host)}:{p}" for name, p in ports.items()}
         extra = {f"{name[:-5]}_address": a for name, a in shared.items() if name.endswith("_port")}
+        # gateway --embedded-router: each worker's router port (the autoscaler polls every one).
+        routers = [info["router_address"] for info in infos if info.get("router_address")]
+        embedded = {"router_addresses": routers} if routers else {}
         write_ready_file(
             settings.ready_file,
             address=shared["port"],
@@ -163,6 +166,7 @@ def supervise(
             workers=count,
             worker_addresses=[info["address"] for info in infos],
             worker_pids=[p.pid for p in procs.values()],
+            **embedded,
             metrics_address=metrics_address,
             **extra,
         )

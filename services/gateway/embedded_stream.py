@@ -151,7 +151,9 @@ class EmbeddedStream:
             if _bare_unavailable(e):
                 # The router's gRPC hop gave it a status with details (the gateway's RouterPool); so do we.
                 raise Unavailable(
-                    f"the replica is unreachable: {e.details()}", reason="REPLICA_UNAVAILABLE", retry_after_s=1.0
+                    f"the replica is unreachable: {e.details()}",
+                    reason="REPLICA_UNAVAILABLE",
+                    retry_after_s=1.0,
                 ) from e
             raise
         finally:

@@ -203,7 +203,9 @@ def watch(settings: RouterSettings, servicer: RouterServicer) -> tuple[grpc.aio.
 
     tasks = [
         asyncio.create_task(
-            servicer.membership.watch(open_watch, settings.watch_backoff_base_s, settings.watch_backoff_max_s),
+            servicer.membership.watch(
+                open_watch, settings.watch_backoff_base_s, settings.watch_backoff_max_s
+            ),
             name="router.watch",
         ),
         asyncio.create_task(

@@ -71,10 +71,15 @@ def _ready(proc) -> bool:
     return proc.alive and bool(proc.address)
 
 
-async def test_killing_engines_under_load_loses_no_request_and_no_token(tmp_path):
+@pytest.mark.parametrize("embedded", [False, True], ids=["router", "embedded-router"])
+async def test_killing_engines_under_load_loses_no_request_and_no_token(tmp_path, embedded):
     """SIGKILL an engine every few seconds for CHAOS_S under load (a fresh engine replaces each): zero failed
-    requests, and every stream's token ids, served_by and usage equal those of an undisturbed run."""
-    async with running_cluster(tmp_path, engines=ENGINES, speed_factor=1.0) as cluster:
+    requests, and every stream's token ids, served_by and usage equal those of an undisturbed run; the same
+    with the router inside the gateway (--embedded-router, no router process)."""
+    async with running_cluster(
+        tmp_path, engines=ENGINES, speed_factor=1.0, embedded_router=embedded
+    ) as cluster:
+        assert not cluster.router_names() if embedded else cluster.router_names()
         async with grpc.aio.insecure_channel(cluster.gateway) as ch:
             stub = inf_grpc.InferenceServiceStub(ch)
             key = cluster.api_key
@@ -125,7 +130,10 @@ async def test_killing_engines_under_load_loses_no_request_and_no_token(tmp_path
         assert o.usage.completion_tokens == len(ref.ids) == SPECS[o.spec][1]
         assert o.usage.prompt_tokens == ref.usage.prompt_tokens
     # The kills did hit streams in flight (else this test would prove nothing about resuming).
-    router_log = (tmp_path / "logs" / "router.log").read_text(errors="replace").splitlines()
+    router_log = (tmp_path / "logs" / ("gateway.log" if embedded else "router.log")).read_text(
+        errors="replace"
+    )
+    router_log = router_log.splitlines()
     resumes = sum('"router.retrying"' in line and '"resume"' in line for line in router_log)
     print(f"chaos: {len(outcomes)} requests, {len(kills)} engines killed, {resumes} streams resumed")
     assert resumes >= 3, f"only {resumes} streams were resumed mid-stream"
