@@ -41,6 +41,10 @@ def router_settings(gateway: GatewaySettings) -> RouterSettings:
         args += ["--tls-ca", gateway.tls_ca]
     if gateway.tls_server_name:
         args += ["--tls-server-name", gateway.tls_server_name]
+    if gateway.port:
+        # Named for the gateway's port (its router's is a free one each start): a restarted worker's router comes
+        # back under the same registry id, at its new address.
+        args += ["--router-id", f"gateway-{gateway.host}-{gateway.port}"]
     if gateway.worker_index >= 0:
         # Each worker's router registers as one of its own (-w<i>) and packs its share of --frontend-pack.
         args += ["--worker-index", str(gateway.worker_index), "--worker-count", str(gateway.worker_count)]

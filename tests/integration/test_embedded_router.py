@@ -1,0 +1,161 @@
+"""gateway --embedded-router as processes (shared.cluster, no router process): each gateway worker's router
+answers GetStatus on its own port and is registered as a router, its series are on the gateway's one /metrics, and
+a gateway worker SIGKILLed under load is restarted while its sibling serves, as a gateway worker without it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import aiohttp
+import grpc
+import pytest
+import pytest_asyncio
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
+from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
+from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from fleetserve.router.v1 import router_service_pb2 as router_pb
+from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import running_cluster
+from tests.support import assert_eventually, log_events
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(tmp_path_factory):
+    async with running_cluster(
+        tmp_path_factory.mktemp("embedded"),
+        engines=2,
+        speed_factor=5.0,
+        gateway_workers=2,
+        embedded_router=True,
+        extra_args={"router": ["--policy", "cache_aware"]},
+    ) as cluster:
+        yield cluster
+
+
+def auth(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+async def generate(address: str, key: str, prompt: str, max_tokens: int = 4) -> list[inf_pb.GenerateResponse]:
+    async with grpc.aio.insecure_channel(address) as ch:
+        req = inf_pb.GenerateRequest(model="sim-1b", prompt=prompt, max_tokens=max_tokens, ignore_eos=True)
+        return [r async for r in inf_grpc.InferenceServiceStub(ch).Generate(req, metadata=auth(key), timeout=30)]
+
+
+async def routers_registered(fleet) -> dict[str, str]:
+    async with grpc.aio.insecure_channel(fleet.registry) as ch:
+        resp = await reg_grpc.RegistryServiceStub(ch).ListReplicas(
+            reg_pb.ListReplicasRequest(role=reg_pb.REPLICA_ROLE_ROUTER), timeout=5
+        )
+    return {r.replica_id: r.address for r in resp.replicas if r.state == reg_pb.REPLICA_STATE_SERVING}
+
+
+async def test_no_router_process_and_each_worker_router_answers_and_is_registered(fleet):
+    """No router process runs; each gateway worker's router answers GetStatus on its own port (arrivals counted
+    there, as the autoscaler reads them), is registered as a router, and takes its flags (--policy) from the
+    cluster's router flags."""
+    assert fleet.router_names() == []
+    routers = fleet.router_endpoints()
+    assert len(routers) == 2 and len(set(routers)) == 2
+    for i in range(6):
+        chunks = await generate(fleet.gateway, fleet.api_key, f"status {i}")
+        assert chunks[-1].chunk.usage.completion_tokens == 4
+    arrivals = 0
+    for address in routers:
+        async with grpc.aio.insecure_channel(address) as ch:
+            status = await router_grpc.RouterServiceStub(ch).GetStatus(router_pb.GetStatusRequest(), timeout=5)
+        assert {r.replica_id for r in status.replicas} == set(fleet.engine_names())
+        arrivals += sum(a.requests_total for a in status.arrivals)
+    assert arrivals == 6
+    assert set((await routers_registered(fleet)).values()) == set(routers)
+    configured = [e for e in log_events(fleet, "gateway") if e.get("event") == "gateway.embedded_router"]
+    assert len(configured) == 2 and {e["policy"] for e in configured} == {"cache_aware"}
+
+
+async def test_router_series_are_on_the_gateway_metrics_page(fleet):
+    """The gateway's one /metrics has the embedded routers' series (router requests by code) beside its own."""
+    await generate(fleet.gateway, fleet.api_key, "metrics please")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{fleet.procs['gateway'].metrics_address}/metrics") as resp:
+            text = await resp.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ok = [
+        x.value
+        for x in families["fleetserve:router_requests"].samples
+        if x.name.endswith("_total") and x.labels.get("code") == "OK"
+    ]
+    assert sum(ok) >= 1
+    assert "fleetserve:requests" in families  # the gateway's own
+
+
+async def _engine_busy(fleet) -> int:
+    busy = 0
+    for name in fleet.engine_names():
+        async with grpc.aio.insecure_channel(fleet.procs[name].address) as ch:
+            load = (await engine_grpc.EngineServiceStub(ch).GetLoad(engine_pb.GetLoadRequest(), timeout=2)).load
+        busy += load.running + load.waiting
+    return busy
+
+
+async def test_a_gateway_worker_killed_under_load_is_restarted_and_its_sibling_serves(fleet):
+    """SIGKILL of one gateway worker while streams run through both: streams on the killed worker end UNAVAILABLE
+    (its connection broke: the client retries, as with any gateway worker), those on its sibling finish; the
+    supervisor restarts the worker, whose new router registers on a new port; requests succeed throughout and
+    the engines end idle (the dead worker's engine calls were aborted with its connections)."""
+    pids = fleet.ready_info("gateway")["worker_pids"]
+    before = await routers_registered(fleet)
+    ok: list[float] = []
+    errors: list[str] = []
+    stop = asyncio.Event()
+
+    async def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                # A fresh channel each time: the kernel spreads connections over the gateway workers.
+                chunks = await generate(fleet.gateway, fleet.api_key, f"client {n} request {i}", max_tokens=60)
+                assert chunks[-1].chunk.usage.completion_tokens == 60
+                ok.append(time.monotonic())
+            except grpc.aio.AioRpcError as e:
+                errors.append(e.code().name)
+                await asyncio.sleep(0.1)
+
+    clients = [asyncio.create_task(client(n)) for n in range(6)]
+    await asyncio.sleep(2.0)
+    os.kill(pids[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    await asyncio.sleep(6.0)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*clients), 60)
+
+    assert set(errors) <= {"UNAVAILABLE"}, errors
+    assert sum(t > killed_at for t in ok) >= 6, (len(ok), errors)
+    exits = [e for e in log_events(fleet, "gateway") if e.get("event") == "gateway.worker_exited"]
+    assert [e["exitcode"] for e in exits] == [-signal.SIGKILL]
+    assert fleet.procs["gateway"].alive
+    await assert_eventually(lambda: _engine_busy_is(fleet, 0), timeout_s=15)
+
+    async def reregistered() -> bool:
+        now = await routers_registered(fleet)
+        return len(now) == 2 and now.keys() == before.keys() and now != before
+
+    await assert_eventually(reregistered, timeout_s=20)
+    # And the restarted worker serves: every request of a burst over fresh connections succeeds.
+    for i in range(8):
+        chunks = await generate(fleet.gateway, fleet.api_key, f"after the restart {i}")
+        assert chunks[-1].chunk.usage.completion_tokens == 4
+
+
+async def _engine_busy_is(fleet, n: int) -> bool:
+    return await _engine_busy(fleet) == n
