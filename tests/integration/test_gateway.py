@@ -14,6 +14,7 @@ import pytest_asyncio
 from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from opentelemetry.trace import SpanKind
 
 from services.gateway.app import start as start_gateway
@@ -228,6 +229,45 @@ async def test_deadline_at_the_gateway_is_deadline_exceeded_and_frees_the_engine
         if x.name == "gateway.Generate" and x.attributes.get("fleetserve.model") == MODEL
     }
     assert grpc.StatusCode.DEADLINE_EXCEEDED.value[0] in codes
+
+
+async def test_a_pinned_version_that_fails_is_counted_for_its_version(fleet):
+    """A request pinned to v7, whose only replica refuses connections, fails UNAVAILABLE with details, and the
+    gateway's span still names v7 (from the router's initial metadata: no chunk came), for the version's error
+    rate; a request pinned to the fleet's version is served by it."""
+    await fleet.registry_stub().RegisterReplica(
+        reg_pb.RegisterReplicaRequest(
+            replica=reg_pb.Replica(
+                replica_id="dead-v7",
+                address=closed_port_address(),
+                model=MODEL,
+                model_version="v7",
+                backend="sim",
+            )
+        ),
+        timeout=2,
+    )
+    await assert_eventually(lambda: fleet.router.membership.get("dead-v7") is not None, timeout_s=5)
+    try:
+        call = stub(fleet).Generate(
+            pb.GenerateRequest(model=MODEL, prompt="pinned", model_version="v7"), metadata=auth(), timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for _ in call:
+                pass
+        d = details_of(exc.value)
+        assert d.code == grpc.StatusCode.UNAVAILABLE and d.reason and d.retry_after_s
+        request_id = dict(await call.initial_metadata())["x-request-id"]
+        span = await assert_eventually(lambda: gateway_span(fleet, request_id), timeout_s=5)
+        assert span.attributes["fleetserve.model_version"] == "v7"
+    finally:
+        await fleet.deregister("dead-v7")
+    call = stub(fleet).Generate(
+        pb.GenerateRequest(model=MODEL, prompt="pinned", model_version="v1", max_tokens=2),
+        metadata=auth(),
+        timeout=10,
+    )
+    assert [r.chunk async for r in call][0].served_by.model_version == "v1"
 
 
 async def test_list_models(fleet):
