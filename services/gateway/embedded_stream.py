@@ -112,6 +112,7 @@ class EmbeddedStream:
             "attempts": 1,
             "chunks": self.progress(),
             "unread": relay.unread if relay is not None else 0,
+            "channel": "in_process",
         }
 
     async def aclose(self) -> None:

@@ -43,8 +43,13 @@ async def busy_counts(cluster: Cluster) -> dict[str, int]:
                 await engine_grpc.EngineServiceStub(ch).GetLoad(engine_pb.GetLoadRequest(), timeout=5)
             ).load
         counts[name] = load.running + load.waiting
-    async with grpc.aio.insecure_channel(cluster.router) as ch:
-        status = await router_grpc.RouterServiceStub(ch).GetStatus(router_pb.GetStatusRequest(), timeout=5)
-    for r in status.replicas:
-        counts[f"router->{r.replica_id}"] = r.in_flight
+    # Every router worker (or, with --embedded-router, every gateway worker's router) answers for itself.
+    for address in cluster.router_endpoints():
+        async with grpc.aio.insecure_channel(address) as ch:
+            status = await router_grpc.RouterServiceStub(ch).GetStatus(
+                router_pb.GetStatusRequest(), timeout=5
+            )
+        for r in status.replicas:
+            key = f"router->{r.replica_id}"
+            counts[key] = counts.get(key, 0) + r.in_flight
     return counts

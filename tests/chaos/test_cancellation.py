@@ -42,10 +42,12 @@ async def _cancelled_stream(stub, key: str, rng: random.Random) -> str:
     return how
 
 
-async def test_cancelled_streams_leave_no_work_and_clean_logs(tmp_path):
+@pytest.mark.parametrize("embedded", [False, True], ids=["router", "embedded-router"])
+async def test_cancelled_streams_leave_no_work_and_clean_logs(tmp_path, embedded):
     """40 streams cancelled at random points through the gateway: afterwards the engines run nothing, the
-    router has nothing in flight, and every line of every service's log is a JSON object."""
-    async with running_cluster(tmp_path, engines=2) as cluster:
+    router has nothing in flight, and every line of every service's log is a JSON object; the same with the
+    router inside the gateway (--embedded-router)."""
+    async with running_cluster(tmp_path, engines=2, embedded_router=embedded) as cluster:
         async with grpc.aio.insecure_channel(cluster.gateway) as ch:
             stub = inf_grpc.InferenceServiceStub(ch)
             rng = random.Random(7)

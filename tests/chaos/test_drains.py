@@ -79,11 +79,15 @@ def _assert_cut_with_retry_advice(errors: list) -> None:
         assert d.reason == "SHUTTING_DOWN" and d.retry_after_s and d.retry_after_s > 0, d
 
 
-async def test_gateway_drain_answers_new_requests_and_cuts_long_streams_with_retry_advice(tmp_path):
+@pytest.mark.parametrize("embedded", [False, True], ids=["router", "embedded-router"])
+async def test_gateway_drain_answers_new_requests_and_cuts_long_streams_with_retry_advice(tmp_path, embedded):
     """SIGTERM the gateway under 4 long streams: new requests during the drain get UNAVAILABLE SHUTTING_DOWN +
     RetryInfo (the port is open), on HTTP 503 + Retry-After; the long streams are cut with the same status after
-    tokens flowed; the gateway exits 0."""
-    async with running_cluster(tmp_path, engines=1, speed_factor=1.0, grace_period_s=GRACE_S) as cluster:
+    tokens flowed; the gateway exits 0. The same with the router inside the gateway (--embedded-router): its
+    streams are cut by the gateway's drain, their engine calls aborted."""
+    async with running_cluster(
+        tmp_path, engines=1, speed_factor=1.0, grace_period_s=GRACE_S, embedded_router=embedded
+    ) as cluster:
         http = f"http://{cluster.ready_info('gateway')['http_address']}/v1/completions"
         http_result: list = []
 
@@ -110,7 +114,7 @@ async def test_gateway_drain_answers_new_requests_and_cuts_long_streams_with_ret
     # Each stream cut says what it was doing: streaming from its router (not stuck), over a READY channel.
     assert len(cut) == 4, cut
     for e in cut:
-        assert e["request_id"] and e["router"] and e["channel"] == "READY", e
+        assert e["request_id"] and e["router"] and e["channel"] == ("in_process" if embedded else "READY"), e
         assert e["stage"] == "streaming" and e["chunks"] > 0 and e["silent_s"] < 1.0, e
 
 

@@ -49,7 +49,9 @@ def auth(key: str) -> tuple[tuple[str, str], ...]:
 async def generate(address: str, key: str, prompt: str, max_tokens: int = 4) -> list[inf_pb.GenerateResponse]:
     async with grpc.aio.insecure_channel(address) as ch:
         req = inf_pb.GenerateRequest(model="sim-1b", prompt=prompt, max_tokens=max_tokens, ignore_eos=True)
-        return [r async for r in inf_grpc.InferenceServiceStub(ch).Generate(req, metadata=auth(key), timeout=30)]
+        return [
+            r async for r in inf_grpc.InferenceServiceStub(ch).Generate(req, metadata=auth(key), timeout=30)
+        ]
 
 
 async def routers_registered(fleet) -> dict[str, str]:
@@ -73,7 +75,9 @@ async def test_no_router_process_and_each_worker_router_answers_and_is_registere
     arrivals = 0
     for address in routers:
         async with grpc.aio.insecure_channel(address) as ch:
-            status = await router_grpc.RouterServiceStub(ch).GetStatus(router_pb.GetStatusRequest(), timeout=5)
+            status = await router_grpc.RouterServiceStub(ch).GetStatus(
+                router_pb.GetStatusRequest(), timeout=5
+            )
         assert {r.replica_id for r in status.replicas} == set(fleet.engine_names())
         arrivals += sum(a.requests_total for a in status.arrivals)
     assert arrivals == 6
@@ -102,7 +106,9 @@ async def _engine_busy(fleet) -> int:
     busy = 0
     for name in fleet.engine_names():
         async with grpc.aio.insecure_channel(fleet.procs[name].address) as ch:
-            load = (await engine_grpc.EngineServiceStub(ch).GetLoad(engine_pb.GetLoadRequest(), timeout=2)).load
+            load = (
+                await engine_grpc.EngineServiceStub(ch).GetLoad(engine_pb.GetLoadRequest(), timeout=2)
+            ).load
         busy += load.running + load.waiting
     return busy
 
@@ -124,7 +130,9 @@ async def test_a_gateway_worker_killed_under_load_is_restarted_and_its_sibling_s
             i += 1
             try:
                 # A fresh channel each time: the kernel spreads connections over the gateway workers.
-                chunks = await generate(fleet.gateway, fleet.api_key, f"client {n} request {i}", max_tokens=60)
+                chunks = await generate(
+                    fleet.gateway, fleet.api_key, f"client {n} request {i}", max_tokens=60
+                )
                 assert chunks[-1].chunk.usage.completion_tokens == 60
                 ok.append(time.monotonic())
             except grpc.aio.AioRpcError as e:
