@@ -128,6 +128,10 @@ class Cluster:
 
     @property
     def router(self) -> str:
+        """The router's address; with embedded routers, the first gateway's router port (it serves
+        RouterService: status, GetStatus)."""
+        if self.config.embedded_router:
+            return next(iter(self.router_endpoints()), "")
         return self.procs["router"].address
 
     def gateway_names(self) -> list[str]:
@@ -531,7 +535,11 @@ class Cluster:
             "gateways": [self.procs[n].address for n in self.gateway_names()],
             "gateways_http": [self.ready_info(n).get("http_address", "") for n in self.gateway_names()],
             "router": self.router,
-            "routers": [self.procs[n].address for n in self.router_names()],
+            "routers": (
+                self.router_endpoints()
+                if self.config.embedded_router
+                else [self.procs[n].address for n in self.router_names()]
+            ),
             "registry": self.registry,
             "registries": [self.procs[n].address for n in self.registry_names()],
             # Every process: address and pid (the launcher adds restarts and last exit codes).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from loadtest.experiments import EXERCISES
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="router processes (default 1); gateways spread requests over them and fail over",
+    )
+    up.add_argument(
+        "--embedded-router",
+        action="store_true",
+        default=os.environ.get("FLEETSERVE_EMBEDDED_ROUTER", "") not in ("", "0"),
+        help="no router processes: each gateway builds its router in process (gateway --embedded-router; one "
+        "hop fewer); default from FLEETSERVE_EMBEDDED_ROUTER=1",
     )
     up.add_argument(
         "--registry-store",

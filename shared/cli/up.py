@@ -41,6 +41,7 @@ async def _up(args) -> int:
             registries=args.registries,
             gateways=args.gateways,
             routers=args.routers,
+            embedded_router=args.embedded_router,
             tls=args.tls,
             **autoscale,
             # vLLM engines compile for a minute before they serve.
