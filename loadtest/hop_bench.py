@@ -6,7 +6,9 @@ fast as it can stands in for the engine, so the hops are what is measured:
     bare      client -> bare hop -> source             router    client -> router -> source
     bare2     client -> bare -> bare -> source         gateway   client -> gateway -> source
                                                         mesh      client -> gateway -> router -> source
-    (router and gateway again with --workers 2: router2, gateway2, mesh2; with coalescing off: router-nc,
+                                                        embedded  client -> gateway + its router -> source
+                                                                  (gateway --embedded-router: one process)
+    (router and gateway again with --workers 2: router2, gateway2, mesh2, embedded2; with coalescing off: router-nc,
     gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0; without the services'
     periodic full collections, FLEETSERVE_GC_FULL_EVERY_S=0: mesh-gcf0; with the client on the
     gateway's OpenAI HTTP endpoint, streaming SSE, as `vllm bench serve` is: gateway-http, mesh-http; the bare
@@ -195,7 +197,8 @@ def start_mode(mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
 
 def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, list[str], str]:
     common = ["--log-json", "--grace-period-s", "1"]
-    needs_router = mode.startswith("router") or mode.startswith("mesh")
+    embedded = mode.startswith("embedded")  # the router inside the gateway: a registry, no router process
+    needs_router = mode.startswith("router") or mode.startswith("mesh") or embedded
     registry = ""
     if needs_router:
         registry = procs.start(
@@ -238,7 +241,7 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
             hops.append(f"bare{i}")
         return procs, up, hops, "engine"
     router = ""
-    if needs_router:
+    if needs_router and not embedded:
         router_args = ["services.router", "--registry-address", registry, "--workers", workers, *common]
         router = procs.start("router", router_args, env=hop_env)
         hops.append("router")
@@ -247,13 +250,23 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
             return procs, router, hops, "router"
     routers = ",".join(procs.info.get("router", {}).get("worker_addresses") or [router or source])
     key = "fsk-bench-" + "k" * 20
+    if embedded:
+        # The router's own flags: what the router process of the mesh modes gets beyond the common ones.
+        flags = ["--no-coalesce"] if "nc" in variants else []
+        upstream = ["--embedded-router", "--registry-address", registry, f"--router-flags={' '.join(flags)}"]
+    else:
+        upstream = ["--router-address", routers]
     gw = [
-        "services.gateway", "--router-address", routers, "--workers", workers, "--db-path", str(tmp / f"{mode}-gw.db"),
+        "services.gateway", *upstream, "--workers", workers, "--db-path", str(tmp / f"{mode}-gw.db"),
         "--http-port", "0" if http else "-1", "--extra-models", MODEL, *common,
     ]  # fmt: skip
     # A secret never goes on a command line: the gateway refuses it as a flag.
     gateway = procs.start("gateway", gw, env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": key, **hop_env})
     hops.append("gateway")
+    if embedded:
+        info = procs.info["gateway"]
+        for address in info.get("router_addresses") or [info["router_address"]]:
+            _await_routable(address)  # each worker's router has seen the source
     procs.api_key = key  # type: ignore[attr-defined]
     if http:
         return procs, procs.info["gateway"]["http_address"], hops, "http"
