@@ -118,6 +118,8 @@ def server_argv(name: str, args, port: int) -> list[str]:
             argv += ["--router-args", args.mesh_router_args]
         if name == "mesh-kv":
             argv.append("--engine-args=--vllm-kv-events")  # with "=": argparse reads "--..." as a flag
+        if name == "mesh-embedded":
+            argv.append("--embedded-router")  # each gateway worker routes in process: no router process
         return argv
     n = int(name.removeprefix("vllm-api").removesuffix("-kv"))
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
@@ -192,6 +194,9 @@ def start(args) -> None:
     if args.mesh_fe:
         # The same mesh with another number of engine front ends (an A/B of the engine's --frontends).
         order.append("mesh-fe")
+    if args.mesh_embedded:
+        # The same mesh with the router inside each gateway worker (an A/B of gateway --embedded-router).
+        order.append("mesh-embedded")
     if args.mesh_kv:
         # The same mesh with an engine core that publishes KV events, as kv_aware needs (an A/B of --vllm-kv-events).
         order.append("mesh-kv")
@@ -251,6 +256,7 @@ def serve_mesh(args) -> None:
                 start_timeout_s=600.0,
                 router_workers=args.router_workers,
                 gateway_workers=args.gateway_workers,
+                embedded_router=args.embedded_router,
                 extra_args={"engine": engine, "router": args.router_args.split()},
             )
         )
@@ -1273,6 +1279,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     s.add_argument("--mesh-router-args", default="", help="extra router flags of the mesh server")
     s.add_argument(
+        "--mesh-embedded",
+        action="store_true",
+        help="also a mesh-embedded server: the same mesh with gateway --embedded-router (no router process)",
+    )
+    s.add_argument(
         "--mesh-kv", action="store_true", help="also a mesh-kv server: engine --vllm-kv-events (kv_aware's)"
     )
     s.add_argument(
@@ -1298,6 +1309,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--name", default="mesh")
     m.add_argument("--router-args", default="")
     m.add_argument("--engine-args", default="")
+    m.add_argument("--embedded-router", action="store_true", help="gateways route in process: no router")
     b = sub.add_parser("bench")
     b.add_argument("--dir", required=True)
     b.add_argument("--model-dir", required=True)

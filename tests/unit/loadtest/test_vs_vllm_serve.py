@@ -258,6 +258,15 @@ def test_mesh_variants_differ_from_the_mesh_only_in_their_flags():
     assert "--kv-events-config" not in vllm and "--engine-args" not in mesh
 
 
+def test_the_embedded_mesh_differs_from_the_mesh_only_in_its_gateways_routing_in_process():
+    args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--mesh-embedded"])
+    mesh, embedded = g.server_argv("mesh", args, 8101), g.server_argv("mesh-embedded", args, 8105)
+    assert [a for a in embedded if a not in mesh] == ["mesh-embedded", "--embedded-router"]
+    served = g.parse_args(embedded[embedded.index("serve-mesh") :])
+    assert served.embedded_router and served.name == "mesh-embedded"
+    assert not g.parse_args(mesh[mesh.index("serve-mesh") :]).embedded_router
+
+
 def test_kv_event_variants_turn_only_kv_events_off_or_on():
     args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--mesh-kv", "--vllm-kv", "8"])
     assert args.vllm_kv == [8]
