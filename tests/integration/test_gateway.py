@@ -14,7 +14,6 @@ import pytest_asyncio
 from fleetserve.common.v1 import common_pb2
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from opentelemetry.trace import SpanKind
 
 from services.gateway.app import start as start_gateway
@@ -235,19 +234,7 @@ async def test_a_pinned_version_that_fails_is_counted_for_its_version(fleet):
     """A request pinned to v7, whose only replica refuses connections, fails UNAVAILABLE with details, and the
     gateway's span still names v7 (from the router's initial metadata: no chunk came), for the version's error
     rate; a request pinned to the fleet's version is served by it."""
-    await fleet.registry_stub().RegisterReplica(
-        reg_pb.RegisterReplicaRequest(
-            replica=reg_pb.Replica(
-                replica_id="dead-v7",
-                address=closed_port_address(),
-                model=MODEL,
-                model_version="v7",
-                backend="sim",
-            )
-        ),
-        timeout=2,
-    )
-    await assert_eventually(lambda: fleet.router.membership.get("dead-v7") is not None, timeout_s=5)
+    await fleet.register_dead_replica("dead-v7", model_version="v7")
     try:
         call = stub(fleet).Generate(
             pb.GenerateRequest(model=MODEL, prompt="pinned", model_version="v7"), metadata=auth(), timeout=10

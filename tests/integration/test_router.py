@@ -107,13 +107,17 @@ class Fleet:
         loads = [(await self.engine_load(n)).load for n in self.engines]
         return sum(x.running + x.waiting for x in loads)
 
-    async def register_dead_replica(self, replica_id: str, model: str = MODEL) -> str:
-        """Register a replica whose address refuses connections; returns the address."""
+    async def register_dead_replica(
+        self, replica_id: str, model: str = MODEL, model_version: str = ""
+    ) -> str:
+        """Register a replica (of model_version, when given) whose address refuses connections; returns the
+        address."""
         address = closed_port_address()
+        replica = reg_pb.Replica(
+            replica_id=replica_id, address=address, model=model, model_version=model_version, backend="sim"
+        )
         await self.registry_stub().RegisterReplica(
-            reg_pb.RegisterReplicaRequest(
-                replica=reg_pb.Replica(replica_id=replica_id, address=address, model=model, backend="sim")
-            ),
+            reg_pb.RegisterReplicaRequest(replica=replica),
             timeout=2,
         )
         await assert_eventually(lambda: self.router.membership.get(replica_id) is not None, timeout_s=5)
@@ -432,19 +436,7 @@ async def test_a_versioned_request_names_its_version_also_when_refused_before_an
     """A request pinned to a version gets the version in the router's initial metadata when its attempts fail
     and, once the version's only replica is out of rotation, when it is refused before any engine call."""
     async with in_process_fleet(tmp_path, engines=0, max_attempts=1, unroutable_cooldown_s=30.0) as f:
-        await f.registry_stub().RegisterReplica(
-            reg_pb.RegisterReplicaRequest(
-                replica=reg_pb.Replica(
-                    replica_id="dead-v7",
-                    address=closed_port_address(),
-                    model=MODEL,
-                    model_version="v7",
-                    backend="sim",
-                )
-            ),
-            timeout=2,
-        )
-        await assert_eventually(lambda: f.router.membership.get("dead-v7") is not None, timeout_s=5)
+        await f.register_dead_replica("dead-v7", model_version="v7")
         for i in range(2):  # the first reaches the dead replica; the second finds no routable one
             req = request(request_id=f"pinned-{i}")
             req.spec.model_version = "v7"
