@@ -116,9 +116,7 @@ class EmbeddedRouter:
         sent: Callable[[], None] | None = None,
     ) -> EmbeddedStream:
         """The router's GenerateResponse bytes for request, from this process's router (see EmbeddedStream)."""
-        return EmbeddedStream(
-            self.servicer, self.address, request, deadline, metadata, attempt, sent, self.coalesce
-        )
+        return EmbeddedStream(self.servicer, self.address, request, deadline, metadata, attempt, sent)
 
     async def unary(self, method: str, request, *, timeout_s: float, metadata=None):
         """ListModels or GetStatus ("list_models", "get_status") of this router; its FleetErrors as they are."""

@@ -82,8 +82,13 @@ async def test_no_router_process_and_each_worker_router_answers_and_is_registere
         arrivals += sum(a.requests_total for a in status.arrivals)
     assert arrivals == 6
     assert set((await routers_registered(fleet)).values()) == set(routers)
-    configured = [e for e in log_events(fleet, "gateway") if e.get("event") == "gateway.embedded_router"]
+    events = log_events(fleet, "gateway")
+    configured = [e for e in events if e.get("event") == "gateway.embedded_router"]
     assert len(configured) == 2 and {e["policy"] for e in configured} == {"cache_aware"}
+    # The gateway's and the router's canonical lines, both in the gateway's log, each with its request's id.
+    gateway_ids = {e.get("request_id") for e in events if e.get("event") == "gateway.request"}
+    router_ids = {e.get("request_id") for e in events if e.get("event") == "router.request"}
+    assert len(gateway_ids) == 6 and None not in gateway_ids and gateway_ids == router_ids
 
 
 async def test_router_series_are_on_the_gateway_metrics_page(fleet):
