@@ -181,17 +181,6 @@ class ChunkRelay:
         them here)."""
         return len(self._pending)
 
-    def stop(self) -> None:
-        """Cancel the pump's own task: for a read() that runs its call's code in that task (an in-process
-        generator, for which that cancellation is its caller going away; services/gateway/embedded_stream.py),
-        never for a grpc.aio call (close). The reader's read() then raises CancelledError."""
-        self._task.cancel()
-
-    @property
-    def running(self) -> asyncio.Task | None:
-        """The pump's task while it runs (None once it has ended)."""
-        return None if self._task.done() else self._task
-
     def close(self) -> None:
         """Stop: cancel the call (when a cancel was given; else the caller does), never the pump's task, whose
         pending read then completes (EOF or CancelledError) and ends it. Idempotent."""

@@ -59,7 +59,6 @@ class EmbeddedRouter:
         self.settings = settings
         # Its series on the gateway's registry: one /metrics per process (router names differ from gateway's).
         self.servicer = build_servicer(settings, telemetry, RouterMetrics(registry))
-        self.coalesce = settings.coalesce
         self.running: RunningServer | None = None
         self.registration: Registration | None = None
         self._channel: grpc.aio.Channel | None = None
