@@ -17,9 +17,10 @@ separate commands of at most a few minutes each:
     stop    stop them all
     report  print the table of medians and ranges, the per-repetition (paired) ratios, per-hop TTFT and the
             legs of each closed-loop wave's first tokens from the mesh's logs, the targets met or not (and write
-            the published JSON)
-    pool    several published JSONs: the paired ratios of all their rounds together, and each run's mesh
-            against every `vllm serve` configuration round by round
+            the published JSON); --server names the mesh configuration judged (default mesh; e.g. mesh-embedded),
+            the others are paired as variants
+    pool    several published JSONs: the paired ratios of all their rounds together, and each run's mesh (or
+            --server) against every `vllm serve` configuration round by round
 """
 
 from __future__ import annotations
@@ -984,7 +985,9 @@ def pooled(docs: list[dict], server: str = "mesh") -> dict[int, dict]:
     }
 
 
-def best_of_noise(records: list[dict], c: int, draws: int = 2000, seed: int = 0) -> dict | None:
+def best_of_noise(
+    records: list[dict], c: int, draws: int = 2000, seed: int = 0, server: str = "mesh"
+) -> dict | None:
     """What "mesh / best `vllm serve`" would read for a server as fast as `vllm serve`, from the noise alone: the
     `vllm serve` runs at c pooled and dealt at random into as many servers of as many runs as they had; the mean
     of the pool's median over the highest dealt median (1.0 on a quiet machine). And the mesh against that pooled
@@ -1005,19 +1008,21 @@ def best_of_noise(records: list[dict], c: int, draws: int = 2000, seed: int = 0)
         best = max(statistics.median(pool[a:b]) for a, b in zip(cuts, cuts[1:], strict=False))
         reads.append(pooled / best)
     out = {"identical_server_reads": round(statistics.mean(reads), 3), "vllm_pooled_median": round(pooled, 1)}
-    mesh = [r["output_tokens_per_s"] for r in records if r["concurrency"] == c and r["server"] == "mesh"]
+    mesh = [r["output_tokens_per_s"] for r in records if r["concurrency"] == c and r["server"] == server]
     if mesh:
         out["mesh_vs_pooled_median"] = round(statistics.median(mesh) / pooled, 3)
     return out
 
 
-def targets(rows: list[dict], pairs: dict[int, dict], records: list[dict] | None = None) -> dict[int, dict]:
-    """Each concurrency against issue 12's targets, on medians (best = the `vllm serve` with the highest median
-    tokens/s) and on the paired per-repetition ratios."""
+def targets(
+    rows: list[dict], pairs: dict[int, dict], records: list[dict] | None = None, server: str = "mesh"
+) -> dict[int, dict]:
+    """Each concurrency against issue 12's targets for server (a mesh configuration), on medians (best = the
+    `vllm serve` with the highest median tokens/s) and on the paired per-repetition ratios."""
     out = {}
     for c in sorted({r["concurrency"] for r in rows}):
         rs = [r for r in rows if r["concurrency"] == c]
-        mesh = next((r for r in rs if r["server"] == "mesh"), None)
+        mesh = next((r for r in rs if r["server"] == server), None)
         vl = [r for r in rs if is_plain_vllm(r["server"])]
         if mesh is None or not vl:
             continue
@@ -1033,7 +1038,7 @@ def targets(rows: list[dict], pairs: dict[int, dict], records: list[dict] | None
         }
         if records is not None:
             # The target's statistic takes the highest of three noisy medians: how high it reads by chance.
-            t["best_of_noise"] = best_of_noise(records, c)
+            t["best_of_noise"] = best_of_noise(records, c, server=server)
         if c == 1:
             best_ttft = min(vl, key=lambda r: r["ttft_p50_ms"])
             t["ttft_p50_delta_vs_lowest_ms"] = round(mesh["ttft_p50_ms"] - best_ttft["ttft_p50_ms"], 2)
@@ -1181,11 +1186,12 @@ def report(args) -> None:
     if args.ps:
         relabel(doc["records"], roles_from_ps(Path(args.ps).read_text()))
     rows = summarize(doc["records"])
-    pairs = paired(doc["records"])
-    met = targets(rows, pairs, doc["records"])
+    server = args.server  # the mesh configuration judged against the targets
+    pairs = paired(doc["records"], server)
+    met = targets(rows, pairs, doc["records"], server)
     names = {r["server"] for r in doc["records"]}
-    # Each against the best plain `vllm serve`: the mesh's variants, and vllm serve's own (-kv).
-    variants = sorted(n for n in names if n != "mesh" and not is_plain_vllm(n))
+    # Each against the best plain `vllm serve`: the other mesh configurations, and vllm serve's own (-kv).
+    variants = sorted(n for n in names if n != server and not is_plain_vllm(n))
     others = {v: paired(doc["records"], v) for v in variants}
     by_c: dict[int, list[dict]] = {}
     for r in rows:
@@ -1202,7 +1208,7 @@ def report(args) -> None:
             if r["server"] in others and c in others[r["server"]]:
                 o = others[r["server"]][c]
                 vs = f"paired {o['toks_ratio_median']} {o['toks_ratio_range']}"
-            if r["server"] == "mesh" and c in met:
+            if r["server"] == server and c in met:
                 t = met[c]
                 vs = (
                     f"{t['toks_ratio_of_medians']:.3f} ({t['best']}), paired "
@@ -1214,11 +1220,11 @@ def report(args) -> None:
                 f"| {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['tpot_p50_ms']} | {r.get('client_cores')} | {vs} |"
             )
     print("\n".join(lines))
-    print(json.dumps({"targets": met}, indent=1))
+    print(json.dumps({"targets": met, "target_server": server}, indent=1))
     if args.mesh_logs:
-        logs = str(Path(args.mesh_logs) / "mesh" / "logs")
-        doc["hop_ttft"] = hop_ttft(doc["records"], logs)
-        doc["wave_legs"] = wave_legs(doc["records"], logs)
+        logs = str(Path(args.mesh_logs) / server / "logs")
+        doc["hop_ttft"] = hop_ttft(doc["records"], logs, server)
+        doc["wave_legs"] = wave_legs(doc["records"], logs, server)
         for v in (v for v in variants if v.startswith("mesh")):
             logs = str(Path(args.mesh_logs) / v / "logs")
             doc.setdefault("hop_ttft_variants", {})[v] = hop_ttft(doc["records"], logs, v)
@@ -1226,7 +1232,7 @@ def report(args) -> None:
         print(json.dumps({"hop_ttft": doc["hop_ttft"], "wave_legs": doc["wave_legs"]}, indent=1))
     if others:
         print(json.dumps({"paired_variants": others}, indent=1))
-    each = against_each(doc["records"])
+    each = against_each(doc["records"], server)
     print(json.dumps({"against_each": each}, indent=1))
     if args.mesh_logs:
         for f in sorted(Path(args.mesh_logs).glob("flames-*.json")):
@@ -1237,6 +1243,7 @@ def report(args) -> None:
         doc["paired"] = pairs
         doc["paired_variants"] = others
         doc["targets"] = met
+        doc["target_server"] = server
         doc["against_each"] = each
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -1245,12 +1252,14 @@ def pool(args) -> None:
     """Print several runs' pooled paired ratios and the mesh against every `vllm serve`, run by run and pooled
     (JSON)."""
     docs = {f: json.loads(Path(f).read_text()) for f in args.files}
+    server = args.server
     out = {
-        "pooled": pooled(list(docs.values())),
-        "against_each": {Path(f).name: against_each(d["records"]) for f, d in docs.items()},
+        "server": server,
+        "pooled": pooled(list(docs.values()), server),
+        "against_each": {Path(f).name: against_each(d["records"], server) for f, d in docs.items()},
         # Every run's rounds together (a round is (run, rep): reps repeat from one run to the next).
         "pooled_against_each": against_each(
-            [{**r, "rep": (i, r["rep"])} for i, d in enumerate(docs.values()) for r in d["records"]]
+            [{**r, "rep": (i, r["rep"])} for i, d in enumerate(docs.values()) for r in d["records"]], server
         ),
     }
     print(json.dumps(out, indent=1))
@@ -1347,10 +1356,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--out", default="")
     r.add_argument("--ps", default="", help="ps listing taken during the run, to name every process's role")
     r.add_argument("--mesh-logs", default="", help="the bench's --dir (per-hop TTFT from DIR/mesh*/logs)")
+    r.add_argument(
+        "--server",
+        default="mesh",
+        help="the mesh configuration judged against the targets (e.g. mesh-embedded); the others are variants",
+    )
     o = sub.add_parser(
         "pool", help="several runs' published JSON: pooled paired ratios, and against each server"
     )
     o.add_argument("files", nargs="+")
+    o.add_argument(
+        "--server", default="mesh", help="the mesh configuration pooled (runs without it add nothing)"
+    )
     args = p.parse_args(argv)
     if hasattr(args, "api_counts"):
         args.api_counts = [int(x) for x in args.api_counts.split(",") if x]

@@ -329,6 +329,31 @@ def test_pooled_ratios_come_from_every_round_of_every_run(tmp_path, capsys):
     }  # fmt: skip
 
 
+def test_report_and_pool_judge_the_mesh_configuration_named_by_server(tmp_path, capsys):
+    recs = [
+        _rec(1, "vllm-api4", 32, 100, 60, 80), _rec(1, "mesh", 32, 96, 57, 81),
+        _rec(1, "mesh-embedded", 32, 104, 52, 76),
+        _rec(2, "vllm-api4", 32, 110, 60, 80), _rec(2, "mesh", 32, 99, 57, 81),
+        _rec(2, "mesh-embedded", 32, 110, 52, 76),
+    ]  # fmt: skip
+    path, out = tmp_path / "records.json", tmp_path / "report.json"
+    path.write_text(json.dumps({"records": recs}))
+    assert g.main(["report", "--records", str(path), "--out", str(out), "--server", "mesh-embedded"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["target_server"] == "mesh-embedded"
+    assert doc["targets"]["32"]["toks_ratio_paired_median"] == 1.02  # (1.04 + 1.0) / 2
+    assert doc["targets"]["32"]["ttft_p50_delta_ms"] == -8.0
+    assert doc["against_each"]["32"]["vllm-api4"]["mesh_ahead"] == 1  # a tie is not ahead
+    # The mesh with its router process is now a variant, paired against vllm serve like any other.
+    assert doc["paired_variants"]["mesh"]["32"]["toks_ratio_median"] == 0.93  # (0.96 + 0.9) / 2
+    capsys.readouterr()
+    assert g.main(["pool", str(path), "--server", "mesh-embedded"]) == 0
+    pooled = json.loads(capsys.readouterr().out)
+    assert pooled["server"] == "mesh-embedded" and pooled["pooled"]["32"]["toks_ratio_median"] == 1.02
+    assert g.main(["pool", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["pooled"]["32"]["toks_ratio_median"] == 0.93
+
+
 def test_start_refuses_a_mesh_whose_generated_code_does_not_import(tmp_path, monkeypatch):
     assert g.mesh_code_missing() == ""
     assert "carry gen/" in g.mesh_code_missing("fleetserve.no_such_generated_module_pb2")
