@@ -179,13 +179,12 @@ def mesh_code_missing(module: str = "fleetserve.inference.v1.inference_service_p
     return ""
 
 
-def start(args) -> None:
-    d = Path(args.dir)
-    d.mkdir(parents=True, exist_ok=True)
-    state = read_state(args.dir)
-    order = [f"vllm-api{n}" for n in args.api_counts] + ["mesh"]
-    if args.mesh_first:
-        order = ["mesh", *order[:-1]]
+def server_order(args) -> list[str]:
+    """The servers start starts, in its order: `vllm serve` with each API count, the mesh (unless --no-mesh), then
+    the mesh variants and `vllm serve -kv` servers asked for."""
+    order = [f"vllm-api{n}" for n in args.api_counts]
+    if not args.no_mesh:
+        order = ["mesh", *order] if args.mesh_first else [*order, "mesh"]
     if args.mesh_pack:
         # The same mesh with its routers packing streams onto the fewest front ends (an A/B of --frontend-pack).
         order.append("mesh-pack")
@@ -203,6 +202,14 @@ def start(args) -> None:
         order.append("mesh-kv")
     # `vllm serve` with the KV-event publisher mesh-kv's engine core runs (the same A/B on vLLM's own server).
     order += [f"vllm-api{n}-kv" for n in args.vllm_kv]
+    return order
+
+
+def start(args) -> None:
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    state = read_state(args.dir)
+    order = server_order(args)
     ports = {name: 8101 + i for i, name in enumerate(order)}
     todo = [name for name in order if name not in state["servers"]]
     # Checked before any server starts: a mesh that dies on import after vllm serve's minutes of start-up
@@ -1287,6 +1294,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--mesh-fe", type=int, default=0, help="also a mesh-fe server: the engine with --frontends N"
     )
     s.add_argument("--mesh-router-args", default="", help="extra router flags of the mesh server")
+    s.add_argument(
+        "--no-mesh",
+        action="store_true",
+        help="no plain mesh server (a run of a variant alone, e.g. --mesh-embedded with 1, 4 and 8 API processes: "
+        "five servers at the default --gpu-memory-utilization 0.2 would not fit)",
+    )
     s.add_argument(
         "--mesh-embedded",
         action="store_true",

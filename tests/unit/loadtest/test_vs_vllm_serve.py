@@ -267,6 +267,17 @@ def test_the_embedded_mesh_differs_from_the_mesh_only_in_its_gateways_routing_in
     assert not g.parse_args(mesh[mesh.index("serve-mesh") :]).embedded_router
 
 
+def test_start_orders_its_servers_and_can_leave_out_the_plain_mesh():
+    def order(*flags):
+        return g.server_order(g.parse_args(["start", "--dir", "d", "--model-dir", "m", *flags]))
+
+    assert order("--api-counts", "1,4") == ["vllm-api1", "vllm-api4", "mesh"]
+    assert order("--api-counts", "1,4", "--mesh-first") == ["mesh", "vllm-api1", "vllm-api4"]
+    assert order("--api-counts", "1,4,8", "--mesh-embedded", "--no-mesh") == [
+        "vllm-api1", "vllm-api4", "vllm-api8", "mesh-embedded"
+    ]  # fmt: skip
+
+
 def test_kv_event_variants_turn_only_kv_events_off_or_on():
     args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--mesh-kv", "--vllm-kv", "8"])
     assert args.vllm_kv == [8]
