@@ -343,12 +343,18 @@ class Cluster:
         engine += self.kv_event_args()
         engine += self.tls_args("engine")
         engine += cfg.extra_args.get("engine", [])
+        # Each router worker answers GetStatus for itself (its queue, its admitted requests): ask every one. Embedded
+        # routers are looked up in the registry each round instead: a restarted gateway worker's comes back on a
+        # new port.
+        routers = (
+            ["--router-discovery"]
+            if cfg.embedded_router
+            else ["--router-addresses", ",".join(self.router_endpoints())]
+        )
         return [
             "--registry-address",
             self.registry,
-            # Each router worker answers GetStatus for itself (its queue, its admitted requests): ask every one.
-            "--router-addresses",
-            ",".join(self.router_endpoints()),
+            *routers,
             "--metrics-address",
             self.metrics,
             "--models",

@@ -12,6 +12,7 @@ import structlog
 from services.autoscaler.config import AutoscalerSettings
 from services.autoscaler.loop import Autoscaler
 from services.autoscaler.provisioner import Provisioner, make_provisioner
+from services.autoscaler.router_directory import RouterDirectory
 from shared.channels import open_channel
 from shared.server import RunningServer, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
@@ -52,6 +53,7 @@ class AutoscalerApp:
             await self.provisioner.close(self.autoscaler.drain)
 
         async def after_stop() -> None:
+            await self.autoscaler.routers.close()
             for ch in self.channels:
                 await ch.close(grace=None)
 
@@ -61,7 +63,6 @@ class AutoscalerApp:
 async def start(settings: AutoscalerSettings, telemetry: Telemetry) -> AutoscalerApp:
     tls = Tls.from_settings(settings)
     registry = open_channel(settings.registry_address, tls)
-    routers = [open_channel(a, tls) for a in settings.routers]
     metrics_ch = open_channel(settings.metrics_address, tls) if settings.metrics_address else None
     provisioner = make_provisioner(
         settings.provisioner,
@@ -70,6 +71,7 @@ async def start(settings: AutoscalerSettings, telemetry: Telemetry) -> Autoscale
         engine_args=settings.engine_args,
         grace_s=settings.grace_period_s,
     )
+    routers = RouterDirectory(settings.routers, registry, discovery=settings.router_discovery, tls=tls)
     autoscaler = Autoscaler(
         settings.specs,
         provisioner,
@@ -86,7 +88,7 @@ async def start(settings: AutoscalerSettings, telemetry: Telemetry) -> Autoscale
     )
     await autoscaler.restore()
     running = await create_server([], settings.host, settings.port, tls=tls)
-    channels = [registry, *routers, *([metrics_ch] if metrics_ch else [])]
+    channels = [registry, *([metrics_ch] if metrics_ch else [])]
     app = AutoscalerApp(running, autoscaler, provisioner, channels)
     # Started before the loop, so the first round finds the configuration (or waits a little for it).
     app.tasks.append(asyncio.create_task(autoscaler.watch_traffic(), name="autoscaler.traffic_watch"))

@@ -22,6 +22,11 @@ class AutoscalerSettings(RegistryWatchSettings, ServiceSettings):
     router_addresses: str = Field(
         "", description="Routers whose admission queues are read (comma-separated host:port); empty: none."
     )
+    router_discovery: bool = Field(
+        False,
+        description="Also read the routers registered in the registry (role ROUTER), looked up every round: "
+        "routers that come back on new ports, and gateways' embedded routers (gateway --embedded-router).",
+    )
     metrics_address: str = Field(
         "", description="Metrics service for arrival rate, TTFT p99 and E2E time; empty: engines' load only."
     )

@@ -20,7 +20,6 @@ from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.registry.v1 import rollout_service_pb2 as rpb
 from fleetserve.registry.v1 import rollout_service_pb2_grpc as rollout_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
-from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from opentelemetry import metrics
 
 from services.autoscaler import versions
@@ -28,6 +27,7 @@ from services.autoscaler.arrivals import ArrivalMeter, Key
 from services.autoscaler.decider import Decision
 from services.autoscaler.model_scaler import ModelScaler, version_rates, version_signals
 from services.autoscaler.provisioner import DRAIN_QUIET_POLLS, Provisioner
+from services.autoscaler.router_directory import RouterDirectory
 from services.autoscaler.signals import ModelSignals
 from services.autoscaler.spec import ModelSpec
 from shared import prom
@@ -93,7 +93,7 @@ class Autoscaler:
         specs: list[ModelSpec],
         provisioner: Provisioner,
         registry: grpc.aio.Channel,
-        routers: list[grpc.aio.Channel],
+        routers: RouterDirectory,
         metrics_channel: grpc.aio.Channel | None,
         meter: metrics.Meter,
         *,
@@ -110,7 +110,7 @@ class Autoscaler:
         self.provisioner = provisioner
         self.registry = reg_grpc.RegistryServiceStub(registry)
         self.rollouts = rollout_grpc.RolloutServiceStub(registry)
-        self.routers = [router_grpc.RouterServiceStub(c) for c in routers]
+        self.routers = routers
         self.metrics = metrics_grpc.MetricsServiceStub(metrics_channel) if metrics_channel else None
         self.window_s = window_s
         self.drain_timeout_s = drain_timeout_s
@@ -179,18 +179,19 @@ class Autoscaler:
     async def _routers(self) -> RouterView:
         """Every router's admission queues and admitted-request counters (one GetStatus each per round)."""
         view = RouterView()
+        routers = await self.routers.routers(self.rpc_timeout_s)
         answers = await asyncio.gather(
-            *(s.GetStatus(router_pb.GetStatusRequest(), timeout=self.rpc_timeout_s) for s in self.routers),
+            *(s.GetStatus(router_pb.GetStatusRequest(), timeout=self.rpc_timeout_s) for _, s in routers),
             return_exceptions=True,
         )
-        for i, resp in enumerate(answers):
+        for (key, _), resp in zip(routers, answers, strict=True):
             if isinstance(resp, grpc.aio.AioRpcError):
                 continue  # a router away: the others (and the engines' queues) still count
             if isinstance(resp, BaseException):
                 raise resp
             for q in resp.queues:
                 view.queued[q.model] = view.queued.get(q.model, 0) + q.interactive + q.standard + q.batch
-            view.counts[str(i)] = {(a.model, a.version): a.requests_total for a in resp.arrivals}
+            view.counts[key] = {(a.model, a.version): a.requests_total for a in resp.arrivals}
         return view
 
     async def watch_traffic(self) -> None:
@@ -246,7 +247,7 @@ class Autoscaler:
     def _arrival_rate(self, model: str, now: float, completed_rate: float) -> tuple[float, str]:
         """The model's arrival rate: the routers' admitted-request counters; while no router has answered
         within the window, the requests the metrics service saw end (it lags by a request's duration)."""
-        rate = self.arrivals.rate(model, self.window_s, now=now) if self.routers else None
+        rate = self.arrivals.rate(model, self.window_s, now=now) if self.routers.any else None
         return (completed_rate, "metrics") if rate is None else (rate, "routers")
 
     def _measure_cold_starts(self, model: str, replicas: list[reg_pb.Replica]) -> None:

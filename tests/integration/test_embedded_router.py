@@ -5,6 +5,7 @@ a gateway worker SIGKILLed under load is restarted while its sibling serves, as 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -38,6 +39,9 @@ async def fleet(tmp_path_factory):
         gateway_workers=2,
         embedded_router=True,
         extra_args={"router": ["--policy", "cache_aware"]},
+        # An autoscaler that reads the workers' routers (found in the registry) and has nothing to change.
+        autoscale_models=json.dumps({"sim-1b": {"min_replicas": 2, "max_replicas": 2}}),
+        autoscale_interval_s=0.5,
     ) as cluster:
         yield cluster
 
@@ -89,6 +93,27 @@ async def test_no_router_process_and_each_worker_router_answers_and_is_registere
     gateway_ids = {e.get("request_id") for e in events if e.get("event") == "gateway.request"}
     router_ids = {e.get("request_id") for e in events if e.get("event") == "router.request"}
     assert len(gateway_ids) == 6 and None not in gateway_ids and gateway_ids == router_ids
+
+
+async def test_the_autoscaler_reads_arrivals_from_the_routers_it_finds_in_the_registry(fleet):
+    """The cluster gives the autoscaler --router-discovery and no router addresses: the arrival rate it reports
+    comes from the workers' routers (with none to read it would fall back to the metrics service's)."""
+    args = fleet.procs["autoscaler"].args
+    assert "--router-discovery" in args and "--router-addresses" not in args
+
+    async def from_routers() -> bool:
+        await generate(fleet.gateway, fleet.api_key, "count me")
+        async with grpc.aio.insecure_channel(fleet.registry) as ch:
+            resp = await reg_grpc.RegistryServiceStub(ch).GetScaling(
+                reg_pb.GetScalingRequest(model="sim-1b"), timeout=3
+            )
+        return (
+            bool(resp.models)
+            and resp.models[0].arrival_source == "routers"
+            and resp.models[0].arrival_rate > 0
+        )
+
+    await assert_eventually(from_routers, timeout_s=30, interval_s=0.3)
 
 
 async def test_router_series_are_on_the_gateway_metrics_page(fleet):
