@@ -45,6 +45,20 @@ async def generate(address: str, n: int) -> None:
             assert chunks[-1].usage.completion_tokens == 2
 
 
+async def registry_at(tmp_path: Path):
+    return await start_registry(
+        RegistrySettings(db_path=str(tmp_path / "registry.db"), lease_ttl_s=2.0, heartbeat_interval_s=0.2),
+        setup_telemetry("registry"),
+    )
+
+
+async def router_r1(registry_address: str):
+    """A router registered as r1 (on a free port each start)."""
+    return await start_router(
+        RouterSettings(registry_address=registry_address, router_id="r1"), setup_telemetry("router")
+    )
+
+
 def arrivals(counts: dict, key: str) -> int:
     return sum(n for (model, _), n in counts.get(key, {}).items() if model == MODEL)
 
@@ -52,12 +66,7 @@ def arrivals(counts: dict, key: str) -> int:
 async def test_registered_routers_are_polled_by_registry_id_and_followed_to_a_new_port(tmp_path: Path):
     apps = []
     try:
-        registry = await start_registry(
-            RegistrySettings(
-                db_path=str(tmp_path / "registry.db"), lease_ttl_s=2.0, heartbeat_interval_s=0.2
-            ),
-            setup_telemetry("registry"),
-        )
+        registry = await registry_at(tmp_path)
         apps.append(registry)
         engine = await start_engine(
             EngineSettings(
@@ -66,9 +75,7 @@ async def test_registered_routers_are_polled_by_registry_id_and_followed_to_a_ne
             setup_telemetry("engine"),
         )
         apps.append(engine)
-        router = await start_router(
-            RouterSettings(registry_address=registry.address, router_id="r1"), setup_telemetry("router")
-        )
+        router = await router_r1(registry.address)
         apps.append(router)
         scaling = await autoscaler_app.start(
             AutoscalerSettings(
@@ -95,9 +102,7 @@ async def test_registered_routers_are_polled_by_registry_id_and_followed_to_a_ne
         # The same router id back on a new port (a restarted gateway worker's embedded router): polled there.
         await router.stop(0.5)
         apps.remove(router)
-        router = await start_router(
-            RouterSettings(registry_address=registry.address, router_id="r1"), setup_telemetry("router")
-        )
+        router = await router_r1(registry.address)
         apps.append(router)
         assert router.address != first
         await assert_eventually(lambda: _routable(router), timeout_s=10)
@@ -115,16 +120,9 @@ async def test_a_registered_router_given_by_address_too_is_polled_once_and_nothi
     apps = []
     registry_ch = None
     try:
-        registry = await start_registry(
-            RegistrySettings(
-                db_path=str(tmp_path / "registry.db"), lease_ttl_s=2.0, heartbeat_interval_s=0.2
-            ),
-            setup_telemetry("registry"),
-        )
+        registry = await registry_at(tmp_path)
         apps.append(registry)
-        router = await start_router(
-            RouterSettings(registry_address=registry.address, router_id="r1"), setup_telemetry("router")
-        )
+        router = await router_r1(registry.address)
         apps.append(router)
         registry_ch = open_channel(registry.address)
         both = RouterDirectory([router.address], registry_ch, discovery=True)
