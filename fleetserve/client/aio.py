@@ -12,7 +12,7 @@ import grpc
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
-from fleetserve.client.base import ClientBase, StreamView, resumed
+from fleetserve.client.base import ClientBase, StreamView, resumed, whole
 from fleetserve.client.errors import FleetServeError, details_of
 from fleetserve.client.messages import Completion, Message, StreamState
 from fleetserve.client.retry import RetryPolicy
@@ -59,6 +59,8 @@ class AsyncStream(StreamView):
                 if self._cancelled:
                     raise
                 details = details_of(e)
+                if whole(state, details):
+                    return  # the last chunk was here before the call broke off: the answer is complete
                 # Once a chunk arrived the server has done work the caller has seen: never repeat it, only
                 # continue after it (resume_token_ids).
                 left = deadline - time.monotonic()

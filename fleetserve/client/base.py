@@ -8,6 +8,7 @@ import random
 import uuid
 from collections.abc import Iterable
 
+import grpc
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 
 from fleetserve.client.errors import ErrorDetails
@@ -65,6 +66,18 @@ class ClientBase:
             idempotency_key=idempotency_key or f"client-{uuid.uuid4()}",
             **fields,
         )
+
+
+# After the last chunk, what only the connection can cause: it broke (the gateway died, a proxy cut it) or the
+# deadline fell between the last chunk and the call's status.
+_AFTER_THE_END = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def whole(state: StreamState, details: ErrorDetails) -> bool:
+    """Whether a stream that failed had its whole answer already: its last chunk (with its finish reason and
+    usage) came before the call broke off for a reason only the connection or the clock gives. The gateway settles
+    a request before it sends that chunk, so nothing is lost and the stream ends as complete, not failed."""
+    return bool(state.finish_reason) and details.code in _AFTER_THE_END
 
 
 def resumed(
