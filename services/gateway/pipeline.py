@@ -31,9 +31,6 @@ from services.gateway.presence import PresenceTable
 from services.gateway.redis_limits import RedisLimits
 from services.gateway.request_metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.routers import RouterPool
-
-if TYPE_CHECKING:
-    from services.gateway.embedded_router import EmbeddedRouter
 from services.gateway.safety import (
     INPUT_BLOCKED,
     OUTPUT_BLOCKED,
@@ -50,6 +47,9 @@ from shared.errors import FleetError, NotFound, PermissionDenied, Unauthenticate
 from shared.finish_bytes import has_finish, is_finished
 from shared.recycle import Recycler
 from shared.telemetry import bind_request, metadata_for_downstream, stream_span
+
+if TYPE_CHECKING:  # the embedded router imports the router's servicer: only for the annotations here
+    from services.gateway.embedded_router import EmbeddedRouter
 
 log = structlog.get_logger(__name__)
 
@@ -514,7 +514,7 @@ class GatewayPipeline:
                 outcome.reason = e.reason
                 if first is None and call is not None:
                     # An embedded router's own error: its initial metadata is kept on the stream.
-                    assigned(getattr(call, "initial_metadata", None), outcome)
+                    assigned(call.initial_metadata, outcome)
                 raise
             except Exception:
                 outcome.code = grpc.StatusCode.INTERNAL

@@ -349,6 +349,12 @@ class RouterStream:
         if self._call is not None:
             self._call.cancel()
 
+    @property
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        """For an error raised here (no router reached): none. A router's own error is its AioRpcError, which
+        carries the router's initial metadata (EmbeddedStream keeps its router's here instead)."""
+        return ()
+
     def progress(self) -> int:
         """Chunks read from routers so far, over every attempt (a drain watches it move)."""
         relay = self._relay
