@@ -11,7 +11,7 @@ from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 
-from shared.channels import open_channel
+from shared.channels import ChannelPool
 from shared.tls import Tls
 
 
@@ -28,12 +28,11 @@ class RouterDirectory:
         discovery: bool = False,
         tls: Tls | None = None,
     ) -> None:
-        self._static = {a: open_channel(a, tls) for a in static}
-        self._stubs = {a: router_grpc.RouterServiceStub(ch) for a, ch in self._static.items()}
+        self._static = list(dict.fromkeys(static))
         self._registry = reg_grpc.RegistryServiceStub(registry)
         self.discovery = discovery
-        self._tls = tls
-        self._found: dict[str, grpc.aio.Channel] = {}  # address -> channel, of registered routers
+        self._channels = ChannelPool(tls)  # one per router address, static or found
+        self._found: set[str] = set()  # addresses of the registered routers polled last round
 
     @property
     def any(self) -> bool:
@@ -45,14 +44,14 @@ class RouterDirectory:
         """The addresses of the registered routers polled last round (not given by address)."""
         return sorted(self._found)
 
-    @property
-    def channels(self) -> list[grpc.aio.Channel]:
-        return [*self._static.values(), *self._found.values()]
+    def _stub(self, address: str) -> router_grpc.RouterServiceStub:
+        # A stub is a few attribute lookups over the pool's channel: made per round, not kept.
+        return router_grpc.RouterServiceStub(self._channels.get(address))
 
     async def routers(self, timeout_s: float) -> list[tuple[str, router_grpc.RouterServiceStub]]:
         """This round's routers. A registry that does not answer leaves the given ones (and no registered one:
         one left unpolled for a round adds nothing and loses nothing, the meter catches up on the next)."""
-        out = [(a, self._stubs[a]) for a in self._static]
+        out = [(a, self._stub(a)) for a in self._static]
         if not self.discovery:
             return out
         try:
@@ -66,16 +65,12 @@ class RouterDirectory:
             if not r.address or r.address in self._static or r.address in seen:
                 continue
             seen.add(r.address)
-            if r.address not in self._found:
-                self._found[r.address] = open_channel(r.address, self._tls)
-                self._stubs[r.address] = router_grpc.RouterServiceStub(self._found[r.address])
-            out.append(("id:" + r.replica_id, self._stubs[r.address]))
-        for address in [a for a in self._found if a not in seen]:
-            await self._found.pop(address).close(grace=None)  # gone from the registry (or moved)
-            del self._stubs[address]
+            out.append(("id:" + r.replica_id, self._stub(r.address)))
+        for address in self._found - seen:
+            await self._channels.discard(address)  # gone from the registry (or moved)
+        self._found = seen
         return out
 
     async def close(self) -> None:
-        for ch in self.channels:
-            await ch.close(grace=None)
-        self._found.clear()
+        await self._channels.close()
+        self._found = set()
