@@ -15,7 +15,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from services.engine.registration import Registration
 from services.gateway.config import GatewaySettings
-from services.gateway.embedded_stream import UNARY, CallContext, EmbeddedStream
+from services.gateway.embedded_stream import CallContext, EmbeddedStream
 from services.router.app import build_servicer, close_router, registration, serving_once_ready, watch
 from services.router.config import RouterSettings
 from services.router.router_metrics import RouterMetrics
@@ -122,7 +122,8 @@ class EmbeddedRouter:
         context = CallContext(metadata, time.monotonic() + timeout_s)
         try:
             async with asyncio.timeout(timeout_s):
-                return await UNARY[method](self.servicer, request, context)
+                # The servicer's list_models / get_status: its FleetErrors as they are, no rpc_boundary.
+                return await getattr(self.servicer, method)(request, context)
         except TimeoutError:
             raise DeadlineExceeded(f"the router's {method} took longer than {timeout_s:.3f} s") from None
 

@@ -1,4 +1,4 @@
-"""One generation through a router in this process (gateway --embedded-router): RouterServicer.Generate iterated
+"""One generation through a router in this process (gateway --embedded-router): RouterServicer.generate iterated
 in the gateway's own task, with what it reads of a gRPC ServicerContext given in process."""
 
 from __future__ import annotations
@@ -12,14 +12,6 @@ from fleetserve.router.v1 import router_service_pb2 as router_pb
 
 from services.router.servicer import RouterServicer
 from shared.errors import DeadlineExceeded, Unavailable, details_of
-
-# The servicer's methods without their rpc_boundary (functools.wraps keeps them): in process, a FleetError must
-# reach the gateway's pipeline as itself (it maps it to gRPC and HTTP statuses), not as a gRPC abort.
-_GENERATE = RouterServicer.Generate.__wrapped__
-UNARY = {
-    "list_models": RouterServicer.ListModels.__wrapped__,
-    "get_status": RouterServicer.GetStatus.__wrapped__,
-}
 
 
 class CallContext:
@@ -152,7 +144,7 @@ class EmbeddedStream:
     async def _run(self) -> AsyncIterator[bytes]:
         if self._attempt is not None:
             self._attempt(self._address)
-        gen = _GENERATE(self._servicer, self._request, self._context)
+        gen = self._servicer.generate(self._request, self._context)
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         timer = loop.call_at(loop.time() + (self._deadline - time.monotonic()), self._end, "deadline")

@@ -1,6 +1,6 @@
 """One routed request's attempts: an Attempt is one engine call on one replica (set-up, verdict, teardown);
 RequestAttempts is what a request keeps across attempts (replicas that failed it, tokens sent, the retry and
-resume decisions). The relay loop itself stays in RouterServicer.Generate, the one per-chunk path."""
+resume decisions). The relay loop itself stays in RouterServicer.generate, the one per-chunk path."""
 
 from __future__ import annotations
 
@@ -289,7 +289,7 @@ class RequestAttempts:
     that failed it, whether anything reached the caller, and the decision to retry, resume or give up.
 
     Hooks: a replica choice that waits or picks a version goes in choose(); a retry/resume rule in
-    after_fault(); anything per chunk belongs to the relay loop in RouterServicer.Generate."""
+    after_fault(); anything per chunk belongs to the relay loop in RouterServicer.generate."""
 
     __slots__ = (
         "router",

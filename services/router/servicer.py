@@ -378,8 +378,10 @@ class RouterServicer:
 
     # -- RPCs ---------------------------------------------------------------------------------------
 
-    @rpc_boundary
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """Generate's stream without its rpc_boundary: for a caller in this process (gateway --embedded-router),
+        to which a FleetError is raised as itself. context: what of a ServicerContext it reads is
+        invocation_metadata(), time_remaining() and send_initial_metadata()."""
         started = time.perf_counter()
         arrived = time.monotonic()
         run: RequestAttempts | None = None
@@ -586,8 +588,7 @@ class RouterServicer:
             pair.live_first()
         return data + run.note if run.note else data
 
-    @rpc_boundary
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+    async def list_models(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
         # A router just started (a recycled worker's successor) knows no model until the registry's first
         # snapshot: an empty list now would make the gateway answer NOT_FOUND for every model.
         await self._await_membership(context.time_remaining())
@@ -610,8 +611,7 @@ class RouterServicer:
         )
         return pb.ListModelsResponse(models=models)
 
-    @rpc_boundary
-    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext):
+    async def get_status(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext):
         resp = pb.GetStatusResponse()
         for r in self.membership.replicas():
             st = resp.replicas.add(
@@ -646,6 +646,11 @@ class RouterServicer:
         for (model, version), n in self.arrivals.items():
             resp.arrivals.add(model=model, version=version, requests_total=n)
         return resp
+
+    # The RPCs: the methods above behind the boundary that turns exceptions into statuses (shared/errors.py).
+    Generate = rpc_boundary(generate)
+    ListModels = rpc_boundary(list_models)
+    GetStatus = rpc_boundary(get_status)
 
     async def watch_stalls(self) -> None:
         """Forever: every check interval, end the attempts of replicas that have gone silent (stalls.py)."""
