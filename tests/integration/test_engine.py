@@ -520,10 +520,12 @@ async def test_registers_once_the_registry_comes_up_and_after_it_restarts():
         registry = await start_registry(rec, port=port)
         try:
             await assert_eventually(lambda: _is_listed(registry.address), timeout_s=5)
+            # The registry lists the replica before the engine has read the reply: wait for the engine's count.
+            await assert_eventually(lambda: app.registration.registrations >= 1, timeout_s=5)
             await registry.stop(0)
             registry = await start_registry(rec, port=port)
             await assert_eventually(lambda: _is_listed(registry.address), timeout_s=5)
-            assert app.registration.registrations >= 2
+            await assert_eventually(lambda: app.registration.registrations >= 2, timeout_s=5)
         finally:
             await registry.stop(0)
 
