@@ -1,6 +1,7 @@
 """gateway --embedded-router as processes (shared.cluster, no router process): each gateway worker's router
-answers GetStatus on its own port and is registered as a router, its series are on the gateway's one /metrics, and
-a gateway worker SIGKILLed under load is restarted while its sibling serves, as a gateway worker without it."""
+answers GetStatus on its own port and is registered as a router, its series are on the gateway's one /metrics,
+each follows the registry's experiments, and a gateway worker SIGKILLed under load is restarted while its
+sibling serves, as a gateway worker without it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from fleetserve.registry.v1 import rollout_service_pb2 as rollout_pb
+from fleetserve.registry.v1 import rollout_service_pb2_grpc as rollout_grpc
 from fleetserve.router.v1 import router_service_pb2 as router_pb
 from fleetserve.router.v1 import router_service_pb2_grpc as router_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -130,6 +133,71 @@ async def test_router_series_are_on_the_gateway_metrics_page(fleet):
     ]
     assert sum(ok) >= 1
     assert "fleetserve:requests" in families  # the gateway's own
+
+
+async def _arrivals_by_router(fleet) -> dict[str, int]:
+    out = {}
+    for address in fleet.router_endpoints():
+        async with grpc.aio.insecure_channel(address) as ch:
+            status = await router_grpc.RouterServiceStub(ch).GetStatus(
+                router_pb.GetStatusRequest(), timeout=5
+            )
+        out[address] = sum(a.requests_total for a in status.arrivals)
+    return out
+
+
+async def test_every_worker_router_follows_an_experiment_set_in_the_registry(fleet):
+    """An A/B experiment created in the registry reaches each gateway worker's router by its own watch: answers
+    through both workers (fresh connections, spread by SO_REUSEPORT; each worker's arrivals counted on its own
+    port) all carry the experiment and an arm, both arms serve; once it is stopped no answer carries it."""
+    spec = rollout_pb.ExperimentSpec(
+        name="embedded-arms", model="sim-1b", primary_metric="ttft_ms", samples_per_arm=1000,
+        population=rollout_pb.Population(percent=100),
+        arms=[
+            rollout_pb.Arm(name="control", variant=rollout_pb.Variant(routing_policy="least_load")),
+            rollout_pb.Arm(name="rr", variant=rollout_pb.Variant(routing_policy="round_robin")),
+        ],
+    )  # fmt: skip
+    arms: dict[str, int] = {}
+
+    async def batch_tagged_on_both_workers(experiment_id: str) -> bool:
+        before = await _arrivals_by_router(fleet)
+        firsts = [
+            (await generate(fleet.gateway, fleet.api_key, f"arm {i}", max_tokens=2))[0] for i in range(8)
+        ]
+        after = await _arrivals_by_router(fleet)
+        if not all(after[a] > before[a] for a in before):
+            return False  # all 8 connections went to one worker: try another batch
+        if not all(c.chunk.served_by.experiment == experiment_id for c in firsts):
+            return False  # a worker's router has not seen the experiment yet
+        for c in firsts:
+            arms[c.chunk.served_by.arm] = arms.get(c.chunk.served_by.arm, 0) + 1
+        return True
+
+    async with grpc.aio.insecure_channel(fleet.registry) as ch:
+        stub = rollout_grpc.RolloutServiceStub(ch)
+        created = await stub.CreateExperiment(rollout_pb.CreateExperimentRequest(spec=spec), timeout=5)
+        experiment_id = created.experiment.experiment_id
+        try:
+            await assert_eventually(
+                lambda: batch_tagged_on_both_workers(experiment_id), timeout_s=30, interval_s=0.2
+            )
+            await assert_eventually(
+                lambda: batch_tagged_on_both_workers(experiment_id) if len(arms) < 2 else True, timeout_s=30
+            )
+            assert set(arms) == {"control", "rr"}
+        finally:
+            await stub.StopExperiment(
+                rollout_pb.StopExperimentRequest(experiment_id=experiment_id), timeout=5
+            )
+
+    async def untagged() -> bool:
+        firsts = [
+            (await generate(fleet.gateway, fleet.api_key, f"after {i}", max_tokens=2))[0] for i in range(8)
+        ]
+        return all(c.chunk.served_by.experiment == "" for c in firsts)
+
+    await assert_eventually(untagged, timeout_s=30, interval_s=0.2)
 
 
 async def _engine_busy(fleet) -> int:
