@@ -81,6 +81,7 @@ async def start(settings: AutoscalerSettings, telemetry: Telemetry) -> Autoscale
         telemetry.meter,
         window_s=settings.window_s,
         drain_timeout_s=settings.drain_timeout_s,
+        start_timeout_s=settings.start_timeout_s,
         decisions_kept=settings.decisions_kept,
         watch_resubscribe_s=settings.watch_resubscribe_s,
         watch_backoff_base_s=settings.watch_backoff_base_s,

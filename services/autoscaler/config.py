@@ -59,6 +59,13 @@ class AutoscalerSettings(RegistryWatchSettings, ServiceSettings):
         description="Scale-down: how long a drained replica may take to finish its streams before it is stopped "
         "(it is then SIGTERMed and finishes within its own grace period).",
     )
+    start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="local provisioner: how long an engine it started may stay out of the registry (cold start, or "
+        "a lost lease) and still count toward the desired count; past it the engine is stopped and a new one "
+        "started. Longer than the slowest cold start (vLLM: model load + compile).",
+    )
     decisions_kept: int = Field(10, ge=1, le=1000, description="Decisions per model kept for status.")
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ from services.autoscaler import versions
 from services.autoscaler.arrivals import ArrivalMeter, Key
 from services.autoscaler.decider import Decision
 from services.autoscaler.model_scaler import ModelScaler, version_rates, version_signals
-from services.autoscaler.provisioner import DRAIN_QUIET_POLLS, Provisioner
+from services.autoscaler.provisioner import DRAIN_QUIET_POLLS, Owned, Provisioner
 from services.autoscaler.router_directory import RouterDirectory
 from services.autoscaler.signals import ModelSignals
 from services.autoscaler.spec import ModelSpec
@@ -99,6 +99,7 @@ class Autoscaler:
         *,
         window_s: float = 30.0,
         drain_timeout_s: float = 60.0,
+        start_timeout_s: float = 600.0,
         decisions_kept: int = 10,
         rpc_timeout_s: float = 3.0,
         watch_resubscribe_s: float = 600.0,
@@ -114,6 +115,7 @@ class Autoscaler:
         self.metrics = metrics_grpc.MetricsServiceStub(metrics_channel) if metrics_channel else None
         self.window_s = window_s
         self.drain_timeout_s = drain_timeout_s
+        self.start_timeout_s = start_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
         self.watch_resubscribe_s = watch_resubscribe_s
         self.watch_backoff_base_s = watch_backoff_base_s
@@ -293,20 +295,64 @@ class Autoscaler:
             await asyncio.sleep(0.2)
         log.warning("autoscaler.drain_timeout", replica_id=replica_id, timeout_s=self.drain_timeout_s)
 
-    async def reconcile(self, model: str, version: str, desired: int, replicas: list[reg_pb.Replica]) -> None:
-        """Start or drain this provisioner's replicas of model at version until the active ones number
-        `desired`. Scale-down picks replicas still cold starting first (nothing to drain), then the least
-        loaded."""
-        active = [o for o in self.provisioner.owned(model, version) if not o.draining]
+    def _starting(self, model: str, version: str, reps: list[reg_pb.Replica]) -> list[Owned]:
+        """The replicas of model at version this provisioner started that are not in the registry (yet): cold
+        starting, or re-registering after a lost lease. Each counts toward the desired count until
+        _track_starts stops it."""
+        listed = {r.replica_id for r in reps}
+        return [
+            o for o in self.provisioner.owned(model, version) if not o.draining and o.replica_id not in listed
+        ]
+
+    async def _track_starts(self, model: str, replicas: list[reg_pb.Replica], now: float) -> None:
+        """Note which of this provisioner's replicas the registry lists; stop one that has stayed out of it for
+        start_timeout_s (since it started, or since it was last listed): a replica stuck cold starting must not
+        hold its place in the desired count for ever (the next round starts another in its place)."""
+        listed = {r.replica_id for r in replicas}
+        for o in self.provisioner.owned(model):
+            if o.draining:
+                continue
+            if o.replica_id in listed:
+                o.listed_at = now
+                continue
+            out_for = now - (o.listed_at if o.listed_at is not None else o.started_at)
+            if out_for > self.start_timeout_s:
+                log.warning(
+                    "autoscaler.start_timeout",
+                    replica_id=o.replica_id,
+                    model=model,
+                    version=o.version,
+                    out_of_registry_s=round(out_for, 1),
+                    ever_listed=o.listed_at is not None,
+                    start_timeout_s=self.start_timeout_s,
+                )
+                await self.provisioner.stop(o.replica_id, self.drain)
+
+    async def reconcile(self, model: str, version: str, desired: int, reps: list[reg_pb.Replica]) -> None:
+        """Start or drain replicas of model at version (`reps`: the version's registered replicas) until they
+        number `desired`. What counts is every registered replica that is not DRAINING, whoever started it
+        (`fleetserve up`'s engines, a previous autoscaler's), and every one this provisioner started that is not
+        registered yet (cold starting, bounded by start_timeout_s): a round never starts a replica for one that
+        is already coming. Only this provisioner's own are drained: those still cold starting first (nothing to
+        drain), then the least loaded."""
+        present = [r for r in reps if r.state != DRAINING]
+        starting = self._starting(model, version, reps)
+        have = len(present) + len(starting)
         own = self.specs[model].versions.get(version)
-        for _ in range(max(0, desired - len(active))):
+        for _ in range(max(0, desired - have)):
             await self.provisioner.start(model, version, own.engine_args if own else "")
-        extra = len(active) - desired
+        extra = have - desired
         if extra <= 0:
             return
-        load = {r.replica_id: (r.state == SERVING, r.load.running + r.load.waiting) for r in replicas}
-        active.sort(key=lambda o: (load.get(o.replica_id, (False, 0)), -o.started_at))
-        for o in active[:extra]:
+        present_ids = {r.replica_id for r in present}
+        mine = starting + [
+            o
+            for o in self.provisioner.owned(model, version)
+            if not o.draining and o.replica_id in present_ids
+        ]
+        load = {r.replica_id: (r.state == SERVING, r.load.running + r.load.waiting) for r in reps}
+        mine.sort(key=lambda o: (load.get(o.replica_id, (False, 0)), -o.started_at))
+        for o in mine[:extra]:
             await self.provisioner.stop(o.replica_id, self.drain)
 
     # -- one round -----------------------------------------------------------------------------------
@@ -344,6 +390,7 @@ class Autoscaler:
         model = spec.model
         replicas, model_latency = await asyncio.gather(self._replicas(model), self._latency(model))
         self._measure_cold_starts(model, replicas)
+        await self._track_starts(model, replicas, now)
         rate, source = self._arrival_rate(model, now, model_latency.completed_rate)
         scaler.observe(now, rate)
         owned = {o.version for o in self.provisioner.owned(model)} | set(scaler.deciders)
@@ -373,7 +420,7 @@ class Autoscaler:
             d = scaler.decide(vp, s, serving)
             decisions.append(d)
             self._record(d)
-            await self.reconcile(model, v, d.desired, replicas)
+            await self.reconcile(model, v, d.desired, by_version.get(v, []))
             rows.append(self._row(scaler, vp, s, rates[v], serving))
         for vp in plans.values():
             if vp.role == versions.RETIRING and scaler.deciders[vp.version].desired == 0:
@@ -393,12 +440,7 @@ class Autoscaler:
         latency: Latency,
     ) -> ModelSignals:
         serving = [r for r in reps if r.state == SERVING]
-        registered = {r.replica_id for r in reps}
-        starting = [
-            o
-            for o in self.provisioner.owned(model, vp.version)
-            if not o.draining and o.replica_id not in registered
-        ]
+        starting = self._starting(model, vp.version, reps)
         kv = [r.load.kv_blocks_used / r.load.kv_blocks_total for r in serving if r.load.kv_blocks_total]
         return version_signals(
             base,

@@ -42,6 +42,8 @@ class Owned:
     version: str = ""
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    #: Wall time the autoscaler last found it in the registry (None: never yet, it is still cold starting).
+    listed_at: float | None = None
 
     @property
     def alive(self) -> bool:
