@@ -214,7 +214,11 @@ class Cluster:
                     for i in range(0 if cfg.embedded_router else cfg.routers)
                 ),
             )
-            if cfg.autoscale_models and not cfg.embedded_router:
+            if cfg.autoscale_models:
+                # Its rounds count the registered replicas (and those it started itself): once these engines are
+                # listed it starts none in their place. Embedded routers, started with the gateways below, are
+                # found through the registry (--router-discovery) in later rounds.
+                await self._await_registered(self.engine_names())
                 await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
             if cfg.embedded_router:
                 # One argument: a value that starts with -- would be taken for a flag of the gateway's own.
@@ -238,12 +242,37 @@ class Cluster:
                     # A secret: in the environment (readable by this user only), never on the command line.
                     env={"FLEETSERVE_GATEWAY_BOOTSTRAP_API_KEY": self.api_key},
                 )
-            if cfg.autoscale_models and cfg.embedded_router:
-                # After the gateways: embedded routers (whose GetStatus it polls) start with them.
-                await self._spawn("autoscaler", "autoscaler", self.autoscaler_args())
         except BaseException:
             await self.stop()
             raise
+
+    async def _await_registered(self, names: list[str]) -> None:
+        """Until the registry lists each of these engines: an engine serves (its ready file) a moment before its
+        registration, which runs in the background, lands."""
+        from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+        from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+
+        from shared.channels import open_channel
+
+        want = set(names)
+        if not want:
+            return
+        deadline = time.monotonic() + self.config.start_timeout_s
+        channel = open_channel(self.registry, self.client_tls)
+        try:
+            stub = reg_grpc.RegistryServiceStub(channel)
+            while True:
+                resp = await stub.ListReplicas(reg_pb.ListReplicasRequest(), timeout=5)
+                missing = want - {r.replica_id for r in resp.replicas}
+                if not missing:
+                    return
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"engines not registered within {self.config.start_timeout_s}s: {sorted(missing)}"
+                    )
+                await asyncio.sleep(0.05)
+        finally:
+            await channel.close(grace=None)
 
     def _router_flags(self) -> list[str]:
         """An embedded router's flags (the gateways' --router-flags): what a router process would get."""

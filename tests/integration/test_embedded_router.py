@@ -117,6 +117,16 @@ async def test_the_autoscaler_reads_arrivals_from_the_routers_it_finds_in_the_re
         )
 
     await assert_eventually(from_routers, timeout_s=30, interval_s=0.3)
+    # min_replicas 2 with the fleet's 2 engines registered: its rounds (every 0.5 s since before the gateways
+    # started) started no engine of its own.
+    async with grpc.aio.insecure_channel(fleet.registry) as ch:
+        resp = await reg_grpc.RegistryServiceStub(ch).GetScaling(
+            reg_pb.GetScalingRequest(model="sim-1b"), timeout=3
+        )
+        listed = await reg_grpc.RegistryServiceStub(ch).ListReplicas(reg_pb.ListReplicasRequest(), timeout=3)
+    assert resp.models[0].desired == 2 and resp.models[0].starting == 0
+    assert {r.replica_id for r in listed.replicas} == set(fleet.engine_names())
+    assert not list((fleet.config.data_dir / "logs").glob("sim-1b-*.log"))  # the local provisioner's engines
 
 
 async def test_router_series_are_on_the_gateway_metrics_page(fleet):
