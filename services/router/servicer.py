@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -162,6 +163,10 @@ class RouterServicer:
         self.in_flight: Counter[str] = Counter()
         # Requests admitted per (model, version) since start, for GetStatus (the autoscaler's arrival rate).
         self.arrivals: Counter[tuple[str, str]] = Counter()
+        # Names this lifetime of those counters (GetStatus arrivals_incarnation): a restarted router, even one that
+        # counts past its predecessor's last value before the next poll, is told from the same one. From the OS's
+        # randomness, not self.rng (which tests seed alike in every router).
+        self.arrivals_incarnation = secrets.token_hex(8)
         # 0: no cap, requests go straight to replicas (engines queue themselves); else the admission queue
         # holds requests while every replica of the model has this many attempts in flight.
         self.max_in_flight_per_replica = max_in_flight_per_replica
@@ -645,6 +650,7 @@ class RouterServicer:
         resp.shadows.extend(self.shadows.reports())
         for (model, version), n in self.arrivals.items():
             resp.arrivals.add(model=model, version=version, requests_total=n)
+        resp.arrivals_incarnation = self.arrivals_incarnation
         return resp
 
     # The RPCs: the methods above behind the boundary that turns exceptions into statuses (shared/errors.py).
