@@ -83,6 +83,8 @@ class RouterView:
 
     queued: dict[str, int] = field(default_factory=dict)
     counts: dict[str, dict[Key, int]] = field(default_factory=dict)
+    # Each router's arrivals_incarnation (a new one: a restarted process whose counters began again at zero).
+    incarnations: dict[str, str] = field(default_factory=dict)
 
 
 class Autoscaler:
@@ -194,6 +196,7 @@ class Autoscaler:
             for q in resp.queues:
                 view.queued[q.model] = view.queued.get(q.model, 0) + q.interactive + q.standard + q.batch
             view.counts[key] = {(a.model, a.version): a.requests_total for a in resp.arrivals}
+            view.incarnations[key] = resp.arrivals_incarnation
         return view
 
     async def watch_traffic(self) -> None:
@@ -362,7 +365,7 @@ class Autoscaler:
         now = time.time()
         view, traffic = await asyncio.gather(self._routers(), self._traffic())
         if view.counts:
-            self.arrivals.update(now, view.counts)
+            self.arrivals.update(now, view.counts, view.incarnations)
         out = []
         for model, scaler in self.scalers.items():
             try:

@@ -114,6 +114,57 @@ async def test_registered_routers_are_polled_by_registry_id_and_followed_to_a_ne
             await app.stop(0.5)
 
 
+async def test_a_router_restarted_on_its_id_that_counts_past_its_predecessor_is_counted_whole(tmp_path: Path):
+    """r1 counts 5 requests, then is restarted (same id, new process) and counts 6 before the autoscaler's next
+    round: the round counts all 6 (its GetStatus incarnation changed), not 6 - 5 = 1 as a restart told only by
+    a lower count would."""
+    apps = []
+    try:
+        registry = await registry_at(tmp_path)
+        apps.append(registry)
+        engine = await start_engine(
+            EngineSettings(
+                registry_address=registry.address, replica_id="engine-1", model=MODEL, speed_factor=20
+            ),
+            setup_telemetry("engine"),
+        )
+        apps.append(engine)
+        router = await router_r1(registry.address)
+        apps.append(router)
+        scaling = await autoscaler_app.start(
+            AutoscalerSettings(
+                registry_address=registry.address,
+                router_discovery=True,
+                provisioner="external",
+                models=json.dumps({MODEL: {"min_replicas": 1, "max_replicas": 1}}),
+                interval_s=3600,  # its first round runs at start; the test runs the others
+            ),
+            setup_telemetry("autoscaler"),
+        )
+        apps.append(scaling)
+        scaler = scaling.autoscaler
+        await assert_eventually(lambda: _routable(router), timeout_s=10)
+        await assert_eventually(lambda: _keys(scaler.routers, ["id:r1"]), timeout_s=10)
+        await scaler.tick()  # r1's counters at 0: the baseline
+        base = scaler.arrivals.total(MODEL)
+        await generate(router.address, 5)
+        await scaler.tick()
+        assert scaler.arrivals.total(MODEL) - base == 5
+        first = (await scaler._routers()).incarnations["id:r1"]
+        await router.stop(0.5)
+        apps.remove(router)
+        router = await router_r1(registry.address)
+        apps.append(router)
+        await assert_eventually(lambda: _routable(router), timeout_s=10)
+        await generate(router.address, 6)
+        await scaler.tick()
+        assert scaler.arrivals.total(MODEL) - base == 11
+        assert (await scaler._routers()).incarnations["id:r1"] not in ("", first)
+    finally:
+        for app in reversed(apps):
+            await app.stop(0.5)
+
+
 async def test_a_registered_router_given_by_address_too_is_polled_once_and_nothing_without_discovery(
     tmp_path: Path,
 ):
