@@ -88,7 +88,8 @@ class ClusterConfig:
     # by speed_factor); None: the GPU profile's. 0 keeps `fleetserve up` and the tests quick.
     engine_startup_s: float | None = 0.0
     # Autoscaling (services/autoscaler): per-model JSON spec as `--models` takes it; empty: no autoscaler. The
-    # autoscaler then starts and drains its own engines (on top of `engines`, usually 0).
+    # autoscaler then starts and drains its own engines; `engines` (usually 0) count toward its desired count but
+    # are never drained by it.
     autoscale_models: str = ""
     autoscale_interval_s: float = 10.0
     # Each gateway builds its router in process (gateway --embedded-router): no router processes (routers is
