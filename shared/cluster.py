@@ -250,6 +250,7 @@ class Cluster:
     async def _await_registered(self, names: list[str]) -> None:
         """Until the registry lists each of these engines: an engine serves (its ready file) a moment before its
         registration, which runs in the background, lands."""
+        import grpc
         from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
         from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
@@ -262,9 +263,13 @@ class Cluster:
         channel = open_channel(self.registry, self.client_tls)
         try:
             stub = reg_grpc.RegistryServiceStub(channel)
+            missing = want
             while True:
-                resp = await stub.ListReplicas(reg_pb.ListReplicasRequest(), timeout=5)
-                missing = want - {r.replica_id for r in resp.replicas}
+                try:
+                    resp = await stub.ListReplicas(reg_pb.ListReplicasRequest(), timeout=5)
+                    missing = want - {r.replica_id for r in resp.replicas}
+                except grpc.aio.AioRpcError as e:  # a registry slow to answer on a loaded box: ask again
+                    log.info("cluster.registry_list_failed", code=e.code().name)
                 if not missing:
                     return
                 if time.monotonic() >= deadline:
