@@ -338,7 +338,11 @@ class Autoscaler:
         registered yet (cold starting, bounded by start_timeout_s): a round never starts a replica for one that
         is already coming. Only this provisioner's own are drained: those still cold starting first (nothing to
         drain), then the least loaded."""
-        present = [r for r in reps if r.state != DRAINING]
+        # Those it is draining itself are leaving too, though the registry may list them SERVING for a moment
+        # more (the drain's DeregisterReplica runs in a task): counted, they would make the next round stop one
+        # more.
+        leaving = {o.replica_id for o in self.provisioner.owned(model, version) if o.draining}
+        present = [r for r in reps if r.state != DRAINING and r.replica_id not in leaving]
         starting = self._starting(model, version, reps)
         have = len(present) + len(starting)
         own = self.specs[model].versions.get(version)

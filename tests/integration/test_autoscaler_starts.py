@@ -49,9 +49,7 @@ def autoscaler_settings(registry_address: str, tmp_path: Path, models: dict, **k
         provisioner="local",
         data_dir=str(tmp_path),
         models=json.dumps(models),
-        interval_s=0.2,
-        grace_period_s=0.5,
-        **kw,
+        **{"interval_s": 0.2, "grace_period_s": 0.5, **kw},
     )
 
 
@@ -139,3 +137,35 @@ async def _equals(address: str, want: set[str]) -> bool:
 
 async def _count(address: str, n: int) -> bool:
     return len(await serving(address)) == n
+
+
+async def test_a_round_whose_listing_predates_its_own_drain_stops_no_second_replica(tmp_path: Path):
+    """3 -> 2 replicas: the replica it drains stays SERVING in the registry until the drain's deregistration
+    lands; a round that listed the replicas before that (here: the same listing, reconciled twice) does not take
+    it for a replica still there and stop another."""
+    apps = []
+    try:
+        registry = await registry_at(tmp_path)
+        apps.append(registry)
+        scaling = await autoscaler_app.start(
+            autoscaler_settings(
+                registry.address,
+                tmp_path,
+                {MODEL: {"min_replicas": 3, "max_replicas": 3}},
+                engine_args="--speed-factor 20 --startup-s 0",
+                interval_s=3600,  # one round at start (3 engines); the test reconciles by hand
+            ),
+            setup_telemetry("autoscaler"),
+        )
+        apps.append(scaling)
+        scaler, provisioner = scaling.autoscaler, scaling.provisioner
+        await assert_eventually(lambda: _count(registry.address, 3), timeout_s=60)
+        reps = await scaler._replicas(MODEL)
+        assert {r.state for r in reps} == {reg_pb.REPLICA_STATE_SERVING}
+        await scaler.reconcile(MODEL, "v1", 2, reps)
+        await scaler.reconcile(MODEL, "v1", 2, reps)  # the listing from before the drain
+        assert len([o for o in provisioner.owned(MODEL) if o.draining]) == 1
+        assert len(started(tmp_path)) == 3
+    finally:
+        for app in reversed(apps):
+            await app.stop(0.5)
