@@ -103,20 +103,41 @@ async def test_documents_are_versioned_with_compare_and_set(store):
 async def test_document_watch_sees_puts_and_deletes(store):
     """watch_docs delivers later writes and deletions of its kind only."""
     events = []
+    live = asyncio.Event()
 
     async def follow():
         async for ev in store.watch_docs("rollout"):
+            if ev.doc.name == MARKER:
+                live.set()
+                continue
             events.append((ev.change, ev.doc.name, ev.doc.value))
             if len(events) == 2:
                 return
 
     task = asyncio.create_task(follow())
-    await asyncio.sleep(0.2)  # let the watch start (etcd: the watch request must reach the server first)
+    await until_watching(store, "rollout", live)
     await store.put_doc("autoscaler", "ignored", b"z")
     await store.put_doc("rollout", "plan", b"v1")
     await store.delete_doc("rollout", "plan")
     await asyncio.wait_for(task, 10)
     assert events == [(DocChange.PUT, "plan", b"v1"), (DocChange.DELETED, "plan", b"")]
+
+
+MARKER = "watch-marker"
+
+
+async def until_watching(store, kind: str, live: asyncio.Event) -> None:
+    """Write a MARKER document of kind until the watch that sets live has seen one. An etcd watch starts once its
+    request has reached the member, and a write before that never reaches it: a fixed sleep for that is a race on a
+    busy host."""
+    for _ in range(100):  # bounded: ~10 s
+        await store.put_doc(kind, MARKER, b"")
+        try:
+            await asyncio.wait_for(live.wait(), 0.1)
+            return
+        except TimeoutError:
+            continue
+    raise AssertionError(f"the {kind} watch saw none of 100 writes")
 
 
 async def test_etcd_expires_a_replica_whose_lease_is_not_renewed(etcd):
@@ -177,16 +198,19 @@ async def test_etcd_store_fails_over_to_another_member_when_its_member_dies(etcd
         await s.put_doc("rollout", "a", b"1")
         _, rev = await s.load_replicas()
         broke: list[str] = []
+        live = asyncio.Event()
 
         async def follow():
             try:
-                async for _ in s.watch_docs("rollout"):
-                    pass
+                async for ev in s.watch_docs("rollout"):
+                    if ev.doc.name == MARKER:
+                        live.set()
             except StoreError as e:
                 broke.append(str(e))
 
         watch = asyncio.create_task(follow())
-        await asyncio.sleep(0.3)  # the watch request reaches the member first
+        await until_watching(s, "rollout", live)  # on the member about to be killed
+        await s.delete_doc("rollout", MARKER)
         failovers = s.failovers
         etcd_cluster.kill(used)
         await s.put_doc("rollout", "b", b"2")  # through another member, after at most an election
