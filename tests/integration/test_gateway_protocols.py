@@ -219,12 +219,18 @@ async def test_cli_generate_chat_messages(fleet):
     assert proc.returncode == 0
     last = json.loads(out.decode().splitlines()[-1])
     assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 5
-    chat_spans = [
-        x
-        for x in fleet.spans.get_finished_spans()
-        if x.name == "gateway.Chat" and x.attributes.get("fleetserve.request_id") == last["request_id"]
-    ]
-    assert len(chat_spans) == 1
+
+    def chat_spans() -> list:
+        return [
+            x
+            for x in fleet.spans.get_finished_spans()
+            if x.name == "gateway.Chat" and x.attributes.get("fleetserve.request_id") == last["request_id"]
+        ]
+
+    # The gateway ends its span once the router's call has ended, after the client's stream (which it ends with
+    # the last chunk): the CLI's exit usually outlasts that, but nothing orders the two.
+    await assert_eventually(chat_spans, timeout_s=10)
+    assert len(chat_spans()) == 1
     proc = await asyncio.create_subprocess_exec(*base, "-m", "no role", stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2 and b"ROLE:CONTENT" in err
