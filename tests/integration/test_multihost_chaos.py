@@ -40,7 +40,10 @@ CLIENTS = 4
 ENGINES = int(os.environ.get("FLEETSERVE_MULTIHOST_ENGINES", "1"))
 # The requests the load cycles through: (seed, max_tokens, prompt); sampled with a seed, so reproducible.
 SPECS = [(seed, 24 + 8 * (seed % 4), f"multihost prompt number {seed % 5}") for seed in range(12)]
-LONG = (99, 400, "a long story through the gateway that dies")
+# Long enough that the gateway's SIGKILL, sent once the test has read 10 of its tokens, finds it still streaming:
+# with 400 the rest took ~0.2 s at speed 5, and a busy host's test loop was slower than that to send the kill
+# (the stream ended whole, resumes 0). 2,000 leave it about a second.
+LONG = (99, 2000, "a long story through the gateway that dies")
 RESUMING = RetryPolicy(max_attempts=40, backoff_base_s=0.05, backoff_max_s=0.5, max_advised_delay_s=0.0)
 
 
