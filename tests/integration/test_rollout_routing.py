@@ -49,7 +49,10 @@ async def test_a_rollout_to_a_version_without_replicas_moves_no_traffic(fleet):
     replica = reg_pb.Replica(replica_id="gone", address="127.0.0.1:9", model=MODEL, model_version="v9")
     reg = fleet.registry_stub()
     await reg.RegisterReplica(reg_pb.RegisterReplicaRequest(replica=replica), timeout=2)
-    await reg.DeregisterReplica(reg_pb.DeregisterReplicaRequest(replica_id="gone"), timeout=2)
+    # The router learns of replicas on one watch stream and of the rollout on another: unless it has seen v9's
+    # replica come and go first, the rollout can arrive before the replica's removal, and requests go to it.
+    await assert_eventually(lambda: fleet.router.membership.get("gone") is not None, timeout_s=5)
+    await fleet.deregister("gone")  # and waits until the router's membership has dropped it
     stub = rollouts(fleet)
     plan = pb.RolloutPlan(
         model=MODEL, baseline_version="v1", candidate_version="v9", strategy=pb.ROLLOUT_STRATEGY_CANARY,
