@@ -133,6 +133,12 @@ class RegistryStore(ABC):
     async def list_docs(self, kind: str) -> list[Doc]:
         """Every document of a kind, by name."""
 
+    async def load_docs(self, kind: str) -> tuple[list[Doc], int]:
+        """Every document of a kind, and the store revision they were read at (watch_docs resumes after it;
+        every version read is at most that revision). 0 where the store has no revisions (SQLite: its single
+        writer is this process, whose own writes are in memory already, so nothing can be missed)."""
+        return await self.list_docs(kind), 0
+
     @abstractmethod
     async def put_doc(self, kind: str, name: str, value: bytes, *, if_version: int | None = None) -> int:
         """Write a document; its new version. With if_version, only if its version is that (0: only if it
@@ -143,8 +149,9 @@ class RegistryStore(ABC):
         """Delete a document; whether it existed."""
 
     @abstractmethod
-    def watch_docs(self, kind: str) -> AsyncIterator[DocEvent]:
-        """Changes to documents of a kind from now on, until cancelled."""
+    def watch_docs(self, kind: str, after_revision: int = 0) -> AsyncIterator[DocEvent]:
+        """Changes to documents of a kind after after_revision (from load_docs; 0: from now on), until cancelled.
+        A watch that breaks (etcd unreachable, its revision compacted) raises StoreError; callers watch again."""
 
     async def close(self) -> None:
         """Release connections and files."""
@@ -335,7 +342,8 @@ class SqliteStore(RegistryStore):
             self._notify(kind, DocEvent(DocChange.DELETED, Doc(name, b"", 0)))
         return bool(cur.rowcount)
 
-    async def watch_docs(self, kind: str) -> AsyncIterator[DocEvent]:
+    async def watch_docs(self, kind: str, after_revision: int = 0) -> AsyncIterator[DocEvent]:
+        # No revisions here (load_docs says 0) and no other writer: from now on is all there is.
         q: asyncio.Queue[DocEvent] = asyncio.Queue()
         self._doc_watchers.setdefault(kind, set()).add(q)
         try:

@@ -314,6 +314,12 @@ class EtcdStore(RegistryStore):
             key=lambda d: d.name,
         )
 
+    async def load_docs(self, kind: str) -> tuple[list[Doc], int]:
+        base = self._doc_key(kind)
+        resp = await self._call("list", lambda c: c.get_prefix(base))
+        docs = (Doc(kv.key[len(base) :].decode(), kv.value, kv.mod_revision) for kv in resp)
+        return sorted(docs, key=lambda d: d.name), resp.header.revision
+
     async def put_doc(self, kind: str, name: str, value: bytes, *, if_version: int | None = None) -> int:
         validate_doc_key(kind, name)
         key = self._doc_key(kind, name)
@@ -336,9 +342,9 @@ class EtcdStore(RegistryStore):
         resp = await self._call("delete", lambda c: c.delete(self._doc_key(kind, name)))
         return bool(resp and resp.deleted)
 
-    async def watch_docs(self, kind: str) -> AsyncIterator[DocEvent]:
+    async def watch_docs(self, kind: str, after_revision: int = 0) -> AsyncIterator[DocEvent]:
         base = self._doc_key(kind)
-        async for ev in self._watch(base):
+        async for ev in self._watch(base, after_revision + 1 if after_revision else None):
             name = ev.kv.key[len(base) :].decode()
             if ev.kind == EventKind.PUT:
                 yield DocEvent(DocChange.PUT, Doc(name, ev.kv.value, ev.kv.mod_revision))

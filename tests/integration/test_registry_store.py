@@ -123,6 +123,31 @@ async def test_document_watch_sees_puts_and_deletes(store):
     assert events == [(DocChange.PUT, "plan", b"v1"), (DocChange.DELETED, "plan", b"")]
 
 
+async def test_etcd_document_watch_resumes_after_the_revision_of_a_read(etcd):
+    """A watch_docs started after load_docs' revision delivers the writes and deletions made between the read and
+    the watch (no gap for a follower that reads, then watches), and nothing from before the read."""
+    s = EtcdStore(etcd.endpoint, etcd.prefix)
+    await s.open(lease_ttl_s=30)
+    try:
+        await s.put_doc("flag", "before", b"0")
+        docs, revision = await s.load_docs("flag")
+        assert [(d.name, d.value) for d in docs] == [("before", b"0")] and docs[0].version <= revision
+        await s.put_doc("flag", "between", b"1")  # after the read, before any watch exists
+        await s.delete_doc("flag", "before")
+        events = []
+
+        async def follow():
+            async for ev in s.watch_docs("flag", after_revision=revision):
+                events.append((ev.change, ev.doc.name))
+                if len(events) == 2:
+                    return
+
+        await asyncio.wait_for(follow(), 10)
+        assert events == [(DocChange.PUT, "between"), (DocChange.DELETED, "before")]
+    finally:
+        await s.close()
+
+
 MARKER = "watch-marker"
 
 
