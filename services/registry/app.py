@@ -30,6 +30,9 @@ from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
+# Backoff (full jitter) before watching a shared store again after its watch broke: membership and traffic alike.
+WATCH_BACKOFF_BASE_S, WATCH_BACKOFF_MAX_S = 0.1, 5.0
+
 
 async def reap_once(servicer: RegistryServicer) -> list[str]:
     """Remove replicas whose lease ended, from memory (watchers see REMOVED) and from the database."""
@@ -86,7 +89,7 @@ async def follow_store(membership: Membership, servicer: RegistryServicer, after
             reason = "watch ended"
         except StoreError as e:
             reason = str(e)
-        delay = full_jitter(attempt, 0.1, 5.0)
+        delay = full_jitter(attempt, WATCH_BACKOFF_BASE_S, WATCH_BACKOFF_MAX_S)
         log.warning("registry.store_watch_broken", reason=reason, retry_in_s=round(delay, 3))
         attempt += 1
         await asyncio.sleep(delay)
@@ -255,7 +258,11 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
     app = RegistryApp(running, servicer, membership, store, rollouts, metrics_registry=prom.new_registry())
     seen: set[str] = set()
     app.metrics_registry.register(prom.LoopCollector(lambda: replica_families(membership, seen)))
-    app.tasks.append(asyncio.create_task(traffic.follow(), name="registry.follow_traffic"))
+    app.tasks.append(
+        asyncio.create_task(
+            traffic.follow(WATCH_BACKOFF_BASE_S, WATCH_BACKOFF_MAX_S), name="registry.follow_traffic"
+        )
+    )
     app.tasks.append(asyncio.create_task(asyncio.to_thread(stats.warm_up), name="registry.stats_warm_up"))
     app.tasks.append(
         asyncio.create_task(controller.run(settings.rollout_interval_s), name="registry.rollout_controller")

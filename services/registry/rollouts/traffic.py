@@ -6,6 +6,8 @@ publishes whole snapshots to its watchers (routers), coalesced so that a slow wa
 from __future__ import annotations
 
 import asyncio
+import time
+from contextlib import aclosing
 from urllib.parse import quote, unquote
 
 import structlog
@@ -13,8 +15,9 @@ from fleetserve.registry.v1 import rollout_service_pb2 as pb
 from google.protobuf.message import Message
 
 from services.registry.rollouts import plans
-from services.registry.store import DocChange, RegistryStore, StoreConflict
+from services.registry.store import Doc, DocChange, DocEvent, RegistryStore, StoreConflict, StoreError
 from shared.errors import Aborted
+from shared.resilience import full_jitter
 
 log = structlog.get_logger(__name__)
 
@@ -61,26 +64,95 @@ class TrafficState:
         for doc in await self.store.list_docs(VERSION):
             self._add_version(doc.name)
 
-    async def follow(self) -> None:
-        """Apply the store's changes (another registry's writes, with etcd) until cancelled."""
-        await asyncio.gather(*(self._follow(kind) for kind in (*_TYPES, VERSION)))
+    async def follow(self, backoff_base_s: float = 0.1, backoff_max_s: float = 5.0) -> None:
+        """Apply the store's changes (another registry's writes, with etcd) until cancelled. Each kind has its own
+        watch: one that breaks (etcd member gone, network blip, compaction) is watched again with full-jitter
+        backoff, after reconciling with a fresh read, so a kind's failure neither stops the others nor loses a
+        write made while its watch was down."""
+        await asyncio.gather(
+            *(self._follow(kind, backoff_base_s, backoff_max_s) for kind in (*_TYPES, VERSION))
+        )
 
-    async def _follow(self, kind: str) -> None:
-        async for ev in self.store.watch_docs(kind):
-            name = ev.doc.name
-            if kind == VERSION:
-                self._add_version(name)
-                continue
+    async def _follow(self, kind: str, backoff_base_s: float, backoff_max_s: float) -> None:
+        # Every (re)subscription reads the kind afresh and watches from that read's revision: the read covers
+        # whatever happened before (since load(), or while the watch was down) and the watch everything after,
+        # with no gap between them. A watch resumed from the last event's revision instead could not recover
+        # once etcd compacted that revision, and a deletion missed during the gap would need the read anyway.
+        attempt = 0  # consecutive failed attempts since the watch last delivered something
+        broken_at: float | None = None  # when the current break began (None: not broken)
+        while True:
+            try:
+                docs, revision = await self.store.load_docs(kind)
+                changed = self._reconcile(kind, docs, revision)
+                if broken_at is not None:
+                    log.info(
+                        "registry.traffic_watch_resumed",
+                        kind=kind,
+                        changed=changed,
+                        down_s=round(time.monotonic() - broken_at, 3),
+                    )
+                    broken_at = None
+                async with aclosing(self.store.watch_docs(kind, after_revision=revision)) as events:
+                    async for ev in events:
+                        attempt = 0
+                        self._apply(kind, ev)
+                error = "watch ended"
+            except StoreError as e:
+                error = str(e)
+            except Exception as e:  # a bug or a bad document must not stop following for good
+                error = repr(e)
+            delay = full_jitter(attempt, backoff_base_s, backoff_max_s)
+            if broken_at is None:  # once per break, not once per failed retry while etcd stays away
+                broken_at = time.monotonic()
+                log.warning(
+                    "registry.traffic_watch_broken", kind=kind, error=error[:300], retry_in_s=round(delay, 3)
+                )
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _apply(self, kind: str, ev: DocEvent) -> None:
+        """One change from the watch."""
+        name = ev.doc.name
+        if kind == VERSION:
+            self._add_version(name)
+            return
+        known = self._doc_versions.get((kind, name), 0)
+        if ev.change is DocChange.DELETED:
+            self._table(kind).pop(name, None)
+            self._doc_versions.pop((kind, name), None)
+        elif ev.doc.version > known:  # our own writes come back too, already applied
+            self._table(kind)[name] = _TYPES[kind].FromString(ev.doc.value)
+            self._doc_versions[(kind, name)] = ev.doc.version
+        else:
+            return
+        self.publish()
+
+    def _reconcile(self, kind: str, docs: list[Doc], revision: int) -> int:
+        """Make memory match a fresh read of kind taken at revision: apply what is newer, drop what is gone;
+        publish once if anything changed. How many documents changed."""
+        if kind == VERSION:  # versions are only ever added
+            before = sum(len(v) for v in self.versions.values())
+            for doc in docs:
+                self._add_version(doc.name)
+            changed = sum(len(v) for v in self.versions.values()) - before
+            return changed  # routers' view does not include versions: nothing to publish
+        table, fresh, changed = self._table(kind), {d.name: d for d in docs}, 0
+        for name in list(table):
             known = self._doc_versions.get((kind, name), 0)
-            if ev.change is DocChange.DELETED:
-                self._table(kind).pop(name, None)
+            # Absent from the read and not written here after it (a write of ours that raced the read has a
+            # later revision): deleted meanwhile. Without revisions (SQLite) this process is the only writer.
+            if name not in fresh and (revision == 0 or known <= revision):
+                table.pop(name, None)
                 self._doc_versions.pop((kind, name), None)
-            elif ev.doc.version > known:  # our own writes come back too, already applied
-                self._table(kind)[name] = _TYPES[kind].FromString(ev.doc.value)
-                self._doc_versions[(kind, name)] = ev.doc.version
-            else:
-                continue
+                changed += 1
+        for name, doc in fresh.items():
+            if doc.version > self._doc_versions.get((kind, name), 0):
+                table[name] = _TYPES[kind].FromString(doc.value)
+                self._doc_versions[(kind, name)] = doc.version
+                changed += 1
+        if changed:
             self.publish()
+        return changed
 
     def _add_version(self, name: str) -> None:
         model, _, version = name.partition("@")

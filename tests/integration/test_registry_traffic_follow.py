@@ -1,0 +1,104 @@
+"""A registry keeps following the other registries' traffic writes (flags, experiments, rollouts) through etcd
+after its document watch broke: it watches again and reconciles, so a write made while it was cut off still
+reaches its routers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
+from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
+from fleetserve.registry.v1 import rollout_service_pb2 as pb
+from fleetserve.registry.v1 import rollout_service_pb2_grpc as pb_grpc
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.registry import app as registry_app
+from services.registry.config import RegistrySettings
+from shared.telemetry import Telemetry
+from tests.support import assert_eventually
+
+MODEL = "m"
+
+
+def telemetry() -> Telemetry:
+    tp, mp = TracerProvider(), MeterProvider()
+    return Telemetry(tp.get_tracer("t"), mp.get_meter("t"), tp, mp)
+
+
+async def start_registry(endpoints: list[str], tmp_path, name: str) -> registry_app.RegistryApp:
+    settings = RegistrySettings(
+        port=0,
+        store="etcd",
+        etcd_endpoint=",".join(endpoints),
+        etcd_prefix="/follow/",
+        db_path=str(tmp_path / f"{name}.db"),
+        lease_ttl_s=30,
+        heartbeat_interval_s=1,
+    )
+    return await registry_app.start(settings, telemetry())
+
+
+def flag(name: str) -> pb.FeatureFlag:
+    return pb.FeatureFlag(
+        name=name, model=MODEL, users=[name], variant=pb.Variant(routing_policy="round_robin")
+    )
+
+
+async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_registrys_flags(
+    tmp_path, etcd_cluster
+):
+    """Registry A talks only to etcd member 0, registry B to members 1 and 2. Member 0 is SIGKILLed (A's watches
+    break); meanwhile B deletes one flag and sets another. Once member 0 is back, A's WatchTraffic shows both
+    changes without a restart, and a flag B sets afterwards arrives through A's new watch."""
+    follower = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a")
+    writer = None
+    snapshots: list[pb.WatchTrafficResponse] = []
+    try:
+        writer = await start_registry(etcd_cluster.endpoints[1:], tmp_path, "b")
+        async with (
+            grpc.aio.insecure_channel(follower.address) as a_ch,
+            grpc.aio.insecure_channel(writer.address) as b_ch,
+        ):
+            b = pb_grpc.RolloutServiceStub(b_ch)
+            # A flag must name a model some replica registered with.
+            replica = reg_pb.Replica(replica_id="r1", address="127.0.0.1:1", model=MODEL, backend="sim")
+            await reg_grpc.RegistryServiceStub(b_ch).RegisterReplica(
+                reg_pb.RegisterReplicaRequest(replica=replica), timeout=5
+            )
+
+            async def watch() -> None:
+                async for snap in pb_grpc.RolloutServiceStub(a_ch).WatchTraffic(pb.WatchTrafficRequest()):
+                    snapshots.append(snap)
+
+            def a_flags() -> set[str]:
+                return {f.name for f in snapshots[-1].flags} if snapshots else set()
+
+            watcher = asyncio.create_task(watch())
+            try:
+                await b.SetFeatureFlag(pb.SetFeatureFlagRequest(flag=flag("gone")), timeout=5)
+                await assert_eventually(lambda: a_flags() == {"gone"}, timeout_s=10)
+
+                etcd_cluster.kill(0)  # A's only member: every watch of A breaks
+                await b.DeleteFeatureFlag(pb.DeleteFeatureFlagRequest(name="gone"), timeout=10)
+                await b.SetFeatureFlag(pb.SetFeatureFlagRequest(flag=flag("during")), timeout=10)
+                assert a_flags() == {"gone"}  # A cannot know yet: its member is down
+                await asyncio.to_thread(etcd_cluster.members[0].start)  # same data and ports: it rejoins
+
+                # At most a few backoffs (capped at 5 s) after the member is back, A has caught up.
+                await assert_eventually(lambda: a_flags() == {"during"}, timeout_s=30)
+                await b.SetFeatureFlag(pb.SetFeatureFlagRequest(flag=flag("after")), timeout=5)
+                await assert_eventually(lambda: a_flags() == {"during", "after"}, timeout_s=10)
+                # However it is retrying, following ends promptly when the registry stops.
+                (follow,) = [t for t in follower.tasks if t.get_name() == "registry.follow_traffic"]
+                follow.cancel()
+                await asyncio.wait_for(asyncio.gather(follow, return_exceptions=True), 2)
+                assert follow.cancelled()
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+    finally:
+        if writer is not None:
+            await writer.stop(0.2)
+        await follower.stop(0.2)
