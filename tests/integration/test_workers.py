@@ -73,17 +73,27 @@ async def test_requests_reach_both_router_workers_over_grpc_and_http(fleet):
             ) as r:
                 assert r.status == 200, await r.text()
                 assert (await r.json())["usage"]["completion_tokens"] == 3
-    counts = router_requests_by_pid(fleet)
-    assert len(counts) == 2 and sum(counts.values()) >= 18, counts
+
+    # The router writes its canonical line and counts a request after the client has its last chunk (both
+    # front ends end the client's answer with that chunk): wait for them rather than read them at once.
+    def on_both_workers():
+        counts = router_requests_by_pid(fleet)
+        return len(counts) == 2 and sum(counts.values()) >= 18
+
+    await assert_eventually(on_both_workers, timeout_s=10)
+
     # One /metrics for the router, summing both workers' counters (Prometheus multiprocess mode).
-    async with aiohttp.ClientSession() as s, s.get(f"http://{info['metrics_address']}/metrics") as r:
-        text = await r.text()
-    ok = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("fleetserve:router_requests_total") and 'code="OK"' in line
-    ]
-    assert sum(ok) >= 18, text[:2000]
+    async def ok_counted() -> bool:
+        async with aiohttp.ClientSession() as s, s.get(f"http://{info['metrics_address']}/metrics") as r:
+            text = await r.text()
+        ok = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("fleetserve:router_requests_total") and 'code="OK"' in line
+        )
+        return ok >= 18
+
+    await assert_eventually(ok_counted, timeout_s=10)
 
 
 WORKER_SERIES = (
