@@ -1,6 +1,7 @@
 """A TCP proxy for network faults between two hops (Debian ships no toxiproxy): added latency per forwarded
-piece, connections sliced into tiny writes, and resets (RST) after a random number of bytes. Hand-written: a
-few dozen lines of asyncio do what the tests need, with no server of its own to install and run."""
+piece, connections sliced into tiny writes, resets (RST) after a random number of bytes, and a close in place of
+a call's trailers (an HTTP/2 frame boundary, which no byte count can hit). Hand-written: a few dozen lines of
+asyncio do what the tests need, with no server of its own to install and run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ class Faults:
     latency_s: float = 0.0  # before forwarding each read
     slice_max: int = 0  # > 0: forward in pieces of 1..slice_max bytes
     reset_after: tuple[int, int] | None = None  # reset each connection after a random count of bytes in range
+    # > 0, upstream to client: close the connection instead of forwarding a HEADERS frame that ends a stream (a
+    # gRPC call's trailers) which had at least this many DATA frames (a streamed answer, not a unary call's one
+    # message): the client has every message of the call and then a broken connection, never its status.
+    cut_trailers_after: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(7))
 
 
@@ -30,6 +35,7 @@ class TcpProxy:
         self.faults = faults or Faults()
         self.resets = 0
         self.connections = 0
+        self.trailers_cut = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -72,12 +78,16 @@ class TcpProxy:
         if self.faults.reset_after is not None:
             budget = [self.faults.rng.randint(*self.faults.reset_after)]
         self._writers.update((writer, up_writer))
-        pumps = [
-            asyncio.create_task(self._pump(reader, up_writer, budget)),
-            asyncio.create_task(self._pump(up_reader, writer, budget)),
-        ]
+        back = (
+            self._cut_trailers(up_reader, writer)
+            if self.faults.cut_trailers_after > 0
+            else self._pump(up_reader, writer, budget)
+        )
+        pumps = [asyncio.create_task(self._pump(reader, up_writer, budget)), asyncio.create_task(back)]
         try:
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            # A cut trailer closes both ends with FIN (below), not RST: an RST makes the peer's kernel drop what
+            # it received and not yet read, and the call's last messages must arrive.
             if budget is not None and budget[0] <= 0:
                 self.resets += 1
                 _reset(writer)
@@ -114,6 +124,27 @@ class TcpProxy:
                 await writer.drain()  # each piece its own write: the peer reads it sliced
             if budget is not None and budget[0] <= 0:
                 return
+
+    async def _cut_trailers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Forward HTTP/2 frames (9-byte header: 3 bytes length, type, flags, stream id) from a server until one is
+        a HEADERS frame (type 1) with END_STREAM (flag 1) on a stream that had cut_trailers_after DATA frames (type
+        0): then close both ends (after what was forwarded) instead of forwarding it."""
+        data_frames: dict[int, int] = {}
+        while True:
+            try:
+                header = await reader.readexactly(9)
+                payload = await reader.readexactly(int.from_bytes(header[:3], "big"))
+            except asyncio.IncompleteReadError:
+                return
+            stream_id = int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
+            if header[3] == 0:
+                data_frames[stream_id] = data_frames.get(stream_id, 0) + 1
+            elif header[3] == 1 and header[4] & 1:
+                if data_frames.pop(stream_id, 0) >= self.faults.cut_trailers_after:
+                    self.trailers_cut += 1
+                    return
+            writer.write(header + payload)
+            await writer.drain()
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -6,7 +6,9 @@ run, and nothing is left in flight on router or engines afterwards."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+import aiohttp
 import grpc
 import pytest
 from fleetserve.inference.v1 import inference_service_pb2 as pb
@@ -90,6 +92,74 @@ async def test_latency_slicing_and_resets_between_gateway_and_router(tmp_path):
                 return busy == 0 and fleet.router.servicer.in_flight.total() == 0
 
             await assert_eventually(idle, timeout_s=30, interval_s=0.1, message="work left after resets")
+        finally:
+            await gateway.stop(0.5)
+            await proxy.stop()
+
+
+async def _http_completion(address: str, stream: bool) -> tuple[int, str, str]:
+    """(status, text, finish_reason) of one greedy completion over the OpenAI HTTP endpoint."""
+    body = {"model": MODEL, "prompt": "whole 1", "max_tokens": 40, "temperature": 0, "stream": stream}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://{address}/v1/completions", json=body, headers=headers, timeout=20) as r:
+            if not stream:
+                data = await r.json()
+                if r.status != 200:
+                    return r.status, "", str(data)
+                return r.status, data["choices"][0]["text"], data["choices"][0]["finish_reason"]
+            text, finish = "", ""
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice.get("text") or ""
+                    finish = choice.get("finish_reason") or finish
+            return r.status, text, finish
+
+
+async def test_a_cut_between_the_last_chunk_and_the_trailers_leaves_every_answer_whole(tmp_path):
+    """The router-to-gateway connection reset in place of each call's trailers (after its finish chunk, before
+    its status): a gRPC client gets every chunk with the finish reason, and HTTP clients, streaming or not, a
+    complete answer with status 200, each identical to an undisturbed run; nothing is left in flight."""
+    async with in_process_fleet(tmp_path, engines=1, gateway=True) as fleet:
+        direct = pb_grpc.InferenceServiceStub(fleet.channel(fleet.gateway.address))
+        req = pb.GenerateRequest(model=MODEL, prompt="whole 1", max_tokens=40, temperature=0)
+        auth = (("authorization", f"Bearer {API_KEY}"),)
+        reference = "".join([r.chunk.text async for r in direct.Generate(req, metadata=auth, timeout=20)])
+        proxy = await TcpProxy(fleet.router.address, Faults(cut_trailers_after=2)).start()
+        gateway = await start_gateway(
+            GatewaySettings(
+                router_address=proxy.address,
+                db_path=str(tmp_path / "gw-cut.db"),
+                bootstrap_api_key=API_KEY,
+                http_port=0,
+            ),
+            fleet.telemetry,
+        )
+        try:
+            chunks, error = [], None
+            try:
+                stub = pb_grpc.InferenceServiceStub(fleet.channel(gateway.address))
+                async for r in stub.Generate(req, metadata=auth, timeout=20):
+                    chunks.append(r.chunk)
+            except grpc.aio.AioRpcError as e:
+                error = e.code()
+            assert "".join(c.text for c in chunks) == reference
+            assert chunks[-1].finish_reason != 0 and chunks[-1].usage.completion_tokens == 40
+            assert error in (None, grpc.StatusCode.UNAVAILABLE)
+            for stream in (False, True):
+                status, text, finish = await _http_completion(gateway.http_address, stream)
+                assert (status, text, finish) == (200, reference, "length"), f"stream={stream}"
+            assert proxy.trailers_cut >= 3
+
+            async def idle():
+                load = await fleet.engine_load(next(iter(fleet.engines)))
+                return (
+                    load.load.running + load.load.waiting == 0
+                    and fleet.router.servicer.in_flight.total() == 0
+                )
+
+            await assert_eventually(idle, timeout_s=30, interval_s=0.1, message="work left after the cuts")
         finally:
             await gateway.stop(0.5)
             await proxy.stop()

@@ -272,9 +272,9 @@ class OpenAIServer:
             shaper = Shaper(kind, request_id, greq.model, opts.include_usage)
             if opts.stream:
                 return await self._stream(request, shaper, chunk, stream, headers, outcome)
-            return await self._whole(shaper, chunk, stream, headers)
+            return await self._whole(shaper, chunk, stream, headers, outcome)
         finally:
-            if outcome.finished and opts.stream:
+            if outcome.finished:
                 self.pipeline.finish_later(stream, request_id)
             else:
                 await stream.aclose()
@@ -327,11 +327,18 @@ class OpenAIServer:
         chunk: common_pb2.GenerateChunk,
         stream: AsyncIterator[bytes],
         headers: dict[str, str],
+        outcome: Outcome,
     ) -> web.Response:
+        """The whole answer as one JSON body, sent with the chunk that carries the finish reason
+        (outcome.finished: the request is settled), as _stream ends its body: a hop whose call breaks after
+        that chunk, before its status, leaves the client a complete answer, not an error for one it has paid."""
         served_by = chunk.served_by.model_version
         texts = [chunk.text]
         try:
-            async for data in stream:
+            while not outcome.finished:
+                data = await anext(stream, None)
+                if data is None:
+                    break
                 chunk = pb.GenerateResponse.FromString(data).chunk
                 texts.append(chunk.text)
         except Exception as e:  # noqa: BLE001 - turned into an HTTP error in one place
