@@ -23,6 +23,9 @@ class Faults:
     # gRPC call's trailers) which had at least this many DATA frames (a streamed answer, not a unary call's one
     # message): the client has every message of the call and then a broken connection, never its status.
     cut_trailers_after: int = 0
+    # How long the cut waits after the stream's last DATA frame: gRPC drops messages its peer received and the
+    # application has not read yet when the connection closes, and the cut is meant to come after them.
+    cut_trailers_delay_s: float = 0.2
     rng: random.Random = field(default_factory=lambda: random.Random(7))
 
 
@@ -44,6 +47,10 @@ class TcpProxy:
     def address(self) -> str:
         host, port = self._server.sockets[0].getsockname()[:2]
         return f"{host}:{port}"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers) // 2
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -142,6 +149,7 @@ class TcpProxy:
             elif header[3] == 1 and header[4] & 1:
                 if data_frames.pop(stream_id, 0) >= self.faults.cut_trailers_after:
                     self.trailers_cut += 1
+                    await asyncio.sleep(self.faults.cut_trailers_delay_s)
                     return
             writer.write(header + payload)
             await writer.drain()
