@@ -24,6 +24,9 @@ log = structlog.get_logger(__name__)
 # Tokens of output assumed for a request that sets no max_tokens (the engine's default is larger; this only
 # weighs load).
 DEFAULT_OUTPUT_TOKENS = 256
+# Leading prompt blocks that make a session-less request's affinity key: 128 tokens, about the gateway's 512
+# characters (services/gateway/routers.AFFINITY_CHARS) - the start of a conversation, which its later turns share.
+AFFINITY_BLOCKS = 8
 
 
 @functools.lru_cache(maxsize=4096)  # a hash per request on the engine call's path otherwise; few tenants
@@ -88,6 +91,22 @@ class RouteRequest:
     def block_hashes(self) -> list[int]:
         """Hashes of the prompt's full blocks, chained and salted with the tenant's cache salt."""
         return block_hashes(self.token_ids, self.cache_salt)
+
+    @functools.cached_property
+    def affinity_key(self) -> bytes:
+        """What ties a request to its conversation for any router that sees it: the tenant's session id, else
+        the hash of its prompt's first AFFINITY_BLOCKS blocks (salted per tenant; every turn of a conversation
+        starts with them); b"" when neither exists (a prompt shorter than one block)."""
+        if self.session_id:
+            return f"s\x00{self.tenant_id}\x00{self.session_id}".encode()
+        hashes = self.block_hashes
+        if not hashes:
+            return b""
+        return (
+            b"b\x00"
+            + self.model.encode()
+            + hashes[min(len(hashes), AFFINITY_BLOCKS) - 1].to_bytes(8, "little")
+        )
 
     @functools.cached_property
     def prompt_tokens_estimate(self) -> int:
@@ -221,17 +240,35 @@ class Policy(ABC):
         """Stop background work (subscriptions) when the router stops."""
 
 
+def rendezvous_rank(key: bytes, replica_id: str) -> int:
+    """Rendezvous (highest-random-weight) rank of replica_id for key: every router ranks a key's replicas alike
+    (blake2b: Python's hash() differs between processes), and a replica that leaves moves only its own keys."""
+    return int.from_bytes(blake2b(key + b"\x00" + replica_id.encode(), digest_size=8).digest(), "big")
+
+
 def least_loaded(
-    policy: Policy, candidates: Sequence[ReplicaInfo], rng, reason: str, **details: Any
+    policy: Policy,
+    candidates: Sequence[ReplicaInfo],
+    rng,
+    reason: str,
+    key: bytes = b"",
+    tolerance: float = 0.0,
+    **details: Any,
 ) -> Decision:
-    """The candidate with the lowest load score, ties at random (so no replica gets every tie): the fallback of
-    the cache-aware policies as well as least_load itself."""
+    """The candidate with the lowest load score: the fallback of the cache-aware policies as well as least_load
+    itself. Ties (scores within tolerance of the lowest) go to the one key ranks first by rendezvous hashing
+    when a key is given (so independent routers agree on it), else at random (so no replica gets every tie)."""
     scores = {r.replica_id: round(policy.load.score(r.replica_id), 4) for r in candidates}
     if len(candidates) == 1:
         return Decision(candidates[0], reason, scores, details, policy.name)
     low = min(scores.values())
-    best = [r for r in candidates if scores[r.replica_id] == low]
-    chosen = best[0] if len(best) == 1 else rng.choice(best)
+    best = [r for r in candidates if scores[r.replica_id] <= low + tolerance]
+    if len(best) == 1:
+        chosen = best[0]
+    elif key:
+        chosen = max(best, key=lambda r: rendezvous_rank(key, r.replica_id))
+    else:
+        chosen = rng.choice(best)
     return Decision(chosen, reason, scores, details, policy.name)
 
 

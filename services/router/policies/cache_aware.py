@@ -1,5 +1,6 @@
 """cache_aware: send a prompt where its prefix was sent before (an approximate index of what this router routed,
-per model and tenant), unless that would unbalance the fleet; poor matches go to the least-loaded replica."""
+per model and tenant), unless that would unbalance the fleet; poor matches go to the least-loaded replica. Ties go
+where the request's affinity key hashes, so independent routers (gateway workers' embedded routers) agree."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 from collections.abc import Sequence
 
 from services.router.membership import ReplicaInfo
-from services.router.policies import Decision, Policy, RouteRequest, least_loaded, register
+from services.router.policies import Decision, Policy, RouteRequest, least_loaded, register, rendezvous_rank
 from services.router.prefix_index import PrefixIndex
 from shared.prefix_hash import BLOCK_SIZE
 
@@ -24,8 +25,19 @@ class CacheAwarePolicy(Policy):
        match wins only when it saves more than the extra queue costs: at low load a replica that holds a
        shared system prompt and one conversation already does not take the next conversation too
        (conversations spread), while a long history still pulls its next turn home;
-    3. a poor match (the winner holds less than `min_match` of the prompt) -> least-loaded, ties at random,
-       never "the first replica".
+    3. a poor match (the winner holds less than `min_match` of the prompt) -> least-loaded, never "the first
+       replica".
+
+    Ties go to the replica that rendezvous hashing of the request's affinity key (RouteRequest.affinity_key: its
+    session, else its leading prompt blocks) ranks first; scores within `tie_tokens` of the best tie (one
+    request's worth by default), and so do load scores within `tie_load` of the lightest in the least-loaded
+    fallbacks. This router's history and in-flight counts cover only what it routed: with several routers that
+    each see some of a conversation's turns (the embedded routers of a gateway's workers: the kernel spreads
+    connections over them), a turn whose history a router never saw, judged on its own view of the load, went
+    elsewhere than the other routers sent the conversation (at random among equals); the key's rank puts it
+    where they put it, unless that replica is a request busier than the best, so the routers' histories
+    converge (measured: docs/benchmarks/router_affinity.md). With one router it also keeps a conversation home
+    against small load differences. `affinity_ties=0` restores the strict best score and random ties.
     """
 
     def __init__(
@@ -34,6 +46,9 @@ class CacheAwarePolicy(Policy):
         imbalance_rel: float = 1.5,
         tokens_per_request: float = 256.0,
         min_match: float = 0.3,
+        affinity_ties: float = 1.0,
+        tie_load: float = 1.0,
+        tie_tokens: float = 256.0,
         index: PrefixIndex | None = None,
         rng: random.Random | None = None,
         **kwargs,
@@ -42,29 +57,55 @@ class CacheAwarePolicy(Policy):
         self.imbalance_abs, self.imbalance_rel = imbalance_abs, imbalance_rel
         self.tokens_per_request = tokens_per_request
         self.min_match = min_match
+        self.affinity_ties = bool(affinity_ties)
+        self.tie_load = tie_load
+        self.tie_tokens = tie_tokens
         self.index = index or PrefixIndex()
         self._rng = rng or random.Random()
 
     def _decide(self, candidates: Sequence[ReplicaInfo], request: RouteRequest) -> Decision:
+        key, tie = (request.affinity_key, self.tie_load) if self.affinity_ties else (b"", 0.0)
         loads = {r.replica_id: self.load.requests(r.replica_id) for r in candidates}
         low, high = min(loads.values()), max(loads.values())
         if high - low > self.imbalance_abs and high > self.imbalance_rel * low:
-            return least_loaded(self, candidates, self._rng, "imbalanced", loads=loads)
+            return least_loaded(self, candidates, self._rng, "imbalanced", key, tie, loads=loads)
         hashes = request.block_hashes
         if not hashes:
-            return least_loaded(self, candidates, self._rng, "no_full_block")
+            return least_loaded(self, candidates, self._rng, "no_full_block", key, tie)
         matched = self.index.match(request.model, request.cache_salt, hashes, loads)
         scores = {
             rid: round(n * BLOCK_SIZE - self.tokens_per_request * (loads[rid] - low), 1)
             for rid, n in matched.items()
         }
-        # Highest score, then the lighter replica, then chance.
-        best = max(candidates, key=lambda r: (scores[r.replica_id], -loads[r.replica_id], self._rng.random()))
+        # With a key: of the replicas within tie_tokens of the best score, the one the key ranks first (tie_tokens
+        # 0: the best score, then the lighter replica, then the key's rank). Without: best, lighter, chance.
+        if key:
+            top = max(scores.values())
+            near = [r for r in candidates if scores[r.replica_id] >= top - self.tie_tokens]
+            best = max(
+                near,
+                key=lambda r: (
+                    0 if self.tie_tokens else scores[r.replica_id],
+                    0 if self.tie_tokens else -loads[r.replica_id],
+                    rendezvous_rank(key, r.replica_id),
+                ),
+            )
+        else:
+            best = max(
+                candidates, key=lambda r: (scores[r.replica_id], -loads[r.replica_id], self._rng.random())
+            )
         n = matched[best.replica_id]
         details = {"matched_blocks": n, "prompt_blocks": len(hashes), "loads": loads}
         if n / len(hashes) < self.min_match:
             return least_loaded(
-                self, candidates, self._rng, "poor_match", **details, work_tokens=request.work_tokens
+                self,
+                candidates,
+                self._rng,
+                "poor_match",
+                key,
+                tie,
+                **details,
+                work_tokens=request.work_tokens,
             )
         return Decision(
             best,

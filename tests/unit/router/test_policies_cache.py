@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,16 +37,23 @@ def test_cache_aware_keeps_a_conversation_on_its_replica():
     assert len(set(used)) == 1
 
 
-def test_cache_aware_spreads_conversations_at_low_load():
-    """New conversations that share only a system prompt spread over replicas instead of piling onto one,
-    even while earlier conversations still stream (the guard is relative to the fleet's load)."""
+@pytest.mark.parametrize("session", ["", "conv"])
+def test_cache_aware_spreads_conversations_at_low_load(session):
+    """New conversations that share only a system prompt spread over replicas instead of piling onto one, even
+    while earlier conversations still stream (the guard is relative to the fleet's load): a replica takes one
+    only while it holds at most one request more than the lightest (within that, the affinity key decides)."""
     p = CacheAwarePolicy(rng=random.Random(0))
     cands = fleet(4)
-    chosen = []
-    for c in range(4):
-        d = p.decide(cands, chat(f"conversation {c}: first question about topic {c} " * 2))
-        chosen.append(d.replica.replica_id)  # left in flight
-    assert len(set(chosen)) == 4
+    held = dict.fromkeys([r.replica_id for r in cands], 0)
+    for c in range(8):
+        req = chat(
+            f"conversation {c}: first question about topic {c} " * 2,
+            session=f"{session}{c}" if session else "",
+        )
+        d = p.decide(cands, req)
+        assert held[d.replica.replica_id] <= min(held.values()) + 1
+        held[d.replica.replica_id] += 1  # left in flight
+    assert min(held.values()) >= 1, held
 
 
 def test_cache_aware_poor_match_goes_least_loaded_not_first_replica():
@@ -203,3 +211,67 @@ def test_kv_aware_forgets_a_removed_replica():
     _engine_caches(p.index, "r1", chat("q1"))
     p.remove("r1")
     assert p.index.blocks("r1") == 0
+
+
+@pytest.mark.parametrize("session", ["", "conv"])
+def test_independent_cache_aware_routers_keep_a_conversation_on_one_replica(session):
+    """Two routers that each see every other turn of a conversation (the embedded routers of two gateway workers)
+    send all its turns to one replica: a turn whose history a router never saw ties, and ties go where the
+    conversation's affinity key (its session, else its leading blocks) hashes - where the other router sent it.
+    Conversations still spread over the replicas."""
+    routers = [CacheAwarePolicy(rng=random.Random(1)), CacheAwarePolicy(rng=random.Random(2))]
+    cands = fleet(4)
+    homes = set()
+    for c in range(8):
+        system = f"You are assistant number {c} of the support desk for product line {c}. " * 12
+        history: list[str] = []
+        used = []
+        for i in range(4):
+            history.append(f"question {i} of conversation {c}: how do I rotate key {c}-{i}?")
+            p = routers[(c + i) % 2]
+            d = p.decide(cands, chat(*history, system=system, session=f"{session}{c}" if session else ""))
+            used.append(d.replica.replica_id)
+            p.on_complete(d.replica.replica_id)
+            history.append(f"answer {i}: see the rotation runbook, step {i}.")
+        assert len(set(used)) == 1, (c, used)
+        homes.add(used[0])
+    assert len(homes) >= 2
+
+
+def test_affinity_key_is_a_conversations_for_all_its_turns():
+    """A request's affinity key: its tenant's session when it has one, else its leading prompt blocks, which
+    every turn of a conversation shares (and another tenant's same prompt does not)."""
+    system = "You are the assistant of the operations team; answer in one line. " * 12
+    turn1 = RouteRequest.of(chat("first question", system=system))
+    turn2 = RouteRequest.of(chat("first question", "an answer", "second question", system=system))
+    assert len(turn1.block_hashes) >= 8
+    assert turn1.affinity_key == turn2.affinity_key != b""
+    assert (
+        RouteRequest.of(chat("first question", system=system, tenant="t2")).affinity_key != turn1.affinity_key
+    )
+    assert (
+        RouteRequest.of(chat("x", session="s1")).affinity_key
+        == RouteRequest.of(chat("y", session="s1")).affinity_key
+    )
+    assert (
+        RouteRequest.of(chat("x", session="s1", tenant="t2")).affinity_key
+        != RouteRequest.of(chat("x", session="s1")).affinity_key
+    )
+
+
+def test_a_turn_goes_home_through_a_router_that_sees_its_home_one_request_busier():
+    """Routers count only their own requests in flight until the next load report, so they disagree about load
+    by a request or so: a turn whose history this router never saw still goes where the other router sent
+    the conversation while that replica is at most one request busier here (a request's worth of tokens)."""
+    a, b = CacheAwarePolicy(rng=random.Random(1)), CacheAwarePolicy(rng=random.Random(2))
+    cands = fleet(4)
+    # b has sent the shared system prompt everywhere (other conversations, finished).
+    for r in cands:
+        b.index.insert(
+            "m", RouteRequest.of(chat("x")).cache_salt, RouteRequest.of(chat("x")).block_hashes, r.replica_id
+        )
+    home = a.decide(cands, chat("first question", session="c1")).replica.replica_id
+    a.on_complete(home)
+    b.load.started(home, 300)  # one of b's own requests streams there
+    d = b.decide(cands, chat("first question", "an answer", "second question", session="c1"))
+    assert d.replica.replica_id == home, d
