@@ -1,7 +1,7 @@
 """gateway --embedded-router as processes (shared.cluster, no router process): each gateway worker's router
 answers GetStatus on its own port and is registered as a router, its series are on the gateway's one /metrics,
-each follows the registry's experiments, and a gateway worker SIGKILLed under load is restarted while its
-sibling serves, as a gateway worker without it."""
+each follows the registry's experiments, a conversation whose turns alternate the workers stays on one engine,
+and a gateway worker SIGKILLed under load is restarted while its sibling serves, as a gateway worker without it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from fleetserve.common.v1 import common_pb2
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.engine.v1 import engine_service_pb2_grpc as engine_grpc
 from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
@@ -225,6 +226,59 @@ async def test_every_worker_router_follows_an_experiment_set_in_the_registry(fle
         return all(c.chunk.served_by.experiment == "" for c in firsts)
 
     await assert_eventually(untagged, timeout_s=30, interval_s=0.2)
+
+
+async def _routers_idle(fleet) -> bool:
+    """Every worker's router holds nothing in flight and sees every engine idle (their load reports came in)."""
+    for address in fleet.router_endpoints():
+        async with grpc.aio.insecure_channel(address) as ch:
+            status = await router_grpc.RouterServiceStub(ch).GetStatus(
+                router_pb.GetStatusRequest(), timeout=5
+            )
+        if any(r.in_flight or r.load.running or r.load.waiting for r in status.replicas):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("session", ["", "conversation"])
+async def test_a_conversation_whose_turns_alternate_gateway_workers_stays_on_one_replica(fleet, session):
+    """Each turn of a conversation on a fresh connection to the other gateway worker (its own port: so every
+    turn meets the router that did not route the previous one): all its turns reach one engine, which serves
+    each later turn's history from its prefix cache; with a session id and without one."""
+    workers = fleet.ready_info("gateway")["worker_addresses"]
+    assert len(workers) == 2
+    for c in range(5):
+        # A system prompt of its own per conversation: no other request's blocks match it.
+        messages = [
+            {"role": "system", "content": f"You are helper {c} of {session or 'no'} session desk {c}. " * 12}
+        ]
+        replicas, cached = [], []
+        for i in range(3):
+            messages.append(
+                {"role": "user", "content": f"question {i} of conversation {c}: how is {c}-{i} done?"}
+            )
+            req = inf_pb.GenerateRequest(
+                model="sim-1b",
+                messages=[common_pb2.ChatMessage(**m) for m in messages],
+                max_tokens=4,
+                ignore_eos=True,
+                session_id=f"{session}-{c}" if session else "",
+            )
+            # Both routers see the engines idle first, so the turn is routed by prefix and ties, not by a load
+            # report taken while the previous turn ran.
+            await assert_eventually(lambda: _routers_idle(fleet), timeout_s=20, interval_s=0.2)
+            async with grpc.aio.insecure_channel(workers[(c + i) % 2]) as ch:
+                chunks = [
+                    r
+                    async for r in inf_grpc.InferenceServiceStub(ch).Generate(
+                        req, metadata=auth(fleet.api_key), timeout=30
+                    )
+                ]
+            replicas.append(chunks[0].chunk.served_by.replica_id)
+            cached.append(chunks[-1].chunk.usage.cached_tokens)
+            messages.append({"role": "assistant", "content": "".join(r.chunk.text for r in chunks)})
+        assert len(set(replicas)) == 1, (c, replicas)
+        assert all(n > 0 for n in cached[1:]), (c, cached)
 
 
 async def _engine_busy(fleet) -> int:
