@@ -28,16 +28,17 @@ class CacheAwarePolicy(Policy):
     3. a poor match (the winner holds less than `min_match` of the prompt) -> least-loaded, never "the first
        replica".
 
-    Ties go to the replica that rendezvous hashing of the request's affinity key (RouteRequest.affinity_key: its
-    session, else its leading prompt blocks) ranks first; scores within `tie_tokens` of the best tie (one
-    request's worth by default), and so do load scores within `tie_load` of the lightest in the least-loaded
-    fallbacks. This router's history and in-flight counts cover only what it routed: with several routers that
-    each see some of a conversation's turns (the embedded routers of a gateway's workers: the kernel spreads
-    connections over them), a turn whose history a router never saw, judged on its own view of the load, went
-    elsewhere than the other routers sent the conversation (at random among equals); the key's rank puts it
-    where they put it, unless that replica is a request busier than the best, so the routers' histories
-    converge (measured: docs/benchmarks/router_affinity.md). With one router it also keeps a conversation home
-    against small load differences. `affinity_ties=0` restores the strict best score and random ties.
+    Replicas within `tie_tokens` of the best score (one request's worth by default) are as good: of those, the
+    one holding the most of the prompt wins, then the one that rendezvous hashing of the request's affinity key
+    (RouteRequest.affinity_key: its session, else its leading prompt blocks) ranks first; in the least-loaded
+    fallbacks, load scores within `tie_load` of the lightest tie and the key's rank decides. This router's
+    history and in-flight counts cover only what it routed: with several routers that each see some of a
+    conversation's turns (the embedded routers of a gateway's workers: the kernel spreads connections over
+    them), a turn whose history a router never saw, judged on its own view of the load, went elsewhere than the
+    other routers sent the conversation (at random among equals); the key's rank puts it where they put it,
+    unless that replica is a request busier than the best, so the routers' histories converge (measured:
+    docs/benchmarks/router_affinity.md). With one router it also keeps a conversation home against small load
+    differences. `affinity_ties=0` restores the strict best score and random ties.
     """
 
     def __init__(
@@ -77,15 +78,16 @@ class CacheAwarePolicy(Policy):
             rid: round(n * BLOCK_SIZE - self.tokens_per_request * (loads[rid] - low), 1)
             for rid, n in matched.items()
         }
-        # With a key: of the replicas within tie_tokens of the best score, the one the key ranks first (tie_tokens
-        # 0: the best score, then the lighter replica, then the key's rank). Without: best, lighter, chance.
+        # Highest score, then the lighter replica, then chance. With a key, every replica within tie_tokens of the
+        # best score is as good (load differences that small are noise: each router counts only its own requests
+        # in flight), and of those the one holding the most of the prompt, then the one the key ranks first, wins.
         if key:
-            top = max(scores.values())
-            near = [r for r in candidates if scores[r.replica_id] >= top - self.tie_tokens]
+            floor = max(scores.values()) - self.tie_tokens
+            near = [r for r in candidates if scores[r.replica_id] >= floor]
             best = max(
                 near,
                 key=lambda r: (
-                    0 if self.tie_tokens else scores[r.replica_id],
+                    matched[r.replica_id],
                     0 if self.tie_tokens else -loads[r.replica_id],
                     rendezvous_rank(key, r.replica_id),
                 ),
