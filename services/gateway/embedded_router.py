@@ -27,6 +27,12 @@ from shared.tls import Tls
 
 log = structlog.get_logger(__name__)
 
+# cache_aware's wider ties, unless --router-flags set them: every gateway worker (and every gateway) has a router
+# of its own and sees some of a conversation's turns, each counting only its own requests in flight; ties within
+# one request's worth, broken by the conversation's affinity key, put its turns on one replica anyway
+# (docs/benchmarks/router_affinity.md: 73.6% prefix-cache hit rate with turns alternating 2 workers vs 64.8%).
+EMBEDDED_POLICY_OPTIONS = {"cache_aware.tie_tokens": "256", "cache_aware.tie_load": "1"}
+
 
 def router_settings(gateway: GatewaySettings) -> RouterSettings:
     """The embedded router's settings: the router's own flags (--router-flags) and FLEETSERVE_ROUTER_* env, over
@@ -49,7 +55,11 @@ def router_settings(gateway: GatewaySettings) -> RouterSettings:
         # Each worker's router registers as one of its own (-w<i>) and packs its share of --frontend-pack.
         args += ["--worker-index", str(gateway.worker_index), "--worker-count", str(gateway.worker_count)]
     # Given last: an explicit router flag wins over what the gateway passed.
-    return load_settings(RouterSettings, args + shlex.split(gateway.router_flags))
+    settings = load_settings(RouterSettings, args + shlex.split(gateway.router_flags))
+    given = {item.partition("=")[0].strip() for item in settings.policy_options.split(",")}
+    extra = [f"{k}={v}" for k, v in EMBEDDED_POLICY_OPTIONS.items() if k not in given]
+    options = ",".join(o for o in (settings.policy_options.strip(), *extra) if o)
+    return settings.model_copy(update={"policy_options": options})
 
 
 class EmbeddedRouter:

@@ -28,17 +28,18 @@ class CacheAwarePolicy(Policy):
     3. a poor match (the winner holds less than `min_match` of the prompt) -> least-loaded, never "the first
        replica".
 
-    Replicas within `tie_tokens` of the best score (one request's worth by default) are as good: of those, the
-    one holding the most of the prompt wins, then the one that rendezvous hashing of the request's affinity key
-    (RouteRequest.affinity_key: its session, else its leading prompt blocks) ranks first; in the least-loaded
-    fallbacks, load scores within `tie_load` of the lightest tie and the key's rank decides. This router's
-    history and in-flight counts cover only what it routed: with several routers that each see some of a
-    conversation's turns (the embedded routers of a gateway's workers: the kernel spreads connections over
-    them), a turn whose history a router never saw, judged on its own view of the load, went elsewhere than the
-    other routers sent the conversation (at random among equals); the key's rank puts it where they put it,
-    unless that replica is a request busier than the best, so the routers' histories converge (measured:
-    docs/benchmarks/router_affinity.md). With one router it also keeps a conversation home against small load
-    differences. `affinity_ties=0` restores the strict best score and random ties.
+    Ties go to the replica that rendezvous hashing of the request's affinity key (RouteRequest.affinity_key: its
+    session, else its leading prompt blocks) ranks first, not to chance, so independent routers break them
+    alike. `tie_tokens` > 0 widens the ties: every replica within that many tokens of the best score ties (and in
+    the least-loaded fallbacks every load score within `tie_load` of the lightest). That is for several routers
+    that each see some of a conversation's turns (the embedded routers of a gateway's workers, which the gateway
+    sets to 256 and 1: one request's worth): each counts only its own requests in flight, so a turn whose
+    history a router never saw, judged on its own view of the load, went elsewhere than the others sent the
+    conversation; with the wider ties it goes where the key ranks it unless that replica is a request busier,
+    and the routers' histories converge (measured: docs/benchmarks/router_affinity.md). It costs a single router
+    some spread at low load (a new conversation may join a replica one request busier) and may move a short
+    history (under tie_tokens) off a replica one request busier, so it is off for router processes, which the
+    gateway's affinity already gives each conversation alone. `affinity_ties=0` restores random ties.
     """
 
     def __init__(
@@ -48,8 +49,8 @@ class CacheAwarePolicy(Policy):
         tokens_per_request: float = 256.0,
         min_match: float = 0.3,
         affinity_ties: float = 1.0,
-        tie_load: float = 1.0,
-        tie_tokens: float = 256.0,
+        tie_load: float = 0.0,
+        tie_tokens: float = 0.0,
         index: PrefixIndex | None = None,
         rng: random.Random | None = None,
         **kwargs,
@@ -78,20 +79,15 @@ class CacheAwarePolicy(Policy):
             rid: round(n * BLOCK_SIZE - self.tokens_per_request * (loads[rid] - low), 1)
             for rid, n in matched.items()
         }
-        # Highest score, then the lighter replica, then chance. With a key, every replica within tie_tokens of the
-        # best score is as good (load differences that small are noise: each router counts only its own requests
-        # in flight), and of those the one holding the most of the prompt, then the one the key ranks first, wins.
+        # Highest score, then the lighter replica, then the affinity key's rank (without a key, chance). With
+        # tie_tokens, every replica within that many tokens of the best score ties, and the key's rank alone picks.
         if key:
             floor = max(scores.values()) - self.tie_tokens
             near = [r for r in candidates if scores[r.replica_id] >= floor]
-            best = max(
-                near,
-                key=lambda r: (
-                    matched[r.replica_id],
-                    0 if self.tie_tokens else -loads[r.replica_id],
-                    rendezvous_rank(key, r.replica_id),
-                ),
-            )
+            if self.tie_tokens:
+                best = max(near, key=lambda r: rendezvous_rank(key, r.replica_id))
+            else:
+                best = max(near, key=lambda r: (-loads[r.replica_id], rendezvous_rank(key, r.replica_id)))
         else:
             best = max(
                 candidates, key=lambda r: (scores[r.replica_id], -loads[r.replica_id], self._rng.random())
