@@ -52,6 +52,28 @@ async def registry_at(tmp_path: Path):
     )
 
 
+async def engine_1(registry_address: str):
+    """engine-1 of MODEL (a fast sim), registered with the registry at registry_address."""
+    return await start_engine(
+        EngineSettings(
+            registry_address=registry_address, replica_id="engine-1", model=MODEL, speed_factor=20
+        ),
+        setup_telemetry("engine"),
+    )
+
+
+def discovering(registry_address: str) -> AutoscalerSettings:
+    """An autoscaler that finds its routers in the registry and starts no engine (external provisioner); its
+    first round runs at start, the tests run the others."""
+    return AutoscalerSettings(
+        registry_address=registry_address,
+        router_discovery=True,
+        provisioner="external",
+        models=json.dumps({MODEL: {"min_replicas": 1, "max_replicas": 1}}),
+        interval_s=3600,
+    )
+
+
 async def router_r1(registry_address: str):
     """A router registered as r1 (on a free port each start)."""
     return await start_router(
@@ -68,25 +90,11 @@ async def test_registered_routers_are_polled_by_registry_id_and_followed_to_a_ne
     try:
         registry = await registry_at(tmp_path)
         apps.append(registry)
-        engine = await start_engine(
-            EngineSettings(
-                registry_address=registry.address, replica_id="engine-1", model=MODEL, speed_factor=20
-            ),
-            setup_telemetry("engine"),
-        )
+        engine = await engine_1(registry.address)
         apps.append(engine)
         router = await router_r1(registry.address)
         apps.append(router)
-        scaling = await autoscaler_app.start(
-            AutoscalerSettings(
-                registry_address=registry.address,
-                router_discovery=True,
-                provisioner="external",
-                models=json.dumps({MODEL: {"min_replicas": 1, "max_replicas": 1}}),
-                interval_s=3600,
-            ),
-            setup_telemetry("autoscaler"),
-        )
+        scaling = await autoscaler_app.start(discovering(registry.address), setup_telemetry("autoscaler"))
         apps.append(scaling)
         scaler = scaling.autoscaler
         assert scaler.routers.any  # no router given by address: arrivals still come from routers
@@ -122,25 +130,11 @@ async def test_a_router_restarted_on_its_id_that_counts_past_its_predecessor_is_
     try:
         registry = await registry_at(tmp_path)
         apps.append(registry)
-        engine = await start_engine(
-            EngineSettings(
-                registry_address=registry.address, replica_id="engine-1", model=MODEL, speed_factor=20
-            ),
-            setup_telemetry("engine"),
-        )
+        engine = await engine_1(registry.address)
         apps.append(engine)
         router = await router_r1(registry.address)
         apps.append(router)
-        scaling = await autoscaler_app.start(
-            AutoscalerSettings(
-                registry_address=registry.address,
-                router_discovery=True,
-                provisioner="external",
-                models=json.dumps({MODEL: {"min_replicas": 1, "max_replicas": 1}}),
-                interval_s=3600,  # its first round runs at start; the test runs the others
-            ),
-            setup_telemetry("autoscaler"),
-        )
+        scaling = await autoscaler_app.start(discovering(registry.address), setup_telemetry("autoscaler"))
         apps.append(scaling)
         scaler = scaling.autoscaler
         await assert_eventually(lambda: _routable(router), timeout_s=10)

@@ -13,21 +13,9 @@ from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 
 from services.autoscaler import app as autoscaler_app
 from services.autoscaler.config import AutoscalerSettings
-from services.engine.app import start as start_engine
-from services.engine.config import EngineSettings
-from services.registry.app import start as start_registry
-from services.registry.config import RegistrySettings
 from shared.telemetry import setup_telemetry
+from tests.integration.test_autoscaler_routers import MODEL, engine_1, registry_at
 from tests.support import assert_eventually
-
-MODEL = "sim-1b"
-
-
-async def registry_at(tmp_path: Path):
-    return await start_registry(
-        RegistrySettings(db_path=str(tmp_path / "registry.db"), lease_ttl_s=2.0, heartbeat_interval_s=0.2),
-        setup_telemetry("registry"),
-    )
 
 
 async def serving(registry_address: str) -> set[str]:
@@ -60,12 +48,7 @@ async def test_registered_and_cold_starting_replicas_count_so_rounds_start_none_
     try:
         registry = await registry_at(tmp_path)
         apps.append(registry)
-        engine = await start_engine(
-            EngineSettings(
-                registry_address=registry.address, replica_id="engine-1", model=MODEL, speed_factor=20
-            ),
-            setup_telemetry("engine"),
-        )
+        engine = await engine_1(registry.address)
         apps.append(engine)
         await assert_eventually(lambda: _equals(registry.address, {"engine-1"}), timeout_s=10)
         scaling = await autoscaler_app.start(
