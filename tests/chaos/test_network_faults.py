@@ -120,7 +120,8 @@ async def _http_completion(address: str, stream: bool) -> tuple[int, str, str]:
 async def test_a_cut_between_the_last_chunk_and_the_trailers_leaves_every_answer_whole(tmp_path):
     """The router-to-gateway connection reset in place of each call's trailers (after its finish chunk, before
     its status): a gRPC client gets every chunk with the finish reason, and HTTP clients, streaming or not, a
-    complete answer with status 200, each identical to an undisturbed run; nothing is left in flight."""
+    complete answer with status 200, each identical to an undisturbed run; the router stays up in the gateway's
+    pool; nothing is left in flight."""
     async with in_process_fleet(tmp_path, engines=1, gateway=True) as fleet:
         direct = pb_grpc.InferenceServiceStub(fleet.channel(fleet.gateway.address))
         req = pb.GenerateRequest(model=MODEL, prompt="whole 1", max_tokens=40, temperature=0)
@@ -153,6 +154,9 @@ async def test_a_cut_between_the_last_chunk_and_the_trailers_leaves_every_answer
                 status, text, finish = await _http_completion(gateway.http_address, stream)
                 assert (status, text, finish) == (200, reference, "length"), f"stream={stream}"
             await assert_eventually(lambda: proxy.trailers_cut >= 3)
+            # A call that broke after its finish chunk is a whole generation: its router is not marked down (nor
+            # is a resume of it tried elsewhere).
+            assert [r.address for r in gateway.servicer.pipeline.routers.healthy()] == [proxy.address]
 
             async def idle():
                 load = await fleet.engine_load(next(iter(fleet.engines)))
