@@ -13,12 +13,15 @@ import grpc
 import pytest
 from fleetserve.inference.v1 import inference_service_pb2 as pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 
+from services.engine.app import start as start_engine
+from services.engine.config import EngineSettings
 from services.gateway.app import start as start_gateway
 from services.gateway.config import GatewaySettings
 from shared.errors import details_of
 from tests.chaos.report import record
-from tests.integration.test_router import API_KEY, MODEL, in_process_fleet
+from tests.integration.test_router import API_KEY, MODEL, generate, in_process_fleet, request, router_spans
 from tests.support import assert_eventually
 from tests.tcp_proxy import Faults, TcpProxy
 
@@ -169,3 +172,37 @@ async def test_a_cut_between_the_last_chunk_and_the_trailers_leaves_every_answer
         finally:
             await gateway.stop(0.5)
             await proxy.stop()
+
+
+async def test_an_engine_call_cut_after_its_finish_chunk_ends_ok_at_the_router(tmp_path):
+    """The engine-to-router connection closed in place of the engine call's trailers: the router relays the whole
+    generation and ends its own call OK, resuming nothing (its only engine is the cut one, so a resume would
+    fail the request) and counting no fault against the engine."""
+    async with in_process_fleet(tmp_path, engines=0) as fleet:
+        engine = await start_engine(
+            EngineSettings(registry_address="", replica_id="engine-cut", model=MODEL, speed_factor=20.0),
+            fleet.telemetry,
+        )
+        proxy = await TcpProxy(engine.address, Faults(cut_trailers_after=2)).start()
+        try:
+            # Registered by hand under the proxy's address: the router reaches the engine only through it.
+            replica = reg_pb.Replica(
+                replica_id="engine-cut", address=proxy.address, model=MODEL, model_version="v1"
+            )
+            await fleet.registry_stub().RegisterReplica(
+                reg_pb.RegisterReplicaRequest(replica=replica), timeout=5
+            )
+            await assert_eventually(lambda: fleet.router.servicer.membership.get("engine-cut") is not None)
+            for i in range(3):
+                await assert_eventually(
+                    lambda: proxy.open_connections == 0
+                )  # a cut closes every stream on it
+                chunks = await generate(fleet, request(max_tokens=40, request_id=f"cut-{i}", ignore_eos=True))
+                assert chunks[-1].finish_reason != 0 and chunks[-1].usage.completion_tokens == 40
+                assert sum(len(c.token_ids) for c in chunks) == 40
+            await assert_eventually(lambda: proxy.trailers_cut >= 3)
+            spans = [s for i in range(3) for s in router_spans(fleet, f"cut-{i}")]
+            assert [s.attributes["fleetserve.attempts"] for s in spans] == [1, 1, 1]
+        finally:
+            await proxy.stop()
+            await engine.stop(0)
