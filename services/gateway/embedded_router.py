@@ -18,6 +18,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.embedded_stream import CallContext, EmbeddedStream
 from services.router.app import build_servicer, close_router, registration, serving_once_ready, watch
 from services.router.config import RouterSettings
+from services.router.policy_set import parse_mapping
 from services.router.router_metrics import RouterMetrics
 from shared.errors import DeadlineExceeded
 from shared.server import RunningServer, Service, cancel_and_wait, create_server
@@ -30,7 +31,7 @@ log = structlog.get_logger(__name__)
 # cache_aware's wider ties, unless --router-flags set them: every gateway worker (and every gateway) has a router
 # of its own and sees some of a conversation's turns, each counting only its own requests in flight; ties within
 # one request's worth, broken by the conversation's affinity key, put its turns on one replica anyway
-# (docs/benchmarks/router_affinity.md: 73.6% prefix-cache hit rate with turns alternating 2 workers vs 64.8%).
+# (measured in docs/benchmarks/router_affinity.md).
 EMBEDDED_POLICY_OPTIONS = {"cache_aware.tie_tokens": "256", "cache_aware.tie_load": "1"}
 
 
@@ -56,10 +57,8 @@ def router_settings(gateway: GatewaySettings) -> RouterSettings:
         args += ["--worker-index", str(gateway.worker_index), "--worker-count", str(gateway.worker_count)]
     # Given last: an explicit router flag wins over what the gateway passed.
     settings = load_settings(RouterSettings, args + shlex.split(gateway.router_flags))
-    given = {item.partition("=")[0].strip() for item in settings.policy_options.split(",")}
-    extra = [f"{k}={v}" for k, v in EMBEDDED_POLICY_OPTIONS.items() if k not in given]
-    options = ",".join(o for o in (settings.policy_options.strip(), *extra) if o)
-    return settings.model_copy(update={"policy_options": options})
+    options = {**EMBEDDED_POLICY_OPTIONS, **parse_mapping(settings.policy_options)}
+    return settings.model_copy(update={"policy_options": ",".join(f"{k}={v}" for k, v in options.items())})
 
 
 class EmbeddedRouter:
