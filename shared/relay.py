@@ -18,7 +18,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+import structlog
 from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
+
+from shared.finish_bytes import is_finished
+
+log = structlog.get_logger(__name__)
 
 EOF = grpc.aio.EOF
 # Engine, router and inference GenerateResponse messages are wire-identical (chunk = 1).
@@ -100,6 +105,7 @@ class ChunkRelay:
         pending = self._pending
         watch = self._watch
         first = True
+        data = b""
         try:
             while (data := await read()) is not EOF:
                 self.received += 1
@@ -124,11 +130,22 @@ class ChunkRelay:
                 first = False
             self._end = EOF
             self.ended_at = time.monotonic()
+        except grpc.aio.AioRpcError as e:
+            if is_finished(data):
+                # The call broke after its finish chunk, before its status (a connection lost just then): the
+                # generation is whole, so it ends as one that ended normally. Handed on as the error, a hop would
+                # take its upstream for down and resume a finished generation elsewhere.
+                log.info("relay.call_broke_after_finish", code=e.code().name)
+                self._end = EOF
+                self.ended_at = time.monotonic()
+            else:
+                e.with_traceback(None)  # no reference cycle: see below
+                self._end = e
         except BaseException as e:  # noqa: BLE001 - handed to the reader, after the chunks before it
             # Kept with its traceback, the error would hold this frame, which holds self, which holds the error:
             # a reference cycle per cancelled or failed stream that waits for a full collection (16-20 objects
             # per relay). gRPC's errors and cancellations carry what they mean in their status, not their frames.
-            if isinstance(e, asyncio.CancelledError | grpc.aio.AioRpcError):
+            if isinstance(e, asyncio.CancelledError):
                 e.with_traceback(None)
             self._end = e
         waiter = self._waiter

@@ -26,7 +26,6 @@ from shared.after_send import describe_after_send
 from shared.channels import ChannelPool, open_channel
 from shared.deadlines import wire_timeout
 from shared.errors import DeadlineExceeded, Unavailable, details_of
-from shared.finish_bytes import is_finished
 from shared.relay import ChunkRelay
 from shared.resilience import full_jitter
 
@@ -420,7 +419,6 @@ class RouterStream:
             # wrote, when coalescing): our task is cancelled when our caller goes away and must not be the one
             # awaiting the call's read then (grpc.aio would leak that batch; shared/relay.py).
             chunks = self._relay = ChunkRelay(call.read, coalesce=pool.coalesce, cancel=call.cancel)
-            data = b""
             try:
                 if (sent := self._sent) is not None:
                     self._sent = None
@@ -441,14 +439,6 @@ class RouterStream:
                 pool.mark_draining(router)
                 continue
             except grpc.aio.AioRpcError as e:
-                if streamed and is_finished(data):
-                    # The call broke after its finish chunk, before its status: the generation is whole and
-                    # its client has it. Not a router down, and nothing to resume (a resume would ask a router
-                    # to continue a finished generation).
-                    log.info(
-                        "gateway.router_call_broke_after_finish", router=router.address, code=e.code().name
-                    )
-                    return
                 if _router_leaving(e):
                     pool.mark_draining(router)
                 elif router_unreachable(e):

@@ -424,7 +424,6 @@ class RouterServicer:
                         if (delay := run.hedge_delay()) > 0:
                             attempt = await hedge.race(run, attempt, delay)
                             run.replica_id = attempt.replica.replica_id
-                        data = b""
                         try:
                             data = await attempt.first_chunk()
                             if data is not grpc.aio.EOF:
@@ -475,18 +474,6 @@ class RouterServicer:
                                 grpc.StatusCode.UNAVAILABLE, "the replica aborted the generation", e
                             ) from None
                         except grpc.aio.AioRpcError as e:
-                            if run.streamed and is_finished(data):
-                                # The call broke after its finish chunk, before its status: the generation
-                                # is whole and relayed. Nothing to resume (a resume would continue a finished
-                                # generation on another replica) and no fault of the request's.
-                                log.info(
-                                    "router.engine_call_broke_after_finish",
-                                    replica_id=attempt.replica.replica_id,
-                                    code=e.code().name,
-                                )
-                                attempt.finished()
-                                status = "OK"
-                                return
                             if not attempt.retryable(e):
                                 raise
                             raise Fault(e.code(), e.details() or "", e) from None

@@ -226,6 +226,31 @@ async def test_an_upstream_error_comes_after_every_chunk_read_before_it_and_a_re
     assert tracker.sent_ids == flatten(msgs)[1]
 
 
+async def test_a_call_that_breaks_after_its_finish_chunk_ends_as_a_whole_one(upstream):
+    """Every chunk, the last with its finish reason, then the call fails before its status (its connection lost
+    just then): the reader gets every chunk and then EOF, as from a call that ended normally; a hop would
+    otherwise take its upstream for down and resume a finished generation."""
+    handler, stub = upstream
+    n = 6
+    msgs = [chunk(i, n) for i in range(n)]
+    call = stub(b"")
+    relay = ChunkRelay(call.read)
+    relayed: list[bytes] = []
+    try:
+        q = await asyncio.wait_for(handler.queues.get(), 10)
+        for m in msgs:
+            await q.put(m)
+        await q.put(grpc.StatusCode.UNAVAILABLE)
+        while (data := await asyncio.wait_for(relay.read(), 10)) is not grpc.aio.EOF:
+            relayed.append(data)
+    finally:
+        relay.close()
+        call.cancel()
+    assert flatten(relayed) == flatten(msgs)
+    assert relay.ended_at > 0
+    assert (await call.code()) == grpc.StatusCode.UNAVAILABLE  # it did fail: the relay took it for an end
+
+
 async def test_a_cancelled_upstream_call_reaches_the_reader_as_cancellation(upstream):
     """A stall watchdog or drain cancels the upstream call: the reader gets CancelledError (as from a direct
     read), while its own task is not being cancelled, so the hop can tell it from its caller leaving."""
