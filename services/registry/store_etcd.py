@@ -307,12 +307,7 @@ class EtcdStore(RegistryStore):
         return None if kv is None else Doc(name, kv.value, kv.mod_revision)
 
     async def list_docs(self, kind: str) -> list[Doc]:
-        base = self._doc_key(kind)
-        resp = await self._call("list", lambda c: c.get_prefix(base))
-        return sorted(
-            (Doc(kv.key[len(base) :].decode(), kv.value, kv.mod_revision) for kv in resp),
-            key=lambda d: d.name,
-        )
+        return (await self.load_docs(kind))[0]
 
     async def load_docs(self, kind: str) -> tuple[list[Doc], int]:
         base = self._doc_key(kind)
