@@ -207,7 +207,8 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
         membership = Membership(settings.lease_ttl_s, watch_queue_size=settings.watch_queue_size)
         stored, revision = await store.load_replicas()
         restored = membership.restore(stored)
-        traffic = TrafficState(store)
+        metrics_registry = prom.new_registry()
+        traffic = TrafficState(store, metrics_registry)
         await traffic.load()
         for r in membership.list():
             await traffic.saw_version(r.model, r.model_version)
@@ -255,7 +256,7 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
     except BaseException:
         await store.close()
         raise
-    app = RegistryApp(running, servicer, membership, store, rollouts, metrics_registry=prom.new_registry())
+    app = RegistryApp(running, servicer, membership, store, rollouts, metrics_registry=metrics_registry)
     seen: set[str] = set()
     app.metrics_registry.register(prom.LoopCollector(lambda: replica_families(membership, seen)))
     app.tasks.append(

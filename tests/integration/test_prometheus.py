@@ -207,6 +207,11 @@ async def test_prometheus_scrapes_the_fleet_and_promql_matches_the_clients(tmp_p
         replicas = {r["metric"]["replica"] for r in await prometheus.query("vllm:num_requests_running")}
         assert replicas == set(cluster.engine_names())
         assert await prometheus.scalar('sum(fleetserve:registry_replicas{state="serving"})') == 2
+        # The registry counts its traffic watch's breaks per kind: scraped, at 0 for every kind before any break.
+        breaks = await prometheus.query("fleetserve:registry_traffic_watch_breaks_total")
+        assert {r["metric"]["kind"]: float(r["value"][1]) for r in breaks} == dict.fromkeys(
+            ("rollout", "experiment", "flag", "model_version"), 0.0
+        )
         # The router counts a request when its call ends, which comes after the client's stream has (the gateway
         # ends that with the last chunk): its count may trail the clients' by a scrape.
         await assert_eventually(

@@ -1,6 +1,6 @@
 """A registry keeps following the other registries' traffic writes (flags, experiments, rollouts) through etcd
 after its document watch broke: it watches again and reconciles, so a write made while it was cut off still
-reaches its routers."""
+reaches its routers, and counts the break on its /metrics."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from shared.telemetry import Telemetry
 from tests.support import assert_eventually
 
 MODEL = "m"
+KINDS = ("rollout", "experiment", "flag", "model_version")
 
 
 def telemetry() -> Telemetry:
@@ -40,6 +41,16 @@ async def start_registry(endpoints: list[str], tmp_path, name: str) -> registry_
     return await registry_app.start(settings, telemetry())
 
 
+def watch_breaks(app: registry_app.RegistryApp) -> dict[str, float | None]:
+    """fleetserve:registry_traffic_watch_breaks_total per kind, as the registry's /metrics serves it."""
+    return {
+        kind: app.metrics_registry.get_sample_value(
+            "fleetserve:registry_traffic_watch_breaks_total", {"kind": kind}
+        )
+        for kind in KINDS
+    }
+
+
 def flag(name: str) -> pb.FeatureFlag:
     return pb.FeatureFlag(
         name=name, model=MODEL, users=[name], variant=pb.Variant(routing_policy="round_robin")
@@ -51,7 +62,9 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
 ):
     """Registry A talks only to etcd member 0, registry B to members 1 and 2. Member 0 is SIGKILLed (A's watches
     break); meanwhile B deletes one flag and sets another. Once member 0 is back, A's WatchTraffic shows both
-    changes without a restart, and a flag B sets afterwards arrives through A's new watch."""
+    changes without a restart, and a flag B sets afterwards arrives through A's new watch. A's
+    fleetserve:registry_traffic_watch_breaks_total goes from 0 to 1 for every kind, and stays at 1 however often A
+    retries while its member is down."""
     follower = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a")
     writer = None
     snapshots: list[pb.WatchTrafficResponse] = []
@@ -79,11 +92,17 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
             try:
                 await b.SetFeatureFlag(pb.SetFeatureFlagRequest(flag=flag("gone")), timeout=5)
                 await assert_eventually(lambda: a_flags() == {"gone"}, timeout_s=10)
+                assert watch_breaks(follower) == dict.fromkeys(KINDS, 0)  # every series there before a break
 
                 etcd_cluster.kill(0)  # A's only member: every watch of A breaks
+                await assert_eventually(
+                    lambda: watch_breaks(follower) == dict.fromkeys(KINDS, 1), timeout_s=10
+                )
                 await b.DeleteFeatureFlag(pb.DeleteFeatureFlagRequest(name="gone"), timeout=10)
                 await b.SetFeatureFlag(pb.SetFeatureFlagRequest(flag=flag("during")), timeout=10)
                 assert a_flags() == {"gone"}  # A cannot know yet: its member is down
+                # A has been retrying (every 0.1 s doubling) all along: still one break per kind, not one per retry.
+                assert watch_breaks(follower) == dict.fromkeys(KINDS, 1)
                 await asyncio.to_thread(etcd_cluster.members[0].start)  # same data and ports: it rejoins
 
                 # At most a few backoffs (capped at 5 s) after the member is back, A has caught up.

@@ -13,9 +13,11 @@ from urllib.parse import quote, unquote
 import structlog
 from fleetserve.registry.v1 import rollout_service_pb2 as pb
 from google.protobuf.message import Message
+from prometheus_client.registry import CollectorRegistry
 
 from services.registry.rollouts import plans
 from services.registry.store import Doc, DocChange, DocEvent, RegistryStore, StoreConflict, StoreError
+from shared import prom
 from shared.errors import Aborted
 from shared.resilience import full_jitter
 
@@ -42,8 +44,21 @@ class TrafficWatcher:
 class TrafficState:
     """Everything routers need to split traffic, cached from the store with each document's version."""
 
-    def __init__(self, store: RegistryStore) -> None:
+    def __init__(self, store: RegistryStore, metrics_registry: CollectorRegistry | None = None) -> None:
         self.store = store
+        # On the registry instance's own collector registry (its /metrics), so that two registries in one process
+        # (tests) never count each other's breaks.
+        self.watch_breaks = prom.counter(
+            "fleetserve:registry_traffic_watch_breaks",
+            "Breaks of the shared store's watch of traffic documents, by kind (rollout, experiment, flag, "
+            "model_version): once per break, however many retries it takes to watch again.",
+            ("kind",),
+            metrics_registry or prom.new_registry(),
+        )
+        for kind in (*_TYPES, VERSION):
+            # Every kind's series exists at 0 from the start: a first break is then an increase() in Prometheus,
+            # not a series appearing at 1 (which rate() and increase() cannot see).
+            self.watch_breaks.labels(kind=kind)
         self.rollouts: dict[str, pb.Rollout] = {}
         self.experiments: dict[str, pb.Experiment] = {}
         self.flags: dict[str, pb.FeatureFlag] = {}
@@ -104,6 +119,7 @@ class TrafficState:
             delay = full_jitter(attempt, backoff_base_s, backoff_max_s)
             if broken_at is None:  # once per break, not once per failed retry while etcd stays away
                 broken_at = time.monotonic()
+                self.watch_breaks.labels(kind=kind).inc()
                 log.warning(
                     "registry.traffic_watch_broken", kind=kind, error=error[:300], retry_in_s=round(delay, 3)
                 )
