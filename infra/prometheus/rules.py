@@ -1,6 +1,6 @@
 """Writes infra/prometheus/fleetserve-alerts.yml: recording rules for the fleet's SLIs over every window and
 multi-window, multi-burn-rate alerts on them (Google SRE workbook, "Alerting on SLOs"), from the objectives
-given on the command line:
+given on the command line, plus the registry's own alerts (a traffic watch that keeps breaking):
 
     python -m infra.prometheus.rules --availability 0.999 --ttft-seconds 2.0 --ttft-objective 0.99 \\
         --tpot-seconds 0.1 --tpot-objective 0.99 --out infra/prometheus/fleetserve-alerts.yml
@@ -142,8 +142,35 @@ def _seconds(window: str) -> int:
     return int(window[:-1]) * {"m": 60, "h": 3600, "d": 86400}[window[-1]]
 
 
+# A registry's etcd watch of one kind of traffic document broke this often within the window: one break is what
+# an etcd member restart or a compaction causes, and the registry rereads and watches again within seconds; three
+# of one kind in 30 minutes is a watch that keeps failing, and between breaks its routers may lag behind the
+# other registries' rollouts, experiments and flags. Per kind, since one member restart breaks all four at once.
+WATCH_BREAKS, WATCH_BREAKS_WINDOW = 3, "30m"
+
+
+def registry_alerts() -> list[dict]:
+    """Alerts on the registry's own health (not an SLO): its traffic watch breaking again and again."""
+    return [
+        {
+            "alert": "FleetserveRegistryTrafficWatchBroken",
+            "expr": f"increase(fleetserve:registry_traffic_watch_breaks_total[{WATCH_BREAKS_WINDOW}]) "
+            f">= {WATCH_BREAKS}",
+            "labels": {"severity": "ticket"},
+            "annotations": {
+                "summary": f"{{{{ $labels.instance }}}}: the registry's etcd watch of {{{{ $labels.kind }}}} "
+                f"documents broke {WATCH_BREAKS} or more times in {WATCH_BREAKS_WINDOW}",
+                "description": "Between breaks this registry's routers may miss other registries' rollout, "
+                "experiment and flag changes. Runbook: the registry's log lines registry.traffic_watch_broken "
+                "say why (error); check its --etcd-endpoint members (etcdctl endpoint health) and the network "
+                "to them; docs/observability.md#alerting-rules.",
+            },
+        }
+    ]
+
+
 def rules(slos: list[Slo]) -> dict:
-    """The rules file as a dict: a group of recording rules per SLI, then one of alerts."""
+    """The rules file as a dict: a group of recording rules per SLI, one of SLO alerts, one of registry alerts."""
     groups = []
     for slo in slos:
         groups.append(
@@ -178,6 +205,7 @@ def rules(slos: list[Slo]) -> dict:
                 }
             )
     groups.append({"name": "fleetserve-slo-alerts", "rules": alerts})
+    groups.append({"name": "fleetserve-registry-alerts", "rules": registry_alerts()})
     return {"groups": groups}
 
 

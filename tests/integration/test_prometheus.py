@@ -227,7 +227,11 @@ async def test_prometheus_scrapes_the_fleet_and_promql_matches_the_clients(tmp_p
 
         # The SLO rules are loaded and evaluate: no fleet error happened, so availability's bad ratio is 0.
         groups = (await prometheus.api("rules"))["groups"]
-        assert {g["name"] for g in groups} >= {"fleetserve-slo-availability-sli", "fleetserve-slo-alerts"}
+        assert {g["name"] for g in groups} >= {
+            "fleetserve-slo-availability-sli",
+            "fleetserve-slo-alerts",
+            "fleetserve-registry-alerts",
+        }
         assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
         await assert_eventually(
             lambda: _value(
