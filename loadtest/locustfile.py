@@ -341,8 +341,15 @@ def _end_when_every_user_is_done(environment, **kwargs) -> None:
     if not REQUESTS_PER_USER or runner is None or environment.parsed_options.master:
         return
 
+    def done() -> bool:
+        # Running with no users is not enough in a worker: one slower than the master's 1 s wait for its report
+        # hears "spawning complete" (which sets it running) before it has run the spawn sent just before (seen
+        # under load: a distributed run that quit with 0 requests). So also: the last spawn it got has run.
+        spawning = runner.spawning_greenlet is not None and not runner.spawning_greenlet.dead
+        return runner.state == STATE_RUNNING and not spawning and runner.user_count == 0
+
     def watch() -> None:
-        while not (runner.state == STATE_RUNNING and runner.user_count == 0):
+        while not done():
             gevent.sleep(0.1)
         if isinstance(runner, WorkerRunner):
             runner._send_stats()  # the last samples reach the master before this worker says it quits

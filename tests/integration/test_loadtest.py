@@ -45,6 +45,9 @@ async def _locust(
     run = ["--headless", "--stop-timeout", "30", "--html", "report.html", "--csv", "lt", *extra]
     if distributed:
         cmd = [sys.executable, "-m", "loadtest.distributed", "--workers", "1", *run]
+        # The master announces the end of its ramp-up without waiting for the workers' reports, as it does after
+        # its 1 s wait when a loaded worker has not reported yet: the worker must still run every user it was sent.
+        env["LOCUST_WAIT_FOR_WORKERS_REPORT_AFTER_RAMP_UP"] = "0"
     else:
         cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), *run]
     # In a thread: the fleet's servers run on this test's event loop.
