@@ -195,6 +195,9 @@ class EngineServicer:
                 # Awaited before the first chunk is written; a request refused above sends none.
                 early.send(())
                 summary = Summary(started, request.summary_progress_ms) if request.summarize else None
+                # The engine's token times on a per-token stream's last message (GenerateRequest.token_times); a
+                # resumed attempt's would time only the continuation.
+                token_times = request.token_times and summary is None and not resumed
                 async for out in outputs:
                     if summary is not None and first_token_ms is not None:
                         # A summarized stream after its first chunk: nothing per token (its text is kept for
@@ -234,6 +237,11 @@ class EngineServicer:
                             # The refusal check of the whole output, for the gateway's root span (an A/B arm's
                             # refusal_rate); once, on the last chunk. A resumed attempt saw only the continuation.
                             chunk.output_refusal = is_refusal(sample.text)
+                            if token_times:
+                                # Timed as a summarized stream's last message is, so the router's shadow report
+                                # compares like with like. Not on an abort: its stream ends in an error.
+                                last_ms = (time.perf_counter() - started) * 1000.0
+                                Summary.timed(resp, first_token_ms, last_ms, 0)
                     else:
                         completion = out.completion_tokens
                     yield resp

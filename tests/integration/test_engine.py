@@ -176,6 +176,28 @@ async def test_a_summarized_stream_is_the_first_chunk_then_one_message_with_the_
     assert ticked[0].chunk.text + ticked[-1].chunk.text == first.chunk.text + last.chunk.text
 
 
+async def test_token_times_put_the_engines_clock_on_a_streamed_answers_last_chunk_only():
+    """token_times (the router asks for a live request with a shadow copy): the streamed answer is unchanged but
+    for its last chunk's summary, the engine's first- and last-token times (as a summarized stream's); no summary
+    unasked, nor on a resumed attempt (it timed only the continuation)."""
+    async with engine() as (app, stub):
+        plain = [r async for r in stub.Generate(request(max_tokens=20, request_id="t0"), timeout=10)]
+        timed = [
+            r
+            async for r in stub.Generate(
+                request(max_tokens=20, request_id="t1", token_times=True), timeout=10
+            )
+        ]
+        resumed_req = request(max_tokens=20, request_id="t2", token_times=True)
+        resumed_req.spec.resume_token_ids.extend(plain[0].chunk.token_ids)
+        resumed = [r async for r in stub.Generate(resumed_req, timeout=10)]
+    assert [t for m in timed for t in m.chunk.token_ids] == [t for m in plain for t in m.chunk.token_ids]
+    assert timed[-1].chunk.usage == plain[-1].chunk.usage
+    assert not any(m.HasField("summary") for m in plain + timed[:-1] + resumed)
+    s = timed[-1].summary
+    assert 0 < s.first_token_ms < s.last_token_ms < 10_000 and s.outputs == 0
+
+
 async def test_span_is_a_child_of_the_callers_context_with_request_attributes():
     """engine.Generate joins the caller's trace (traceparent) and records request, replica, model, tokens and
     finish reason."""
