@@ -334,6 +334,9 @@ class RequestAttempts:
             tenant_id=request.routing.tenant_id,
             cache_salt=cache_salt_for(request.routing.tenant_id),
             priority=request.routing.priority,
+            # A request with a shadow copy: the engine puts its token times on the last chunk, so the shadow
+            # report times the live answer on the engine's clock as it does the copy (one field per request).
+            token_times=assignment.shadow is not None,
         )
         self.metadata = metadata_for_downstream()
         # Parses relayed chunks only when the generation may be resumed after a mid-stream failure.

@@ -1,7 +1,10 @@
 """Shadow traffic: a copy of a sampled live request goes to the candidate version, fire and forget. Its answer is
 never served and never waits for or delays the live one (its own task, started after the live request was sent;
 its own in-flight budget per rollout, no admission queue, no retries, no hedges); when both answers are complete
-they are compared (latency, length, refusal, text similarity) into a per-rollout report.
+they are compared (latency, length, refusal, text similarity) into a per-rollout report. Both sides' TPOT come
+from engine clocks: the copy's from its summary, the live answer's from the token times its engine puts on its last
+chunk when asked (GenerateRequest.token_times, set for a request with a copy); a busy router's receive times would
+read the live side slower.
 
 A copy costs the router's event loop, which the live streams share, as little as it can: the engine is asked for a
 summarized stream (GenerateRequest.summarize: the first chunk, then one message with the rest of the text, the
@@ -65,15 +68,18 @@ class Answer:
     text: str = ""
     tokens: int = 0
     messages: int = 0  # messages the router read of this answer
-    # A summarized stream's time per output token from the engine's own clock (the router saw no tokens).
+    # Time per output token from the engine's own clock (its StreamSummary): always for a summarized copy, and
+    # for a live stream whose engine sent its token times (GenerateRequest.token_times).
     engine_tpot_ms: float | None = None
     # A live stream: when its last chunk came from the engine (ms after arrival), before any wait downstream.
     engine_end_ms: float | None = None
 
     @property
     def tpot_ms(self) -> float | None:
-        """Time per output token after the first, of the generation itself: the engine's clock for a copy; for a
-        live answer from its first chunk to the engine's last (e2e when that is unknown)."""
+        """Time per output token after the first, of the generation itself: the engine's clock when it sent its
+        token times (both sides then read alike, however busy the router was), else, for a live answer from an
+        engine that does not (an older one), from its first chunk to the engine's last as the router received
+        them (e2e when that is unknown)."""
         if self.engine_tpot_ms is not None:
             return self.engine_tpot_ms
         if self.ttft_ms is None or self.tokens < 2:
@@ -83,19 +89,9 @@ class Answer:
 
 
 def read_answer(chunks: list[bytes], answer: Answer) -> None:
-    """Text and token count of a relayed stream (parsed only now, off the live path)."""
-    texts = []
-    answer.messages = len(chunks)
-    for data in chunks:
-        chunk = pb.GenerateResponse.FromString(data).chunk
-        texts.append(chunk.text)
-        if chunk.HasField("usage"):
-            answer.tokens = chunk.usage.completion_tokens
-    answer.text = "".join(texts)
-
-
-def read_summary(chunks: list[bytes], answer: Answer) -> None:
-    """Text, token count and engine TPOT of a summarized stream (first chunk, progress messages, the summary)."""
+    """Text, token count and, where the engine sent its token times (the last message's summary), engine TPOT of
+    a stream: a relayed live one or a summarized copy (first chunk, progress messages, the summary). Parsed only
+    now, off the live path; as the engine's message, which router chunks are byte for byte."""
     texts = []
     answer.messages = len(chunks)
     for data in chunks:
@@ -304,7 +300,7 @@ class ShadowPair:
             if attempt is not None:
                 attempt.close()
             runner.in_flight[shadow.rollout_id] -= 1
-            read_summary(chunks, self.copy)
+            read_answer(chunks, self.copy)
             self._side_done()
 
     def _side_done(self) -> None:

@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import itertools
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 
 import grpc
 import pytest
 import pytest_asyncio
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 from fleetserve.inference.v1 import inference_service_pb2 as inf_pb
 from fleetserve.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from fleetserve.metrics.v1 import metrics_service_pb2 as mpb
@@ -393,6 +395,83 @@ async def test_shadow_copies_leave_live_traffic_alone_and_the_report_names_the_d
     assert tokens[-1] == 800
     # Without progress messages the watchdog took the silent copy for a hung replica: a shadow error.
     assert after.shadow_errors == 0 and after.pairs == before.pairs + 1, after
+
+
+async def test_a_live_answers_tpot_in_the_shadow_report_is_its_engines_however_late_the_router_reads(fleet):
+    """A shadowed live answer's TPOT in the report is the one its engine timed (the token times on its last chunk,
+    which reach this client too), not the router's receive times: with the router frozen (SIGSTOP) from the first
+    chunk until well after the engine finished, the router's clock would read the answer several times slower."""
+    async with rollouts(fleet) as stub:
+        await settle_on_v1(stub)
+        r = await start(
+            stub, candidate_version="v3", strategy=pb.ROLLOUT_STRATEGY_SHADOW, shadow_percent=100, bake_s=3600
+        )
+        try:
+            # Answers until the router copies them (it has seen the plan), then none in flight: a baseline.
+            await assert_eventually(
+                lambda: _shadowed_answer(fleet, r.rollout_id), timeout_s=20, interval_s=0.2
+            )
+            await assert_eventually(lambda: _copies_done(fleet, r.rollout_id), timeout_s=20, interval_s=0.3)
+            before = await _report(fleet, r.rollout_id, 0)
+            msgs, client_span_s = await _answer_with_router_frozen(fleet, freeze_s=0.5)
+            after = await assert_eventually(
+                lambda: _compared_since(fleet, r.rollout_id, before), timeout_s=20, interval_s=0.2
+            )
+        finally:
+            await stub.RollbackRollout(pb.RollbackRolloutRequest(rollout_id=r.rollout_id), timeout=5)
+    last = msgs[-1]
+    tokens = last.chunk.usage.completion_tokens
+    assert tokens == 24 and last.HasField("summary"), last
+    assert not any(m.HasField("summary") for m in msgs[:-1])
+    engine_tpot = (last.summary.last_token_ms - last.summary.first_token_ms) / (tokens - 1)
+    # What the router's receive times would say: the answer's tokens spread over at least the freeze.
+    router_clock_tpot = client_span_s * 1000.0 / (tokens - 1)
+    assert router_clock_tpot > 2 * engine_tpot, (router_clock_tpot, engine_tpot)
+    assert after.pairs == before.pairs + 1, after
+    live_tpot = after.live_tpot_ms * after.pairs - before.live_tpot_ms * before.pairs  # the new pair's alone
+    assert live_tpot == pytest.approx(engine_tpot, rel=1e-3), (live_tpot, engine_tpot, router_clock_tpot)
+
+
+def _engine_stub(ch) -> grpc.aio.UnaryStreamMultiCallable:
+    """The gateway's Generate read as the engine's messages (wire-identical; the engine's summary shows)."""
+    return ch.unary_stream(
+        "/fleetserve.inference.v1.InferenceService/Generate",
+        request_serializer=inf_pb.GenerateRequest.SerializeToString,
+        response_deserializer=engine_pb.GenerateResponse.FromString,
+    )
+
+
+def _request(user: str) -> inf_pb.GenerateRequest:
+    return inf_pb.GenerateRequest(
+        model=MODEL, prompt="engine clock", max_tokens=24, ignore_eos=True, user_id=user
+    )
+
+
+async def _shadowed_answer(fleet, rid: str) -> bool:
+    """One answer through the gateway; whether the router copies requests to the rollout yet."""
+    meta = (("authorization", f"Bearer {fleet.api_key}"),)
+    async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+        _ = [m async for m in _engine_stub(ch)(_request("warm"), metadata=meta, timeout=20)]
+    return await _report(fleet, rid, 1) is not None
+
+
+async def _answer_with_router_frozen(fleet, freeze_s: float) -> tuple[list, float]:
+    """One answer whose router is stopped from its first chunk for freeze_s (the engine generates on, its chunks
+    wait in the router's socket): the messages and the seconds from the first to the last at this client."""
+    meta = (("authorization", f"Bearer {fleet.api_key}"),)
+    async with grpc.aio.insecure_channel(fleet.gateway) as ch:
+        call = _engine_stub(ch)(_request("frozen"), metadata=meta, timeout=20)
+        msgs = [await call.read()]
+        first_at = time.monotonic()
+        # Under the stall watchdog's 1 s minimum silence and the router's 1 s lease.
+        fleet.signal("router", signal.SIGSTOP)
+        try:
+            await asyncio.sleep(freeze_s)
+        finally:
+            fleet.signal("router", signal.SIGCONT)
+        while (m := await call.read()) is not grpc.aio.EOF:
+            msgs.append(m)
+        return msgs, time.monotonic() - first_at
 
 
 async def _compared_since(fleet, rid: str, before) -> router_pb.ShadowReport | None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import grpc
+from fleetserve.common.v1 import common_pb2
+from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
 
-from services.router.shadow import Answer, ShadowStats, is_refusal, similarity
+from services.router.shadow import Answer, ShadowStats, is_refusal, read_answer, similarity
 from services.router.traffic import Shadow
+from shared.relay import merge
 
 OK = grpc.StatusCode.OK
 
@@ -54,25 +57,49 @@ def test_an_identical_candidate_has_no_differences_and_errors_count():
 def test_a_summarized_copy_gives_its_text_tokens_and_the_engines_tpot():
     """A summarized stream (first chunk, an empty progress message, the summary): the whole text, the token count
     from the usage, and TPOT from the engine's token times, not from when the router read it."""
-    from fleetserve.common.v1 import common_pb2
-    from fleetserve.engine.v1 import engine_service_pb2 as engine_pb
-
-    from services.router.shadow import read_summary
-
     first = engine_pb.GenerateResponse(chunk=common_pb2.GenerateChunk(text="Hello", token_ids=[1]))
     last = engine_pb.GenerateResponse(
         chunk=common_pb2.GenerateChunk(text=" world, again", usage=common_pb2.Usage(completion_tokens=11)),
         summary=engine_pb.StreamSummary(first_token_ms=20.0, last_token_ms=70.0, outputs=11),
     )
     answer = Answer(OK, ttft_ms=25.0, e2e_ms=900.0)
-    read_summary([first.SerializeToString(), b"", last.SerializeToString()], answer)
+    read_answer([first.SerializeToString(), b"", last.SerializeToString()], answer)
     assert (answer.text, answer.tokens, answer.messages) == ("Hello world, again", 11, 3)
     assert answer.tpot_ms == 5.0  # (70 - 20) / 10; the router's clock would say (900 - 25) / 10
 
 
+def _live(times: engine_pb.StreamSummary | None) -> list[bytes]:
+    """A relayed live stream of 11 tokens, one chunk each, the last with usage (and the engine's times)."""
+    chunks = [
+        engine_pb.GenerateResponse(chunk=common_pb2.GenerateChunk(text="t", token_ids=[i])) for i in range(11)
+    ]
+    last = chunks[-1].chunk
+    last.finish_reason = common_pb2.FINISH_REASON_LENGTH
+    last.usage.completion_tokens = 11
+    if times is not None:
+        chunks[-1].summary.CopyFrom(times)
+    data = [c.SerializeToString() for c in chunks]
+    # The router's relay hands a lagging writer pending chunks merged (shared/relay.py): the times survive it.
+    return data[:8] + [merge(data[8:])]
+
+
+def test_a_live_answers_tpot_is_the_engines_when_its_last_chunk_carries_the_token_times():
+    """A live stream whose last chunk carries the engine's token times (read as the engine's message, after the
+    fact): TPOT on the engine's clock, whatever the router's receive times said; without them (an older engine),
+    from the first chunk to the engine's last as the router received them."""
+    timed = Answer(OK, ttft_ms=10.0, e2e_ms=400.0, engine_end_ms=210.0)
+    read_answer(_live(engine_pb.StreamSummary(first_token_ms=8.0, last_token_ms=58.0)), timed)
+    assert (timed.text, timed.tokens, timed.messages) == ("t" * 11, 11, 9)
+    assert timed.engine_tpot_ms == 5.0 and timed.tpot_ms == 5.0  # (58 - 8) / 10, not (210 - 10) / 10
+    untimed = Answer(OK, ttft_ms=10.0, e2e_ms=400.0, engine_end_ms=210.0)
+    read_answer(_live(None), untimed)
+    assert (untimed.text, untimed.tokens) == ("t" * 11, 11)
+    assert untimed.engine_tpot_ms is None and untimed.tpot_ms == 20.0
+
+
 def test_a_live_answers_tpot_ends_when_the_engine_sent_its_last_chunk():
-    """The live TPOT runs to the engine's last chunk when the router saw it, not to the end of a slow relay
-    downstream; without that time, to the end."""
+    """Without the engine's token times, the live TPOT runs to the engine's last chunk when the router saw it,
+    not to the end of a slow relay downstream; without that time, to the end."""
     a = Answer(OK, ttft_ms=10.0, e2e_ms=400.0, text="x", tokens=11, engine_end_ms=110.0)
     assert a.tpot_ms == 10.0
     assert Answer(OK, ttft_ms=10.0, e2e_ms=400.0, text="x", tokens=11).tpot_ms == 39.0
