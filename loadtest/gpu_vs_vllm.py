@@ -50,6 +50,8 @@ KV_CACHE_BYTES = 8 * 1024**3
 TARGET_TOKS_RATIO = 0.97
 TARGET_TTFT_P50_C1_MS = 3.0
 TARGET_TTFT_P99_C256_RATIO = 1.3
+# The suffix of an A/A server: a second `vllm serve` identical to vllm-apiN (start --vllm-aa N).
+AA = "-aa"
 
 
 def state_path(d: str) -> Path:
@@ -122,7 +124,7 @@ def server_argv(name: str, args, port: int) -> list[str]:
         if name == "mesh-embedded":
             argv.append("--embedded-router")  # each gateway worker routes in process: no router process
         return argv
-    n = int(name.removeprefix("vllm-api").removesuffix("-kv"))
+    n = int(name.removeprefix("vllm-api").removesuffix("-kv").removesuffix(AA))
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model_dir]
     argv += ["--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1"]
     if name.endswith("-kv"):
@@ -202,6 +204,9 @@ def server_order(args) -> list[str]:
         order.append("mesh-kv")
     # `vllm serve` with the KV-event publisher mesh-kv's engine core runs (the same A/B on vLLM's own server).
     order += [f"vllm-api{n}-kv" for n in args.vllm_kv]
+    # A second, identical `vllm serve` (an A/A): `report --server vllm-apiN-aa` judges it against the targets as
+    # the mesh is judged, which reads what one run's noise alone does to "0.97 of the best".
+    order += [f"vllm-api{n}{AA}" for n in args.vllm_aa]
     return order
 
 
@@ -861,9 +866,9 @@ def relabel(records: list[dict], roles: dict[int, str]) -> None:
 
 
 def is_plain_vllm(name: str) -> bool:
-    """`vllm serve` as the issue's targets mean it (its variants, as vllm-api8-kv or vllm-api8+burn3, are compared,
-    not the best)."""
-    return name.startswith("vllm-") and not name.endswith("-kv") and not burn_variant(name)[1]
+    """`vllm serve` as the issue's targets mean it (its variants, as vllm-api8-kv, vllm-api8+burn3 or the A/A copy
+    vllm-api4-aa, are compared, not the best)."""
+    return name.startswith("vllm-") and not name.endswith(("-kv", AA)) and not burn_variant(name)[1]
 
 
 BURN = "+burn"
@@ -1313,6 +1318,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="",
         help="also vllm-apiN-kv servers (vllm serve publishing KV events) for N in this list",
     )
+    s.add_argument(
+        "--vllm-aa",
+        default="",
+        help="also vllm-apiN-aa servers (a second, identical vllm serve with N API processes: an A/A) for N in this "
+        "list",
+    )
     s.add_argument("--start-timeout-s", type=float, default=400.0)
     s.add_argument("--kv-cache-bytes", type=int, default=KV_CACHE_BYTES)
     s.add_argument(
@@ -1385,6 +1396,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if hasattr(args, "api_counts"):
         args.api_counts = [int(x) for x in args.api_counts.split(",") if x]
         args.vllm_kv = [int(x) for x in args.vllm_kv.split(",") if x]
+        args.vllm_aa = [int(x) for x in args.vllm_aa.split(",") if x]
     if hasattr(args, "concurrency"):
         args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     if hasattr(args, "servers"):

@@ -374,3 +374,21 @@ def test_start_refuses_a_mesh_whose_generated_code_does_not_import(tmp_path, mon
     with pytest.raises(SystemExit, match="the mesh cannot start here"):
         g.start(args)
     assert g.read_state(str(tmp_path))["servers"] == {}
+
+
+def test_an_aa_server_is_a_second_identical_vllm_serve_judged_like_the_mesh_never_the_best(tmp_path):
+    args = g.parse_args(["start", "--dir", "d", "--model-dir", "m", "--api-counts", "4", "--vllm-aa", "4"])
+    assert g.server_order(args) == ["vllm-api4", "mesh", "vllm-api4-aa"]
+    plain, aa = g.server_argv("vllm-api4", args, 8101), g.server_argv("vllm-api4-aa", args, 8103)
+    assert [a for a in aa if a not in plain] == ["8103"]  # only its port differs
+    recs = [
+        _rec(1, "vllm-api4", 32, 100, 60, 80), _rec(1, "vllm-api4-aa", 32, 104, 61, 80),
+        _rec(2, "vllm-api4", 32, 100, 60, 80), _rec(2, "vllm-api4-aa", 32, 110, 61, 80),
+    ]  # fmt: skip
+    path, out = tmp_path / "records.json", tmp_path / "report.json"
+    path.write_text(json.dumps({"records": recs}))
+    assert g.main(["report", "--records", str(path), "--out", str(out), "--server", "vllm-api4-aa"]) == 0
+    t = json.loads(out.read_text())["targets"]["32"]
+    # The copy is judged against vllm-api4 (the best although the copy's median is higher: the copy is never a
+    # candidate itself), round by round.
+    assert t["best"] == "vllm-api4" and t["toks_ratio_paired_median"] == 1.07  # (1.04 + 1.1) / 2
