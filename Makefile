@@ -101,9 +101,9 @@ FUZZ_GRPC_EXAMPLES ?= 1430
 FUZZ_HTTP_EXAMPLES ?= 10000
 fuzz: protos ## Long property-based fuzz of the public edge: ~10k requests per protocol (gRPC's 7 RPCs, OpenAI HTTP).
 	@rm -f docs/benchmarks/fuzz.json
-	FLEETSERVE_FUZZ_REPORT=docs/benchmarks/fuzz.json FLEETSERVE_FUZZ_EXAMPLES=$(FUZZ_GRPC_EXAMPLES) \
+	HYPOTHESIS_PROFILE=explore FLEETSERVE_FUZZ_REPORT=docs/benchmarks/fuzz.json FLEETSERVE_FUZZ_EXAMPLES=$(FUZZ_GRPC_EXAMPLES) \
 		$(BIN)/python -m pytest -q tests/integration/test_hostile_input.py -k grpc --timeout 3600
-	FLEETSERVE_FUZZ_REPORT=docs/benchmarks/fuzz.json FLEETSERVE_FUZZ_EXAMPLES=$(FUZZ_HTTP_EXAMPLES) \
+	HYPOTHESIS_PROFILE=explore FLEETSERVE_FUZZ_REPORT=docs/benchmarks/fuzz.json FLEETSERVE_FUZZ_EXAMPLES=$(FUZZ_HTTP_EXAMPLES) \
 		$(BIN)/python -m pytest -q tests/integration/test_hostile_input.py -k http --timeout 3600
 
 chaos: protos system-deps ## Long fault suite: engine kills 60 s, engine hangs 2 min (4 engines, 16 streams), drains, Redis.
