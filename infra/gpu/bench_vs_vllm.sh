@@ -39,6 +39,7 @@ gvv bench --dir "$DIR" --model-dir "$MODEL" --out "$DIR/records.json" \
   --servers "${SERVERS:-vllm-api1,vllm-api4,vllm-api8,mesh-embedded}" --concurrency "${CONC:-1,32,128,256}" \
   --only "${ONLY-vllm-api1=1,32,128}" --prompts "${PROMPTS-1=16,32=256}" --reps "${REPS:-40}" --budget-s "$budget" \
   | grep '^gpu_vs_vllm:'
+rc=${PIPESTATUS[0]}
 save
 if [ "$phase" = last ]; then
   gvv report --records "$DIR/records.json" --ps "$DIR/ps.txt" --mesh-logs "$DIR" --server "${JUDGE:-mesh-embedded}" \
@@ -46,4 +47,5 @@ if [ "$phase" = last ]; then
   head -40 "$OUT/report.txt"
   gvv stop --dir "$DIR"
 fi
-echo "bench_vs_vllm $phase: done at ${SECONDS}s"
+echo "bench_vs_vllm $phase: done at ${SECONDS}s (bench exit status $rc)"
+exit "$rc"
