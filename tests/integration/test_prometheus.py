@@ -212,6 +212,11 @@ async def test_prometheus_scrapes_the_fleet_and_promql_matches_the_clients(tmp_p
         assert {r["metric"]["kind"]: float(r["value"][1]) for r in breaks} == dict.fromkeys(
             ("rollout", "experiment", "flag", "model_version"), 0.0
         )
+        # ... and shows every kind followed (SQLite: its own change feed, up once the registry has started).
+        up = await prometheus.query("fleetserve:registry_traffic_watch_up")
+        assert {r["metric"]["kind"]: float(r["value"][1]) for r in up} == dict.fromkeys(
+            ("rollout", "experiment", "flag", "model_version"), 1.0
+        )
         # The router counts a request when its call ends, which comes after the client's stream has (the gateway
         # ends that with the last chunk): its count may trail the clients' by a scrape.
         await assert_eventually(

@@ -1,6 +1,6 @@
 """A registry keeps following the other registries' traffic writes (flags, experiments, rollouts) through etcd
 after its document watch broke: it watches again and reconciles, so a write made while it was cut off still
-reaches its routers, and counts the break on its /metrics."""
+reaches its routers, and counts the break and shows each kind's watch down then up again on its /metrics."""
 
 from __future__ import annotations
 
@@ -51,6 +51,14 @@ def watch_breaks(app: registry_app.RegistryApp) -> dict[str, float | None]:
     }
 
 
+def watch_up(app: registry_app.RegistryApp) -> dict[str, float | None]:
+    """fleetserve:registry_traffic_watch_up per kind, as the registry's /metrics serves it."""
+    return {
+        kind: app.metrics_registry.get_sample_value("fleetserve:registry_traffic_watch_up", {"kind": kind})
+        for kind in KINDS
+    }
+
+
 def flag(name: str) -> pb.FeatureFlag:
     return pb.FeatureFlag(
         name=name, model=MODEL, users=[name], variant=pb.Variant(routing_policy="round_robin")
@@ -64,7 +72,8 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
     break); meanwhile B deletes one flag and sets another. Once member 0 is back, A's WatchTraffic shows both
     changes without a restart, and a flag B sets afterwards arrives through A's new watch. A's
     fleetserve:registry_traffic_watch_breaks_total goes from 0 to 1 for every kind, and stays at 1 however often A
-    retries while its member is down."""
+    retries while its member is down; its fleetserve:registry_traffic_watch_up is 1 for every kind before, 0 for
+    as long as its member is down, and 1 again once A has caught up."""
     follower = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a")
     writer = None
     snapshots: list[pb.WatchTrafficResponse] = []
@@ -93,6 +102,7 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
                 await b.SetFeatureFlag(pb.SetFeatureFlagRequest(flag=flag("gone")), timeout=5)
                 await assert_eventually(lambda: a_flags() == {"gone"}, timeout_s=10)
                 assert watch_breaks(follower) == dict.fromkeys(KINDS, 0)  # every series there before a break
+                await assert_eventually(lambda: watch_up(follower) == dict.fromkeys(KINDS, 1), timeout_s=10)
 
                 etcd_cluster.kill(0)  # A's only member: every watch of A breaks
                 await assert_eventually(
@@ -103,12 +113,16 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
                 assert a_flags() == {"gone"}  # A cannot know yet: its member is down
                 # A has been retrying (every 0.1 s doubling) all along: still one break per kind, not one per retry.
                 assert watch_breaks(follower) == dict.fromkeys(KINDS, 1)
+                # ... and down all along: no retry's read succeeded, so no kind is up again yet.
+                assert watch_up(follower) == dict.fromkeys(KINDS, 0)
                 await asyncio.to_thread(etcd_cluster.members[0].start)  # same data and ports: it rejoins
 
                 # At most a few backoffs (capped at 5 s) after the member is back, A has caught up.
                 await assert_eventually(lambda: a_flags() == {"during"}, timeout_s=30)
                 await b.SetFeatureFlag(pb.SetFeatureFlagRequest(flag=flag("after")), timeout=5)
                 await assert_eventually(lambda: a_flags() == {"during", "after"}, timeout_s=10)
+                # Every kind reread, reconciled and watched again (versions and rollouts too, not only flags).
+                await assert_eventually(lambda: watch_up(follower) == dict.fromkeys(KINDS, 1), timeout_s=30)
                 # However it is retrying, following ends promptly when the registry stops.
                 (follow,) = [t for t in follower.tasks if t.get_name() == "registry.follow_traffic"]
                 follow.cancel()

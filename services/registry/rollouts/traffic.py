@@ -48,17 +48,28 @@ class TrafficState:
         self.store = store
         # On the registry instance's own collector registry (its /metrics), so that two registries in one process
         # (tests) never count each other's breaks.
+        registry = metrics_registry or prom.new_registry()
         self.watch_breaks = prom.counter(
             "fleetserve:registry_traffic_watch_breaks",
             "Breaks of the shared store's watch of traffic documents, by kind (rollout, experiment, flag, "
             "model_version): once per break, however many retries it takes to watch again.",
             ("kind",),
-            metrics_registry or prom.new_registry(),
+            registry,
+        )
+        # A break is one increment however long it lasts: this says whether each kind is being followed now, so
+        # that a registry cut off for an hour is visible (and alerted on) too.
+        self.watch_up = prom.gauge(
+            "fleetserve:registry_traffic_watch_up",
+            "1 while the shared store's watch of traffic documents of this kind is established and applying "
+            "changes, 0 from a break (or start) until a fresh read and reconcile precede the next watch.",
+            ("kind",),
+            registry,
         )
         for kind in (*_TYPES, VERSION):
-            # Every kind's series exists at 0 from the start: a first break is then an increase() in Prometheus,
-            # not a series appearing at 1 (which rate() and increase() cannot see).
+            # Every kind's series exists from the start (breaks at 0, up at 0 until follow() first reads): a first
+            # break is then an increase() in Prometheus, not a series appearing at 1 (which increase() cannot see).
             self.watch_breaks.labels(kind=kind)
+            self.watch_up.labels(kind=kind).set(0)
         self.rollouts: dict[str, pb.Rollout] = {}
         self.experiments: dict[str, pb.Experiment] = {}
         self.flags: dict[str, pb.FeatureFlag] = {}
@@ -107,6 +118,8 @@ class TrafficState:
                         down_s=round(time.monotonic() - broken_at, 3),
                     )
                     broken_at = None
+                # Up from here: what was missed is applied, and the watch from this read's revision follows.
+                self.watch_up.labels(kind=kind).set(1)
                 async with aclosing(self.store.watch_docs(kind, after_revision=revision)) as events:
                     async for ev in events:
                         attempt = 0
@@ -120,6 +133,7 @@ class TrafficState:
             if broken_at is None:  # once per break, not once per failed retry while etcd stays away
                 broken_at = time.monotonic()
                 self.watch_breaks.labels(kind=kind).inc()
+                self.watch_up.labels(kind=kind).set(0)
                 log.warning(
                     "registry.traffic_watch_broken", kind=kind, error=error[:300], retry_in_s=round(delay, 3)
                 )
