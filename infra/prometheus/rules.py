@@ -1,6 +1,6 @@
 """Writes infra/prometheus/fleetserve-alerts.yml: recording rules for the fleet's SLIs over every window and
 multi-window, multi-burn-rate alerts on them (Google SRE workbook, "Alerting on SLOs"), from the objectives
-given on the command line, plus the registry's own alerts (a traffic watch that keeps breaking):
+given on the command line, plus the registry's own alerts (a traffic watch that keeps breaking or stays down):
 
     python -m infra.prometheus.rules --availability 0.999 --ttft-seconds 2.0 --ttft-objective 0.99 \\
         --tpot-seconds 0.1 --tpot-objective 0.99 --out infra/prometheus/fleetserve-alerts.yml
@@ -149,8 +149,17 @@ def _seconds(window: str) -> int:
 WATCH_BREAKS, WATCH_BREAKS_WINDOW = 3, "30m"
 
 
+# A registry's etcd watch of one kind of traffic document has been down (fleetserve:registry_traffic_watch_up 0)
+# this long: one long outage is a single break, which the break count never alerts on. A break heals within seconds
+# once etcd answers (retries every 5 s at most) and a member restart or leader election within a minute, so 5
+# minutes down is etcd or the network to it not coming back by itself, and still short enough to catch before
+# other registries' rollout steps, experiments and flags pile up unseen by this registry's routers.
+WATCH_DOWN_FOR = "5m"
+
+
 def registry_alerts() -> list[dict]:
-    """Alerts on the registry's own health (not an SLO): its traffic watch breaking again and again."""
+    """Alerts on the registry's own health (not an SLO): its traffic watch breaking again and again, or down for
+    long."""
     return [
         {
             "alert": "FleetserveRegistryTrafficWatchBroken",
@@ -165,7 +174,25 @@ def registry_alerts() -> list[dict]:
                 "say why (error); check its --etcd-endpoint members (etcdctl endpoint health) and the network "
                 "to them; docs/observability.md#alerting-rules.",
             },
-        }
+        },
+        {
+            "alert": "FleetserveRegistryTrafficWatchDown",
+            "expr": "fleetserve:registry_traffic_watch_up == 0",
+            "for": WATCH_DOWN_FOR,
+            # A ticket like the break alert: routers keep serving with the last configuration they got, so users
+            # are not failing (the SLO alerts page if they do); traffic changes made elsewhere are only late here.
+            "labels": {"severity": "ticket"},
+            "annotations": {
+                "summary": f"{{{{ $labels.instance }}}}: the registry's etcd watch of {{{{ $labels.kind }}}} "
+                f"documents has been down for {WATCH_DOWN_FOR} or more",
+                "description": "Until it reads etcd again, this registry and so its routers do not see other "
+                "registries' rollout, experiment and flag changes. Why for "
+                f"{WATCH_DOWN_FOR}: a broken watch is retried every 5 s at most and an etcd member restart heals "
+                f"within a minute, so {WATCH_DOWN_FOR} down does not heal by itself. Runbook: the registry's log lines registry.traffic_watch_broken say why (error) and "
+                "registry.traffic_watch_resumed when it is back; check its --etcd-endpoint members (etcdctl "
+                "endpoint health) and the network to them; docs/observability.md#alerting-rules.",
+            },
+        },
     ]
 
 
