@@ -7,7 +7,7 @@
 #   infra/gpu/bench_vs_vllm.sh last    # bench for BUDGET s more, then the report, then stop every server
 # Environment (defaults in brackets): STAGE [/tmp/stage], SITE [/tmp/site], DIR [/tmp/gvv], MODEL [/tmp/model],
 # OUT [DIR/out]: records, ps listing and the report are copied there after every phase;
-# START_ARGS [--api-counts 1,4,8 --mesh-embedded --no-mesh], SERVERS [vllm-api1,vllm-api4,vllm-api8,mesh-embedded],
+# START_ARGS [--api-counts 1,4,8 --mesh-embedded --no-mesh], SERVERS [every server started],
 # JUDGE [mesh-embedded], CONC [1,32,128,256], ONLY [vllm-api1=1,32,128] and PROMPTS [1=16,32=256] (set empty for
 # none and the defaults of gpu_vs_vllm), REPS [40],
 # FIRST_END [540], BUDGET [420].
@@ -35,8 +35,10 @@ case $phase in
   more | last) budget=${BUDGET:-420} ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
+# Every server start started, unless SERVERS names some.
+servers=${SERVERS:-$(python3 -c 'import json, sys; print(",".join(json.load(open(sys.argv[1]))["servers"]))' "$DIR/state.json")}
 gvv bench --dir "$DIR" --model-dir "$MODEL" --out "$DIR/records.json" \
-  --servers "${SERVERS:-vllm-api1,vllm-api4,vllm-api8,mesh-embedded}" --concurrency "${CONC:-1,32,128,256}" \
+  --servers "$servers" --concurrency "${CONC:-1,32,128,256}" \
   --only "${ONLY-vllm-api1=1,32,128}" --prompts "${PROMPTS-1=16,32=256}" --reps "${REPS:-40}" --budget-s "$budget" \
   | grep '^gpu_vs_vllm:'
 rc=${PIPESTATUS[0]}
