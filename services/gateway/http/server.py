@@ -330,8 +330,9 @@ class OpenAIServer:
         outcome: Outcome,
     ) -> web.Response:
         """The whole answer as one JSON body, sent with the chunk that carries the finish reason
-        (outcome.finished: the request is settled), as _stream ends its body: a hop whose call breaks after
-        that chunk, before its status, leaves the client a complete answer, not an error for one it has paid."""
+        (outcome.finished: the request is settled), as _stream ends its body; the call's status and the
+        end-of-request work are finish_later's, for both. (A call that breaks after that chunk ends as EOF in
+        the relay below, shared.relay.ChunkRelay, so neither body sees it as an error.)"""
         served_by = chunk.served_by.model_version
         texts = [chunk.text]
         try:
