@@ -1393,6 +1393,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--server", default="mesh", help="the mesh configuration pooled (runs without it add nothing)"
     )
     args = p.parse_args(argv)
+    try:
+        _parse_lists(args)
+    except ValueError as e:
+        p.error(f"a list of numbers has a non-number in it: {e}")  # exits 2 with the usage, as argparse does
+    return args
+
+
+def _parse_lists(args: argparse.Namespace) -> None:
+    """The comma- and semicolon-separated flags as lists and mappings of numbers (ValueError on a non-number)."""
     if hasattr(args, "api_counts"):
         args.api_counts = [int(x) for x in args.api_counts.split(",") if x]
         args.vllm_kv = [int(x) for x in args.vllm_kv.split(",") if x]
@@ -1410,7 +1419,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.prompts = {
             int(c): int(n) for c, _, n in (x.partition("=") for x in args.prompts.split(",") if x)
         }
-    return args
 
 
 def main(argv=None) -> int:

@@ -392,3 +392,17 @@ def test_an_aa_server_is_a_second_identical_vllm_serve_judged_like_the_mesh_neve
     # The copy is judged against vllm-api4 (the best although the copy's median is higher: the copy is never a
     # candidate itself), round by round.
     assert t["best"] == "vllm-api4" and t["toks_ratio_paired_median"] == 1.07  # (1.04 + 1.1) / 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["start", "--dir", "d", "--model-dir", "m", "--vllm-aa", "four"],
+        ["bench", "--dir", "d", "--model-dir", "m", "--out", "o", "--prompts", "32=many"],
+    ],
+)
+def test_a_list_flag_with_a_non_number_is_a_usage_error_not_a_traceback(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        g.parse_args(argv)
+    assert e.value.code == 2
+    assert "a list of numbers has a non-number in it" in capsys.readouterr().err
