@@ -6,8 +6,6 @@ publishes whole snapshots to its watchers (routers), coalesced so that a slow wa
 from __future__ import annotations
 
 import asyncio
-import time
-from contextlib import aclosing
 from urllib.parse import quote, unquote
 
 import structlog
@@ -15,11 +13,11 @@ from fleetserve.registry.v1 import rollout_service_pb2 as pb
 from google.protobuf.message import Message
 from prometheus_client.registry import CollectorRegistry
 
+from services.registry import store_follow
 from services.registry.rollouts import plans
-from services.registry.store import Doc, DocChange, DocEvent, RegistryStore, StoreConflict, StoreError
+from services.registry.store import Doc, DocChange, DocEvent, RegistryStore, StoreConflict
 from shared import prom
 from shared.errors import Aborted
-from shared.resilience import full_jitter
 
 log = structlog.get_logger(__name__)
 
@@ -100,45 +98,18 @@ class TrafficState:
         )
 
     async def _follow(self, kind: str, backoff_base_s: float, backoff_max_s: float) -> None:
-        # Every (re)subscription reads the kind afresh and watches from that read's revision: the read covers
-        # whatever happened before (since load(), or while the watch was down) and the watch everything after,
-        # with no gap between them. A watch resumed from the last event's revision instead could not recover
-        # once etcd compacted that revision, and a deletion missed during the gap would need the read anyway.
-        attempt = 0  # consecutive failed attempts since the watch last delivered something
-        broken_at: float | None = None  # when the current break began (None: not broken)
-        while True:
-            try:
-                docs, revision = await self.store.load_docs(kind)
-                changed = self._reconcile(kind, docs, revision)
-                if broken_at is not None:
-                    log.info(
-                        "registry.traffic_watch_resumed",
-                        kind=kind,
-                        changed=changed,
-                        down_s=round(time.monotonic() - broken_at, 3),
-                    )
-                    broken_at = None
-                # Up from here: what was missed is applied, and the watch from this read's revision follows.
-                self.watch_up.labels(kind=kind).set(1)
-                async with aclosing(self.store.watch_docs(kind, after_revision=revision)) as events:
-                    async for ev in events:
-                        attempt = 0
-                        self._apply(kind, ev)
-                error = "watch ended"
-            except StoreError as e:
-                error = str(e)
-            except Exception as e:  # a bug or a bad document must not stop following for good
-                error = repr(e)
-            delay = full_jitter(attempt, backoff_base_s, backoff_max_s)
-            if broken_at is None:  # once per break, not once per failed retry while etcd stays away
-                broken_at = time.monotonic()
-                self.watch_breaks.labels(kind=kind).inc()
-                self.watch_up.labels(kind=kind).set(0)
-                log.warning(
-                    "registry.traffic_watch_broken", kind=kind, error=error[:300], retry_in_s=round(delay, 3)
-                )
-            attempt += 1
-            await asyncio.sleep(delay)
+        await store_follow.follow(
+            lambda: self.store.load_docs(kind),
+            lambda docs, revision: self._reconcile(kind, docs, revision),
+            lambda revision: self.store.watch_docs(kind, after_revision=revision),
+            lambda ev: self._apply(kind, ev),
+            breaks=self.watch_breaks.labels(kind=kind),
+            up=self.watch_up.labels(kind=kind),
+            event="registry.traffic_watch",
+            fields={"kind": kind},
+            backoff_base_s=backoff_base_s,
+            backoff_max_s=backoff_max_s,
+        )
 
     def _apply(self, kind: str, ev: DocEvent) -> None:
         """One change from the watch."""
