@@ -12,6 +12,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from services.registry import store_follow
 from services.registry.config import RegistrySettings
 from services.registry.membership import Membership
 from services.registry.rollouts import stats
@@ -23,7 +24,6 @@ from services.registry.servicer import RegistryServicer
 from services.registry.store import RegistryStore, ReplicaEvent, StoredReplica, StoreError, open_store
 from services.router import policies
 from shared import prom
-from shared.resilience import full_jitter
 from shared.server import RunningServer, Service, cancel_and_wait, create_server, drain_and_stop
 from shared.telemetry import Telemetry
 from shared.tls import Tls
@@ -70,45 +70,72 @@ async def keepalive_once(membership: Membership, store: RegistryStore) -> int:
     return len(beaten) - len(gone)
 
 
-async def follow_store(membership: Membership, servicer: RegistryServicer, after_revision: int) -> None:
-    """Apply membership changes made through a shared store by other registries (and etcd's expiries), from
-    after_revision on; on a broken watch, reload everything and watch again (with backoff)."""
-    attempt = 0
-    store = servicer.store
-    while True:
-        try:
-            async for event in store.watch_replicas(after_revision):
-                attempt = 0
-                after_revision = max(after_revision, event.revision)
-                change = membership.apply_store_event(event)
-                if change == "removed":
-                    servicer.count_change("removed_by_store")
-                    log.info("registry.replica_removed_by_store", replica_id=event.replica_id)
-                elif change == "added":
-                    log.info("registry.replica_added_by_store", replica_id=event.replica_id)
-            reason = "watch ended"
-        except StoreError as e:
-            reason = str(e)
-        delay = full_jitter(attempt, WATCH_BACKOFF_BASE_S, WATCH_BACKOFF_MAX_S)
-        log.warning("registry.store_watch_broken", reason=reason, retry_in_s=round(delay, 3))
-        attempt += 1
-        await asyncio.sleep(delay)
-        try:
-            stored, after_revision = await store.load_replicas()
-        except StoreError as e:
-            log.warning("registry.store_reload_failed", error=str(e))
-            continue
-        _resync(membership, stored)
+class ReplicaWatchMetrics:
+    """`fleetserve:registry_replica_watch_breaks_total` and `fleetserve:registry_replica_watch_up`: the membership
+    watch's counterpart of the traffic watch's pair (its own names: replicas are not traffic documents, and the
+    traffic names stay what dashboards and alerts already use). Only a registry over a shared store has them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # Both series exist from the start (breaks at 0, up at 0 until follow_store first reads): a first break is
+        # then an increase() in Prometheus, not a series appearing at 1.
+        self.breaks = prom.counter(
+            "fleetserve:registry_replica_watch_breaks",
+            "Breaks of the shared store's watch of replica membership: once per break, however many retries it "
+            "takes to watch again.",
+            (),
+            registry,
+        )
+        self.up = prom.gauge(
+            "fleetserve:registry_replica_watch_up",
+            "1 while the shared store's watch of replica membership is established and applying changes, 0 from a "
+            "break (or start) until a fresh read and resync precede the next watch.",
+            (),
+            registry,
+        )
 
 
-def _resync(membership: Membership, stored: list[StoredReplica]) -> None:
-    """Make memory match a fresh read of the store (after a watch gap): add, update and remove."""
+async def follow_store(
+    membership: Membership,
+    servicer: RegistryServicer,
+    metrics: ReplicaWatchMetrics,
+    backoff_base_s: float = WATCH_BACKOFF_BASE_S,
+    backoff_max_s: float = WATCH_BACKOFF_MAX_S,
+) -> None:
+    """Apply membership changes made through a shared store by other registries (and etcd's expiries) until
+    cancelled: read and resync, then watch from that read; a broken watch is read, resynced and watched again."""
+
+    def apply(event: ReplicaEvent) -> None:
+        change = membership.apply_store_event(event)
+        if change == "removed":
+            servicer.count_change("removed_by_store")
+            log.info("registry.replica_removed_by_store", replica_id=event.replica_id)
+        elif change == "added":
+            log.info("registry.replica_added_by_store", replica_id=event.replica_id)
+
+    await store_follow.follow(
+        servicer.store.load_replicas,
+        lambda stored, _revision: _resync(membership, stored),
+        servicer.store.watch_replicas,
+        apply,
+        breaks=metrics.breaks,
+        up=metrics.up,
+        event="registry.replica_watch",
+        backoff_base_s=backoff_base_s,
+        backoff_max_s=backoff_max_s,
+    )
+
+
+def _resync(membership: Membership, stored: list[StoredReplica]) -> int:
+    """Make memory match a fresh read of the store (after a watch gap): add, update and remove. How many
+    replicas changed."""
     fresh = {s.replica.replica_id: s for s in stored}
+    changed = 0
     for rep in list(membership.list(role=None)):
         if rep.replica_id not in fresh:
-            membership.apply_store_event(ReplicaEvent(rep.replica_id, None, 0))
+            changed += membership.apply_store_event(ReplicaEvent(rep.replica_id, None, 0)) is not None
     for rid, s in fresh.items():
-        membership.apply_store_event(ReplicaEvent(rid, s, s.revision))
+        changed += membership.apply_store_event(ReplicaEvent(rid, s, s.revision)) is not None
+    return changed
 
 
 def replica_counts(membership: Membership) -> dict[tuple[str, int], int]:
@@ -205,7 +232,7 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
     try:
         await store.open(settings.lease_ttl_s)
         membership = Membership(settings.lease_ttl_s, watch_queue_size=settings.watch_queue_size)
-        stored, revision = await store.load_replicas()
+        stored, _ = await store.load_replicas()
         restored = membership.restore(stored)
         metrics_registry = prom.new_registry()
         traffic = TrafficState(store, metrics_registry)
@@ -277,8 +304,11 @@ async def start(settings: RegistrySettings, telemetry: Telemetry) -> RegistryApp
                 name="registry.keepalive",
             )
         )
+        replica_watch = ReplicaWatchMetrics(app.metrics_registry)
         app.tasks.append(
-            asyncio.create_task(follow_store(membership, servicer, revision), name="registry.follow_store")
+            asyncio.create_task(
+                follow_store(membership, servicer, replica_watch), name="registry.follow_store"
+            )
         )
     else:
         app.tasks.append(

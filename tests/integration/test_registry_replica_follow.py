@@ -1,0 +1,119 @@
+"""A registry keeps following the other registries' membership writes through etcd after its replica watch broke:
+it rereads, resyncs and watches again, so a replica registered or removed while it was cut off is right once it is
+back, and its /metrics count the break once and show the watch down, then up again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import structlog
+from fleetserve.registry.v1 import registry_service_pb2 as pb
+from fleetserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.registry import app as registry_app
+from services.registry.config import RegistrySettings
+from shared.telemetry import Telemetry
+from tests.support import assert_eventually
+
+BREAKS, UP = "fleetserve:registry_replica_watch_breaks_total", "fleetserve:registry_replica_watch_up"
+
+
+def telemetry() -> Telemetry:
+    tp, mp = TracerProvider(), MeterProvider()
+    return Telemetry(tp.get_tracer("t"), mp.get_meter("t"), tp, mp)
+
+
+async def start_registry(endpoints: list[str], tmp_path, name: str) -> registry_app.RegistryApp:
+    settings = RegistrySettings(
+        port=0,
+        store="etcd",
+        etcd_endpoint=",".join(endpoints),
+        etcd_prefix="/replica-follow/",
+        db_path=str(tmp_path / f"{name}.db"),
+        # Nothing heartbeats here: etcd must not expire the test's replicas before it ends.
+        lease_ttl_s=120,
+        heartbeat_interval_s=1,
+    )
+    return await registry_app.start(settings, telemetry())
+
+
+def watch_metrics(app: registry_app.RegistryApp) -> tuple[float | None, float | None]:
+    """(breaks, up) of the replica watch, as the registry's /metrics serves them."""
+    return app.metrics_registry.get_sample_value(BREAKS), app.metrics_registry.get_sample_value(UP)
+
+
+async def listed(channel: grpc.aio.Channel) -> set[str]:
+    resp = await pb_grpc.RegistryServiceStub(channel).ListReplicas(pb.ListReplicasRequest(), timeout=5)
+    return {r.replica_id for r in resp.replicas}
+
+
+def replica(rid: str) -> pb.RegisterReplicaRequest:
+    return pb.RegisterReplicaRequest(
+        replica=pb.Replica(replica_id=rid, address=f"127.0.0.1:{len(rid)}", model="m", backend="sim")
+    )
+
+
+def events(logs: list[dict], name: str) -> int:
+    return sum(1 for e in logs if e["event"] == name)
+
+
+async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_registrys_replicas(
+    tmp_path, etcd_cluster
+):
+    """Registry A talks only to etcd member 0, registry B to members 1 and 2. Member 0 is SIGKILLed (A's replica
+    watch breaks); meanwhile B removes one replica and registers another. Once member 0 is back, A lists both
+    changes without a restart, and a replica B registers afterwards arrives through A's new watch. A's
+    fleetserve:registry_replica_watch_breaks_total goes from 0 to 1 and stays at 1 however often A retries while
+    its member is down (one registry.replica_watch_broken log line); fleetserve:registry_replica_watch_up is 1
+    before, 0 for as long as the member is down and 1 again once A has caught up (registry.replica_watch_resumed)."""
+    follower = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a")
+    writer = None
+    try:
+        writer = await start_registry(etcd_cluster.endpoints[1:], tmp_path, "b")
+        async with (
+            grpc.aio.insecure_channel(follower.address) as a,
+            grpc.aio.insecure_channel(writer.address) as b_ch,
+        ):
+            b = pb_grpc.RegistryServiceStub(b_ch)
+            assert watch_metrics(follower)[0] == 0  # the series is there before any break
+            await b.RegisterReplica(replica("gone"), timeout=5)
+            await assert_eventually(lambda: _lists(a, {"gone"}), timeout_s=10)  # through A's watch
+            assert watch_metrics(follower) == (0, 1)
+
+            with structlog.testing.capture_logs() as logs:
+                etcd_cluster.kill(0)  # A's only member: its replica watch breaks
+                await assert_eventually(lambda: watch_metrics(follower) == (1, 0), timeout_s=10)
+                await b.DeregisterReplica(pb.DeregisterReplicaRequest(replica_id="gone"), timeout=10)
+                await b.RegisterReplica(replica("during"), timeout=10)
+                assert await listed(a) == {"gone"}  # A cannot know yet: its member is down
+                # Retries every 0.1 s doubling while the member is down (the first ones already failed by now).
+                await asyncio.sleep(1.0)
+                # Still one break, not one per retry; and down all along: no retry's read succeeded.
+                assert watch_metrics(follower) == (1, 0)
+                await asyncio.to_thread(etcd_cluster.members[0].start)  # same data and ports: it rejoins
+
+                # At most a few backoffs (capped at 5 s) after the member is back, A has caught up by its reread.
+                await assert_eventually(lambda: _lists(a, {"during"}), timeout_s=30)
+                await assert_eventually(lambda: watch_metrics(follower) == (1, 1), timeout_s=10)
+                await b.RegisterReplica(replica("after"), timeout=5)
+                await assert_eventually(lambda: _lists(a, {"during", "after"}), timeout_s=10)
+            assert events(logs, "registry.replica_watch_broken") == 1
+            resumed = [e for e in logs if e["event"] == "registry.replica_watch_resumed"]
+            assert len(resumed) == 1 and resumed[0]["changed"] == 2 and resumed[0]["down_s"] > 1.0
+            assert watch_metrics(follower) == (1, 1)
+            # However it is retrying, following ends promptly when the registry stops.
+            (follow,) = [t for t in follower.tasks if t.get_name() == "registry.follow_store"]
+            follow.cancel()
+            await asyncio.wait_for(asyncio.gather(follow, return_exceptions=True), 2)
+            assert follow.cancelled()
+    finally:
+        if writer is not None:
+            await writer.stop(0.2)
+        await follower.stop(0.2)
+
+
+async def _lists(channel: grpc.aio.Channel, ids: set[str]) -> bool:
+    return await listed(channel) == ids
