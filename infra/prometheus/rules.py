@@ -1,6 +1,6 @@
 """Writes infra/prometheus/fleetserve-alerts.yml: recording rules for the fleet's SLIs over every window and
 multi-window, multi-burn-rate alerts on them (Google SRE workbook, "Alerting on SLOs"), from the objectives
-given on the command line, plus the registry's own alerts (a traffic watch that keeps breaking or stays down):
+given on the command line, plus the registry's own alerts (an etcd watch, of traffic or membership, that keeps breaking or stays down):
 
     python -m infra.prometheus.rules --availability 0.999 --ttft-seconds 2.0 --ttft-objective 0.99 \\
         --tpot-seconds 0.1 --tpot-objective 0.99 --out infra/prometheus/fleetserve-alerts.yml
@@ -142,55 +142,87 @@ def _seconds(window: str) -> int:
     return int(window[:-1]) * {"m": 60, "h": 3600, "d": 86400}[window[-1]]
 
 
-# A registry's etcd watch of one kind of traffic document broke this often within the window: one break is what
-# an etcd member restart or a compaction causes, and the registry rereads and watches again within seconds; three
-# of one kind in 30 minutes is a watch that keeps failing, and between breaks its routers may lag behind the
-# other registries' rollouts, experiments and flags. Per kind, since one member restart breaks all four at once.
+# A registry's etcd watch (of one kind of traffic document, or of replica membership) broke this often within the
+# window: one break is what an etcd member restart or a compaction causes, and the registry rereads and watches again
+# within seconds; three in 30 minutes is a watch that keeps failing, and between breaks its routers may lag behind
+# what the other registries write. Traffic is per kind, since one member restart breaks all four at once.
 WATCH_BREAKS, WATCH_BREAKS_WINDOW = 3, "30m"
 
 
-# A registry's etcd watch of one kind of traffic document has been down (fleetserve:registry_traffic_watch_up 0)
-# this long: one long outage is a single break, which the break count never alerts on. A break heals within seconds
-# once etcd answers (retries every 5 s at most) and a member restart or leader election within a minute, so 5
-# minutes down is etcd or the network to it not coming back by itself, and still short enough to catch before
-# other registries' rollout steps, experiments and flags pile up unseen by this registry's routers.
+# A registry's etcd watch has been down (its ..._watch_up 0) this long: one long outage is a single break, which the
+# break count never alerts on. A break heals within seconds once etcd answers (retries every 5 s at most) and a
+# member restart or leader election within a minute, so 5 minutes down is etcd or the network to it not coming back
+# by itself, and still short enough to catch before other registries' writes pile up unseen by this registry's
+# routers.
 WATCH_DOWN_FOR = "5m"
 
 
+@dataclass(frozen=True)
+class Watch:
+    """One of the registry's etcd watches, as its alerts name it."""
+
+    alert: str  # alert name prefix: <alert>Broken, <alert>Down
+    metric: str  # metric name prefix: <metric>_breaks_total, <metric>_up
+    watched: str  # what is watched, in the summary
+    missed: str  # what its routers miss meanwhile (other registries' ...)
+    log: str  # log event prefix: <log>_broken, <log>_resumed
+
+
+# Both tickets, not pages: routers keep serving with the last configuration and replicas they got, around a replica
+# that is gone with their breakers and failover (user-facing damage pages through the SLO alerts); changes made
+# through other registries are only late here, and new replicas idle.
+WATCHES = (
+    Watch(
+        "FleetserveRegistryTrafficWatch",
+        "fleetserve:registry_traffic_watch",
+        "{{ $labels.kind }} documents",
+        "rollout, experiment and flag changes",
+        "registry.traffic_watch",
+    ),
+    Watch(
+        "FleetserveRegistryReplicaWatch",
+        "fleetserve:registry_replica_watch",
+        "replica membership",
+        "replica registrations, drains and removals (and etcd's lease expiries)",
+        "registry.replica_watch",
+    ),
+)
+
+
 def registry_alerts() -> list[dict]:
-    """Alerts on the registry's own health (not an SLO): its traffic watch breaking again and again, or down for
-    long."""
+    """Alerts on the registry's own health (not an SLO): one of its etcd watches (traffic, membership) breaking
+    again and again, or down for long."""
+    return [alert for watch in WATCHES for alert in _watch_alerts(watch)]
+
+
+def _watch_alerts(w: Watch) -> list[dict]:
+    where = "check its --etcd-endpoint members (etcdctl endpoint health) and the network to them"
     return [
         {
-            "alert": "FleetserveRegistryTrafficWatchBroken",
-            "expr": f"increase(fleetserve:registry_traffic_watch_breaks_total[{WATCH_BREAKS_WINDOW}]) "
-            f">= {WATCH_BREAKS}",
+            "alert": f"{w.alert}Broken",
+            "expr": f"increase({w.metric}_breaks_total[{WATCH_BREAKS_WINDOW}]) >= {WATCH_BREAKS}",
             "labels": {"severity": "ticket"},
             "annotations": {
-                "summary": f"{{{{ $labels.instance }}}}: the registry's etcd watch of {{{{ $labels.kind }}}} "
-                f"documents broke {WATCH_BREAKS} or more times in {WATCH_BREAKS_WINDOW}",
-                "description": "Between breaks this registry's routers may miss other registries' rollout, "
-                "experiment and flag changes. Runbook: the registry's log lines registry.traffic_watch_broken "
-                "say why (error); check its --etcd-endpoint members (etcdctl endpoint health) and the network "
-                "to them; docs/observability.md#alerting-rules.",
+                "summary": f"{{{{ $labels.instance }}}}: the registry's etcd watch of {w.watched} "
+                f"broke {WATCH_BREAKS} or more times in {WATCH_BREAKS_WINDOW}",
+                "description": f"Between breaks this registry's routers may miss other registries' {w.missed}. "
+                f"Runbook: the registry's log lines {w.log}_broken say why (error); {where}; "
+                "docs/observability.md#alerting-rules.",
             },
         },
         {
-            "alert": "FleetserveRegistryTrafficWatchDown",
-            "expr": "fleetserve:registry_traffic_watch_up == 0",
+            "alert": f"{w.alert}Down",
+            "expr": f"{w.metric}_up == 0",
             "for": WATCH_DOWN_FOR,
-            # A ticket like the break alert: routers keep serving with the last configuration they got, so users
-            # are not failing (the SLO alerts page if they do); traffic changes made elsewhere are only late here.
             "labels": {"severity": "ticket"},
             "annotations": {
-                "summary": f"{{{{ $labels.instance }}}}: the registry's etcd watch of {{{{ $labels.kind }}}} "
-                f"documents has been down for {WATCH_DOWN_FOR} or more",
+                "summary": f"{{{{ $labels.instance }}}}: the registry's etcd watch of {w.watched} "
+                f"has been down for {WATCH_DOWN_FOR} or more",
                 "description": "Until it reads etcd again, this registry and so its routers do not see other "
-                "registries' rollout, experiment and flag changes. Why for "
-                f"{WATCH_DOWN_FOR}: a broken watch is retried every 5 s at most and an etcd member restart heals "
-                f"within a minute, so {WATCH_DOWN_FOR} down does not heal by itself. Runbook: the registry's log lines registry.traffic_watch_broken say why (error) and "
-                "registry.traffic_watch_resumed when it is back; check its --etcd-endpoint members (etcdctl "
-                "endpoint health) and the network to them; docs/observability.md#alerting-rules.",
+                f"registries' {w.missed}. Why for {WATCH_DOWN_FOR}: a broken watch is retried every 5 s at most "
+                f"and an etcd member restart heals within a minute, so {WATCH_DOWN_FOR} down does not heal by "
+                f"itself. Runbook: the registry's log lines {w.log}_broken say why (error) and {w.log}_resumed "
+                f"when it is back; {where}; docs/observability.md#alerting-rules.",
             },
         },
     ]

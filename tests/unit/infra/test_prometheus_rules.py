@@ -82,7 +82,8 @@ def test_promtool_unit_tests_of_the_alerts():
     """2% errors against 99.9% fire the fast burn within the 5-minute window and it clears after recovery;
     0.05% fires nothing; TTFT and TPOT thresholds fire only the burn rates they exceed; a registry's traffic watch
     of one kind breaking 3 times in 30 minutes opens a ticket, one etcd member restart (every kind once) does not;
-    one kind's watch down for 5 minutes opens a ticket, down for 4 does not."""
+    one kind's watch down for 5 minutes opens a ticket, down for 4 does not; the same for its replica-membership
+    watch."""
     r = subprocess.run(
         [_promtool(), "test", "rules", TESTS.name],
         cwd=TESTS.parent,
