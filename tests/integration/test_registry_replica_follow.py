@@ -10,34 +10,15 @@ import grpc
 import structlog
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.trace import TracerProvider
 
 from services.registry import app as registry_app
-from services.registry.config import RegistrySettings
-from shared.telemetry import Telemetry
+from tests.integration.etcd_registry import start_registry
 from tests.support import assert_eventually
 
+PREFIX = "/replica-follow/"
+# Nothing heartbeats here: etcd must not expire the test's replicas before it ends.
+LEASE_TTL_S = 120
 BREAKS, UP = "fleetserve:registry_replica_watch_breaks_total", "fleetserve:registry_replica_watch_up"
-
-
-def telemetry() -> Telemetry:
-    tp, mp = TracerProvider(), MeterProvider()
-    return Telemetry(tp.get_tracer("t"), mp.get_meter("t"), tp, mp)
-
-
-async def start_registry(endpoints: list[str], tmp_path, name: str) -> registry_app.RegistryApp:
-    settings = RegistrySettings(
-        port=0,
-        store="etcd",
-        etcd_endpoint=",".join(endpoints),
-        etcd_prefix="/replica-follow/",
-        db_path=str(tmp_path / f"{name}.db"),
-        # Nothing heartbeats here: etcd must not expire the test's replicas before it ends.
-        lease_ttl_s=120,
-        heartbeat_interval_s=1,
-    )
-    return await registry_app.start(settings, telemetry())
 
 
 def watch_metrics(app: registry_app.RegistryApp) -> tuple[float | None, float | None]:
@@ -69,10 +50,14 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
     fleetserve:registry_replica_watch_breaks_total goes from 0 to 1 and stays at 1 however often A retries while
     its member is down (one registry.replica_watch_broken log line); fleetserve:registry_replica_watch_up is 1
     before, 0 for as long as the member is down and 1 again once A has caught up (registry.replica_watch_resumed)."""
-    follower = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a")
+    follower = await start_registry(
+        etcd_cluster.endpoints[:1], tmp_path, "a", PREFIX, lease_ttl_s=LEASE_TTL_S
+    )
     writer = None
     try:
-        writer = await start_registry(etcd_cluster.endpoints[1:], tmp_path, "b")
+        writer = await start_registry(
+            etcd_cluster.endpoints[1:], tmp_path, "b", PREFIX, lease_ttl_s=LEASE_TTL_S
+        )
         async with (
             grpc.aio.insecure_channel(follower.address) as a,
             grpc.aio.insecure_channel(writer.address) as b_ch,

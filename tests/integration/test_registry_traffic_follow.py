@@ -11,34 +11,14 @@ from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as reg_grpc
 from fleetserve.registry.v1 import rollout_service_pb2 as pb
 from fleetserve.registry.v1 import rollout_service_pb2_grpc as pb_grpc
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.trace import TracerProvider
 
 from services.registry import app as registry_app
-from services.registry.config import RegistrySettings
-from shared.telemetry import Telemetry
+from tests.integration.etcd_registry import start_registry
 from tests.support import assert_eventually
 
 MODEL = "m"
+PREFIX = "/follow/"
 KINDS = ("rollout", "experiment", "flag", "model_version")
-
-
-def telemetry() -> Telemetry:
-    tp, mp = TracerProvider(), MeterProvider()
-    return Telemetry(tp.get_tracer("t"), mp.get_meter("t"), tp, mp)
-
-
-async def start_registry(endpoints: list[str], tmp_path, name: str) -> registry_app.RegistryApp:
-    settings = RegistrySettings(
-        port=0,
-        store="etcd",
-        etcd_endpoint=",".join(endpoints),
-        etcd_prefix="/follow/",
-        db_path=str(tmp_path / f"{name}.db"),
-        lease_ttl_s=30,
-        heartbeat_interval_s=1,
-    )
-    return await registry_app.start(settings, telemetry())
 
 
 def watch_breaks(app: registry_app.RegistryApp) -> dict[str, float | None]:
@@ -74,11 +54,11 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
     fleetserve:registry_traffic_watch_breaks_total goes from 0 to 1 for every kind, and stays at 1 however often A
     retries while its member is down; its fleetserve:registry_traffic_watch_up is 1 for every kind before, 0 for
     as long as its member is down, and 1 again once A has caught up."""
-    follower = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a")
+    follower = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a", PREFIX)
     writer = None
     snapshots: list[pb.WatchTrafficResponse] = []
     try:
-        writer = await start_registry(etcd_cluster.endpoints[1:], tmp_path, "b")
+        writer = await start_registry(etcd_cluster.endpoints[1:], tmp_path, "b", PREFIX)
         async with (
             grpc.aio.insecure_channel(follower.address) as a_ch,
             grpc.aio.insecure_channel(writer.address) as b_ch,
