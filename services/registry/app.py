@@ -14,7 +14,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from services.registry import store_follow
 from services.registry.config import RegistrySettings
-from services.registry.membership import Membership
+from services.registry.membership import Lease, Membership
 from services.registry.rollouts import stats
 from services.registry.rollouts.controller import RolloutController
 from services.registry.rollouts.metrics_source import MetricsServiceSource
@@ -114,7 +114,7 @@ async def follow_store(
 
     await store_follow.follow(
         servicer.store.load_replicas,
-        lambda stored, _revision: _resync(membership, stored),
+        lambda stored, revision: _resync(membership, stored, revision),
         servicer.store.watch_replicas,
         apply,
         breaks=metrics.breaks,
@@ -125,17 +125,27 @@ async def follow_store(
     )
 
 
-def _resync(membership: Membership, stored: list[StoredReplica]) -> int:
-    """Make memory match a fresh read of the store (after a watch gap): add, update and remove. How many
-    replicas changed."""
+def _resync(membership: Membership, stored: list[StoredReplica], revision: int) -> int:
+    """Make memory match a fresh read of the store taken at revision (after a watch gap): add and update what
+    the read holds, remove what it proves gone. How many replicas changed."""
+    # A registration here races the read: its store write may land after the read's revision. Dropping it
+    # would flap it for routers and answer its heartbeats LEASE_NOT_FOUND; what happens to it after the read
+    # reaches the watch from this revision.
     fresh = {s.replica.replica_id: s for s in stored}
     changed = 0
     for rep in list(membership.list(role=None)):
-        if rep.replica_id not in fresh:
+        lease = membership.get(rep.replica_id)
+        if rep.replica_id not in fresh and _read_proves_gone(lease, revision):
             changed += membership.apply_store_event(ReplicaEvent(rep.replica_id, None, 0)) is not None
     for rid, s in fresh.items():
         changed += membership.apply_store_event(ReplicaEvent(rid, s, s.revision)) is not None
     return changed
+
+
+def _read_proves_gone(lease: Lease, revision: int) -> bool:
+    """Whether a replica missing from a read taken at revision is gone: not written here after the read (a
+    later write has a later revision, and its deletion, if any, then reaches the watch from this revision)."""
+    return lease.revision <= revision
 
 
 def replica_counts(membership: Membership) -> dict[tuple[str, int], int]:

@@ -102,3 +102,26 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
 
 async def _lists(channel: grpc.aio.Channel, ids: set[str]) -> bool:
     return await listed(channel) == ids
+
+
+async def test_a_resync_keeps_a_replica_registered_here_after_its_read(tmp_path, etcd):
+    """A resync with a read of etcd taken before a replica registered here (the race of a registration with the
+    reread after a watch gap) keeps it: the read does not prove it gone (its write has a later revision), so
+    ListReplicas still lists it and its heartbeats are still accepted, where dropping it would answer them
+    LEASE_NOT_FOUND until the watch brought it back."""
+    app = await start_registry([etcd.endpoint], tmp_path, "a", etcd.prefix, lease_ttl_s=LEASE_TTL_S)
+    try:
+        async with grpc.aio.insecure_channel(app.address) as ch:
+            stub = pb_grpc.RegistryServiceStub(ch)
+            await stub.RegisterReplica(replica("early"), timeout=5)
+            stale, revision = await app.store.load_replicas()
+            await stub.RegisterReplica(replica("late"), timeout=5)
+
+            assert registry_app._resync(app.membership, stale, revision) == 0
+            assert await listed(ch) == {"early", "late"}
+            beats = stub.Heartbeat(timeout=5)
+            await beats.write(pb.HeartbeatRequest(replica_id="late"))
+            await beats.done_writing()
+            assert (await beats).received == 1
+    finally:
+        await app.stop(0.2)
