@@ -128,7 +128,8 @@ async def follow_store(
 def _resync(membership: Membership, stored: list[StoredReplica], revision: int) -> int:
     """Make memory match a fresh read of the store taken at revision (after a watch gap): add and update what
     the read holds, remove what it proves gone. How many replicas changed."""
-    # A registration here races the read: its store write may land after the read's revision. Dropping it
+    # A registration here races the read: memory holds it from before its store write, which may land after
+    # the read's revision (or still be in flight). Dropping it, or overwriting it with the read's older record,
     # would flap it for routers and answer its heartbeats LEASE_NOT_FOUND; what happens to it after the read
     # reaches the watch from this revision.
     fresh = {s.replica.replica_id: s for s in stored}
@@ -138,14 +139,17 @@ def _resync(membership: Membership, stored: list[StoredReplica], revision: int) 
         if rep.replica_id not in fresh and _read_proves_gone(lease, revision):
             changed += membership.apply_store_event(ReplicaEvent(rep.replica_id, None, 0)) is not None
     for rid, s in fresh.items():
-        changed += membership.apply_store_event(ReplicaEvent(rid, s, s.revision)) is not None
+        lease = membership.get(rid)
+        if lease is None or not lease.writing:
+            changed += membership.apply_store_event(ReplicaEvent(rid, s, s.revision)) is not None
     return changed
 
 
 def _read_proves_gone(lease: Lease, revision: int) -> bool:
     """Whether a replica missing from a read taken at revision is gone: not written here after the read (a
-    later write has a later revision, and its deletion, if any, then reaches the watch from this revision)."""
-    return lease.revision <= revision
+    later write has a later revision, and its deletion, if any, then reaches the watch from this revision), and
+    not being written now (revision unknown until the write returns)."""
+    return not lease.writing and lease.revision <= revision
 
 
 def replica_counts(membership: Membership) -> dict[tuple[str, int], int]:

@@ -37,6 +37,9 @@ class Lease:
     registered_at: float
     store_lease: int = 0
     revision: int = 0
+    # This registry's registration of it is being written to the store: memory holds it before the write's
+    # revision is known (revision stays 0 until then), so no read of the store can show it stale or gone yet.
+    writing: bool = False
 
 
 ENGINES = pb.REPLICA_ROLE_ENGINE

@@ -104,6 +104,9 @@ class RegistryServicer:
             old_store_lease = previous.store_lease if previous is not None else 0
             lease = self.membership.register(request.replica)
             r = lease.replica
+            lease.writing = (
+                True  # until attach() gives it the write's revision (app._resync must not undo it)
+            )
             try:
                 stored = await self.store.put_replica(r, lease.registered_at)
             except StoreError as e:
@@ -113,6 +116,10 @@ class RegistryServicer:
                 raise Unavailable(
                     f"the registry's store is unavailable: {e}", reason="STORE_UNAVAILABLE", retry_after_s=1.0
                 ) from None
+            finally:
+                # Also when the caller went away mid-write: an entry whose write never landed must stay
+                # removable by the next resync.
+                lease.writing = False
             self.membership.attach(r.replica_id, stored.lease, stored.revision)
             if self.on_register is not None:
                 await self.on_register(r)

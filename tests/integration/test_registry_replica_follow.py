@@ -5,6 +5,7 @@ back, and its /metrics count the break once and show the watch down, then up aga
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc
 import structlog
@@ -125,3 +126,53 @@ async def test_a_resync_keeps_a_replica_registered_here_after_its_read(tmp_path,
             assert (await beats).received == 1
     finally:
         await app.stop(0.2)
+
+
+async def test_a_resync_leaves_a_registration_whose_store_write_is_in_flight_alone(tmp_path, etcd_cluster):
+    """The registry's only etcd member is SIGSTOPped, so two registrations hang in their store write: `new`
+    (absent from a read taken before) and `moved` registering again at a new address (the read holds its old
+    record). A resync with that read neither drops `new` nor puts `moved` back at its old address (the revision
+    of a write in flight is not known yet, so comparing revisions cannot protect it), and once the member
+    resumes both stay as registered."""
+    app = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a", PREFIX, lease_ttl_s=LEASE_TTL_S)
+    member = etcd_cluster.members[0].process
+    try:
+        async with grpc.aio.insecure_channel(app.address) as ch:
+            stub = pb_grpc.RegistryServiceStub(ch)
+            await stub.RegisterReplica(at("moved", "127.0.0.1:1001"), timeout=5)
+            stale, revision = await app.store.load_replicas()
+            member.send_signal(signal.SIGSTOP)
+            try:
+                calls = [
+                    asyncio.ensure_future(stub.RegisterReplica(r, timeout=5))
+                    for r in (at("moved", "127.0.0.1:1002"), at("new", "127.0.0.1:1003"))
+                ]
+                # In memory, not yet in etcd.
+                await assert_eventually(lambda: addresses(app) == WANTED, timeout_s=2)
+                registry_app._resync(app.membership, stale, revision)
+                assert addresses(app) == WANTED
+            finally:
+                member.send_signal(signal.SIGCONT)
+            await asyncio.gather(*calls)
+            # A write straight to etcd after both: once the watch has applied it, it has applied their echoes.
+            await app.store.put_replica(
+                pb.Replica(replica_id="marker", address="127.0.0.1:1004", model="m"), 0
+            )
+            await assert_eventually(lambda: "marker" in addresses(app), timeout_s=5)
+            assert addresses(app) == {**WANTED, "marker": "127.0.0.1:1004"}
+    finally:
+        member.send_signal(signal.SIGCONT)
+        await app.stop(0.2)
+
+
+WANTED = {"moved": "127.0.0.1:1002", "new": "127.0.0.1:1003"}
+
+
+def at(rid: str, address: str) -> pb.RegisterReplicaRequest:
+    return pb.RegisterReplicaRequest(
+        replica=pb.Replica(replica_id=rid, address=address, model="m", backend="sim")
+    )
+
+
+def addresses(app: registry_app.RegistryApp) -> dict[str, str]:
+    return {r.replica_id: r.address for r in app.membership.list()}
