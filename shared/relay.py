@@ -14,6 +14,7 @@ the relay's task is never cancelled: close() cancels the call, and the pending r
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -31,6 +32,11 @@ _parse = engine_pb.GenerateResponse.FromString
 # Most chunks read ahead of a busy writer: then the relay stops reading, and HTTP/2 flow control holds the rest
 # upstream (memory per stream stays bounded, and a slow client still slows what is read for it).
 MAX_PENDING = 64
+# A busy hop holds a lone pending chunk for a companion (ChunkRelay._hold): only when the writer's last turn (from
+# handing on a message to asking for the next) took HOLD_AFTER_S or more, and then for at most that turn, capped
+# at HOLD_MAX_S. The environment variable is for benchmarks (loadtest/hop_bench.py's -hold modes).
+HOLD_AFTER_S = float(os.environ.get("FLEETSERVE_RELAY_HOLD_AFTER_S", "0.001"))
+HOLD_MAX_S = 0.02
 
 # Pumps still running (the event loop keeps only weak references to tasks); each ends once its call has.
 _pumps: set[asyncio.Task] = set()
@@ -54,6 +60,11 @@ def merge(chunks: list[bytes]) -> bytes:
     return msg.SerializeToString()
 
 
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class ChunkRelay:
     """Reads an upstream call (read(): bytes, then grpc.aio.EOF; or raises) in a task of its own; read() gives
     the next message: the one pending chunk as is, several merged (see merge; with coalesce=False the oldest
@@ -74,6 +85,9 @@ class ChunkRelay:
         "merged",
         "ended_at",
         "received",
+        "_handed_at",
+        "_arrived_at",
+        "_gap",
     )
 
     def __init__(
@@ -94,6 +108,9 @@ class ChunkRelay:
         self._closed = False
         self.merged = 0  # messages saved by merging (chunks in merged messages minus those messages)
         self.received = 0  # chunks read from the call so far (a drain looks at it to tell a stuck stream)
+        self._handed_at = 0.0  # time.monotonic() when read() last handed on a message (0.0: none yet)
+        self._arrived_at = 0.0  # when the latest chunk came from the call
+        self._gap = float("inf")  # between the latest two chunks' arrivals (inf: fewer than two yet)
         self.ended_at = (
             0.0  # time.monotonic() when the upstream call ended normally (its last chunk had come)
         )
@@ -109,6 +126,9 @@ class ChunkRelay:
         try:
             while (data := await read()) is not EOF:
                 self.received += 1
+                now = time.monotonic()
+                self._gap = now - self._arrived_at
+                self._arrived_at = now
                 if watch is not None:
                     watch.chunks += 1
                 pending.append(data)
@@ -178,11 +198,14 @@ class ChunkRelay:
                     raise end  # type: ignore[misc]
                 finally:
                     del end
+        elif len(pending) == 1 and self._handed_at and self._coalesce:
+            await self._hold()  # the chunk was waiting for the writer, not the writer for it
         space = self._space
         if space is not None:
             self._space = None
             if not space.done():
                 space.set_result(None)
+        self._handed_at = time.monotonic()
         if len(pending) == 1:
             return pending.pop()
         if not self._coalesce:
@@ -191,6 +214,29 @@ class ChunkRelay:
         data = merge(pending)
         pending.clear()
         return data
+
+    async def _hold(self) -> None:
+        """On a busy hop, wait a little for a second chunk to go out with the one pending. Why: on a saturated
+        hop every read and every write takes its own turn of the event loop, so chunks do not pile up by
+        themselves and every token costs a write downstream (and a read there). A writer whose last turn took
+        HOLD_AFTER_S or more waits for a companion at most that long again (capped at HOLD_MAX_S), and only when
+        the upstream's last gap between chunks says one is due within that wait; a finish is never held. A hop
+        that keeps up, or an upstream slower than the wait (an engine's time per token), holds nothing."""
+        now = time.monotonic()
+        wait = min(now - self._handed_at, HOLD_MAX_S)
+        if wait < HOLD_AFTER_S or self._arrived_at + self._gap > now + wait or self._end is not None:
+            return
+        if is_finished(self._pending[0]):
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(wait, _wake, waiter)
+        try:
+            await waiter  # the pump sets it at the next chunk or the call's end; close() cancels it
+        finally:
+            timer.cancel()
+            if self._waiter is waiter:
+                self._waiter = None
 
     @property
     def unread(self) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import time
 
 import grpc
 import pytest
@@ -395,3 +396,111 @@ async def test_first_chunk_reaches_its_reader_before_the_next_read_starts():
     pending[2].set_result(grpc.aio.EOF)
     await asyncio.wait_for(task, 5)
     relay.close()
+
+
+class Feed:
+    """An upstream the test steps by hand: read() returns a future; send() completes the oldest one."""
+
+    def __init__(self) -> None:
+        self.reads: list[asyncio.Future] = []
+        self.sent = 0
+
+    def read(self) -> asyncio.Future:
+        self.reads.append(asyncio.get_running_loop().create_future())
+        return self.reads[-1]
+
+    async def send(self, data: object) -> None:
+        for _ in range(500):  # bounded: the relay asks for the next message within a few loop turns
+            if len(self.reads) > self.sent:
+                break
+            await asyncio.sleep(0.001)
+        self.reads[self.sent].set_result(data)
+        self.sent += 1
+        for _ in range(3):
+            await asyncio.sleep(0)  # the pump takes it
+
+
+@pytest.fixture
+def slow_hold(monkeypatch):
+    """Hold thresholds on a scale a loaded test box cannot blur: a writer turn of 0.05 s or more is busy, and a
+    hold may last up to 10 s (it lasts what the turn did)."""
+    import shared.relay
+
+    monkeypatch.setattr(shared.relay, "HOLD_AFTER_S", 0.05)
+    monkeypatch.setattr(shared.relay, "HOLD_MAX_S", 10.0)
+
+
+async def _busy_turn(feed: Feed, relay: ChunkRelay, first: bytes, turn_s: float, then: bytes) -> asyncio.Task:
+    """The writer takes `first`, is busy for turn_s while `then` arrives (right after the first), then asks for
+    the next message: the read, as a task, and how long the writer's turn was."""
+    await feed.send(first)
+    assert await asyncio.wait_for(relay.read(), 5) == first
+    await feed.send(then)
+    await asyncio.sleep(turn_s)
+    return asyncio.create_task(relay.read())
+
+
+async def test_a_busy_writer_holds_a_lone_chunk_until_its_companion_comes_and_sends_both_as_one(slow_hold):
+    """A writer whose last turn was long (a saturated hop) does not send a lone pending chunk at once when the
+    upstream's pace says the next one is due within that turn: it waits for it and sends both in one message,
+    as soon as the second has come (not after the whole wait)."""
+    feed = Feed()
+    relay = ChunkRelay(feed.read)
+    n = 4
+    try:
+        read = await _busy_turn(feed, relay, chunk(0, n), 1.0, chunk(1, n))  # gap ~0: the next is due now
+        await asyncio.sleep(0.2)
+        assert not read.done()  # held
+        started = time.monotonic()
+        await feed.send(chunk(2, n))
+        data = await asyncio.wait_for(read, 5)
+        assert data == merge([chunk(1, n), chunk(2, n)])
+        assert time.monotonic() - started < 0.5  # released by the companion, not by the 1 s wait
+        assert relay.merged == 1
+    finally:
+        relay.close()
+
+
+async def test_a_held_chunk_goes_alone_after_at_most_the_writers_last_turn(slow_hold):
+    """No companion within the wait: the chunk goes out alone once the wait (the writer's last turn) is over."""
+    feed = Feed()
+    relay = ChunkRelay(feed.read)
+    n = 4
+    try:
+        started = time.monotonic()
+        read = await _busy_turn(feed, relay, chunk(0, n), 0.6, chunk(1, n))
+        assert await asyncio.wait_for(read, 5) == chunk(1, n)
+        # held for about the turn: asked at ~0.6 s, handed on at ~1.2 s (a loaded box only adds)
+        assert 1.0 < time.monotonic() - started < 5
+    finally:
+        relay.close()
+
+
+async def test_a_busy_writer_does_not_hold_a_finish_or_a_chunk_of_a_slower_upstream(slow_hold):
+    """Nothing is held that no companion will join: the stream's finish, or a chunk whose upstream's last gap
+    between chunks (an engine's time per token) is longer than the wait would be. The wait would be 0.6 s; each
+    comes at once."""
+    n = 2
+    feed = Feed()
+    relay = ChunkRelay(feed.read)
+    try:
+        read = await _busy_turn(feed, relay, chunk(0, n), 0.6, chunk(1, n))  # chunk 1 of 2: the finish
+        asked = time.monotonic()
+        assert await asyncio.wait_for(read, 5) == chunk(1, n)
+        assert time.monotonic() - asked < 0.3
+    finally:
+        relay.close()
+    n = 4
+    feed = Feed()
+    relay = ChunkRelay(feed.read)
+    try:
+        await feed.send(chunk(0, n))
+        await asyncio.sleep(2.5)  # the writer takes chunk 0 late (a first chunk is never held)
+        assert await asyncio.wait_for(relay.read(), 5) == chunk(0, n)
+        await feed.send(chunk(1, n))  # 2.5 s after chunk 0: the next is due in 2.5 s, beyond a 0.6 s wait
+        await asyncio.sleep(0.6)
+        asked = time.monotonic()
+        assert await asyncio.wait_for(relay.read(), 5) == chunk(1, n)
+        assert time.monotonic() - asked < 0.3
+    finally:
+        relay.close()
