@@ -230,6 +230,10 @@ def _start_mode(procs: Procs, mode: str, tmp: Path, args) -> tuple[Procs, str, l
     hop_env = {"FLEETSERVE_GC_THRESHOLD": "700,10,10"} if "gc0" in variants else {}
     if "gcf0" in variants:
         hop_env["FLEETSERVE_GC_FULL_EVERY_S"] = "0"
+    # -holdS: a relay holds a lone chunk only after a writer's turn of S seconds (-holdoff: never).
+    for v in variants:
+        if v.startswith("hold"):
+            hop_env["FLEETSERVE_RELAY_HOLD_AFTER_S"] = "inf" if v == "holdoff" else v[4:]
     hops: list[str] = []
     if base == "direct":
         return procs, source, hops, "engine"
