@@ -10,7 +10,9 @@ fast as it can stands in for the engine, so the hops are what is measured:
                                                                   (gateway --embedded-router: one process)
     (router and gateway again with --workers 2: router2, gateway2, mesh2, embedded2; with coalescing off: router-nc,
     gateway-nc, mesh-nc; with Python's default garbage-collector thresholds: mesh-gc0; without the services'
-    periodic full collections, FLEETSERVE_GC_FULL_EVERY_S=0: mesh-gcf0; with the client on the
+    periodic full collections, FLEETSERVE_GC_FULL_EVERY_S=0: mesh-gcf0; with the relays' hold of a lone chunk
+    on a busy hop after a writer turn of S seconds (FLEETSERVE_RELAY_HOLD_AFTER_S, default 0.001) or never:
+    router-hold0.002, mesh-holdoff; with the client on the
     gateway's OpenAI HTTP endpoint, streaming SSE, as `vllm bench serve` is: gateway-http, mesh-http; the bare
     hop reading upstream through ChunkRelay's pump, as ours do: bare-relay, bare2-relay; the bare hop's handler
     inside our services' channel, server, logging and heap set-up: bare-ours, bare-relay-ours; the real sim
