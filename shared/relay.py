@@ -2,7 +2,9 @@
 writes downstream, and hands the writer everything that arrived meanwhile as one merged message. A writer that
 keeps up gets every chunk alone the moment it arrives (nothing is held back to batch); a writer that lags (a
 slow client, a busy hop) sends one message for all pending chunks instead of one each, which is what keeps a
-hop's per-message cost from growing with the load behind it.
+hop's per-message cost from growing with the load behind it. On a hop busy enough that its own writes are slow,
+a lone chunk waits briefly for the next one due (ChunkRelay._hold), since there chunks never pile up by
+themselves.
 
 The relay also keeps grpc.aio from leaking natively on cancelled streams: grpc.aio frees a batch's C-side
 resources (its grpc_op array, a received message's buffer) only when the task awaiting the batch consumes its
