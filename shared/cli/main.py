@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from loadtest.experiments import EXERCISES
@@ -224,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except BrokenPipeError:
+        # Whoever read our output went away (`fleetserve generate ... | head`): stop quietly with the shell's
+        # status for it (128 + SIGPIPE) instead of a traceback. Python ignores SIGPIPE, so the write raised; the
+        # interpreter's last flush of stdout would raise again, so stdout goes to /dev/null first. A stream
+        # being read ends with its `with` block, which cancels the request.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The command's own entry point; argv as main() got it (bench re-parses its arguments)."""
     if args.command == "up":
         from shared.cli.up import run_up
 

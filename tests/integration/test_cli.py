@@ -74,7 +74,7 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path, installed):
     """From the wheel installed in a fresh venv (`pip install .` of a fresh clone, no protoc step), run outside
     the repository: up prints the gateway and key and writes cluster.json; generate streams text; --json ends with
     usage and ttft_ms; status lists healthy replicas; a wrong key exits 1 with the reason; the client-only wheel's
-    AsyncClient streams from the fleet; the commands README.md and docs/protocols.md show work against it;
+    AsyncClient streams from the fleet; generate piped into a reader that stops early exits 141 without a traceback; the commands README.md and docs/protocols.md show work against it;
     SIGTERM stops every process."""
     server = installed["server"]
     env = {**server.env, "FLEETSERVE_HOME": str(tmp_path)}
@@ -115,6 +115,19 @@ def test_up_generate_status_and_clean_stop(tmp_path: Path, installed):
         assert lines[-1]["usage"]["completion_tokens"] == 5
         assert lines[-1]["finish_reason"] == "length"
         assert lines[-1]["ttft_ms"] > 0
+
+        # Piped into a reader that stops early (`| head`): the shell's status for a closed pipe, no traceback.
+        piped = subprocess.Popen(
+            cli + ["generate", "--max-tokens", "4000", "hello"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert piped.stdout.read(1)
+        piped.stdout.close()
+        _, err = piped.communicate(timeout=60)
+        assert piped.returncode == 128 + signal.SIGPIPE and b"Traceback" not in err, err.decode()
 
         bad = _run(["generate", "--api-key", "nope", "hello"], env)
         assert bad.returncode == 1
