@@ -106,8 +106,9 @@ class RegistryStore(ABC):
         """Change one replica's lifecycle state (drain); the write's revision."""
 
     @abstractmethod
-    async def delete_replicas(self, replica_ids: Iterable[str]) -> None:
-        """Remove replicas (deregistered or expired)."""
+    async def delete_replicas(self, replica_ids: Iterable[str]) -> int:
+        """Remove replicas (deregistered or expired); the store revision the deletion is part of (0 where the
+        store has no revisions)."""
 
     @abstractmethod
     async def save_heartbeats(self, replicas: Iterable[StoredReplica]) -> dict[str, int]:
@@ -289,11 +290,12 @@ class SqliteStore(RegistryStore):
         )
         return 0
 
-    async def delete_replicas(self, replica_ids: Iterable[str]) -> None:
+    async def delete_replicas(self, replica_ids: Iterable[str]) -> int:
         ids = [(rid,) for rid in replica_ids]
         if ids:
             with _Transaction(self._db):
                 self._db.executemany("DELETE FROM replicas WHERE id = ?", ids)
+        return 0
 
     async def save_heartbeats(self, replicas: Iterable[StoredReplica]) -> dict[str, int]:
         rows = [

@@ -187,13 +187,17 @@ class EtcdStore(RegistryStore):
         rep.registered_unix = stored.registered_at
         return (await self._put_keeping_lease([(rep, stored.lease)])).get(rep.replica_id, 0)
 
-    async def delete_replicas(self, replica_ids: Iterable[str]) -> None:
+    async def delete_replicas(self, replica_ids: Iterable[str]) -> int:
         ops = [self._clients[0].transactions.delete(self._replica_key(rid)) for rid in replica_ids]
+        revision = 0
         for i in range(0, len(ops), _MAX_TXN_OPS):
             batch = ops[i : i + _MAX_TXN_OPS]
-            await self._call(
+            _, responses = await self._call(
                 "delete", lambda c, batch=batch: c.transaction(compare=[], success=batch, failure=[])
             )
+            # Each operation's header carries the transaction's revision (the store's, if nothing was deleted).
+            revision = max([revision, *(r.response_delete_range.header.revision for r in responses)])
+        return revision
 
     async def save_heartbeats(self, replicas: Iterable[StoredReplica]) -> dict[str, int]:
         items = []

@@ -69,12 +69,14 @@ async def test_heartbeat_batch_updates_load_and_never_resurrects(store):
 
 
 async def test_set_state_and_delete(store):
-    """Drain state is stored; deleted replicas are gone."""
+    """Drain state is stored; deleted replicas are gone, at the revision delete_replicas returns (etcd: later
+    than their writes, and what a read after it is at; SQLite has no revisions: 0)."""
     stored = {rid: await store.put_replica(replica(rid), 1.0) for rid in ("r1", "r2", "r3")}
-    await store.set_state(stored["r1"], pb.REPLICA_STATE_DRAINING)
-    await store.delete_replicas(["r2", "r3"])
-    got, _ = await store.load_replicas()
+    drained = await store.set_state(stored["r1"], pb.REPLICA_STATE_DRAINING)
+    deleted = await store.delete_replicas(["r2", "r3"])
+    got, revision = await store.load_replicas()
     assert [(s.replica.replica_id, s.replica.state) for s in got] == [("r1", pb.REPLICA_STATE_DRAINING)]
+    assert deleted == revision and (deleted > drained if store.external_leases else deleted == 0)
 
 
 async def test_documents_are_versioned_with_compare_and_set(store):
