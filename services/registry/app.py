@@ -105,6 +105,8 @@ async def follow_store(
     cancelled: read and resync, then watch from that read; a broken watch is read, resynced and watched again."""
 
     def apply(event: ReplicaEvent) -> None:
+        # The watch is past this revision, so the next read (after a break) is too.
+        membership.forget_deletes(event.revision)
         change = membership.apply_store_event(event)
         if change == "removed":
             servicer.count_change("removed_by_store")
@@ -128,10 +130,11 @@ async def follow_store(
 def _resync(membership: Membership, stored: list[StoredReplica], revision: int) -> int:
     """Make memory match a fresh read of the store taken at revision (after a watch gap): add and update what
     the read holds, remove what it proves gone. How many replicas changed."""
-    # A registration here races the read: memory holds it from before its store write, which may land after
-    # the read's revision (or still be in flight). Dropping it, or overwriting it with the read's older record,
-    # would flap it for routers and answer its heartbeats LEASE_NOT_FOUND; what happens to it after the read
-    # reaches the watch from this revision.
+    # A registration or deregistration here races the read: memory has it from before its store write, which
+    # may land after the read's revision (or still be in flight). Dropping a registration, putting a
+    # deregistered replica back, or overwriting either with the read's older record would flap it for routers
+    # (and answer heartbeats wrongly); what happens to it after the read reaches the watch from this revision.
+    membership.forget_deletes(revision)
     fresh = {s.replica.replica_id: s for s in stored}
     changed = 0
     for rep in list(membership.list(role=None)):
@@ -140,6 +143,7 @@ def _resync(membership: Membership, stored: list[StoredReplica], revision: int) 
             changed += membership.apply_store_event(ReplicaEvent(rep.replica_id, None, 0)) is not None
     for rid, s in fresh.items():
         lease = membership.get(rid)
+        # (A replica deregistered here after the read is not in memory: apply_store_event skips its record.)
         if lease is None or not lease.writing:
             changed += membership.apply_store_event(ReplicaEvent(rid, s, s.revision)) is not None
     return changed

@@ -182,7 +182,7 @@ class RegistryServicer:
                     lease = self.membership.get(rid)
                     rep = self.membership.remove(rid)
                     if rep is not None:
-                        await self.store.delete_replicas([rid])
+                        await self._delete(rid)
                         if lease is not None and lease.store_lease:
                             await self._revoke(lease.store_lease)
                         self.count_change("deregistered")
@@ -194,6 +194,16 @@ class RegistryServicer:
                 "registry.replica_deregistered", replica_id=rid, drain=request.drain, found=rep is not None
             )
             return pb.DeregisterReplicaResponse(found=rep is not None)
+
+    async def _delete(self, rid: str) -> None:
+        """Delete a replica already removed from memory from the store, recording the delete so that a resync
+        with a read from before it (which still holds the replica) does not put it back."""
+        self.membership.deleting(rid)
+        revision = 0
+        try:
+            revision = await self.store.delete_replicas([rid])
+        finally:
+            self.membership.deleted(rid, revision)
 
     @staticmethod
     def _stored(lease) -> StoredReplica:

@@ -5,6 +5,7 @@ back, and its /metrics count the break once and show the watch down, then up aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 import grpc
@@ -134,38 +135,44 @@ async def test_a_resync_leaves_a_registration_whose_store_write_is_in_flight_alo
     record). A resync with that read neither drops `new` nor puts `moved` back at its old address (the revision
     of a write in flight is not known yet, so comparing revisions cannot protect it), and once the member
     resumes both stay as registered."""
+    async with on_one_member(tmp_path, etcd_cluster) as (app, ch, member):
+        stub = pb_grpc.RegistryServiceStub(ch)
+        await stub.RegisterReplica(at("moved", "127.0.0.1:1001"), timeout=5)
+        stale, revision = await app.store.load_replicas()
+        member.send_signal(signal.SIGSTOP)
+        try:
+            calls = [
+                asyncio.ensure_future(stub.RegisterReplica(r, timeout=5))
+                for r in (at("moved", "127.0.0.1:1002"), at("new", "127.0.0.1:1003"))
+            ]
+            # In memory, not yet in etcd.
+            await assert_eventually(lambda: addresses(app) == WANTED, timeout_s=2)
+            registry_app._resync(app.membership, stale, revision)
+            assert addresses(app) == WANTED
+        finally:
+            member.send_signal(signal.SIGCONT)
+        await asyncio.gather(*calls)
+        # A write straight to etcd after both: once the watch has applied it, it has applied their echoes.
+        await app.store.put_replica(pb.Replica(replica_id="marker", address="127.0.0.1:1004", model="m"), 0)
+        await assert_eventually(lambda: "marker" in addresses(app), timeout_s=5)
+        assert addresses(app) == {**WANTED, "marker": "127.0.0.1:1004"}
+
+
+WANTED = {"moved": "127.0.0.1:1002", "new": "127.0.0.1:1003"}
+
+
+@contextlib.asynccontextmanager
+async def on_one_member(tmp_path, etcd_cluster):
+    """(registry, channel to it, process of its only etcd member); the member is resumed (SIGCONT) at the end, so a
+    failed test never leaves it stopped."""
     app = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a", PREFIX, lease_ttl_s=LEASE_TTL_S)
     member = etcd_cluster.members[0].process
     try:
         async with grpc.aio.insecure_channel(app.address) as ch:
-            stub = pb_grpc.RegistryServiceStub(ch)
-            await stub.RegisterReplica(at("moved", "127.0.0.1:1001"), timeout=5)
-            stale, revision = await app.store.load_replicas()
-            member.send_signal(signal.SIGSTOP)
-            try:
-                calls = [
-                    asyncio.ensure_future(stub.RegisterReplica(r, timeout=5))
-                    for r in (at("moved", "127.0.0.1:1002"), at("new", "127.0.0.1:1003"))
-                ]
-                # In memory, not yet in etcd.
-                await assert_eventually(lambda: addresses(app) == WANTED, timeout_s=2)
-                registry_app._resync(app.membership, stale, revision)
-                assert addresses(app) == WANTED
-            finally:
-                member.send_signal(signal.SIGCONT)
-            await asyncio.gather(*calls)
-            # A write straight to etcd after both: once the watch has applied it, it has applied their echoes.
-            await app.store.put_replica(
-                pb.Replica(replica_id="marker", address="127.0.0.1:1004", model="m"), 0
-            )
-            await assert_eventually(lambda: "marker" in addresses(app), timeout_s=5)
-            assert addresses(app) == {**WANTED, "marker": "127.0.0.1:1004"}
+            yield app, ch, member
     finally:
         member.send_signal(signal.SIGCONT)
         await app.stop(0.2)
-
-
-WANTED = {"moved": "127.0.0.1:1002", "new": "127.0.0.1:1003"}
 
 
 def at(rid: str, address: str) -> pb.RegisterReplicaRequest:
@@ -176,3 +183,56 @@ def at(rid: str, address: str) -> pb.RegisterReplicaRequest:
 
 def addresses(app: registry_app.RegistryApp) -> dict[str, str]:
     return {r.replica_id: r.address for r in app.membership.list()}
+
+
+async def test_a_resync_does_not_put_back_a_replica_deregistered_here_after_its_read(tmp_path, etcd_cluster):
+    """A replica deregistered here leaves memory before its etcd delete lands. With the registry's watch down (the
+    gap a resync closes) and its only etcd member SIGSTOPped (the delete hangs), a resync with a read taken before
+    does not put it back: watchers get its REMOVED and no ADDED, ListReplicas leaves it out and its heartbeats
+    are answered LEASE_NOT_FOUND; nor once the delete has landed at a revision later than the read's. A read
+    after the delete is applied as it is."""
+    async with on_one_member(tmp_path, etcd_cluster) as (app, ch, member):
+        (follow,) = [t for t in app.tasks if t.get_name() == "registry.follow_store"]
+        follow.cancel()  # the watch gap: only the test's resyncs change memory from the store
+        stub = pb_grpc.RegistryServiceStub(ch)
+        await stub.RegisterReplica(at("gone", "127.0.0.1:1001"), timeout=5)
+        watch = stub.WatchReplicas(pb.WatchReplicasRequest(), timeout=20)
+        assert [r.replica_id for r in (await watch.read()).replicas] == ["gone"]  # the snapshot
+        stale, revision = await app.store.load_replicas()
+        member.send_signal(signal.SIGSTOP)
+        try:
+            call = asyncio.ensure_future(
+                stub.DeregisterReplica(pb.DeregisterReplicaRequest(replica_id="gone"), timeout=5)
+            )
+            await assert_eventually(lambda: addresses(app) == {}, timeout_s=2)  # out of memory first
+            assert registry_app._resync(app.membership, stale, revision) == 0
+            assert addresses(app) == {} and await listed(ch) == set()
+            await assert_heartbeat_refused(stub, "gone")
+        finally:
+            member.send_signal(signal.SIGCONT)
+        assert (await call).found
+        # The delete landed after the read: a read from before it still must not bring the replica back.
+        assert registry_app._resync(app.membership, stale, revision) == 0
+        assert addresses(app) == {}
+        await app.store.put_replica(pb.Replica(replica_id="marker", address="127.0.0.1:1004", model="m"), 0)
+        assert registry_app._resync(app.membership, *await app.store.load_replicas()) == 1
+        seen = [await asyncio.wait_for(watch.read(), 5) for _ in range(2)]
+        # Exactly REMOVED gone, then ADDED marker: the resyncs from before the delete sent nothing.
+        assert [(e.type, [r.replica_id for r in e.replicas]) for e in seen] == [
+            (pb.WATCH_EVENT_TYPE_REMOVED, ["gone"]),
+            (pb.WATCH_EVENT_TYPE_ADDED, ["marker"]),
+        ]
+        assert addresses(app) == {"marker": "127.0.0.1:1004"}
+        watch.cancel()
+
+
+async def assert_heartbeat_refused(stub: pb_grpc.RegistryServiceStub, rid: str) -> None:
+    beats = stub.Heartbeat(timeout=5)
+    await beats.write(pb.HeartbeatRequest(replica_id=rid))
+    await beats.done_writing()
+    try:
+        await beats
+    except grpc.aio.AioRpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND
+    else:
+        raise AssertionError(f"a heartbeat of {rid!r} was accepted")
