@@ -121,7 +121,7 @@ def server_argv(name: str, args, port: int) -> list[str]:
             argv += ["--router-args", args.mesh_router_args]
         if name == "mesh-kv":
             argv.append("--engine-args=--vllm-kv-events")  # with "=": argparse reads "--..." as a flag
-        if name == "mesh-embedded":
+        if name.startswith("mesh-embedded"):
             argv.append("--embedded-router")  # each gateway worker routes in process: no router process
         return argv
     n = int(name.removeprefix("vllm-api").removesuffix("-kv").removesuffix(AA))
@@ -138,10 +138,16 @@ def server_argv(name: str, args, port: int) -> list[str]:
     return argv + ["--api-server-count", str(n), *common.split()]
 
 
+def server_env(name: str) -> dict[str, str]:
+    """What a server's environment adds: a -holdoff mesh relays with the hold of a lone chunk on a busy hop off
+    (shared/relay.py; every process of the mesh inherits it)."""
+    return {"FLEETSERVE_RELAY_HOLD_AFTER_S": "inf"} if name.endswith("-holdoff") else {}
+
+
 def _start_one(name: str, args, port: int) -> tuple[subprocess.Popen, str, str, float]:
     """Spawn one server; (process, url, api key, start time)."""
     t0 = time.time()
-    proc = _spawn(server_argv(name, args, port), Path(args.dir) / f"{name}.log")
+    proc = _spawn(server_argv(name, args, port), Path(args.dir) / f"{name}.log", server_env(name))
     # The mesh writes its address and key to DIR/NAME.json once it is up (_wait_started reads them).
     url = "" if name.startswith("mesh") else f"http://127.0.0.1:{port}"
     return proc, url, "", t0
@@ -199,6 +205,9 @@ def server_order(args) -> list[str]:
     if args.mesh_embedded:
         # The same mesh with the router inside each gateway worker (an A/B of gateway --embedded-router).
         order.append("mesh-embedded")
+    if args.mesh_embedded_holdoff:
+        # The embedded mesh with the relays' hold on a busy hop off (an A/B of the hold, shared/relay.py).
+        order.append("mesh-embedded-holdoff")
     if args.mesh_kv:
         # The same mesh with an engine core that publishes KV events, as kv_aware needs (an A/B of --vllm-kv-events).
         order.append("mesh-kv")
@@ -1309,6 +1318,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--mesh-embedded",
         action="store_true",
         help="also a mesh-embedded server: the same mesh with gateway --embedded-router (no router process)",
+    )
+    s.add_argument(
+        "--mesh-embedded-holdoff",
+        action="store_true",
+        help="also a mesh-embedded-holdoff server: mesh-embedded with the relays' hold of a lone chunk on a busy "
+        "hop off (FLEETSERVE_RELAY_HOLD_AFTER_S=inf)",
     )
     s.add_argument(
         "--mesh-kv", action="store_true", help="also a mesh-kv server: engine --vllm-kv-events (kv_aware's)"

@@ -267,6 +267,18 @@ def test_the_embedded_mesh_differs_from_the_mesh_only_in_its_gateways_routing_in
     assert not g.parse_args(mesh[mesh.index("serve-mesh") :]).embedded_router
 
 
+def test_the_holdoff_mesh_is_the_embedded_mesh_with_only_the_relay_hold_off():
+    args = g.parse_args(
+        ["start", "--dir", "d", "--model-dir", "m", "--mesh-embedded", "--mesh-embedded-holdoff"]
+    )
+    embedded = g.server_argv("mesh-embedded", args, 8105)
+    holdoff = g.server_argv("mesh-embedded-holdoff", args, 8106)
+    assert [a if a != "mesh-embedded-holdoff" else "mesh-embedded" for a in holdoff] == embedded
+    assert g.server_env("mesh-embedded-holdoff") == {"FLEETSERVE_RELAY_HOLD_AFTER_S": "inf"}
+    assert g.server_env("mesh-embedded") == {} and g.server_env("vllm-api4") == {}
+    assert g.server_order(args)[-2:] == ["mesh-embedded", "mesh-embedded-holdoff"]
+
+
 def test_start_orders_its_servers_and_can_leave_out_the_plain_mesh():
     def order(*flags):
         return g.server_order(g.parse_args(["start", "--dir", "d", "--model-dir", "m", *flags]))
