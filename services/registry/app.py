@@ -106,7 +106,7 @@ async def follow_store(
 
     def apply(event: ReplicaEvent) -> None:
         # The watch is past this revision, so the next read (after a break) is too.
-        membership.forget_deletes(event.revision)
+        membership.deletes.forget(event.revision)
         change = membership.apply_store_event(event)
         if change == "removed":
             servicer.count_change("removed_by_store")
@@ -134,7 +134,7 @@ def _resync(membership: Membership, stored: list[StoredReplica], revision: int) 
     # may land after the read's revision (or still be in flight). Dropping a registration, putting a
     # deregistered replica back, or overwriting either with the read's older record would flap it for routers
     # (and answer heartbeats wrongly); what happens to it after the read reaches the watch from this revision.
-    membership.forget_deletes(revision)
+    membership.deletes.forget(revision)
     fresh = {s.replica.replica_id: s for s in stored}
     changed = 0
     for rep in list(membership.list(role=None)):

@@ -11,6 +11,7 @@ import structlog
 from fleetserve.common.v1 import common_pb2
 from fleetserve.registry.v1 import registry_service_pb2 as pb
 
+from services.registry.own_deletes import OwnDeletes
 from services.registry.store import ReplicaEvent, StoredReplica
 
 log = structlog.get_logger(__name__)
@@ -112,9 +113,9 @@ class Membership:
         self._dirty: set[str] = set()
         # Replicas heartbeated here since the last take_beaten(): their store leases are renewed (etcd).
         self._beaten: set[str] = set()
-        # Replicas removed here whose store delete is in flight (0) or landed at a revision the watch has not
-        # passed yet: a read of the store from before the delete still holds them (see deleted_since).
-        self._deleting: dict[str, int] = {}
+        # Replicas removed here whose store delete is in flight or landed at a revision the watch has not passed
+        # yet: a read of the store from before the delete still holds them.
+        self.deletes: OwnDeletes[str] = OwnDeletes()
 
     # -- changes -------------------------------------------------------------------------------------
 
@@ -171,14 +172,14 @@ class Membership:
         old = self._leases.get(event.replica_id)
         if event.stored is None:
             # The store's history is past a deletion of it: whatever comes of it next is a later write.
-            self._deleting.pop(event.replica_id, None)
+            self.deletes.deletion_seen(event.replica_id)
             if old is None:
                 return None
             self.remove(event.replica_id)
             return "removed"
         if old is not None and event.revision <= old.revision:
             return None
-        if old is None and self.deleted_since(event.replica_id, event.revision):
+        if old is None and self.deletes.deleted_since(event.replica_id, event.revision):
             # A record from before this registry deleted it (a read or a watch echo that raced the delete):
             # applying it would announce a replica that is gone.
             return None
@@ -242,29 +243,6 @@ class Membership:
         self._beaten.discard(replica_id)
         self._publish(REMOVED, lease.replica)
         return lease.replica
-
-    def deleting(self, replica_id: str) -> None:
-        """This registry removed replica_id and is deleting it from the store (revision not known yet)."""
-        self._deleting[replica_id] = 0
-
-    def deleted(self, replica_id: str, revision: int) -> None:
-        """The store delete of replica_id is over: landed at revision, or 0 (no revisions, or it failed: then
-        the store may still hold it, and a read showing it is right)."""
-        if revision:
-            self._deleting[replica_id] = revision
-        else:
-            self._deleting.pop(replica_id, None)
-
-    def deleted_since(self, replica_id: str, revision: int) -> bool:
-        """Whether this registry deleted replica_id after revision (or is deleting it now), so that a record of
-        it read or watched at revision is stale."""
-        deleted = self._deleting.get(replica_id)
-        return deleted is not None and (deleted == 0 or deleted > revision)
-
-    def forget_deletes(self, revision: int) -> None:
-        """Drop the deletes landed by revision: every later read of the store is at least that recent."""
-        if self._deleting:
-            self._deleting = {rid: d for rid, d in self._deleting.items() if d == 0 or d > revision}
 
     def expire(self, now: float | None = None) -> list[str]:
         """Remove every replica whose lease ended by now (default: the clock); their ids."""

@@ -198,12 +198,12 @@ class RegistryServicer:
     async def _delete(self, rid: str) -> None:
         """Delete a replica already removed from memory from the store, recording the delete so that a resync
         with a read from before it (which still holds the replica) does not put it back."""
-        self.membership.deleting(rid)
+        self.membership.deletes.deleting(rid)
         revision = 0
         try:
             revision = await self.store.delete_replicas([rid])
         finally:
-            self.membership.deleted(rid, revision)
+            self.membership.deletes.deleted(rid, revision)
 
     @staticmethod
     def _stored(lease) -> StoredReplica:

@@ -120,31 +120,13 @@ def test_take_dirty_returns_each_heartbeated_replica_once():
     assert m.take_dirty() == []
 
 
-def test_a_delete_here_makes_reads_from_before_it_stale_until_a_later_revision_is_seen():
-    """A delete in flight makes every read stale; once landed, only reads older than it; once the watch or a read
-    is past its revision it is forgotten, and a failed delete (revision 0) is forgotten at once."""
-    m = membership(Clock())
-    m.deleting("r1")
-    assert m.deleted_since("r1", 10**9) and not m.deleted_since("r2", 0)
-    m.forget_deletes(10**9)  # its revision is not known yet: kept
-    m.deleted("r1", 7)
-    assert m.deleted_since("r1", 6) and not m.deleted_since("r1", 7)
-    m.forget_deletes(6)
-    assert m.deleted_since("r1", 6)
-    m.forget_deletes(7)
-    assert not m.deleted_since("r1", 6)
-    m.deleting("r2")
-    m.deleted("r2", 0)
-    assert not m.deleted_since("r2", 0)
-
-
 async def test_a_record_older_than_a_delete_here_is_not_applied():
     """While this registry deletes a replica it removed, the echo of an earlier write of it (or a read from
     before) is skipped, watchers see no ADDED; once the watch brings a deletion of it, a later write applies."""
     m = membership(Clock())
     m.register(replica("r1"))
     m.remove("r1")
-    m.deleting("r1")
+    m.deletes.deleting("r1")
     w = m.watch()
     await drain_events(m, w)  # the snapshot
     assert m.apply_store_event(ReplicaEvent("r1", StoredReplica(replica("r1"), 1.0), 5)) is None
