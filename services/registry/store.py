@@ -146,8 +146,9 @@ class RegistryStore(ABC):
         does not exist), else StoreConflict."""
 
     @abstractmethod
-    async def delete_doc(self, kind: str, name: str) -> bool:
-        """Delete a document; whether it existed."""
+    async def delete_doc(self, kind: str, name: str) -> int | None:
+        """Delete a document; the store revision of the deletion (0 where the store has no revisions), None if it
+        did not exist."""
 
     @abstractmethod
     def watch_docs(self, kind: str, after_revision: int = 0) -> AsyncIterator[DocEvent]:
@@ -338,11 +339,12 @@ class SqliteStore(RegistryStore):
         self._notify(kind, DocEvent(DocChange.PUT, Doc(name, bytes(value), version)))
         return version
 
-    async def delete_doc(self, kind: str, name: str) -> bool:
+    async def delete_doc(self, kind: str, name: str) -> int | None:
         cur = self._db.execute("DELETE FROM documents WHERE kind = ? AND name = ?", (kind, name))
-        if cur.rowcount:
-            self._notify(kind, DocEvent(DocChange.DELETED, Doc(name, b"", 0)))
-        return bool(cur.rowcount)
+        if not cur.rowcount:
+            return None
+        self._notify(kind, DocEvent(DocChange.DELETED, Doc(name, b"", 0)))
+        return 0
 
     async def watch_docs(self, kind: str, after_revision: int = 0) -> AsyncIterator[DocEvent]:
         # No revisions here (load_docs says 0) and no other writer: from now on is all there is.

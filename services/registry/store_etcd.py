@@ -337,9 +337,9 @@ class EtcdStore(RegistryStore):
             raise StoreConflict(kind, name, if_version, current.version if current else 0)
         return resp.header.revision
 
-    async def delete_doc(self, kind: str, name: str) -> bool:
+    async def delete_doc(self, kind: str, name: str) -> int | None:
         resp = await self._call("delete", lambda c: c.delete(self._doc_key(kind, name)))
-        return bool(resp and resp.deleted)
+        return resp.header.revision if resp else None  # aetcd: None when nothing was deleted
 
     async def watch_docs(self, kind: str, after_revision: int = 0) -> AsyncIterator[DocEvent]:
         base = self._doc_key(kind)

@@ -80,7 +80,8 @@ async def test_set_state_and_delete(store):
 
 
 async def test_documents_are_versioned_with_compare_and_set(store):
-    """put_doc returns a new version each write; if_version guards against lost updates; 0 means create."""
+    """put_doc returns a new version each write; if_version guards against lost updates; 0 means create;
+    delete_doc returns the deletion's revision, and None for a document that is not there."""
     assert await store.get_doc("autoscaler", "sim-1b") is None
     v1 = await store.put_doc("autoscaler", "sim-1b", b"one", if_version=0)
     with pytest.raises(StoreConflict):
@@ -96,8 +97,11 @@ async def test_documents_are_versioned_with_compare_and_set(store):
         ("llama", b"x"),
         ("sim-1b", b"two"),
     ]
-    assert await store.delete_doc("autoscaler", "llama")
-    assert not await store.delete_doc("autoscaler", "llama")
+    deleted = await store.delete_doc("autoscaler", "llama")
+    _, revision = await store.load_docs("autoscaler")
+    # The deletion's revision (what a read right after it is at), 0 without revisions; None: nothing to delete.
+    assert deleted == revision and (deleted > v2 if store.external_leases else deleted == 0)
+    assert await store.delete_doc("autoscaler", "llama") is None
     with pytest.raises(ValueError):
         await store.put_doc("autoscaler", "a/b", b"")
 

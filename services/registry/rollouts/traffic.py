@@ -207,7 +207,7 @@ class TrafficState:
         await self._put(FLAG, f.name, f)
 
     async def delete_flag(self, name: str) -> bool:
-        found = await self.store.delete_doc(FLAG, name)
+        found = await self.store.delete_doc(FLAG, name) is not None
         self.flags.pop(name, None)
         self._doc_versions.pop((FLAG, name), None)
         if found:
