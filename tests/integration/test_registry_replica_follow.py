@@ -5,7 +5,6 @@ back, and its /metrics count the break once and show the watch down, then up aga
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 
 import grpc
@@ -14,7 +13,7 @@ from fleetserve.registry.v1 import registry_service_pb2 as pb
 from fleetserve.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 from services.registry import app as registry_app
-from tests.integration.etcd_registry import start_registry
+from tests.integration.etcd_registry import on_one_member, start_registry
 from tests.support import assert_eventually
 
 PREFIX = "/replica-follow/"
@@ -135,7 +134,7 @@ async def test_a_resync_leaves_a_registration_whose_store_write_is_in_flight_alo
     record). A resync with that read neither drops `new` nor puts `moved` back at its old address (the revision
     of a write in flight is not known yet, so comparing revisions cannot protect it), and once the member
     resumes both stay as registered."""
-    async with on_one_member(tmp_path, etcd_cluster) as (app, ch, member):
+    async with on_one_member(tmp_path, etcd_cluster, PREFIX, LEASE_TTL_S) as (app, ch, member):
         stub = pb_grpc.RegistryServiceStub(ch)
         await stub.RegisterReplica(at("moved", "127.0.0.1:1001"), timeout=5)
         stale, revision = await app.store.load_replicas()
@@ -161,20 +160,6 @@ async def test_a_resync_leaves_a_registration_whose_store_write_is_in_flight_alo
 WANTED = {"moved": "127.0.0.1:1002", "new": "127.0.0.1:1003"}
 
 
-@contextlib.asynccontextmanager
-async def on_one_member(tmp_path, etcd_cluster):
-    """(registry, channel to it, process of its only etcd member); the member is resumed (SIGCONT) at the end, so a
-    failed test never leaves it stopped."""
-    app = await start_registry(etcd_cluster.endpoints[:1], tmp_path, "a", PREFIX, lease_ttl_s=LEASE_TTL_S)
-    member = etcd_cluster.members[0].process
-    try:
-        async with grpc.aio.insecure_channel(app.address) as ch:
-            yield app, ch, member
-    finally:
-        member.send_signal(signal.SIGCONT)
-        await app.stop(0.2)
-
-
 def at(rid: str, address: str) -> pb.RegisterReplicaRequest:
     return pb.RegisterReplicaRequest(
         replica=pb.Replica(replica_id=rid, address=address, model="m", backend="sim")
@@ -191,7 +176,7 @@ async def test_a_resync_does_not_put_back_a_replica_deregistered_here_after_its_
     does not put it back: watchers get its REMOVED and no ADDED, ListReplicas leaves it out and its heartbeats
     are answered LEASE_NOT_FOUND; nor once the delete has landed at a revision later than the read's. A read
     after the delete is applied as it is."""
-    async with on_one_member(tmp_path, etcd_cluster) as (app, ch, member):
+    async with on_one_member(tmp_path, etcd_cluster, PREFIX, LEASE_TTL_S) as (app, ch, member):
         (follow,) = [t for t in app.tasks if t.get_name() == "registry.follow_store"]
         follow.cancel()  # the watch gap: only the test's resyncs change memory from the store
         stub = pb_grpc.RegistryServiceStub(ch)
