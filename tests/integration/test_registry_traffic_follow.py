@@ -5,6 +5,7 @@ reaches its routers, and counts the break and shows each kind's watch down then 
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc
 from fleetserve.registry.v1 import registry_service_pb2 as reg_pb
@@ -13,7 +14,8 @@ from fleetserve.registry.v1 import rollout_service_pb2 as pb
 from fleetserve.registry.v1 import rollout_service_pb2_grpc as pb_grpc
 
 from services.registry import app as registry_app
-from tests.integration.etcd_registry import start_registry
+from services.registry.store import DocChange, DocEvent
+from tests.integration.etcd_registry import on_one_member, start_registry
 from tests.support import assert_eventually
 
 MODEL = "m"
@@ -115,3 +117,51 @@ async def test_a_registry_whose_etcd_member_restarts_catches_up_on_the_other_reg
         if writer is not None:
             await writer.stop(0.2)
         await follower.stop(0.2)
+
+
+async def test_a_reconcile_does_not_put_back_a_flag_deleted_here_after_its_read(tmp_path, etcd_cluster):
+    """A registry deleting a flag deletes it in etcd, then drops it. With its traffic watch down (the gap a reconcile
+    closes) and its only etcd member SIGSTOPped (the delete hangs), a reconcile with a read taken before changes
+    nothing: the flag is still served until its delete is durable. Once it has landed (after the read), a reconcile
+    with that read, or the watch's echo of the flag's save, does not put it back: WatchTraffic gets the snapshot
+    without it and nothing more until a later flag. A read after the delete is applied as it is."""
+    async with on_one_member(tmp_path, etcd_cluster, "/flag-delete/") as (app, ch, member):
+        (follow,) = [t for t in app.tasks if t.get_name() == "registry.follow_traffic"]
+        follow.cancel()  # the watch gap: only the test's reconciles change memory from the store
+        traffic = app.rollouts.traffic
+        replica = reg_pb.Replica(replica_id="r1", address="127.0.0.1:1", model=MODEL, backend="sim")
+        await reg_grpc.RegistryServiceStub(ch).RegisterReplica(
+            reg_pb.RegisterReplicaRequest(replica=replica), timeout=5
+        )
+        stub = pb_grpc.RolloutServiceStub(ch)
+        await stub.SetFeatureFlag(pb.SetFeatureFlagRequest(flag=flag("gone")), timeout=5)
+        watch = stub.WatchTraffic(pb.WatchTrafficRequest(), timeout=20)
+        assert names(await watch.read()) == ["gone"]
+        stale, revision = await app.store.load_docs("flag")
+        member.send_signal(signal.SIGSTOP)
+        try:
+            call = asyncio.ensure_future(
+                stub.DeleteFeatureFlag(pb.DeleteFeatureFlagRequest(name="gone"), timeout=5)
+            )
+            await assert_eventually(
+                lambda: traffic.deletes["flag"].deleted_since("gone", revision), timeout_s=2
+            )
+            assert traffic._reconcile("flag", stale, revision) == 0
+            assert list(traffic.flags) == ["gone"]  # durably deleted first
+        finally:
+            member.send_signal(signal.SIGCONT)
+        assert (await call).found
+        assert names(await asyncio.wait_for(watch.read(), 5)) == []
+        # The delete landed after the read: neither that read nor the echo of the flag's save brings it back.
+        assert traffic._reconcile("flag", stale, revision) == 0
+        traffic._apply("flag", DocEvent(DocChange.PUT, stale[0]))
+        assert "gone" not in traffic.flags
+        await app.store.put_doc("flag", "marker", flag("marker").SerializeToString())
+        assert traffic._reconcile("flag", *await app.store.load_docs("flag")) == 1
+        # The next snapshot is the marker's: the stale reconcile and echo published nothing.
+        assert names(await asyncio.wait_for(watch.read(), 5)) == ["marker"]
+        watch.cancel()
+
+
+def names(snapshot: pb.WatchTrafficResponse) -> list[str]:
+    return [f.name for f in snapshot.flags]

@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from prometheus_client.registry import CollectorRegistry
 
 from services.registry import store_follow
+from services.registry.own_deletes import OwnDeletes
 from services.registry.rollouts import plans
 from services.registry.store import Doc, DocChange, DocEvent, RegistryStore, StoreConflict
 from shared import prom
@@ -74,6 +75,9 @@ class TrafficState:
         # model -> versions any replica of it ever registered with.
         self.versions: dict[str, set[str]] = {}
         self._doc_versions: dict[tuple[str, str], int] = {}
+        # Per kind (each has its own watch and reads): documents this registry is deleting, or deleted at a
+        # revision that kind's watch has not passed yet: a read or a watch echo from before still holds them.
+        self.deletes: dict[str, OwnDeletes[str]] = {kind: OwnDeletes() for kind in _TYPES}
         self._watchers: set[TrafficWatcher] = set()
 
     def _table(self, kind: str) -> dict:
@@ -117,15 +121,18 @@ class TrafficState:
         if kind == VERSION:
             self._add_version(name)
             return
-        known = self._doc_versions.get((kind, name), 0)
+        known, deletes = self._doc_versions.get((kind, name), 0), self.deletes[kind]
         if ev.change is DocChange.DELETED:
+            deletes.deletion_seen(name)
             self._table(kind).pop(name, None)
             self._doc_versions.pop((kind, name), None)
-        elif ev.doc.version > known:  # our own writes come back too, already applied
+        else:
+            # The watch is at this write's revision (etcd: a version is one; SQLite keeps no landed deletes).
+            deletes.forget(ev.doc.version)
+            if ev.doc.version <= known or self._deleted_since(kind, ev.doc):
+                return  # our own writes come back too, already applied; or a write from before our delete of it
             self._table(kind)[name] = _TYPES[kind].FromString(ev.doc.value)
             self._doc_versions[(kind, name)] = ev.doc.version
-        else:
-            return
         self.publish()
 
     def _reconcile(self, kind: str, docs: list[Doc], revision: int) -> int:
@@ -137,6 +144,7 @@ class TrafficState:
                 self._add_version(doc.name)
             changed = sum(len(v) for v in self.versions.values()) - before
             return changed  # routers' view does not include versions: nothing to publish
+        self.deletes[kind].forget(revision)  # every later read or watch event of kind is past it
         table, fresh, changed = self._table(kind), {d.name: d for d in docs}, 0
         for name in list(table):
             known = self._doc_versions.get((kind, name), 0)
@@ -147,13 +155,18 @@ class TrafficState:
                 self._doc_versions.pop((kind, name), None)
                 changed += 1
         for name, doc in fresh.items():
-            if doc.version > self._doc_versions.get((kind, name), 0):
+            if doc.version > self._doc_versions.get((kind, name), 0) and not self._deleted_since(kind, doc):
                 table[name] = _TYPES[kind].FromString(doc.value)
                 self._doc_versions[(kind, name)] = doc.version
                 changed += 1
         if changed:
             self.publish()
         return changed
+
+    def _deleted_since(self, kind: str, doc: Doc) -> bool:
+        """Whether doc (read or watched) is older than this registry's delete of it, in flight or landed: applying
+        it would put back, and publish to routers, what is gone."""
+        return self.deletes[kind].deleted_since(doc.name, doc.version)
 
     def _add_version(self, name: str) -> None:
         model, _, version = name.partition("@")
@@ -207,12 +220,20 @@ class TrafficState:
         await self._put(FLAG, f.name, f)
 
     async def delete_flag(self, name: str) -> bool:
-        found = await self.store.delete_doc(FLAG, name) is not None
+        """Delete flag name (durably first); whether the store held it."""
+        deletes = self.deletes[FLAG]
+        deletes.deleting(name)
+        revision = None
+        try:
+            revision = await self.store.delete_doc(FLAG, name)
+        finally:
+            # A failed delete, or one without a revision (SQLite, or nothing to delete), is forgotten at once.
+            deletes.deleted(name, revision or 0)
         self.flags.pop(name, None)
         self._doc_versions.pop((FLAG, name), None)
-        if found:
+        if revision is not None:
             self.publish()
-        return found
+        return revision is not None
 
     # -- queries --------------------------------------------------------------------------------------------
 
