@@ -104,9 +104,8 @@ class RegistryServicer:
             old_store_lease = previous.store_lease if previous is not None else 0
             lease = self.membership.register(request.replica)
             r = lease.replica
-            lease.writing = (
-                True  # until attach() gives it the write's revision (app._resync must not undo it)
-            )
+            # Until attach() gives it the write's revision: app._resync must not undo it.
+            lease.writing = True
             try:
                 stored = await self.store.put_replica(r, lease.registered_at)
             except StoreError as e:
