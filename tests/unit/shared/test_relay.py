@@ -1,6 +1,8 @@
 """Coalescing relay (shared/relay.py): merged chunks equal the unmerged ones token for token, a writer that keeps
 up gets every chunk alone and at once, an upstream error comes after every chunk read before it, and a resume
-from what was relayed loses and repeats nothing. The upstream is a real grpc.aio server on a loopback port."""
+from what was relayed loses and repeats nothing, a busy writer's lone chunk waits for its companion. The upstream
+is a real grpc.aio server on a loopback port; where the guards of that hold need arrivals timed exactly, a
+hand-stepped read (Feed) stands in for the call."""
 
 from __future__ import annotations
 
@@ -457,6 +459,39 @@ async def test_a_busy_writer_holds_a_lone_chunk_until_its_companion_comes_and_se
         assert data == merge([chunk(1, n), chunk(2, n)])
         assert time.monotonic() - started < 0.5  # released by the companion, not by the 1 s wait
         assert relay.merged == 1
+    finally:
+        relay.close()
+
+
+async def test_over_a_real_call_a_busy_writer_gets_a_lone_chunk_and_its_companion_as_one_message(
+    upstream, slow_hold
+):
+    """The same hold with the chunks coming over a real gRPC call (the loopback server above): after a long turn
+    the writer's lone chunk waits for the next, and the two go out merged, token for token."""
+    handler, stub = upstream
+    n = 4
+    msgs = [chunk(i, n) for i in range(n)]
+    call = stub(b"")
+    q = await asyncio.wait_for(handler.queues.get(), 10)
+    watch = Watch()
+    relay = ChunkRelay(call.read, watch, cancel=call.cancel)
+    try:
+        await q.put(msgs[0])
+        assert await asyncio.wait_for(relay.read(), 10) == msgs[0]
+        await q.put(msgs[1])  # right behind the first: the next is due at once
+        await _all_sent(call, relay, watch, 2)
+        await asyncio.sleep(1.0)  # the writer's turn
+        read = asyncio.create_task(relay.read())
+        await asyncio.sleep(0.2)
+        assert not read.done()  # held
+        await q.put(msgs[2])
+        assert await asyncio.wait_for(read, 5) == merge(msgs[1:3])
+        await q.put(msgs[3])
+        await q.put(None)
+        rest = []
+        while (data := await asyncio.wait_for(relay.read(), 10)) is not grpc.aio.EOF:
+            rest.append(data)
+        assert flatten([msgs[0], merge(msgs[1:3]), *rest]) == flatten(msgs) and relay.merged == 1
     finally:
         relay.close()
 
